@@ -1,0 +1,50 @@
+# Quorum: two commands on a fresh machine with Python 3.11 -> `make demo`, `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Where a machine keeps a local CPU build of torch (this workplace does); elsewhere pip takes
+# the ordinary torch from the index.
+TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+TORCH_REQ := $(if $(TORCH_WHEEL),torch==2.13.0,torch>=2.2)
+
+.PHONY: demo test install install-dev lint bench clean
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	touch $@
+
+$(VENV)/.torch: $(VENV)/.created
+	$(PIP) install -q "$(TORCH_REQ)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e ".[server]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(PY) manage.py migrate --noinput -v 0
+	$(PY) manage.py demo $(DEMO_ARGS)
+
+test: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: install-dev
+	$(PY) bench/demo_time.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

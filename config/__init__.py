@@ -1,0 +1,1 @@
+"""Quorum's Django project."""

@@ -1,0 +1,9 @@
+"""URL routes: dashboard, admin, REST API."""
+
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("dashboard.urls")),
+]

@@ -1,0 +1,156 @@
+"""The one place where the embedded and production profiles differ: scheduling and dispatch.
+
+- ``enqueue_advance(run_id, countdown=...)`` asks the orchestrator to move a run forward.
+- ``send_to_silo(silo_id, event)`` pushes an event to the silo's agent connection.
+
+Embedded profile: the ASGI server process owns an event loop (attached at start-up); orchestration
+steps run one at a time on a single worker thread, timers are ``loop.call_later``, and events go
+through the in-memory channel layer on that loop. A process without a server loop (a management
+command) only writes the database: the server's sweeper, which re-reads every active run every
+QUORUM_SWEEP_SECONDS, picks the work up. Because every step re-reads its state from the database,
+no step is lost when a process dies.
+
+Production profile: Celery tasks (with countdowns) and Celery beat's sweep; events through the
+Redis channel layer, which reaches consumers in every ASGI process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import close_old_connections, transaction
+
+log = logging.getLogger("quorum.dispatch")
+
+
+def silo_group(silo_id: int) -> str:
+    """Channel-layer group of a silo's agent connection."""
+    return f"silo-{silo_id}"
+
+
+LIVE_GROUP = "live"
+
+
+class EmbeddedBackend:
+    """In-process timers and a single orchestration thread on the server's event loop."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quorum-orchestrator")
+        self._sweep_task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Adopt the server's event loop and start the sweeper (idempotent)."""
+        with self._lock:
+            if self.loop is loop and self._sweep_task is not None:
+                return
+            self.loop = loop
+            self._sweep_task = loop.create_task(self._sweep_forever())
+
+    def detach(self) -> None:
+        """Stop the sweeper; used at server shutdown."""
+        with self._lock:
+            if self._sweep_task is not None:
+                self._sweep_task.cancel()
+            self._sweep_task = None
+            self.loop = None
+
+    async def _sweep_forever(self) -> None:
+        from federation import orchestrator
+
+        while True:
+            await asyncio.sleep(settings.QUORUM_SWEEP_SECONDS)
+            future = self._executor.submit(_run_step, orchestrator.sweep)
+            await asyncio.wrap_future(future)
+
+    def enqueue(self, fn: Callable[..., Any], *args: Any, countdown: float = 0.0) -> None:
+        """Run fn(*args) on the orchestration thread after countdown seconds."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            log.debug("no server loop in this process; the sweeper will pick up %s", fn.__name__)
+            return
+
+        def submit() -> None:
+            self._executor.submit(_run_step, fn, *args)
+
+        loop.call_soon_threadsafe(loop.call_later, max(0.0, countdown), submit)
+
+    def send(self, group: str, event: dict[str, Any]) -> None:
+        """Send a channel-layer event to a group, on the server loop."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        layer = get_channel_layer()
+        future = asyncio.run_coroutine_threadsafe(layer.group_send(group, event), loop)
+        future.add_done_callback(_log_failure)
+
+
+def _log_failure(future: Any) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("channel layer send failed: %s", exc)
+
+
+def _run_step(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one orchestration step with fresh database connections; never let it kill the thread."""
+    close_old_connections()
+    try:
+        return fn(*args)
+    except Exception:
+        log.exception("orchestration step %s%r failed", getattr(fn, "__name__", fn), args)
+        return None
+    finally:
+        close_old_connections()
+
+
+class CeleryBackend:
+    """Celery tasks and the Redis channel layer."""
+
+    def enqueue(self, fn: Callable[..., Any], *args: Any, countdown: float = 0.0) -> None:
+        """Send fn(*args) as a Celery task."""
+        from federation import tasks
+
+        task = tasks.TASKS_BY_STEP[fn.__name__]
+        task.apply_async(args=list(args), countdown=max(0.0, countdown))
+
+    def send(self, group: str, event: dict[str, Any]) -> None:
+        """Send a channel-layer event to a group through Redis."""
+        async_to_sync(get_channel_layer().group_send)(group, event)
+
+
+embedded = EmbeddedBackend()
+
+
+def backend() -> EmbeddedBackend | CeleryBackend:
+    """The backend of the configured profile."""
+    if settings.QUORUM_PROFILE == "production":
+        return CeleryBackend()
+    return embedded
+
+
+def enqueue_advance(run_id: int, *, countdown: float = 0.0) -> None:
+    """After the current transaction commits, ask the orchestrator to move a run forward."""
+    from federation import orchestrator
+
+    transaction.on_commit(
+        lambda: backend().enqueue(orchestrator.run_advance, run_id, countdown=countdown)
+    )
+
+
+def send_to_silo(silo_id: int, event: dict[str, Any]) -> None:
+    """After the current transaction commits, push an event to a silo's agent connection."""
+    transaction.on_commit(lambda: backend().send(silo_group(silo_id), event))
+
+
+def publish_live(event: dict[str, Any]) -> None:
+    """After the current transaction commits, push an event to live dashboards."""
+    transaction.on_commit(lambda: backend().send(LIVE_GROUP, event))

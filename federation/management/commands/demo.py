@@ -1,0 +1,295 @@
+"""`manage.py demo`: a real federation on public data, from one command.
+
+It creates the consortium, its organisations and silos (with agent tokens), writes each site's
+CSV and site.toml into the site's own folder, starts the ASGI server in this process, launches one
+real `quorum-agent` process per site, runs the plan with a progress display and prints the
+federated model next to two baselines the demo computes for comparison only: a model trained
+centrally on the pooled training rows, and each site's local-only model. All three are evaluated
+on the union of the sites' held-out splits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import transaction
+
+from fedcore import tensors
+from federation.demo.baselines import evaluate_comparison
+from federation.demo.scenarios import SCENARIOS, Scenario
+from federation.models import Consortium, ModelVersion, Organization, Round, Run, Silo, TrainingPlan
+from federation.server import ServerThread, free_port, port_in_use
+from federation.services.runs import plan_create, run_start
+from federation.services.silos import silo_issue_token
+from federation.storage import blob_store
+
+
+class Command(BaseCommand):
+    help = (
+        "Run a real federated training demo (server + one agent process per site) and compare it."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="healthcare")
+        parser.add_argument("--rounds", type=int, default=None, help="rounds (default: the plan's)")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--no-serve", action="store_true", help="exit after the run")
+        parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000, help="dashboard port when serving")
+        parser.add_argument("--sites", type=int, default=None, help="use only the N largest sites")
+        parser.add_argument(
+            "--max-rows", type=int, default=None, help="keep at most N rows per site (quick runs)"
+        )
+        parser.add_argument("--timeout", type=float, default=900.0, help="give up after N seconds")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        started = time.monotonic()
+        if opts["rounds"] is not None and opts["rounds"] < 1:
+            raise CommandError("--rounds must be at least 1")
+        call_command("migrate", verbosity=0, interactive=False)
+        scenario = _prepare_scenario(opts)
+        home = settings.QUORUM_HOME / "demo" / scenario.name
+        _reset(scenario, home)
+        plan, tokens = _create_consortium(scenario)
+
+        serve = not opts["no_serve"]
+        port = opts["port"] if serve else free_port(opts["host"])
+        if port_in_use(opts["host"], port):
+            raise CommandError(f"port {port} is in use: stop what runs there or pass --port N")
+        server = ServerThread(opts["host"], port)
+        server.start()
+        self.say(f"Quorum server on {server.http_url} (agents connect to {server.ws_url})")
+        agents = _launch_agents(scenario, home, tokens, server.ws_url)
+        try:
+            _wait_online(list(tokens), agents, timeout=120.0)
+            self.say(
+                f"{len(agents)} site agents connected; starting '{plan.name}' ({plan.spec_hash[:12]})"
+            )
+            run = run_start(plan=plan)
+            run = self.watch(run, agents, deadline=started + opts["timeout"])
+            fed_seconds = time.monotonic() - started
+            if run.status != Run.Status.COMPLETED:
+                raise CommandError(f"the run {run.status}: {run.error}\n{_log_tails(agents)}")
+            final = ModelVersion.objects.filter(run=run).order_by("-number").first()
+            state = tensors.decode_state_dict(blob_store().get(final.blob_key))
+        finally:
+            _stop_agents(agents)
+        self.say("Training baselines for comparison (centralized, local-only)...")
+        comparison = evaluate_comparison(scenario, run.preprocessing, state, seed=opts["seed"])
+        result = {
+            "scenario": scenario.name,
+            "rounds": run.rounds,
+            "seconds": round(time.monotonic() - started, 2),
+            "federation_seconds": round(fed_seconds, 2),
+            "run": run.pk,
+            "plan_hash": run.plan_hash,
+            **comparison,
+        }
+        self.print_table(result)
+        if opts["json"]:
+            self.stdout.write(json.dumps(result, sort_keys=True))
+        if serve:
+            self.say(f"\nDashboard: {server.http_url}  (Ctrl-C to stop)")
+            try:
+                while server.thread.is_alive():
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+        server.stop()
+
+    def say(self, text: str) -> None:
+        """Print a progress line."""
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def watch(
+        self, run: Run, agents: dict[str, subprocess.Popen[bytes]], *, deadline: float
+    ) -> Run:
+        """Print a line per completed round until the run ends."""
+        reported: set[int] = set()
+        while True:
+            run.refresh_from_db()
+            for round_ in (
+                Round.objects.filter(run=run, status=Round.Status.COMPLETED)
+                .exclude(pk__in=reported)
+                .order_by("number")
+            ):
+                reported.add(round_.pk)
+                self.say(_round_line(run, round_))
+            if not run.active:
+                return run
+            if all(p.poll() is not None for p in agents.values()):
+                raise CommandError(f"every site agent exited.\n{_log_tails(agents)}")
+            if time.monotonic() > deadline:
+                raise CommandError(f"the run did not finish in time (status {run.status})")
+            time.sleep(0.2)
+
+    def print_table(self, result: dict[str, Any]) -> None:
+        """The comparison table."""
+        rows = [
+            ("federated (Quorum)", result["federated"]),
+            ("centralized (pooled rows)", result["centralized"]),
+        ]
+        rows += [(f"local only: {site}", m) for site, m in result["local_only"].items()]
+        self.say("")
+        self.say(f"{'model':<32} {'AUC':>7} {'accuracy':>9}")
+        self.say("-" * 50)
+        for name, m in rows:
+            self.say(f"{name:<32} {m['auc']:>7.4f} {m['accuracy']:>9.4f}")
+        self.say(
+            f"\nEvaluated on the union of the sites' held-out splits. {result['rounds']} rounds, "
+            f"{result['seconds']:.1f} s in all."
+        )
+
+
+def _prepare_scenario(opts: dict[str, Any]) -> Scenario:
+    scenario = SCENARIOS[opts["scenario"]](seed=opts["seed"])
+    if opts["rounds"] is not None:
+        scenario.plan["training"]["rounds"] = opts["rounds"]
+    if opts["sites"] is not None:
+        if opts["sites"] < 2:
+            raise CommandError("--sites must be at least 2")
+        largest = sorted(scenario.sites, key=lambda s: -len(scenario.sites[s]))[: opts["sites"]]
+        scenario.sites = {s: scenario.sites[s] for s in scenario.sites if s in largest}
+    if opts["max_rows"] is not None:
+        scenario.sites = {
+            s: df.sample(n=min(len(df), opts["max_rows"]), random_state=opts["seed"]).reset_index(
+                drop=True
+            )
+            for s, df in scenario.sites.items()
+        }
+    scenario.plan["min_silos"] = min(scenario.plan.get("min_silos", 2), len(scenario.sites))
+    return scenario
+
+
+def _reset(scenario: Scenario, home: Path) -> None:
+    """Remove the previous run of this demo: its consortium, blobs and site folders."""
+    old = Consortium.objects.filter(name=scenario.consortium).first()
+    if old is not None:
+        run_ids = list(Run.objects.filter(plan__consortium=old).values_list("pk", flat=True))
+        old.delete()
+        for run_id in run_ids:
+            blob_store().delete_prefix(f"runs/{run_id}")
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True, exist_ok=True)
+
+
+@transaction.atomic
+def _create_consortium(scenario: Scenario) -> tuple[TrainingPlan, dict[str, str]]:
+    consortium = Consortium.objects.create(name=scenario.consortium, description=scenario.title)
+    silos: list[Silo] = []
+    tokens: dict[str, str] = {}
+    for site, frame in scenario.sites.items():
+        org = Organization.objects.create(
+            consortium=consortium, name=scenario.site_org_names[site], kind=scenario.org_kind
+        )
+        silo = Silo.objects.create(
+            consortium=consortium,
+            organization=org,
+            name=site,
+            schema=scenario.plan["schema"],
+            row_count=len(frame),
+            location=f"demo/{scenario.name}/sites/{site}/data.csv",
+            admission=Silo.Admission.ADMITTED,
+        )
+        tokens[site] = silo_issue_token(silo=silo)
+        silos.append(silo)
+    plan = plan_create(
+        consortium=consortium,
+        name=f"{scenario.title} model",
+        spec=scenario.plan,
+        silos=silos,
+        status=TrainingPlan.Status.APPROVED,
+    )
+    return plan, tokens
+
+
+def _launch_agents(
+    scenario: Scenario, home: Path, tokens: dict[str, str], ws_url: str
+) -> dict[str, subprocess.Popen[bytes]]:
+    """Write each site's folder (data.csv, site.toml) and start its agent process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    agents: dict[str, subprocess.Popen[bytes]] = {}
+    for site, frame in scenario.sites.items():
+        folder = home / "sites" / site
+        folder.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(folder / "data.csv", index=False)
+        (folder / "token.txt").write_text(tokens[site] + "\n")
+        os.chmod(folder / "token.txt", 0o600)
+        (folder / "site.toml").write_text(
+            f'[server]\nurl = "{ws_url}"\ntoken_file = "token.txt"\n\n'
+            f'[data]\npath = "data.csv"\n\n[agent]\nname = "{site}"\n'
+        )
+        log = open(folder / "agent.log", "wb")  # noqa: SIM115 - the child owns it until it exits
+        agents[site] = subprocess.Popen(
+            [sys.executable, "-m", "clientagent", "run", "--config", str(folder / "site.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        log.close()
+    return agents
+
+
+def _wait_online(
+    sites: list[str], agents: dict[str, subprocess.Popen[bytes]], *, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        online = Silo.objects.filter(name__in=sites, connection_id__isnull=False).count()
+        if online == len(sites):
+            return
+        dead = [s for s, p in agents.items() if p.poll() is not None]
+        if dead:
+            raise CommandError(f"site agent(s) {', '.join(dead)} exited.\n{_log_tails(agents)}")
+        time.sleep(0.2)
+    raise CommandError(
+        f"not every site agent connected within {timeout:.0f} s.\n{_log_tails(agents)}"
+    )
+
+
+def _stop_agents(agents: dict[str, subprocess.Popen[bytes]]) -> None:
+    for proc in agents.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in agents.values():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _log_tails(agents: dict[str, subprocess.Popen[bytes]], lines: int = 8) -> str:
+    out = []
+    for site, proc in agents.items():
+        log_path = Path(proc.args[-1]).parent / "agent.log"  # type: ignore[index]
+        try:
+            tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            tail = []
+        out.append(f"--- {site} agent (exit {proc.poll()}), {log_path}:\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
+def _round_line(run: Run, round_: Round) -> str:
+    metrics = {(m.scope, m.name): m.value for m in round_.metrics.filter(silo__isnull=True)}
+    parts = [f"round {round_.number:>3}/{run.rounds}", f"{round_.updates.count()} updates"]
+    if ("local", "auc") in metrics:
+        parts.append(f"local AUC {metrics[('local', 'auc')]:.4f}")
+    if ("train", "train_loss") in metrics:
+        parts.append(f"loss {metrics[('train', 'train_loss')]:.4f}")
+    if round_.duration_seconds is not None:
+        parts.append(f"{round_.duration_seconds:.2f} s")
+    return "  ".join(parts)

@@ -1,0 +1,361 @@
+"""The round state machine.
+
+Every step re-reads the run from the database, decides the one thing to do next and does it in a
+transaction, so a step may be repeated, run by any process, or interrupted by a crash without
+losing or double-counting an accepted update:
+
+    pending --(enough silos online)--> stats --(all statistics in, or deadline with the minimum)-->
+    running: round k collecting --(all selected answered, or deadline with the minimum)-->
+             aggregating --> completed --> round k+1 ... --> run completed
+
+A round that misses its minimum fails and is retried (a new attempt of the same number) as the
+plan's ``round_retries`` allows; then the run fails. Aggregation runs outside any transaction and
+streams the updates from blob storage one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from fedcore import aggregation, tabular, tensors
+from fedcore.models import build_model
+from federation import dispatch
+from federation.models import (
+    ModelVersion,
+    Round,
+    RoundMetric,
+    Run,
+    Silo,
+    TrainingPlan,
+)
+from federation.plan_spec import RunSettings, run_settings
+from federation.services.updates import validate_metrics
+from federation.storage import blob_store, model_key
+
+log = logging.getLogger("quorum.orchestrator")
+
+AGGREGATE = "aggregate"
+AGAIN = "again"
+
+
+def online_silos(run: Run) -> QuerySet[Silo]:
+    """Participating, admitted silos whose agent is connected and heartbeating."""
+    fresh = timezone.now() - timedelta(seconds=settings.QUORUM_SILO_OFFLINE_AFTER)
+    return run.plan.silos.filter(
+        admission=Silo.Admission.ADMITTED,
+        connection_id__isnull=False,
+        last_heartbeat__gte=fresh,
+    ).order_by("pk")
+
+
+def sweep() -> None:
+    """Move every active run forward and forget connections whose heartbeats stopped."""
+    stale = timezone.now() - timedelta(seconds=3 * settings.QUORUM_SILO_OFFLINE_AFTER)
+    Silo.objects.filter(connection_id__isnull=False, last_heartbeat__lt=stale).update(
+        connection_id=None
+    )
+    for run_id in Run.objects.filter(status__in=Run.ACTIVE).values_list("pk", flat=True):
+        run_advance(run_id)
+
+
+def run_advance(run_id: int) -> None:
+    """Move a run forward as far as it can go now."""
+    for _ in range(8):  # bounded: each pass either makes progress or stops
+        action = _step(run_id)
+        if action is None:
+            return
+        if action[0] == AGGREGATE:
+            round_aggregate(action[1])
+
+
+def _step(run_id: int) -> tuple[str, int] | None:
+    with transaction.atomic():
+        run = Run.objects.select_for_update().select_related("plan").filter(pk=run_id).first()
+        if run is None or not run.active:
+            return None
+        cfg = run_settings(run.plan.spec)
+        if run.status == Run.Status.PENDING:
+            return _begin_statistics(run, cfg)
+        if run.status == Run.Status.STATS:
+            return _finish_statistics(run, cfg)
+        return _advance_rounds(run, cfg)
+
+
+def _wait_or_fail(run: Run, cfg: RunSettings, online: int, what: str) -> None:
+    now = timezone.now()
+    if run.waiting_since is None:
+        run.waiting_since = now
+        run.save(update_fields=["waiting_since"])
+        log.info("run %s waits for silos: %d online, %d needed", run.pk, online, cfg.min_silos)
+        return
+    if (now - run.waiting_since).total_seconds() > cfg.wait_for_silos_seconds:
+        _fail_run(
+            run,
+            f"{what}: only {online} of the minimum {cfg.min_silos} silos were online "
+            f"within {cfg.wait_for_silos_seconds:.0f} s",
+        )
+
+
+def _begin_statistics(run: Run, cfg: RunSettings) -> tuple[str, int] | None:
+    online = list(online_silos(run))
+    if len(online) < cfg.min_silos:
+        _wait_or_fail(run, cfg, len(online), "federated statistics could not start")
+        return None
+    run.status = Run.Status.STATS
+    run.waiting_since = None
+    run.started_at = timezone.now()
+    run.stats_deadline = run.started_at + timedelta(seconds=cfg.round_deadline_seconds)
+    run.save(update_fields=["status", "waiting_since", "started_at", "stats_deadline"])
+    TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.RUNNING)
+    for silo in online:
+        dispatch.send_to_silo(silo.pk, {"type": "run.stats_request", "run_id": run.pk})
+    dispatch.enqueue_advance(run.pk, countdown=cfg.round_deadline_seconds + 0.05)
+    _publish(run, "run.started")
+    log.info("run %s: federated statistics requested from %d silos", run.pk, len(online))
+    return None
+
+
+def _finish_statistics(run: Run, cfg: RunSettings) -> tuple[str, int] | None:
+    reported = list(run.silo_statistics.order_by("silo_id"))
+    expected = run.plan.silos.filter(admission=Silo.Admission.ADMITTED).count()
+    deadline_passed = run.stats_deadline is not None and timezone.now() >= run.stats_deadline
+    if len(reported) < expected and not deadline_passed:
+        return None
+    if len(reported) < cfg.min_silos:
+        _fail_run(
+            run,
+            f"federated statistics: {len(reported)} of the minimum {cfg.min_silos} silos "
+            "answered by the deadline",
+        )
+        return None
+    schema = tabular.DatasetSchema.from_dict(run.plan.spec["schema"])
+    try:
+        fitted = tabular.merge_statistics([s.stats for s in reported], schema)
+        n_features = len(tabular.feature_names(schema, fitted))
+        model = build_model(run.plan.spec["model"], n_features, seed=cfg.seed)
+    except ValueError as exc:
+        _fail_run(run, f"federated statistics could not be combined: {exc}")
+        return None
+    _store_model_version(run, number=0, state=model.state_dict(), round_=None)
+    run.preprocessing = fitted
+    run.status = Run.Status.RUNNING
+    run.save(update_fields=["preprocessing", "status"])
+    log.info(
+        "run %s: preprocessing fitted from %d silos, %d features", run.pk, len(reported), n_features
+    )
+    return (AGAIN, run.pk)
+
+
+def _advance_rounds(run: Run, cfg: RunSettings) -> tuple[str, int] | None:
+    current = run.round_set.order_by("-number", "-attempt").first()
+    if current is None:
+        return _open_round(run, cfg, number=1, attempt=1)
+    if current.status == Round.Status.COLLECTING:
+        return _close_if_due(run, cfg, current)
+    if current.status == Round.Status.AGGREGATING:
+        started = current.aggregation_started_at or current.started_at
+        stale = timezone.now() - started > timedelta(
+            seconds=settings.QUORUM_AGGREGATION_STALE_SECONDS
+        )
+        return (AGGREGATE, current.pk) if stale else None
+    if current.status == Round.Status.COMPLETED:
+        if current.number >= cfg.rounds:
+            _complete_run(run)
+            return None
+        return _open_round(run, cfg, number=current.number + 1, attempt=1)
+    return None
+
+
+def _open_round(run: Run, cfg: RunSettings, *, number: int, attempt: int) -> tuple[str, int] | None:
+    online = list(online_silos(run))
+    if len(online) < cfg.min_silos:
+        _wait_or_fail(run, cfg, len(online), f"round {number} could not start")
+        return None
+    if run.waiting_since is not None:
+        run.waiting_since = None
+        run.save(update_fields=["waiting_since"])
+    now = timezone.now()
+    round_ = Round.objects.create(
+        run=run,
+        number=number,
+        attempt=attempt,
+        started_at=now,
+        deadline=now + timedelta(seconds=cfg.round_deadline_seconds),
+    )
+    round_.selected.set(online)
+    for silo in online:
+        dispatch.send_to_silo(silo.pk, {"type": "round.task", "round_id": round_.pk})
+    dispatch.enqueue_advance(run.pk, countdown=cfg.round_deadline_seconds + 0.05)
+    _publish(run, "round.opened", round=number, selected=len(online))
+    log.info(
+        "run %s: round %d (attempt %d) opened with %d silos", run.pk, number, attempt, len(online)
+    )
+    return None
+
+
+def _close_if_due(run: Run, cfg: RunSettings, round_: Round) -> tuple[str, int] | None:
+    selected = round_.selected.count()
+    received = round_.updates.count()
+    if received < selected and timezone.now() < round_.deadline:
+        return None
+    if received >= cfg.min_silos:
+        round_.status = Round.Status.AGGREGATING
+        round_.aggregation_started_at = timezone.now()
+        round_.save(update_fields=["status", "aggregation_started_at"])
+        return (AGGREGATE, round_.pk)
+    round_.status = Round.Status.FAILED
+    round_.finished_at = timezone.now()
+    round_.error = (
+        f"{received} of {selected} selected silos sent an update by the deadline; "
+        f"the plan needs at least {cfg.min_silos}"
+    )
+    round_.save(update_fields=["status", "finished_at", "error"])
+    _publish(run, "round.failed", round=round_.number, error=round_.error)
+    log.warning("run %s: round %d failed: %s", run.pk, round_.number, round_.error)
+    if round_.attempt <= cfg.round_retries:
+        return _open_round(run, cfg, number=round_.number, attempt=round_.attempt + 1)
+    _fail_run(run, f"round {round_.number} failed {round_.attempt} times: {round_.error}")
+    return None
+
+
+def round_aggregate(round_id: int) -> None:
+    """Aggregate an AGGREGATING round's updates into the next model version (idempotent)."""
+    round_ = Round.objects.select_related("run").get(pk=round_id)
+    if round_.status != Round.Status.AGGREGATING:
+        return
+    updates = list(
+        round_.updates.order_by("silo_id").values("silo_id", "blob_key", "num_examples", "metrics")
+    )
+    store = blob_store()
+    streamed = (
+        (tensors.decode_state_dict(store.get(u["blob_key"])), float(u["num_examples"]))
+        for u in updates
+    )
+    try:
+        state = aggregation.fedavg(streamed)
+    except (ValueError, OSError) as exc:
+        _fail_round_aggregation(round_, f"aggregation failed: {exc}")
+        return
+    data = tensors.encode_state_dict(state)
+    key = model_key(run_id=round_.run_id, number=round_.number)
+    store.put(key, data)  # before the commit: a crash here leaves a blob a re-run overwrites
+    with transaction.atomic():
+        locked = Round.objects.select_for_update().get(pk=round_id)
+        if locked.status != Round.Status.AGGREGATING:
+            return  # another worker finished it first
+        ModelVersion.objects.update_or_create(
+            run_id=round_.run_id,
+            number=round_.number,
+            defaults={
+                "round": locked,
+                "checksum": tensors.sha256_hex(data),
+                "size_bytes": len(data),
+                "blob_key": key,
+                "signature": _signature_json(state),
+            },
+        )
+        _record_round_metrics(locked, updates)
+        locked.status = Round.Status.COMPLETED
+        locked.finished_at = timezone.now()
+        locked.save(update_fields=["status", "finished_at"])
+        _publish(round_.run, "round.completed", round=locked.number, updates=len(updates))
+    log.info(
+        "run %s: round %d aggregated from %d updates", round_.run_id, round_.number, len(updates)
+    )
+
+
+def _fail_round_aggregation(round_: Round, error: str) -> None:
+    with transaction.atomic():
+        locked = Round.objects.select_for_update().get(pk=round_.pk)
+        if locked.status != Round.Status.AGGREGATING:
+            return
+        locked.status = Round.Status.FAILED
+        locked.error = error
+        locked.finished_at = timezone.now()
+        locked.save(update_fields=["status", "error", "finished_at"])
+        run = Run.objects.select_for_update().get(pk=round_.run_id)
+        _fail_run(run, f"round {locked.number}: {error}")
+
+
+def _weighted_mean(values: list[tuple[float, float]]) -> float | None:
+    total = sum(w for _, w in values)
+    if total <= 0:
+        return None
+    return sum(v * w for v, w in values) / total
+
+
+def _record_round_metrics(round_: Round, updates: list[dict[str, Any]]) -> None:
+    """Per-round summary: example-weighted means of what the silos reported."""
+    buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for u in updates:
+        weight = float(u["num_examples"])
+        for scope, name, value in validate_metrics(u["metrics"]):  # checked at receipt
+            if value == value:  # skip NaN (e.g. AUC of a one-class split)
+                buckets.setdefault((scope, name), []).append((value, weight))
+    RoundMetric.objects.filter(round=round_, silo__isnull=True).delete()
+    RoundMetric.objects.bulk_create(
+        RoundMetric(round=round_, silo=None, scope=scope, name=name, value=mean)
+        for (scope, name), values in sorted(buckets.items())
+        if (mean := _weighted_mean(values)) is not None
+    )
+
+
+def _signature_json(state: dict[str, Any]) -> dict[str, list[Any]]:
+    return {name: [dtype, list(shape)] for name, (dtype, shape) in tensors.signature(state).items()}
+
+
+def _store_model_version(
+    run: Run, *, number: int, state: dict[str, Any], round_: Round | None
+) -> None:
+    data = tensors.encode_state_dict(state)
+    key = model_key(run_id=run.pk, number=number)
+    blob_store().put(key, data)
+    ModelVersion.objects.update_or_create(
+        run=run,
+        number=number,
+        defaults={
+            "round": round_,
+            "checksum": tensors.sha256_hex(data),
+            "size_bytes": len(data),
+            "blob_key": key,
+            "signature": _signature_json(state),
+        },
+    )
+
+
+def _complete_run(run: Run) -> None:
+    run.status = Run.Status.COMPLETED
+    run.finished_at = timezone.now()
+    run.save(update_fields=["status", "finished_at"])
+    TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.COMPLETED)
+    _notify_finished(run)
+    log.info("run %s completed", run.pk)
+
+
+def _fail_run(run: Run, error: str) -> None:
+    run.status = Run.Status.FAILED
+    run.error = error
+    run.finished_at = timezone.now()
+    run.save(update_fields=["status", "error", "finished_at"])
+    TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.FAILED)
+    _notify_finished(run)
+    log.error("run %s failed: %s", run.pk, error)
+
+
+def _notify_finished(run: Run) -> None:
+    for silo_id in run.plan.silos.values_list("pk", flat=True):
+        dispatch.send_to_silo(
+            silo_id, {"type": "run.finished", "run_id": run.pk, "status": run.status}
+        )
+    _publish(run, "run.finished", status=run.status)
+
+
+def _publish(run: Run, kind: str, **fields: Any) -> None:
+    dispatch.publish_live({"type": "live.event", "event": kind, "run": run.pk, **fields})

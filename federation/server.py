@@ -1,0 +1,76 @@
+"""Running the ASGI server in-process (the demo) or as a command (manage.py serve)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+from django.conf import settings
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def uvicorn_config(host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
+    """Uvicorn settings for Quorum's ASGI app; websocket frames fit the protocol's frame limit."""
+    return uvicorn.Config(
+        "config.asgi:application",
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        ws="websockets-sansio",
+        ws_max_size=settings.QUORUM_MAX_FRAME_BYTES + (64 << 10),
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+    )
+
+
+class ServerThread:
+    """Uvicorn on a background thread of this process (its event loop runs orchestration)."""
+
+    def __init__(self, host: str, port: int, log_level: str = "warning") -> None:
+        self.host, self.port = host, port
+        self.server = uvicorn.Server(uvicorn_config(host, port, log_level))
+        self.thread = threading.Thread(target=self.server.run, name="quorum-asgi", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start serving; return once the socket listens."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.host}:{self.port} stopped during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the server on {self.host}:{self.port} did not start in {timeout} s"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop serving and wait for the thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the dashboard."""
+        return f"http://{self.host}:{self.port}/"
+
+    @property
+    def ws_url(self) -> str:
+        """URL agents connect to."""
+        return f"ws://{self.host}:{self.port}/ws/agent/"

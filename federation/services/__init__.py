@@ -1,0 +1,1 @@
+"""Writes of the federation domain: typed, keyword-only, transactional."""

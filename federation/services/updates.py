@@ -1,0 +1,172 @@
+"""Receiving what agents send: federated statistics and model updates.
+
+Every check names what is wrong; a refused message changes nothing, so a bad update never
+corrupts a round and the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from fedcore import tensors
+from federation import dispatch
+from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
+from federation.storage import BlobStoreError, blob_store, update_key
+
+log = logging.getLogger("quorum.updates")
+
+MAX_METRICS = 64
+
+
+@dataclass
+class Refused(Exception):
+    """An agent message was refused; code and reason go back in an error frame."""
+
+    code: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.reason}"
+
+
+def _active_run_for(silo: Silo, run_id: int) -> Run:
+    run = Run.objects.select_related("plan").filter(pk=run_id).first()
+    if run is None or not run.plan.silos.filter(pk=silo.pk).exists():
+        raise Refused("wrong_run", f"run {run_id} does not exist or this silo does not take part")
+    return run
+
+
+@transaction.atomic
+def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
+    """Store a silo's local statistics for a run's federated preprocessing pass."""
+    silo = Silo.objects.get(pk=silo_id)
+    run = _active_run_for(silo, run_id)
+    if run.status != Run.Status.STATS:
+        raise Refused(
+            "wrong_run", f"run {run_id} is not collecting statistics (it is {run.status})"
+        )
+    _, created = SiloStatistics.objects.get_or_create(run=run, silo=silo, defaults={"stats": stats})
+    if not created:
+        raise Refused("duplicate_update", f"statistics for run {run_id} were already received")
+    dispatch.enqueue_advance(run.pk)
+
+
+def validate_metrics(metrics: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """Check an update's metrics are a small dict of finite numbers (one level of nesting)."""
+    flat: list[tuple[str, str, float]] = []
+    for key, value in metrics.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        scope = key if isinstance(value, dict) else "train"
+        for name, v in items:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise Refused("invalid_update", f"metric {key}.{name} is not a number")
+            if math.isinf(v):
+                raise Refused("invalid_update", f"metric {key}.{name} is infinite")
+            flat.append((scope, str(name)[:50], float(v)))
+    if len(flat) > MAX_METRICS:
+        raise Refused("invalid_update", f"{len(flat)} metrics sent; at most {MAX_METRICS} allowed")
+    return flat
+
+
+def update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> Round:
+    """Validate and store one update; returns its round. Raises Refused with a code and reason."""
+    silo = Silo.objects.get(pk=silo_id)
+    run = _active_run_for(silo, fields["run"])
+    if run.status != Run.Status.RUNNING:
+        raise Refused("wrong_run", f"run {run.pk} is not training (it is {run.status})")
+    round_ = run.round_set.order_by("-number", "-attempt").first()
+    if (
+        round_ is None
+        or round_.number != fields["round"]
+        or round_.status != Round.Status.COLLECTING
+    ):
+        current = "none" if round_ is None else f"{round_.number} ({round_.status})"
+        raise Refused(
+            "wrong_round",
+            f"update for round {fields['round']} refused: the current round is {current}",
+        )
+    if fields.get("silo") not in (None, silo.name):
+        raise Refused(
+            "invalid_update", f"update names silo {fields['silo']!r}, sent by {silo.name!r}"
+        )
+    if not round_.selected.filter(pk=silo.pk).exists():
+        raise Refused("not_selected", f"this silo was not selected for round {round_.number}")
+    if round_.updates.filter(silo=silo).exists():
+        raise Refused(
+            "duplicate_update", f"an update for round {round_.number} was already accepted"
+        )
+    if silo.updates.filter(nonce=fields["nonce"]).exists():
+        raise Refused("duplicate_update", "this nonce was used before (replayed update)")
+    if fields["num_examples"] <= 0:
+        raise Refused("invalid_update", "num_examples must be a positive integer")
+    flat = validate_metrics(fields["metrics"])
+    try:
+        state = tensors.decode_state_dict(payload)
+    except tensors.TensorCodecError as exc:
+        raise Refused("invalid_update", str(exc)) from exc
+    reference = ModelVersion.objects.get(run=run, number=round_.number - 1)
+    _check_against_signature(state, reference.signature)
+    bad = tensors.first_non_finite(state)
+    if bad is not None:
+        raise Refused("non_finite", f"tensor {bad!r} holds NaN or Inf values")
+
+    key = update_key(
+        run_id=run.pk, round_number=round_.number, attempt=round_.attempt, silo_id=silo.pk
+    )
+    try:
+        blob_store().put(key, payload)
+    except BlobStoreError as exc:
+        log.error("update of silo %s refused: %s", silo.name, exc)
+        raise Refused(
+            "internal", "the server could not store the update; it will be asked again"
+        ) from exc
+    try:
+        with transaction.atomic():
+            locked = Round.objects.select_for_update().get(pk=round_.pk)
+            if locked.status != Round.Status.COLLECTING:
+                raise Refused(
+                    "wrong_round", f"round {round_.number} closed while the update arrived"
+                )
+            round_.updates.create(
+                silo=silo,
+                num_examples=fields["num_examples"],
+                nonce=fields["nonce"],
+                sha256=tensors.sha256_hex(payload),
+                size_bytes=len(payload),
+                blob_key=key,
+                metrics=fields["metrics"],
+            )
+            RoundMetric.objects.bulk_create(
+                RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
+                for scope, name, value in flat
+            )
+            dispatch.enqueue_advance(run.pk)
+    except IntegrityError as exc:
+        raise Refused("duplicate_update", "an update for this round was already accepted") from exc
+    return round_
+
+
+def _check_against_signature(state: dict[str, Any], signature: dict[str, list[Any]]) -> None:
+    got = {name: [dtype, list(shape)] for name, (dtype, shape) in tensors.signature(state).items()}
+    missing = sorted(set(signature) - set(got))
+    extra = sorted(set(got) - set(signature))
+    if missing or extra:
+        raise Refused(
+            "incompatible_update",
+            f"tensors differ from the global model: missing {missing}, unexpected {extra}",
+        )
+    for name, (dtype, shape) in signature.items():
+        if got[name][1] != list(shape):
+            raise Refused(
+                "incompatible_update",
+                f"tensor {name!r}: shape {tuple(got[name][1])}, expected {tuple(shape)}",
+            )
+        if got[name][0] != dtype:
+            raise Refused(
+                "incompatible_update", f"tensor {name!r}: dtype {got[name][0]}, expected {dtype}"
+            )

@@ -1,0 +1,13 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _blob_dir(settings: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Every test gets its own blob storage folder."""
+    settings.QUORUM_BLOB_DIR = tmp_path / "blobs"
