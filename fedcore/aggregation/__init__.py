@@ -1,0 +1,5 @@
+"""Aggregation strategies: combine site updates into the next global model."""
+
+from fedcore.aggregation.fedavg import StreamingFedAvg, fedavg
+
+__all__ = ["StreamingFedAvg", "fedavg"]

@@ -1,0 +1,911 @@
+"""Tabular datasets: schema, validation of local data, holdout split and federated preprocessing.
+
+The flow at a site: ``load_table`` -> ``split_holdout`` (which validates) -> ``local_statistics``
+on the training part, sent to the server. The server calls ``merge_statistics`` on every site's
+statistics -- never on rows -- and sends the resulting "fitted preprocessing" back; each site then
+calls ``transform`` to get float32 features, labels and sensitive groups.
+
+Conventions:
+
+* Row numbers in error messages count data rows from 1 in the frame given (header excluded, so
+  CSV line = row + 1).
+* Missing values are empty cells, "?" and NaN/None. Per column policy: "impute" (numeric -> the
+  federated mean, i.e. 0 after standardising; categorical -> the category ``"__missing__"``;
+  boolean -> 0), "drop" (the row is removed by ``validate_frame``, so statistics, split and
+  transform all see the same rows) or "error" (refused, naming column and row).
+* Text values are stripped of surrounding white space. Booleans accept t/f, true/false, yes/no,
+  y/n, 1/0 in any case.
+* Numeric columns are standardised with the federated mean and population standard deviation
+  (after the optional ``log1p``); a constant column (std 0) is divided by 1 instead.
+* Categorical columns are one-hot encoded over the sorted union of the categories seen at all
+  sites. A category unknown to the fitted preprocessing (a site that joined later, say) encodes
+  as an all-zero row, like scikit-learn's ``OneHotEncoder(handle_unknown="ignore")``.
+* Sensitive attributes are schema columns (categorical or boolean) or other columns of the data;
+  their group labels are the stripped strings ("true"/"false" for booleans, ``"__missing__"``
+  for missing values). They are never features unless also declared as a schema column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "BOOLEAN_TOKENS",
+    "COLUMN_TYPES",
+    "MISSING_CATEGORY",
+    "MISSING_POLICIES",
+    "MISSING_TOKENS",
+    "TRANSFORMS",
+    "ColumnSpec",
+    "DataValidationError",
+    "DatasetSchema",
+    "SchemaError",
+    "TabularData",
+    "TargetSpec",
+    "feature_names",
+    "load_table",
+    "local_statistics",
+    "merge_statistics",
+    "schema_hash",
+    "split_holdout",
+    "transform",
+    "validate_frame",
+]
+
+COLUMN_TYPES: tuple[str, ...] = ("numeric", "categorical", "boolean")
+TRANSFORMS: tuple[str, ...] = ("none", "log1p")
+MISSING_POLICIES: tuple[str, ...] = ("impute", "drop", "error")
+MISSING_CATEGORY = "__missing__"
+MISSING_TOKENS: tuple[str, ...] = ("", "?")
+BOOLEAN_TOKENS: dict[str, float] = {
+    "t": 1.0,
+    "true": 1.0,
+    "yes": 1.0,
+    "y": 1.0,
+    "1": 1.0,
+    "f": 0.0,
+    "false": 0.0,
+    "no": 0.0,
+    "n": 0.0,
+    "0": 0.0,
+}
+PREPROCESSING_VERSION = 1
+_BOOLEAN_HELP = "use t/f, true/false, yes/no, y/n or 1/0 (any case), or an empty cell for missing"
+
+
+class SchemaError(ValueError):
+    """A dataset schema or a fitted preprocessing spec is itself invalid."""
+
+
+class DataValidationError(ValueError):
+    """Local data does not match the schema; the message names column, problem and a row."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+
+
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SchemaError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_keys(
+    data: object, allowed: tuple[str, ...], required: tuple[str, ...], what: str
+) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise SchemaError(f"{what} must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(str(key) for key in data if key not in allowed)
+    if unknown:
+        raise SchemaError(
+            f"{what}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed keys: {', '.join(allowed)}"
+        )
+    absent = [key for key in required if key not in data]
+    if absent:
+        raise SchemaError(f"{what}: required key(s) {', '.join(map(repr, absent))} missing")
+    return data
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One feature column: its type, optional transform and missing-value policy."""
+
+    name: str
+    type: str
+    transform: str = "none"
+    missing: str = "impute"
+
+    def __post_init__(self) -> None:
+        """Validate the column spec."""
+        _check_name(self.name, "column name")
+        where = f"column {self.name!r}"
+        if self.type not in COLUMN_TYPES:
+            raise SchemaError(
+                f"{where}: type {self.type!r} is not supported; allowed: {', '.join(COLUMN_TYPES)}"
+            )
+        if self.transform not in TRANSFORMS:
+            raise SchemaError(
+                f"{where}: transform {self.transform!r} is not supported; "
+                f"allowed: {', '.join(TRANSFORMS)}"
+            )
+        if self.transform != "none" and self.type != "numeric":
+            raise SchemaError(
+                f"{where}: transform {self.transform!r} applies to numeric columns only; "
+                f"this column is {self.type}"
+            )
+        if self.missing not in MISSING_POLICIES:
+            raise SchemaError(
+                f"{where}: missing policy {self.missing!r} is not supported; "
+                f"allowed: {', '.join(MISSING_POLICIES)}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ColumnSpec:
+        """Build a column spec from its JSON form.
+
+        Args:
+            data: ``{"name", "type", "transform" (default "none"), "missing" (default
+                "impute")}``.
+
+        Raises:
+            SchemaError: unknown or missing keys, or invalid values.
+        """
+        what = f"column {data.get('name')!r}" if isinstance(data, Mapping) else "column"
+        data = _check_keys(data, ("name", "type", "transform", "missing"), ("name", "type"), what)
+        return cls(
+            name=data["name"],
+            type=data["type"],
+            transform=data.get("transform", "none"),
+            missing=data.get("missing", "impute"),
+        )
+
+    def to_dict(self) -> dict[str, str]:
+        """Return the JSON form with every key present."""
+        return {
+            "name": self.name,
+            "type": self.type,
+            "transform": self.transform,
+            "missing": self.missing,
+        }
+
+
+def _value_tuple(values: object, key: str) -> tuple[str, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise SchemaError(f"target {key!r} must be a list of strings, got {values!r}")
+    result = tuple(values)
+    if not result:
+        raise SchemaError(f"target {key!r} must list at least one value")
+    for value in result:
+        if not isinstance(value, str) or not value.strip():
+            raise SchemaError(f"target {key!r}: {value!r} is not a non-empty string")
+        if value != value.strip():
+            raise SchemaError(
+                f"target {key!r}: {value!r} has surrounding white space; data values are "
+                "stripped before comparison, so write it without"
+            )
+    if len(set(result)) != len(result):
+        raise SchemaError(f"target {key!r} lists a value twice: {list(result)!r}")
+    return result
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The label column and which of its values are positive (or which are negative)."""
+
+    column: str
+    positive: tuple[str, ...] | None = None
+    negative: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Validate and normalise value lists to tuples."""
+        _check_name(self.column, "target column")
+        positive = _value_tuple(self.positive, "positive")
+        negative = _value_tuple(self.negative, "negative")
+        if (positive is None) == (negative is None):
+            raise SchemaError(
+                f"target {self.column!r}: give exactly one of 'positive' (label 1 = value in the "
+                "list) or 'negative' (label 1 = value not in the list)"
+            )
+        object.__setattr__(self, "positive", positive)
+        object.__setattr__(self, "negative", negative)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TargetSpec:
+        """Build a target spec from ``{"column", "positive"}`` or ``{"column", "negative"}``.
+
+        Args:
+            data: the JSON form.
+
+        Raises:
+            SchemaError: unknown keys, both or neither value list, or invalid values.
+        """
+        data = _check_keys(data, ("column", "positive", "negative"), ("column",), "target")
+        return cls(
+            column=data["column"], positive=data.get("positive"), negative=data.get("negative")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form (only the value list that is set)."""
+        if self.positive is not None:
+            return {"column": self.column, "positive": list(self.positive)}
+        return {"column": self.column, "negative": list(self.negative or ())}
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    """Feature columns, target and sensitive attributes a training plan expects of every site."""
+
+    columns: tuple[ColumnSpec, ...]
+    target: TargetSpec
+    sensitive: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Validate cross-column rules and normalise lists to tuples."""
+        columns = tuple(self.columns)
+        if not columns:
+            raise SchemaError("schema needs at least one feature column")
+        for column in columns:
+            if not isinstance(column, ColumnSpec):
+                raise SchemaError(f"schema columns must be ColumnSpec, got {column!r}")
+        names = [column.name for column in columns]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise SchemaError(f"schema declares column(s) {duplicates!r} more than once")
+        if not isinstance(self.target, TargetSpec):
+            raise SchemaError(f"schema target must be a TargetSpec, got {self.target!r}")
+        if self.target.column in names:
+            raise SchemaError(
+                f"target column {self.target.column!r} is also declared as a feature column; "
+                "remove it from 'columns' (the label must not be a feature)"
+            )
+        if isinstance(self.sensitive, str) or not isinstance(self.sensitive, Sequence):
+            raise SchemaError(f"'sensitive' must be a list of column names, got {self.sensitive!r}")
+        sensitive = tuple(self.sensitive)
+        by_name = {column.name: column for column in columns}
+        for name in sensitive:
+            _check_name(name, "sensitive column")
+            if name == self.target.column:
+                raise SchemaError(f"sensitive column {name!r} is the target column")
+            if name in by_name and by_name[name].type == "numeric":
+                raise SchemaError(
+                    f"sensitive column {name!r} is numeric; groups need discrete values: "
+                    "declare a categorical column (an age band, say) for it"
+                )
+        if len(set(sensitive)) != len(sensitive):
+            raise SchemaError(f"'sensitive' lists a column twice: {list(sensitive)!r}")
+        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "sensitive", sensitive)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DatasetSchema:
+        """Build a schema from its JSON form.
+
+        Args:
+            data: ``{"columns": [{"name", "type", "transform", "missing"}, ...],
+                "target": {"column", "positive" | "negative"}, "sensitive": [...]}``;
+                ``sensitive`` is optional.
+
+        Raises:
+            SchemaError: the schema is malformed; the message names the key or column.
+        """
+        data = _check_keys(
+            data, ("columns", "target", "sensitive"), ("columns", "target"), "schema"
+        )
+        columns = data["columns"]
+        if isinstance(columns, str) or not isinstance(columns, Sequence):
+            raise SchemaError(f"schema 'columns' must be a list of column objects, got {columns!r}")
+        sensitive = data.get("sensitive", [])
+        if isinstance(sensitive, str) or not isinstance(sensitive, Sequence):
+            raise SchemaError(f"'sensitive' must be a list of column names, got {sensitive!r}")
+        return cls(
+            columns=tuple(ColumnSpec.from_dict(column) for column in columns),
+            target=TargetSpec.from_dict(data["target"]),
+            sensitive=tuple(sensitive),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form (round-trips through ``from_dict``)."""
+        return {
+            "columns": [column.to_dict() for column in self.columns],
+            "target": self.target.to_dict(),
+            "sensitive": list(self.sensitive),
+        }
+
+
+def schema_hash(schema: DatasetSchema) -> str:
+    """Return the hex SHA-256 of the schema's canonical JSON (sorted keys, compact).
+
+    Args:
+        schema: the dataset schema; statistics and fitted preprocessing carry this hash so data
+            prepared for one schema is never used with another.
+    """
+    text = json.dumps(schema.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class TabularData:
+    """Model-ready arrays of one frame: features, labels and sensitive group labels."""
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and validating local data
+
+
+def load_table(path: str | PathLike[str]) -> pd.DataFrame:
+    """Read a local table; CSV columns are all read as strings.
+
+    Args:
+        path: a ``.csv`` (optionally ``.csv.gz``) or ``.parquet`` file. CSV cells are read with
+            ``dtype=str``; empty cells, "?" and pandas' default NA tokens become NaN.
+
+    Returns:
+        The raw frame, to pass to ``validate_frame`` / ``split_holdout``.
+
+    Raises:
+        ValueError: the suffix is neither .csv nor .parquet.
+        FileNotFoundError: the file does not exist.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".csv", ".csv.gz")):
+        return pd.read_csv(path, dtype=str, keep_default_na=True, na_values=list(MISSING_TOKENS))
+    if name.endswith((".parquet", ".pq")):
+        return pd.read_parquet(path)
+    raise ValueError(f"cannot read {str(path)!r}: use a .csv or .parquet file")
+
+
+def _missing_mask(series: pd.Series) -> np.ndarray:
+    missing = series.isna().to_numpy(dtype=bool)
+    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        return missing
+    stripped = series.astype(str).str.strip()
+    return missing | stripped.isin(MISSING_TOKENS).to_numpy(dtype=bool)
+
+
+def _stripped_text(series: pd.Series, missing: np.ndarray) -> np.ndarray:
+    text = series.astype(str).str.strip().to_numpy(dtype=object, copy=True)
+    text[missing] = None
+    return text
+
+
+def _first_bad(column: str, series: pd.Series, bad: np.ndarray) -> tuple[int, object, str]:
+    positions = np.flatnonzero(bad)
+    position = int(positions[0])
+    extra = f" ({positions.size} such values in column {column!r})" if positions.size > 1 else ""
+    return position + 1, series.iloc[position], extra
+
+
+def _parse_numeric(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, np.ndarray]:
+    missing = _missing_mask(series)
+    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
+    else:
+        text = series.astype(str).str.strip().where(~missing)
+        values = pd.to_numeric(text, errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan, copy=True
+        )
+    bad = ~missing & ~np.isfinite(values)
+    if bad.any():
+        row, value, extra = _first_bad(column.name, series, bad)
+        try:
+            float(str(value).strip())
+            problem = "is not a finite number"
+        except ValueError:
+            problem = "is not numeric"
+        raise DataValidationError(
+            f"column {column.name!r}: value {value!r} at row {row} {problem}{extra}; fix the "
+            "value, leave the cell empty to mark it missing, or declare the column categorical"
+        )
+    if column.transform == "log1p":
+        negative = ~missing & (values < 0)
+        if negative.any():
+            row, value, extra = _first_bad(column.name, series, negative)
+            raise DataValidationError(
+                f"column {column.name!r}: value {value!r} at row {row} is negative, but the "
+                f"column's transform 'log1p' needs values >= 0{extra}; fix the data or use "
+                "transform 'none'"
+            )
+    values[missing] = np.nan
+    return values, missing
+
+
+def _parse_boolean(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, np.ndarray]:
+    missing = _missing_mask(series)
+    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
+        bad = ~missing & ~np.isin(values, (0.0, 1.0))
+    else:
+        tokens = series.astype(str).str.strip().str.lower().where(~missing)
+        values = tokens.map(BOOLEAN_TOKENS).to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
+        bad = ~missing & np.isnan(values)
+    if bad.any():
+        row, value, extra = _first_bad(column.name, series, bad)
+        raise DataValidationError(
+            f"column {column.name!r}: token {value!r} at row {row} is not a boolean{extra}; "
+            f"{_BOOLEAN_HELP}"
+        )
+    values[missing] = np.nan
+    return values, missing
+
+
+def _check_missing_policy(column: ColumnSpec, missing: np.ndarray) -> None:
+    if column.missing == "error" and missing.any():
+        positions = np.flatnonzero(missing)
+        raise DataValidationError(
+            f"column {column.name!r}: missing value at row {int(positions[0]) + 1} "
+            f"({positions.size} missing in this column) and the schema's missing policy for it "
+            "is 'error'; fill the values in or set the column's missing policy to 'impute' or "
+            "'drop'"
+        )
+
+
+def validate_frame(df: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
+    """Check local data against the schema and return a typed copy.
+
+    Idempotent: validating the returned frame again gives the same frame, so the functions
+    below can be given raw or already validated frames.
+
+    Args:
+        df: the local table (typically from ``load_table``); extra columns are ignored.
+        schema: the dataset schema of the training plan.
+
+    Returns:
+        A new frame, original index kept, with only the schema columns (numeric: float64 with
+        NaN for missing, before any transform; boolean: float64 0/1 with NaN for missing;
+        categorical: stripped str with ``"__missing__"`` for missing), the target column
+        (stripped str) and sensitive columns not in the schema (stripped str, ``"__missing__"``
+        for missing). Rows with a missing value in a column whose policy is "drop" are removed.
+
+    Raises:
+        DataValidationError: a column is absent, a value cannot be parsed, a log1p column holds a
+            negative value, a target is missing, or a value is missing where the policy is
+            "error". The message names the column and the first offending row (1-based).
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise DataValidationError(f"expected a pandas DataFrame, got {type(df).__name__}")
+    feature_columns = [column.name for column in schema.columns]
+    extra_sensitive = [name for name in schema.sensitive if name not in feature_columns]
+    needed = [*feature_columns, schema.target.column, *extra_sensitive]
+    absent = [name for name in needed if name not in df.columns]
+    if absent:
+        present = [str(name) for name in df.columns]
+        shown = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
+        raise DataValidationError(
+            f"column(s) {', '.join(map(repr, absent))} required by the schema are missing from "
+            f"the data (present: {shown}); rename the columns or change the schema"
+        )
+    duplicated = sorted({str(name) for name in df.columns[df.columns.duplicated()]} & set(needed))
+    if duplicated:
+        raise DataValidationError(
+            f"column(s) {', '.join(map(repr, duplicated))} appear more than once in the data; "
+            "keep one of each"
+        )
+
+    typed: dict[str, Any] = {}
+    drop = np.zeros(len(df), dtype=bool)
+    for column in schema.columns:
+        series = df[column.name]
+        if column.type == "numeric":
+            values, missing = _parse_numeric(series, column)
+        elif column.type == "boolean":
+            values, missing = _parse_boolean(series, column)
+        else:
+            missing = _missing_mask(series)
+            values = _stripped_text(series, missing)
+        _check_missing_policy(column, missing)
+        if column.missing == "drop":
+            drop |= missing
+        if column.type == "categorical":
+            values[missing] = MISSING_CATEGORY
+        typed[column.name] = values
+
+    target = schema.target.column
+    target_missing = _missing_mask(df[target])
+    if target_missing.any():
+        positions = np.flatnonzero(target_missing)
+        raise DataValidationError(
+            f"target column {target!r}: missing value at row {int(positions[0]) + 1} "
+            f"({positions.size} rows without a label); every row needs a label: fill it in or "
+            "remove the row"
+        )
+    typed[target] = _stripped_text(df[target], target_missing)
+    for name in extra_sensitive:
+        missing = _missing_mask(df[name])
+        values = _stripped_text(df[name], missing)
+        values[missing] = MISSING_CATEGORY
+        typed[name] = values
+
+    frame = pd.DataFrame(
+        {
+            name: pd.Series(values, index=df.index, dtype=None if _is_float(values) else str)
+            for name, values in typed.items()
+        },
+        index=df.index,
+    )
+    if drop.any():
+        frame = frame.iloc[np.flatnonzero(~drop)]
+    return frame
+
+
+def _is_float(values: np.ndarray) -> bool:
+    return values.dtype == np.float64
+
+
+def _labels(valid: pd.DataFrame, schema: DatasetSchema) -> np.ndarray:
+    values = valid[schema.target.column]
+    if schema.target.positive is not None:
+        return values.isin(schema.target.positive).to_numpy(dtype=np.int64)
+    return (~values.isin(schema.target.negative or ())).to_numpy(dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Holdout split
+
+
+def split_holdout(
+    df: pd.DataFrame, schema: DatasetSchema, *, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split validated rows into training and test parts, stratified by label.
+
+    For each label, its rows are shuffled with ``np.random.default_rng([seed, label])`` and
+    ``floor(n_label * test_fraction + 0.5)`` of them (round half up) go to the test part, but at
+    least one row of every present label stays in training. The result depends only on the rows
+    (and their order) and the seed, so the agent and the demo get the same split.
+
+    Args:
+        df: the local table, raw or validated.
+        schema: the dataset schema.
+        test_fraction: share of each label's rows held out, 0 <= f < 1.
+        seed: non-negative integer.
+
+    Returns:
+        ``(train, test)``: validated typed frames (see ``validate_frame``), each in the original
+        row order with the original index.
+
+    Raises:
+        ValueError: ``test_fraction`` or ``seed`` out of range.
+        DataValidationError: the data does not match the schema.
+    """
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, int | float)
+        or not 0.0 <= test_fraction < 1.0
+    ):
+        raise ValueError(f"test_fraction must be a number in [0, 1), got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    valid = validate_frame(df, schema)
+    labels = _labels(valid, schema)
+    test = np.zeros(len(valid), dtype=bool)
+    for label in (0, 1):
+        positions = np.flatnonzero(labels == label)
+        if positions.size == 0:
+            continue
+        n_test = min(math.floor(positions.size * test_fraction + 0.5), positions.size - 1)
+        # One generator per label: a label's split does not depend on the other label's rows.
+        rng = np.random.default_rng([seed, label])
+        test[rng.permutation(positions)[:n_test]] = True
+    return valid.iloc[np.flatnonzero(~test)], valid.iloc[np.flatnonzero(test)]
+
+
+# --------------------------------------------------------------------------------------------
+# Federated statistics
+
+
+def _numeric_values(valid: pd.DataFrame, column: ColumnSpec) -> np.ndarray:
+    values = valid[column.name].to_numpy(dtype=np.float64, copy=True)
+    if column.transform == "log1p":
+        values = np.log1p(values)
+    return values
+
+
+def local_statistics(df: pd.DataFrame, schema: DatasetSchema) -> dict[str, Any]:
+    """Compute this site's sufficient statistics for the preprocessing (no rows leave the site).
+
+    Args:
+        df: the site's training rows, raw or validated (the "drop" policy is applied).
+        schema: the dataset schema.
+
+    Returns:
+        JSON-able ``{"schema_hash", "n_rows", "numeric": {column: {"count", "mean", "m2"}},
+        "categories": {column: sorted list}}``: per numeric column the count, mean and sum of
+        squared deviations of the non-missing values after the transform; per categorical column
+        the sorted set of values (``"__missing__"`` included when imputed).
+
+    Raises:
+        DataValidationError: the data does not match the schema.
+    """
+    valid = validate_frame(df, schema)
+    numeric: dict[str, dict[str, Any]] = {}
+    categories: dict[str, list[str]] = {}
+    for column in schema.columns:
+        if column.type == "numeric":
+            values = _numeric_values(valid, column)
+            values = values[~np.isnan(values)]
+            count = int(values.size)
+            mean = float(values.mean()) if count else 0.0
+            m2 = float(np.square(values - mean).sum()) if count else 0.0
+            numeric[column.name] = {"count": count, "mean": mean, "m2": m2}
+        elif column.type == "categorical":
+            categories[column.name] = sorted(set(valid[column.name].tolist()))
+    return {
+        "schema_hash": schema_hash(schema),
+        "n_rows": len(valid),
+        "numeric": numeric,
+        "categories": categories,
+    }
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_statistics(stats: object, index: int, schema: DatasetSchema, expected_hash: str) -> None:
+    where = f"statistics #{index}"
+    if not isinstance(stats, Mapping):
+        raise SchemaError(f"{where}: expected a JSON object, got {type(stats).__name__}")
+    keys = ("schema_hash", "n_rows", "numeric", "categories")
+    unknown = sorted(str(key) for key in stats if key not in keys)
+    absent = [key for key in keys if key not in stats]
+    if unknown or absent:
+        raise SchemaError(
+            f"{where}: keys must be {', '.join(keys)} (unknown: {unknown}, missing: {absent}); "
+            "compute them with fedcore.tabular.local_statistics"
+        )
+    if stats["schema_hash"] != expected_hash:
+        raise SchemaError(
+            f"{where} were computed for a different schema (hash {str(stats['schema_hash'])[:12]}"
+            f"..., expected {expected_hash[:12]}...); the site must use the plan's schema"
+        )
+    n_rows = stats["n_rows"]
+    if not _is_count(n_rows):
+        raise SchemaError(f"{where}: 'n_rows' must be an integer >= 0, got {n_rows!r}")
+    numeric_names = [c.name for c in schema.columns if c.type == "numeric"]
+    categorical_names = [c.name for c in schema.columns if c.type == "categorical"]
+    for key, names in (("numeric", numeric_names), ("categories", categorical_names)):
+        section = stats[key]
+        if not isinstance(section, Mapping) or set(section) != set(names):
+            got = sorted(section) if isinstance(section, Mapping) else section
+            raise SchemaError(
+                f"{where}: {key!r} must have exactly the schema's columns {names}, got {got!r}"
+            )
+    for name in numeric_names:
+        entry = stats["numeric"][name]
+        if not isinstance(entry, Mapping) or set(entry) != {"count", "mean", "m2"}:
+            raise SchemaError(
+                f"{where}: numeric column {name!r} must have keys count, mean, m2, got {entry!r}"
+            )
+        if not _is_count(entry["count"]) or entry["count"] > n_rows:
+            raise SchemaError(
+                f"{where}: numeric column {name!r}: count {entry['count']!r} must be an integer "
+                f"between 0 and n_rows ({n_rows})"
+            )
+        if not _is_finite(entry["mean"]) or not _is_finite(entry["m2"]) or entry["m2"] < 0:
+            raise SchemaError(
+                f"{where}: numeric column {name!r}: mean and m2 must be finite numbers, m2 >= 0 "
+                f"(got mean {entry['mean']!r}, m2 {entry['m2']!r})"
+            )
+    for name in categorical_names:
+        values = stats["categories"][name]
+        if (
+            isinstance(values, str)
+            or not isinstance(values, Sequence)
+            or not all(isinstance(value, str) for value in values)
+        ):
+            raise SchemaError(
+                f"{where}: categories of column {name!r} must be a list of strings, got {values!r}"
+            )
+
+
+def merge_statistics(stats: Sequence[Mapping[str, Any]], schema: DatasetSchema) -> dict[str, Any]:
+    """Merge the sites' statistics into the fitted preprocessing (server side, no rows needed).
+
+    Means and variances are combined exactly with Chan, Golub and LeVeque's pairwise update
+    (1979), so the result equals the statistics of the pooled rows.
+
+    Args:
+        stats: one ``local_statistics`` result per site (at least one).
+        schema: the dataset schema of the plan.
+
+    Returns:
+        JSON-able ``{"version": 1, "schema_hash", "columns": [feature columns], "n_rows",
+        "numeric": {column: {"mean", "std", "count"}}, "categories": {column: sorted union}}``
+        with ``std`` the population standard deviation (1 where it is 0 or no value was seen).
+
+    Raises:
+        SchemaError: no statistics, or a statistics dict does not match the schema (other
+            schema hash, missing or extra column, negative count, non-finite value).
+    """
+    if isinstance(stats, Mapping) or not isinstance(stats, Sequence) or not stats:
+        raise SchemaError("merge_statistics needs a non-empty list of per-site statistics")
+    expected_hash = schema_hash(schema)
+    for index, entry in enumerate(stats):
+        _check_statistics(entry, index, schema, expected_hash)
+
+    numeric: dict[str, dict[str, Any]] = {}
+    categories: dict[str, list[str]] = {}
+    for column in schema.columns:
+        if column.type == "numeric":
+            count, mean, m2 = 0, 0.0, 0.0
+            for entry in stats:
+                part = entry["numeric"][column.name]
+                n_b, mean_b, m2_b = int(part["count"]), float(part["mean"]), float(part["m2"])
+                if n_b == 0:
+                    continue
+                total = count + n_b
+                delta = mean_b - mean
+                mean += delta * n_b / total
+                m2 += m2_b + delta * delta * count * n_b / total
+                count = total
+            std = math.sqrt(m2 / count) if count else 0.0
+            numeric[column.name] = {
+                "mean": mean,
+                "std": std if std > 0.0 else 1.0,
+                "count": count,
+            }
+        elif column.type == "categorical":
+            union: set[str] = set()
+            for entry in stats:
+                union.update(entry["categories"][column.name])
+            categories[column.name] = sorted(union)
+    return {
+        "version": PREPROCESSING_VERSION,
+        "schema_hash": expected_hash,
+        "columns": [column.name for column in schema.columns],
+        "n_rows": sum(int(entry["n_rows"]) for entry in stats),
+        "numeric": numeric,
+        "categories": categories,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Transform
+
+
+def _check_fitted(schema: DatasetSchema, fitted: object) -> Mapping[str, Any]:
+    if not isinstance(fitted, Mapping):
+        raise SchemaError(
+            f"fitted preprocessing must be a JSON object, got {type(fitted).__name__}"
+        )
+    if fitted.get("version") != PREPROCESSING_VERSION:
+        raise SchemaError(
+            f"fitted preprocessing version {fitted.get('version')!r} is not supported "
+            f"(expected {PREPROCESSING_VERSION}); re-run merge_statistics"
+        )
+    expected_hash = schema_hash(schema)
+    if fitted.get("schema_hash") != expected_hash:
+        raise SchemaError(
+            f"fitted preprocessing was computed for another schema (columns "
+            f"{fitted.get('columns')!r}, hash {str(fitted.get('schema_hash'))[:12]}...); this "
+            f"schema has columns {[c.name for c in schema.columns]!r}, hash "
+            f"{expected_hash[:12]}...; re-run the statistics round with this schema"
+        )
+    numeric, categories = fitted.get("numeric"), fitted.get("categories")
+    if not isinstance(numeric, Mapping) or not isinstance(categories, Mapping):
+        raise SchemaError("fitted preprocessing needs 'numeric' and 'categories' objects")
+    for column in schema.columns:
+        if column.type == "numeric":
+            entry = numeric.get(column.name)
+            if (
+                not isinstance(entry, Mapping)
+                or not _is_finite(entry.get("mean"))
+                or not _is_finite(entry.get("std"))
+                or entry["std"] <= 0
+            ):
+                raise SchemaError(
+                    f"fitted preprocessing: numeric column {column.name!r} needs a finite mean "
+                    f"and a finite std > 0, got {entry!r}"
+                )
+        elif column.type == "categorical":
+            values = categories.get(column.name)
+            if (
+                isinstance(values, str)
+                or not isinstance(values, Sequence)
+                or not all(isinstance(value, str) for value in values)
+                or len(set(values)) != len(values)
+            ):
+                raise SchemaError(
+                    f"fitted preprocessing: categories of column {column.name!r} must be a list "
+                    f"of distinct strings, got {values!r}"
+                )
+    return fitted
+
+
+def feature_names(schema: DatasetSchema, fitted: Mapping[str, Any]) -> list[str]:
+    """Return the names of the columns of ``transform``'s X, in order.
+
+    Args:
+        schema: the dataset schema.
+        fitted: the fitted preprocessing from ``merge_statistics``.
+
+    Returns:
+        Numeric and boolean columns by name; one ``"column=category"`` per category of each
+        categorical column.
+
+    Raises:
+        SchemaError: ``fitted`` does not belong to ``schema``.
+    """
+    fitted = _check_fitted(schema, fitted)
+    names: list[str] = []
+    for column in schema.columns:
+        if column.type == "categorical":
+            names.extend(f"{column.name}={value}" for value in fitted["categories"][column.name])
+        else:
+            names.append(column.name)
+    return names
+
+
+def _group_labels(valid: pd.DataFrame, name: str, schema: DatasetSchema) -> np.ndarray:
+    spec = next((column for column in schema.columns if column.name == name), None)
+    if spec is not None and spec.type == "boolean":
+        values = valid[name].to_numpy(dtype=np.float64)
+        labels = np.where(values == 1.0, "true", "false").astype(object)
+        labels[np.isnan(values)] = MISSING_CATEGORY
+        return labels.astype(str)
+    return valid[name].to_numpy(dtype=str)
+
+
+def transform(df: pd.DataFrame, schema: DatasetSchema, fitted: Mapping[str, Any]) -> TabularData:
+    """Turn rows into model inputs with the federated preprocessing.
+
+    Args:
+        df: rows to transform, raw or validated (the "drop" policy is applied).
+        schema: the dataset schema.
+        fitted: the fitted preprocessing from ``merge_statistics`` for this schema.
+
+    Returns:
+        ``TabularData`` with X float32 (n, len(feature_names)), y float32 (n,) of 0/1 labels and
+        groups: sensitive column -> str array (n,). Missing numeric values become 0 (the mean),
+        missing booleans 0, unseen categories an all-zero one-hot block.
+
+    Raises:
+        SchemaError: ``fitted`` does not belong to ``schema``.
+        DataValidationError: the data does not match the schema.
+    """
+    fitted = _check_fitted(schema, fitted)
+    valid = validate_frame(df, schema)
+    n = len(valid)
+    width = len(feature_names(schema, fitted))
+    X = np.zeros((n, width), dtype=np.float32)
+    offset = 0
+    for column in schema.columns:
+        if column.type == "numeric":
+            stats = fitted["numeric"][column.name]
+            z = (_numeric_values(valid, column) - float(stats["mean"])) / float(stats["std"])
+            X[:, offset] = np.nan_to_num(z, nan=0.0)
+            offset += 1
+        elif column.type == "boolean":
+            X[:, offset] = np.nan_to_num(valid[column.name].to_numpy(dtype=np.float64), nan=0.0)
+            offset += 1
+        else:
+            known = pd.Index(list(fitted["categories"][column.name]), dtype=object)
+            codes = known.get_indexer(valid[column.name].to_numpy(dtype=object))
+            rows = np.flatnonzero(codes >= 0)  # -1: category unseen by the fitted preprocessing
+            X[rows, offset + codes[rows]] = 1.0
+            offset += len(known)
+    y = _labels(valid, schema).astype(np.float32)
+    groups = {name: _group_labels(valid, name, schema) for name in schema.sensitive}
+    return TabularData(X=X, y=y, groups=groups)

@@ -1,0 +1,205 @@
+"""Local training and evaluation of a binary classifier, shared by the site agent and the demo.
+
+Determinism without global state: mini-batch order comes from a private ``torch.Generator``
+seeded with ``seed``; stochastic layers (dropout) draw from torch's global RNG, so training runs
+inside ``torch.random.fork_rng`` seeded from the same seed, which restores the caller's global RNG
+state afterwards. Thread counts are left to the caller (``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from torch import nn
+
+from fedcore.metrics import binary_metrics
+
+__all__ = ["OPTIMIZERS", "TrainingError", "evaluate", "predict_proba", "train_local"]
+
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+_PREDICT_CHUNK_ROWS = 65536
+
+
+class TrainingError(ValueError):
+    """Training cannot start (bad arguments) or diverged (non-finite loss)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _features(X: ArrayLike | torch.Tensor) -> torch.Tensor:
+    features = torch.as_tensor(X).detach().to(device="cpu", dtype=torch.float32)
+    if features.ndim != 2:
+        raise TrainingError(
+            f"X must be a 2-D feature matrix (n, d), got shape {tuple(features.shape)}"
+        )
+    return features
+
+
+def _labels(y: ArrayLike | torch.Tensor, n: int) -> torch.Tensor:
+    labels = torch.as_tensor(y).detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+    if labels.numel() != n:
+        raise TrainingError(f"X has {n} rows but y has {labels.numel()} labels")
+    if not bool(((labels == 0) | (labels == 1)).all()):
+        raise TrainingError("y must hold binary labels 0/1 (see tabular.transform)")
+    return labels
+
+
+def train_local(
+    model: nn.Module,
+    X: ArrayLike | torch.Tensor,
+    y: ArrayLike | torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str = "adam",
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place with binary cross-entropy on logits and mini-batch shuffling.
+
+    Args:
+        model: module mapping (n, d) float32 features to (n, 1) logits, e.g. from
+            ``fedcore.models.build_model``. Updated in place; its train/eval mode is restored.
+        X: feature matrix (n, d), n >= 1 (numpy array or tensor; converted to float32).
+        y: binary labels 0/1, n values.
+        epochs: passes over the data, >= 1.
+        batch_size: rows per optimizer step, >= 1; the last batch of an epoch may be smaller.
+        lr: learning rate, > 0.
+        optimizer: "adam" or "sgd".
+        momentum: SGD momentum in [0, 1); must be 0 with "adam".
+        weight_decay: L2 penalty, >= 0.
+        seed: seeds batch order and dropout; the same seed and data give the same model.
+        on_batch: called as ``on_batch(step, total_steps)`` after each optimizer step, with
+            ``step`` counting from 1 to ``total_steps`` (for progress bars).
+
+    Returns:
+        ``{"train_loss": example-weighted mean loss over the last epoch, "epochs": int,
+        "steps": int}``.
+
+    Raises:
+        TrainingError: an argument is invalid, or the loss became NaN/Inf (lower ``lr``).
+    """
+    features = _features(X)
+    n = features.shape[0]
+    labels = _labels(y, n)
+    if n == 0:
+        raise TrainingError("cannot train on 0 rows; check the site's data and split")
+    if not _is_int(epochs) or epochs < 1:
+        raise TrainingError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise TrainingError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not _is_number(lr) or lr <= 0:
+        raise TrainingError(f"lr must be a finite number > 0, got {lr!r}")
+    if optimizer not in OPTIMIZERS:
+        raise TrainingError(f"optimizer {optimizer!r} is not supported; allowed: adam, sgd")
+    if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
+        raise TrainingError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if optimizer == "adam" and momentum != 0.0:
+        raise TrainingError(
+            "momentum applies to optimizer 'sgd' only; set it to 0 or use optimizer 'sgd'"
+        )
+    if not _is_number(weight_decay) or weight_decay < 0:
+        raise TrainingError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not _is_int(seed):
+        raise TrainingError(f"seed must be an integer, got {seed!r}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    order = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total_steps = epochs * steps_per_epoch
+    step = 0
+    epoch_loss = 0.0
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            # Dropout masks come from the global RNG: seed it inside the fork (restored on exit).
+            torch.manual_seed(seed)
+            for epoch in range(1, epochs + 1):
+                permutation = torch.randperm(n, generator=order)
+                epoch_loss = 0.0
+                for start in range(0, n, batch_size):
+                    index = permutation[start : start + batch_size]
+                    opt.zero_grad(set_to_none=True)
+                    logits = model(features[index]).reshape(-1)
+                    loss = loss_fn(logits, labels[index])
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TrainingError(
+                            f"training diverged: loss is {value} at epoch {epoch}, step "
+                            f"{step + 1}; lower lr (now {lr}) or check the features for "
+                            "extreme values"
+                        )
+                    loss.backward()
+                    opt.step()
+                    epoch_loss += value * index.numel()
+                    step += 1
+                    if on_batch is not None:
+                        on_batch(step, total_steps)
+    finally:
+        model.train(was_training)
+    return {"train_loss": epoch_loss / n, "epochs": epochs, "steps": step}
+
+
+def predict_proba(model: nn.Module, X: ArrayLike | torch.Tensor) -> np.ndarray:
+    """Return the predicted probability of the positive class for every row.
+
+    Args:
+        model: module mapping (n, d) features to (n, 1) logits; its train/eval mode is
+            restored after the call.
+        X: feature matrix (n, d).
+
+    Returns:
+        float64 array of shape (n,) with values in [0, 1].
+    """
+    features = _features(X)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            chunks = [
+                torch.sigmoid(
+                    model(features[start : start + _PREDICT_CHUNK_ROWS]).reshape(-1).double()
+                )
+                for start in range(0, features.shape[0], _PREDICT_CHUNK_ROWS)
+            ]
+    finally:
+        model.train(was_training)
+    if not chunks:
+        return np.zeros(0, dtype=np.float64)
+    return torch.cat(chunks).numpy()
+
+
+def evaluate(
+    model: nn.Module, X: ArrayLike | torch.Tensor, y: ArrayLike | torch.Tensor
+) -> dict[str, Any]:
+    """Evaluate ``model`` on (X, y) and return ``fedcore.metrics.binary_metrics``.
+
+    Args:
+        model: module mapping (n, d) features to (n, 1) logits.
+        X: feature matrix (n, d).
+        y: binary labels 0/1, n values.
+
+    Returns:
+        ``{"auc", "accuracy", "loss", "n"}`` (see ``binary_metrics``).
+    """
+    return binary_metrics(np.asarray(y, dtype=np.float64).reshape(-1), predict_proba(model, X))
