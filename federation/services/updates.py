@@ -57,12 +57,14 @@ def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
 
 
 def validate_metrics(metrics: dict[str, Any]) -> list[tuple[str, str, float]]:
-    """Check an update's metrics are a small dict of finite numbers (one level of nesting)."""
+    """Check an update's metrics are a small dict of numbers or None (one level of nesting)."""
     flat: list[tuple[str, str, float]] = []
     for key, value in metrics.items():
         items = value.items() if isinstance(value, dict) else [(key, value)]
         scope = key if isinstance(value, dict) else "train"
         for name, v in items:
+            if v is None:  # undefined for this split (e.g. AUC with one class): not recorded
+                continue
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise Refused("invalid_update", f"metric {key}.{name} is not a number")
             if math.isinf(v):

@@ -1,0 +1,1 @@
+"""Demo scenarios, bundled datasets and baseline comparisons (pure Python, no Django)."""
