@@ -1,0 +1,282 @@
+"""The site configuration file (``site.toml``).
+
+Example::
+
+    [server]
+    url = "wss://quorum.example.org/ws/agent/"
+    token_file = "token.txt"     # or: token = "..."; exactly one of the two
+
+    [data]
+    path = "data.csv"            # .csv or .parquet; relative to this file's folder
+
+    [agent]
+    name = "site-a"              # optional, shown in logs and sent in hello
+    state_dir = "state"          # optional, default ".quorum-agent" next to this file
+
+Every problem (unknown section or key, missing key, wrong type, bad URL, missing file) raises
+:class:`ConfigError`, whose message names the file, the key and what to do. Nothing is ignored
+silently. Sections are parsed by one function each (``_SECTIONS``), so a new section such as
+``[policy]`` is one parser, one dataclass and one field on :class:`SiteConfig`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")  # what fedcore.tabular.load_table reads
+DEFAULT_STATE_DIR = ".quorum-agent"
+
+
+class ConfigError(ValueError):
+    """The site configuration is unusable; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``[server]`` section: where to connect and with which token."""
+
+    url: str
+    # repr=False: the token must never end up in a log line or a traceback.
+    token: str = field(repr=False)
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the URL points at this machine (plain ws:// is then acceptable)."""
+        host = urlsplit(self.url).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def is_encrypted(self) -> bool:
+        """Whether the connection uses TLS (wss://)."""
+        return self.url.lower().startswith("wss://")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``[data]`` section: the local data file (absolute path)."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The ``[agent]`` section: optional name and state directory (absolute path)."""
+
+    name: str | None
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A parsed and checked ``site.toml``."""
+
+    path: Path
+    server: ServerConfig
+    data: DataConfig
+    agent: AgentConfig
+
+    @property
+    def display_name(self) -> str:
+        """The name shown in logs: the agent name, else ``agent``."""
+        return self.agent.name or "agent"
+
+
+class _Section:
+    """Typed access to one TOML table; every error names the file, section and key."""
+
+    def __init__(self, file: Path, name: str, table: Mapping[str, Any], known: tuple[str, ...]):
+        self.file = file
+        self.name = name
+        self.table = table
+        unknown = sorted(set(table) - set(known))
+        if unknown:
+            raise self.error(
+                unknown[0],
+                f"unknown key; the known keys of [{name}] are {', '.join(known)}. "
+                "Remove it or fix its spelling",
+            )
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        """A ConfigError for one key of this section."""
+        return ConfigError(f"{self.file}: [{self.name}] {key}: {problem}")
+
+    def string(self, key: str, *, required: bool) -> str | None:
+        """A non-empty string value, or None when optional and absent."""
+        if key not in self.table:
+            if required:
+                raise self.error(key, f'missing; add {key} = "..." to the [{self.name}] section')
+            return None
+        value = self.table[key]
+        if not isinstance(value, str):
+            raise self.error(
+                key, f'must be a string in quotes, got {_toml_type(value)}; write {key} = "..."'
+            )
+        if not value.strip():
+            raise self.error(key, "is empty; give a value or remove the key")
+        return value.strip()
+
+    def path(self, key: str, *, required: bool) -> Path | None:
+        """A path value resolved against the config file's folder."""
+        value = self.string(key, required=required)
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = self.file.parent / path
+        return path.resolve()
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", list: "an array"}
+    for kind, name in names.items():
+        if type(value) is kind:
+            return name
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _parse_server(section: _Section) -> ServerConfig:
+    url = section.string("url", required=True)
+    assert url is not None
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("ws", "wss"):
+        raise section.error(
+            "url",
+            f"{url!r} is not a websocket URL; it must start with ws:// or wss:// "
+            '(for example url = "wss://quorum.example.org/ws/agent/")',
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise section.error("url", f"{url!r} has an invalid port number; fix the URL") from None
+    if not parts.hostname:
+        raise section.error("url", f"{url!r} has no host name; fix the URL")
+
+    has_token = "token" in section.table
+    has_file = "token_file" in section.table
+    if has_token == has_file:
+        raise section.error(
+            "token",
+            'give exactly one of token = "..." or token_file = "..." '
+            f"({'both are' if has_token else 'neither is'} set)",
+        )
+    if has_token:
+        token = section.string("token", required=True)
+        key = "token"
+    else:
+        token_path = section.path("token_file", required=True)
+        assert token_path is not None
+        key = "token_file"
+        try:
+            token = token_path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise section.error(
+                key, f"the token file {token_path} does not exist; create it or fix the path"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise section.error(key, f"cannot read the token file {token_path}: {exc}") from None
+        if not token:
+            raise section.error(
+                key, f"the token file {token_path} is empty; paste the site's token into it"
+            )
+    assert token is not None
+    if any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise section.error(
+            key, "the token contains spaces or control characters; copy it again exactly"
+        )
+    return ServerConfig(url=url, token=token)
+
+
+def _parse_data(section: _Section) -> DataConfig:
+    path = section.path("path", required=True)
+    assert path is not None
+    if not path.name.lower().endswith(DATA_SUFFIXES):
+        raise section.error(
+            "path", f"{path} must be a .csv or .parquet file; convert the data or fix the path"
+        )
+    if not path.exists():
+        raise section.error(
+            "path",
+            f"the data file {path} does not exist; fix the path (relative paths are "
+            f"resolved against {section.file.parent})",
+        )
+    if not path.is_file():
+        raise section.error("path", f"{path} is not a file; point it at the .csv or .parquet file")
+    return DataConfig(path=path)
+
+
+def _parse_agent(section: _Section) -> AgentConfig:
+    name = section.string("name", required=False)
+    state_dir = section.path("state_dir", required=False)
+    if state_dir is None:
+        state_dir = (section.file.parent / DEFAULT_STATE_DIR).resolve()
+    return AgentConfig(name=name, state_dir=state_dir)
+
+
+# section -> (known keys, parser, required). Order is the order of the error listing.
+_SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[_Section], Any], bool]] = {
+    "server": (("url", "token", "token_file"), _parse_server, True),
+    "data": (("path",), _parse_data, True),
+    "agent": (("name", "state_dir"), _parse_agent, False),
+}
+
+
+def load_config(path: str | Path) -> SiteConfig:
+    """Read, check and resolve a ``site.toml``; raise ConfigError on any problem.
+
+    Args:
+        path: the config file. Relative paths inside it resolve against its folder.
+
+    Returns:
+        The parsed configuration, with absolute paths and the token read from its file.
+
+    Raises:
+        ConfigError: with a message naming the file, the key and what to do.
+    """
+    file = Path(path).expanduser().resolve()
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{file}: config file not found; pass the site's config with --config"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config file: {exc}") from None
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not UTF-8 text; save the file as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML ({exc}); fix the syntax") from None
+
+    known = ", ".join(f"[{name}]" for name in _SECTIONS)
+    for name, value in document.items():
+        if name not in _SECTIONS:
+            raise ConfigError(
+                f"{file}: unknown section [{name}]; the known sections are {known}. "
+                "Remove it or fix its spelling"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{file}: {name} must be a section ([{name}] on its own line followed by its "
+                f"keys), got {_toml_type(value)}"
+            )
+
+    parsed: dict[str, Any] = {}
+    for name, (keys, parser, required) in _SECTIONS.items():
+        if name not in document and required:
+            raise ConfigError(f"{file}: missing section [{name}]; add it (see the example config)")
+        parsed[name] = parser(_Section(file, name, document.get(name, {}), keys))
+    return SiteConfig(path=file, **parsed)

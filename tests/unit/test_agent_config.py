@@ -1,0 +1,175 @@
+"""site.toml parsing and the CLI's config/data checks (clientagent.config, clientagent.cli)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from clientagent import cli
+from clientagent.config import ConfigError, load_config
+
+GOOD = """
+[server]
+url = "ws://127.0.0.1:8000/ws/agent/"
+token = "s3cret-token"
+
+[data]
+path = "data.csv"
+"""
+
+
+def write_site(tmp_path: Path, text: str, *, data: bool = True) -> Path:
+    if data:
+        (tmp_path / "data.csv").write_text("age,outcome\n50,sick\n61,healthy\n40,sick\n")
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_resolves_paths_against_the_toml_folder(tmp_path, monkeypatch):
+    path = write_site(tmp_path, GOOD)
+    monkeypatch.chdir("/")
+
+    config = load_config(path)
+
+    assert config.server.url == "ws://127.0.0.1:8000/ws/agent/"
+    assert config.server.token == "s3cret-token"
+    assert config.data.path == (tmp_path / "data.csv").resolve()
+    assert config.agent.name is None
+    assert config.agent.state_dir == (tmp_path / ".quorum-agent").resolve()
+    assert config.display_name == "agent"
+    assert config.server.is_loopback and not config.server.is_encrypted
+
+
+def test_token_file_and_agent_section(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "token.txt").write_text("  tok-123\n")
+    path = write_site(
+        tmp_path,
+        """
+[server]
+url = "wss://quorum.example.org/ws/agent/"
+token_file = "secrets/token.txt"
+[data]
+path = "data.csv"
+[agent]
+name = "site-a"
+state_dir = "state"
+""",
+    )
+
+    config = load_config(path)
+
+    assert config.server.token == "tok-123"
+    assert config.server.is_encrypted and not config.server.is_loopback
+    assert config.agent.name == "site-a"
+    assert config.agent.state_dir == (tmp_path / "state").resolve()
+
+
+def test_token_never_appears_in_repr(tmp_path):
+    config = load_config(write_site(tmp_path, GOOD))
+
+    assert "s3cret-token" not in repr(config)
+
+
+def _replace(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new)
+
+
+BAD_CONFIGS = {
+    "unknown section": (GOOD + "\n[polcy]\nmax_epsilon = 3\n", ["[polcy]", "[server], [data]"]),
+    "unknown key": (_replace('token = "s3cret-token"', 'token = "t"\ntimeout = 3'), ["timeout"]),
+    "missing server": ('[data]\npath = "data.csv"\n', ["[server]", "missing section"]),
+    "missing url": (_replace('url = "ws://127.0.0.1:8000/ws/agent/"', ""), ["[server] url"]),
+    "http url": (_replace("ws://127.0.0.1", "http://127.0.0.1"), ["url", "ws://", "wss://"]),
+    "url not a string": (_replace('"ws://127.0.0.1:8000/ws/agent/"', "8000"), ["url", "integer"]),
+    "url without host": (_replace("ws://127.0.0.1:8000/ws/agent/", "ws:///ws/"), ["host"]),
+    "bad port": (_replace("8000", "99999"), ["url", "port"]),
+    "both tokens": (_replace('token = "s3cret-token"', 'token = "a"\ntoken_file = "t"'), ["token"]),
+    "no token": (_replace('token = "s3cret-token"', ""), ["token", "exactly one"]),
+    "token with space": (_replace("s3cret-token", "s3cret token"), ["token", "spaces"]),
+    "empty token": (_replace('"s3cret-token"', '""'), ["token", "empty"]),
+    "missing token file": (
+        _replace('token = "s3cret-token"', 'token_file = "nope.txt"'),
+        ["token_file", "nope.txt", "does not exist"],
+    ),
+    "missing data key": (_replace('path = "data.csv"', ""), ["[data] path", "missing"]),
+    "missing data file": (_replace("data.csv", "other.csv"), ["[data] path", "other.csv"]),
+    "data suffix": (_replace("data.csv", "data.xlsx"), ["[data] path", ".csv or .parquet"]),
+    "name not a string": (GOOD + "[agent]\nname = 3\n", ["[agent] name", "string"]),
+    "top-level key": ("debug = true\n" + GOOD, ["debug", "section"]),
+    "bad toml": (GOOD + "\n[server\n", ["not valid TOML"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_config_errors_name_the_file_and_the_key(tmp_path, case):
+    text, expected = BAD_CONFIGS[case]
+    path = write_site(tmp_path, text)
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    message = str(info.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_empty_token_file(tmp_path):
+    (tmp_path / "token.txt").write_text("\n")
+    path = write_site(tmp_path, _replace('token = "s3cret-token"', 'token_file = "token.txt"'))
+
+    with pytest.raises(ConfigError, match=r"\[server\] token_file: .*token.txt is empty"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nowhere.toml")
+
+
+def test_cli_config_error_exits_2_without_traceback(tmp_path, capsys):
+    path = write_site(tmp_path, GOOD + "\n[polcy]\n")
+
+    for command in ("run", "check"):
+        assert cli.main([command, "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "unknown section [polcy]" in err
+        assert "Traceback" not in err
+
+
+def test_cli_check_prints_rows_and_columns(tmp_path, capsys):
+    path = write_site(tmp_path, GOOD)
+
+    assert cli.main(["check", "--config", str(path)]) == 0
+
+    out = capsys.readouterr().out
+    assert "3 rows, 2 columns" in out
+    assert "age, outcome" in out
+
+
+def test_cli_check_unreadable_data_exits_2(tmp_path, capsys):
+    path = write_site(tmp_path, _replace("data.csv", "data.parquet"))
+    (tmp_path / "data.parquet").write_bytes(b"this is not parquet")
+
+    assert cli.main(["check", "--config", str(path)]) == 2
+    assert "data.parquet" in capsys.readouterr().err
+
+
+def test_cli_without_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "usage: quorum-agent" in capsys.readouterr().err
+
+
+def test_log_lines_show_the_site_name():
+    formatter = cli._SiteFormatter("site-a")
+    ours = logging.LogRecord("clientagent.connection", logging.INFO, "", 0, "round 3/20", (), None)
+    theirs = logging.LogRecord("websockets.client", logging.INFO, "", 0, "x", (), None)
+
+    assert " INFO quorum-agent[site-a]: round 3/20" in formatter.format(ours)
+    assert "quorum-agent[websockets.client]: x" in formatter.format(theirs)
+    assert ours.name == "clientagent.connection"  # the shared record is left alone
