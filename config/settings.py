@@ -116,6 +116,8 @@ TEMPLATES = [
 ]
 
 _default_sqlite = QUORUM_HOME / "quorum.sqlite3"
+if "DATABASE_URL" not in os.environ:
+    QUORUM_HOME.mkdir(parents=True, exist_ok=True)
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{_default_sqlite}"), conn_max_age=0

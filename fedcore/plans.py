@@ -25,7 +25,9 @@ def canonical_json(spec: Mapping[str, Any]) -> str:
     Raises:
         ValueError: the spec holds NaN, Infinity or a value JSON cannot represent.
     """
-    return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(
+        spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def plan_hash(spec: Mapping[str, Any]) -> str:

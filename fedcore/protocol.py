@@ -84,6 +84,9 @@ ERROR_CODES: tuple[str, ...] = (
     "non_finite",  # update holds NaN or Inf
     "invalid_update",  # update refused for another reason (e.g. num_examples, nonce)
     "data_invalid",  # the agent's local data does not match the plan's schema
+    "invalid_task",  # the task's plan, preprocessing or global weights are unusable at the site
+    "training_failed",  # local training diverged (NaN/Inf loss)
+    "replaced",  # a newer connection of the same silo took over this one
     "internal",  # unexpected failure on the sending side; nothing the peer can fix
 )
 

@@ -88,7 +88,16 @@ class SchemaError(ValueError):
 
 
 class DataValidationError(ValueError):
-    """Local data does not match the schema; the message names column, problem and a row."""
+    """Local data does not match the schema; the message names column, problem and a row.
+
+    The message may quote a cell value, for the site operator. ``shareable`` is the same message
+    without any cell value: what a site agent may tell the server (no record leaves a site, not
+    even one cell of it in an error message).
+    """
+
+    def __init__(self, message: str, *, shareable: str | None = None) -> None:
+        super().__init__(message)
+        self.shareable = message if shareable is None else shareable
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +422,8 @@ def _parse_numeric(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, n
             problem = "is not numeric"
         raise DataValidationError(
             f"column {column.name!r}: value {value!r} at row {row} {problem}{extra}; fix the "
-            "value, leave the cell empty to mark it missing, or declare the column categorical"
+            "value, leave the cell empty to mark it missing, or declare the column categorical",
+            shareable=f"column {column.name!r}: a value at row {row} {problem}",
         )
     if column.transform == "log1p":
         negative = ~missing & (values < 0)
@@ -422,7 +432,8 @@ def _parse_numeric(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, n
             raise DataValidationError(
                 f"column {column.name!r}: value {value!r} at row {row} is negative, but the "
                 f"column's transform 'log1p' needs values >= 0{extra}; fix the data or use "
-                "transform 'none'"
+                "transform 'none'",
+                shareable=f"column {column.name!r}: a negative value at row {row} (log1p needs >= 0)",
             )
     values[missing] = np.nan
     return values, missing
@@ -441,7 +452,8 @@ def _parse_boolean(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, n
         row, value, extra = _first_bad(column.name, series, bad)
         raise DataValidationError(
             f"column {column.name!r}: token {value!r} at row {row} is not a boolean{extra}; "
-            f"{_BOOLEAN_HELP}"
+            f"{_BOOLEAN_HELP}",
+            shareable=f"column {column.name!r}: the value at row {row} is not a boolean",
         )
     values[missing] = np.nan
     return values, missing

@@ -11,6 +11,7 @@ on the union of the sites' held-out splits.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -55,6 +56,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         started = time.monotonic()
+        if opts["verbosity"] < 2:  # the server runs in this process: keep its log off the table
+            logging.getLogger("quorum").setLevel(logging.WARNING)
         if opts["rounds"] is not None and opts["rounds"] < 1:
             raise CommandError("--rounds must be at least 1")
         call_command("migrate", verbosity=0, interactive=False)

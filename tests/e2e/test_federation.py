@@ -1,0 +1,133 @@
+"""End to end: the real ASGI server and real agent processes over a real websocket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedcore import tensors
+from federation.models import ModelVersion, Round, Run, Silo, Update
+from federation.server import free_port
+from federation.services.runs import run_start
+from federation.services.silos import silo_issue_token
+from federation.storage import blob_store
+from tests.e2e import harness
+from tests.factories import ConsortiumFactory, PlanFactory, SiloFactory, plan_spec
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def write_site_csv(path: Path, seed: int, n: int = 150) -> Path:
+    """A small site dataset: a linear rule with site-specific shift (non-IID)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(loc=0.3 * seed, size=(n, 3))
+    y = (x[:, 0] - 0.7 * x[:, 1] + 0.2 * rng.normal(size=n) > 0.3 * seed).astype(int)
+    frame = pd.DataFrame({"x1": x[:, 0], "x2": x[:, 1], "x3": x[:, 2], "y": y})
+    frame.loc[::17, "x3"] = np.nan  # missing values the schema imputes
+    frame.to_csv(path, index=False)
+    return path
+
+
+def federation(tmp_path: Path, n_sites: int, **spec: object):
+    consortium = ConsortiumFactory()
+    silos = SiloFactory.create_batch(n_sites, organization__consortium=consortium)
+    plan = PlanFactory(consortium=consortium, spec=plan_spec(**spec))
+    plan.silos.set(silos)
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws/agent/"
+    server = harness.server(tmp_path, port)
+    agents = [
+        harness.agent(
+            tmp_path,
+            silo.name,
+            url=url,
+            token=silo_issue_token(silo=silo),
+            data_csv=write_site_csv(tmp_path / f"{silo.name}.csv", seed=i),
+        )
+        for i, silo in enumerate(silos)
+    ]
+    return plan, silos, server, agents
+
+
+def online_count(silos: list[Silo]) -> int:
+    return Silo.objects.filter(pk__in=[s.pk for s in silos], connection_id__isnull=False).count()
+
+
+def test_three_agents_train_two_rounds_through_the_real_server(tmp_path: Path) -> None:
+    plan, silos, server, agents = federation(tmp_path, 3, min_silos=3)
+    procs = [server, *agents]
+    try:
+        server.start()
+        for a in agents:
+            a.start()
+        harness.wait_until(
+            lambda: online_count(silos) == 3, timeout=60, what="3 agents online", procs=procs
+        )
+        run = run_start(plan=plan)
+        harness.wait_until(
+            lambda: not Run.objects.get(pk=run.pk).active,
+            timeout=120,
+            what="the run to end",
+            procs=procs,
+        )
+        run.refresh_from_db()
+        assert run.status == Run.Status.COMPLETED, run.error + "\n".join(p.tail() for p in procs)
+        assert run.preprocessing, "the federated statistics pass fitted no preprocessing"
+        rounds = Round.objects.filter(run=run).order_by("number")
+        assert [r.number for r in rounds] == [1, 2]
+        assert all(r.status == Round.Status.COMPLETED for r in rounds)
+        for r in rounds:
+            updates = Update.objects.filter(round=r)
+            assert updates.count() == 3
+            assert {u.num_examples for u in updates} == {120}
+        versions = ModelVersion.objects.filter(run=run).order_by("number")
+        assert [v.number for v in versions] == [0, 1, 2]
+        first, last = (
+            tensors.decode_state_dict(blob_store().get(v.blob_key))
+            for v in (versions[0], versions[2])
+        )
+        assert any(not (first[k] == last[k]).all() for k in first), "training changed nothing"
+        assert tensors.sha256_hex(blob_store().get(versions[2].blob_key)) == versions[2].checksum
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_agent_reconnects_after_the_server_restarts_and_trains(tmp_path: Path) -> None:
+    plan, silos, server, agents = federation(tmp_path, 1, min_silos=1)
+    procs = [server, *agents]
+    try:
+        server.start()
+        agents[0].start()
+        harness.wait_until(
+            lambda: online_count(silos) == 1, timeout=60, what="agent online", procs=procs
+        )
+        first_connection = Silo.objects.get(pk=silos[0].pk).connection_id
+        server.stop()
+        harness.wait_until(
+            lambda: online_count(silos) == 0, timeout=30, what="server gone", procs=procs
+        )
+        assert agents[0].popen is not None and agents[0].popen.poll() is None, (
+            "the agent must keep trying"
+        )
+        server.start()
+        harness.wait_until(
+            lambda: online_count(silos) == 1, timeout=60, what="agent reconnected", procs=procs
+        )
+        assert Silo.objects.get(pk=silos[0].pk).connection_id != first_connection
+        run = run_start(plan=plan)
+        harness.wait_until(
+            lambda: not Run.objects.get(pk=run.pk).active,
+            timeout=90,
+            what="the run to end",
+            procs=procs,
+        )
+        run.refresh_from_db()
+        assert run.status == Run.Status.COMPLETED, run.error
+        assert "retrying in" in agents[0].log.read_text()
+    finally:
+        for p in procs:
+            p.stop()
