@@ -63,7 +63,10 @@ class ServerThread:
     def stop(self) -> None:
         """Stop serving and wait for the thread."""
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        try:
+            self.thread.join(timeout=10)
+        except KeyboardInterrupt:  # a second Ctrl-C: leave now, the thread is a daemon
+            self.server.force_exit = True
 
     @property
     def http_url(self) -> str:

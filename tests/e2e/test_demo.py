@@ -1,0 +1,63 @@
+"""`manage.py demo` as a user runs it: a fresh home, real server and agents, JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_demo(home: Path, *args: str) -> dict:
+    env = {**os.environ, "QUORUM_HOME": str(home)}
+    env.pop("DATABASE_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "demo", "--no-serve", "--json", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_finance_demo_runs_twice_and_reports_every_model(tmp_path: Path) -> None:
+    first = run_demo(tmp_path, "--scenario", "finance", "--rounds", "2")
+    second = run_demo(tmp_path, "--scenario", "finance", "--rounds", "2", "--seed", "1")
+
+    for result in (first, second):
+        assert result["scenario"] == "finance" and result["rounds"] == 2
+        assert set(result["local_only"]) == {"northgate", "riverside", "hearthstone", "meridian"}
+        for metrics in (result["federated"], result["centralized"], *result["local_only"].values()):
+            assert 0.0 <= metrics["auc"] <= 1.0 and 0.0 <= metrics["accuracy"] <= 1.0
+        assert result["seconds"] > 0
+    # The second run replaced the first demo consortium instead of failing on its leftovers.
+    assert second["run"] == first["run"] + 1
+    assert sorted(p.name for p in (tmp_path / "demo" / "finance" / "sites").iterdir()) == [
+        "hearthstone",
+        "meridian",
+        "northgate",
+        "riverside",
+    ]
+
+
+def test_demo_refuses_bad_flags_clearly(tmp_path: Path) -> None:
+    env = {**os.environ, "QUORUM_HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "demo", "--rounds", "0", "--no-serve"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "--rounds must be at least 1" in proc.stderr
