@@ -5,9 +5,11 @@ classification. Parameter names are stable (``linear.*`` for logistic regression
 ``fc2.*``, ... and ``out.*`` for the MLP) because they are the keys of the state dicts that travel
 between server and sites.
 
-Initialisation never touches torch's global RNG: modules are created on the ``meta`` device (no
-random numbers drawn), materialised empty on the CPU, then initialised from a private
-``torch.Generator`` with the same distributions PyTorch uses by default for ``nn.Linear``.
+Initialisation never changes torch's global RNG: modules are built inside ``fork_rng`` (which
+restores the global state afterwards), then re-initialised from a private ``torch.Generator``
+with the same distributions PyTorch uses by default for ``nn.Linear``. (Building on the ``meta``
+device would avoid the throw-away draws, but its first use imports torch's decomposition tables:
+about a second per process, which five agents on two cores pay all at once.)
 """
 
 from __future__ import annotations
@@ -167,20 +169,20 @@ def build_model(spec: Mapping[str, Any], n_features: int, *, seed: int | None = 
         raise ModelSpecError(f"seed must be an integer or None, got {seed!r}")
 
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    meta = torch.device("meta")
-    if normalised["kind"] == "logistic_regression":
-        layers["linear"] = nn.Linear(n_features, 1, device=meta)
-    else:
-        width_in = n_features
-        activation = ACTIVATIONS[normalised["activation"]]
-        for index, width in enumerate(normalised["hidden"], start=1):
-            layers[f"fc{index}"] = nn.Linear(width_in, width, device=meta)
-            layers[f"act{index}"] = activation()
-            if normalised["dropout"] > 0.0:
-                layers[f"drop{index}"] = nn.Dropout(normalised["dropout"])
-            width_in = width
-        layers["out"] = nn.Linear(width_in, 1, device=meta)
-    model = nn.Sequential(layers).to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        if normalised["kind"] == "logistic_regression":
+            layers["linear"] = nn.Linear(n_features, 1)
+        else:
+            width_in = n_features
+            activation = ACTIVATIONS[normalised["activation"]]
+            for index, width in enumerate(normalised["hidden"], start=1):
+                layers[f"fc{index}"] = nn.Linear(width_in, width)
+                layers[f"act{index}"] = activation()
+                if normalised["dropout"] > 0.0:
+                    layers[f"drop{index}"] = nn.Dropout(normalised["dropout"])
+                width_in = width
+            layers["out"] = nn.Linear(width_in, 1)
+    model = nn.Sequential(layers)
 
     generator = torch.Generator()
     if seed is None:

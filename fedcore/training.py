@@ -55,6 +55,87 @@ def _labels(y: ArrayLike | torch.Tensor, n: int) -> torch.Tensor:
     return labels
 
 
+class _Adam:
+    """Adam (Kingma & Ba, 2015) with L2 weight decay, as torch.optim.Adam computes it.
+
+    torch.optim's optimizers import torch._dynamo on construction: about 3 s of CPU per process,
+    which every site agent would pay on its first round. These few lines give the same updates
+    (tests/unit/test_training.py compares them step by step).
+    """
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.params, self.lr, self.weight_decay = params, lr, weight_decay
+        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients of the last step."""
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One Adam update of every parameter that has a gradient."""
+        self.t += 1
+        correction1 = 1 - self.beta1**self.t
+        correction2 = 1 - self.beta2**self.t
+        step_size = self.lr / correction1
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None:
+                continue
+            grad = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
+            m.lerp_(grad, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            denom = (v.sqrt() / math.sqrt(correction2)).add_(self.eps)
+            p.addcdiv_(m, denom, value=-step_size)
+
+
+class _SGD:
+    """SGD with momentum and L2 weight decay, as torch.optim.SGD computes it (no dampening)."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients of the last step."""
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One SGD update of every parameter that has a gradient."""
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            grad = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
+            if self.momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = grad.clone()
+                else:
+                    buf.mul_(self.momentum).add_(grad)
+                grad = buf
+            p.add_(grad, alpha=-self.lr)
+
+
 def train_local(
     model: nn.Module,
     X: ArrayLike | torch.Tensor,
@@ -118,10 +199,11 @@ def train_local(
         raise TrainingError(f"seed must be an integer, got {seed!r}")
 
     params = [p for p in model.parameters() if p.requires_grad]
+    opt: _Adam | _SGD
     if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        opt = _Adam(params, lr=lr, weight_decay=weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        opt = _SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     order = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(n / batch_size)

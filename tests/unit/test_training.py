@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +170,33 @@ def test_divergence_is_reported_not_returned():
 
     with pytest.raises(TrainingError, match="training diverged: loss is nan at epoch 1"):
         train_local(model, X, y, epochs=1, batch_size=64, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("adam", {"lr": 0.01}),
+        ("adam", {"lr": 0.05, "weight_decay": 0.01}),
+        ("sgd", {"lr": 0.1}),
+        ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.001}),
+    ],
+)
+def test_own_optimizers_match_torch_optim_step_by_step(name, kwargs):
+    from fedcore.training import _SGD, _Adam
+
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    ours = copy.deepcopy(reference)
+    torch_cls = torch.optim.Adam if name == "adam" else torch.optim.SGD
+    own_cls = _Adam if name == "adam" else _SGD
+    torch_opt = torch_cls(reference.parameters(), **kwargs)
+    own_opt = own_cls(list(ours.parameters()), **kwargs)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        x = torch.randn(8, 5, generator=data)
+        for model, opt in ((reference, torch_opt), (ours, own_opt)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(reference.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
