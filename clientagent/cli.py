@@ -1,13 +1,20 @@
-"""``quorum-agent``: run the site agent, or check a site's configuration and data file.
+"""``quorum-agent``: run the site agent, check its configuration, review plans, show the sent log.
 
-Exit codes: 0 stopped cleanly (SIGINT/SIGTERM) or check passed; 1 unexpected failure; 2 the
-configuration or the data file is unusable; 3 the server refused the site's token.
+Commands: ``run``, ``check``, ``plans`` (the plans the server offered and the local decision on
+each), ``approve`` / ``reject`` (the site operator's decision on a plan hash, appended to
+decisions.jsonl), ``log`` (every message that left the site with something derived from its data).
+
+Exit codes: 0 stopped cleanly (SIGINT/SIGTERM) or the command succeeded; 1 unexpected failure;
+2 the configuration, the data file, a state file or a plan hash given is unusable; 3 the server
+refused the site's token; 4 the server's consortium is not ``[policy] consortium``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
+import json
 import logging
 import os
 import signal
@@ -18,6 +25,7 @@ from clientagent import __version__
 from clientagent.config import ConfigError, SiteConfig, load_config
 from clientagent.connection import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, run_agent
 from clientagent.data import DataFileError, LocalData
+from clientagent.records import APPROVED, REJECTED, RecordsError, SiteRecords, short_hash
 
 LOG_FORMAT = "%(asctime)s %(levelname)s quorum-agent[%(name)s]: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -128,6 +136,181 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"agent:  {config.agent.name}")
     print(f"data:   {config.data.path}: {len(frame)} rows, {len(frame.columns)} columns")
     print(f"columns: {', '.join(str(c) for c in frame.columns)}")
+    print(f"server key: {config.server.public_key}")
+    print(f"state:  {config.agent.state_dir}")
+    for line in _policy_lines(config):
+        print(f"policy: {line}")
+    return EXIT_OK
+
+
+def _policy_lines(config: SiteConfig) -> list[str]:
+    policy = config.policy
+    limit = "no limit"
+    per_plan = limit if policy.max_epsilon_per_plan is None else f"{policy.max_epsilon_per_plan:g}"
+    total = limit if policy.max_epsilon_total is None else f"{policy.max_epsilon_total:g}"
+    return [
+        f"consortium {policy.consortium or 'any'}",
+        f"models {', '.join(policy.allowed_models)}",
+        f"epsilon per plan {per_plan}, in total {total}",
+        f"require DP {_yes(policy.require_dp)}, secure aggregation "
+        f"{_yes(policy.require_secure_aggregation)}, local approval "
+        f"{_yes(policy.require_local_approval)}",
+    ]
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Left-aligned columns separated by two spaces; numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [
+        any(_is_number(r[i]) for r in rows) and all(r[i] is None or _is_number(r[i]) for r in rows)
+        for i in range(len(headers))
+    ]
+    lines = []
+    for row in cells:
+        parts = [
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, right in zip(row, widths, numeric, strict=True)
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _operator() -> str:
+    """The local user recorded with a decision."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no USER/LOGNAME and no passwd entry (some containers)
+        return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+def cmd_plans(args: argparse.Namespace) -> int:
+    """``quorum-agent plans``: the plans the server offered and the local decision on each."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    records = SiteRecords(config.agent.state_dir)
+    try:
+        offers = records.offers()
+        decisions = records.decisions()
+    except RecordsError as exc:
+        print(f"quorum-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    rows = []
+    for plan_hash, offer in sorted(
+        offers.items(), key=lambda item: str(item[1].get("received_at"))
+    ):
+        decision = decisions.get(plan_hash)
+        rows.append(
+            [
+                short_hash(plan_hash),
+                offer.get("name"),
+                offer.get("version"),
+                offer.get("consortium"),
+                offer.get("model"),
+                offer.get("privacy"),
+                offer.get("status"),
+                decision.decision if decision else "pending",
+            ]
+        )
+    for plan_hash, decision in sorted(decisions.items(), key=lambda item: item[1].time):
+        if plan_hash not in offers:  # decided before the server offered it (pre-approval)
+            rows.append(
+                [short_hash(plan_hash), "(not offered yet)", *[None] * 5, decision.decision]
+            )
+    if not rows:
+        print(f"no plan offers received yet (state directory {config.agent.state_dir})")
+        return EXIT_OK
+    headers = ["HASH", "NAME", "VERSION", "CONSORTIUM", "MODEL", "PRIVACY", "SERVER", "LOCAL"]
+    print(_table(headers, rows))
+    if config.policy.require_local_approval:
+        print(
+            "\nthis site trains only on plans approved here: "
+            f"quorum-agent approve <hash> --config {config.path}"
+        )
+    return EXIT_OK
+
+
+def _decide(args: argparse.Namespace, decision: str) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    records = SiteRecords(config.agent.state_dir)
+    try:
+        plan_hash = records.resolve_hash(args.plan_hash)
+        offer = records.offers().get(plan_hash)
+        entry = records.decide(plan_hash, decision, reason=args.reason, operator=_operator())
+    except RecordsError as exc:
+        print(f"quorum-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"quorum-agent: cannot record the decision: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    what = f"{offer.get('name')!r} v{offer.get('version')}" if offer else "(not offered yet)"
+    print(f"{decision} plan {plan_hash} {what} as {entry.operator}")
+    print(
+        f"recorded in {records.decisions_path}; the running agent applies it from its next request"
+    )
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """``quorum-agent approve``: the site operator approves a plan hash."""
+    return _decide(args, APPROVED)
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    """``quorum-agent reject``: the site operator rejects a plan hash."""
+    return _decide(args, REJECTED)
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    """``quorum-agent log``: every message that left the site carrying local-data derivatives."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    records = SiteRecords(config.agent.state_dir)
+    try:
+        sent = records.sent()
+    except RecordsError as exc:
+        print(f"quorum-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        for record in sent:
+            print(json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+        return EXIT_OK
+    if not sent:
+        print(f"nothing sent yet ({records.sent_path} is empty or missing)")
+        return EXIT_OK
+    rows = [
+        [
+            r.get("time"),
+            r.get("type"),
+            r.get("run"),
+            r.get("round"),
+            short_hash(r.get("plan_hash")),
+            r.get("bytes"),
+            str(r.get("sha256", ""))[:16],
+            r.get("epsilon"),
+        ]
+        for r in sent
+    ]
+    headers = ["TIME (UTC)", "TYPE", "RUN", "ROUND", "PLAN", "BYTES", "SHA256", "EPSILON"]
+    print(_table(headers, rows))
+    total_bytes = sum(r.get("bytes") or 0 for r in sent)
+    total_epsilon = sum(r.get("epsilon") or 0.0 for r in sent)
+    print(
+        f"\n{len(sent)} messages, {total_bytes} bytes, epsilon spent {total_epsilon:g} "
+        f"({records.sent_path}; --json for full hashes)"
+    )
     return EXIT_OK
 
 
@@ -140,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Raw records never leave the site; only model weights and aggregate statistics do."
         ),
         epilog=(
-            "exit codes: 0 ok / stopped, 1 unexpected failure, 2 configuration or data error, "
-            "3 the server refused the site's token"
+            "exit codes: 0 ok / stopped, 1 unexpected failure, 2 configuration, data or state "
+            "file error (or an unusable plan hash), 3 the server refused the site's token, "
+            "4 the server's consortium is not [policy] consortium"
         ),
     )
     parser.add_argument("--version", action="version", version=f"quorum-agent {__version__}")
@@ -179,6 +363,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", required=True, metavar="PATH", help=config_help)
     check.set_defaults(func=cmd_check)
+
+    plans = commands.add_parser(
+        "plans",
+        help="list the plans the server offered this site and the local decision on each",
+        description=(
+            "List the plan offers stored in the state directory (offers.json): hash, name, "
+            "version, consortium, model, privacy mode, the server's status and this site's "
+            "decision (approved, rejected or pending). The full plans are in offers.json."
+        ),
+    )
+    plans.add_argument("--config", required=True, metavar="PATH", help=config_help)
+    plans.set_defaults(func=cmd_plans)
+
+    hash_help = (
+        "the plan hash: all 64 hex characters (also for a plan not offered yet), or a prefix "
+        "of at least 8 that matches exactly one offered plan"
+    )
+    for name, func, verb in (("approve", cmd_approve, "approve"), ("reject", cmd_reject, "reject")):
+        decide = commands.add_parser(
+            name,
+            help=f"{verb} a plan for this site (recorded in decisions.jsonl)",
+            description=(
+                f"Record that this site's operator {verb}s a plan hash. Decisions are appended "
+                "to decisions.jsonl in the state directory (never rewritten); the latest one for "
+                "a hash wins and the running agent applies it from its next request. A rejected "
+                "plan is refused even without [policy] require_local_approval."
+            ),
+        )
+        decide.add_argument("plan_hash", metavar="HASH", help=hash_help)
+        decide.add_argument("--config", required=True, metavar="PATH", help=config_help)
+        decide.add_argument(
+            "--reason",
+            default="",
+            help="why (kept in decisions.jsonl; for a rejection also told to the server)",
+        )
+        decide.set_defaults(func=func)
+
+    log = commands.add_parser(
+        "log",
+        help="show every message that left this site with something derived from its data",
+        description=(
+            "Print the sent log (sent.jsonl in the state directory): one line per stats, "
+            "update and error message the agent sent, with its time, run, round, plan, size, "
+            "sha256 (of the weights for updates, of the JSON text otherwise) and privacy budget "
+            "spent. For an auditor."
+        ),
+    )
+    log.add_argument("--config", required=True, metavar="PATH", help=config_help)
+    log.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    log.set_defaults(func=cmd_log)
     return parser
 
 

@@ -5,6 +5,7 @@ Example::
     [server]
     url = "wss://quorum.example.org/ws/agent/"
     token_file = "token.txt"     # or: token = "..."; exactly one of the two
+    public_key = "ed25519:..."   # the server's signing key, pinned (manage.py server_key)
 
     [data]
     path = "data.csv"            # .csv or .parquet; relative to this file's folder
@@ -13,15 +14,26 @@ Example::
     name = "site-a"              # optional, shown in logs and sent in hello
     state_dir = "state"          # optional, default ".quorum-agent" next to this file
 
+    [policy]                     # optional; what this site agrees to train, whatever the server says
+    consortium = "thyroid"       # refuse to work for any other consortium
+    allowed_models = ["logistic_regression"]   # default: every kind fedcore.models knows
+    max_epsilon_per_plan = 3.0   # refuse plans whose target epsilon is higher (default: no limit)
+    max_epsilon_total = 10.0     # refuse plans that would take the total spent above this
+    require_dp = true            # refuse plans without differential privacy (default false)
+    require_secure_aggregation = true          # default false
+    require_local_approval = true              # train only on plans approved with
+                                               # `quorum-agent approve <hash>` (default false)
+
 Every problem (unknown section or key, missing key, wrong type, bad URL, missing file) raises
 :class:`ConfigError`, whose message names the file, the key and what to do. Nothing is ignored
-silently. Sections are parsed by one function each (``_SECTIONS``), so a new section such as
-``[policy]`` is one parser, one dataclass and one field on :class:`SiteConfig`.
+silently. Sections are parsed by one function each (``_SECTIONS``): a new section is one parser,
+one dataclass and one field on :class:`SiteConfig`.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,8 +41,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedcore.models import MODEL_KINDS
+from fedcore.signing import AuthorizationError, parse_public_key
+
 DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")  # what fedcore.tabular.load_table reads
 DEFAULT_STATE_DIR = ".quorum-agent"
+SERVER_KEY_SOURCES = (
+    "get it from the consortium admin (who prints it with `python manage.py server_key`) or "
+    "from GET /api/v1/server-key/ on the server, and compare the two"
+)
 
 
 class ConfigError(ValueError):
@@ -39,11 +58,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The ``[server]`` section: where to connect and with which token."""
+    """The ``[server]`` section: where to connect, with which token, and the pinned server key."""
 
     url: str
     # repr=False: the token must never end up in a log line or a traceback.
     token: str = field(repr=False)
+    # ``ed25519:<base64>``: every task must carry a grant signed with this key.
+    public_key: str
 
     @property
     def is_loopback(self) -> bool:
@@ -78,6 +99,23 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The ``[policy]`` section: what this site agrees to, checked on every request.
+
+    The server enforces the consortium's governance; this is the site's own, independent check
+    (defence in depth, like Fed-BioMed's node approval and NVIDIA FLARE's site policies).
+    """
+
+    consortium: str | None = None
+    allowed_models: tuple[str, ...] = MODEL_KINDS
+    max_epsilon_per_plan: float | None = None
+    max_epsilon_total: float | None = None
+    require_dp: bool = False
+    require_secure_aggregation: bool = False
+    require_local_approval: bool = False
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """A parsed and checked ``site.toml``."""
 
@@ -85,6 +123,7 @@ class SiteConfig:
     server: ServerConfig
     data: DataConfig
     agent: AgentConfig
+    policy: PolicyConfig = PolicyConfig()
 
     @property
     def display_name(self) -> str:
@@ -136,9 +175,53 @@ class _Section:
             path = self.file.parent / path
         return path.resolve()
 
+    def boolean(self, key: str, *, default: bool) -> bool:
+        """A true/false value."""
+        value = self.table.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false (no quotes), got {_toml_type(value)}")
+        return value
+
+    def positive_number(self, key: str) -> float | None:
+        """A finite number > 0, or None when absent."""
+        if key not in self.table:
+            return None
+        value = self.table[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(
+                key, f"must be a number (no quotes), got {_toml_type(value)}; write {key} = 3.0"
+            )
+        if not math.isfinite(value) or value <= 0:
+            raise self.error(
+                key, f"must be a finite number > 0, got {value}; remove the key for no limit"
+            )
+        return float(value)
+
+    def string_list(self, key: str) -> tuple[str, ...] | None:
+        """A non-empty array of non-empty strings, or None when absent."""
+        if key not in self.table:
+            return None
+        value = self.table[key]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.error(
+                key, f'must be an array of strings, got {_toml_type(value)}; write {key} = ["..."]'
+            )
+        items = tuple(dict.fromkeys(item.strip() for item in value))
+        if not items or not all(items):
+            raise self.error(
+                key, "is empty or holds an empty string; list values or remove the key"
+            )
+        return items
+
 
 def _toml_type(value: object) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", list: "an array"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+    }
     for kind, name in names.items():
         if type(value) is kind:
             return name
@@ -196,7 +279,28 @@ def _parse_server(section: _Section) -> ServerConfig:
         raise section.error(
             key, "the token contains spaces or control characters; copy it again exactly"
         )
-    return ServerConfig(url=url, token=token)
+    return ServerConfig(url=url, token=token, public_key=_parse_public_key(section))
+
+
+def _parse_public_key(section: _Section) -> str:
+    if "public_key" not in section.table:
+        raise section.error(
+            "public_key",
+            'missing; add public_key = "ed25519:..." to the [server] section: the consortium '
+            "server's signing key, which the agent pins to check that every task was approved "
+            f"for this site; {SERVER_KEY_SOURCES}",
+        )
+    text = section.string("public_key", required=True)
+    assert text is not None
+    try:
+        parse_public_key(text)
+    except AuthorizationError as exc:
+        raise section.error(
+            "public_key",
+            f'{text!r} is not an Ed25519 public key ({exc}); it must look like "ed25519:<base64>"; '
+            f"copy it again exactly: {SERVER_KEY_SOURCES}",
+        ) from None
+    return text
 
 
 def _parse_data(section: _Section) -> DataConfig:
@@ -225,11 +329,42 @@ def _parse_agent(section: _Section) -> AgentConfig:
     return AgentConfig(name=name, state_dir=state_dir)
 
 
+def _parse_policy(section: _Section) -> PolicyConfig:
+    allowed = section.string_list("allowed_models")
+    if allowed is not None:
+        unknown = [kind for kind in allowed if kind not in MODEL_KINDS]
+        if unknown:
+            raise section.error(
+                "allowed_models",
+                f"unknown model kind {unknown[0]!r}; the known kinds are {', '.join(MODEL_KINDS)}",
+            )
+    return PolicyConfig(
+        consortium=section.string("consortium", required=False),
+        allowed_models=allowed if allowed is not None else MODEL_KINDS,
+        max_epsilon_per_plan=section.positive_number("max_epsilon_per_plan"),
+        max_epsilon_total=section.positive_number("max_epsilon_total"),
+        require_dp=section.boolean("require_dp", default=False),
+        require_secure_aggregation=section.boolean("require_secure_aggregation", default=False),
+        require_local_approval=section.boolean("require_local_approval", default=False),
+    )
+
+
+POLICY_KEYS = (
+    "consortium",
+    "allowed_models",
+    "max_epsilon_per_plan",
+    "max_epsilon_total",
+    "require_dp",
+    "require_secure_aggregation",
+    "require_local_approval",
+)
+
 # section -> (known keys, parser, required). Order is the order of the error listing.
 _SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[_Section], Any], bool]] = {
-    "server": (("url", "token", "token_file"), _parse_server, True),
+    "server": (("url", "token", "token_file", "public_key"), _parse_server, True),
     "data": (("path",), _parse_data, True),
     "agent": (("name", "state_dir"), _parse_agent, False),
+    "policy": (POLICY_KEYS, _parse_policy, False),
 }
 
 
@@ -240,7 +375,8 @@ def load_config(path: str | Path) -> SiteConfig:
         path: the config file. Relative paths inside it resolve against its folder.
 
     Returns:
-        The parsed configuration, with absolute paths and the token read from its file.
+        The parsed configuration, with absolute paths, the token read from its file and the
+        server's public key checked.
 
     Raises:
         ConfigError: with a message naming the file, the key and what to do.

@@ -7,14 +7,21 @@ What must survive a reconnect lives on the Agent: the data caches, the training 
 (a worker thread cannot be interrupted mid-step, and its result is still wanted) and the last
 built update, which is re-sent without retraining when the server re-sends the same task.
 
+Every ``stats_request`` and ``task`` is checked before any local data is read
+(:mod:`clientagent.policy`: the server's signed grant, then the site's ``[policy]``); a refusal is
+an ``error`` frame and the agent carries on. Every message carrying anything derived from local
+data is written to the sent log (:mod:`clientagent.records`) before it leaves.
+
 Exit codes of :meth:`Agent.run` / :func:`run_agent`: :data:`EXIT_OK` (stopped by the caller,
-e.g. SIGTERM) and :data:`EXIT_AUTH` (the server refused the token; reconnecting cannot help).
+e.g. SIGTERM), :data:`EXIT_AUTH` (the server refused the token; reconnecting cannot help) and
+:data:`EXIT_POLICY` (the server is not the consortium ``[policy] consortium`` names).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import secrets
@@ -31,7 +38,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from clientagent import __version__
 from clientagent.config import SiteConfig
 from clientagent.data import LocalData, canonical_sha256
+from clientagent.policy import NOT_AUTHORIZED, POLICY_REFUSED, check_authorization, check_policy
 from clientagent.progress import RoundProgress
+from clientagent.records import (
+    RecordsError,
+    SiteRecords,
+    epsilon_by_run,
+    short_hash,
+)
 from clientagent.trainer import (
     DATA_INVALID,
     TaskError,
@@ -40,6 +54,7 @@ from clientagent.trainer import (
     handle_task,
 )
 from fedcore import protocol, tensors
+from fedcore.plans import plan_hash as compute_plan_hash
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +62,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_AUTH = 3
+EXIT_POLICY = 4
 
 AUTH_REFUSED_MESSAGE = (
     "the server refused this site's token; ask the consortium admin for a new token "
@@ -73,6 +89,16 @@ class AuthRefused(Exception):
 
 class SessionLost(Exception):
     """The websocket closed or the server misbehaved; the agent reconnects."""
+
+
+class ConsortiumRefused(Exception):
+    """The server's welcome names a consortium other than ``[policy] consortium``."""
+
+
+# Messages that may carry something derived from local data: sent only through the sent log.
+RECORDED_TYPES = frozenset({"stats", "update", "error"})
+# Refusals the site operator must see: the server asked for something the site does not allow.
+ERROR_LEVEL_CODES = frozenset({DATA_INVALID, NOT_AUTHORIZED, POLICY_REFUSED})
 
 
 class Backoff:
@@ -157,7 +183,9 @@ class Agent:
         self.progress_stream = progress_stream if progress_stream is not None else sys.stderr
         self.progress_tty = progress_tty
         self.connect_options = dict(connect_options or {})
+        self.records = SiteRecords(config.agent.state_dir)
         self.silo: str | None = None
+        self.consortium: str | None = None
         self.state = "idle"
         self.sessions = 0  # successful welcomes, for logs and tests
         self._cancel = threading.Event()
@@ -170,7 +198,8 @@ class Agent:
         """Connect, serve and reconnect until ``stop`` is set or the token is refused.
 
         Returns:
-            EXIT_OK when ``stop`` was set, EXIT_AUTH when the server refused the token.
+            EXIT_OK when ``stop`` was set, EXIT_AUTH when the server refused the token,
+            EXIT_POLICY when the server is not the consortium ``[policy] consortium`` names.
         """
         stop = stop if stop is not None else asyncio.Event()
         try:
@@ -181,6 +210,9 @@ class Agent:
                 except AuthRefused as exc:
                     logger.error("%s (%s)", AUTH_REFUSED_MESSAGE, exc)
                     return EXIT_AUTH
+                except ConsortiumRefused as exc:
+                    logger.error("%s", exc)
+                    return EXIT_POLICY
                 except InvalidStatus as exc:
                     reason = (
                         f"HTTP {exc.response.status_code} instead of a websocket; "
@@ -217,6 +249,7 @@ class Agent:
 
         Raises:
             AuthRefused: the token was refused; do not reconnect.
+            ConsortiumRefused: the server serves another consortium; do not reconnect.
             SessionLost, OSError, TimeoutError, InvalidHandshake: reconnect.
         """
         opening = asyncio.ensure_future(self._connect())
@@ -255,26 +288,78 @@ class Agent:
 
     # -- requests ---------------------------------------------------------------------------
 
+    def check_request(self, fields: Mapping[str, Any]) -> None:
+        """Raise TaskError unless the request's grant and the site's policy allow it.
+
+        Reads decisions.jsonl and sent.jsonl again every time: a decision the operator just
+        made with ``quorum-agent approve`` / ``reject`` counts from the next request on.
+        """
+        run, rnd = fields["run"], fields.get("round")
+        check_authorization(
+            fields,
+            public_key=self.config.server.public_key,
+            silo=self.silo,
+            consortium=self.consortium,
+        )
+        policy = self.config.policy
+        try:
+            decision = self.records.decisions().get(fields["plan_hash"])
+            # Only read the whole sent log when the budget needs it.
+            spent = (
+                epsilon_by_run(self.records.sent()) if policy.max_epsilon_total is not None else {}
+            )
+        except RecordsError as exc:
+            raise TaskError(
+                POLICY_REFUSED,
+                f"the site's records cannot be read, so the policy cannot be checked: {exc}; "
+                "fix or move the file aside (keep it for the audit trail)",
+                run=run,
+                round=rnd,
+                shared_reason="the site's local records cannot be read; the site operator must "
+                "fix them",
+            ) from None
+        check_policy(
+            fields["plan"],
+            fields["plan_hash"],
+            policy=policy,
+            config_path=self.config.path,
+            decision=decision,
+            spent_by_run=spent,
+            run=run,
+            round=rnd,
+        )
+
     async def handle_stats_request(self, fields: dict[str, Any], session: _Session) -> None:
-        """Compute the local statistics in a worker thread and reply ``stats`` (or ``error``)."""
+        """Check the request, compute the local statistics in a worker thread, reply ``stats``."""
         run = fields["run"]
+        label = f"run {run}"
+        try:
+            await asyncio.to_thread(self.check_request, fields)
+        except TaskError as exc:
+            await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
+            return
         self.state = "stats"
         try:
             reply = await asyncio.to_thread(handle_stats_request, fields, self.data)
         except TaskError as exc:
-            await self._refuse(exc, f"run {run}", session)
+            await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
         finally:
             self.state = "idle"
-        await session.send_control("stats", **reply)
+        await session.send_recorded("stats", reply, plan_hash=fields["plan_hash"])
         logger.info("run %d: sent local statistics of the training split", run)
 
     async def handle_task(self, task: protocol.BinaryMessage, session: _Session) -> None:
         """Train (or reuse the update already built for this task) and send the ``update``."""
         fields = task.fields
         run, rnd = fields["run"], fields["round"]
-        self._rounds[run] = fields["rounds"]
         label = _round_label(run, rnd, fields["rounds"])
+        try:
+            await asyncio.to_thread(self.check_request, fields)
+        except TaskError as exc:
+            await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
+            return
+        self._rounds[run] = fields["rounds"]
         payload_sha = await asyncio.to_thread(tensors.sha256_hex, task.payload)
         # What the update depends on: the same key means the same weights would come out.
         key = (
@@ -309,15 +394,19 @@ class Agent:
                 # next session's copy of the task picks up its result.
                 update = await asyncio.shield(job)
             except TaskError as exc:
-                await self._refuse(exc, label, session)
+                await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
                 return
             except TrainingCancelled:
                 return
 
-        frames = await asyncio.to_thread(
-            protocol.encode_binary, update, max_frame_bytes=protocol.DEFAULT_MAX_FRAME_BYTES
-        )
-        await session.send_frames(frames)
+        # Again just before the weights leave: the operator may have rejected the plan while
+        # it trained (the latest decision wins).
+        try:
+            await asyncio.to_thread(self.check_request, fields)
+        except TaskError as exc:
+            await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
+            return
+        await session.send_update(update, plan_hash=fields["plan_hash"])
         metrics = update.fields["metrics"]
         logger.info(
             "%s: sent update (%d examples, %.1f KiB) global auc %s -> local auc %s",
@@ -359,13 +448,92 @@ class Agent:
         if not job.cancelled():
             job.exception()  # retrieved here: no "exception never retrieved" if nobody waits
 
-    async def _refuse(self, exc: TaskError, label: str, session: _Session) -> None:
-        # The site operator must see which column and row is wrong: data problems are ERRORs.
-        level = logging.ERROR if exc.code == DATA_INVALID else logging.WARNING
+    async def _refuse(
+        self, exc: TaskError, label: str, session: _Session, *, plan_hash: str | None
+    ) -> None:
+        # The site operator must see which column and row is wrong, and what the server asked
+        # for that the site does not allow: those are ERRORs.
+        level = logging.ERROR if exc.code in ERROR_LEVEL_CODES else logging.WARNING
         logger.log(level, "%s: %s: %s", label, exc.code, exc.reason)
-        await session.send_control("error", **exc.to_fields())
+        await session.send_recorded("error", exc.to_fields(), plan_hash=plan_hash)
+
+    def record_sent(
+        self,
+        msg_type: str,
+        fields: Mapping[str, Any],
+        *,
+        plan_hash: str | None,
+        size: int,
+        sha: str,
+    ) -> None:
+        """Append a sent-log line for a message about to leave (raises OSError if it cannot)."""
+        rnd = fields.get("round")
+        self.records.record_sent(
+            type=msg_type,
+            run=fields.get("run"),
+            round=rnd if isinstance(rnd, int) else None,
+            plan_hash=plan_hash,
+            size=size,
+            sha256=sha,
+        )
 
     # -- server notices ---------------------------------------------------------------------
+
+    def on_welcome(self, fields: Mapping[str, Any]) -> None:
+        """Take the silo and consortium names from a ``welcome``; check ``[policy] consortium``.
+
+        Raises:
+            ConsortiumRefused: the server serves another consortium than the site agreed to.
+        """
+        expected = self.config.policy.consortium
+        if expected is not None and fields["consortium"] != expected:
+            raise ConsortiumRefused(
+                f"the server {self.config.server.url} says this site is silo {fields['silo']!r} "
+                f"of consortium {fields['consortium']!r}, but [policy] consortium in "
+                f"{self.config.path} is {expected!r}: this agent works for {expected!r} only and "
+                "stops. Check [server] url and the token with the consortium admin"
+            )
+        self.silo = fields["silo"]
+        self.consortium = fields["consortium"]
+
+    def on_plan_offer(self, fields: Mapping[str, Any]) -> None:
+        """Store a ``plan_offer`` in offers.json for the operator's review (``quorum-agent plans``)."""
+        try:
+            actual = compute_plan_hash(fields["plan"])
+        except (TypeError, ValueError):
+            actual = None
+        if actual != fields["plan_hash"]:
+            logger.warning(
+                "ignoring the offer of plan %r v%d: its plan_hash %s is not the hash of its plan",
+                fields["name"],
+                fields["version"],
+                short_hash(fields["plan_hash"]),
+            )
+            return
+        entry = self.records.store_offer(fields)
+        hint = ""
+        if self.config.policy.require_local_approval:
+            try:
+                decision = self.records.decisions().get(fields["plan_hash"])
+            except RecordsError:
+                decision = None  # the check of the next request reports the damaged file
+            if decision is None:
+                hint = (
+                    f"; this site trains only on plans approved locally: review it and run "
+                    f"`quorum-agent approve {short_hash(fields['plan_hash'])} "
+                    f"--config {self.config.path}`"
+                )
+        logger.info(
+            "plan offered: %r v%d of consortium %r (%s, model %s, privacy %s), hash %s%s",
+            fields["name"],
+            fields["version"],
+            fields["consortium"],
+            fields["status"],
+            entry["model"],
+            entry["privacy"],
+            short_hash(fields["plan_hash"]),
+            hint,
+        )
 
     def on_update_ack(self, fields: Mapping[str, Any]) -> None:
         """Log the server's verdict on our update and forget the kept copy."""
@@ -459,7 +627,7 @@ class _Session:
             raise SessionLost(
                 f"no welcome from the server within {WELCOME_TIMEOUT_SECONDS:.0f} s"
             ) from None
-        self.agent.silo = fields["silo"]
+        await self._check_welcome(fields)
         self.heartbeat_seconds = max(MIN_HEARTBEAT_SECONDS, float(fields["heartbeat_seconds"]))
         self.agent.backoff.reset()
         self.agent.sessions += 1
@@ -469,6 +637,23 @@ class _Session:
             fields["silo"],
             fields["consortium"],
         )
+
+    async def _check_welcome(self, fields: Mapping[str, Any]) -> None:
+        try:
+            self.agent.on_welcome(fields)
+        except ConsortiumRefused:
+            # Tell the server why this site goes away, then stop (no reconnect).
+            with contextlib.suppress(ConnectionClosed, OSError):
+                await self.send_recorded(
+                    "error",
+                    {
+                        "code": POLICY_REFUSED,
+                        "reason": f"this site serves consortium "
+                        f"{self.agent.config.policy.consortium!r} only",
+                    },
+                    plan_hash=None,
+                )
+            raise
 
     async def _await_welcome(self) -> dict[str, Any]:
         while True:
@@ -526,13 +711,23 @@ class _Session:
         elif kind == "heartbeat_ack":
             logger.debug("heartbeat acknowledged")
         elif kind == "welcome":
-            self.agent.silo = fields["silo"]
+            await self._check_welcome(fields)
+        elif kind == "plan_offer":
+            try:
+                await asyncio.to_thread(self.agent.on_plan_offer, fields)
+            except (OSError, RecordsError) as exc:
+                logger.error(
+                    "cannot store the plan offer in %s: %s", self.agent.records.state_dir, exc
+                )
         else:
             logger.warning("ignoring a %r message (not for agents)", kind)
 
     async def _reject_frame(self, exc: protocol.ProtocolError) -> None:
         logger.warning("refused a frame from the server: %s: %s", exc.code, exc)
-        await self.send_control("error", code=exc.code, reason=str(exc))
+        reason = str(exc)
+        if len(reason) > protocol.MAX_ERROR_REASON_CHARS:
+            reason = reason[: protocol.MAX_ERROR_REASON_CHARS - 3] + "..."
+        await self.send_recorded("error", {"code": exc.code, "reason": reason}, plan_hash=None)
 
     def _spawn(self, work: Awaitable[None], fields: Mapping[str, Any]) -> None:
         task = asyncio.ensure_future(self._guard(work, fields))
@@ -554,12 +749,58 @@ class _Session:
             for key in ("run", "round"):
                 if isinstance(fields.get(key), int):
                     error[key] = fields[key]
-            with contextlib.suppress(ConnectionClosed):
-                await self.send_control("error", **error)
+            plan_hash = fields.get("plan_hash")
+            # OSError: the sent log cannot be written, so nothing is sent (logged above).
+            with contextlib.suppress(ConnectionClosed, OSError):
+                await self.send_recorded(
+                    "error", error, plan_hash=plan_hash if isinstance(plan_hash, str) else None
+                )
 
     async def send_control(self, msg_type: str, **fields: Any) -> None:
-        """Send one JSON control message."""
+        """Send one JSON control message that carries nothing derived from local data."""
+        if msg_type in RECORDED_TYPES:
+            raise ValueError(f"{msg_type!r} messages are sent with send_recorded (the sent log)")
         await self.ws.send(protocol.encode_control(msg_type, **fields))
+
+    async def send_recorded(
+        self, msg_type: str, fields: Mapping[str, Any], *, plan_hash: str | None
+    ) -> None:
+        """Write a control message to the sent log (fsynced), then send it.
+
+        Raises:
+            OSError: the sent log cannot be written; nothing was sent.
+        """
+        text = protocol.encode_control(msg_type, **fields)
+        data = text.encode("utf-8")
+        await asyncio.to_thread(
+            self.agent.record_sent,
+            msg_type,
+            fields,
+            plan_hash=plan_hash,
+            size=len(data),
+            sha=hashlib.sha256(data).hexdigest(),
+        )
+        await self.ws.send(text)
+
+    async def send_update(self, update: protocol.BinaryMessage, *, plan_hash: str) -> None:
+        """Write the update to the sent log (fsynced), then send its frames.
+
+        The log line holds the payload's sha256 (the one the frame headers declare to the
+        server) and the bytes of all frames.
+        """
+        frames = await asyncio.to_thread(
+            protocol.encode_binary, update, max_frame_bytes=protocol.DEFAULT_MAX_FRAME_BYTES
+        )
+        sha = await asyncio.to_thread(tensors.sha256_hex, update.payload)
+        await asyncio.to_thread(
+            self.agent.record_sent,
+            "update",
+            update.fields,
+            plan_hash=plan_hash,
+            size=sum(len(frame) for frame in frames),
+            sha=sha,
+        )
+        await self.send_frames(frames)
 
     async def send_frames(self, frames: list[bytes]) -> None:
         """Send the frames of one binary message, never interleaved with another transfer."""
@@ -580,6 +821,7 @@ async def run_agent(
         **options: keyword arguments for :class:`Agent` (backoff, progress_stream, ...).
 
     Returns:
-        EXIT_OK (0) after ``stop``; EXIT_AUTH (3) when the token was refused.
+        EXIT_OK (0) after ``stop``; EXIT_AUTH (3) when the token was refused; EXIT_POLICY (4)
+        when the server's consortium is not ``[policy] consortium``.
     """
     return await Agent(config, **options).run(stop)

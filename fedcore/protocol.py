@@ -87,6 +87,8 @@ ERROR_CODES: tuple[str, ...] = (
     "invalid_task",  # the task's plan, preprocessing or global weights are unusable at the site
     "training_failed",  # local training diverged (NaN/Inf loss)
     "replaced",  # a newer connection of the same silo took over this one
+    "not_authorized",  # the task's signed authorization is missing, forged or not for this silo
+    "policy_refused",  # the site's local policy refuses the plan (model kind, DP, epsilon, ...)
     "internal",  # unexpected failure on the sending side; nothing the peer can fix
 )
 
@@ -173,7 +175,22 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
     "heartbeat": {"ts": (_NUMBER, _OPT), "state": (_STR, _OPT)},  # agent -> server
     "heartbeat_ack": {"ts": (_NUMBER, _OPT)},  # server -> agent
     # server -> agent: compute local statistics for the plan (plan has "schema", "evaluation")
-    "stats_request": {"run": (_INT, _REQ), "plan_hash": (_STR, _REQ), "plan": (_DICT, _REQ)},
+    # "authorization" is the server's Ed25519-signed grant (fedcore.signing) that the agent checks
+    "stats_request": {
+        "run": (_INT, _REQ),
+        "plan_hash": (_STR, _REQ),
+        "plan": (_DICT, _REQ),
+        "authorization": (_DICT, _REQ),
+    },
+    # server -> agent: a plan version that names this silo was submitted (for local review)
+    "plan_offer": {
+        "plan_hash": (_STR, _REQ),
+        "plan": (_DICT, _REQ),
+        "name": (_STR, _REQ),
+        "version": (_INT, _REQ),
+        "consortium": (_STR, _REQ),
+        "status": (_STR, _REQ),
+    },
     "stats": {"run": (_INT, _REQ), "stats": (_DICT, _REQ)},  # agent -> server
     "update_ack": {"run": (_INT, _REQ), "round": (_INT, _REQ), "status": (_STR, _REQ)},
     "run_finished": {"run": (_INT, _REQ), "status": (_STR, _REQ)},
@@ -196,6 +213,7 @@ BINARY_SCHEMAS: dict[str, Schema] = {
         "plan": (_DICT, _REQ),
         "preprocessing": (_DICT, _REQ),
         "deadline": (_NUMBER, _REQ),
+        "authorization": (_DICT, _REQ),
     },
     # agent -> server; payload = locally trained model (full weights, same keys/shapes/dtypes)
     "update": {

@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 
 from clientagent import cli
-from clientagent.config import ConfigError, load_config
+from clientagent.config import ConfigError, PolicyConfig, load_config
+from fedcore import signing
+from fedcore.models import MODEL_KINDS
 
-GOOD = """
+PUBLIC_KEY = signing.public_key_text(signing.generate_private_key())
+GOOD = f"""
 [server]
 url = "ws://127.0.0.1:8000/ws/agent/"
 token = "s3cret-token"
+public_key = "{PUBLIC_KEY}"
 
 [data]
 path = "data.csv"
@@ -41,6 +45,11 @@ def test_minimal_config_resolves_paths_against_the_toml_folder(tmp_path, monkeyp
     assert config.agent.state_dir == (tmp_path / ".quorum-agent").resolve()
     assert config.display_name == "agent"
     assert config.server.is_loopback and not config.server.is_encrypted
+    assert config.server.public_key == PUBLIC_KEY
+    # No [policy]: every model kind, no budget, nothing required.
+    assert config.policy == PolicyConfig()
+    assert config.policy.allowed_models == MODEL_KINDS
+    assert config.policy.max_epsilon_total is None and not config.policy.require_local_approval
 
 
 def test_token_file_and_agent_section(tmp_path):
@@ -48,10 +57,11 @@ def test_token_file_and_agent_section(tmp_path):
     (tmp_path / "secrets" / "token.txt").write_text("  tok-123\n")
     path = write_site(
         tmp_path,
-        """
+        f"""
 [server]
 url = "wss://quorum.example.org/ws/agent/"
 token_file = "secrets/token.txt"
+public_key = "{PUBLIC_KEY}"
 [data]
 path = "data.csv"
 [agent]
@@ -74,9 +84,45 @@ def test_token_never_appears_in_repr(tmp_path):
     assert "s3cret-token" not in repr(config)
 
 
+def test_policy_section(tmp_path):
+    path = write_site(
+        tmp_path,
+        GOOD
+        + """
+[policy]
+consortium = "thyroid"
+allowed_models = ["logistic_regression", "logistic_regression"]
+max_epsilon_per_plan = 3
+max_epsilon_total = 10.5
+require_dp = true
+require_secure_aggregation = true
+require_local_approval = true
+""",
+    )
+
+    policy = load_config(path).policy
+
+    assert policy == PolicyConfig(
+        consortium="thyroid",
+        allowed_models=("logistic_regression",),
+        max_epsilon_per_plan=3.0,
+        max_epsilon_total=10.5,
+        require_dp=True,
+        require_secure_aggregation=True,
+        require_local_approval=True,
+    )
+
+
 def _replace(old: str, new: str) -> str:
     assert old in GOOD
     return GOOD.replace(old, new)
+
+
+def _policy(text: str) -> str:
+    return GOOD + "\n[policy]\n" + text + "\n"
+
+
+KEY_SOURCES = ["consortium admin", "manage.py server_key", "/api/v1/server-key/"]
 
 
 BAD_CONFIGS = {
@@ -102,6 +148,64 @@ BAD_CONFIGS = {
     "name not a string": (GOOD + "[agent]\nname = 3\n", ["[agent] name", "string"]),
     "top-level key": ("debug = true\n" + GOOD, ["debug", "section"]),
     "bad toml": (GOOD + "\n[server\n", ["not valid TOML"]),
+    "missing public key": (
+        _replace(f'public_key = "{PUBLIC_KEY}"', ""),
+        ["[server] public_key", "missing", *KEY_SOURCES],
+    ),
+    "public key without prefix": (
+        _replace(f'"{PUBLIC_KEY}"', f'"{PUBLIC_KEY.removeprefix("ed25519:")}"'),
+        ["[server] public_key", "ed25519:<base64>", *KEY_SOURCES],
+    ),
+    "public key bad base64": (
+        _replace(f'"{PUBLIC_KEY}"', '"ed25519:not*base64"'),
+        ["[server] public_key", "not an Ed25519 public key"],
+    ),
+    "public key wrong length": (
+        _replace(f'"{PUBLIC_KEY}"', '"ed25519:AAAA"'),
+        ["[server] public_key", "not an Ed25519 public key"],
+    ),
+    "public key not a string": (
+        _replace(f'"{PUBLIC_KEY}"', "42"),
+        ["[server] public_key", "string"],
+    ),
+    "policy unknown key": (
+        _policy("max_epsilon = 3"),
+        [
+            "[policy] max_epsilon",
+            "unknown key",
+            "consortium, allowed_models, max_epsilon_per_plan, max_epsilon_total, require_dp, "
+            "require_secure_aggregation, require_local_approval",
+        ],
+    ),
+    "policy unknown model kind": (
+        _policy('allowed_models = ["random_forest"]'),
+        ["[policy] allowed_models", "'random_forest'", "logistic_regression, mlp"],
+    ),
+    "policy models not a list": (
+        _policy('allowed_models = "mlp"'),
+        ["[policy] allowed_models", "array of strings"],
+    ),
+    "policy models empty": (_policy("allowed_models = []"), ["[policy] allowed_models", "empty"]),
+    "policy epsilon zero": (
+        _policy("max_epsilon_per_plan = 0"),
+        ["[policy] max_epsilon_per_plan", "> 0"],
+    ),
+    "policy epsilon negative": (
+        _policy("max_epsilon_total = -1.5"),
+        ["[policy] max_epsilon_total", "> 0"],
+    ),
+    "policy epsilon infinite": (_policy("max_epsilon_total = inf"), ["max_epsilon_total", "> 0"]),
+    "policy epsilon string": (
+        _policy('max_epsilon_total = "3"'),
+        ["[policy] max_epsilon_total", "number", "got a string"],
+    ),
+    "policy epsilon boolean": (_policy("max_epsilon_total = true"), ["a boolean"]),
+    "policy flag string": (
+        _policy('require_dp = "yes"'),
+        ["[policy] require_dp", "true or false"],
+    ),
+    "policy consortium empty": (_policy('consortium = ""'), ["[policy] consortium", "empty"]),
+    "policy not a table": ("policy = 3\n" + GOOD, ["policy must be a section"]),
 }
 
 
@@ -150,6 +254,10 @@ def test_cli_check_prints_rows_and_columns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 rows, 2 columns" in out
     assert "age, outcome" in out
+    assert f"server key: {PUBLIC_KEY}" in out
+    assert "policy: consortium any" in out
+    assert "policy: models logistic_regression, mlp" in out
+    assert "policy: epsilon per plan no limit, in total no limit" in out
 
 
 def test_cli_check_unreadable_data_exits_2(tmp_path, capsys):

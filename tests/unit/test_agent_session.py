@@ -28,9 +28,11 @@ from websockets.exceptions import ConnectionClosed
 import clientagent.connection as connection
 from clientagent.config import load_config
 from clientagent.connection import EXIT_AUTH, EXIT_OK, Agent, Backoff
-from fedcore import models, protocol, tabular, tensors
+from fedcore import models, protocol, signing, tabular, tensors
+from fedcore.plans import plan_hash
 
 TOKEN = "good-token"
+SERVER_KEY = signing.generate_private_key()  # the fake server signs grants with it
 SCHEMA = {
     "columns": [{"name": "age", "type": "numeric"}, {"name": "sex", "type": "categorical"}],
     "target": {"column": "outcome", "positive": ["sick"]},
@@ -43,6 +45,7 @@ PLAN = {
     "evaluation": {"test_fraction": 0.2, "seed": 0},
     "seed": 0,
 }
+PLAN_HASH = plan_hash(PLAN)
 WAIT = 10.0  # seconds; generous for a loaded CI machine, never reached when things work
 
 pytestmark = pytest.mark.timeout(60)
@@ -108,7 +111,8 @@ class FakeServer:
             fields = protocol.decode_control(message)
             if fields["type"] == "heartbeat":
                 self.heartbeats += 1
-                continue
+                if msg_type != "heartbeat":
+                    continue
             assert fields["type"] == msg_type, fields
             return fields
 
@@ -125,6 +129,36 @@ class FakeServer:
                 return update
 
 
+def grant(
+    plan: dict[str, Any] = PLAN, *, run: int = 5, key: Any = SERVER_KEY, **changes: Any
+) -> dict[str, Any]:
+    """The server's signed authorization for silo site-a of consortium thyroid (``changes``
+    override payload fields before signing)."""
+    approval = {"user": "steward-a", "organization": "Hospital A", "role": "data_steward"}
+    payload = {
+        "run": run,
+        "silo": "site-a",
+        "consortium": "thyroid",
+        "plan_hash": plan_hash(plan),
+        "approvals": [approval],
+        "silo_approvals": [approval],
+        "issued_at": "2025-01-01T00:00:00+00:00",
+        **changes,
+    }
+    return signing.sign_authorization(key, payload)
+
+
+def stats_request(plan: dict[str, Any] = PLAN, *, run: int = 5, **grant_changes: Any) -> str:
+    """A signed stats_request as the server sends it."""
+    return protocol.encode_control(
+        "stats_request",
+        run=run,
+        plan_hash=plan_hash(plan),
+        plan=plan,
+        authorization=grant(plan, run=run, **grant_changes),
+    )
+
+
 async def hello_welcome(ws: ServerConnection, server: FakeServer) -> dict[str, Any]:
     hello = await server.expect(ws, "hello")
     await server.events.put(("hello", hello))
@@ -138,23 +172,30 @@ async def hello_welcome(ws: ServerConnection, server: FakeServer) -> dict[str, A
 
 async def stats_round(ws: ServerConnection, server: FakeServer) -> dict[str, Any]:
     """stats_request -> stats; returns the fitted preprocessing the server would derive."""
-    await ws.send(protocol.encode_control("stats_request", run=5, plan_hash="h", plan=PLAN))
+    await ws.send(stats_request())
     stats = await server.expect(ws, "stats")
     await server.events.put(("stats", stats))
     return tabular.merge_statistics([stats["stats"]], tabular.DatasetSchema.from_dict(SCHEMA))
 
 
-def task_frames(fitted: dict[str, Any]) -> list[bytes]:
+def task_frames(
+    fitted: dict[str, Any],
+    plan: dict[str, Any] = PLAN,
+    *,
+    authorization: dict[str, Any] | None = None,
+) -> list[bytes]:
+    """A signed task (round 1 of run 5), in several small frames."""
     schema = tabular.DatasetSchema.from_dict(SCHEMA)
-    model = models.build_model(PLAN["model"], len(tabular.feature_names(schema, fitted)), seed=3)
+    model = models.build_model(plan["model"], len(tabular.feature_names(schema, fitted)), seed=3)
     fields = {
         "run": 5,
         "round": 1,
         "rounds": 3,
-        "plan_hash": "h",
-        "plan": PLAN,
+        "plan_hash": plan_hash(plan),
+        "plan": plan,
         "preprocessing": fitted,
         "deadline": time.time() + 60,
+        "authorization": grant(plan) if authorization is None else authorization,
     }
     task = protocol.BinaryMessage("task", fields, tensors.encode_state_dict(model.state_dict()))
     # Small frames: the task arrives in several chunks, as a big model would.
@@ -166,7 +207,7 @@ async def send_frames(ws: ServerConnection, frames: list[bytes]) -> None:
         await ws.send(frame)
 
 
-def write_site(tmp_path: Path, url: str, *, bad_row: int | None = None) -> Path:
+def write_site(tmp_path: Path, url: str, *, bad_row: int | None = None, policy: str = "") -> Path:
     rng = np.random.default_rng(0)
     n = 120
     age = rng.normal(50, 10, n).round(1).astype(str)
@@ -178,7 +219,9 @@ def write_site(tmp_path: Path, url: str, *, bad_row: int | None = None) -> Path:
     path = tmp_path / "site.toml"
     path.write_text(
         f'[server]\nurl = "{url}"\ntoken = "{TOKEN}"\n'
+        f'public_key = "{signing.public_key_text(SERVER_KEY)}"\n'
         '[data]\npath = "data.csv"\n[agent]\nname = "site-a"\n'
+        + (f"[policy]\n{policy}\n" if policy else "")
     )
     return path
 
@@ -211,6 +254,7 @@ async def test_round_trip_then_reconnect_after_server_restart(tmp_path, caplog):
         update = await server.recv_update(ws)
         await server.events.put(("update", update))
         await ws.send(protocol.encode_control("update_ack", run=5, round=1, status="accepted"))
+        await server.expect(ws, "heartbeat")  # the idle agent keeps heartbeating
 
     async def second(ws: ServerConnection, server: FakeServer) -> None:
         await hello_welcome(ws, server)
@@ -231,7 +275,7 @@ async def test_round_trip_then_reconnect_after_server_restart(tmp_path, caplog):
     state = tensors.decode_state_dict(update.payload)
     assert sorted(state) == ["linear.bias", "linear.weight"]
     await wait_until(lambda: "round 1/3 accepted" in caplog.text)
-    assert server.heartbeats >= 1
+    await wait_until(lambda: server.heartbeats >= 1)
 
     # The server goes away and comes back on the same port: the agent says hello again.
     await server.stop()
@@ -298,7 +342,7 @@ async def test_bad_data_and_bad_frames_get_error_replies_and_the_agent_keeps_run
         await server.events.put(("error", await server.expect(ws, "error")))
         await ws.send(b"QRMB\x01garbage")
         await server.events.put(("error", await server.expect(ws, "error")))
-        await ws.send(protocol.encode_control("stats_request", run=5, plan_hash="h", plan=PLAN))
+        await ws.send(stats_request())
         await server.events.put(("error", await server.expect(ws, "error")))
         await ws.send(protocol.encode_control("run_finished", run=5, status="failed"))
         await ws.send(protocol.encode_control("heartbeat_ack", ts=1.0))

@@ -43,13 +43,23 @@ PLAN = {
     "evaluation": {"test_fraction": 0.2, "seed": 0},
 }
 
+GRANT = {"payload": {"v": 1, "run": 3, "silo": "icu"}, "signature": "c2ln", "key": "ed25519:AAAA"}
+
 # One valid example per control message type, with every field (required and optional) set.
 CONTROL_EXAMPLES = {
     "hello": {"agent_version": "0.1.0", "site": "St Elsewhere", "capabilities": {"dp": True}},
     "welcome": {"silo": "icu", "silo_id": 7, "consortium": "north", "heartbeat_seconds": 15},
     "heartbeat": {"ts": 1718000000.25, "state": "idle"},
     "heartbeat_ack": {"ts": 1718000000},
-    "stats_request": {"run": 3, "plan_hash": "ab" * 32, "plan": PLAN},
+    "stats_request": {"run": 3, "plan_hash": "ab" * 32, "plan": PLAN, "authorization": GRANT},
+    "plan_offer": {
+        "plan_hash": "ab" * 32,
+        "plan": PLAN,
+        "name": "Thyroid screening",
+        "version": 2,
+        "consortium": "north",
+        "status": "submitted",
+    },
     "stats": {"run": 3, "stats": {"n": 120, "columns": {"age": {"count": 120, "mean": 51.5}}}},
     "update_ack": {"run": 3, "round": 0, "status": "accepted"},
     "run_finished": {"run": 3, "status": "completed"},
@@ -64,6 +74,7 @@ TASK_FIELDS = {
     "plan": PLAN,
     "preprocessing": {"means": {"age": 50.1}, "stds": {"age": 12.0}},
     "deadline": 1718000120.5,
+    "authorization": GRANT,
 }
 UPDATE_FIELDS = {
     "run": 3,

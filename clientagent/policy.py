@@ -1,0 +1,255 @@
+"""The site's own checks on every ``stats_request`` and ``task``, before any local data is read.
+
+Two layers, both fail closed:
+
+1. :func:`check_authorization`: the request carries the server's Ed25519-signed grant
+   (:mod:`fedcore.signing`) for this silo, this run, this consortium and the exact plan it
+   carries, with an approval by this silo's data steward. A compromised relay or a forged task
+   cannot make the site train. Failure: ``not_authorized``.
+2. :func:`check_policy`: the site's ``[policy]`` (model kinds, differential privacy, secure
+   aggregation, privacy budget, local approval by the site operator) allows the plan, whatever the
+   consortium approved. Failure: ``policy_refused``.
+
+Both raise :class:`clientagent.trainer.TaskError` whose ``reason`` (the full explanation, with
+what the operator can do) goes to the local log at ERROR level and whose ``shared_reason`` goes
+to the server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clientagent.config import PolicyConfig
+from clientagent.records import REJECTED, Decision, short_hash
+from clientagent.trainer import TaskError
+from fedcore.plans import plan_hash as compute_plan_hash
+from fedcore.signing import AuthorizationError, verify_authorization
+
+NOT_AUTHORIZED = "not_authorized"  # the signed grant is missing, forged or does not cover this
+POLICY_REFUSED = "policy_refused"  # the grant is fine, the site's [policy] says no
+PRIVACY_MODES = ("none", "sample", "client")
+# Summing many small per-round epsilons in binary floating point must not refuse a plan that
+# lands exactly on the limit.
+EPSILON_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class PlanPrivacy:
+    """The checked ``privacy`` section of a plan (docs/internals/governance.md)."""
+
+    mode: str
+    target_epsilon: float | None
+
+    @property
+    def projected_epsilon(self) -> float | None:
+        """What the plan will spend: its target epsilon, 0.0 without DP, None when it says not."""
+        if self.mode == "none":
+            return 0.0
+        return self.target_epsilon
+
+
+class PlanPolicyError(ValueError):
+    """The plan's privacy section is malformed, so the policy cannot be checked."""
+
+
+def plan_privacy(plan: Mapping[str, Any]) -> PlanPrivacy:
+    """Read ``plan["privacy"]`` (absent: mode ``none``); PlanPolicyError if it is malformed."""
+    section = plan.get("privacy")
+    if section is None:
+        return PlanPrivacy(mode="none", target_epsilon=None)
+    if not isinstance(section, Mapping):
+        raise PlanPolicyError("the plan's privacy section is not an object")
+    mode = section.get("mode", "none")
+    if mode not in PRIVACY_MODES:
+        raise PlanPolicyError(
+            f"the plan's privacy.mode {mode!r} is not one this agent knows "
+            f"({', '.join(PRIVACY_MODES)})"
+        )
+    target = section.get("target_epsilon")
+    if target is not None and (
+        isinstance(target, bool)
+        or not isinstance(target, int | float)
+        or not math.isfinite(target)
+        or target <= 0
+    ):
+        raise PlanPolicyError(f"the plan's privacy.target_epsilon {target!r} is not a number > 0")
+    return PlanPrivacy(mode=mode, target_epsilon=None if target is None else float(target))
+
+
+def check_authorization(
+    fields: Mapping[str, Any], *, public_key: str, silo: str | None, consortium: str | None
+) -> dict[str, Any]:
+    """Check the request's signed grant covers it; return the grant's payload.
+
+    Args:
+        fields: a decoded ``stats_request`` or ``task`` (``run``, ``plan_hash``, ``plan``,
+            ``authorization``, for a task ``round``).
+        public_key: ``[server] public_key`` from site.toml.
+        silo: this site's silo name, from the server's ``welcome``.
+        consortium: the consortium named in the ``welcome``.
+
+    Raises:
+        TaskError: ``not_authorized``, naming what does not hold.
+    """
+    run, rnd = fields["run"], fields.get("round")
+
+    def refuse(problem: str) -> TaskError:
+        return TaskError(
+            NOT_AUTHORIZED,
+            f"refused before reading any local data: {problem}. Check that [server] public_key "
+            "in site.toml is the consortium server's key; if it is, this request was not issued "
+            "by that server (tell the consortium admin)",
+            run=run,
+            round=rnd,
+            shared_reason=problem,
+        )
+
+    if silo is None:
+        raise refuse("the request arrived before the server's welcome named this silo")
+    plan = fields["plan"]
+    try:
+        actual = compute_plan_hash(plan)
+    except (TypeError, ValueError):
+        raise refuse("the request's plan is not canonical JSON") from None
+    if fields["plan_hash"] != actual:
+        raise refuse(
+            f"the request says plan {short_hash(fields['plan_hash'])} but the plan it carries "
+            f"hashes to {short_hash(actual)}"
+        )
+    authorization = fields.get("authorization")
+    if not isinstance(authorization, Mapping):
+        raise refuse("the request carries no authorization")
+    try:
+        grant = verify_authorization(
+            authorization, public_key=public_key, plan=plan, silo=silo, run=run
+        )
+    except AuthorizationError as exc:
+        raise refuse(str(exc)) from None
+    if consortium is not None and grant.get("consortium") != consortium:
+        raise refuse(
+            f"the authorization is for consortium {grant.get('consortium')!r}, not {consortium!r}"
+        )
+    return grant
+
+
+def check_policy(
+    plan: Mapping[str, Any],
+    plan_hash: str,
+    *,
+    policy: PolicyConfig,
+    config_path: Path,
+    decision: Decision | None,
+    spent_by_run: Mapping[int | None, float],
+    run: int,
+    round: int | None = None,
+) -> None:
+    """Check the site's ``[policy]`` allows this plan; the checks run in the order listed below.
+
+    Args:
+        plan: the plan of the request (its hash already verified).
+        plan_hash: its hash.
+        policy: ``[policy]`` from site.toml.
+        config_path: site.toml, named in the operator's hints.
+        decision: the site operator's latest decision about this plan hash, if any.
+        spent_by_run: privacy budget spent per run, from the sent log.
+        run: the run of the request.
+        round: the round of the request (tasks only).
+
+    Raises:
+        TaskError: ``policy_refused`` for the first rule that does not hold: model kind,
+            require_dp, require_secure_aggregation, max_epsilon_per_plan, max_epsilon_total,
+            local approval (a local rejection counts even without require_local_approval).
+    """
+
+    def refuse(shared: str, hint: str) -> TaskError:
+        return TaskError(
+            POLICY_REFUSED,
+            f"plan {short_hash(plan_hash)} refused by this site's policy: {shared}; {hint}",
+            run=run,
+            round=round,
+            shared_reason=f"refused by the site's policy: {shared}",
+        )
+
+    settings = f"[policy] in {config_path}"
+    model = plan.get("model")
+    kind = model.get("kind") if isinstance(model, Mapping) else None
+    if not isinstance(kind, str):
+        raise refuse("the plan names no model kind", "the consortium must fix the plan")
+    if kind not in policy.allowed_models:
+        raise refuse(
+            f"model kind {kind!r} is not allowed here (allowed: {', '.join(policy.allowed_models)})",
+            f"to accept it, add {kind!r} to allowed_models in {settings}",
+        )
+    try:
+        privacy = plan_privacy(plan)
+    except PlanPolicyError as exc:
+        raise refuse(str(exc), "the consortium must fix the plan") from None
+    if policy.require_dp and privacy.mode == "none":
+        raise refuse(
+            "this site requires differential privacy (require_dp) and the plan's privacy.mode "
+            "is 'none'",
+            f"to accept plans without DP, set require_dp = false in {settings}",
+        )
+    if policy.require_secure_aggregation and plan.get("secure_aggregation") is not True:
+        raise refuse(
+            "this site requires secure aggregation (require_secure_aggregation) and the plan "
+            "does not use it",
+            f"to accept it, set require_secure_aggregation = false in {settings}",
+        )
+
+    limits = {
+        name: value
+        for name, value in (
+            ("max_epsilon_per_plan", policy.max_epsilon_per_plan),
+            ("max_epsilon_total", policy.max_epsilon_total),
+        )
+        if value is not None
+    }
+    if limits:
+        projected = privacy.projected_epsilon
+        if projected is None:
+            raise refuse(
+                f"the plan gives no target epsilon to check against {' and '.join(limits)} "
+                f"(privacy.mode {privacy.mode!r} without privacy.target_epsilon)",
+                "the consortium must state privacy.target_epsilon in the plan",
+            )
+        per_plan = policy.max_epsilon_per_plan
+        if per_plan is not None and projected > per_plan + EPSILON_TOLERANCE:
+            raise refuse(
+                f"the plan's target epsilon {projected:g} is above this site's "
+                f"max_epsilon_per_plan {per_plan:g}",
+                f"to accept it, raise max_epsilon_per_plan in {settings}",
+            )
+        total = policy.max_epsilon_total
+        if total is not None:
+            # This run's charge is its projection, or what it has already spent if that is more:
+            # its own sent-log lines must not be counted on top of its projection.
+            other = sum(spent for key, spent in spent_by_run.items() if key != run)
+            charge = other + max(projected, spent_by_run.get(run, 0.0))
+            if charge > total + EPSILON_TOLERANCE:
+                raise refuse(
+                    f"the plan would bring the privacy budget spent at this site to {charge:g} "
+                    f"({other:g} spent by other runs + {projected:g} for this plan), above "
+                    f"max_epsilon_total {total:g}",
+                    f"the sent log (`quorum-agent log`) shows what was spent; raise "
+                    f"max_epsilon_total in {settings} only if the data steward agrees",
+                )
+
+    approve = f"`quorum-agent approve {plan_hash} --config {config_path}`"
+    if decision is not None and decision.decision == REJECTED:
+        because = f" ({decision.reason})" if decision.reason else ""
+        raise refuse(
+            f"the site operator rejected plan {short_hash(plan_hash)}{because}",
+            f"{decision.operator} rejected it at {decision.time}; to train on it, review it and "
+            f"run {approve}",
+        )
+    if policy.require_local_approval and decision is None:
+        raise refuse(
+            f"the site operator has not approved plan {short_hash(plan_hash)} "
+            "(require_local_approval)",
+            f"review it (`quorum-agent plans --config {config_path}`) and run {approve}",
+        )

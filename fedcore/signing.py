@@ -1,0 +1,146 @@
+"""Signed run authorizations: the server's Ed25519 grant that a silo may train on a plan hash.
+
+The server signs ``{run, silo, consortium, plan_hash, approvals, silo_approvals, issued_at}`` with
+its Ed25519 key; the site agent pins the server's public key in site.toml, verifies the signature,
+recomputes the plan's hash from the plan it received and checks that the grant names its own silo
+and carries an approval from its own data steward. A compromised relay or a forged task cannot
+make a site train on a plan its steward did not approve.
+
+Keys travel as text: ``ed25519:<base64 of the 32 raw bytes>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedcore.plans import canonical_json, plan_hash
+
+KEY_PREFIX = "ed25519:"
+AUTHORIZATION_VERSION = 1
+
+
+class AuthorizationError(ValueError):
+    """An authorization is missing, malformed, forged or does not cover this task."""
+
+
+def generate_private_key() -> Ed25519PrivateKey:
+    """A new Ed25519 private key (from the OS's cryptographic random source)."""
+    return Ed25519PrivateKey.generate()
+
+
+def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
+    """PKCS#8 PEM of a private key, for the server's key file."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
+    """Load a PEM private key; refuse anything that is not Ed25519."""
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise AuthorizationError("the server signing key is not an Ed25519 key")
+    return key
+
+
+def public_key_text(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """The ``ed25519:<base64>`` text of a public key, as pinned in site.toml."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return KEY_PREFIX + base64.b64encode(raw).decode("ascii")
+
+
+def parse_public_key(text: str) -> Ed25519PublicKey:
+    """Parse ``ed25519:<base64>``.
+
+    Raises:
+        AuthorizationError: the text is not an Ed25519 public key in that form.
+    """
+    if not isinstance(text, str) or not text.startswith(KEY_PREFIX):
+        raise AuthorizationError(f"a public key must look like '{KEY_PREFIX}<base64>'")
+    try:
+        raw = base64.b64decode(text[len(KEY_PREFIX) :], validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise AuthorizationError(f"not a valid Ed25519 public key: {exc}") from exc
+
+
+def sign_authorization(key: Ed25519PrivateKey, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Sign a grant.
+
+    Args:
+        key: the server's private key.
+        payload: JSON-compatible grant with at least run, silo, plan_hash, silo_approvals.
+
+    Returns:
+        ``{"payload": payload, "signature": <base64>, "key": <public key text>}``.
+    """
+    body = {"v": AUTHORIZATION_VERSION, **payload}
+    signature = key.sign(canonical_json(body).encode("utf-8"))
+    return {
+        "payload": body,
+        "signature": base64.b64encode(signature).decode("ascii"),
+        "key": public_key_text(key),
+    }
+
+
+def verify_authorization(
+    authorization: Mapping[str, Any],
+    *,
+    public_key: str,
+    plan: Mapping[str, Any],
+    silo: str,
+    run: int,
+) -> dict[str, Any]:
+    """Check a grant covers this task for this silo; return its payload.
+
+    Args:
+        authorization: the ``authorization`` field of a task or stats_request.
+        public_key: the server key pinned in site.toml (``ed25519:<base64>``).
+        plan: the plan received with the task; its hash is recomputed here.
+        silo: this site's silo name (from the server's welcome).
+        run: the run the task belongs to.
+
+    Raises:
+        AuthorizationError: naming what does not hold.
+    """
+    if not isinstance(authorization, Mapping):
+        raise AuthorizationError("the task carries no authorization")
+    payload, signature = authorization.get("payload"), authorization.get("signature")
+    if not isinstance(payload, Mapping) or not isinstance(signature, str):
+        raise AuthorizationError("the authorization has no payload or signature")
+    try:
+        raw_signature = base64.b64decode(signature, validate=True)
+        parse_public_key(public_key).verify(raw_signature, canonical_json(payload).encode("utf-8"))
+    except (binascii.Error, ValueError, InvalidSignature) as exc:
+        raise AuthorizationError(
+            "the authorization's signature does not verify with the server key pinned in "
+            "site.toml (a forged task, or the server's key changed: check [server] public_key)"
+        ) from exc
+    if payload.get("v") != AUTHORIZATION_VERSION:
+        raise AuthorizationError(f"unsupported authorization version {payload.get('v')!r}")
+    expected_hash = plan_hash(plan)
+    if payload.get("plan_hash") != expected_hash:
+        raise AuthorizationError(
+            f"the plan received hashes to {expected_hash[:12]}…, but the authorization is for "
+            f"{str(payload.get('plan_hash'))[:12]}…"
+        )
+    if payload.get("silo") != silo:
+        raise AuthorizationError(
+            f"the authorization is for silo {payload.get('silo')!r}, not {silo!r}"
+        )
+    if payload.get("run") != run:
+        raise AuthorizationError(f"the authorization is for run {payload.get('run')!r}, not {run}")
+    approvals = payload.get("silo_approvals")
+    if not isinstance(approvals, list) or not approvals:
+        raise AuthorizationError(
+            f"no data steward of silo {silo!r} approved plan {expected_hash[:12]}…"
+        )
+    return dict(payload)
