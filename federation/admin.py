@@ -23,10 +23,43 @@ class SiloAdmin(admin.ModelAdmin):
     exclude = ("token_hash",)
 
 
+@admin.register(models.Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ("user", "organization", "role")
+    list_filter = ("role",)
+
+
 @admin.register(models.TrainingPlan)
 class TrainingPlanAdmin(admin.ModelAdmin):
-    list_display = ("name", "version", "status", "spec_hash", "consortium")
+    list_display = ("name", "status", "consortium", "proposed_by", "updated_at")
     list_filter = ("status",)
+
+
+@admin.register(models.PlanVersion)
+class PlanVersionAdmin(admin.ModelAdmin):
+    list_display = ("plan", "number", "spec_hash", "created_by", "created_at")
+
+
+@admin.register(models.Approval)
+class ApprovalAdmin(admin.ModelAdmin):
+    list_display = ("version", "user", "organization", "role", "decision", "created_at")
+
+
+@admin.register(models.AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """Read-only: the audit log is append-only, and the chain would expose any edit."""
+
+    list_display = ("index", "created_at", "actor", "action", "object_type", "object_id")
+    list_filter = ("action",)
+
+    def has_add_permission(self, request):  # type: ignore[no-untyped-def]
+        return False
+
+    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return False
+
+    def has_delete_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return False
 
 
 @admin.register(models.Run)

@@ -152,8 +152,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.send_error(exc.code, exc.reason, run=msg["run"])
 
     async def on_error(self, msg: dict[str, Any]) -> None:
-        """An agent reports a problem on its side (for example local data that fails the schema)."""
+        """An agent reports a problem or a refusal (data that fails the schema, its site policy)."""
         log.warning("silo %s reports %s: %s", self.silo_name, msg["code"], msg["reason"])
+        await database_sync_to_async(update_services.agent_report)(
+            silo_id=self.silo_id,
+            code=msg["code"],
+            reason=msg["reason"],
+            run_id=msg.get("run"),
+            round_number=msg.get("round"),
+        )
 
     async def receive_binary(self, frame: bytes) -> None:
         """Feed a binary frame to the reassembler; handle a complete update."""
@@ -208,6 +215,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         if fields is not None:
             await self.send(text_data=protocol.encode_control("stats_request", **fields))
+
+    async def plan_offer(self, event: dict[str, Any]) -> None:
+        """Tell the agent about a plan version that names its silo, for local review."""
+        fields = await database_sync_to_async(selectors.plan_offer_fields)(
+            version_id=event["version_id"], silo_id=self.silo_id
+        )
+        if fields is not None:
+            await self.send(text_data=protocol.encode_control("plan_offer", **fields))
 
     async def run_finished(self, event: dict[str, Any]) -> None:
         """Tell the agent a run it took part in is over."""

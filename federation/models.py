@@ -5,6 +5,7 @@ Writes go through federation.services, reads through federation.selectors.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -12,8 +13,20 @@ from django.utils import timezone
 class Consortium(models.Model):
     """A group of organisations that train models together under shared rules."""
 
+    class QuorumMode(models.TextChoices):
+        FRACTION = "fraction", "Fraction of member organisations"
+        COUNT = "count", "N of the member organisations"
+
     name = models.CharField(max_length=200, unique=True)
     description = models.TextField(blank=True)
+    # Approval rules: every participating silo's steward approves (unanimity among data owners),
+    # plus a quorum of member organisations: at least `org_quorum_value` of them (a fraction in
+    # (0, 1] in fraction mode, a whole number in count mode).
+    require_steward_unanimity = models.BooleanField(default=True)
+    org_quorum_mode = models.CharField(
+        max_length=10, choices=QuorumMode.choices, default=QuorumMode.FRACTION
+    )
+    org_quorum_value = models.FloatField(default=0.5)
     created_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:
@@ -44,6 +57,39 @@ class Organization(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Role(models.TextChoices):
+    """What a member may do in a consortium."""
+
+    CONSORTIUM_ADMIN = "consortium_admin", "Consortium admin"
+    ORG_ADMIN = "org_admin", "Organization admin"
+    DATA_STEWARD = "data_steward", "Data steward"
+    DATA_SCIENTIST = "data_scientist", "Data scientist"
+    AUDITOR = "auditor", "Auditor"
+
+
+class Membership(models.Model):
+    """A user's role in an organisation (and so in its consortium). A user may hold several."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="memberships"
+    )
+    role = models.CharField(max_length=20, choices=Role.choices)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "organization", "role"], name="membership_unique_role"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} · {self.get_role_display()} · {self.organization}"
 
 
 class Silo(models.Model):
@@ -90,7 +136,7 @@ class Silo(models.Model):
 
 
 class TrainingPlan(models.Model):
-    """One version of a training plan; its canonical JSON is hashed."""
+    """A training proposal; its content lives in numbered versions, each hashed."""
 
     class Status(models.TextChoices):
         DRAFT = "draft", "Draft"
@@ -105,22 +151,68 @@ class TrainingPlan(models.Model):
 
     consortium = models.ForeignKey(Consortium, on_delete=models.CASCADE, related_name="plans")
     name = models.CharField(max_length=200)
-    version = models.PositiveIntegerField(default=1)
+    description = models.TextField(blank=True)
+    proposed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT)
+    # The newest version (kept here so lists need no per-row subquery).
+    current_version = models.ForeignKey(
+        "PlanVersion", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    rejection_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class PlanVersion(models.Model):
+    """One immutable version of a plan; approvals belong to its hash."""
+
+    plan = models.ForeignKey(TrainingPlan, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
     spec = models.JSONField()
     spec_hash = models.CharField(max_length=64, db_index=True)
-    status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT)
-    silos = models.ManyToManyField(Silo, related_name="plans", blank=True)
+    silos = models.ManyToManyField(Silo, related_name="plan_versions", blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["plan", "number"], name="plan_version_unique_number")
+        ]
+        ordering = ["plan", "number"]
+
+    def __str__(self) -> str:
+        return f"{self.plan.name} v{self.number}"
+
+
+class Approval(models.Model):
+    """A member's decision on one plan version, acting for one organisation."""
+
+    class Decision(models.TextChoices):
+        APPROVE = "approve", "Approve"
+        REJECT = "reject", "Reject"
+
+    version = models.ForeignKey(PlanVersion, on_delete=models.CASCADE, related_name="approvals")
+    plan_hash = models.CharField(max_length=64)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    role = models.CharField(max_length=20, choices=Role.choices)
+    decision = models.CharField(max_length=10, choices=Decision.choices)
+    reason = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["consortium", "name", "version"], name="plan_unique_version"
+                fields=["version", "user", "organization"], name="approval_once_per_member"
             )
         ]
-
-    def __str__(self) -> str:
-        return f"{self.name} v{self.version}"
 
 
 class Run(models.Model):
@@ -137,7 +229,11 @@ class Run(models.Model):
     ACTIVE = (Status.PENDING, Status.STATS, Status.RUNNING)
 
     plan = models.ForeignKey(TrainingPlan, on_delete=models.CASCADE, related_name="runs")
+    version = models.ForeignKey(PlanVersion, on_delete=models.CASCADE, related_name="runs")
     plan_hash = models.CharField(max_length=64)
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     rounds = models.PositiveIntegerField()
     preprocessing = models.JSONField(null=True, blank=True)
@@ -279,3 +375,30 @@ class RoundMetric(models.Model):
                 nulls_distinct=False,
             )
         ]
+
+
+class AuditEvent(models.Model):
+    """One entry of the append-only, hash-chained audit log.
+
+    ``hash`` is the SHA-256 of the canonical JSON of every other field, ``prev_hash`` included, so
+    changing, deleting or reordering any event breaks the chain from that event on
+    (``manage.py verify_audit``). Events keep plain ids, not foreign keys: deleting a consortium
+    must never delete its history.
+    """
+
+    index = models.PositiveBigIntegerField(unique=True)
+    created_at = models.DateTimeField()
+    actor = models.CharField(max_length=200)
+    action = models.CharField(max_length=100, db_index=True)
+    consortium_id = models.PositiveBigIntegerField(null=True, blank=True, db_index=True)
+    object_type = models.CharField(max_length=50, blank=True)
+    object_id = models.CharField(max_length=100, blank=True)
+    data = models.JSONField(default=dict)
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64, unique=True)
+
+    class Meta:
+        ordering = ["index"]
+
+    def __str__(self) -> str:
+        return f"#{self.index} {self.action} by {self.actor}"

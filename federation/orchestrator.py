@@ -36,6 +36,7 @@ from federation.models import (
     TrainingPlan,
 )
 from federation.plan_spec import RunSettings, run_settings
+from federation.services.audit import audit_append
 from federation.services.updates import validate_metrics
 from federation.storage import blob_store, model_key
 
@@ -48,7 +49,7 @@ AGAIN = "again"
 def online_silos(run: Run) -> QuerySet[Silo]:
     """Participating, admitted silos whose agent is connected and heartbeating."""
     fresh = timezone.now() - timedelta(seconds=settings.QUORUM_SILO_OFFLINE_AFTER)
-    return run.plan.silos.filter(
+    return run.version.silos.filter(
         admission=Silo.Admission.ADMITTED,
         connection_id__isnull=False,
         last_heartbeat__gte=fresh,
@@ -77,10 +78,15 @@ def run_advance(run_id: int) -> None:
 
 def _step(run_id: int) -> tuple[str, int] | None:
     with transaction.atomic():
-        run = Run.objects.select_for_update().select_related("plan").filter(pk=run_id).first()
+        run = (
+            Run.objects.select_for_update()
+            .select_related("plan", "version")
+            .filter(pk=run_id)
+            .first()
+        )
         if run is None or not run.active:
             return None
-        cfg = run_settings(run.plan.spec)
+        cfg = run_settings(run.version.spec)
         if run.status == Run.Status.PENDING:
             return _begin_statistics(run, cfg)
         if run.status == Run.Status.STATS:
@@ -124,7 +130,7 @@ def _begin_statistics(run: Run, cfg: RunSettings) -> tuple[str, int] | None:
 
 def _finish_statistics(run: Run, cfg: RunSettings) -> tuple[str, int] | None:
     reported = list(run.silo_statistics.order_by("silo_id"))
-    expected = run.plan.silos.filter(admission=Silo.Admission.ADMITTED).count()
+    expected = run.version.silos.filter(admission=Silo.Admission.ADMITTED).count()
     deadline_passed = run.stats_deadline is not None and timezone.now() >= run.stats_deadline
     if len(reported) < expected and not deadline_passed:
         return None
@@ -135,11 +141,11 @@ def _finish_statistics(run: Run, cfg: RunSettings) -> tuple[str, int] | None:
             "answered by the deadline",
         )
         return None
-    schema = tabular.DatasetSchema.from_dict(run.plan.spec["schema"])
+    schema = tabular.DatasetSchema.from_dict(run.version.spec["schema"])
     try:
         fitted = tabular.merge_statistics([s.stats for s in reported], schema)
         n_features = len(tabular.feature_names(schema, fitted))
-        model = build_model(run.plan.spec["model"], n_features, seed=cfg.seed)
+        model = build_model(run.version.spec["model"], n_features, seed=cfg.seed)
     except ValueError as exc:
         _fail_run(run, f"federated statistics could not be combined: {exc}")
         return None
@@ -262,6 +268,14 @@ def round_aggregate(round_id: int) -> None:
             },
         )
         _record_round_metrics(locked, updates)
+        _audit_run(
+            round_.run,
+            "round.completed",
+            round=locked.number,
+            attempt=locked.attempt,
+            updates=[u["silo_id"] for u in updates],
+            model_sha256=tensors.sha256_hex(data),
+        )
         locked.status = Round.Status.COMPLETED
         locked.finished_at = timezone.now()
         locked.save(update_fields=["status", "finished_at"])
@@ -334,6 +348,7 @@ def _complete_run(run: Run) -> None:
     run.status = Run.Status.COMPLETED
     run.finished_at = timezone.now()
     run.save(update_fields=["status", "finished_at"])
+    _audit_run(run, "run.finished", status=run.status)
     TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.COMPLETED)
     _notify_finished(run)
     log.info("run %s completed", run.pk)
@@ -345,16 +360,29 @@ def _fail_run(run: Run, error: str) -> None:
     run.finished_at = timezone.now()
     run.save(update_fields=["status", "error", "finished_at"])
     TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.FAILED)
+    _audit_run(run, "run.finished", status=run.status, error=error)
     _notify_finished(run)
     log.error("run %s failed: %s", run.pk, error)
 
 
 def _notify_finished(run: Run) -> None:
-    for silo_id in run.plan.silos.values_list("pk", flat=True):
+    for silo_id in run.version.silos.values_list("pk", flat=True):
         dispatch.send_to_silo(
             silo_id, {"type": "run.finished", "run_id": run.pk, "status": run.status}
         )
     _publish(run, "run.finished", status=run.status)
+
+
+def _audit_run(run: Run, action: str, **data: Any) -> None:
+    """Append an audit event about a run, in the caller's transaction."""
+    audit_append(
+        actor="system",
+        action=action,
+        consortium_id=run.plan.consortium_id,
+        object_type="run",
+        object_id=run.pk,
+        data=data,
+    )
 
 
 def _publish(run: Run, kind: str, **fields: Any) -> None:

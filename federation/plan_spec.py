@@ -1,9 +1,14 @@
-"""Reading the settings the orchestrator needs out of a plan spec, with their defaults."""
+"""Plan specs: validating one (field-level messages) and reading the orchestrator's settings."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from fedcore.models import MODEL_KINDS, ModelSpecError, validate_model_spec
+from fedcore.tabular import DatasetSchema, SchemaError
 
 
 @dataclass(frozen=True)
@@ -30,3 +35,247 @@ def run_settings(spec: dict[str, Any]) -> RunSettings:
         wait_for_silos_seconds=float(spec.get("wait_for_silos_seconds", max(deadline, 120.0))),
         seed=int(spec.get("seed", 0)),
     )
+
+
+# Top-level keys a plan spec may hold (docs/internals/interfaces.md and governance.md).
+ALLOWED_KEYS: tuple[str, ...] = (
+    "model",
+    "schema",
+    "training",
+    "evaluation",
+    "aggregation",
+    "min_silos",
+    "round_deadline_seconds",
+    "round_retries",
+    "wait_for_silos_seconds",
+    "seed",
+    "privacy",
+    "secure_aggregation",
+    "fairness",
+)
+AGGREGATION_STRATEGIES: tuple[str, ...] = ("fedavg",)
+PRIVACY_MODES: tuple[str, ...] = ("none", "sample", "client")
+PRIVACY_DEFAULTS: dict[str, Any] = {
+    "mode": "none",
+    "noise_multiplier": 1.1,
+    "target_epsilon": 3.0,
+    "clip": 1.0,
+    "delta": 1e-5,
+}
+FAIRNESS_KEYS: tuple[str, ...] = (
+    "sensitive_attribute",
+    "max_demographic_parity_difference",
+    "max_equalized_odds_difference",
+)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _unknown_keys(section: dict[str, Any], allowed: tuple[str, ...]) -> str | None:
+    unknown = sorted(str(key) for key in section if key not in allowed)
+    if not unknown:
+        return None
+    return f"unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(allowed)}"
+
+
+def _model_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
+    model = spec.get("model")
+    if not isinstance(model, dict):
+        errors["model"] = 'must be an object such as {"kind": "logistic_regression"}'
+    elif model.get("kind") not in MODEL_KINDS:
+        errors["model.kind"] = (
+            f"unknown model kind {model.get('kind')!r}; allowed kinds: {', '.join(MODEL_KINDS)}"
+        )
+    else:
+        try:
+            validate_model_spec(model)
+        except ModelSpecError as exc:
+            errors["model"] = str(exc)
+
+
+def _training_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
+    training = spec.get("training")
+    if not isinstance(training, dict):
+        errors["training"] = "training must be an object with rounds, local_epochs, batch_size, lr"
+        return
+    for key, low in (("rounds", 1), ("local_epochs", 1), ("batch_size", 1)):
+        value = training.get(key)
+        if not _is_int(value) or value < low:
+            errors[f"training.{key}"] = f"must be an integer >= {low}"
+    lr = training.get("lr")
+    if not _is_number(lr) or not 0 < lr < 10:
+        errors["training.lr"] = "must be a number in (0, 10)"
+    if training.get("optimizer", "adam") not in {"adam", "sgd"}:
+        errors["training.optimizer"] = "must be 'adam' or 'sgd'"
+
+
+def _scalar_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
+    for key in ("round_deadline_seconds", "wait_for_silos_seconds"):
+        value = spec.get(key, 1)
+        if not _is_number(value) or value <= 0:
+            errors[key] = "must be a positive number"
+    for key, low in (("min_silos", 1), ("round_retries", 0), ("seed", 0)):
+        value = spec.get(key, low)
+        if not _is_int(value) or value < low:
+            errors[key] = f"must be an integer >= {low}"
+    if "evaluation" in spec:
+        evaluation = spec["evaluation"]
+        if not isinstance(evaluation, dict):
+            errors["evaluation"] = "must be an object with test_fraction and seed"
+        else:
+            if problem := _unknown_keys(evaluation, ("test_fraction", "seed")):
+                errors["evaluation"] = problem
+            fraction = evaluation.get("test_fraction", 0.2)
+            if not _is_number(fraction) or not 0 <= fraction < 1:
+                errors["evaluation.test_fraction"] = "must be a number in [0, 1)"
+            seed = evaluation.get("seed", 0)
+            if not _is_int(seed) or seed < 0:
+                errors["evaluation.seed"] = "must be an integer >= 0"
+    if "aggregation" in spec:
+        aggregation = spec["aggregation"]
+        if not isinstance(aggregation, dict):
+            errors["aggregation"] = 'must be an object such as {"strategy": "fedavg"}'
+        elif problem := _unknown_keys(aggregation, ("strategy",)):
+            errors["aggregation"] = problem
+        elif aggregation.get("strategy", "fedavg") not in AGGREGATION_STRATEGIES:
+            errors["aggregation.strategy"] = (
+                f"unknown strategy {aggregation.get('strategy')!r}; "
+                f"allowed: {', '.join(AGGREGATION_STRATEGIES)}"
+            )
+    if "secure_aggregation" in spec and not isinstance(spec["secure_aggregation"], bool):
+        errors["secure_aggregation"] = "must be true or false"
+
+
+def _privacy_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
+    if "privacy" not in spec:
+        return
+    privacy = spec["privacy"]
+    if not isinstance(privacy, dict):
+        errors["privacy"] = f"must be an object with keys {', '.join(PRIVACY_DEFAULTS)}"
+        return
+    if problem := _unknown_keys(privacy, tuple(PRIVACY_DEFAULTS)):
+        errors["privacy"] = problem
+    values = {**PRIVACY_DEFAULTS, **privacy}
+    mode = values["mode"]
+    if mode not in PRIVACY_MODES:
+        errors["privacy.mode"] = f"must be one of {', '.join(PRIVACY_MODES)}; got {mode!r}"
+    # noise_multiplier and target_epsilon may be null (not used); when given they must be > 0:
+    # a zero or negative epsilon is no guarantee at all, and zero noise gives an infinite epsilon.
+    for key in ("noise_multiplier", "target_epsilon"):
+        value = values[key]
+        if value is not None and (not _is_number(value) or value <= 0):
+            errors[f"privacy.{key}"] = "must be a number > 0 (or null when not used)"
+    clip = values["clip"]
+    if not _is_number(clip) or clip <= 0:
+        errors["privacy.clip"] = (
+            "must be a number > 0: differential privacy bounds each contribution by clipping it"
+        )
+    delta = values["delta"]
+    if not _is_number(delta) or not 0 < delta < 1:
+        errors["privacy.delta"] = "must be a number in (0, 1), typically below 1 / rows"
+    if (
+        mode in ("sample", "client")
+        and values["noise_multiplier"] is None
+        and values["target_epsilon"] is None
+    ):
+        errors.setdefault(
+            "privacy",
+            f"mode {mode!r} needs noise_multiplier > 0 or target_epsilon > 0 to calibrate noise",
+        )
+
+
+def _fairness_errors(
+    spec: dict[str, Any], schema: DatasetSchema | None, errors: dict[str, str]
+) -> None:
+    if "fairness" not in spec:
+        return
+    fairness = spec["fairness"]
+    if not isinstance(fairness, dict):
+        errors["fairness"] = f"must be an object with keys {', '.join(FAIRNESS_KEYS)}"
+        return
+    if problem := _unknown_keys(fairness, FAIRNESS_KEYS):
+        errors["fairness"] = problem
+    attribute = fairness.get("sensitive_attribute")
+    if not isinstance(attribute, str) or not attribute:
+        errors["fairness.sensitive_attribute"] = "required: a column of schema.sensitive"
+    elif schema is not None and attribute not in schema.sensitive:
+        listed = ", ".join(schema.sensitive) or "none"
+        errors["fairness.sensitive_attribute"] = (
+            f"{attribute!r} is not a sensitive attribute of the plan's schema "
+            f"(schema.sensitive lists: {listed})"
+        )
+    for key in FAIRNESS_KEYS[1:]:
+        if key in fairness:
+            value = fairness[key]
+            if not _is_number(value) or not 0 <= value <= 1:
+                errors[f"fairness.{key}"] = "must be a number in [0, 1]"
+
+
+def _silo_schema_problems(schema: DatasetSchema, silo: Any) -> list[str]:
+    """Columns the plan's schema uses that a silo's registered schema lacks or types otherwise."""
+    name = getattr(silo, "name", str(silo))
+    try:
+        local = DatasetSchema.from_dict(silo.schema)
+    except (SchemaError, TypeError, KeyError, AttributeError):
+        return [f"silo '{name}' has no valid registered schema"]
+    types = {column.name: column.type for column in local.columns}
+    known = {*types, local.target.column, *local.sensitive}
+    problems = []
+    for column in schema.columns:
+        if column.name not in types:
+            problems.append(f"silo '{name}' has no column '{column.name}' ({column.type})")
+        elif types[column.name] != column.type:
+            problems.append(
+                f"silo '{name}': column '{column.name}' is {types[column.name]}, "
+                f"the plan needs {column.type}"
+            )
+    if schema.target.column not in known:
+        problems.append(f"silo '{name}' has no target column '{schema.target.column}'")
+    for attribute in schema.sensitive:
+        if attribute not in known:
+            problems.append(f"silo '{name}' has no sensitive column '{attribute}'")
+    return problems
+
+
+def plan_spec_errors(spec: dict[str, Any], *, silos: Iterable[Any] | None = None) -> dict[str, str]:
+    """Field-level problems of a plan spec (empty when it is valid).
+
+    Keys are dotted paths into the spec ("training.lr", "privacy.delta"); problems with the
+    participating silos (too few for min_silos, a column a silo lacks) are under "silos" and only
+    checked when ``silos`` is given.
+    """
+    if not isinstance(spec, dict):
+        return {"spec": f"a plan must be a JSON object, got {type(spec).__name__}"}
+    errors: dict[str, str] = {}
+    for key in sorted(str(key) for key in spec if key not in ALLOWED_KEYS):
+        errors[key] = f"unknown key {key!r}; allowed keys: {', '.join(ALLOWED_KEYS)}"
+    _model_errors(spec, errors)
+    schema: DatasetSchema | None = None
+    try:
+        schema = DatasetSchema.from_dict(spec.get("schema"))  # type: ignore[arg-type]
+    except (SchemaError, TypeError, KeyError, AttributeError) as exc:
+        errors["schema"] = str(exc)
+    _training_errors(spec, errors)
+    _scalar_errors(spec, errors)
+    _privacy_errors(spec, errors)
+    _fairness_errors(spec, schema, errors)
+    if silos is not None:
+        silos = list(silos)
+        problems = []
+        min_silos = spec.get("min_silos", 1)
+        if _is_int(min_silos) and len(silos) < min_silos:
+            problems.append(
+                f"{len(silos)} silo(s) take part; the plan needs at least {min_silos} (min_silos)"
+            )
+        if schema is not None:
+            for silo in silos:
+                problems.extend(_silo_schema_problems(schema, silo))
+        if problems:
+            errors["silos"] = "; ".join(problems)
+    return errors

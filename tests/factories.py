@@ -76,30 +76,73 @@ class SiloFactory(factory.django.DjangoModelFactory):
     admission = models.Silo.Admission.ADMITTED
 
 
-class PlanFactory(factory.django.DjangoModelFactory):
-    class Meta:
-        model = models.TrainingPlan
+def PlanFactory(  # noqa: N802 - reads like the other factories at call sites
+    *,
+    consortium: models.Consortium | None = None,
+    spec: dict[str, Any] | None = None,
+    silos: list[models.Silo] | None = None,
+    status: str = models.TrainingPlan.Status.APPROVED,
+    **fields: Any,
+) -> models.TrainingPlan:
+    """A plan with one version (status approved by default), shaped by `spec` and `silos`."""
+    consortium = consortium or ConsortiumFactory()
+    spec = spec or plan_spec()
+    plan = models.TrainingPlan.objects.create(
+        consortium=consortium,
+        name=fields.pop("name", f"Plan {models.TrainingPlan.objects.count() + 1}"),
+        status=status,
+        **fields,
+    )
+    version = models.PlanVersion.objects.create(
+        plan=plan, number=1, spec=spec, spec_hash=plan_hash(spec)
+    )
+    version.silos.set(silos or [])
+    plan.current_version = version
+    plan.save(update_fields=["current_version"])
+    return plan
 
-    consortium = factory.SubFactory(ConsortiumFactory)
-    name = factory.Sequence(lambda n: f"Plan {n}")
-    spec = factory.LazyFunction(plan_spec)
-    spec_hash = factory.LazyAttribute(lambda o: plan_hash(o.spec))
-    status = models.TrainingPlan.Status.APPROVED
+
+def approve_by_stewards(plan: models.TrainingPlan) -> list[models.Approval]:
+    """Record an approval of the current version by a steward of every participating silo's org."""
+    from django.contrib.auth import get_user_model
+
+    version = plan.current_version
+    approvals = []
+    for org in {s.organization for s in version.silos.select_related("organization")}:
+        user = get_user_model().objects.create(username=f"steward-{org.pk}-{plan.pk}")
+        models.Membership.objects.create(user=user, organization=org, role=models.Role.DATA_STEWARD)
+        approvals.append(
+            models.Approval.objects.create(
+                version=version,
+                plan_hash=version.spec_hash,
+                user=user,
+                organization=org,
+                role=models.Role.DATA_STEWARD,
+                decision=models.Approval.Decision.APPROVE,
+            )
+        )
+    return approvals
+
+
+def start_run(plan: models.TrainingPlan, **fields: Any) -> models.Run:
+    """A run of the plan's current version, created directly (the state machine's tests)."""
+    version = plan.current_version
+    defaults = {
+        "plan": plan,
+        "version": version,
+        "plan_hash": version.spec_hash,
+        "rounds": version.spec["training"]["rounds"],
+    }
+    return models.Run.objects.create(**{**defaults, **fields})
 
 
 def running_round(silos: list[models.Silo], *, n_features: int = 3, **spec: Any) -> models.Round:
     """A run in training with round 1 collecting from the given silos, and its model v0 stored."""
-    plan = PlanFactory(consortium=silos[0].consortium, spec=plan_spec(**spec))
-    plan.silos.set(silos)
-    run = models.Run.objects.create(
-        plan=plan,
-        plan_hash=plan.spec_hash,
-        rounds=plan.spec["training"]["rounds"],
-        status=models.Run.Status.RUNNING,
-        preprocessing={},
-        started_at=timezone.now(),
+    plan = PlanFactory(consortium=silos[0].consortium, spec=plan_spec(**spec), silos=silos)
+    run = start_run(
+        plan, status=models.Run.Status.RUNNING, preprocessing={}, started_at=timezone.now()
     )
-    state = build_model(plan.spec["model"], n_features, seed=0).state_dict()
+    state = build_model(run.version.spec["model"], n_features, seed=0).state_dict()
     data = tensors.encode_state_dict(state)
     key = model_key(run_id=run.pk, number=0)
     blob_store().put(key, data)

@@ -1,93 +1,99 @@
-"""Plan and run writes needed to train: creating a plan version and starting a run."""
+"""Run writes: starting a run from an approved plan version, stopping it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
+from django.utils import timezone
 
-from fedcore.models import ModelSpecError, validate_model_spec
 from fedcore.plans import plan_hash
-from fedcore.tabular import DatasetSchema, SchemaError
-from federation import dispatch
-from federation.models import Consortium, Run, Silo, TrainingPlan
+from federation import dispatch, governance, permissions
+from federation.models import Run, TrainingPlan
 from federation.plan_spec import run_settings
-
-
-def plan_spec_errors(spec: dict[str, Any]) -> dict[str, str]:
-    """Field-level problems of a plan spec (empty when it is valid)."""
-    errors: dict[str, str] = {}
-    try:
-        validate_model_spec(spec.get("model", {}))
-    except ModelSpecError as exc:
-        errors["model"] = str(exc)
-    try:
-        DatasetSchema.from_dict(spec.get("schema", {}))
-    except (SchemaError, TypeError, KeyError) as exc:
-        errors["schema"] = str(exc)
-    training = spec.get("training")
-    if not isinstance(training, dict):
-        errors["training"] = "training must be an object with rounds, local_epochs, batch_size, lr"
-    else:
-        for key, kind, low in (
-            ("rounds", int, 1),
-            ("local_epochs", int, 1),
-            ("batch_size", int, 1),
-        ):
-            value = training.get(key)
-            if isinstance(value, bool) or not isinstance(value, kind) or value < low:
-                errors[f"training.{key}"] = f"must be an integer >= {low}"
-        lr = training.get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < 10:
-            errors["training.lr"] = "must be a number in (0, 10)"
-        if training.get("optimizer", "adam") not in {"adam", "sgd"}:
-            errors["training.optimizer"] = "must be 'adam' or 'sgd'"
-    for key in ("min_silos", "round_deadline_seconds"):
-        value = spec.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            errors[key] = "must be a positive number"
-    return errors
+from federation.services.audit import actor_label, audit_append
+from federation.services.errors import Conflict
 
 
 @transaction.atomic
-def plan_create(
-    *,
-    consortium: Consortium,
-    name: str,
-    spec: dict[str, Any],
-    silos: Iterable[Silo],
-    status: str = TrainingPlan.Status.DRAFT,
-) -> TrainingPlan:
-    """Create version 1 of a plan after validating its spec."""
-    errors = plan_spec_errors(spec)
-    silos = list(silos)
-    if not errors and len(silos) < run_settings(spec).min_silos:
-        errors["silos"] = (
-            f"{len(silos)} silos take part; the plan needs at least {spec['min_silos']}"
-        )
-    if errors:
-        raise ValidationError(errors)
-    plan = TrainingPlan.objects.create(
-        consortium=consortium, name=name, spec=spec, spec_hash=plan_hash(spec), status=status
+def run_start(*, actor: Any, plan: TrainingPlan) -> Run:
+    """Start a run of an approved plan; the orchestrator takes it from there.
+
+    Only an approved plan whose current version's approvals satisfy the consortium's rules (every
+    participating silo's steward, the organisation quorum) can run; the run is bound to that
+    version's hash, and every agent gets a grant signed for exactly that hash.
+    """
+    plan = (
+        TrainingPlan.objects.select_for_update().select_related("current_version").get(pk=plan.pk)
     )
-    plan.silos.set(silos)
-    return plan
-
-
-@transaction.atomic
-def run_start(*, plan: TrainingPlan) -> Run:
-    """Start a run of an approved plan; the orchestrator takes it from there."""
-    plan = TrainingPlan.objects.select_for_update().get(pk=plan.pk)
-    if plan.status != TrainingPlan.Status.APPROVED:
-        raise ValidationError(f"plan {plan} is {plan.status}; only an approved plan can run")
-    if plan.spec_hash != plan_hash(plan.spec):
-        raise ValidationError(f"plan {plan}: its content no longer matches its hash")
+    roles = permissions.require_roles(
+        actor, plan.consortium_id, permissions.CAN_START_RUNS, "starting a run"
+    )
+    if permissions.Role.CONSORTIUM_ADMIN not in roles and plan.proposed_by_id != actor.pk:
+        raise PermissionDenied("only the plan's proposer or a consortium admin can start its run")
+    version = plan.current_version
+    if plan.status != TrainingPlan.Status.APPROVED or version is None:
+        raise Conflict(f"plan '{plan.name}' is {plan.status}; only an approved plan can run")
+    if version.spec_hash != plan_hash(version.spec):
+        raise Conflict(
+            f"plan '{plan.name}' v{version.number}: its content no longer matches its hash"
+        )
+    state = governance.approval_state(version)
+    if not state.satisfied:
+        missing = ", ".join(state.stewards_missing) or "none"
+        raise Conflict(
+            f"plan '{plan.name}' v{version.number} lacks approvals: stewards missing for "
+            f"silos [{missing}], {len(state.organizations_approved)} of "
+            f"{state.organizations_needed} organisations approved"
+        )
     run = Run.objects.create(
-        plan=plan, plan_hash=plan.spec_hash, rounds=run_settings(plan.spec).rounds
+        plan=plan,
+        version=version,
+        plan_hash=version.spec_hash,
+        rounds=run_settings(version.spec).rounds,
+        started_by=actor,
     )
     plan.status = TrainingPlan.Status.RUNNING
-    plan.save(update_fields=["status"])
+    plan.updated_at = timezone.now()
+    plan.save(update_fields=["status", "updated_at"])
+    audit_append(
+        actor=actor_label(actor),
+        action="run.started",
+        consortium_id=plan.consortium_id,
+        object_type="run",
+        object_id=run.pk,
+        data={"plan": plan.pk, "version": version.number, "plan_hash": version.spec_hash},
+    )
     dispatch.enqueue_advance(run.pk)
+    return run
+
+
+@transaction.atomic
+def run_stop(*, actor: Any, run: Run) -> Run:
+    """Stop an active run: no further round opens; agents are told the run is over."""
+    run = Run.objects.select_for_update().select_related("plan").get(pk=run.pk)
+    roles = permissions.require_roles(
+        actor, run.plan.consortium_id, permissions.CAN_START_RUNS, "stopping a run"
+    )
+    if permissions.Role.CONSORTIUM_ADMIN not in roles and run.plan.proposed_by_id != actor.pk:
+        raise PermissionDenied("only the plan's proposer or a consortium admin can stop its run")
+    if not run.active:
+        raise Conflict(f"run {run.pk} is already {run.status}")
+    run.status = Run.Status.STOPPED
+    run.finished_at = timezone.now()
+    run.error = f"stopped by {actor.get_username()}"
+    run.save(update_fields=["status", "finished_at", "error"])
+    TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.STOPPED)
+    audit_append(
+        actor=actor_label(actor),
+        action="run.stopped",
+        consortium_id=run.plan.consortium_id,
+        object_type="run",
+        object_id=run.pk,
+    )
+    for silo_id in run.version.silos.values_list("pk", flat=True):
+        dispatch.send_to_silo(
+            silo_id, {"type": "run.finished", "run_id": run.pk, "status": run.status}
+        )
     return run

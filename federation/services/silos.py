@@ -1,14 +1,20 @@
-"""Silo writes: tokens and the agent connection's life cycle."""
+"""Silo writes: admission and tokens (governance), and the agent connection's life cycle."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import Any
 
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from federation.models import Silo
+from fedcore.tabular import DatasetSchema, SchemaError, schema_hash
+from federation import dispatch, permissions
+from federation.models import Organization, Role, Silo
+from federation.services.audit import actor_label, audit_append
+from federation.services.errors import Conflict
 
 
 def hash_token(token: str) -> str:
@@ -58,3 +64,181 @@ def silo_heartbeat(*, silo_id: int, connection_id: str) -> None:
 def silo_disconnect(*, silo_id: int, connection_id: str) -> None:
     """Forget a connection, unless a newer one has replaced it."""
     Silo.objects.filter(pk=silo_id, connection_id=connection_id).update(connection_id=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Admission and tokens (governance): stewards register, the consortium admin admits or rejects.
+
+
+def _lock_silo(silo: Silo) -> Silo:
+    """The silo's row, locked until the transaction ends (admission and tokens change under it)."""
+    return Silo.objects.select_for_update().get(pk=silo.pk)
+
+
+def _require_token_manager(actor: Any, silo: Silo, action: str) -> None:
+    """A consortium admin, or a data steward of the silo's own organisation (else 403/404)."""
+    roles = permissions.require_roles(
+        actor, silo.consortium_id, permissions.CAN_MANAGE_TOKENS, action
+    )
+    if Role.CONSORTIUM_ADMIN in roles:
+        return
+    stewarded = permissions.organizations_with_role(actor, silo.consortium_id, {Role.DATA_STEWARD})
+    if not stewarded.filter(pk=silo.organization_id).exists():
+        raise PermissionDenied(
+            f"{action}: you are not a data steward of the organisation owning silo '{silo.name}'"
+        )
+
+
+def _audit_silo(actor: Any, silo: Silo, action: str, **data: Any) -> None:
+    audit_append(
+        actor=actor_label(actor),
+        action=action,
+        consortium_id=silo.consortium_id,
+        object_type="silo",
+        object_id=silo.pk,
+        data={"silo": silo.name, "organization_id": silo.organization_id, **data},
+    )
+
+
+def _close_agent_after_commit(silo: Silo) -> None:
+    """Disconnect the silo's agent once the token change is committed (its session is void)."""
+    if silo.connection_id:
+        dispatch.send_to_silo(silo.pk, {"type": "session.replaced"})
+
+
+@transaction.atomic
+def silo_register(
+    *,
+    actor: Any,
+    organization: Organization,
+    name: str,
+    description: str,
+    schema: dict[str, Any],
+    row_count: int,
+    location: str,
+) -> Silo:
+    """Register a silo of the actor's organisation; it waits for the consortium admin (pending)."""
+    consortium_id = organization.consortium_id
+    permissions.require_roles(
+        actor, consortium_id, permissions.CAN_REGISTER_SILOS, "registering a silo"
+    )
+    stewarded = permissions.organizations_with_role(actor, consortium_id, {Role.DATA_STEWARD})
+    if not stewarded.filter(pk=organization.pk).exists():
+        raise PermissionDenied(
+            f"you are not a data steward of {organization.name}; stewards register silos for "
+            "their own organisation"
+        )
+    errors: dict[str, str] = {}
+    name = name.strip() if isinstance(name, str) else ""
+    if not name:
+        errors["name"] = "required"
+    elif len(name) > 100:
+        errors["name"] = "at most 100 characters"
+    elif Silo.objects.filter(consortium_id=consortium_id, name=name).exists():
+        errors["name"] = f"the consortium already has a silo named '{name}'"
+    if not isinstance(description, str):
+        errors["description"] = "must be text"
+    try:
+        normalised_schema = DatasetSchema.from_dict(schema).to_dict()
+    except (SchemaError, TypeError, KeyError, AttributeError) as exc:
+        errors["schema"] = str(exc)
+    if isinstance(row_count, bool) or not isinstance(row_count, int) or row_count < 0:
+        errors["row_count"] = "must be an integer >= 0"
+    if not isinstance(location, str):
+        errors["location"] = "must be text"
+    elif len(location) > 500:
+        errors["location"] = "at most 500 characters"
+    if errors:
+        raise ValidationError(errors)
+    silo = Silo.objects.create(
+        consortium_id=consortium_id,
+        organization=organization,
+        name=name,
+        description=description,
+        schema=normalised_schema,
+        row_count=row_count,
+        location=location,
+        admission=Silo.Admission.PENDING,
+    )
+    _audit_silo(
+        actor,
+        silo,
+        "silo.registered",
+        schema_hash=schema_hash(DatasetSchema.from_dict(normalised_schema)),
+        row_count=row_count,
+    )
+    return silo
+
+
+@transaction.atomic
+def silo_admit(*, actor: Any, silo: Silo) -> str:
+    """Admit a pending (or previously rejected) silo; returns its agent token, shown only once."""
+    permissions.require_roles(
+        actor, silo.consortium_id, permissions.CAN_ADMIT_SILOS, "admitting a silo"
+    )
+    locked = _lock_silo(silo)
+    if locked.admission == Silo.Admission.ADMITTED:
+        raise Conflict(f"silo '{locked.name}' is already admitted; rotate its token for a new one")
+    locked.admission = Silo.Admission.ADMITTED
+    locked.save(update_fields=["admission"])
+    token = silo_issue_token(silo=locked)
+    _audit_silo(actor, locked, "silo.admitted")
+    silo.admission, silo.token_hash = locked.admission, locked.token_hash
+    return token
+
+
+@transaction.atomic
+def silo_reject(*, actor: Any, silo: Silo, reason: str) -> Silo:
+    """Reject a pending silo, with a reason (recorded in the audit log)."""
+    permissions.require_roles(
+        actor, silo.consortium_id, permissions.CAN_ADMIT_SILOS, "rejecting a silo"
+    )
+    reason = reason.strip() if isinstance(reason, str) else ""
+    if not reason:
+        raise ValidationError({"reason": "a rejection needs a reason"})
+    locked = _lock_silo(silo)
+    if locked.admission != Silo.Admission.PENDING:
+        raise Conflict(
+            f"silo '{locked.name}' is {locked.admission}; only a pending silo can be rejected "
+            "(revoke an admitted silo's token instead)"
+        )
+    locked.admission = Silo.Admission.REJECTED
+    locked.token_hash = None
+    locked.save(update_fields=["admission", "token_hash"])
+    _audit_silo(actor, locked, "silo.rejected", reason=reason)
+    silo.admission, silo.token_hash = locked.admission, locked.token_hash
+    return locked
+
+
+@transaction.atomic
+def silo_rotate_token(*, actor: Any, silo: Silo) -> str:
+    """Give an admitted silo a new token; the old one stops working at once.
+
+    A connected agent is closed too: its session was opened with the old token.
+    """
+    _require_token_manager(actor, silo, "rotating a silo token")
+    locked = _lock_silo(silo)
+    if locked.admission != Silo.Admission.ADMITTED:
+        raise Conflict(
+            f"silo '{locked.name}' is {locked.admission}; only admitted silos get tokens"
+        )
+    token = silo_issue_token(silo=locked)
+    _audit_silo(actor, locked, "silo.token_rotated")
+    _close_agent_after_commit(locked)
+    silo.token_hash = locked.token_hash
+    return token
+
+
+@transaction.atomic
+def silo_revoke_token(*, actor: Any, silo: Silo) -> Silo:
+    """Revoke a silo's token: no agent connects until it is rotated; a connected one is closed."""
+    _require_token_manager(actor, silo, "revoking a silo token")
+    locked = _lock_silo(silo)
+    if locked.token_hash is None:
+        raise Conflict(f"silo '{locked.name}' has no token to revoke")
+    locked.token_hash = None
+    locked.save(update_fields=["token_hash"])
+    _audit_silo(actor, locked, "silo.token_revoked")
+    _close_agent_after_commit(locked)
+    silo.token_hash = None
+    return locked

@@ -16,6 +16,7 @@ from django.db import IntegrityError, transaction
 from fedcore import tensors
 from federation import dispatch
 from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
+from federation.services.audit import audit_append
 from federation.storage import BlobStoreError, blob_store, update_key
 
 log = logging.getLogger("quorum.updates")
@@ -35,8 +36,8 @@ class Refused(Exception):
 
 
 def _active_run_for(silo: Silo, run_id: int) -> Run:
-    run = Run.objects.select_related("plan").filter(pk=run_id).first()
-    if run is None or not run.plan.silos.filter(pk=silo.pk).exists():
+    run = Run.objects.select_related("plan", "version").filter(pk=run_id).first()
+    if run is None or not run.version.silos.filter(pk=silo.pk).exists():
         raise Refused("wrong_run", f"run {run_id} does not exist or this silo does not take part")
     return run
 
@@ -53,7 +54,31 @@ def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
     _, created = SiloStatistics.objects.get_or_create(run=run, silo=silo, defaults={"stats": stats})
     if not created:
         raise Refused("duplicate_update", f"statistics for run {run_id} were already received")
+    audit_append(
+        actor=f"silo:{silo.name}",
+        action="stats.received",
+        consortium_id=silo.consortium_id,
+        object_type="run",
+        object_id=run.pk,
+        data={"n_rows": stats.get("n_rows")},
+    )
     dispatch.enqueue_advance(run.pk)
+
+
+@transaction.atomic
+def agent_report(
+    *, silo_id: int, code: str, reason: str, run_id: int | None, round_number: int | None
+) -> None:
+    """Record in the audit log what a site's agent refused or could not do, and why."""
+    silo = Silo.objects.get(pk=silo_id)
+    audit_append(
+        actor=f"silo:{silo.name}",
+        action="agent.refused" if code in {"not_authorized", "policy_refused"} else "agent.error",
+        consortium_id=silo.consortium_id,
+        object_type="run" if run_id is not None else "silo",
+        object_id=run_id if run_id is not None else silo.pk,
+        data={"code": code[:50], "reason": reason[:2000], "round": round_number},
+    )
 
 
 def validate_metrics(metrics: dict[str, Any]) -> list[tuple[str, str, float]]:
@@ -76,7 +101,34 @@ def validate_metrics(metrics: dict[str, Any]) -> list[tuple[str, str, float]]:
 
 
 def update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> Round:
-    """Validate and store one update; returns its round. Raises Refused with a code and reason."""
+    """Validate and store one update; returns its round. Raises Refused with a code and reason.
+
+    Accepted and refused updates both land in the audit log (a refusal in its own transaction,
+    since nothing else of it is kept).
+    """
+    try:
+        return _update_receive(silo_id=silo_id, fields=fields, payload=payload)
+    except Refused as refused:
+        silo = Silo.objects.filter(pk=silo_id).first()
+        with transaction.atomic():
+            audit_append(
+                actor=f"silo:{silo.name if silo else silo_id}",
+                action="update.refused",
+                consortium_id=silo.consortium_id if silo else None,
+                object_type="run",
+                object_id=fields.get("run", ""),
+                data={
+                    "round": fields.get("round"),
+                    "code": refused.code,
+                    "reason": refused.reason,
+                    "sha256": tensors.sha256_hex(payload),
+                    "bytes": len(payload),
+                },
+            )
+        raise
+
+
+def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> Round:
     silo = Silo.objects.get(pk=silo_id)
     run = _active_run_for(silo, fields["run"])
     if run.status != Run.Status.RUNNING:
@@ -117,6 +169,7 @@ def update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> R
     if bad is not None:
         raise Refused("non_finite", f"tensor {bad!r} holds NaN or Inf values")
 
+    digest = tensors.sha256_hex(payload)
     key = update_key(
         run_id=run.pk, round_number=round_.number, attempt=round_.attempt, silo_id=silo.pk
     )
@@ -138,7 +191,7 @@ def update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> R
                 silo=silo,
                 num_examples=fields["num_examples"],
                 nonce=fields["nonce"],
-                sha256=tensors.sha256_hex(payload),
+                sha256=digest,
                 size_bytes=len(payload),
                 blob_key=key,
                 metrics=fields["metrics"],
@@ -146,6 +199,20 @@ def update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> R
             RoundMetric.objects.bulk_create(
                 RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
                 for scope, name, value in flat
+            )
+            audit_append(
+                actor=f"silo:{silo.name}",
+                action="update.accepted",
+                consortium_id=silo.consortium_id,
+                object_type="run",
+                object_id=run.pk,
+                data={
+                    "round": round_.number,
+                    "attempt": round_.attempt,
+                    "num_examples": fields["num_examples"],
+                    "sha256": digest,
+                    "bytes": len(payload),
+                },
             )
             dispatch.enqueue_advance(run.pk)
     except IntegrityError as exc:

@@ -23,6 +23,7 @@ def process_env(**extra: str) -> dict[str, str]:
         **os.environ,
         "DATABASE_URL": f"sqlite:///{db}",
         "QUORUM_BLOB_DIR": str(settings.QUORUM_BLOB_DIR),
+        "QUORUM_SIGNING_KEY_FILE": str(settings.QUORUM_SIGNING_KEY_FILE),
         "QUORUM_SWEEP_SECONDS": "0.5",
         "QUORUM_HEARTBEAT_SECONDS": "1",
         "PYTHONUNBUFFERED": "1",
@@ -86,13 +87,16 @@ def server(tmp: Path, port: int) -> Proc:
     )
 
 
-def agent(tmp: Path, name: str, *, url: str, token: str, data_csv: Path) -> Proc:
-    """A real quorum-agent process for one site."""
+def agent(tmp: Path, name: str, *, url: str, token: str, data_csv: Path, extra: str = "") -> Proc:
+    """A real quorum-agent process for one site, pinning the server's public key."""
+    from federation.signing import server_public_key_text
+
     folder = tmp / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "site.toml").write_text(
-        f'[server]\nurl = "{url}"\ntoken = "{token}"\n\n[data]\npath = "{data_csv}"\n\n'
-        f'[agent]\nname = "{name}"\n'
+        f'[server]\nurl = "{url}"\ntoken = "{token}"\npublic_key = "{server_public_key_text()}"\n\n'
+        f'[data]\npath = "{data_csv}"\n\n'
+        f'[agent]\nname = "{name}"\n{extra}'
     )
     return Proc(
         f"agent {name}",

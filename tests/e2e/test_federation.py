@@ -11,11 +11,17 @@ import pytest
 from fedcore import tensors
 from federation.models import ModelVersion, Round, Run, Silo, Update
 from federation.server import free_port
-from federation.services.runs import run_start
 from federation.services.silos import silo_issue_token
 from federation.storage import blob_store
 from tests.e2e import harness
-from tests.factories import ConsortiumFactory, PlanFactory, SiloFactory, plan_spec
+from tests.factories import (
+    ConsortiumFactory,
+    PlanFactory,
+    SiloFactory,
+    approve_by_stewards,
+    plan_spec,
+    start_run,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -34,8 +40,8 @@ def write_site_csv(path: Path, seed: int, n: int = 150) -> Path:
 def federation(tmp_path: Path, n_sites: int, **spec: object):
     consortium = ConsortiumFactory()
     silos = SiloFactory.create_batch(n_sites, organization__consortium=consortium)
-    plan = PlanFactory(consortium=consortium, spec=plan_spec(**spec))
-    plan.silos.set(silos)
+    plan = PlanFactory(consortium=consortium, spec=plan_spec(**spec), silos=silos)
+    approve_by_stewards(plan)
     port = free_port()
     url = f"ws://127.0.0.1:{port}/ws/agent/"
     server = harness.server(tmp_path, port)
@@ -66,7 +72,7 @@ def test_three_agents_train_two_rounds_through_the_real_server(tmp_path: Path) -
         harness.wait_until(
             lambda: online_count(silos) == 3, timeout=60, what="3 agents online", procs=procs
         )
-        run = run_start(plan=plan)
+        run = start_run(plan)
         harness.wait_until(
             lambda: not Run.objects.get(pk=run.pk).active,
             timeout=120,
@@ -118,7 +124,7 @@ def test_agent_reconnects_after_the_server_restarts_and_trains(tmp_path: Path) -
             lambda: online_count(silos) == 1, timeout=60, what="agent reconnected", procs=procs
         )
         assert Silo.objects.get(pk=silos[0].pk).connection_id != first_connection
-        run = run_start(plan=plan)
+        run = start_run(plan)
         harness.wait_until(
             lambda: not Run.objects.get(pk=run.pk).active,
             timeout=90,

@@ -11,11 +11,12 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from config.asgi import application
-from fedcore import protocol, tensors
+from fedcore import protocol, signing, tensors
 from fedcore.models import build_model
 from federation.models import Round, RoundMetric, Silo, Update
 from federation.services.silos import silo_issue_token
-from tests.factories import ConsortiumFactory, SiloFactory, running_round
+from federation.signing import server_public_key_text
+from tests.factories import ConsortiumFactory, SiloFactory, approve_by_stewards, running_round
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -52,6 +53,8 @@ async def receive_task(comm: WebsocketCommunicator) -> protocol.BinaryMessage:
     reassembler = protocol.Reassembler()
     while True:
         frame = await comm.receive_from(timeout=5)
+        if isinstance(frame, str) and protocol.decode_control(frame)["type"] == "plan_offer":
+            continue  # plans naming this silo are offered for local review first
         assert isinstance(frame, bytes), frame
         message = reassembler.feed(frame)
         if message is not None:
@@ -76,10 +79,18 @@ def update_frames(
     return protocol.encode_binary(message, max_frame_bytes=600)  # several chunks
 
 
+async def receive_control(comm: WebsocketCommunicator) -> dict[str, Any]:
+    """The next control message, past any plan offers."""
+    while True:
+        message = protocol.decode_control(await comm.receive_from(timeout=5))
+        if message["type"] != "plan_offer":
+            return message
+
+
 async def send_update(comm: WebsocketCommunicator, frames: list[bytes]) -> dict[str, Any]:
     for frame in frames:
         await comm.send_to(bytes_data=frame)
-    return protocol.decode_control(await comm.receive_from(timeout=5))
+    return await receive_control(comm)
 
 
 def good_state() -> dict[str, torch.Tensor]:
@@ -220,4 +231,45 @@ async def test_messages_before_hello_are_refused() -> None:
     await comm.send_to(text_data=protocol.encode_control("heartbeat", ts=1.0))
     error = protocol.decode_control(await comm.receive_from(timeout=5))
     assert error["code"] == "invalid_field" and "hello" in error["reason"]
+    await comm.disconnect()
+
+
+async def test_task_carries_a_grant_signed_for_exactly_this_silo_and_hash() -> None:
+    round_, [(silo, token)] = await make_round()
+    comm = await connect(token)
+    await hello(comm)
+    task = await receive_task(comm)
+    key = await database_sync_to_async(server_public_key_text)()
+    grant = task.fields["authorization"]
+    # No steward approved this plan: the signature holds, but the agent must refuse it.
+    with pytest.raises(signing.AuthorizationError, match="no data steward"):
+        signing.verify_authorization(
+            grant, public_key=key, plan=task.fields["plan"], silo=silo.name, run=round_.run_id
+        )
+    await comm.disconnect()
+
+    plan = await database_sync_to_async(lambda: round_.run.plan)()
+    await database_sync_to_async(approve_by_stewards)(plan)
+    comm = await connect(token)
+    await hello(comm)
+    task = await receive_task(comm)
+    grant = task.fields["authorization"]
+    payload = signing.verify_authorization(
+        grant, public_key=key, plan=task.fields["plan"], silo=silo.name, run=round_.run_id
+    )
+    assert payload["plan_hash"] == task.fields["plan_hash"] and payload["silo_approvals"]
+    with pytest.raises(signing.AuthorizationError, match="not 'elsewhere'"):
+        signing.verify_authorization(
+            grant, public_key=key, plan=task.fields["plan"], silo="elsewhere", run=round_.run_id
+        )
+    tampered_plan = {**task.fields["plan"], "min_silos": 99}
+    with pytest.raises(signing.AuthorizationError, match="hashes to"):
+        signing.verify_authorization(
+            grant, public_key=key, plan=tampered_plan, silo=silo.name, run=round_.run_id
+        )
+    other_key = signing.public_key_text(signing.generate_private_key())
+    with pytest.raises(signing.AuthorizationError, match="does not verify"):
+        signing.verify_authorization(
+            grant, public_key=other_key, plan=task.fields["plan"], silo=silo.name, run=round_.run_id
+        )
     await comm.disconnect()

@@ -15,10 +15,16 @@ from fedcore import tabular, tensors
 from fedcore.models import build_model
 from federation import orchestrator
 from federation.models import ModelVersion, Round, Run, Silo
-from federation.services.runs import run_start
 from federation.services.updates import Refused, stats_receive, update_receive
 from federation.storage import blob_store
-from tests.factories import SCHEMA, ConsortiumFactory, PlanFactory, SiloFactory, plan_spec
+from tests.factories import (
+    SCHEMA,
+    ConsortiumFactory,
+    PlanFactory,
+    SiloFactory,
+    plan_spec,
+    start_run,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -33,10 +39,9 @@ def online(silos: list[Silo]) -> None:
 def make_plan(n_silos: int = 3, **spec: object) -> tuple[list[Silo], Run]:
     consortium = ConsortiumFactory()
     silos = SiloFactory.create_batch(n_silos, organization__consortium=consortium)
-    plan = PlanFactory(consortium=consortium, spec=plan_spec(**spec))
-    plan.silos.set(silos)
+    plan = PlanFactory(consortium=consortium, spec=plan_spec(**spec), silos=silos)
     online(silos)
-    return silos, run_start(plan=plan)
+    return silos, start_run(plan)
 
 
 def site_frame(seed: int, n: int = 60) -> pd.DataFrame:

@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
@@ -28,10 +31,23 @@ from django.db import transaction
 from fedcore import tensors
 from federation.demo.baselines import evaluate_comparison
 from federation.demo.scenarios import SCENARIOS, Scenario
-from federation.models import Consortium, ModelVersion, Organization, Round, Run, Silo, TrainingPlan
+from federation.models import (
+    Consortium,
+    Membership,
+    ModelVersion,
+    Organization,
+    Role,
+    Round,
+    Run,
+    Silo,
+    TrainingPlan,
+)
 from federation.server import ServerThread, free_port, port_in_use
-from federation.services.runs import plan_create, run_start
-from federation.services.silos import silo_issue_token
+from federation.services.members import membership_add
+from federation.services.plans import plan_approve, plan_propose
+from federation.services.runs import run_start
+from federation.services.silos import silo_admit, silo_register
+from federation.signing import server_public_key_text
 from federation.storage import blob_store
 
 
@@ -56,15 +72,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         started = time.monotonic()
-        if opts["verbosity"] < 2:  # the server runs in this process: keep its log off the table
-            logging.getLogger("quorum").setLevel(logging.WARNING)
         if opts["rounds"] is not None and opts["rounds"] < 1:
             raise CommandError("--rounds must be at least 1")
         call_command("migrate", verbosity=0, interactive=False)
         scenario = _prepare_scenario(opts)
         home = settings.QUORUM_HOME / "demo" / scenario.name
         _reset(scenario, home)
-        plan, tokens = _create_consortium(scenario)
+        plan, tokens, users, scientist = _create_consortium(scenario)
 
         serve = not opts["no_serve"]
         port = opts["port"] if serve else free_port(opts["host"])
@@ -72,14 +86,16 @@ class Command(BaseCommand):
             raise CommandError(f"port {port} is in use: stop what runs there or pass --port N")
         server = ServerThread(opts["host"], port)
         server.start()
+        if opts["verbosity"] < 2:  # the server runs in this process: keep its log off the table
+            logging.getLogger("quorum").setLevel(logging.WARNING)
         self.say(f"Quorum server on {server.http_url} (agents connect to {server.ws_url})")
-        agents = _launch_agents(scenario, home, tokens, server.ws_url)
+        agents = _launch_agents(scenario, home, tokens, server.ws_url, server_public_key_text())
         try:
             _wait_online(list(tokens), agents, timeout=120.0)
             self.say(
-                f"{len(agents)} site agents connected; starting '{plan.name}' ({plan.spec_hash[:12]})"
+                f"{len(agents)} site agents connected; starting '{plan.name}' ({plan.current_version.spec_hash[:12]})"
             )
-            run = run_start(plan=plan)
+            run = run_start(actor=scientist, plan=plan)
             run = self.watch(run, agents, deadline=started + opts["timeout"])
             fed_seconds = time.monotonic() - started
             if run.status != Run.Status.COMPLETED:
@@ -100,6 +116,7 @@ class Command(BaseCommand):
             **comparison,
         }
         self.print_table(result)
+        self.print_users(users, server.http_url)
         if opts["json"]:
             self.stdout.write(json.dumps(result, sort_keys=True))
         if serve:
@@ -137,6 +154,13 @@ class Command(BaseCommand):
             if time.monotonic() > deadline:
                 raise CommandError(f"the run did not finish in time (status {run.status})")
             time.sleep(0.2)
+
+    def print_users(self, users: list[DemoUser], url: str) -> None:
+        """The demo accounts, one per role (passwords are new on every demo run)."""
+        self.say(f"\nDemo users (log in at {url}):")
+        self.say(f"{'username':<20} {'role':<18} {'organization':<36} password")
+        for u in users:
+            self.say(f"{u.username:<20} {u.role:<18} {u.organization[:36]:<36} {u.password}")
 
     def print_table(self, result: dict[str, Any]) -> None:
         """The comparison table."""
@@ -188,38 +212,99 @@ def _reset(scenario: Scenario, home: Path) -> None:
     home.mkdir(parents=True, exist_ok=True)
 
 
+@dataclass
+class DemoUser:
+    """A demo account, printed at the end with its one-time password."""
+
+    username: str
+    role: str
+    organization: str
+    password: str
+
+
+def _user(username: str, *, staff: bool = False) -> tuple[Any, str]:
+    user, _ = get_user_model().objects.get_or_create(username=username)
+    password = secrets.token_urlsafe(9)
+    user.set_password(password)
+    user.is_staff = user.is_superuser = staff
+    user.save()
+    return user, password
+
+
 @transaction.atomic
-def _create_consortium(scenario: Scenario) -> tuple[TrainingPlan, dict[str, str]]:
-    consortium = Consortium.objects.create(name=scenario.consortium, description=scenario.title)
+def _create_consortium(
+    scenario: Scenario,
+) -> tuple[TrainingPlan, dict[str, str], list[DemoUser], Any]:
+    """Walk the governance path a real consortium takes, with one user per role.
+
+    Stewards register their silos, the consortium admin admits them (tokens shown once), the data
+    scientist proposes the plan, every participating silo's steward approves its exact hash.
+    """
+    consortium = Consortium.objects.create(
+        name=scenario.consortium,
+        description=scenario.title,
+        require_steward_unanimity=True,
+        org_quorum_mode=Consortium.QuorumMode.FRACTION,
+        org_quorum_value=0.5,
+    )
+    office = Organization.objects.create(
+        consortium=consortium, name="Consortium office", kind=Organization.Kind.RESEARCH_LAB
+    )
+    users: list[DemoUser] = []
+    admin, password = _user("admin", staff=True)
+    Membership.objects.create(user=admin, organization=office, role=Role.CONSORTIUM_ADMIN)
+    users.append(DemoUser("admin", Role.CONSORTIUM_ADMIN, office.name, password))
+    for username, role in (("scientist", Role.DATA_SCIENTIST), ("auditor", Role.AUDITOR)):
+        user, password = _user(username)
+        membership_add(actor=admin, user=user, organization=office, role=role)
+        users.append(DemoUser(username, role, office.name, password))
+
     silos: list[Silo] = []
     tokens: dict[str, str] = {}
-    for site, frame in scenario.sites.items():
+    stewards: list[Any] = []
+    for i, (site, frame) in enumerate(scenario.sites.items()):
         org = Organization.objects.create(
             consortium=consortium, name=scenario.site_org_names[site], kind=scenario.org_kind
         )
-        silo = Silo.objects.create(
-            consortium=consortium,
+        steward, password = _user(f"steward-{site}")
+        membership_add(actor=admin, user=steward, organization=org, role=Role.DATA_STEWARD)
+        users.append(DemoUser(steward.username, Role.DATA_STEWARD, org.name, password))
+        stewards.append(steward)
+        if i == 0:
+            org_admin, password = _user("orgadmin")
+            membership_add(actor=admin, user=org_admin, organization=org, role=Role.ORG_ADMIN)
+            users.append(DemoUser("orgadmin", Role.ORG_ADMIN, org.name, password))
+        silo = silo_register(
+            actor=steward,
             organization=org,
             name=site,
+            description=f"{scenario.title}: records of {org.name}",
             schema=scenario.plan["schema"],
             row_count=len(frame),
             location=f"demo/{scenario.name}/sites/{site}/data.csv",
-            admission=Silo.Admission.ADMITTED,
         )
-        tokens[site] = silo_issue_token(silo=silo)
+        tokens[site] = silo_admit(actor=admin, silo=silo)
         silos.append(silo)
-    plan = plan_create(
+    scientist = get_user_model().objects.get(username="scientist")
+    plan = plan_propose(
+        actor=scientist,
         consortium=consortium,
         name=f"{scenario.title} model",
+        description=scenario.notes,
         spec=scenario.plan,
         silos=silos,
-        status=TrainingPlan.Status.APPROVED,
+        submit=True,
     )
-    return plan, tokens
+    for steward in stewards:
+        plan_approve(actor=steward, plan=plan, plan_hash=plan.current_version.spec_hash)
+    plan.refresh_from_db()
+    if plan.status != TrainingPlan.Status.APPROVED:
+        raise CommandError(f"the demo plan is {plan.status} after every steward approved it")
+    return plan, tokens, users, scientist
 
 
 def _launch_agents(
-    scenario: Scenario, home: Path, tokens: dict[str, str], ws_url: str
+    scenario: Scenario, home: Path, tokens: dict[str, str], ws_url: str, public_key: str
 ) -> dict[str, subprocess.Popen[bytes]]:
     """Write each site's folder (data.csv, site.toml) and start its agent process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -231,7 +316,7 @@ def _launch_agents(
         (folder / "token.txt").write_text(tokens[site] + "\n")
         os.chmod(folder / "token.txt", 0o600)
         (folder / "site.toml").write_text(
-            f'[server]\nurl = "{ws_url}"\ntoken_file = "token.txt"\n\n'
+            f'[server]\nurl = "{ws_url}"\ntoken_file = "token.txt"\npublic_key = "{public_key}"\n\n'
             f'[data]\npath = "data.csv"\n\n[agent]\nname = "{site}"\n'
         )
         log = open(folder / "agent.log", "wb")  # noqa: SIM115 - the child owns it until it exits

@@ -1,0 +1,152 @@
+"""Governance rules as read-only logic: approval state, version diffs, projected privacy cost.
+
+Nothing here writes; the services in ``federation.services.plans`` act on what it computes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from federation.models import Approval, Consortium, PlanVersion, Role, Silo
+
+
+@dataclass
+class ApprovalState:
+    """Where a plan version stands against its consortium's approval rules."""
+
+    plan_hash: str
+    # Names of participating silos whose organisation's steward has not approved.
+    stewards_missing: list[str] = field(default_factory=list)
+    # Names of organisations with an approval by a data steward or an organisation admin.
+    organizations_approved: list[str] = field(default_factory=list)
+    organizations_needed: int = 0
+    # Names of the organisations that rejected this version.
+    rejected_by: list[str] = field(default_factory=list)
+    satisfied: bool = False
+
+
+def organizations_needed(consortium: Consortium, member_count: int) -> int:
+    """How many member organisations must approve under the consortium's quorum rule."""
+    value = max(0.0, float(consortium.org_quorum_value))
+    if consortium.org_quorum_mode == Consortium.QuorumMode.COUNT:
+        return min(int(value), member_count)
+    # A small tolerance so that 0.3 * 10 (= 3.0000000000000004) asks for 3, not 4.
+    return min(math.ceil(value * member_count - 1e-9), member_count)
+
+
+def approval_state(version: PlanVersion) -> ApprovalState:
+    """Evaluate the consortium's rules over the decisions recorded for this version."""
+    consortium = version.plan.consortium
+    decisions = list(
+        Approval.objects.filter(version=version, plan_hash=version.spec_hash).select_related(
+            "organization"
+        )
+    )
+    approvals = [a for a in decisions if a.decision == Approval.Decision.APPROVE]
+    rejections = [a for a in decisions if a.decision == Approval.Decision.REJECT]
+    silos = list(version.silos.order_by("name"))
+
+    stewards_missing: list[str] = []
+    if consortium.require_steward_unanimity:
+        # One steward approval acting for organisation O covers all of O's participating silos.
+        steward_orgs = {a.organization_id for a in approvals if a.role == Role.DATA_STEWARD}
+        stewards_missing = [s.name for s in silos if s.organization_id not in steward_orgs]
+    organizations_approved = sorted({a.organization.name for a in approvals})
+    needed = organizations_needed(consortium, consortium.organizations.count())
+    rejected_by = sorted({a.organization.name for a in rejections})
+    satisfied = (
+        bool(silos)
+        and not stewards_missing
+        and len(organizations_approved) >= needed
+        and not rejected_by
+    )
+    return ApprovalState(
+        plan_hash=version.spec_hash,
+        stewards_missing=stewards_missing,
+        organizations_approved=organizations_approved,
+        organizations_needed=needed,
+        rejected_by=rejected_by,
+        satisfied=satisfied,
+    )
+
+
+_ABSENT = object()
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts as dotted paths; lists and scalars are leaves (compared whole)."""
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def plan_diff(old: PlanVersion, new: PlanVersion) -> list[dict[str, Any]]:
+    """What changed from one version to another: spec paths (sorted), then the silos.
+
+    ``[{"path": "training.lr", "old": 0.01, "new": 0.02}, ...]``; a path absent on one side has
+    ``None`` there. A change of silos is one entry ``{"path": "silos", "old": [...], "new": [...],
+    "added": [...], "removed": [...]}`` (silo names, sorted).
+    """
+    before = _flatten(old.spec, "", {})
+    after = _flatten(new.spec, "", {})
+    changes: list[dict[str, Any]] = []
+    for path in sorted(before.keys() | after.keys()):
+        a, b = before.get(path, _ABSENT), after.get(path, _ABSENT)
+        # `type` too: 1 == 1.0 == True in Python, but they are different plans (and hashes).
+        if a is _ABSENT or b is _ABSENT or type(a) is not type(b) or a != b:
+            changes.append(
+                {
+                    "path": path,
+                    "old": None if a is _ABSENT else a,
+                    "new": None if b is _ABSENT else b,
+                }
+            )
+    old_silos = set(old.silos.values_list("name", flat=True))
+    new_silos = set(new.silos.values_list("name", flat=True))
+    if old_silos != new_silos:
+        changes.append(
+            {
+                "path": "silos",
+                "old": sorted(old_silos),
+                "new": sorted(new_silos),
+                "added": sorted(new_silos - old_silos),
+                "removed": sorted(old_silos - new_silos),
+            }
+        )
+    return changes
+
+
+def projected_epsilon(version: PlanVersion) -> dict[str, float]:
+    """The privacy cost (epsilon) a run of this version would spend at each silo, by silo name.
+
+    0.0 everywhere for now: the privacy issue fills this in from the plan's privacy section.
+    """
+    return {name: 0.0 for name in version.silos.values_list("name", flat=True)}
+
+
+def silo_remaining_epsilon(silo: Silo) -> float | None:
+    """The silo's remaining privacy budget; None when no budget is set (unlimited).
+
+    Always None for now: the privacy issue adds budgets and fills this in.
+    """
+    return None
+
+
+def privacy_budget_problems(version: PlanVersion) -> list[str]:
+    """Why the version's projected privacy cost does not fit, one message per silo over budget."""
+    projected = projected_epsilon(version)
+    problems = []
+    for silo in version.silos.order_by("name"):
+        remaining = silo_remaining_epsilon(silo)
+        cost = projected.get(silo.name, 0.0)
+        if remaining is not None and cost > remaining:
+            problems.append(
+                f"silo '{silo.name}': projected privacy cost epsilon={cost:.4g} exceeds its "
+                f"remaining budget epsilon={remaining:.4g}"
+            )
+    return problems

@@ -1,0 +1,470 @@
+"""Training plan writes: proposing and editing versions, and the approval workflow.
+
+A plan's content lives in numbered, immutable versions; each approval or rejection belongs to one
+version and names its hash, so an edit (version n+1) starts the approvals afresh. The rules that
+turn approvals into "approved" are in ``federation.governance.approval_state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.http import Http404
+from django.utils import timezone
+
+from fedcore.plans import plan_hash as compute_plan_hash
+from federation import governance, permissions
+from federation.models import (
+    Approval,
+    Consortium,
+    Organization,
+    PlanVersion,
+    Role,
+    Silo,
+    TrainingPlan,
+)
+from federation.plan_spec import plan_spec_errors
+from federation.services.audit import actor_label, audit_append
+from federation.services.errors import Conflict
+
+Status = TrainingPlan.Status
+
+# From where a plan may be withdrawn (by its proposer) and edited.
+WITHDRAWABLE = frozenset({Status.DRAFT, Status.SUBMITTED, Status.APPROVED, Status.REJECTED})
+NOT_EDITABLE = frozenset({Status.RUNNING, Status.WITHDRAWN})
+# An edit of a plan in one of these states sends the new version back for approval.
+EDIT_RESUBMITS = frozenset(
+    {
+        Status.SUBMITTED,
+        Status.APPROVED,
+        Status.REJECTED,
+        Status.COMPLETED,
+        Status.FAILED,
+        Status.STOPPED,
+    }
+)
+
+
+def _spec_field(key: str) -> str:
+    """Where a plan_spec_errors key points in a request: inside "spec", or the silos list."""
+    return key if key in ("spec", "silos") else f"spec.{key}"
+
+
+def _checked_silos(consortium_id: int, silos: Iterable[Silo], errors: dict[str, str]) -> list[Silo]:
+    """The participating silos re-read from the database: admitted silos of the consortium."""
+    try:
+        ids = {silo.pk for silo in silos}
+    except (TypeError, AttributeError):
+        errors["silos"] = "must be a list of silos"
+        return []
+    found = list(
+        Silo.objects.filter(pk__in=ids, consortium_id=consortium_id)
+        .select_related("organization")
+        .order_by("name")
+    )
+    # Silos of other consortia are named by id only: their names are not the actor's to see.
+    foreign = sorted(ids - {silo.pk for silo in found}, key=str)
+    problems = []
+    if foreign:
+        problems.append(
+            f"silo id(s) {', '.join(map(str, foreign))} are not silos of this consortium"
+        )
+    not_admitted = [s.name for s in found if s.admission != Silo.Admission.ADMITTED]
+    if not_admitted:
+        problems.append(f"silo(s) {', '.join(not_admitted)} are not admitted")
+    if not ids:
+        problems.append("choose at least one silo")
+    if problems:
+        errors["silos"] = "; ".join(problems)
+    return found
+
+
+def _validated(
+    consortium_id: int, spec: Any, silos: Iterable[Silo], errors: dict[str, str]
+) -> tuple[list[Silo], str]:
+    """Check the spec and the silos together; raise ValidationError with every problem."""
+    chosen = _checked_silos(consortium_id, silos, errors)
+    spec_errors = plan_spec_errors(spec, silos=chosen if "silos" not in errors else None)
+    for key, message in spec_errors.items():
+        field = _spec_field(key)
+        errors[field] = f"{errors[field]}; {message}" if field in errors else message
+    digest = ""
+    if not errors:
+        try:
+            digest = compute_plan_hash(spec)
+        except (TypeError, ValueError) as exc:
+            errors["spec"] = f"not canonical JSON: {exc}"
+    if errors:
+        raise ValidationError(errors)
+    return chosen, digest
+
+
+def _lock_plan(plan: TrainingPlan) -> TrainingPlan:
+    """The plan's row, locked for the rest of the transaction (status changes serialise on it)."""
+    return (
+        TrainingPlan.objects.select_for_update(of=("self",))
+        .select_related("consortium", "current_version")
+        .get(pk=plan.pk)
+    )
+
+
+def _audit_plan(actor: Any, plan: TrainingPlan, action: str, **data: Any) -> None:
+    audit_append(
+        actor=actor_label(actor),
+        action=action,
+        consortium_id=plan.consortium_id,
+        object_type="plan",
+        object_id=plan.pk,
+        data={"plan": plan.name, **data},
+    )
+
+
+def _touch(plan: TrainingPlan, *fields: str) -> None:
+    plan.updated_at = timezone.now()
+    plan.save(update_fields=[*fields, "updated_at"])
+
+
+def _require_author(actor: Any, plan: TrainingPlan, action: str) -> None:
+    """The plan's proposer, or another data scientist of its consortium (else 403/404)."""
+    roles = permissions.roles_in(actor, plan.consortium_id)
+    if not roles:
+        raise Http404("no such plan")
+    if plan.proposed_by_id != actor.pk and Role.DATA_SCIENTIST not in roles:
+        raise PermissionDenied(
+            f"{action} needs the plan's proposer or a data scientist of the consortium"
+        )
+
+
+@transaction.atomic
+def plan_propose(
+    *,
+    actor: Any,
+    consortium: Consortium,
+    name: str,
+    description: str,
+    spec: dict[str, Any],
+    silos: list[Silo],
+    submit: bool = True,
+) -> TrainingPlan:
+    """Propose a plan (version 1), submitted for approval unless ``submit`` is False."""
+    permissions.require_roles(
+        actor, consortium.pk, permissions.CAN_PROPOSE_PLANS, "proposing a plan"
+    )
+    errors: dict[str, str] = {}
+    name = name.strip() if isinstance(name, str) else ""
+    if not name:
+        errors["name"] = "required"
+    elif len(name) > 200:
+        errors["name"] = "at most 200 characters"
+    if not isinstance(description, str):
+        errors["description"] = "must be text"
+    chosen, digest = _validated(consortium.pk, spec, silos, errors)
+    now = timezone.now()
+    plan = TrainingPlan.objects.create(
+        consortium=consortium,
+        name=name,
+        description=description,
+        proposed_by=actor,
+        status=Status.SUBMITTED if submit else Status.DRAFT,
+        created_at=now,
+        updated_at=now,
+    )
+    version = PlanVersion.objects.create(
+        plan=plan, number=1, spec=spec, spec_hash=digest, created_by=actor, created_at=now
+    )
+    version.silos.set(chosen)
+    plan.current_version = version
+    plan.save(update_fields=["current_version"])
+    _audit_plan(
+        actor,
+        plan,
+        "plan.proposed",
+        version=1,
+        plan_hash=digest,
+        silos=[s.name for s in chosen],
+    )
+    if submit:
+        _audit_plan(actor, plan, "plan.submitted", version=1, plan_hash=digest)
+    return plan
+
+
+@transaction.atomic
+def plan_edit(
+    *,
+    actor: Any,
+    plan: TrainingPlan,
+    spec: dict[str, Any],
+    silos: list[Silo],
+    description: str | None = None,
+) -> PlanVersion:
+    """Make version n+1 the plan's current version.
+
+    The approvals of version n stay with it, so none counts for the new hash; a submitted,
+    approved or rejected (or finished) plan goes back to "submitted", a draft stays a draft.
+    """
+    _require_author(actor, plan, "editing a plan")
+    plan = _lock_plan(plan)
+    if plan.status in NOT_EDITABLE:
+        raise Conflict(
+            f"plan '{plan.name}' is {plan.status}; "
+            + (
+                "stop its run before editing it"
+                if plan.status == Status.RUNNING
+                else "a withdrawn plan is closed: propose a new one"
+            )
+        )
+    errors: dict[str, str] = {}
+    if description is not None and not isinstance(description, str):
+        errors["description"] = "must be text"
+    chosen, digest = _validated(plan.consortium_id, spec, silos, errors)
+    previous = plan.current_version
+    if (
+        previous is not None
+        and previous.spec_hash == digest
+        and set(previous.silos.values_list("pk", flat=True)) == {s.pk for s in chosen}
+    ):
+        raise ValidationError(
+            {"spec": f"nothing to change: the spec and silos equal version {previous.number}"}
+        )
+    number = (previous.number if previous else 0) + 1
+    version = PlanVersion.objects.create(
+        plan=plan, number=number, spec=spec, spec_hash=digest, created_by=actor
+    )
+    version.silos.set(chosen)
+    old_status = plan.status
+    plan.current_version = version
+    fields = ["current_version"]
+    if plan.status in EDIT_RESUBMITS:
+        plan.status = Status.SUBMITTED
+        plan.rejection_reason = ""
+        fields += ["status", "rejection_reason"]
+    if description is not None:
+        plan.description = description
+        fields.append("description")
+    _touch(plan, *fields)
+    voided = previous.approvals.count() if previous else 0
+    changed = [c["path"] for c in governance.plan_diff(previous, version)] if previous else []
+    _audit_plan(
+        actor,
+        plan,
+        "plan.edited",
+        version=number,
+        plan_hash=digest,
+        previous_hash=previous.spec_hash if previous else None,
+        changed=changed,
+        decisions_voided=voided,
+        status=plan.status,
+        previous_status=old_status,
+    )
+    return version
+
+
+@transaction.atomic
+def plan_submit(*, actor: Any, plan: TrainingPlan) -> TrainingPlan:
+    """Submit a draft for approval."""
+    _require_author(actor, plan, "submitting a plan")
+    plan = _lock_plan(plan)
+    if plan.status != Status.DRAFT:
+        raise Conflict(f"plan '{plan.name}' is {plan.status}; only a draft can be submitted")
+    plan.status = Status.SUBMITTED
+    _touch(plan, "status")
+    version = plan.current_version
+    _audit_plan(
+        actor,
+        plan,
+        "plan.submitted",
+        version=version.number if version else None,
+        plan_hash=version.spec_hash if version else None,
+    )
+    return plan
+
+
+@transaction.atomic
+def plan_withdraw(*, actor: Any, plan: TrainingPlan) -> TrainingPlan:
+    """Withdraw a plan that has not run (its proposer only)."""
+    permissions.require_roles(actor, plan.consortium_id, permissions.READ_ROLES, "withdrawing")
+    plan = _lock_plan(plan)
+    if plan.proposed_by_id != actor.pk:
+        raise PermissionDenied("only the plan's proposer can withdraw it")
+    if plan.status not in WITHDRAWABLE:
+        raise Conflict(
+            f"plan '{plan.name}' is {plan.status}; only a draft, submitted, approved or rejected "
+            "plan can be withdrawn"
+        )
+    previous_status = plan.status
+    plan.status = Status.WITHDRAWN
+    _touch(plan, "status")
+    _audit_plan(actor, plan, "plan.withdrawn", previous_status=previous_status)
+    return plan
+
+
+def _decision_context(
+    *, actor: Any, plan: TrainingPlan, plan_hash: Any, organization: Organization | None, verb: str
+) -> tuple[TrainingPlan, PlanVersion, Organization, str]:
+    """Shared checks of approve and reject: who acts for which organisation, on which version."""
+    permissions.require_roles(
+        actor, plan.consortium_id, permissions.CAN_DECIDE_PLANS, f"{verb} a plan"
+    )
+    plan = _lock_plan(plan)
+    version = plan.current_version
+    if plan.proposed_by_id == actor.pk:
+        raise PermissionDenied(
+            f"you proposed plan '{plan.name}'; nobody approves or rejects their own plan "
+            "(someone else must decide; withdraw it if you no longer want it)"
+        )
+    if version is not None and version.created_by_id == actor.pk:
+        raise PermissionDenied(
+            f"you wrote version {version.number} of plan '{plan.name}'; someone else must decide"
+        )
+    orgs = list(
+        permissions.organizations_with_role(
+            actor, plan.consortium_id, permissions.CAN_DECIDE_PLANS
+        ).order_by("name")
+    )
+    if organization is None:
+        if len(orgs) != 1:
+            names = ", ".join(o.name for o in orgs)
+            raise ValidationError(
+                {"organization": f"you act for several organisations ({names}); name one"}
+            )
+        organization = orgs[0]
+    elif organization.pk not in {o.pk for o in orgs}:
+        names = ", ".join(o.name for o in orgs)
+        raise ValidationError(
+            {
+                "organization": "you are not a data steward or organisation admin of that "
+                f"organisation; you act for: {names}"
+            }
+        )
+    if not isinstance(plan_hash, str) or not plan_hash:
+        raise ValidationError({"plan_hash": "required: the hash of the version you reviewed"})
+    if plan.status != Status.SUBMITTED or version is None:
+        raise Conflict(
+            f"plan '{plan.name}' is {plan.status}; only a submitted plan can be decided on"
+        )
+    if plan_hash != version.spec_hash:
+        raise Conflict(
+            f"stale plan hash: you named {plan_hash}, but the current version "
+            f"{version.number} of plan '{plan.name}' has hash {version.spec_hash}; "
+            "review the current version and decide on its hash"
+        )
+    # A steward's decision counts for the unanimity rule; record the strongest role held there.
+    stewarded = permissions.organizations_with_role(
+        actor, plan.consortium_id, {Role.DATA_STEWARD}
+    ).filter(pk=organization.pk)
+    role = Role.DATA_STEWARD if stewarded.exists() else Role.ORG_ADMIN
+    if Approval.objects.filter(version=version, user=actor, organization=organization).exists():
+        raise Conflict(
+            f"you already decided on version {version.number} of plan '{plan.name}' "
+            f"for {organization.name}"
+        )
+    return plan, version, organization, role
+
+
+@transaction.atomic
+def plan_approve(
+    *, actor: Any, plan: TrainingPlan, plan_hash: str, organization: Organization | None = None
+) -> Approval:
+    """Approve the plan's current version (named by its hash) for one organisation.
+
+    When the consortium's rules are then satisfied, the plan becomes "approved".
+    """
+    plan, version, organization, role = _decision_context(
+        actor=actor, plan=plan, plan_hash=plan_hash, organization=organization, verb="approving"
+    )
+    earlier = Approval.objects.filter(
+        version=version,
+        organization=organization,
+        role=role,
+        decision=Approval.Decision.APPROVE,
+    ).first()
+    if earlier is not None:
+        raise Conflict(
+            f"{organization.name} already approved version {version.number} of plan "
+            f"'{plan.name}' as {role}"
+        )
+    problems = governance.privacy_budget_problems(version)
+    if problems:
+        raise Conflict("; ".join(problems))
+    approval = Approval.objects.create(
+        version=version,
+        plan_hash=version.spec_hash,
+        user=actor,
+        organization=organization,
+        role=role,
+        decision=Approval.Decision.APPROVE,
+    )
+    _audit_plan(
+        actor,
+        plan,
+        "plan.approved",
+        version=version.number,
+        plan_hash=version.spec_hash,
+        organization=organization.name,
+        organization_id=organization.pk,
+        role=role,
+    )
+    state = governance.approval_state(version)
+    if state.satisfied:
+        plan.status = Status.APPROVED
+        _touch(plan, "status")
+        _audit_plan(
+            actor,
+            plan,
+            "plan.fully_approved",
+            version=version.number,
+            plan_hash=version.spec_hash,
+            organizations=state.organizations_approved,
+            organizations_needed=state.organizations_needed,
+        )
+    return approval
+
+
+@transaction.atomic
+def plan_reject(
+    *,
+    actor: Any,
+    plan: TrainingPlan,
+    plan_hash: str,
+    reason: str,
+    organization: Organization | None = None,
+) -> Approval:
+    """Reject the plan's current version for one organisation, with a reason; the plan is
+    "rejected" until an edit resubmits it."""
+    reason = reason.strip() if isinstance(reason, str) else ""
+    if not reason:
+        # Checked after access, so that a stranger still gets 404 first.
+        permissions.require_roles(
+            actor, plan.consortium_id, permissions.CAN_DECIDE_PLANS, "rejecting a plan"
+        )
+        raise ValidationError({"reason": "a rejection needs a reason"})
+    plan, version, organization, role = _decision_context(
+        actor=actor, plan=plan, plan_hash=plan_hash, organization=organization, verb="rejecting"
+    )
+    rejection = Approval.objects.create(
+        version=version,
+        plan_hash=version.spec_hash,
+        user=actor,
+        organization=organization,
+        role=role,
+        decision=Approval.Decision.REJECT,
+        reason=reason,
+    )
+    plan.status = Status.REJECTED
+    plan.rejection_reason = reason
+    _touch(plan, "status", "rejection_reason")
+    _audit_plan(
+        actor,
+        plan,
+        "plan.rejected",
+        version=version.number,
+        plan_hash=version.spec_hash,
+        organization=organization.name,
+        organization_id=organization.pk,
+        role=role,
+        reason=reason,
+    )
+    return rejection

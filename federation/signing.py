@@ -1,0 +1,84 @@
+"""The server's Ed25519 signing key and the run authorizations it signs for agents.
+
+The key lives in QUORUM_SIGNING_KEY_FILE (PKCS#8 PEM, mode 0600), created on first use. Sites pin
+its public key (``manage.py server_key`` or GET /api/v1/server-key/) in their site.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from django.conf import settings
+from django.utils import timezone
+
+from fedcore import signing
+from federation.models import Approval, Role, Run, Silo
+
+_lock = threading.Lock()
+_cache: dict[Path, Ed25519PrivateKey] = {}
+
+
+def server_private_key() -> Ed25519PrivateKey:
+    """The server's signing key, created (0600) on first use."""
+    path = Path(settings.QUORUM_SIGNING_KEY_FILE)
+    with _lock:
+        if path in _cache:
+            return _cache[path]
+        if path.exists():
+            key = signing.private_key_from_pem(path.read_bytes())
+        else:
+            key = signing.generate_private_key()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(signing.private_key_to_pem(key))
+        _cache[path] = key
+        return key
+
+
+def server_public_key_text() -> str:
+    """The public key sites pin: ``ed25519:<base64>``."""
+    return signing.public_key_text(server_private_key())
+
+
+def _approval_json(approval: Approval) -> dict[str, Any]:
+    return {
+        "user": approval.user.get_username(),
+        "organization": approval.organization.name,
+        "role": approval.role,
+        "plan_hash": approval.plan_hash,
+        "at": approval.created_at.isoformat(),
+    }
+
+
+def authorization_for(*, run: Run, silo: Silo) -> dict[str, Any]:
+    """A signed grant that this silo may train on this run's plan hash.
+
+    ``silo_approvals`` lists the approvals by data stewards of the silo's organisation for the
+    run's exact plan hash; an agent refuses a grant where it is empty.
+    """
+    approvals = list(
+        Approval.objects.filter(
+            version=run.version, plan_hash=run.plan_hash, decision=Approval.Decision.APPROVE
+        )
+        .select_related("user", "organization")
+        .order_by("created_at", "pk")
+    )
+    payload = {
+        "run": run.pk,
+        "silo": silo.name,
+        "consortium": run.plan.consortium.name,
+        "plan_hash": run.plan_hash,
+        "approvals": [_approval_json(a) for a in approvals],
+        "silo_approvals": [
+            _approval_json(a)
+            for a in approvals
+            if a.organization_id == silo.organization_id and a.role == Role.DATA_STEWARD
+        ],
+        "issued_at": timezone.now().isoformat(),
+    }
+    return signing.sign_authorization(server_private_key(), payload)
