@@ -81,7 +81,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "federation",
     "dashboard",
@@ -162,17 +165,36 @@ LOGIN_URL = "/admin/login/"
 
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Token first: an anonymous API client gets 401 with "WWW-Authenticate: Token" (docs/api.md).
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "federation.api.pagination.PageNumberPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "EXCEPTION_HANDLER": "federation.api.exceptions.api_exception_handler",
 }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Quorum API",
     "DESCRIPTION": "Governed federated learning for healthcare and finance consortia.",
     "VERSION": "1.0.0",
+    # Swagger UI and ReDoc from drf-spectacular-sidecar's static files: no CDN, works offline.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": r"/api/v[0-9]+",
+    "ENUM_NAME_OVERRIDES": {
+        "PlanStatusEnum": "federation.models.TrainingPlan.Status",
+        "RunStatusEnum": "federation.models.Run.Status",
+        "RoundStatusEnum": "federation.models.Round.Status",
+    },
 }
+# Request bodies over 1 MiB are refused (413) before they are parsed.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 1 << 20
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 if PRODUCTION:
@@ -216,3 +238,7 @@ QUORUM_AGGREGATION_STALE_SECONDS = env_float("QUORUM_AGGREGATION_STALE_SECONDS",
 # Embedded profile: the ASGI server process runs orchestration steps and the sweeper. Tests of a
 # consumer in isolation turn it off.
 QUORUM_EMBEDDED_ORCHESTRATOR = env_bool("QUORUM_EMBEDDED_ORCHESTRATOR", True)
+# The server's Ed25519 key for signing run authorizations (created on first use, mode 0600).
+QUORUM_SIGNING_KEY_FILE = Path(
+    os.environ.get("QUORUM_SIGNING_KEY_FILE", QUORUM_HOME / "keys" / "server-ed25519.pem")
+).resolve()

@@ -1,9 +1,18 @@
-"""URL routes: dashboard, admin, REST API."""
+"""URL routes: dashboard, admin, REST API (docs/api.md) and its OpenAPI schema and docs."""
 
 from django.contrib import admin
+from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("api/v1/", include("federation.api.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("", include("dashboard.urls")),
 ]
+# With DEBUG (the embedded profile's default) the server serves static files itself: the admin's
+# and Swagger UI's (drf-spectacular-sidecar, no CDN). In production, collectstatic and let the
+# reverse proxy serve STATIC_ROOT.
+urlpatterns += staticfiles_urlpatterns()

@@ -12,3 +12,9 @@ def _blob_dir(settings: pytest.FixtureRequest, tmp_path: Path) -> None:
     """Every test gets its own blob storage folder and server signing key."""
     settings.QUORUM_BLOB_DIR = tmp_path / "blobs"
     settings.QUORUM_SIGNING_KEY_FILE = tmp_path / "keys" / "server-ed25519.pem"
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: pytest.FixtureRequest) -> None:
+    """PBKDF2 costs ~0.3 s a user; tests need passwords checked, not slow to crack."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -1,0 +1,622 @@
+"""Serializers of the REST API: module level, one unique name each (the OpenAPI component names).
+
+Output serializers are read-only views of models. Input serializers derive from
+``StrictSerializer``: an unknown key is a 400 naming it, never silently ignored. Fields that name
+other objects only resolve objects the requesting user can see (``federation.permissions``); a
+foreign id is refused exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db.models import Model, QuerySet
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from federation import governance, permissions, selectors
+from federation.models import (
+    Approval,
+    AuditEvent,
+    Consortium,
+    Membership,
+    ModelVersion,
+    Organization,
+    PlanVersion,
+    Role,
+    Round,
+    Run,
+    Silo,
+    TrainingPlan,
+)
+
+User = get_user_model()
+
+# Largest id or count accepted in a body: the signed 64-bit range every database can hold.
+MAX_INT = 2**63 - 1
+# At most this many ids in one list field (a plan's silos), each resolved in one query.
+MAX_IDS = 1000
+
+# --- input helpers ------------------------------------------------------------------------------
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses keys it does not declare: each unknown key is reported as a field error."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        unknown: dict[str, list[str]] = {}
+        if isinstance(data, Mapping):
+            writable = {name for name, field in self.fields.items() if not field.read_only}
+            unknown = {str(key): ["Unknown field."] for key in data if key not in writable}
+        try:
+            value = super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            if unknown and isinstance(exc.detail, dict):
+                raise serializers.ValidationError({**exc.detail, **unknown}) from exc
+            raise
+        if unknown:
+            raise serializers.ValidationError(unknown)
+        return value
+
+
+class TextField(serializers.CharField):
+    """A string, and only a string (DRF's CharField turns 5 into "5")."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class WholeNumberField(serializers.IntegerField):
+    """A JSON integer (DRF's IntegerField also takes "5", 5.0 and true)."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class FlagField(serializers.BooleanField):
+    """A JSON boolean (DRF's BooleanField also takes "yes", 1 and "on")."""
+
+    default_error_messages = {"invalid": "Must be true or false."}
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data
+
+
+def _user(field: serializers.Field) -> Any:
+    request = field.context.get("request")
+    return getattr(request, "user", None)
+
+
+class VisiblePrimaryKeyField(serializers.PrimaryKeyRelatedField):
+    """An id of an object the requesting user can see (missing and foreign ids look alike)."""
+
+    def __init__(self, *, scope: Callable[[Any], QuerySet[Any]], model: type[Model], **kwargs):
+        self.scope = scope
+        # The model's empty queryset only tells the schema generator what the id refers to.
+        super().__init__(queryset=model.objects.none(), **kwargs)
+
+    def get_queryset(self) -> QuerySet[Any]:
+        return self.scope(_user(self))
+
+
+@extend_schema_field({"type": "array", "items": {"type": "integer"}, "maxItems": MAX_IDS})
+class VisibleIdListField(serializers.Field):
+    """A list of ids of objects the user can see, resolved in one query (order kept, deduped)."""
+
+    default_error_messages = {
+        "not_a_list": "Expected a list of ids.",
+        "too_many": f"At most {MAX_IDS} ids.",
+        "invalid": "Ids must be integers: {bad}.",
+        "missing": "No such objects: {ids}.",
+    }
+
+    def __init__(self, *, scope: Callable[[Any], QuerySet[Any]], **kwargs: Any) -> None:
+        self.scope = scope
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> list[Any]:
+        if not isinstance(data, list):
+            self.fail("not_a_list")
+        if len(data) > MAX_IDS:
+            self.fail("too_many")
+        bad = [
+            repr(item)
+            for item in data
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 < item <= MAX_INT
+        ]
+        if bad:
+            self.fail("invalid", bad=", ".join(bad[:5]))
+        ids = list(dict.fromkeys(data))
+        found = {obj.pk: obj for obj in self.scope(_user(self)).filter(pk__in=ids)}
+        missing = [str(pk) for pk in ids if pk not in found]
+        if missing:
+            self.fail("missing", ids=", ".join(missing[:20]))
+        return [found[pk] for pk in ids]
+
+    def to_representation(self, value: Any) -> list[int]:
+        return [obj.pk for obj in value]
+
+
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class JSONObjectField(serializers.JSONField):
+    """A JSON object (not a list or scalar), without NUL characters (PostgreSQL refuses them)."""
+
+    default_error_messages = {
+        "not_an_object": "Expected a JSON object.",
+        "nul": "NUL characters are not allowed.",
+    }
+
+    def to_internal_value(self, data: Any) -> Any:
+        value = super().to_internal_value(data)
+        if not isinstance(value, dict):
+            self.fail("not_an_object")
+        if "\\u0000" in json.dumps(value):
+            self.fail("nul")
+        return value
+
+
+# --- errors (documented in the schema for every operation) --------------------------------------
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    """{"detail": message}: 401, 403, 404, 409, 413, 415."""
+
+    detail = serializers.CharField()
+
+
+# --- people and consortia ------------------------------------------------------------------------
+
+
+class UserSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = User
+        fields = ["id", "username"]
+        read_only_fields = fields
+
+
+class MembershipSerializer(serializers.ModelSerializer):
+    user = UserSummarySerializer(read_only=True)
+    organization_name = serializers.CharField(source="organization.name", read_only=True)
+    consortium = serializers.IntegerField(source="organization.consortium_id", read_only=True)
+    consortium_name = serializers.CharField(source="organization.consortium.name", read_only=True)
+
+    class Meta:
+        model = Membership
+        fields = [
+            "id",
+            "user",
+            "organization",
+            "organization_name",
+            "consortium",
+            "consortium_name",
+            "role",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class MeSerializer(serializers.ModelSerializer):
+    # Plain text: an unset address is "", which is not format "email".
+    email = serializers.CharField(read_only=True)
+    memberships = MembershipSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = User
+        fields = ["id", "username", "email", "first_name", "last_name", "memberships"]
+        read_only_fields = fields
+
+
+class ConsortiumSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Consortium
+        fields = ["id", "name", "description", "created_at"]
+        read_only_fields = fields
+
+
+class ConsortiumRulesSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Consortium
+        fields = ["require_steward_unanimity", "org_quorum_mode", "org_quorum_value"]
+        read_only_fields = fields
+
+
+class ConsortiumDetailSerializer(serializers.ModelSerializer):
+    rules = ConsortiumRulesSerializer(source="*", read_only=True)
+
+    class Meta:
+        model = Consortium
+        fields = ["id", "name", "description", "created_at", "rules"]
+        read_only_fields = fields
+
+
+class OrganizationSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Organization
+        fields = ["id", "consortium", "name", "kind"]
+        read_only_fields = fields
+
+
+class ConsortiumOrganizationField(serializers.PrimaryKeyRelatedField):
+    """An organisation of the consortium named by the URL (the view puts it in the context)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(queryset=Organization.objects.none(), **kwargs)
+
+    def get_queryset(self) -> QuerySet[Organization]:
+        return Organization.objects.filter(consortium=self.context["consortium"])
+
+
+class MembershipAddSerializer(StrictSerializer):
+    user = TextField(max_length=150, help_text="The username")
+    organization = ConsortiumOrganizationField()
+    role = serializers.ChoiceField(choices=Role.choices)
+
+
+# --- silos ----------------------------------------------------------------------------------------
+
+
+class SiloSerializer(serializers.ModelSerializer):
+    """A silo as lists show it (never its token hash)."""
+
+    organization_name = serializers.CharField(source="organization.name", read_only=True)
+    online = serializers.SerializerMethodField()
+    has_token = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Silo
+        fields = [
+            "id",
+            "consortium",
+            "organization",
+            "organization_name",
+            "name",
+            "description",
+            "row_count",
+            "location",
+            "admission",
+            "has_token",
+            "online",
+            "last_heartbeat",
+            "agent_version",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_online(self, silo: Silo) -> bool:
+        return selectors.silo_is_online(silo)
+
+    def get_has_token(self, silo: Silo) -> bool:
+        return silo.token_hash is not None
+
+
+class SiloDetailSerializer(SiloSerializer):
+    """A silo with its data schema."""
+
+    schema = serializers.JSONField(read_only=True)
+
+    class Meta(SiloSerializer.Meta):
+        fields = [*SiloSerializer.Meta.fields, "schema"]
+        read_only_fields = fields
+
+
+class SiloRegisterSerializer(StrictSerializer):
+    organization = VisiblePrimaryKeyField(
+        model=Organization,
+        scope=lambda user: Organization.objects.filter(
+            consortium_id__in=permissions.consortium_ids_of(user)
+        ),
+    )
+    name = TextField(max_length=100)
+    description = TextField(required=False, allow_blank=True, default="")
+    schema = JSONObjectField()
+    row_count = WholeNumberField(min_value=0, max_value=2**31 - 1)
+    location = TextField(max_length=500, required=False, allow_blank=True, default="")
+
+
+class SiloRejectSerializer(StrictSerializer):
+    reason = TextField(max_length=2000)
+
+
+class AgentTokenSerializer(serializers.Serializer):
+    """The agent token: returned once, never stored in clear."""
+
+    token = serializers.CharField(read_only=True)
+
+
+# --- plans ----------------------------------------------------------------------------------------
+
+
+class PlanVersionSerializer(serializers.ModelSerializer):
+    """A plan version without its spec (lists)."""
+
+    silos = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = PlanVersion
+        fields = ["number", "spec_hash", "silos", "created_by", "created_at"]
+        read_only_fields = fields
+
+
+class PlanVersionDetailSerializer(PlanVersionSerializer):
+    spec = serializers.JSONField(read_only=True)
+
+    class Meta(PlanVersionSerializer.Meta):
+        fields = [*PlanVersionSerializer.Meta.fields, "spec"]
+        read_only_fields = fields
+
+
+class ApprovalStateSerializer(serializers.Serializer):
+    """federation.governance.ApprovalState of the current version."""
+
+    plan_hash = serializers.CharField(read_only=True)
+    stewards_missing = serializers.ListField(child=serializers.CharField(), read_only=True)
+    organizations_approved = serializers.ListField(child=serializers.CharField(), read_only=True)
+    organizations_needed = serializers.IntegerField(read_only=True)
+    rejected_by = serializers.ListField(child=serializers.CharField(), read_only=True)
+    satisfied = serializers.BooleanField(read_only=True)
+
+
+class PlanSerializer(serializers.ModelSerializer):
+    """A plan as lists show it."""
+
+    proposed_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    version = serializers.IntegerField(
+        source="current_version.number", read_only=True, allow_null=True
+    )
+    plan_hash = serializers.CharField(
+        source="current_version.spec_hash", read_only=True, allow_null=True
+    )
+
+    class Meta:
+        model = TrainingPlan
+        fields = [
+            "id",
+            "consortium",
+            "name",
+            "description",
+            "status",
+            "proposed_by",
+            "version",
+            "plan_hash",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+
+class PlanDetailSerializer(PlanSerializer):
+    """A plan with its current version and the approval state of that version."""
+
+    current_version = PlanVersionDetailSerializer(read_only=True, allow_null=True)
+    approval_state = serializers.SerializerMethodField()
+
+    class Meta(PlanSerializer.Meta):
+        fields = [
+            *PlanSerializer.Meta.fields,
+            "rejection_reason",
+            "current_version",
+            "approval_state",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(ApprovalStateSerializer(allow_null=True))
+    def get_approval_state(self, plan: TrainingPlan) -> dict[str, Any] | None:
+        if plan.current_version is None:
+            return None
+        return ApprovalStateSerializer(governance.approval_state(plan.current_version)).data
+
+
+class PlanProposeSerializer(StrictSerializer):
+    consortium = VisiblePrimaryKeyField(model=Consortium, scope=permissions.consortia_of)
+    name = TextField(max_length=200)
+    description = TextField(required=False, allow_blank=True, default="")
+    spec = JSONObjectField()
+    silos = VisibleIdListField(scope=permissions.silos_visible_to)
+    submit = FlagField(required=False, default=True)
+
+
+class PlanEditSerializer(StrictSerializer):
+    spec = JSONObjectField()
+    silos = VisibleIdListField(scope=permissions.silos_visible_to)
+    description = TextField(required=False, allow_blank=True)
+
+
+class PlanDecisionSerializer(StrictSerializer):
+    """An approval: the hash the member reviewed, and (if they act for several) the organisation."""
+
+    plan_hash = TextField(max_length=64)
+    organization = VisiblePrimaryKeyField(
+        model=Organization,
+        scope=lambda user: Organization.objects.filter(
+            consortium_id__in=permissions.consortium_ids_of(user)
+        ),
+        required=False,
+        allow_null=True,
+        default=None,
+    )
+
+
+class PlanRejectionSerializer(PlanDecisionSerializer):
+    reason = TextField(max_length=2000)
+
+
+class ApprovalSerializer(serializers.ModelSerializer):
+    version = serializers.IntegerField(source="version.number", read_only=True)
+    user = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    organization_name = serializers.CharField(source="organization.name", read_only=True)
+
+    class Meta:
+        model = Approval
+        fields = [
+            "id",
+            "version",
+            "plan_hash",
+            "user",
+            "organization",
+            "organization_name",
+            "role",
+            "decision",
+            "reason",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class PlanDiffQuerySerializer(serializers.Serializer):
+    """?from=&to= of a plan diff (``from`` is a Python keyword, hence get_fields). Other query
+    parameters are ignored, as on every GET."""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        return {
+            "from": serializers.IntegerField(min_value=1, max_value=MAX_INT),
+            "to": serializers.IntegerField(min_value=1, max_value=MAX_INT),
+        }
+
+
+class PlanChangeSerializer(serializers.Serializer):
+    """One difference between two versions: a spec path, or "silos" (with silo names)."""
+
+    path = serializers.CharField(read_only=True)
+    old = serializers.JSONField(read_only=True, allow_null=True)
+    new = serializers.JSONField(read_only=True, allow_null=True)
+    added = serializers.ListField(child=serializers.CharField(), read_only=True, allow_null=True)
+    removed = serializers.ListField(child=serializers.CharField(), read_only=True, allow_null=True)
+
+
+class PlanDiffSerializer(serializers.Serializer):
+    from_version = serializers.IntegerField(read_only=True)
+    to_version = serializers.IntegerField(read_only=True)
+    from_hash = serializers.CharField(read_only=True)
+    to_hash = serializers.CharField(read_only=True)
+    changes = PlanChangeSerializer(many=True, read_only=True)
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+class RunSerializer(serializers.ModelSerializer):
+    """A run as lists show it."""
+
+    plan_name = serializers.CharField(source="plan.name", read_only=True)
+    consortium = serializers.IntegerField(source="plan.consortium_id", read_only=True)
+    version = serializers.IntegerField(source="version.number", read_only=True)
+    started_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Run
+        fields = [
+            "id",
+            "plan",
+            "plan_name",
+            "consortium",
+            "version",
+            "plan_hash",
+            "status",
+            "rounds",
+            "started_by",
+            "error",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class RoundSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Round
+        fields = ["number", "attempt", "status", "started_at", "finished_at"]
+        read_only_fields = fields
+
+
+class RunDetailSerializer(RunSerializer):
+    """A run with the state of each of its rounds."""
+
+    round_summary = RoundSummarySerializer(source="round_set", many=True, read_only=True)
+
+    class Meta(RunSerializer.Meta):
+        fields = [*RunSerializer.Meta.fields, "round_summary"]
+        read_only_fields = fields
+
+
+class RunStartSerializer(StrictSerializer):
+    plan = VisiblePrimaryKeyField(model=TrainingPlan, scope=permissions.plans_visible_to)
+
+
+class RoundMetricValueSerializer(serializers.Serializer):
+    scope = serializers.CharField(read_only=True)
+    name = serializers.CharField(read_only=True)
+    value = serializers.FloatField(read_only=True)
+
+
+class RoundSerializer(serializers.ModelSerializer):
+    """A round: how many silos were asked, how many answered, and the round-level metrics."""
+
+    selected_count = serializers.IntegerField(read_only=True)
+    updates_count = serializers.IntegerField(read_only=True)
+    metrics = RoundMetricValueSerializer(source="summary_metrics", many=True, read_only=True)
+
+    class Meta:
+        model = Round
+        fields = [
+            "number",
+            "attempt",
+            "status",
+            "selected_count",
+            "updates_count",
+            "metrics",
+            "deadline",
+            "started_at",
+            "finished_at",
+            "error",
+        ]
+        read_only_fields = fields
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    round = serializers.IntegerField(source="round.number", read_only=True, allow_null=True)
+
+    class Meta:
+        model = ModelVersion
+        fields = ["number", "round", "checksum", "size_bytes", "created_at"]
+        read_only_fields = fields
+
+
+# --- audit ----------------------------------------------------------------------------------------
+
+
+class AuditEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AuditEvent
+        fields = [
+            "index",
+            "created_at",
+            "actor",
+            "action",
+            "consortium_id",
+            "object_type",
+            "object_id",
+            "data",
+            "prev_hash",
+            "hash",
+        ]
+        read_only_fields = fields
+
+
+class AuditHeadSerializer(serializers.Serializer):
+    index = serializers.IntegerField(read_only=True)
+    hash = serializers.CharField(read_only=True)
+
+
+class ServerKeySerializer(serializers.Serializer):
+    public_key = serializers.CharField(read_only=True)

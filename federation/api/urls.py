@@ -1,0 +1,63 @@
+"""Routes of the REST API, mounted at /api/v1/ (docs/api.md lists them with their roles)."""
+
+from __future__ import annotations
+
+from django.urls import path, re_path
+
+from federation.api.views import audit, people, plans, runs, silos
+from federation.api.views.base import ApiNotFoundView
+
+app_name = "api"
+urlpatterns = [
+    path("me/", people.MeView.as_view(), name="me"),
+    path("consortia/", people.ConsortiumListView.as_view(), name="consortium-list"),
+    path("consortia/<int:pk>/", people.ConsortiumDetailView.as_view(), name="consortium-detail"),
+    path(
+        "consortia/<int:pk>/organizations/",
+        people.ConsortiumOrganizationListView.as_view(),
+        name="consortium-organizations",
+    ),
+    path(
+        "consortia/<int:pk>/members/",
+        people.ConsortiumMemberListView.as_view(),
+        name="consortium-members",
+    ),
+    path("silos/", silos.SiloListView.as_view(), name="silo-list"),
+    path("silos/<int:pk>/", silos.SiloDetailView.as_view(), name="silo-detail"),
+    path("silos/<int:pk>/admit/", silos.SiloAdmitView.as_view(), name="silo-admit"),
+    path("silos/<int:pk>/reject/", silos.SiloRejectView.as_view(), name="silo-reject"),
+    path(
+        "silos/<int:pk>/rotate-token/",
+        silos.SiloTokenRotateView.as_view(),
+        name="silo-rotate-token",
+    ),
+    path(
+        "silos/<int:pk>/revoke-token/",
+        silos.SiloTokenRevokeView.as_view(),
+        name="silo-revoke-token",
+    ),
+    path("plans/", plans.PlanListView.as_view(), name="plan-list"),
+    path("plans/<int:pk>/", plans.PlanDetailView.as_view(), name="plan-detail"),
+    path("plans/<int:pk>/versions/", plans.PlanVersionListView.as_view(), name="plan-versions"),
+    path(
+        "plans/<int:pk>/versions/<int:number>/",
+        plans.PlanVersionDetailView.as_view(),
+        name="plan-version",
+    ),
+    path("plans/<int:pk>/diff/", plans.PlanDiffView.as_view(), name="plan-diff"),
+    path("plans/<int:pk>/submit/", plans.PlanSubmitView.as_view(), name="plan-submit"),
+    path("plans/<int:pk>/withdraw/", plans.PlanWithdrawView.as_view(), name="plan-withdraw"),
+    path("plans/<int:pk>/approve/", plans.PlanApproveView.as_view(), name="plan-approve"),
+    path("plans/<int:pk>/reject/", plans.PlanRejectView.as_view(), name="plan-reject"),
+    path("plans/<int:pk>/approvals/", plans.PlanApprovalListView.as_view(), name="plan-approvals"),
+    path("runs/", runs.RunListView.as_view(), name="run-list"),
+    path("runs/<int:pk>/", runs.RunDetailView.as_view(), name="run-detail"),
+    path("runs/<int:pk>/stop/", runs.RunStopView.as_view(), name="run-stop"),
+    path("runs/<int:pk>/rounds/", runs.RunRoundListView.as_view(), name="run-rounds"),
+    path("runs/<int:pk>/models/", runs.RunModelListView.as_view(), name="run-models"),
+    path("audit/events/", audit.AuditEventListView.as_view(), name="audit-events"),
+    path("audit/head/", audit.AuditHeadView.as_view(), name="audit-head"),
+    path("server-key/", audit.ServerKeyView.as_view(), name="server-key"),
+    # Anything else under /api/v1/ is a JSON 404, not the HTML page.
+    re_path(r"^.*$", ApiNotFoundView.as_view(), name="not-found"),
+]

@@ -1,0 +1,86 @@
+"""The current user, consortia, their organisations and memberships."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from federation import permissions
+from federation.api import selectors
+from federation.api.serializers import (
+    ConsortiumDetailSerializer,
+    ConsortiumSerializer,
+    MembershipAddSerializer,
+    MembershipSerializer,
+    MeSerializer,
+    OrganizationSerializer,
+)
+from federation.api.views.base import ApiListView, ApiView, validated
+from federation.models import Consortium, Membership, Organization
+from federation.services.members import membership_add
+
+
+class MeView(ApiView):
+    @extend_schema(responses=MeSerializer, summary="The current user and their roles")
+    def get(self, request: Request) -> Response:
+        return Response(MeSerializer(selectors.me(request.user)).data)
+
+
+class ConsortiumListView(ApiListView):
+    """The consortia the user is a member of."""
+
+    serializer_class = ConsortiumSerializer
+
+    def get_queryset(self):
+        return selectors.consortium_list(self.request.user)
+
+
+class ConsortiumDetailView(ApiView):
+    @extend_schema(responses=ConsortiumDetailSerializer, summary="A consortium and its rules")
+    def get(self, request: Request, pk: int) -> Response:
+        consortium = permissions.access_consortium(user=request.user, id=pk)
+        return Response(ConsortiumDetailSerializer(consortium).data)
+
+
+class ConsortiumOrganizationListView(ApiListView):
+    """A consortium's member organisations."""
+
+    serializer_class = OrganizationSerializer
+
+    def get_queryset(self):
+        if self.schema_only:
+            return Organization.objects.none()
+        consortium = permissions.access_consortium(user=self.request.user, id=self.kwargs["pk"])
+        return selectors.organization_list(consortium)
+
+
+class ConsortiumMemberListView(ApiListView):
+    """A consortium's memberships; consortium and organisation admins add new ones."""
+
+    serializer_class = MembershipSerializer
+
+    def get_queryset(self):
+        if self.schema_only:
+            return Membership.objects.none()
+        consortium = permissions.access_consortium(user=self.request.user, id=self.kwargs["pk"])
+        return selectors.membership_list(consortium)
+
+    @extend_schema(
+        request=MembershipAddSerializer,
+        responses={201: MembershipSerializer},
+        summary="Give a user a role in an organisation of the consortium",
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        consortium: Consortium = permissions.access_consortium(user=request.user, id=pk)
+        data = validated(MembershipAddSerializer, request, consortium=consortium)
+        membership = membership_add(
+            actor=request.user,
+            # An unknown username reaches the service as None: it checks roles first, so only
+            # members allowed to add members learn whether a username exists.
+            user=selectors.user_by_username(data["user"]),
+            organization=data["organization"],
+            role=data["role"],
+        )
+        return Response(MembershipSerializer(membership).data, status=status.HTTP_201_CREATED)
