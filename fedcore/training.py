@@ -9,7 +9,7 @@ state afterwards. Thread counts are left to the caller (``torch.set_num_threads`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -149,8 +149,15 @@ def train_local(
     weight_decay: float = 0.0,
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
+    prox_mu: float = 0.0,
+    prox_reference: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place with binary cross-entropy on logits and mini-batch shuffling.
+
+    FedProx (Li et al., 2020, "Federated Optimization in Heterogeneous Networks"): with
+    ``prox_mu > 0`` every step minimises ``BCE + prox_mu / 2 * ||w - w_ref||²`` over the trainable
+    parameters, which keeps a site's model near the round's global model when sites' data
+    differ. The server aggregates FedProx updates with plain FedAvg.
 
     Args:
         model: module mapping (n, d) float32 features to (n, 1) logits, e.g. from
@@ -166,10 +173,16 @@ def train_local(
         seed: seeds batch order and dropout; the same seed and data give the same model.
         on_batch: called as ``on_batch(step, total_steps)`` after each optimizer step, with
             ``step`` counting from 1 to ``total_steps`` (for progress bars).
+        prox_mu: FedProx's μ, a finite number >= 0; 0 (the default) trains without the term.
+        prox_reference: FedProx's ``w_ref``, parameter name (as in ``model.named_parameters()``)
+            -> tensor, one for every trainable parameter, same shape. None uses the model's
+            parameters as they are when the call starts: the global weights the agent has
+            just loaded. Ignored when ``prox_mu`` is 0.
 
     Returns:
         ``{"train_loss": example-weighted mean loss over the last epoch, "epochs": int,
-        "steps": int}``.
+        "steps": int}``. ``train_loss`` is the data loss only, without the proximal term, so it
+        compares across strategies.
 
     Raises:
         TrainingError: an argument is invalid, or the loss became NaN/Inf (lower ``lr``).
@@ -197,8 +210,12 @@ def train_local(
         raise TrainingError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if not _is_int(seed):
         raise TrainingError(f"seed must be an integer, got {seed!r}")
+    if not _is_number(prox_mu) or prox_mu < 0:
+        raise TrainingError(f"prox_mu must be a finite number >= 0, got {prox_mu!r}")
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    anchors = _prox_anchors(named, prox_reference) if prox_mu > 0 else []
     opt: _Adam | _SGD
     if optimizer == "adam":
         opt = _Adam(params, lr=lr, weight_decay=weight_decay)
@@ -231,6 +248,13 @@ def train_local(
                             f"{step + 1}; lower lr (now {lr}) or check the features for "
                             "extreme values"
                         )
+                    if anchors:
+                        proximal = sum(
+                            (p - anchor).square().sum()
+                            for p, anchor in zip(params, anchors, strict=True)
+                        )
+                        # FedProx: pulls w towards w_ref; train_loss stays the data loss.
+                        loss = loss + 0.5 * prox_mu * proximal
                     loss.backward()
                     opt.step()
                     epoch_loss += value * index.numel()
@@ -240,6 +264,33 @@ def train_local(
     finally:
         model.train(was_training)
     return {"train_loss": epoch_loss / n, "epochs": epochs, "steps": step}
+
+
+def _prox_anchors(
+    named: list[tuple[str, nn.Parameter]], reference: Mapping[str, torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """FedProx reference tensors, one per trainable parameter (detached float copies)."""
+    if reference is None:
+        return [p.detach().clone() for _, p in named]
+    if not isinstance(reference, Mapping):
+        raise TrainingError(
+            "prox_reference must map parameter names to tensors (e.g. the global state dict), "
+            f"got {type(reference).__name__}"
+        )
+    anchors = []
+    for name, p in named:
+        if name not in reference:
+            raise TrainingError(f"prox_reference has no tensor for parameter {name!r}")
+        anchor = torch.as_tensor(reference[name]).detach()
+        if tuple(anchor.shape) != tuple(p.shape):
+            raise TrainingError(
+                f"prox_reference[{name!r}] has shape {tuple(anchor.shape)}, the parameter "
+                f"{tuple(p.shape)}"
+            )
+        if not bool(torch.isfinite(anchor).all()):
+            raise TrainingError(f"prox_reference[{name!r}] holds NaN or Inf")
+        anchors.append(anchor.to(device=p.device, dtype=p.dtype, copy=True))
+    return anchors
 
 
 def predict_proba(model: nn.Module, X: ArrayLike | torch.Tensor) -> np.ndarray:

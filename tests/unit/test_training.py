@@ -200,3 +200,56 @@ def test_own_optimizers_match_torch_optim_step_by_step(name, kwargs):
             opt.step()
     for a, b in zip(reference.parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fedprox_term_adds_mu_times_the_distance_to_the_reference_to_the_gradient():
+    X, y = separable_problem(n=50)
+    start = build_model({"kind": "logistic_regression"}, X.shape[1], seed=0)
+    reference = {name: p.detach() + 0.5 for name, p in start.named_parameters()}
+    plain, prox = copy.deepcopy(start), copy.deepcopy(start)
+    one_step = {"epochs": 1, "batch_size": len(X), "lr": 0.1, "optimizer": "sgd"}
+
+    train_local(plain, X, y, **one_step)
+    result = train_local(prox, X, y, **one_step, prox_mu=2.0, prox_reference=reference)
+
+    # SGD on BCE + mu/2 ||w - ref||²: w1 = w0 - lr (grad_BCE + mu (w0 - ref)), and w0 - ref = -0.5
+    for name, p in prox.named_parameters():
+        expected = dict(plain.named_parameters())[name] - 0.1 * 2.0 * (-0.5)
+        torch.testing.assert_close(p, expected)
+    assert result["train_loss"] == train_local(copy.deepcopy(start), X, y, **one_step)["train_loss"]
+
+
+def test_fedprox_keeps_the_model_near_the_starting_weights_by_default():
+    X, y = separable_problem()
+    start = build_model({"kind": "mlp", "hidden": [8]}, X.shape[1], seed=0)
+    initial = copy.deepcopy(start.state_dict())
+
+    def drift(mu: float) -> float:
+        model = copy.deepcopy(start)
+        train_local(model, X, y, epochs=5, batch_size=16, lr=0.05, seed=1, prox_mu=mu)
+        state = model.state_dict()
+        return sum(float((state[k] - initial[k]).square().sum()) for k in state) ** 0.5
+
+    free, anchored, off = drift(0.0), drift(5.0), drift(0.0)
+
+    assert anchored < 0.5 * free
+    assert off == free  # prox_mu = 0 is the plain training
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prox_mu": -0.1}, "prox_mu must be a finite number >= 0"),
+        ({"prox_mu": 0.1, "prox_reference": {}}, "prox_reference has no tensor for parameter"),
+        (
+            {"prox_mu": 0.1, "prox_reference": {"linear.weight": torch.zeros(3)}},
+            r"prox_reference\['linear.weight'\] has shape \(3,\)",
+        ),
+    ],
+)
+def test_bad_fedprox_arguments_are_refused(kwargs, message):
+    X, y = separable_problem(n=20)
+    model = build_model({"kind": "logistic_regression"}, X.shape[1], seed=0)
+
+    with pytest.raises(TrainingError, match=message):
+        train_local(model, X, y, epochs=1, batch_size=4, lr=0.1, **kwargs)

@@ -1,0 +1,80 @@
+"""Strategies by name, and building one from a plan's ``aggregation`` spec."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from fedcore.aggregation.base import Strategy
+from fedcore.aggregation.qfedavg import QFedAvg
+from fedcore.aggregation.robust import Krum, Median, MultiKrum, TrimmedMean, _Robust
+from fedcore.aggregation.server_opt import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedYogi,
+    NormBoundFedAvg,
+)
+
+__all__ = ["STRATEGIES", "make_strategy"]
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (
+        FedAvg,
+        FedAvgM,
+        FedAdam,
+        FedYogi,
+        FedAdagrad,
+        QFedAvg,
+        NormBoundFedAvg,
+        Median,
+        TrimmedMean,
+        Krum,
+        MultiKrum,
+    )
+}
+
+
+def make_strategy(
+    spec: Mapping[str, Any], *, spill_dir: str | os.PathLike[str] | None = None
+) -> Strategy:
+    """Build a strategy from a spec such as ``{"strategy": "trimmed_mean", "beta": 0.2}``.
+
+    Args:
+        spec: ``"strategy"`` (a name in :data:`STRATEGIES`, default ``"fedavg"``) and the
+            strategy's parameters (its ``SPEC_PARAMS``; omitted ones take their defaults).
+            This is the plan's ``aggregation`` object.
+        spill_dir: where the robust strategies spill stacked updates beyond their memory
+            budget (None: the system temporary directory); a server setting, ignored by the
+            others.
+
+    Returns:
+        a new strategy object with fresh state.
+
+    Raises:
+        ValueError: the spec is not a mapping, the name is unknown (the message lists the
+            allowed names), a parameter is unknown (the message lists the strategy's
+            parameters), missing where required, or out of range.
+    """
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f'aggregation spec must be an object such as {{"strategy": "fedavg"}}, got '
+            f"{type(spec).__name__}"
+        )
+    name = spec.get("strategy", "fedavg")
+    if not isinstance(name, str) or name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    params = {key: value for key, value in spec.items() if key != "strategy"}
+    unknown = sorted(set(params) - set(cls.SPEC_PARAMS), key=str)
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown parameter{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; allowed: {', '.join(cls.SPEC_PARAMS)}"
+        )
+    if issubclass(cls, _Robust):
+        return cls(**params, spill_dir=spill_dir)
+    return cls(**params)
