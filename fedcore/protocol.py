@@ -223,6 +223,8 @@ BINARY_SCHEMAS: dict[str, Schema] = {
         "num_examples": (_INT, _REQ),
         "metrics": (_DICT, _REQ),
         "silo": (_STR, _OPT),
+        # sample-level DP: {"noise_multiplier", "sample_rate", "steps", "epsilon"} of this round
+        "privacy": (_DICT, _OPT),
     },
 }
 

@@ -83,6 +83,7 @@ UPDATE_FIELDS = {
     "num_examples": 480,
     "metrics": {"train_loss": 0.41},
     "silo": "icu",
+    "privacy": {},  # sample-level DP report (kept small: some tests use tiny frames)
 }
 
 
