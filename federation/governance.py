@@ -122,31 +122,52 @@ def plan_diff(old: PlanVersion, new: PlanVersion) -> list[dict[str, Any]]:
 
 
 def projected_epsilon(version: PlanVersion) -> dict[str, float]:
-    """The privacy cost (epsilon) a run of this version would spend at each silo, by silo name.
+    """The epsilon a run of this version alone would spend at each silo, by silo name.
 
-    0.0 everywhere for now: the privacy issue fills this in from the plan's privacy section.
+    0.0 for a plan without DP. Computed with the same accountant and formulas as the site
+    agents (fedcore.privacy.accounting.plan_mechanism), from each silo's registered rows.
     """
-    return {name: 0.0 for name in version.silos.values_list("name", flat=True)}
+    from federation import ledger
+
+    out: dict[str, float] = {}
+    for silo in version.silos.order_by("name"):
+        mechanism = ledger.plan_mechanism(version.spec, silo)
+        out[silo.name] = (
+            0.0
+            if mechanism is None
+            else ledger.composed_epsilon([mechanism], ledger.plan_delta(version.spec) or 1e-5)
+        )
+    return out
 
 
 def silo_remaining_epsilon(silo: Silo) -> float | None:
-    """The silo's remaining privacy budget; None when no budget is set (unlimited).
+    """The silo's budget minus what it has spent; None when no budget is set (unlimited)."""
+    from federation import ledger
 
-    Always None for now: the privacy issue adds budgets and fills this in.
-    """
-    return None
+    if silo.epsilon_budget is None:
+        return None
+    return max(0.0, silo.epsilon_budget - ledger.silo_spent_epsilon(silo))
 
 
 def privacy_budget_problems(version: PlanVersion) -> list[str]:
-    """Why the version's projected privacy cost does not fit, one message per silo over budget."""
-    projected = projected_epsilon(version)
+    """Why the version's projected privacy cost does not fit, one message per silo over budget.
+
+    The test is exact: the silo's history composed with a whole run of this version, by the
+    accountant, against the budget (composition is not additive, so "cost <= budget - spent"
+    would be wrong in both directions).
+    """
+    from federation import ledger
+
     problems = []
     for silo in version.silos.order_by("name"):
-        remaining = silo_remaining_epsilon(silo)
-        cost = projected.get(silo.name, 0.0)
-        if remaining is not None and cost > remaining:
+        if silo.epsilon_budget is None:
+            continue
+        total = ledger.projected_total(silo, version)
+        if total > silo.epsilon_budget:
+            spent = ledger.silo_spent_epsilon(silo)
             problems.append(
-                f"silo '{silo.name}': projected privacy cost epsilon={cost:.4g} exceeds its "
-                f"remaining budget epsilon={remaining:.4g}"
+                f"silo '{silo.name}': after this plan its data would have spent epsilon="
+                f"{total:.4g} (spent so far {spent:.4g}), over its budget epsilon="
+                f"{silo.epsilon_budget:.4g}"
             )
     return problems

@@ -117,6 +117,10 @@ class Silo(models.Model):
     connection_id = models.CharField(max_length=200, null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
+    # Privacy budget set by the consortium: the most (epsilon, delta) this silo's data may spend
+    # over its whole history. None: no budget (unlimited).
+    epsilon_budget = models.FloatField(null=True, blank=True)
+    delta_budget = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -285,6 +289,10 @@ class Round(models.Model):
     deadline = models.DateTimeField()
     started_at = models.DateTimeField(default=timezone.now)
     aggregation_started_at = models.DateTimeField(null=True, blank=True)
+    # What the aggregation strategy saw: anomaly flags (update-norm outliers, norm-bound
+    # rejections) and its statistics (delta norms, selected clients, ...).
+    anomalies = models.JSONField(default=list, blank=True)
+    aggregation_stats = models.JSONField(default=dict, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
 
@@ -375,6 +383,37 @@ class RoundMetric(models.Model):
                 nulls_distinct=False,
             )
         ]
+
+
+class PrivacyLedgerEntry(models.Model):
+    """One application of a DP mechanism to a silo's data; append-only.
+
+    ``epsilon_total`` is the silo's epsilon over its whole history after this entry, composed by
+    the accountant (RDP) over every entry's (noise multiplier, sample rate, steps) at the silo's
+    ledger delta, never a naive sum of per-entry epsilons.
+    """
+
+    class Mechanism(models.TextChoices):
+        SAMPLE = "sample", "Sample-level DP (DP-SGD at the site)"
+        CLIENT = "client", "Client-level DP (DP-FedAvg at aggregation)"
+        FAIRNESS = "fairness", "Noisy fairness counts"
+
+    silo = models.ForeignKey(Silo, on_delete=models.CASCADE, related_name="ledger")
+    run = models.ForeignKey(
+        "Run", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    round_number = models.PositiveIntegerField(null=True, blank=True)
+    mechanism = models.CharField(max_length=20, choices=Mechanism.choices)
+    noise_multiplier = models.FloatField()
+    sample_rate = models.FloatField()
+    steps = models.PositiveIntegerField()
+    delta = models.FloatField()
+    epsilon_reported = models.FloatField(null=True, blank=True)
+    epsilon_total = models.FloatField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["silo", "created_at", "pk"]
 
 
 class AuditEvent(models.Model):

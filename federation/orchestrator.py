@@ -16,17 +16,21 @@ streams the updates from blob storage one at a time.
 from __future__ import annotations
 
 import logging
+import math
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import QuerySet
 from django.utils import timezone
 
 from fedcore import aggregation, tabular, tensors
+from fedcore.aggregation import AggregateResult
 from fedcore.models import build_model
-from federation import dispatch
+from fedcore.privacy import accounting as dp_accounting
+from fedcore.privacy import client_dp
+from federation import dispatch, ledger
 from federation.models import (
     ModelVersion,
     Round,
@@ -35,10 +39,10 @@ from federation.models import (
     Silo,
     TrainingPlan,
 )
-from federation.plan_spec import RunSettings, run_settings
+from federation.plan_spec import RunSettings, run_settings, server_strategy_spec
 from federation.services.audit import audit_append
 from federation.services.updates import validate_metrics
-from federation.storage import blob_store, model_key
+from federation.storage import blob_store, model_key, strategy_key
 
 log = logging.getLogger("quorum.orchestrator")
 
@@ -46,14 +50,22 @@ AGGREGATE = "aggregate"
 AGAIN = "again"
 
 
-def online_silos(run: Run) -> QuerySet[Silo]:
-    """Participating, admitted silos whose agent is connected and heartbeating."""
+def online_silos(run: Run) -> list[Silo]:
+    """Participating, admitted silos whose agent is connected and heartbeating, and whose
+    privacy budget can afford one more round of the plan (the others stop participating)."""
     fresh = timezone.now() - timedelta(seconds=settings.QUORUM_SILO_OFFLINE_AFTER)
-    return run.version.silos.filter(
+    connected = run.version.silos.filter(
         admission=Silo.Admission.ADMITTED,
         connection_id__isnull=False,
         last_heartbeat__gte=fresh,
     ).order_by("pk")
+    selectable = []
+    for silo in connected:
+        if ledger.can_afford_round(silo, run.version.spec):
+            selectable.append(silo)
+        else:
+            log.warning("run %s: silo %s is out of privacy budget; not selected", run.pk, silo.name)
+    return selectable
 
 
 def sweep() -> None:
@@ -240,12 +252,9 @@ def round_aggregate(round_id: int) -> None:
         round_.updates.order_by("silo_id").values("silo_id", "blob_key", "num_examples", "metrics")
     )
     store = blob_store()
-    streamed = (
-        (tensors.decode_state_dict(store.get(u["blob_key"])), float(u["num_examples"]))
-        for u in updates
-    )
+    spec = round_.run.version.spec
     try:
-        state = aggregation.fedavg(streamed)
+        state, dp, result = _combine(round_, spec, updates)
     except (ValueError, OSError) as exc:
         _fail_round_aggregation(round_, f"aggregation failed: {exc}")
         return
@@ -268,6 +277,25 @@ def round_aggregate(round_id: int) -> None:
             },
         )
         _record_round_metrics(locked, updates)
+        if result is not None:
+            locked.anomalies = _json_safe(result.flags)
+            locked.aggregation_stats = _json_safe(result.stats)
+            for flag in result.flags:
+                _audit_run(
+                    round_.run, "round.anomaly", **{**_json_safe(flag), "round": locked.number}
+                )
+        if dp is not None:  # client-level DP: each contributing silo's data spent one step
+            for silo in Silo.objects.filter(pk__in=[u["silo_id"] for u in updates]):
+                ledger.ledger_append(
+                    silo=silo,
+                    run=round_.run,
+                    round_number=locked.number,
+                    mechanism="client",
+                    noise_multiplier=dp["noise_multiplier"],
+                    sample_rate=1.0,
+                    steps=1,
+                    delta=dp["delta"],
+                )
         _audit_run(
             round_.run,
             "round.completed",
@@ -278,11 +306,103 @@ def round_aggregate(round_id: int) -> None:
         )
         locked.status = Round.Status.COMPLETED
         locked.finished_at = timezone.now()
-        locked.save(update_fields=["status", "finished_at"])
+        locked.save(update_fields=["status", "finished_at", "anomalies", "aggregation_stats"])
         _publish(round_.run, "round.completed", round=locked.number, updates=len(updates))
     log.info(
         "run %s: round %d aggregated from %d updates", round_.run_id, round_.number, len(updates)
     )
+
+
+def _combine(
+    round_: Round, spec: dict[str, Any], updates: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, float] | None, AggregateResult | None]:
+    """The next global state from the round's updates, streamed one at a time from storage.
+
+    Client-level DP plans (McMahan et al. 2018): each silo's delta from the round's global model
+    is clipped to C, the clipped deltas are summed, Gaussian noise of std z*C (from a
+    cryptographically keyed source) is added to the sum and it is divided by the number of
+    silos selected for the round: an unweighted mean with a fixed denominator, so the sensitivity
+    is C/m -- example counts never weight it.
+
+    Other plans: the plan's strategy (fedcore.aggregation), whose server-optimizer state is kept
+    per round in blob storage so that a rerun of round k starts again from round k-1's state.
+    """
+    store = blob_store()
+    reference = ModelVersion.objects.get(run_id=round_.run_id, number=round_.number - 1)
+    global_state = tensors.decode_state_dict(store.get(reference.blob_key))
+    privacy = spec.get("privacy") or {}
+    if privacy.get("mode", "none") == "client":
+        return (*_client_dp_mean(round_, spec, updates, global_state), None)
+    strategy = aggregation.make_strategy(
+        server_strategy_spec(spec.get("aggregation") or {}),
+        spill_dir=Path(settings.QUORUM_BLOB_DIR) / "spill",
+    )
+    if round_.number > 1:
+        try:
+            previous = store.get(strategy_key(run_id=round_.run_id, number=round_.number - 1))
+        except OSError:
+            previous = None
+        if previous is not None:
+            strategy.load_state_dict(tensors.decode_state_dict(previous))
+    streamed = (
+        aggregation.ClientUpdate(
+            state=tensors.decode_state_dict(store.get(u["blob_key"])),
+            weight=float(u["num_examples"]),
+            client_id=u["silo_id"],
+            loss=u["metrics"].get("global_train_loss"),
+        )
+        for u in updates
+    )
+    result = strategy.aggregate(global_state, streamed, round=round_.number)
+    optimizer_state = strategy.state_dict()
+    if optimizer_state:
+        store.put(
+            strategy_key(run_id=round_.run_id, number=round_.number),
+            tensors.encode_state_dict(optimizer_state),
+        )
+    return result.state, None, result
+
+
+def _client_dp_mean(
+    round_: Round, spec: dict[str, Any], updates: list[dict[str, Any]], global_state: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    store = blob_store()
+    privacy = spec["privacy"]
+    training = spec["training"]
+    z = dp_accounting.plan_noise_multiplier(
+        privacy,
+        rows=1,
+        batch_size=training["batch_size"],
+        local_epochs=training["local_epochs"],
+        rounds=training["rounds"],
+        accountant=ledger.ACCOUNTANT,
+    )
+    assert z is not None
+    mean = client_dp.DPFedAvg(clip=float(privacy["clip"]), noise_multiplier=z)
+    for u in updates:
+        state = tensors.decode_state_dict(store.get(u["blob_key"]))
+        mean.add({name: state[name] - global_state[name] for name in global_state})
+    delta = mean.result(num_clients_expected=round_.selected.count())
+    new_state = {
+        name: (value + delta[name]).to(value.dtype) if value.is_floating_point() else value
+        for name, value in global_state.items()
+    }
+    return new_state, {"noise_multiplier": z, "delta": float(privacy.get("delta", 1e-5))}
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON of strategy flags and stats: numpy/tensor scalars to numbers, NaN/Inf to null."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | str | int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
 
 
 def _fail_round_aggregation(round_: Round, error: str) -> None:

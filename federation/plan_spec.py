@@ -53,7 +53,54 @@ ALLOWED_KEYS: tuple[str, ...] = (
     "secure_aggregation",
     "fairness",
 )
-AGGREGATION_STRATEGIES: tuple[str, ...] = ("fedavg",)
+# FedProx changes only local training (a proximal term at the agent); the server averages.
+FEDPROX = "fedprox"
+# What can aggregate a sum it never sees the parts of: the (weighted) mean and server optimizers.
+SECAGG_STRATEGIES: tuple[str, ...] = (
+    "fedavg",
+    FEDPROX,
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+)
+
+
+def server_strategy_spec(aggregation: dict[str, Any]) -> dict[str, Any]:
+    """The server-side strategy spec of a plan's aggregation section (validated).
+
+    ``{"strategy": "fedprox", "mu": m}`` trains with a proximal term at each site and averages
+    at the server; every other name is a fedcore.aggregation strategy with its parameters.
+    """
+    from fedcore.aggregation import make_strategy
+
+    spec = dict(aggregation) or {"strategy": "fedavg"}
+    if spec.get("strategy", "fedavg") == FEDPROX:
+        mu = spec.get("mu", 0.01)
+        if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0 <= mu <= 100:
+            raise ValueError("fedprox: mu must be a number in [0, 100]")
+        extra = sorted(set(spec) - {"strategy", "mu"})
+        if extra:
+            raise ValueError(f"fedprox: unknown parameter(s) {', '.join(extra)}; allowed: mu")
+        spec = {"strategy": "fedavg"}
+    make_strategy(spec)  # raises ValueError naming the problem
+    return spec
+
+
+AGGREGATION_STRATEGIES: tuple[str, ...] = (
+    FEDPROX,
+    "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "qfedavg",
+    "norm_bound",
+    "median",
+    "trimmed_mean",
+    "krum",
+    "multi_krum",
+)
 PRIVACY_MODES: tuple[str, ...] = ("none", "sample", "client")
 PRIVACY_DEFAULTS: dict[str, Any] = {
     "mode": "none",
@@ -141,13 +188,18 @@ def _scalar_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
         aggregation = spec["aggregation"]
         if not isinstance(aggregation, dict):
             errors["aggregation"] = 'must be an object such as {"strategy": "fedavg"}'
-        elif problem := _unknown_keys(aggregation, ("strategy",)):
-            errors["aggregation"] = problem
-        elif aggregation.get("strategy", "fedavg") not in AGGREGATION_STRATEGIES:
-            errors["aggregation.strategy"] = (
-                f"unknown strategy {aggregation.get('strategy')!r}; "
-                f"allowed: {', '.join(AGGREGATION_STRATEGIES)}"
-            )
+        else:
+            try:
+                server_strategy_spec(aggregation)
+            except ValueError as exc:
+                errors["aggregation"] = str(exc)
+            else:
+                name = aggregation.get("strategy", "fedavg")
+                if spec.get("secure_aggregation") is True and name not in SECAGG_STRATEGIES:
+                    errors["aggregation.strategy"] = (
+                        f"'{name}' needs each silo's update, which secure aggregation hides; "
+                        f"with secure aggregation use one of: {', '.join(SECAGG_STRATEGIES)}"
+                    )
     if "secure_aggregation" in spec and not isinstance(spec["secure_aggregation"], bool):
         errors["secure_aggregation"] = "must be true or false"
 

@@ -87,3 +87,8 @@ def update_key(*, run_id: int, round_number: int, attempt: int, silo_id: int) ->
 def model_key(*, run_id: int, number: int) -> str:
     """Blob key of a global model version."""
     return f"runs/{run_id}/models/v{number}.safetensors"
+
+
+def strategy_key(*, run_id: int, number: int) -> str:
+    """Blob key of the aggregation strategy's state (server optimizer) after round `number`."""
+    return f"runs/{run_id}/strategy/r{number}.safetensors"

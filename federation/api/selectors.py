@@ -149,3 +149,20 @@ def audit_event_list(user: Any) -> QuerySet[AuditEvent]:
     """Events of the consortia whose log the user may read (else PermissionDenied)."""
     ids = permissions.audit_consortium_ids(user)
     return AuditEvent.objects.filter(consortium_id__in=ids).order_by("index")
+
+
+def silo_budget_report(silo: Silo) -> dict[str, Any]:
+    """A silo's budget, its composed spend, what remains and its ledger entries (oldest first)."""
+    from federation import ledger
+    from federation.models import PrivacyLedgerEntry
+
+    spent = ledger.silo_spent_epsilon(silo)
+    return {
+        "epsilon_budget": silo.epsilon_budget,
+        "delta_budget": silo.delta_budget,
+        "epsilon_spent": spent,
+        "epsilon_remaining": None
+        if silo.epsilon_budget is None
+        else max(0.0, silo.epsilon_budget - spent),
+        "entries": list(PrivacyLedgerEntry.objects.filter(silo=silo).order_by("created_at", "pk")),
+    }

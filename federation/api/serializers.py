@@ -26,6 +26,7 @@ from federation.models import (
     ModelVersion,
     Organization,
     PlanVersion,
+    PrivacyLedgerEntry,
     Role,
     Round,
     Run,
@@ -76,6 +77,15 @@ class WholeNumberField(serializers.IntegerField):
 
     def to_internal_value(self, data: Any) -> int:
         if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class RealNumberField(serializers.FloatField):
+    """A JSON number (DRF's FloatField also takes "0.5" and true)."""
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool) or not isinstance(data, int | float):
             self.fail("invalid")
         return super().to_internal_value(data)
 
@@ -287,6 +297,8 @@ class SiloSerializer(serializers.ModelSerializer):
             "online",
             "last_heartbeat",
             "agent_version",
+            "epsilon_budget",
+            "delta_budget",
             "created_at",
         ]
         read_only_fields = fields
@@ -324,6 +336,44 @@ class SiloRegisterSerializer(StrictSerializer):
 
 class SiloRejectSerializer(StrictSerializer):
     reason = TextField(max_length=2000)
+
+
+class SiloBudgetSerializer(StrictSerializer):
+    """A silo's privacy budget: null epsilon means no budget, null delta the plan's delta."""
+
+    epsilon = RealNumberField(allow_null=True, min_value=0.0)
+    delta = RealNumberField(allow_null=True, min_value=0.0, max_value=1.0)
+
+
+class LedgerEntrySerializer(serializers.ModelSerializer):
+    """One mechanism applied to a silo's data, with the silo's composed epsilon after it."""
+
+    class Meta:
+        model = PrivacyLedgerEntry
+        fields = [
+            "id",
+            "run",
+            "round_number",
+            "mechanism",
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "delta",
+            "epsilon_reported",
+            "epsilon_total",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class SiloBudgetReportSerializer(serializers.Serializer):
+    """Budget, spend (composed by the accountant) and what remains."""
+
+    epsilon_budget = serializers.FloatField(allow_null=True)
+    delta_budget = serializers.FloatField(allow_null=True)
+    epsilon_spent = serializers.FloatField()
+    epsilon_remaining = serializers.FloatField(allow_null=True)
+    entries = LedgerEntrySerializer(many=True)
 
 
 class AgentTokenSerializer(serializers.Serializer):

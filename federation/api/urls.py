@@ -36,6 +36,7 @@ urlpatterns = [
         silos.SiloTokenRevokeView.as_view(),
         name="silo-revoke-token",
     ),
+    path("silos/<int:pk>/budget/", silos.SiloBudgetView.as_view(), name="silo-budget"),
     path("plans/", plans.PlanListView.as_view(), name="plan-list"),
     path("plans/<int:pk>/", plans.PlanDetailView.as_view(), name="plan-detail"),
     path("plans/<int:pk>/versions/", plans.PlanVersionListView.as_view(), name="plan-versions"),

@@ -242,3 +242,36 @@ def silo_revoke_token(*, actor: Any, silo: Silo) -> Silo:
     _close_agent_after_commit(locked)
     silo.token_hash = None
     return locked
+
+
+@transaction.atomic
+def silo_set_budget(*, actor: Any, silo: Silo, epsilon: float | None, delta: float | None) -> Silo:
+    """Set (or clear, with None) a silo's privacy budget; consortium admin only, audited.
+
+    A budget below what the silo has already spent is allowed (it stops the silo from taking
+    part in further DP rounds) but never rewrites the ledger.
+    """
+    permissions.require_roles(
+        actor, silo.consortium_id, permissions.CAN_ADMIT_SILOS, "setting a privacy budget"
+    )
+    errors: dict[str, str] = {}
+    if epsilon is not None and (isinstance(epsilon, bool) or not 0 < float(epsilon) < 1e6):
+        errors["epsilon"] = "must be a number > 0 (or null for no budget)"
+    if delta is not None and (isinstance(delta, bool) or not 0 < float(delta) < 1):
+        errors["delta"] = "must be a number in (0, 1) (or null for the plan's delta)"
+    if errors:
+        raise ValidationError(errors)
+    silo = Silo.objects.select_for_update().get(pk=silo.pk)
+    old = {"epsilon": silo.epsilon_budget, "delta": silo.delta_budget}
+    silo.epsilon_budget = None if epsilon is None else float(epsilon)
+    silo.delta_budget = None if delta is None else float(delta)
+    silo.save(update_fields=["epsilon_budget", "delta_budget"])
+    audit_append(
+        actor=actor_label(actor),
+        action="silo.budget_set",
+        consortium_id=silo.consortium_id,
+        object_type="silo",
+        object_id=silo.pk,
+        data={"old": old, "new": {"epsilon": silo.epsilon_budget, "delta": silo.delta_budget}},
+    )
+    return silo

@@ -14,7 +14,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 
 from fedcore import tensors
-from federation import dispatch
+from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
 from federation.services.audit import audit_append
 from federation.storage import BlobStoreError, blob_store, update_key
@@ -159,6 +159,7 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
     if fields["num_examples"] <= 0:
         raise Refused("invalid_update", "num_examples must be a positive integer")
     flat = validate_metrics(fields["metrics"])
+    dp_round = _sample_dp_round(run, silo, fields)
     try:
         state = tensors.decode_state_dict(payload)
     except tensors.TensorCodecError as exc:
@@ -200,6 +201,19 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
                 RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
                 for scope, name, value in flat
             )
+            if dp_round is not None:
+                noise, sample_rate, steps = dp_round
+                ledger.ledger_append(
+                    silo=silo,
+                    run=run,
+                    round_number=round_.number,
+                    mechanism="sample",
+                    noise_multiplier=noise,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    delta=float(run.version.spec["privacy"].get("delta", 1e-5)),
+                    epsilon_reported=fields["privacy"].get("epsilon"),
+                )
             audit_append(
                 actor=f"silo:{silo.name}",
                 action="update.accepted",
@@ -218,6 +232,39 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
     except IntegrityError as exc:
         raise Refused("duplicate_update", "an update for this round was already accepted") from exc
     return round_
+
+
+def _sample_dp_round(
+    run: Run, silo: Silo, fields: dict[str, Any]
+) -> tuple[float, float, int] | None:
+    """For a sample-level DP plan: the round's mechanism, checked against what the agent reports.
+
+    The server computes the mechanism itself (same formulas and accountant as the agent, from
+    the silo's training rows) and records that in the ledger; an agent reporting less noise or a
+    higher sampling rate than the plan's is refused.
+    """
+    spec = run.version.spec
+    if (spec.get("privacy") or {}).get("mode", "none") != "sample":
+        return None
+    reported = fields.get("privacy")
+    if not isinstance(reported, dict):
+        raise Refused("invalid_update", "a sample-level DP plan needs the update's privacy report")
+    expected = ledger.round_mechanism(spec, silo, rows=fields["num_examples"])
+    assert expected is not None
+    noise, sample_rate, steps = expected
+    got_noise = reported.get("noise_multiplier")
+    if not isinstance(got_noise, int | float) or got_noise < noise * (1 - 1e-6):
+        raise Refused(
+            "invalid_update",
+            f"DP-SGD noise multiplier {got_noise!r} is below the plan's {noise:.6g}",
+        )
+    got_rate = reported.get("sample_rate")
+    if not isinstance(got_rate, int | float) or got_rate > sample_rate * (1 + 1e-6):
+        raise Refused(
+            "invalid_update",
+            f"DP-SGD sample rate {got_rate!r} is above the plan's {sample_rate:.6g}",
+        )
+    return noise, sample_rate, steps
 
 
 def _check_against_signature(state: dict[str, Any], signature: dict[str, list[Any]]) -> None:

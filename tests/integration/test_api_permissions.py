@@ -40,6 +40,8 @@ MATRIX = """
 | POST /api/v1/silos/{id}/reject/           | 200   | 403       | 403     | 403       | 403     | 404   | 401       |
 | POST /api/v1/silos/{id}/rotate-token/     | 200   | 403       | 200     | 403       | 403     | 404   | 401       |
 | POST /api/v1/silos/{id}/revoke-token/     | 200   | 403       | 200     | 403       | 403     | 404   | 401       |
+| GET /api/v1/silos/{id}/budget/            | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| PUT /api/v1/silos/{id}/budget/            | 200   | 403       | 403     | 403       | 403     | 404   | 401       |
 | GET /api/v1/plans/                        | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
 | POST /api/v1/plans/                       | 403   | 403       | 403     | 201       | 403     | 400   | 401       |
 | GET /api/v1/plans/{id}/                   | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
@@ -117,6 +119,14 @@ REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
     "POST /api/v1/silos/{id}/revoke-token/": (
         lambda w: f"/api/v1/silos/{w.gov.silos[0].pk}/revoke-token/",
         _none,
+    ),
+    "GET /api/v1/silos/{id}/budget/": (
+        lambda w: f"/api/v1/silos/{w.gov.silos[0].pk}/budget/",
+        _none,
+    ),
+    "PUT /api/v1/silos/{id}/budget/": (
+        lambda w: f"/api/v1/silos/{w.gov.silos[0].pk}/budget/",
+        lambda w: {"epsilon": 8.0, "delta": 1e-5},
     ),
     "GET /api/v1/plans/": (lambda w: "/api/v1/plans/", _none),
     "POST /api/v1/plans/": (

@@ -631,25 +631,31 @@ def test_an_organisation_approves_a_version_once(g: Governed) -> None:
         approve(second_steward, plan)
 
 
-def test_a_plan_over_a_silos_privacy_budget_cannot_be_approved(
-    g: Governed, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Budgets arrive with the privacy issue; until then simulate one at silo 1.
-    monkeypatch.setattr(
-        governance, "projected_epsilon", lambda version: {s.name: 2.0 for s in g.silos}
-    )
-    monkeypatch.setattr(
-        governance,
-        "silo_remaining_epsilon",
-        lambda silo: 1.5 if silo.pk == g.silos[1].pk else None,
-    )
-    plan = propose(g)
+DP_PRIVACY = {"mode": "sample", "target_epsilon": 3.0, "noise_multiplier": None, "clip": 1.0, "delta": 1e-5}
+
+
+def test_a_plan_over_a_silos_privacy_budget_cannot_be_approved(g: Governed) -> None:
+    # Silo 1's budget (1.0) cannot afford a plan calibrated to spend epsilon 3 at each silo.
+    Silo.objects.filter(pk=g.silos[1].pk).update(epsilon_budget=1.0)
+    plan = propose(g, privacy=DP_PRIVACY)
     before = snapshot()
 
-    with pytest.raises(Conflict, match=f"silo '{g.silos[1].name}': projected privacy cost"):
+    with pytest.raises(Conflict, match=f"silo '{g.silos[1].name}': after this plan .* over its budget"):
         approve(g.stewards[0], plan)
 
     assert snapshot() == before
+
+
+def test_a_plan_within_every_budget_is_approved_and_projects_its_target(g: Governed) -> None:
+    Silo.objects.filter(pk__in=[s.pk for s in g.silos]).update(epsilon_budget=5.0)
+    plan = propose(g, privacy=DP_PRIVACY)
+
+    projected = governance.projected_epsilon(plan.current_version)
+    approve(g.stewards[0], plan)
+    approve(g.stewards[1], plan)
+
+    assert status_of(plan) == Status.APPROVED
+    assert all(2.9 <= eps <= 3.0 for eps in projected.values()), projected
 
 
 def test_withdrawing_is_for_the_proposer_before_the_run(g: Governed) -> None:

@@ -12,6 +12,8 @@ from federation.api import selectors
 from federation.api.filters import SiloFilter
 from federation.api.serializers import (
     AgentTokenSerializer,
+    SiloBudgetReportSerializer,
+    SiloBudgetSerializer,
     SiloDetailSerializer,
     SiloRegisterSerializer,
     SiloRejectSerializer,
@@ -96,3 +98,26 @@ class SiloTokenRevokeView(ApiView):
         validated(NoBodySerializer, request)
         silo = services.silo_revoke_token(actor=request.user, silo=silo)
         return Response(SiloDetailSerializer(silo).data)
+
+
+class SiloBudgetView(ApiView):
+    @extend_schema(
+        responses=SiloBudgetReportSerializer,
+        summary="A silo's privacy budget, its spend over its whole history and its ledger",
+    )
+    def get(self, request: Request, pk: int) -> Response:
+        silo = permissions.access_silo(user=request.user, id=pk)
+        return Response(SiloBudgetReportSerializer(selectors.silo_budget_report(silo)).data)
+
+    @extend_schema(
+        request=SiloBudgetSerializer,
+        responses=SiloBudgetReportSerializer,
+        summary="Set or clear a silo's privacy budget (consortium admin)",
+    )
+    def put(self, request: Request, pk: int) -> Response:
+        silo = permissions.access_silo(user=request.user, id=pk)
+        data = validated(SiloBudgetSerializer, request)
+        silo = services.silo_set_budget(
+            actor=request.user, silo=silo, epsilon=data["epsilon"], delta=data["delta"]
+        )
+        return Response(SiloBudgetReportSerializer(selectors.silo_budget_report(silo)).data)

@@ -46,7 +46,7 @@ from federation.server import ServerThread, free_port, port_in_use
 from federation.services.members import membership_add
 from federation.services.plans import plan_approve, plan_propose
 from federation.services.runs import run_start
-from federation.services.silos import silo_admit, silo_register
+from federation.services.silos import silo_admit, silo_register, silo_set_budget
 from federation.signing import server_public_key_text
 from federation.storage import blob_store
 
@@ -69,6 +69,26 @@ class Command(BaseCommand):
             "--max-rows", type=int, default=None, help="keep at most N rows per site (quick runs)"
         )
         parser.add_argument("--timeout", type=float, default=900.0, help="give up after N seconds")
+        parser.add_argument(
+            "--dp",
+            choices=["none", "sample", "client"],
+            default="none",
+            help="differential privacy: DP-SGD at each site (sample) or DP-FedAvg (client)",
+        )
+        parser.add_argument(
+            "--target-epsilon", type=float, default=3.0, help="with --dp: epsilon per silo per run"
+        )
+        parser.add_argument(
+            "--budget",
+            type=float,
+            default=None,
+            help="with --dp: each silo's privacy budget (default: 1.2 x the target)",
+        )
+        parser.add_argument(
+            "--strategy",
+            default=None,
+            help="aggregation strategy (fedavg, fedprox, fedadam, median, trimmed_mean, krum, ...)",
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         started = time.monotonic()
@@ -78,7 +98,10 @@ class Command(BaseCommand):
         scenario = _prepare_scenario(opts)
         home = settings.QUORUM_HOME / "demo" / scenario.name
         _reset(scenario, home)
-        plan, tokens, users, scientist = _create_consortium(scenario)
+        budget = None
+        if opts["dp"] != "none":
+            budget = opts["budget"] if opts["budget"] is not None else 1.2 * opts["target_epsilon"]
+        plan, tokens, users, scientist = _create_consortium(scenario, budget=budget)
 
         serve = not opts["no_serve"]
         port = opts["port"] if serve else free_port(opts["host"])
@@ -115,7 +138,11 @@ class Command(BaseCommand):
             "plan_hash": run.plan_hash,
             **comparison,
         }
+        if opts["dp"] != "none":
+            result["privacy"] = _privacy_report(run, scenario, scientist)
         self.print_table(result)
+        if "privacy" in result:
+            self.print_privacy(result["privacy"])
         self.print_users(users, server.http_url)
         if opts["json"]:
             self.stdout.write(json.dumps(result, sort_keys=True))
@@ -155,6 +182,23 @@ class Command(BaseCommand):
                 raise CommandError(f"the run did not finish in time (status {run.status})")
             time.sleep(0.2)
 
+    def print_privacy(self, privacy: dict[str, Any]) -> None:
+        """Per silo: epsilon reported by its agent, the ledger's composed total, the budget."""
+        self.say(
+            f"\nPrivacy ({privacy['mode']}-level DP, target epsilon {privacy['target_epsilon']}, "
+            f"delta {privacy['delta']}):"
+        )
+        self.say(
+            f"{'silo':<12} {'agent reported':>14} {'ledger':>8} {'accountant':>10} {'budget':>7}"
+        )
+        for site, row in privacy["silos"].items():
+            reported = "—" if row["reported"] is None else f"{row['reported']:.4f}"
+            self.say(
+                f"{site:<12} {reported:>14} {row['ledger']:>8.4f} {row['accountant']:>10.4f} "
+                f"{row['budget']:>7.2f}"
+            )
+        self.say(f"A second run of the same plan: {privacy['second_run']}")
+
     def print_users(self, users: list[DemoUser], url: str) -> None:
         """The demo accounts, one per role (passwords are new on every demo run)."""
         self.say(f"\nDemo users (log in at {url}):")
@@ -180,6 +224,65 @@ class Command(BaseCommand):
         )
 
 
+def _privacy_report(run: Run, scenario: Scenario, scientist: Any) -> dict[str, Any]:
+    """What each silo's data spent: its agent's report, the ledger, the accountant recomputed.
+
+    Then proposes the same plan again: with each silo's budget below twice the target, its
+    approval must be refused (the projection composed with the ledger exceeds the budget).
+    """
+    from fedcore.privacy import accounting
+    from federation import ledger
+    from federation.models import PrivacyLedgerEntry
+    from federation.services.errors import Conflict
+
+    privacy = run.version.spec["privacy"]
+    silos: dict[str, Any] = {}
+    for silo in run.version.silos.order_by("name"):
+        entries = list(PrivacyLedgerEntry.objects.filter(silo=silo).order_by("created_at", "pk"))
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+        # Sample-level DP: the epsilon the site's agent reported with its last update.
+        reported = next(
+            (
+                e.epsilon_reported
+                for e in reversed(entries)
+                if e.run_id == run.pk and e.epsilon_reported is not None
+            ),
+            None,
+        )
+        silos[silo.name] = {
+            "reported": reported,
+            "ledger": entries[-1].epsilon_total if entries else 0.0,
+            "accountant": accounting.epsilon_of_history(
+                history, delta=ledger.ledger_delta(silo), accountant=ledger.ACCOUNTANT
+            )
+            if history
+            else 0.0,
+            "budget": silo.epsilon_budget,
+        }
+    try:
+        again = plan_propose(
+            actor=scientist,
+            consortium=run.plan.consortium,
+            name=f"{run.plan.name} (again)",
+            description="the same plan, proposed a second time",
+            spec=run.version.spec,
+            silos=list(run.version.silos.all()),
+            submit=True,
+        )
+        steward = get_user_model().objects.get(username=f"steward-{next(iter(scenario.sites))}")
+        plan_approve(actor=steward, plan=again, plan_hash=again.current_version.spec_hash)
+        second = "approved (the budgets still afford it)"
+    except Conflict as exc:
+        second = f"cannot be approved: {exc}"
+    return {
+        "mode": privacy["mode"],
+        "target_epsilon": privacy.get("target_epsilon"),
+        "delta": privacy.get("delta"),
+        "silos": silos,
+        "second_run": second,
+    }
+
+
 def _prepare_scenario(opts: dict[str, Any]) -> Scenario:
     scenario = SCENARIOS[opts["scenario"]](seed=opts["seed"])
     if opts["rounds"] is not None:
@@ -197,6 +300,19 @@ def _prepare_scenario(opts: dict[str, Any]) -> Scenario:
             for s, df in scenario.sites.items()
         }
     scenario.plan["min_silos"] = min(scenario.plan.get("min_silos", 2), len(scenario.sites))
+    if opts["strategy"]:
+        scenario.plan["aggregation"] = {"strategy": opts["strategy"]}
+    if opts["dp"] != "none":
+        if not opts["target_epsilon"] > 0:
+            raise CommandError("--target-epsilon must be a number > 0")
+        scenario.plan["privacy"] = {
+            "mode": opts["dp"],
+            "target_epsilon": opts["target_epsilon"],
+            "noise_multiplier": None,
+            # sample: per-example gradient bound; client: bound on each silo's update delta
+            "clip": 1.0,
+            "delta": 1e-5,
+        }
     return scenario
 
 
@@ -233,7 +349,7 @@ def _user(username: str, *, staff: bool = False) -> tuple[Any, str]:
 
 @transaction.atomic
 def _create_consortium(
-    scenario: Scenario,
+    scenario: Scenario, *, budget: float | None = None
 ) -> tuple[TrainingPlan, dict[str, str], list[DemoUser], Any]:
     """Walk the governance path a real consortium takes, with one user per role.
 
@@ -284,6 +400,8 @@ def _create_consortium(
             location=f"demo/{scenario.name}/sites/{site}/data.csv",
         )
         tokens[site] = silo_admit(actor=admin, silo=silo)
+        if budget is not None:
+            silo = silo_set_budget(actor=admin, silo=silo, epsilon=budget, delta=1e-5)
         silos.append(silo)
     scientist = get_user_model().objects.get(username="scientist")
     plan = plan_propose(

@@ -1,0 +1,160 @@
+"""The privacy ledger: what each silo's data has spent, composed by a real accountant.
+
+Every DP mechanism applied to a silo's data appends a PrivacyLedgerEntry with its parameters
+(noise multiplier, sample rate, steps, delta). A silo's epsilon is the RDP accountant's
+composition over its whole history at the silo's ledger delta, never a sum of per-round
+epsilons. Budgets are per silo, set by the consortium; a plan whose projected total exceeds a
+budget cannot be approved, and a silo whose budget cannot afford the next round stops being
+selected (the run goes on with the others if enough remain).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from django.db import transaction
+
+from fedcore.privacy import accounting
+from federation.models import PlanVersion, PrivacyLedgerEntry, Run, Silo
+from federation.services.audit import audit_append
+
+ACCOUNTANT = "rdp"
+DEFAULT_DELTA = 1e-5
+
+Mechanism = tuple[float, float, int]
+
+
+def ledger_delta(silo: Silo, plan_delta: float | None = None) -> float:
+    """The delta a silo's epsilon is reported at: its budget's, else the plan's, else 1e-5."""
+    if silo.delta_budget is not None:
+        return float(silo.delta_budget)
+    return float(plan_delta) if plan_delta is not None else DEFAULT_DELTA
+
+
+def silo_history(silo: Silo) -> list[Mechanism]:
+    """Every mechanism applied to the silo's data, oldest first."""
+    return [
+        (e.noise_multiplier, e.sample_rate, e.steps)
+        for e in PrivacyLedgerEntry.objects.filter(silo=silo).order_by("created_at", "pk")
+    ]
+
+
+def composed_epsilon(history: list[Mechanism], delta: float) -> float:
+    """Epsilon of a history of sampled Gaussian mechanisms (0.0 for an empty history)."""
+    if not history:
+        return 0.0
+    return accounting.epsilon_of_history(history, delta=delta, accountant=ACCOUNTANT)
+
+
+def silo_spent_epsilon(silo: Silo) -> float:
+    """Epsilon the silo's data has spent so far."""
+    return composed_epsilon(silo_history(silo), ledger_delta(silo))
+
+
+def training_rows(silo: Silo, spec: dict[str, Any]) -> int:
+    """The silo's training rows as the plan will see them (registered rows minus the holdout)."""
+    fraction = float(spec.get("evaluation", {}).get("test_fraction", 0.2))
+    return max(1, math.ceil(silo.row_count * (1.0 - fraction)))
+
+
+def plan_mechanism(
+    spec: dict[str, Any], silo: Silo, *, rows: int | None = None
+) -> Mechanism | None:
+    """(noise multiplier, sample rate, steps) a whole run of the plan applies to a silo's data."""
+    privacy = spec.get("privacy") or {"mode": "none"}
+    training = spec["training"]
+    return accounting.plan_mechanism(
+        privacy,
+        rows=rows if rows is not None else training_rows(silo, spec),
+        batch_size=training["batch_size"],
+        local_epochs=training["local_epochs"],
+        rounds=training["rounds"],
+        accountant=ACCOUNTANT,
+    )
+
+
+def round_mechanism(
+    spec: dict[str, Any], silo: Silo, *, rows: int | None = None
+) -> Mechanism | None:
+    """The mechanism of one round of the plan at a silo (the run's steps split over rounds)."""
+    whole = plan_mechanism(spec, silo, rows=rows)
+    if whole is None:
+        return None
+    noise, sample_rate, steps = whole
+    return noise, sample_rate, max(1, steps // spec["training"]["rounds"])
+
+
+def plan_delta(spec: dict[str, Any]) -> float | None:
+    """The plan's delta, when it uses DP."""
+    privacy = spec.get("privacy") or {}
+    if privacy.get("mode", "none") == "none":
+        return None
+    return float(privacy.get("delta", DEFAULT_DELTA))
+
+
+def projected_total(silo: Silo, version: PlanVersion) -> float:
+    """The silo's epsilon after a whole run of this version, composed with its history."""
+    mechanism = plan_mechanism(version.spec, silo)
+    history = silo_history(silo) + ([mechanism] if mechanism else [])
+    return composed_epsilon(history, ledger_delta(silo, plan_delta(version.spec)))
+
+
+def can_afford_round(silo: Silo, spec: dict[str, Any]) -> bool:
+    """Whether one more round of the plan fits the silo's budget (always, without a budget)."""
+    if silo.epsilon_budget is None:
+        return True
+    mechanism = round_mechanism(spec, silo)
+    if mechanism is None:
+        return True
+    total = composed_epsilon(silo_history(silo) + [mechanism], ledger_delta(silo, plan_delta(spec)))
+    return total <= silo.epsilon_budget
+
+
+@transaction.atomic
+def ledger_append(
+    *,
+    silo: Silo,
+    run: Run | None,
+    round_number: int | None,
+    mechanism: str,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    epsilon_reported: float | None = None,
+) -> PrivacyLedgerEntry:
+    """Record a mechanism applied to a silo's data, its composed total and an audit event."""
+    Silo.objects.select_for_update().filter(pk=silo.pk).first()  # one writer per silo ledger
+    history = silo_history(silo) + [(noise_multiplier, sample_rate, steps)]
+    total = composed_epsilon(history, ledger_delta(silo, delta))
+    entry = PrivacyLedgerEntry.objects.create(
+        silo=silo,
+        run=run,
+        round_number=round_number,
+        mechanism=mechanism,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=ledger_delta(silo, delta),
+        epsilon_reported=epsilon_reported,
+        epsilon_total=total,
+    )
+    audit_append(
+        actor="system",
+        action="budget.spent",
+        consortium_id=silo.consortium_id,
+        object_type="silo",
+        object_id=silo.pk,
+        data={
+            "run": run.pk if run else None,
+            "round": round_number,
+            "mechanism": mechanism,
+            "noise_multiplier": noise_multiplier,
+            "sample_rate": sample_rate,
+            "steps": steps,
+            "epsilon_total": total,
+            "epsilon_budget": silo.epsilon_budget,
+        },
+    )
+    return entry

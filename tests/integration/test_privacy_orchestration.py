@@ -1,0 +1,170 @@
+"""Privacy and robustness in the round state machine: the ledger, budgets, DP, strategies."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import pytest
+import torch
+
+from fedcore import tensors
+from fedcore.models import build_model
+from fedcore.privacy import accounting
+from federation import ledger, orchestrator
+from federation.models import AuditEvent, PrivacyLedgerEntry, Round, Run, Silo
+from federation.services.updates import Refused, update_receive
+from federation.storage import blob_store, strategy_key
+from tests.factories import ConsortiumFactory, PlanFactory, SiloFactory, plan_spec, start_run
+from tests.integration.test_orchestrator import current_round, online, send_stats
+
+pytestmark = pytest.mark.django_db
+
+
+def make(n: int = 3, **spec: Any) -> tuple[list[Silo], Run]:
+    consortium = ConsortiumFactory()
+    silos = SiloFactory.create_batch(n, organization__consortium=consortium, row_count=60)
+    plan = PlanFactory(consortium=consortium, spec=plan_spec(**spec), silos=silos)
+    online(silos)
+    run = start_run(plan)
+    orchestrator.run_advance(run.pk)
+    send_stats(run, silos)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.RUNNING
+    return silos, run
+
+
+def submit(
+    run: Run, silo: Silo, rnd: int, state: dict[str, torch.Tensor], n: int = 48, **extra: Any
+):
+    return update_receive(
+        silo_id=silo.pk,
+        fields={
+            "run": run.pk,
+            "round": rnd,
+            "nonce": secrets.token_hex(16),
+            "num_examples": n,
+            "metrics": {"train_loss": 0.3},
+            **extra,
+        },
+        payload=tensors.encode_state_dict(state),
+    )
+
+
+def model(seed: int) -> dict[str, torch.Tensor]:
+    return build_model({"kind": "logistic_regression"}, 3, seed=seed).state_dict()
+
+
+CLIENT_DP = {
+    "mode": "client",
+    "noise_multiplier": 1.2,
+    "target_epsilon": None,
+    "clip": 0.5,
+    "delta": 1e-5,
+}
+SAMPLE_DP = {
+    "mode": "sample",
+    "noise_multiplier": 1.1,
+    "target_epsilon": None,
+    "clip": 1.0,
+    "delta": 1e-5,
+}
+
+
+def test_client_dp_rounds_charge_every_contributor_and_compose_in_the_ledger() -> None:
+    silos, run = make(3, privacy=CLIENT_DP, min_silos=2)
+    for rnd in (1, 2):
+        for i, silo in enumerate(silos):
+            submit(run, silo, rnd, model(10 * rnd + i))
+        orchestrator.run_advance(run.pk)
+
+    one = accounting.epsilon(noise_multiplier=1.2, sample_rate=1.0, steps=1, delta=1e-5)
+    two = accounting.epsilon(noise_multiplier=1.2, sample_rate=1.0, steps=2, delta=1e-5)
+    for silo in silos:
+        totals = list(
+            PrivacyLedgerEntry.objects.filter(silo=silo).values_list("epsilon_total", flat=True)
+        )
+        assert totals == pytest.approx([one, two], rel=1e-9)
+        assert two < 2 * one  # composed by the accountant, not summed
+    assert AuditEvent.objects.filter(action="budget.spent").count() == 6
+
+
+def test_client_dp_mean_is_noised_and_unweighted() -> None:
+    silos, run = make(3, privacy={**CLIENT_DP, "noise_multiplier": 1e-6}, min_silos=2)
+    start = tensors.decode_state_dict(blob_store().get(run.model_versions.get(number=0).blob_key))
+    # Two silos move the model, with wildly different example counts; the third is absent.
+    moved = {k: v + 0.01 for k, v in start.items()}
+    submit(run, silos[0], 1, moved, n=1)
+    submit(run, silos[1], 1, moved, n=1000)
+    Round.objects.filter(run=run).update(deadline="2000-01-01T00:00:00Z")
+    orchestrator.run_advance(run.pk)
+    after = tensors.decode_state_dict(blob_store().get(run.model_versions.get(number=1).blob_key))
+    for name in start:
+        # fixed denominator: 2 contributions / 3 selected silos, whatever the example counts
+        torch.testing.assert_close(
+            after[name] - start[name], torch.full_like(start[name], 0.02 / 3), atol=1e-6, rtol=0
+        )
+
+
+def test_sample_dp_updates_report_their_mechanism_and_land_in_the_ledger() -> None:
+    silos, run = make(2, privacy=SAMPLE_DP, min_silos=2)
+    expected = ledger.round_mechanism(run.version.spec, silos[0], rows=48)
+    assert expected is not None
+    z, q, steps = expected
+    with pytest.raises(Refused, match="noise multiplier"):
+        submit(
+            run,
+            silos[0],
+            1,
+            model(1),
+            privacy={"noise_multiplier": z / 2, "sample_rate": q, "steps": steps, "epsilon": 0.1},
+        )
+    with pytest.raises(Refused, match="privacy report"):
+        submit(run, silos[0], 1, model(1))
+    reported = accounting.epsilon(noise_multiplier=z, sample_rate=q, steps=steps, delta=1e-5)
+    submit(
+        run,
+        silos[0],
+        1,
+        model(1),
+        privacy={"noise_multiplier": z, "sample_rate": q, "steps": steps, "epsilon": reported},
+    )
+
+    entry = PrivacyLedgerEntry.objects.get(silo=silos[0])
+    assert (entry.mechanism, entry.noise_multiplier, entry.sample_rate, entry.steps) == (
+        "sample",
+        z,
+        q,
+        steps,
+    )
+    assert entry.epsilon_total == pytest.approx(reported, rel=1e-9)
+    assert entry.epsilon_reported == pytest.approx(reported)
+
+
+def test_a_silo_out_of_budget_stops_participating_and_the_run_goes_on() -> None:
+    silos, run = make(3, privacy=CLIENT_DP, min_silos=2)
+    one_round = accounting.epsilon(noise_multiplier=1.2, sample_rate=1.0, steps=1, delta=1e-5)
+    Silo.objects.filter(pk=silos[2].pk).update(epsilon_budget=one_round * 1.01)
+    for silo in silos:
+        submit(run, silo, 1, model(silo.pk))
+    orchestrator.run_advance(run.pk)
+
+    round2 = current_round(run)
+    assert round2.number == 2
+    assert set(round2.selected.all()) == set(silos[:2])  # silo 2 cannot afford another round
+
+
+def test_server_optimizer_state_persists_between_rounds_and_outliers_are_flagged() -> None:
+    silos, run = make(4, aggregation={"strategy": "fedadam", "server_lr": 0.05}, min_silos=3)
+    start = tensors.decode_state_dict(blob_store().get(run.model_versions.get(number=0).blob_key))
+    for i, silo in enumerate(silos):
+        scale = 50.0 if i == 3 else 0.01 * (i + 1)  # silo 3 sends a huge update
+        submit(run, silo, 1, {k: v + scale for k, v in start.items()})
+    orchestrator.run_advance(run.pk)
+
+    round1 = Round.objects.get(run=run, number=1)
+    assert blob_store().get(strategy_key(run_id=run.pk, number=1))
+    assert [f["client"] for f in round1.anomalies] == [silos[3].pk]
+    assert round1.aggregation_stats["strategy"] == "fedadam"
+    assert AuditEvent.objects.filter(action="round.anomaly").count() == 1
