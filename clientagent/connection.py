@@ -9,8 +9,11 @@ built update, which is re-sent without retraining when the server re-sends the s
 
 Every ``stats_request`` and ``task`` is checked before any local data is read
 (:mod:`clientagent.policy`: the server's signed grant, then the site's ``[policy]``); a refusal is
-an ``error`` frame and the agent carries on. Every message carrying anything derived from local
-data is written to the sent log (:mod:`clientagent.records`) before it leaves.
+an ``error`` frame and the agent carries on. A DP round is checked once more before it trains,
+with the mechanism for the real training rows and what the sent log says was spent
+(:func:`clientagent.policy.check_round_budget`). Every message carrying anything derived from
+local data is written to the sent log (:mod:`clientagent.records`) before it leaves; a DP update's
+line holds the epsilon it added to its run.
 
 Exit codes of :meth:`Agent.run` / :func:`run_agent`: :data:`EXIT_OK` (stopped by the caller,
 e.g. SIGTERM), :data:`EXIT_AUTH` (the server refused the token; reconnecting cannot help) and
@@ -38,18 +41,27 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from clientagent import __version__
 from clientagent.config import SiteConfig
 from clientagent.data import LocalData, canonical_sha256
-from clientagent.policy import NOT_AUTHORIZED, POLICY_REFUSED, check_authorization, check_policy
+from clientagent.policy import (
+    NOT_AUTHORIZED,
+    POLICY_REFUSED,
+    check_authorization,
+    check_policy,
+    check_round_budget,
+)
 from clientagent.progress import RoundProgress
 from clientagent.records import (
     RecordsError,
     SiteRecords,
     epsilon_by_run,
+    released_updates,
     short_hash,
 )
 from clientagent.trainer import (
     DATA_INVALID,
+    RoundPrivacy,
     TaskError,
     TrainingCancelled,
+    TrainingObserver,
     handle_stats_request,
     handle_task,
 )
@@ -140,6 +152,58 @@ class Backoff:
 class _BuiltUpdate:
     key: tuple[Any, ...]
     message: protocol.BinaryMessage
+    privacy: RoundPrivacy | None = None  # the DP round it ran, for the sent log's epsilon
+
+
+def _records_unreadable(exc: RecordsError, run: int, rnd: int | None) -> TaskError:
+    """Fail closed: without readable records the policy (and the budget) cannot be checked."""
+    return TaskError(
+        POLICY_REFUSED,
+        f"the site's records cannot be read, so the policy cannot be checked: {exc}; "
+        "fix or move the file aside (keep it for the audit trail)",
+        run=run,
+        round=rnd,
+        shared_reason="the site's local records cannot be read; the site operator must fix them",
+    )
+
+
+class _TaskBudget:
+    """The site's privacy budget as one task sees it: its sent log and its [policy] caps."""
+
+    def __init__(self, agent: Agent, fields: Mapping[str, Any]):
+        self.agent = agent
+        self.run: int = fields["run"]
+        self.round: int = fields["round"]
+        self.plan_hash: str = fields["plan_hash"]
+        self.approved: RoundPrivacy | None = None  # the round check() let through
+
+    def released_rounds(self) -> int:
+        """DP rounds of this run already sent, from the sent log (so a restart keeps them)."""
+        try:
+            sent = self.agent.records.sent()
+        except RecordsError as exc:
+            raise _records_unreadable(exc, self.run, self.round) from None
+        return len(released_updates(sent, run=self.run, plan_hash=self.plan_hash))
+
+    def check(self, privacy: RoundPrivacy) -> None:
+        """The [policy] caps with the real numbers; remembers the round when it passes."""
+        policy = self.agent.config.policy
+        spent_total = 0.0
+        if policy.max_epsilon_total is not None:
+            try:
+                spent_total = sum(epsilon_by_run(self.agent.records.sent()).values())
+            except RecordsError as exc:
+                raise _records_unreadable(exc, self.run, self.round) from None
+        check_round_budget(
+            privacy,
+            self.plan_hash,
+            policy=policy,
+            config_path=self.agent.config.path,
+            spent_total=spent_total,
+            run=self.run,
+            round=self.round,
+        )
+        self.approved = privacy
 
 
 def _round_label(run: int, rnd: int, rounds: int | None) -> str:
@@ -190,7 +254,7 @@ class Agent:
         self.sessions = 0  # successful welcomes, for logs and tests
         self._cancel = threading.Event()
         self._train_lock = asyncio.Lock()
-        self._jobs: dict[tuple[Any, ...], asyncio.Future[protocol.BinaryMessage]] = {}
+        self._jobs: dict[tuple[Any, ...], asyncio.Future[_BuiltUpdate]] = {}
         self._last_update: _BuiltUpdate | None = None
         self._rounds: dict[int, int] = {}
 
@@ -309,15 +373,7 @@ class Agent:
                 epsilon_by_run(self.records.sent()) if policy.max_epsilon_total is not None else {}
             )
         except RecordsError as exc:
-            raise TaskError(
-                POLICY_REFUSED,
-                f"the site's records cannot be read, so the policy cannot be checked: {exc}; "
-                "fix or move the file aside (keep it for the audit trail)",
-                run=run,
-                round=rnd,
-                shared_reason="the site's local records cannot be read; the site operator must "
-                "fix them",
-            ) from None
+            raise _records_unreadable(exc, run, rnd) from None
         check_policy(
             fields["plan"],
             fields["plan_hash"],
@@ -392,7 +448,8 @@ class Agent:
             try:
                 # shield: if this session dies, the job (and its thread) carries on and the
                 # next session's copy of the task picks up its result.
-                update = await asyncio.shield(job)
+                built = await asyncio.shield(job)
+                update = built.message
             except TaskError as exc:
                 await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
                 return
@@ -406,7 +463,7 @@ class Agent:
         except TaskError as exc:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
-        await session.send_update(update, plan_hash=fields["plan_hash"])
+        await session.send_update(update, plan_hash=fields["plan_hash"], privacy=built.privacy)
         metrics = update.fields["metrics"]
         logger.info(
             "%s: sent update (%d examples, %.1f KiB) global auc %s -> local auc %s",
@@ -417,30 +474,41 @@ class Agent:
             _auc(metrics, "local"),
         )
 
+    def train(
+        self, task: protocol.BinaryMessage, *, observer: TrainingObserver | None = None
+    ) -> tuple[protocol.BinaryMessage, RoundPrivacy | None]:
+        """Train a task with the site's privacy budget; blocking (run it in a worker thread).
+
+        Returns:
+            The update, and for a DP plan the round's mechanism (what
+            :meth:`record_sent` needs to log the epsilon the update adds).
+
+        Raises:
+            TaskError, TrainingCancelled: as :func:`clientagent.trainer.handle_task`.
+        """
+        budget = _TaskBudget(self, task.fields)
+        update = handle_task(
+            task, self.data, silo=self.silo, observer=observer, cancel=self._cancel, budget=budget
+        )
+        return update, budget.approved
+
     async def _train(
         self, task: protocol.BinaryMessage, label: str, key: tuple[Any, ...]
-    ) -> protocol.BinaryMessage:
+    ) -> _BuiltUpdate:
         async with self._train_lock:  # one training at a time: the CPU is the bottleneck
             if self._cancel.is_set():
                 raise TrainingCancelled(label)
             progress = RoundProgress(label, stream=self.progress_stream, tty=self.progress_tty)
             self.state = "training"
             try:
-                update = await asyncio.to_thread(
-                    handle_task,
-                    task,
-                    self.data,
-                    silo=self.silo,
-                    observer=progress,
-                    cancel=self._cancel,
-                )
+                update, privacy = await asyncio.to_thread(self.train, task, observer=progress)
             finally:
                 progress.close()
                 self.state = "idle"
         # Kept here, not by the session that asked: that session may be gone by now, and the
         # server re-sends the same task after the reconnect.
-        self._last_update = _BuiltUpdate(key=key, message=update)
-        return update
+        self._last_update = _BuiltUpdate(key=key, message=update, privacy=privacy)
+        return self._last_update
 
     def _job_done(self, key: tuple[Any, ...], job: asyncio.Future[Any]) -> None:
         if self._jobs.get(key) is job:
@@ -465,10 +533,28 @@ class Agent:
         plan_hash: str | None,
         size: int,
         sha: str,
-    ) -> None:
-        """Append a sent-log line for a message about to leave (raises OSError if it cannot)."""
+        privacy: RoundPrivacy | None = None,
+    ) -> dict[str, Any]:
+        """Append a sent-log line for a message about to leave and return it.
+
+        An update of a DP round (``privacy``) is logged with the epsilon it adds to its run:
+        :meth:`RoundPrivacy.increment` for the run's updates already in the log, 0.0 when the
+        same payload was logged before (a re-send).
+
+        Raises:
+            OSError: the log cannot be written; RecordsError: it cannot be read (DP updates).
+        """
         rnd = fields.get("round")
-        self.records.record_sent(
+        if msg_type == "update" and privacy is not None and plan_hash is not None:
+            return self.records.record_update(
+                run=fields["run"],
+                round=fields["round"],
+                plan_hash=plan_hash,
+                size=size,
+                sha256=sha,
+                spend=privacy.increment,
+            )
+        return self.records.record_sent(
             type=msg_type,
             run=fields.get("run"),
             round=rnd if isinstance(rnd, int) else None,
@@ -782,11 +868,18 @@ class _Session:
         )
         await self.ws.send(text)
 
-    async def send_update(self, update: protocol.BinaryMessage, *, plan_hash: str) -> None:
+    async def send_update(
+        self,
+        update: protocol.BinaryMessage,
+        *,
+        plan_hash: str,
+        privacy: RoundPrivacy | None = None,
+    ) -> None:
         """Write the update to the sent log (fsynced), then send its frames.
 
         The log line holds the payload's sha256 (the one the frame headers declare to the
-        server) and the bytes of all frames.
+        server), the bytes of all frames and, for a DP round (``privacy``), the epsilon the
+        update adds to its run.
         """
         frames = await asyncio.to_thread(
             protocol.encode_binary, update, max_frame_bytes=protocol.DEFAULT_MAX_FRAME_BYTES
@@ -799,6 +892,7 @@ class _Session:
             plan_hash=plan_hash,
             size=sum(len(frame) for frame in frames),
             sha=sha,
+            privacy=privacy,
         )
         await self.send_frames(frames)
 

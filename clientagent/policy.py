@@ -10,6 +10,18 @@ Two layers, both fail closed:
    aggregation, privacy budget, local approval by the site operator) allows the plan, whatever the
    consortium approved. Failure: ``policy_refused``.
 
+Then, for DP plans, once the local data is read and before each round trains,
+:func:`check_round_budget` checks the privacy caps again with the real numbers: the mechanism for
+this site's actual training rows instead of the plan's target epsilon.
+
+The privacy budget (``max_epsilon_per_plan``, ``max_epsilon_total``) is counted from the sent log
+(:mod:`clientagent.records`): each ``update`` line holds the epsilon *increment* that update
+added to its run's total, so the log's epsilon summed over a run is what the run has spent at
+this site (composed by the accountant across its rounds, a tight bound), and summed over the
+whole log is the site's total. Across runs the total is a plain sum (basic composition: a valid
+but conservative bound; each run's delta adds up too). A run's charge is its projection or what
+it has already spent, whichever is larger, never both.
+
 Both raise :class:`clientagent.trainer.TaskError` whose ``reason`` (the full explanation, with
 what the operator can do) goes to the local log at ERROR level and whose ``shared_reason`` goes
 to the server.
@@ -25,7 +37,7 @@ from typing import Any
 
 from clientagent.config import PolicyConfig
 from clientagent.records import REJECTED, Decision, short_hash
-from clientagent.trainer import TaskError
+from clientagent.trainer import RoundPrivacy, TaskError
 from fedcore.plans import plan_hash as compute_plan_hash
 from fedcore.signing import AuthorizationError, verify_authorization
 
@@ -78,6 +90,17 @@ def plan_privacy(plan: Mapping[str, Any]) -> PlanPrivacy:
     ):
         raise PlanPolicyError(f"the plan's privacy.target_epsilon {target!r} is not a number > 0")
     return PlanPrivacy(mode=mode, target_epsilon=None if target is None else float(target))
+
+
+def _refusal(plan_hash: str, shared: str, hint: str, *, run: int, round: int | None) -> TaskError:
+    """A policy_refused error: the shared part goes to the server, the hint stays local."""
+    return TaskError(
+        POLICY_REFUSED,
+        f"plan {short_hash(plan_hash)} refused by this site's policy: {shared}; {hint}",
+        run=run,
+        round=round,
+        shared_reason=f"refused by the site's policy: {shared}",
+    )
 
 
 def check_authorization(
@@ -166,13 +189,7 @@ def check_policy(
     """
 
     def refuse(shared: str, hint: str) -> TaskError:
-        return TaskError(
-            POLICY_REFUSED,
-            f"plan {short_hash(plan_hash)} refused by this site's policy: {shared}; {hint}",
-            run=run,
-            round=round,
-            shared_reason=f"refused by the site's policy: {shared}",
-        )
+        return _refusal(plan_hash, shared, hint, run=run, round=round)
 
     settings = f"[policy] in {config_path}"
     model = plan.get("model")
@@ -253,3 +270,74 @@ def check_policy(
             "(require_local_approval)",
             f"review it (`quorum-agent plans --config {config_path}`) and run {approve}",
         )
+
+
+def check_round_budget(
+    privacy: RoundPrivacy,
+    plan_hash: str,
+    *,
+    policy: PolicyConfig,
+    config_path: Path,
+    spent_total: float,
+    run: int,
+    round: int,
+) -> None:
+    """Check the site's privacy caps before a DP round trains, with the real numbers.
+
+    :func:`check_policy` judges a plan by its target epsilon before any data is read; this
+    runs once the site's training rows are known and the round's mechanism is computed for them
+    (the one the round will run and the update will report):
+
+    - ``max_epsilon_per_plan``: the whole run's epsilon at this site
+      (``accounting.project_plan_epsilon`` with the real rows), or what the run will have spent
+      after this round if that is more (rounds retried beyond the plan's), must not exceed it.
+    - ``max_epsilon_total``: everything spent so far (the sent log, all runs, this run's earlier
+      rounds included) plus this round's increment must not exceed it.
+
+    Args:
+        privacy: the round's mechanism and how many rounds of the run were already sent.
+        plan_hash: the plan's hash, for the messages.
+        policy: ``[policy]`` from site.toml.
+        config_path: site.toml, named in the operator's hints.
+        spent_total: the epsilon of the whole sent log (0.0 when max_epsilon_total is unset).
+        run: the run of the task.
+        round: the round of the task.
+
+    Raises:
+        TaskError: ``policy_refused`` naming the numbers.
+    """
+    settings = f"[policy] in {config_path}"
+    mechanism = (
+        f"privacy.mode {privacy.mode!r}, noise multiplier {privacy.noise_multiplier:.4g}, "
+        f"sample rate {privacy.sample_rate:.4g}, {privacy.steps} steps a round, "
+        f"delta {privacy.delta:g}"
+    )
+    per_plan = policy.max_epsilon_per_plan
+    if per_plan is not None:
+        run_epsilon = max(privacy.projected_epsilon, privacy.epsilon_after)
+        if run_epsilon > per_plan + EPSILON_TOLERANCE:
+            rounds = max(privacy.rounds, privacy.rounds_released + 1)
+            raise _refusal(
+                plan_hash,
+                f"at this site the run would spend epsilon {run_epsilon:.4g} over {rounds} "
+                f"rounds ({mechanism}), above max_epsilon_per_plan {per_plan:g}",
+                f"computed for the {privacy.rows} local training rows; to accept it, raise "
+                f"max_epsilon_per_plan in {settings}",
+                run=run,
+                round=round,
+            )
+    total = policy.max_epsilon_total
+    if total is not None:
+        increment = privacy.round_epsilon
+        charge = spent_total + increment
+        if charge > total + EPSILON_TOLERANCE:
+            raise _refusal(
+                plan_hash,
+                f"round {round} would bring the privacy budget spent at this site to "
+                f"{charge:.4g} ({spent_total:.4g} spent so far + {increment:.4g} for this round, "
+                f"{mechanism}), above max_epsilon_total {total:g}",
+                f"the sent log (`quorum-agent log`) shows what was spent; raise "
+                f"max_epsilon_total in {settings} only if the data steward agrees",
+                run=run,
+                round=round,
+            )

@@ -8,6 +8,15 @@
   data (``stats``, ``update``, ``error``). Append-only, flushed and fsynced before the message is
   sent: what a site shows an auditor, and what the privacy budget is summed from.
 
+The ``epsilon`` of a sent-log line is the privacy budget that message added: for the update of a
+DP plan, the run's cumulative epsilon at this site after it minus before it (the accountant
+composes a run's rounds, so per-round epsilons would not add up); 0.0 for everything else and
+for a re-send of weights already logged (same payload sha256: nothing new left the site). So the
+log's epsilon summed over a run is the run's epsilon at this site, equal to the last cumulative
+``epsilon`` its updates reported, and summed over the whole log is the site's total (runs add
+up: basic composition). The number of DP rounds a run has released, which its next cumulative
+epsilon builds on, is also read from here (:func:`released_updates`): it survives restarts.
+
 The running agent writes offers and the sent log; the ``quorum-agent`` CLI appends decisions. They
 never write the same file, so no lock is needed between the two processes.
 """
@@ -19,7 +28,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -287,20 +296,47 @@ class SiteRecords:
             plan_hash: the plan it was computed for, if any.
             size: bytes sent on the wire (all frames of a binary message).
             sha256: of the safetensors payload for updates, of the JSON text otherwise.
-            epsilon: privacy budget this message spent (0.0 until DP training reports it).
+            epsilon: privacy budget this message spent; DP updates go through
+                :meth:`record_update`, which computes it.
         """
-        record: dict[str, Any] = {
-            "time": utc_now(),
-            "type": type,
-            "run": run,
-            "plan_hash": plan_hash,
-            "bytes": size,
-            "sha256": sha256,
-            "epsilon": float(epsilon),
-        }
-        if round is not None:
-            record["round"] = round
+        record = _sent_record(type, run, round, plan_hash, size, sha256, epsilon)
         with self._lock:
+            self._ensure_dir()
+            append_line(self.sent_path, record)
+        return record
+
+    def record_update(
+        self,
+        *,
+        run: int,
+        round: int,
+        plan_hash: str,
+        size: int,
+        sha256: str,
+        spend: Callable[[int], float],
+    ) -> dict[str, Any]:
+        """Append the line of a DP update (fsynced) with the epsilon it adds; call BEFORE sending.
+
+        Counting the run's released updates and appending happen under one lock, so two
+        updates of a run never both count themselves as the k-th.
+
+        Args:
+            run: the run of the update.
+            round: its round.
+            plan_hash: the plan it was trained for.
+            size: bytes sent on the wire (all frames).
+            sha256: of the safetensors payload.
+            spend: ``spend(k)`` is the epsilon one more round adds to the run when ``k`` of its
+                updates were already released (``RoundPrivacy.increment``). Not called for a
+                payload already in the log (a re-send adds nothing).
+
+        Raises:
+            RecordsError: the sent log cannot be read.
+        """
+        with self._lock:
+            released = released_updates(self.sent(), run=run, plan_hash=plan_hash)
+            epsilon = 0.0 if sha256 in released else spend(len(released))
+            record = _sent_record("update", run, round, plan_hash, size, sha256, epsilon)
             self._ensure_dir()
             append_line(self.sent_path, record)
         return record
@@ -314,8 +350,47 @@ class SiteRecords:
         return read_lines(self.sent_path)
 
 
+def _sent_record(
+    type: str,
+    run: int | None,
+    round: int | None,
+    plan_hash: str | None,
+    size: int,
+    sha256: str,
+    epsilon: float,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "time": utc_now(),
+        "type": type,
+        "run": run,
+        "plan_hash": plan_hash,
+        "bytes": size,
+        "sha256": sha256,
+        "epsilon": float(epsilon),
+    }
+    if round is not None:
+        record["round"] = round
+    return record
+
+
+def released_updates(sent: list[dict[str, Any]], *, run: int, plan_hash: str) -> set[str]:
+    """The payload sha256 of every distinct update of a run (and plan) in the sent log.
+
+    Each one is a round of local training whose result left the site; a re-sent update (same
+    payload) counts once. The plan hash guards against two servers that both have a run of that
+    number.
+    """
+    return {
+        str(record.get("sha256"))
+        for record in sent
+        if record.get("type") == "update"
+        and record.get("run") == run
+        and record.get("plan_hash") == plan_hash
+    }
+
+
 def epsilon_by_run(sent: list[dict[str, Any]]) -> dict[int | None, float]:
-    """The privacy budget spent per run, summed over the sent log.
+    """The privacy budget spent per run, summed over the sent log (increments: see above).
 
     Raises:
         RecordsError: a line's epsilon is not a number >= 0.

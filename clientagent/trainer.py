@@ -5,10 +5,37 @@ train split; :func:`handle_task` trains the global model of a ``task`` on the lo
 builds the ``update``. Both raise :class:`TaskError` (code + reason, ready for an ``error`` frame)
 for anything the server or the site operator must fix. Models come only from the plan's
 declarative spec (:func:`fedcore.models.build_model`); weights only from safetensors.
+
+Differential privacy (the plan's ``privacy`` section, docs/internals/governance.md):
+
+- ``mode = "sample"``: DP-SGD here (:func:`fedcore.privacy.dpsgd.train_dp`, Poisson sampling,
+  per-sample clip ``privacy.clip``). The noise multiplier is
+  :func:`fedcore.privacy.accounting.plan_noise_multiplier` for this site's real training rows,
+  calibrated over the WHOLE run (all ``training.rounds``), so a ``target_epsilon`` holds at the
+  end of the run, not per round. One round is the mechanism ``(z, q, steps)`` with
+  ``q = min(1, batch_size / rows)`` and ``steps = local_epochs * ceil(rows / batch_size)``: what
+  the server's ledger recomputes (``federation.ledger.round_mechanism``). The update carries
+  ``privacy = {noise_multiplier, sample_rate, steps, epsilon}``, ``epsilon`` being what this
+  run has spent at this site after this round, composed by the same "rdp" accountant.
+- ``mode = "client"``: no local noise; the server clips and noises at aggregation. The agent
+  still accounts the plan's per-round mechanism (``(z, 1, 1)``, every round taken part in) for
+  its own budget.
+
+Before a DP round trains, :class:`PrivacyBudget` (the agent's sent log and ``[policy]``) may
+refuse it with the real numbers (:func:`clientagent.policy.check_round_budget`).
+
+Aggregation strategies that need the agent: ``fedprox`` trains with the proximal term
+``mu / 2 * ||w - w_global||^2`` (non-DP only); ``qfedavg`` needs ``F_k(w_t)``, the received
+global model's loss on this site's training split, reported as ``metrics["global_train_loss"]``.
+That value is computed from the training rows without noise: under DP it would be a release
+outside the guarantee, so it is reported only for plans without DP (q-FedAvg with DP-SGD is
+refused; in client mode the server averages with DP-FedAvg whatever the strategy).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import secrets
 import threading
@@ -17,15 +44,24 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from torch import nn
 
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
 from fedcore import models, protocol, tabular, tensors, training
+from fedcore.privacy import accounting
 
 # Error codes of the ``error`` frames the agent sends (data_invalid is in protocol.ERROR_CODES).
 DATA_INVALID = "data_invalid"  # the local data does not match the plan's schema
 INVALID_TASK = "invalid_task"  # plan, preprocessing or global weights unusable for this site
 TRAINING_FAILED = "training_failed"  # local training diverged (NaN/Inf)
+
+# The server's ledger composes with this accountant (federation.ledger.ACCOUNTANT); the noise
+# calibration and every epsilon the agent reports or logs use the same one.
+ACCOUNTANT = "rdp"
+FEDPROX = "fedprox"
+FEDPROX_DEFAULT_MU = 0.01  # the server's default (federation.plan_spec.server_strategy_spec)
+QFEDAVG = "qfedavg"
 
 
 class TaskError(Exception):
@@ -104,6 +140,7 @@ class TrainingSettings:
     lr: float
     momentum: float
     weight_decay: float
+    rounds: int | None = None  # the plan's training.rounds; required by DP plans
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, Any]) -> TrainingSettings:
@@ -128,6 +165,8 @@ class TrainingSettings:
                 raise PlanError(f"plan training.{key} must be an integer >= 1, got {value!r}")
             return value
 
+        rounds = integer("rounds") if section.get("rounds") is not None else None
+
         optimizer = section.get("optimizer", "adam")
         if optimizer not in training.OPTIMIZERS:
             raise PlanError(
@@ -141,6 +180,7 @@ class TrainingSettings:
             lr=number("lr", None),
             momentum=number("momentum", 0.0),
             weight_decay=number("weight_decay", 0.0),
+            rounds=rounds,
         )
         if settings.lr <= 0:
             raise PlanError(f"plan training.lr must be > 0, got {settings.lr!r}")
@@ -153,6 +193,226 @@ class TrainingSettings:
                 f"plan training.weight_decay must be >= 0, got {settings.weight_decay!r}"
             )
         return settings
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """The checked ``privacy`` section of a plan, with the defaults of the plan spec.
+
+    ``section`` is the section with defaults filled in (``accounting.PLAN_PRIVACY_DEFAULTS``),
+    as :func:`fedcore.privacy.accounting.plan_mechanism` reads it; the noise multiplier and the
+    target epsilon are checked there, once the site's training rows are known.
+    """
+
+    mode: str
+    clip: float
+    delta: float
+    section: dict[str, Any]
+
+    @property
+    def dp(self) -> bool:
+        """Whether the plan uses differential privacy (mode ``sample`` or ``client``)."""
+        return self.mode != "none"
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, Any]) -> PrivacySettings:
+        """Read ``plan["privacy"]`` (absent or null: no DP); PlanError names the bad key."""
+        raw = plan.get("privacy")
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise PlanError("plan privacy must be an object")
+        unknown = sorted(str(key) for key in raw if key not in accounting.PLAN_PRIVACY_DEFAULTS)
+        if unknown:
+            raise PlanError(
+                f"plan privacy has unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+                f"{', '.join(accounting.PLAN_PRIVACY_DEFAULTS)}"
+            )
+        section = {**accounting.PLAN_PRIVACY_DEFAULTS, **raw}
+        mode = section["mode"]
+        if mode not in accounting.PRIVACY_MODES:
+            raise PlanError(
+                f"plan privacy.mode must be one of {', '.join(accounting.PRIVACY_MODES)}, "
+                f"got {mode!r}"
+            )
+        if mode == "none":
+            return cls(mode=mode, clip=0.0, delta=0.0, section=section)
+        clip, delta = section["clip"], section["delta"]
+        if not _finite_number(clip) or clip <= 0:
+            raise PlanError(f"plan privacy.clip must be a number > 0, got {clip!r}")
+        if not _finite_number(delta) or not 0 < delta < 1:
+            raise PlanError(f"plan privacy.delta must be a number in (0, 1), got {delta!r}")
+        return cls(mode=mode, clip=float(clip), delta=float(delta), section=section)
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    """What the agent needs of the plan's ``aggregation`` section: strategy and FedProx's mu."""
+
+    strategy: str
+    prox_mu: float  # 0.0 unless the strategy is fedprox
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, Any]) -> AggregationSettings:
+        """Read ``plan["aggregation"]`` (absent: fedavg); PlanError names the bad key.
+
+        The server checks the strategy's name and its other parameters; only FedProx's ``mu``
+        matters here.
+        """
+        section = plan.get("aggregation")
+        if section is None:
+            section = {}
+        if not isinstance(section, Mapping):
+            raise PlanError("plan aggregation must be an object")
+        strategy = section.get("strategy", "fedavg")
+        if not isinstance(strategy, str):
+            raise PlanError(f"plan aggregation.strategy must be a name, got {strategy!r}")
+        mu = 0.0
+        if strategy == FEDPROX:
+            value = section.get("mu", FEDPROX_DEFAULT_MU)
+            if not _finite_number(value) or value < 0:
+                raise PlanError(
+                    "plan aggregation.mu (FedProx's proximal weight) must be a number >= 0, "
+                    f"got {value!r}"
+                )
+            mu = float(value)
+        return cls(strategy=strategy, prox_mu=mu)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_mechanism(
+    section_json: str, rows: int, batch_size: int, epochs: int, rounds: int
+) -> tuple[float, float, int] | None:
+    """``accounting.plan_mechanism``, remembered: calibrating noise to a target takes a dozen
+    accountant runs, and every round of a run asks for the same mechanism."""
+    return accounting.plan_mechanism(
+        json.loads(section_json),
+        rows=rows,
+        batch_size=batch_size,
+        local_epochs=epochs,
+        rounds=rounds,
+        accountant=ACCOUNTANT,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _composed_epsilon(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float
+) -> float:
+    return accounting.epsilon(
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=delta,
+        accountant=ACCOUNTANT,
+    )
+
+
+@dataclass(frozen=True)
+class RoundPrivacy:
+    """The DP mechanism one round of a plan applies to this site's training rows.
+
+    Every round of a run is the same Poisson-subsampled Gaussian mechanism ``(noise_multiplier,
+    sample_rate, steps)``, so ``k`` rounds compose to the mechanism with ``k * steps`` steps: the
+    run's epsilon after ``k`` rounds is :meth:`cumulative_epsilon` ``(k)`` (tight composition by
+    the accountant, not a sum of per-round epsilons).
+    """
+
+    mode: str  # "sample" (DP-SGD at this site) or "client" (noise added by the server)
+    noise_multiplier: float
+    sample_rate: float
+    steps: int  # of one round: local_epochs * ceil(rows / batch_size), or 1 in client mode
+    rounds: int  # the plan's training.rounds
+    delta: float
+    rows: int  # the site's training rows the mechanism was computed for
+    rounds_released: int = 0  # DP rounds of this run already sent before this one
+
+    def cumulative_epsilon(self, rounds: int) -> float:
+        """The run's epsilon at this site after ``rounds`` rounds released (0.0 for none)."""
+        if rounds <= 0:
+            return 0.0
+        return _composed_epsilon(
+            self.noise_multiplier, self.sample_rate, self.steps * rounds, self.delta
+        )
+
+    def increment(self, released: int) -> float:
+        """What one more round adds to the run's epsilon when ``released`` rounds were sent."""
+        return max(0.0, self.cumulative_epsilon(released + 1) - self.cumulative_epsilon(released))
+
+    @property
+    def epsilon_before(self) -> float:
+        """The run's epsilon at this site before this round."""
+        return self.cumulative_epsilon(self.rounds_released)
+
+    @property
+    def epsilon_after(self) -> float:
+        """The run's epsilon at this site once this round's update is sent."""
+        return self.cumulative_epsilon(self.rounds_released + 1)
+
+    @property
+    def round_epsilon(self) -> float:
+        """What this round adds: ``epsilon_after - epsilon_before``."""
+        return self.increment(self.rounds_released)
+
+    @property
+    def projected_epsilon(self) -> float:
+        """The whole run's epsilon at this site (all the plan's rounds): the plan's projection
+        (``accounting.project_plan_epsilon``) for this site's real training rows."""
+        return self.cumulative_epsilon(self.rounds)
+
+
+def round_privacy(
+    privacy: PrivacySettings, settings: TrainingSettings, *, rows: int, rounds_released: int = 0
+) -> RoundPrivacy | None:
+    """The mechanism of one round of a DP plan at a site with ``rows`` training rows.
+
+    The noise multiplier is ``accounting.plan_mechanism``'s for the whole run (as the server's
+    ledger computes it), split evenly over the rounds; None without DP.
+
+    Raises:
+        PlanError: the plan has no training.rounds, or its privacy section cannot be
+            satisfied (e.g. a target epsilon that needs a noise multiplier above 1e4).
+    """
+    if not privacy.dp:
+        return None
+    if settings.rounds is None:
+        raise PlanError("plan training.rounds is missing; a DP plan needs it to calibrate noise")
+    try:
+        mechanism = _plan_mechanism(
+            json.dumps(privacy.section, sort_keys=True),
+            rows,
+            settings.batch_size,
+            settings.epochs,
+            settings.rounds,
+        )
+    except ValueError as exc:
+        raise PlanError(f"plan privacy: {exc}") from None
+    assert mechanism is not None
+    noise, sample_rate, steps = mechanism
+    return RoundPrivacy(
+        mode=privacy.mode,
+        noise_multiplier=noise,
+        sample_rate=sample_rate,
+        steps=max(1, steps // settings.rounds),
+        rounds=settings.rounds,
+        delta=privacy.delta,
+        rows=rows,
+        rounds_released=rounds_released,
+    )
+
+
+class PrivacyBudget(Protocol):
+    """What the site has spent, as one task sees it (the agent reads its sent log)."""
+
+    def released_rounds(self) -> int:
+        """DP rounds of this task's run whose update already left the site."""
+
+    def check(self, privacy: RoundPrivacy) -> None:
+        """Raise TaskError (``policy_refused``) unless the site's caps allow this round."""
 
 
 def _run_and_round(fields: Mapping[str, Any]) -> tuple[int | None, int | None]:
@@ -217,7 +477,8 @@ def handle_stats_request(fields: Mapping[str, Any], data: LocalData) -> dict[str
 
 def _load_global(
     payload: bytes, plan: Mapping[str, Any], n_features: int, run: int, rnd: int
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The plan's model with the task's global weights loaded, and those weights."""
     try:
         model = models.build_model(plan["model"], n_features, seed=0)
     except KeyError:
@@ -247,7 +508,38 @@ def _load_global(
         raise TaskError(
             INVALID_TASK, f"global model tensor {bad!r} holds NaN or Inf", run=run, round=rnd
         )
-    return model
+    return model, state
+
+
+def _check_combinations(
+    privacy: PrivacySettings, aggregation: AggregationSettings, run: int, rnd: int
+) -> None:
+    """Refuse the strategy / privacy combinations the agent cannot run faithfully."""
+    if aggregation.strategy == FEDPROX and privacy.mode == "sample":
+        # The proximal term would have to be added to the noised gradient (it is data
+        # independent, so that would be private) inside the DP optimizer: not implemented.
+        raise TaskError(INVALID_TASK, "FedProx with DP-SGD is not supported", run=run, round=rnd)
+    if aggregation.strategy == QFEDAVG and privacy.mode == "sample":
+        # (In client mode the server averages with DP-FedAvg whatever the strategy says.)
+        raise TaskError(
+            INVALID_TASK,
+            "q-FedAvg with DP-SGD is not supported: it needs each site's un-noised training "
+            "loss of the global model, a release outside the DP guarantee",
+            run=run,
+            round=rnd,
+        )
+
+
+def _check_dp_model(model: nn.Module, run: int, rnd: int) -> None:
+    """Opacus' validator on the model (e.g. no BatchNorm): invalid_task when it objects."""
+    from opacus.validators import ModuleValidator  # Opacus loads only for DP-SGD
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        problems = "; ".join(str(error) for error in errors)
+        raise TaskError(
+            INVALID_TASK, f"the model cannot be trained with DP-SGD: {problems}", run=run, round=rnd
+        )
 
 
 def handle_task(
@@ -258,14 +550,19 @@ def handle_task(
     observer: TrainingObserver | None = None,
     cancel: threading.Event | None = None,
     nonce: Callable[[], str] = lambda: secrets.token_hex(16),
+    budget: PrivacyBudget | None = None,
 ) -> protocol.BinaryMessage:
     """Train the task's global model on the local data and build the ``update`` message.
 
-    Steps: split the local data (cached), transform it with the task's fitted preprocessing,
-    build the model from the plan's spec and load the global weights (strict: same keys, shapes
-    and dtypes), evaluate it on the local test split (``metrics["global"]``), train on the train
-    split with ``plan["training"]`` and seed ``plan["seed"] * 1000 + round``, evaluate again
-    (``metrics["local"]``).
+    Steps: check the plan's training, privacy and aggregation sections, split the local data
+    (cached), transform it with the task's fitted preprocessing; for a DP plan compute the
+    round's mechanism for the real training rows and let ``budget`` refuse it; build the model
+    from the plan's spec and load the global weights (strict: same keys, shapes and dtypes),
+    evaluate it on the local test split (``metrics["global"]``) and, without DP, its loss on the
+    train split (``metrics["global_train_loss"]``, q-FedAvg's ``F_k(w_t)``); train on the train
+    split with ``plan["training"]`` (DP-SGD in privacy mode ``sample``, the FedProx term for
+    strategy ``fedprox``) and seed ``plan["seed"] * 1000 + round`` (not for DP-SGD: its noise
+    and sampling come from the OS), evaluate again (``metrics["local"]``).
 
     Args:
         task: a reassembled ``task`` message (fields validated by fedcore.protocol).
@@ -274,15 +571,21 @@ def handle_task(
         observer: receives training progress (called from the calling thread).
         cancel: when set, training stops at the next optimizer step (TrainingCancelled).
         nonce: source of the update's nonce (tests inject a fixed one).
+        budget: the site's privacy budget for DP plans: how many rounds of this run were
+            already sent (the update's cumulative epsilon counts them) and the caps check run
+            before training. None: no round sent yet and no cap.
 
     Returns:
         The ``update`` BinaryMessage: fields ``run``, ``round``, ``nonce``, ``num_examples``
-        (train rows), ``metrics`` (``global``, ``local``, ``train_loss``), ``silo``; payload the
-        trained weights as safetensors.
+        (train rows), ``metrics`` (``global``, ``local``, ``train_loss``, and without DP
+        ``global_train_loss``), ``silo``, and in privacy mode ``sample`` ``privacy``
+        (``noise_multiplier``, ``sample_rate``, ``steps`` of this round, ``epsilon`` spent by
+        the run at this site after this round); payload the trained weights as safetensors.
 
     Raises:
         TaskError: ``invalid_task`` (the plan, preprocessing or global weights are unusable),
-            ``data_invalid`` (the local data does not fit) or ``training_failed`` (diverged).
+            ``data_invalid`` (the local data does not fit), ``training_failed`` (diverged) or
+            whatever ``budget.check`` raises (``policy_refused``).
         TrainingCancelled: ``cancel`` was set.
     """
     fields = task.fields
@@ -296,6 +599,12 @@ def handle_task(
 
     try:
         settings = TrainingSettings.from_plan(plan)
+        privacy = PrivacySettings.from_plan(plan)
+        aggregation = AggregationSettings.from_plan(plan)
+    except PlanError as exc:
+        raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
+    _check_combinations(privacy, aggregation, run, rnd)
+    try:
         split = _prepare(plan, data, run, rnd)
         arrays = data.arrays(split, fields["preprocessing"])
     except PlanError as exc:
@@ -312,8 +621,24 @@ def handle_task(
             round=rnd,
         )
 
-    model = _load_global(task.payload, plan, int(train.X.shape[1]), run, rnd)
+    dp_round: RoundPrivacy | None = None
+    if privacy.dp:
+        released = budget.released_rounds() if budget is not None else 0
+        try:
+            dp_round = round_privacy(privacy, settings, rows=n_train, rounds_released=released)
+        except PlanError as exc:
+            raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
+        if budget is not None:
+            budget.check(dp_round)  # the site's caps, with the real numbers, before training
+
+    model, global_state = _load_global(task.payload, plan, int(train.X.shape[1]), run, rnd)
+    if privacy.mode == "sample":
+        _check_dp_model(model, run, rnd)
     global_metrics = training.evaluate(model, test.X, test.y)
+    extra_metrics: dict[str, Any] = {}
+    if not privacy.dp:
+        # q-FedAvg's F_k(w_t). Not under DP: computed from the training rows without noise.
+        extra_metrics["global_train_loss"] = training.evaluate(model, train.X, train.y)["loss"]
 
     def on_batch(step: int, total: int) -> None:
         if cancel is not None and cancel.is_set():
@@ -325,19 +650,25 @@ def handle_task(
         steps = settings.epochs * math.ceil(n_train / settings.batch_size)
         observer.started(rows=n_train, epochs=settings.epochs, steps=steps)
     try:
-        result = training.train_local(
-            model,
-            train.X,
-            train.y,
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            lr=settings.lr,
-            optimizer=settings.optimizer,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-            seed=seed * 1000 + rnd,
-            on_batch=on_batch,
-        )
+        if privacy.mode == "sample":
+            assert dp_round is not None
+            result = _train_dp(model, train, settings, privacy, dp_round, on_batch)
+        else:
+            result = training.train_local(
+                model,
+                train.X,
+                train.y,
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                lr=settings.lr,
+                optimizer=settings.optimizer,
+                momentum=settings.momentum,
+                weight_decay=settings.weight_decay,
+                seed=seed * 1000 + rnd,
+                on_batch=on_batch,
+                prox_mu=aggregation.prox_mu,
+                prox_reference=global_state if aggregation.prox_mu > 0 else None,
+            )
     except training.TrainingError as exc:
         raise TaskError(TRAINING_FAILED, str(exc), run=run, round=rnd) from None
     if observer is not None:
@@ -357,6 +688,7 @@ def handle_task(
             "global": global_metrics,
             "local": training.evaluate(model, test.X, test.y),
             "train_loss": result["train_loss"],
+            **extra_metrics,
         }
     )
     update_fields: dict[str, Any] = {
@@ -368,6 +700,53 @@ def handle_task(
     }
     if silo is not None:
         update_fields["silo"] = silo
+    if privacy.mode == "sample":
+        assert dp_round is not None
+        update_fields["privacy"] = {
+            "noise_multiplier": dp_round.noise_multiplier,
+            "sample_rate": dp_round.sample_rate,
+            "steps": int(result["steps"]),
+            "epsilon": dp_round.epsilon_after,
+        }
     return protocol.BinaryMessage(
         type="update", fields=update_fields, payload=tensors.encode_state_dict(state)
     )
+
+
+def _train_dp(
+    model: nn.Module,
+    train: tabular.TabularData,
+    settings: TrainingSettings,
+    privacy: PrivacySettings,
+    dp_round: RoundPrivacy,
+    on_batch: Callable[[int, int], None],
+) -> dict[str, Any]:
+    """One round of DP-SGD with the round's mechanism; TrainingError if it diverges."""
+    from fedcore.privacy import dpsgd  # loads Opacus: only sites training with DP-SGD pay it
+
+    result = dpsgd.train_dp(
+        model,
+        train.X,
+        train.y,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        clip=privacy.clip,
+        delta=privacy.delta,
+        noise_multiplier=dp_round.noise_multiplier,
+        seed=None,  # noise and Poisson sampling keyed from the OS: a known seed voids DP
+        optimizer=settings.optimizer,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        accountant=ACCOUNTANT,
+        on_batch=on_batch,
+    )
+    # train_dp derives the same mechanism from the same settings; a mismatch is a bug, and the
+    # update would then report something other than what was run.
+    ran = (result["noise_multiplier"], result["sample_rate"], result["steps"])
+    planned = (dp_round.noise_multiplier, dp_round.sample_rate, dp_round.steps)
+    if ran != planned:
+        raise training.TrainingError(
+            f"DP-SGD ran the mechanism {ran} instead of the plan's {planned}"
+        )
+    return result

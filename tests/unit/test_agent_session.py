@@ -271,7 +271,7 @@ async def test_round_trip_then_reconnect_after_server_restart(tmp_path, caplog):
     assert stats["run"] == 5 and stats["stats"]["n_rows"] < 120  # train split only
     update: protocol.BinaryMessage = await server.next_event("update")
     assert update.fields["silo"] == "site-a" and update.fields["num_examples"] < 120
-    assert set(update.fields["metrics"]) == {"global", "local", "train_loss"}
+    assert set(update.fields["metrics"]) == {"global", "local", "train_loss", "global_train_loss"}
     state = tensors.decode_state_dict(update.payload)
     assert sorted(state) == ["linear.bias", "linear.weight"]
     await wait_until(lambda: "round 1/3 accepted" in caplog.text)

@@ -97,7 +97,7 @@ def test_update_has_the_global_models_tensors_and_the_promised_fields(data):
     assert update.fields["silo"] == "site-a"
     assert len(update.fields["nonce"]) == 32
     metrics = update.fields["metrics"]
-    assert set(metrics) == {"global", "local", "train_loss"}
+    assert set(metrics) == {"global", "local", "train_loss", "global_train_loss"}
     assert metrics["global"]["n"] == metrics["local"]["n"] == len(split.test)
     assert metrics["local"]["loss"] < metrics["global"]["loss"]
     # The update goes through the wire codec as is.
