@@ -61,3 +61,18 @@ def test_demo_refuses_bad_flags_clearly(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "--rounds must be at least 1" in proc.stderr
+
+
+def test_dp_demo_spends_at_most_the_target_and_the_ledger_agrees(tmp_path: Path) -> None:
+    result = run_demo(
+        tmp_path, "--scenario", "finance", "--rounds", "2", "--dp", "sample", "--target-epsilon", "2"
+    )
+
+    privacy = result["privacy"]
+    assert privacy["mode"] == "sample" and set(privacy["silos"]) == set(result["local_only"])
+    for row in privacy["silos"].values():
+        assert 0 < row["reported"] <= 2.0  # what each agent reported after the last round
+        assert row["ledger"] == pytest.approx(row["accountant"], rel=1e-9)
+        assert row["ledger"] == pytest.approx(row["reported"], rel=1e-6)
+    # Budgets are 1.2 x the target: a second run of the same plan cannot be approved.
+    assert privacy["second_run"].startswith("cannot be approved")
