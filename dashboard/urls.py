@@ -1,8 +1,39 @@
-"""Dashboard routes."""
+"""Dashboard routes (docs: the reply to issue 5 lists who may open each page)."""
 
+from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard import views
+from dashboard.views import assets, audit, consortium, models, plans, runs
 
 app_name = "dashboard"
-urlpatterns = [path("", views.run_list, name="run_list")]
+urlpatterns = [
+    path("", consortium.home, name="home"),
+    path(
+        "login/",
+        auth_views.LoginView.as_view(redirect_authenticated_user=True),
+        name="login",
+    ),
+    path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
+    path("consortia/<int:consortium_id>/", consortium.overview, name="overview"),
+    path("consortia/<int:consortium_id>/plans/", plans.plan_list, name="plan_list"),
+    path("consortia/<int:consortium_id>/plans/new/", plans.plan_propose, name="plan_propose"),
+    path("consortia/<int:consortium_id>/runs/", runs.run_list, name="run_list"),
+    path("consortia/<int:consortium_id>/models/", models.model_list, name="model_list"),
+    path("consortia/<int:consortium_id>/audit/", audit.audit_log, name="audit_log"),
+    path("silos/<int:silo_id>/", consortium.silo_detail, name="silo_detail"),
+    path("plans/<int:plan_id>/", plans.plan_detail, name="plan_detail"),
+    path("plans/<int:plan_id>/edit/", plans.plan_edit, name="plan_edit"),
+    path("plans/<int:plan_id>/approve/", plans.plan_approve, name="plan_approve"),
+    path("plans/<int:plan_id>/reject/", plans.plan_reject, name="plan_reject"),
+    path("plans/<int:plan_id>/submit/", plans.plan_submit, name="plan_submit"),
+    path("plans/<int:plan_id>/withdraw/", plans.plan_withdraw, name="plan_withdraw"),
+    path("plans/<int:plan_id>/start/", plans.plan_start, name="plan_start"),
+    path("runs/<int:run_id>/", runs.run_monitor, name="run_monitor"),
+    path("runs/<int:run_id>/live.json", runs.run_live, name="run_live"),
+    path("runs/<int:run_id>/stop/", runs.run_stop, name="run_stop"),
+    path("runs/<int:run_id>/compliance/", audit.compliance_report, name="compliance_report"),
+    path("models/<int:model_id>/download/", models.model_download, name="model_download"),
+    path("models/<int:model_id>/card/", models.model_card, name="model_card"),
+    path("models/<int:model_id>/card.json", models.model_card_json, name="model_card_json"),
+    path("vendor/plotly-<str:version>.min.js", assets.plotly_js, name="plotly_js"),
+]

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Count, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum
+from django.http import Http404
 
 from fedcore.protocol import BinaryMessage
+from federation import permissions
 from federation.models import (
+    Approval,
+    AuditEvent,
+    Consortium,
+    Membership,
     ModelVersion,
+    Organization,
     PlanVersion,
+    PrivacyLedgerEntry,
     Round,
     RoundMetric,
     Run,
     Silo,
     TrainingPlan,
+    Update,
 )
 from federation.plan_spec import run_settings
 from federation.signing import authorization_for
@@ -138,3 +147,340 @@ def silo_is_online(silo: Silo) -> bool:
 def plan_rounds(run: Run) -> int:
     """How many rounds the run's plan asks for."""
     return run_settings(run.version.spec).rounds
+
+
+# --------------------------------------------------------------------------------------------
+# Reads behind the dashboard's pages. Each takes an object its caller already fetched through
+# ``federation.permissions.access_*`` (so membership is settled), and returns what one page needs
+# in a constant number of queries.
+
+
+def consortium_organizations(consortium: Consortium) -> QuerySet[Organization]:
+    """A consortium's member organisations by name, with their silo and member counts."""
+    return (
+        Organization.objects.filter(consortium=consortium)
+        .annotate(
+            silo_count=Count("silos", distinct=True),
+            member_count=Count("memberships__user", distinct=True),
+        )
+        .order_by("name", "pk")
+    )
+
+
+def consortium_memberships(consortium: Consortium) -> QuerySet[Membership]:
+    """Who holds which role in a consortium, by organisation and username."""
+    return (
+        Membership.objects.filter(organization__consortium=consortium)
+        .select_related("user", "organization")
+        .order_by("organization__name", "user__username", "role")
+    )
+
+
+def consortium_silos(consortium: Consortium, *, admitted_only: bool = False) -> QuerySet[Silo]:
+    """A consortium's silos by name, with their organisation (only the admitted ones if asked)."""
+    silos = Silo.objects.filter(consortium=consortium)
+    if admitted_only:
+        silos = silos.filter(admission=Silo.Admission.ADMITTED)
+    return silos.select_related("organization").order_by("name", "pk")
+
+
+def consortium_plans(consortium: Consortium, *, status: str = "") -> QuerySet[TrainingPlan]:
+    """A consortium's plans (of one status if asked), most recently changed first."""
+    plans = TrainingPlan.objects.filter(consortium=consortium)
+    if status:
+        plans = plans.filter(status=status)
+    return (
+        plans.select_related("current_version", "proposed_by")
+        .annotate(run_count=Count("runs", distinct=True))
+        .order_by("-updated_at", "-pk")
+    )
+
+
+def consortium_runs(consortium: Consortium, *, active: bool | None = None) -> QuerySet[Run]:
+    """A consortium's runs, newest first; only the active (or finished) ones if asked."""
+    runs = Run.objects.filter(plan__consortium=consortium)
+    if active is True:
+        runs = runs.filter(status__in=Run.ACTIVE)
+    elif active is False:
+        runs = runs.exclude(status__in=Run.ACTIVE)
+    return (
+        runs.select_related("plan", "version", "started_by")
+        .annotate(
+            rounds_completed=Count(
+                "round_set",
+                filter=Q(round_set__status=Round.Status.COMPLETED),
+                distinct=True,
+            )
+        )
+        .order_by("-created_at", "-pk")
+    )
+
+
+def plans_awaiting_decision(*, user: Any, consortium: Consortium) -> list[TrainingPlan]:
+    """Submitted plans of the consortium the user may still approve or reject.
+
+    The user acts as a data steward or organisation admin for at least one organisation that has
+    no decision of theirs on the plan's current version, and neither proposed the plan nor wrote
+    that version (nobody decides on their own plan).
+    """
+    org_ids = set(
+        permissions.organizations_with_role(
+            user, consortium.pk, permissions.CAN_DECIDE_PLANS
+        ).values_list("pk", flat=True)
+    )
+    if not org_ids:
+        return []
+    plans = list(
+        TrainingPlan.objects.filter(
+            consortium=consortium,
+            status=TrainingPlan.Status.SUBMITTED,
+            current_version__isnull=False,
+        )
+        .exclude(proposed_by=user)
+        .exclude(current_version__created_by=user)
+        .select_related("current_version", "proposed_by")
+        .order_by("updated_at", "pk")
+    )
+    decided = set(
+        Approval.objects.filter(
+            user=user, version_id__in=[p.current_version_id for p in plans]
+        ).values_list("version_id", "organization_id")
+    )
+    return [
+        plan
+        for plan in plans
+        if any((plan.current_version_id, org_id) not in decided for org_id in org_ids)
+    ]
+
+
+def plan_versions(plan: TrainingPlan) -> QuerySet[PlanVersion]:
+    """A plan's versions, oldest first, with their silos and author."""
+    return (
+        PlanVersion.objects.filter(plan=plan)
+        .select_related("created_by", "plan__consortium")
+        .prefetch_related(Prefetch("silos", queryset=Silo.objects.order_by("name")))
+        .order_by("number")
+    )
+
+
+def plan_decisions(plan: TrainingPlan) -> QuerySet[Approval]:
+    """Every approval and rejection of every version of a plan, in the order they were made."""
+    return (
+        Approval.objects.filter(version__plan=plan)
+        .select_related("version", "user", "organization")
+        .order_by("created_at", "pk")
+    )
+
+
+def version_decisions(version: PlanVersion) -> QuerySet[Approval]:
+    """The approvals and rejections recorded for one plan version (and its hash)."""
+    return (
+        Approval.objects.filter(version=version, plan_hash=version.spec_hash)
+        .select_related("user", "organization")
+        .order_by("created_at", "pk")
+    )
+
+
+def version_silos(version: PlanVersion) -> QuerySet[Silo]:
+    """The silos a plan version names, by name, with their organisation."""
+    return version.silos.select_related("organization").order_by("name", "pk")
+
+
+def plan_runs(plan: TrainingPlan) -> QuerySet[Run]:
+    """A plan's runs, newest first."""
+    return plan.runs.select_related("version").order_by("-created_at", "-pk")
+
+
+def silo_participation(silo: Silo) -> QuerySet[Run]:
+    """Runs whose plan version names the silo, newest first, with what the silo contributed."""
+    answered = Update.objects.filter(round__run=OuterRef("pk"), silo=silo)
+    return (
+        Run.objects.filter(version__silos=silo)
+        .select_related("plan", "version")
+        .annotate(
+            rounds_selected=Count("round_set", filter=Q(round_set__selected=silo), distinct=True),
+            updates_sent=Subquery(answered.values("silo").annotate(n=Count("pk")).values("n")[:1]),
+            examples_sent=Subquery(
+                answered.values("silo").annotate(n=Sum("num_examples")).values("n")[:1]
+            ),
+        )
+        .order_by("-created_at", "-pk")
+    )
+
+
+def silo_rounds(silo: Silo, *, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest rounds the silo was selected for: did it answer, with how many examples."""
+    rows = (
+        Round.objects.filter(selected=silo)
+        .select_related("run__plan")
+        .order_by("-started_at", "-pk")[:limit]
+    )
+    rows = list(rows)
+    sent = {
+        u.round_id: u for u in Update.objects.filter(silo=silo, round_id__in=[r.pk for r in rows])
+    }
+    return [{"round": r, "update": sent.get(r.pk)} for r in rows]
+
+
+def run_silos(run: Run) -> QuerySet[Silo]:
+    """The silos the run's plan version names, by name, with their organisation."""
+    return run.version.silos.select_related("organization").order_by("name", "pk")
+
+
+def run_rounds(run: Run) -> QuerySet[Round]:
+    """A run's rounds (every attempt) with how many silos were selected and answered."""
+    return (
+        Round.objects.filter(run=run)
+        .annotate(
+            selected_count=Count("selected", distinct=True),
+            updates_count=Count("updates", distinct=True),
+        )
+        .order_by("number", "attempt")
+    )
+
+
+def run_metric_rows(run: Run) -> list[dict[str, Any]]:
+    """Every metric of a run: round number and attempt, silo name (None for the round's
+    summary), scope (global, local, train), name and value."""
+    return list(
+        RoundMetric.objects.filter(round__run=run)
+        .order_by("round__number", "round__attempt", "silo__name", "scope", "name")
+        .values(
+            round_number=F("round__number"),
+            attempt=F("round__attempt"),
+            silo_name=F("silo__name"),
+            metric_scope=F("scope"),
+            metric_name=F("name"),
+            metric_value=F("value"),
+        )
+    )
+
+
+def run_contributions(run: Run) -> list[dict[str, Any]]:
+    """Per participating silo: its rows, the rounds it answered and the examples it trained on."""
+    silos = run_silos(run).annotate(
+        updates_sent=Count("updates", filter=Q(updates__round__run=run), distinct=True),
+        examples_sent=Sum("updates__num_examples", filter=Q(updates__round__run=run)),
+    )
+    return [
+        {
+            "silo": silo,
+            "row_count": silo.row_count,
+            "updates_sent": silo.updates_sent,
+            "examples_sent": silo.examples_sent or 0,
+        }
+        for silo in silos
+    ]
+
+
+def run_privacy_spent(run: Run) -> dict[str, float]:
+    """Epsilon the run spent at each participating silo, by silo name: the run's privacy ledger
+    entries at that silo composed by the accountant (0.0 where there are none, as without DP)."""
+    from federation import ledger
+
+    histories: dict[int, list[tuple[float, float, int]]] = {}
+    for entry in PrivacyLedgerEntry.objects.filter(run=run).order_by("created_at", "pk"):
+        histories.setdefault(entry.silo_id, []).append(
+            (entry.noise_multiplier, entry.sample_rate, entry.steps)
+        )
+    delta = ledger.plan_delta(run.version.spec)
+    return {
+        silo.name: ledger.composed_epsilon(
+            histories.get(silo.pk, []), ledger.ledger_delta(silo, delta)
+        )
+        for silo in run.version.silos.order_by("name")
+    }
+
+
+def silo_privacy(silo: Silo, *, limit: int = 50) -> dict[str, Any]:
+    """A silo's privacy budget, what its data has spent (composed over its whole history), what
+    remains, and its newest ledger entries."""
+    from federation import ledger
+
+    spent = ledger.silo_spent_epsilon(silo)
+    budget = silo.epsilon_budget
+    return {
+        "budget": budget,
+        "delta": ledger.ledger_delta(silo),
+        "spent": spent,
+        "remaining": None if budget is None else max(0.0, budget - spent),
+        "entries": list(
+            PrivacyLedgerEntry.objects.filter(silo=silo).order_by("-created_at", "-pk")[:limit]
+        ),
+    }
+
+
+def run_model_versions(run: Run) -> QuerySet[ModelVersion]:
+    """A run's global models, oldest first."""
+    return ModelVersion.objects.filter(run=run).select_related("round").order_by("number")
+
+
+def consortium_model_versions(consortium: Consortium) -> QuerySet[ModelVersion]:
+    """Every global model of a consortium's runs, newest run first, then by version."""
+    return (
+        ModelVersion.objects.filter(run__plan__consortium=consortium)
+        .select_related("run__plan", "run__version", "round")
+        .order_by("-run__created_at", "-run_id", "number")
+    )
+
+
+def access_model_version(*, user: Any, id: int) -> ModelVersion:
+    """A global model of a run the user may see, else 404."""
+    version = (
+        ModelVersion.objects.filter(run__in=permissions.runs_visible_to(user), pk=id)
+        .select_related("run__plan__consortium", "run__version", "round")
+        .first()
+    )
+    if version is None:
+        raise Http404("no such model version")
+    return version
+
+
+def model_version_bytes(version: ModelVersion) -> bytes:
+    """The stored safetensors bytes of a global model."""
+    return blob_store().get(version.blob_key)
+
+
+def audit_events(
+    consortium: Consortium, *, action: str = "", object_type: str = "", object_id: str = ""
+) -> QuerySet[AuditEvent]:
+    """A consortium's audit events, newest first, optionally of one action or object."""
+    events = AuditEvent.objects.filter(consortium_id=consortium.pk)
+    if action:
+        events = events.filter(action=action)
+    if object_type:
+        events = events.filter(object_type=object_type)
+    if object_id:
+        events = events.filter(object_id=object_id)
+    return events.order_by("-index")
+
+
+def audit_actions(consortium: Consortium) -> list[str]:
+    """The distinct actions recorded for a consortium, sorted (for the log's filter)."""
+    return list(
+        AuditEvent.objects.filter(consortium_id=consortium.pk)
+        .order_by("action")
+        .values_list("action", flat=True)
+        .distinct()
+    )
+
+
+def run_audit_events(run: Run) -> QuerySet[AuditEvent]:
+    """The audit trail of a run in chain order: its plan's events up to the run's end, then the
+    run's own events (start, rounds, updates, end)."""
+    plan_events = Q(object_type="plan", object_id=str(run.plan_id))
+    if run.finished_at is not None:
+        plan_events &= Q(created_at__lte=run.finished_at)
+    return AuditEvent.objects.filter(
+        Q(consortium_id=run.plan.consortium_id)
+        & (plan_events | Q(object_type="run", object_id=str(run.pk)))
+    ).order_by("index")
+
+
+def run_consortium_id(run_id: Any) -> int | None:
+    """The consortium of a run (None when there is no such run)."""
+    try:
+        run_id = int(run_id)
+    except (TypeError, ValueError):
+        return None
+    return Run.objects.filter(pk=run_id).values_list("plan__consortium_id", flat=True).first()

@@ -1,0 +1,211 @@
+"""The run monitor's Plotly figures, built in Python, and the tables that stand in for them.
+
+Each chart comes with the same numbers as a table (``ChartTable``): the page shows it in a
+``<details>`` element, for screen readers and for anyone who wants the exact values.
+
+Metrics come as rows of ``selectors.run_metric_rows``: a silo name (None for the round's summary,
+an example-weighted mean over the silos that reported) and a scope: "global" is the incoming
+global model evaluated on the silo's held-out split at the start of the round, "local" the silo's
+locally trained model on the same split, "train" the training loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import plotly.graph_objects as go
+
+# Colour-blind-safe (Okabe-Ito): the summary lines keep their colour on every chart; each silo
+# gets one of the others, the same on every chart (assigned by name).
+SUMMARY_COLOURS = {"global": "#0072B2", "local": "#D55E00", "train": "#009E73"}
+SILO_COLOURS = ["#CC79A7", "#E69F00", "#56B4E9", "#000000", "#882255", "#999933", "#44AA99"]
+METRICS = (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "AUC"))
+
+
+@dataclass
+class ChartTable:
+    """A chart's data as a table: column headings and rows of already formatted cells."""
+
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class Chart:
+    """One figure of the monitor, its accessible description and its table alternative."""
+
+    key: str
+    title: str
+    description: str
+    figure: dict[str, Any]
+    table: ChartTable
+    points: int
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _layout(title: str, y_title: str, *, x_title: str = "Round", **extra: Any) -> go.Layout:
+    return go.Layout(
+        title={"text": title, "x": 0, "xanchor": "left", "font": {"size": 15}},
+        template="plotly_white",
+        colorway=[*SUMMARY_COLOURS.values(), *SILO_COLOURS],
+        margin={"l": 56, "r": 16, "t": 44, "b": 8},
+        height=380,
+        hovermode="x unified",
+        legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0, "traceorder": "normal"},
+        xaxis={"title": {"text": x_title, "standoff": 4}, "dtick": 1},
+        yaxis={"title": {"text": y_title}},
+        font={"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "size": 12},
+        **extra,
+    )
+
+
+def _as_dict(fig: go.Figure) -> dict[str, Any]:
+    # fig.to_json() is Plotly's own encoder (dates, numpy, NaN -> null); parse it back so the
+    # page and the live endpoint can embed it in a larger JSON document.
+    return json.loads(fig.to_json())
+
+
+def _latest_attempts(metric_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep, per round number, the metrics of its latest attempt (a retried round replaces the
+    failed one)."""
+    latest: dict[int, int] = {}
+    for row in metric_rows:
+        n = row["round_number"]
+        latest[n] = max(latest.get(n, 0), row["attempt"])
+    return [r for r in metric_rows if r["attempt"] == latest[r["round_number"]]]
+
+
+def metric_chart(metric: str, label: str, metric_rows: list[dict[str, Any]]) -> Chart:
+    """One metric per round: the global model over all silos, the local models' mean, and the
+    global model at each silo."""
+    rows = _latest_attempts(metric_rows)
+    series: dict[str, dict[int, float]] = {}
+    colours: dict[str, str] = {}
+    summaries = {
+        "global": "Global model (all silos)",
+        "local": "Local models (mean)",
+        "train": "Training loss (mean)",
+    }
+    silo_names = sorted({r["silo_name"] for r in metric_rows if r["silo_name"] is not None})
+    for row in rows:
+        scope, name, silo = row["metric_scope"], row["metric_name"], row["silo_name"]
+        if silo is None and scope in ("global", "local") and name == metric:
+            key, colour = summaries[scope], SUMMARY_COLOURS[scope]
+        elif silo is None and metric == "loss" and scope == "train" and name == "train_loss":
+            key, colour = summaries["train"], SUMMARY_COLOURS["train"]
+        elif silo is not None and scope == "global" and name == metric:
+            key = f"Global model at {silo}"
+            colour = SILO_COLOURS[silo_names.index(silo) % len(SILO_COLOURS)]
+        else:
+            continue
+        series.setdefault(key, {})[row["round_number"]] = row["metric_value"]
+        colours[key] = colour
+
+    order = list(summaries.values())
+    names = [n for n in order if n in series] + sorted(n for n in series if n not in order)
+    fig = go.Figure(layout=_layout(f"{label} per round", label))
+    for name in names:
+        points = sorted(series[name].items())
+        summary = name in order
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in points],
+                y=[p[1] for p in points],
+                name=name,
+                mode="lines+markers",
+                line={
+                    "width": 3 if summary else 1.5,
+                    "dash": "solid" if summary else "dot",
+                    "color": colours[name],
+                },
+                hovertemplate="%{y:.4f}",
+            )
+        )
+    rounds = sorted({n for s in series.values() for n in s})
+    table = ChartTable(columns=["Round", *names])
+    for n in rounds:
+        table.rows.append([str(n), *(_fmt(series[name].get(n)) for name in names)])
+    return Chart(
+        key=metric,
+        title=f"{label} per round",
+        description=(
+            f"{label} per round of the global model over all silos (example-weighted mean), of "
+            "the silos' local models, and of the global model at each silo."
+        ),
+        figure=_as_dict(fig),
+        table=table,
+        points=sum(len(s) for s in series.values()),
+    )
+
+
+def _round_label(round_: Any) -> str:
+    return str(round_.number) if round_.attempt == 1 else f"{round_.number} (try {round_.attempt})"
+
+
+def participation_chart(rounds: list[Any]) -> Chart:
+    """Per round attempt: silos that sent an update, and selected silos that dropped out."""
+    labels = [_round_label(r) for r in rounds]
+    answered = [r.updates_count for r in rounds]
+    dropped = [max(0, r.selected_count - r.updates_count) for r in rounds]
+    fig = go.Figure(layout=_layout("Participation per round", "Silos", barmode="stack"))
+    fig.update_xaxes(type="category", dtick=None)
+    top = max((r.selected_count for r in rounds), default=0)
+    fig.update_yaxes(tickformat="d", rangemode="tozero", dtick=1 if top <= 10 else None)
+    fig.add_trace(
+        go.Bar(x=labels, y=answered, name="Sent an update", marker_color=SUMMARY_COLOURS["train"])
+    )
+    fig.add_trace(
+        go.Bar(x=labels, y=dropped, name="Dropped out", marker_color=SUMMARY_COLOURS["local"])
+    )
+    table = ChartTable(columns=["Round", "Status", "Selected", "Sent an update", "Dropped out"])
+    for r, label, a, d in zip(rounds, labels, answered, dropped, strict=True):
+        table.rows.append([label, r.get_status_display(), str(r.selected_count), str(a), str(d)])
+    return Chart(
+        key="participation",
+        title="Participation per round",
+        description="Selected silos per round: those that sent an update and those that dropped "
+        "out before the deadline.",
+        figure=_as_dict(fig),
+        table=table,
+        points=len(rounds),
+    )
+
+
+def duration_chart(rounds: list[Any]) -> Chart:
+    """Wall time of every finished round attempt, from opening to aggregation."""
+    finished = [r for r in rounds if r.duration_seconds is not None]
+    labels = [_round_label(r) for r in finished]
+    seconds = [round(r.duration_seconds, 3) for r in finished]
+    fig = go.Figure(layout=_layout("Round duration", "Seconds", showlegend=False))
+    fig.update_xaxes(type="category", dtick=None)
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=seconds,
+            name="Duration",
+            marker_color=SUMMARY_COLOURS["global"],
+            hovertemplate="%{y:.2f} s<extra></extra>",
+        )
+    )
+    table = ChartTable(columns=["Round", "Status", "Duration (s)"])
+    for r, label, s in zip(finished, labels, seconds, strict=True):
+        table.rows.append([label, r.get_status_display(), f"{s:.2f}"])
+    return Chart(
+        key="duration",
+        title="Round duration",
+        description="Wall time of each round, from opening it to aggregating its updates.",
+        figure=_as_dict(fig),
+        table=table,
+        points=len(finished),
+    )
+
+
+def run_charts(rounds: list[Any], metric_rows: list[dict[str, Any]]) -> list[Chart]:
+    """Every chart of the run monitor, in page order."""
+    charts = [metric_chart(metric, label, metric_rows) for metric, label in METRICS]
+    return [*charts, participation_chart(rounds), duration_chart(rounds)]

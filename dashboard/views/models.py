@@ -1,0 +1,82 @@
+"""The model registry: global model versions, downloads and model cards."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+from django.contrib.auth.decorators import login_required
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.utils.text import slugify
+
+from dashboard import reports
+from dashboard.views.common import page
+from federation import permissions, selectors
+
+
+@login_required
+def model_list(request: HttpRequest, consortium_id: int) -> HttpResponse:
+    """Every global model of the consortium's runs, grouped by run."""
+    consortium = permissions.access_consortium(user=request.user, id=consortium_id)
+    groups: dict[int, dict[str, object]] = {}
+    for version in selectors.consortium_model_versions(consortium):
+        group = groups.setdefault(version.run_id, {"run": version.run, "versions": []})
+        group["versions"].append(version)
+    return page(
+        request,
+        "dashboard/model_list.html",
+        consortium=consortium,
+        section="models",
+        groups=list(groups.values()),
+    )
+
+
+@login_required
+def model_download(request: HttpRequest, model_id: int) -> HttpResponse:
+    """The model's safetensors file, as stored (its SHA-256 is the registry's checksum)."""
+    version = selectors.access_model_version(user=request.user, id=model_id)
+    data = selectors.model_version_bytes(version)
+    if hashlib.sha256(data).hexdigest() != version.checksum:
+        # Never hand out a model that is not the one the registry (and the audit log) describe.
+        return page(
+            request,
+            "500.html",
+            status=500,
+            reason=f"the stored file of model v{version.number} of run {version.run_id} does "
+            "not match its recorded SHA-256; it was not sent",
+        )
+    name = f"{slugify(version.run.plan.name) or 'model'}-run{version.run_id}-v{version.number}"
+    response = FileResponse(
+        io.BytesIO(data),
+        as_attachment=True,
+        filename=f"{name}.safetensors",
+        content_type="application/octet-stream",
+    )
+    response["Content-Length"] = str(len(data))
+    response["X-Checksum-SHA256"] = version.checksum
+    return response
+
+
+@login_required
+def model_card(request: HttpRequest, model_id: int) -> HttpResponse:
+    """The model card as a readable page."""
+    version = selectors.access_model_version(user=request.user, id=model_id)
+    return page(
+        request,
+        "dashboard/model_card.html",
+        consortium=version.run.plan.consortium,
+        section="models",
+        version=version,
+        card=reports.model_card(version),
+    )
+
+
+@login_required
+def model_card_json(request: HttpRequest, model_id: int) -> JsonResponse:
+    """The model card as JSON."""
+    version = selectors.access_model_version(user=request.user, id=model_id)
+    response = JsonResponse(reports.model_card(version), json_dumps_params={"indent": 2})
+    response["Content-Disposition"] = (
+        f'inline; filename="model-card-run{version.run_id}-v{version.number}.json"'
+    )
+    return response
