@@ -194,7 +194,8 @@ SPECTACULAR_SETTINGS = {
         "RoundStatusEnum": "federation.models.Round.Status",
     },
 }
-# Request bodies over 1 MiB are refused (413) before they are parsed.
+# Request bodies over 1 MiB are refused (413) before the API parses them. Under ASGI Django has
+# already read the body by then: cap bodies at the reverse proxy too (docs/operations.md).
 DATA_UPLOAD_MAX_MEMORY_SIZE = 1 << 20
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
