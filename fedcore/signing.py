@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from datetime import UTC, datetime
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,6 +92,9 @@ def sign_authorization(key: Ed25519PrivateKey, payload: Mapping[str, Any]) -> di
     }
 
 
+DEFAULT_MAX_AGE_SECONDS = 24 * 3600
+
+
 def verify_authorization(
     authorization: Mapping[str, Any],
     *,
@@ -98,6 +102,8 @@ def verify_authorization(
     plan: Mapping[str, Any],
     silo: str,
     run: int,
+    max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     """Check a grant covers this task for this silo; return its payload.
 
@@ -107,6 +113,9 @@ def verify_authorization(
         plan: the plan received with the task; its hash is recomputed here.
         silo: this site's silo name (from the server's welcome).
         run: the run the task belongs to.
+        max_age_seconds: how old a grant may be (the server signs one per message it sends,
+            so an old grant is a replayed one); clocks may differ by a few minutes.
+        now: the current time (tests); defaults to the system clock.
 
     Raises:
         AuthorizationError: naming what does not hold.
@@ -138,6 +147,19 @@ def verify_authorization(
         )
     if payload.get("run") != run:
         raise AuthorizationError(f"the authorization is for run {payload.get('run')!r}, not {run}")
+    try:
+        issued = datetime.fromisoformat(str(payload.get("issued_at")))
+    except ValueError as exc:
+        raise AuthorizationError("the authorization has no valid issued_at time") from exc
+    if issued.tzinfo is None:
+        raise AuthorizationError("the authorization's issued_at has no time zone")
+    age = ((now or datetime.now(UTC)) - issued).total_seconds()
+    if age > max_age_seconds or age < -300:
+        raise AuthorizationError(
+            f"the authorization was issued {age:.0f} s ago; a grant older than "
+            f"{max_age_seconds:.0f} s (or from the future) is refused as a replay -- check the "
+            "site's clock"
+        )
     approvals = payload.get("silo_approvals")
     if not isinstance(approvals, list) or not approvals:
         raise AuthorizationError(

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ def grant(
         "plan_hash": plan_hash(plan),
         "approvals": [approval],
         "silo_approvals": [approval],
-        "issued_at": "2025-01-01T00:00:00+00:00",
+        "issued_at": datetime.now(UTC).isoformat(),
         **changes,
     }
     return signing.sign_authorization(key, payload)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcore import signing
 from fedcore.plans import plan_hash
+
+ISSUED = datetime.now(UTC).isoformat()  # grants older than a day are refused as replays
 
 PLAN = {"model": {"kind": "logistic_regression"}, "training": {"lr": 0.1}, "seed": 0}
 STEWARD = {"user": "steward-a", "organization": "Hospital A", "role": "data_steward"}
@@ -25,7 +28,7 @@ def payload(**changes: Any) -> dict[str, Any]:
         "plan_hash": plan_hash(PLAN),
         "approvals": [STEWARD],
         "silo_approvals": [STEWARD],
-        "issued_at": "2025-01-01T00:00:00+00:00",
+        "issued_at": ISSUED,
         **changes,
     }
 
@@ -169,3 +172,28 @@ def test_pem_round_trip_and_non_ed25519_pem_refused(key):
     )
     with pytest.raises(signing.AuthorizationError, match="not an Ed25519 key"):
         signing.private_key_from_pem(other)
+
+
+def test_an_old_grant_is_refused_as_a_replay() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from fedcore import signing
+    from fedcore.plans import plan_hash
+
+    key = signing.generate_private_key()
+    plan = {"model": {"kind": "logistic_regression"}}
+    issued = datetime(2026, 1, 1, tzinfo=UTC)
+    grant = signing.sign_authorization(
+        key,
+        {
+            "run": 1,
+            "silo": "a",
+            "plan_hash": plan_hash(plan),
+            "silo_approvals": [{"user": "s"}],
+            "issued_at": issued.isoformat(),
+        },
+    )
+    common = {"public_key": signing.public_key_text(key), "plan": plan, "silo": "a", "run": 1}
+    assert signing.verify_authorization(grant, now=issued + timedelta(hours=1), **common)
+    with pytest.raises(signing.AuthorizationError, match="replay"):
+        signing.verify_authorization(grant, now=issued + timedelta(days=2), **common)
