@@ -13,7 +13,9 @@ an ``error`` frame and the agent carries on. A DP round is checked once more bef
 with the mechanism for the real training rows and what the sent log says was spent
 (:func:`clientagent.policy.check_round_budget`). Every message carrying anything derived from
 local data is written to the sent log (:mod:`clientagent.records`) before it leaves; a DP update's
-line holds the epsilon it added to its run.
+line holds the epsilon it added to its run. In a secure round (``secure_aggregation`` plans) the
+trained update never leaves in clear: :mod:`clientagent.secagg_session` answers the server's
+secure-aggregation stages and sends it masked.
 
 Exit codes of :meth:`Agent.run` / :func:`run_agent`: :data:`EXIT_OK` (stopped by the caller,
 e.g. SIGTERM), :data:`EXIT_AUTH` (the server refused the token; reconnecting cannot help) and
@@ -56,6 +58,7 @@ from clientagent.records import (
     released_updates,
     short_hash,
 )
+from clientagent.secagg_session import SecAggSession
 from clientagent.trainer import (
     DATA_INVALID,
     RoundPrivacy,
@@ -463,6 +466,10 @@ class Agent:
         except TaskError as exc:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
+        if fields["plan"].get("secure_aggregation") is True:
+            # Never in clear: the secure-aggregation session masks it when the server asks.
+            await session.secagg.offer(task, update, privacy=built.privacy)
+            return
         await session.send_update(update, plan_hash=fields["plan_hash"], privacy=built.privacy)
         metrics = update.fields["metrics"]
         logger.info(
@@ -523,6 +530,7 @@ class Agent:
         # for that the site does not allow: those are ERRORs.
         level = logging.ERROR if exc.code in ERROR_LEVEL_CODES else logging.WARNING
         logger.log(level, "%s: %s: %s", label, exc.code, exc.reason)
+        session.secagg.abort(exc.run, exc.round)  # a refused secure round gets no masked input
         await session.send_recorded("error", exc.to_fields(), plan_hash=plan_hash)
 
     def record_sent(
@@ -673,6 +681,15 @@ class _Session:
         self.heartbeat_seconds = 30.0
         self._binary_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.secagg = SecAggSession(
+            send_control=self.send_control,
+            send_error=lambda fields, plan_hash: self.send_recorded(
+                "error", fields, plan_hash=plan_hash
+            ),
+            send_masked=lambda message, plan_hash, privacy: self.send_update(
+                message, plan_hash=plan_hash, privacy=privacy
+            ),
+        )
 
     async def serve(self) -> None:
         watcher = asyncio.create_task(self._close_on_stop())
@@ -685,6 +702,7 @@ class _Session:
         except ConnectionClosed:
             pass
         finally:
+            self.secagg.close()  # a reconnect makes this site a dropout of secure rounds
             for task in [watcher, heartbeat, *self._tasks]:
                 if task is not None:
                     task.cancel()
@@ -791,9 +809,13 @@ class _Session:
         elif kind == "update_ack":
             self.agent.on_update_ack(fields)
         elif kind == "error":
+            self.secagg.abort(fields.get("run"), fields.get("round"))
             self.agent.on_error(fields)
         elif kind == "run_finished":
+            self.secagg.forget_run(fields["run"])
             self.agent.on_run_finished(fields)
+        elif kind == "secagg":
+            self._spawn(self.secagg.on_message(fields), fields)
         elif kind == "heartbeat_ack":
             logger.debug("heartbeat acknowledged")
         elif kind == "welcome":

@@ -30,6 +30,11 @@ global model's loss on this site's training split, reported as ``metrics["global
 That value is computed from the training rows without noise: under DP it would be a release
 outside the guarantee, so it is reported only for plans without DP (q-FedAvg with DP-SGD is
 refused; in client mode the server averages with DP-FedAvg whatever the strategy).
+
+Group fairness (the plan's ``fairness`` section, docs/fairness.md): the update also carries the
+received global model's confusion counts per group of every sensitive attribute with a public
+group list, on the test split (:func:`fairness_counts`), released with discrete Laplace noise
+when the plan sets ``fairness.dp_epsilon``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import random
 import secrets
 import threading
 from collections.abc import Callable, Mapping
@@ -48,7 +54,7 @@ import torch
 from torch import nn
 
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
-from fedcore import models, protocol, tabular, tensors, training
+from fedcore import fairness, models, protocol, tabular, tensors, training
 from fedcore.privacy import accounting
 
 # Error codes of the ``error`` frames the agent sends (data_invalid is in protocol.ERROR_CODES).
@@ -281,6 +287,78 @@ class AggregationSettings:
                 )
             mu = float(value)
         return cls(strategy=strategy, prox_mu=mu)
+
+
+@dataclass(frozen=True)
+class FairnessSettings:
+    """The checked ``fairness`` section of a plan: what the agent releases about group fairness.
+
+    Present only when the plan has a fairness section (the consortium approved the release).
+    """
+
+    dp_epsilon: float | None  # epsilon of each attribute's count table; None: exact counts
+    groups: dict[str, list[str]]  # declared labels of sensitive columns that are not features
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, Any]) -> FairnessSettings | None:
+        """Read ``plan["fairness"]`` (absent or null: None); PlanError names the bad key."""
+        section = plan.get("fairness")
+        if section is None:
+            return None
+        if not isinstance(section, Mapping):
+            raise PlanError("plan fairness must be an object")
+        epsilon = section.get("dp_epsilon")
+        if epsilon is not None and (not _finite_number(epsilon) or epsilon <= 0):
+            raise PlanError(f"plan fairness.dp_epsilon must be a number > 0, got {epsilon!r}")
+        groups = section.get("groups") or {}
+        if not isinstance(groups, Mapping) or not all(
+            isinstance(labels, list) and all(isinstance(label, str) for label in labels)
+            for labels in groups.values()
+        ):
+            raise PlanError("plan fairness.groups must map sensitive columns to lists of labels")
+        return cls(
+            dp_epsilon=None if epsilon is None else float(epsilon),
+            groups={str(name): list(labels) for name, labels in groups.items()},
+        )
+
+
+def fairness_counts(
+    model: nn.Module,
+    data: tabular.TabularData,
+    schema: tabular.DatasetSchema,
+    preprocessing: Mapping[str, Any],
+    settings: FairnessSettings,
+    *,
+    source: random.Random | None = None,
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Per-group confusion counts of ``model`` on ``data``, for every reportable attribute.
+
+    Predictions are ``probability >= 0.5`` (as the accuracy of ``fedcore.metrics``). Groups are
+    the public list (:func:`fedcore.fairness.public_groups`): every listed group is released,
+    zero counts included, and a value outside the list counts as ``"__other__"``, so no key
+    reveals a group only this site holds. With ``settings.dp_epsilon`` each attribute's table
+    is released through :func:`fedcore.fairness.noisy_counts` (discrete Laplace, pure
+    epsilon-DP per table, noise from ``source``, the OS by default).
+
+    Returns:
+        ``{attribute: {group: {"tp", "fp", "tn", "fn"}}}``; empty when no sensitive attribute
+        has a public group list.
+    """
+    public = fairness.public_groups(schema, preprocessing, settings.groups)
+    if not public:
+        return {}
+    predicted = fairness.predictions_at(training.predict_proba(model, data.X))
+    released: dict[str, dict[str, dict[str, int]]] = {}
+    for attribute, groups in public.items():
+        labels = np.asarray(data.groups[attribute], dtype=object)
+        labels = np.where(np.isin(labels, groups), labels, fairness.OTHER_GROUP)
+        counts = fairness.group_counts(data.y, predicted, labels, groups=groups)
+        if settings.dp_epsilon is not None:
+            counts = fairness.noisy_counts(
+                counts, epsilon=settings.dp_epsilon, groups=groups, source=source
+            )["counts"]
+        released[attribute] = counts
+    return released
 
 
 @functools.lru_cache(maxsize=64)
@@ -551,6 +629,7 @@ def handle_task(
     cancel: threading.Event | None = None,
     nonce: Callable[[], str] = lambda: secrets.token_hex(16),
     budget: PrivacyBudget | None = None,
+    noise_source: random.Random | None = None,
 ) -> protocol.BinaryMessage:
     """Train the task's global model on the local data and build the ``update`` message.
 
@@ -574,13 +653,17 @@ def handle_task(
         budget: the site's privacy budget for DP plans: how many rounds of this run were
             already sent (the update's cumulative epsilon counts them) and the caps check run
             before training. None: no round sent yet and no cap.
+        noise_source: random source of the fairness counts' DP noise (tests inject a seeded
+            one); None: the OS (``random.SystemRandom``).
 
     Returns:
         The ``update`` BinaryMessage: fields ``run``, ``round``, ``nonce``, ``num_examples``
         (train rows), ``metrics`` (``global``, ``local``, ``train_loss``, and without DP
-        ``global_train_loss``), ``silo``, and in privacy mode ``sample`` ``privacy``
+        ``global_train_loss``), ``silo``, in privacy mode ``sample`` ``privacy``
         (``noise_multiplier``, ``sample_rate``, ``steps`` of this round, ``epsilon`` spent by
-        the run at this site after this round); payload the trained weights as safetensors.
+        the run at this site after this round), and for a plan with a fairness section
+        ``fairness`` (:func:`fairness_counts` of the received global model on the test split);
+        payload the trained weights as safetensors.
 
     Raises:
         TaskError: ``invalid_task`` (the plan, preprocessing or global weights are unusable),
@@ -601,6 +684,7 @@ def handle_task(
         settings = TrainingSettings.from_plan(plan)
         privacy = PrivacySettings.from_plan(plan)
         aggregation = AggregationSettings.from_plan(plan)
+        fairness_settings = FairnessSettings.from_plan(plan)
     except PlanError as exc:
         raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
     _check_combinations(privacy, aggregation, run, rnd)
@@ -635,6 +719,16 @@ def handle_task(
     if privacy.mode == "sample":
         _check_dp_model(model, run, rnd)
     global_metrics = training.evaluate(model, test.X, test.y)
+    group_counts = None
+    if fairness_settings is not None:  # the received global model, before any local training
+        group_counts = fairness_counts(
+            model,
+            test,
+            split.schema,
+            fields["preprocessing"],
+            fairness_settings,
+            source=noise_source,
+        )
     extra_metrics: dict[str, Any] = {}
     if not privacy.dp:
         # q-FedAvg's F_k(w_t). Not under DP: computed from the training rows without noise.
@@ -700,6 +794,8 @@ def handle_task(
     }
     if silo is not None:
         update_fields["silo"] = silo
+    if group_counts:
+        update_fields["fairness"] = group_counts
     if privacy.mode == "sample":
         assert dp_round is not None
         update_fields["privacy"] = {

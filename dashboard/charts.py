@@ -209,3 +209,152 @@ def run_charts(rounds: list[Any], metric_rows: list[dict[str, Any]]) -> list[Cha
     """Every chart of the run monitor, in page order."""
     charts = [metric_chart(metric, label, metric_rows) for metric, label in METRICS]
     return [*charts, participation_chart(rounds), duration_chart(rounds)]
+
+
+# --------------------------------------------------------------------------------------------
+# The fairness report's trend and the privacy budget report's spend over time.
+
+FAIRNESS_METRICS = (
+    (
+        "demographic_parity_difference",
+        "Demographic parity difference",
+        "max_demographic_parity_difference",
+    ),
+    ("equalized_odds_difference", "Equalized odds difference", "max_equalized_odds_difference"),
+)
+
+
+def fairness_trend_chart(reports: list[dict[str, Any]]) -> Chart:
+    """Per round: each attribute's demographic parity and equalized odds differences, with the
+    plan's limits as dashed lines. Round k's report is about model version k-1."""
+    fig = go.Figure(layout=_layout("Fairness per round", "Difference between groups"))
+    fig.update_yaxes(rangemode="tozero")
+    attributes: list[str] = []
+    for report in reports:
+        for name in report["attributes"]:
+            if name not in attributes:
+                attributes.append(name)
+    columns = ["Round", "Model version"]
+    series: list[tuple[str, str, dict[int, float | None]]] = []
+    for a_index, attribute in enumerate(attributes):
+        for m_index, (key, label, _) in enumerate(FAIRNESS_METRICS):
+            name = f"{label} ({attribute})"
+            values: dict[int, float | None] = {}
+            for report in reports:
+                entry = report["attributes"].get(attribute) or {}
+                values[report["round"]] = (entry.get("report") or {}).get(key)
+            series.append((name, key, values))
+            columns.append(name)
+            colour = SILO_COLOURS[(2 * a_index + m_index) % len(SILO_COLOURS)]
+            points = [(n, v) for n, v in sorted(values.items()) if v is not None]
+            fig.add_trace(
+                go.Scatter(
+                    x=[p[0] for p in points],
+                    y=[p[1] for p in points],
+                    name=name,
+                    mode="lines+markers",
+                    line={"width": 3 if a_index == 0 else 1.5, "color": colour},
+                    hovertemplate="%{y:.4f}",
+                )
+            )
+    thresholds = reports[-1]["thresholds"] if reports else {}
+    rounds = [report["round"] for report in reports]
+    for m_index, (_, label, limit_key) in enumerate(FAIRNESS_METRICS):
+        limit = thresholds.get(limit_key)
+        if limit is None or not rounds:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=[min(rounds), max(rounds)],
+                y=[limit, limit],
+                name=f"Limit: {label.lower()}",
+                mode="lines",
+                line={"width": 1.5, "dash": "dash", "color": SILO_COLOURS[m_index]},
+                hovertemplate="%{y:.4f}",
+            )
+        )
+    columns.append("Flags")
+    table = ChartTable(columns=columns)
+    for report in reports:
+        row = [str(report["round"]), f"v{report['model_version']}"]
+        row += [_fmt(values.get(report["round"])) for _, _, values in series]
+        row.append(str(len(report.get("flags") or [])))
+        table.rows.append(row)
+    return Chart(
+        key="fairness",
+        title="Fairness per round",
+        description=(
+            "Demographic parity and equalized odds differences between the groups of each "
+            "sensitive attribute, per round, with the plan's limits as dashed lines; round k "
+            "evaluates model version k-1."
+        ),
+        figure=_as_dict(fig),
+        table=table,
+        points=sum(1 for _, _, values in series for v in values.values() if v is not None),
+    )
+
+
+def privacy_spend_chart(silos: list[dict[str, Any]]) -> Chart:
+    """Each silo's epsilon spent after every ledger entry over time, with its budget (dashed).
+
+    ``silos``: rows of ``selectors.consortium_privacy`` (``silo``, ``budget``, ``entries``).
+    """
+    fig = go.Figure(layout=_layout("Privacy budget spent over time", "ε spent", x_title="Time"))
+    fig.update_layout(hovermode="closest")
+    fig.update_xaxes(dtick=None, type="date")
+    fig.update_yaxes(rangemode="tozero")
+    names = sorted(row["silo"].name for row in silos)
+    table = ChartTable(
+        columns=["When", "Silo", "Run", "Round", "Mechanism", "ε after this entry", "Budget"]
+    )
+    points = 0
+    for row in sorted(silos, key=lambda r: r["silo"].name):
+        name = row["silo"].name
+        colour = SILO_COLOURS[names.index(name) % len(SILO_COLOURS)]
+        entries = row["entries"]
+        if entries:
+            fig.add_trace(
+                go.Scatter(
+                    x=[e.created_at.isoformat() for e in entries],
+                    y=[e.epsilon_total for e in entries],
+                    name=name,
+                    mode="lines+markers",
+                    line={"shape": "hv", "width": 2, "color": colour},
+                    hovertemplate="%{y:.4f}",
+                )
+            )
+            points += len(entries)
+            if row["budget"] is not None:
+                fig.add_trace(
+                    go.Scatter(
+                        x=[entries[0].created_at.isoformat(), entries[-1].created_at.isoformat()],
+                        y=[row["budget"], row["budget"]],
+                        name=f"Budget of {name}",
+                        mode="lines",
+                        line={"width": 1.5, "dash": "dash", "color": colour},
+                        hovertemplate="%{y:.4f}",
+                    )
+                )
+        for e in entries:
+            table.rows.append(
+                [
+                    e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    name,
+                    "—" if e.run_id is None else str(e.run_id),
+                    "—" if e.round_number is None else str(e.round_number),
+                    e.mechanism,
+                    _fmt(e.epsilon_total),
+                    _fmt(row["budget"]) if row["budget"] is not None else "none",
+                ]
+            )
+    return Chart(
+        key="privacy",
+        title="Privacy budget spent over time",
+        description=(
+            "Each silo's epsilon spent, composed over its whole ledger, after every ledger entry, "
+            "with its budget as a dashed line."
+        ),
+        figure=_as_dict(fig),
+        table=table,
+        points=points,
+    )

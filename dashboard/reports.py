@@ -1,7 +1,7 @@
 """Model cards and compliance reports: one dict each, shown as a page and (cards) as JSON.
 
-Sections whose data this server does not record yet (fairness reports, the privacy ledger) say
-so explicitly ("not recorded") instead of leaving a blank a reader could mistake for zero.
+Sections whose data is missing say so explicitly (no fairness section in the plan, no round
+evaluated this version yet) instead of leaving a blank a reader could mistake for zero.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import Any
 
 from django.utils import timezone
 
+from dashboard.charts import FAIRNESS_METRICS
+from fedcore import onnx_export
 from federation import governance, selectors
 from federation.models import ModelVersion, Run
 from federation.services.audit import audit_head, audit_verify
@@ -77,11 +79,94 @@ def _privacy(run: Run) -> dict[str, Any]:
     }
 
 
-def _fairness(run: Run) -> dict[str, Any]:
+def fairness_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline of a stored fairness report: its plan attribute's differences vs limits."""
+    attribute = report.get("sensitive_attribute")
+    entry = (report.get("attributes") or {}).get(attribute) or {}
+    metrics = entry.get("report") or {}
+    thresholds = report.get("thresholds") or {}
+    flagged = {flag["metric"] for flag in report.get("flags") or []}
+    rows = [
+        {
+            "metric": metric,
+            "label": label,
+            "value": metrics.get(metric),
+            "limit": thresholds.get(limit_key),
+            "flagged": metric in flagged,
+        }
+        for metric, label, limit_key in FAIRNESS_METRICS
+    ]
     return {
-        "settings": run.version.spec.get("fairness"),
-        "report": None,
-        "status": f"{NOT_RECORDED}: this server does not compute fairness reports yet",
+        "round": report.get("round"),
+        "model_version": report.get("model_version"),
+        "attribute": attribute,
+        "groups": len(metrics.get("by_group") or {}),
+        "records": (metrics.get("overall") or {}).get("count"),
+        "metrics": rows,
+        "undefined_rates": len(metrics.get("undefined_rates") or []),
+        "flags": report.get("flags") or [],
+        "silos": report.get("silos") or [],
+        "dp": report.get("dp"),
+        "error": entry.get("error"),
+    }
+
+
+def _fairness(run: Run, version: ModelVersion | None = None) -> dict[str, Any]:
+    """The fairness section: for a model card the report about that version (round v+1's), for
+    a compliance report the run's latest report and every flag raised."""
+    settings = run.version.spec.get("fairness")
+    base: dict[str, Any] = {"settings": settings, "run": run.pk, "report": None}
+    if not settings:
+        return {
+            **base,
+            "status": "not applicable: the plan declares no fairness section, so the silos "
+            "sent no group counts",
+        }
+    reports = selectors.run_fairness_reports(run)
+    if version is not None:
+        stored = selectors.model_version_fairness(version)
+        if stored is None:
+            latest = reports[-1].report if reports else None
+            later = (
+                f"; the latest report (round {latest['round']}) is about model "
+                f"v{latest['model_version']}"
+                if latest
+                else ""
+            )
+            return {
+                **base,
+                "status": f"not evaluated: model v{version.number} is evaluated for fairness at "
+                f"the start of round {version.number + 1}, which has not completed{later}",
+            }
+        summary = fairness_summary(stored.report)
+    elif reports:
+        summary = fairness_summary(reports[-1].report)
+    else:
+        return {**base, "status": f"{NOT_RECORDED}: no round of this run has completed yet"}
+    summary["flags_in_run"] = sum(len(r.report.get("flags") or []) for r in reports)
+    summary["rounds_reported"] = len(reports)
+    return {
+        **base,
+        "report": summary,
+        "status": f"round {summary['round']} evaluated model v{summary['model_version']} on the "
+        "silos' held-out splits",
+    }
+
+
+def _deployment(version: ModelVersion) -> dict[str, Any]:
+    """What a site needs to run the model: its input columns and the fitted preprocessing."""
+    names = selectors.model_version_features(version)
+    return {
+        "feature_names": names,
+        "preprocessing": version.run.preprocessing if names else None,
+        "onnx": {
+            "input": {"name": onnx_export.INPUT_NAME, "shape": ["batch", len(names or ())]},
+            "output": {"name": onnx_export.OUTPUT_NAME, "shape": ["batch", 1]},
+            "opset": onnx_export.OPSET,
+            "note": "input: rows transformed by the fitted preprocessing, columns in "
+            "feature_names order (fedcore.tabular.transform); output: the logit, "
+            "sigmoid(logit) is the probability of the positive class",
+        },
     }
 
 
@@ -119,7 +204,8 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
         },
         "approvals": _decisions(run),
         "data_schema": spec.get("schema"),
-        "preprocessing_fitted": run.preprocessing is not None,
+        "preprocessing_fitted": bool(run.preprocessing),
+        "deployment": _deployment(version),
         "silos": [
             {
                 "name": c["silo"].name,
@@ -143,7 +229,7 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
             "training_round": _summary(rows, version.number, ("local", "train")) or None,
         },
         "privacy": _privacy(run),
-        "fairness": _fairness(run),
+        "fairness": _fairness(run, version),
     }
 
 

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard.views import assets, audit, consortium, models, plans, runs
+from dashboard.views import assets, audit, consortium, fairness, models, plans, runs
 
 app_name = "dashboard"
 urlpatterns = [
@@ -20,6 +20,11 @@ urlpatterns = [
     path("consortia/<int:consortium_id>/runs/", runs.run_list, name="run_list"),
     path("consortia/<int:consortium_id>/models/", models.model_list, name="model_list"),
     path("consortia/<int:consortium_id>/audit/", audit.audit_log, name="audit_log"),
+    path(
+        "consortia/<int:consortium_id>/privacy/",
+        fairness.consortium_privacy,
+        name="privacy_report",
+    ),
     path("silos/<int:silo_id>/", consortium.silo_detail, name="silo_detail"),
     path("plans/<int:plan_id>/", plans.plan_detail, name="plan_detail"),
     path("plans/<int:plan_id>/edit/", plans.plan_edit, name="plan_edit"),
@@ -32,8 +37,10 @@ urlpatterns = [
     path("runs/<int:run_id>/live.json", runs.run_live, name="run_live"),
     path("runs/<int:run_id>/stop/", runs.run_stop, name="run_stop"),
     path("runs/<int:run_id>/compliance/", audit.compliance_report, name="compliance_report"),
+    path("runs/<int:run_id>/fairness/", fairness.run_fairness, name="run_fairness"),
     path("models/<int:model_id>/download/", models.model_download, name="model_download"),
     path("models/<int:model_id>/card/", models.model_card, name="model_card"),
     path("models/<int:model_id>/card.json", models.model_card_json, name="model_card_json"),
+    path("models/<int:model_id>/model.onnx", models.model_onnx, name="model_onnx"),
     path("vendor/plotly-<str:version>.min.js", assets.plotly_js, name="plotly_js"),
 ]

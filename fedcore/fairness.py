@@ -46,11 +46,12 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from fedcore.tabular import MISSING_CATEGORY
+from fedcore.tabular import MISSING_CATEGORY, DatasetSchema
 
 __all__ = [
     "CELLS",
     "MECHANISMS",
+    "OTHER_GROUP",
     "SPREAD_METRICS",
     "THRESHOLD_METRICS",
     "fairness_report",
@@ -59,6 +60,8 @@ __all__ = [
     "noisy_counts",
     "performance_spread",
     "predictions_at",
+    "public_groups",
+    "reported_attributes",
     "representation",
     "threshold_flags",
 ]
@@ -66,6 +69,9 @@ __all__ = [
 Counts = dict[str, dict[str, int]]
 
 CELLS: tuple[str, ...] = ("tp", "fp", "tn", "fn")
+# The group of a sensitive value that is not in the attribute's public group list (a category
+# only this site's held-out split holds, say): released under this label, never its own.
+OTHER_GROUP = "__other__"
 MECHANISMS: tuple[str, ...] = ("laplace", "gaussian")
 SPREAD_METRICS: tuple[str, ...] = ("accuracy", "auc")
 # Plan threshold key (TrainingPlan.spec["fairness"]) -> the report value it bounds.
@@ -621,3 +627,67 @@ def noisy_counts(
         for group in released
     }
     return result
+
+
+# Public group lists: which labels a site may release as keys of its counts.
+
+
+def reported_attributes(
+    schema: DatasetSchema, declared: Mapping[str, Sequence[str]] | None = None
+) -> list[str]:
+    """The sensitive attributes whose counts have a public group list, in schema order.
+
+    A categorical or boolean feature column has one (its fitted categories, or true/false); a
+    sensitive column that is not a feature has one only when the plan's ``fairness.groups``
+    declares its labels. The others cannot be reported without revealing their group names.
+
+    Args:
+        schema: the plan's dataset schema.
+        declared: the plan's ``fairness.groups`` (attribute -> labels), if any.
+    """
+    features = {column.name: column.type for column in schema.columns}
+    declared = declared or {}
+    return [
+        name
+        for name in schema.sensitive
+        if features.get(name) in ("categorical", "boolean") or name in declared
+    ]
+
+
+def public_groups(
+    schema: DatasetSchema,
+    fitted: Mapping[str, Any] | None,
+    declared: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, list[str]]:
+    """The group labels each reported sensitive attribute may release, sorted.
+
+    Only labels every site already knows: for a categorical feature column the categories of the
+    fitted preprocessing (the union the federated statistics published), for a boolean one
+    ``"false"``/``"true"``, for a sensitive column that is not a feature the labels the plan
+    declares (``fairness.groups``); plus ``"__missing__"`` always and ``"__other__"`` (a value
+    outside the list) except for booleans. Releasing every listed group, zero counts included,
+    makes the set of keys independent of the data.
+
+    Args:
+        schema: the plan's dataset schema.
+        fitted: the run's fitted preprocessing (``merge_statistics``); None or without
+            categories: no category is public yet.
+        declared: the plan's ``fairness.groups``.
+
+    Returns:
+        ``{attribute: [labels]}`` for ``reported_attributes(schema, declared)``.
+    """
+    features = {column.name: column.type for column in schema.columns}
+    categories = (fitted or {}).get("categories") or {}
+    declared = declared or {}
+    groups: dict[str, list[str]] = {}
+    for name in reported_attributes(schema, declared):
+        if features.get(name) == "boolean":
+            labels = {"false", "true", MISSING_CATEGORY}
+        elif features.get(name) == "categorical":
+            labels = {str(value) for value in categories.get(name) or ()}
+            labels |= {MISSING_CATEGORY, OTHER_GROUP}
+        else:
+            labels = {str(value) for value in declared[name]} | {MISSING_CATEGORY, OTHER_GROUP}
+        groups[name] = sorted(labels)
+    return groups

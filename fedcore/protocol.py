@@ -89,6 +89,7 @@ ERROR_CODES: tuple[str, ...] = (
     "replaced",  # a newer connection of the same silo took over this one
     "not_authorized",  # the task's signed authorization is missing, forged or not for this silo
     "policy_refused",  # the site's local policy refuses the plan (model kind, DP, epsilon, ...)
+    "secagg_aborted",  # a site aborted its secure-aggregation client for the round (refusal)
     "internal",  # unexpected failure on the sending side; nothing the peer can fix
 )
 
@@ -194,6 +195,18 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
     "stats": {"run": (_INT, _REQ), "stats": (_DICT, _REQ)},  # agent -> server
     "update_ack": {"run": (_INT, _REQ), "round": (_INT, _REQ), "status": (_STR, _REQ)},
     "run_finished": {"run": (_INT, _REQ), "status": (_STR, _REQ)},
+    # either direction: one secure-aggregation stage message of a round attempt (docs/protocol.md,
+    # "Secure aggregation"); payload is the fedcore.secagg message with bytes as base64 strings
+    # (fedcore.secagg.wire). "client" (server -> agent, advertise_keys only) is the site's id in
+    # the attempt's roster.
+    "secagg": {
+        "run": (_INT, _REQ),
+        "round": (_INT, _REQ),
+        "attempt": (_INT, _REQ),
+        "stage": (_STR, _REQ),
+        "payload": (_DICT, _REQ),
+        "client": (_INT, _OPT),
+    },
     # either direction
     "error": {
         "code": (_STR, _REQ),
@@ -224,6 +237,22 @@ BINARY_SCHEMAS: dict[str, Schema] = {
         "metrics": (_DICT, _REQ),
         "silo": (_STR, _OPT),
         # sample-level DP: {"noise_multiplier", "sample_rate", "steps", "epsilon"} of this round
+        "privacy": (_DICT, _OPT),
+        # plans with a fairness section: sensitive attribute -> {group: {tp, fp, tn, fn}} of the
+        # received global model on the held-out split (fedcore.fairness; docs/fairness.md)
+        "fairness": (_DICT, _OPT),
+    },
+    # agent -> server, secure rounds only, instead of "update": payload = the masked vector
+    # (little-endian uint32, 4 bytes per coordinate) of the masked-input stage; metrics and the
+    # example count travel in clear, as in "update"
+    "masked_update": {
+        "run": (_INT, _REQ),
+        "round": (_INT, _REQ),
+        "attempt": (_INT, _REQ),
+        "nonce": (_STR, _REQ),
+        "num_examples": (_INT, _REQ),
+        "metrics": (_DICT, _REQ),
+        "silo": (_STR, _OPT),
         "privacy": (_DICT, _OPT),
     },
 }

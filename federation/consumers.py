@@ -15,7 +15,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from fedcore import protocol
-from federation import dispatch, selectors
+from federation import dispatch, secagg_rounds, selectors
 from federation.services import silos as silo_services
 from federation.services import updates as update_services
 
@@ -41,6 +41,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     silo_id: int | None = None
     silo_name: str = ""
     hello_done: bool = False
+    replaced: bool = False  # a newer connection of the silo took over
 
     async def connect(self) -> None:
         """Accept, then authenticate the silo by its token."""
@@ -71,6 +72,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(silo_services.silo_disconnect)(
             silo_id=self.silo_id, connection_id=self.channel_name
         )
+        if self.hello_done and not self.replaced:  # its secagg secrets went with the session
+            await database_sync_to_async(secagg_rounds.silo_gone)(self.silo_id)
         log.info("silo %s disconnected (code %s)", self.silo_name, code)
 
     async def send_error(self, code: str, reason: str, **fields: Any) -> None:
@@ -115,6 +118,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         if replaced:
             await self.channel_layer.send(replaced, {"type": "session.replaced"})
+        # A (re)connection starts with no secure-aggregation state at the agent: the silo is a
+        # dropout of any secure round attempt in progress.
+        await database_sync_to_async(secagg_rounds.silo_gone)(self.silo_id)
         await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         self.hello_done = True
         silo = await database_sync_to_async(
@@ -139,6 +145,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(silo_services.silo_heartbeat)(
             silo_id=self.silo_id, connection_id=self.channel_name
         )
+        if not self.replaced:
+            # Re-join the silo's group: a Redis channel layer forgets members after its
+            # group_expiry (agents stay connected for days) and everything when Redis restarts.
+            await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         await self.send(text_data=protocol.encode_control("heartbeat_ack", ts=msg.get("ts", 0.0)))
 
     async def on_stats(self, msg: dict[str, Any]) -> None:
@@ -151,9 +161,23 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except update_services.Refused as exc:
             await self.send_error(exc.code, exc.reason, run=msg["run"])
 
+    async def on_secagg(self, msg: dict[str, Any]) -> None:
+        """One secure-aggregation stage reply: to the round attempt's coordinator."""
+        assert self.silo_id is not None
+        try:
+            await database_sync_to_async(secagg_rounds.receive)(silo_id=self.silo_id, fields=msg)
+        except update_services.Refused as exc:
+            log.warning("secagg message from silo %s refused: %s", self.silo_name, exc)
+            await self.send_error(exc.code, exc.reason, run=msg["run"], round=msg["round"])
+
     async def on_error(self, msg: dict[str, Any]) -> None:
         """An agent reports a problem or a refusal (data that fails the schema, its site policy)."""
         log.warning("silo %s reports %s: %s", self.silo_name, msg["code"], msg["reason"])
+        if msg.get("run") is not None and msg.get("round") is not None:
+            # It will not contribute to that round: a secure round stops waiting for it.
+            await database_sync_to_async(secagg_rounds.silo_gone)(
+                self.silo_id, run_id=msg["run"], number=msg["round"]
+            )
         await database_sync_to_async(update_services.agent_report)(
             silo_id=self.silo_id,
             code=msg["code"],
@@ -174,9 +198,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         if message is None:
             return
+        if message.type == "masked_update":
+            await self.receive_masked_update(message)
+            return
         if message.type != "update":
             await self.send_error(
-                "unknown_type", f"agents may only send 'update', not '{message.type}'"
+                "unknown_type",
+                f"agents may only send 'update' or 'masked_update', not '{message.type}'",
             )
             return
         fields = message.fields
@@ -194,10 +222,36 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
         )
 
+    async def receive_masked_update(self, message: protocol.BinaryMessage) -> None:
+        """A secure round's masked vector: accounted for, added to the masked sum, never stored."""
+        fields = message.fields
+        try:
+            await database_sync_to_async(secagg_rounds.receive_masked)(
+                silo_id=self.silo_id, fields=fields, payload=message.payload
+            )
+        except update_services.Refused as exc:
+            log.warning("masked update from silo %s refused: %s", self.silo_name, exc)
+            await self.send_error(exc.code, exc.reason, run=fields["run"], round=fields["round"])
+            return
+        await self.send(
+            text_data=protocol.encode_control(
+                "update_ack", run=fields["run"], round=fields["round"], status="accepted"
+            )
+        )
+
     # Channel-layer events (dotted types route here: round.task -> round_task).
+
+    async def secagg_message(self, event: dict[str, Any]) -> None:
+        """Relay a secure-aggregation request of the round's coordinator to the agent."""
+        fields = {k: event[k] for k in ("run", "round", "attempt", "stage", "payload")}
+        if "client" in event:
+            fields["client"] = event["client"]
+        await self.send(text_data=protocol.encode_control("secagg", **fields))
 
     async def round_task(self, event: dict[str, Any]) -> None:
         """Send the silo its task for a round, with the global model."""
+        if secagg_rounds.is_dropout(event["round_id"], self.silo_id):
+            return  # it dropped out of the attempt's secure aggregation: nothing to train for
         message = await database_sync_to_async(selectors.task_message)(
             round_id=event["round_id"], silo_id=self.silo_id
         )
@@ -234,5 +288,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def session_replaced(self, event: dict[str, Any]) -> None:
         """A newer connection of the same silo took over: close this one."""
+        self.replaced = True
         await self.send_error("replaced", "a newer connection of this silo took over")
         await self.close(code=CLOSE_REPLACED)

@@ -125,14 +125,16 @@ def projected_epsilon(version: PlanVersion) -> dict[str, float]:
     """The epsilon a run of this version alone would spend at each silo, by silo name.
 
     0.0 for a plan without DP. Computed with the same accountant and formulas as the site
-    agents (fedcore.privacy.accounting.plan_mechanism), from each silo's registered rows.
+    agents (fedcore.privacy.accounting.plan_mechanism), from each silo's registered rows, plus
+    the noisy fairness counts of every round (``fairness.dp_epsilon``, basic composition).
     """
     from federation import ledger
 
+    fairness = ledger.plan_fairness_epsilon(version.spec)
     out: dict[str, float] = {}
     for silo in version.silos.order_by("name"):
         mechanism = ledger.plan_mechanism(version.spec, silo)
-        out[silo.name] = (
+        out[silo.name] = fairness + (
             0.0
             if mechanism is None
             else ledger.composed_epsilon([mechanism], ledger.plan_delta(version.spec) or 1e-5)

@@ -6,6 +6,11 @@ composition over its whole history at the silo's ledger delta, never a sum of pe
 epsilons. Budgets are per silo, set by the consortium; a plan whose projected total exceeds a
 budget cannot be approved, and a silo whose budget cannot afford the next round stops being
 selected (the run goes on with the others if enough remain).
+
+Pure epsilon-DP releases (the noisy fairness counts, mechanism "fairness") are not sampled
+Gaussian mechanisms: their entries carry ``epsilon_pure`` and are added to the RDP total by basic
+composition, (e1, delta) then (e2, 0) gives (e1 + e2, delta). That is valid and simple; it is
+tight for a few small releases and conservative for many (docs/fairness.md).
 """
 
 from __future__ import annotations
@@ -32,12 +37,47 @@ def ledger_delta(silo: Silo, plan_delta: float | None = None) -> float:
     return float(plan_delta) if plan_delta is not None else DEFAULT_DELTA
 
 
+PURE = "fairness"  # the mechanism of pure epsilon-DP entries (no RDP composition)
+
+
 def silo_history(silo: Silo) -> list[Mechanism]:
-    """Every mechanism applied to the silo's data, oldest first."""
+    """Every sampled Gaussian mechanism applied to the silo's data, oldest first."""
     return [
         (e.noise_multiplier, e.sample_rate, e.steps)
-        for e in PrivacyLedgerEntry.objects.filter(silo=silo).order_by("created_at", "pk")
+        for e in PrivacyLedgerEntry.objects.filter(silo=silo)
+        .exclude(mechanism=PURE)
+        .order_by("created_at", "pk")
     ]
+
+
+def silo_pure_epsilon(silo: Silo) -> float:
+    """The sum of the silo's pure epsilon-DP entries (basic composition)."""
+    values = PrivacyLedgerEntry.objects.filter(silo=silo, mechanism=PURE).values_list(
+        "epsilon_pure", flat=True
+    )
+    return float(sum(value or 0.0 for value in values))
+
+
+def fairness_epsilon_per_round(spec: dict[str, Any]) -> float:
+    """What one round of the plan's noisy fairness counts costs a silo (0.0 without DP counts).
+
+    Each reported sensitive attribute is one count table of L1 sensitivity 1 released with
+    ``fairness.dp_epsilon``; k tables of the same rows compose to k * epsilon.
+    """
+    from fedcore.fairness import reported_attributes
+    from fedcore.tabular import DatasetSchema
+
+    section = spec.get("fairness")
+    if not isinstance(section, dict) or section.get("dp_epsilon") is None:
+        return 0.0
+    schema = DatasetSchema.from_dict(spec["schema"])
+    tables = len(reported_attributes(schema, section.get("groups")))
+    return float(section["dp_epsilon"]) * tables
+
+
+def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
+    """What a whole run of the plan's noisy fairness counts costs a silo (every round)."""
+    return fairness_epsilon_per_round(spec) * int(spec["training"]["rounds"])
 
 
 def composed_epsilon(history: list[Mechanism], delta: float) -> float:
@@ -48,8 +88,8 @@ def composed_epsilon(history: list[Mechanism], delta: float) -> float:
 
 
 def silo_spent_epsilon(silo: Silo) -> float:
-    """Epsilon the silo's data has spent so far."""
-    return composed_epsilon(silo_history(silo), ledger_delta(silo))
+    """Epsilon the silo's data has spent so far (RDP composition plus pure releases)."""
+    return composed_epsilon(silo_history(silo), ledger_delta(silo)) + silo_pure_epsilon(silo)
 
 
 def training_rows(silo: Silo, spec: dict[str, Any]) -> int:
@@ -97,7 +137,8 @@ def projected_total(silo: Silo, version: PlanVersion) -> float:
     """The silo's epsilon after a whole run of this version, composed with its history."""
     mechanism = plan_mechanism(version.spec, silo)
     history = silo_history(silo) + ([mechanism] if mechanism else [])
-    return composed_epsilon(history, ledger_delta(silo, plan_delta(version.spec)))
+    pure = silo_pure_epsilon(silo) + plan_fairness_epsilon(version.spec)
+    return composed_epsilon(history, ledger_delta(silo, plan_delta(version.spec))) + pure
 
 
 def can_afford_round(silo: Silo, spec: dict[str, Any]) -> bool:
@@ -105,9 +146,12 @@ def can_afford_round(silo: Silo, spec: dict[str, Any]) -> bool:
     if silo.epsilon_budget is None:
         return True
     mechanism = round_mechanism(spec, silo)
-    if mechanism is None:
+    fairness = fairness_epsilon_per_round(spec)
+    if mechanism is None and not fairness:
         return True
-    total = composed_epsilon(silo_history(silo) + [mechanism], ledger_delta(silo, plan_delta(spec)))
+    history = silo_history(silo) + ([mechanism] if mechanism else [])
+    pure = silo_pure_epsilon(silo) + fairness
+    total = composed_epsilon(history, ledger_delta(silo, plan_delta(spec))) + pure
     return total <= silo.epsilon_budget
 
 
@@ -123,11 +167,21 @@ def ledger_append(
     steps: int,
     delta: float,
     epsilon_reported: float | None = None,
+    epsilon_pure: float | None = None,
 ) -> PrivacyLedgerEntry:
-    """Record a mechanism applied to a silo's data, its composed total and an audit event."""
+    """Record a mechanism applied to a silo's data, its composed total and an audit event.
+
+    ``epsilon_pure`` is required for (and only for) the pure epsilon-DP mechanism "fairness":
+    the entry then stays out of the RDP composition and adds its epsilon to the total.
+    """
+    if (mechanism == PURE) != (epsilon_pure is not None):
+        raise ValueError(f"epsilon_pure goes with mechanism {PURE!r} and only with it")
     Silo.objects.select_for_update().filter(pk=silo.pk).first()  # one writer per silo ledger
-    history = silo_history(silo) + [(noise_multiplier, sample_rate, steps)]
-    total = composed_epsilon(history, ledger_delta(silo, delta))
+    history = silo_history(silo)
+    if epsilon_pure is None:
+        history.append((noise_multiplier, sample_rate, steps))
+    pure = silo_pure_epsilon(silo) + (epsilon_pure or 0.0)
+    total = composed_epsilon(history, ledger_delta(silo, delta)) + pure
     entry = PrivacyLedgerEntry.objects.create(
         silo=silo,
         run=run,
@@ -138,6 +192,7 @@ def ledger_append(
         steps=steps,
         delta=ledger_delta(silo, delta),
         epsilon_reported=epsilon_reported,
+        epsilon_pure=epsilon_pure,
         epsilon_total=total,
     )
     audit_append(
@@ -153,6 +208,7 @@ def ledger_append(
             "noise_multiplier": noise_multiplier,
             "sample_rate": sample_rate,
             "steps": steps,
+            **({"epsilon_pure": epsilon_pure} if epsilon_pure is not None else {}),
             "epsilon_total": total,
             "epsilon_budget": silo.epsilon_budget,
         },

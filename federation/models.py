@@ -326,6 +326,9 @@ class Update(models.Model):
     size_bytes = models.PositiveBigIntegerField()
     blob_key = models.CharField(max_length=300)
     metrics = models.JSONField(default=dict)
+    # Plans with a fairness section: the per-group confusion counts of the incoming global model
+    # on the silo's held-out split, by sensitive attribute, as received (docs/fairness.md).
+    fairness = models.JSONField(null=True, blank=True)
     received_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -388,9 +391,14 @@ class RoundMetric(models.Model):
 class PrivacyLedgerEntry(models.Model):
     """One application of a DP mechanism to a silo's data; append-only.
 
-    ``epsilon_total`` is the silo's epsilon over its whole history after this entry, composed by
-    the accountant (RDP) over every entry's (noise multiplier, sample rate, steps) at the silo's
-    ledger delta, never a naive sum of per-entry epsilons.
+    ``epsilon_total`` is the silo's epsilon over its whole history after this entry: the
+    accountant's (RDP) composition of every sampled Gaussian entry's (noise multiplier, sample
+    rate, steps) at the silo's ledger delta, never a naive sum of per-entry epsilons, plus the
+    sum of the pure epsilon-DP entries' ``epsilon_pure`` (basic composition on top).
+
+    A ``fairness`` entry is pure epsilon-DP (discrete Laplace counts): ``epsilon_pure`` is what it
+    spent, ``noise_multiplier`` the Laplace scale 1/epsilon of one count, ``sample_rate`` 1 and
+    ``steps`` the number of count tables released; it is not part of the RDP composition.
     """
 
     class Mechanism(models.TextChoices):
@@ -409,11 +417,29 @@ class PrivacyLedgerEntry(models.Model):
     steps = models.PositiveIntegerField()
     delta = models.FloatField()
     epsilon_reported = models.FloatField(null=True, blank=True)
+    epsilon_pure = models.FloatField(null=True, blank=True)
     epsilon_total = models.FloatField()
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["silo", "created_at", "pk"]
+
+
+class FairnessReport(models.Model):
+    """The group fairness of a round's incoming global model (version k-1 for round k).
+
+    ``report`` is built at aggregation from the contributing silos' per-group confusion counts
+    (``federation.services.fairness``): per sensitive attribute the merged counts, fairlearn's
+    metrics (``fedcore.fairness.fairness_report``), representation per silo and the plan's
+    threshold flags; plus the silos' performance spread.
+    """
+
+    round = models.OneToOneField(Round, on_delete=models.CASCADE, related_name="fairness_report")
+    report = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"fairness of model v{self.round.number - 1} (round {self.round.number})"
 
 
 class AuditEvent(models.Model):

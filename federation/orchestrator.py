@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from fedcore.aggregation import AggregateResult
 from fedcore.models import build_model
 from fedcore.privacy import accounting as dp_accounting
 from fedcore.privacy import client_dp
-from federation import dispatch, ledger
+from federation import dispatch, ledger, secagg_rounds
 from federation.models import (
     ModelVersion,
     Round,
@@ -40,6 +42,7 @@ from federation.models import (
     TrainingPlan,
 )
 from federation.plan_spec import RunSettings, run_settings, server_strategy_spec
+from federation.services import fairness as fairness_service
 from federation.services.audit import audit_append
 from federation.services.updates import validate_metrics
 from federation.storage import blob_store, model_key, strategy_key
@@ -193,8 +196,12 @@ def _advance_rounds(run: Run, cfg: RunSettings) -> tuple[str, int] | None:
 
 def _open_round(run: Run, cfg: RunSettings, *, number: int, attempt: int) -> tuple[str, int] | None:
     online = list(online_silos(run))
-    if len(online) < cfg.min_silos:
-        _wait_or_fail(run, cfg, len(online), f"round {number} could not start")
+    secure = secagg_rounds.is_secure(run.version.spec)
+    needed = secagg_rounds.min_silos(cfg) if secure else cfg.min_silos
+    if len(online) < needed:
+        _wait_or_fail(
+            run, replace(cfg, min_silos=needed), len(online), f"round {number} could not start"
+        )
         return None
     if run.waiting_since is not None:
         run.waiting_since = None
@@ -210,6 +217,8 @@ def _open_round(run: Run, cfg: RunSettings, *, number: int, attempt: int) -> tup
     round_.selected.set(online)
     for silo in online:
         dispatch.send_to_silo(silo.pk, {"type": "round.task", "round_id": round_.pk})
+    if secure:  # the attempt's coordinator starts when this transaction commits
+        secagg_rounds.open_round(round_, online, run.version.spec, cfg)
     dispatch.enqueue_advance(run.pk, countdown=cfg.round_deadline_seconds + 0.05)
     _publish(run, "round.opened", round=number, selected=len(online))
     log.info(
@@ -220,6 +229,8 @@ def _open_round(run: Run, cfg: RunSettings, *, number: int, attempt: int) -> tup
 
 def _close_if_due(run: Run, cfg: RunSettings, round_: Round) -> tuple[str, int] | None:
     selected = round_.selected.count()
+    if secagg_rounds.is_secure(run.version.spec):
+        return _close_secure_if_due(run, cfg, round_, selected)
     received = round_.updates.count()
     if received < selected and timezone.now() < round_.deadline:
         return None
@@ -228,12 +239,39 @@ def _close_if_due(run: Run, cfg: RunSettings, round_: Round) -> tuple[str, int] 
         round_.aggregation_started_at = timezone.now()
         round_.save(update_fields=["status", "aggregation_started_at"])
         return (AGGREGATE, round_.pk)
+    return _fail_round(
+        run,
+        cfg,
+        round_,
+        f"{received} of {selected} selected silos sent an update by the deadline; "
+        f"the plan needs at least {cfg.min_silos}",
+    )
+
+
+def _close_secure_if_due(
+    run: Run, cfg: RunSettings, round_: Round, selected: int
+) -> tuple[str, int] | None:
+    """A secure round closes when its coordinator has the unmasked sum, or has given up."""
+    outcome = secagg_rounds.outcome(round_)
+    if outcome is None:
+        return None  # every stage has a deadline: the coordinator ends by itself
+    if outcome.ok and len(outcome.contributors) >= cfg.min_silos:
+        round_.status = Round.Status.AGGREGATING
+        round_.aggregation_started_at = timezone.now()
+        round_.save(update_fields=["status", "aggregation_started_at"])
+        return (AGGREGATE, round_.pk)
+    error = outcome.error or (
+        f"{len(outcome.contributors)} of {selected} selected silos contributed to the secure "
+        f"sum; the plan needs at least {cfg.min_silos}"
+    )
+    secagg_rounds.forget(round_.pk)
+    return _fail_round(run, cfg, round_, error)
+
+
+def _fail_round(run: Run, cfg: RunSettings, round_: Round, error: str) -> tuple[str, int] | None:
     round_.status = Round.Status.FAILED
     round_.finished_at = timezone.now()
-    round_.error = (
-        f"{received} of {selected} selected silos sent an update by the deadline; "
-        f"the plan needs at least {cfg.min_silos}"
-    )
+    round_.error = error
     round_.save(update_fields=["status", "finished_at", "error"])
     _publish(run, "round.failed", round=round_.number, error=round_.error)
     log.warning("run %s: round %d failed: %s", run.pk, round_.number, round_.error)
@@ -277,6 +315,7 @@ def round_aggregate(round_id: int) -> None:
             },
         )
         _record_round_metrics(locked, updates)
+        fairness_service.record_round_report(locked, round_.run)  # of model v(k-1)
         if result is not None:
             locked.anomalies = _json_safe(result.flags)
             locked.aggregation_stats = _json_safe(result.stats)
@@ -311,6 +350,7 @@ def round_aggregate(round_id: int) -> None:
     log.info(
         "run %s: round %d aggregated from %d updates", round_.run_id, round_.number, len(updates)
     )
+    secagg_rounds.forget(round_id)  # a secure round's unmasked sum is no longer needed
 
 
 def _combine(
@@ -331,7 +371,12 @@ def _combine(
     reference = ModelVersion.objects.get(run_id=round_.run_id, number=round_.number - 1)
     global_state = tensors.decode_state_dict(store.get(reference.blob_key))
     privacy = spec.get("privacy") or {}
-    if privacy.get("mode", "none") == "client":
+    secure_mean = None
+    if secagg_rounds.is_secure(spec):  # from the unmasked sum: no individual update exists
+        secure_mean, dp = secagg_rounds.mean_state(round_, global_state, updates)
+        if dp is not None:  # client-level DP: the sites added the noise before masking
+            return secure_mean, dp, None
+    elif privacy.get("mode", "none") == "client":
         return (*_client_dp_mean(round_, spec, updates, global_state), None)
     strategy = aggregation.make_strategy(
         server_strategy_spec(spec.get("aggregation") or {}),
@@ -344,15 +389,20 @@ def _combine(
             previous = None
         if previous is not None:
             strategy.load_state_dict(tensors.decode_state_dict(previous))
-    streamed = (
-        aggregation.ClientUpdate(
-            state=tensors.decode_state_dict(store.get(u["blob_key"])),
-            weight=float(u["num_examples"]),
-            client_id=u["silo_id"],
-            loss=u["metrics"].get("global_train_loss"),
+    if secure_mean is not None:  # the strategy sees the mean as one update (server optimisers)
+        streamed: Iterator[aggregation.ClientUpdate] = iter(
+            [aggregation.ClientUpdate(state=secure_mean, weight=1.0, client_id="secure_sum")]
         )
-        for u in updates
-    )
+    else:
+        streamed = (
+            aggregation.ClientUpdate(
+                state=tensors.decode_state_dict(store.get(u["blob_key"])),
+                weight=float(u["num_examples"]),
+                client_id=u["silo_id"],
+                loss=u["metrics"].get("global_train_loss"),
+            )
+            for u in updates
+        )
     result = strategy.aggregate(global_state, streamed, round=round_.number)
     optimizer_state = strategy.state_dict()
     if optimizer_state:
@@ -406,6 +456,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _fail_round_aggregation(round_: Round, error: str) -> None:
+    secagg_rounds.forget(round_.pk)
     with transaction.atomic():
         locked = Round.objects.select_for_update().get(pk=round_.pk)
         if locked.status != Round.Status.AGGREGATING:

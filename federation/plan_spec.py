@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcore.models import MODEL_KINDS, ModelSpecError, validate_model_spec
+from fedcore.secure_updates import DEFAULT_CLIP, DEFAULT_MAX_EXAMPLES
 from fedcore.tabular import DatasetSchema, SchemaError
 
 
@@ -51,6 +52,7 @@ ALLOWED_KEYS: tuple[str, ...] = (
     "seed",
     "privacy",
     "secure_aggregation",
+    "secagg",
     "fairness",
 )
 # FedProx changes only local training (a proximal term at the agent); the server averages.
@@ -87,6 +89,60 @@ def server_strategy_spec(aggregation: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+# The plan's "secagg" section (read only when secure_aggregation is true); docs/protocol.md.
+SECAGG_DEFAULTS: dict[str, Any] = {
+    # per-coordinate bound on a site's model delta (local - global), in parameter units; the
+    # quantiser's range. Tabular models trained for a few local epochs move far less than 1.
+    "clip": DEFAULT_CLIP,
+    # t: share holders needed to unmask; null = ceil(2k/3) of the neighbourhood k (all selected
+    # silos for the complete graph). Never below a strict majority of k, never above k.
+    "threshold": None,
+    # a site's example weight is min(n, max_examples) / max_examples (weighted mean)
+    "max_examples": DEFAULT_MAX_EXAMPLES,
+    # neighbours per silo (SecAgg+); null = complete graph
+    "degree": None,
+    # seconds each key-exchange and the unmasking stage wait; the masked-input stage, which
+    # includes local training, waits round_deadline_seconds
+    "stage_timeout_seconds": 30.0,
+}
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The secure-aggregation section of a plan, defaults filled in."""
+
+    clip: float
+    threshold: int | None
+    max_examples: int
+    degree: int | None
+    stage_timeout_seconds: float
+
+
+def secagg_settings(spec: dict[str, Any]) -> SecAggSettings | None:
+    """A validated plan's secure-aggregation settings; None unless secure_aggregation is true."""
+    if spec.get("secure_aggregation") is not True:
+        return None
+    values = {**SECAGG_DEFAULTS, **(spec.get("secagg") or {})}
+    return SecAggSettings(
+        clip=float(values["clip"]),
+        threshold=values["threshold"],
+        max_examples=int(values["max_examples"]),
+        degree=values["degree"],
+        stage_timeout_seconds=float(values["stage_timeout_seconds"]),
+    )
+
+
+def secagg_threshold(neighbourhood: int, requested: int | None) -> int:
+    """The threshold t of a round whose closed neighbourhoods have ``neighbourhood`` silos.
+
+    Default ``ceil(2k/3)``; a requested t is raised to a strict majority of k (two disjoint
+    groups of silos must never both be able to unmask) and capped at k. Never below 2.
+    """
+    k = neighbourhood
+    t = math.ceil(2 * k / 3) if requested is None else max(requested, k // 2 + 1)
+    return max(2, min(t, k))
+
+
 AGGREGATION_STRATEGIES: tuple[str, ...] = (
     FEDPROX,
     "fedavg",
@@ -111,6 +167,14 @@ PRIVACY_DEFAULTS: dict[str, Any] = {
 }
 FAIRNESS_KEYS: tuple[str, ...] = (
     "sensitive_attribute",
+    "max_demographic_parity_difference",
+    "max_equalized_odds_difference",
+    # epsilon of each count table a site releases (discrete Laplace; docs/fairness.md)
+    "dp_epsilon",
+    # attribute -> public group labels, for sensitive columns that are not features
+    "groups",
+)
+FAIRNESS_THRESHOLDS: tuple[str, ...] = (
     "max_demographic_parity_difference",
     "max_equalized_odds_difference",
 )
@@ -204,6 +268,36 @@ def _scalar_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
         errors["secure_aggregation"] = "must be true or false"
 
 
+def _secagg_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
+    if "secagg" not in spec:
+        return
+    section = spec["secagg"]
+    if not isinstance(section, dict):
+        errors["secagg"] = f"must be an object with keys {', '.join(SECAGG_DEFAULTS)}"
+        return
+    if problem := _unknown_keys(section, tuple(SECAGG_DEFAULTS)):
+        errors["secagg"] = problem
+    values = {**SECAGG_DEFAULTS, **section}
+    clip = values["clip"]
+    if not _is_number(clip) or clip <= 0:
+        errors["secagg.clip"] = (
+            "must be a number > 0: each coordinate of a site's model delta is clipped to "
+            "[-clip, clip] before it is masked"
+        )
+    threshold = values["threshold"]
+    if threshold is not None and (not _is_int(threshold) or threshold < 2):
+        errors["secagg.threshold"] = "must be an integer >= 2 (or null for ceil(2n/3))"
+    max_examples = values["max_examples"]
+    if not _is_int(max_examples) or not 1 <= max_examples <= 2**31:
+        errors["secagg.max_examples"] = "must be an integer in [1, 2^31]"
+    degree = values["degree"]
+    if degree is not None and (not _is_int(degree) or degree < 1):
+        errors["secagg.degree"] = "must be an integer >= 1 (or null for the complete graph)"
+    timeout = values["stage_timeout_seconds"]
+    if not _is_number(timeout) or timeout <= 0:
+        errors["secagg.stage_timeout_seconds"] = "must be a number > 0"
+
+
 def _privacy_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
     if "privacy" not in spec:
         return
@@ -262,11 +356,49 @@ def _fairness_errors(
             f"{attribute!r} is not a sensitive attribute of the plan's schema "
             f"(schema.sensitive lists: {listed})"
         )
-    for key in FAIRNESS_KEYS[1:]:
+    for key in FAIRNESS_THRESHOLDS:
         if key in fairness:
             value = fairness[key]
             if not _is_number(value) or not 0 <= value <= 1:
                 errors[f"fairness.{key}"] = "must be a number in [0, 1]"
+    _fairness_release_errors(fairness, schema, errors)
+
+
+def _fairness_release_errors(
+    fairness: dict[str, Any], schema: DatasetSchema | None, errors: dict[str, str]
+) -> None:
+    """The fairness section's release settings: DP epsilon of the counts, declared groups."""
+    if "dp_epsilon" in fairness:
+        epsilon = fairness["dp_epsilon"]
+        if not _is_number(epsilon) or epsilon <= 0:
+            errors["fairness.dp_epsilon"] = (
+                "must be a number > 0: the epsilon each site spends per count table it releases"
+            )
+    if "groups" not in fairness:
+        return
+    groups = fairness["groups"]
+    if not isinstance(groups, dict):
+        errors["fairness.groups"] = (
+            'must be an object: sensitive column -> list of its group labels, e.g. {"sex": '
+            '["F", "M"]}'
+        )
+        return
+    for attribute, labels in groups.items():
+        where = f"fairness.groups.{attribute}"
+        if schema is not None and attribute not in schema.sensitive:
+            errors[where] = f"{attribute!r} is not in schema.sensitive"
+        elif schema is not None and attribute in {column.name for column in schema.columns}:
+            errors[where] = (
+                f"{attribute!r} is a feature column: its groups are the categories the federated "
+                "statistics publish, so do not declare them"
+            )
+        elif (
+            not isinstance(labels, list)
+            or not labels
+            or not all(isinstance(label, str) and label.strip() == label != "" for label in labels)
+            or len(set(labels)) != len(labels)
+        ):
+            errors[where] = "must be a non-empty list of distinct labels (strings, no padding)"
 
 
 def _silo_schema_problems(schema: DatasetSchema, silo: Any) -> list[str]:
@@ -316,6 +448,7 @@ def plan_spec_errors(spec: dict[str, Any], *, silos: Iterable[Any] | None = None
     _training_errors(spec, errors)
     _scalar_errors(spec, errors)
     _privacy_errors(spec, errors)
+    _secagg_errors(spec, errors)
     _fairness_errors(spec, schema, errors)
     if silos is not None:
         silos = list(silos)

@@ -379,7 +379,11 @@ def run_privacy_spent(run: Run) -> dict[str, float]:
     from federation import ledger
 
     histories: dict[int, list[tuple[float, float, int]]] = {}
+    pure: dict[int, float] = {}
     for entry in PrivacyLedgerEntry.objects.filter(run=run).order_by("created_at", "pk"):
+        if entry.epsilon_pure is not None:  # noisy fairness counts: basic composition on top
+            pure[entry.silo_id] = pure.get(entry.silo_id, 0.0) + entry.epsilon_pure
+            continue
         histories.setdefault(entry.silo_id, []).append(
             (entry.noise_multiplier, entry.sample_rate, entry.steps)
         )
@@ -388,6 +392,7 @@ def run_privacy_spent(run: Run) -> dict[str, float]:
         silo.name: ledger.composed_epsilon(
             histories.get(silo.pk, []), ledger.ledger_delta(silo, delta)
         )
+        + pure.get(silo.pk, 0.0)
         for silo in run.version.silos.order_by("name")
     }
 
@@ -484,3 +489,164 @@ def run_consortium_id(run_id: Any) -> int | None:
     except (TypeError, ValueError):
         return None
     return Run.objects.filter(pk=run_id).values_list("plan__consortium_id", flat=True).first()
+
+
+# --------------------------------------------------------------------------------------------
+# Fairness reports, the consortium's privacy budgets, and model export (dashboard pages).
+
+
+def run_fairness_reports(run: Run) -> list[Any]:
+    """A run's fairness reports, one per round (its latest completed attempt), oldest first.
+
+    The report of round k is about model version k-1 (the model the silos received).
+    """
+    from federation.models import FairnessReport
+
+    latest: dict[int, Any] = {}
+    for stored in (
+        FairnessReport.objects.filter(round__run=run)
+        .select_related("round")
+        .order_by("round__number", "round__attempt")
+    ):
+        latest[stored.round.number] = stored
+    return [latest[number] for number in sorted(latest)]
+
+
+def model_version_fairness(version: ModelVersion) -> Any | None:
+    """The fairness report about a model version: round v+1's (None until that round ends)."""
+    from federation.models import FairnessReport
+
+    return (
+        FairnessReport.objects.filter(
+            round__run_id=version.run_id, round__number=version.number + 1
+        )
+        .select_related("round")
+        .order_by("-round__attempt")
+        .first()
+    )
+
+
+def run_fairness_flag_count(run: Run) -> int:
+    """How many fairness.flag events the run's rounds appended to the audit log."""
+    return AuditEvent.objects.filter(
+        consortium_id=run.plan.consortium_id,
+        action="fairness.flag",
+        object_type="run",
+        object_id=str(run.pk),
+    ).count()
+
+
+def consortium_privacy(consortium: Consortium) -> dict[str, Any]:
+    """What the consortium's privacy budget report shows.
+
+    ``silos``: per silo its budget, ledger delta, epsilon spent (composed over its whole
+    history), what remains and its ledger entries oldest first. ``runs``: the ledger entries
+    grouped by run, newest run first. ``pending``: for every submitted or approved plan, each
+    participating silo's projected epsilon for a run of its current version alone
+    (``governance.projected_epsilon``), its total after such a run composed with its history
+    (``ledger.projected_total``) and whether that fits its budget.
+    """
+    from federation import governance, ledger
+
+    silos = list(consortium_silos(consortium))
+    entries = list(
+        PrivacyLedgerEntry.objects.filter(silo__consortium=consortium)
+        .select_related("run__plan")
+        .order_by("created_at", "pk")
+    )
+    by_silo: dict[int, list[PrivacyLedgerEntry]] = {}
+    by_run: dict[int | None, list[PrivacyLedgerEntry]] = {}
+    names = {silo.pk: silo.name for silo in silos}
+    for entry in entries:
+        entry.silo_name = names.get(entry.silo_id, str(entry.silo_id))
+        by_silo.setdefault(entry.silo_id, []).append(entry)
+        by_run.setdefault(entry.run_id, []).append(entry)
+    silo_rows = []
+    for silo in silos:
+        spent = ledger.silo_spent_epsilon(silo)
+        budget = silo.epsilon_budget
+        silo_rows.append(
+            {
+                "silo": silo,
+                "budget": budget,
+                "delta": ledger.ledger_delta(silo),
+                "spent": spent,
+                "remaining": None if budget is None else max(0.0, budget - spent),
+                "entries": by_silo.get(silo.pk, []),
+            }
+        )
+    runs = [
+        {"run": group[0].run, "run_id": run_id, "entries": group}
+        for run_id, group in sorted(by_run.items(), key=lambda item: -(item[0] or 0))
+    ]
+    pending = []
+    plans = (
+        TrainingPlan.objects.filter(
+            consortium=consortium,
+            status__in=(TrainingPlan.Status.SUBMITTED, TrainingPlan.Status.APPROVED),
+            current_version__isnull=False,
+        )
+        .select_related("current_version")
+        .order_by("-updated_at", "-pk")
+    )
+    for plan in plans:
+        version = plan.current_version
+        projected = governance.projected_epsilon(version)
+        rows = []
+        for silo in version.silos.order_by("name"):
+            total = ledger.projected_total(silo, version)
+            rows.append(
+                {
+                    "silo": silo,
+                    "projected": projected.get(silo.name, 0.0),
+                    "total_after": total,
+                    "budget": silo.epsilon_budget,
+                    "fits": silo.epsilon_budget is None or total <= silo.epsilon_budget,
+                }
+            )
+        pending.append({"plan": plan, "version": version, "silos": rows})
+    return {"silos": silo_rows, "runs": runs, "pending": pending}
+
+
+def model_version_features(version: ModelVersion) -> list[str] | None:
+    """The names of the model's input columns, from the run's fitted preprocessing (None when
+    the run has none yet)."""
+    from fedcore import tabular
+
+    try:
+        schema = tabular.DatasetSchema.from_dict(version.run.version.spec["schema"])
+        return tabular.feature_names(schema, version.run.preprocessing or {})
+    except (tabular.SchemaError, KeyError, TypeError, ValueError):
+        return None
+
+
+def model_version_onnx(version: ModelVersion) -> bytes:
+    """The model version as ONNX (``fedcore.onnx_export``): the plan's model with its weights.
+
+    Raises:
+        ValueError: the run has no fitted preprocessing, or the stored weights do not match
+            their recorded SHA-256 or the plan's model.
+        fedcore.onnx_export.OnnxUnavailable: the server lacks the ``onnx`` package.
+    """
+    import hashlib
+
+    from fedcore import onnx_export, tensors
+    from fedcore.models import build_model
+
+    names = model_version_features(version)
+    if not names:
+        raise ValueError("the run has no fitted preprocessing, so the model's inputs are unknown")
+    data = model_version_bytes(version)
+    if hashlib.sha256(data).hexdigest() != version.checksum:
+        raise ValueError(
+            f"the stored file of model v{version.number} of run {version.run_id} does not match "
+            "its recorded SHA-256"
+        )
+    model = build_model(version.run.version.spec["model"], len(names), seed=0)
+    state = tensors.decode_state_dict(data)
+    try:
+        tensors.check_compatible(state, model.state_dict())
+        model.load_state_dict(state, strict=True)
+    except (tensors.IncompatibleStateDict, RuntimeError) as exc:
+        raise ValueError(f"the stored weights do not fit the plan's model: {exc}") from None
+    return onnx_export.export_onnx(model, len(names))

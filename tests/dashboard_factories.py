@@ -111,9 +111,12 @@ def add_round(run: models.Run, number: int, *, answered: int | None = None) -> m
     return round_
 
 
-def finished_run(gov: Governed, *, rounds: int = 2) -> models.Run:
-    """A run of an approved plan, started through the service, that completed `rounds` rounds."""
-    plan = approve_all(gov, propose(gov, training={**plan_spec()["training"], "rounds": rounds}))
+def finished_run(gov: Governed, *, rounds: int = 2, **spec: Any) -> models.Run:
+    """A run of an approved plan (plan_spec with `spec` overrides), started through the
+    service, that completed `rounds` rounds."""
+    plan = approve_all(
+        gov, propose(gov, training={**plan_spec()["training"], "rounds": rounds}, **spec)
+    )
     run = run_start(actor=gov.scientists[0], plan=plan)
     now = timezone.now()
     models.Run.objects.filter(pk=run.pk).update(

@@ -80,3 +80,34 @@ def model_card_json(request: HttpRequest, model_id: int) -> JsonResponse:
         f'inline; filename="model-card-run{version.run_id}-v{version.number}.json"'
     )
     return response
+
+
+@login_required
+def model_onnx(request: HttpRequest, model_id: int) -> HttpResponse:
+    """The model as ONNX for deployment at a site (input ``features``, output ``logit``)."""
+    from fedcore.onnx_export import OnnxUnavailable
+
+    version = selectors.access_model_version(user=request.user, id=model_id)
+    try:
+        data = selectors.model_version_onnx(version)
+    except OnnxUnavailable as exc:
+        return page(
+            request,
+            "500.html",
+            status=503,
+            code=503,
+            heading="This server cannot export ONNX yet",
+            reason=str(exc),
+        )
+    except ValueError as exc:
+        return page(
+            request,
+            "500.html",
+            status=500,
+            reason=f"model v{version.number} was not exported: {exc}",
+        )
+    name = f"{slugify(version.run.plan.name) or 'model'}-run{version.run_id}-v{version.number}"
+    response = HttpResponse(data, content_type="application/octet-stream")
+    response["Content-Disposition"] = f'attachment; filename="{name}.onnx"'
+    response["X-Source-Checksum-SHA256"] = version.checksum
+    return response

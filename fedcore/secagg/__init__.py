@@ -54,7 +54,9 @@ Quantisation: coordinates are clipped to [-clip, clip]; 4 bytes per parameter on
 precision is the most that lets n vectors sum without wrapping (see ``Quantizer``).
 
 Transport: messages are plain dicts (str, int, float, bytes, lists of dicts); the caller encodes
-them and keeps time (``SecAggServer.collect(..., now)``, ``ready(now)``, ``advance(now)``).
+them and keeps time (``SecAggServer.collect(..., now)``, ``ready(now)``, ``advance(now)``; ``drop``
+when it knows a client is gone, so the stage need not wait for its deadline); ``wire`` carries the
+messages as JSON (bytes as base64).
 ``simulate`` runs a whole round in-process; ``bytes_per_client`` gives its wire cost.
 """
 

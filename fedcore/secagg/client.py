@@ -97,6 +97,10 @@ class SecAggClient:
             self._abort()
             raise
 
+    def abort(self) -> None:
+        """Give up the round (e.g. the transport lost its session): drop every secret."""
+        self._abort()
+
     def _abort(self) -> None:
         self._stage = Stage.ABORTED
         self._forget_secrets()

@@ -171,6 +171,16 @@ class SecAggServer:
         handler(client_id, message)
         self._answered.add(client_id)
 
+    def drop(self, client_id: int) -> None:
+        """Stop waiting for a client the transport knows is gone (its connection closed).
+
+        It is a dropout of the current stage exactly as if the stage's deadline had passed for
+        it: a later reply is refused, and it is not asked again. A client that already answered
+        the current stage keeps its answer; call ``drop`` again after ``advance`` to stop waiting
+        for it in the next stage.
+        """
+        self._awaited.discard(client_id)
+
     def ready(self, now: float) -> bool:
         """Whether the current stage can close: everyone answered or the deadline passed."""
         return self._stage in _COLLECTING and (not self._awaited or now >= self._deadline)

@@ -360,6 +360,7 @@ class LedgerEntrySerializer(serializers.ModelSerializer):
             "steps",
             "delta",
             "epsilon_reported",
+            "epsilon_pure",  # pure epsilon-DP entries (noisy fairness counts): added to the total
             "epsilon_total",
             "created_at",
         ]

@@ -116,6 +116,13 @@ def _plan(
         "min_silos": 2,
         "round_deadline_seconds": 120,
         "seed": seed,
+        # Each site reports per-sex confusion counts of the incoming global model: the
+        # dashboard's fairness report (thresholds as in fairlearn's definitions).
+        "fairness": {
+            "sensitive_attribute": "sex",
+            "max_demographic_parity_difference": 0.1,
+            "max_equalized_odds_difference": 0.1,
+        },
     }
 
 

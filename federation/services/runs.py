@@ -24,8 +24,10 @@ def run_start(*, actor: Any, plan: TrainingPlan) -> Run:
     participating silo's steward, the organisation quorum) can run; the run is bound to that
     version's hash, and every agent gets a grant signed for exactly that hash.
     """
-    plan = (
-        TrainingPlan.objects.select_for_update().select_related("current_version").get(pk=plan.pk)
+    plan = (  # of=self: PostgreSQL cannot lock the nullable side of the outer join
+        TrainingPlan.objects.select_for_update(of=("self",))
+        .select_related("current_version")
+        .get(pk=plan.pk)
     )
     roles = permissions.require_roles(
         actor, plan.consortium_id, permissions.CAN_START_RUNS, "starting a run"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from django.db import IntegrityError, transaction
 from fedcore import tensors
 from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
+from federation.services import fairness as fairness_service
 from federation.services.audit import audit_append
 from federation.storage import BlobStoreError, blob_store, update_key
 
@@ -144,22 +146,15 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
             "wrong_round",
             f"update for round {fields['round']} refused: the current round is {current}",
         )
-    if fields.get("silo") not in (None, silo.name):
+    if run.version.spec.get("secure_aggregation") is True:
+        # Refused before anything is stored: a secure round never keeps an individual update.
         raise Refused(
-            "invalid_update", f"update names silo {fields['silo']!r}, sent by {silo.name!r}"
+            "invalid_update",
+            f"round {round_.number} uses secure aggregation: send a masked_update, never the "
+            "weights in clear",
         )
-    if not round_.selected.filter(pk=silo.pk).exists():
-        raise Refused("not_selected", f"this silo was not selected for round {round_.number}")
-    if round_.updates.filter(silo=silo).exists():
-        raise Refused(
-            "duplicate_update", f"an update for round {round_.number} was already accepted"
-        )
-    if silo.updates.filter(nonce=fields["nonce"]).exists():
-        raise Refused("duplicate_update", "this nonce was used before (replayed update)")
-    if fields["num_examples"] <= 0:
-        raise Refused("invalid_update", "num_examples must be a positive integer")
-    flat = validate_metrics(fields["metrics"])
-    dp_round = _sample_dp_round(run, silo, fields)
+    flat, dp_round = _check_contribution(run, round_, silo, fields)
+    fairness_counts = _checked_fairness(run, fields)
     try:
         state = tensors.decode_state_dict(payload)
     except tensors.TensorCodecError as exc:
@@ -201,6 +196,10 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
                 RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
                 for scope, name, value in flat
             )
+            if fairness_counts is not None:
+                fairness_service.record_update_counts(
+                    run=run, round_=round_, silo=silo, counts=fairness_counts
+                )
             if dp_round is not None:
                 noise, sample_rate, steps = dp_round
                 ledger.ledger_append(
@@ -229,6 +228,149 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
                 },
             )
             dispatch.enqueue_advance(run.pk)
+    except IntegrityError as exc:
+        raise Refused("duplicate_update", "an update for this round was already accepted") from exc
+    return round_
+
+
+def _check_contribution(
+    run: Run, round_: Round, silo: Silo, fields: dict[str, Any]
+) -> tuple[list[tuple[str, str, float]], tuple[float, float, int] | None]:
+    """Checks shared by updates and masked updates: sender, selection, replay, count, metrics."""
+    if fields.get("silo") not in (None, silo.name):
+        raise Refused(
+            "invalid_update", f"update names silo {fields['silo']!r}, sent by {silo.name!r}"
+        )
+    if not round_.selected.filter(pk=silo.pk).exists():
+        raise Refused("not_selected", f"this silo was not selected for round {round_.number}")
+    if round_.updates.filter(silo=silo).exists():
+        raise Refused(
+            "duplicate_update", f"an update for round {round_.number} was already accepted"
+        )
+    if silo.updates.filter(nonce=fields["nonce"]).exists():
+        raise Refused("duplicate_update", "this nonce was used before (replayed update)")
+    if fields["num_examples"] <= 0:
+        raise Refused("invalid_update", "num_examples must be a positive integer")
+    flat = validate_metrics(fields["metrics"])
+    return flat, _sample_dp_round(run, silo, fields)
+
+
+def masked_update_receive(
+    *,
+    silo_id: int,
+    fields: dict[str, Any],
+    payload: bytes,
+    collect: Callable[[], None],
+) -> Round:
+    """Account for one silo's masked vector of a secure round; ``collect`` adds it to the sum.
+
+    The same checks as an update, then, in one transaction: an ``Update`` row with an empty
+    blob key and the SHA-256 of the *masked* bytes (nothing else of the vector is kept), the
+    silo's metrics, its sample-level DP ledger entry, the ``update.accepted`` audit event with
+    ``"masked": true``, and last ``collect()`` (``federation.secagg_rounds``), which adds the
+    vector to the coordinator's running sum or raises Refused, rolling all of it back.
+    """
+    try:
+        return _masked_update_receive(
+            silo_id=silo_id, fields=fields, payload=payload, collect=collect
+        )
+    except Refused as refused:
+        silo = Silo.objects.filter(pk=silo_id).first()
+        with transaction.atomic():
+            audit_append(
+                actor=f"silo:{silo.name if silo else silo_id}",
+                action="update.refused",
+                consortium_id=silo.consortium_id if silo else None,
+                object_type="run",
+                object_id=fields.get("run", ""),
+                data={
+                    "round": fields.get("round"),
+                    "attempt": fields.get("attempt"),
+                    "masked": True,
+                    "code": refused.code,
+                    "reason": refused.reason,
+                    "sha256": tensors.sha256_hex(payload),
+                    "bytes": len(payload),
+                },
+            )
+        raise
+
+
+def _masked_update_receive(
+    *, silo_id: int, fields: dict[str, Any], payload: bytes, collect: Callable[[], None]
+) -> Round:
+    silo = Silo.objects.get(pk=silo_id)
+    run = _active_run_for(silo, fields["run"])
+    if run.status != Run.Status.RUNNING:
+        raise Refused("wrong_run", f"run {run.pk} is not training (it is {run.status})")
+    if run.version.spec.get("secure_aggregation") is not True:
+        raise Refused("invalid_update", f"run {run.pk} does not use secure aggregation")
+    round_ = run.round_set.order_by("-number", "-attempt").first()
+    if (
+        round_ is None
+        or round_.number != fields["round"]
+        or round_.attempt != fields["attempt"]
+        or round_.status != Round.Status.COLLECTING
+    ):
+        current = (
+            "none" if round_ is None else f"{round_.number}.{round_.attempt} ({round_.status})"
+        )
+        raise Refused(
+            "wrong_round",
+            f"masked update for round {fields['round']}.{fields['attempt']} refused: the current "
+            f"round is {current}",
+        )
+    flat, dp_round = _check_contribution(run, round_, silo, fields)
+    digest = tensors.sha256_hex(payload)
+    try:
+        with transaction.atomic():
+            locked = Round.objects.select_for_update().get(pk=round_.pk)
+            if locked.status != Round.Status.COLLECTING:
+                raise Refused(
+                    "wrong_round", f"round {round_.number} closed while the update arrived"
+                )
+            round_.updates.create(
+                silo=silo,
+                num_examples=fields["num_examples"],
+                nonce=fields["nonce"],
+                sha256=digest,
+                size_bytes=len(payload),
+                blob_key="",  # nothing stored: the vector only joins the coordinator's sum
+                metrics=fields["metrics"],
+            )
+            RoundMetric.objects.bulk_create(
+                RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
+                for scope, name, value in flat
+            )
+            if dp_round is not None:
+                noise, sample_rate, steps = dp_round
+                ledger.ledger_append(
+                    silo=silo,
+                    run=run,
+                    round_number=round_.number,
+                    mechanism="sample",
+                    noise_multiplier=noise,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    delta=float(run.version.spec["privacy"].get("delta", 1e-5)),
+                    epsilon_reported=fields["privacy"].get("epsilon"),
+                )
+            audit_append(
+                actor=f"silo:{silo.name}",
+                action="update.accepted",
+                consortium_id=silo.consortium_id,
+                object_type="run",
+                object_id=run.pk,
+                data={
+                    "round": round_.number,
+                    "attempt": round_.attempt,
+                    "num_examples": fields["num_examples"],
+                    "sha256": digest,
+                    "bytes": len(payload),
+                    "masked": True,
+                },
+            )
+            collect()  # last: a refusal here rolls the rows above back
     except IntegrityError as exc:
         raise Refused("duplicate_update", "an update for this round was already accepted") from exc
     return round_
@@ -286,3 +428,11 @@ def _check_against_signature(state: dict[str, Any], signature: dict[str, list[An
             raise Refused(
                 "incompatible_update", f"tensor {name!r}: dtype {got[name][0]}, expected {dtype}"
             )
+
+
+def _checked_fairness(run: Run, fields: dict[str, Any]) -> dict[str, Any] | None:
+    """The update's fairness counts (federation.services.fairness), refused as invalid_update."""
+    try:
+        return fairness_service.check_update_counts(run, fields)
+    except fairness_service.FairnessCountsError as exc:
+        raise Refused("invalid_update", str(exc)) from None

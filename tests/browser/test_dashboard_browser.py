@@ -159,7 +159,7 @@ def test_steward_approves_scientist_runs_and_the_monitor_updates_live(
         d.screenshot("models", docs=True)
         final = ModelVersion.objects.filter(run=run).order_by("-number").first()
         d.goto(f"/models/{final.pk}/card/")
-        assert "not recorded" in d.page.inner_text("#fairness")
+        assert "no fairness section" in d.page.inner_text("#fairness")
         assert "ε spent" in d.page.inner_text("#privacy")
         d.screenshot("model-card", docs=True)
         with d.page.expect_download() as info:

@@ -87,8 +87,20 @@ def server(tmp: Path, port: int) -> Proc:
     )
 
 
-def agent(tmp: Path, name: str, *, url: str, token: str, data_csv: Path, extra: str = "") -> Proc:
-    """A real quorum-agent process for one site, pinning the server's public key."""
+def agent(
+    tmp: Path,
+    name: str,
+    *,
+    url: str,
+    token: str,
+    data_csv: Path,
+    extra: str = "",
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """A real quorum-agent process for one site, pinning the server's public key.
+
+    ``env``: the child's environment (default: process_env(), this test's database and blobs).
+    """
     from federation.signing import server_public_key_text
 
     folder = tmp / name
@@ -102,7 +114,7 @@ def agent(tmp: Path, name: str, *, url: str, token: str, data_csv: Path, extra: 
         f"agent {name}",
         [sys.executable, "-m", "clientagent", "run", "--config", str(folder / "site.toml")],
         folder / "agent.log",
-        process_env(),
+        process_env() if env is None else env,
     )
 
 

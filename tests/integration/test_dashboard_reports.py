@@ -80,7 +80,8 @@ def test_model_card_json_holds_provenance_metrics_and_unrecorded_sections(world:
     assert card["metrics"]["training_round"]["local"]["auc"] == pytest.approx(0.75)
     assert card["privacy"]["mode"] == "none"
     assert set(card["privacy"]["epsilon_spent"].values()) == {0.0}
-    assert card["fairness"]["status"].startswith("not recorded")
+    assert card["fairness"]["status"].startswith("not applicable: the plan declares no fairness")
+    assert card["fairness"]["report"] is None
 
 
 def test_model_card_page_reads_well(world: World) -> None:
@@ -89,7 +90,7 @@ def test_model_card_page_reads_well(world: World) -> None:
     assert world.run.plan_hash in html and model.checksum in html
     assert "Not evaluated: no later round evaluated this version." in html
     assert 'id="privacy"' in html and "0 (not applicable)" in html
-    assert 'id="fairness"' in html and "not recorded" in html
+    assert 'id="fairness"' in html and "declares no fairness section" in html
     assert f'href="/models/{model.pk}/download/"' in html
 
 

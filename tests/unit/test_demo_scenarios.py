@@ -129,7 +129,9 @@ def test_plan_format_and_schema_validate_every_site(name, health, credit):
         "min_silos",
         "round_deadline_seconds",
         "seed",
+        "fairness",
     }
+    assert plan["fairness"]["sensitive_attribute"] in plan["schema"]["sensitive"]
     assert plan["aggregation"] == {"strategy": "fedavg"}
     assert plan["evaluation"] == {"test_fraction": 0.2, "seed": 0}
     assert set(plan["training"]) >= {"rounds", "local_epochs", "batch_size", "optimizer", "lr"}

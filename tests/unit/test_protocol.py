@@ -64,6 +64,14 @@ CONTROL_EXAMPLES = {
     "update_ack": {"run": 3, "round": 0, "status": "accepted"},
     "run_finished": {"run": 3, "status": "completed"},
     "error": {"code": "invalid_field", "reason": "field 'run' is missing", "run": 3, "round": 2},
+    "secagg": {
+        "run": 3,
+        "round": 2,
+        "attempt": 1,
+        "stage": "advertise_keys",
+        "payload": {"stage": "advertise_keys", "round": "3:2:1", "clients": [1, 2, 3]},
+        "client": 2,
+    },
 }
 
 TASK_FIELDS = {
@@ -84,6 +92,17 @@ UPDATE_FIELDS = {
     "metrics": {"train_loss": 0.41},
     "silo": "icu",
     "privacy": {},  # sample-level DP report (kept small: some tests use tiny frames)
+    "fairness": {},  # per-group confusion counts by sensitive attribute (kept small too)
+}
+MASKED_UPDATE_FIELDS = {
+    "run": 3,
+    "round": 1,
+    "attempt": 2,
+    "nonce": "9f" * 16,
+    "num_examples": 480,
+    "metrics": {"train_loss": 0.41},
+    "silo": "icu",
+    "privacy": {},
 }
 
 
@@ -201,6 +220,19 @@ def test_every_schema_field_has_an_example():
         assert set(CONTROL_EXAMPLES[msg_type]) == set(schema), msg_type
     assert set(TASK_FIELDS) == set(BINARY_SCHEMAS["task"])
     assert set(UPDATE_FIELDS) == set(BINARY_SCHEMAS["update"])
+    assert set(MASKED_UPDATE_FIELDS) == set(BINARY_SCHEMAS["masked_update"])
+    assert set(BINARY_SCHEMAS) == {"task", "update", "masked_update"}
+
+
+def test_masked_update_round_trips_its_uint32_payload():
+    vector = bytes(range(256)) * 40  # 2560 bytes: 640 masked coordinates
+    message = BinaryMessage(type="masked_update", fields=dict(MASKED_UPDATE_FIELDS), payload=vector)
+    frames = encode_binary(message, max_frame_bytes=1024)
+    reassembler = Reassembler()
+    results = [reassembler.feed(frame) for frame in frames]
+
+    assert len(frames) > 1 and results[:-1] == [None] * (len(frames) - 1)
+    assert results[-1] == message
 
 
 def test_encode_control_puts_the_envelope_first_in_compact_json():

@@ -85,6 +85,11 @@ class Command(BaseCommand):
             help="with --dp: each silo's privacy budget (default: 1.2 x the target)",
         )
         parser.add_argument(
+            "--secagg",
+            action="store_true",
+            help="secure aggregation: the server only ever sees the sum of the sites' updates",
+        )
+        parser.add_argument(
             "--strategy",
             default=None,
             help="aggregation strategy (fedavg, fedprox, fedadam, median, trimmed_mean, krum, ...)",
@@ -134,6 +139,8 @@ class Command(BaseCommand):
             "rounds": run.rounds,
             "seconds": round(time.monotonic() - started, 2),
             "federation_seconds": round(fed_seconds, 2),
+            "secure_aggregation": bool(opts["secagg"]),
+            "round_seconds": _round_seconds(run),
             "run": run.pk,
             "plan_hash": run.plan_hash,
             **comparison,
@@ -222,6 +229,11 @@ class Command(BaseCommand):
             f"\nEvaluated on the union of the sites' held-out splits. {result['rounds']} rounds, "
             f"{result['seconds']:.1f} s in all."
         )
+        if result.get("secure_aggregation"):
+            self.say(
+                "Secure aggregation: every round, the server saw only the sum of the sites' "
+                "masked updates; no site's update was stored."
+            )
 
 
 def _privacy_report(run: Run, scenario: Scenario, scientist: Any) -> dict[str, Any]:
@@ -302,6 +314,8 @@ def _prepare_scenario(opts: dict[str, Any]) -> Scenario:
     scenario.plan["min_silos"] = min(scenario.plan.get("min_silos", 2), len(scenario.sites))
     if opts["strategy"]:
         scenario.plan["aggregation"] = {"strategy": opts["strategy"]}
+    if opts["secagg"]:
+        scenario.plan["secure_aggregation"] = True
     if opts["dp"] != "none":
         if not opts["target_epsilon"] > 0:
             raise CommandError("--target-epsilon must be a number > 0")
@@ -499,3 +513,12 @@ def _round_line(run: Run, round_: Round) -> str:
     if round_.duration_seconds is not None:
         parts.append(f"{round_.duration_seconds:.2f} s")
     return "  ".join(parts)
+
+
+def _round_seconds(run: Run) -> list[float]:
+    """Wall time of each completed round, opening to completion."""
+    return [
+        round(r.duration_seconds, 3)
+        for r in Round.objects.filter(run=run, status=Round.Status.COMPLETED).order_by("number")
+        if r.duration_seconds is not None
+    ]
