@@ -164,6 +164,7 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
     bad = tensors.first_non_finite(state)
     if bad is not None:
         raise Refused("non_finite", f"tensor {bad!r} holds NaN or Inf values")
+    _check_norm_bound(run, state, reference)
 
     digest = tensors.sha256_hex(payload)
     key = update_key(
@@ -436,3 +437,27 @@ def _checked_fairness(run: Run, fields: dict[str, Any]) -> dict[str, Any] | None
         return fairness_service.check_update_counts(run, fields)
     except fairness_service.FairnessCountsError as exc:
         raise Refused("invalid_update", str(exc)) from None
+
+
+def _check_norm_bound(run: Run, state: dict[str, Any], reference: ModelVersion) -> None:
+    """Refuse an update whose change from the global model exceeds the plan's norm bound.
+
+    With ``aggregation.norm_bound`` set, an update further than that (L2 over the floating
+    tensors) from the round's global model is refused at receipt with an error frame and an
+    audit event, before it is stored: scaled (boosted) poisoning never reaches aggregation.
+    """
+    bound = (run.version.spec.get("aggregation") or {}).get("norm_bound")
+    if bound is None:
+        return
+    global_state = tensors.decode_state_dict(blob_store().get(reference.blob_key))
+    squared = sum(
+        float((state[name].double() - value.double()).pow(2).sum())
+        for name, value in global_state.items()
+        if value.is_floating_point()
+    )
+    norm = math.sqrt(squared)
+    if norm > float(bound):
+        raise Refused(
+            "invalid_update",
+            f"the update moves the model by {norm:.4g} (L2), over the plan's norm bound {bound:g}",
+        )

@@ -168,3 +168,16 @@ def test_server_optimizer_state_persists_between_rounds_and_outliers_are_flagged
     assert [f["client"] for f in round1.anomalies] == [silos[3].pk]
     assert round1.aggregation_stats["strategy"] == "fedadam"
     assert AuditEvent.objects.filter(action="round.anomaly").count() == 1
+
+
+def test_an_update_over_the_norm_bound_is_refused_at_receipt_and_audited() -> None:
+    silos, run = make(3, aggregation={"strategy": "fedavg", "norm_bound": 1.0}, min_silos=2)
+    start = tensors.decode_state_dict(blob_store().get(run.model_versions.get(number=0).blob_key))
+
+    with pytest.raises(Refused, match="over the plan's norm bound 1"):
+        submit(run, silos[0], 1, {k: v + 10.0 for k, v in start.items()})
+    submit(run, silos[0], 1, {k: v + 0.01 for k, v in start.items()})
+
+    refused = AuditEvent.objects.get(action="update.refused")
+    assert refused.data["code"] == "invalid_update" and "norm bound" in refused.data["reason"]
+    assert current_round(run).updates.count() == 1
