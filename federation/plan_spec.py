@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcore.models import MODEL_KINDS, ModelSpecError, validate_model_spec
+from fedcore.privacy.accounting import PLAN_PRIVACY_DEFAULTS
 from fedcore.secure_updates import DEFAULT_CLIP, DEFAULT_MAX_EXAMPLES
 from fedcore.tabular import DatasetSchema, SchemaError
 
@@ -158,13 +159,7 @@ AGGREGATION_STRATEGIES: tuple[str, ...] = (
     "multi_krum",
 )
 PRIVACY_MODES: tuple[str, ...] = ("none", "sample", "client")
-PRIVACY_DEFAULTS: dict[str, Any] = {
-    "mode": "none",
-    "noise_multiplier": 1.1,
-    "target_epsilon": 3.0,
-    "clip": 1.0,
-    "delta": 1e-5,
-}
+PRIVACY_DEFAULTS: dict[str, Any] = PLAN_PRIVACY_DEFAULTS  # one copy, fedcore's
 FAIRNESS_KEYS: tuple[str, ...] = (
     "sensitive_attribute",
     "max_demographic_parity_difference",
@@ -334,6 +329,31 @@ def _privacy_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
             "privacy",
             f"mode {mode!r} needs noise_multiplier > 0 or target_epsilon > 0 to calibrate noise",
         )
+    adaptive = values.get("adaptive_clip")
+    if adaptive is not None:
+        if mode != "client":
+            errors["privacy.adaptive_clip"] = "applies to client-level DP (mode 'client') only"
+        elif spec.get("secure_aggregation") is True:
+            errors["privacy.adaptive_clip"] = (
+                "needs each silo's update norm, which secure aggregation hides; turn one off"
+            )
+        elif not isinstance(adaptive, dict) or (
+            set(adaptive) - {"target_quantile", "learning_rate", "count_noise_std"}
+        ):
+            errors["privacy.adaptive_clip"] = (
+                "must be an object with target_quantile (0-1), learning_rate (> 0) and optional "
+                "count_noise_std (> 0)"
+            )
+        else:
+            quantile = adaptive.get("target_quantile", 0.5)
+            rate = adaptive.get("learning_rate", 0.2)
+            count_std = adaptive.get("count_noise_std")
+            if not _is_number(quantile) or not 0 < quantile < 1:
+                errors["privacy.adaptive_clip.target_quantile"] = "must be a number in (0, 1)"
+            if not _is_number(rate) or rate <= 0:
+                errors["privacy.adaptive_clip.learning_rate"] = "must be a number > 0"
+            if count_std is not None and (not _is_number(count_std) or count_std <= 0):
+                errors["privacy.adaptive_clip.count_noise_std"] = "must be a number > 0"
 
 
 def _fairness_errors(

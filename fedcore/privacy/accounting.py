@@ -53,6 +53,9 @@ PLAN_PRIVACY_DEFAULTS: dict[str, Any] = {
     "target_epsilon": 3.0,
     "clip": 1.0,
     "delta": 1e-5,
+    # client mode only: {"target_quantile", "learning_rate", "count_noise_std"} (Andrew et al.
+    # 2021); the clip then starts at "clip" and follows the quantile of the update norms
+    "adaptive_clip": None,
 }
 
 # TensorFlow Privacy's extra large orders: for high noise the optimal order passes Opacus's

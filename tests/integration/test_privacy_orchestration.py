@@ -181,3 +181,37 @@ def test_an_update_over_the_norm_bound_is_refused_at_receipt_and_audited() -> No
     refused = AuditEvent.objects.get(action="update.refused")
     assert refused.data["code"] == "invalid_update" and "norm bound" in refused.data["reason"]
     assert current_round(run).updates.count() == 1
+
+
+def test_adaptive_clipping_moves_the_clip_toward_the_quantile_at_no_extra_epsilon() -> None:
+    adaptive = {
+        **CLIENT_DP,
+        "clip": 5.0,
+        "adaptive_clip": {"learning_rate": 0.5, "count_noise_std": 5.0},
+    }
+    silos, run = make(3, privacy=adaptive, min_silos=2)
+    start = tensors.decode_state_dict(blob_store().get(run.model_versions.get(number=0).blob_key))
+    # Every update's norm is far below the starting clip of 5: the clip must shrink.
+    for silo in silos:
+        submit(run, silo, 1, {k: v + 0.001 for k, v in start.items()})
+    orchestrator.run_advance(run.pk)
+
+    stats = Round.objects.get(run=run, number=1).aggregation_stats
+    assert stats["clip"] == 5.0 and stats["next_clip"] < 5.0
+    assert stats["update_noise_multiplier"] > stats["noise_multiplier"] == 1.2
+    for silo in silos:  # accounted with the plan's z, as without adaptivity
+        entry = PrivacyLedgerEntry.objects.get(silo=silo)
+        assert entry.noise_multiplier == 1.2
+    for silo in silos:
+        submit(run, silo, 2, {k: v + 0.001 for k, v in start.items()})
+    orchestrator.run_advance(run.pk)
+    assert Round.objects.get(run=run, number=2).aggregation_stats["clip"] == stats["next_clip"]
+
+
+def test_adaptive_clipping_is_refused_where_it_cannot_work() -> None:
+    from federation.plan_spec import plan_spec_errors
+
+    sample = plan_spec(privacy={**SAMPLE_DP, "adaptive_clip": {}})
+    assert "privacy.adaptive_clip" in plan_spec_errors(sample)
+    secure = plan_spec(privacy={**CLIENT_DP, "adaptive_clip": {}}, secure_aggregation=True)
+    assert "secure aggregation" in plan_spec_errors(secure)["privacy.adaptive_clip"]
