@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_REQ := $(if $(TORCH_WHEEL),torch==2.13.0,torch>=2.2)
 
-.PHONY: demo test install install-dev lint bench clean
+.PHONY: demo test test-services install install-dev lint bench clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,23 @@ demo: install
 	$(PY) manage.py migrate --noinput -v 0
 	$(PY) manage.py demo $(DEMO_ARGS)
 
+# The production-profile services suite (tests/services) runs in its own pytest process, whose
+# settings are the production profile from the start: PostgreSQL (pytest-django creates and drops
+# quorum_test_<pid>), Redis (the suite claims and flushes one database number), Celery. It skips,
+# saying why, only when PostgreSQL or Redis is unreachable (.ci/run starts both).
+SERVICES_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+SERVICES_REDIS_URL ?= redis://127.0.0.1:6379/0
+SERVICES_ENV := QUORUM_PROFILE=production DATABASE_URL=$(SERVICES_DATABASE_URL) \
+	REDIS_URL=$(SERVICES_REDIS_URL) CELERY_BROKER_URL=$(SERVICES_REDIS_URL) \
+	SECRET_KEY=services-suite-throwaway-key-not-a-secret-0123456789abcdef
+
 test: install-dev
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not services" $(PYTEST_ARGS)
+	$(SERVICES_ENV) $(PY) -m pytest -q -rs tests/services $(SERVICES_PYTEST_ARGS)
+
+test-services: install-dev
+	$(SERVICES_ENV) $(PY) -m pytest -q -rs tests/services $(SERVICES_PYTEST_ARGS)
 
 lint: install-dev
 	$(PY) -m ruff check .

@@ -73,6 +73,36 @@ ALLOWED_HOSTS = [
 if not PRODUCTION:
     ALLOWED_HOSTS += ["testserver"]
 
+
+def env_list(name: str, default: str = "") -> list[str]:
+    """Read a comma-separated list environment variable."""
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+# HTTPS hardening (`manage.py check --deploy` is clean with the production defaults). TLS ends at
+# the reverse proxy, which must set X-Forwarded-Proto (and overwrite any value a client sent).
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # probes of the load balancer speak plain HTTP
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if PRODUCTION else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", PRODUCTION)
+# Preloading is a commitment for the whole registrable domain: opt in with SECURE_HSTS_PRELOAD=1.
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", PRODUCTION)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", PRODUCTION)
+_proxy_ssl_header = env_list(
+    "SECURE_PROXY_SSL_HEADER", "HTTP_X_FORWARDED_PROTO,https" if PRODUCTION else ""
+)
+if _proxy_ssl_header:
+    if len(_proxy_ssl_header) != 2:
+        raise ImproperlyConfigured(
+            "SECURE_PROXY_SSL_HEADER must be 'HEADER,value' (e.g. HTTP_X_FORWARDED_PROTO,https) "
+            "or empty"
+        )
+    SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header[0], _proxy_ssl_header[1])
+# Origins (scheme://host[:port]) allowed to POST forms besides the site's own.
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -119,13 +149,31 @@ TEMPLATES = [
 ]
 
 _default_sqlite = QUORUM_HOME / "quorum.sqlite3"
+if PRODUCTION and not os.environ.get("DATABASE_URL"):
+    raise ImproperlyConfigured(
+        "DATABASE_URL must be set in the production profile, e.g. postgres://quorum@db:5432/quorum"
+    )
 if "DATABASE_URL" not in os.environ:
     QUORUM_HOME.mkdir(parents=True, exist_ok=True)
 DATABASES = {
     "default": dj_database_url.parse(
-        os.environ.get("DATABASE_URL", f"sqlite:///{_default_sqlite}"), conn_max_age=0
+        os.environ.get("DATABASE_URL", f"sqlite:///{_default_sqlite}"),
+        conn_max_age=env_int("CONN_MAX_AGE", 0),
+        conn_health_checks=True,
     )
 }
+if PRODUCTION and DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    # Several ASGI processes and Celery workers run orchestration steps concurrently: the state
+    # machine relies on PostgreSQL's row locks (select_for_update).
+    raise ImproperlyConfigured(
+        f"the production profile needs PostgreSQL; DATABASE_URL names "
+        f"{DATABASES['default']['ENGINE']}"
+    )
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # pytest-django creates (and drops) this database for a test session: one per test process.
+    DATABASES["default"]["TEST"] = {
+        "NAME": os.environ.get("QUORUM_TEST_DB") or f"quorum_test_{os.getpid()}"
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes (server, demo, tests) share the file: WAL and IMMEDIATE transactions
     # turn lock contention into waiting instead of "database is locked" errors.
@@ -159,7 +207,9 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = QUORUM_HOME / "staticfiles"
+# Production: `manage.py collectstatic` copies every static file here and the reverse proxy serves
+# it under /static/ (docs/operations.md). With DEBUG (embedded) Django serves them itself.
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", QUORUM_HOME / "staticfiles")).resolve()
 
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
@@ -203,17 +253,43 @@ if PRODUCTION:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            "CONFIG": {
+                "hosts": [
+                    {
+                        "address": os.environ.get("CHANNEL_LAYER_URL", REDIS_URL),
+                        # A consumer waits for messages with a 5 s BZPOPMIN; redis-py >= 8 reads
+                        # with a 5 s socket timeout by default, which tears every idle consumer
+                        # down (django/channels_redis#422). Longer, but still finite.
+                        "socket_timeout": env_float("QUORUM_REDIS_SOCKET_TIMEOUT", 30.0),
+                        "socket_connect_timeout": 5.0,
+                        "socket_keepalive": True,
+                    }
+                ],
+                # Agent connections last for days; consumers re-join their group on every
+                # heartbeat, so this only bounds how long a crashed process's channel lingers.
+                "group_expiry": env_int("QUORUM_GROUP_EXPIRY_SECONDS", 86400),
+            },
         }
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Celery (production profile): orchestration steps and the deadline sweep (config/celery.py).
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+# A step is acknowledged after it ran: a worker that dies mid-step leaves the message to be
+# delivered again, and every step is idempotent (it re-reads the database).
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Redis redelivers an unacknowledged message after this long. It must exceed the longest
+# countdown (a round's deadline); the sweep covers a lost step well before.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env_int("QUORUM_CELERY_VISIBILITY_TIMEOUT", 3600)
+}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # Quorum's own settings.
 QUORUM_BLOB_DIR = Path(os.environ.get("QUORUM_BLOB_DIR", QUORUM_HOME / "blobs")).resolve()
@@ -223,7 +299,7 @@ QUORUM_HEARTBEAT_SECONDS = env_float("QUORUM_HEARTBEAT_SECONDS", 5.0)
 # A silo is offline when no heartbeat came for this long.
 QUORUM_SILO_OFFLINE_AFTER = env_float("QUORUM_SILO_OFFLINE_AFTER", 20.0)
 # How often the embedded profile's sweeper (or Celery beat, in production) checks deadlines.
-QUORUM_SWEEP_SECONDS = env_float("QUORUM_SWEEP_SECONDS", 1.0)
+QUORUM_SWEEP_SECONDS = env_float("QUORUM_SWEEP_SECONDS", 2.0 if PRODUCTION else 1.0)
 
 LOGGING = {
     "version": 1,

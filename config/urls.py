@@ -5,7 +5,10 @@ from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from federation.health import healthz
+
 urlpatterns = [
+    path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("federation.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
@@ -13,6 +16,6 @@ urlpatterns = [
     path("", include("dashboard.urls")),
 ]
 # With DEBUG (the embedded profile's default) the server serves static files itself: the admin's
-# and Swagger UI's (drf-spectacular-sidecar, no CDN). In production, collectstatic and let the
-# reverse proxy serve STATIC_ROOT.
+# and Swagger UI's (drf-spectacular-sidecar, no CDN). In production (DEBUG off) this adds nothing:
+# `manage.py collectstatic` fills STATIC_ROOT and the reverse proxy serves it (docs/operations.md).
 urlpatterns += staticfiles_urlpatterns()

@@ -113,18 +113,46 @@ def _run_step(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 class CeleryBackend:
-    """Celery tasks and the Redis channel layer."""
+    """Celery tasks and the Redis channel layer (production profile).
+
+    Nothing here lives in process memory: a step becomes a Celery message naming its task
+    (``federation.tasks.TASKS_BY_STEP``) and the run's id; an event goes through Redis to whichever
+    ASGI process holds the connection. A failure to publish is logged, never raised into the
+    transaction's caller: the beat sweep moves every active run forward within
+    QUORUM_SWEEP_SECONDS, and an agent is handed the work it owes whenever it (re)connects.
+    """
+
+    # Publishing must not hold up a consumer for long when the broker is down.
+    RETRY_POLICY = {
+        "max_retries": 2,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 0.5,
+    }
 
     def enqueue(self, fn: Callable[..., Any], *args: Any, countdown: float = 0.0) -> None:
-        """Send fn(*args) as a Celery task."""
+        """Send fn(*args) as its Celery task, to run after countdown seconds."""
         from federation import tasks
 
-        task = tasks.TASKS_BY_STEP[fn.__name__]
-        task.apply_async(args=list(args), countdown=max(0.0, countdown))
+        task = tasks.task_for(fn)  # LookupError: a step with no task is a programming error
+        try:
+            task.apply_async(
+                args=list(args),
+                countdown=max(0.0, countdown),
+                retry=True,
+                retry_policy=self.RETRY_POLICY,
+            )
+        except Exception:
+            log.exception(
+                "could not send %s%r to the broker; the sweep will catch up", task.name, args
+            )
 
     def send(self, group: str, event: dict[str, Any]) -> None:
         """Send a channel-layer event to a group through Redis."""
-        async_to_sync(get_channel_layer().group_send)(group, event)
+        try:
+            async_to_sync(get_channel_layer().group_send)(group, event)
+        except Exception:
+            log.exception("channel layer send to %s failed", group)
 
 
 embedded = EmbeddedBackend()

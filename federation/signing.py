@@ -28,16 +28,33 @@ def server_private_key() -> Ed25519PrivateKey:
     with _lock:
         if path in _cache:
             return _cache[path]
-        if path.exists():
-            key = signing.private_key_from_pem(path.read_bytes())
-        else:
-            key = signing.generate_private_key()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(signing.private_key_to_pem(key))
+        if not path.exists():
+            _create_key_file(path)
+        key = signing.private_key_from_pem(path.read_bytes())
         _cache[path] = key
         return key
+
+
+def _create_key_file(path: Path) -> None:
+    """Write a new key, atomically and without replacing one another process wrote meanwhile.
+
+    Production runs several processes that may all start with no key file: each writes its own
+    complete temporary file, and the first hard link to the real name wins; the others read it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(signing.private_key_to_pem(signing.generate_private_key()))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def server_public_key_text() -> str:

@@ -1,0 +1,87 @@
+"""GET /healthz: can this process reach what it needs? (database, channel layer, broker)
+
+For load balancers, systemd watchdogs and monitoring. No authentication and no secrets in the
+answer: each check reports ``ok``, how long it took and, when it failed, the kind of error.
+200 when every check passes, 503 otherwise. Each check is bounded by HEALTH_TIMEOUT seconds.
+
+The embedded profile has no broker and an in-memory channel layer: those checks report what they
+are and pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import connection
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+HEALTH_TIMEOUT = 2.0
+
+
+def _error(exc: BaseException) -> str:
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line}"[:200]
+
+
+def _database() -> dict[str, Any]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+    return {"vendor": connection.vendor}
+
+
+async def _channel_layer() -> dict[str, Any]:
+    layer = get_channel_layer()
+    kind = type(layer).__name__
+    if not hasattr(layer, "connection"):  # the in-memory layer of the embedded profile
+        return {"backend": kind}
+    for index in range(layer.ring_size):  # channels_redis: ping each host through its pool
+        await layer.connection(index).ping()
+    return {"backend": kind, "hosts": layer.ring_size}
+
+
+def _broker() -> dict[str, Any]:
+    if settings.QUORUM_PROFILE != "production":
+        return {"used": False}
+    from config.celery import app
+
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, timeout=HEALTH_TIMEOUT)
+        return {"used": True, "transport": conn.transport_cls}
+
+
+async def _check(probe: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    started = time.monotonic()
+    try:
+        details = await asyncio.wait_for(probe(), timeout=HEALTH_TIMEOUT)
+        result: dict[str, Any] = {"ok": True, **details}
+    except TimeoutError:
+        result = {"ok": False, "error": f"no answer within {HEALTH_TIMEOUT:.0f} s"}
+    except Exception as exc:  # a health check reports every failure, whatever its kind
+        result = {"ok": False, "error": _error(exc)}
+    result["ms"] = round((time.monotonic() - started) * 1000, 1)
+    return result
+
+
+@never_cache
+@require_GET
+async def healthz(request: HttpRequest) -> JsonResponse:
+    """JSON: {"status": "ok"|"fail", "profile": ..., "checks": {name: {ok, ms, ...}}}."""
+    checks = {
+        "database": await _check(sync_to_async(_database)),
+        "channel_layer": await _check(_channel_layer),
+        "broker": await _check(sync_to_async(_broker, thread_sensitive=False)),
+    }
+    ok = all(check["ok"] for check in checks.values())
+    return JsonResponse(
+        {"status": "ok" if ok else "fail", "profile": settings.QUORUM_PROFILE, "checks": checks},
+        status=200 if ok else 503,
+    )

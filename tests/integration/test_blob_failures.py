@@ -1,0 +1,90 @@
+"""A blob write that fails (disk full, I/O error) refuses the update and leaves nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from fedcore import tensors
+from fedcore.models import build_model
+from federation import storage
+from federation.models import AuditEvent, Round, RoundMetric, Update
+from federation.services.updates import Refused, update_receive
+from federation.storage import BlobStoreError, FilesystemBlobStore, update_key
+from tests.factories import ConsortiumFactory, SiloFactory, running_round
+
+pytestmark = pytest.mark.django_db
+
+
+def _disk_full(*_: Any, **__: Any) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+FAILURES = {"fsync": (os, "fsync"), "rename": (os, "replace")}
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.mark.parametrize("step", sorted(FAILURES))
+def test_a_failed_write_leaves_neither_the_blob_nor_a_temporary_file(
+    step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    store.put("runs/1/models/v0.safetensors", b"old")
+    monkeypatch.setattr(*FAILURES[step], _disk_full)
+    with pytest.raises(BlobStoreError, match="No space left"):
+        store.put("runs/1/models/v0.safetensors", b"new")
+    with pytest.raises(BlobStoreError, match="No space left"):
+        store.put("runs/1/models/v1.safetensors", b"new")
+    monkeypatch.undo()
+    assert files_under(tmp_path / "blobs") == [tmp_path / "blobs/runs/1/models/v0.safetensors"]
+    assert store.get("runs/1/models/v0.safetensors") == b"old"  # the previous version intact
+
+
+@pytest.mark.parametrize("step", sorted(FAILURES))
+def test_an_update_whose_blob_cannot_be_written_is_refused_and_nothing_is_recorded(
+    step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consortium = ConsortiumFactory()
+    silo = SiloFactory(organization__consortium=consortium)
+    round_ = running_round([silo])
+    state = build_model({"kind": "logistic_regression"}, 3, seed=1).state_dict()
+    fields = {
+        "run": round_.run_id,
+        "round": 1,
+        "nonce": secrets.token_hex(16),
+        "num_examples": 40,
+        "metrics": {"train_loss": 0.4, "local": {"auc": 0.8}},
+    }
+    payload = tensors.encode_state_dict(state)
+    blobs = Path(settings.QUORUM_BLOB_DIR)
+    before = files_under(blobs)
+
+    monkeypatch.setattr(*FAILURES[step], _disk_full)
+    with pytest.raises(Refused) as refused:
+        update_receive(silo_id=silo.pk, fields=fields, payload=payload)
+    monkeypatch.undo()
+
+    assert refused.value.code == "internal"
+    assert "asked again" in refused.value.reason
+    assert not Update.objects.filter(round=round_).exists()
+    assert not RoundMetric.objects.filter(round=round_).exists()
+    assert not AuditEvent.objects.filter(action="update.accepted").exists()
+    assert AuditEvent.objects.get(action="update.refused").data["code"] == "internal"
+    assert files_under(blobs) == before, "a partial or temporary blob was left behind"
+    assert Round.objects.get(pk=round_.pk).status == Round.Status.COLLECTING
+
+    # The disk recovers: the same update, sent again, is accepted and stored intact.
+    update_receive(silo_id=silo.pk, fields=fields, payload=payload)
+    update = Update.objects.get(round=round_, silo=silo)
+    key = update_key(run_id=round_.run_id, round_number=1, attempt=1, silo_id=silo.pk)
+    assert update.blob_key == key
+    assert tensors.sha256_hex(storage.blob_store().get(key)) == update.sha256

@@ -1,0 +1,35 @@
+"""``python -m clientagent`` that trains slowly: the fault tests need an agent still training.
+
+QUORUM_TEST_TRAIN_DELAY: seconds added to every task ("3"), or per round number ("1=30,2=3.5":
+rounds not named are not delayed).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from clientagent import cli, connection
+
+
+def _delays(text: str) -> tuple[float, dict[int, float]]:
+    if "=" not in text:
+        return float(text or 0), {}
+    pairs = (item.split("=") for item in text.split(",") if item.strip())
+    return 0.0, {int(k): float(v) for k, v in pairs}
+
+
+DEFAULT, BY_ROUND = _delays(os.environ.get("QUORUM_TEST_TRAIN_DELAY", "0"))
+_train = connection.handle_task  # what Agent.train calls, on a worker thread
+
+
+def _slow_handle_task(task: Any, *args: Any, **kwargs: Any) -> Any:
+    time.sleep(BY_ROUND.get(int(task.fields.get("round") or 0), DEFAULT))
+    return _train(task, *args, **kwargs)
+
+
+connection.handle_task = _slow_handle_task
+
+if __name__ == "__main__":
+    raise SystemExit(cli.main())
