@@ -79,9 +79,11 @@ def blob_store() -> FilesystemBlobStore:
     return FilesystemBlobStore(settings.QUORUM_BLOB_DIR)
 
 
-def update_key(*, run_id: int, round_number: int, attempt: int, silo_id: int) -> str:
-    """Blob key of one silo's update in one round attempt."""
-    return f"runs/{run_id}/rounds/{round_number}-{attempt}/silo-{silo_id}.safetensors"
+def update_key(*, run_id: int, round_number: int, attempt: int, silo_id: int, sha256: str) -> str:
+    """Blob key of one update: content-addressed within the silo's round attempt, so a second,
+    concurrent update of the same silo (two ASGI processes during a reconnect) can never
+    overwrite the bytes of the one that was accepted."""
+    return f"runs/{run_id}/rounds/{round_number}-{attempt}/silo-{silo_id}-{sha256[:32]}.safetensors"
 
 
 def model_key(*, run_id: int, number: int) -> str:

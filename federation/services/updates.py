@@ -168,7 +168,11 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
 
     digest = tensors.sha256_hex(payload)
     key = update_key(
-        run_id=run.pk, round_number=round_.number, attempt=round_.attempt, silo_id=silo.pk
+        run_id=run.pk,
+        round_number=round_.number,
+        attempt=round_.attempt,
+        silo_id=silo.pk,
+        sha256=digest,
     )
     try:
         blob_store().put(key, payload)

@@ -85,6 +85,12 @@ def test_an_update_whose_blob_cannot_be_written_is_refused_and_nothing_is_record
     # The disk recovers: the same update, sent again, is accepted and stored intact.
     update_receive(silo_id=silo.pk, fields=fields, payload=payload)
     update = Update.objects.get(round=round_, silo=silo)
-    key = update_key(run_id=round_.run_id, round_number=1, attempt=1, silo_id=silo.pk)
+    key = update_key(
+        run_id=round_.run_id,
+        round_number=1,
+        attempt=1,
+        silo_id=silo.pk,
+        sha256=tensors.sha256_hex(payload),
+    )
     assert update.blob_key == key
     assert tensors.sha256_hex(storage.blob_store().get(key)) == update.sha256

@@ -185,3 +185,16 @@ def test_statistics_from_a_silo_not_in_the_plan_are_refused() -> None:
     with pytest.raises(Refused) as refused:
         stats_receive(silo_id=outsider.pk, run_id=run.pk, stats={})
     assert refused.value.code == "wrong_run"
+
+
+def test_update_blobs_are_content_addressed_so_a_racing_update_cannot_overwrite_one() -> None:
+    silos, run = make_plan(2, min_silos=2)
+    orchestrator.run_advance(run.pk)
+    send_stats(run, silos)
+    orchestrator.run_advance(run.pk)
+    state = build_model({"kind": "logistic_regression"}, 3, seed=5).state_dict()
+    submit(run, silos[0], 1, state, 10)
+
+    update = current_round(run).updates.get(silo=silos[0])
+    assert update.sha256[:32] in update.blob_key
+    assert tensors.sha256_hex(blob_store().get(update.blob_key)) == update.sha256
