@@ -188,50 +188,13 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
                 raise Refused(
                     "wrong_round", f"round {round_.number} closed while the update arrived"
                 )
-            round_.updates.create(
-                silo=silo,
-                num_examples=fields["num_examples"],
-                nonce=fields["nonce"],
-                sha256=digest,
-                size_bytes=len(payload),
-                blob_key=key,
-                metrics=fields["metrics"],
-            )
-            RoundMetric.objects.bulk_create(
-                RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
-                for scope, name, value in flat
+            _record_accepted(
+                run, round_, silo, fields, flat, dp_round, digest, len(payload), blob_key=key
             )
             if fairness_counts is not None:
                 fairness_service.record_update_counts(
                     run=run, round_=round_, silo=silo, counts=fairness_counts
                 )
-            if dp_round is not None:
-                noise, sample_rate, steps = dp_round
-                ledger.ledger_append(
-                    silo=silo,
-                    run=run,
-                    round_number=round_.number,
-                    mechanism="sample",
-                    noise_multiplier=noise,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    delta=float(run.version.spec["privacy"].get("delta", 1e-5)),
-                    epsilon_reported=fields["privacy"].get("epsilon"),
-                )
-            audit_append(
-                actor=f"silo:{silo.name}",
-                action="update.accepted",
-                consortium_id=silo.consortium_id,
-                object_type="run",
-                object_id=run.pk,
-                data={
-                    "round": round_.number,
-                    "attempt": round_.attempt,
-                    "num_examples": fields["num_examples"],
-                    "sha256": digest,
-                    "bytes": len(payload),
-                },
-            )
             dispatch.enqueue_advance(run.pk)
     except IntegrityError as exc:
         raise Refused("duplicate_update", "an update for this round was already accepted") from exc
@@ -334,46 +297,9 @@ def _masked_update_receive(
                 raise Refused(
                     "wrong_round", f"round {round_.number} closed while the update arrived"
                 )
-            round_.updates.create(
-                silo=silo,
-                num_examples=fields["num_examples"],
-                nonce=fields["nonce"],
-                sha256=digest,
-                size_bytes=len(payload),
-                blob_key="",  # nothing stored: the vector only joins the coordinator's sum
-                metrics=fields["metrics"],
-            )
-            RoundMetric.objects.bulk_create(
-                RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
-                for scope, name, value in flat
-            )
-            if dp_round is not None:
-                noise, sample_rate, steps = dp_round
-                ledger.ledger_append(
-                    silo=silo,
-                    run=run,
-                    round_number=round_.number,
-                    mechanism="sample",
-                    noise_multiplier=noise,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    delta=float(run.version.spec["privacy"].get("delta", 1e-5)),
-                    epsilon_reported=fields["privacy"].get("epsilon"),
-                )
-            audit_append(
-                actor=f"silo:{silo.name}",
-                action="update.accepted",
-                consortium_id=silo.consortium_id,
-                object_type="run",
-                object_id=run.pk,
-                data={
-                    "round": round_.number,
-                    "attempt": round_.attempt,
-                    "num_examples": fields["num_examples"],
-                    "sha256": digest,
-                    "bytes": len(payload),
-                    "masked": True,
-                },
+            # blob_key "": nothing stored, the vector only joins the coordinator's sum
+            _record_accepted(
+                run, round_, silo, fields, flat, dp_round, digest, len(payload), blob_key=""
             )
             collect()  # last: a refusal here rolls the rows above back
     except IntegrityError as exc:
@@ -465,3 +391,62 @@ def _check_norm_bound(run: Run, state: dict[str, Any], reference: ModelVersion) 
             "invalid_update",
             f"the update moves the model by {norm:.4g} (L2), over the plan's norm bound {bound:g}",
         )
+
+
+def _record_accepted(
+    run: Run,
+    round_: Round,
+    silo: Silo,
+    fields: dict[str, Any],
+    flat: list[tuple[str, str, float]],
+    dp_round: tuple[float, float, int] | None,
+    digest: str,
+    size: int,
+    *,
+    blob_key: str,
+) -> None:
+    """Rows of an accepted update (plain or masked): the update, its metrics, its sample-level
+    DP ledger entry and the audit event, in the caller's transaction."""
+    round_.updates.create(
+        silo=silo,
+        num_examples=fields["num_examples"],
+        nonce=fields["nonce"],
+        sha256=digest,
+        size_bytes=size,
+        blob_key=blob_key,
+        metrics=fields["metrics"],
+    )
+    RoundMetric.objects.bulk_create(
+        RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
+        for scope, name, value in flat
+    )
+    if dp_round is not None:
+        noise, sample_rate, steps = dp_round
+        ledger.ledger_append(
+            silo=silo,
+            run=run,
+            round_number=round_.number,
+            mechanism="sample",
+            noise_multiplier=noise,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=float(run.version.spec["privacy"].get("delta", 1e-5)),
+            epsilon_reported=fields["privacy"].get("epsilon"),
+        )
+    data = {
+        "round": round_.number,
+        "attempt": round_.attempt,
+        "num_examples": fields["num_examples"],
+        "sha256": digest,
+        "bytes": size,
+    }
+    if not blob_key:
+        data["masked"] = True
+    audit_append(
+        actor=f"silo:{silo.name}",
+        action="update.accepted",
+        consortium_id=silo.consortium_id,
+        object_type="run",
+        object_id=run.pk,
+        data=data,
+    )
