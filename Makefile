@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_REQ := $(if $(TORCH_WHEEL),torch==2.13.0,torch>=2.2)
 
-.PHONY: demo test test-services install install-dev lint bench clean
+.PHONY: demo test test-services install install-dev install-bench lint bench clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +57,23 @@ lint: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-bench: install-dev
-	$(PY) bench/demo_time.py
+# `make bench` runs in its own venv (.venv-bench) with the peers (Flower) installed beside us, so
+# that the peers' pins never touch the venv the tests run in. bench/run_all.py runs every
+# benchmark in turn, prints its tables and writes JSON under bench/results/ (not committed).
+BENCH_VENV ?= .venv-bench
+BPY := $(BENCH_VENV)/bin/python
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BPY) -m pip install -q --upgrade pip setuptools wheel
+	$(BPY) -m pip install -q "$(TORCH_REQ)"
+	$(BPY) -m pip install -q -e ".[bench]"
+	touch $@
+
+install-bench: $(BENCH_VENV)/.installed
+
+bench: $(BENCH_VENV)/.installed
+	$(BPY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) var .pytest_cache
