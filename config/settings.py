@@ -82,7 +82,7 @@ def env_list(name: str, default: str = "") -> list[str]:
 # HTTPS hardening (`manage.py check --deploy` is clean with the production defaults). TLS ends at
 # the reverse proxy, which must set X-Forwarded-Proto (and overwrite any value a client sent).
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)
-SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # probes of the load balancer speak plain HTTP
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]  # probes and scrapers may speak plain HTTP
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if PRODUCTION else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", PRODUCTION)
 # Preloading is a commitment for the whole registrable domain: opt in with SECURE_HSTS_PRELOAD=1.
@@ -320,3 +320,5 @@ QUORUM_EMBEDDED_ORCHESTRATOR = env_bool("QUORUM_EMBEDDED_ORCHESTRATOR", True)
 QUORUM_SIGNING_KEY_FILE = Path(
     os.environ.get("QUORUM_SIGNING_KEY_FILE", QUORUM_HOME / "keys" / "server-ed25519.pem")
 ).resolve()
+# GET /metrics (Prometheus text format) answers only with this bearer token; unset: off (404).
+QUORUM_METRICS_TOKEN = os.environ.get("QUORUM_METRICS_TOKEN", "")

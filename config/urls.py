@@ -6,9 +6,11 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from federation.health import healthz
+from federation.metrics import metrics
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics, name="metrics"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("federation.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
