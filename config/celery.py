@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 app = Celery("quorum")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["federation"])
+
+
+@signals.setup_logging.connect
+def _use_django_logging(**_: object) -> None:
+    """Workers and beat log through settings.LOGGING, like the ASGI processes.
+
+    Without this Celery puts its own handler on the root logger, and every `quorum.*` line (which
+    also has the console handler of LOGGING) was printed twice.
+    """
+    from logging.config import dictConfig
+
+    from django.conf import settings
+
+    dictConfig(settings.LOGGING)
 
 
 @app.on_after_configure.connect

@@ -309,6 +309,8 @@ LOGGING = {
     "loggers": {
         "quorum": {"handlers": ["console"], "level": os.environ.get("QUORUM_LOG_LEVEL", "INFO")},
         "django": {"handlers": ["console"], "level": "WARNING"},
+        # Celery workers and beat log through this configuration too (config/celery.py).
+        "celery": {"handlers": ["console"], "level": os.environ.get("CELERY_LOG_LEVEL", "INFO")},
     },
 }
 # An aggregation that has not finished after this long is presumed lost (worker died) and rerun.
