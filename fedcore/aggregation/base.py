@@ -10,8 +10,16 @@ Every strategy, before combining, screens each update in the order received:
 1. validates it (a mapping of real tensors, the global state's keys, shapes and dtypes, finite
    values, a weight that is a finite number > 0); a bad update raises ``ValueError`` naming its
    0-based index, like :func:`fedcore.aggregation.fedavg`;
-2. measures its delta norm ``||update - global||_2`` over the floating tensors, in float64;
+2. measures its delta norm ``||update - global||_2`` over the floating tensors (float32
+   differences summed in float64 chunk by chunk, relative error about 1e-6; float64 models in
+   float64), one pass over the update that also proves it finite;
 3. drops it when the strategy has a ``norm_bound`` and the norm exceeds it (flag ``norm_bound``).
+
+Strategies with ``fuses_screening`` (FedAvg, and the robust rules) take over step 1's
+finiteness check and step 2 when there is no norm bound: they measure the norm and check
+finiteness from the same cache-resident chunks they blend into the mean (FedAvg) or copy into the
+stacked updates (robust rules), so each update is read from memory once instead of twice. The
+results are the same; a bad update still fails the round with the same message.
 
 After combining, the delta norms of all received updates are scored with the modified z-score of
 Iglewicz and Hoaglin (1993), ``z = 0.6745 * (norm - median) / MAD``; an update with ``|z|`` above
@@ -37,8 +45,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from fedcore.aggregation._kernels import delta_squared_norm, first_non_finite
 from fedcore.aggregation.fedavg import _check_weight
-from fedcore.tensors import IncompatibleStateDict, check_compatible, first_non_finite, signature
+from fedcore.tensors import IncompatibleStateDict, check_compatible, signature
 
 __all__ = [
     "AggregateResult",
@@ -102,7 +111,11 @@ class AggregateResult:
 
 @dataclass
 class _Screened:
-    """An update that passed validation and the norm bound."""
+    """An update that passed validation and the norm bound.
+
+    With ``deferred`` set, the finiteness check and the delta norm are left to the strategy's
+    ``_combine``, which reports the norm with :meth:`record_norm` (``norm`` is nan until then).
+    """
 
     index: int
     client: str | int
@@ -110,6 +123,14 @@ class _Screened:
     weight: float
     norm: float
     loss: float | None
+    where: str = ""
+    deferred: _RoundLog | None = None
+
+    def record_norm(self, norm: float) -> None:
+        """Set the delta norm measured by ``_combine`` (deferred screening)."""
+        self.norm = norm
+        if self.deferred is not None:
+            self.deferred.norms[self.index] = norm
 
 
 @dataclass
@@ -241,6 +262,9 @@ class Strategy:
     SPEC_PARAMS: ClassVar[tuple[str, ...]] = ("flag_threshold", "norm_bound")
     #: True when aggregation holds O(model) memory whatever the number of updates.
     streaming: ClassVar[bool] = True
+    #: True when ``_combine`` checks finiteness and measures delta norms itself for updates
+    #: screened with ``deferred`` set (see the module docstring).
+    fuses_screening: ClassVar[bool] = False
 
     def __init__(self, *, flag_threshold: float = 3.5, norm_bound: float | None = None) -> None:
         """Set the screening parameters shared by every strategy.
@@ -361,6 +385,8 @@ class Strategy:
     ) -> Iterator[_Screened]:
         """Validate updates one at a time, record their delta norms, drop those over the bound."""
         names = floating_names(global_state)
+        defer = self.fuses_screening and self.norm_bound is None
+        cache: dict[torch.dtype, torch.Tensor] = {}  # the norm's chunk buffers, reused
         for index, item in enumerate(updates):
             if isinstance(item, ClientUpdate):
                 state, weight, client, loss = item.state, item.weight, item.client_id, item.loss
@@ -374,8 +400,20 @@ class Strategy:
             client = index if client is None else client
             where = f"update #{index}" + ("" if client == index else f" (client {client!r})")
             weight = _check_weight(weight, where)
-            _check_update(state, reference, where)
-            norm = _delta_norm(state, global_state, names)
+            if defer:
+                _check_update(state, reference, where, finite=False)
+                log.clients.append(client)
+                log.norms.append(math.nan)
+                log.accepted += 1
+                log.total_weight += weight
+                yield _Screened(index, client, state, weight, math.nan, loss, where, log)
+                del state
+                continue
+            _check_update(state, reference, where, finite=False)
+            norm = _delta_norm(state, global_state, names, cache)
+            if math.isnan(norm):
+                bad = first_non_finite(state)
+                raise ValueError(f"{where}: tensor {bad!r} holds NaN or Inf; refuse this update")
             log.clients.append(client)
             log.norms.append(norm)
             if self.norm_bound is not None and norm > self.norm_bound:
@@ -395,7 +433,7 @@ class Strategy:
                 continue
             log.accepted += 1
             log.total_weight += weight
-            yield _Screened(index, client, state, weight, norm, loss)
+            yield _Screened(index, client, state, weight, norm, loss, where)
             del state
         if not log.norms:
             raise ValueError(f"{self.name} needs at least one update; the iterable was empty")
@@ -477,9 +515,14 @@ def _check_global(global_state: object) -> dict[str, tuple[str, tuple[int, ...]]
 
 
 def _check_update(
-    state: object, reference: dict[str, tuple[str, tuple[int, ...]]], where: str
+    state: object,
+    reference: dict[str, tuple[str, tuple[int, ...]]],
+    where: str,
+    *,
+    finite: bool = True,
 ) -> None:
-    """Raise unless ``state`` is a finite state dict with the global state's signature."""
+    """Raise unless ``state`` is a state dict with the global state's signature (and, with
+    ``finite``, no NaN/Inf; callers that measure the delta norm get that check from it)."""
     if not isinstance(state, Mapping):
         raise ValueError(
             f"{where}: expected a mapping of tensor name -> tensor, got {type(state).__name__}"
@@ -496,19 +539,26 @@ def _check_update(
             f"{where} does not match the global model: {exc}; every site must send the full "
             "state dict of the plan's model"
         ) from exc
-    bad = first_non_finite(state)
-    if bad is not None:
-        raise ValueError(f"{where}: tensor {bad!r} holds NaN or Inf; refuse this update")
+    if finite:
+        bad = first_non_finite(state)
+        if bad is not None:
+            raise ValueError(f"{where}: tensor {bad!r} holds NaN or Inf; refuse this update")
 
 
 def _delta_norm(
-    state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor], names: list[str]
+    state: Mapping[str, torch.Tensor],
+    global_state: Mapping[str, torch.Tensor],
+    names: list[str],
+    cache: dict[torch.dtype, torch.Tensor] | None = None,
 ) -> float:
-    """Euclidean norm of ``state - global`` over the floating tensors, computed in float64."""
+    """Euclidean norm of ``state - global`` over the floating tensors; nan if any is not finite.
+
+    One chunked pass (:func:`fedcore.aggregation._kernels.delta_squared_norm`): no full-size
+    temporaries.
+    """
     total = 0.0
     for name in names:
-        delta = state[name].detach().to("cpu", torch.float64) - global_state[name].detach().to(
-            "cpu", torch.float64
-        )
-        total += float(delta.square().sum())
+        total += delta_squared_norm(state[name], global_state[name], cache)
+        if math.isnan(total):
+            return math.nan
     return math.sqrt(total)

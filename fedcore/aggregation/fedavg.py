@@ -15,6 +15,14 @@ Integer and bool tensors are not averaged: the result holds their element-wise m
 tensors are buffers, not trainable parameters; the typical one is BatchNorm's
 ``num_batches_tracked`` counter, where a weighted mean gives a fractional count that integer
 truncation turns into garbage, while the maximum is a count some site actually reached.
+
+Speed and memory (``bench/aggregation.py``). Aggregation is bound by memory bandwidth, so the
+work is arranged to read each update once: :func:`fedavg` checks finiteness and blends chunk by
+chunk while the chunk is in cache (:func:`fedcore.aggregation._kernels.blend_`), and hands its
+accumulator over as the result instead of copying it. Peak extra memory is one model (the
+accumulator) plus a few MiB of chunk buffers, whatever the number of updates.
+:meth:`StreamingFedAvg.add` promises that a refused update leaves the mean unchanged, so it
+checks the whole update before blending (two passes over the update).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from fedcore.tensors import IncompatibleStateDict, check_compatible, first_non_finite, signature
+from fedcore.aggregation._kernels import blend_, empty, first_non_finite
+from fedcore.tensors import IncompatibleStateDict, check_compatible, signature
 
 __all__ = ["StreamingFedAvg", "fedavg"]
 
@@ -46,6 +55,8 @@ class StreamingFedAvg:
         self._accumulator: dict[str, torch.Tensor] = {}
         self._total_weight = 0.0
         self._count = 0
+        self._spent: str | None = None  # why this aggregator can no longer be used
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}  # chunk buffers, reused
 
     @property
     def count(self) -> int:
@@ -73,6 +84,42 @@ class StreamingFedAvg:
         """
         where = f"update #{self._count}"
         weight = _check_weight(weight, where)
+        self._check_structure(state, where)
+        bad = first_non_finite(state)
+        if bad is not None:
+            raise ValueError(f"{where}: tensor {bad!r} holds NaN or Inf; refuse this update")
+        self._blend(state, weight, where, check=False)
+
+    def _add_fused(
+        self,
+        state: Mapping[str, torch.Tensor],
+        weight: float,
+        where: str,
+        *,
+        reference: Mapping[str, torch.Tensor] | None = None,
+        check: bool = True,
+    ) -> float:
+        """Validate and blend in one pass over the update; return its squared delta norm.
+
+        Unlike :meth:`add`, an update found to hold NaN/Inf raises *after* part of it was
+        blended: the aggregator is then unusable (later calls raise). For callers that abandon
+        the whole aggregation on a bad update (:func:`fedavg`, the FedAvg strategy).
+
+        Args:
+            state: the update.
+            weight: its weight, already validated.
+            where: how messages name the update (``"update #3"``).
+            reference: when given (the round's global model), the squared norm of
+                ``update - reference`` over the floating tensors is returned (0.0 otherwise).
+            check: False when the caller has already proved the update finite.
+        """
+        self._check_structure(state, where)
+        return self._blend(state, weight, where, check=check, reference=reference)
+
+    def _check_structure(self, state: Mapping[str, torch.Tensor], where: str) -> None:
+        """Raise unless ``state`` is a mapping of real tensors matching the first update."""
+        if self._spent is not None:
+            raise ValueError(f"{self._spent}; start a new aggregator")
         if not isinstance(state, Mapping):
             raise ValueError(
                 f"{where}: expected a mapping of tensor name -> tensor, got {type(state).__name__}"
@@ -87,39 +134,63 @@ class StreamingFedAvg:
                     f"{where}: tensor {name!r} has dtype {tensor.dtype}; fedavg supports real "
                     "floating, integer and bool tensors"
                 )
-        if self._signature is None:
-            reference = signature(state)
-        else:
-            reference = self._signature
+        if self._signature is not None:
             try:
-                check_compatible(state, reference)
+                check_compatible(state, self._signature)
             except IncompatibleStateDict as exc:
                 raise IncompatibleStateDict(
                     f"{where} does not match update #0: {exc}; every site must send the full "
                     "state dict of the plan's model"
                 ) from exc
-        bad = first_non_finite(state)
-        if bad is not None:
-            raise ValueError(f"{where}: tensor {bad!r} holds NaN or Inf; refuse this update")
 
-        self._total_weight += weight
-        fraction = weight / self._total_weight
-        for name, tensor in state.items():
-            tensor = tensor.detach()
-            if self._signature is None:
+    def _blend(
+        self,
+        state: Mapping[str, torch.Tensor],
+        weight: float,
+        where: str,
+        *,
+        check: bool,
+        reference: Mapping[str, torch.Tensor] | None = None,
+    ) -> float:
+        """Fold a structurally valid update in, tensor by tensor in sorted name order."""
+        first = self._signature is None
+        total_weight = self._total_weight + weight
+        fraction = 1.0 if first else weight / total_weight
+        squared = 0.0
+        # Sorted order, so the tensor a NaN is reported in is the one first_non_finite names.
+        for name in sorted(state):
+            tensor = state[name].detach()
+            if first:
                 self._dtypes[name] = tensor.dtype
-                acc_dtype = _accumulator_dtype(tensor.dtype)
-                # copy=True: the accumulator is updated in place and must not alias the caller's.
-                self._accumulator[name] = tensor.to(device="cpu", dtype=acc_dtype, copy=True)
-                continue
+                acc = empty(tuple(tensor.shape), _accumulator_dtype(tensor.dtype))
+                self._accumulator[name] = acc
             acc = self._accumulator[name]
             if acc.is_floating_point():
-                acc.lerp_(tensor.to(device="cpu", dtype=acc.dtype), fraction)
+                finite, part = blend_(
+                    acc,
+                    tensor,
+                    fraction,
+                    reference=None if reference is None else reference[name],
+                    check=check,
+                    cache=self._scratch,
+                )
+                if not finite:
+                    self._spent = f"{where} was refused after part of it was blended"
+                    raise ValueError(
+                        f"{where}: tensor {name!r} holds NaN or Inf; refuse this update"
+                    )
+                squared += part
+            elif first:
+                acc.copy_(tensor)
             else:
                 torch.maximum(acc, tensor.to(device="cpu"), out=acc)
-        if self._signature is None:
-            self._signature = reference
+        if first:
+            # Key order of the result: the first update's.
+            self._accumulator = {name: self._accumulator[name] for name in state}
+            self._signature = signature(state)
+        self._total_weight = total_weight
         self._count += 1
+        return squared
 
     def result(self) -> dict[str, torch.Tensor]:
         """Return the weighted mean as new tensors in the input dtypes (first update's key order).
@@ -129,10 +200,32 @@ class StreamingFedAvg:
         """
         if self._count == 0:
             raise ValueError("fedavg needs at least one update; none was added")
+        if self._spent is not None:
+            raise ValueError(f"{self._spent}; start a new aggregator")
         return {
             name: acc.to(dtype=self._dtypes[name], copy=True)
             for name, acc in self._accumulator.items()
         }
+
+    def _take_result(self) -> dict[str, torch.Tensor]:
+        """Return the mean without copying the accumulator; the aggregator is spent afterwards.
+
+        A float32/float64 accumulator already is the result; a float16/bfloat16 one is cast
+        tensor by tensor, each accumulator released as soon as its cast exists, so the peak
+        stays near one accumulator.
+        """
+        if self._count == 0:
+            raise ValueError("fedavg needs at least one update; none was added")
+        if self._spent is not None:
+            raise ValueError(f"{self._spent}; start a new aggregator")
+        result: dict[str, torch.Tensor] = {}
+        for name in list(self._accumulator):
+            acc = self._accumulator.pop(name)
+            result[name] = acc if acc.dtype == self._dtypes[name] else acc.to(self._dtypes[name])
+            del acc
+        self._spent = "the result was taken"  # the accumulator now belongs to the caller
+        self._scratch = {}
+        return result
 
 
 def _check_weight(weight: object, where: str) -> float:
@@ -176,8 +269,9 @@ def fedavg(
         # Drop the reference before pulling the next item so at most the current update stays
         # alive while the generator builds the next one.
         del item
-        aggregator.add(state, weight)
+        where = f"update #{index}"
+        aggregator._add_fused(state, _check_weight(weight, where), where)
         del state
     if aggregator.count == 0:
         raise ValueError("fedavg needs at least one update; the iterable was empty")
-    return aggregator.result()
+    return aggregator._take_result()

@@ -37,6 +37,7 @@ the model's dtypes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -66,6 +67,7 @@ class FedAvg(Strategy):
     """
 
     name: ClassVar[str] = "fedavg"
+    fuses_screening: ClassVar[bool] = True
 
     def _combine(
         self,
@@ -74,11 +76,22 @@ class FedAvg(Strategy):
         *,
         round_number: int,
     ) -> tuple[StateDict, dict[str, Any]]:
-        """Stream the updates into a :class:`StreamingFedAvg`."""
+        """Stream the updates into a :class:`StreamingFedAvg`, one read of each update.
+
+        Deferred updates (no norm bound) are checked for NaN/Inf and measured while they are
+        blended; the others were checked and measured by screening and are only blended.
+        """
         aggregator = StreamingFedAvg()
         for update in updates:
-            aggregator.add(update.state, update.weight)
-        return aggregator.result(), {}
+            if update.deferred is not None:
+                squared = aggregator._add_fused(
+                    update.state, update.weight, update.where, reference=global_state
+                )
+                update.record_norm(math.sqrt(squared))
+            else:
+                aggregator._add_fused(update.state, update.weight, update.where, check=False)
+            del update  # not alive while the iterator builds (decodes) the next one
+        return aggregator._take_result(), {}
 
 
 class NormBoundFedAvg(FedAvg):
