@@ -11,9 +11,15 @@ newcomer's description of all this.
 import hashlib
 import json
 import math
+import mmap
+import os
+import queue
 import re
 import secrets
 import struct
+import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -24,12 +30,14 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_MAX_HEADER_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_SPOOL_THRESHOLD",
     "ERROR_CODES",
     "FRAME_MAGIC",
     "FRAME_PREFIX_BYTES",
     "MAX_ERROR_REASON_CHARS",
     "MAX_JSON_DEPTH",
     "PROTOCOL_VERSION",
+    "BinaryFrames",
     "BinaryMessage",
     "ChecksumMismatch",
     "ChunkSequenceError",
@@ -42,6 +50,8 @@ __all__ = [
     "UnknownMessageType",
     "UnsupportedVersion",
     "decode_control",
+    "spooled_file",
+    "binary_frames",
     "encode_binary",
     "encode_control",
     "encode_error",
@@ -52,6 +62,7 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 20  # one websocket frame; payloads above are chu
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # one reassembled binary message
 DEFAULT_MAX_CONTROL_BYTES = 1 << 20  # one JSON control frame
 DEFAULT_MAX_HEADER_BYTES = 64 << 10  # the JSON header of one binary frame
+DEFAULT_SPOOL_THRESHOLD = 8 << 20  # a Reassembler with a spool_dir spools messages this large
 # Deeper JSON is refused: a legitimate plan nests about 5 levels, and deep nesting received from a
 # peer would later blow the recursion limit of whatever walks it (json.dumps, a JSONField, ...).
 MAX_JSON_DEPTH = 32
@@ -90,6 +101,7 @@ ERROR_CODES: tuple[str, ...] = (
     "not_authorized",  # the task's signed authorization is missing, forged or not for this silo
     "policy_refused",  # the site's local policy refuses the plan (model kind, DP, epsilon, ...)
     "secagg_aborted",  # a site aborted its secure-aggregation client for the round (refusal)
+    "timeout",  # the peer was too slow: no hello in time, or a chunked message stalled
     "internal",  # unexpected failure on the sending side; nothing the peer can fix
 )
 
@@ -226,6 +238,9 @@ BINARY_SCHEMAS: dict[str, Schema] = {
         "plan": (_DICT, _REQ),
         "preprocessing": (_DICT, _REQ),
         "deadline": (_NUMBER, _REQ),
+        # the server's wall clock (Unix seconds) as it starts sending the task's frames: with
+        # the agent's clock on the same host, the task's transfer time (docs/protocol.md)
+        "sent_at": (_NUMBER, _OPT),
         "authorization": (_DICT, _REQ),
     },
     # agent -> server; payload = locally trained model (full weights, same keys/shapes/dtypes)
@@ -241,6 +256,11 @@ BINARY_SCHEMAS: dict[str, Schema] = {
         # plans with a fairness section: sensitive attribute -> {group: {tp, fp, tn, fn}} of the
         # received global model on the held-out split (fedcore.fairness; docs/fairness.md)
         "fairness": (_DICT, _OPT),
+        # plans with compression: "float16" | "int8" | "topk"; the payload is then the encoded
+        # change from the global model (fedcore.compression). Absent: dense weights.
+        "compression": (_STR, _OPT),
+        # the agent's wall clock (Unix seconds) as it starts sending the update's frames
+        "sent_at": (_NUMBER, _OPT),
     },
     # agent -> server, secure rounds only, instead of "update": payload = the masked vector
     # (little-endian uint32, 4 bytes per coordinate) of the masked-input stage; metrics and the
@@ -560,15 +580,17 @@ class BinaryMessage:
 
     type: str  # "task" | "update"
     fields: dict[str, Any]  # validated against BINARY_SCHEMAS[type]
-    payload: bytes  # safetensors bytes
+    # safetensors bytes (a masked_update: uint32 words). A reassembled message's payload is the
+    # bytearray the chunks were written into, handed over without a final copy, or the mmap of
+    # the file they were spooled to (Reassembler's spool_dir).
+    payload: bytes | bytearray | mmap.mmap
 
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def _frame(header: str, chunk: bytes | memoryview) -> bytes:
-    header_bytes = header.encode("utf-8")
+def _frame(header_bytes: bytes, chunk: bytes | memoryview) -> bytes:
     prefix = _FRAME_PREFIX.pack(FRAME_MAGIC, PROTOCOL_VERSION, len(header_bytes))
     return b"".join((prefix, header_bytes, chunk))
 
@@ -583,6 +605,8 @@ def encode_binary(
 
     Frame layout: ``b"QRMB" | u8 version | u32 big-endian header length | header JSON | chunk``.
     Every header has ``type, transfer, index, count, size, sha256``; frame 0's also has ``fields``.
+    The list holds a second copy of the payload: a sender of large messages iterates
+    :func:`binary_frames` instead, which builds each frame as it is sent.
 
     Args:
         msg: the message; ``msg.fields`` is validated against BINARY_SCHEMAS[msg.type].
@@ -598,6 +622,44 @@ def encode_binary(
         InvalidField: a field, the payload type or ``transfer_id`` is invalid.
         OversizedFrame: ``max_frame_bytes`` leaves no room for payload after the header.
     """
+    return list(binary_frames(msg, max_frame_bytes=max_frame_bytes, transfer_id=transfer_id))
+
+
+@dataclass(frozen=True, eq=False)
+class BinaryFrames:
+    """The frames of one binary message, built one at a time as they are iterated.
+
+    Made by :func:`binary_frames`; iterating twice gives the same frames again. Memory holds the
+    payload and the frame being sent, never a second copy of the whole payload.
+    """
+
+    count: int  # number of frames
+    nbytes: int  # bytes of all frames together (prefixes, headers and chunks)
+    sha256: str  # lowercase hex SHA-256 of the payload, as every header declares it
+    _headers: tuple[bytes, ...] = field(repr=False)
+    _chunks: tuple[tuple[int, int], ...] = field(repr=False)  # (start, end) in the payload
+    _payload: memoryview = field(repr=False)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[bytes]:
+        for header_bytes, (start, end) in zip(self._headers, self._chunks, strict=True):
+            yield _frame(header_bytes, self._payload[start:end])
+
+
+def binary_frames(
+    msg: BinaryMessage,
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    transfer_id: str | None = None,
+) -> BinaryFrames:
+    """Validate and plan the frames of a binary message; they are built as they are iterated.
+
+    Same frames as :func:`encode_binary` (which is ``list(binary_frames(...))``), same
+    arguments and errors, raised here rather than during iteration. The payload is hashed once,
+    here; it must not change while the frames are iterated.
+    """
     schema = BINARY_SCHEMAS.get(msg.type) if isinstance(msg.type, str) else None
     if schema is None:
         raise UnknownMessageType(
@@ -608,7 +670,7 @@ def encode_binary(
     if not isinstance(msg.fields, dict):
         raise InvalidField(f"{where}: fields must be a dict, got {type(msg.fields).__name__}")
     _check_fields(msg.fields, schema, where)
-    if not isinstance(msg.payload, bytes | bytearray | memoryview):
+    if not isinstance(msg.payload, bytes | bytearray | memoryview | mmap.mmap):
         raise InvalidField(f"{where}: payload must be bytes, got {type(msg.payload).__name__}")
     transfer = secrets.token_hex(16) if transfer_id is None else transfer_id
     if not isinstance(transfer, str) or not _HEX32.fullmatch(transfer):
@@ -616,21 +678,22 @@ def encode_binary(
 
     payload = memoryview(msg.payload).cast("B")
     size = payload.nbytes
+    digest = hashlib.sha256(payload).hexdigest()
     base = {
         "type": msg.type,
         "transfer": transfer,
         "index": 0,
         "count": 1,
         "size": size,
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "sha256": digest,
     }
 
-    def header(index: int, count: int) -> str:
+    def header(index: int, count: int) -> bytes:
         extra = {"fields": msg.fields} if index == 0 else {}
-        return _dumps({**base, "index": index, "count": count, **extra})
+        return _dumps({**base, "index": index, "count": count, **extra}).encode("utf-8")
 
     def room(index: int, count: int) -> int:
-        return max_frame_bytes - FRAME_PREFIX_BYTES - len(header(index, count).encode("utf-8"))
+        return max_frame_bytes - FRAME_PREFIX_BYTES - len(header(index, count))
 
     # Headers grow with the digits of index and count, so look for the fixed point of count.
     # The widest header after frame 0 is the last one's. Rooms only shrink as count grows, so
@@ -651,12 +714,19 @@ def encode_binary(
             break
         count = needed
 
-    frames = [_frame(header(0, count), payload[:room0])]
-    offset = min(room0, size)
+    headers = tuple(header(index, count) for index in range(count))
+    chunks = [(0, min(room0, size))]
     for index in range(1, count):
-        frames.append(_frame(header(index, count), payload[offset : offset + room_rest]))
-        offset += room_rest
-    return frames
+        start = room0 + (index - 1) * room_rest
+        chunks.append((start, min(start + room_rest, size)))
+    return BinaryFrames(
+        count=count,
+        nbytes=count * FRAME_PREFIX_BYTES + sum(map(len, headers)) + size,
+        sha256=digest,
+        _headers=headers,
+        _chunks=tuple(chunks),
+        _payload=payload,
+    )
 
 
 _HEADER_KEYS: dict[str, type] = {
@@ -681,8 +751,163 @@ class _Transfer:
     fields: dict[str, Any]
     next_index: int = 1
     received: int = 0
-    chunks: list[bytes] = field(default_factory=list)
+    # The payload so far. It grows as chunks arrive (realloc moves big buffers by remapping
+    # pages, not copying), so memory follows the bytes actually received, never the declared
+    # size, and the finished buffer is the message's payload: one copy of the data in all.
+    buffer: bytearray = field(default_factory=bytearray)
     hasher: Any = field(default_factory=hashlib.sha256)
+    spool: "_Spool | None" = None  # the payload goes to a file instead of ``buffer``
+
+    def discard(self) -> None:
+        """Free what the transfer holds (its spool file)."""
+        if self.spool is not None:
+            self.spool.close()
+
+
+@dataclass(frozen=True)
+class _SpooledFile:
+    fd: int
+    sha256: str
+
+
+# payload mmap -> its spool file. Weak keys: the entry (and the file, by the finalizer that
+# closes it) goes when the last reference to the payload does.
+_SPOOLED: "weakref.WeakKeyDictionary[mmap.mmap, _SpooledFile]" = weakref.WeakKeyDictionary()
+
+
+def spooled_file(payload: object) -> tuple[int, str] | None:
+    """(file descriptor, verified SHA-256) of a payload a Reassembler spooled, else None.
+
+    The descriptor is an anonymous file (``O_TMPFILE``) in the Reassembler's ``spool_dir``
+    holding exactly the received payload; it stays open while the payload lives. A blob store
+    links it into place instead of writing the bytes again (``federation.storage``), and the
+    digest is that of the file's bytes, checked on receipt, so nobody needs to hash them again.
+    """
+    if isinstance(payload, mmap.mmap):
+        spooled = _SPOOLED.get(payload)
+        if spooled is not None:
+            return spooled.fd, spooled.sha256
+    return None
+
+
+class _SpoolFailed(ProtocolError):
+    """The receiver could not write or map a spooled payload (disk full, ...): its own fault."""
+
+    code = "internal"
+
+
+_SPOOL_QUEUE_CHUNKS = 16  # chunks handed to a spool's writer thread and not yet written
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range, do not wait for it
+
+
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range(2)`` (Linux; os has no binding), or None where there is none."""
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function  # a ctypes call releases the GIL
+
+
+_sync_file_range = _load_sync_file_range() if hasattr(os, "O_TMPFILE") else None
+
+
+def _spool_writer(
+    jobs: "queue.Queue[memoryview | None]", fd: int, hasher: Any, failed: list[OSError]
+) -> None:
+    """Hash and write the chunks of one spooled transfer, in order, until None arrives.
+
+    Each chunk written is handed to the disk at once (``sync_file_range``, asynchronous): the
+    fsync that stores the payload durably (``federation.storage``) then finds little left to
+    write, instead of the whole message after its last frame. A hint only: its result is ignored.
+    """
+    offset = 0
+    while (chunk := jobs.get()) is not None:
+        if failed:
+            continue  # keep draining, so the receiving side never blocks on a full queue
+        try:
+            hasher.update(chunk)  # both release the GIL: this runs beside the event loop
+            length = chunk.nbytes
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
+        except OSError as exc:
+            failed.append(exc)
+            continue
+        if _sync_file_range is not None:
+            _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        offset += length
+
+
+def _stop_spool(
+    jobs: "queue.Queue[memoryview | None]", writer: threading.Thread, fd: int | None
+) -> None:
+    jobs.put(None)
+    writer.join()
+    if fd is not None:
+        os.close(fd)
+
+
+class _Spool:
+    """The payload of one transfer written to an anonymous file rather than kept in memory.
+
+    A writer thread hashes and writes the chunks while the receiving thread goes on parsing
+    the next frames (hashing and writing release the GIL); at most ``_SPOOL_QUEUE_CHUNKS``
+    chunks wait for it, after which ``write`` waits too.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        # O_TMPFILE: the file has no name, so it disappears by itself when closed (a dropped
+        # transfer, a crash), yet it can be linked into a directory of the same filesystem.
+        self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        self.hasher = hashlib.sha256()
+        self._failed: list[OSError] = []
+        self._jobs: queue.Queue[memoryview | None] = queue.Queue(maxsize=_SPOOL_QUEUE_CHUNKS)
+        self._writer = threading.Thread(
+            target=_spool_writer,
+            args=(self._jobs, self.fd, self.hasher, self._failed),
+            name="quorum-spool",
+            daemon=True,
+        )
+        self._writer.start()
+        # Dropped (reset, refusal, or simply forgotten): stop the writer, close the file.
+        self._close = weakref.finalize(self, _stop_spool, self._jobs, self._writer, self.fd)
+
+    def write(self, chunk: memoryview) -> None:
+        """Queue a chunk (the frame it views stays alive until written); raises OSError when
+        an earlier chunk could not be written."""
+        if self._failed:
+            raise self._failed[0]
+        self._jobs.put(chunk)
+
+    def close(self) -> None:
+        """Stop the writer and close the file (a dropped transfer)."""
+        self._close()
+
+    def finish(self) -> str:
+        """Wait for the writer to write every chunk; return the payload's SHA-256 (hex)."""
+        self._close.detach()
+        _stop_spool(self._jobs, self._writer, None)
+        self._close = weakref.finalize(self, os.close, self.fd)
+        if self._failed:
+            raise self._failed[0]
+        return str(self.hasher.hexdigest())
+
+    def mapping(self, size: int, sha256: str) -> mmap.mmap:
+        """The written payload as a private, writable mapping that owns the file from now on."""
+        # Private: writing a tensor decoded from it never changes the file. No MAP_POPULATE:
+        # on a private writable mapping it would copy every page (a second 100 MB, anonymous);
+        # pages read map the page cache.
+        payload = mmap.mmap(
+            self.fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self._close.detach()
+        weakref.finalize(payload, os.close, self.fd)
+        _SPOOLED[payload] = _SpooledFile(self.fd, sha256)
+        return payload
 
 
 class Reassembler:
@@ -694,6 +919,8 @@ class Reassembler:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_threshold: int = DEFAULT_SPOOL_THRESHOLD,
     ) -> None:
         """Create an empty reassembler.
 
@@ -702,6 +929,12 @@ class Reassembler:
                 before anything is buffered).
             max_frame_bytes: largest frame accepted, checked before parsing.
             max_header_bytes: largest JSON header accepted in one frame.
+            spool_dir: where to write the payloads of messages of ``spool_threshold`` bytes or
+                more as they arrive, as anonymous files (Linux ``O_TMPFILE``), instead of
+                holding them in memory. Such a message's payload is then a private, writable
+                ``mmap`` of its file (see :func:`spooled_file`). None, or a directory that
+                cannot hold anonymous files, keeps every payload in memory (a ``bytearray``).
+            spool_threshold: smallest declared payload size that is spooled.
 
         Raises:
             ValueError: a limit is not a positive int, or max_frame_bytes cannot hold a prefix.
@@ -721,10 +954,14 @@ class Reassembler:
         self.max_message_bytes = max_message_bytes
         self.max_frame_bytes = max_frame_bytes
         self.max_header_bytes = max_header_bytes
+        self.spool_dir = spool_dir
+        self.spool_threshold = spool_threshold
         self._transfer: _Transfer | None = None
 
     def reset(self) -> None:
         """Drop any partially received transfer."""
+        if self._transfer is not None:
+            self._transfer.discard()
         self._transfer = None
 
     def feed(self, frame: bytes) -> BinaryMessage | None:
@@ -760,13 +997,17 @@ class Reassembler:
             frame = bytes(frame)
         header, chunk = self._split(frame)
         transfer = self._sequence(header)
-        self._append(transfer, header["index"], chunk)
-        if header["index"] < transfer.count - 1:
-            transfer.next_index = header["index"] + 1
-            self._transfer = transfer
-            return None
-        self.reset()
-        return self._finish(transfer)
+        try:
+            self._append(transfer, header["index"], chunk)
+            if header["index"] < transfer.count - 1:
+                transfer.next_index = header["index"] + 1
+                self._transfer = transfer
+                return None
+            self._transfer = None
+            return self._finish(transfer)
+        except BaseException:
+            transfer.discard()
+            raise
 
     def _split(self, frame: bytes) -> tuple[dict[str, Any], memoryview]:
         """Check the prefix, parse and validate the header; return it and the chunk bytes."""
@@ -882,6 +1123,7 @@ class Reassembler:
                 size=header["size"],
                 sha256=header["sha256"],
                 fields=header["fields"],
+                spool=self._open_spool(header["size"]),
             )
         if transfer_id != current.transfer:
             raise ChunkSequenceError(
@@ -903,6 +1145,14 @@ class Reassembler:
                 )
         return current
 
+    def _open_spool(self, size: int) -> _Spool | None:
+        if self.spool_dir is None or size < max(self.spool_threshold, 1):
+            return None
+        try:
+            return _Spool(self.spool_dir)
+        except (OSError, AttributeError):  # no such directory, no O_TMPFILE here: keep in memory
+            return None
+
     @staticmethod
     def _append(transfer: _Transfer, index: int, chunk: memoryview) -> None:
         length = chunk.nbytes
@@ -918,8 +1168,17 @@ class Reassembler:
                 f"transfer {transfer.transfer} frame {index}: {length} payload bytes bring the "
                 f"total to {transfer.received + length}, beyond the declared size {transfer.size}"
             )
-        transfer.hasher.update(chunk)
-        transfer.chunks.append(bytes(chunk))
+        if transfer.spool is not None:  # hashed and written by the spool's writer thread
+            try:
+                transfer.spool.write(chunk)
+            except OSError as exc:
+                raise _SpoolFailed(
+                    f"transfer {transfer.transfer} frame {index}: the receiver could not store "
+                    f"the chunk ({exc.strerror or exc}); send the message again later"
+                ) from exc
+        else:
+            transfer.hasher.update(chunk)
+            transfer.buffer += chunk
         transfer.received += length
 
     @staticmethod
@@ -929,12 +1188,31 @@ class Reassembler:
                 f"transfer {transfer.transfer}: last frame arrived after {transfer.received} of "
                 f"the declared {transfer.size} payload bytes"
             )
-        digest = transfer.hasher.hexdigest()
+        if transfer.spool is not None:
+            try:
+                digest = transfer.spool.finish()
+            except OSError as exc:
+                raise _SpoolFailed(
+                    f"transfer {transfer.transfer}: the receiver could not store the payload "
+                    f"({exc.strerror or exc}); send the message again later"
+                ) from exc
+        else:
+            digest = transfer.hasher.hexdigest()
         if digest != transfer.sha256:
             raise ChecksumMismatch(
                 f"transfer {transfer.transfer}: payload sha256 {digest} does not match the "
                 f"declared {transfer.sha256}; the payload was corrupted in transit, resend it"
             )
-        return BinaryMessage(
-            type=transfer.type, fields=transfer.fields, payload=b"".join(transfer.chunks)
-        )
+        if transfer.spool is not None:
+            try:
+                payload: bytes | bytearray | mmap.mmap = transfer.spool.mapping(
+                    transfer.size, digest
+                )
+            except OSError as exc:
+                raise _SpoolFailed(
+                    f"transfer {transfer.transfer}: the receiver could not map the payload "
+                    f"({exc.strerror or exc}); send the message again later"
+                ) from exc
+        else:
+            payload = transfer.buffer
+        return BinaryMessage(type=transfer.type, fields=transfer.fields, payload=payload)

@@ -34,6 +34,9 @@ def uvicorn_config(host: str, port: int, log_level: str = "warning") -> uvicorn.
         lifespan="on",
         ws="websockets-sansio",
         ws_max_size=settings.QUORUM_MAX_FRAME_BYTES + (64 << 10),
+        # No permessage-deflate: zlib on model weights costs seconds per 100 MB for a few
+        # percent (the agent does not offer it either; bench/serialization.py).
+        ws_per_message_deflate=False,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
     )

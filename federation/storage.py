@@ -6,13 +6,17 @@ write never leaves a half-written blob under a real key.
 
 from __future__ import annotations
 
+import mmap
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
 
 from django.conf import settings
+
+from fedcore.protocol import spooled_file
 
 
 class BlobStoreError(OSError):
@@ -22,7 +26,7 @@ class BlobStoreError(OSError):
 class BlobStore(Protocol):
     """Where update and model blobs live."""
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview | mmap.mmap) -> None:
         """Store data under key, atomically."""
 
     def get(self, key: str) -> bytes:
@@ -44,9 +48,18 @@ class FilesystemBlobStore:
             raise BlobStoreError(f"invalid blob key {key!r}")
         return self.root.joinpath(*parts)
 
-    def put(self, key: str, data: bytes) -> None:
-        """Store data under key, atomically."""
+    def put(self, key: str, data: bytes | bytearray | memoryview | mmap.mmap) -> None:
+        """Store data under key, atomically.
+
+        A payload a Reassembler spooled into this store's filesystem (``fedcore.protocol.
+        spooled_file``) is already on disk: its file is fsynced and linked into place, so the
+        bytes are neither written nor copied again. Anything else is written to a temporary file,
+        fsynced and renamed.
+        """
         path = self._path(key)
+        spooled = spooled_file(data)
+        if spooled is not None and self._link(spooled[0], path):
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
@@ -61,6 +74,33 @@ class FilesystemBlobStore:
                 raise
         except OSError as exc:
             raise BlobStoreError(f"could not write blob {key!r}: {exc}") from exc
+
+    def _link(self, fd: int, path: Path) -> bool:
+        """Give the anonymous file ``fd`` the name ``path``; False when it cannot be linked here
+        (another filesystem, no /proc), so the caller writes the bytes instead."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.fsync(fd)
+        except OSError as exc:
+            raise BlobStoreError(f"could not write blob {path.name!r}: {exc}") from exc
+        tmp = path.parent / f".tmp-{secrets.token_hex(8)}.part"
+        try:
+            # linkat(2) of an O_TMPFILE descriptor through /proc with AT_SYMLINK_FOLLOW (needs no
+            # CAP_DAC_READ_SEARCH). A dst_dir_fd makes CPython call linkat: without one it calls
+            # link(2), which would try to link the /proc symlink itself.
+            parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.link(f"/proc/self/fd/{fd}", tmp.name, dst_dir_fd=parent, follow_symlinks=True)
+            finally:
+                os.close(parent)
+        except OSError:
+            return False
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise BlobStoreError(f"could not write blob {path.name!r}: {exc}") from exc
+        return True
 
     def get(self, key: str) -> bytes:
         """Return the bytes stored under key."""

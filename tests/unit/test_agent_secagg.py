@@ -454,7 +454,7 @@ async def test_the_agent_never_sends_a_secure_rounds_update_in_clear(tmp_path, c
                 message = await server.recv_update(ws)  # the first binary message it sends
                 received.append(message)
                 coordinator.collect(
-                    1, {"stage": stage.value, "masked_vector": message.payload}, now
+                    1, {"stage": stage.value, "masked_vector": bytes(message.payload)}, now
                 )
                 coordinator.collect(2, other.masked_input(messages[2], other_vector), now)
             else:

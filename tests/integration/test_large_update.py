@@ -1,0 +1,118 @@
+"""A large update: spooled to an anonymous file on the blob filesystem as it arrives, then stored
+by linking that file, never written twice nor held in memory as a whole."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+
+from fedcore import protocol, tensors
+from federation.models import Round, Silo, Update
+from federation.services.silos import silo_issue_token
+from federation.storage import FilesystemBlobStore, blob_store
+from tests.factories import ConsortiumFactory, SiloFactory, running_round
+from tests.integration.test_agent_consumer import (
+    connect,
+    hello,
+    receive_control,
+    receive_task,
+)
+
+FIELDS = {"run": 1, "round": 1, "nonce": "cd" * 16, "num_examples": 5, "metrics": {}}
+
+
+def spooled_payload(directory: Path, size: int = 200_000) -> tuple[bytes, Any]:
+    data = os.urandom(size)
+    frames = protocol.encode_binary(
+        protocol.BinaryMessage("update", dict(FIELDS), data), max_frame_bytes=16_000
+    )
+    reassembler = protocol.Reassembler(spool_dir=directory, spool_threshold=1000)
+    message = [reassembler.feed(frame) for frame in frames][-1]
+    assert message is not None and protocol.spooled_file(message.payload) is not None
+    return data, message.payload
+
+
+def test_a_spooled_payload_is_stored_by_linking_its_file(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    (tmp_path / "blobs").mkdir()
+    data, payload = spooled_payload(tmp_path / "blobs")
+    fd, _ = protocol.spooled_file(payload)
+
+    store.put("runs/1/update.safetensors", payload)
+    inode = os.fstat(fd).st_ino
+    del payload
+    gc.collect()
+
+    path = tmp_path / "blobs" / "runs" / "1" / "update.safetensors"
+    assert path.stat().st_ino == inode  # the received file itself: no second write
+    assert store.get("runs/1/update.safetensors") == data
+    assert sorted(p.name for p in path.parent.iterdir()) == ["update.safetensors"]
+
+
+def test_a_spooled_payload_that_cannot_be_linked_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    (tmp_path / "blobs").mkdir()
+    data, payload = spooled_payload(tmp_path / "blobs")
+
+    def cross_device(*_: Any, **__: Any) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    store.put("u.safetensors", payload)
+
+    assert store.get("u.safetensors") == data
+    assert [p.name for p in (tmp_path / "blobs").iterdir()] == ["u.safetensors"]
+
+
+@pytest.fixture(autouse=True)
+def _no_orchestrator(settings: Any) -> None:
+    settings.QUORUM_EMBEDDED_ORCHESTRATOR = False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_large_update_through_the_consumer_is_spooled_checked_and_stored() -> None:
+    round_, [(silo, token)] = await make_round_with(model={"kind": "mlp", "hidden": [1500, 1500]})
+    comm = await connect(token)
+    await hello(comm)
+    task = await receive_task(comm)
+    state = tensors.decode_state_dict(task.payload)
+    payload = tensors.encode_state_dict({k: v + 1 for k, v in state.items()})
+    assert len(payload) > protocol.DEFAULT_SPOOL_THRESHOLD
+    message = protocol.BinaryMessage(
+        "update",
+        {
+            "run": round_.run_id,
+            "round": 1,
+            "nonce": secrets.token_hex(16),
+            "num_examples": 9,
+            "metrics": {},
+        },
+        payload,
+    )
+
+    for frame in protocol.binary_frames(message):
+        await comm.send_to(bytes_data=frame)
+    ack = await receive_control(comm)
+
+    assert ack["type"] == "update_ack" and ack["status"] == "accepted"
+    update = await database_sync_to_async(Update.objects.get)(round=round_, silo=silo)
+    assert update.sha256 == tensors.sha256_hex(payload)
+    assert await database_sync_to_async(blob_store().get)(update.blob_key) == payload
+    await comm.disconnect()
+
+
+@database_sync_to_async
+def make_round_with(**spec: Any) -> tuple[Round, list[tuple[Silo, str]]]:
+    """A collecting round of one silo, for a plan with the given spec overrides."""
+    consortium = ConsortiumFactory()
+    silo = SiloFactory(organization__consortium=consortium)
+    return running_round([silo], **spec), [(silo, silo_issue_token(silo=silo))]
