@@ -169,6 +169,20 @@ if PRODUCTION and DATABASES["default"]["ENGINE"] != "django.db.backends.postgres
         f"the production profile needs PostgreSQL; DATABASE_URL names "
         f"{DATABASES['default']['ENGINE']}"
     )
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool(
+    "QUORUM_DB_POOL", PRODUCTION
+):
+    # A psycopg pool per process (Django's "pool" option). Without one, every database call of
+    # an agent connection opened a new PostgreSQL connection (CONN_MAX_AGE=0) and 1,000 agents
+    # connecting at once did not get through in 120 s (bench/load.py); persistent connections
+    # instead are per thread, which under ASGI means per request: a pool is Django's advice.
+    if DATABASES["default"]["CONN_MAX_AGE"]:
+        raise ImproperlyConfigured("CONN_MAX_AGE must be 0 with QUORUM_DB_POOL (the pool reuses)")
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env_int("QUORUM_DB_POOL_MIN", 1),
+        "max_size": env_int("QUORUM_DB_POOL_MAX", 20),
+        "timeout": env_float("QUORUM_DB_POOL_TIMEOUT", 30.0),
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # pytest-django creates (and drops) this database for a test session: one per test process.
     DATABASES["default"]["TEST"] = {
@@ -263,11 +277,19 @@ if PRODUCTION:
                         "socket_timeout": env_float("QUORUM_REDIS_SOCKET_TIMEOUT", 30.0),
                         "socket_connect_timeout": 5.0,
                         "socket_keepalive": True,
+                        # redis-py >= 8 caps a pool at 100 connections and *refuses* the 101st
+                        # concurrent command (MaxConnectionsError): with 1,000 agents saying
+                        # hello or heartbeating at once, consumers crashed (bench/load.py).
+                        "max_connections": env_int("QUORUM_REDIS_MAX_CONNECTIONS", 5000),
                     }
                 ],
                 # Agent connections last for days; consumers re-join their group on every
                 # heartbeat, so this only bounds how long a crashed process's channel lingers.
                 "group_expiry": env_int("QUORUM_GROUP_EXPIRY_SECONDS", 86400),
+                # Messages waiting for one ASGI process: channels_redis keys every consumer of a
+                # process to ONE Redis key and silently drops what exceeds this (default 100),
+                # so a round opened for 200 silos lost some of their tasks (bench/load.py).
+                "capacity": env_int("QUORUM_CHANNEL_LAYER_CAPACITY", 10000),
             },
         }
     }
@@ -324,3 +346,55 @@ QUORUM_SIGNING_KEY_FILE = Path(
 ).resolve()
 # GET /metrics (Prometheus text format) answers only with this bearer token; unset: off (404).
 QUORUM_METRICS_TOKEN = os.environ.get("QUORUM_METRICS_TOKEN", "")
+
+# Hostile input (docs/security.md, "Hostile input"; docs/operations.md lists them all).
+# A connection with a valid token that sends no hello within this long is closed (4408).
+QUORUM_HELLO_TIMEOUT_SECONDS = env_float("QUORUM_HELLO_TIMEOUT_SECONDS", 30.0)
+# A chunked binary message whose next frame does not arrive within this long is dropped and its
+# partial buffer freed (error "timeout"; the connection stays open).
+QUORUM_UPLOAD_STALL_SECONDS = env_float("QUORUM_UPLOAD_STALL_SECONDS", 120.0)
+# After this many refused agent tokens from one address within the window, that address's
+# connections are closed (1013, try again later) without a database look-up until the window
+# ends. Counted per server process. Refusals are audited as one aggregated event per interval.
+QUORUM_AGENT_AUTH_FAILURE_LIMIT = env_int("QUORUM_AGENT_AUTH_FAILURE_LIMIT", 10)
+QUORUM_AGENT_AUTH_FAILURE_WINDOW_SECONDS = env_float(
+    "QUORUM_AGENT_AUTH_FAILURE_WINDOW_SECONDS", 300.0
+)
+# At most this many token look-ups from one address in flight at once (more: "try again later").
+QUORUM_AGENT_AUTH_MAX_PENDING = env_int("QUORUM_AGENT_AUTH_MAX_PENDING", 100)
+QUORUM_AGENT_AUTH_AUDIT_INTERVAL_SECONDS = env_float(
+    "QUORUM_AGENT_AUTH_AUDIT_INTERVAL_SECONDS", 60.0
+)
+# Password sign-in (dashboard and admin): after this many failures for one username from one
+# address within the window, that pair is locked out for QUORUM_LOGIN_LOCKOUT_SECONDS (HTTP 429).
+# Counted in Django's cache: Redis in production, so every process sees the same counts.
+QUORUM_LOGIN_FAILURE_LIMIT = env_int("QUORUM_LOGIN_FAILURE_LIMIT", 5)
+QUORUM_LOGIN_FAILURE_WINDOW_SECONDS = env_int("QUORUM_LOGIN_FAILURE_WINDOW_SECONDS", 900)
+QUORUM_LOGIN_LOCKOUT_SECONDS = env_int("QUORUM_LOGIN_LOCKOUT_SECONDS", 900)
+AUTHENTICATION_BACKENDS = ["config.security.RateLimitedModelBackend"]
+if PRODUCTION:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": os.environ.get("QUORUM_CACHE_URL", REDIS_URL),
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Security headers on every response (config/security.py): a strict Content-Security-Policy
+# (scripts only from this server, no inline script), Permissions-Policy, and Django's own
+# nosniff, Referrer-Policy, Cross-Origin-Opener-Policy and X-Frame-Options.
+MIDDLEWARE.insert(1, "config.security.SecurityHeadersMiddleware")
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+# plotly.js sets style attributes and injects a <style> element: styles need 'unsafe-inline'
+# (scripts never do). It draws its mode bar icons and exports as data: and blob: images.
+QUORUM_CONTENT_SECURITY_POLICY = os.environ.get(
+    "QUORUM_CONTENT_SECURITY_POLICY",
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+)
+QUORUM_PERMISSIONS_POLICY = "camera=(), microphone=(), geolocation=(), payment=(), usb=()"

@@ -3,16 +3,12 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard.views import assets, audit, consortium, fairness, models, plans, runs
+from dashboard.views import assets, audit, auth, consortium, fairness, models, plans, runs
 
 app_name = "dashboard"
 urlpatterns = [
     path("", consortium.home, name="home"),
-    path(
-        "login/",
-        auth_views.LoginView.as_view(redirect_authenticated_user=True),
-        name="login",
-    ),
+    path("login/", auth.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
     path("consortia/<int:consortium_id>/", consortium.overview, name="overview"),
     path("consortia/<int:consortium_id>/plans/", plans.plan_list, name="plan_list"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -15,14 +16,44 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from fedcore import protocol
-from federation import dispatch, secagg_rounds, selectors
+from federation import dispatch, secagg_rounds, selectors, throttle
+from federation.services import agent_auth
 from federation.services import silos as silo_services
 from federation.services import updates as update_services
 
 log = logging.getLogger("quorum.agent_ws")
 
 CLOSE_AUTH_FAILED = 4401
+CLOSE_HELLO_TIMEOUT = 4408
 CLOSE_REPLACED = 4409
+# RFC 6455 "try again later": an address refused after too many bad tokens. Not an auth close
+# code, so an agent behind the same address reconnects after its backoff instead of stopping.
+CLOSE_TRY_AGAIN_LATER = 1013
+
+# Per process, never the database: see federation/throttle.py.
+_auth_failures: throttle.AuthFailureLimiter | None = None
+_auth_audit: throttle.AuthFailureAudit | None = None
+
+
+def auth_failure_tracking() -> tuple[throttle.AuthFailureLimiter, throttle.AuthFailureAudit]:
+    """This process's token-failure limiter and audit aggregator (built from settings once)."""
+    global _auth_failures, _auth_audit
+    if _auth_failures is None or _auth_audit is None:
+        _auth_failures = throttle.AuthFailureLimiter(
+            limit=settings.QUORUM_AGENT_AUTH_FAILURE_LIMIT,
+            window=settings.QUORUM_AGENT_AUTH_FAILURE_WINDOW_SECONDS,
+            max_pending=settings.QUORUM_AGENT_AUTH_MAX_PENDING,
+        )
+        _auth_audit = throttle.AuthFailureAudit(
+            interval=settings.QUORUM_AGENT_AUTH_AUDIT_INTERVAL_SECONDS
+        )
+    return _auth_failures, _auth_audit
+
+
+def reset_auth_failure_tracking() -> None:
+    """Forget every address's failures (tests; settings changes)."""
+    global _auth_failures, _auth_audit
+    _auth_failures = _auth_audit = None
 
 
 def bearer_token(scope: dict[str, Any]) -> str:
@@ -41,18 +72,38 @@ class AgentConsumer(AsyncWebsocketConsumer):
     silo_id: int | None = None
     silo_name: str = ""
     hello_done: bool = False
+    hello_received: bool = False  # a hello frame arrived (it may still wait for the database)
     replaced: bool = False  # a newer connection of the silo took over
+    # Deadlines of a slow peer (docs/security.md, "Hostile input"): hello, and a stalled upload.
+    hello_timer: asyncio.TimerHandle | None = None
+    upload_timer: asyncio.TimerHandle | None = None
 
     async def connect(self) -> None:
         """Accept, then authenticate the silo by its token."""
         if settings.QUORUM_PROFILE == "embedded" and settings.QUORUM_EMBEDDED_ORCHESTRATOR:
             dispatch.embedded.attach(asyncio.get_running_loop())
         await self.accept()
-        silo = await database_sync_to_async(silo_services.silo_authenticate)(
-            token=bearer_token(self.scope)
-        )
+        address = throttle.client_address(self.scope)
+        limiter, audit = auth_failure_tracking()
+        if limiter.blocked(address) or not limiter.begin(address):
+            # No token look-up at all: a flood from one address costs one dict read each.
+            await self.record_auth_failure(audit.failed(address, blocked=True))
+            await self.close(code=CLOSE_TRY_AGAIN_LATER)
+            return
+        try:
+            silo = await database_sync_to_async(silo_services.silo_authenticate)(
+                token=bearer_token(self.scope)
+            )
+        finally:
+            limiter.end(address)
         if silo is None:
-            log.warning("agent connection refused: unknown or revoked token")
+            now_blocked = limiter.failed(address)
+            log.warning(
+                "agent connection from %s refused: unknown or revoked token%s",
+                address,
+                "; the address is now blocked for a while" if now_blocked else "",
+            )
+            await self.record_auth_failure(audit.failed(address))
             await self.send_error(
                 "auth_failed", "the token is unknown or revoked; ask the consortium admin for one"
             )
@@ -62,12 +113,68 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.reassembler = protocol.Reassembler(
             max_message_bytes=settings.QUORUM_MAX_MESSAGE_BYTES,
             max_frame_bytes=settings.QUORUM_MAX_FRAME_BYTES,
+            # Large uploads go to an anonymous file on the blob store's filesystem as they
+            # arrive: not held in memory, and stored by linking that file (federation.storage).
+            spool_dir=settings.QUORUM_BLOB_DIR,
         )
+        self.deadline_tasks: set[asyncio.Future[None]] = set()
+        self.hello_timer = asyncio.get_running_loop().call_later(
+            settings.QUORUM_HELLO_TIMEOUT_SECONDS, self.deadline_passed, "hello"
+        )
+
+    async def record_auth_failure(self, data: dict[str, Any] | None) -> None:
+        """Write the aggregated audit event of refused tokens, when one is due."""
+        if data is not None:
+            await database_sync_to_async(agent_auth.agent_auth_failures_record)(data=data)
+
+    def deadline_passed(self, what: str) -> None:
+        """A slow-peer deadline fired (a loop callback): handle it in a task."""
+        handler = self.hello_timed_out if what == "hello" else self.upload_timed_out
+        task = asyncio.ensure_future(handler())
+        self.deadline_tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self.deadline_tasks.discard)
+
+    async def hello_timed_out(self) -> None:
+        """No hello in time: close, so idle authenticated sockets cannot pile up.
+
+        A hello that arrived but still waits for the database (a busy server) counts as in
+        time: closing it would only start a reconnect storm."""
+        if self.hello_done or self.hello_received:
+            return
+        log.warning("silo %s sent no hello in time: closing", self.silo_name)
+        try:
+            await self.send_error(
+                "timeout",
+                f"no 'hello' within {settings.QUORUM_HELLO_TIMEOUT_SECONDS:g} s of connecting",
+            )
+            await self.close(code=CLOSE_HELLO_TIMEOUT)
+        except OSError:  # the peer went away meanwhile (uvicorn's ClientDisconnected)
+            log.info("silo %s: gone before its hello deadline closed it", self.silo_name)
+
+    async def upload_timed_out(self) -> None:
+        """The chunks of a binary message stopped arriving: drop it and free its buffer."""
+        self.upload_timer = None
+        self.reassembler.reset()
+        log.warning("silo %s: chunked upload stalled; dropped", self.silo_name)
+        await self.send_error(
+            "timeout",
+            "the chunked message stalled: no frame for "
+            f"{settings.QUORUM_UPLOAD_STALL_SECONDS:g} s; it was dropped, send it again",
+        )
+
+    def cancel_deadlines(self) -> None:
+        """Stop the hello and upload timers (the connection is going away)."""
+        for timer in (self.hello_timer, self.upload_timer):
+            if timer is not None:
+                timer.cancel()
+        self.hello_timer = self.upload_timer = None
 
     async def disconnect(self, code: int) -> None:
         """Forget the connection unless a newer one replaced it."""
+        self.cancel_deadlines()
         if self.silo_id is None:
             return
+        self.reassembler.reset()  # free a partial upload now, not when the consumer is collected
         await self.channel_layer.group_discard(dispatch.silo_group(self.silo_id), self.channel_name)
         await database_sync_to_async(silo_services.silo_disconnect)(
             silo_id=self.silo_id, connection_id=self.channel_name
@@ -79,6 +186,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def send_error(self, code: str, reason: str, **fields: Any) -> None:
         """Send an error control frame."""
         await self.send(text_data=protocol.encode_error(code, reason, **fields))
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' dispatch, minus its database clean-up hop before each binary frame.
+
+        Channels runs ``close_old_connections`` in its sync thread before every handler: a
+        thread round trip per frame (about 100 for a 100 MB update), queued behind every other
+        connection's database work. A binary frame touches no database until its message is
+        complete, and that work goes through ``database_sync_to_async``, which closes stale
+        connections itself before and after. Everything else goes through Channels unchanged.
+        """
+        if message["type"] == "websocket.receive" and message.get("bytes") is not None:
+            await self.receive(bytes_data=message["bytes"])
+            return
+        await super().dispatch(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Route a frame: text frames are control messages, binary frames carry tensors."""
@@ -111,6 +232,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_hello(self, msg: dict[str, Any]) -> None:
         """Register the connection, welcome the agent and hand it any work it still owes."""
         assert self.silo_id is not None
+        self.hello_received = True
         replaced = await database_sync_to_async(silo_services.silo_connect)(
             silo_id=self.silo_id,
             connection_id=self.channel_name,
@@ -123,6 +245,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(secagg_rounds.silo_gone)(self.silo_id)
         await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         self.hello_done = True
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
         silo = await database_sync_to_async(
             lambda: selectors.Silo.objects.select_related("consortium").get(pk=self.silo_id)
         )()
@@ -142,9 +267,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_heartbeat(self, msg: dict[str, Any]) -> None:
         """Record liveness."""
         assert self.silo_id is not None
-        await database_sync_to_async(silo_services.silo_heartbeat)(
-            silo_id=self.silo_id, connection_id=self.channel_name
-        )
+        dispatch.heartbeats.record(self.silo_id, self.channel_name)  # batched: dispatch.py
         if not self.replaced:
             # Re-join the silo's group: a Redis channel layer forgets members after its
             # group_expiry (agents stay connected for days) and everything when Redis restarts.
@@ -191,12 +314,19 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if not self.hello_done:
             await self.send_error("invalid_field", "binary frame before 'hello': say hello first")
             return
+        if self.upload_timer is not None:
+            self.upload_timer.cancel()
+            self.upload_timer = None
         try:
             message = self.reassembler.feed(frame)
         except protocol.ProtocolError as exc:
             await self.send_error(exc.code, str(exc))
             return
         if message is None:
+            # A transfer is open: its next frame must come within the stall deadline.
+            self.upload_timer = asyncio.get_running_loop().call_later(
+                settings.QUORUM_UPLOAD_STALL_SECONDS, self.deadline_passed, "upload"
+            )
             return
         if message.type == "masked_update":
             await self.receive_masked_update(message)
@@ -208,6 +338,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
             return
         fields = message.fields
+        sent_at = fields.get("sent_at")
+        if sent_at is not None and isinstance(fields.get("metrics"), dict):
+            # The update's transfer time, agent clock to server clock (one host in a benchmark;
+            # across machines it includes their clock offset): recorded as metric
+            # transfer.upload_seconds next to what the agent measured.
+            fields["metrics"]["transfer"] = {"upload_seconds": max(0.0, time.time() - sent_at)}
         try:
             await database_sync_to_async(update_services.update_receive)(
                 silo_id=self.silo_id, fields=fields, payload=message.payload
@@ -257,9 +393,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         if message is None:
             return
-        for frame in protocol.encode_binary(
-            message, max_frame_bytes=settings.QUORUM_MAX_FRAME_BYTES
-        ):
+        message.fields["sent_at"] = time.time()  # the task's transfer starts (round_split)
+        # Hashing and framing megabytes off the event loop: 200 tasks at once stalled it for
+        # seconds and every connection's keepalive with it (bench/load.py).
+        frames = await asyncio.to_thread(
+            protocol.encode_binary, message, max_frame_bytes=settings.QUORUM_MAX_FRAME_BYTES
+        )
+        for frame in frames:
             await self.send(bytes_data=frame)
 
     async def run_stats_request(self, event: dict[str, Any]) -> None:

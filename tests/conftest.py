@@ -18,3 +18,14 @@ def _blob_dir(settings: pytest.FixtureRequest, tmp_path: Path) -> None:
 def _fast_password_hashing(settings: pytest.FixtureRequest) -> None:
     """PBKDF2 costs ~0.3 s a user; tests need passwords checked, not slow to crack."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_abuse_counters() -> None:
+    """Sign-in lock-outs (Django's cache) and agent token failures (per process) start empty."""
+    from django.core.cache import cache
+
+    from federation.consumers import reset_auth_failure_tracking
+
+    cache.clear()
+    reset_auth_failure_tracking()
