@@ -33,7 +33,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
@@ -58,6 +58,7 @@ from clientagent.records import (
     released_updates,
     short_hash,
 )
+from clientagent.residuals import ResidualStore
 from clientagent.secagg_session import SecAggSession
 from clientagent.trainer import (
     DATA_INVALID,
@@ -96,6 +97,23 @@ OPEN_TIMEOUT_SECONDS = 15.0
 WELCOME_TIMEOUT_SECONDS = 30.0
 MIN_HEARTBEAT_SECONDS = 1.0
 CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+def websocket_options() -> dict[str, Any]:
+    """The websockets connect() options of the agent's session (bench/serialization.py uses them).
+
+    Compression is off: permessage-deflate on model weights (float noise to zlib) costs
+    seconds per 100 MB for a few percent, and compressing what TLS then encrypts invites
+    CRIME-style length leaks. Control messages are small.
+    """
+    return {
+        "max_size": MAX_WS_MESSAGE_BYTES,
+        "compression": None,
+        "ping_interval": PING_INTERVAL_SECONDS,
+        "ping_timeout": PING_TIMEOUT_SECONDS,
+        "open_timeout": OPEN_TIMEOUT_SECONDS,
+        "close_timeout": CLOSE_TIMEOUT_SECONDS,
+    }
 
 
 class AuthRefused(Exception):
@@ -258,6 +276,8 @@ class Agent:
         self._cancel = threading.Event()
         self._train_lock = asyncio.Lock()
         self._jobs: dict[tuple[Any, ...], asyncio.Future[_BuiltUpdate]] = {}
+        # (run, round) -> seconds the task took from the server's sent_at to its last frame
+        self._download_seconds: dict[tuple[int, int], float] = {}
         self._last_update: _BuiltUpdate | None = None
         self._rounds: dict[int, int] = {}
 
@@ -336,12 +356,8 @@ class Agent:
 
     async def _connect(self) -> ClientConnection:
         options: dict[str, Any] = {
+            **websocket_options(),
             "additional_headers": {"Authorization": f"Bearer {self.config.server.token}"},
-            "max_size": MAX_WS_MESSAGE_BYTES,
-            "ping_interval": PING_INTERVAL_SECONDS,
-            "ping_timeout": PING_TIMEOUT_SECONDS,
-            "open_timeout": OPEN_TIMEOUT_SECONDS,
-            "close_timeout": CLOSE_TIMEOUT_SECONDS,
             "user_agent_header": f"quorum-agent/{__version__}",
         }
         options.update(self.connect_options)
@@ -495,9 +511,26 @@ class Agent:
         """
         budget = _TaskBudget(self, task.fields)
         update = handle_task(
-            task, self.data, silo=self.silo, observer=observer, cancel=self._cancel, budget=budget
+            task,
+            self.data,
+            silo=self.silo,
+            observer=observer,
+            cancel=self._cancel,
+            budget=budget,
+            residuals=ResidualStore(self.config.agent.state_dir / "residuals"),
         )
+        download = self._download_seconds.pop((task.fields["run"], task.fields["round"]), None)
+        if download is not None:  # what the task's transfer took (bench/round_split.py)
+            update.fields["metrics"].setdefault("timing", {})["download_seconds"] = download
         return update, budget.approved
+
+    def task_arrived(self, fields: Mapping[str, Any]) -> None:
+        """Note a task's transfer time: its last frame is in; ``sent_at`` is when it left."""
+        sent_at = fields.get("sent_at")
+        if sent_at is not None:
+            self._download_seconds[(fields["run"], fields["round"])] = max(
+                0.0, time.time() - float(sent_at)
+            )
 
     async def _train(
         self, task: protocol.BinaryMessage, label: str, key: tuple[Any, ...]
@@ -798,6 +831,7 @@ class _Session:
         if binary is None:
             return
         if binary.type == "task":
+            self.agent.task_arrived(binary.fields)
             self._spawn(self.agent.handle_task(binary, self), binary.fields)
         else:
             logger.warning("ignoring a %r binary message (not for agents)", binary.type)
@@ -903,23 +937,31 @@ class _Session:
         server), the bytes of all frames and, for a DP round (``privacy``), the epsilon the
         update adds to its run.
         """
+        # When the upload starts, by this machine's clock (the server measures the transfer).
+        if update.type == "update":
+            update = replace(update, fields={**update.fields, "sent_at": time.time()})
+        # Hashes the payload once (off the event loop); the frames themselves are built one at a
+        # time as they are sent, so a 100 MB update is not held twice.
         frames = await asyncio.to_thread(
-            protocol.encode_binary, update, max_frame_bytes=protocol.DEFAULT_MAX_FRAME_BYTES
+            protocol.binary_frames, update, max_frame_bytes=protocol.DEFAULT_MAX_FRAME_BYTES
         )
-        sha = await asyncio.to_thread(tensors.sha256_hex, update.payload)
         await asyncio.to_thread(
             self.agent.record_sent,
             "update",
             update.fields,
             plan_hash=plan_hash,
-            size=sum(len(frame) for frame in frames),
-            sha=sha,
+            size=frames.nbytes,
+            sha=frames.sha256,
             privacy=privacy,
         )
         await self.send_frames(frames)
 
-    async def send_frames(self, frames: list[bytes]) -> None:
-        """Send the frames of one binary message, never interleaved with another transfer."""
+    async def send_frames(self, frames: Iterable[bytes]) -> None:
+        """Send the frames of one binary message, never interleaved with another transfer.
+
+        Each send waits for the socket to drain below websockets' write limit, so at most a
+        frame or two sits in memory beyond the payload.
+        """
         async with self._binary_lock:
             for frame in frames:
                 await self.ws.send(frame)

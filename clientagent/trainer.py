@@ -45,6 +45,7 @@ import math
 import random
 import secrets
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,7 +55,8 @@ import torch
 from torch import nn
 
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
-from fedcore import fairness, models, protocol, tabular, tensors, training
+from clientagent.residuals import ResidualStore, matching
+from fedcore import compression, fairness, models, protocol, tabular, tensors, training
 from fedcore.privacy import accounting
 
 # Error codes of the ``error`` frames the agent sends (data_invalid is in protocol.ERROR_CODES).
@@ -147,6 +149,7 @@ class TrainingSettings:
     momentum: float
     weight_decay: float
     rounds: int | None = None  # the plan's training.rounds; required by DP plans
+    steps: int | None = None  # training.local_steps: optimizer steps per round instead of epochs
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, Any]) -> TrainingSettings:
@@ -172,6 +175,8 @@ class TrainingSettings:
             return value
 
         rounds = integer("rounds") if section.get("rounds") is not None else None
+        # local_steps replaces the local_epochs passes (still required by the plan spec).
+        steps = integer("local_steps") if section.get("local_steps") is not None else None
 
         optimizer = section.get("optimizer", "adam")
         if optimizer not in training.OPTIMIZERS:
@@ -187,6 +192,7 @@ class TrainingSettings:
             momentum=number("momentum", 0.0),
             weight_decay=number("weight_decay", 0.0),
             rounds=rounds,
+            steps=steps,
         )
         if settings.lr <= 0:
             raise PlanError(f"plan training.lr must be > 0, got {settings.lr!r}")
@@ -457,6 +463,11 @@ def round_privacy(
     """
     if not privacy.dp:
         return None
+    if settings.steps is not None:
+        raise PlanError(
+            "plan training.local_steps is not supported with differential privacy: the "
+            "accountant counts rounds of local_epochs; use local_epochs"
+        )
     if settings.rounds is None:
         raise PlanError("plan training.rounds is missing; a DP plan needs it to calibrate noise")
     try:
@@ -630,6 +641,7 @@ def handle_task(
     nonce: Callable[[], str] = lambda: secrets.token_hex(16),
     budget: PrivacyBudget | None = None,
     noise_source: random.Random | None = None,
+    residuals: ResidualStore | None = None,
 ) -> protocol.BinaryMessage:
     """Train the task's global model on the local data and build the ``update`` message.
 
@@ -655,15 +667,20 @@ def handle_task(
             before training. None: no round sent yet and no cap.
         noise_source: random source of the fairness counts' DP noise (tests inject a seeded
             one); None: the OS (``random.SystemRandom``).
+        residuals: where a ``topk`` plan's error-feedback residual of the run is kept across
+            rounds and restarts (written before this returns); None: none is kept (each round
+            starts from a zero residual).
 
     Returns:
         The ``update`` BinaryMessage: fields ``run``, ``round``, ``nonce``, ``num_examples``
         (train rows), ``metrics`` (``global``, ``local``, ``train_loss``, and without DP
-        ``global_train_loss``), ``silo``, in privacy mode ``sample`` ``privacy``
-        (``noise_multiplier``, ``sample_rate``, ``steps`` of this round, ``epsilon`` spent by
+        ``global_train_loss`` and ``timing``: ``train_seconds``, ``compute_seconds``),
+        ``silo``, in privacy mode ``sample`` ``privacy`` (``noise_multiplier``, ``sample_rate``, ``steps`` of this round, ``epsilon`` spent by
         the run at this site after this round), and for a plan with a fairness section
         ``fairness`` (:func:`fairness_counts` of the received global model on the test split);
-        payload the trained weights as safetensors.
+        payload the trained weights as safetensors, or for a plan with ``compression`` the
+        change from the global weights encoded by :mod:`fedcore.compression` and the field
+        ``compression`` naming the method.
 
     Raises:
         TaskError: ``invalid_task`` (the plan, preprocessing or global weights are unusable),
@@ -671,6 +688,7 @@ def handle_task(
             whatever ``budget.check`` raises (``policy_refused``).
         TrainingCancelled: ``cancel`` was set.
     """
+    started = time.perf_counter()
     fields = task.fields
     run, rnd = fields["run"], fields["round"]
     plan = fields["plan"]
@@ -688,6 +706,7 @@ def handle_task(
     except PlanError as exc:
         raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
     _check_combinations(privacy, aggregation, run, rnd)
+    packing = _compression_spec(plan, run, rnd)
     try:
         split = _prepare(plan, data, run, rnd)
         arrays = data.arrays(split, fields["preprocessing"])
@@ -741,8 +760,14 @@ def handle_task(
             observer.step(step, total)
 
     if observer is not None:
-        steps = settings.epochs * math.ceil(n_train / settings.batch_size)
-        observer.started(rows=n_train, epochs=settings.epochs, steps=steps)
+        if settings.steps is not None:
+            steps = settings.steps
+            epochs = math.ceil(steps / math.ceil(n_train / settings.batch_size))
+        else:
+            epochs = settings.epochs
+            steps = epochs * math.ceil(n_train / settings.batch_size)
+        observer.started(rows=n_train, epochs=epochs, steps=steps)
+    train_started = time.perf_counter()
     try:
         if privacy.mode == "sample":
             assert dp_round is not None
@@ -762,9 +787,11 @@ def handle_task(
                 on_batch=on_batch,
                 prox_mu=aggregation.prox_mu,
                 prox_reference=global_state if aggregation.prox_mu > 0 else None,
+                steps=settings.steps,
             )
     except training.TrainingError as exc:
         raise TaskError(TRAINING_FAILED, str(exc), run=run, round=rnd) from None
+    train_seconds = time.perf_counter() - train_started
     if observer is not None:
         observer.finished(train_loss=float(result["train_loss"]))
 
@@ -785,6 +812,14 @@ def handle_task(
             **extra_metrics,
         }
     )
+    if not privacy.dp:
+        # Where the round's time went at this site (bench/round_split.py): local training, and
+        # all of this function (data, evaluations, training) up to here. Not under DP: the
+        # release there is exactly what the privacy analysis covers.
+        metrics["timing"] = {
+            "train_seconds": train_seconds,
+            "compute_seconds": time.perf_counter() - started,
+        }
     update_fields: dict[str, Any] = {
         "run": run,
         "round": rnd,
@@ -804,9 +839,75 @@ def handle_task(
             "steps": int(result["steps"]),
             "epsilon": dp_round.epsilon_after,
         }
+    if not packing.compressed:
+        return protocol.BinaryMessage(
+            type="update", fields=update_fields, payload=tensors.encode_state_dict(state)
+        )
+    update_fields["compression"] = packing.method
+    wire = _compressed(state, global_state, packing, task, residuals)
     return protocol.BinaryMessage(
-        type="update", fields=update_fields, payload=tensors.encode_state_dict(state)
+        type="update", fields=update_fields, payload=tensors.encode_state_dict(wire)
     )
+
+
+def _compression_spec(plan: Mapping[str, Any], run: int, rnd: int) -> compression.CompressionSpec:
+    """The plan's compression, refused as invalid_task when unusable (before any training)."""
+    try:
+        spec = compression.CompressionSpec.from_plan(plan)
+    except compression.CompressionSpecError as exc:
+        raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
+    if spec.compressed and plan.get("secure_aggregation") is True:
+        raise TaskError(
+            INVALID_TASK,
+            f"compression {spec.method!r} cannot be combined with secure aggregation",
+            run=run,
+            round=rnd,
+        )
+    return spec
+
+
+def _compressed(
+    state: Mapping[str, torch.Tensor],
+    global_state: Mapping[str, torch.Tensor],
+    spec: compression.CompressionSpec,
+    task: protocol.BinaryMessage,
+    residuals: ResidualStore | None,
+) -> dict[str, torch.Tensor]:
+    """The wire tensors of the update; for top-k, the run's residual is updated and saved first.
+
+    Top-k adds the residual the round starts from (``ErrorFeedback.residual_for``: a rebuild of
+    the same round starts from the same one) and, with ``aggregation.norm_bound``, scales what
+    it sends to just under the bound (the rest stays in the residual).
+    """
+    run, rnd, plan_hash = task.fields["run"], task.fields["round"], task.fields["plan_hash"]
+    plan = task.fields["plan"]
+    feedback = compression.ErrorFeedback()
+    if spec.method == "topk" and residuals is not None:
+        feedback = residuals.load(run, plan_hash=plan_hash)
+    floating = {name: t for name, t in global_state.items() if t.is_floating_point()}
+    residual = matching(feedback.residual_for(rnd), floating)
+    bound = (plan.get("aggregation") or {}).get("norm_bound")
+    max_norm = float(bound) if isinstance(bound, int | float) and bound > 0 else None
+    try:
+        built = compression.compress_update(
+            state, global_state, spec, residual=residual, max_norm=max_norm
+        )
+    except compression.CompressionError as exc:
+        raise TaskError(TRAINING_FAILED, str(exc), run=run, round=rnd) from None
+    if spec.method == "topk" and residuals is not None:
+        # before: what this round really started from (a rebuild starts from it again)
+        feedback = compression.ErrorFeedback(round=rnd, before=residual, after=built.residual)
+        try:
+            residuals.save(run, feedback, plan_hash=plan_hash)
+        except OSError as exc:
+            raise TaskError(
+                "internal",
+                f"cannot save the top-k residual under {residuals.folder}: {exc}",
+                run=run,
+                round=rnd,
+                shared_reason="the site could not save its compression state",
+            ) from None
+    return built.tensors
 
 
 def _train_dp(

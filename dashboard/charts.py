@@ -205,10 +205,64 @@ def duration_chart(rounds: list[Any]) -> Chart:
     )
 
 
+def _bytes(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def traffic_chart(rounds: list[Any]) -> Chart:
+    """Per round attempt: the KiB the accepted updates took on the wire (compressed, as the
+    sites sent them) next to the dense models stored from them."""
+    with_updates = [r for r in rounds if r.updates_count]
+    labels = [_round_label(r) for r in with_updates]
+    received = [round((r.received_bytes or 0) / 1024, 1) for r in with_updates]
+    stored = [round((r.stored_bytes or 0) / 1024, 1) for r in with_updates]
+    fig = go.Figure(layout=_layout("Update traffic per round", "KiB", barmode="group"))
+    fig.update_xaxes(type="category", dtick=None)
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=received,
+            name="Received (wire)",
+            marker_color=SUMMARY_COLOURS["global"],
+            hovertemplate="%{y:,.1f} KiB",
+        )
+    )
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=stored,
+            name="Stored (dense)",
+            marker_color=SUMMARY_COLOURS["train"],
+            hovertemplate="%{y:,.1f} KiB",
+        )
+    )
+    table = ChartTable(
+        columns=["Round", "Updates", "Received (bytes)", "Stored (bytes)", "Received / stored"]
+    )
+    for r, label in zip(with_updates, labels, strict=True):
+        ratio = (
+            f"{r.received_bytes / r.stored_bytes:.3f}"
+            if r.received_bytes is not None and r.stored_bytes
+            else "-"
+        )
+        table.rows.append(
+            [label, str(r.updates_count), _bytes(r.received_bytes), _bytes(r.stored_bytes), ratio]
+        )
+    return Chart(
+        key="traffic",
+        title="Update traffic per round",
+        description="Bytes of the accepted updates per round as received over the wire (after the "
+        "plan's compression) and as stored (dense models).",
+        figure=_as_dict(fig),
+        table=table,
+        points=2 * len(with_updates),
+    )
+
+
 def run_charts(rounds: list[Any], metric_rows: list[dict[str, Any]]) -> list[Chart]:
     """Every chart of the run monitor, in page order."""
     charts = [metric_chart(metric, label, metric_rows) for metric, label in METRICS]
-    return [*charts, participation_chart(rounds), duration_chart(rounds)]
+    return [*charts, participation_chart(rounds), duration_chart(rounds), traffic_chart(rounds)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -329,6 +329,10 @@ class Update(models.Model):
     # Plans with a fairness section: the per-group confusion counts of the incoming global model
     # on the silo's held-out split, by sensitive attribute, as received (docs/fairness.md).
     fairness = models.JSONField(null=True, blank=True)
+    # What travelled: the payload bytes as received (compressed or not; size_bytes is the stored
+    # dense blob) and the plan's compression method ("" = dense weights). docs/architecture.md.
+    wire_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    compression = models.CharField(max_length=16, blank=True, default="")
     received_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from fedcore.compression import CompressionSpec, CompressionSpecError
 from fedcore.models import MODEL_KINDS, ModelSpecError, validate_model_spec
 from fedcore.privacy.accounting import PLAN_PRIVACY_DEFAULTS
 from fedcore.secure_updates import DEFAULT_CLIP, DEFAULT_MAX_EXAMPLES
@@ -55,6 +56,7 @@ ALLOWED_KEYS: tuple[str, ...] = (
     "secure_aggregation",
     "secagg",
     "fairness",
+    "compression",
 )
 # FedProx changes only local training (a proximal term at the agent); the server averages.
 FEDPROX = "fedprox"
@@ -210,10 +212,20 @@ def _training_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
     if not isinstance(training, dict):
         errors["training"] = "training must be an object with rounds, local_epochs, batch_size, lr"
         return
-    for key, low in (("rounds", 1), ("local_epochs", 1), ("batch_size", 1)):
+    # local_steps (optional): optimizer steps per round, replacing the local_epochs passes
+    # (local_epochs stays required: the privacy ledger reads it, and local_steps refuses DP).
+    steps = "local_steps" in training
+    for key, low in (("rounds", 1), ("local_epochs", 1), ("batch_size", 1), ("local_steps", 1)):
         value = training.get(key)
+        if key == "local_steps" and not steps:
+            continue
         if not _is_int(value) or value < low:
             errors[f"training.{key}"] = f"must be an integer >= {low}"
+    privacy = spec.get("privacy")
+    if steps and isinstance(privacy, dict) and privacy.get("mode", "none") != "none":
+        errors["training.local_steps"] = (
+            "is not supported with differential privacy (its accounting counts local_epochs)"
+        )
     lr = training.get("lr")
     if not _is_number(lr) or not 0 < lr < 10:
         errors["training.lr"] = "must be a number in (0, 10)"
@@ -235,8 +247,12 @@ def _scalar_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
         if not isinstance(evaluation, dict):
             errors["evaluation"] = "must be an object with test_fraction and seed"
         else:
-            if problem := _unknown_keys(evaluation, ("test_fraction", "seed")):
+            if problem := _unknown_keys(evaluation, ("test_fraction", "seed", "split_column")):
                 errors["evaluation"] = problem
+            # split_column: a data column with "train"/"test" per row fixes each site's split.
+            column = evaluation.get("split_column")
+            if column is not None and (not isinstance(column, str) or not column.strip()):
+                errors["evaluation.split_column"] = "must be the name of a data column"
             fraction = evaluation.get("test_fraction", 0.2)
             if not _is_number(fraction) or not 0 <= fraction < 1:
                 errors["evaluation.test_fraction"] = "must be a number in [0, 1)"
@@ -356,6 +372,24 @@ def _privacy_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
                 errors["privacy.adaptive_clip.count_noise_std"] = "must be a number > 0"
 
 
+def _compression_errors(spec: dict[str, Any], errors: dict[str, str]) -> None:
+    """The ``compression`` section (fedcore.compression) and what it cannot be combined with."""
+    if "compression" not in spec:
+        return
+    try:
+        compression = CompressionSpec.from_section(spec["compression"])
+    except CompressionSpecError as exc:
+        errors[exc.field] = str(exc)
+        return
+    if compression.compressed and spec.get("secure_aggregation") is True:
+        # The masked vector is dense 32-bit ring elements: a sparse or narrower update would
+        # have to be masked coordinate by coordinate in a layout every site agrees on.
+        errors["compression"] = (
+            f"{compression.method!r} cannot be combined with secure aggregation: its masked "
+            "vectors are dense 32-bit; use method 'none' or turn secure_aggregation off"
+        )
+
+
 def _fairness_errors(
     spec: dict[str, Any], schema: DatasetSchema | None, errors: dict[str, str]
 ) -> None:
@@ -469,6 +503,7 @@ def plan_spec_errors(spec: dict[str, Any], *, silos: Iterable[Any] | None = None
     _scalar_errors(spec, errors)
     _privacy_errors(spec, errors)
     _secagg_errors(spec, errors)
+    _compression_errors(spec, errors)
     _fairness_errors(spec, schema, errors)
     if silos is not None:
         silos = list(silos)

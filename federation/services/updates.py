@@ -14,7 +14,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from fedcore import tensors
+from fedcore import compression, tensors
 from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
 from federation.services import fairness as fairness_service
@@ -160,13 +160,22 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
     except tensors.TensorCodecError as exc:
         raise Refused("invalid_update", str(exc)) from exc
     reference = ModelVersion.objects.get(run=run, number=round_.number - 1)
+    global_state: tensors.StateDict | None = None
+    method = fields.get("compression")
+    stored = payload
+    if method is not None:
+        # Decoded here, before every other check: norm bound, DP and aggregation only ever see
+        # full weights, and the blob stored is the dense model (docs/architecture.md).
+        global_state = _global_state(reference)
+        state = _decompressed(run, method, state, global_state)
+        stored = tensors.encode_state_dict(state)
     _check_against_signature(state, reference.signature)
     bad = tensors.first_non_finite(state)
     if bad is not None:
         raise Refused("non_finite", f"tensor {bad!r} holds NaN or Inf values")
-    _check_norm_bound(run, state, reference)
+    _check_norm_bound(run, state, reference, global_state)
 
-    digest = tensors.sha256_hex(payload)
+    digest = tensors.sha256_hex(stored)
     key = update_key(
         run_id=run.pk,
         round_number=round_.number,
@@ -175,7 +184,7 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
         sha256=digest,
     )
     try:
-        blob_store().put(key, payload)
+        blob_store().put(key, stored)
     except BlobStoreError as exc:
         log.error("update of silo %s refused: %s", silo.name, exc)
         raise Refused(
@@ -189,7 +198,16 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
                     "wrong_round", f"round {round_.number} closed while the update arrived"
                 )
             _record_accepted(
-                run, round_, silo, fields, flat, dp_round, digest, len(payload), blob_key=key
+                run,
+                round_,
+                silo,
+                fields,
+                flat,
+                dp_round,
+                digest,
+                len(stored),
+                blob_key=key,
+                wire=(len(payload), method, tensors.sha256_hex(payload)) if method else None,
             )
             if fairness_counts is not None:
                 fairness_service.record_update_counts(
@@ -369,7 +387,42 @@ def _checked_fairness(run: Run, fields: dict[str, Any]) -> dict[str, Any] | None
         raise Refused("invalid_update", str(exc)) from None
 
 
-def _check_norm_bound(run: Run, state: dict[str, Any], reference: ModelVersion) -> None:
+def _global_state(reference: ModelVersion) -> tensors.StateDict:
+    try:
+        return tensors.decode_state_dict(blob_store().get(reference.blob_key))
+    except BlobStoreError as exc:
+        log.error("global model %s unreadable: %s", reference.blob_key, exc)
+        raise Refused(
+            "internal", "the server could not read the round's global model; it will ask again"
+        ) from exc
+
+
+def _decompressed(
+    run: Run, method: Any, wire: tensors.StateDict, global_state: tensors.StateDict
+) -> tensors.StateDict:
+    """The full weights a compressed update stands for, refused with the decoder's code."""
+    try:
+        spec = compression.CompressionSpec.from_plan(run.version.spec)
+    except compression.CompressionSpecError as exc:  # validated at proposal: cannot happen
+        raise Refused("internal", f"the plan's compression is invalid: {exc}") from exc
+    if method != spec.method:
+        raise Refused(
+            "invalid_update",
+            f"update compressed with {str(method)[:20]!r}, the plan's compression is "
+            f"{spec.method!r}",
+        )
+    try:
+        return compression.decompress_update(wire, spec, global_state)
+    except compression.CompressionError as exc:
+        raise Refused(exc.code, str(exc)) from exc
+
+
+def _check_norm_bound(
+    run: Run,
+    state: dict[str, Any],
+    reference: ModelVersion,
+    global_state: tensors.StateDict | None = None,
+) -> None:
     """Refuse an update whose change from the global model exceeds the plan's norm bound.
 
     With ``aggregation.norm_bound`` set, an update further than that (L2 over the floating
@@ -379,7 +432,8 @@ def _check_norm_bound(run: Run, state: dict[str, Any], reference: ModelVersion) 
     bound = (run.version.spec.get("aggregation") or {}).get("norm_bound")
     if bound is None:
         return
-    global_state = tensors.decode_state_dict(blob_store().get(reference.blob_key))
+    if global_state is None:
+        global_state = tensors.decode_state_dict(blob_store().get(reference.blob_key))
     squared = sum(
         float((state[name].double() - value.double()).pow(2).sum())
         for name, value in global_state.items()
@@ -404,9 +458,15 @@ def _record_accepted(
     size: int,
     *,
     blob_key: str,
+    wire: tuple[int, str, str] | None = None,
 ) -> None:
     """Rows of an accepted update (plain or masked): the update, its metrics, its sample-level
-    DP ledger entry and the audit event, in the caller's transaction."""
+    DP ledger entry and the audit event, in the caller's transaction.
+
+    ``wire`` is (payload bytes received, compression method or "", their SHA-256); None when
+    what was received is what is stored (``size``, ``digest``).
+    """
+    wire_bytes, method, wire_sha = wire if wire is not None else (size, "", digest)
     round_.updates.create(
         silo=silo,
         num_examples=fields["num_examples"],
@@ -415,6 +475,8 @@ def _record_accepted(
         size_bytes=size,
         blob_key=blob_key,
         metrics=fields["metrics"],
+        wire_bytes=wire_bytes,
+        compression=method,
     )
     RoundMetric.objects.bulk_create(
         RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
@@ -442,6 +504,9 @@ def _record_accepted(
     }
     if not blob_key:
         data["masked"] = True
+    if method:
+        # the sha256 the site's sent log holds is the one of what it sent
+        data |= {"compression": method, "wire_bytes": wire_bytes, "wire_sha256": wire_sha}
     audit_append(
         actor=f"silo:{silo.name}",
         action="update.accepted",

@@ -137,3 +137,50 @@ def test_agent_reconnects_after_the_server_restarts_and_trains(tmp_path: Path) -
     finally:
         for p in procs:
             p.stop()
+
+
+def test_a_topk_compressed_run_completes_and_the_server_stores_full_models(
+    tmp_path: Path,
+) -> None:
+    # An MLP of about 2,400 parameters: big enough that 5 % of it beats the headers.
+    plan, silos, server, agents = federation(
+        tmp_path,
+        2,
+        min_silos=2,
+        model={"kind": "mlp", "hidden": [64, 32]},
+        compression={"method": "topk", "ratio": 0.05},
+    )
+    procs = [server, *agents]
+    try:
+        server.start()
+        for a in agents:
+            a.start()
+        harness.wait_until(
+            lambda: online_count(silos) == 2, timeout=60, what="2 agents online", procs=procs
+        )
+        run = start_run(plan)
+        harness.wait_until(
+            lambda: not Run.objects.get(pk=run.pk).active,
+            timeout=120,
+            what="the run to end",
+            procs=procs,
+        )
+        run.refresh_from_db()
+        assert run.status == Run.Status.COMPLETED, run.error + "\n".join(p.tail() for p in procs)
+        signature = ModelVersion.objects.get(run=run, number=0).signature
+        updates = Update.objects.filter(round__run=run)
+        assert updates.count() == 4  # 2 rounds x 2 sites
+        for update in updates:
+            assert update.compression == "topk"
+            stored = tensors.decode_state_dict(blob_store().get(update.blob_key))
+            got = {n: [d, list(s)] for n, (d, s) in tensors.signature(stored).items()}
+            assert got == signature  # decoded to the full model before storage
+            assert update.wire_bytes < update.size_bytes / 3, (update.wire_bytes, update.size_bytes)
+        # error feedback: each site kept its residual of the run on disk
+        for silo in silos:
+            assert (
+                tmp_path / silo.name / ".quorum-agent" / "residuals" / f"run-{run.pk}.safetensors"
+            ).exists()
+    finally:
+        for p in procs:
+            p.stop()

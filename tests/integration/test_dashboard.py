@@ -221,9 +221,9 @@ def test_plan_page_shows_versions_hash_approval_state_and_decision_forms(world: 
 
 def test_run_monitor_has_a_chart_and_a_table_for_every_series(world: World) -> None:
     html = client_for(world.user("org_admin")).get(f"/runs/{world.run.pk}/").content.decode()
-    for key in ("loss", "accuracy", "auc", "participation", "duration"):
+    for key in ("loss", "accuracy", "auc", "participation", "duration", "traffic"):
         assert f'id="chart-{key}"' in html and f'id="table-{key}"' in html
-    assert html.count('<details class="chart-table">') == 5
+    assert html.count('<details class="chart-table">') == 6
     assert 'id="run-figures" type="application/json"' in html
     assert "/vendor/plotly-" in html and "cdn" not in html.lower()
     assert "Compliance report" not in html  # org admins do not read audit reports
@@ -248,7 +248,14 @@ def test_live_data_grows_with_each_round(world: World) -> None:
     client = client_for(world.user("steward"))
     before = client.get(f"/runs/{world.run.pk}/live.json").json()
     assert before["rounds_completed"] == 2 and before["status"] == "completed"
-    assert set(before["figures"]) == {"loss", "accuracy", "auc", "participation", "duration"}
+    assert set(before["figures"]) == {
+        "loss",
+        "accuracy",
+        "auc",
+        "participation",
+        "duration",
+        "traffic",
+    }
     assert before["figures"]["auc"]["data"][0]["x"] == [1, 2]
     add_round(world.run, 3)
     after = client.get(f"/runs/{world.run.pk}/live.json").json()
@@ -264,6 +271,21 @@ def test_participation_counts_dropouts(world: World) -> None:
     data = client_for(world.user("steward")).get(f"/runs/{world.run.pk}/live.json").json()
     answered, dropped = data["figures"]["participation"]["data"]
     assert answered["y"] == [3, 3, 1] and dropped["y"] == [0, 0, 2]
+
+
+def test_traffic_shows_wire_bytes_next_to_stored_bytes(world: World) -> None:
+    round_ = add_round(world.run, 3, answered=2)
+    round_.updates.update(wire_bytes=25, compression="topk")
+    data = client_for(world.user("steward")).get(f"/runs/{world.run.pk}/live.json").json()
+    received, stored = data["figures"]["traffic"]["data"]
+    # rounds 1 and 2: dense updates without a recorded wire size count their stored 100 bytes
+    assert received["x"] == ["1", "2", "3"]
+    per_round = [u * 100 / 1024 for u in (3, 3)] + [50 / 1024]
+    assert received["y"] == [round(v, 1) for v in per_round]
+    assert stored["y"] == [round(v, 1) for v in (300 / 1024, 300 / 1024, 200 / 1024)]
+    assert '<td class="num">50</td><td class="num">200</td><td class="num">0.250</td>' in (
+        data["tables"]["traffic"]
+    )
 
 
 def test_plotly_js_comes_from_the_installed_package_with_long_caching(client: Client) -> None:
