@@ -70,6 +70,21 @@ def evaluation_settings(plan: Mapping[str, Any]) -> tuple[float, int]:
     return float(fraction), seed
 
 
+def evaluation_split_column(plan: Mapping[str, Any]) -> str | None:
+    """The plan's ``evaluation.split_column``: a data column fixing each row's part, or None.
+
+    When set, the site's rows are split by that column ("train" / "test" per row,
+    :func:`fedcore.tabular.split_by_column`) and ``test_fraction`` and ``seed`` are not used.
+    """
+    evaluation = plan.get("evaluation", {})
+    if not isinstance(evaluation, Mapping):
+        raise PlanError("plan 'evaluation' must be an object")
+    column = evaluation.get("split_column")
+    if column is not None and (not isinstance(column, str) or not column.strip()):
+        raise PlanError(f"plan evaluation.split_column must be a column name, got {column!r}")
+    return column
+
+
 def parse_schema(plan: Mapping[str, Any]) -> tabular.DatasetSchema:
     """The DatasetSchema of a plan; PlanError if it is missing or invalid."""
     raw = plan.get("schema")
@@ -118,7 +133,9 @@ class LocalData:
         """Load, validate and split the data for a plan, reusing the cached split when possible.
 
         Args:
-            plan: the training plan; only its "schema" and "evaluation" matter here.
+            plan: the training plan; only its "schema" and "evaluation" matter here: the
+                holdout split with ``test_fraction`` and ``seed``, or the split the data's
+                ``evaluation.split_column`` fixes.
 
         Raises:
             PlanError: the plan's schema or evaluation settings are invalid.
@@ -127,20 +144,32 @@ class LocalData:
         """
         schema = parse_schema(plan)
         fraction, seed = evaluation_settings(plan)
+        split_column = evaluation_split_column(plan)
         # Keyed on what the split depends on, computed here rather than trusting the server's
         # plan_hash: two plans with the same schema share the split, a changed file reloads.
-        key = (
-            str(self.path),
-            *self._file_key(),
-            canonical_sha256({"schema": plan["schema"], "test_fraction": fraction, "seed": seed}),
-        )
+        settings: dict[str, Any] = {
+            "schema": plan["schema"],
+            "test_fraction": fraction,
+            "seed": seed,
+        }
+        if split_column is not None:
+            settings = {"schema": plan["schema"], "split_column": split_column}
+        key = (str(self.path), *self._file_key(), canonical_sha256(settings))
         with self._lock:
             if self._split is not None and self._split.key == key:
                 return self._split
-            # split_holdout validates the rows (tabular.validate_frame) and returns typed frames.
-            train, test = tabular.split_holdout(
-                self.load(), schema, test_fraction=fraction, seed=seed
-            )
+            # Both splits validate the rows (tabular.validate_frame) and return typed frames.
+            if split_column is not None:
+                try:
+                    train, test = tabular.split_by_column(self.load(), schema, split_column)
+                except tabular.DataValidationError:
+                    raise
+                except ValueError as exc:  # the column is one the schema uses
+                    raise PlanError(f"plan evaluation.split_column: {exc}") from None
+            else:
+                train, test = tabular.split_holdout(
+                    self.load(), schema, test_fraction=fraction, seed=seed
+                )
             self._split = LocalSplit(key=key, schema=schema, train=train, test=test)
             self._arrays = None
             return self._split

@@ -16,7 +16,12 @@ Conventions:
 * Text values are stripped of surrounding white space. Booleans accept t/f, true/false, yes/no,
   y/n, 1/0 in any case.
 * Numeric columns are standardised with the federated mean and population standard deviation
-  (after the optional ``log1p``); a constant column (std 0) is divided by 1 instead.
+  (after the optional ``log1p``); a constant column (std 0) is divided by 1 instead. A numeric
+  column with ``"scale": "none"`` is used as it is (after the optional ``log1p``; a missing value
+  becomes the federated mean): for features a site has already prepared itself, e.g.
+  standardised with its own statistics.
+* A plan may fix each row's part itself (``split_by_column``): a data column holding "train" or
+  "test" per row, instead of the seeded holdout split of ``split_holdout``.
 * Categorical columns are one-hot encoded over the sorted union of the categories seen at all
   sites. A category unknown to the fitted preprocessing (a site that joined later, say) encodes
   as an all-zero row, like scikit-learn's ``OneHotEncoder(handle_unknown="ignore")``.
@@ -45,6 +50,8 @@ __all__ = [
     "MISSING_CATEGORY",
     "MISSING_POLICIES",
     "MISSING_TOKENS",
+    "SCALINGS",
+    "SPLIT_VALUES",
     "TRANSFORMS",
     "ColumnSpec",
     "DataValidationError",
@@ -57,6 +64,7 @@ __all__ = [
     "local_statistics",
     "merge_statistics",
     "schema_hash",
+    "split_by_column",
     "split_holdout",
     "transform",
     "validate_frame",
@@ -64,6 +72,8 @@ __all__ = [
 
 COLUMN_TYPES: tuple[str, ...] = ("numeric", "categorical", "boolean")
 TRANSFORMS: tuple[str, ...] = ("none", "log1p")
+SCALINGS: tuple[str, ...] = ("standard", "none")
+SPLIT_VALUES: tuple[str, ...] = ("train", "test")
 MISSING_POLICIES: tuple[str, ...] = ("impute", "drop", "error")
 MISSING_CATEGORY = "__missing__"
 MISSING_TOKENS: tuple[str, ...] = ("", "?")
@@ -135,6 +145,7 @@ class ColumnSpec:
     type: str
     transform: str = "none"
     missing: str = "impute"
+    scale: str = "standard"
 
     def __post_init__(self) -> None:
         """Validate the column spec."""
@@ -159,6 +170,15 @@ class ColumnSpec:
                 f"{where}: missing policy {self.missing!r} is not supported; "
                 f"allowed: {', '.join(MISSING_POLICIES)}"
             )
+        if self.scale not in SCALINGS:
+            raise SchemaError(
+                f"{where}: scale {self.scale!r} is not supported; allowed: {', '.join(SCALINGS)}"
+            )
+        if self.scale != "standard" and self.type != "numeric":
+            raise SchemaError(
+                f"{where}: scale {self.scale!r} applies to numeric columns only (booleans and "
+                f"one-hot categories are never scaled); this column is {self.type}"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ColumnSpec:
@@ -166,28 +186,37 @@ class ColumnSpec:
 
         Args:
             data: ``{"name", "type", "transform" (default "none"), "missing" (default
-                "impute")}``.
+                "impute"), "scale" (numeric only: "standard", the default, or "none")}``.
 
         Raises:
             SchemaError: unknown or missing keys, or invalid values.
         """
         what = f"column {data.get('name')!r}" if isinstance(data, Mapping) else "column"
-        data = _check_keys(data, ("name", "type", "transform", "missing"), ("name", "type"), what)
+        data = _check_keys(
+            data, ("name", "type", "transform", "missing", "scale"), ("name", "type"), what
+        )
         return cls(
             name=data["name"],
             type=data["type"],
             transform=data.get("transform", "none"),
             missing=data.get("missing", "impute"),
+            scale=data.get("scale", "standard"),
         )
 
     def to_dict(self) -> dict[str, str]:
-        """Return the JSON form with every key present."""
-        return {
+        """Return the JSON form: every key present, except ``scale`` when it is the default.
+
+        (Leaving the default out keeps the hashes of schemas written before ``scale`` existed.)
+        """
+        result = {
             "name": self.name,
             "type": self.type,
             "transform": self.transform,
             "missing": self.missing,
         }
+        if self.scale != "standard":
+            result["scale"] = self.scale
+        return result
 
 
 def _value_tuple(values: object, key: str) -> tuple[str, ...] | None:
@@ -619,6 +648,60 @@ def split_holdout(
     return valid.iloc[np.flatnonzero(~test)], valid.iloc[np.flatnonzero(test)]
 
 
+def split_by_column(
+    df: pd.DataFrame, schema: DatasetSchema, column: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split validated rows into train and test parts by a column of the data.
+
+    For a split the site fixed itself (a published benchmark's, say): ``column`` holds
+    "train" or "test" (any case, surrounding white space ignored) in every row. It is read from
+    the raw frame and is never a feature, the target or a sensitive attribute.
+
+    Args:
+        df: the site's table (raw or validated); its index must be unique.
+        schema: the dataset schema.
+        column: the name of the split column.
+
+    Returns:
+        ``(train, test)``: validated typed frames (see ``validate_frame``), each in the original
+        row order with the original index.
+
+    Raises:
+        ValueError: ``column`` is not a name, or is a feature, target or sensitive column.
+        DataValidationError: the data does not match the schema, the column is absent, or a
+            row's value is neither "train" nor "test" (the message names the row).
+    """
+    if not isinstance(column, str) or not column.strip():
+        raise ValueError(f"the split column must be a non-empty name, got {column!r}")
+    used = {c.name for c in schema.columns} | {schema.target.column, *schema.sensitive}
+    if column in used:
+        raise ValueError(
+            f"the split column {column!r} is a feature, target or sensitive column of the "
+            "schema; name a column that only marks each row's part"
+        )
+    if column not in df.columns:
+        raise DataValidationError(
+            f"the split column {column!r} named by the plan is missing from the data; add a "
+            "column with 'train' or 'test' in every row"
+        )
+    if not df.index.is_unique:
+        raise DataValidationError("the data's row index must be unique to split it by a column")
+    raw = df[column]
+    missing = _missing_mask(raw)
+    parts = raw.astype(str).str.strip().str.lower().to_numpy(dtype=object)
+    bad = missing | ~np.isin(parts, SPLIT_VALUES)
+    if bad.any():  # every row, even one the "drop" policy removes: the column must be clean
+        row, value, extra = _first_bad(column, raw, bad)
+        raise DataValidationError(
+            f"split column {column!r}: value {value!r} at row {row} is neither 'train' nor "
+            f"'test'{extra}",
+            shareable=f"split column {column!r}: the value at row {row} is neither train nor test",
+        )
+    valid = validate_frame(df, schema)
+    test = parts[df.index.get_indexer(valid.index)] == "test"
+    return valid.iloc[np.flatnonzero(~test)], valid.iloc[np.flatnonzero(test)]
+
+
 # --------------------------------------------------------------------------------------------
 # Federated statistics
 
@@ -890,8 +973,8 @@ def transform(df: pd.DataFrame, schema: DatasetSchema, fitted: Mapping[str, Any]
 
     Returns:
         ``TabularData`` with X float32 (n, len(feature_names)), y float32 (n,) of 0/1 labels and
-        groups: sensitive column -> str array (n,). Missing numeric values become 0 (the mean),
-        missing booleans 0, unseen categories an all-zero one-hot block.
+        groups: sensitive column -> str array (n,). Missing numeric values become 0 (the mean;
+        the federated mean itself in a ``"scale": "none"`` column), missing booleans 0, unseen categories an all-zero one-hot block.
 
     Raises:
         SchemaError: ``fitted`` does not belong to ``schema``.
@@ -906,8 +989,12 @@ def transform(df: pd.DataFrame, schema: DatasetSchema, fitted: Mapping[str, Any]
     for column in schema.columns:
         if column.type == "numeric":
             stats = fitted["numeric"][column.name]
-            z = (_numeric_values(valid, column) - float(stats["mean"])) / float(stats["std"])
-            X[:, offset] = np.nan_to_num(z, nan=0.0)
+            if column.scale == "none":  # prepared by the site: as it is, missing -> the mean
+                values = _numeric_values(valid, column)
+                X[:, offset] = np.nan_to_num(values, nan=float(stats["mean"]))
+            else:
+                z = (_numeric_values(valid, column) - float(stats["mean"])) / float(stats["std"])
+                X[:, offset] = np.nan_to_num(z, nan=0.0)
             offset += 1
         elif column.type == "boolean":
             X[:, offset] = np.nan_to_num(valid[column.name].to_numpy(dtype=np.float64), nan=0.0)

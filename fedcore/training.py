@@ -151,8 +151,13 @@ def train_local(
     on_batch: Callable[[int, int], None] | None = None,
     prox_mu: float = 0.0,
     prox_reference: Mapping[str, torch.Tensor] | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place with binary cross-entropy on logits and mini-batch shuffling.
+
+    A fixed number of optimizer steps instead of epochs (``steps``; FLamby's "num_updates" and
+    Flower's local-steps setting): the data is reshuffled at the start of each pass and training
+    stops after exactly ``steps`` mini-batches, mid-pass if need be; ``epochs`` is then ignored.
 
     FedProx (Li et al., 2020, "Federated Optimization in Heterogeneous Networks"): with
     ``prox_mu > 0`` every step minimises ``BCE + prox_mu / 2 * ||w - w_ref||²`` over the trainable
@@ -164,7 +169,7 @@ def train_local(
             ``fedcore.models.build_model``. Updated in place; its train/eval mode is restored.
         X: feature matrix (n, d), n >= 1 (numpy array or tensor; converted to float32).
         y: binary labels 0/1, n values.
-        epochs: passes over the data, >= 1.
+        epochs: passes over the data, >= 1 (ignored when ``steps`` is given).
         batch_size: rows per optimizer step, >= 1; the last batch of an epoch may be smaller.
         lr: learning rate, > 0.
         optimizer: "adam" or "sgd".
@@ -178,11 +183,13 @@ def train_local(
             -> tensor, one for every trainable parameter, same shape. None uses the model's
             parameters as they are when the call starts: the global weights the agent has
             just loaded. Ignored when ``prox_mu`` is 0.
+        steps: None (train ``epochs`` passes) or the exact number of optimizer steps, >= 1.
 
     Returns:
-        ``{"train_loss": example-weighted mean loss over the last epoch, "epochs": int,
-        "steps": int}``. ``train_loss`` is the data loss only, without the proximal term, so it
-        compares across strategies.
+        ``{"train_loss": example-weighted mean loss over the last epoch (with ``steps``: over
+        the last full pass and the partial pass after it, or all steps if there are fewer than
+        a pass), "epochs": passes started, "steps": int}``. ``train_loss`` is the data loss only, without the proximal
+        term, so it compares across strategies.
 
     Raises:
         TrainingError: an argument is invalid, or the loss became NaN/Inf (lower ``lr``).
@@ -192,7 +199,9 @@ def train_local(
     labels = _labels(y, n)
     if n == 0:
         raise TrainingError("cannot train on 0 rows; check the site's data and split")
-    if not _is_int(epochs) or epochs < 1:
+    if steps is not None and (not _is_int(steps) or steps < 1):
+        raise TrainingError(f"steps must be None or an integer >= 1, got {steps!r}")
+    if steps is None and (not _is_int(epochs) or epochs < 1):
         raise TrainingError(f"epochs must be an integer >= 1, got {epochs!r}")
     if not _is_int(batch_size) or batch_size < 1:
         raise TrainingError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -224,9 +233,12 @@ def train_local(
     loss_fn = nn.BCEWithLogitsLoss()
     order = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(n / batch_size)
-    total_steps = epochs * steps_per_epoch
+    if steps is not None:
+        epochs = math.ceil(steps / steps_per_epoch)
+    total_steps = epochs * steps_per_epoch if steps is None else steps
     step = 0
     epoch_loss = 0.0
+    epoch_rows = 0
     was_training = model.training
     model.train()
     try:
@@ -235,8 +247,12 @@ def train_local(
             torch.manual_seed(seed)
             for epoch in range(1, epochs + 1):
                 permutation = torch.randperm(n, generator=order)
-                epoch_loss = 0.0
+                if step + steps_per_epoch <= total_steps or epoch == 1:
+                    # A full pass follows (or the only, partial one): the loss restarts.
+                    epoch_loss, epoch_rows = 0.0, 0
                 for start in range(0, n, batch_size):
+                    if step == total_steps:
+                        break
                     index = permutation[start : start + batch_size]
                     opt.zero_grad(set_to_none=True)
                     logits = model(features[index]).reshape(-1)
@@ -258,12 +274,13 @@ def train_local(
                     loss.backward()
                     opt.step()
                     epoch_loss += value * index.numel()
+                    epoch_rows += index.numel()
                     step += 1
                     if on_batch is not None:
                         on_batch(step, total_steps)
     finally:
         model.train(was_training)
-    return {"train_loss": epoch_loss / n, "epochs": epochs, "steps": step}
+    return {"train_loss": epoch_loss / epoch_rows, "epochs": epochs, "steps": step}
 
 
 def _prox_anchors(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Any
 
 import pytest
@@ -272,4 +273,23 @@ async def test_task_carries_a_grant_signed_for_exactly_this_silo_and_hash() -> N
         signing.verify_authorization(
             grant, public_key=other_key, plan=task.fields["plan"], silo=silo.name, run=round_.run_id
         )
+    await comm.disconnect()
+
+
+async def test_task_and_update_carry_the_stamps_that_time_their_transfer() -> None:
+    round_, [(silo, token)] = await make_round()
+    comm = await connect(token)
+    await hello(comm)
+    task = await receive_task(comm)
+    assert task.fields["sent_at"] <= time.time()  # the server's clock as it sent the task
+    state = tensors.decode_state_dict(task.payload)
+    sent_at = time.time() - 2.0  # as if the upload had taken two seconds
+    ack = await send_update(
+        comm, update_frames(state, run=round_.run_id, round_=1, sent_at=sent_at)
+    )
+    assert ack["type"] == "update_ack"
+    update = await database_sync_to_async(Update.objects.get)(round=round_, silo=silo)
+    upload = update.metrics["transfer"]["upload_seconds"]
+    assert upload >= 2.0  # the server's clock at receipt minus the agent's sent_at
+    assert update.metrics["train_loss"] == 0.5  # what the agent sent is kept as it was
     await comm.disconnect()

@@ -272,7 +272,16 @@ async def test_round_trip_then_reconnect_after_server_restart(tmp_path, caplog):
     assert stats["run"] == 5 and stats["stats"]["n_rows"] < 120  # train split only
     update: protocol.BinaryMessage = await server.next_event("update")
     assert update.fields["silo"] == "site-a" and update.fields["num_examples"] < 120
-    assert set(update.fields["metrics"]) == {"global", "local", "train_loss", "global_train_loss"}
+    assert set(update.fields["metrics"]) == {
+        "global",
+        "local",
+        "train_loss",
+        "global_train_loss",
+        "timing",
+    }
+    # This test server's task has no sent_at: no download time, only the site's own timings.
+    assert set(update.fields["metrics"]["timing"]) == {"train_seconds", "compute_seconds"}
+    assert isinstance(update.fields["sent_at"], float)  # when its upload started
     state = tensors.decode_state_dict(update.payload)
     assert sorted(state) == ["linear.bias", "linear.weight"]
     await wait_until(lambda: "round 1/3 accepted" in caplog.text)
@@ -325,8 +334,9 @@ async def test_same_task_after_reconnect_is_resent_without_retraining(tmp_path, 
 
     assert two.payload == one.payload
     assert two.fields["nonce"] != one.fields["nonce"]
-    assert {k: v for k, v in two.fields.items() if k != "nonce"} == {
-        k: v for k, v in one.fields.items() if k != "nonce"
+    # A fresh nonce and upload time; everything else as built the first time.
+    assert {k: v for k, v in two.fields.items() if k not in ("nonce", "sent_at")} == {
+        k: v for k, v in one.fields.items() if k not in ("nonce", "sent_at")
     }
     assert len(calls) == 1
     stop.set()

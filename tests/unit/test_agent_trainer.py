@@ -97,7 +97,10 @@ def test_update_has_the_global_models_tensors_and_the_promised_fields(data):
     assert update.fields["silo"] == "site-a"
     assert len(update.fields["nonce"]) == 32
     metrics = update.fields["metrics"]
-    assert set(metrics) == {"global", "local", "train_loss", "global_train_loss"}
+    assert set(metrics) == {"global", "local", "train_loss", "global_train_loss", "timing"}
+    timing = metrics["timing"]
+    assert set(timing) == {"train_seconds", "compute_seconds"}
+    assert 0 < timing["train_seconds"] <= timing["compute_seconds"]
     assert metrics["global"]["n"] == metrics["local"]["n"] == len(split.test)
     assert metrics["local"]["loss"] < metrics["global"]["loss"]
     # The update goes through the wire codec as is.
@@ -113,6 +116,8 @@ def test_same_task_gives_the_same_weights(data):
     second = handle_task(task, data, nonce=lambda: "0" * 32)
 
     assert first.payload == second.payload
+    for update in (first, second):
+        update.fields["metrics"].pop("timing")  # wall-clock durations: the only difference
     assert first.fields == second.fields
 
 

@@ -1,0 +1,203 @@
+"""Where a round's seconds go: training, transfer, aggregation and orchestration, end to end.
+
+    .venv/bin/python bench/round_split.py            # healthcare scenario, 5 sites, 20 rounds
+    .venv/bin/python bench/round_split.py --quick    # 3 rounds
+
+The healthcare demo's federation (UCI thyroid, five referral sources, the MLP 32-16 plan of
+``manage.py demo``) runs through a REAL federation (``bench/_federation.py``: the ASGI server in
+this process, five ``quorum-agent run`` processes, real websockets). Every figure comes from
+timestamps the system records on every round:
+
+* server (``federation.models.Round``): ``started_at`` (the round opens), ``aggregation_started_at``
+  (the collection closed), ``finished_at`` (the new model is stored and committed); per update
+  ``Update.received_at`` (validated and stored);
+* agent (the update's ``metrics.timing``, measured by ``clientagent.trainer.handle_task``):
+  ``train_seconds`` (local training), ``compute_seconds`` (all of handle_task: loading the
+  split, decoding the global weights, the two evaluations, training, encoding); measured by
+  ``clientagent.connection``: ``download_seconds``, from the server's ``sent_at`` stamp in the
+  task to the task's last frame at the agent;
+* transfer of the update (``metrics.transfer.upload_seconds``, added by the server's consumer):
+  from the agent's ``sent_at`` stamp in the update to its last frame at the server.
+
+The two transfer times compare two processes' wall clocks: on one host (here) that is exact;
+across machines it would include their clock offset. They are the whole hand-over, not only
+bytes on the wire: framing the message, the agent's fsynced sent-log line before an upload,
+and each side's event loop getting to the frames (which, on a loaded machine, dominates for a
+model of a few KiB).
+
+The split of one round follows its critical path, the silo whose update arrived last (the
+round waited for it):
+
+    training       = that silo's train_seconds
+    agent other    = its compute_seconds - train_seconds (evaluation, data, weights codec)
+    transfer       = its download_seconds + upload_seconds
+    aggregation    = finished_at - aggregation_started_at (server: strategy, blob, commit)
+    orchestration  = the rest of finished_at - started_at: dispatching the task, the agent's
+                     queueing, the server's receipt (validation, blob write, commit) and
+                     noticing that the round is complete
+
+Five agents share this machine's cores, so training times include waiting for a core, as they
+would on an overloaded site. Printed: the mean over rounds of each part, its share of the round,
+and per round the same split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._common import Table, write_results  # noqa: E402
+
+PARTS = ("training", "agent other", "transfer", "aggregation", "orchestration")
+
+
+def round_split(round_: Any) -> dict[str, Any]:
+    """The split of one completed round along its critical path (the last update received)."""
+    updates = list(round_.updates.select_related("silo").order_by("received_at"))
+    if not updates:
+        raise RuntimeError(f"round {round_.number} has no updates")
+    last = updates[-1]
+    timing = last.metrics.get("timing") or {}
+    transfer = last.metrics.get("transfer") or {}
+    missing = [
+        key
+        for key, source in (
+            ("train_seconds", timing),
+            ("compute_seconds", timing),
+            ("download_seconds", timing),
+            ("upload_seconds", transfer),
+        )
+        if source.get(key) is None
+    ]
+    if missing:
+        raise RuntimeError(
+            f"round {round_.number}: the update of {last.silo.name} lacks {missing}; the agent "
+            "or the server predates the round timing fields"
+        )
+    total = (round_.finished_at - round_.started_at).total_seconds()
+    training = float(timing["train_seconds"])
+    other = float(timing["compute_seconds"]) - training
+    transfer_s = float(timing["download_seconds"]) + float(transfer["upload_seconds"])
+    aggregation = (round_.finished_at - round_.aggregation_started_at).total_seconds()
+    orchestration = total - training - other - transfer_s - aggregation
+    return {
+        "round": round_.number,
+        "seconds": total,
+        "training": training,
+        "agent other": other,
+        "transfer": transfer_s,
+        "aggregation": aggregation,
+        "orchestration": orchestration,
+        "last silo": last.silo.name,
+        "mean train all silos": float(
+            np.mean(
+                [float((u.metrics.get("timing") or {}).get("train_seconds", 0)) for u in updates]
+            )
+        ),
+        "updates": len(updates),
+    }
+
+
+def main() -> None:
+    """Run the plan through the live federation and print the per-round split."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of the plan (default 20)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="3 rounds: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds = 3
+    started = time.monotonic()
+    import torch
+
+    torch.set_num_threads(1)  # the server's aggregation: tiny tensors, a shared machine
+
+    from bench._federation import LiveFederation, configure_django
+
+    home = configure_django()
+    from federation.demo.scenarios import SCENARIOS
+    from federation.models import Round
+
+    scenario = SCENARIOS["healthcare"](seed=args.seed)
+    plan = scenario.plan
+    plan["training"]["rounds"] = args.rounds
+    folder = Path(tempfile.mkdtemp(prefix="round-split-", dir=home))
+    sites = {}
+    for site, frame in scenario.sites.items():
+        path = folder / f"{site}.csv"
+        frame.to_csv(path, index=False)
+        sites[site] = (path, plan["schema"])
+    print(
+        f"round split: healthcare scenario, {len(sites)} sites "
+        f"({', '.join(f'{s} {len(f)}' for s, f in scenario.sites.items())} rows), "
+        f"{args.rounds} rounds, MLP {plan['model'].get('hidden')}",
+        flush=True,
+    )
+    fed = LiveFederation.start(sites)
+    try:
+        result = fed.run_plan(plan, name=f"round split seed {args.seed}")
+    finally:
+        fed.close()
+    rounds = Round.objects.filter(run=result.run, status=Round.Status.COMPLETED).order_by("number")
+    splits = [round_split(r) for r in rounds]
+
+    mean_round = float(np.mean([s["seconds"] for s in splits]))
+    summary = Table(
+        f"mean seconds per round over {len(splits)} rounds ({len(sites)} agents, one host)",
+        ["part", "seconds", "share %"],
+    )
+    for part in PARTS:
+        value = float(np.mean([s[part] for s in splits]))
+        summary.row(part, value, 100.0 * value / mean_round)
+    summary.row("round (end to end)", mean_round, 100.0)
+    summary.note(
+        "critical path: the silo whose update arrived last; training = its local training, "
+        "agent other = the rest of its task handling, transfer = task download + update upload"
+    )
+    summary.note(
+        f"mean local training over all silos: "
+        f"{float(np.mean([s['mean train all silos'] for s in splits])):.3f} s per round"
+    )
+    summary.print()
+
+    per_round = Table("per round", ["round", "seconds", *PARTS, "last silo"])
+    for s in splits:
+        per_round.row(s["round"], s["seconds"], *(s[p] for p in PARTS), s["last silo"])
+    per_round.print()
+    total = time.monotonic() - started
+    print(
+        f"run {result.seconds:.1f} s (statistics pass and {len(splits)} rounds); {total:.1f} s in all"
+    )
+    write_results(
+        "round_split",
+        {
+            "summary": summary,
+            "per_round": per_round,
+            "settings": {
+                "scenario": "healthcare",
+                "sites": len(sites),
+                "rounds": args.rounds,
+                "seed": args.seed,
+                "model": plan["model"],
+                "training": plan["training"],
+                "quick": args.quick,
+            },
+            "seconds": {"run": result.seconds, "total": total},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
