@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     ),
     "load": ("bench/load.py", [], ["--quick"]),
     "fuzz_frames": ("bench/fuzz_frames.py", [], ["--quick"]),
+    "hostile_flood": ("bench/hostile_flood.py", [], ["--quick"]),
     "demo_time": ("bench/demo_time.py", [], ["--rounds", "5"]),
     "poisoning": ("bench/poisoning.py", [], ["--rounds", "3"]),
 }
