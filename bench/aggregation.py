@@ -51,6 +51,7 @@ import ctypes
 import gc
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -580,8 +581,8 @@ def main() -> int:
             "updates (npy bytes / safetensors blobs) and deserialise inside the timing."
         )
         table.note(
-            f"torch intra-op threads: {args.torch_threads}; other engineers' jobs share "
-            "the 2 cores, so timings carry noise."
+            f"torch intra-op threads: {args.torch_threads}; load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other processes add noise)."
         )
         table.print()
         data["fedavg"] = table

@@ -370,7 +370,7 @@ def _combine(
     """
     store = blob_store()
     reference = ModelVersion.objects.get(run_id=round_.run_id, number=round_.number - 1)
-    global_state = tensors.decode_state_dict(store.get(reference.blob_key))
+    global_state = tensors.decode_state_dict(store.get_buffer(reference.blob_key))
     privacy = spec.get("privacy") or {}
     secure_mean = None
     if secagg_rounds.is_secure(spec):  # from the unmasked sum: no individual update exists
@@ -397,7 +397,7 @@ def _combine(
     else:
         streamed = (
             aggregation.ClientUpdate(
-                state=tensors.decode_state_dict(store.get(u["blob_key"])),
+                state=tensors.decode_state_dict(store.get_buffer(u["blob_key"])),
                 weight=float(u["num_examples"]),
                 client_id=u["silo_id"],
                 loss=u["metrics"].get("global_train_loss"),
@@ -461,7 +461,7 @@ def _client_dp_mean(
     mean = client_dp.DPFedAvg(clip=clip, noise_multiplier=update_z)
     reports = 0.0
     for u in updates:
-        state = tensors.decode_state_dict(store.get(u["blob_key"]))
+        state = tensors.decode_state_dict(store.get_buffer(u["blob_key"]))
         norm = mean.add({name: state[name] - global_state[name] for name in global_state})
         if adaptive is not None:
             reports += adaptive.client_report(norm)

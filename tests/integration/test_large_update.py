@@ -116,3 +116,21 @@ def make_round_with(**spec: Any) -> tuple[Round, list[tuple[Silo, str]]]:
     consortium = ConsortiumFactory()
     silo = SiloFactory(organization__consortium=consortium)
     return running_round([silo], **spec), [(silo, silo_issue_token(silo=silo))]
+
+
+def test_get_buffer_reads_a_blob_into_a_writable_buffer_that_decodes_without_a_copy(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    store = FilesystemBlobStore(tmp_path)
+    state = {"w": torch.arange(1000, dtype=torch.float32), "n": torch.tensor(3)}
+    store.put("runs/1/u.safetensors", tensors.encode_state_dict(state))
+    buffer = store.get_buffer("runs/1/u.safetensors")
+    assert isinstance(buffer, bytearray) and bytes(buffer) == store.get("runs/1/u.safetensors")
+    decoded = tensors.decode_state_dict(buffer)
+    assert torch.equal(decoded["w"], state["w"]) and int(decoded["n"]) == 3
+    decoded["w"][0] = 42.0  # the tensor shares the buffer: no second copy was made
+    assert tensors.decode_state_dict(buffer)["w"][0] == 42.0
+    with pytest.raises(OSError, match="could not read blob"):
+        store.get_buffer("runs/1/missing.safetensors")
