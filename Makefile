@@ -72,7 +72,9 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 install-bench: $(BENCH_VENV)/.installed
 
-bench: $(BENCH_VENV)/.installed
+# The test venv too: bench/load.py starts the production stack (Celery) from it, since Flower's
+# pins leave .venv-bench with a Celery that cannot talk to Redis.
+bench: $(BENCH_VENV)/.installed $(VENV)/.installed-dev
 	$(BPY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
