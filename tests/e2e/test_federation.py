@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fedcore import tensors
-from federation.models import ModelVersion, Round, Run, Silo, Update
+from federation.models import ModelVersion, Round, Run, Silo, TrainingPlan, Update
 from federation.server import free_port
 from federation.services.silos import silo_issue_token
 from federation.storage import blob_store
@@ -62,25 +62,34 @@ def online_count(silos: list[Silo]) -> int:
     return Silo.objects.filter(pk__in=[s.pk for s in silos], connection_id__isnull=False).count()
 
 
+def run_to_the_end(plan: TrainingPlan, silos: list[Silo], procs: list[harness.Proc]) -> Run:
+    """Start the server and the agents (in ``procs`` order), wait until every silo is online,
+    start a run of the plan and wait for its end; returns the run, checked completed."""
+    for proc in procs:
+        proc.start()
+    harness.wait_until(
+        lambda: online_count(silos) == len(silos),
+        timeout=60,
+        what=f"{len(silos)} agents online",
+        procs=procs,
+    )
+    run = start_run(plan)
+    harness.wait_until(
+        lambda: not Run.objects.get(pk=run.pk).active,
+        timeout=120,
+        what="the run to end",
+        procs=procs,
+    )
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED, run.error + "\n".join(p.tail() for p in procs)
+    return run
+
+
 def test_three_agents_train_two_rounds_through_the_real_server(tmp_path: Path) -> None:
     plan, silos, server, agents = federation(tmp_path, 3, min_silos=3)
     procs = [server, *agents]
     try:
-        server.start()
-        for a in agents:
-            a.start()
-        harness.wait_until(
-            lambda: online_count(silos) == 3, timeout=60, what="3 agents online", procs=procs
-        )
-        run = start_run(plan)
-        harness.wait_until(
-            lambda: not Run.objects.get(pk=run.pk).active,
-            timeout=120,
-            what="the run to end",
-            procs=procs,
-        )
-        run.refresh_from_db()
-        assert run.status == Run.Status.COMPLETED, run.error + "\n".join(p.tail() for p in procs)
+        run = run_to_the_end(plan, silos, procs)
         assert run.preprocessing, "the federated statistics pass fitted no preprocessing"
         rounds = Round.objects.filter(run=run).order_by("number")
         assert [r.number for r in rounds] == [1, 2]
@@ -152,21 +161,7 @@ def test_a_topk_compressed_run_completes_and_the_server_stores_full_models(
     )
     procs = [server, *agents]
     try:
-        server.start()
-        for a in agents:
-            a.start()
-        harness.wait_until(
-            lambda: online_count(silos) == 2, timeout=60, what="2 agents online", procs=procs
-        )
-        run = start_run(plan)
-        harness.wait_until(
-            lambda: not Run.objects.get(pk=run.pk).active,
-            timeout=120,
-            what="the run to end",
-            procs=procs,
-        )
-        run.refresh_from_db()
-        assert run.status == Run.Status.COMPLETED, run.error + "\n".join(p.tail() for p in procs)
+        run = run_to_the_end(plan, silos, procs)
         signature = ModelVersion.objects.get(run=run, number=0).signature
         updates = Update.objects.filter(round__run=run)
         assert updates.count() == 4  # 2 rounds x 2 sites
