@@ -679,29 +679,11 @@ class MemoryWatch:
         self._thread.join(timeout=2)
 
 
-def redis_url_with_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
-
-
 def claim_redis_db(base_url: str) -> tuple[str, Any]:
     """An empty Redis database number of our own (never 0), marked as claimed."""
-    import redis
+    from tests.redis_claim import claim_redis_db as claim
 
-    probe = redis.Redis.from_url(base_url, socket_connect_timeout=3)
-    try:
-        count = int(probe.config_get("databases").get("databases", 16))
-    except redis.ResponseError:
-        count = 16
-    for offset in range(count - 1):
-        number = 1 + (os.getpid() + offset) % (count - 1)
-        client = redis.Redis.from_url(redis_url_with_db(base_url, number), socket_connect_timeout=3)
-        if not client.set(REDIS_CLAIM_KEY, os.getpid(), nx=True, ex=7200):
-            continue
-        if client.dbsize() == 1:
-            return redis_url_with_db(base_url, number), client
-        client.delete(REDIS_CLAIM_KEY)
-    raise RuntimeError(f"no empty Redis database on {base_url}")
+    return claim(base_url, claim_key=REDIS_CLAIM_KEY, ttl=7200)
 
 
 def pg_admin(sql: str) -> None:

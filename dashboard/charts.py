@@ -218,24 +218,15 @@ def traffic_chart(rounds: list[Any]) -> Chart:
     stored = [round((r.stored_bytes or 0) / 1024, 1) for r in with_updates]
     fig = go.Figure(layout=_layout("Update traffic per round", "KiB", barmode="group"))
     fig.update_xaxes(type="category", dtick=None)
-    fig.add_trace(
-        go.Bar(
-            x=labels,
-            y=received,
-            name="Received (wire)",
-            marker_color=SUMMARY_COLOURS["global"],
-            hovertemplate="%{y:,.1f} KiB",
+    for name, values, colour in (
+        ("Received (wire)", received, SUMMARY_COLOURS["global"]),
+        ("Stored (dense)", stored, SUMMARY_COLOURS["train"]),
+    ):
+        fig.add_trace(
+            go.Bar(
+                x=labels, y=values, name=name, marker_color=colour, hovertemplate="%{y:,.1f} KiB"
+            )
         )
-    )
-    fig.add_trace(
-        go.Bar(
-            x=labels,
-            y=stored,
-            name="Stored (dense)",
-            marker_color=SUMMARY_COLOURS["train"],
-            hovertemplate="%{y:,.1f} KiB",
-        )
-    )
     table = ChartTable(
         columns=["Round", "Updates", "Received (bytes)", "Stored (bytes)", "Received / stored"]
     )

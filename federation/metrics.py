@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Count, Max, Sum
+from django.db.models import Count, Max, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
@@ -93,11 +93,22 @@ def quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def _counts(rows: Iterable[dict], key: str, choices: Iterable[str]) -> dict[str, int]:
+def _counts(queryset: QuerySet, field: str, choices: Iterable[str]) -> dict[str, int]:
+    """Rows of ``queryset`` per value of ``field``, every choice present (0 when none): one
+    GROUP BY query."""
     counts = dict.fromkeys(choices, 0)
-    for row in rows:
-        counts[row[key]] = row["n"]
+    for row in queryset.values(field).annotate(n=Count("id")).order_by():
+        counts[row[field]] = row["n"]
     return counts
+
+
+def _by_label(
+    out: Exposition, name: str, kind: str, help_text: str, label: str, counts: dict[str, int]
+) -> None:
+    """One family with a sample per label value."""
+    out.family(name, kind, help_text)
+    for value, n in counts.items():
+        out.sample(name, n, **{label: value})
 
 
 def render() -> str:
@@ -106,14 +117,14 @@ def render() -> str:
     out.family("quorum_build_info", "gauge", "Version and profile of the serving process.")
     out.sample("quorum_build_info", 1, version=VERSION, profile=settings.QUORUM_PROFILE)
 
-    admission = _counts(
-        models.Silo.objects.values("admission").annotate(n=Count("id")).order_by(),
+    _by_label(
+        out,
+        "quorum_silos",
+        "gauge",
+        "Registered silos by admission state.",
         "admission",
-        models.Silo.Admission.values,
+        _counts(models.Silo.objects, "admission", models.Silo.Admission.values),
     )
-    out.family("quorum_silos", "gauge", "Registered silos by admission state.")
-    for state, n in admission.items():
-        out.sample("quorum_silos", n, admission=state)
 
     connected = models.Silo.objects.filter(
         admission=models.Silo.Admission.ADMITTED, connection_id__isnull=False
@@ -128,23 +139,10 @@ def render() -> str:
     )
     out.sample("quorum_silos_stale", connected.filter(last_heartbeat__lt=stale_before).count())
 
-    runs = _counts(
-        models.Run.objects.values("status").annotate(n=Count("id")).order_by(),
-        "status",
-        models.Run.Status.values,
-    )
-    out.family("quorum_runs", "gauge", "Runs by status.")
-    for status, n in runs.items():
-        out.sample("quorum_runs", n, status=status)
-
-    rounds = _counts(
-        models.Round.objects.values("status").annotate(n=Count("id")).order_by(),
-        "status",
-        models.Round.Status.values,
-    )
-    out.family("quorum_rounds", "gauge", "Round attempts by status.")
-    for status, n in rounds.items():
-        out.sample("quorum_rounds", n, status=status)
+    runs = _counts(models.Run.objects, "status", models.Run.Status.values)
+    _by_label(out, "quorum_runs", "gauge", "Runs by status.", "status", runs)
+    rounds = _counts(models.Round.objects, "status", models.Round.Status.values)
+    _by_label(out, "quorum_rounds", "gauge", "Round attempts by status.", "status", rounds)
 
     recent = list(
         models.Round.objects.filter(status=models.Round.Status.COMPLETED, finished_at__isnull=False)
@@ -169,12 +167,7 @@ def render() -> str:
     out.sample("quorum_update_bytes_total", updates["size"] or 0)
 
     audit = _counts(
-        models.AuditEvent.objects.filter(action__in=WATCHED_ACTIONS)
-        .values("action")
-        .annotate(n=Count("id"))
-        .order_by(),
-        "action",
-        WATCHED_ACTIONS,
+        models.AuditEvent.objects.filter(action__in=WATCHED_ACTIONS), "action", WATCHED_ACTIONS
     )
     last_index = models.AuditEvent.objects.aggregate(last=Max("index"))["last"]
     out.family(

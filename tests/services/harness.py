@@ -18,13 +18,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 from django.conf import settings
 from django.db import connection
 
+from tests import redis_claim
 from tests.e2e import harness
 from tests.e2e.harness import Proc, wait_until
 
@@ -44,31 +45,9 @@ def database_url() -> str:
     return f"postgres://{auth}{host}:{port}/{quote(db['NAME'], safe='')}"
 
 
-def redis_url_with_db(url: str, db: int) -> str:
-    """The same Redis server, another database number."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
-
-
 def claim_redis_db(base_url: str) -> tuple[str, Any]:
-    """An empty Redis database number for this session, marked as ours (never 0: the default)."""
-    import redis
-
-    probe = redis.Redis.from_url(base_url, socket_connect_timeout=3)
-    try:
-        count = int(probe.config_get("databases").get("databases", 16))
-    except redis.ResponseError:  # CONFIG may be disabled; 16 is Redis's default
-        count = 16
-    start = os.getpid()
-    for offset in range(count - 1):
-        number = 1 + (start + offset) % (count - 1)
-        client = redis.Redis.from_url(redis_url_with_db(base_url, number), socket_connect_timeout=3)
-        if not client.set(REDIS_CLAIM_KEY, os.getpid(), nx=True, ex=3600):
-            continue  # another session's
-        if client.dbsize() == 1:
-            return redis_url_with_db(base_url, number), client
-        client.delete(REDIS_CLAIM_KEY)  # someone else's data lives here: leave it alone
-    raise RuntimeError(f"no empty Redis database on {base_url} to claim for the services suite")
+    """An empty Redis database number for this session, marked as ours."""
+    return redis_claim.claim_redis_db(base_url, claim_key=REDIS_CLAIM_KEY, ttl=3600)
 
 
 def write_site_csv(path: Path, seed: int, n: int = 150) -> Path:
