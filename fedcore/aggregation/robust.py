@@ -2,7 +2,9 @@
 
 Each needs every update of the round at once. The floating tensors of each update are flattened
 (sorted tensor names, float32; float64 if the model has a float64 tensor) into one row of an
-``n x P`` matrix. While that matrix fits in ``memory_budget_bytes`` its rows stay in RAM; as soon
+``n x P`` matrix; an update whose tensors already are contiguous CPU arrays of that dtype (a
+decoded blob) is read in place, not copied. While that matrix fits in ``memory_budget_bytes``
+its rows stay in RAM; as soon
 as the next row would exceed the budget, the rows go to a file in a temporary directory (removed
 afterwards), from which each column block is read with ``os.preadv`` into a block-sized array:
 the file's pages stay in the kernel's page cache (reclaimable) instead of being mapped into the
@@ -25,18 +27,23 @@ ones for Krum).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from fedcore.aggregation._kernels import (
     copy_measure_,
+    delta_squared_norm,
     first_non_finite,
     mean_of_rows,
     order_rows,
@@ -60,12 +67,30 @@ _SLAB_BYTES = 8 << 20
 
 
 class _UpdateMatrix:
-    """The round's flattened updates, one row each: in RAM within the budget, else in a file."""
+    """The round's flattened updates, one row each: in RAM within the budget, else in a file.
 
-    def __init__(self, width: int, dtype: np.dtype, budget: int, spill_dir: str | None) -> None:
-        self.width, self.dtype, self.budget, self.spill_dir = width, dtype, budget, spill_dir
-        self.rows: list[np.ndarray] = []
+    A row in RAM is either a copy (a view into a slab, see :meth:`new_row`) or, when the update's
+    floating tensors already are contiguous CPU arrays of the matrix dtype, those arrays
+    themselves (:meth:`adopt`: a list of one flat array per tensor, nothing copied). Column
+    blocks never straddle two tensors (:meth:`chunks`), so a block of an adopted row is a slice
+    of one of its arrays.
+    """
+
+    def __init__(
+        self, sizes: list[int], dtype: np.dtype, budget: int, spill_dir: str | None
+    ) -> None:
+        self.sizes = list(sizes)
+        self.offsets = list(itertools.accumulate(self.sizes, initial=0))[:-1]
+        self.width, self.dtype, self.budget, self.spill_dir = (
+            sum(self.sizes),
+            dtype,
+            budget,
+            spill_dir,
+        )
+        self.rows: list[np.ndarray | list[np.ndarray]] = []
         self.count = 0
+        # Adopted rows whose delta norm (and finiteness) the rule measures itself; see Krum.
+        self.unmeasured: list[tuple[int, _Screened]] = []
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._file: BinaryIO | None = None
         self._reader: int | None = None  # file descriptor of the spill file once finished
@@ -83,6 +108,24 @@ class _UpdateMatrix:
         """Bytes per row."""
         return self.width * self.dtype.itemsize
 
+    def _next_row_fits(self) -> bool:
+        return not self.spilled and (
+            (self.count + 1) * self.row_bytes <= self.budget or not self.width
+        )
+
+    def adopt(self, parts: list[np.ndarray]) -> bool:
+        """Keep an update's own arrays (one per floating tensor, in layout order) as the next row.
+
+        Nothing is copied; the arrays are only read. Returns False, keeping nothing, when the
+        row would exceed the budget (the caller then copies it with :meth:`new_row`, which
+        spills).
+        """
+        if not self._next_row_fits():
+            return False
+        self.rows.append(parts)
+        self.count += 1
+        return True
+
     def new_row(self) -> np.ndarray:
         """A writable row for the next update, to fill and then :meth:`commit`.
 
@@ -91,11 +134,12 @@ class _UpdateMatrix:
         :func:`fedcore.aggregation._kernels.empty`). Once the next row would exceed the budget,
         the rows kept so far go to the spill file and every later row reuses one buffer.
         """
-        if not self.spilled and (self.count + 1) * self.row_bytes > self.budget and self.width:
+        if not self.spilled and not self._next_row_fits():
             self._tempdir = tempfile.TemporaryDirectory(prefix="quorum-agg-", dir=self.spill_dir)
             self._file = open(Path(self._tempdir.name) / "updates.f", "wb")  # noqa: SIM115
             for kept in self.rows:
-                self._file.write(kept.data)
+                for part in [kept] if isinstance(kept, np.ndarray) else kept:
+                    self._file.write(part.data)
             self.rows, self._slab = [], None
         if self._file is not None:
             if self._spill_row is None:
@@ -124,14 +168,23 @@ class _UpdateMatrix:
             self._reader = os.open(Path(self._tempdir.name) / "updates.f", os.O_RDONLY)
 
     def chunks(self, width: int | None = None) -> Iterator[tuple[int, int]]:
-        """Column ranges ``[start, stop)``: by default blocks of about an L2 cache.
+        """Column ranges ``[start, stop)``, within one tensor each: by default about an L2 cache.
 
         Args:
             width: columns per block instead of the cache-sized default.
         """
         step = width or row_block_width(max(1, self.count), self.dtype.itemsize)
-        for start in range(0, self.width, step):
-            yield start, min(self.width, start + step)
+        for offset, size in zip(self.offsets, self.sizes, strict=True):
+            for start in range(offset, offset + size, step):
+                yield start, min(offset + size, start + step)
+
+    def _piece(self, row: np.ndarray | list[np.ndarray], start: int, stop: int) -> np.ndarray:
+        """Columns ``[start, stop)`` (within one tensor) of a row in RAM, as a view."""
+        if isinstance(row, np.ndarray):
+            return row[start:stop]
+        index = bisect.bisect_right(self.offsets, start) - 1
+        base = self.offsets[index]
+        return row[index][start - base : stop - base]
 
     def columns(self, start: int, stop: int) -> np.ndarray:
         """Return columns ``[start, stop)`` of every row as a new (n, stop - start) array."""
@@ -139,7 +192,7 @@ class _UpdateMatrix:
             return self._read(range(self.count), start, stop)
         if not self.rows:
             return np.zeros((self.count, stop - start), dtype=self.dtype)
-        return np.stack([row[start:stop] for row in self.rows])
+        return np.stack([self._piece(row, start, stop) for row in self.rows])
 
     def columns_into(self, out: np.ndarray, start: int, stop: int) -> None:
         """Write columns ``[start, stop)`` of every row into ``out`` (n x width), casting."""
@@ -147,13 +200,20 @@ class _UpdateMatrix:
             out[:] = self.columns(start, stop)
             return
         for target, row in zip(out, self.rows, strict=True):
-            target[:] = row[start:stop]
+            target[:] = self._piece(row, start, stop)
 
     def select_columns(self, rows: list[int], start: int, stop: int) -> np.ndarray:
         """Columns ``[start, stop)`` of the given rows only, as a new array."""
         if self._reader is not None:
             return self._read(rows, start, stop)
-        return np.stack([self.rows[r][start:stop] for r in rows])
+        return np.stack([self._piece(self.rows[r], start, stop) for r in rows])
+
+    def first_non_finite(self, row: int, names: list[str]) -> str | None:
+        """Name of the first tensor (``names`` in layout order) of a row holding NaN or Inf."""
+        for name, offset, size in zip(names, self.offsets, self.sizes, strict=True):
+            if size and not np.isfinite(self.select_columns([row], offset, offset + size)).all():
+                return name
+        return None
 
     def _read(self, rows: Iterable[int], start: int, stop: int) -> np.ndarray:
         """Read columns ``[start, stop)`` of the given rows from the spill file."""
@@ -180,6 +240,7 @@ class _UpdateMatrix:
             os.close(self._reader)
             self._reader = None
         self._slab = self._spill_row = None
+        self.unmeasured = []
         if self._tempdir is not None:
             self._tempdir.cleanup()
         self.rows = []
@@ -223,6 +284,29 @@ class _Layout:
             offset += size
         return row, squared
 
+    def arrays(self, state: Mapping[str, torch.Tensor]) -> list[np.ndarray] | None:
+        """The update's floating tensors as flat numpy views, or None if one would need a copy.
+
+        Views exist for contiguous CPU tensors of the row dtype (what decoded blobs give);
+        anything else (another dtype, a GPU tensor, a strided or conjugate view) is copied by
+        :meth:`flatten` instead.
+        """
+        parts = []
+        for name in self.names:
+            tensor = state[name].detach()
+            if (
+                tensor.dtype != self.torch_dtype
+                or tensor.device.type != "cpu"
+                or tensor.layout != torch.strided
+                or not tensor.is_contiguous()
+            ):
+                return None
+            try:
+                parts.append(tensor.reshape(-1).numpy())
+            except (RuntimeError, TypeError):  # conjugate or negative views refuse .numpy()
+                return None
+        return parts
+
     def unflatten(self, row: np.ndarray) -> StateDict:
         """A flat row back to tensors of the model's shapes and dtypes."""
         flat = torch.from_numpy(np.ascontiguousarray(row, dtype=self.np_dtype))
@@ -230,6 +314,14 @@ class _Layout:
         for name, part in zip(self.names, torch.split(flat, self.sizes), strict=True):
             result[name] = part.reshape(self.shapes[name]).to(self.dtypes[name], copy=True)
         return result
+
+
+def _record(update: _Screened, squared: float) -> None:
+    """Record a deferred update's delta norm from ``||Δ||²``; refuse it if that is not finite."""
+    if not math.isfinite(squared):
+        bad = first_non_finite(update.state)
+        raise ValueError(f"{update.where}: tensor {bad!r} holds NaN or Inf; refuse this update")
+    update.record_norm(math.sqrt(squared))
 
 
 def _mean_block(block: np.ndarray) -> np.ndarray:
@@ -243,6 +335,8 @@ class _Robust(Strategy):
     SPEC_PARAMS: ClassVar[tuple[str, ...]] = ("memory_budget_bytes", *Strategy.SPEC_PARAMS)
     streaming: ClassVar[bool] = False
     fuses_screening: ClassVar[bool] = True
+    #: True when ``_rule`` measures adopted rows itself (``matrix.unmeasured``).
+    measures_rows: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -282,7 +376,7 @@ class _Robust(Strategy):
         """Stack the updates (RAM or disk), then run the rule chunk by chunk."""
         layout = _Layout(global_state)
         matrix = _UpdateMatrix(
-            layout.width, layout.np_dtype, self.memory_budget_bytes, self.spill_dir
+            layout.sizes, layout.np_dtype, self.memory_budget_bytes, self.spill_dir
         )
         accepted: list[_Screened] = []
         integer_states: list[dict[str, torch.Tensor]] = []
@@ -290,24 +384,33 @@ class _Robust(Strategy):
         cache: dict[torch.dtype, torch.Tensor] = {}
         try:
             for update in updates:
-                # Deferred screening: the NaN/Inf check and the delta norm come from the same
-                # pass that copies the update into its row.
+                # Deferred screening: the NaN/Inf check and the delta norm come from the pass
+                # that copies the update into its row, from one read-only pass over an adopted
+                # row, or (Krum) from the Gram matrix of the deltas.
                 deferred = update.deferred is not None
-                row, squared = layout.flatten(
-                    update.state,
-                    out=matrix.new_row(),
-                    reference=global_state if deferred else None,
-                    cache=cache,
-                )
-                if deferred:
-                    if math.isnan(squared):
-                        bad = first_non_finite(update.state)
-                        raise ValueError(
-                            f"{update.where}: tensor {bad!r} holds NaN or Inf; refuse this update"
+                parts = layout.arrays(update.state)
+                if parts is not None and matrix.adopt(parts):
+                    del parts
+                    if deferred and self.measures_rows:  # without the state: nothing kept alive
+                        matrix.unmeasured.append((matrix.count - 1, replace(update, state={})))
+                    elif deferred:
+                        squared = sum(
+                            delta_squared_norm(update.state[name], global_state[name], cache)
+                            for name in layout.names
                         )
-                    update.record_norm(math.sqrt(squared))
-                matrix.commit(row)
-                del row
+                        _record(update, squared)
+                else:
+                    del parts
+                    row, squared = layout.flatten(
+                        update.state,
+                        out=matrix.new_row(),
+                        reference=global_state if deferred else None,
+                        cache=cache,
+                    )
+                    if deferred:
+                        _record(update, squared)
+                    matrix.commit(row)
+                    del row
                 # Keep only the small integer tensors of each update (Krum needs them by row).
                 integer_states.append(
                     {name: update.state[name].detach().to("cpu").clone() for name in integers.names}
@@ -440,6 +543,7 @@ class Krum(_Robust):
 
     name: ClassVar[str] = "krum"
     SPEC_PARAMS: ClassVar[tuple[str, ...]] = ("f", *_Robust.SPEC_PARAMS)
+    measures_rows: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -484,13 +588,23 @@ class Krum(_Robust):
         accepted: list[_Screened],
     ) -> tuple[np.ndarray, list[int], dict[str, Any]]:
         """Score every update from the pairwise distances, average the best ``m``."""
+        # The Gram matrix first: a NaN/Inf update is refused as such, whatever the count.
+        gram = _delta_gram(matrix, layout, global_state)
+        for row, update in matrix.unmeasured:  # adopted rows: their ||Δ||² is on the diagonal
+            squared = float(gram[row, row])
+            if not math.isfinite(squared):
+                bad = matrix.first_non_finite(row, layout.names)
+                raise ValueError(
+                    f"{update.where}: tensor {bad!r} holds NaN or Inf; refuse this update"
+                )
+            update.record_norm(math.sqrt(squared))
         n = matrix.count
         if n < 2 * self.f + 3:
             raise ValueError(
                 f"{self.name} with f={self.f} needs at least 2f + 3 = {2 * self.f + 3} "
                 f"updates, got {n}; lower f or wait for more sites"
             )
-        scores = krum_scores(_squared_distances(matrix, layout, global_state), self.f)
+        scores = krum_scores(_squared_distances(gram), self.f)
         m = self._selection_size(n)
         selected = sorted(np.argsort(scores, kind="stable")[:m].tolist())
         result = np.empty(matrix.width, dtype=matrix.dtype)
@@ -552,27 +666,34 @@ class MultiKrum(Krum):
         return n - self.f if self.m is None else min(self.m, n)
 
 
-def _squared_distances(
+def _delta_gram(
     matrix: _UpdateMatrix, layout: _Layout, global_state: Mapping[str, torch.Tensor]
 ) -> np.ndarray:
-    """Pairwise squared Euclidean distances of the rows, from one Gram matrix of the deltas."""
+    """The Gram matrix ``G[i, j] = Δ_i · Δ_j`` of the rows' deltas from the global model.
+
+    Accumulated in float64 over column blocks: each block's float32 values are cast (exactly)
+    and the global model's subtracted, so the deltas are exact and the distances derived from
+    ``G`` agree with brute force to about 1e-12. ``block @ block.T`` is one BLAS ``syrk`` call
+    (numpy recognises a product with its own transpose): half the multiplications of a general
+    product. BLAS runs on one thread here: on a busy machine spinning BLAS threads made these
+    small products many times slower, and one thread is stable.
+    """
     n = matrix.count
     reference = layout.flatten(global_state)[0].astype(np.float64)
     gram = np.zeros((n, n), dtype=np.float64)
-    # Wider blocks than the order statistics use: the product's cost is per column, and BLAS
-    # runs best on long rows. n x 8192 float64 deltas: 3.2 MiB for 50 updates.
-    # The product runs in torch (its thread setting, stable under load), not numpy's BLAS,
-    # whose spinning threads made small products 10-100x slower on a busy 2-core machine.
+    # n x 8192 float64 deltas: 3.2 MiB for 50 updates, within L2 + L3 on the way to BLAS.
     deltas = np.empty((n, _GRAM_COLUMNS), dtype=np.float64)
-    product = torch.empty((n, n), dtype=torch.float64)
-    total = torch.from_numpy(gram)
-    for start, stop in matrix.chunks(_GRAM_COLUMNS):
-        block = deltas[:, : stop - start]
-        matrix.columns_into(block, start, stop)  # float32 -> float64: the deltas are exact
-        block -= reference[start:stop]
-        rows = torch.from_numpy(block)
-        torch.mm(rows, rows.T, out=product)
-        total += product
+    with threadpool_limits(limits=1, user_api="blas"):
+        for start, stop in matrix.chunks(_GRAM_COLUMNS):
+            block = deltas[:, : stop - start]
+            matrix.columns_into(block, start, stop)  # float32 -> float64: the deltas are exact
+            block -= reference[start:stop]
+            gram += block @ block.T
+    return gram
+
+
+def _squared_distances(gram: np.ndarray) -> np.ndarray:
+    """Pairwise squared Euclidean distances ``||a||² + ||b||² - 2 a·b`` from a Gram matrix."""
     squared = np.diag(gram)
     distances = squared[:, None] + squared[None, :] - 2.0 * gram
     np.maximum(distances, 0.0, out=distances)  # rounding can make a tiny distance negative

@@ -350,6 +350,63 @@ def test_memmap_spill_gives_the_in_ram_result(spec, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the spill directory is removed
 
 
+ROBUST_SPECS = [
+    {"strategy": "median"},
+    {"strategy": "trimmed_mean", "beta": 0.2},
+    {"strategy": "krum", "f": 2},
+    {"strategy": "multi_krum", "f": 2},
+]
+
+
+# 48,000 weights: several column blocks per tensor (Gram blocks are 8192 wide, order-statistic
+# blocks 35,746 for 11 rows); a row is 192 KB: a 500 KB budget keeps two rows, then spills.
+BIG = (8000, 6)
+
+
+@pytest.mark.parametrize("spec", ROBUST_SPECS)
+@pytest.mark.parametrize("budget", [None, 500_000])
+def test_rows_read_in_place_and_rows_copied_give_the_same_result(spec, budget, tmp_path):
+    # Contiguous float32 tensors are read where they are (adopted); a transposed view must be
+    # copied into a row. Mixing both kinds, in RAM or spilling part-way, changes nothing.
+    updates = random_updates(11, seed=7, shape=BIG)
+    global_state = random_updates(1, seed=8, shape=BIG)[0][0]
+    mixed = [
+        ({**state, "w": state["w"].T.contiguous().T} if index % 3 == 0 else state, weight)
+        for index, (state, weight) in enumerate(updates)
+    ]
+    assert not mixed[0][0]["w"].is_contiguous() and mixed[1][0]["w"].is_contiguous()
+    params = spec if budget is None else {**spec, "memory_budget_bytes": budget}
+
+    adopted = make_strategy(params, spill_dir=tmp_path).aggregate(global_state, updates, round=1)
+    both = make_strategy(params, spill_dir=tmp_path).aggregate(global_state, mixed, round=1)
+
+    assert all(torch.equal(both.state[k], adopted.state[k]) for k in adopted.state)
+    assert both.stats.get("selected") == adopted.stats.get("selected")
+    assert adopted.stats["spilled_to_disk"] is (budget is not None)
+    # Delta norms agree whichever pass measured them (copy, read-only pass, Gram diagonal).
+    fedavg = make_strategy({"strategy": "fedavg"}).aggregate(global_state, updates, round=1)
+    np.testing.assert_allclose(both.stats["delta_norms"], fedavg.stats["delta_norms"], rtol=1e-6)
+    np.testing.assert_allclose(
+        adopted.stats["delta_norms"], fedavg.stats["delta_norms"], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("spec", ROBUST_SPECS)
+@pytest.mark.parametrize("budget", [None, 500_000])
+def test_a_non_finite_update_is_refused_by_name_in_ram_or_spilled(spec, budget, tmp_path):
+    updates = random_updates(11, seed=9, shape=BIG)
+    bad = dict(updates[1][0])
+    bad["w"] = bad["w"].clone()
+    bad["w"][7000, 2] = math.inf  # in the second tensor (after "b"), in a later column block
+    updates[1] = (bad, 1.0)
+    global_state = random_updates(1, seed=10, shape=BIG)[0][0]
+    params = spec if budget is None else {**spec, "memory_budget_bytes": budget}
+
+    with pytest.raises(ValueError, match=r"update #1: tensor 'w' holds NaN or Inf"):
+        make_strategy(params, spill_dir=tmp_path).aggregate(global_state, updates, round=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- norm bound and flags -----------------------------------------------------------------------
 
 
