@@ -65,7 +65,15 @@ def test_demo_refuses_bad_flags_clearly(tmp_path: Path) -> None:
 
 def test_dp_demo_spends_at_most_the_target_and_the_ledger_agrees(tmp_path: Path) -> None:
     result = run_demo(
-        tmp_path, "--scenario", "finance", "--rounds", "2", "--dp", "sample", "--target-epsilon", "2"
+        tmp_path,
+        "--scenario",
+        "finance",
+        "--rounds",
+        "2",
+        "--dp",
+        "sample",
+        "--target-epsilon",
+        "2",
     )
 
     privacy = result["privacy"]

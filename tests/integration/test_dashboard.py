@@ -283,8 +283,9 @@ def test_traffic_shows_wire_bytes_next_to_stored_bytes(world: World) -> None:
     per_round = [u * 100 / 1024 for u in (3, 3)] + [50 / 1024]
     assert received["y"] == [round(v, 1) for v in per_round]
     assert stored["y"] == [round(v, 1) for v in (300 / 1024, 300 / 1024, 200 / 1024)]
-    assert '<td class="num">50</td><td class="num">200</td><td class="num">0.250</td>' in (
-        data["tables"]["traffic"]
+    assert (
+        '<td class="num">50</td><td class="num">200</td><td class="num">0.250</td>'
+        in (data["tables"]["traffic"])
     )
 
 

@@ -631,7 +631,13 @@ def test_an_organisation_approves_a_version_once(g: Governed) -> None:
         approve(second_steward, plan)
 
 
-DP_PRIVACY = {"mode": "sample", "target_epsilon": 3.0, "noise_multiplier": None, "clip": 1.0, "delta": 1e-5}
+DP_PRIVACY = {
+    "mode": "sample",
+    "target_epsilon": 3.0,
+    "noise_multiplier": None,
+    "clip": 1.0,
+    "delta": 1e-5,
+}
 
 
 def test_a_plan_over_a_silos_privacy_budget_cannot_be_approved(g: Governed) -> None:
@@ -640,7 +646,9 @@ def test_a_plan_over_a_silos_privacy_budget_cannot_be_approved(g: Governed) -> N
     plan = propose(g, privacy=DP_PRIVACY)
     before = snapshot()
 
-    with pytest.raises(Conflict, match=f"silo '{g.silos[1].name}': after this plan .* over its budget"):
+    with pytest.raises(
+        Conflict, match=f"silo '{g.silos[1].name}': after this plan .* over its budget"
+    ):
         approve(g.stewards[0], plan)
 
     assert snapshot() == before

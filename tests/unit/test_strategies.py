@@ -386,9 +386,7 @@ def test_rows_read_in_place_and_rows_copied_give_the_same_result(spec, budget, t
     # Delta norms agree whichever pass measured them (copy, read-only pass, Gram diagonal).
     fedavg = make_strategy({"strategy": "fedavg"}).aggregate(global_state, updates, round=1)
     np.testing.assert_allclose(both.stats["delta_norms"], fedavg.stats["delta_norms"], rtol=1e-6)
-    np.testing.assert_allclose(
-        adopted.stats["delta_norms"], fedavg.stats["delta_norms"], rtol=1e-6
-    )
+    np.testing.assert_allclose(adopted.stats["delta_norms"], fedavg.stats["delta_norms"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("spec", ROBUST_SPECS)
