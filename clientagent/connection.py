@@ -693,6 +693,17 @@ class Agent:
         if self._last_update is not None and self._last_update.key[0] == run:
             self._last_update = None
         self.data.clear()
+        store = ResidualStore(self.config.agent.state_dir / "residuals")
+        try:
+            if store.forget(run):
+                logger.info("run %d: its top-k residual %s is deleted", run, store.path(run))
+        except OSError as exc:
+            logger.warning(
+                "run %d: cannot delete the top-k residual %s (%s); delete it by hand",
+                run,
+                store.path(run),
+                exc,
+            )
 
     def _forget_update(self, run: int, rnd: int) -> None:
         if self._last_update is not None and self._last_update.key[:2] == (run, rnd):

@@ -82,9 +82,17 @@ class ResidualStore:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
 
-    def forget(self, run: int) -> None:
-        """Delete a run's file (its run is over)."""
-        self.path(run).unlink(missing_ok=True)
+    def forget(self, run: int) -> bool:
+        """Delete a run's file (its run is over); True if there was one.
+
+        Raises:
+            OSError: it exists but cannot be deleted.
+        """
+        try:
+            self.path(run).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
 
 def matching(

@@ -171,11 +171,18 @@ def test_a_topk_compressed_run_completes_and_the_server_stores_full_models(
             got = {n: [d, list(s)] for n, (d, s) in tensors.signature(stored).items()}
             assert got == signature  # decoded to the full model before storage
             assert update.wire_bytes < update.size_bytes / 3, (update.wire_bytes, update.size_bytes)
-        # error feedback: each site kept its residual of the run on disk
-        for silo in silos:
-            assert (
+        # error feedback: each site kept its residual of the run on disk until the run ended
+        for silo, agent in zip(silos, agents, strict=True):
+            residual = (
                 tmp_path / silo.name / ".quorum-agent" / "residuals" / f"run-{run.pk}.safetensors"
-            ).exists()
+            )
+            harness.wait_until(
+                lambda agent=agent: f"run {run.pk}: its top-k residual" in agent.tail(100_000),
+                timeout=30,
+                what=f"{silo.name} to delete its residual",
+                procs=procs,
+            )
+            assert not residual.exists()
     finally:
         for p in procs:
             p.stop()

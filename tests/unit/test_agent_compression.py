@@ -88,3 +88,24 @@ def test_bad_compression_or_secagg_with_compression_is_invalid_task(data) -> Non
         with pytest.raises(TaskError) as caught:
             handle_task(make_task(data, plan=plan), data)
         assert caught.value.code == INVALID_TASK
+
+
+def test_the_end_of_a_run_deletes_its_residual_and_only_its_own(tmp_path, caplog) -> None:
+    from clientagent.config import load_config
+    from clientagent.connection import Agent
+    from tests.unit.test_agent_session import write_site
+
+    agent = Agent(
+        load_config(write_site(tmp_path, "ws://127.0.0.1:9/ws/agent/")), progress_tty=False
+    )
+    store = ResidualStore(agent.config.agent.state_dir / "residuals")
+    for run in (5, 6):
+        store.save(run, compression.ErrorFeedback(), plan_hash="h")
+
+    with caplog.at_level("INFO", logger="clientagent.connection"):
+        agent.on_run_finished({"run": 5, "status": "completed"})
+        agent.on_run_finished({"run": 7, "status": "failed"})  # no residual: nothing to say
+
+    assert not store.path(5).exists() and store.path(6).exists()
+    deleted = [r.getMessage() for r in caplog.records if "top-k residual" in r.getMessage()]
+    assert deleted == [f"run 5: its top-k residual {store.path(5)} is deleted"]
