@@ -127,7 +127,8 @@ def test_get_buffer_reads_a_blob_into_a_writable_buffer_that_decodes_without_a_c
     state = {"w": torch.arange(1000, dtype=torch.float32), "n": torch.tensor(3)}
     store.put("runs/1/u.safetensors", tensors.encode_state_dict(state))
     buffer = store.get_buffer("runs/1/u.safetensors")
-    assert isinstance(buffer, bytearray) and bytes(buffer) == store.get("runs/1/u.safetensors")
+    assert isinstance(buffer, memoryview) and not buffer.readonly
+    assert bytes(buffer) == store.get("runs/1/u.safetensors")
     decoded = tensors.decode_state_dict(buffer)
     assert torch.equal(decoded["w"], state["w"]) and int(decoded["n"]) == 3
     decoded["w"][0] = 42.0  # the tensor shares the buffer: no second copy was made
