@@ -123,10 +123,10 @@ class FilesystemBlobStore:
         try:
             with open(self._path(key), "rb", buffering=0) as fh:
                 size = os.fstat(fh.fileno()).st_size
-                view = buffer = writable_buffer(size)
+                buffer = writable_buffer(size)
                 done = 0
                 while done < size:
-                    n = fh.readinto(view[done:])
+                    n = fh.readinto(buffer[done:])
                     if not n:
                         raise BlobStoreError(f"blob {key!r} shrank while being read")
                     done += n

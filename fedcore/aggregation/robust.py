@@ -32,8 +32,9 @@ import itertools
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
@@ -81,12 +82,8 @@ class _UpdateMatrix:
     ) -> None:
         self.sizes = list(sizes)
         self.offsets = list(itertools.accumulate(self.sizes, initial=0))[:-1]
-        self.width, self.dtype, self.budget, self.spill_dir = (
-            sum(self.sizes),
-            dtype,
-            budget,
-            spill_dir,
-        )
+        self.width = sum(self.sizes)
+        self.dtype, self.budget, self.spill_dir = dtype, budget, spill_dir
         self.rows: list[np.ndarray | list[np.ndarray]] = []
         self.count = 0
         # Adopted rows whose delta norm (and finiteness) the rule measures itself; see Krum.
@@ -316,11 +313,13 @@ class _Layout:
         return result
 
 
-def _record(update: _Screened, squared: float) -> None:
-    """Record a deferred update's delta norm from ``||Δ||²``; refuse it if that is not finite."""
+def _record(update: _Screened, squared: float, bad: Callable[[], str | None]) -> None:
+    """Record a deferred update's delta norm from ``||Δ||²``; refuse it if that is not finite.
+
+    ``bad`` names the first tensor holding NaN or Inf (asked only for a refused update).
+    """
     if not math.isfinite(squared):
-        bad = first_non_finite(update.state)
-        raise ValueError(f"{update.where}: tensor {bad!r} holds NaN or Inf; refuse this update")
+        raise ValueError(f"{update.where}: tensor {bad()!r} holds NaN or Inf; refuse this update")
     update.record_norm(math.sqrt(squared))
 
 
@@ -389,8 +388,9 @@ class _Robust(Strategy):
                 # row, or (Krum) from the Gram matrix of the deltas.
                 deferred = update.deferred is not None
                 parts = layout.arrays(update.state)
-                if parts is not None and matrix.adopt(parts):
-                    del parts
+                adopted = parts is not None and matrix.adopt(parts)
+                del parts
+                if adopted:
                     if deferred and self.measures_rows:  # without the state: nothing kept alive
                         matrix.unmeasured.append((matrix.count - 1, replace(update, state={})))
                     elif deferred:
@@ -398,9 +398,8 @@ class _Robust(Strategy):
                             delta_squared_norm(update.state[name], global_state[name], cache)
                             for name in layout.names
                         )
-                        _record(update, squared)
+                        _record(update, squared, partial(first_non_finite, update.state))
                 else:
-                    del parts
                     row, squared = layout.flatten(
                         update.state,
                         out=matrix.new_row(),
@@ -408,7 +407,7 @@ class _Robust(Strategy):
                         cache=cache,
                     )
                     if deferred:
-                        _record(update, squared)
+                        _record(update, squared, partial(first_non_finite, update.state))
                     matrix.commit(row)
                     del row
                 # Keep only the small integer tensors of each update (Krum needs them by row).
@@ -591,13 +590,9 @@ class Krum(_Robust):
         # The Gram matrix first: a NaN/Inf update is refused as such, whatever the count.
         gram = _delta_gram(matrix, layout, global_state)
         for row, update in matrix.unmeasured:  # adopted rows: their ||Δ||² is on the diagonal
-            squared = float(gram[row, row])
-            if not math.isfinite(squared):
-                bad = matrix.first_non_finite(row, layout.names)
-                raise ValueError(
-                    f"{update.where}: tensor {bad!r} holds NaN or Inf; refuse this update"
-                )
-            update.record_norm(math.sqrt(squared))
+            _record(
+                update, float(gram[row, row]), partial(matrix.first_non_finite, row, layout.names)
+            )
         n = matrix.count
         if n < 2 * self.f + 3:
             raise ValueError(
