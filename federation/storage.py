@@ -77,6 +77,7 @@ class FilesystemBlobStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            _fsync_directory(path.parent)
         except OSError as exc:
             raise BlobStoreError(f"could not write blob {key!r}: {exc}") from exc
 
@@ -102,6 +103,7 @@ class FilesystemBlobStore:
             return False
         try:
             os.replace(tmp, path)
+            _fsync_directory(path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise BlobStoreError(f"could not write blob {path.name!r}: {exc}") from exc
@@ -139,6 +141,16 @@ class FilesystemBlobStore:
     def delete_prefix(self, prefix: str) -> None:
         """Delete every blob under a key prefix."""
         shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable: the file's data is fsynced, its new name lives in
+    the directory, which a crash could otherwise lose after the update was acknowledged."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def blob_store() -> FilesystemBlobStore:

@@ -73,6 +73,29 @@ def test_a_spooled_payload_that_cannot_be_linked_is_written(
     assert [p.name for p in (tmp_path / "blobs").iterdir()] == ["u.safetensors"]
 
 
+@pytest.mark.parametrize("spooled", [True, False])
+def test_a_stored_blob_survives_a_crash_its_name_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spooled: bool
+) -> None:
+    # Durable means the data (fsync of the file) and the new name (fsync of the directory the
+    # rename wrote into), both before put returns and the update is acknowledged.
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    (tmp_path / "blobs").mkdir()
+    data, payload = spooled_payload(tmp_path / "blobs")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append("directory" if Path(f"/proc/self/fd/{fd}").is_dir() else "file")
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store.put("runs/1/u.safetensors", payload if spooled else data)
+
+    assert synced == ["file", "directory"]
+    assert store.get("runs/1/u.safetensors") == data
+
+
 @pytest.fixture(autouse=True)
 def _no_orchestrator(settings: Any) -> None:
     settings.QUORUM_EMBEDDED_ORCHESTRATOR = False
