@@ -66,7 +66,7 @@ class FilesystemBlobStore:
         if spooled is not None and self._link(spooled[0], path):
             return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_folders(path.parent)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
             try:
                 with os.fdopen(fd, "wb") as fh:
@@ -85,7 +85,7 @@ class FilesystemBlobStore:
         """Give the anonymous file ``fd`` the name ``path``; False when it cannot be linked here
         (another filesystem, no /proc), so the caller writes the bytes instead."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_folders(path.parent)
             os.fsync(fd)
         except OSError as exc:
             raise BlobStoreError(f"could not write blob {path.name!r}: {exc}") from exc
@@ -141,6 +141,19 @@ class FilesystemBlobStore:
     def delete_prefix(self, prefix: str) -> None:
         """Delete every blob under a key prefix."""
         shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)
+
+
+def _make_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each new name made durable in its parent."""
+    if folder.is_dir():
+        return
+    _make_folders(folder.parent)
+    try:
+        folder.mkdir()
+    except FileExistsError:  # a concurrent writer made it: its name may not be durable yet
+        if not folder.is_dir():
+            raise
+    _fsync_directory(folder.parent)
 
 
 def _fsync_directory(folder: Path) -> None:

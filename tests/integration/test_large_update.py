@@ -92,8 +92,12 @@ def test_a_stored_blob_survives_a_crash_its_name_included(
     monkeypatch.setattr(os, "fsync", recording_fsync)
     store.put("runs/1/u.safetensors", payload if spooled else data)
 
-    assert synced == ["file", "directory"]
+    # "runs" and "runs/1" are new: each name is synced in its parent, then the file, its name
+    assert synced == ["directory", "directory", "file", "directory"]
     assert store.get("runs/1/u.safetensors") == data
+    synced.clear()
+    store.put("runs/1/v.safetensors", data)  # the folders exist: nothing more to sync
+    assert synced == ["file", "directory"]
 
 
 @pytest.fixture(autouse=True)
