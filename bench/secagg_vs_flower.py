@@ -332,16 +332,22 @@ def run_flower(setting: Setting, vectors: list[np.ndarray], seed: int) -> Outcom
             return None
 
         def create_message(self, *args: Any, **kwargs: Any) -> Message:
-            raise NotImplementedError
+            raise NotImplementedError(
+                f"{type(self).__name__}: the SecAgg+ workflow only calls send_and_receive, not create_message"
+            )
 
         def get_node_ids(self) -> list[int]:
             return list(node_ids)
 
         def push_messages(self, messages: Any) -> Any:
-            raise NotImplementedError
+            raise NotImplementedError(
+                f"{type(self).__name__}: the SecAgg+ workflow only calls send_and_receive, not push_messages"
+            )
 
         def pull_messages(self, message_ids: Any) -> Any:
-            raise NotImplementedError
+            raise NotImplementedError(
+                f"{type(self).__name__}: the SecAgg+ workflow only calls send_and_receive, not pull_messages"
+            )
 
         def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
             replies = []
