@@ -168,6 +168,20 @@ def run_ours(setting: Setting, vectors: list[np.ndarray]) -> Outcome:
         value = fn(*args)
         return value, time.perf_counter() - started
 
+    def over_the_wire(message: dict[str, Any], **extra: Any) -> tuple[dict[str, Any], int]:
+        """A SecAgg message as a "secagg" control frame and back; the frame's bytes."""
+        text = protocol.encode_control(
+            "secagg",
+            run=run,
+            round=rnd,
+            attempt=attempt,
+            stage=message["stage"],
+            payload=secagg_wire.to_json(message),
+            **extra,
+        )
+        received = secagg_wire.from_json(protocol.decode_control(text)["payload"])
+        return received, len(text.encode("utf-8"))
+
     clock = 0.0
     outbox, spent = timed(server.start, clock)
     server_s += spent
@@ -175,17 +189,8 @@ def run_ours(setting: Setting, vectors: list[np.ndarray]) -> Outcome:
         for cid, request in sorted(outbox.items()):
             # server -> agent: what federation.consumers sends for a "secagg.message" event
             extra = {"client": cid} if stage is Stage.ADVERTISE_KEYS else {}
-            text = protocol.encode_control(
-                "secagg",
-                run=run,
-                round=rnd,
-                attempt=attempt,
-                stage=request["stage"],
-                payload=secagg_wire.to_json(request),
-                **extra,
-            )
-            down[cid] += len(text.encode("utf-8"))
-            received = secagg_wire.from_json(protocol.decode_control(text)["payload"])
+            received, nbytes = over_the_wire(request, **extra)
+            down[cid] += nbytes
             if cid in dropped and stage is Stage.MASKED_INPUT:
                 continue  # shared keys, then vanished: its masked vector never arrives
             client = clients[cid]
@@ -222,16 +227,8 @@ def run_ours(setting: Setting, vectors: list[np.ndarray]) -> Outcome:
                     "masked_vector": bytes(message.payload),
                 }
             else:
-                text = protocol.encode_control(
-                    "secagg",
-                    run=run,
-                    round=rnd,
-                    attempt=attempt,
-                    stage=reply["stage"],
-                    payload=secagg_wire.to_json(reply),
-                )
-                up[cid] += len(text.encode("utf-8"))
-                delivered = secagg_wire.from_json(protocol.decode_control(text)["payload"])
+                delivered, nbytes = over_the_wire(reply)
+                up[cid] += nbytes
             _, spent = timed(server.collect, cid, delivered, clock)
             server_s += spent
         if not server.ready(clock):
