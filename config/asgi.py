@@ -17,7 +17,6 @@ django_asgi = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from django.conf import settings  # noqa: E402
 
 from dashboard.routing import websocket_urlpatterns as dashboard_websockets  # noqa: E402
 from federation import dispatch  # noqa: E402
@@ -39,8 +38,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
-            if settings.QUORUM_PROFILE == "embedded" and settings.QUORUM_EMBEDDED_ORCHESTRATOR:
-                dispatch.embedded.attach(asyncio.get_running_loop())
+            dispatch.attach_server_loop(asyncio.get_running_loop())
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             dispatch.embedded.detach()

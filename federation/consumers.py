@@ -80,8 +80,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         """Accept, then authenticate the silo by its token."""
-        if settings.QUORUM_PROFILE == "embedded" and settings.QUORUM_EMBEDDED_ORCHESTRATOR:
-            dispatch.embedded.attach(asyncio.get_running_loop())
+        dispatch.attach_server_loop(asyncio.get_running_loop())
         await self.accept()
         address = throttle.client_address(self.scope)
         limiter, audit = auth_failure_tracking()

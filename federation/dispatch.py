@@ -1,7 +1,17 @@
 """The one place where the embedded and production profiles differ: scheduling and dispatch.
 
-- ``enqueue_advance(run_id, countdown=...)`` asks the orchestrator to move a run forward.
+A leaf port: it imports nothing from ``federation`` and knows the work it runs only by name.
+
+- Steps are named (``RUN_ADVANCE`` = "run.advance", ``SWEEP``, ``SECAGG_TICK``,
+  ``SILO_HEARTBEATS``) and resolved by a registry that ``federation.apps.FederationConfig.ready``
+  fills at start-up (:func:`register_step`): the function that runs in process, and the Celery
+  task that runs it in the production profile. The embedded backend and ``federation.tasks``
+  both run steps through :func:`run_step`, so nothing here imports the layers that call it.
+- ``enqueue_advance(run_id, countdown=...)`` asks the orchestrator to move a run forward;
+  ``enqueue(step, *args, countdown=...)`` runs any named step later.
 - ``send_to_silo(silo_id, event)`` pushes an event to the silo's agent connection.
+- Every check of ``settings.QUORUM_PROFILE`` lives here: callers ask
+  :func:`can_coordinate_in_process`, :func:`uses_broker`, :func:`attach_server_loop`.
 
 Embedded profile: the ASGI server process owns an event loop (attached at start-up); orchestration
 steps run one at a time on a single worker thread, timers are ``loop.call_later``, and events go
@@ -29,6 +39,90 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 
 log = logging.getLogger("quorum.dispatch")
+
+# Step names: what callers enqueue, what the registry resolves.
+RUN_ADVANCE = "run.advance"
+SWEEP = "sweep"
+SECAGG_TICK = "secagg.tick"
+SILO_HEARTBEATS = "silo.heartbeats"
+
+
+class StepRegistry:
+    """Named steps: the function each runs, and its Celery task (production), if it has one."""
+
+    def __init__(self) -> None:
+        self.functions: dict[str, Callable[..., Any]] = {}
+        self.tasks: dict[str, Any] = {}
+
+    def register(self, name: str, fn: Callable[..., Any], *, task: Any = None) -> None:
+        """Name a step (at start-up); a second registration of a name replaces the first."""
+        self.functions[name] = fn
+        if task is not None:
+            self.tasks[name] = task
+        else:
+            self.tasks.pop(name, None)
+
+    def function(self, name: str) -> Callable[..., Any]:
+        """The function of step ``name``; LookupError names an unknown step."""
+        try:
+            return self.functions[name]
+        except KeyError:
+            raise LookupError(
+                f"no step named {name!r} is registered (known: {sorted(self.functions)}); "
+                "steps are registered in federation.apps.FederationConfig.ready"
+            ) from None
+
+    def task(self, name: str) -> Any:
+        """The Celery task of step ``name``; LookupError names a step with no task."""
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise LookupError(
+                f"{name} has no Celery task: only {sorted(self.tasks)} can run in the "
+                "production profile"
+            ) from None
+
+
+steps = StepRegistry()
+
+
+def register_step(name: str, fn: Callable[..., Any], *, task: Any = None) -> None:
+    """Register step ``name`` (called from federation.apps at start-up)."""
+    steps.register(name, fn, task=task)
+
+
+def run_step(name: str, *args: Any, **kwargs: Any) -> Any:
+    """Run step ``name`` now, in this thread (Celery tasks, the embedded orchestration thread)."""
+    return steps.function(name)(*args, **kwargs)
+
+
+def profile() -> str:
+    """The configured profile's name ("embedded" or "production"), for labels and reports."""
+    return str(settings.QUORUM_PROFILE)
+
+
+def is_production() -> bool:
+    """Whether this process runs the production profile (Celery, Redis channel layer)."""
+    return profile() == "production"
+
+
+def can_coordinate_in_process() -> bool:
+    """Whether state kept in this process's memory sees every agent message of a round.
+
+    True in the embedded profile (one server process runs orchestration and every connection).
+    """
+    return not is_production()
+
+
+def uses_broker() -> bool:
+    """Whether steps go through a Celery broker (the production profile)."""
+    return is_production()
+
+
+def attach_server_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Hand the server's event loop to the embedded backend, when this process orchestrates."""
+    if not is_production() and settings.QUORUM_EMBEDDED_ORCHESTRATOR:
+        embedded.attach(loop)
 
 
 def silo_group(silo_id: int) -> str:
@@ -65,22 +159,21 @@ class EmbeddedBackend:
             self.loop = None
 
     async def _sweep_forever(self) -> None:
-        from federation import orchestrator
-
         while True:
             await asyncio.sleep(settings.QUORUM_SWEEP_SECONDS)
-            future = self._executor.submit(_run_step, orchestrator.sweep)
+            future = self._executor.submit(_run_step, SWEEP)
             await asyncio.wrap_future(future)
 
-    def enqueue(self, fn: Callable[..., Any], *args: Any, countdown: float = 0.0) -> None:
-        """Run fn(*args) on the orchestration thread after countdown seconds."""
+    def enqueue(self, step: str, *args: Any, countdown: float = 0.0) -> None:
+        """Run step(*args) on the orchestration thread after countdown seconds."""
+        steps.function(step)  # LookupError now, not on the thread: an unknown step is a bug
         loop = self.loop
         if loop is None or loop.is_closed():
-            log.debug("no server loop in this process; the sweeper will pick up %s", fn.__name__)
+            log.debug("no server loop in this process; the sweeper will pick up %s", step)
             return
 
         def submit() -> None:
-            self._executor.submit(_run_step, fn, *args)
+            self._executor.submit(_run_step, step, *args)
 
         loop.call_soon_threadsafe(loop.call_later, max(0.0, countdown), submit)
 
@@ -100,13 +193,13 @@ def _log_failure(future: Any) -> None:
         log.error("channel layer send failed: %s", exc)
 
 
-def _run_step(fn: Callable[..., Any], *args: Any) -> Any:
+def _run_step(step: str, *args: Any) -> Any:
     """Run one orchestration step with fresh database connections; never let it kill the thread."""
     close_old_connections()
     try:
-        return fn(*args)
+        return run_step(step, *args)
     except Exception:
-        log.exception("orchestration step %s%r failed", getattr(fn, "__name__", fn), args)
+        log.exception("orchestration step %s%r failed", step, args)
         return None
     finally:
         close_old_connections()
@@ -116,7 +209,7 @@ class CeleryBackend:
     """Celery tasks and the Redis channel layer (production profile).
 
     Nothing here lives in process memory: a step becomes a Celery message naming its task
-    (``federation.tasks.TASKS_BY_STEP``) and the run's id; an event goes through Redis to whichever
+    (registered with the step at start-up) and the run's id; an event goes through Redis to whichever
     ASGI process holds the connection. A failure to publish is logged, never raised into the
     transaction's caller: the beat sweep moves every active run forward within
     QUORUM_SWEEP_SECONDS, and an agent is handed the work it owes whenever it (re)connects.
@@ -130,11 +223,9 @@ class CeleryBackend:
         "interval_max": 0.5,
     }
 
-    def enqueue(self, fn: Callable[..., Any], *args: Any, countdown: float = 0.0) -> None:
-        """Send fn(*args) as its Celery task, to run after countdown seconds."""
-        from federation import tasks
-
-        task = tasks.task_for(fn)  # LookupError: a step with no task is a programming error
+    def enqueue(self, step: str, *args: Any, countdown: float = 0.0) -> None:
+        """Send step(*args) as its Celery task, to run after countdown seconds."""
+        task = steps.task(step)  # LookupError: a step with no task is a programming error
         try:
             task.apply_async(
                 args=list(args),
@@ -160,18 +251,19 @@ embedded = EmbeddedBackend()
 
 def backend() -> EmbeddedBackend | CeleryBackend:
     """The backend of the configured profile."""
-    if settings.QUORUM_PROFILE == "production":
+    if is_production():
         return CeleryBackend()
     return embedded
 
 
+def enqueue(step: str, *args: Any, countdown: float = 0.0) -> None:
+    """Run the named step later (now, if countdown is 0) through the profile's backend."""
+    backend().enqueue(step, *args, countdown=countdown)
+
+
 def enqueue_advance(run_id: int, *, countdown: float = 0.0) -> None:
     """After the current transaction commits, ask the orchestrator to move a run forward."""
-    from federation import orchestrator
-
-    transaction.on_commit(
-        lambda: backend().enqueue(orchestrator.run_advance, run_id, countdown=countdown)
-    )
+    transaction.on_commit(lambda: enqueue(RUN_ADVANCE, run_id, countdown=countdown))
 
 
 def send_to_silo(silo_id: int, event: dict[str, Any]) -> None:
@@ -220,16 +312,8 @@ class HeartbeatRecorder:
         from channels.db import database_sync_to_async
 
         pending, self._pending = self._pending, {}
-        if pending:
-            await database_sync_to_async(_record_heartbeats)(pending)
-
-
-def _record_heartbeats(pending: dict[int, str]) -> None:
-    from federation.services.silos import silo_heartbeat
-
-    with transaction.atomic():  # one commit for the batch
-        for silo_id, connection_id in pending.items():
-            silo_heartbeat(silo_id=silo_id, connection_id=connection_id)
+        if pending:  # one transaction for the batch (services.silos.silo_heartbeats_record)
+            await database_sync_to_async(run_step)(SILO_HEARTBEATS, beats=pending)
 
 
 heartbeats = HeartbeatRecorder()

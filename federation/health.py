@@ -23,6 +23,8 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from federation import dispatch
+
 HEALTH_TIMEOUT = 2.0
 
 
@@ -49,7 +51,7 @@ async def _channel_layer() -> dict[str, Any]:
 
 
 def _broker() -> dict[str, Any]:
-    if settings.QUORUM_PROFILE != "production":
+    if not dispatch.uses_broker():
         return {"used": False}
     from config.celery import app
 
@@ -82,6 +84,6 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     }
     ok = all(check["ok"] for check in checks.values())
     return JsonResponse(
-        {"status": "ok" if ok else "fail", "profile": settings.QUORUM_PROFILE, "checks": checks},
+        {"status": "ok" if ok else "fail", "profile": dispatch.profile(), "checks": checks},
         status=200 if ok else 503,
     )

@@ -40,7 +40,7 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from . import models
+from . import dispatch, models
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RECENT_ROUNDS = 200
@@ -115,7 +115,7 @@ def render() -> str:
     """The exposition text for the current state of the database."""
     out = Exposition()
     out.family("quorum_build_info", "gauge", "Version and profile of the serving process.")
-    out.sample("quorum_build_info", 1, version=VERSION, profile=settings.QUORUM_PROFILE)
+    out.sample("quorum_build_info", 1, version=VERSION, profile=dispatch.profile())
 
     _by_label(
         out,

@@ -18,7 +18,7 @@ Life of a secure round attempt (docs/protocol.md, "Secure aggregation", has the 
    once every awaited silo answered, close the stage and send the next requests.
 3. Stage deadlines: advertise-keys, share-keys and unmasking wait ``secagg.stage_timeout_seconds``
    each; masked-input (which includes local training) waits ``round_deadline_seconds``. A timer
-   on the orchestration thread (``dispatch.backend().enqueue(tick, ..., countdown=...)``) and the
+   on the orchestration thread (``dispatch.enqueue(dispatch.SECAGG_TICK, ..., countdown=...)``) and the
    orchestrator's sweep (:func:`outcome`) close a stage whose deadline passed. Silos that did not
    answer in time are dropouts from then on. A silo that disconnects, reconnects, or reports an
    error about the round is a dropout at once: the stage closes as soon as everyone else answered.
@@ -57,7 +57,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from django.conf import settings
 from django.db import transaction
 
 from fedcore import secure_updates
@@ -173,7 +172,7 @@ def open_round(round_: Any, silos: Iterable[Any], spec: dict[str, Any], cfg: Run
     selection are written. In the production profile no coordinator is started (see the module
     docstring): :func:`outcome` then fails the round with the reason.
     """
-    if settings.QUORUM_PROFILE == "production":
+    if not dispatch.can_coordinate_in_process():
         log.error(
             "run %s round %s: secure aggregation needs the embedded profile for now",
             round_.run_id,
@@ -303,7 +302,7 @@ def _schedule(coord: Coordinator) -> None:
     if stage not in _OPEN:
         return
     countdown = max(0.0, coord.server.deadline - time.monotonic()) + _TIMER_SLACK
-    dispatch.backend().enqueue(tick, coord.round_pk, stage.value, countdown=countdown)
+    dispatch.enqueue(dispatch.SECAGG_TICK, coord.round_pk, stage.value, countdown=countdown)
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -484,7 +483,7 @@ def outcome(round_: Any) -> Outcome | None:
         where = (
             "the production profile (its coordinator must be pinned to one process; see "
             "federation/secagg_rounds.py)"
-            if settings.QUORUM_PROFILE == "production"
+            if not dispatch.can_coordinate_in_process()
             else "this server process (it restarted during the round)"
         )
         return Outcome(ok=False, error=f"secure aggregation is not running in {where}")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from datetime import timedelta
 from typing import Any
+
+from django.conf import settings
 
 from django.db.models import Count, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import Http404
+from django.utils import timezone
 
 from fedcore.protocol import BinaryMessage
 from federation import permissions
@@ -30,6 +35,8 @@ from federation.models import (
 from federation.plan_spec import run_settings
 from federation.signing import authorization_for
 from federation.storage import blob_store
+
+log = logging.getLogger("quorum.orchestrator")
 
 
 def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
@@ -125,6 +132,33 @@ def pending_work(*, silo_id: int) -> list[dict[str, Any]]:
         if current is not None and current.status == Round.Status.COLLECTING:
             events.append({"type": "round.task", "round_id": current.pk})
     return events
+
+
+def online_silos(run: Run) -> list[Silo]:
+    """Participating, admitted silos whose agent is connected and heartbeating, and whose
+    privacy budget can afford one more round of the plan (the others stop participating).
+
+    The one place a run's selection is decided (the round state machine selects these)."""
+    from federation import ledger
+
+    fresh = timezone.now() - timedelta(seconds=settings.QUORUM_SILO_OFFLINE_AFTER)
+    connected = run.version.silos.filter(
+        admission=Silo.Admission.ADMITTED,
+        connection_id__isnull=False,
+        last_heartbeat__gte=fresh,
+    ).order_by("pk")
+    selectable = []
+    for silo in connected:
+        if ledger.can_afford_round(silo, run.version.spec):
+            selectable.append(silo)
+        else:
+            log.warning("run %s: silo %s is out of privacy budget; not selected", run.pk, silo.name)
+    return selectable
+
+
+def active_run_ids() -> list[int]:
+    """Ids of the runs the sweep moves forward."""
+    return list(Run.objects.filter(status__in=Run.ACTIVE).values_list("pk", flat=True))
 
 
 def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None:

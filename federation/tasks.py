@@ -1,19 +1,17 @@
-"""Celery tasks: take ids, load, call one orchestrator step (production profile).
+"""Celery tasks: take ids, run one named step (production profile).
 
-Each task is one orchestrator function; ``federation.dispatch.CeleryBackend`` finds the task of a
-step in ``TASKS_BY_STEP`` by the function's qualified name. The tasks hold no state between
+Each task runs a step of the registry that ``federation.apps`` fills at start-up
+(``federation.dispatch.run_step``), and is registered there as that step's task, so
+``dispatch.CeleryBackend`` sends it without importing this module. The tasks hold no state between
 calls: every step re-reads the database, so any worker may run any step, twice or late.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
-from federation import orchestrator
+from federation import dispatch
 
 # A lost database connection or a deadlock is worth another try; anything else is logged by Celery
 # and left to the next sweep.
@@ -32,7 +30,7 @@ _TRANSIENT = (OperationalError, InterfaceError)
 )
 def run_advance_task(run_id: int) -> None:
     """Move a run forward (and aggregate a round that is due: idempotent)."""
-    orchestrator.run_advance(run_id)
+    dispatch.run_step(dispatch.RUN_ADVANCE, run_id)
 
 
 @shared_task(name="federation.sweep", acks_late=False, ignore_result=True)
@@ -41,26 +39,11 @@ def sweep_task() -> None:
 
     Not acked late: beat sends another one within QUORUM_SWEEP_SECONDS.
     """
-    orchestrator.sweep()
+    dispatch.run_step(dispatch.SWEEP)
 
 
-def step_name(fn: Callable[..., Any]) -> str:
-    """The key of an orchestrator function in TASKS_BY_STEP: ``module.qualname``."""
-    return f"{fn.__module__}.{fn.__qualname__}"
-
-
-TASKS_BY_STEP: dict[str, Any] = {
-    step_name(orchestrator.run_advance): run_advance_task,
-    step_name(orchestrator.sweep): sweep_task,
+# Step name -> its Celery task; federation.apps registers them with the steps' functions.
+TASKS_BY_STEP = {
+    dispatch.RUN_ADVANCE: run_advance_task,
+    dispatch.SWEEP: sweep_task,
 }
-
-
-def task_for(fn: Callable[..., Any]) -> Any:
-    """The Celery task that runs orchestrator step ``fn``; LookupError names an unknown step."""
-    try:
-        return TASKS_BY_STEP[step_name(fn)]
-    except KeyError:
-        raise LookupError(
-            f"{step_name(fn)} has no Celery task: only {sorted(TASKS_BY_STEP)} can run in the "
-            "production profile"
-        ) from None

@@ -13,7 +13,7 @@ from django.utils import timezone
 from fedcore import tensors
 from fedcore.models import build_model
 from federation import models
-from federation.orchestrator import _signature_json
+from federation.services.rounds import _signature_json
 from federation.services.audit import audit_append
 from federation.services.plans import plan_approve, plan_propose
 from federation.services.runs import run_start

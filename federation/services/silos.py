@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -58,6 +59,21 @@ def silo_heartbeat(*, silo_id: int, connection_id: str) -> None:
     """Record a heartbeat of the silo's current connection."""
     Silo.objects.filter(pk=silo_id, connection_id=connection_id).update(
         last_heartbeat=timezone.now()
+    )
+
+
+@transaction.atomic
+def silo_heartbeats_record(*, beats: dict[int, str]) -> None:
+    """Record a batch of heartbeats (silo id -> connection id) in one transaction."""
+    for silo_id, connection_id in beats.items():
+        silo_heartbeat(silo_id=silo_id, connection_id=connection_id)
+
+
+def silo_connections_forget_stale(*, older_than: timedelta) -> int:
+    """Forget connections whose last heartbeat is older than ``older_than``; how many."""
+    stale = timezone.now() - older_than
+    return Silo.objects.filter(connection_id__isnull=False, last_heartbeat__lt=stale).update(
+        connection_id=None
     )
 
 

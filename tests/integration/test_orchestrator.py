@@ -15,6 +15,7 @@ from fedcore import tabular, tensors
 from fedcore.models import build_model
 from federation import orchestrator
 from federation.models import ModelVersion, Round, Run, Silo
+from federation.services import rounds as round_services
 from federation.services.updates import Refused, stats_receive, update_receive
 from federation.storage import blob_store
 from tests.factories import (
@@ -170,7 +171,7 @@ def test_aggregation_is_idempotent_and_counts_each_update_once() -> None:
     first = ModelVersion.objects.get(run=run, number=1).checksum
     # A worker that died after aggregating is replayed: the state is reset and aggregation rerun.
     Round.objects.filter(pk=round1.pk).update(status=Round.Status.AGGREGATING)
-    orchestrator.round_aggregate(round1.pk)
+    round_services.round_aggregate(round1.pk)
     assert ModelVersion.objects.get(run=run, number=1).checksum == first
     assert ModelVersion.objects.filter(run=run, number=1).count() == 1
     with pytest.raises(Refused) as refused:

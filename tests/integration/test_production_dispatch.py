@@ -14,7 +14,7 @@ from django.db import transaction
 from kombu.exceptions import OperationalError
 
 from config.celery import app
-from federation import dispatch, orchestrator, secagg_rounds, tasks
+from federation import dispatch, orchestrator, tasks
 
 pytestmark = pytest.mark.django_db
 
@@ -61,9 +61,9 @@ def test_beat_sends_the_sweep_every_sweep_interval_and_drops_stale_ones() -> Non
 
 def test_a_step_becomes_its_task_with_the_countdown(sent: Sent) -> None:
     backend = dispatch.CeleryBackend()
-    backend.enqueue(orchestrator.run_advance, 42, countdown=30.05)
-    backend.enqueue(orchestrator.sweep)
-    backend.enqueue(orchestrator.run_advance, 7, countdown=-3)
+    backend.enqueue(dispatch.RUN_ADVANCE, 42, countdown=30.05)
+    backend.enqueue(dispatch.SWEEP)
+    backend.enqueue(dispatch.RUN_ADVANCE, 7, countdown=-3)
     assert [(name, o["args"], o["countdown"]) for name, o in sent.calls] == [
         ("federation.run_advance", [42], 30.05),
         ("federation.sweep", [], 0.0),
@@ -74,8 +74,8 @@ def test_a_step_becomes_its_task_with_the_countdown(sent: Sent) -> None:
 
 def test_a_step_without_a_task_is_a_clear_error(sent: Sent) -> None:
     # Secure-aggregation coordinators live in one process's memory: embedded profile only.
-    with pytest.raises(LookupError, match="secagg_rounds.tick has no Celery task"):
-        dispatch.CeleryBackend().enqueue(secagg_rounds.tick, 1, "stage")
+    with pytest.raises(LookupError, match="secagg.tick has no Celery task"):
+        dispatch.CeleryBackend().enqueue(dispatch.SECAGG_TICK, 1, "stage")
     assert sent.calls == []
 
 
@@ -101,7 +101,7 @@ def test_a_broker_outage_is_logged_not_raised_into_the_request(
 
     monkeypatch.setattr(tasks.run_advance_task, "apply_async", down)
     with caplog.at_level(logging.ERROR, logger="quorum.dispatch"):
-        dispatch.CeleryBackend().enqueue(orchestrator.run_advance, 3)
+        dispatch.CeleryBackend().enqueue(dispatch.RUN_ADVANCE, 3)
     assert "the sweep will catch up" in caplog.text
 
 
@@ -119,9 +119,14 @@ def test_a_channel_layer_outage_is_logged_not_raised(
 
 
 def test_the_worker_task_runs_the_orchestrator_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # federation.apps registered the orchestrator's entry points as the tasks' steps.
+    assert dispatch.steps.function(dispatch.RUN_ADVANCE) is orchestrator.run_advance
+    assert dispatch.steps.function(dispatch.SWEEP) is orchestrator.sweep
+    assert dispatch.steps.task(dispatch.RUN_ADVANCE) is tasks.run_advance_task
     calls: list[tuple[str, tuple[Any, ...]]] = []
-    monkeypatch.setattr(orchestrator, "run_advance", lambda *a: calls.append(("advance", a)))
-    monkeypatch.setattr(orchestrator, "sweep", lambda: calls.append(("sweep", ())))
+    functions = dispatch.steps.functions
+    monkeypatch.setitem(functions, dispatch.RUN_ADVANCE, lambda *a: calls.append(("advance", a)))
+    monkeypatch.setitem(functions, dispatch.SWEEP, lambda: calls.append(("sweep", ())))
     tasks.run_advance_task.apply(args=[9])
     tasks.sweep_task.apply()
     assert calls == [("advance", (9,)), ("sweep", ())]

@@ -30,7 +30,7 @@ from fedcore.models import build_model
 from fedcore.secagg import Quantizer, SecAggServer
 from federation import dispatch, orchestrator, secagg_rounds
 from federation.models import AuditEvent, ModelVersion, Round, Run, Silo, Update
-from federation.orchestrator import _signature_json
+from federation.services.rounds import _signature_json
 from federation.services.silos import silo_issue_token
 from federation.storage import blob_store, model_key
 from tests.factories import ConsortiumFactory, PlanFactory, SiloFactory, plan_spec, start_run

@@ -1,7 +1,7 @@
 """``celery -A config worker --pool=solo`` for the services suite, with one dormant fault hook.
 
 While the file named by QUORUM_TEST_SLOW_AGGREGATION exists, a worker that has just written a
-round's new model blob (``orchestrator.round_aggregate``: after aggregating, before the commit)
+round's new model blob (``services.rounds.round_aggregate``: after aggregating, before the commit)
 writes ``<that file>.reached`` and sleeps, so a test can kill it inside aggregation. Without the
 file this is the plain worker.
 """
@@ -19,9 +19,9 @@ def _install_fault_hook() -> None:
     gate = os.environ.get("QUORUM_TEST_SLOW_AGGREGATION")
     if not gate:
         return
-    from federation import orchestrator
+    from federation.services import rounds
 
-    real_blob_store = orchestrator.blob_store
+    real_blob_store = rounds.blob_store
 
     class SlowModelWrites:
         def __init__(self, store: Any) -> None:
@@ -37,7 +37,7 @@ def _install_fault_hook() -> None:
                 Path(f"{gate}.reached").write_text(key)
                 time.sleep(120)  # killed here
 
-    orchestrator.blob_store = lambda: SlowModelWrites(real_blob_store())
+    rounds.blob_store = lambda: SlowModelWrites(real_blob_store())
 
 
 def main() -> None:

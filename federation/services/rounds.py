@@ -1,0 +1,556 @@
+"""Round and run writes: apply the state machine's decisions, aggregate rounds.
+
+``run_step`` locks a run, loads a snapshot of it (:func:`run_state`), asks the pure decision
+function (``federation.roundplan.decide``) what to do and applies that one decision in the same
+transaction. ``federation.orchestrator.run_advance`` calls it until the run waits. Every step
+re-reads the database, so a step may be repeated, run by any process, or interrupted by a crash
+without losing or double-counting an accepted update. Aggregation (:func:`round_aggregate`) runs
+outside any transaction and streams the updates from blob storage one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from fedcore import aggregation, tabular, tensors
+from fedcore.aggregation import AggregateResult
+from fedcore.models import build_model
+from fedcore.privacy import accounting as dp_accounting
+from fedcore.privacy import client_dp
+from federation import dispatch, ledger, roundplan, secagg_rounds
+from federation.models import (
+    ModelVersion,
+    Round,
+    RoundMetric,
+    Run,
+    Silo,
+    TrainingPlan,
+)
+from federation.plan_spec import RunSettings, run_settings, server_strategy_spec
+from federation.selectors import online_silos
+from federation.services import fairness as fairness_service
+from federation.services.audit import audit_append
+from federation.services.updates import validate_metrics
+from federation.storage import blob_store, model_key, strategy_key
+
+log = logging.getLogger("quorum.orchestrator")
+
+
+# -- the state machine: snapshot, decide, apply ---------------------------------------------------
+
+
+def run_limits(cfg: RunSettings, *, secure: bool) -> roundplan.Limits:
+    """The decision function's limits of a plan's run settings."""
+    return roundplan.Limits(
+        rounds=cfg.rounds,
+        min_silos=cfg.min_silos,
+        round_retries=cfg.round_retries,
+        round_deadline_seconds=cfg.round_deadline_seconds,
+        wait_for_silos_seconds=cfg.wait_for_silos_seconds,
+        aggregation_stale_seconds=float(settings.QUORUM_AGGREGATION_STALE_SECONDS),
+        secure=secure,
+    )
+
+
+def run_state(run: Run, online: list[Silo]) -> roundplan.RunState:
+    """The snapshot of a run the decision function needs (read in the caller's transaction)."""
+    spec = run.version.spec
+    secure = secagg_rounds.is_secure(spec)
+    limits = run_limits(run_settings(spec), secure=secure)
+    state = roundplan.RunState(
+        status=run.status,
+        now=timezone.now(),
+        limits=limits,
+        online=tuple(s.pk for s in online),
+        waiting_since=run.waiting_since,
+        stats_deadline=run.stats_deadline,
+    )
+    if run.status == Run.Status.STATS:
+        return replace(
+            state,
+            stats_reported=run.silo_statistics.count(),
+            stats_expected=run.version.silos.filter(admission=Silo.Admission.ADMITTED).count(),
+        )
+    if run.status != Run.Status.RUNNING:
+        return state
+    current = run.round_set.order_by("-number", "-attempt").first()
+    if current is None:
+        return state
+    outcome = None
+    if secure and current.status == Round.Status.COLLECTING:
+        found = secagg_rounds.outcome(current)  # closes a stage whose deadline passed
+        if found is not None:
+            outcome = roundplan.SecureOutcome(
+                ok=found.ok, contributors=len(found.contributors), error=found.error
+            )
+    collecting = current.status == Round.Status.COLLECTING
+    return replace(
+        state,
+        current=roundplan.RoundState(
+                id=current.pk,
+                number=current.number,
+                attempt=current.attempt,
+                status=current.status,
+                selected=current.selected.count() if collecting else 0,
+                received=current.updates.count() if collecting and not secure else 0,
+                started_at=current.started_at,
+                deadline=current.deadline,
+                aggregation_started_at=current.aggregation_started_at,
+                error=current.error,
+                secure_outcome=outcome,
+            ),
+    )
+
+
+@transaction.atomic
+def run_step(*, run_id: int) -> roundplan.Decision | None:
+    """Decide the next thing to do for a run and do it; None when the run is gone or over."""
+    run = (
+        Run.objects.select_for_update().select_related("plan", "version").filter(pk=run_id).first()
+    )
+    if run is None or not run.active:
+        return None
+    online = online_silos(run)
+    decision = roundplan.decide(run_state(run, online))
+    _apply(run, decision, online)
+    return decision
+
+
+def _apply(run: Run, decision: roundplan.Decision, online: list[Silo]) -> None:
+    cfg = run_settings(run.version.spec)
+    match decision:
+        case roundplan.Wait():
+            return
+        case roundplan.StartWaiting(online=count, needed=needed):
+            run.waiting_since = timezone.now()
+            run.save(update_fields=["waiting_since"])
+            log.info("run %s waits for silos: %d online, %d needed", run.pk, count, needed)
+        case roundplan.BeginStatistics(silos=silo_ids):
+            _begin_statistics(run, cfg, [s for s in online if s.pk in set(silo_ids)])
+        case roundplan.FinishStatistics():
+            _finish_statistics(run, cfg)
+        case roundplan.OpenRound(number=number, attempt=attempt, silos=silo_ids):
+            chosen = set(silo_ids)
+            _open_round(run, cfg, [s for s in online if s.pk in chosen], number, attempt)
+        case roundplan.CloseRound(round_id=round_id):
+            Round.objects.filter(pk=round_id, status=Round.Status.COLLECTING).update(
+                status=Round.Status.AGGREGATING, aggregation_started_at=timezone.now()
+            )
+        case roundplan.Aggregate():
+            return  # the caller aggregates, outside this transaction
+        case roundplan.FailRound(round_id=round_id, reason=reason):
+            _fail_round(run, Round.objects.get(pk=round_id), reason)
+        case roundplan.CompleteRun():
+            _complete_run(run)
+        case roundplan.FailRun(reason=reason):
+            _fail_run(run, reason)
+        case _:
+            raise TypeError(f"unknown decision {decision!r}")
+
+
+def _begin_statistics(run: Run, cfg: RunSettings, silos: list[Silo]) -> None:
+    run.status = Run.Status.STATS
+    run.waiting_since = None
+    run.started_at = timezone.now()
+    run.stats_deadline = run.started_at + timedelta(seconds=cfg.round_deadline_seconds)
+    run.save(update_fields=["status", "waiting_since", "started_at", "stats_deadline"])
+    TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.RUNNING)
+    for silo in silos:
+        dispatch.send_to_silo(silo.pk, {"type": "run.stats_request", "run_id": run.pk})
+    dispatch.enqueue_advance(run.pk, countdown=cfg.round_deadline_seconds + 0.05)
+    _publish(run, "run.started")
+    log.info("run %s: federated statistics requested from %d silos", run.pk, len(silos))
+
+
+def _finish_statistics(run: Run, cfg: RunSettings) -> None:
+    reported = list(run.silo_statistics.order_by("silo_id"))
+    schema = tabular.DatasetSchema.from_dict(run.version.spec["schema"])
+    try:
+        fitted = tabular.merge_statistics([s.stats for s in reported], schema)
+        n_features = len(tabular.feature_names(schema, fitted))
+        model = build_model(run.version.spec["model"], n_features, seed=cfg.seed)
+    except ValueError as exc:
+        _fail_run(run, f"federated statistics could not be combined: {exc}")
+        return
+    _store_model_version(run, number=0, state=model.state_dict(), round_=None)
+    run.preprocessing = fitted
+    run.status = Run.Status.RUNNING
+    run.save(update_fields=["preprocessing", "status"])
+    log.info(
+        "run %s: preprocessing fitted from %d silos, %d features", run.pk, len(reported), n_features
+    )
+
+
+def _open_round(run: Run, cfg: RunSettings, silos: list[Silo], number: int, attempt: int) -> None:
+    if run.waiting_since is not None:
+        run.waiting_since = None
+        run.save(update_fields=["waiting_since"])
+    now = timezone.now()
+    round_ = Round.objects.create(
+        run=run,
+        number=number,
+        attempt=attempt,
+        started_at=now,
+        deadline=now + timedelta(seconds=cfg.round_deadline_seconds),
+    )
+    round_.selected.set(silos)
+    for silo in silos:
+        dispatch.send_to_silo(silo.pk, {"type": "round.task", "round_id": round_.pk})
+    if secagg_rounds.is_secure(run.version.spec):  # its coordinator starts on commit
+        secagg_rounds.open_round(round_, silos, run.version.spec, cfg)
+    dispatch.enqueue_advance(run.pk, countdown=cfg.round_deadline_seconds + 0.05)
+    _publish(run, "round.opened", round=number, selected=len(silos))
+    log.info(
+        "run %s: round %d (attempt %d) opened with %d silos", run.pk, number, attempt, len(silos)
+    )
+
+
+def _fail_round(run: Run, round_: Round, error: str) -> None:
+    """Mark the attempt failed; the next decision retries it or fails the run."""
+    if secagg_rounds.is_secure(run.version.spec):
+        secagg_rounds.forget(round_.pk)
+    round_.status = Round.Status.FAILED
+    round_.finished_at = timezone.now()
+    round_.error = error
+    round_.save(update_fields=["status", "finished_at", "error"])
+    _publish(run, "round.failed", round=round_.number, error=round_.error)
+    log.warning("run %s: round %d failed: %s", run.pk, round_.number, round_.error)
+
+
+# -- aggregation -----------------------------------------------------------------------------------
+
+
+def round_aggregate(round_id: int) -> None:
+    """Aggregate an AGGREGATING round's updates into the next model version (idempotent)."""
+    round_ = Round.objects.select_related("run").get(pk=round_id)
+    if round_.status != Round.Status.AGGREGATING:
+        return
+    updates = list(
+        round_.updates.order_by("silo_id").values("silo_id", "blob_key", "num_examples", "metrics")
+    )
+    store = blob_store()
+    spec = round_.run.version.spec
+    try:
+        state, dp, result = _combine(round_, spec, updates)
+    except (ValueError, OSError) as exc:
+        _fail_round_aggregation(round_, f"aggregation failed: {exc}")
+        return
+    data = tensors.encode_state_dict(state)
+    key = model_key(run_id=round_.run_id, number=round_.number)
+    store.put(key, data)  # before the commit: a crash here leaves a blob a re-run overwrites
+    with transaction.atomic():
+        locked = Round.objects.select_for_update().get(pk=round_id)
+        if locked.status != Round.Status.AGGREGATING:
+            return  # another worker finished it first
+        ModelVersion.objects.update_or_create(
+            run_id=round_.run_id,
+            number=round_.number,
+            defaults={
+                "round": locked,
+                "checksum": tensors.sha256_hex(data),
+                "size_bytes": len(data),
+                "blob_key": key,
+                "signature": _signature_json(state),
+            },
+        )
+        _record_round_metrics(locked, updates)
+        fairness_service.record_round_report(locked, round_.run)  # of model v(k-1)
+        if result is not None:
+            locked.anomalies = _json_safe(result.flags)
+            locked.aggregation_stats = _json_safe(result.stats)
+            for flag in result.flags:
+                _audit_run(
+                    round_.run, "round.anomaly", **{**_json_safe(flag), "round": locked.number}
+                )
+        if dp is not None:  # client-level DP: each contributing silo's data spent one step
+            locked.aggregation_stats = _json_safe(dp)
+            for silo in Silo.objects.filter(pk__in=[u["silo_id"] for u in updates]):
+                ledger.ledger_append(
+                    silo=silo,
+                    run=round_.run,
+                    round_number=locked.number,
+                    mechanism="client",
+                    noise_multiplier=dp["noise_multiplier"],
+                    sample_rate=1.0,
+                    steps=1,
+                    delta=dp["delta"],
+                )
+        _audit_run(
+            round_.run,
+            "round.completed",
+            round=locked.number,
+            attempt=locked.attempt,
+            updates=[u["silo_id"] for u in updates],
+            model_sha256=tensors.sha256_hex(data),
+        )
+        locked.status = Round.Status.COMPLETED
+        locked.finished_at = timezone.now()
+        locked.save(update_fields=["status", "finished_at", "anomalies", "aggregation_stats"])
+        _publish(round_.run, "round.completed", round=locked.number, updates=len(updates))
+    log.info(
+        "run %s: round %d aggregated from %d updates", round_.run_id, round_.number, len(updates)
+    )
+    secagg_rounds.forget(round_id)  # a secure round's unmasked sum is no longer needed
+
+
+def _combine(
+    round_: Round, spec: dict[str, Any], updates: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, float] | None, AggregateResult | None]:
+    """The next global state from the round's updates, streamed one at a time from storage.
+
+    Client-level DP plans (McMahan et al. 2018): each silo's delta from the round's global model
+    is clipped to C, the clipped deltas are summed, Gaussian noise of std z*C (from a
+    cryptographically keyed source) is added to the sum and it is divided by the number of
+    silos selected for the round: an unweighted mean with a fixed denominator, so the sensitivity
+    is C/m -- example counts never weight it.
+
+    Other plans: the plan's strategy (fedcore.aggregation), whose server-optimizer state is kept
+    per round in blob storage so that a rerun of round k starts again from round k-1's state.
+    """
+    store = blob_store()
+    reference = ModelVersion.objects.get(run_id=round_.run_id, number=round_.number - 1)
+    global_state = tensors.decode_state_dict(store.get_buffer(reference.blob_key))
+    privacy = spec.get("privacy") or {}
+    secure_mean = None
+    if secagg_rounds.is_secure(spec):  # from the unmasked sum: no individual update exists
+        secure_mean, dp = secagg_rounds.mean_state(round_, global_state, updates)
+        if dp is not None:  # client-level DP: the sites added the noise before masking
+            return secure_mean, dp, None
+    elif privacy.get("mode", "none") == "client":
+        return (*_client_dp_mean(round_, spec, updates, global_state), None)
+    strategy = aggregation.make_strategy(
+        server_strategy_spec(spec.get("aggregation") or {}),
+        spill_dir=Path(settings.QUORUM_BLOB_DIR) / "spill",
+    )
+    if round_.number > 1:
+        try:
+            previous = store.get(strategy_key(run_id=round_.run_id, number=round_.number - 1))
+        except OSError:
+            previous = None
+        if previous is not None:
+            strategy.load_state_dict(tensors.decode_state_dict(previous))
+    if secure_mean is not None:  # the strategy sees the mean as one update (server optimisers)
+        streamed: Iterator[aggregation.ClientUpdate] = iter(
+            [aggregation.ClientUpdate(state=secure_mean, weight=1.0, client_id="secure_sum")]
+        )
+    else:
+        streamed = (
+            aggregation.ClientUpdate(
+                state=tensors.decode_state_dict(store.get_buffer(u["blob_key"])),
+                weight=float(u["num_examples"]),
+                client_id=u["silo_id"],
+                loss=u["metrics"].get("global_train_loss"),
+            )
+            for u in updates
+        )
+    result = strategy.aggregate(global_state, streamed, round=round_.number)
+    optimizer_state = strategy.state_dict()
+    if optimizer_state:
+        store.put(
+            strategy_key(run_id=round_.run_id, number=round_.number),
+            tensors.encode_state_dict(optimizer_state),
+        )
+    return result.state, None, result
+
+
+def _client_dp_mean(
+    round_: Round, spec: dict[str, Any], updates: list[dict[str, Any]], global_state: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DP-FedAvg over the round's updates, with adaptive clipping when the plan asks for it.
+
+    Adaptive clipping (Andrew et al. 2021): the clip of round k was set by round k-1 (the plan's
+    ``clip`` in round 1); each silo's report ``1[norm <= C]`` is summed with Gaussian noise and
+    moves the clip geometrically toward the plan's target quantile. The round is accounted as
+    one Gaussian mechanism with the plan's z; the update itself gets ``z_delta`` (their
+    Theorem 1), so adaptivity costs no extra epsilon.
+    """
+    store = blob_store()
+    privacy = spec["privacy"]
+    training = spec["training"]
+    z = dp_accounting.plan_noise_multiplier(
+        privacy,
+        rows=1,
+        batch_size=training["batch_size"],
+        local_epochs=training["local_epochs"],
+        rounds=training["rounds"],
+        accountant=ledger.ACCOUNTANT,
+    )
+    assert z is not None
+    expected = round_.selected.count()
+    adaptive_spec = privacy.get("adaptive_clip")
+    clip = float(privacy["clip"])
+    adaptive = None
+    update_z = z
+    if adaptive_spec:
+        previous = (
+            Round.objects.filter(
+                run_id=round_.run_id, number=round_.number - 1, status=Round.Status.COMPLETED
+            )
+            .values_list("aggregation_stats", flat=True)
+            .first()
+        )
+        clip = float((previous or {}).get("next_clip", clip))
+        adaptive = client_dp.AdaptiveClip(
+            initial_clip=clip,
+            noise_std_for_count=adaptive_count_noise(adaptive_spec, expected=expected, z=z),
+            target_quantile=float(adaptive_spec.get("target_quantile", 0.5)),
+            learning_rate=float(adaptive_spec.get("learning_rate", 0.2)),
+        )
+        update_z = adaptive.update_noise_multiplier(z)
+    mean = client_dp.DPFedAvg(clip=clip, noise_multiplier=update_z)
+    reports = 0.0
+    for u in updates:
+        state = tensors.decode_state_dict(store.get_buffer(u["blob_key"]))
+        norm = mean.add({name: state[name] - global_state[name] for name in global_state})
+        if adaptive is not None:
+            reports += adaptive.client_report(norm)
+    delta = mean.result(num_clients_expected=expected)
+    new_state = {
+        name: (value + delta[name]).to(value.dtype) if value.is_floating_point() else value
+        for name, value in global_state.items()
+    }
+    info: dict[str, Any] = {
+        "noise_multiplier": z,
+        "delta": float(privacy.get("delta", 1e-5)),
+        "clip": clip,
+        "update_noise_multiplier": update_z,
+    }
+    if adaptive is not None:
+        info["next_clip"] = adaptive.update(reports, expected)
+    return new_state, info
+
+
+def adaptive_count_noise(adaptive_spec: dict[str, Any], *, expected: int, z: float) -> float:
+    """sigma_b of the noisy clip count: the plan's, else max(m/20 (the paper's), 2z)."""
+    given = adaptive_spec.get("count_noise_std")
+    return float(given) if given is not None else max(expected / 20.0, 2.0 * z)
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON of strategy flags and stats: numpy/tensor scalars to numbers, NaN/Inf to null."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | str | int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
+
+
+def _fail_round_aggregation(round_: Round, error: str) -> None:
+    secagg_rounds.forget(round_.pk)
+    with transaction.atomic():
+        locked = Round.objects.select_for_update().get(pk=round_.pk)
+        if locked.status != Round.Status.AGGREGATING:
+            return
+        locked.status = Round.Status.FAILED
+        locked.error = error
+        locked.finished_at = timezone.now()
+        locked.save(update_fields=["status", "error", "finished_at"])
+        run = Run.objects.select_for_update().get(pk=round_.run_id)
+        _fail_run(run, f"round {locked.number}: {error}")
+
+
+def _weighted_mean(values: list[tuple[float, float]]) -> float | None:
+    total = sum(w for _, w in values)
+    if total <= 0:
+        return None
+    return sum(v * w for v, w in values) / total
+
+
+def _record_round_metrics(round_: Round, updates: list[dict[str, Any]]) -> None:
+    """Per-round summary: example-weighted means of what the silos reported."""
+    buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for u in updates:
+        weight = float(u["num_examples"])
+        for scope, name, value in validate_metrics(u["metrics"]):  # checked at receipt
+            if value == value:  # skip NaN (e.g. AUC of a one-class split)
+                buckets.setdefault((scope, name), []).append((value, weight))
+    RoundMetric.objects.filter(round=round_, silo__isnull=True).delete()
+    RoundMetric.objects.bulk_create(
+        RoundMetric(round=round_, silo=None, scope=scope, name=name, value=mean)
+        for (scope, name), values in sorted(buckets.items())
+        if (mean := _weighted_mean(values)) is not None
+    )
+
+
+def _signature_json(state: dict[str, Any]) -> dict[str, list[Any]]:
+    return {name: [dtype, list(shape)] for name, (dtype, shape) in tensors.signature(state).items()}
+
+
+def _store_model_version(
+    run: Run, *, number: int, state: dict[str, Any], round_: Round | None
+) -> None:
+    data = tensors.encode_state_dict(state)
+    key = model_key(run_id=run.pk, number=number)
+    blob_store().put(key, data)
+    ModelVersion.objects.update_or_create(
+        run=run,
+        number=number,
+        defaults={
+            "round": round_,
+            "checksum": tensors.sha256_hex(data),
+            "size_bytes": len(data),
+            "blob_key": key,
+            "signature": _signature_json(state),
+        },
+    )
+
+
+def _complete_run(run: Run) -> None:
+    run.status = Run.Status.COMPLETED
+    run.finished_at = timezone.now()
+    run.save(update_fields=["status", "finished_at"])
+    _audit_run(run, "run.finished", status=run.status)
+    TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.COMPLETED)
+    _notify_finished(run)
+    log.info("run %s completed", run.pk)
+
+
+def _fail_run(run: Run, error: str) -> None:
+    run.status = Run.Status.FAILED
+    run.error = error
+    run.finished_at = timezone.now()
+    run.save(update_fields=["status", "error", "finished_at"])
+    TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.FAILED)
+    _audit_run(run, "run.finished", status=run.status, error=error)
+    _notify_finished(run)
+    log.error("run %s failed: %s", run.pk, error)
+
+
+def _notify_finished(run: Run) -> None:
+    for silo_id in run.version.silos.values_list("pk", flat=True):
+        dispatch.send_to_silo(
+            silo_id, {"type": "run.finished", "run_id": run.pk, "status": run.status}
+        )
+    _publish(run, "run.finished", status=run.status)
+
+
+def _audit_run(run: Run, action: str, **data: Any) -> None:
+    """Append an audit event about a run, in the caller's transaction."""
+    audit_append(
+        actor="system",
+        action=action,
+        consortium_id=run.plan.consortium_id,
+        object_type="run",
+        object_id=run.pk,
+        data=data,
+    )
+
+
+def _publish(run: Run, kind: str, **fields: Any) -> None:
+    dispatch.publish_live({"type": "live.event", "event": kind, "run": run.pk, **fields})
