@@ -48,9 +48,11 @@ async def connected(token: str) -> WebsocketCommunicator:
 async def test_heartbeats_of_many_silos_are_one_database_job(monkeypatch: Any) -> None:
     """Every heartbeat is acknowledged at once; the database records them in one batch."""
     jobs: list[dict[int, str]] = []
-    real = dispatch._record_heartbeats
-    monkeypatch.setattr(
-        dispatch, "_record_heartbeats", lambda beats: (jobs.append(beats), real(beats))
+    real = dispatch.steps.function(dispatch.SILO_HEARTBEATS)
+    monkeypatch.setitem(
+        dispatch.steps.functions,
+        dispatch.SILO_HEARTBEATS,
+        lambda *, beats: (jobs.append(beats), real(beats=beats)),
     )
     pairs = await silos_with_tokens(4)
     comms = [await connected(token) for _, token in pairs]

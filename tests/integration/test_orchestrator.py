@@ -199,3 +199,51 @@ def test_update_blobs_are_content_addressed_so_a_racing_update_cannot_overwrite_
     update = current_round(run).updates.get(silo=silos[0])
     assert update.sha256[:32] in update.blob_key
     assert tensors.sha256_hex(blob_store().get(update.blob_key)) == update.sha256
+
+
+def offline(silos: list[Silo]) -> None:
+    Silo.objects.filter(pk__in=[s.pk for s in silos]).update(connection_id=None)
+
+
+def test_a_round_that_failed_with_its_silos_away_is_retried_once_they_are_back() -> None:
+    # Issue 12 part 6: the retry used to be tried once, at the failure, and never again, so the
+    # run stayed "running" forever although every silo came back.
+    silos, run = make_plan(2, min_silos=2)
+    orchestrator.run_advance(run.pk)
+    send_stats(run, silos)
+    orchestrator.run_advance(run.pk)
+    assert current_round(run).number == 1
+    offline(silos)
+    Round.objects.filter(run=run).update(deadline=timezone.now() - timedelta(seconds=1))
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    failed = current_round(run)
+    assert (failed.attempt, failed.status) == (1, Round.Status.FAILED)
+    assert run.status == Run.Status.RUNNING and run.waiting_since is not None
+    online(silos)
+    orchestrator.sweep()
+    retry = current_round(run)
+    assert (retry.number, retry.attempt, retry.status) == (1, 2, Round.Status.COLLECTING)
+    assert set(retry.selected.all()) == set(silos)
+    run.refresh_from_db()
+    assert run.waiting_since is None
+    state = build_model({"kind": "logistic_regression"}, 3, seed=5).state_dict()
+    for silo in silos:
+        submit(run, silo, 1, state, 10)
+    orchestrator.sweep()
+    assert Round.objects.get(run=run, number=1, attempt=2).status == Round.Status.COMPLETED
+
+
+def test_a_failed_round_whose_silos_stay_away_fails_the_run_after_the_wait() -> None:
+    silos, run = make_plan(2, min_silos=2, wait_for_silos_seconds=30)
+    orchestrator.run_advance(run.pk)
+    send_stats(run, silos)
+    orchestrator.run_advance(run.pk)
+    offline(silos)
+    Round.objects.filter(run=run).update(deadline=timezone.now() - timedelta(seconds=1))
+    orchestrator.run_advance(run.pk)
+    Run.objects.filter(pk=run.pk).update(waiting_since=timezone.now() - timedelta(seconds=31))
+    orchestrator.sweep()
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+    assert "round 1 could not start: only 0 of the minimum 2 silos" in run.error
