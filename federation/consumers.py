@@ -1,6 +1,7 @@
 """The agent websocket at /ws/agent/: token auth, hello/heartbeat, task dispatch, update receipt.
 
-Thin: every decision is in services, selectors and the orchestrator. Every refused message gets
+Thin: it parses frames, calls one service (or selector) per message and sends the reply; every
+decision, including when a silo drops out of a secure round, is in services. Every refused message gets
 an ``error`` frame with a code and a reason, and the connection (and the round) goes on.
 """
 
@@ -16,8 +17,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from fedcore import protocol
-from federation import dispatch, secagg_rounds, selectors, throttle
+from federation import dispatch, selectors, throttle
 from federation.services import agent_auth
+from federation.services import secagg as secagg_services
 from federation.services import silos as silo_services
 from federation.services import updates as update_services
 
@@ -175,11 +177,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         self.reassembler.reset()  # free a partial upload now, not when the consumer is collected
         await self.channel_layer.group_discard(dispatch.silo_group(self.silo_id), self.channel_name)
-        await database_sync_to_async(silo_services.silo_disconnect)(
-            silo_id=self.silo_id, connection_id=self.channel_name
+        await database_sync_to_async(silo_services.agent_goodbye)(
+            silo_id=self.silo_id,
+            connection_id=self.channel_name,
+            greeted=self.hello_done,
+            replaced=self.replaced,
         )
-        if self.hello_done and not self.replaced:  # its secagg secrets went with the session
-            await database_sync_to_async(secagg_rounds.silo_gone)(self.silo_id)
         log.info("silo %s disconnected (code %s)", self.silo_name, code)
 
     async def send_error(self, code: str, reason: str, **fields: Any) -> None:
@@ -232,35 +235,29 @@ class AgentConsumer(AsyncWebsocketConsumer):
         """Register the connection, welcome the agent and hand it any work it still owes."""
         assert self.silo_id is not None
         self.hello_received = True
-        replaced = await database_sync_to_async(silo_services.silo_connect)(
+        welcome = await database_sync_to_async(silo_services.agent_hello)(
             silo_id=self.silo_id,
             connection_id=self.channel_name,
             agent_version=msg["agent_version"],
         )
-        if replaced:
-            await self.channel_layer.send(replaced, {"type": "session.replaced"})
-        # A (re)connection starts with no secure-aggregation state at the agent: the silo is a
-        # dropout of any secure round attempt in progress.
-        await database_sync_to_async(secagg_rounds.silo_gone)(self.silo_id)
+        if welcome.replaced:
+            await self.channel_layer.send(welcome.replaced, {"type": "session.replaced"})
         await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         self.hello_done = True
         if self.hello_timer is not None:
             self.hello_timer.cancel()
             self.hello_timer = None
-        silo = await database_sync_to_async(
-            lambda: selectors.Silo.objects.select_related("consortium").get(pk=self.silo_id)
-        )()
         await self.send(
             text_data=protocol.encode_control(
                 "welcome",
-                silo=silo.name,
-                silo_id=silo.pk,
-                consortium=silo.consortium.name,
+                silo=welcome.silo_name,
+                silo_id=welcome.silo_id,
+                consortium=welcome.consortium,
                 heartbeat_seconds=settings.QUORUM_HEARTBEAT_SECONDS,
             )
         )
-        log.info("silo %s connected (agent %s)", silo.name, msg["agent_version"])
-        for event in await database_sync_to_async(selectors.pending_work)(silo_id=self.silo_id):
+        log.info("silo %s connected (agent %s)", welcome.silo_name, msg["agent_version"])
+        for event in welcome.pending:
             await self.dispatch(event)
 
     async def on_heartbeat(self, msg: dict[str, Any]) -> None:
@@ -287,7 +284,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         """One secure-aggregation stage reply: to the round attempt's coordinator."""
         assert self.silo_id is not None
         try:
-            await database_sync_to_async(secagg_rounds.receive)(silo_id=self.silo_id, fields=msg)
+            await database_sync_to_async(secagg_services.secagg_stage_receive)(
+                silo_id=self.silo_id, fields=msg
+            )
         except update_services.Refused as exc:
             log.warning("secagg message from silo %s refused: %s", self.silo_name, exc)
             await self.send_error(exc.code, exc.reason, run=msg["run"], round=msg["round"])
@@ -295,12 +294,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_error(self, msg: dict[str, Any]) -> None:
         """An agent reports a problem or a refusal (data that fails the schema, its site policy)."""
         log.warning("silo %s reports %s: %s", self.silo_name, msg["code"], msg["reason"])
-        if msg.get("run") is not None and msg.get("round") is not None:
-            # It will not contribute to that round: a secure round stops waiting for it.
-            await database_sync_to_async(secagg_rounds.silo_gone)(
-                self.silo_id, run_id=msg["run"], number=msg["round"]
-            )
-        await database_sync_to_async(update_services.agent_report)(
+        await database_sync_to_async(silo_services.agent_error)(
             silo_id=self.silo_id,
             code=msg["code"],
             reason=msg["reason"],
@@ -361,7 +355,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         """A secure round's masked vector: accounted for, added to the masked sum, never stored."""
         fields = message.fields
         try:
-            await database_sync_to_async(secagg_rounds.receive_masked)(
+            await database_sync_to_async(secagg_services.secagg_masked_receive)(
                 silo_id=self.silo_id, fields=fields, payload=message.payload
             )
         except update_services.Refused as exc:
@@ -385,9 +379,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def round_task(self, event: dict[str, Any]) -> None:
         """Send the silo its task for a round, with the global model."""
-        if secagg_rounds.is_dropout(event["round_id"], self.silo_id):
-            return  # it dropped out of the attempt's secure aggregation: nothing to train for
-        message = await database_sync_to_async(selectors.task_message)(
+        message = await database_sync_to_async(secagg_services.round_task_for)(
             round_id=event["round_id"], silo_id=self.silo_id
         )
         if message is None:

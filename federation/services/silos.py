@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -12,8 +13,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from fedcore.tabular import DatasetSchema, SchemaError, schema_hash
-from federation import dispatch, permissions
+from federation import dispatch, permissions, selectors
 from federation.models import Organization, Role, Silo
+from federation.services import secagg as secagg_services
+from federation.services import updates as update_services
 from federation.services.audit import actor_label, audit_append
 from federation.services.errors import Conflict
 
@@ -80,6 +83,51 @@ def silo_connections_forget_stale(*, older_than: timedelta) -> int:
 def silo_disconnect(*, silo_id: int, connection_id: str) -> None:
     """Forget a connection, unless a newer one has replaced it."""
     Silo.objects.filter(pk=silo_id, connection_id=connection_id).update(connection_id=None)
+
+
+@dataclass(frozen=True)
+class AgentWelcome:
+    """What the agent websocket answers a hello with."""
+
+    replaced: str | None  # the connection this one replaces (it is told to close)
+    silo_id: int
+    silo_name: str
+    consortium: str
+    pending: list[dict[str, Any]]  # channel events the agent still has to act on
+
+
+def agent_hello(*, silo_id: int, connection_id: str, agent_version: str) -> AgentWelcome:
+    """An agent said hello: register its connection (committed first), end its secure-
+    aggregation part in attempts in progress, and gather the welcome and the work it owes."""
+    replaced = silo_connect(
+        silo_id=silo_id, connection_id=connection_id, agent_version=agent_version
+    )
+    secagg_services.secagg_session_started(silo_id=silo_id)
+    silo = Silo.objects.select_related("consortium").get(pk=silo_id)
+    return AgentWelcome(
+        replaced=replaced,
+        silo_id=silo.pk,
+        silo_name=silo.name,
+        consortium=silo.consortium.name,
+        pending=selectors.pending_work(silo_id=silo_id),
+    )
+
+
+def agent_goodbye(*, silo_id: int, connection_id: str, greeted: bool, replaced: bool) -> None:
+    """An agent connection ended: forget it, and what that means for secure rounds."""
+    silo_disconnect(silo_id=silo_id, connection_id=connection_id)
+    secagg_services.secagg_session_ended(silo_id=silo_id, greeted=greeted, replaced=replaced)
+
+
+def agent_error(
+    *, silo_id: int, code: str, reason: str, run_id: int | None, round_number: int | None
+) -> None:
+    """An agent reported a problem or a refusal: a secure round stops waiting for it, and the
+    audit log records it."""
+    secagg_services.secagg_round_refused(silo_id=silo_id, run_id=run_id, number=round_number)
+    update_services.agent_report(
+        silo_id=silo_id, code=code, reason=reason, run_id=run_id, round_number=round_number
+    )
 
 
 # --------------------------------------------------------------------------------------------
