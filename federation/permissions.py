@@ -17,6 +17,7 @@ from django.http import Http404
 from federation.models import (
     Consortium,
     Membership,
+    ModelVersion,
     Organization,
     Role,
     Run,
@@ -160,3 +161,15 @@ def access_run(*, user: User | None, id: int) -> Run:
     if run is None:
         raise Http404("no such run")
     return run
+
+
+def access_model_version(*, user: User | None, id: int) -> ModelVersion:
+    """A global model of a run the user may see, else 404."""
+    version = (
+        ModelVersion.objects.filter(run__in=runs_visible_to(user), pk=id)
+        .select_related("run__plan__consortium", "run__version", "round")
+        .first()
+    )
+    if version is None:
+        raise Http404("no such model version")
+    return version

@@ -40,8 +40,14 @@ class Limits:
 
     @property
     def needed_to_open(self) -> int:
-        """The fewest selectable silos a round can start with (secure rounds: at least 2)."""
-        return max(self.min_silos, 2) if self.secure else self.min_silos
+        """The fewest selectable silos a round can start with."""
+        return needed_to_open(self.min_silos, secure=self.secure)
+
+
+def needed_to_open(min_silos: int, *, secure: bool) -> int:
+    """The fewest selectable silos a round can start with: the plan's minimum; secure rounds
+    at least 2 (a sum of one masked update is that update)."""
+    return max(min_silos, 2) if secure else min_silos
 
 
 @dataclass(frozen=True)
@@ -193,9 +199,7 @@ def _wait_or_fail(state: RunState, needed: int, what: str) -> Decision:
 
 def _begin_statistics(state: RunState) -> Decision:
     if len(state.online) < state.limits.min_silos:
-        return _wait_or_fail(
-            state, state.limits.min_silos, "federated statistics could not start"
-        )
+        return _wait_or_fail(state, state.limits.min_silos, "federated statistics could not start")
     return BeginStatistics(silos=state.online)
 
 
@@ -203,8 +207,7 @@ def _finish_statistics(state: RunState) -> Decision:
     deadline_passed = state.stats_deadline is not None and state.now >= state.stats_deadline
     if state.stats_reported < state.stats_expected and not deadline_passed:
         return Wait(
-            f"federated statistics: {state.stats_reported} of {state.stats_expected} silos "
-            "answered"
+            f"federated statistics: {state.stats_reported} of {state.stats_expected} silos answered"
         )
     if state.stats_reported < state.limits.min_silos:
         return FailRun(

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-
+from django.contrib.auth import get_user_model
 from django.db.models import Count, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import Http404
@@ -156,6 +156,45 @@ def online_silos(run: Run) -> list[Silo]:
     return selectable
 
 
+def run_waiting_note(run: Run, rounds: list[Round]) -> str | None:
+    """What an active run is waiting for, in words (the run monitor's notice), or None.
+
+    Counts the silos the state machine would select (``online_silos``), not merely connected
+    ones, so the note and the decision never disagree. ``rounds``: the run's rounds in order.
+    """
+    from federation import roundplan
+
+    if not run.active:
+        return None
+    current = rounds[-1] if rounds else None
+    failed = current is not None and current.status == Round.Status.FAILED
+    if run.waiting_since is None and not failed:
+        return None
+    cfg = run_settings(run.version.spec)
+    secure = run.version.spec.get("secure_aggregation") is True
+    needed = cfg.min_silos
+    what = "federated statistics"
+    if run.status == Run.Status.RUNNING:
+        needed = roundplan.needed_to_open(cfg.min_silos, secure=secure)
+        number = 1 if current is None else current.number + (current.status == "completed")
+        what = f"round {number}"
+        if failed:
+            assert current is not None
+            what = f"round {current.number} attempt {current.attempt + 1} (a retry)"
+    selectable = len(online_silos(run))
+    if selectable >= needed:
+        return (
+            f"{selectable} silos can take part ({needed} needed): {what} opens at the next sweep."
+        )
+    since = "" if run.waiting_since is None else f" since {run.waiting_since:%H:%M:%S %Z}"
+    return (
+        f"Waiting{since} for silos: {selectable} of the {needed} needed for {what} can take "
+        "part (connected, heartbeating in the last "
+        f"{settings.QUORUM_SILO_OFFLINE_AFTER:g} s, admitted, within their privacy budget); the "
+        f"run fails if they are not back within {cfg.wait_for_silos_seconds:.0f} s of waiting."
+    )
+
+
 def active_run_ids() -> list[int]:
     """Ids of the runs the sweep moves forward."""
     return list(Run.objects.filter(status__in=Run.ACTIVE).values_list("pk", flat=True))
@@ -178,22 +217,6 @@ def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None
         "consortium": version.plan.consortium.name,
         "status": version.plan.status,
     }
-
-
-def run_list() -> QuerySet[Run]:
-    """Runs, newest first, with their plan, rounds and round-level metrics."""
-    return (
-        Run.objects.select_related("plan", "plan__consortium", "version")
-        .prefetch_related(
-            Prefetch("round_set", queryset=Round.objects.order_by("number", "attempt")),
-            Prefetch(
-                "round_set__metrics",
-                queryset=RoundMetric.objects.filter(silo__isnull=True),
-                to_attr="summary_metrics",
-            ),
-        )
-        .order_by("-created_at")
-    )
 
 
 def silo_is_online(silo: Silo) -> bool:
@@ -228,8 +251,8 @@ def consortium_memberships(consortium: Consortium) -> QuerySet[Membership]:
     """Who holds which role in a consortium, by organisation and username."""
     return (
         Membership.objects.filter(organization__consortium=consortium)
-        .select_related("user", "organization")
-        .order_by("organization__name", "user__username", "role")
+        .select_related("user", "organization__consortium")
+        .order_by("organization__name", "user__username", "role", "pk")
     )
 
 
@@ -397,11 +420,14 @@ def _round_update_sum(expression: Any) -> Subquery:
     )
 
 
-def run_rounds(run: Run) -> QuerySet[Round]:
+def run_rounds(run: Run, *, summary_metrics: bool = False) -> QuerySet[Round]:
     """A run's rounds (every attempt) with how many silos were selected and answered, and the
     bytes their updates took on the wire (``received_bytes``: compressed as sent; updates from
-    before wire sizes were recorded count their stored size) and in storage (``stored_bytes``)."""
-    return (
+    before wire sizes were recorded count their stored size) and in storage (``stored_bytes``).
+
+    ``summary_metrics``: also each round's round-level metrics (``summary_metrics``, one more
+    query)."""
+    rounds = (
         Round.objects.filter(run=run)
         .annotate(
             selected_count=Count("selected", distinct=True),
@@ -411,6 +437,15 @@ def run_rounds(run: Run) -> QuerySet[Round]:
         )
         .order_by("number", "attempt")
     )
+    if summary_metrics:
+        rounds = rounds.prefetch_related(
+            Prefetch(
+                "metrics",
+                queryset=RoundMetric.objects.filter(silo__isnull=True).order_by("scope", "name"),
+                to_attr="summary_metrics",
+            )
+        )
+    return rounds
 
 
 def run_metric_rows(run: Run) -> list[dict[str, Any]]:
@@ -471,21 +506,35 @@ def run_privacy_spent(run: Run) -> dict[str, float]:
     }
 
 
-def silo_privacy(silo: Silo, *, limit: int = 50) -> dict[str, Any]:
+def silo_privacy(
+    silo: Silo, *, limit: int | None = 50, newest_first: bool = True
+) -> dict[str, Any]:
     """A silo's privacy budget, what its data has spent (composed over its whole history), what
-    remains, and its newest ledger entries."""
+    remains, and its ledger entries (the newest ``limit`` of them; all when None)."""
     from federation import ledger
 
     spent = ledger.silo_spent_epsilon(silo)
     budget = silo.epsilon_budget
+    order = ("-created_at", "-pk") if newest_first else ("created_at", "pk")
+    entries = PrivacyLedgerEntry.objects.filter(silo=silo).order_by(*order)
     return {
         "budget": budget,
         "delta": ledger.ledger_delta(silo),
         "spent": spent,
         "remaining": None if budget is None else max(0.0, budget - spent),
-        "entries": list(
-            PrivacyLedgerEntry.objects.filter(silo=silo).order_by("-created_at", "-pk")[:limit]
-        ),
+        "entries": list(entries if limit is None else entries[:limit]),
+    }
+
+
+def silo_budget_report(silo: Silo) -> dict[str, Any]:
+    """The API's budget report: budget, composed spend, what remains, every entry (oldest first)."""
+    privacy = silo_privacy(silo, limit=None, newest_first=False)
+    return {
+        "epsilon_budget": privacy["budget"],
+        "delta_budget": silo.delta_budget,
+        "epsilon_spent": privacy["spent"],
+        "epsilon_remaining": privacy["remaining"],
+        "entries": privacy["entries"],
     }
 
 
@@ -501,18 +550,6 @@ def consortium_model_versions(consortium: Consortium) -> QuerySet[ModelVersion]:
         .select_related("run__plan", "run__version", "round")
         .order_by("-run__created_at", "-run_id", "number")
     )
-
-
-def access_model_version(*, user: Any, id: int) -> ModelVersion:
-    """A global model of a run the user may see, else 404."""
-    version = (
-        ModelVersion.objects.filter(run__in=permissions.runs_visible_to(user), pk=id)
-        .select_related("run__plan__consortium", "run__version", "round")
-        .first()
-    )
-    if version is None:
-        raise Http404("no such model version")
-    return version
 
 
 def model_version_bytes(version: ModelVersion) -> bytes:
@@ -724,3 +761,72 @@ def model_version_onnx(version: ModelVersion) -> bytes:
     except (tensors.IncompatibleStateDict, RuntimeError) as exc:
         raise ValueError(f"the stored weights do not fit the plan's model: {exc}") from None
     return onnx_export.export_onnx(model, len(names))
+
+
+# --------------------------------------------------------------------------------------------
+# Reads behind the API: querysets shaped so a page costs a constant number of queries. Every list
+# starts from a ``federation.permissions`` scope (``*_visible_to``, ``access_*``), so what a user
+# can list is decided in one place; these only add joins, prefetches, counts and a stable order.
+
+
+def me(user: Any) -> Any:
+    """The user with their memberships, organisations and consortia."""
+    memberships = Membership.objects.select_related("user", "organization__consortium").order_by(
+        "organization__consortium__name", "organization__name", "role"
+    )
+    return (
+        get_user_model()
+        .objects.prefetch_related(Prefetch("memberships", queryset=memberships))
+        .get(pk=user.pk)
+    )
+
+
+def user_by_username(username: str) -> Any | None:
+    """The user with this username, or None."""
+    return get_user_model().objects.filter(username=username).first()
+
+
+def consortium_list(user: Any) -> QuerySet[Consortium]:
+    """The user's consortia by name."""
+    return permissions.consortia_of(user)
+
+
+def silo_list(user: Any) -> QuerySet[Silo]:
+    """Silos of the user's consortia."""
+    return (
+        permissions.silos_visible_to(user)
+        .select_related("organization")
+        .order_by("consortium_id", "name", "pk")
+    )
+
+
+def plan_list(user: Any) -> QuerySet[TrainingPlan]:
+    """Plans of the user's consortia, newest first."""
+    return (
+        permissions.plans_visible_to(user)
+        .select_related("current_version", "proposed_by")
+        .order_by("-created_at", "-pk")
+    )
+
+
+def plan_version(plan: TrainingPlan, number: int) -> PlanVersion:
+    """Version `number` of a plan the user may see, else 404."""
+    found = plan_versions(plan).filter(number=number).first()
+    if found is None:
+        raise Http404("no such plan version")
+    return found
+
+
+def run_list(user: Any) -> QuerySet[Run]:
+    """Runs of the user's consortia, newest first."""
+    return (
+        permissions.runs_visible_to(user)
+        .select_related("plan", "version", "started_by")
+        .order_by("-created_at", "-pk")
+    )
+
+
+def audit_event_list(user: Any) -> QuerySet[AuditEvent]:
+    """Events of the consortia whose log the user may read (else PermissionDenied)."""
+    ids = permissions.audit_consortium_ids(user)
+    return AuditEvent.objects.filter(consortium_id__in=ids).order_by("index")

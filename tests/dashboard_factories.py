@@ -13,9 +13,9 @@ from django.utils import timezone
 from fedcore import tensors
 from fedcore.models import build_model
 from federation import models
-from federation.services.rounds import _signature_json
 from federation.services.audit import audit_append
 from federation.services.plans import plan_approve, plan_propose
+from federation.services.rounds import _signature_json
 from federation.services.runs import run_start
 from federation.storage import blob_store, model_key
 from tests.factories import plan_spec

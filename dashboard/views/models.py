@@ -34,7 +34,7 @@ def model_list(request: HttpRequest, consortium_id: int) -> HttpResponse:
 @login_required
 def model_download(request: HttpRequest, model_id: int) -> HttpResponse:
     """The model's safetensors file, as stored (its SHA-256 is the registry's checksum)."""
-    version = selectors.access_model_version(user=request.user, id=model_id)
+    version = permissions.access_model_version(user=request.user, id=model_id)
     data = selectors.model_version_bytes(version)
     if hashlib.sha256(data).hexdigest() != version.checksum:
         # Never hand out a model that is not the one the registry (and the audit log) describe.
@@ -60,7 +60,7 @@ def model_download(request: HttpRequest, model_id: int) -> HttpResponse:
 @login_required
 def model_card(request: HttpRequest, model_id: int) -> HttpResponse:
     """The model card as a readable page."""
-    version = selectors.access_model_version(user=request.user, id=model_id)
+    version = permissions.access_model_version(user=request.user, id=model_id)
     return page(
         request,
         "dashboard/model_card.html",
@@ -74,7 +74,7 @@ def model_card(request: HttpRequest, model_id: int) -> HttpResponse:
 @login_required
 def model_card_json(request: HttpRequest, model_id: int) -> JsonResponse:
     """The model card as JSON."""
-    version = selectors.access_model_version(user=request.user, id=model_id)
+    version = permissions.access_model_version(user=request.user, id=model_id)
     response = JsonResponse(reports.model_card(version), json_dumps_params={"indent": 2})
     response["Content-Disposition"] = (
         f'inline; filename="model-card-run{version.run_id}-v{version.number}.json"'
@@ -87,7 +87,7 @@ def model_onnx(request: HttpRequest, model_id: int) -> HttpResponse:
     """The model as ONNX for deployment at a site (input ``features``, output ``logit``)."""
     from fedcore.onnx_export import OnnxUnavailable
 
-    version = selectors.access_model_version(user=request.user, id=model_id)
+    version = permissions.access_model_version(user=request.user, id=model_id)
     try:
         data = selectors.model_version_onnx(version)
     except OnnxUnavailable as exc:

@@ -97,18 +97,18 @@ def run_state(run: Run, online: list[Silo]) -> roundplan.RunState:
     return replace(
         state,
         current=roundplan.RoundState(
-                id=current.pk,
-                number=current.number,
-                attempt=current.attempt,
-                status=current.status,
-                selected=current.selected.count() if collecting else 0,
-                received=current.updates.count() if collecting and not secure else 0,
-                started_at=current.started_at,
-                deadline=current.deadline,
-                aggregation_started_at=current.aggregation_started_at,
-                error=current.error,
-                secure_outcome=outcome,
-            ),
+            id=current.pk,
+            number=current.number,
+            attempt=current.attempt,
+            status=current.status,
+            selected=current.selected.count() if collecting else 0,
+            received=current.updates.count() if collecting and not secure else 0,
+            started_at=current.started_at,
+            deadline=current.deadline,
+            aggregation_started_at=current.aggregation_started_at,
+            error=current.error,
+            secure_outcome=outcome,
+        ),
     )
 
 

@@ -333,3 +333,27 @@ def test_dashboard_code_reads_through_selectors_only() -> None:
             ):
                 offenders.append(f"{path.name}:{node.lineno} defines a model")
     assert offenders == []
+
+
+def test_run_monitor_says_what_a_waiting_run_really_waits_for() -> None:
+    # Issue 12 part 6: the page said "waiting for enough silos' agents" while listing them all
+    # online. The notice now counts the silos the state machine would select.
+    gov = governed_consortium(2)
+    run = finished_run(gov, rounds=2, min_silos=2)
+    failed = run.round_set.get(number=2)
+    failed.status = "failed"
+    failed.save()
+    Run = type(run)
+    Run.objects.filter(pk=run.pk).update(
+        status=Run.Status.RUNNING, finished_at=None, waiting_since=timezone.now()
+    )
+    client = client_for(gov.auditors[0])
+    Silo.objects.filter(pk__in=[s.pk for s in gov.silos]).update(connection_id=None)
+    html = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "0 of the 2 needed for round 2 attempt 2 (a retry) can take part" in html
+    Silo.objects.filter(pk__in=[s.pk for s in gov.silos]).update(
+        connection_id="c", last_heartbeat=timezone.now()
+    )
+    html = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "2 silos can take part (2 needed): round 2 attempt 2 (a retry) opens" in html
+    assert "Waiting" not in html

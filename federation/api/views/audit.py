@@ -6,8 +6,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from federation import signing
-from federation.api import selectors
+from federation import selectors, signing
 from federation.api.filters import AuditEventFilter
 from federation.api.serializers import (
     AuditEventSerializer,

@@ -7,8 +7,7 @@ from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from federation import permissions
-from federation.api import selectors
+from federation import permissions, selectors
 from federation.api.serializers import (
     ConsortiumDetailSerializer,
     ConsortiumSerializer,
@@ -53,7 +52,7 @@ class ConsortiumOrganizationListView(ApiListView):
         if self.schema_only:
             return Organization.objects.none()
         consortium = permissions.access_consortium(user=self.request.user, id=self.kwargs["pk"])
-        return selectors.organization_list(consortium)
+        return selectors.consortium_organizations(consortium)
 
 
 class ConsortiumMemberListView(ApiListView):
@@ -65,7 +64,7 @@ class ConsortiumMemberListView(ApiListView):
         if self.schema_only:
             return Membership.objects.none()
         consortium = permissions.access_consortium(user=self.request.user, id=self.kwargs["pk"])
-        return selectors.membership_list(consortium)
+        return selectors.consortium_memberships(consortium)
 
     @extend_schema(
         request=MembershipAddSerializer,

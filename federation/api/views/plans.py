@@ -7,8 +7,7 @@ from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from federation import governance, permissions
-from federation.api import selectors
+from federation import governance, permissions, selectors
 from federation.api.filters import PlanFilter
 from federation.api.serializers import (
     ApprovalSerializer,
@@ -85,7 +84,7 @@ class PlanVersionListView(ApiListView):
         if self.schema_only:
             return PlanVersion.objects.none()
         plan = permissions.access_plan(user=self.request.user, id=self.kwargs["pk"])
-        return selectors.plan_version_list(plan)
+        return selectors.plan_versions(plan)
 
 
 class PlanVersionDetailView(ApiView):
@@ -174,4 +173,4 @@ class PlanApprovalListView(ApiListView):
         if self.schema_only:
             return Approval.objects.none()
         plan = permissions.access_plan(user=self.request.user, id=self.kwargs["pk"])
-        return selectors.approval_list(plan)
+        return selectors.plan_decisions(plan)

@@ -7,8 +7,7 @@ from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from federation import permissions
-from federation.api import selectors
+from federation import permissions, selectors
 from federation.api.filters import RunFilter
 from federation.api.serializers import (
     ModelVersionSerializer,
@@ -69,7 +68,7 @@ class RunRoundListView(ApiListView):
         if self.schema_only:
             return Round.objects.none()
         run = permissions.access_run(user=self.request.user, id=self.kwargs["pk"])
-        return selectors.round_list(run)
+        return selectors.run_rounds(run, summary_metrics=True)
 
 
 class RunModelListView(ApiListView):
@@ -81,4 +80,4 @@ class RunModelListView(ApiListView):
         if self.schema_only:
             return ModelVersion.objects.none()
         run = permissions.access_run(user=self.request.user, id=self.kwargs["pk"])
-        return selectors.model_version_list(run)
+        return selectors.run_model_versions(run)

@@ -7,8 +7,7 @@ from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from federation import permissions
-from federation.api import selectors
+from federation import permissions, selectors
 from federation.api.filters import SiloFilter
 from federation.api.serializers import (
     AgentTokenSerializer,
