@@ -16,9 +16,10 @@ transaction. Hypothesis interleaves the faults; the invariants are what a user r
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from federation import roundplan as rp
@@ -67,7 +68,7 @@ class Persisted:
 class RoundPlanWorld(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
         self.db = Persisted()
         self.connected: set[int] = set()
         self.refusing: set[int] = set()
@@ -301,7 +302,7 @@ test_round_state_machine_under_faults = RoundPlanWorld.TestCase
 
 def test_a_failed_round_is_retried_when_its_silos_are_back() -> None:
     """The reproduction of the stuck run, on the decision function alone."""
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     failed = rp.RoundState(
         id=7,
         number=1,
