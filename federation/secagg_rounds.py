@@ -18,7 +18,7 @@ Life of a secure round attempt (docs/protocol.md, "Secure aggregation", has the 
    once every awaited silo answered, close the stage and send the next requests.
 3. Stage deadlines: advertise-keys, share-keys and unmasking wait ``secagg.stage_timeout_seconds``
    each; masked-input (which includes local training) waits ``round_deadline_seconds``. A timer
-   on the orchestration thread (``dispatch.enqueue(dispatch.SECAGG_TICK, ..., countdown=...)``) and the
+   on the orchestration thread (``dispatch.backend().enqueue(tick, ..., countdown=...)``) and the
    orchestrator's sweep (:func:`outcome`) close a stage whose deadline passed. Silos that did not
    answer in time are dropouts from then on. A silo that disconnects, reconnects, or reports an
    error about the round is a dropout at once: the stage closes as soon as everyone else answered.
