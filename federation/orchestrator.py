@@ -30,6 +30,7 @@ from django.utils import timezone
 from fedcore import aggregation, tabular, tensors
 from fedcore.aggregation import AggregateResult
 from fedcore.models import build_model
+from fedcore.plan import RunSettings, run_settings, server_strategy_spec
 from fedcore.privacy import accounting as dp_accounting
 from fedcore.privacy import client_dp
 from federation import dispatch, ledger, secagg_rounds
@@ -41,7 +42,6 @@ from federation.models import (
     Silo,
     TrainingPlan,
 )
-from federation.plan_spec import RunSettings, run_settings, server_strategy_spec
 from federation.services import fairness as fairness_service
 from federation.services.audit import audit_append
 from federation.services.updates import validate_metrics

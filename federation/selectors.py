@@ -9,6 +9,7 @@ from django.db.models import Count, F, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import Http404
 
+from fedcore.plan import run_settings
 from fedcore.protocol import BinaryMessage
 from federation import permissions
 from federation.models import (
@@ -27,7 +28,6 @@ from federation.models import (
     TrainingPlan,
     Update,
 )
-from federation.plan_spec import run_settings
 from federation.signing import authorization_for
 from federation.storage import blob_store
 

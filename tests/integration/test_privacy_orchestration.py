@@ -10,6 +10,7 @@ import torch
 
 from fedcore import tensors
 from fedcore.models import build_model
+from fedcore.plan import plan_errors
 from fedcore.privacy import accounting
 from federation import ledger, orchestrator
 from federation.models import AuditEvent, PrivacyLedgerEntry, Round, Run, Silo
@@ -211,9 +212,7 @@ def test_adaptive_clipping_moves_the_clip_toward_the_quantile_at_no_extra_epsilo
 
 
 def test_adaptive_clipping_is_refused_where_it_cannot_work() -> None:
-    from federation.plan_spec import plan_spec_errors
-
     sample = plan_spec(privacy={**SAMPLE_DP, "adaptive_clip": {}})
-    assert "privacy.adaptive_clip" in plan_spec_errors(sample)
+    assert "privacy.adaptive_clip" in plan_errors(sample)
     secure = plan_spec(privacy={**CLIENT_DP, "adaptive_clip": {}}, secure_aggregation=True)
-    assert "secure aggregation" in plan_spec_errors(secure)["privacy.adaptive_clip"]
+    assert "secure aggregation" in plan_errors(secure)["privacy.adaptive_clip"]
