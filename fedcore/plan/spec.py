@@ -25,6 +25,7 @@ from fedcore.compression import METHODS, CompressionSpec, CompressionSpecError
 from fedcore.models import MODEL_KINDS, ModelSpecError, validate_model_spec
 from fedcore.plan.keys import Key, check_section, defaults, names, unknown_keys
 from fedcore.privacy.accounting import PLAN_PRIVACY_DEFAULTS
+from fedcore.privacy.wrapper import DP_WRAPPABLE
 from fedcore.secure_updates import DEFAULT_CLIP, DEFAULT_MAX_EXAMPLES
 from fedcore.tabular import DatasetSchema, SchemaError
 
@@ -33,14 +34,7 @@ QFEDAVG = "qfedavg"
 # What can aggregate a mean it never sees the parts of: the (weighted) mean and the server
 # optimisers. Secure aggregation hides each update; client-level DP hands the strategy only the
 # noised mean of the clipped updates (fedcore.privacy.wrapper). Both need one of these.
-MEAN_STRATEGIES: tuple[str, ...] = (
-    "fedavg",
-    FEDPROX,
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-)
+MEAN_STRATEGIES: tuple[str, ...] = (*DP_WRAPPABLE, FEDPROX)
 SECAGG_STRATEGIES = MEAN_STRATEGIES
 CLIENT_DP_STRATEGIES = MEAN_STRATEGIES
 AGGREGATION_STRATEGIES: tuple[str, ...] = (FEDPROX, *STRATEGIES)
