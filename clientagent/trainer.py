@@ -356,7 +356,7 @@ def handle_stats_request(fields: Mapping[str, Any], data: LocalData) -> dict[str
     plan = fields.get("plan")
     if not isinstance(plan, Mapping):
         raise TaskError(INVALID_TASK, "stats_request has no plan object", run=run)
-    _parsed(plan, run, None)
+    check_plan(plan, run)
     try:
         split = _prepare(plan, data, run, None)
     except PlanError as exc:
@@ -402,9 +402,10 @@ def _load_global(
     return model, state
 
 
-def _parsed(plan: Any, run: int | None, rnd: int | None) -> Plan:
-    """The task's plan parsed by the plan language (fedcore.plan), the rules the server applied
-    at proposal; a plan it refuses is an ``invalid_task`` naming every bad key."""
+def check_plan(plan: Any, run: int | None = None, rnd: int | None = None) -> Plan:
+    """The agent's acceptance of a plan: parsed by the plan language (fedcore.plan), the rules
+    the server applied at proposal; a plan it refuses is an ``invalid_task`` naming every bad
+    key (the ``error`` frame the server records for the round)."""
     try:
         return parse_plan(plan)
     except PlanRefused as exc:
@@ -484,7 +485,7 @@ def handle_task(
     fields = task.fields
     run, rnd = fields["run"], fields["round"]
     plan = fields["plan"]
-    parsed = _parsed(plan, run, rnd)
+    parsed = check_plan(plan, run, rnd)
     seed = parsed.seed
     settings, privacy, aggregation = parsed.training, parsed.privacy, parsed.aggregation
     fairness_settings = parsed.fairness
