@@ -2,7 +2,7 @@
 its JSON Schema. Server and site agent both use it (docs/plan-spec.md)."""
 
 from fedcore.plan.canonical import canonical_json, plan_hash
-from fedcore.plan.schema import json_schema, key_table
+from fedcore.plan.schema import json_schema, key_table, openapi_schema
 from fedcore.plan.spec import (
     AGGREGATION_STRATEGIES,
     ALLOWED_KEYS,
@@ -52,6 +52,7 @@ __all__ = [
     "canonical_json",
     "json_schema",
     "key_table",
+    "openapi_schema",
     "parse_evaluation",
     "parse_plan",
     "parse_schema",

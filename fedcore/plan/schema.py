@@ -152,3 +152,32 @@ def key_table() -> str:
             f"{', '.join(cls.SPEC_PARAMS)} | parameters of {name} (fedcore.aggregation) |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _to_openapi(node: Any) -> Any:
+    """A JSON Schema 2020-12 node as OpenAPI 3.0 writes it (nullable, boolean exclusive bounds)."""
+    if isinstance(node, list):
+        return [_to_openapi(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _to_openapi(value) for key, value in node.items() if key != "$schema"}
+    if isinstance(out.get("type"), list):
+        types = [t for t in out["type"] if t != "null"]
+        out["type"] = types[0]
+        out["nullable"] = True
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if bound in out and not isinstance(out[bound], bool):
+            out[plain] = out.pop(bound)
+            out[bound] = True
+    if "enum" in out and None in out["enum"]:
+        out["nullable"] = True
+    any_of = out.get("anyOf")
+    if isinstance(any_of, list) and {"type": "null"} in any_of and len(any_of) == 2:
+        (inner,) = [item for item in any_of if item != {"type": "null"}]
+        out = {**{k: v for k, v in out.items() if k != "anyOf"}, **inner, "nullable": True}
+    return out
+
+
+def openapi_schema() -> dict[str, Any]:
+    """:func:`json_schema` in OpenAPI 3.0's dialect, for the API's published schema."""
+    return _to_openapi(json_schema())

@@ -80,7 +80,13 @@ TOP_KEYS: tuple[Key, ...] = (
         default={"strategy": "fedavg"},
         nullable=True,
     ),
-    Key("min_silos", "integer", "updates a round needs to aggregate", default=1, minimum=1),
+    Key(
+        "min_silos",
+        "integer",
+        "silos whose updates a round needs before it aggregates",
+        default=1,
+        minimum=1,
+    ),
     Key(
         "round_deadline_seconds",
         "number",
