@@ -123,7 +123,7 @@ def make_setting(n: int, params: int, graph: str, drop_fraction: float, seed: in
         k = min(n - 1, 2 * math.ceil(math.log2(n)))
         k = effective_degree(n, k)
     neighbourhood = k + 1
-    t = max(2, math.ceil(2 * neighbourhood / 3))  # Quorum's default (federation.plan_spec)
+    t = max(2, math.ceil(2 * neighbourhood / 3))  # Quorum's default (fedcore.plan.secagg_threshold)
     n_drop = round(drop_fraction * n) if drop_fraction > 0 else 0
     if drop_fraction > 0:
         n_drop = max(1, n_drop)

@@ -70,7 +70,7 @@ from clientagent.trainer import (
     handle_task,
 )
 from fedcore import protocol, tensors
-from fedcore.plans import plan_hash as compute_plan_hash
+from fedcore.plan import plan_hash as compute_plan_hash
 
 logger = logging.getLogger(__name__)
 

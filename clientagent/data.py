@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from fedcore import tabular
+from fedcore.plan import spec
 
 
 class DataFileError(Exception):
@@ -54,46 +55,19 @@ class LocalArrays:
     test: tabular.TabularData
 
 
-def evaluation_settings(plan: Mapping[str, Any]) -> tuple[float, int]:
-    """The (test_fraction, seed) of a plan's "evaluation" section (defaults 0.2 and 0)."""
-    evaluation = plan.get("evaluation", {})
-    if not isinstance(evaluation, Mapping):
-        raise PlanError("plan 'evaluation' must be an object")
-    fraction = evaluation.get("test_fraction", 0.2)
-    seed = evaluation.get("seed", 0)
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
-        raise PlanError(f"plan evaluation.test_fraction must be a number, got {fraction!r}")
-    if not 0.0 <= float(fraction) < 1.0:
-        raise PlanError(f"plan evaluation.test_fraction must be in [0, 1), got {fraction!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise PlanError(f"plan evaluation.seed must be an integer >= 0, got {seed!r}")
-    return float(fraction), seed
-
-
-def evaluation_split_column(plan: Mapping[str, Any]) -> str | None:
-    """The plan's ``evaluation.split_column``: a data column fixing each row's part, or None.
-
-    When set, the site's rows are split by that column ("train" / "test" per row,
-    :func:`fedcore.tabular.split_by_column`) and ``test_fraction`` and ``seed`` are not used.
-    """
-    evaluation = plan.get("evaluation", {})
-    if not isinstance(evaluation, Mapping):
-        raise PlanError("plan 'evaluation' must be an object")
-    column = evaluation.get("split_column")
-    if column is not None and (not isinstance(column, str) or not column.strip()):
-        raise PlanError(f"plan evaluation.split_column must be a column name, got {column!r}")
-    return column
-
-
 def parse_schema(plan: Mapping[str, Any]) -> tabular.DatasetSchema:
-    """The DatasetSchema of a plan; PlanError if it is missing or invalid."""
-    raw = plan.get("schema")
-    if not isinstance(raw, Mapping):
-        raise PlanError("plan has no 'schema' object")
+    """The DatasetSchema of a plan (fedcore.plan.parse_schema); PlanError if it is unusable."""
     try:
-        return tabular.DatasetSchema.from_dict(raw)
-    except (tabular.SchemaError, KeyError, TypeError, ValueError) as exc:
-        raise PlanError(f"plan schema is invalid: {exc}") from None
+        return spec.parse_schema(plan.get("schema"))
+    except spec.PlanError as exc:
+        raise PlanError(str(exc)) from None
+
+
+def _evaluation(plan: Mapping[str, Any]) -> spec.Evaluation:
+    try:
+        return spec.parse_evaluation(plan.get("evaluation"))
+    except spec.PlanError as exc:
+        raise PlanError(str(exc)) from None
 
 
 class LocalData:
@@ -143,8 +117,9 @@ class LocalData:
             fedcore.tabular.DataValidationError: the data does not match the schema.
         """
         schema = parse_schema(plan)
-        fraction, seed = evaluation_settings(plan)
-        split_column = evaluation_split_column(plan)
+        evaluation = _evaluation(plan)
+        fraction, seed = evaluation.test_fraction, evaluation.seed
+        split_column = evaluation.split_column
         # Keyed on what the split depends on, computed here rather than trusting the server's
         # plan_hash: two plans with the same schema share the split, a changed file reloads.
         settings: dict[str, Any] = {

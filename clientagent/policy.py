@@ -38,7 +38,7 @@ from typing import Any
 from clientagent.config import PolicyConfig
 from clientagent.records import REJECTED, Decision, short_hash
 from clientagent.trainer import RoundPrivacy, TaskError
-from fedcore.plans import plan_hash as compute_plan_hash
+from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.signing import AuthorizationError, verify_authorization
 
 NOT_AUTHORIZED = "not_authorized"  # the signed grant is missing, forged or does not cover this

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcore import protocol, secure_updates, tensors
+from fedcore.plan import parse_plan
 from fedcore.secagg import (
     ProtocolError,
     SecAggClient,
@@ -325,11 +326,11 @@ class SecAggSession:
         plan = offer.task.fields["plan"]
         global_state = tensors.decode_state_dict(offer.task.payload)
         local = tensors.decode_state_dict(offer.update.payload)
-        privacy = plan.get("privacy") or {}
-        if privacy.get("mode", "none") == "client":
+        parsed = parse_plan(plan)  # accepted by handle_task already: the same plan language
+        if parsed.privacy.mode == "client":
             if offer.privacy is None:
                 raise ValueError("a client-DP round without its privacy mechanism")
-            clip = float(privacy["clip"])
+            clip = parsed.privacy.clip
             z = float(offer.privacy.noise_multiplier)
             needed = secure_updates.dp_quantiser_clip(clip, z, config.threshold)
             if config.clip < needed * (1 - 1e-9):
@@ -341,8 +342,10 @@ class SecAggSession:
                 local, global_state, clip=clip, noise_multiplier=z, threshold=config.threshold
             )
         else:
-            section = plan.get("secagg") or {}
-            max_examples = int(section.get("max_examples", secure_updates.DEFAULT_MAX_EXAMPLES))
+            settings = parsed.secagg
+            if settings is None:
+                raise ProtocolError("a secure round of a plan without secure_aggregation")
+            max_examples = settings.max_examples
             if not (math.isfinite(config.clip) and config.clip > 0):
                 raise ProtocolError("the round's clip must be a positive number")
             encoded = secure_updates.weighted_vector(

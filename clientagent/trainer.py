@@ -28,8 +28,11 @@ Aggregation strategies that need the agent: ``fedprox`` trains with the proximal
 ``mu / 2 * ||w - w_global||^2`` (non-DP only); ``qfedavg`` needs ``F_k(w_t)``, the received
 global model's loss on this site's training split, reported as ``metrics["global_train_loss"]``.
 That value is computed from the training rows without noise: under DP it would be a release
-outside the guarantee, so it is reported only for plans without DP (q-FedAvg with DP-SGD is
-refused; in client mode the server averages with DP-FedAvg whatever the strategy).
+outside the guarantee, so it is reported only for plans without DP (q-FedAvg is refused with
+any DP by the plan language; in client mode the server's strategy gets the DP mean).
+
+Every task's plan is parsed by :func:`fedcore.plan.parse_plan`, the parser the server ran at
+proposal: what it refuses is an ``invalid_task`` naming every bad key.
 
 Group fairness (the plan's ``fairness`` section, docs/fairness.md): the update also carries the
 received global model's confusion counts per group of every sensitive attribute with a public
@@ -57,6 +60,8 @@ from torch import nn
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
 from clientagent.residuals import ResidualStore, matching
 from fedcore import compression, fairness, models, protocol, tabular, tensors, training
+from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
+from fedcore.plan import PlanError as PlanRefused
 from fedcore.privacy import accounting
 
 # Error codes of the ``error`` frames the agent sends (data_invalid is in protocol.ERROR_CODES).
@@ -67,9 +72,6 @@ TRAINING_FAILED = "training_failed"  # local training diverged (NaN/Inf)
 # The server's ledger composes with this accountant (federation.ledger.ACCOUNTANT); the noise
 # calibration and every epsilon the agent reports or logs use the same one.
 ACCOUNTANT = "rdp"
-FEDPROX = "fedprox"
-FEDPROX_DEFAULT_MU = 0.01  # the server's default (federation.plan_spec.server_strategy_spec)
-QFEDAVG = "qfedavg"
 
 
 class TaskError(Exception):
@@ -138,202 +140,12 @@ class TrainingObserver(Protocol):
         """Training finished with this mean loss over the last epoch."""
 
 
-@dataclass(frozen=True)
-class TrainingSettings:
-    """The checked ``training`` section of a plan."""
-
-    epochs: int
-    batch_size: int
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    rounds: int | None = None  # the plan's training.rounds; required by DP plans
-    steps: int | None = None  # training.local_steps: optimizer steps per round instead of epochs
-
-    @classmethod
-    def from_plan(cls, plan: Mapping[str, Any]) -> TrainingSettings:
-        """Read and type-check ``plan["training"]``; PlanError names the bad key."""
-        section = plan.get("training")
-        if not isinstance(section, Mapping):
-            raise PlanError("plan has no 'training' object")
-
-        def number(key: str, default: float | None) -> float:
-            value = section.get(key, default)
-            if value is None:
-                raise PlanError(f"plan training.{key} is missing")
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise PlanError(f"plan training.{key} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise PlanError(f"plan training.{key} must be finite, got {value!r}")
-            return float(value)
-
-        def integer(key: str) -> int:
-            value = section.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PlanError(f"plan training.{key} must be an integer >= 1, got {value!r}")
-            return value
-
-        rounds = integer("rounds") if section.get("rounds") is not None else None
-        # local_steps replaces the local_epochs passes (still required by the plan spec).
-        steps = integer("local_steps") if section.get("local_steps") is not None else None
-
-        optimizer = section.get("optimizer", "adam")
-        if optimizer not in training.OPTIMIZERS:
-            raise PlanError(
-                f"plan training.optimizer {optimizer!r} is not supported; "
-                f"allowed: {', '.join(training.OPTIMIZERS)}"
-            )
-        settings = cls(
-            epochs=integer("local_epochs"),
-            batch_size=integer("batch_size"),
-            optimizer=optimizer,
-            lr=number("lr", None),
-            momentum=number("momentum", 0.0),
-            weight_decay=number("weight_decay", 0.0),
-            rounds=rounds,
-            steps=steps,
-        )
-        if settings.lr <= 0:
-            raise PlanError(f"plan training.lr must be > 0, got {settings.lr!r}")
-        if not 0.0 <= settings.momentum < 1.0:
-            raise PlanError(f"plan training.momentum must be in [0, 1), got {settings.momentum!r}")
-        if settings.momentum and settings.optimizer != "sgd":
-            raise PlanError("plan training.momentum applies to optimizer 'sgd' only")
-        if settings.weight_decay < 0:
-            raise PlanError(
-                f"plan training.weight_decay must be >= 0, got {settings.weight_decay!r}"
-            )
-        return settings
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class PrivacySettings:
-    """The checked ``privacy`` section of a plan, with the defaults of the plan spec.
-
-    ``section`` is the section with defaults filled in (``accounting.PLAN_PRIVACY_DEFAULTS``),
-    as :func:`fedcore.privacy.accounting.plan_mechanism` reads it; the noise multiplier and the
-    target epsilon are checked there, once the site's training rows are known.
-    """
-
-    mode: str
-    clip: float
-    delta: float
-    section: dict[str, Any]
-
-    @property
-    def dp(self) -> bool:
-        """Whether the plan uses differential privacy (mode ``sample`` or ``client``)."""
-        return self.mode != "none"
-
-    @classmethod
-    def from_plan(cls, plan: Mapping[str, Any]) -> PrivacySettings:
-        """Read ``plan["privacy"]`` (absent or null: no DP); PlanError names the bad key."""
-        raw = plan.get("privacy")
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise PlanError("plan privacy must be an object")
-        unknown = sorted(str(key) for key in raw if key not in accounting.PLAN_PRIVACY_DEFAULTS)
-        if unknown:
-            raise PlanError(
-                f"plan privacy has unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
-                f"{', '.join(accounting.PLAN_PRIVACY_DEFAULTS)}"
-            )
-        section = {**accounting.PLAN_PRIVACY_DEFAULTS, **raw}
-        mode = section["mode"]
-        if mode not in accounting.PRIVACY_MODES:
-            raise PlanError(
-                f"plan privacy.mode must be one of {', '.join(accounting.PRIVACY_MODES)}, "
-                f"got {mode!r}"
-            )
-        if mode == "none":
-            return cls(mode=mode, clip=0.0, delta=0.0, section=section)
-        clip, delta = section["clip"], section["delta"]
-        if not _finite_number(clip) or clip <= 0:
-            raise PlanError(f"plan privacy.clip must be a number > 0, got {clip!r}")
-        if not _finite_number(delta) or not 0 < delta < 1:
-            raise PlanError(f"plan privacy.delta must be a number in (0, 1), got {delta!r}")
-        return cls(mode=mode, clip=float(clip), delta=float(delta), section=section)
-
-
-@dataclass(frozen=True)
-class AggregationSettings:
-    """What the agent needs of the plan's ``aggregation`` section: strategy and FedProx's mu."""
-
-    strategy: str
-    prox_mu: float  # 0.0 unless the strategy is fedprox
-
-    @classmethod
-    def from_plan(cls, plan: Mapping[str, Any]) -> AggregationSettings:
-        """Read ``plan["aggregation"]`` (absent: fedavg); PlanError names the bad key.
-
-        The server checks the strategy's name and its other parameters; only FedProx's ``mu``
-        matters here.
-        """
-        section = plan.get("aggregation")
-        if section is None:
-            section = {}
-        if not isinstance(section, Mapping):
-            raise PlanError("plan aggregation must be an object")
-        strategy = section.get("strategy", "fedavg")
-        if not isinstance(strategy, str):
-            raise PlanError(f"plan aggregation.strategy must be a name, got {strategy!r}")
-        mu = 0.0
-        if strategy == FEDPROX:
-            value = section.get("mu", FEDPROX_DEFAULT_MU)
-            if not _finite_number(value) or value < 0:
-                raise PlanError(
-                    "plan aggregation.mu (FedProx's proximal weight) must be a number >= 0, "
-                    f"got {value!r}"
-                )
-            mu = float(value)
-        return cls(strategy=strategy, prox_mu=mu)
-
-
-@dataclass(frozen=True)
-class FairnessSettings:
-    """The checked ``fairness`` section of a plan: what the agent releases about group fairness.
-
-    Present only when the plan has a fairness section (the consortium approved the release).
-    """
-
-    dp_epsilon: float | None  # epsilon of each attribute's count table; None: exact counts
-    groups: dict[str, list[str]]  # declared labels of sensitive columns that are not features
-
-    @classmethod
-    def from_plan(cls, plan: Mapping[str, Any]) -> FairnessSettings | None:
-        """Read ``plan["fairness"]`` (absent or null: None); PlanError names the bad key."""
-        section = plan.get("fairness")
-        if section is None:
-            return None
-        if not isinstance(section, Mapping):
-            raise PlanError("plan fairness must be an object")
-        epsilon = section.get("dp_epsilon")
-        if epsilon is not None and (not _finite_number(epsilon) or epsilon <= 0):
-            raise PlanError(f"plan fairness.dp_epsilon must be a number > 0, got {epsilon!r}")
-        groups = section.get("groups") or {}
-        if not isinstance(groups, Mapping) or not all(
-            isinstance(labels, list) and all(isinstance(label, str) for label in labels)
-            for labels in groups.values()
-        ):
-            raise PlanError("plan fairness.groups must map sensitive columns to lists of labels")
-        return cls(
-            dp_epsilon=None if epsilon is None else float(epsilon),
-            groups={str(name): list(labels) for name, labels in groups.items()},
-        )
-
-
 def fairness_counts(
     model: nn.Module,
     data: tabular.TabularData,
     schema: tabular.DatasetSchema,
     preprocessing: Mapping[str, Any],
-    settings: FairnessSettings,
+    settings: Fairness,
     *,
     source: random.Random | None = None,
 ) -> dict[str, dict[str, dict[str, int]]]:
@@ -450,7 +262,7 @@ class RoundPrivacy:
 
 
 def round_privacy(
-    privacy: PrivacySettings, settings: TrainingSettings, *, rows: int, rounds_released: int = 0
+    privacy: Privacy, settings: Training, *, rows: int, rounds_released: int = 0
 ) -> RoundPrivacy | None:
     """The mechanism of one round of a DP plan at a site with ``rows`` training rows.
 
@@ -458,24 +270,17 @@ def round_privacy(
     ledger computes it), split evenly over the rounds; None without DP.
 
     Raises:
-        PlanError: the plan has no training.rounds, or its privacy section cannot be
-            satisfied (e.g. a target epsilon that needs a noise multiplier above 1e4).
+        PlanError: the plan's privacy section cannot be satisfied for these rows (e.g. a
+            target epsilon that needs a noise multiplier above 1e4).
     """
     if not privacy.dp:
         return None
-    if settings.steps is not None:
-        raise PlanError(
-            "plan training.local_steps is not supported with differential privacy: the "
-            "accountant counts rounds of local_epochs; use local_epochs"
-        )
-    if settings.rounds is None:
-        raise PlanError("plan training.rounds is missing; a DP plan needs it to calibrate noise")
     try:
         mechanism = _plan_mechanism(
-            json.dumps(privacy.section, sort_keys=True),
+            json.dumps(privacy.section(), sort_keys=True),
             rows,
             settings.batch_size,
-            settings.epochs,
+            settings.local_epochs,
             settings.rounds,
         )
     except ValueError as exc:
@@ -551,6 +356,7 @@ def handle_stats_request(fields: Mapping[str, Any], data: LocalData) -> dict[str
     plan = fields.get("plan")
     if not isinstance(plan, Mapping):
         raise TaskError(INVALID_TASK, "stats_request has no plan object", run=run)
+    check_plan(plan, run)
     try:
         split = _prepare(plan, data, run, None)
     except PlanError as exc:
@@ -565,15 +371,11 @@ def handle_stats_request(fields: Mapping[str, Any], data: LocalData) -> dict[str
 
 
 def _load_global(
-    payload: bytes, plan: Mapping[str, Any], n_features: int, run: int, rnd: int
+    payload: bytes, plan: Plan, n_features: int, run: int, rnd: int
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The plan's model with the task's global weights loaded, and those weights."""
     try:
-        model = models.build_model(plan["model"], n_features, seed=0)
-    except KeyError:
-        raise TaskError(
-            INVALID_TASK, "the task's plan has no 'model' spec", run=run, round=rnd
-        ) from None
+        model = models.build_model(plan.model, n_features, seed=0)
     except models.ModelSpecError as exc:
         raise TaskError(INVALID_TASK, f"model spec: {exc}", run=run, round=rnd) from None
     try:
@@ -600,23 +402,14 @@ def _load_global(
     return model, state
 
 
-def _check_combinations(
-    privacy: PrivacySettings, aggregation: AggregationSettings, run: int, rnd: int
-) -> None:
-    """Refuse the strategy / privacy combinations the agent cannot run faithfully."""
-    if aggregation.strategy == FEDPROX and privacy.mode == "sample":
-        # The proximal term would have to be added to the noised gradient (it is data
-        # independent, so that would be private) inside the DP optimizer: not implemented.
-        raise TaskError(INVALID_TASK, "FedProx with DP-SGD is not supported", run=run, round=rnd)
-    if aggregation.strategy == QFEDAVG and privacy.mode == "sample":
-        # (In client mode the server averages with DP-FedAvg whatever the strategy says.)
-        raise TaskError(
-            INVALID_TASK,
-            "q-FedAvg with DP-SGD is not supported: it needs each site's un-noised training "
-            "loss of the global model, a release outside the DP guarantee",
-            run=run,
-            round=rnd,
-        )
+def check_plan(plan: Any, run: int | None = None, rnd: int | None = None) -> Plan:
+    """The agent's acceptance of a plan: parsed by the plan language (fedcore.plan), the rules
+    the server applied at proposal; a plan it refuses is an ``invalid_task`` naming every bad
+    key (the ``error`` frame the server records for the round)."""
+    try:
+        return parse_plan(plan)
+    except PlanRefused as exc:
+        raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
 
 
 def _check_dp_model(model: nn.Module, run: int, rnd: int) -> None:
@@ -692,21 +485,11 @@ def handle_task(
     fields = task.fields
     run, rnd = fields["run"], fields["round"]
     plan = fields["plan"]
-    seed = plan.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TaskError(
-            INVALID_TASK, f"plan seed must be an integer, got {seed!r}", run=run, round=rnd
-        )
-
-    try:
-        settings = TrainingSettings.from_plan(plan)
-        privacy = PrivacySettings.from_plan(plan)
-        aggregation = AggregationSettings.from_plan(plan)
-        fairness_settings = FairnessSettings.from_plan(plan)
-    except PlanError as exc:
-        raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
-    _check_combinations(privacy, aggregation, run, rnd)
-    packing = _compression_spec(plan, run, rnd)
+    parsed = check_plan(plan, run, rnd)
+    seed = parsed.seed
+    settings, privacy, aggregation = parsed.training, parsed.privacy, parsed.aggregation
+    fairness_settings = parsed.fairness
+    packing = parsed.compression
     try:
         split = _prepare(plan, data, run, rnd)
         arrays = data.arrays(split, fields["preprocessing"])
@@ -734,7 +517,7 @@ def handle_task(
         if budget is not None:
             budget.check(dp_round)  # the site's caps, with the real numbers, before training
 
-    model, global_state = _load_global(task.payload, plan, int(train.X.shape[1]), run, rnd)
+    model, global_state = _load_global(task.payload, parsed, int(train.X.shape[1]), run, rnd)
     if privacy.mode == "sample":
         _check_dp_model(model, run, rnd)
     global_metrics = training.evaluate(model, test.X, test.y)
@@ -760,11 +543,11 @@ def handle_task(
             observer.step(step, total)
 
     if observer is not None:
-        if settings.steps is not None:
-            steps = settings.steps
+        if settings.local_steps is not None:
+            steps = settings.local_steps
             epochs = math.ceil(steps / math.ceil(n_train / settings.batch_size))
         else:
-            epochs = settings.epochs
+            epochs = settings.local_epochs
             steps = epochs * math.ceil(n_train / settings.batch_size)
         observer.started(rows=n_train, epochs=epochs, steps=steps)
     train_started = time.perf_counter()
@@ -777,7 +560,7 @@ def handle_task(
                 model,
                 train.X,
                 train.y,
-                epochs=settings.epochs,
+                epochs=settings.local_epochs,
                 batch_size=settings.batch_size,
                 lr=settings.lr,
                 optimizer=settings.optimizer,
@@ -787,7 +570,7 @@ def handle_task(
                 on_batch=on_batch,
                 prox_mu=aggregation.prox_mu,
                 prox_reference=global_state if aggregation.prox_mu > 0 else None,
-                steps=settings.steps,
+                steps=settings.local_steps,
             )
     except training.TrainingError as exc:
         raise TaskError(TRAINING_FAILED, str(exc), run=run, round=rnd) from None
@@ -844,32 +627,17 @@ def handle_task(
             type="update", fields=update_fields, payload=tensors.encode_state_dict(state)
         )
     update_fields["compression"] = packing.method
-    wire = _compressed(state, global_state, packing, task, residuals)
+    wire = _compressed(state, global_state, packing, parsed, task, residuals)
     return protocol.BinaryMessage(
         type="update", fields=update_fields, payload=tensors.encode_state_dict(wire)
     )
-
-
-def _compression_spec(plan: Mapping[str, Any], run: int, rnd: int) -> compression.CompressionSpec:
-    """The plan's compression, refused as invalid_task when unusable (before any training)."""
-    try:
-        spec = compression.CompressionSpec.from_plan(plan)
-    except compression.CompressionSpecError as exc:
-        raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
-    if spec.compressed and plan.get("secure_aggregation") is True:
-        raise TaskError(
-            INVALID_TASK,
-            f"compression {spec.method!r} cannot be combined with secure aggregation",
-            run=run,
-            round=rnd,
-        )
-    return spec
 
 
 def _compressed(
     state: Mapping[str, torch.Tensor],
     global_state: Mapping[str, torch.Tensor],
     spec: compression.CompressionSpec,
+    plan: Plan,
     task: protocol.BinaryMessage,
     residuals: ResidualStore | None,
 ) -> dict[str, torch.Tensor]:
@@ -880,13 +648,12 @@ def _compressed(
     it sends to just under the bound (the rest stays in the residual).
     """
     run, rnd, plan_hash = task.fields["run"], task.fields["round"], task.fields["plan_hash"]
-    plan = task.fields["plan"]
     feedback = compression.ErrorFeedback()
     if spec.method == "topk" and residuals is not None:
         feedback = residuals.load(run, plan_hash=plan_hash)
     floating = {name: t for name, t in global_state.items() if t.is_floating_point()}
     residual = matching(feedback.residual_for(rnd), floating)
-    bound = (plan.get("aggregation") or {}).get("norm_bound")
+    bound = plan.aggregation.params.get("norm_bound")
     max_norm = float(bound) if isinstance(bound, int | float) and bound > 0 else None
     try:
         built = compression.compress_update(
@@ -913,8 +680,8 @@ def _compressed(
 def _train_dp(
     model: nn.Module,
     train: tabular.TabularData,
-    settings: TrainingSettings,
-    privacy: PrivacySettings,
+    settings: Training,
+    privacy: Privacy,
     dp_round: RoundPrivacy,
     on_batch: Callable[[int, int], None],
 ) -> dict[str, Any]:
@@ -925,7 +692,7 @@ def _train_dp(
         model,
         train.X,
         train.y,
-        epochs=settings.epochs,
+        epochs=settings.local_epochs,
         batch_size=settings.batch_size,
         lr=settings.lr,
         clip=privacy.clip,

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 DP_RANGE_SIGMAS = 10.0
-# Defaults of a plan's "secagg" section that both sides need (federation.plan_spec documents all).
+# Defaults of a plan's "secagg" section that both sides need (fedcore.plan documents all).
 DEFAULT_CLIP = 1.0
 DEFAULT_MAX_EXAMPLES = 1_000_000
 

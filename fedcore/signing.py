@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedcore.plans import canonical_json, plan_hash
+from fedcore.plan import canonical_json, plan_hash
 
 KEY_PREFIX = "ed25519:"
 AUTHORIZATION_VERSION = 1

@@ -9,7 +9,7 @@ Life of a secure round attempt (docs/protocol.md, "Secure aggregation", has the 
 1. The orchestrator opens the round (``_open_round``) and calls :func:`open_round` in its
    transaction. On commit, a coordinator is created for the attempt: the selected silos, sorted
    by silo id, get client ids 1..n; the round id bound into every key is
-   ``"<run>:<round>:<attempt>"``; the threshold is ``plan_spec.secagg_threshold``; the quantiser
+   ``"<run>:<round>:<attempt>"``; the threshold is ``fedcore.plan.secagg_threshold``; the quantiser
    range is the plan's ``secagg.clip`` (client-DP plans: ``fedcore.secure_updates.
    dp_quantiser_clip``). Each silo gets its task (as in any round) and the advertise-keys request.
 2. Agents answer each stage with a ``secagg`` control message, the masked-input stage with a
@@ -60,6 +60,7 @@ import torch
 from django.db import transaction
 
 from fedcore import secure_updates
+from fedcore.plan import RunSettings, secagg_settings, secagg_threshold
 from fedcore.privacy import accounting as dp_accounting
 from fedcore.privacy.client_dp import DistributedNoise
 from fedcore.secagg import (
@@ -73,7 +74,6 @@ from fedcore.secagg import (
 )
 from fedcore.secagg import wire as secagg_wire
 from federation import dispatch, ledger
-from federation.plan_spec import RunSettings, secagg_settings, secagg_threshold
 from federation.services.updates import Refused, masked_update_receive
 
 log = logging.getLogger("quorum.secagg")

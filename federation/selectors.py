@@ -14,6 +14,7 @@ from django.db.models.functions import Coalesce
 from django.http import Http404
 from django.utils import timezone
 
+from fedcore.plan import run_settings
 from fedcore.protocol import BinaryMessage
 from federation import permissions
 from federation.models import (
@@ -32,7 +33,6 @@ from federation.models import (
     TrainingPlan,
     Update,
 )
-from federation.plan_spec import run_settings
 from federation.signing import authorization_for
 from federation.storage import blob_store
 

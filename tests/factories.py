@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from fedcore import tensors
 from fedcore.models import build_model
-from fedcore.plans import plan_hash
+from fedcore.plan import plan_hash
 from federation import models
 from federation.services.rounds import _signature_json
 from federation.storage import blob_store, model_key

@@ -17,6 +17,7 @@ from django.db.models import Model, QuerySet
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from fedcore.plan import openapi_schema
 from federation import governance, permissions, selectors
 from federation.models import (
     Approval,
@@ -467,17 +468,22 @@ class PlanDetailSerializer(PlanSerializer):
         return ApprovalStateSerializer(governance.approval_state(plan.current_version)).data
 
 
+@extend_schema_field(openapi_schema())
+class PlanSpecField(JSONObjectField):
+    """A plan spec: its schema is the plan language's (fedcore.plan, docs/plan-spec.md)."""
+
+
 class PlanProposeSerializer(StrictSerializer):
     consortium = VisiblePrimaryKeyField(model=Consortium, scope=permissions.consortia_of)
     name = TextField(max_length=200)
     description = TextField(required=False, allow_blank=True, default="")
-    spec = JSONObjectField()
+    spec = PlanSpecField()
     silos = VisibleIdListField(scope=permissions.silos_visible_to)
     submit = FlagField(required=False, default=True)
 
 
 class PlanEditSerializer(StrictSerializer):
-    spec = JSONObjectField()
+    spec = PlanSpecField()
     silos = VisibleIdListField(scope=permissions.silos_visible_to)
     description = TextField(required=False, allow_blank=True)
 

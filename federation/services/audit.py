@@ -20,7 +20,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from fedcore.plans import canonical_json
+from fedcore.plan import canonical_json
 from federation.models import AuditEvent, Silo
 
 GENESIS_HASH = "0" * 64

@@ -15,7 +15,10 @@ from django.db import transaction
 from django.http import Http404
 from django.utils import timezone
 
-from fedcore.plans import plan_hash as compute_plan_hash
+from fedcore.plan import PlanError, parse_schema, plan_errors
+from fedcore.plan import plan_hash as compute_plan_hash
+from fedcore.plan.keys import is_int
+from fedcore.tabular import DatasetSchema, SchemaError
 from federation import governance, permissions
 from federation.models import (
     Approval,
@@ -26,7 +29,6 @@ from federation.models import (
     Silo,
     TrainingPlan,
 )
-from federation.plan_spec import plan_spec_errors
 from federation.services.audit import actor_label, audit_append
 from federation.services.errors import Conflict
 
@@ -46,6 +48,61 @@ EDIT_RESUBMITS = frozenset(
         Status.STOPPED,
     }
 )
+
+
+def _silo_schema_problems(schema: DatasetSchema, silo: Any) -> list[str]:
+    """Columns the plan's schema uses that a silo's registered schema lacks or types otherwise."""
+    name = getattr(silo, "name", str(silo))
+    try:
+        local = DatasetSchema.from_dict(silo.schema)
+    except (SchemaError, TypeError, KeyError, AttributeError):
+        return [f"silo '{name}' has no valid registered schema"]
+    types = {column.name: column.type for column in local.columns}
+    known = {*types, local.target.column, *local.sensitive}
+    problems = []
+    for column in schema.columns:
+        if column.name not in types:
+            problems.append(f"silo '{name}' has no column '{column.name}' ({column.type})")
+        elif types[column.name] != column.type:
+            problems.append(
+                f"silo '{name}': column '{column.name}' is {types[column.name]}, "
+                f"the plan needs {column.type}"
+            )
+    if schema.target.column not in known:
+        problems.append(f"silo '{name}' has no target column '{schema.target.column}'")
+    for attribute in schema.sensitive:
+        if attribute not in known:
+            problems.append(f"silo '{name}' has no sensitive column '{attribute}'")
+    return problems
+
+
+def plan_spec_errors(spec: Any, *, silos: Iterable[Any] | None = None) -> dict[str, str]:
+    """Field-level problems of a plan spec (empty when it is valid).
+
+    The plan language's problems (fedcore.plan.plan_errors: dotted paths into the spec, the
+    same rules every site agent applies), and, when ``silos`` is given, the participating silos'
+    (too few for min_silos, a column a silo lacks) under "silos".
+    """
+    errors = plan_errors(spec)
+    if silos is None or "spec" in errors:
+        return errors
+    silos = list(silos)
+    problems = []
+    min_silos = spec.get("min_silos", 1)
+    if is_int(min_silos) and len(silos) < min_silos:
+        problems.append(
+            f"{len(silos)} silo(s) take part; the plan needs at least {min_silos} (min_silos)"
+        )
+    try:
+        schema = parse_schema(spec.get("schema"))
+    except PlanError:
+        schema = None  # already among the errors
+    if schema is not None:
+        for silo in silos:
+            problems.extend(_silo_schema_problems(schema, silo))
+    if problems:
+        errors["silos"] = "; ".join(problems)
+    return errors
 
 
 def _spec_field(key: str) -> str:

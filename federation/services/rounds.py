@@ -25,8 +25,10 @@ from django.utils import timezone
 from fedcore import aggregation, tabular, tensors
 from fedcore.aggregation import AggregateResult
 from fedcore.models import build_model
+from fedcore.plan import RunSettings, run_settings, server_strategy_spec
 from fedcore.privacy import accounting as dp_accounting
 from fedcore.privacy import client_dp
+from fedcore.privacy.wrapper import ClientDPStrategy
 from federation import dispatch, ledger, roundplan, secagg_rounds
 from federation.models import (
     ModelVersion,
@@ -36,7 +38,6 @@ from federation.models import (
     Silo,
     TrainingPlan,
 )
-from federation.plan_spec import RunSettings, run_settings, server_strategy_spec
 from federation.selectors import online_silos
 from federation.services import fairness as fairness_service
 from federation.services.audit import audit_append
@@ -312,7 +313,8 @@ def _combine(
     is clipped to C, the clipped deltas are summed, Gaussian noise of std z*C (from a
     cryptographically keyed source) is added to the sum and it is divided by the number of
     silos selected for the round: an unweighted mean with a fixed denominator, so the sensitivity
-    is C/m -- example counts never weight it.
+    is C/m -- example counts never weight it. That noised mean is the one update the plan's
+    strategy steps with (fedcore.privacy.wrapper: FedAdam + DP is FedAdam on the DP mean).
 
     Other plans: the plan's strategy (fedcore.aggregation), whose server-optimizer state is kept
     per round in blob storage so that a rerun of round k starts again from round k-1's state.
@@ -321,13 +323,10 @@ def _combine(
     reference = ModelVersion.objects.get(run_id=round_.run_id, number=round_.number - 1)
     global_state = tensors.decode_state_dict(store.get_buffer(reference.blob_key))
     privacy = spec.get("privacy") or {}
-    secure_mean = None
+    secure_mean, dp = None, None
     if secagg_rounds.is_secure(spec):  # from the unmasked sum: no individual update exists
+        # (client-level DP: the sites added the noise before masking, so it is the DP mean)
         secure_mean, dp = secagg_rounds.mean_state(round_, global_state, updates)
-        if dp is not None:  # client-level DP: the sites added the noise before masking
-            return secure_mean, dp, None
-    elif privacy.get("mode", "none") == "client":
-        return (*_client_dp_mean(round_, spec, updates, global_state), None)
     strategy = aggregation.make_strategy(
         server_strategy_spec(spec.get("aggregation") or {}),
         spill_dir=Path(settings.QUORUM_BLOB_DIR) / "spill",
@@ -343,6 +342,9 @@ def _combine(
         streamed: Iterator[aggregation.ClientUpdate] = iter(
             [aggregation.ClientUpdate(state=secure_mean, weight=1.0, client_id="secure_sum")]
         )
+        result = strategy.aggregate(global_state, streamed, round=round_.number)
+    elif privacy.get("mode", "none") == "client":  # the DP mean feeds the plan's strategy
+        result, dp = _client_dp_mean(round_, spec, updates, global_state, strategy)
     else:
         streamed = (
             aggregation.ClientUpdate(
@@ -353,20 +355,24 @@ def _combine(
             )
             for u in updates
         )
-    result = strategy.aggregate(global_state, streamed, round=round_.number)
+        result = strategy.aggregate(global_state, streamed, round=round_.number)
     optimizer_state = strategy.state_dict()
     if optimizer_state:
         store.put(
             strategy_key(run_id=round_.run_id, number=round_.number),
             tensors.encode_state_dict(optimizer_state),
         )
-    return result.state, None, result
+    return result.state, dp, None if dp is not None else result
 
 
 def _client_dp_mean(
-    round_: Round, spec: dict[str, Any], updates: list[dict[str, Any]], global_state: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """DP-FedAvg over the round's updates, with adaptive clipping when the plan asks for it.
+    round_: Round,
+    spec: dict[str, Any],
+    updates: list[dict[str, Any]],
+    global_state: dict[str, Any],
+    strategy: aggregation.Strategy,
+) -> tuple[AggregateResult, dict[str, Any]]:
+    """DP-FedAvg's noised mean over the round's updates, fed to the plan's strategy.
 
     Adaptive clipping (Andrew et al. 2021): the clip of round k was set by round k-1 (the plan's
     ``clip`` in round 1); each silo's report ``1[norm <= C]`` is summed with Gaussian noise and
@@ -388,9 +394,8 @@ def _client_dp_mean(
     assert z is not None
     expected = round_.selected.count()
     adaptive_spec = privacy.get("adaptive_clip")
-    clip = float(privacy["clip"])
+    clip = float(privacy.get("clip", dp_accounting.PLAN_PRIVACY_DEFAULTS["clip"]))
     adaptive = None
-    update_z = z
     if adaptive_spec:
         previous = (
             Round.objects.filter(
@@ -406,28 +411,13 @@ def _client_dp_mean(
             target_quantile=float(adaptive_spec.get("target_quantile", 0.5)),
             learning_rate=float(adaptive_spec.get("learning_rate", 0.2)),
         )
-        update_z = adaptive.update_noise_multiplier(z)
-    mean = client_dp.DPFedAvg(clip=clip, noise_multiplier=update_z)
-    reports = 0.0
-    for u in updates:
-        state = tensors.decode_state_dict(store.get_buffer(u["blob_key"]))
-        norm = mean.add({name: state[name] - global_state[name] for name in global_state})
-        if adaptive is not None:
-            reports += adaptive.client_report(norm)
-    delta = mean.result(num_clients_expected=expected)
-    new_state = {
-        name: (value + delta[name]).to(value.dtype) if value.is_floating_point() else value
-        for name, value in global_state.items()
-    }
-    info: dict[str, Any] = {
-        "noise_multiplier": z,
-        "delta": float(privacy.get("delta", 1e-5)),
-        "clip": clip,
-        "update_noise_multiplier": update_z,
-    }
-    if adaptive is not None:
-        info["next_clip"] = adaptive.update(reports, expected)
-    return new_state, info
+    wrapped = ClientDPStrategy(strategy, clip=clip, noise_multiplier=z, adaptive=adaptive)
+    states = (tensors.decode_state_dict(store.get_buffer(u["blob_key"])) for u in updates)
+    done = wrapped.aggregate(
+        global_state, states, round=round_.number, num_clients_expected=expected
+    )
+    info = {**done.info, "delta": float(privacy.get("delta", 1e-5))}
+    return done.result, info
 
 
 def adaptive_count_noise(adaptive_spec: dict[str, Any], *, expected: int, z: float) -> float:

@@ -8,10 +8,9 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
-from fedcore.plans import plan_hash
+from fedcore.plan import plan_hash, run_settings
 from federation import dispatch, governance, permissions
 from federation.models import Run, TrainingPlan
-from federation.plan_spec import run_settings
 from federation.services.audit import actor_label, audit_append
 from federation.services.errors import Conflict
 

@@ -7,6 +7,7 @@ every response must match the schema (error bodies included: docs/api.md, "Error
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +35,24 @@ def test_schema_generates_without_warnings(tmp_path: Any) -> None:
     call_command(
         "spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml")
     )
+
+
+def test_the_plan_spec_field_publishes_the_plan_languages_schema(client: Any) -> None:
+    response = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    components = json.loads(response.content)["components"]["schemas"]
+
+    for request in ("PlanProposeRequest", "PlanEditRequest"):
+        spec = components[request]["properties"]["spec"]
+        assert spec["additionalProperties"] is False  # no longer "any object"
+        assert spec["required"] == ["model", "schema", "training"]
+        training = spec["properties"]["training"]
+        assert training["additionalProperties"] is False
+        assert training["properties"]["momentum"] == {
+            **training["properties"]["momentum"],
+            "maximum": 1,
+            "exclusiveMaximum": True,
+        }
+        assert "cannot express" in spec["description"]
 
 
 def test_swagger_ui_is_served_without_a_cdn(client: Any, rf: Any) -> None:

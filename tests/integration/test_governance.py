@@ -10,7 +10,7 @@ import pytest
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
 
-from fedcore.plans import plan_hash
+from fedcore.plan import plan_hash
 from federation import dispatch, governance
 from federation.models import (
     Approval,

@@ -10,6 +10,7 @@ import torch
 
 from fedcore import tensors
 from fedcore.models import build_model
+from fedcore.plan import plan_errors
 from fedcore.privacy import accounting
 from federation import ledger, orchestrator
 from federation.models import AuditEvent, PrivacyLedgerEntry, Round, Run, Silo
@@ -155,6 +156,31 @@ def test_a_silo_out_of_budget_stops_participating_and_the_run_goes_on() -> None:
     assert set(round2.selected.all()) == set(silos[:2])  # silo 2 cannot afford another round
 
 
+def test_client_dp_feeds_the_plans_server_optimizer_not_fedavg() -> None:
+    """FedAdam + client-level DP steps FedAdam with the DP mean (it once ran FedAvg silently)."""
+    moved: dict[str, dict[str, torch.Tensor]] = {}
+    for strategy in ("fedavg", "fedadam"):
+        privacy = {**CLIENT_DP, "noise_multiplier": 1e-6}
+        silos, run = make(3, privacy=privacy, aggregation={"strategy": strategy}, min_silos=3)
+        start = tensors.decode_state_dict(
+            blob_store().get(run.model_versions.get(number=0).blob_key)
+        )
+        for silo in silos:
+            submit(run, silo, 1, {k: v + 0.01 for k, v in start.items()})
+        orchestrator.run_advance(run.pk)
+        after = tensors.decode_state_dict(
+            blob_store().get(run.model_versions.get(number=1).blob_key)
+        )
+        moved[strategy] = {name: after[name] - start[name] for name in start}
+        if strategy == "fedadam":  # the optimiser's moments are kept for round 2
+            assert blob_store().get(strategy_key(run_id=run.pk, number=1))
+        assert Round.objects.get(run=run, number=1).aggregation_stats["clip"] == 0.5
+
+    for name, delta in moved["fedavg"].items():
+        torch.testing.assert_close(delta, torch.full_like(delta, 0.01), atol=1e-5, rtol=0)
+        assert not torch.allclose(moved["fedadam"][name], delta, atol=1e-5)
+
+
 def test_server_optimizer_state_persists_between_rounds_and_outliers_are_flagged() -> None:
     silos, run = make(4, aggregation={"strategy": "fedadam", "server_lr": 0.05}, min_silos=3)
     start = tensors.decode_state_dict(blob_store().get(run.model_versions.get(number=0).blob_key))
@@ -211,9 +237,7 @@ def test_adaptive_clipping_moves_the_clip_toward_the_quantile_at_no_extra_epsilo
 
 
 def test_adaptive_clipping_is_refused_where_it_cannot_work() -> None:
-    from federation.plan_spec import plan_spec_errors
-
     sample = plan_spec(privacy={**SAMPLE_DP, "adaptive_clip": {}})
-    assert "privacy.adaptive_clip" in plan_spec_errors(sample)
+    assert "privacy.adaptive_clip" in plan_errors(sample)
     secure = plan_spec(privacy={**CLIENT_DP, "adaptive_clip": {}}, secure_aggregation=True)
-    assert "secure aggregation" in plan_spec_errors(secure)["privacy.adaptive_clip"]
+    assert "secure aggregation" in plan_errors(secure)["privacy.adaptive_clip"]

@@ -26,7 +26,7 @@ from clientagent.connection import EXIT_OK, EXIT_POLICY, Agent
 from clientagent.records import APPROVED, REJECTED, SiteRecords
 from clientagent.trainer import TaskError
 from fedcore import protocol, signing, tabular
-from fedcore.plans import plan_hash
+from fedcore.plan import plan_hash
 from tests.unit.test_agent_session import (
     PLAN,
     SCHEMA,

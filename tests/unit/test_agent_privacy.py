@@ -29,7 +29,7 @@ from clientagent.data import LocalData
 from clientagent.records import epsilon_by_run
 from clientagent.trainer import INVALID_TASK, TaskError, handle_stats_request, handle_task
 from fedcore import models, protocol, tabular, tensors, training
-from fedcore.plans import plan_hash
+from fedcore.plan import plan_hash
 from fedcore.privacy import accounting
 from tests.unit.test_agent_policy import NOWHERE
 from tests.unit.test_agent_session import (
@@ -260,9 +260,9 @@ def test_a_model_opacus_cannot_train_privately_is_invalid_task(tmp_path, monkeyp
 
 def test_client_mode_adds_no_local_noise_but_counts_the_plans_rounds(tmp_path, monkeypatch):
     client = {"mode": "client", "noise_multiplier": 1.5, "target_epsilon": None}
-    # In client mode the server averages with DP-FedAvg whatever the strategy says.
-    qfedavg = {"strategy": "qfedavg", "lipschitz": 10}
-    plan = {**PLAN, "privacy": client, "aggregation": qfedavg}
+    # In client mode the server's strategy (here FedAdam) steps with the DP mean.
+    fedadam = {"strategy": "fedadam"}
+    plan = {**PLAN, "privacy": client, "aggregation": fedadam}
     agent = site_agent(tmp_path)
     dp_sgd = []
     monkeypatch.setattr(trainer, "_train_dp", lambda *args: dp_sgd.append(args))
@@ -279,7 +279,7 @@ def test_client_mode_adds_no_local_noise_but_counts_the_plans_rounds(tmp_path, m
 
     assert dp_sgd == []  # trained without DP-SGD: the server noises the aggregate
     assert "privacy" not in update.fields
-    assert "global_train_loss" not in update.fields["metrics"]  # not even for q-FedAvg
+    assert "global_train_loss" not in update.fields["metrics"]  # no un-noised release
     # One round of client-level DP: the sampled Gaussian mechanism (z, 1, 1) at this silo.
     assert privacy is not None and (privacy.noise_multiplier, privacy.steps) == (1.5, 1)
     assert line["epsilon"] == eps(1.5, 1.0, 1)
@@ -443,7 +443,7 @@ def test_a_large_mu_keeps_the_model_near_the_global_weights(data):
     ("aggregation", "privacy", "expected"),
     [
         ({"strategy": "fedprox", "mu": 0.1}, SAMPLE, "FedProx with DP-SGD is not supported"),
-        ({"strategy": "fedprox", "mu": -1}, None, "aggregation.mu (FedProx's proximal weight)"),
+        ({"strategy": "fedprox", "mu": -1}, None, "aggregation.mu must be a number"),
         ({"strategy": "qfedavg", "lipschitz": 10}, SAMPLE, "q-FedAvg with DP-SGD is not"),
         ("fedavg", None, "plan aggregation must be an object"),
     ],

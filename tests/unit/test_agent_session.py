@@ -30,7 +30,7 @@ import clientagent.connection as connection
 from clientagent.config import load_config
 from clientagent.connection import EXIT_AUTH, EXIT_OK, Agent, Backoff
 from fedcore import models, protocol, signing, tabular, tensors
-from fedcore.plans import plan_hash
+from fedcore.plan import plan_hash
 
 TOKEN = "good-token"
 SERVER_KEY = signing.generate_private_key()  # the fake server signs grants with it

@@ -159,7 +159,8 @@ def test_global_model_with_other_dtypes_is_refused(data):
 def test_undecodable_payload_and_bad_model_spec_are_invalid_task(data):
     task = make_task(data)
     garbage = protocol.BinaryMessage("task", task.fields, b"not safetensors")
-    bad_spec = make_task(data, plan={**PLAN, "model": {"kind": "transformer"}}, state={})
+    bad_plan = {**PLAN, "model": {"kind": "transformer"}}
+    bad_spec = protocol.BinaryMessage("task", {**task.fields, "plan": bad_plan}, task.payload)
 
     for broken in (garbage, bad_spec):
         with pytest.raises(TaskError) as info:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from federation.plan_spec import ALLOWED_KEYS, plan_spec_errors
+from fedcore.plan import ALLOWED_KEYS
+from federation.services.plans import plan_spec_errors
 
 SCHEMA = {
     "columns": [

@@ -1,5 +1,5 @@
 """The secure-aggregation vector layout (fedcore.secure_updates), its JSON transport
-(fedcore.secagg.wire) and the plan's secagg section (federation.plan_spec)."""
+(fedcore.secagg.wire) and the plan's secagg section (fedcore.plan)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from fedcore import secure_updates
-from fedcore.secagg import ProtocolError
-from fedcore.secagg import wire as secagg_wire
-from federation.plan_spec import (
+from fedcore.plan import (
     SECAGG_DEFAULTS,
-    plan_spec_errors,
+    plan_errors,
     secagg_settings,
     secagg_threshold,
 )
+from fedcore.secagg import ProtocolError
+from fedcore.secagg import wire as secagg_wire
 from tests.factories import plan_spec
 
 
@@ -131,7 +131,7 @@ def secure_spec(**secagg: Any) -> dict[str, Any]:
 
 
 def test_the_secagg_section_is_optional_and_has_defaults() -> None:
-    assert plan_spec_errors(secure_spec()) == {}
+    assert plan_errors(secure_spec()) == {}
     settings = secagg_settings(secure_spec())
     assert settings is not None
     assert settings.clip == SECAGG_DEFAULTS["clip"] == secure_updates.DEFAULT_CLIP
@@ -141,7 +141,7 @@ def test_the_secagg_section_is_optional_and_has_defaults() -> None:
 
 
 def test_the_secagg_section_is_validated_field_by_field() -> None:
-    errors = plan_spec_errors(
+    errors = plan_errors(
         secure_spec(
             clip=0,
             threshold=1,
@@ -161,7 +161,7 @@ def test_the_secagg_section_is_validated_field_by_field() -> None:
         "secagg.stage_timeout_seconds",
     }
     assert "unknown key(s) 'extra'" in errors["secagg"]
-    assert plan_spec_errors({**secure_spec(), "secagg": [1]}) == {
+    assert plan_errors({**secure_spec(), "secagg": [1]}) == {
         "secagg": "must be an object with keys "
         "clip, threshold, max_examples, degree, stage_timeout_seconds"
     }
@@ -170,8 +170,8 @@ def test_the_secagg_section_is_validated_field_by_field() -> None:
 def test_strategies_that_need_each_update_are_refused_with_secure_aggregation() -> None:
     spec = {**secure_spec(), "aggregation": {"strategy": "median"}}
 
-    assert "secure aggregation" in plan_spec_errors(spec)["aggregation.strategy"]
-    assert plan_spec_errors({**spec, "aggregation": {"strategy": "fedadam"}}) == {}
+    assert "secure aggregation" in plan_errors(spec)["aggregation.strategy"]
+    assert plan_errors({**spec, "aggregation": {"strategy": "fedadam"}}) == {}
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcore import signing
-from fedcore.plans import plan_hash
+from fedcore.plan import plan_hash
 
 ISSUED = datetime.now(UTC).isoformat()  # grants older than a day are refused as replays
 
@@ -178,7 +178,7 @@ def test_an_old_grant_is_refused_as_a_replay() -> None:
     from datetime import UTC, datetime, timedelta
 
     from fedcore import signing
-    from fedcore.plans import plan_hash
+    from fedcore.plan import plan_hash
 
     key = signing.generate_private_key()
     plan = {"model": {"kind": "logistic_regression"}}

@@ -16,15 +16,12 @@ from clientagent.data import LocalData, PlanError
 from clientagent.trainer import (
     DATA_INVALID,
     INVALID_TASK,
-    PrivacySettings,
     TaskError,
-    TrainingSettings,
     handle_stats_request,
     handle_task,
-    round_privacy,
 )
-from fedcore import models, protocol, tabular, tensors, training
-from federation.plan_spec import plan_spec_errors
+from fedcore import models, plan, protocol, tabular, tensors, training
+from fedcore.plan import plan_errors
 
 SCHEMA = {
     "columns": [
@@ -217,25 +214,24 @@ def test_the_agent_trains_the_plans_local_steps_on_the_sites_split(tmp_path: Pat
 
 def test_local_steps_are_refused_with_differential_privacy() -> None:
     dp_plan = {**PLAN, "privacy": {"mode": "sample", "noise_multiplier": 1.0}}
-    with pytest.raises(PlanError, match="local_steps is not supported"):
-        round_privacy(
-            PrivacySettings.from_plan(dp_plan), TrainingSettings.from_plan(dp_plan), rows=20
-        )
+    # the plan language refuses it, at proposal and at every site's task alike
+    with pytest.raises(plan.PlanError, match="local_steps is not supported"):
+        plan.parse_plan(dp_plan)
 
 
 # --- the plan spec -----------------------------------------------------------------------------
 
 
 def test_the_plan_spec_accepts_and_checks_the_new_options() -> None:
-    assert plan_spec_errors(PLAN) == {}
+    assert plan_errors(PLAN) == {}
     steps0 = {**PLAN, "training": {**PLAN["training"], "local_steps": 0}}
-    assert "training.local_steps" in plan_spec_errors(steps0)
+    assert "training.local_steps" in plan_errors(steps0)
     dp = {**PLAN, "privacy": {"mode": "sample", "noise_multiplier": 1.0}}
-    assert "differential privacy" in plan_spec_errors(dp)["training.local_steps"]
+    assert "differential privacy" in plan_errors(dp)["training.local_steps"]
     blank = {**PLAN, "evaluation": {"split_column": " "}}
-    assert "evaluation.split_column" in plan_spec_errors(blank)
+    assert "evaluation.split_column" in plan_errors(blank)
     scale = {
         **PLAN,
         "schema": {**SCHEMA, "columns": [{"name": "f0", "type": "numeric", "scale": "minmax"}]},
     }
-    assert "scale 'minmax'" in plan_spec_errors(scale)["schema"]
+    assert "scale 'minmax'" in plan_errors(scale)["schema"]

@@ -1,0 +1,183 @@
+"""The plan language as JSON Schema and as the key table of docs/plan-spec.md, both generated
+from the key definitions of :mod:`fedcore.plan.spec`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fedcore.aggregation import STRATEGIES
+from fedcore.models import ACTIVATIONS, MAX_HIDDEN_LAYERS, MAX_HIDDEN_UNITS, MODEL_KINDS
+from fedcore.plan.keys import REQUIRED, Key, section_schema
+from fedcore.plan.spec import (
+    ADAPTIVE_CLIP_KEYS,
+    COMPRESSION_KEYS,
+    EVALUATION_KEYS,
+    FAIRNESS_KEYS,
+    FEDPROX_MU,
+    PRIVACY_KEYS,
+    SECAGG_KEYS,
+    SECTION_DOCS,
+    SECTIONS,
+    STRATEGY_KEY,
+    TOP_KEYS,
+    TRAINING_KEYS,
+)
+
+CROSS_FIELD_NOTE = (
+    "JSON Schema checks each key's type, range and the allowed keys of every section. The "
+    "parser (fedcore.plan.parse_plan, run at proposal and by every site agent) also checks what "
+    "this schema cannot express: strategy parameters per strategy, the model spec per kind, the "
+    "dataset schema, and the combinations (momentum only with sgd; local_steps not with DP; "
+    "robust strategies and q-FedAvg not with client-level DP or secure aggregation; FedProx and "
+    "q-FedAvg not with DP-SGD; adaptive_clip only in mode client and not with secure "
+    "aggregation; compression not with secure aggregation; fairness attributes and groups "
+    "against schema.sensitive). See docs/plan-spec.md."
+)
+
+
+def _strategy_params() -> dict[str, Any]:
+    """Every strategy parameter, with the strategies that take it."""
+    owners: dict[str, list[str]] = {}
+    for name, cls in STRATEGIES.items():
+        for param in cls.SPEC_PARAMS:
+            owners.setdefault(param, []).append(name)
+    params: dict[str, Any] = {
+        param: {
+            "type": ["number", "null"],
+            "description": f"parameter of {', '.join(names)} (fedcore.aggregation)",
+        }
+        for param, names in sorted(owners.items())
+    }
+    params["mu"] = FEDPROX_MU.json_schema()
+    return params
+
+
+def _model_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "fedcore.models spec: kind, and for mlp hidden, activation, dropout",
+        "properties": {
+            "kind": {"enum": list(MODEL_KINDS), "description": "the model family"},
+            "hidden": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 1, "maximum": MAX_HIDDEN_UNITS},
+                "minItems": 1,
+                "maxItems": MAX_HIDDEN_LAYERS,
+                "description": "mlp only: hidden layer widths",
+            },
+            "activation": {"enum": list(ACTIVATIONS), "default": "relu"},
+            "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0},
+        },
+        "required": ["kind"],
+        "additionalProperties": False,
+    }
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a plan spec."""
+    privacy = section_schema(PRIVACY_KEYS, SECTION_DOCS["privacy"])
+    privacy["properties"]["adaptive_clip"] = {
+        "anyOf": [
+            section_schema(ADAPTIVE_CLIP_KEYS, SECTION_DOCS["privacy.adaptive_clip"]),
+            {"type": "null"},
+        ]
+    }
+    nested = {
+        "model": _model_schema(),
+        "schema": {
+            "type": "object",
+            "description": "dataset schema (fedcore.tabular.DatasetSchema): columns, target, "
+            "sensitive",
+            "required": ["columns", "target"],
+        },
+        "training": section_schema(TRAINING_KEYS, SECTION_DOCS["training"]),
+        "evaluation": section_schema(EVALUATION_KEYS, SECTION_DOCS["evaluation"]),
+        "aggregation": {
+            "type": "object",
+            "description": "strategy and its parameters; which parameters each strategy takes "
+            "is checked by the parser",
+            "properties": {"strategy": STRATEGY_KEY.json_schema(), **_strategy_params()},
+            "additionalProperties": False,
+        },
+        "privacy": privacy,
+        "secagg": section_schema(SECAGG_KEYS, SECTION_DOCS["secagg"]),
+        "fairness": section_schema(FAIRNESS_KEYS, SECTION_DOCS["fairness"]),
+        "compression": section_schema(COMPRESSION_KEYS, SECTION_DOCS["compression"]),
+    }
+    top = section_schema(tuple(k for k in TOP_KEYS if k.name not in nested), CROSS_FIELD_NOTE)
+    for key in TOP_KEYS:
+        if key.name in nested:
+            sub = nested[key.name]
+            top["properties"][key.name] = (
+                {"anyOf": [sub, {"type": "null"}]} if key.nullable else sub
+            )
+    top["properties"] = {key.name: top["properties"][key.name] for key in TOP_KEYS}
+    top["required"] = [key.name for key in TOP_KEYS if key.required]
+    top["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    top["title"] = "Quorum plan spec"
+    return top
+
+
+def _cell(key: Key) -> tuple[str, str]:
+    default = "required" if key.default is REQUIRED else f"`{_json(key.default)}`"
+    return default, key.expectation()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value)
+
+
+def key_table() -> str:
+    """The markdown table of every key of every section (docs/plan-spec.md embeds it)."""
+    lines = [
+        "| key | type | default | allowed | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for section, keys in SECTIONS.items():
+        for key in keys:
+            path = f"{section}.{key.name}" if section else key.name
+            default, allowed = _cell(key)
+            kind = f"{key.type} or null" if key.nullable else key.type
+            lines.append(f"| `{path}` | {kind} | {default} | {allowed} | {key.doc} |")
+    lines.append(
+        f'| `aggregation.strategy` | string | `"fedavg"` | {STRATEGY_KEY.expectation()} | '
+        f"{STRATEGY_KEY.doc} |"
+    )
+    default, allowed = _cell(FEDPROX_MU)
+    lines.append(f"| `aggregation.mu` | number | {default} | {allowed} | {FEDPROX_MU.doc} |")
+    for name, cls in STRATEGIES.items():
+        lines.append(
+            f"| `aggregation.*` ({name}) | number | strategy default | "
+            f"{', '.join(cls.SPEC_PARAMS)} | parameters of {name} (fedcore.aggregation) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _to_openapi(node: Any) -> Any:
+    """A JSON Schema 2020-12 node as OpenAPI 3.0 writes it (nullable, boolean exclusive bounds)."""
+    if isinstance(node, list):
+        return [_to_openapi(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _to_openapi(value) for key, value in node.items() if key != "$schema"}
+    if isinstance(out.get("type"), list):
+        types = [t for t in out["type"] if t != "null"]
+        out["type"] = types[0]
+        out["nullable"] = True
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if bound in out and not isinstance(out[bound], bool):
+            out[plain] = out.pop(bound)
+            out[bound] = True
+    if "enum" in out and None in out["enum"]:
+        out["nullable"] = True
+    any_of = out.get("anyOf")
+    if isinstance(any_of, list) and {"type": "null"} in any_of and len(any_of) == 2:
+        (inner,) = [item for item in any_of if item != {"type": "null"}]
+        out = {**{k: v for k, v in out.items() if k != "anyOf"}, **inner, "nullable": True}
+    return out
+
+
+def openapi_schema() -> dict[str, Any]:
+    """:func:`json_schema` in OpenAPI 3.0's dialect, for the API's published schema."""
+    return _to_openapi(json_schema())
