@@ -24,10 +24,11 @@ from fedcore.aggregation import STRATEGIES, make_strategy
 from fedcore.compression import METHODS, CompressionSpec, CompressionSpecError
 from fedcore.models import MODEL_KINDS, ModelSpecError, validate_model_spec
 from fedcore.plan.keys import Key, check_section, defaults, names, unknown_keys
-from fedcore.privacy.accounting import PLAN_PRIVACY_DEFAULTS
+from fedcore.privacy.accounting import PLAN_PRIVACY_DEFAULTS, PRIVACY_MODES
 from fedcore.privacy.wrapper import DP_WRAPPABLE
 from fedcore.secure_updates import DEFAULT_CLIP, DEFAULT_MAX_EXAMPLES
 from fedcore.tabular import DatasetSchema, SchemaError
+from fedcore.training import OPTIMIZERS
 
 FEDPROX = "fedprox"  # local proximal term at each site; the server averages (FedAvg)
 QFEDAVG = "qfedavg"
@@ -38,8 +39,6 @@ MEAN_STRATEGIES: tuple[str, ...] = (*DP_WRAPPABLE, FEDPROX)
 SECAGG_STRATEGIES = MEAN_STRATEGIES
 CLIENT_DP_STRATEGIES = MEAN_STRATEGIES
 AGGREGATION_STRATEGIES: tuple[str, ...] = (FEDPROX, *STRATEGIES)
-PRIVACY_MODES: tuple[str, ...] = ("none", "sample", "client")
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 
 
 class PlanError(ValueError):
