@@ -47,6 +47,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,81 @@ def round_split(round_: Any) -> dict[str, Any]:
     }
 
 
+SEGMENTS = (
+    "task out",
+    "download",
+    "agent compute",
+    "agent other hops",
+    "upload",
+    "receipt wait",
+    "receipt",
+    "notice",
+    "aggregation",
+)
+ORCHESTRATION_SEGMENTS = ("task out", "agent other hops", "receipt wait", "receipt", "notice")
+COUNTED = (
+    ("queries", "query"),
+    ("  SELECT", "query:SELECT"),
+    ("  INSERT", "query:INSERT"),
+    ("  UPDATE", "query:UPDATE"),
+    ("  DELETE", "query:DELETE"),
+    ("  other (BEGIN, SAVEPOINT, PRAGMA)", "query:other"),
+    ("commits", "commit"),
+    ("connections opened", "connection"),
+    ("thread hops", "hop"),
+    ("channel-layer messages", "channel"),
+    ("steps queued now", "enqueue:now"),
+    ("deadline timers queued", "enqueue:timer"),
+    ("run_advance calls", "step:run_advance"),
+    ("sweeps", "step:sweep"),
+)
+
+
+def anatomy(round_: Any, probe: Any, window_start: float) -> dict[str, Any]:
+    """One round's critical path cut at the server's own events (``bench/_probe.py``).
+
+    task out: the round opens -> the last silo's task leaves (commit, channel layer, the task's
+    database read and grant); download/upload: as in round_split; agent compute: its handle_task;
+    agent other hops: the rest of the agent's time with the task (policy checks, hashing, thread
+    hops, the sent log); receipt wait: the update's last frame -> its database work starts;
+    receipt: validation, blob, commit; notice: receipt committed -> the round closes.
+    """
+    updates = list(round_.updates.select_related("silo").order_by("received_at"))
+    last = updates[-1]
+    silo = str(last.silo_id)
+    opened = round_.started_at.timestamp()
+    closed = round_.aggregation_started_at.timestamp()
+    ended = round_.finished_at.timestamp()
+    tasks = probe.times("task", silo, opened - 1.0, ended)
+    receipts = probe.times("receive", silo, opened, ended + 1.0)
+    timing = last.metrics.get("timing") or {}
+    upload = float((last.metrics.get("transfer") or {}).get("upload_seconds", 0.0))
+    download = float(timing.get("download_seconds", 0.0))
+    compute = float(timing.get("compute_seconds", 0.0))
+    if not tasks or not receipts:
+        return {}
+    task_out_at = max(at for at, _ in tasks if at <= ended)
+    received_at, receipt = receipts[0]
+    frames = probe.times("frame", silo, task_out_at, received_at)
+    arrived = max(at for at, _ in frames) if frames else received_at - receipt
+    agent = (arrived - upload) - (task_out_at + download)
+    window = probe.between(window_start, ended)
+    return {
+        "task out": task_out_at - opened,
+        "download": download,
+        "agent compute": compute,
+        "agent other hops": agent - compute,
+        "upload": upload,
+        "receipt wait": (received_at - receipt) - arrived,
+        "receipt": receipt,
+        "notice": closed - received_at,
+        "aggregation": ended - closed,
+        "counts": window.counts,
+        "query seconds": window.seconds["query"],
+        "seconds": window.seconds,
+    }
+
+
 def main() -> None:
     """Run the plan through the live federation and print the per-round split."""
     parser = argparse.ArgumentParser(
@@ -145,13 +221,26 @@ def main() -> None:
         f"{args.rounds} rounds, MLP {plan['model'].get('hidden')}",
         flush=True,
     )
+    from bench._probe import OverheadProbe
+
+    probe = OverheadProbe.install()
     fed = LiveFederation.start(sites)
     try:
         result = fed.run_plan(plan, name=f"round split seed {args.seed}")
     finally:
         fed.close()
-    rounds = Round.objects.filter(run=result.run, status=Round.Status.COMPLETED).order_by("number")
+        probe.uninstall()
+    rounds = list(
+        Round.objects.filter(run=result.run, status=Round.Status.COMPLETED).order_by("number")
+    )
     splits = [round_split(r) for r in rounds]
+    ends = [r.finished_at.timestamp() for r in rounds]
+    periods = [b - a for a, b in zip(ends, ends[1:], strict=False)]  # steady state: from round 2
+    anatomies = [
+        anatomy(r, probe, (ends[i - 1] if i else r.started_at.timestamp() - 0.5))
+        for i, r in enumerate(rounds)
+    ][1:]
+    anatomies = [a for a in anatomies if a]
 
     mean_round = float(np.mean([s["seconds"] for s in splits]))
     summary = Table(
@@ -170,7 +259,50 @@ def main() -> None:
         f"mean local training over all silos: "
         f"{float(np.mean([s['mean train all silos'] for s in splits])):.3f} s per round"
     )
+
+    summary.note(
+        f"per-round wall time, steady state (round end to round end, rounds 2-{len(rounds)}): "
+        f"{float(np.mean(periods)) if periods else float('nan'):.3f} s mean, "
+        f"{float(np.median(periods)) if periods else float('nan'):.3f} s median"
+    )
     summary.print()
+    seg = Table(
+        f"the critical path cut at the server's events, mean over rounds 2-{len(rounds)}",
+        ["segment", "seconds", "share %", "orchestration"],
+    )
+    total_seg = float(np.mean([sum(a[k] for k in SEGMENTS) for a in anatomies]))
+    for key in SEGMENTS:
+        value = float(np.mean([a[key] for a in anatomies]))
+        seg.row(key, value, 100.0 * value / total_seg, key in ORCHESTRATION_SEGMENTS)
+    orch = float(np.mean([sum(a[k] for k in ORCHESTRATION_SEGMENTS) for a in anatomies]))
+    seg.row("orchestration (the yes rows)", orch, 100.0 * orch / total_seg, True)
+    seg.row("round (open -> model stored)", total_seg, 100.0, "-")
+    seg.print()
+    counts = Table(
+        f"server work per round (previous round's end -> this round's end), mean over rounds "
+        f"2-{len(rounds)}, {len(sites)} sites",
+        ["what", "per round"],
+    )
+    for label, key in COUNTED:
+        counts.row(label, float(np.mean([a["counts"][key] for a in anatomies])))
+    counts.row("seconds in SQL statements", float(np.mean([a["query seconds"] for a in anatomies])))
+    counts.print()
+    hops = Counter()
+    for a in anatomies:
+        hops.update(
+            {k: v for k, v in a["counts"].items() if k.startswith(("hop:", "channel:", "sql in:"))}
+        )
+    spent: Counter[str] = Counter()
+    for a in anatomies:
+        spent.update(a["seconds"])
+    by_name = Table(
+        "thread hops (count, seconds awaited), channel messages and SQL statements (count, "
+        "seconds) per round, by function",
+        ["what", "per round", "seconds"],
+    )
+    for key, value in sorted(hops.items()):
+        by_name.row(key, value / len(anatomies), spent[key] / len(anatomies))
+    by_name.print()
 
     per_round = Table("per round", ["round", "seconds", *PARTS, "last silo"])
     for s in splits:
@@ -185,6 +317,10 @@ def main() -> None:
         {
             "summary": summary,
             "per_round": per_round,
+            "segments": seg,
+            "counts": counts,
+            "hops": by_name,
+            "periods": periods,
             "settings": {
                 "scenario": "healthcare",
                 "sites": len(sites),
