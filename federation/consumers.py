@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -188,18 +189,19 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=protocol.encode_error(code, reason, **fields))
 
     async def dispatch(self, message: dict[str, Any]) -> None:
-        """Channels' dispatch, minus its database clean-up hop before each binary frame.
+        """Channels' dispatch, minus its database clean-up hop before every message.
 
         Channels runs ``close_old_connections`` in its sync thread before every handler: a
-        thread round trip per frame (about 100 for a 100 MB update), queued behind every other
-        connection's database work. A binary frame touches no database until its message is
-        complete, and that work goes through ``database_sync_to_async``, which closes stale
-        connections itself before and after. Everything else goes through Channels unchanged.
+        thread round trip per frame (about 100 for a 100 MB update) and per channel-layer
+        event (each round's task, each heartbeat), queued on the one database thread behind
+        every other connection's work. No handler here touches the database except through
+        ``database_sync_to_async``, which closes stale connections itself before and after,
+        so the hop only delayed each message (bench/round_split.py: 6-8 hops a round).
         """
-        if message["type"] == "websocket.receive" and message.get("bytes") is not None:
-            await self.receive(bytes_data=message["bytes"])
-            return
-        await super().dispatch(message)
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Route a frame: text frames are control messages, binary frames carry tensors."""
