@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import threading
 import time
 from collections import Counter
@@ -61,6 +62,7 @@ def _statement_kind(sql: str) -> str:
 
 
 _scope = threading.local()
+_SAVEPOINT_ID = re.compile(r"s\d+_x\d+")
 
 
 def _in_scope(name: str, fn: Callable[[], Any]) -> Any:
@@ -75,7 +77,8 @@ def _in_scope(name: str, fn: Callable[[], Any]) -> Any:
 class OverheadProbe:
     """Wraps the server's database, thread-hop, channel and scheduling entry points."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, statements: bool = False) -> None:
+        self.statements = statements  # also keep each statement's text (its first 110 chars)
         self.events: list[tuple[float, str, str, float]] = []
         self._lock = threading.Lock()
         self._undo: list[Callable[[], None]] = []
@@ -91,8 +94,8 @@ class OverheadProbe:
         self._undo.append(lambda: setattr(owner, attr, original))
 
     @classmethod
-    def install(cls) -> OverheadProbe:
-        """Start counting (Django must be set up)."""
+    def install(cls, *, statements: bool = False) -> OverheadProbe:
+        """Start counting (Django must be set up); ``statements``: keep the SQL texts too."""
         from asgiref.sync import SyncToAsync
         from django.db import connection as default_connection
         from django.db.backends.base.base import BaseDatabaseWrapper
@@ -102,7 +105,7 @@ class OverheadProbe:
         from federation import dispatch, orchestrator
         from federation.services import updates as update_services
 
-        probe = cls()
+        probe = cls(statements=statements)
         rec = probe.record
 
         def wrap_execute(original: Any) -> Any:
@@ -115,7 +118,11 @@ class OverheadProbe:
                     kind = _statement_kind(sql)
                     spent = time.perf_counter() - start
                     rec("query", kind, spent)
-                    rec("sql in", getattr(_scope, "name", None) or "other", spent)
+                    scope = getattr(_scope, "name", None) or "other"
+                    rec("sql in", scope, spent)
+                    if probe.statements:
+                        text = _SAVEPOINT_ID.sub("s_x", " ".join(sql.split()))
+                        rec("statement", f"{scope}: {text[:110]}", spent)
                     if kind in ("INSERT", "UPDATE", "DELETE") and not self.db.in_atomic_block:
                         rec("commit", "autocommit")
 

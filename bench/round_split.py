@@ -192,6 +192,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="rounds of the plan (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 rounds: a smoke run")
+    parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="also print the SQL statements of a round, by the step that ran them",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds = 3
@@ -223,7 +228,7 @@ def main() -> None:
     )
     from bench._probe import OverheadProbe
 
-    probe = OverheadProbe.install()
+    probe = OverheadProbe.install(statements=args.statements)
     fed = LiveFederation.start(sites)
     try:
         result = fed.run_plan(plan, name=f"round split seed {args.seed}")
@@ -303,6 +308,14 @@ def main() -> None:
     for key, value in sorted(hops.items()):
         by_name.row(key, value / len(anatomies), spent[key] / len(anatomies))
     by_name.print()
+    if args.statements:
+        texts: Counter[str] = Counter()
+        for a in anatomies:
+            texts.update({k[10:]: v for k, v in a["counts"].items() if k.startswith("statement:")})
+        sql = Table("SQL statements per round, by step (--statements)", ["statement", "per round"])
+        for key, value in sorted(texts.items()):
+            sql.row(key, value / len(anatomies))
+        sql.print()
 
     per_round = Table("per round", ["round", "seconds", *PARTS, "last silo"])
     for s in splits:
