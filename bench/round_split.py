@@ -52,12 +52,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._common import Table, write_results  # noqa: E402
+from bench._common import Table, bar, write_results  # noqa: E402
 
 PARTS = ("training", "agent other", "transfer", "aggregation", "orchestration")
 
@@ -184,6 +185,68 @@ def anatomy(round_: Any, probe: Any, window_start: float) -> dict[str, Any]:
     }
 
 
+def compare(
+    periods: list[float], flower_ends: list[dict[str, float]], sites: int, note: str
+) -> Table:
+    """Quorum's and Flower's steady-state per-round wall time (rounds 2..N) and their ratio."""
+    times = [end["time"] for end in flower_ends]
+    flower = [b - a for a, b in zip(times[1:], times[2:], strict=False)]
+    table = Table(
+        f"per-round wall time, {sites} sites, steady state (round end to round end, from round 2)",
+        ["framework", "mean s", "median s", "rounds", "Quorum / Flower", "bar <= 1"],
+    )
+    q_mean, q_median = float(np.mean(periods)), float(np.median(periods))
+    table.row("Quorum", q_mean, q_median, len(periods), None, None)
+    if flower:
+        f_mean, f_median = float(np.mean(flower)), float(np.median(flower))
+        table.row("Flower 1.42 deployment engine", f_mean, f_median, len(flower), None, None)
+        ratio = q_mean / f_mean
+        table.row("ratio (means)", None, None, None, ratio, bar(ratio <= 1.0))
+        slowest = [end.get("slowest_clientapp_seconds", 0.0) for end in flower_ends[2:]]
+        table.note(
+            "Flower's slowest ClientApp train() a round (the same handle_task as Quorum's agent): "
+            f"{float(np.mean(slowest)):.3f} s mean; the rest is a ClientApp process started per "
+            "message and the engine's polling (SuperNode pulls every 3 s when idle, the "
+            "ServerApp's send_and_receive every 3 s)"
+        )
+    table.note(f"Flower: {note}")
+    return table
+
+
+def run_flower(
+    run: Any, sites: dict[str, tuple[Path, Any]], folder: Path, rounds: int
+) -> tuple[list[dict[str, float]], str]:
+    """The same plan, data, initial model and rounds through Flower's deployment engine.
+
+    Returns each round's end (``_flower.FlowerDeployment.run``) and a note on how it ran.
+    """
+    from bench import _flower
+    from federation.models import ModelVersion
+    from federation.storage import blob_store
+
+    missing = _flower.available()
+    if missing is not None:
+        return [], f"not run: {missing}"
+    initial = blob_store().get(ModelVersion.objects.get(run=run, number=0).blob_key)
+    flower_dir = folder / "flower"
+    _flower.write_inputs(
+        flower_dir,
+        site_files={site: path for site, (path, _) in sites.items()},
+        plan=run.version.spec,
+        plan_hash=run.plan_hash,
+        preprocessing=run.preprocessing,
+        initial=initial,
+        rounds=rounds,
+    )
+    print(f"Flower 1.42: a SuperLink and {len(sites)} SuperNodes on 127.0.0.1 ...", flush=True)
+    deployment = _flower.FlowerDeployment.start(flower_dir, list(sites))
+    try:
+        ends = deployment.run(rounds)
+    finally:
+        deployment.close()
+    return ends, f"{len(sites)} SuperNode processes, one SuperLink, ClientApp per message"
+
+
 def main() -> None:
     """Run the plan through the live federation and print the per-round split."""
     parser = argparse.ArgumentParser(
@@ -192,6 +255,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="rounds of the plan (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 rounds: a smoke run")
+    parser.add_argument(
+        "--sites",
+        type=int,
+        default=5,
+        help="5 (default): the demo's five sources; more: the pooled rows dealt into that many "
+        "sites, one optimizer step each per round",
+    )
+    parser.add_argument(
+        "--agents-per-process",
+        type=int,
+        default=1,
+        help="agents sharing one process (default 1; e.g. 10 for --sites 50)",
+    )
+    parser.add_argument(
+        "--no-flower", action="store_true", help="skip the same rounds through Flower"
+    )
     parser.add_argument(
         "--statements",
         action="store_true",
@@ -214,22 +293,34 @@ def main() -> None:
     scenario = SCENARIOS["healthcare"](seed=args.seed)
     plan = scenario.plan
     plan["training"]["rounds"] = args.rounds
+    frames = scenario.sites
+    if args.sites != len(frames):
+        # Many sites: the five sources' rows pooled, shuffled and dealt into equal sites, each
+        # training one optimizer step a round, so that what a round costs beyond training shows.
+        pooled = pd.concat(list(frames.values()), ignore_index=True)
+        pooled = pooled.sample(frac=1.0, random_state=args.seed).reset_index(drop=True)
+        frames = {
+            f"site{i:02d}": pooled.iloc[rows].reset_index(drop=True)
+            for i, rows in enumerate(np.array_split(np.arange(len(pooled)), args.sites))
+        }
+        plan["training"]["local_steps"] = 1
     folder = Path(tempfile.mkdtemp(prefix="round-split-", dir=home))
     sites = {}
-    for site, frame in scenario.sites.items():
+    for site, frame in frames.items():
         path = folder / f"{site}.csv"
         frame.to_csv(path, index=False)
         sites[site] = (path, plan["schema"])
     print(
         f"round split: healthcare scenario, {len(sites)} sites "
-        f"({', '.join(f'{s} {len(f)}' for s, f in scenario.sites.items())} rows), "
+        f"({', '.join(f'{s} {len(f)}' for s, f in list(frames.items())[:6])}"
+        f"{' ...' if len(frames) > 6 else ''} rows), "
         f"{args.rounds} rounds, MLP {plan['model'].get('hidden')}",
         flush=True,
     )
     from bench._probe import OverheadProbe
 
     probe = OverheadProbe.install(statements=args.statements)
-    fed = LiveFederation.start(sites)
+    fed = LiveFederation.start(sites, agents_per_process=args.agents_per_process)
     try:
         result = fed.run_plan(plan, name=f"round split seed {args.seed}")
     finally:
@@ -239,6 +330,10 @@ def main() -> None:
         Round.objects.filter(run=result.run, status=Round.Status.COMPLETED).order_by("number")
     )
     splits = [round_split(r) for r in rounds]
+    flower_ends: list[dict[str, float]] = []
+    flower_note = "not run (--no-flower)"
+    if not args.no_flower:
+        flower_ends, flower_note = run_flower(result.run, sites, folder, args.rounds)
     ends = [r.finished_at.timestamp() for r in rounds]
     periods = [b - a for a, b in zip(ends, ends[1:], strict=False)]  # steady state: from round 2
     anatomies = [
@@ -317,6 +412,9 @@ def main() -> None:
             sql.row(key, value / len(anatomies))
         sql.print()
 
+    versus = compare(periods, flower_ends, len(sites), flower_note)
+    versus.print()
+
     per_round = Table("per round", ["round", "seconds", *PARTS, "last silo"])
     for s in splits:
         per_round.row(s["round"], s["seconds"], *(s[p] for p in PARTS), s["last silo"])
@@ -331,6 +429,8 @@ def main() -> None:
             "summary": summary,
             "per_round": per_round,
             "segments": seg,
+            "versus_flower": versus,
+            "flower_ends": flower_ends,
             "counts": counts,
             "hops": by_name,
             "periods": periods,
