@@ -347,7 +347,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
             # transfer.upload_seconds next to what the agent measured.
             fields["metrics"]["transfer"] = {"upload_seconds": max(0.0, time.time() - sent_at)}
         try:
-            await database_sync_to_async(update_services.update_receive)(
+            # Not on the one database thread every connection shares: a receipt's blob write
+            # (two fsyncs) and checks would queue the whole round's updates one after another
+            # (50 sites: 1.5 s a round, bench/round_split.py). Its own transaction and row lock
+            # keep concurrent receipts correct, as with several server processes.
+            await database_sync_to_async(update_services.update_receive, thread_sensitive=False)(
                 silo_id=self.silo_id, fields=fields, payload=message.payload
             )
         except update_services.Refused as exc:
@@ -390,7 +394,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         """Send the silo its task for a round, with the global model."""
         if secagg_rounds.is_dropout(event["round_id"], self.silo_id):
             return  # it dropped out of the attempt's secure aggregation: nothing to train for
-        message = await database_sync_to_async(selectors.task_message)(
+        # A read and a grant signature: in the thread pool, so that a round's tasks are built
+        # side by side instead of one after another on the shared database thread.
+        message = await database_sync_to_async(selectors.task_message, thread_sensitive=False)(
             round_id=event["round_id"], silo_id=self.silo_id
         )
         if message is None:
