@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/round_split.py            # healthcare scenario, 5 sites, 20 rounds
     .venv/bin/python bench/round_split.py --quick    # 3 rounds
+    .venv/bin/python bench/round_split.py --no-flower --statements   # Quorum only, every SQL
+    .venv/bin/python bench/round_split.py --sites 50 --agents-per-process 10 --rounds 5
 
 The healthcare demo's federation (UCI thyroid, five referral sources, the MLP 32-16 plan of
 ``manage.py demo``) runs through a REAL federation (``bench/_federation.py``: the ASGI server in
@@ -39,6 +41,14 @@ round waited for it):
 Five agents share this machine's cores, so training times include waiting for a core, as they
 would on an overloaded site. Printed: the mean over rounds of each part, its share of the round,
 and per round the same split.
+
+Also printed: the same critical path cut at the server's own events (``anatomy``), the server's
+work per round counted in its process (``bench/_probe.py``: SQL statements by step, commits,
+connections, thread hops, channel messages, queued steps), and the steady-state per-round wall
+time (round end to round end, from round 2) next to Flower 1.42's for the same plan, site files,
+fitted preprocessing, initial model and rounds through its deployment engine
+(``bench/_flower.py``; skipped with ``--no-flower`` or when ``.venv-bench`` lacks Flower).
+``--sites N`` deals the pooled rows into N sites that train one optimizer step a round.
 """
 
 from __future__ import annotations
