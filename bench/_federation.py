@@ -86,18 +86,24 @@ class LiveFederation:
 
     @classmethod
     def start(
-        cls, sites: dict[str, tuple[Path, dict[str, Any]]], *, timeout: float = 120.0
+        cls,
+        sites: dict[str, tuple[Path, dict[str, Any]]],
+        *,
+        timeout: float = 120.0,
+        agents_per_process: int = 1,
     ) -> LiveFederation:
         """Create the consortium, start the server and one agent per site; wait until online.
 
         Args:
             sites: site name -> (its data file, the schema its steward registers).
+            agents_per_process: 1 (default): a ``quorum-agent run`` process per site; more:
+                that many agents share a process (``bench/_agents.py``), for many sites.
         """
         fed = cls()
         try:
             tokens = fed._create(sites)
             fed._serve()
-            fed._launch(sites, tokens)
+            fed._launch(sites, tokens, agents_per_process=agents_per_process)
             fed._wait_online(timeout)
         except BaseException:
             fed.close()
@@ -169,7 +175,11 @@ class LiveFederation:
             logging.getLogger(name).setLevel(logging.WARNING)
 
     def _launch(
-        self, sites: dict[str, tuple[Path, dict[str, Any]]], tokens: dict[str, str]
+        self,
+        sites: dict[str, tuple[Path, dict[str, Any]]],
+        tokens: dict[str, str],
+        *,
+        agents_per_process: int = 1,
     ) -> None:
         from federation.signing import server_public_key_text
 
@@ -180,6 +190,7 @@ class LiveFederation:
             "MKL_NUM_THREADS": "1",
         }
         key = server_public_key_text()
+        group: list[tuple[str, Path]] = []
         for site, (path, _) in sites.items():
             folder = self.home / "sites" / site
             folder.mkdir(parents=True, exist_ok=True)
@@ -193,6 +204,12 @@ class LiveFederation:
                 f'public_key = "{key}"\n\n[data]\npath = "{data.name}"\n\n'
                 f'[agent]\nname = "{site}"\n'
             )
+            if agents_per_process > 1:
+                group.append((site, folder / "site.toml"))
+                if len(group) == agents_per_process:
+                    self._launch_group(group, env)
+                    group = []
+                continue
             log = open(folder / "agent.log", "wb")  # noqa: SIM115 - the child owns it
             self.agents[site] = subprocess.Popen(
                 [sys.executable, "-m", "clientagent", "run", "--config", str(folder / "site.toml")],
@@ -203,6 +220,23 @@ class LiveFederation:
                 cwd=ROOT,
             )
             log.close()
+        if group:
+            self._launch_group(group, env)
+
+    def _launch_group(self, group: list[tuple[str, Path]], env: dict[str, str]) -> None:
+        """One process running the agents of several sites (bench/_agents.py)."""
+        log = open(group[0][1].parent / "agent.log", "wb")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench._agents", *(str(path) for _, path in group)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ROOT,
+        )
+        log.close()
+        for site, _ in group:
+            self.agents[site] = proc  # the sites of one process share it
 
     def _wait_online(self, timeout: float) -> None:
         from federation.models import Silo
@@ -276,10 +310,11 @@ class LiveFederation:
 
     def close(self) -> None:
         """Stop the agents (the processes this object started) and the server."""
-        for proc in self.agents.values():
+        procs = list({id(proc): proc for proc in self.agents.values()}.values())
+        for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self.agents.values():
+        for proc in procs:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

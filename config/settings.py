@@ -196,6 +196,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+    if "CONN_MAX_AGE" not in os.environ:
+        # Embedded profile: the few threads that touch the database (the consumers' database
+        # thread, the orchestration thread) keep their SQLite connection instead of opening
+        # one (and running the PRAGMAs) per step: 16 connections a round before
+        # (bench/round_split.py). A file connection holds no lock between transactions.
+        DATABASES["default"]["CONN_MAX_AGE"] = 600
     # The test database is a file, not memory: end-to-end tests start server processes that
     # must see it. One per test process, so parallel runs do not collide.
     DATABASES["default"]["TEST"] = {

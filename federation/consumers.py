@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -190,18 +191,19 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=protocol.encode_error(code, reason, **fields))
 
     async def dispatch(self, message: dict[str, Any]) -> None:
-        """Channels' dispatch, minus its database clean-up hop before each binary frame.
+        """Channels' dispatch, minus its database clean-up hop before every message.
 
         Channels runs ``close_old_connections`` in its sync thread before every handler: a
-        thread round trip per frame (about 100 for a 100 MB update), queued behind every other
-        connection's database work. A binary frame touches no database until its message is
-        complete, and that work goes through ``database_sync_to_async``, which closes stale
-        connections itself before and after. Everything else goes through Channels unchanged.
+        thread round trip per frame (about 100 for a 100 MB update) and per channel-layer
+        event (each round's task, each heartbeat), queued on the one database thread behind
+        every other connection's work. No handler here touches the database except through
+        ``database_sync_to_async``, which closes stale connections itself before and after,
+        so the hop only delayed each message (bench/round_split.py: 6-8 hops a round).
         """
-        if message["type"] == "websocket.receive" and message.get("bytes") is not None:
-            await self.receive(bytes_data=message["bytes"])
-            return
-        await super().dispatch(message)
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Route a frame: text frames are control messages, binary frames carry tensors."""
@@ -338,7 +340,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
             # transfer.upload_seconds next to what the agent measured.
             fields["metrics"]["transfer"] = {"upload_seconds": max(0.0, time.time() - sent_at)}
         try:
-            await database_sync_to_async(update_services.update_receive)(
+            # Not on the one database thread every connection shares: a receipt's blob write
+            # (two fsyncs) and checks would queue the whole round's updates one after another
+            # (50 sites: 1.5 s a round, bench/round_split.py). Its own transaction and row lock
+            # keep concurrent receipts correct, as with several server processes.
+            await database_sync_to_async(update_services.update_receive, thread_sensitive=False)(
                 silo_id=self.silo_id, fields=fields, payload=message.payload
             )
         except update_services.Refused as exc:
@@ -379,9 +385,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def round_task(self, event: dict[str, Any]) -> None:
         """Send the silo its task for a round, with the global model."""
-        message = await database_sync_to_async(secagg_services.round_task_for)(
-            round_id=event["round_id"], silo_id=self.silo_id
-        )
+        # A read and a grant signature: in the thread pool, so that a round's tasks are built
+        # side by side instead of one after another on the shared database thread.
+        message = await database_sync_to_async(
+            secagg_services.round_task_for, thread_sensitive=False
+        )(round_id=event["round_id"], silo_id=self.silo_id)
         if message is None:
             return
         message.fields["sent_at"] = time.time()  # the task's transfer starts (round_split)

@@ -1,0 +1,1 @@
+"""Flower ServerApp and ClientApp of bench/round_split.py (see bench/_flower.py)."""
