@@ -386,7 +386,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def round_task(self, event: dict[str, Any]) -> None:
         """Send the silo its task for a round, with the global model."""
-        if secagg_rounds.is_dropout(event["round_id"], self.silo_id):
+        if await database_sync_to_async(secagg_rounds.is_dropout)(event["round_id"], self.silo_id):
             return  # it dropped out of the attempt's secure aggregation: nothing to train for
         message = await database_sync_to_async(selectors.task_message)(
             round_id=event["round_id"], silo_id=self.silo_id

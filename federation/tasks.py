@@ -13,7 +13,7 @@ from typing import Any
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
-from federation import orchestrator
+from federation import orchestrator, secagg_rounds
 
 # A lost database connection or a deadlock is worth another try; anything else is logged by Celery
 # and left to the next sweep.
@@ -44,6 +44,21 @@ def sweep_task() -> None:
     orchestrator.sweep()
 
 
+@shared_task(
+    name="federation.secagg_tick",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=5,
+    ignore_result=True,
+)
+def secagg_tick_task(round_pk: int, stage: str) -> None:
+    """Close a secure round's stage whose deadline passed (the state is in the database)."""
+    secagg_rounds.tick(round_pk, stage)
+
+
 def step_name(fn: Callable[..., Any]) -> str:
     """The key of an orchestrator function in TASKS_BY_STEP: ``module.qualname``."""
     return f"{fn.__module__}.{fn.__qualname__}"
@@ -52,6 +67,7 @@ def step_name(fn: Callable[..., Any]) -> str:
 TASKS_BY_STEP: dict[str, Any] = {
     step_name(orchestrator.run_advance): run_advance_task,
     step_name(orchestrator.sweep): sweep_task,
+    step_name(secagg_rounds.tick): secagg_tick_task,
 }
 
 

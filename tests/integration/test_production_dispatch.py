@@ -28,7 +28,7 @@ class Sent:
 def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
     """Record apply_async instead of talking to a broker."""
     record = Sent()
-    for task in (tasks.run_advance_task, tasks.sweep_task):
+    for task in (tasks.run_advance_task, tasks.sweep_task, tasks.secagg_tick_task):
 
         def apply_async(*, _name: str = task.name, **options: Any) -> None:
             record.calls.append((_name, options))
@@ -73,10 +73,17 @@ def test_a_step_becomes_its_task_with_the_countdown(sent: Sent) -> None:
 
 
 def test_a_step_without_a_task_is_a_clear_error(sent: Sent) -> None:
-    # Secure-aggregation coordinators live in one process's memory: embedded profile only.
-    with pytest.raises(LookupError, match="secagg_rounds.tick has no Celery task"):
-        dispatch.CeleryBackend().enqueue(secagg_rounds.tick, 1, "stage")
+    with pytest.raises(LookupError, match="secagg_rounds.forget has no Celery task"):
+        dispatch.CeleryBackend().enqueue(secagg_rounds.forget, 1)
     assert sent.calls == []
+
+
+def test_a_secure_round_stage_timer_is_a_celery_task(sent: Sent) -> None:
+    # The coordinator's state is in the database: any worker can close a stage at its deadline.
+    dispatch.CeleryBackend().enqueue(secagg_rounds.tick, 9, "share_keys", countdown=30.05)
+    assert [(name, o["args"], o["countdown"]) for name, o in sent.calls] == [
+        ("federation.secagg_tick", [9, "share_keys"], 30.05)
+    ]
 
 
 def test_the_production_profile_enqueues_only_after_commit(
