@@ -86,7 +86,7 @@ from fedcore.secagg import (
 )
 from fedcore.secagg import wire as secagg_wire
 from federation import dispatch, ledger
-from federation.models import ModelVersion, Round, Run, SecAggAttempt
+from federation.models import ModelVersion, Round, Run, SecAggAttempt, Silo
 from federation.plan_spec import RunSettings, secagg_settings, secagg_threshold
 from federation.services import fairness as fairness_service
 from federation.services.audit import audit_append
@@ -414,9 +414,7 @@ def _advance(coord: Coordinator) -> None:
             break
         if coord.server.stage is Stage.DONE:
             if coord.layout:
-                coord.counts = secure_updates.counts_from_tail(
-                    coord.server.counts.tolist(), coord.layout
-                )
+                _record_counts(coord)
             log.info(
                 "run %s round %s.%s: unmasked the sum of %d silos' updates",
                 coord.run_id,
@@ -430,6 +428,17 @@ def _advance(coord: Coordinator) -> None:
     if coord.finished and not coord.notified:
         coord.notified = True
         dispatch.enqueue_advance(coord.run_id)
+
+
+def _record_counts(coord: Coordinator) -> None:
+    """Keep the merged fairness counts; charge each contributor's ledger for a DP release."""
+    coord.counts = secure_updates.counts_from_tail(coord.server.counts.tolist(), coord.layout)
+    run = Run.objects.select_related("version").get(pk=coord.run_id)
+    round_ = Round.objects.get(pk=coord.round_pk)
+    for silo in Silo.objects.filter(pk__in=[coord.silo_of[c] for c in coord.server.contributors]):
+        fairness_service.counts_charge(
+            run=run, round_=round_, silo=silo, tables=len({a for a, _, _ in coord.layout})
+        )
 
 
 def _audit(coord: Coordinator, action: str, **data: Any) -> None:

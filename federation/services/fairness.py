@@ -125,8 +125,17 @@ def record_update_counts(*, run: Run, round_: Round, silo: Silo, counts: dict[st
     the plan's ``dp_epsilon`` (basic composition), added to the RDP total of the ledger.
     """
     Update.objects.filter(round=round_, silo=silo).update(fairness=counts)
+    counts_charge(run=run, round_=round_, silo=silo, tables=len(counts))
+
+
+def counts_charge(*, run: Run, round_: Round, silo: Silo, tables: int) -> None:
+    """Charge a silo's ledger for ``tables`` count tables it released with DP (none: no-op).
+
+    Also for a secure round, whose tables the server only sees summed: each site added its own
+    noise before masking, so its release costs what a clear one does.
+    """
     epsilon = dp_epsilon(run.version.spec)
-    if epsilon is None or not counts:
+    if epsilon is None or not tables:
         return
     ledger.ledger_append(
         silo=silo,
@@ -135,9 +144,9 @@ def record_update_counts(*, run: Run, round_: Round, silo: Silo, counts: dict[st
         mechanism=ledger.PURE,
         noise_multiplier=1.0 / epsilon,  # the discrete Laplace scale of one count
         sample_rate=1.0,
-        steps=len(counts),  # count tables released
+        steps=tables,  # count tables released
         delta=ledger.plan_delta(run.version.spec) or ledger.DEFAULT_DELTA,
-        epsilon_pure=epsilon * len(counts),
+        epsilon_pure=epsilon * tables,
     )
 
 

@@ -28,11 +28,12 @@ from fedcore import fairness, protocol, tensors
 from fedcore.aggregation import ClientUpdate, make_strategy
 from fedcore.models import build_model
 from fedcore.secagg import Quantizer, SecAggServer
-from federation import dispatch, orchestrator, secagg_rounds
+from federation import dispatch, ledger, orchestrator, secagg_rounds
 from federation.models import (
     AuditEvent,
     FairnessReport,
     ModelVersion,
+    PrivacyLedgerEntry,
     Round,
     Run,
     SecAggAttempt,
@@ -452,8 +453,9 @@ def site_counts(seed: int) -> dict[str, Any]:
     return {"sex": fairness.group_counts(y, y_pred, sex, groups=groups)}
 
 
+@pytest.mark.parametrize("dp_epsilon", [None, 0.5])
 async def test_fairness_counts_are_summed_under_the_masks_and_never_stored_per_site(
-    held_vectors: list[dict[str, np.ndarray]],
+    held_vectors: list[dict[str, np.ndarray]], dp_epsilon: float | None
 ) -> None:
     silos, sites = await database_sync_to_async(make_sites)(3)
     for i, site in enumerate(sites):
@@ -462,7 +464,11 @@ async def test_fairness_counts_are_summed_under_the_masks_and_never_stored_per_s
         silos,
         min_silos=3,
         schema={**SCHEMA, "sensitive": ["sex"]},  # not a feature: its groups are declared
-        fairness={"sensitive_attribute": "sex", "groups": {"sex": ["F", "M"]}},
+        fairness={
+            "sensitive_attribute": "sex",
+            "groups": {"sex": ["F", "M"]},
+            **({} if dp_epsilon is None else {"dp_epsilon": dp_epsilon}),
+        },
         training={**plan_spec()["training"], "rounds": 1},
     )
 
@@ -482,6 +488,13 @@ async def test_fairness_counts_are_summed_under_the_masks_and_never_stored_per_s
         events = AuditEvent.objects.filter(object_id=str(run.pk))
         assert not [e.action for e in events if {"fairness", "counts"} & set(e.data)]
         assert not SecAggAttempt.objects.exists()  # the attempt's row went with the round
+        # A DP release costs each contributor what a clear one would: one table of epsilon.
+        charged = PrivacyLedgerEntry.objects.filter(run=run, mechanism=ledger.PURE)
+        if dp_epsilon is None:
+            assert not charged.exists()
+        else:
+            assert sorted(e.silo_id for e in charged) == sorted(s.silo.pk for s in sites)
+            assert all(e.epsilon_pure == pytest.approx(dp_epsilon) for e in charged)
         # The running sum held the 16 counts after the 5 model values: never one site's own.
         tables = [
             np.asarray(
