@@ -598,9 +598,17 @@ def outcome(round_: Any) -> Outcome | None:
     """
     with _locked(Round.objects.filter(pk=round_.pk)) as coord:
         if coord is None:
-            return Outcome(
-                ok=False, error="secure aggregation has no state for this attempt (it was lost)"
+            error = "secure aggregation has no state for this attempt (it was lost)"
+            run = Run.objects.select_related("plan").get(pk=round_.run_id)
+            audit_append(
+                actor="system",
+                action="secagg.aborted",
+                consortium_id=run.plan.consortium_id,
+                object_type="run",
+                object_id=round_.run_id,
+                data={"round": round_.number, "attempt": round_.attempt, "reason": error},
             )
+            return Outcome(ok=False, error=error)
         _advance(coord)
         if coord.server.stage is Stage.DONE:
             return Outcome(

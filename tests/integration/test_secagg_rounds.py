@@ -514,3 +514,32 @@ async def test_fairness_counts_are_summed_under_the_masks_and_never_stored_per_s
             assert not any(np.array_equal(vector[-16:], own) for own in tables)
 
     await check()
+
+
+def test_an_attempt_whose_state_is_gone_fails_with_the_reason_and_is_retried_afresh() -> None:
+    # Two connected silos (no agents behind them: the requests go nowhere), round 1 opens; its
+    # coordinator row disappears (as if deleted by hand); the next pass fails the attempt, audits
+    # why and opens attempt 2 with a new coordinator: never plain aggregation.
+    silos, _ = make_sites(2)
+    Silo.objects.filter(pk__in=[s.pk for s in silos]).update(
+        connection_id="gone", last_heartbeat=timezone.now()
+    )
+    run = secure_run(silos, min_silos=2, round_retries=1)
+    orchestrator.run_advance(run.pk)
+    first = Round.objects.get(run=run, number=1, attempt=1)
+    row = SecAggAttempt.objects.get(round=first)
+    assert row.params["round_id"] == f"{run.pk}:1:1" and row.vector is None
+    first_id = row.params["round_id"]
+    row.delete()
+
+    orchestrator.run_advance(run.pk)
+
+    first.refresh_from_db()
+    assert first.status == Round.Status.FAILED
+    assert first.error == "secure aggregation has no state for this attempt (it was lost)"
+    aborted = AuditEvent.objects.get(action="secagg.aborted", object_id=str(run.pk))
+    assert aborted.data == {"round": 1, "attempt": 1, "reason": first.error}
+    retry = Round.objects.get(run=run, number=1, attempt=2)
+    assert retry.status == Round.Status.COLLECTING
+    assert SecAggAttempt.objects.get(round=retry).params["round_id"] == f"{run.pk}:1:2" != first_id
+    assert not Update.objects.filter(round__run=run).exists()
