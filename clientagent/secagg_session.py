@@ -13,8 +13,10 @@ messages, docs/protocol.md "Secure aggregation"):
   ``masked_update`` whose payload is the masked vector (``fedcore.secure_updates``: the
   example-weighted, per-coordinate clipped change of the floating weights plus the weight
   coordinate; for client-level DP the L2-clipped change plus this site's share of the Gaussian
-  noise). Metrics and the example count travel in clear in its header, as in an ``update``. It
-  goes through the sent log like an update (a DP round's line holds its epsilon);
+  noise), followed, for a plan with a ``fairness`` section, by the site's per-group confusion
+  counts (``fedcore.secure_updates.count_layout``), summed under the same masks. Metrics and
+  the example count travel in clear in its header, as in an ``update``; the fairness counts
+  never do. It goes through the sent log like an update (a DP round's line holds its epsilon);
 - ``unmasking``: answered with the shares that remove the survivors' self masks and the dropped
   sites' pairwise masks, never both for one site (``SecAggClient.unmask`` refuses).
 
@@ -280,8 +282,9 @@ class SecAggSession:
             return
         try:
             vector, clipped = await asyncio.to_thread(self._vector, attempt, offer)
+            counts = self._counts(attempt, offer)
             reply = await asyncio.to_thread(
-                attempt.client.masked_input, attempt.masked_request, vector
+                attempt.client.masked_input, attempt.masked_request, vector, counts
             )
         except (SecAggError, ValueError) as exc:
             self._drop(key)
@@ -320,6 +323,31 @@ class SecAggSession:
         )
 
     @staticmethod
+    def _counts(attempt: _Attempt, offer: _Offer) -> list[int]:
+        """The round's fairness counts, in the layout both sides derive from the public groups.
+
+        The trained update's ``fairness`` tables (``clientagent.trainer.fairness_counts``) never
+        leave in clear in a secure round: they ride at the end of the masked vector, so the
+        server only ever sees their sum over the contributors.
+        """
+        expected = attempt.client.config.count_length
+        tables = offer.update.fields.get("fairness")
+        if not expected:
+            return []
+        if not isinstance(tables, Mapping):
+            raise ProtocolError(
+                f"the round expects {expected} fairness counts and this site computed none"
+            )
+        public = {attribute: list(groups) for attribute, groups in tables.items()}
+        layout = secure_updates.count_layout(public)
+        if len(layout) != expected:
+            raise ProtocolError(
+                f"the round expects {expected} fairness counts, this site's public groups give "
+                f"{len(layout)}"
+            )
+        return secure_updates.counts_to_tail(tables, layout)
+
+    @staticmethod
     def _vector(attempt: _Attempt, offer: _Offer) -> tuple[Any, int]:
         """The round's vector from the trained and the global weights (worker thread)."""
         config = attempt.client.config
@@ -355,9 +383,9 @@ class SecAggSession:
                 clip=config.clip,
                 max_examples=max_examples,
             )
-        if encoded.vector.size != config.vector_length:
+        if encoded.vector.size != config.float_length:
             raise ProtocolError(
-                f"the round expects {config.vector_length} values, this model has "
+                f"the round expects {config.float_length} values, this model has "
                 f"{encoded.vector.size}"
             )
         return encoded.vector, encoded.clipped

@@ -27,23 +27,35 @@ Two encodings:
   of silos selected for the round (the fixed denominator of DP-FedAvg) and adds no noise. The
   quantiser range is ``C (1 + 10 z / sqrt(t))`` (:func:`dp_quantiser_clip`), so a coordinate is
   clipped only beyond ten standard deviations of the noise share.
+
+Fairness counts (plans with a ``fairness`` section): the masked vector ends with ``K`` integer
+coordinates, the site's per-group confusion counts of the global model it received, in the
+layout :func:`count_layout` derives from the public group lists (``fedcore.fairness.
+public_groups`` of the plan and the run's preprocessing, which every site and the server know):
+attributes sorted, then groups sorted, then the cells ``tp, fp, tn, fn``. They are added in the
+ring as they are (``SecAggConfig.count_length``), so the unmasked sum is the exact merged table
+and no site's own table ever reaches the server.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedcore.aggregation.base import floating_names
+from fedcore.fairness import CELLS
 
 __all__ = [
     "DEFAULT_CLIP",
     "DEFAULT_MAX_EXAMPLES",
     "EncodedUpdate",
+    "count_layout",
+    "counts_from_tail",
+    "counts_to_tail",
     "dp_quantiser_clip",
     "dp_vector",
     "example_weight",
@@ -209,3 +221,63 @@ def mean_state(
         state[name] = (value.detach().to(torch.float64) + delta).to(value.dtype)
         offset += size
     return {name: state[name] for name in global_state}
+
+
+CountLayout = tuple[tuple[str, str, str], ...]
+
+
+def count_layout(groups: Mapping[str, Sequence[str]]) -> CountLayout:
+    """Where each fairness count sits in the vector's tail: (attribute, group, cell) in order.
+
+    ``groups`` is the public group list per reported attribute (``fairness.public_groups``);
+    attributes and groups are sorted here, cells follow ``fedcore.fairness.CELLS``.
+    """
+    return tuple(
+        (str(attribute), str(group), cell)
+        for attribute in sorted(groups)
+        for group in sorted(str(g) for g in groups[attribute])
+        for cell in CELLS
+    )
+
+
+def counts_to_tail(
+    counts: Mapping[str, Mapping[str, Mapping[str, int]]], layout: CountLayout
+) -> list[int]:
+    """A site's count tables as the vector's tail, in ``layout`` order.
+
+    Raises:
+        ValueError: the tables do not cover exactly the layout's cells (another group list),
+            or a count is not a non-negative integer.
+    """
+    have = {
+        (str(a), str(g), str(c))
+        for a, table in counts.items()
+        for g, cells in table.items()
+        for c in cells
+    }
+    if have != set(layout):
+        missing = sorted(set(layout) - have)[:3]
+        extra = sorted(have - set(layout))[:3]
+        raise ValueError(
+            f"the fairness counts do not match the round's count layout ({len(layout)} cells): "
+            f"missing {missing}, unexpected {extra}"
+        )
+    tail = []
+    for attribute, group, cell in layout:
+        value = counts[attribute][group][cell]
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise ValueError(f"fairness count {attribute}/{group}/{cell} = {value!r} is invalid")
+        tail.append(int(value))
+    return tail
+
+
+def counts_from_tail(
+    values: Sequence[int] | np.ndarray, layout: CountLayout
+) -> dict[str, dict[str, dict[str, int]]]:
+    """The merged count tables from the unmasked sum's tail (``{attribute: {group: cells}}``)."""
+    if len(values) != len(layout):
+        raise ValueError(f"{len(values)} counts for a layout of {len(layout)}")
+    tables: dict[str, dict[str, dict[str, int]]] = {}
+    for (attribute, group, cell), value in zip(layout, values, strict=True):
+        tables.setdefault(attribute, {}).setdefault(group, {})[cell] = int(value)
+    return tables

@@ -446,6 +446,38 @@ class FairnessReport(models.Model):
         return f"fairness of model v{self.round.number - 1} (round {self.round.number})"
 
 
+class SecAggAttempt(models.Model):
+    """The coordinator of one secure round attempt, in the database so every process reaches it.
+
+    Any process that handles a message of the attempt (an ASGI process's consumer, a Celery
+    worker's timer or sweep) locks the round's row, then this one (``SELECT ... FOR UPDATE``),
+    rebuilds the ``fedcore.secagg.SecAggServer`` from ``state`` and ``vector``, advances it and
+    writes it back in the same transaction (``federation.secagg_rounds``). What is stored is what
+    the protocol shows the server anyway (docs/architecture.md, "Secure rounds"): public keys,
+    the neighbour graph, share ciphertexts sealed for their recipients, rosters, revealed
+    unmasking shares, and in ``vector`` the running sum of masked vectors (uint32 ring) --
+    never one site's vector -- then, once unmasked, the aggregate sum. The row is deleted when
+    the round is aggregated or fails.
+    """
+
+    round = models.OneToOneField(
+        Round, on_delete=models.CASCADE, primary_key=True, related_name="secagg"
+    )
+    # Public parameters: the SecAggConfig, stage timeouts, client id -> silo id, the encoding
+    # mode, the fairness count layout.
+    params = models.JSONField()
+    state = models.JSONField(default=dict)  # SecAggServer.snapshot()'s dict
+    vector = models.BinaryField(null=True, blank=True)  # masked running sum, then the aggregate
+    gone = models.JSONField(default=list)  # client ids known to have dropped out
+    error = models.TextField(blank=True)
+    notified = models.BooleanField(default=False)  # the orchestrator was asked to look
+    counts = models.JSONField(null=True, blank=True)  # merged fairness counts, once unmasked
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"secure aggregation of {self.round}"
+
+
 class AuditEvent(models.Model):
     """One entry of the append-only, hash-chained audit log.
 

@@ -1,57 +1,70 @@
-"""Secure rounds on the server: one ``fedcore.secagg.SecAggServer`` coordinator per round attempt.
+"""Secure rounds on the server: one SecAgg coordinator per round attempt, kept in the database.
 
 A plan with ``"secure_aggregation": true`` runs every round attempt through SecAgg (SecAgg+ for
-a sparse graph) so the server learns the sum of the sites' updates and nothing else: no
-individual update is written to blob storage, to the database or kept in memory.
+a sparse graph) so the server learns the sum of the sites' updates (and of their fairness
+counts) and nothing else: no individual update is written to blob storage, to the database or
+kept in memory.
 
 Life of a secure round attempt (docs/protocol.md, "Secure aggregation", has the messages):
 
 1. The orchestrator opens the round (``_open_round``) and calls :func:`open_round` in its
-   transaction. On commit, a coordinator is created for the attempt: the selected silos, sorted
-   by silo id, get client ids 1..n; the round id bound into every key is
-   ``"<run>:<round>:<attempt>"``; the threshold is ``fedcore.plan.secagg_threshold``; the quantiser
-   range is the plan's ``secagg.clip`` (client-DP plans: ``fedcore.secure_updates.
-   dp_quantiser_clip``). Each silo gets its task (as in any round) and the advertise-keys request.
+   transaction: the selected silos, sorted by silo id, get client ids 1..n; the round id bound
+   into every key is ``"<run>:<round>:<attempt>"``; the threshold is
+   ``fedcore.plan.secagg_threshold``; the quantiser range is the plan's ``secagg.clip`` (client-DP
+   plans: ``fedcore.secure_updates.dp_quantiser_clip``); for a plan with a ``fairness`` section
+   the vector ends with the count table (``fedcore.secure_updates.count_layout`` of the public
+   groups). The attempt's ``SecAggAttempt`` row is written in that transaction; when it commits
+   each silo gets its task (as in any round) and the advertise-keys request.
 2. Agents answer each stage with a ``secagg`` control message, the masked-input stage with a
-   binary ``masked_update`` (after local training). The consumer hands them to :func:`receive` /
-   :func:`receive_masked`, which feed ``SecAggServer.collect`` under the coordinator's lock and,
-   once every awaited silo answered, close the stage and send the next requests.
-3. Stage deadlines: advertise-keys, share-keys and unmasking wait ``secagg.stage_timeout_seconds``
-   each; masked-input (which includes local training) waits ``round_deadline_seconds``. A timer
-   on the orchestration thread (``dispatch.backend().enqueue(tick, ..., countdown=...)``) and the
-   orchestrator's sweep (:func:`outcome`) close a stage whose deadline passed. Silos that did not
-   answer in time are dropouts from then on. A silo that disconnects, reconnects, or reports an
-   error about the round is a dropout at once: the stage closes as soon as everyone else answered.
-   Nothing waits forever: the round ends after at most 3 stage timeouts + the round deadline.
-4. After unmasking, the coordinator holds the dequantised sum of the contributors' vectors; the
-   orchestrator (``_close_if_due``) moves the round to aggregating when :func:`outcome` says it is
-   done with at least ``min_silos`` contributors, and ``_combine`` builds the new global model
-   from the sum (:func:`mean_state`), through the plan's strategy (server optimisers apply their
-   step to the mean). A coordinator that aborts (fewer than t silos left at some stage, shares
-   that do not reconstruct) fails the round, which is retried as any failed round.
+   binary ``masked_update`` (after local training), to whichever ASGI process holds their
+   connection. The consumer hands them to :func:`receive` / :func:`receive_masked`, which lock
+   the round's row and the attempt's row (``SELECT ... FOR UPDATE``: one message at a time,
+   from any process), rebuild the ``SecAggServer`` from the row, ``collect`` the message, close
+   the stage if every awaited silo answered, write the row back and, on commit, send the next
+   requests through the channel layer.
+3. Stage deadlines (wall clock, the same in every process): advertise-keys, share-keys and
+   unmasking wait ``secagg.stage_timeout_seconds`` each; masked-input (which includes local
+   training) waits ``round_deadline_seconds``. A timer (``dispatch.backend().enqueue(tick, ...,
+   countdown=...)``: the orchestration thread, or the ``federation.secagg_tick`` Celery task)
+   and the orchestrator's sweep (:func:`outcome`) close a stage whose deadline passed. Silos
+   that did not answer in time are dropouts from then on. A silo that disconnects, reconnects,
+   or reports an error about the round is a dropout at once: the stage closes as soon as
+   everyone else answered. Nothing waits forever: the round ends after at most 3 stage
+   timeouts + the round deadline.
+4. After unmasking, the row holds the dequantised sum of the contributors' vectors; the
+   orchestrator (``_close_if_due``) moves the round to aggregating when :func:`outcome` says it
+   is done with at least ``min_silos`` contributors, and ``_combine`` builds the new global
+   model from the sum (:func:`mean_state`), through the plan's strategy. The merged fairness
+   counts become the round's fairness report. A coordinator that aborts (fewer than t silos
+   left at some stage, shares that do not reconstruct) fails the round with the reason, in the
+   audit log too (``secagg.aborted``); it is retried as any failed round: a new attempt, a new
+   round id, fresh keys. Never a fallback to plain aggregation.
 
-What the server keeps: ``SecAggServer`` adds each masked vector to one running uint32 sum on
-arrival (``stored_vectors()`` shows it), the ``Update`` row records the example count, metrics,
-nonce and the SHA-256 of the *masked* bytes with an empty blob key, and the audit log records
-``update.accepted`` with ``"masked": true``.
+Why the database (docs/architecture.md, "Secure rounds"): in the production profile agents are
+spread over several ASGI processes and orchestration runs in Celery workers; with the state in
+PostgreSQL rows every process can take the next message, and a process killed with -9 loses
+nothing but its uncommitted transaction (and its agents' connections, which makes them
+dropouts, as for any disconnect). No owner, no lease, no forwarding. The embedded profile uses
+the same code (SQLite with immediate transactions serialises the writers).
 
-Where coordinators live: in the memory of the process that runs orchestration. In the embedded
-profile that is the server process (orchestration thread + the consumers' threads, hence the
-per-coordinator lock). Known limitation for the production profile (Celery workers and several
-ASGI processes): a round's coordinator must be pinned to one process that also receives every
-agent message of the round (e.g. a dedicated "secagg" worker with a channel-layer group per round,
-or sticky routing). That is not built: in production this module starts no coordinator, and the
-round fails with a message saying so. A server restart during a secure round likewise loses the
-coordinator: the round fails and is retried (a new attempt, fresh keys).
+What the server keeps (the ``SecAggAttempt`` row): public parameters, public keys, share
+ciphertexts sealed for their recipients (until relayed), the rosters, the revealed unmasking
+shares (until used), and one P-vector: the running uint32 sum of the masked vectors (each is
+added on arrival and not kept; every vector in it carries its site's self mask, whose seed is
+reconstructed only after the masked-input stage closed, from shares, and only for sites whose
+vector is already in the sum), then the unmasked aggregate. The row is
+deleted when the round is aggregated or fails. The ``Update`` row records the example count,
+metrics, nonce and the SHA-256 of the *masked* bytes with an empty blob key, and the audit log
+records ``update.accepted`` with ``"masked": true``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +87,9 @@ from fedcore.secagg import (
 )
 from fedcore.secagg import wire as secagg_wire
 from federation import dispatch, ledger
+from federation.models import ModelVersion, Round, Run, SecAggAttempt, Silo
+from federation.services import fairness as fairness_service
+from federation.services.audit import audit_append
 from federation.services.updates import Refused, masked_update_receive
 
 log = logging.getLogger("quorum.secagg")
@@ -86,7 +102,7 @@ _TIMER_SLACK = 0.05
 
 @dataclass
 class Coordinator:
-    """The server side of one secure round attempt."""
+    """The server side of one secure round attempt, as loaded from its ``SecAggAttempt`` row."""
 
     run_id: int
     round_pk: int
@@ -100,10 +116,11 @@ class Coordinator:
     dp_clip: float = 0.0
     noise_multiplier: float = 0.0
     delta: float = 0.0
+    layout: tuple[tuple[str, str, str], ...] = ()  # the fairness counts at the vector's end
     gone: set[int] = field(default_factory=set)  # client ids known to have dropped out
     error: str = ""
     notified: bool = False  # the orchestrator was told the outcome
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    counts: dict[str, Any] | None = None  # merged fairness counts, once unmasked
 
     @property
     def client_of(self) -> dict[int, int]:
@@ -125,10 +142,6 @@ class Outcome:
     error: str = ""
 
 
-_registry: dict[int, Coordinator] = {}
-_registry_lock = threading.Lock()
-
-
 def is_secure(spec: dict[str, Any]) -> bool:
     """Whether a plan runs its rounds with secure aggregation."""
     return spec.get("secure_aggregation") is True
@@ -139,54 +152,133 @@ def min_silos(cfg: RunSettings) -> int:
     return max(cfg.min_silos, 2)
 
 
+# -- the row ------------------------------------------------------------------------------------
+
+
+def _config(params: dict[str, Any]) -> SecAggConfig:
+    return SecAggConfig(
+        round_id=params["round_id"],
+        client_ids=tuple(range(1, len(params["silos"]) + 1)),
+        threshold=params["threshold"],
+        vector_length=params["vector_length"],
+        clip=params["clip"],
+        degree=params["degree"],
+        count_length=len(params.get("layout") or ()),
+    )
+
+
+def _from_row(row: SecAggAttempt, round_: Round) -> Coordinator:
+    params = row.params
+    server = SecAggServer.restore(
+        _config(params),
+        row.state,
+        None if row.vector is None else bytes(row.vector),
+        stage_timeout=params["timeouts"],
+    )
+    return Coordinator(
+        run_id=round_.run_id,
+        round_pk=round_.pk,
+        number=round_.number,
+        attempt=round_.attempt,
+        silo_of={cid: silo for cid, silo in enumerate(params["silos"], start=1)},
+        server=server,
+        mode=params["mode"],
+        max_examples=params["max_examples"],
+        selected=len(params["silos"]),
+        dp_clip=params.get("dp_clip", 0.0),
+        noise_multiplier=params.get("noise_multiplier", 0.0),
+        delta=params.get("delta", 0.0),
+        layout=tuple(tuple(cell) for cell in params.get("layout") or ()),  # type: ignore[misc]
+        gone=set(row.gone),
+        error=row.error,
+        notified=row.notified,
+        counts=row.counts,
+    )
+
+
+def _save(coord: Coordinator) -> None:
+    state, vector = coord.server.snapshot()
+    SecAggAttempt.objects.filter(round_id=coord.round_pk).update(
+        state=state,
+        vector=vector,
+        gone=sorted(coord.gone),
+        error=coord.error,
+        notified=coord.notified,
+        counts=coord.counts,
+    )
+
+
+@contextmanager
+def _locked(round_query: Any) -> Iterator[Coordinator | None]:
+    """The attempt's coordinator, locked for this transaction, written back when the block ends.
+
+    Locks the round's row, then the attempt's (everyone locks in that order: the orchestrator
+    holds the run's before both), so one message of the attempt is handled at a time across
+    every process and thread. (SQLite, the embedded profile, has no row locks: its transactions
+    begin IMMEDIATE, which serialises every writer.) Yields None when the round has no
+    secure-aggregation row; an exception in the block rolls every change back.
+    """
+    round_ = round_query.first()
+    if round_ is None:
+        yield None
+        return
+    with transaction.atomic():
+        round_ = Round.objects.select_for_update().get(pk=round_.pk)
+        row = SecAggAttempt.objects.select_for_update().filter(round_id=round_.pk).first()
+        if row is None:
+            yield None
+            return
+        coord = _from_row(row, round_)
+        yield coord
+        _save(coord)
+
+
 def coordinator(round_pk: int) -> Coordinator | None:
-    """The live coordinator of a round attempt (by Round primary key), if this process has it."""
-    with _registry_lock:
-        return _registry.get(round_pk)
-
-
-def _find(run_id: int, number: int, attempt: int) -> Coordinator | None:
-    with _registry_lock:
-        for coord in _registry.values():
-            if (coord.run_id, coord.number, coord.attempt) == (run_id, number, attempt):
-                return coord
-    return None
+    """The round attempt's coordinator as stored now (not locked), or None once it is gone."""
+    row = SecAggAttempt.objects.filter(round_id=round_pk).select_related("round").first()
+    return None if row is None else _from_row(row, row.round)
 
 
 def stored_vectors(round_pk: int) -> dict[str, np.ndarray]:
     """Every P-vector the round's coordinator holds now (``SecAggServer.stored_vectors``)."""
     coord = coordinator(round_pk)
-    if coord is None:
-        return {}
-    with coord.lock:
-        return coord.server.stored_vectors()
+    return {} if coord is None else coord.server.stored_vectors()
 
 
 # -- opening a round ---------------------------------------------------------------------------
 
 
 def open_round(round_: Any, silos: Iterable[Any], spec: dict[str, Any], cfg: RunSettings) -> None:
-    """Create the round attempt's coordinator when the orchestrator's transaction commits.
+    """Start the round attempt's coordinator, in the orchestrator's transaction.
 
-    Called from ``orchestrator._open_round`` inside its transaction, after the round and its
-    selection are written. In the production profile no coordinator is started (see the module
-    docstring): :func:`outcome` then fails the round with the reason.
+    Called from ``orchestrator._open_round`` after the round and its selection are written: the
+    ``SecAggAttempt`` row commits with them, and the advertise-keys requests and the stage timer
+    go out when the transaction commits.
     """
-    if not dispatch.can_coordinate_in_process():
-        log.error(
-            "run %s round %s: secure aggregation needs the embedded profile for now",
-            round_.run_id,
-            round_.number,
-        )
-        return
     silo_ids = sorted(s.pk for s in silos)
-    params = _round_params(round_, spec, cfg, len(silo_ids))
-    transaction.on_commit(lambda: _start(round_, silo_ids, params))
+    params = _round_params(round_, spec, cfg, silo_ids)
+    config = _config(params)
+    server = SecAggServer(config, stage_timeout=params["timeouts"])
+    requests = server.start(time.time())
+    state, vector = server.snapshot()
+    SecAggAttempt.objects.create(round=round_, params=params, state=state, vector=vector)
+    coord = _from_row(SecAggAttempt(params=params, state=state, vector=vector), round_)
+    _send(coord, requests, with_client_id=True)
+    _schedule(coord)
+    log.info(
+        "run %s round %s.%s: secure aggregation with %d silos, threshold %d, %d values each "
+        "(%d fairness counts)",
+        coord.run_id,
+        coord.number,
+        coord.attempt,
+        len(silo_ids),
+        config.threshold,
+        config.vector_length,
+        config.count_length,
+    )
 
 
-def _vector_length(run_id: int, number: int) -> int:
-    from federation.models import ModelVersion
-
+def _float_length(run_id: int, number: int) -> int:
     signature = ModelVersion.objects.get(run_id=run_id, number=number - 1).signature
     return 1 + sum(
         math.prod(shape)
@@ -195,15 +287,31 @@ def _vector_length(run_id: int, number: int) -> int:
     )
 
 
-def _round_params(round_: Any, spec: dict[str, Any], cfg: RunSettings, n: int) -> dict[str, Any]:
+def _count_layout(run_id: int, spec: dict[str, Any]) -> list[list[str]]:
+    """The fairness count cells every site appends to its vector (none without the section)."""
+    if fairness_service.fairness_section(spec) is None:
+        return []
+    run = Run.objects.select_related("version").get(pk=run_id)
+    public = fairness_service.run_public_groups(run)
+    return [list(cell) for cell in secure_updates.count_layout(public)]
+
+
+def _round_params(
+    round_: Any, spec: dict[str, Any], cfg: RunSettings, silo_ids: list[int]
+) -> dict[str, Any]:
     sa = secagg_settings(spec)
     assert sa is not None
+    n = len(silo_ids)
     degree = sa.degree if sa.degree is not None and sa.degree < n - 1 else None
     threshold = secagg_threshold(effective_degree(n, degree) + 1, sa.threshold)
+    layout = _count_layout(round_.run_id, spec)
     params: dict[str, Any] = {
+        "round_id": f"{round_.run_id}:{round_.number}:{round_.attempt}",
+        "silos": silo_ids,  # client id i is silos[i - 1]
         "threshold": threshold,
         "degree": degree,
-        "vector_length": _vector_length(round_.run_id, round_.number),
+        "vector_length": _float_length(round_.run_id, round_.number) + len(layout),
+        "layout": layout,
         "clip": sa.clip,
         "mode": MODE_WEIGHTED,
         "max_examples": sa.max_examples,
@@ -237,49 +345,10 @@ def _round_params(round_: Any, spec: dict[str, Any], cfg: RunSettings, n: int) -
     return params
 
 
-def _start(round_: Any, silo_ids: list[int], params: dict[str, Any]) -> None:
-    config = SecAggConfig(
-        round_id=f"{round_.run_id}:{round_.number}:{round_.attempt}",
-        client_ids=tuple(range(1, len(silo_ids) + 1)),
-        threshold=params["threshold"],
-        vector_length=params["vector_length"],
-        clip=params["clip"],
-        degree=params["degree"],
-    )
-    coord = Coordinator(
-        run_id=round_.run_id,
-        round_pk=round_.pk,
-        number=round_.number,
-        attempt=round_.attempt,
-        silo_of={cid: silo for cid, silo in enumerate(silo_ids, start=1)},
-        server=SecAggServer(config, stage_timeout=params["timeouts"]),
-        mode=params["mode"],
-        max_examples=params["max_examples"],
-        selected=len(silo_ids),
-        dp_clip=params.get("dp_clip", 0.0),
-        noise_multiplier=params.get("noise_multiplier", 0.0),
-        delta=params.get("delta", 0.0),
-    )
-    with _registry_lock:
-        _registry[round_.pk] = coord
-    with coord.lock:
-        requests = coord.server.start(time.monotonic())
-        _send(coord, requests, with_client_id=True)
-        _schedule(coord)
-    log.info(
-        "run %s round %s.%s: secure aggregation with %d silos, threshold %d, %d values each",
-        coord.run_id,
-        coord.number,
-        coord.attempt,
-        len(silo_ids),
-        config.threshold,
-        config.vector_length,
-    )
-
-
 def _send(
     coord: Coordinator, messages: dict[int, dict[str, Any]], *, with_client_id: bool = False
 ) -> None:
+    """Send stage requests to their silos when the current transaction commits."""
     for cid, message in sorted(messages.items()):
         if cid in coord.gone:
             continue
@@ -297,12 +366,16 @@ def _send(
 
 
 def _schedule(coord: Coordinator) -> None:
-    """A timer that closes the current stage at its deadline (embedded profile)."""
+    """A timer that closes the current stage at its deadline, armed when the transaction commits
+    (the orchestrator's sweep closes it too if the timer is lost with a process)."""
     stage = coord.server.stage
     if stage not in _OPEN:
         return
-    countdown = max(0.0, coord.server.deadline - time.monotonic()) + _TIMER_SLACK
-    dispatch.enqueue(dispatch.SECAGG_TICK, coord.round_pk, stage.value, countdown=countdown)
+    countdown = max(0.0, coord.server.deadline - time.time()) + _TIMER_SLACK
+    round_pk = coord.round_pk
+    transaction.on_commit(
+        lambda: dispatch.enqueue(dispatch.SECAGG_TICK, round_pk, stage.value, countdown=countdown)
+    )
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -310,16 +383,14 @@ def _schedule(coord: Coordinator) -> None:
 
 def tick(round_pk: int, stage: str) -> None:
     """Timer: close the round's stage if its deadline passed (a later stage ignores it)."""
-    coord = coordinator(round_pk)
-    if coord is None:
-        return
-    with coord.lock:
-        if coord.server.stage is not None and coord.server.stage.value == stage:
-            _advance(coord)
+    with _locked(Round.objects.filter(pk=round_pk, status=Round.Status.COLLECTING)) as coord:
+        if coord is not None and coord.server.stage is not None:
+            if coord.server.stage.value == stage:
+                _advance(coord)
 
 
 def _advance(coord: Coordinator) -> None:
-    """Close every stage that can close now and send the next requests. Caller holds the lock.
+    """Close every stage that can close now and send the next requests (row locked).
 
     A stage closes when every silo it waits for answered or is known to be gone (disconnected,
     reconnected, reported an error), else at its deadline.
@@ -327,7 +398,7 @@ def _advance(coord: Coordinator) -> None:
     while coord.server.stage in _OPEN:
         for cid in coord.gone:
             coord.server.drop(cid)
-        now = time.monotonic()
+        now = time.time()
         if not coord.server.ready(now):
             break
         stage = coord.server.stage
@@ -339,8 +410,11 @@ def _advance(coord: Coordinator) -> None:
             log.warning(
                 "run %s round %s.%s: %s", coord.run_id, coord.number, coord.attempt, coord.error
             )
+            _audit(coord, "secagg.aborted", stage=stage.value, reason=coord.error)
             break
         if coord.server.stage is Stage.DONE:
+            if coord.layout:
+                _record_counts(coord)
             log.info(
                 "run %s round %s.%s: unmasked the sum of %d silos' updates",
                 coord.run_id,
@@ -356,6 +430,29 @@ def _advance(coord: Coordinator) -> None:
         dispatch.enqueue_advance(coord.run_id)
 
 
+def _record_counts(coord: Coordinator) -> None:
+    """Keep the merged fairness counts; charge each contributor's ledger for a DP release."""
+    coord.counts = secure_updates.counts_from_tail(coord.server.counts.tolist(), coord.layout)
+    run = Run.objects.select_related("version").get(pk=coord.run_id)
+    round_ = Round.objects.get(pk=coord.round_pk)
+    for silo in Silo.objects.filter(pk__in=[coord.silo_of[c] for c in coord.server.contributors]):
+        fairness_service.counts_charge(
+            run=run, round_=round_, silo=silo, tables=len({a for a, _, _ in coord.layout})
+        )
+
+
+def _audit(coord: Coordinator, action: str, **data: Any) -> None:
+    run = Run.objects.select_related("plan").get(pk=coord.run_id)
+    audit_append(
+        actor="system",
+        action=action,
+        consortium_id=run.plan.consortium_id,
+        object_type="run",
+        object_id=coord.run_id,
+        data={"round": coord.number, "attempt": coord.attempt, **data},
+    )
+
+
 def _client_id(coord: Coordinator, silo_id: int) -> int:
     cid = coord.client_of.get(silo_id)
     if cid is None:
@@ -369,15 +466,21 @@ def _client_id(coord: Coordinator, silo_id: int) -> int:
     return cid
 
 
-def _live(fields: dict[str, Any]) -> Coordinator:
-    coord = _find(fields["run"], fields["round"], fields["attempt"])
-    if coord is None or coord.finished:
-        raise Refused(
-            "wrong_round",
-            f"round {fields['round']} attempt {fields['attempt']} of run {fields['run']} has no "
-            "secure aggregation in progress",
-        )
-    return coord
+def _attempt_query(fields: dict[str, Any]) -> Any:
+    return Round.objects.filter(
+        run_id=fields["run"],
+        number=fields["round"],
+        attempt=fields["attempt"],
+        status=Round.Status.COLLECTING,
+    )
+
+
+def _not_running(fields: dict[str, Any]) -> Refused:
+    return Refused(
+        "wrong_round",
+        f"round {fields['round']} attempt {fields['attempt']} of run {fields['run']} has no "
+        "secure aggregation in progress",
+    )
 
 
 def receive(*, silo_id: int, fields: dict[str, Any]) -> None:
@@ -388,8 +491,6 @@ def receive(*, silo_id: int, fields: dict[str, Any]) -> None:
             for another stage or after the deadline (``wrong_round``), a malformed payload
             (``invalid_field``; the silo is then excluded from the attempt).
     """
-    coord = _live(fields)
-    cid = _client_id(coord, silo_id)
     if fields["stage"] == Stage.MASKED_INPUT.value:
         raise Refused("invalid_field", "the masked input is sent as a binary masked_update")
     try:
@@ -398,52 +499,70 @@ def receive(*, silo_id: int, fields: dict[str, Any]) -> None:
         raise Refused("invalid_field", f"secagg payload: {exc}") from None
     if message.get("stage") != fields["stage"]:
         raise Refused("invalid_field", "the payload's stage differs from the message's")
-    _collect(coord, cid, message)
-    with coord.lock:
+    refused: Refused | None = None
+    with _locked(_attempt_query(fields)) as coord:
+        if coord is None or coord.finished:
+            raise _not_running(fields)
+        cid = _client_id(coord, silo_id)
+        try:
+            _collect(coord, cid, message)
+        except Refused as exc:
+            refused = exc  # the server's state changed (the silo is out): keep it
         _advance(coord)
+    if refused is not None:
+        raise refused
 
 
 def _collect(coord: Coordinator, cid: int, message: dict[str, Any]) -> None:
-    with coord.lock:
-        try:
-            coord.server.collect(cid, message, time.monotonic())
-        except StageError as exc:
-            raise Refused("wrong_round", f"secure aggregation: {exc}") from None
-        except ProtocolError as exc:
-            raise Refused(
-                "invalid_field", f"secure aggregation: {exc}; this silo is out of the round"
-            ) from None
+    try:
+        coord.server.collect(cid, message, time.time())
+    except StageError as exc:
+        raise Refused("wrong_round", f"secure aggregation: {exc}") from None
+    except ProtocolError as exc:
+        raise Refused(
+            "invalid_field", f"secure aggregation: {exc}; this silo is out of the round"
+        ) from None
 
 
 def receive_masked(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> None:
     """A ``masked_update`` from a silo's agent: account for it and add it to the masked sum.
 
+    The update's rows and the new running sum commit in one transaction
+    (``services.updates.masked_update_receive`` calls back into the locked coordinator).
+
     Raises:
         Refused: as :func:`receive`, or as ``services.updates.masked_update_receive``.
     """
-    coord = _live(fields)
-    cid = _client_id(coord, silo_id)
     message = {"stage": Stage.MASKED_INPUT.value, "masked_vector": bytes(payload)}
-    masked_update_receive(
-        silo_id=silo_id,
-        fields=fields,
-        payload=payload,
-        collect=lambda: _collect(coord, cid, message),
-    )
-    with coord.lock:
-        _advance(coord)
+
+    def collect() -> None:
+        with _locked(_attempt_query(fields)) as coord:
+            if coord is None or coord.finished:
+                raise _not_running(fields)
+            _collect(coord, _client_id(coord, silo_id), message)
+            _advance(coord)
+
+    try:
+        masked_update_receive(silo_id=silo_id, fields=fields, payload=payload, collect=collect)
+    except Refused as exc:
+        if exc.code == "invalid_field":  # a malformed vector: the silo is out of the attempt
+            silo_gone(silo_id, run_id=fields["run"], number=fields["round"])
+        raise
 
 
 def silo_gone(silo_id: int, *, run_id: int | None = None, number: int | None = None) -> None:
     """A silo's connection ended or was replaced, or its agent reported an error about a round:
     it is a dropout of every secure round attempt in progress (of that run and round, if
     given), so stages stop waiting for it."""
-    with _registry_lock:
-        coords = list(_registry.values())
-    for coord in coords:
-        if run_id is not None and (coord.run_id, coord.number) != (run_id, number):
-            continue
-        with coord.lock:
+    rounds = Round.objects.filter(
+        status=Round.Status.COLLECTING, secagg__isnull=False, selected=silo_id
+    )
+    if run_id is not None:
+        rounds = rounds.filter(run_id=run_id, number=number)
+    for round_pk in list(rounds.values_list("pk", flat=True)):
+        with _locked(Round.objects.filter(pk=round_pk)) as coord:
+            if coord is None:
+                continue
             cid = coord.client_of.get(silo_id)
             if cid is None or coord.finished or cid in coord.gone:
                 continue
@@ -461,12 +580,11 @@ def silo_gone(silo_id: int, *, run_id: int | None = None, number: int | None = N
 
 def is_dropout(round_pk: int, silo_id: int) -> bool:
     """Whether the silo dropped out of the round attempt's secure aggregation (it gets no task)."""
-    coord = coordinator(round_pk)
-    if coord is None:
+    row = SecAggAttempt.objects.filter(round_id=round_pk).values("params", "gone").first()
+    if row is None:
         return False
-    with coord.lock:
-        cid = coord.client_of.get(silo_id)
-        return cid is not None and cid in coord.gone
+    silos = row["params"]["silos"]
+    return silo_id in silos and silos.index(silo_id) + 1 in row["gone"]
 
 
 # -- closing the round -------------------------------------------------------------------------
@@ -478,16 +596,19 @@ def outcome(round_: Any) -> Outcome | None:
     Closes a stage whose deadline passed first (the sweeper calls this through the orchestrator
     every few seconds, so a lost timer only delays a stage).
     """
-    coord = coordinator(round_.pk)
-    if coord is None:
-        where = (
-            "the production profile (its coordinator must be pinned to one process; see "
-            "federation/secagg_rounds.py)"
-            if not dispatch.can_coordinate_in_process()
-            else "this server process (it restarted during the round)"
-        )
-        return Outcome(ok=False, error=f"secure aggregation is not running in {where}")
-    with coord.lock:
+    with _locked(Round.objects.filter(pk=round_.pk)) as coord:
+        if coord is None:
+            error = "secure aggregation has no state for this attempt (it was lost)"
+            run = Run.objects.select_related("plan").get(pk=round_.run_id)
+            audit_append(
+                actor="system",
+                action="secagg.aborted",
+                consortium_id=run.plan.consortium_id,
+                object_type="run",
+                object_id=round_.run_id,
+                data={"round": round_.number, "attempt": round_.attempt, "reason": error},
+            )
+            return Outcome(ok=False, error=error)
         _advance(coord)
         if coord.server.stage is Stage.DONE:
             return Outcome(
@@ -496,6 +617,11 @@ def outcome(round_: Any) -> Outcome | None:
         if coord.server.stage is Stage.ABORTED:
             return Outcome(ok=False, error=coord.error or "secure aggregation aborted")
     return None
+
+
+def merged_counts(round_pk: int) -> dict[str, Any] | None:
+    """The round's fairness counts summed under the masks (None: the plan reports none)."""
+    return SecAggAttempt.objects.filter(round_id=round_pk).values_list("counts", flat=True).first()
 
 
 def mean_state(
@@ -517,11 +643,10 @@ def mean_state(
     """
     coord = coordinator(round_.pk)
     if coord is None or coord.server.stage is not Stage.DONE:
-        raise ValueError("the round's secure-aggregation sum is not available in this process")
-    with coord.lock:
-        total = coord.server.result.copy()
-        contributors = {coord.silo_of[c] for c in coord.server.contributors}
-        quantizer = coord.server.config.quantizer
+        raise ValueError("the round's secure-aggregation sum is not available")
+    total = coord.server.result.copy()
+    contributors = {coord.silo_of[c] for c in coord.server.contributors}
+    quantizer = coord.server.config.quantizer
     accepted = {u["silo_id"]: u for u in updates}
     if set(accepted) != contributors:
         raise ValueError(
@@ -556,5 +681,4 @@ def mean_state(
 
 def forget(round_pk: int) -> None:
     """Drop a round attempt's coordinator and everything it holds (after the round ended)."""
-    with _registry_lock:
-        _registry.pop(round_pk, None)
+    SecAggAttempt.objects.filter(round_id=round_pk).delete()

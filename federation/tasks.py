@@ -42,8 +42,24 @@ def sweep_task() -> None:
     dispatch.run_step(dispatch.SWEEP)
 
 
+@shared_task(
+    name="federation.secagg_tick",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=5,
+    ignore_result=True,
+)
+def secagg_tick_task(round_pk: int, stage: str) -> None:
+    """Close a secure round's stage whose deadline passed (the state is in the database)."""
+    dispatch.run_step(dispatch.SECAGG_TICK, round_pk, stage)
+
+
 # Step name -> its Celery task; federation.apps registers them with the steps' functions.
 TASKS_BY_STEP = {
     dispatch.RUN_ADVANCE: run_advance_task,
     dispatch.SWEEP: sweep_task,
+    dispatch.SECAGG_TICK: secagg_tick_task,
 }

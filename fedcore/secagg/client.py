@@ -8,7 +8,7 @@ cannot retry a refused request with a variant of it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,20 @@ if TYPE_CHECKING:
 SHARE_BYTES = share_length(crypto.SEED_BYTES)  # 64: both secrets are 32 bytes
 _PLAINTEXT_BYTES = 8 + 2 * SHARE_BYTES  # sender id, receiver id, s-key share, self-mask share
 CIPHERTEXT_BYTES = crypto.AEAD_NONCE_BYTES + _PLAINTEXT_BYTES + crypto.AEAD_TAG_BYTES
+
+
+def _count_tail(counts: Sequence[int], config: SecAggConfig) -> np.ndarray:
+    """The round's K integer counts as uint32, each in [0, L] so that n of them never wrap."""
+    values = list(counts)
+    if len(values) != config.count_length:
+        raise ValueError(f"{len(values)} counts given, the round expects {config.count_length}")
+    top = config.quantizer.levels
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"count {value!r} is not an integer")
+        if not 0 <= value <= top:
+            raise ValueError(f"count {value} is outside [0, {top}] for this round")
+    return np.asarray(values, dtype=np.uint32)
 
 
 class SecAggClient:
@@ -208,7 +222,10 @@ class SecAggClient:
             return {"stage": Stage.SHARE_KEYS.value, "ciphertexts": ciphertexts}
 
     def masked_input(
-        self, request: Mapping[str, Any], vector: np.ndarray | torch.Tensor
+        self,
+        request: Mapping[str, Any],
+        vector: np.ndarray | torch.Tensor,
+        counts: Sequence[int] = (),
     ) -> dict[str, Any]:
         """Stage 2: store neighbours' shares, then send the quantised vector under all masks.
 
@@ -218,7 +235,10 @@ class SecAggClient:
         Args:
             request: ``{"stage", "ciphertexts": [{"from", "ciphertext"}]}``: the shares addressed
                 to this client by the neighbours that completed the share-keys stage.
-            vector: this site's update, P values (any shape; flattened), clipped to [-c, c].
+            vector: this site's update, ``P - K`` values (any shape; flattened), clipped to
+                [-c, c].
+            counts: the round's K integer counts (``config.count_length``), each in [0, L]:
+                appended after the quantised vector as they are, summed exactly.
 
         Returns:
             ``{"stage", "masked_vector"}``: 4 * P bytes of little-endian uint32.
@@ -242,10 +262,11 @@ class SecAggClient:
                     Stage.MASKED_INPUT.value, len(received) + 1, config.threshold
                 )
             values = as_float_vector(vector)
-            if values.size != config.vector_length:
+            if values.size != config.float_length:
                 raise ValueError(
-                    f"vector has {values.size} values, the round expects {config.vector_length}"
+                    f"vector has {values.size} values, the round expects {config.float_length}"
                 )
+            tail = _count_tail(counts, config)
             for v, blob in received.items():
                 key = crypto.share_key(self._shared_c[v], config.round_id, v, self.client_id)
                 aad = crypto.context(b"share", config.round_id, v, self.client_id)
@@ -255,7 +276,7 @@ class SecAggClient:
                     raise ProtocolError(f"the share ciphertext from {v} is not addressed to us")
                 self._held_s[v] = plaintext[8 : 8 + SHARE_BYTES]
                 self._held_b[v] = plaintext[8 + SHARE_BYTES :]
-            masked = config.quantizer.quantize(values)
+            masked = np.concatenate([config.quantizer.quantize(values), tail])
             masked += crypto.expand_mask(
                 crypto.self_mask_key(self._self_seed, config.round_id, self.client_id),
                 config.vector_length,

@@ -98,9 +98,13 @@ class SecAggConfig:
             adversary must corrupt t clients of a neighbourhood, with the server, to unmask one
             client. Choose t above half the neighbourhood so two disjoint groups can never both
             reach it.
-        vector_length: P, parameters in each client's vector.
-        clip: c; coordinates are clipped to [-c, c] (see ``Quantizer``).
+        vector_length: P, values in each client's masked vector: ``P - count_length``
+            quantised floats followed by ``count_length`` integer counts.
+        clip: c; the float coordinates are clipped to [-c, c] (see ``Quantizer``).
         degree: neighbours per client (SecAgg+); None, or >= n - 1, for the complete graph.
+        count_length: K, the trailing coordinates that carry non-negative integer counts, added
+            as they are (not quantised) and summed exactly in Z_{2^32}: each is at most the
+            quantiser's L, so n of them never wrap. 0: no counts.
     """
 
     round_id: str
@@ -109,6 +113,7 @@ class SecAggConfig:
     vector_length: int
     clip: float = 1.0
     degree: int | None = None
+    count_length: int = 0
 
     def __post_init__(self) -> None:
         """Normalise the roster and refuse inconsistent parameters (ValueError)."""
@@ -134,7 +139,18 @@ class SecAggConfig:
             )
         if not isinstance(self.vector_length, int) or self.vector_length < 1:
             raise ValueError("vector_length must be a positive integer")
+        if (
+            isinstance(self.count_length, bool)
+            or not isinstance(self.count_length, int)
+            or not 0 <= self.count_length < self.vector_length
+        ):
+            raise ValueError("count_length must be an integer in [0, vector_length)")
         Quantizer(self.clip, n)  # validates clip and n
+
+    @property
+    def float_length(self) -> int:
+        """The quantised float coordinates at the head of the vector: P - K."""
+        return self.vector_length - self.count_length
 
     @property
     def n_clients(self) -> int:
@@ -152,7 +168,7 @@ class SecAggConfig:
 
     def to_message(self) -> dict[str, Any]:
         """The advertise-keys request that carries this configuration to a client."""
-        return {
+        message: dict[str, Any] = {
             "stage": Stage.ADVERTISE_KEYS.value,
             "round": self.round_id,
             "clients": list(self.client_ids),
@@ -161,6 +177,9 @@ class SecAggConfig:
             "clip": float(self.clip),
             "degree": 0 if self.degree is None else self.degree,  # 0: complete graph
         }
+        if self.count_length:
+            message["counts"] = self.count_length
+        return message
 
     @classmethod
     def from_message(cls, message: Mapping[str, Any]) -> SecAggConfig:
@@ -170,6 +189,7 @@ class SecAggConfig:
         if not math.isfinite(clip):
             raise ProtocolError("clip must be finite")
         degree = field(message, "degree", int)
+        counts = field(message, "counts", int) if "counts" in message else 0
         try:
             return cls(
                 round_id=field(message, "round", str),
@@ -178,6 +198,7 @@ class SecAggConfig:
                 vector_length=field(message, "vector_length", int),
                 clip=float(clip),
                 degree=None if degree == 0 else degree,
+                count_length=counts,
             )
         except ValueError as exc:
             if isinstance(exc, ProtocolError):

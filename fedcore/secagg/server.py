@@ -12,6 +12,7 @@ a stage in time are dropouts from then on.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -109,6 +110,13 @@ class SecAggServer:
         return tuple(sorted(self._contributors))
 
     @property
+    def counts(self) -> np.ndarray:
+        """The exact sum of the contributors' K integer counts (int64), once the round is DONE."""
+        if self._aggregate is None:
+            raise StageError("the round has not finished unmasking")
+        return self._aggregate[self.config.float_length :].astype(np.int64)
+
+    @property
     def result(self) -> np.ndarray:
         """The dequantised float64 sum of the contributors' vectors, once the round is DONE."""
         if self._result is None:
@@ -131,6 +139,97 @@ class SecAggServer:
         if self._result is not None:
             held["result"] = self._result.copy()
         return held
+
+    def _set_result(self, total: np.ndarray) -> None:
+        self._aggregate = total
+        floats = total[: self.config.float_length]
+        self._result = self.config.quantizer.dequantize_sum(floats, len(self._contributors))
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[str, Any], bytes | None]:
+        """The server's whole state: a JSON-able dict and the one P-vector it holds, if any.
+
+        The dict holds what the protocol made public to the server -- the stage, its deadline,
+        who is awaited and who answered, the advertised public keys, the neighbour graph, the
+        share ciphertexts waiting to be relayed (sealed for their recipients), the rosters of
+        each stage and, during unmasking, the shares revealed so far (bytes as base64). The
+        vector is the running masked sum (uint32, little-endian) while masked vectors arrive,
+        the unmasked aggregate once DONE, None otherwise: never an individual vector, which is
+        added to the sum on arrival and not kept. ``restore`` rebuilds an equal server, so the
+        state can live in a database row that any process loads, advances and writes back.
+        """
+
+        def b64(value: bytes) -> str:
+            return base64.b64encode(value).decode("ascii")
+
+        def nested(shares: dict[int, dict[int, bytes]]) -> dict[str, dict[str, str]]:
+            return {str(o): {str(h): b64(v) for h, v in held.items()} for o, held in shares.items()}
+
+        state = {
+            "stage": None if self._stage is None else self._stage.value,
+            "deadline": None if self._deadline == float("-inf") else self._deadline,
+            "awaited": sorted(self._awaited),
+            "answered": sorted(self._answered),
+            "c_public": {str(c): b64(k) for c, k in self._c_public.items()},
+            "s_public": {str(c): b64(k) for c, k in self._s_public.items()},
+            "graph": {str(c): sorted(n) for c, n in self._graph.items()},
+            "relay": nested(self._relay),
+            "shared": sorted(self._shared),
+            "contributors": sorted(self._contributors),
+            "asked": {str(c): [sorted(s), sorted(d)] for c, (s, d) in self._asked.items()},
+            "s_shares": nested(self._s_shares),
+            "b_shares": nested(self._b_shares),
+        }
+        held = self._aggregate if self._stage is Stage.DONE else self._masked_sum
+        vector = None if held is None else held.astype("<u4").tobytes()
+        return state, vector
+
+    @classmethod
+    def restore(
+        cls,
+        config: SecAggConfig,
+        state: Mapping[str, Any],
+        vector: bytes | None,
+        *,
+        stage_timeout: float | Mapping[str, float] = DEFAULT_STAGE_TIMEOUT,
+    ) -> SecAggServer:
+        """The server ``snapshot`` described (same config and stage timeouts)."""
+
+        def raw(value: str) -> bytes:
+            return base64.b64decode(value.encode("ascii"))
+
+        def nested(shares: Mapping[str, Mapping[str, str]]) -> dict[int, dict[int, bytes]]:
+            return {int(o): {int(h): raw(v) for h, v in held.items()} for o, held in shares.items()}
+
+        server = cls(config, stage_timeout=stage_timeout)
+        server._stage = None if state["stage"] is None else Stage(state["stage"])
+        deadline = state["deadline"]
+        server._deadline = float("-inf") if deadline is None else float(deadline)
+        server._awaited = set(state["awaited"])
+        server._answered = set(state["answered"])
+        server._c_public = {int(c): raw(k) for c, k in state["c_public"].items()}
+        server._s_public = {int(c): raw(k) for c, k in state["s_public"].items()}
+        server._graph = {int(c): frozenset(n) for c, n in state["graph"].items()}
+        server._relay = nested(state["relay"])
+        server._shared = frozenset(state["shared"])
+        server._contributors = frozenset(state["contributors"])
+        server._asked = {
+            int(c): (frozenset(s), frozenset(d)) for c, (s, d) in state["asked"].items()
+        }
+        server._s_shares = nested(state["s_shares"])
+        server._b_shares = nested(state["b_shares"])
+        if vector is not None:
+            held = np.frombuffer(vector, dtype="<u4").astype(np.uint32)
+            if held.size != config.vector_length:
+                raise ValueError(
+                    f"a stored sum of {held.size} values, expected {config.vector_length}"
+                )
+            if server._stage is Stage.DONE:
+                server._set_result(held)
+            else:
+                server._masked_sum = held
+        return server
 
     def start(self, now: float) -> dict[int, dict[str, Any]]:
         """Open the advertise-keys stage; return the request for each client on the roster."""
@@ -380,7 +479,7 @@ class SecAggServer:
                     total += mask
         self._masked_sum = None
         self._aggregate = total
-        self._result = config.quantizer.dequantize_sum(total, len(self._contributors))
+        self._set_result(total)
         self._s_shares.clear()
         self._b_shares.clear()
         self._stage = Stage.DONE

@@ -9,6 +9,12 @@ receipt (:func:`record_update_counts`). At aggregation :func:`record_round_repor
 round's counts into a ``FairnessReport``: exactly fairlearn's metrics on the pooled held-out rows
 (``fedcore.fairness``), representation per silo, the silos' performance spread and the plan's
 threshold flags, each flag also appended to the audit log (``fairness.flag``). docs/fairness.md.
+
+Secure rounds: a site's counts ride at the end of its masked vector (``fedcore.secure_updates.
+count_layout``), never in clear; the server only learns their sum over the contributors
+(``SecAggAttempt.counts``, written when the sum is unmasked), so the report of a secure round has
+the merged counts, their fairness metrics and the overall representation, but no per-silo
+representation.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 from fedcore import fairness
 from fedcore.tabular import DatasetSchema
 from federation import ledger
-from federation.models import FairnessReport, Round, Run, Silo, Update
+from federation.models import FairnessReport, Round, Run, SecAggAttempt, Silo, Update
 from federation.services.audit import audit_append
 
 Counts = dict[str, dict[str, int]]
@@ -119,8 +125,17 @@ def record_update_counts(*, run: Run, round_: Round, silo: Silo, counts: dict[st
     the plan's ``dp_epsilon`` (basic composition), added to the RDP total of the ledger.
     """
     Update.objects.filter(round=round_, silo=silo).update(fairness=counts)
+    counts_charge(run=run, round_=round_, silo=silo, tables=len(counts))
+
+
+def counts_charge(*, run: Run, round_: Round, silo: Silo, tables: int) -> None:
+    """Charge a silo's ledger for ``tables`` count tables it released with DP (none: no-op).
+
+    Also for a secure round, whose tables the server only sees summed: each site added its own
+    noise before masking, so its release costs what a clear one does.
+    """
     epsilon = dp_epsilon(run.version.spec)
-    if epsilon is None or not counts:
+    if epsilon is None or not tables:
         return
     ledger.ledger_append(
         silo=silo,
@@ -129,9 +144,9 @@ def record_update_counts(*, run: Run, round_: Round, silo: Silo, counts: dict[st
         mechanism=ledger.PURE,
         noise_multiplier=1.0 / epsilon,  # the discrete Laplace scale of one count
         sample_rate=1.0,
-        steps=len(counts),  # count tables released
+        steps=tables,  # count tables released
         delta=ledger.plan_delta(run.version.spec) or ledger.DEFAULT_DELTA,
-        epsilon_pure=epsilon * len(counts),
+        epsilon_pure=epsilon * tables,
     )
 
 
@@ -148,6 +163,7 @@ def build_report(
     attempt: int,
     counts_by_silo: Mapping[str, Mapping[str, Counts]],
     metrics_by_silo: Mapping[str, Mapping[str, Any]],
+    merged: Mapping[str, Counts] | None = None,
 ) -> dict[str, Any]:
     """The fairness report of a round, from what its silos sent (no database access).
 
@@ -157,6 +173,8 @@ def build_report(
         attempt: the round's attempt.
         counts_by_silo: silo name -> its checked counts (attribute -> group counts).
         metrics_by_silo: silo name -> its ``global`` metrics (accuracy, auc) for the spread.
+        merged: a secure round's counts, summed under the masks (attribute -> group counts);
+            then ``counts_by_silo`` is empty and the representation has no per-silo part.
 
     Returns:
         A JSON-able dict: ``round``, ``attempt``, ``model_version``, ``sensitive_attribute``,
@@ -171,24 +189,32 @@ def build_report(
         key: section[key] for key in fairness.THRESHOLD_METRICS if section.get(key) is not None
     }
     attributes: dict[str, Any] = {}
-    names = sorted({name for counts in counts_by_silo.values() for name in counts})
+    names = sorted(
+        {name for counts in counts_by_silo.values() for name in counts} | set(merged or {})
+    )
     names.sort(key=lambda name: name != primary)  # the plan's attribute first
     for attribute in names:
-        by_silo = {
-            silo: counts[attribute]
-            for silo, counts in sorted(counts_by_silo.items())
-            if attribute in counts
-        }
-        merged = fairness.merge_counts(list(by_silo.values()))
+        if merged is not None:
+            pooled = fairness.merge_counts([merged[attribute]])
+            representation = fairness.representation({"all": pooled})
+            representation["by_silo"] = {}  # one site's share is exactly what stays masked
+        else:
+            by_silo = {
+                silo: counts[attribute]
+                for silo, counts in sorted(counts_by_silo.items())
+                if attribute in counts
+            }
+            pooled = fairness.merge_counts(list(by_silo.values()))
+            representation = fairness.representation(by_silo)
         entry: dict[str, Any] = {
-            "counts": merged,
+            "counts": pooled,
             "report": None,
             "error": None,
-            "representation": fairness.representation(by_silo),
+            "representation": representation,
             "flags": [],
         }
         try:
-            entry["report"] = fairness.fairness_report(merged)
+            entry["report"] = fairness.fairness_report(pooled)
         except ValueError as exc:  # no record at all (empty held-out splits)
             entry["error"] = str(exc)
         if entry["report"] is not None and attribute == primary:
@@ -209,7 +235,8 @@ def build_report(
         "sensitive_attribute": primary,
         "thresholds": thresholds,
         "dp": None if epsilon is None else {"epsilon": float(epsilon), "mechanism": MECHANISM},
-        "silos": sorted(counts_by_silo),
+        "silos": sorted(counts_by_silo or metrics_by_silo),
+        "secure": merged is not None,
         "attributes": attributes,
         "performance_spread": fairness.performance_spread(spread_input),
         "flags": attributes.get(primary, {}).get("flags", []) if primary else [],
@@ -220,7 +247,8 @@ def record_round_report(round_: Round, run: Run) -> FairnessReport | None:
     """Merge an aggregating round's counts into its FairnessReport and audit its flags.
 
     Call in the aggregation's transaction. None when the plan has no fairness section or no
-    contributing silo sent counts (secure rounds send none).
+    contributing silo sent counts. A secure round's counts are the unmasked sum of the
+    contributors' masked tables (``SecAggAttempt.counts``).
     """
     spec = run.version.spec
     if fairness_section(spec) is None:
@@ -233,14 +261,20 @@ def record_round_report(round_: Round, run: Run) -> FairnessReport | None:
             metrics_by_silo[update.silo.name] = evaluated
         if update.fairness:
             counts_by_silo[update.silo.name] = update.fairness
-    if not counts_by_silo:
+    merged = (
+        SecAggAttempt.objects.filter(round=round_).values_list("counts", flat=True).first()
+        if spec.get("secure_aggregation") is True
+        else None
+    )
+    if not counts_by_silo and not merged:
         return None
     report = build_report(
         spec,
         round_number=round_.number,
         attempt=round_.attempt,
-        counts_by_silo=counts_by_silo,
+        counts_by_silo={} if merged else counts_by_silo,
         metrics_by_silo=metrics_by_silo,
+        merged=merged or None,
     )
     stored, _ = FairnessReport.objects.update_or_create(round=round_, defaults={"report": report})
     for flag in report["flags"]:

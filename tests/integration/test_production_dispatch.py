@@ -28,7 +28,7 @@ class Sent:
 def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
     """Record apply_async instead of talking to a broker."""
     record = Sent()
-    for task in (tasks.run_advance_task, tasks.sweep_task):
+    for task in (tasks.run_advance_task, tasks.sweep_task, tasks.secagg_tick_task):
 
         def apply_async(*, _name: str = task.name, **options: Any) -> None:
             record.calls.append((_name, options))
@@ -73,10 +73,18 @@ def test_a_step_becomes_its_task_with_the_countdown(sent: Sent) -> None:
 
 
 def test_a_step_without_a_task_is_a_clear_error(sent: Sent) -> None:
-    # Secure-aggregation coordinators live in one process's memory: embedded profile only.
-    with pytest.raises(LookupError, match="secagg.tick has no Celery task"):
-        dispatch.CeleryBackend().enqueue(dispatch.SECAGG_TICK, 1, "stage")
+    # Heartbeats are written by the process that holds the connections: no Celery task.
+    with pytest.raises(LookupError, match="silo.heartbeats has no Celery task"):
+        dispatch.CeleryBackend().enqueue(dispatch.SILO_HEARTBEATS, {1: "c"})
     assert sent.calls == []
+
+
+def test_a_secure_round_stage_timer_is_a_celery_task(sent: Sent) -> None:
+    # The coordinator's state is in the database: any worker can close a stage at its deadline.
+    dispatch.CeleryBackend().enqueue(dispatch.SECAGG_TICK, 9, "share_keys", countdown=30.05)
+    assert [(name, o["args"], o["countdown"]) for name, o in sent.calls] == [
+        ("federation.secagg_tick", [9, "share_keys"], 30.05)
+    ]
 
 
 def test_the_production_profile_enqueues_only_after_commit(

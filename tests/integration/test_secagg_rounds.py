@@ -24,16 +24,33 @@ from django.utils import timezone
 
 from clientagent.secagg_session import SecAggSession
 from config.asgi import application
-from fedcore import protocol, tensors
+from fedcore import fairness, protocol, tensors
 from fedcore.aggregation import ClientUpdate, make_strategy
 from fedcore.models import build_model
 from fedcore.secagg import Quantizer, SecAggServer
-from federation import dispatch, orchestrator, secagg_rounds
-from federation.models import AuditEvent, ModelVersion, Round, Run, Silo, Update
+from federation import dispatch, ledger, orchestrator, secagg_rounds
+from federation.models import (
+    AuditEvent,
+    FairnessReport,
+    ModelVersion,
+    PrivacyLedgerEntry,
+    Round,
+    Run,
+    SecAggAttempt,
+    Silo,
+    Update,
+)
 from federation.services.rounds import _signature_json
 from federation.services.silos import silo_issue_token
 from federation.storage import blob_store, model_key
-from tests.factories import ConsortiumFactory, PlanFactory, SiloFactory, plan_spec, start_run
+from tests.factories import (
+    SCHEMA,
+    ConsortiumFactory,
+    PlanFactory,
+    SiloFactory,
+    plan_spec,
+    start_run,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -104,8 +121,10 @@ class Site:
         examples: int,
         train: bool = True,
         quit_after: str | None = None,
+        fairness: dict[str, Any] | None = None,
     ) -> None:
         self.silo, self.token, self.examples = silo, token, examples
+        self.fairness = fairness  # the count tables its trainer would have computed
         self.train, self.quit_after = train, quit_after
         self.comm: WebsocketCommunicator | None = None
         self.sent: list[str] = []  # types of the binary messages this site sent
@@ -188,6 +207,8 @@ class Site:
             },
             tensors.encode_state_dict(local),
         )
+        if self.fairness is not None:
+            update.fields["fairness"] = self.fairness
         await self.session.offer(task, update, privacy=None)
 
 
@@ -419,3 +440,106 @@ async def test_a_clear_update_in_a_secure_round_is_refused_and_not_stored() -> N
     assert not await database_sync_to_async(Update.objects.exists)()
     assert not (blob_store().root / f"runs/{run.pk}/rounds").exists()
     await site.comm.disconnect()
+
+
+def site_counts(seed: int) -> dict[str, Any]:
+    """A site's "sex" count table of the global model on its held-out rows."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 60))
+    sex = rng.choice(["F", "M", "X"], size=n)  # "X" is outside the public list: "__other__"
+    sex = np.where(np.isin(sex, ["F", "M"]), sex, fairness.OTHER_GROUP)
+    y, y_pred = rng.integers(0, 2, size=n), rng.integers(0, 2, size=n)
+    groups = ["F", "M", "__missing__", fairness.OTHER_GROUP]
+    return {"sex": fairness.group_counts(y, y_pred, sex, groups=groups)}
+
+
+@pytest.mark.parametrize("dp_epsilon", [None, 0.5])
+async def test_fairness_counts_are_summed_under_the_masks_and_never_stored_per_site(
+    held_vectors: list[dict[str, np.ndarray]], dp_epsilon: float | None
+) -> None:
+    silos, sites = await database_sync_to_async(make_sites)(3)
+    for i, site in enumerate(sites):
+        site.fairness = site_counts(seed=i)
+    run = await database_sync_to_async(secure_run)(
+        silos,
+        min_silos=3,
+        schema={**SCHEMA, "sensitive": ["sex"]},  # not a feature: its groups are declared
+        fairness={
+            "sensitive_attribute": "sex",
+            "groups": {"sex": ["F", "M"]},
+            **({} if dp_epsilon is None else {"dp_epsilon": dp_epsilon}),
+        },
+        training={**plan_spec()["training"], "rounds": 1},
+    )
+
+    run = await run_sites(run, sites)
+
+    @database_sync_to_async
+    def check() -> None:
+        round_ = Round.objects.get(run=run)
+        report = FairnessReport.objects.get(round=round_).report
+        expected = fairness.merge_counts([site.fairness["sex"] for site in sites])
+        assert report["attributes"]["sex"]["counts"] == expected
+        assert report["attributes"]["sex"]["report"] == fairness.fairness_report(expected)
+        assert report["secure"] is True
+        # No site's own table: not on its update, not in the representation, not in the audit.
+        assert report["attributes"]["sex"]["representation"]["by_silo"] == {}
+        assert all(not u.fairness for u in Update.objects.filter(round=round_))
+        events = AuditEvent.objects.filter(object_id=str(run.pk))
+        assert not [e.action for e in events if {"fairness", "counts"} & set(e.data)]
+        assert not SecAggAttempt.objects.exists()  # the attempt's row went with the round
+        # A DP release costs each contributor what a clear one would: one table of epsilon.
+        charged = PrivacyLedgerEntry.objects.filter(run=run, mechanism=ledger.PURE)
+        if dp_epsilon is None:
+            assert not charged.exists()
+        else:
+            assert sorted(e.silo_id for e in charged) == sorted(s.silo.pk for s in sites)
+            assert all(e.epsilon_pure == pytest.approx(dp_epsilon) for e in charged)
+        # The running sum held the 16 counts after the 5 model values: never one site's own.
+        tables = [
+            np.asarray(
+                [
+                    s.fairness["sex"][g][c]
+                    for g in sorted(s.fairness["sex"])
+                    for c in fairness.CELLS
+                ],
+                dtype=np.uint32,
+            )
+            for s in sites
+        ]
+        sums = [held["masked_sum"] for held in held_vectors if "masked_sum" in held]
+        assert len(sums) >= 3
+        for vector in sums:
+            assert vector.size == 5 + 16  # 3 weights, the bias, the weight coordinate
+            assert not any(np.array_equal(vector[-16:], own) for own in tables)
+
+    await check()
+
+
+def test_an_attempt_whose_state_is_gone_fails_with_the_reason_and_is_retried_afresh() -> None:
+    # Two connected silos (no agents behind them: the requests go nowhere), round 1 opens; its
+    # coordinator row disappears (as if deleted by hand); the next pass fails the attempt, audits
+    # why and opens attempt 2 with a new coordinator: never plain aggregation.
+    silos, _ = make_sites(2)
+    Silo.objects.filter(pk__in=[s.pk for s in silos]).update(
+        connection_id="gone", last_heartbeat=timezone.now()
+    )
+    run = secure_run(silos, min_silos=2, round_retries=1)
+    orchestrator.run_advance(run.pk)
+    first = Round.objects.get(run=run, number=1, attempt=1)
+    row = SecAggAttempt.objects.get(round=first)
+    assert row.params["round_id"] == f"{run.pk}:1:1" and row.vector is None
+    first_id = row.params["round_id"]
+    row.delete()
+
+    orchestrator.run_advance(run.pk)
+
+    first.refresh_from_db()
+    assert first.status == Round.Status.FAILED
+    assert first.error == "secure aggregation has no state for this attempt (it was lost)"
+    aborted = AuditEvent.objects.get(action="secagg.aborted", object_id=str(run.pk))
+    assert aborted.data == {"round": 1, "attempt": 1, "reason": first.error}
+    retry = Round.objects.get(run=run, number=1, attempt=2)
+    assert retry.status == Round.Status.COLLECTING
+    assert SecAggAttempt.objects.get(round=retry).params["round_id"] == f"{run.pk}:1:2" != first_id
+    assert not Update.objects.filter(round__run=run).exists()

@@ -1,7 +1,8 @@
 """``python -m clientagent`` that trains slowly: the fault tests need an agent still training.
 
 QUORUM_TEST_TRAIN_DELAY: seconds added to every task ("3"), or per round number ("1=30,2=3.5":
-rounds not named are not delayed).
+rounds not named are not delayed). QUORUM_TEST_BACKOFF_CAP: the longest reconnect delay, seconds
+(default the agent's 30 s), for tests that need agents back as soon as a server is.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ def _slow_handle_task(task: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 connection.handle_task = _slow_handle_task
+
+_CAP = os.environ.get("QUORUM_TEST_BACKOFF_CAP")
+if _CAP:
+    _backoff_init = connection.Backoff.__init__
+
+    def _capped_backoff_init(self: Any, *, base: float = 0.5, cap: float = 30.0, rng: Any = None):
+        _backoff_init(self, base=min(base, float(_CAP)), cap=min(cap, float(_CAP)), rng=rng)
+
+    connection.Backoff.__init__ = _capped_backoff_init  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     raise SystemExit(cli.main())

@@ -137,14 +137,16 @@ async def run_round(
     clip: float = 1.0,
     offers: list[tuple[Any, Any, Any]] | None = None,
     offer_after_masking_request: bool = False,
+    counts: int = 0,
 ) -> SecAggServer:
     """Drive the four stages with a real SecAggServer, delivering as the consumer does."""
     config = SecAggConfig(
         f"{RUN}:{ROUND}:1",
         tuple(range(1, len(sites) + 1)),
         threshold,
-        secure_updates.vector_length(global_state()),
+        secure_updates.vector_length(global_state()) + counts,
         clip,
+        count_length=counts,
     )
     server = SecAggServer(config, stage_timeout=60)
     if offers and not offer_after_masking_request:
@@ -212,6 +214,32 @@ async def test_sites_send_only_masked_vectors_and_the_sum_gives_fedavg() -> None
         )
         masked = np.frombuffer(site.binaries[0].payload, dtype="<u4")
         assert np.mean(masked == plain) < 0.2
+
+
+async def test_fairness_counts_ride_masked_and_a_site_with_other_groups_drops_out() -> None:
+    sites = [Site() for _ in range(3)]
+    offers = [(*task_and_update(local_state(i + 1), 40), None) for i in range(3)]
+    tables = [
+        {"sex": {g: {"tp": i + 1, "fp": 2, "tn": 3 * i, "fn": 0} for g in ("F", "M")}}
+        for i in range(3)
+    ]
+    tables[2]["sex"]["X"] = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}  # another public group list
+    for (_, update, _), table in zip(offers, tables, strict=True):
+        update.fields["fairness"] = table
+
+    server = await run_round(sites, threshold=2, offers=offers, counts=8)
+
+    assert server.contributors == (1, 2)
+    layout = secure_updates.count_layout({"sex": ["F", "M"]})
+    merged = secure_updates.counts_from_tail(server.counts.tolist(), layout)
+    assert merged["sex"]["M"] == {"tp": 1 + 2, "fp": 4, "tn": 0 + 3, "fn": 0}
+    for site in sites[:2]:
+        [message] = site.binaries
+        assert "fairness" not in message.fields  # the tables never leave in clear
+        assert len(message.payload) == 4 * (secure_updates.vector_length(global_state()) + 8)
+    [error] = sites[2].errors
+    assert error["code"] == SECAGG_ABORTED and "expects 8 fairness counts" in error["reason"]
+    assert sites[2].binaries == []
 
 
 async def test_the_masked_vector_waits_for_local_training_to_finish() -> None:

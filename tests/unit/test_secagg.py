@@ -533,3 +533,82 @@ def test_stage_timeouts_can_differ_per_stage():
         assert server.deadline == now + {"advertise_keys": 20.0, "share_keys": 3600.0}[stage]
     with pytest.raises(ValueError, match="no such stage"):
         SecAggServer(config, stage_timeout={"training": 5.0})
+
+
+# -- the server's state in a database row, and integer counts under the masks -----------------
+
+
+def test_a_server_restored_from_its_snapshot_after_every_message_ends_with_the_same_sum():
+    # Each message handled by "another process": the server is rebuilt from its snapshot,
+    # which must be plain JSON (a database row) plus the one running sum, then advanced.
+    import json
+
+    n, t, p, k = 5, 3, 16, 8
+    config = SecAggConfig("row-round", tuple(range(1, n + 1)), t, p + k, CLIP, count_length=k)
+    vectors = _vectors(n, p, seed=5)
+    counts = [[(cid * 7 + i) % 11 for i in range(k)] for cid in range(1, n + 1)]
+    clients = {cid: SecAggClient(cid) for cid in config.client_ids}
+    dropped = {4}  # shares its keys, never sends a masked vector
+
+    def reload(server: SecAggServer) -> SecAggServer:
+        state, vector = server.snapshot()
+        state = json.loads(json.dumps(state))
+        if vector is not None:
+            assert len(vector) == 4 * (p + k)  # one P-vector: the running sum, never more
+        return SecAggServer.restore(config, state, vector, stage_timeout=10.0)
+
+    server = SecAggServer(config, stage_timeout=10.0)
+    now = 0.0
+    requests = server.start(now)
+    for stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASKING):
+        for cid, request in requests.items():
+            client = clients[cid]
+            if stage is Stage.ADVERTISE_KEYS:
+                reply = client.advertise_keys(request)
+            elif stage is Stage.SHARE_KEYS:
+                reply = client.share_keys(request)
+            elif stage is Stage.MASKED_INPUT:
+                if cid in dropped:
+                    continue
+                reply = client.masked_input(request, vectors[cid - 1], counts[cid - 1])
+            else:
+                reply = client.unmask(request)
+            server = reload(server)
+            server.collect(cid, reply, now)
+        server = reload(server)
+        if not server.ready(now):
+            now = server.deadline  # the dropout's deadline passes
+        requests = server.advance(now)
+        server = reload(server)
+
+    assert server.stage is Stage.DONE
+    contributors = [c for c in config.client_ids if c not in dropped]
+    assert list(server.contributors) == contributors
+    expected = np.sum([vectors[c - 1] for c in contributors], axis=0)
+    assert np.max(np.abs(server.result - expected)) <= _tolerance(len(contributors), n)
+    assert server.result.size == p
+    exact = np.sum([counts[c - 1] for c in contributors], axis=0)
+    assert server.counts.tolist() == exact.tolist()  # exact: integers in the ring
+
+
+def test_counts_outside_the_ring_share_or_of_the_wrong_number_are_refused():
+    n, k = 3, 2
+    config = SecAggConfig("counts-round", (1, 2, 3), 2, 4 + k, CLIP, count_length=k)
+    top = config.quantizer.levels
+    clients = {cid: SecAggClient(cid) for cid in config.client_ids}
+    server = SecAggServer(config, stage_timeout=10.0)
+    requests = server.start(0.0)
+    for cid, request in requests.items():
+        server.collect(cid, clients[cid].advertise_keys(request), 1.0)
+    requests = server.advance(1.0)
+    for cid, request in requests.items():
+        server.collect(cid, clients[cid].share_keys(request), 1.0)
+    requests = server.advance(1.0)
+    vector = np.zeros(4)
+    for cid, bad in ((1, [0, top + 1]), (2, [1]), (3, [1, -1])):
+        with pytest.raises(ValueError, match="count"):
+            clients[cid].masked_input(requests[cid], vector, bad)
+    assert SecAggConfig.from_message(config.to_message()) == config
+    with pytest.raises(ValueError, match="count_length"):
+        SecAggConfig("r", (1, 2), 2, 4, CLIP, count_length=4)
+    assert n == len(config.client_ids)

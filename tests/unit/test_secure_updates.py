@@ -210,3 +210,24 @@ def test_a_client_the_transport_saw_go_is_not_waited_for() -> None:
     requests = server.advance(0.0)
     assert set(requests) == {1, 2} and server.stage is Stage.MASKED_INPUT
     assert server.deadline == 60.0  # the next stage's deadline runs from now, not from 60 s
+
+
+def test_fairness_counts_ride_in_one_layout_both_sides_derive_and_come_back_merged():
+    from fedcore.secure_updates import count_layout, counts_from_tail, counts_to_tail
+
+    cells = {"tp": 1, "fp": 2, "tn": 3, "fn": 4}
+    site = {"sex": {"M": dict(cells), "F": dict(cells)}, "age": {"old": dict(cells)}}
+    layout = count_layout({"sex": ["M", "F"], "age": ["old"]})
+    assert layout[:4] == tuple(("age", "old", c) for c in ("tp", "fp", "tn", "fn"))
+    assert [cell[:2] for cell in layout[4::4]] == [("sex", "F"), ("sex", "M")]
+    tail = counts_to_tail(site, layout)
+    assert counts_from_tail([2 * v for v in tail], layout)["sex"]["M"] == {
+        "tp": 2,
+        "fp": 4,
+        "tn": 6,
+        "fn": 8,
+    }
+    with pytest.raises(ValueError, match="count layout"):  # a site with another group list
+        counts_to_tail({**site, "sex": {"M": dict(cells)}}, layout)
+    with pytest.raises(ValueError, match="invalid"):
+        counts_to_tail({**site, "age": {"old": {**cells, "tp": -1}}}, layout)
