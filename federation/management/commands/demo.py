@@ -43,7 +43,7 @@ from federation.models import (
     TrainingPlan,
 )
 from federation.server import ServerThread, free_port, port_in_use
-from federation.services.members import membership_add
+from federation.services.members import membership_accept, membership_add
 from federation.services.plans import plan_approve, plan_propose
 from federation.services.runs import run_start
 from federation.services.silos import silo_admit, silo_register, silo_set_budget
@@ -396,14 +396,18 @@ def _create_consortium(
         org = Organization.objects.create(
             consortium=consortium, name=scenario.site_org_names[site], kind=scenario.org_kind
         )
+        # Separation of duties: the consortium admin only invites the organisation's first admin,
+        # who accepts and then grants the steward role; the admin never holds an approving role.
+        org_admin, password = _user("orgadmin" if i == 0 else f"orgadmin-{site}")
+        invitation = membership_add(
+            actor=admin, user=org_admin, organization=org, role=Role.ORG_ADMIN
+        )
+        membership_accept(actor=org_admin, membership=invitation)
+        users.append(DemoUser(org_admin.username, Role.ORG_ADMIN, org.name, password))
         steward, password = _user(f"steward-{site}")
-        membership_add(actor=admin, user=steward, organization=org, role=Role.DATA_STEWARD)
+        membership_add(actor=org_admin, user=steward, organization=org, role=Role.DATA_STEWARD)
         users.append(DemoUser(steward.username, Role.DATA_STEWARD, org.name, password))
         stewards.append(steward)
-        if i == 0:
-            org_admin, password = _user("orgadmin")
-            membership_add(actor=admin, user=org_admin, organization=org, role=Role.ORG_ADMIN)
-            users.append(DemoUser("orgadmin", Role.ORG_ADMIN, org.name, password))
         silo = silo_register(
             actor=steward,
             organization=org,
