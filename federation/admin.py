@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
@@ -18,7 +19,11 @@ from rest_framework.authtoken.admin import TokenAdmin
 from rest_framework.authtoken.models import TokenProxy
 
 from federation import models
-from federation.services.consortia import consortium_create, organization_create
+from federation.services.consortia import (
+    consortium_create,
+    organization_create,
+    quorum_rule_errors,
+)
 
 # Models an operator may still write in /admin/, and why that cannot bypass governance.
 WRITABLE = {
@@ -78,8 +83,30 @@ class AddThroughServiceAdmin(ReadOnlyAdmin):
         raise NotImplementedError
 
 
+class ConsortiumAddForm(forms.ModelForm):
+    """The add form checks the quorum rule as the service will (bad input: a form error)."""
+
+    class Meta:
+        model = models.Consortium
+        fields = (
+            "name",
+            "description",
+            "require_steward_unanimity",
+            "org_quorum_mode",
+            "org_quorum_value",
+        )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        errors = quorum_rule_errors(data.get("org_quorum_mode"), data.get("org_quorum_value"))
+        for field, message in errors.items():
+            self.add_error(field, message)
+        return data
+
+
 @admin.register(models.Consortium)
 class ConsortiumAdmin(AddThroughServiceAdmin):
+    form = ConsortiumAddForm
     list_display = ("name", "created_at")
     fields = (
         "name",

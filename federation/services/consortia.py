@@ -16,6 +16,22 @@ from federation.services.audit import actor_label, audit_append
 from federation.services.errors import Conflict
 
 
+def quorum_rule_errors(mode: Any, value: Any) -> dict[str, str]:
+    """What is wrong with a quorum rule, by field (empty when it is valid)."""
+    if mode not in Consortium.QuorumMode.values:
+        allowed = ", ".join(Consortium.QuorumMode.values)
+        return {"org_quorum_mode": f"unknown mode {mode!r}; allowed: {allowed}"}
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return {"org_quorum_value": f"a number is needed, got {value!r}"}
+    if mode == Consortium.QuorumMode.FRACTION and not 0 < number <= 1:
+        return {"org_quorum_value": f"in fraction mode a value in (0, 1] is needed, got {number}"}
+    if mode == Consortium.QuorumMode.COUNT and (number < 1 or not number.is_integer()):
+        return {"org_quorum_value": f"in count mode a whole number >= 1 is needed, got {number}"}
+    return {}
+
+
 @transaction.atomic
 def consortium_create(
     *,
@@ -30,14 +46,10 @@ def consortium_create(
     name = (name or "").strip()
     if not name:
         raise ValidationError({"name": "a consortium needs a name"})
-    if org_quorum_mode not in Consortium.QuorumMode.values:
-        allowed = ", ".join(Consortium.QuorumMode.values)
-        raise ValidationError({"org_quorum_mode": f"unknown mode {org_quorum_mode!r}; {allowed}"})
+    errors = quorum_rule_errors(org_quorum_mode, org_quorum_value)
+    if errors:
+        raise ValidationError(errors)
     value = float(org_quorum_value)
-    if org_quorum_mode == Consortium.QuorumMode.FRACTION and not 0 < value <= 1:
-        raise ValidationError({"org_quorum_value": f"a fraction in (0, 1] is needed, got {value}"})
-    if org_quorum_mode == Consortium.QuorumMode.COUNT and (value < 1 or not value.is_integer()):
-        raise ValidationError({"org_quorum_value": f"a whole number >= 1 is needed, got {value}"})
     if Consortium.objects.filter(name=name).exists():
         raise Conflict(f"a consortium named {name!r} exists already")
     consortium = Consortium.objects.create(

@@ -194,6 +194,14 @@ def test_consortia_and_organisations_are_added_only_through_audited_services(bro
     )
     assert response.status_code == 302, response.content.decode()[:2000]
     consortium = Consortium.objects.get(name="New consortium")
+    # A rule that could never be met is a form error naming the field, and adds nothing.
+    bad = browser.post(
+        reverse("admin:federation_consortium_add"),
+        {"name": "Bad", "org_quorum_mode": "fraction", "org_quorum_value": "0"},
+    )
+    assert bad.status_code == 200
+    assert "in fraction mode a value in (0, 1] is needed" in bad.content.decode()
+    assert not Consortium.objects.filter(name="Bad").exists()
     response = browser.post(
         reverse("admin:federation_organization_add"),
         {"consortium": consortium.pk, "name": "Clinic", "kind": "hospital"},
@@ -311,3 +319,30 @@ def test_attack_forging_an_approval_and_an_approved_status_in_the_admin_is_refus
     assert AuditEvent.objects.count() == before_events
     with pytest.raises(Conflict):
         run_start(actor=superuser, plan=plan)
+
+
+def test_the_first_consortium_admin_is_granted_at_the_shell_and_audited() -> None:
+    from django.core.management import CommandError, call_command
+
+    from federation.services.consortia import consortium_create, organization_create
+
+    consortium = consortium_create(actor=None, name="Fresh")
+    office = organization_create(actor=None, consortium=consortium, name="Office")
+    UserFactory(username="first-admin")
+    call_command("grant_consortium_admin", "Fresh", "Office", "first-admin")
+    grant = Membership.objects.get(user__username="first-admin")
+    assert (grant.organization, grant.role, grant.status) == (
+        office,
+        Role.CONSORTIUM_ADMIN,
+        "active",
+    )
+    event = AuditEvent.objects.get(action="membership.added")
+    assert event.actor == "system" and event.data["role"] == Role.CONSORTIUM_ADMIN
+    # The same command never grants twice, and names what is missing.
+    with pytest.raises(CommandError, match="already is consortium_admin"):
+        call_command("grant_consortium_admin", "Fresh", "Office", "first-admin")
+    with pytest.raises(CommandError, match="no organisation 'Nowhere'"):
+        call_command("grant_consortium_admin", "Fresh", "Nowhere", "first-admin")
+    with pytest.raises(CommandError, match="no user 'ghost'"):
+        call_command("grant_consortium_admin", "Fresh", "Office", "ghost")
+    assert Membership.objects.count() == 1
