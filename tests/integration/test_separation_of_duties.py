@@ -86,6 +86,11 @@ def test_the_demo_grants_steward_roles_through_each_organisations_own_admin(demo
         assert steward_grant.granted_by == admin_grant.user
     admin_roles = set(Membership.objects.filter(user=demo["admin"]).values_list("role", flat=True))
     assert admin_roles == {Role.CONSORTIUM_ADMIN}
+    # Every step of the set-up is in the audit log, the operator's included.
+    actions = list(AuditEvent.objects.values_list("action", flat=True))
+    assert actions[:2] == ["consortium.created", "organization.created"]
+    assert actions.count("membership.invited") == actions.count("membership.accepted") == 4
+    assert "membership.refused" not in actions
 
 
 def test_attack_the_consortium_admin_grants_itself_every_steward_role_and_approves(demo) -> None:
