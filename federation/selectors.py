@@ -805,9 +805,9 @@ def model_version_onnx(version: ModelVersion) -> bytes:
 
 def me(user: Any) -> Any:
     """The user with their memberships, organisations and consortia."""
-    memberships = Membership.objects.select_related("user", "organization__consortium").order_by(
-        "organization__consortium__name", "organization__name", "role"
-    )
+    memberships = Membership.objects.select_related(
+        "user", "organization__consortium", "granted_by"
+    ).order_by("organization__consortium__name", "organization__name", "role")
     return (
         get_user_model()
         .objects.prefetch_related(Prefetch("memberships", queryset=memberships))
