@@ -115,7 +115,7 @@ class LiveFederation:
         from django.db import transaction
 
         from federation.models import Consortium, Membership, Organization, Role
-        from federation.services.members import membership_add
+        from federation.services.members import membership_accept, membership_add
         from federation.services.silos import silo_admit, silo_register
 
         users = get_user_model()
@@ -145,8 +145,18 @@ class LiveFederation:
                     name=f"{site} hospital",
                     kind=Organization.Kind.HOSPITAL,
                 )
+                # The org's own admin (invited by the consortium admin) grants the steward role.
+                org_admin = users.objects.create(username=f"bench-orgadmin-{site}")
+                membership_accept(
+                    actor=org_admin,
+                    membership=membership_add(
+                        actor=admin, user=org_admin, organization=org, role=Role.ORG_ADMIN
+                    ),
+                )
                 steward = users.objects.create(username=f"bench-steward-{site}")
-                membership_add(actor=admin, user=steward, organization=org, role=Role.DATA_STEWARD)
+                membership_add(
+                    actor=org_admin, user=steward, organization=org, role=Role.DATA_STEWARD
+                )
                 with open(path, "rb") as fh:
                     rows = sum(1 for _ in fh) - 1  # data rows under the header
                 silo = silo_register(

@@ -137,7 +137,7 @@ def cmd_setup(argv: list[str]) -> None:
     from django.db import transaction
 
     from federation.models import Consortium, Membership, Organization, Role
-    from federation.services.members import membership_add
+    from federation.services.members import membership_accept, membership_add
     from federation.services.silos import silo_admit, silo_register
 
     started = time.monotonic()
@@ -165,8 +165,16 @@ def cmd_setup(argv: list[str]) -> None:
             org = Organization.objects.create(
                 consortium=consortium, name=f"Hospital {o:04d}", kind=Organization.Kind.HOSPITAL
             )
+            # The org's own admin (invited by the consortium admin) grants the steward role.
+            org_admin = users.create_user(username=f"load-orgadmin-{o:04d}", password=None)
+            membership_accept(
+                actor=org_admin,
+                membership=membership_add(
+                    actor=admin, user=org_admin, organization=org, role=Role.ORG_ADMIN
+                ),
+            )
             steward = users.create_user(username=f"load-steward-{o:04d}", password=None)
-            membership_add(actor=admin, user=steward, organization=org, role=Role.DATA_STEWARD)
+            membership_add(actor=org_admin, user=steward, organization=org, role=Role.DATA_STEWARD)
             for s in range(o * args.silos_per_org, min(args.silos, (o + 1) * args.silos_per_org)):
                 silo = silo_register(
                     actor=steward,

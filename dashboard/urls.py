@@ -10,6 +10,11 @@ urlpatterns = [
     path("", consortium.home, name="home"),
     path("login/", auth.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
+    path(
+        "invitations/<int:membership_id>/accept/",
+        consortium.invitation_accept,
+        name="invitation_accept",
+    ),
     path("consortia/<int:consortium_id>/", consortium.overview, name="overview"),
     path("consortia/<int:consortium_id>/plans/", plans.plan_list, name="plan_list"),
     path("consortia/<int:consortium_id>/plans/new/", plans.plan_propose, name="plan_propose"),

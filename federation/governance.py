@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from federation.models import Approval, Consortium, PlanVersion, Role, Silo
+from federation.models import Approval, Consortium, Membership, PlanVersion, Role, Silo
 
 
 @dataclass
@@ -24,6 +24,9 @@ class ApprovalState:
     organizations_needed: int = 0
     # Names of the organisations that rejected this version.
     rejected_by: list[str] = field(default_factory=list)
+    # Approvals recorded but not counted, each with why (no active role behind it, or a person
+    # already counted for another organisation).
+    not_counted: list[str] = field(default_factory=list)
     satisfied: bool = False
 
 
@@ -41,10 +44,12 @@ def approval_state(version: PlanVersion) -> ApprovalState:
     consortium = version.plan.consortium
     decisions = list(
         Approval.objects.filter(version=version, plan_hash=version.spec_hash).select_related(
-            "organization"
+            "organization", "user"
         )
     )
-    approvals = [a for a in decisions if a.decision == Approval.Decision.APPROVE]
+    approvals, not_counted = _counted_approvals(
+        consortium, [a for a in decisions if a.decision == Approval.Decision.APPROVE]
+    )
     rejections = [a for a in decisions if a.decision == Approval.Decision.REJECT]
     silos = list(version.silos.order_by("name"))
 
@@ -68,8 +73,46 @@ def approval_state(version: PlanVersion) -> ApprovalState:
         organizations_approved=organizations_approved,
         organizations_needed=needed,
         rejected_by=rejected_by,
+        not_counted=not_counted,
         satisfied=satisfied,
     )
+
+
+def _counted_approvals(
+    consortium: Consortium, approvals: list[Approval]
+) -> tuple[list[Approval], list[str]]:
+    """The approvals that count: distinct people, each backed by an active role grant.
+
+    An approval counts only while its author holds, actively (an accepted grant), the role it was
+    made in for the organisation it was made for; so a row written around the services (a forged
+    approval in a steward's name who is no steward there) counts for nothing. One person counts
+    for one organisation only (their earliest approval), whatever rows the database holds.
+    """
+    held = set(
+        Membership.objects.filter(
+            organization__consortium=consortium,
+            status=Membership.Status.ACTIVE,
+            role__in=[Role.DATA_STEWARD, Role.ORG_ADMIN],
+        ).values_list("user_id", "organization_id", "role")
+    )
+    counted: list[Approval] = []
+    not_counted: list[str] = []
+    person_org: dict[int, Approval] = {}
+    for approval in sorted(approvals, key=lambda a: (a.created_at, a.pk)):
+        who = approval.user.get_username()
+        org = approval.organization.name
+        if (approval.user_id, approval.organization_id, approval.role) not in held:
+            not_counted.append(f"{who} for {org}: holds no active {approval.role} role in {org}")
+            continue
+        first = person_org.setdefault(approval.user_id, approval)
+        if first.organization_id != approval.organization_id:
+            not_counted.append(
+                f"{who} for {org}: already counted for {first.organization.name} "
+                "(one person counts for one organisation)"
+            )
+            continue
+        counted.append(approval)
+    return counted, not_counted
 
 
 _ABSENT = object()

@@ -55,6 +55,7 @@ WATCHED_ACTIONS = (
     "round.anomaly",
     "run.finished",
     "fairness.flag",
+    "membership.refused",
 )
 VERSION = "0.1.0"
 

@@ -70,7 +70,17 @@ class Role(models.TextChoices):
 
 
 class Membership(models.Model):
-    """A user's role in an organisation (and so in its consortium). A user may hold several."""
+    """A user's role in an organisation (and so in its consortium). A user may hold several.
+
+    Only an active membership gives its role. A pending one is an invitation (a consortium admin
+    inviting an organisation's first admin) that counts for nothing until the invitee accepts it.
+    ``granted_by`` is who gave the role (None for rows made before grants were recorded, and for
+    a consortium's first admin set up by the operator).
+    """
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        PENDING = "pending", "Invited, not accepted yet"
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
@@ -79,6 +89,11 @@ class Membership(models.Model):
         Organization, on_delete=models.CASCADE, related_name="memberships"
     )
     role = models.CharField(max_length=20, choices=Role.choices)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
+    granted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    accepted_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -37,6 +37,11 @@ CAN_DECIDE_PLANS = frozenset({Role.DATA_STEWARD, Role.ORG_ADMIN})
 CAN_START_RUNS = frozenset({Role.DATA_SCIENTIST, Role.CONSORTIUM_ADMIN})
 CAN_READ_AUDIT = frozenset({Role.AUDITOR, Role.CONSORTIUM_ADMIN})
 CAN_MANAGE_MEMBERS = frozenset({Role.CONSORTIUM_ADMIN, Role.ORG_ADMIN})
+# Roles whose holders approve plans for their organisation: granted only by that organisation's
+# own admin, never to oneself, and held in at most one organisation of a consortium
+# (federation.services.members; docs/governance.md "Separation of duties").
+APPROVING_ROLES = frozenset({Role.DATA_STEWARD, Role.ORG_ADMIN})
+ACTIVE = Membership.Status.ACTIVE
 
 
 def _authenticated(user: User | None) -> bool:
@@ -47,7 +52,7 @@ def consortium_ids_of(user: User | None) -> QuerySet[Membership]:
     """Ids of the consortia the user is a member of (as a subquery-able values list)."""
     if not _authenticated(user):
         return Membership.objects.none().values_list("organization__consortium_id", flat=True)
-    return Membership.objects.filter(user=user).values_list(
+    return Membership.objects.filter(user=user, status=ACTIVE).values_list(
         "organization__consortium_id", flat=True
     )
 
@@ -67,9 +72,9 @@ def roles_in(user: User | None, consortium_id: int) -> set[str]:
     if not _authenticated(user):
         return set()
     return set(
-        Membership.objects.filter(user=user, organization__consortium_id=consortium_id).values_list(
-            "role", flat=True
-        )
+        Membership.objects.filter(
+            user=user, organization__consortium_id=consortium_id, status=ACTIVE
+        ).values_list("role", flat=True)
     )
 
 
@@ -80,7 +85,10 @@ def organizations_with_role(
     if not _authenticated(user):
         return Organization.objects.none()
     return Organization.objects.filter(
-        consortium_id=consortium_id, memberships__user=user, memberships__role__in=list(roles)
+        consortium_id=consortium_id,
+        memberships__user=user,
+        memberships__role__in=list(roles),
+        memberships__status=ACTIVE,
     ).distinct()
 
 
@@ -173,3 +181,17 @@ def access_model_version(*, user: User | None, id: int) -> ModelVersion:
     if version is None:
         raise Http404("no such model version")
     return version
+
+
+def access_invitation(*, user: User | None, id: int) -> Membership:
+    """A pending membership addressed to the user (an invitation to accept), else 404."""
+    if not _authenticated(user):
+        raise Http404("no such invitation")
+    invitation = (
+        Membership.objects.filter(pk=id, user=user, status=Membership.Status.PENDING)
+        .select_related("organization__consortium", "user", "granted_by")
+        .first()
+    )
+    if invitation is None:
+        raise Http404("no such invitation")
+    return invitation

@@ -241,7 +241,11 @@ def consortium_organizations(consortium: Consortium) -> QuerySet[Organization]:
         Organization.objects.filter(consortium=consortium)
         .annotate(
             silo_count=Count("silos", distinct=True),
-            member_count=Count("memberships__user", distinct=True),
+            member_count=Count(
+                "memberships__user",
+                distinct=True,
+                filter=Q(memberships__status=Membership.Status.ACTIVE),
+            ),
         )
         .order_by("name", "pk")
     )
@@ -251,9 +255,39 @@ def consortium_memberships(consortium: Consortium) -> QuerySet[Membership]:
     """Who holds which role in a consortium, by organisation and username."""
     return (
         Membership.objects.filter(organization__consortium=consortium)
-        .select_related("user", "organization__consortium")
+        .select_related("user", "organization__consortium", "granted_by")
         .order_by("organization__name", "user__username", "role", "pk")
     )
+
+
+def invitations_of(user: Any) -> QuerySet[Membership]:
+    """The user's pending memberships (invitations to accept), oldest first."""
+    if not getattr(user, "is_authenticated", False):
+        return Membership.objects.none()
+    return (
+        Membership.objects.filter(user=user, status=Membership.Status.PENDING)
+        .select_related("organization__consortium", "granted_by")
+        .order_by("created_at", "pk")
+    )
+
+
+def decision_grants(decisions: Any) -> list[Any]:
+    """The decisions, each with ``grant``: the membership behind its role (None if none now).
+
+    What the plan page shows beside every approval: the approver's role grant, who granted it,
+    when, and whether it is active, so a reader sees which role change enabled which approval.
+    """
+    decisions = list(decisions)
+    grants = {
+        (m.user_id, m.organization_id, m.role): m
+        for m in Membership.objects.filter(
+            user_id__in={d.user_id for d in decisions},
+            organization_id__in={d.organization_id for d in decisions},
+        ).select_related("granted_by")
+    }
+    for decision in decisions:
+        decision.grant = grants.get((decision.user_id, decision.organization_id, decision.role))
+    return decisions
 
 
 def consortium_silos(consortium: Consortium, *, admitted_only: bool = False) -> QuerySet[Silo]:
@@ -771,9 +805,9 @@ def model_version_onnx(version: ModelVersion) -> bytes:
 
 def me(user: Any) -> Any:
     """The user with their memberships, organisations and consortia."""
-    memberships = Membership.objects.select_related("user", "organization__consortium").order_by(
-        "organization__consortium__name", "organization__name", "role"
-    )
+    memberships = Membership.objects.select_related(
+        "user", "organization__consortium", "granted_by"
+    ).order_by("organization__consortium__name", "organization__name", "role")
     return (
         get_user_model()
         .objects.prefetch_related(Prefetch("memberships", queryset=memberships))

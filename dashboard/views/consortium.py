@@ -3,23 +3,41 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.utils import timezone
+from django.views.decorators.http import require_POST
 
 from dashboard.views.common import page
 from federation import governance, permissions, selectors
 from federation.models import Consortium
+from federation.services.members import membership_accept
 
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    """The user's consortia; straight to the overview when there is only one."""
+    """The user's consortia and open invitations; straight to the overview when there is only
+    one consortium and nothing to accept."""
     consortia = list(permissions.consortia_of(request.user))
-    if len(consortia) == 1:
+    invitations = list(selectors.invitations_of(request.user))
+    if len(consortia) == 1 and not invitations:
         return redirect("dashboard:overview", consortium_id=consortia[0].pk)
-    return page(request, "dashboard/home.html", consortia=consortia)
+    return page(request, "dashboard/home.html", consortia=consortia, invitations=invitations)
+
+
+@login_required
+@require_POST
+def invitation_accept(request: HttpRequest, membership_id: int) -> HttpResponse:
+    """The invitee accepts a pending membership (an organisation's first admin)."""
+    invitation = permissions.access_invitation(user=request.user, id=membership_id)
+    membership = membership_accept(actor=request.user, membership=invitation)
+    messages.success(
+        request,
+        f"You are now {membership.get_role_display()} of {membership.organization.name}.",
+    )
+    return redirect("dashboard:overview", consortium_id=membership.organization.consortium_id)
 
 
 def _silo_rows(consortium: Consortium) -> list[dict[str, object]]:

@@ -147,7 +147,7 @@ def _render_detail(
         spec_json=json.dumps(current.spec, indent=2) if current else "",
         versions=versions,
         state=governance.approval_state(current) if current else None,
-        decisions=selectors.plan_decisions(plan),
+        decisions=selectors.decision_grants(selectors.plan_decisions(plan)),
         projected=governance.projected_epsilon(current) if current else {},
         diff=diff,
         diff_old=old,

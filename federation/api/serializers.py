@@ -199,6 +199,9 @@ class MembershipSerializer(serializers.ModelSerializer):
     organization_name = serializers.CharField(source="organization.name", read_only=True)
     consortium = serializers.IntegerField(source="organization.consortium_id", read_only=True)
     consortium_name = serializers.CharField(source="organization.consortium.name", read_only=True)
+    granted_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
 
     class Meta:
         model = Membership
@@ -210,6 +213,9 @@ class MembershipSerializer(serializers.ModelSerializer):
             "consortium",
             "consortium_name",
             "role",
+            "status",
+            "granted_by",
+            "accepted_at",
             "created_at",
         ]
         read_only_fields = fields
@@ -415,6 +421,7 @@ class ApprovalStateSerializer(serializers.Serializer):
     organizations_approved = serializers.ListField(child=serializers.CharField(), read_only=True)
     organizations_needed = serializers.IntegerField(read_only=True)
     rejected_by = serializers.ListField(child=serializers.CharField(), read_only=True)
+    not_counted = serializers.ListField(child=serializers.CharField(), read_only=True)
     satisfied = serializers.BooleanField(read_only=True)
 
 

@@ -22,6 +22,11 @@ urlpatterns = [
         people.ConsortiumMemberListView.as_view(),
         name="consortium-members",
     ),
+    path(
+        "memberships/<int:pk>/accept/",
+        people.MembershipAcceptView.as_view(),
+        name="membership-accept",
+    ),
     path("silos/", silos.SiloListView.as_view(), name="silo-list"),
     path("silos/<int:pk>/", silos.SiloDetailView.as_view(), name="silo-detail"),
     path("silos/<int:pk>/admit/", silos.SiloAdmitView.as_view(), name="silo-admit"),

@@ -24,6 +24,19 @@ from tests.governance_factories import UserFactory
 
 pytestmark = pytest.mark.django_db
 
+
+def _invitation(w: World) -> Any:
+    from federation.models import Membership
+
+    return Membership.objects.create(
+        user=w.gov.org_admins[0],
+        organization=w.gov.orgs[1],
+        role="auditor",
+        status=Membership.Status.PENDING,
+        granted_by=w.gov.admin,
+    )
+
+
 MATRIX = """
 | Endpoint                                  | admin | org_admin | steward | scientist | auditor | other | anonymous |
 |-------------------------------------------|-------|-----------|---------|-----------|---------|-------|-----------|
@@ -33,6 +46,7 @@ MATRIX = """
 | GET /api/v1/consortia/{id}/organizations/ | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/consortia/{id}/members/       | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | POST /api/v1/consortia/{id}/members/      | 201   | 201       | 403     | 403       | 403     | 404   | 401       |
+| POST /api/v1/memberships/{id}/accept/     | 404   | 200       | 404     | 404       | 404     | 404   | 401       |
 | GET /api/v1/silos/                        | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
 | POST /api/v1/silos/                       | 403   | 403       | 201     | 403       | 403     | 400   | 401       |
 | GET /api/v1/silos/{id}/                   | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
@@ -92,6 +106,11 @@ REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
     "POST /api/v1/consortia/{id}/members/": (
         lambda w: f"/api/v1/consortia/{w.gov.consortium.pk}/members/",
         lambda w: {"user": "newcomer", "organization": w.gov.orgs[0].pk, "role": "auditor"},
+    ),
+    # An invitation addressed to the org_admin column's user: only they may accept it.
+    "POST /api/v1/memberships/{id}/accept/": (
+        lambda w: f"/api/v1/memberships/{_invitation(w).pk}/accept/",
+        _none,
     ),
     "GET /api/v1/silos/": (lambda w: "/api/v1/silos/", _none),
     "POST /api/v1/silos/": (

@@ -149,7 +149,12 @@ def test_adding_a_member(world: World) -> None:
     assert added.status_code == 201
     assert added.json()["user"]["username"] == "c1-auditor1"
     assert added.json()["role"] == "data_steward"
-    assert world.client("admin").post(url, body, format="json").status_code == 409
+    assert world.client("org_admin").post(url, body, format="json").status_code == 409
+    # Approving roles are the organisation admin's to grant, never the consortium admin's.
+    refused = world.client("admin").post(url, body, format="json")
+    assert (
+        refused.status_code == 403 and "only an organisation admin of" in refused.json()["detail"]
+    )
 
 
 def test_unknown_usernames_are_only_revealed_to_member_managers(world: World) -> None:

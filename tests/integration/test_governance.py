@@ -768,7 +768,7 @@ def test_admins_add_members(g: Governed) -> None:
         (g.orgs[1].pk, Role.DATA_STEWARD),
     }
     assert actions() == ["membership.added", "membership.added"]
-    with pytest.raises(PermissionDenied, match="not an organisation admin of"):
+    with pytest.raises(PermissionDenied, match="only an organisation admin of"):
         membership_add(
             actor=g.org_admins[1], user=newcomer, organization=g.orgs[2], role=Role.DATA_STEWARD
         )

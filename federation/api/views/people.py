@@ -16,9 +16,9 @@ from federation.api.serializers import (
     MeSerializer,
     OrganizationSerializer,
 )
-from federation.api.views.base import ApiListView, ApiView, validated
+from federation.api.views.base import ApiListView, ApiView, NoBodySerializer, validated
 from federation.models import Consortium, Membership, Organization
-from federation.services.members import membership_add
+from federation.services.members import membership_accept, membership_add
 
 
 class MeView(ApiView):
@@ -70,6 +70,12 @@ class ConsortiumMemberListView(ApiListView):
         request=MembershipAddSerializer,
         responses={201: MembershipSerializer},
         summary="Give a user a role in an organisation of the consortium",
+        description=(
+            "Approving roles (data_steward, org_admin) are granted only by the organisation's own "
+            "org_admin; a consortium admin may invite an organisation's first org_admin (status "
+            "pending until the invitee accepts). Nobody grants a role to themselves; one person "
+            "holds approving roles in at most one organisation. Refusals are 403/409 and audited."
+        ),
     )
     def post(self, request: Request, pk: int) -> Response:
         consortium: Consortium = permissions.access_consortium(user=request.user, id=pk)
@@ -83,3 +89,16 @@ class ConsortiumMemberListView(ApiListView):
             role=data["role"],
         )
         return Response(MembershipSerializer(membership).data, status=status.HTTP_201_CREATED)
+
+
+class MembershipAcceptView(ApiView):
+    @extend_schema(
+        request=None,
+        responses=MembershipSerializer,
+        summary="Accept an invitation (a pending membership addressed to you)",
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        invitation = permissions.access_invitation(user=request.user, id=pk)
+        validated(NoBodySerializer, request)
+        membership = membership_accept(actor=request.user, membership=invitation)
+        return Response(MembershipSerializer(membership).data)

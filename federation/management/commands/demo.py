@@ -33,7 +33,6 @@ from federation.demo.baselines import evaluate_comparison
 from federation.demo.scenarios import SCENARIOS, Scenario
 from federation.models import (
     Consortium,
-    Membership,
     ModelVersion,
     Organization,
     Role,
@@ -43,7 +42,8 @@ from federation.models import (
     TrainingPlan,
 )
 from federation.server import ServerThread, free_port, port_in_use
-from federation.services.members import membership_add
+from federation.services.consortia import consortium_create, organization_create
+from federation.services.members import membership_accept, membership_add
 from federation.services.plans import plan_approve, plan_propose
 from federation.services.runs import run_start
 from federation.services.silos import silo_admit, silo_register, silo_set_budget
@@ -367,22 +367,29 @@ def _create_consortium(
 ) -> tuple[TrainingPlan, dict[str, str], list[DemoUser], Any]:
     """Walk the governance path a real consortium takes, with one user per role.
 
-    Stewards register their silos, the consortium admin admits them (tokens shown once), the data
+    The operator creates the consortium and makes its admin; the admin invites each
+    organisation's first admin, who accepts and grants the organisation's steward role (the admin
+    never holds an approving role). Stewards register their silos, the consortium admin admits them (tokens shown once), the data
     scientist proposes the plan, every participating silo's steward approves its exact hash.
     """
-    consortium = Consortium.objects.create(
+    consortium = consortium_create(
+        actor=None,
         name=scenario.consortium,
         description=scenario.title,
         require_steward_unanimity=True,
         org_quorum_mode=Consortium.QuorumMode.FRACTION,
         org_quorum_value=0.5,
     )
-    office = Organization.objects.create(
-        consortium=consortium, name="Consortium office", kind=Organization.Kind.RESEARCH_LAB
+    office = organization_create(
+        actor=None,
+        consortium=consortium,
+        name="Consortium office",
+        kind=Organization.Kind.RESEARCH_LAB,
     )
     users: list[DemoUser] = []
     admin, password = _user("admin", staff=True)
-    Membership.objects.create(user=admin, organization=office, role=Role.CONSORTIUM_ADMIN)
+    # The operator's bootstrap, as `manage.py grant_consortium_admin` does it (audited).
+    membership_add(actor=None, user=admin, organization=office, role=Role.CONSORTIUM_ADMIN)
     users.append(DemoUser("admin", Role.CONSORTIUM_ADMIN, office.name, password))
     for username, role in (("scientist", Role.DATA_SCIENTIST), ("auditor", Role.AUDITOR)):
         user, password = _user(username)
@@ -393,17 +400,24 @@ def _create_consortium(
     tokens: dict[str, str] = {}
     stewards: list[Any] = []
     for i, (site, frame) in enumerate(scenario.sites.items()):
-        org = Organization.objects.create(
-            consortium=consortium, name=scenario.site_org_names[site], kind=scenario.org_kind
+        org = organization_create(
+            actor=None,
+            consortium=consortium,
+            name=scenario.site_org_names[site],
+            kind=scenario.org_kind,
         )
+        # Separation of duties: the consortium admin only invites the organisation's first admin,
+        # who accepts and then grants the steward role; the admin never holds an approving role.
+        org_admin, password = _user("orgadmin" if i == 0 else f"orgadmin-{site}")
+        invitation = membership_add(
+            actor=admin, user=org_admin, organization=org, role=Role.ORG_ADMIN
+        )
+        membership_accept(actor=org_admin, membership=invitation)
+        users.append(DemoUser(org_admin.username, Role.ORG_ADMIN, org.name, password))
         steward, password = _user(f"steward-{site}")
-        membership_add(actor=admin, user=steward, organization=org, role=Role.DATA_STEWARD)
+        membership_add(actor=org_admin, user=steward, organization=org, role=Role.DATA_STEWARD)
         users.append(DemoUser(steward.username, Role.DATA_STEWARD, org.name, password))
         stewards.append(steward)
-        if i == 0:
-            org_admin, password = _user("orgadmin")
-            membership_add(actor=admin, user=org_admin, organization=org, role=Role.ORG_ADMIN)
-            users.append(DemoUser("orgadmin", Role.ORG_ADMIN, org.name, password))
         silo = silo_register(
             actor=steward,
             organization=org,
