@@ -326,7 +326,14 @@ QUORUM_SWEEP_SECONDS = env_float("QUORUM_SWEEP_SECONDS", 2.0 if PRODUCTION else 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "formatters": {
+        # Control characters in a message (a newline in an agent's error reason) are escaped:
+        # a value from the network cannot forge a log line (fedcore/logsafe.py).
+        "plain": {
+            "()": "fedcore.logsafe.EscapingFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        }
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
         "quorum": {"handlers": ["console"], "level": os.environ.get("QUORUM_LOG_LEVEL", "INFO")},
@@ -364,6 +371,14 @@ QUORUM_AGENT_AUTH_FAILURE_WINDOW_SECONDS = env_float(
 QUORUM_AGENT_AUTH_MAX_PENDING = env_int("QUORUM_AGENT_AUTH_MAX_PENDING", 100)
 QUORUM_AGENT_AUTH_AUDIT_INTERVAL_SECONDS = env_float(
     "QUORUM_AGENT_AUTH_AUDIT_INTERVAL_SECONDS", 60.0
+)
+# Audit rows for a connected agent's error frames and refused frames, per silo and server process:
+# a token bucket of this many rows at once, refilled at this rate; past it one aggregated
+# "agent.reports_suppressed" event per window says how many were left out.
+QUORUM_AGENT_REPORT_AUDIT_BURST = env_int("QUORUM_AGENT_REPORT_AUDIT_BURST", 20)
+QUORUM_AGENT_REPORT_AUDIT_PER_MINUTE = env_float("QUORUM_AGENT_REPORT_AUDIT_PER_MINUTE", 10.0)
+QUORUM_AGENT_REPORT_AUDIT_WINDOW_SECONDS = env_float(
+    "QUORUM_AGENT_REPORT_AUDIT_WINDOW_SECONDS", 60.0
 )
 # Password sign-in (dashboard and admin): after this many failures for one username from one
 # address within the window, that pair is locked out for QUORUM_LOGIN_LOCKOUT_SECONDS (HTTP 429).

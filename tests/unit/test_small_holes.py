@@ -1,0 +1,77 @@
+"""Issue 13's smaller holes that need no server: JSON numbers out of range, log escaping, the
+per-silo report budget."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from fedcore import protocol
+from fedcore.logsafe import EscapingFormatter, escape_control
+from federation.throttle import SiloReportBudget
+
+
+@pytest.mark.parametrize(
+    "number", ["1" + "0" * 400, "-" + "9" * 20, str(1 << 63), "1" + "0" * 5000]
+)
+def test_integers_beyond_64_bits_are_refused_anywhere_in_a_frame(number: str) -> None:
+    for text in (
+        '{"v":1,"type":"heartbeat","ts":%s}' % number,
+        '{"v":1,"type":"stats","run":1,"stats":{"rows":[1,2,%s]}}' % number,
+    ):
+        with pytest.raises(protocol.MalformedFrame, match="outside the signed 64-bit range"):
+            protocol.decode_control(text)
+
+
+def test_the_64_bit_edges_and_big_floats_still_parse() -> None:
+    text = '{"v":1,"type":"stats","run":1,"stats":{"a":%d,"b":%d,"c":1e300}}' % (
+        (1 << 63) - 1,
+        -(1 << 63),
+    )
+    assert protocol.decode_control(text)["stats"] == {
+        "a": (1 << 63) - 1,
+        "b": -(1 << 63),
+        "c": 1e300,
+    }
+
+
+def test_control_characters_are_escaped_and_plain_text_is_left_alone() -> None:
+    assert escape_control("plain text, ünïcode ✓") == "plain text, ünïcode ✓"
+    assert escape_control("a\nb\r\tc\x00\x1b\x85\u2028") == "a\\nb\\r\\tc\\x00\\x1b\\x85\\u2028"
+
+
+def test_a_logged_reason_with_a_newline_stays_on_one_line_but_tracebacks_keep_theirs() -> None:
+    formatter = EscapingFormatter("%(levelname)s %(name)s: %(message)s")
+    record = logging.LogRecord(
+        "quorum.agent_ws", logging.WARNING, __file__, 1, "silo %s reports: %s",
+        ("s1", "x\n2026-12-05 19:00:00,000 CRITICAL forged"), None,
+    )
+    assert formatter.format(record) == (
+        "WARNING quorum.agent_ws: silo s1 reports: x\\n2026-12-05 19:00:00,000 CRITICAL forged"
+    )
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    assert "\nTraceback" in formatter.format(record)
+
+
+def test_the_report_budget_grants_a_burst_then_refills_and_summarises_per_window() -> None:
+    now = [0.0]
+    budget = SiloReportBudget(burst=3, per_minute=60.0, window=10.0, clock=lambda: now[0])
+    assert [budget.take(1, "internal")[0] for _ in range(5)] == [True, True, True, False, False]
+    assert budget.take(2, "internal") == (True, None)  # another silo has its own bucket
+    now[0] = 1.0  # one token back
+    assert budget.take(1, "internal") == (True, None)
+    now[0] = 1.5
+    assert budget.take(1, "malformed") == (False, None)
+    now[0] = 10.5  # a window after the first suppressed frame: the summary is due
+    budget._buckets[1].tokens = 0.0
+    budget._buckets[1].updated = 10.5
+    write, summary = budget.take(1, "internal")
+    assert not write and summary is not None
+    assert summary["suppressed"] == 4 and summary["codes"] == {"internal": 3, "malformed": 1}
+    assert budget.flush(1) is None  # nothing pending any more
