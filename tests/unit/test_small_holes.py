@@ -17,18 +17,16 @@ from federation.throttle import SiloReportBudget
 )
 def test_integers_beyond_64_bits_are_refused_anywhere_in_a_frame(number: str) -> None:
     for text in (
-        '{"v":1,"type":"heartbeat","ts":%s}' % number,
-        '{"v":1,"type":"stats","run":1,"stats":{"rows":[1,2,%s]}}' % number,
+        '{"v":1,"type":"heartbeat","ts":NUMBER}'.replace("NUMBER", number),
+        '{"v":1,"type":"stats","run":1,"stats":{"rows":[1,2,NUMBER]}}'.replace("NUMBER", number),
     ):
         with pytest.raises(protocol.MalformedFrame, match="outside the signed 64-bit range"):
             protocol.decode_control(text)
 
 
 def test_the_64_bit_edges_and_big_floats_still_parse() -> None:
-    text = '{"v":1,"type":"stats","run":1,"stats":{"a":%d,"b":%d,"c":1e300}}' % (
-        (1 << 63) - 1,
-        -(1 << 63),
-    )
+    text = '{"v":1,"type":"stats","run":1,"stats":{"a":MAX,"b":MIN,"c":1e300}}'
+    text = text.replace("MAX", str((1 << 63) - 1)).replace("MIN", str(-(1 << 63)))
     assert protocol.decode_control(text)["stats"] == {
         "a": (1 << 63) - 1,
         "b": -(1 << 63),
@@ -44,8 +42,13 @@ def test_control_characters_are_escaped_and_plain_text_is_left_alone() -> None:
 def test_a_logged_reason_with_a_newline_stays_on_one_line_but_tracebacks_keep_theirs() -> None:
     formatter = EscapingFormatter("%(levelname)s %(name)s: %(message)s")
     record = logging.LogRecord(
-        "quorum.agent_ws", logging.WARNING, __file__, 1, "silo %s reports: %s",
-        ("s1", "x\n2026-12-05 19:00:00,000 CRITICAL forged"), None,
+        "quorum.agent_ws",
+        logging.WARNING,
+        __file__,
+        1,
+        "silo %s reports: %s",
+        ("s1", "x\n2026-12-05 19:00:00,000 CRITICAL forged"),
+        None,
     )
     assert formatter.format(record) == (
         "WARNING quorum.agent_ws: silo s1 reports: x\\n2026-12-05 19:00:00,000 CRITICAL forged"
