@@ -7,6 +7,7 @@ Two profiles share one code path (docs/operations.md):
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tempfile
 from pathlib import Path
@@ -78,6 +79,21 @@ def env_list(name: str, default: str = "") -> list[str]:
     """Read a comma-separated list environment variable."""
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
+
+# Reverse proxies whose X-Forwarded-For names the client (addresses or networks, e.g.
+# "10.0.0.5,10.1.0.0/16"). Empty (the default): the header is ignored and every limiter counts the
+# peer's own address. From a listed proxy the client is the right-most address of the header that
+# is not itself a listed proxy, so a client cannot pick the address it is counted under
+# (config/security.py, forwarded_client).
+QUORUM_TRUSTED_PROXIES = env_list("QUORUM_TRUSTED_PROXIES", "")
+for _proxy in QUORUM_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"QUORUM_TRUSTED_PROXIES: {_proxy!r} is not an IP address or network "
+            "(e.g. 10.0.0.5 or 10.1.0.0/16)"
+        ) from None
 
 # HTTPS hardening (`manage.py check --deploy` is clean with the production defaults). TLS ends at
 # the reverse proxy, which must set X-Forwarded-Proto (and overwrite any value a client sent).

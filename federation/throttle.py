@@ -22,8 +22,8 @@ AUDITED_ADDRESSES = 10  # the busiest addresses named in one aggregated audit ev
 
 
 def client_address(scope: dict[str, Any]) -> str:
-    """The peer's address as the ASGI server saw it (uvicorn honours X-Forwarded-For only from
-    the addresses in FORWARDED_ALLOW_IPS, by default 127.0.0.1: a proxy on the same host)."""
+    """The client's address: the peer's, or from a trusted proxy the one its X-Forwarded-For
+    names (config.security.TrustedProxyMiddleware; QUORUM_TRUSTED_PROXIES, empty by default)."""
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
 

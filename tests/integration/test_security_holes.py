@@ -3,14 +3,19 @@ a JSON number out of range, a reason that forges a log line."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
 
+from config.asgi import application
+from config.security import forwarded_client
 from fedcore import protocol
+from federation import consumers
 from federation.models import AuditEvent
 from tests.integration.test_security_agent_ws import connect, control, make_silo
 
@@ -101,3 +106,97 @@ async def test_a_reason_with_a_newline_cannot_forge_a_server_log_line() -> None:
         "disk full\\n2026-12-05 19:00:00,000 CRITICAL quorum.audit: forged\\r\\x1b[2J"
     )
     assert not any(line.startswith("2026-12-05 19:00:00,000") for line in lines)
+
+
+async def spoofed(token: str, peer: str, forwarded_for: str) -> WebsocketCommunicator:
+    comm = WebsocketCommunicator(
+        application,
+        "/ws/agent/",
+        headers=[
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"x-forwarded-for", forwarded_for.encode()),
+        ],
+    )
+    comm.scope["client"] = (peer, 40000)
+    connected, _ = await comm.connect()
+    assert connected
+    return comm
+
+
+async def test_a_spoofed_forwarded_for_does_not_escape_the_token_limiter(settings: Any) -> None:
+    """With no trusted proxy (the default) a client on the server's own host cannot rotate the
+    address it is counted under by writing X-Forwarded-For."""
+    settings.QUORUM_AGENT_AUTH_FAILURE_LIMIT = 3
+    for i in range(3):
+        comm = await spoofed("bad", "127.0.0.1", f"198.51.100.{i}")
+        assert (await control(comm))["code"] == "auth_failed"
+        await comm.receive_output(timeout=5)
+    comm = await spoofed("bad", "127.0.0.1", "198.51.100.99")
+    assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 1013}
+
+
+async def test_behind_a_trusted_proxy_the_right_most_untrusted_address_is_counted(
+    settings: Any,
+) -> None:
+    settings.QUORUM_AGENT_AUTH_FAILURE_LIMIT = 3
+    settings.QUORUM_TRUSTED_PROXIES = ["10.0.0.0/8"]
+    # The client prepends made-up addresses; the proxies append what they saw: 203.0.113.50.
+    for i in range(3):
+        comm = await spoofed("bad", "10.0.0.2", f"192.0.2.{i}, 203.0.113.50, 10.0.0.7")
+        assert (await control(comm))["code"] == "auth_failed"
+        await comm.receive_output(timeout=5)
+    comm = await spoofed("bad", "10.0.0.2", "192.0.2.77, 203.0.113.50")
+    assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 1013}
+    # Another client behind the same proxy is not blocked.
+    _, token = await make_silo()
+    comm = await spoofed(token, "10.0.0.2", "203.0.113.51")
+    await comm.send_to(text_data=protocol.encode_control("hello", agent_version="test"))
+    assert (await control(comm))["type"] == "welcome"
+    await comm.disconnect()
+    limiter, _ = consumers.auth_failure_tracking()
+    assert limiter.blocked("203.0.113.50") and not limiter.blocked("10.0.0.2")
+
+
+@pytest.mark.parametrize(
+    ("peer", "header", "proxies", "client"),
+    [
+        ("127.0.0.1", ["6.6.6.6"], [], "127.0.0.1"),  # no proxy configured: header ignored
+        ("192.0.2.1", ["6.6.6.6"], ["10.0.0.1"], "192.0.2.1"),  # peer is not a proxy
+        ("10.0.0.1", ["6.6.6.6, 203.0.113.5"], ["10.0.0.1"], "203.0.113.5"),
+        ("10.0.0.1", ["6.6.6.6", "203.0.113.5, 10.0.0.9"], ["10.0.0.0/24"], "203.0.113.5"),
+        ("10.0.0.1", ["10.0.0.3, 10.0.0.2"], ["10.0.0.0/24"], "10.0.0.3"),  # all proxies
+        ("10.0.0.1", [], ["10.0.0.1"], "10.0.0.1"),  # a proxy's own request
+        ("::1", ["2001:db8::7"], ["::1"], "2001:db8::7"),
+    ],
+)
+def test_forwarded_client_trusts_only_the_configured_proxies(
+    peer: str, header: list[str], proxies: list[str], client: str
+) -> None:
+    assert forwarded_client(peer, header, proxies) == client
+
+
+async def test_through_the_real_server_a_local_client_cannot_choose_its_counted_address(
+    settings: Any,
+) -> None:
+    """uvicorn itself used to take X-Forwarded-For from 127.0.0.1: replayed over a socket."""
+    from websockets.asyncio.client import connect as ws_connect
+    from websockets.exceptions import ConnectionClosed
+
+    from federation.server import ServerThread, free_port
+
+    settings.QUORUM_AGENT_AUTH_FAILURE_LIMIT = 2
+    server = ServerThread("127.0.0.1", free_port())
+    await asyncio.to_thread(server.start)
+    codes = []
+    try:
+        for i in range(4):
+            headers = {"Authorization": "Bearer bad", "X-Forwarded-For": f"198.51.100.{i}"}
+            async with ws_connect(server.ws_url, additional_headers=headers) as ws:
+                try:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), timeout=10)
+                except ConnectionClosed as closed:
+                    codes.append(closed.rcvd.code if closed.rcvd else None)
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert codes == [4401, 4401, 1013, 1013]  # counted as 127.0.0.1 whatever the header said
