@@ -15,6 +15,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from config.files import private_folder, private_sqlite
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -170,7 +172,7 @@ if PRODUCTION and not os.environ.get("DATABASE_URL"):
         "DATABASE_URL must be set in the production profile, e.g. postgres://quorum@db:5432/quorum"
     )
 if "DATABASE_URL" not in os.environ:
-    QUORUM_HOME.mkdir(parents=True, exist_ok=True)
+    private_folder(QUORUM_HOME)
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{_default_sqlite}"),
@@ -204,6 +206,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["TEST"] = {
         "NAME": os.environ.get("QUORUM_TEST_DB") or f"quorum_test_{os.getpid()}"
     }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3" and str(
+    DATABASES["default"]["NAME"]
+) not in ("", ":memory:"):
+    # The database holds token hashes, approvals and the audit log: 0600 in a 0700 folder.
+    private_sqlite(Path(DATABASES["default"]["NAME"]))
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes (server, demo, tests) share the file: WAL and IMMEDIATE transactions
     # turn lock contention into waiting instead of "database is locked" errors.

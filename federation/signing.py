@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
 from django.utils import timezone
 
+from config.files import private_folder
 from fedcore import signing
 from federation.models import Approval, Role, Run, Silo
 
@@ -41,7 +42,7 @@ def _create_key_file(path: Path) -> None:
     Production runs several processes that may all start with no key file: each writes its own
     complete temporary file, and the first hard link to the real name wins; the others read it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -4,11 +4,15 @@ per-silo report budget."""
 from __future__ import annotations
 
 import logging
+import sqlite3
+from pathlib import Path
 
 import pytest
 
+from config.files import private_sqlite
 from fedcore import protocol
 from fedcore.logsafe import EscapingFormatter, escape_control
+from federation.storage import FilesystemBlobStore
 from federation.throttle import SiloReportBudget
 
 
@@ -78,3 +82,29 @@ def test_the_report_budget_grants_a_burst_then_refills_and_summarises_per_window
     assert not write and summary is not None
     assert summary["suppressed"] == 4 and summary["codes"] == {"internal": 3, "malformed": 1}
     assert budget.flush(1) is None  # nothing pending any more
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_the_sqlite_database_is_created_0600_in_a_0700_folder(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir(mode=0o755)
+    (old / "quorum.sqlite3-wal").write_bytes(b"")
+    (old / "quorum.sqlite3-wal").chmod(0o644)
+    for home in (tmp_path / "new" / "var", old):
+        database = private_sqlite(home / "quorum.sqlite3")
+        sqlite3.connect(database).execute("create table t (x)").connection.commit()
+        assert _mode(home) == 0o700
+        assert _mode(database) == 0o600
+    assert _mode(old / "quorum.sqlite3-wal") == 0o600  # left by an older version: narrowed
+
+
+def test_blobs_are_0600_in_0700_folders(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    store.put("runs/1/models/v1.safetensors", b"weights")
+    folders = [tmp_path / "blobs", tmp_path / "blobs/runs", tmp_path / "blobs/runs/1/models"]
+    assert [_mode(folder) for folder in folders] == [0o700] * 3
+    assert _mode(tmp_path / "blobs/runs/1/models/v1.safetensors") == 0o600
+    assert store.get("runs/1/models/v1.safetensors") == b"weights"
