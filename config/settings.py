@@ -129,7 +129,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -255,7 +254,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # Token first: an anonymous API client gets 401 with "WWW-Authenticate: Token" (docs/api.md).
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "federation.api.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -374,6 +373,11 @@ QUORUM_EMBEDDED_ORCHESTRATOR = env_bool("QUORUM_EMBEDDED_ORCHESTRATOR", True)
 QUORUM_SIGNING_KEY_FILE = Path(
     os.environ.get("QUORUM_SIGNING_KEY_FILE", QUORUM_HOME / "keys" / "server-ed25519.pem")
 ).resolve()
+# API tokens (manage.py api_token, POST /api/v1/me/tokens/) expire after this many days; stored as
+# SHA-256 only. last_used_at is written at most once per QUORUM_API_TOKEN_TOUCH_SECONDS.
+QUORUM_API_TOKEN_DAYS = env_int("QUORUM_API_TOKEN_DAYS", 90)
+QUORUM_API_TOKEN_MAX_DAYS = env_int("QUORUM_API_TOKEN_MAX_DAYS", 365)
+QUORUM_API_TOKEN_TOUCH_SECONDS = env_int("QUORUM_API_TOKEN_TOUCH_SECONDS", 300)
 # GET /metrics (Prometheus text format) answers only with this bearer token; unset: off (404).
 QUORUM_METRICS_TOKEN = os.environ.get("QUORUM_METRICS_TOKEN", "")
 
