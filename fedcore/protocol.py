@@ -203,6 +203,7 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "version": (_INT, _REQ),
         "consortium": (_STR, _REQ),
         "status": (_STR, _REQ),
+        "authorization": (_DICT, _REQ),  # fedcore.signing.sign_offer: the agent verifies it
     },
     "stats": {"run": (_INT, _REQ), "stats": (_DICT, _REQ)},  # agent -> server
     "update_ack": {"run": (_INT, _REQ), "round": (_INT, _REQ), "status": (_STR, _REQ)},

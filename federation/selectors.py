@@ -33,7 +33,7 @@ from federation.models import (
     Update,
 )
 from federation.plan_spec import run_settings
-from federation.signing import authorization_for
+from federation.signing import authorization_for, offer_authorization
 from federation.storage import blob_store
 
 log = logging.getLogger("quorum.orchestrator")
@@ -209,6 +209,7 @@ def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None
     )
     if version is None:
         return None
+    silo = Silo.objects.get(pk=silo_id)
     return {
         "plan_hash": version.spec_hash,
         "plan": version.spec,
@@ -216,6 +217,7 @@ def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None
         "version": version.number,
         "consortium": version.plan.consortium.name,
         "status": version.plan.status,
+        "authorization": offer_authorization(version=version, silo=silo),
     }
 
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from config.files import private_folder
 from fedcore import signing
-from federation.models import Approval, Role, Run, Silo
+from federation.models import Approval, PlanVersion, Role, Run, Silo
 
 _lock = threading.Lock()
 _cache: dict[Path, Ed25519PrivateKey] = {}
@@ -100,3 +100,20 @@ def authorization_for(*, run: Run, silo: Silo) -> dict[str, Any]:
         "issued_at": timezone.now().isoformat(),
     }
     return signing.sign_authorization(server_private_key(), payload)
+
+
+def offer_authorization(*, version: PlanVersion, silo: Silo) -> dict[str, Any]:
+    """The server's signature over a plan offer to this silo (the agent refuses an unsigned or
+    altered one before storing it)."""
+    return signing.sign_offer(
+        server_private_key(),
+        {
+            "silo": silo.name,
+            "consortium": version.plan.consortium.name,
+            "plan_hash": version.spec_hash,
+            "name": version.plan.name,
+            "version": version.number,
+            "status": version.plan.status,
+            "issued_at": timezone.now().isoformat(),
+        },
+    )
