@@ -200,3 +200,28 @@ async def test_through_the_real_server_a_local_client_cannot_choose_its_counted_
     finally:
         await asyncio.to_thread(server.stop)
     assert codes == [4401, 4401, 1013, 1013]  # counted as 127.0.0.1 whatever the header said
+
+
+def test_the_server_signs_the_plan_offers_it_sends(settings: Any, tmp_path: Any) -> None:
+    """What the consumer sends as a plan_offer verifies with the key sites pin, for that silo
+    only; with the plan altered in transit it does not."""
+    from fedcore.signing import AuthorizationError, verify_offer
+    from federation import selectors
+    from federation.signing import server_public_key_text
+    from tests.factories import PlanFactory, SiloFactory
+
+    settings.QUORUM_SIGNING_KEY_FILE = tmp_path / "keys" / "server.pem"
+    silo = SiloFactory()
+    plan = PlanFactory(consortium=silo.consortium, silos=[silo])
+    fields = selectors.plan_offer_fields(version_id=plan.current_version.pk, silo_id=silo.pk)
+    assert fields is not None
+    protocol.encode_control("plan_offer", **fields)  # a valid frame
+    key = server_public_key_text()
+
+    payload = verify_offer(fields["authorization"], public_key=key, offer=fields, silo=silo.name)
+    assert payload["plan_hash"] == plan.current_version.spec_hash
+    with pytest.raises(AuthorizationError, match="not 'another-silo'"):
+        verify_offer(fields["authorization"], public_key=key, offer=fields, silo="another-silo")
+    altered = {**fields, "plan": {**fields["plan"], "rounds": 99}}
+    with pytest.raises(AuthorizationError, match="hashes to"):
+        verify_offer(fields["authorization"], public_key=key, offer=altered, silo=silo.name)
