@@ -3,13 +3,19 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard.views import assets, audit, auth, consortium, fairness, models, plans, runs
+from dashboard.views import account, assets, audit, auth, consortium, fairness, models, plans, runs
 
 app_name = "dashboard"
 urlpatterns = [
     path("", consortium.home, name="home"),
     path("login/", auth.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
+    path("account/tokens/", account.account_tokens, name="account_tokens"),
+    path(
+        "account/tokens/<int:token_id>/revoke/",
+        account.account_token_revoke,
+        name="account_token_revoke",
+    ),
     path("consortia/<int:consortium_id>/", consortium.overview, name="overview"),
     path("consortia/<int:consortium_id>/plans/", plans.plan_list, name="plan_list"),
     path("consortia/<int:consortium_id>/plans/new/", plans.plan_propose, name="plan_propose"),

@@ -17,6 +17,7 @@ from django.utils import timezone
 from fedcore.protocol import BinaryMessage
 from federation import permissions
 from federation.models import (
+    ApiToken,
     Approval,
     AuditEvent,
     Consortium,
@@ -219,6 +220,11 @@ def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None
         "status": version.plan.status,
         "authorization": offer_authorization(version=version, silo=silo),
     }
+
+
+def api_token_list(*, user: Any) -> QuerySet[ApiToken]:
+    """A user's API tokens, newest first (their SHA-256 rows: the tokens themselves are gone)."""
+    return ApiToken.objects.filter(user=user).order_by("-created_at", "-pk")
 
 
 def silo_is_online(silo: Silo) -> bool:

@@ -103,3 +103,27 @@ def test_the_migration_hashes_clear_authtoken_rows_and_deletes_them(alice) -> No
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Token 9944b09199c62bcf")
     assert client.get("/api/v1/me/").json()["username"] == "alice"
+
+
+def test_the_dashboard_shows_a_new_token_once_and_revokes_it(alice) -> None:
+    from django.test import Client
+
+    browser = Client()
+    browser.force_login(alice)
+    created = browser.post("/account/tokens/", {"name": "notebook", "days": "7"})
+    assert created.status_code == 201 and created["Cache-Control"] == "no-store"
+    token = created.context["created"].token
+    assert token in created.content.decode() and token not in database_text()
+
+    listing = browser.get("/account/tokens/").content.decode()
+    assert token not in listing and ApiToken.objects.get().prefix in listing
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    assert client.get("/api/v1/me/").status_code == 200
+
+    revoked = browser.post(f"/account/tokens/{ApiToken.objects.get().pk}/revoke/", follow=True)
+    assert "revoked" in revoked.content.decode()
+    assert client.get("/api/v1/me/").status_code == 401
+    bad = browser.post("/account/tokens/", {"days": "100000"})
+    assert bad.status_code == 400 and "between 1 and 365" in bad.content.decode()
+    assert not ApiToken.objects.exists()

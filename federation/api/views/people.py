@@ -21,7 +21,7 @@ from federation.api.serializers import (
     OrganizationSerializer,
 )
 from federation.api.views.base import ApiListView, ApiView, validated
-from federation.models import ApiToken, Consortium, Membership, Organization
+from federation.models import Consortium, Membership, Organization
 from federation.services.api_tokens import api_token_create, api_token_revoke
 from federation.services.members import membership_add
 
@@ -95,7 +95,7 @@ class MyTokenListView(ApiView):
 
     @extend_schema(responses=ApiTokenSerializer(many=True), summary="My API tokens")
     def get(self, request: Request) -> Response:
-        rows = ApiToken.objects.filter(user=request.user)
+        rows = selectors.api_token_list(user=request.user)
         return Response(ApiTokenSerializer(rows, many=True).data)
 
     @extend_schema(
@@ -115,7 +115,7 @@ class MyTokenListView(ApiView):
 class MyTokenDetailView(ApiView):
     @extend_schema(responses={204: None}, summary="Revoke one of my API tokens")
     def delete(self, request: Request, pk: int) -> Response:
-        row = ApiToken.objects.filter(user=request.user, pk=pk).first()
+        row = selectors.api_token_list(user=request.user).filter(pk=pk).first()
         if row is None:
             raise NotFound()  # someone else's token answers exactly like a missing one
         api_token_revoke(actor=request.user, token=row)
