@@ -77,6 +77,7 @@ CONTROL_EXAMPLES: dict[str, dict[str, Any]] = {
         "version": 2,
         "consortium": "north",
         "status": "submitted",
+        "authorization": GRANT,
     },
     "stats": {"run": 3, "stats": {"n": 120, "columns": {"age": {"count": 120, "mean": 51.5}}}},
     "update_ack": {"run": 3, "round": 0, "status": "accepted"},

@@ -26,6 +26,7 @@ from clientagent.config import ConfigError, SiteConfig, load_config
 from clientagent.connection import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, run_agent
 from clientagent.data import DataFileError, LocalData
 from clientagent.records import APPROVED, REJECTED, RecordsError, SiteRecords, short_hash
+from fedcore.logsafe import EscapingFormatter
 
 LOG_FORMAT = "%(asctime)s %(levelname)s quorum-agent[%(name)s]: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -33,8 +34,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 logger = logging.getLogger("clientagent.cli")
 
 
-class _SiteFormatter(logging.Formatter):
-    """Shows the site's name (``[agent] name``) instead of the agent's module names."""
+class _SiteFormatter(EscapingFormatter):
+    """Shows the site's name (``[agent] name``) instead of the agent's module names; a value from
+    the server (a refusal's reason) cannot forge a log line (fedcore/logsafe.py)."""
 
     def __init__(self, site: str):
         super().__init__(LOG_FORMAT)

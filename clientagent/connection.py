@@ -52,6 +52,7 @@ from clientagent.policy import (
 )
 from clientagent.progress import RoundProgress
 from clientagent.records import (
+    OfferRefused,
     RecordsError,
     SiteRecords,
     epsilon_by_run,
@@ -71,6 +72,7 @@ from clientagent.trainer import (
 )
 from fedcore import protocol, tensors
 from fedcore.plan import plan_hash as compute_plan_hash
+from fedcore.signing import AuthorizationError, verify_offer
 
 logger = logging.getLogger(__name__)
 
@@ -637,7 +639,35 @@ class Agent:
                 short_hash(fields["plan_hash"]),
             )
             return
-        entry = self.records.store_offer(fields)
+        try:
+            verify_offer(
+                fields["authorization"],
+                public_key=self.config.server.public_key,
+                offer=fields,
+                silo=self.silo or None,
+            )
+        except AuthorizationError as exc:
+            logger.warning(
+                "refusing the offer of plan %r v%d (hash %s): %s; it is not stored",
+                fields["name"],
+                fields["version"],
+                short_hash(fields["plan_hash"]),
+                exc,
+            )
+            return
+        try:
+            entry, evicted = self.records.store_offer(fields)
+        except OfferRefused as exc:
+            logger.warning("refusing the offer of plan %r: %s", fields["name"], exc)
+            return
+        for old_hash, old_offer in evicted:
+            logger.info(
+                "forgot the oldest stored offer %r v%s (hash %s): at most %d offers are kept",
+                old_offer.get("name"),
+                old_offer.get("version"),
+                short_hash(old_hash),
+                self.records.max_offers,
+            )
         hint = ""
         if self.config.policy.require_local_approval:
             try:

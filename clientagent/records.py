@@ -43,6 +43,12 @@ REJECTED = "rejected"
 DECISIONS = (APPROVED, REJECTED)
 MIN_PREFIX_CHARS = 8  # shortest plan hash prefix the CLI accepts
 SHORT_HASH_CHARS = 12  # how plan hashes are shown in tables and log lines
+# offers.json is written by what the server sends: bounded, so a server (or whoever holds its key)
+# cannot fill the site's disk. Past MAX_OFFERS the oldest received are forgotten (logged); an
+# offer whose plan is larger than MAX_OFFER_BYTES is not stored. The server re-sends the offers
+# that still matter at every connect.
+MAX_OFFERS = 200
+MAX_OFFER_BYTES = 256 << 10
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]+")
@@ -50,6 +56,10 @@ _HEX = re.compile(r"[0-9a-f]+")
 
 class RecordsError(Exception):
     """A state file is unreadable, or a plan hash given by the operator is unusable."""
+
+
+class OfferRefused(ValueError):
+    """A plan offer is not stored (too large)."""
 
 
 def utc_now() -> str:
@@ -133,10 +143,20 @@ class SiteRecords:
     are small), so a decision made with the CLI counts at the agent's next request.
     """
 
-    def __init__(self, state_dir: Path):
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        max_offers: int = MAX_OFFERS,
+        max_offer_bytes: int = MAX_OFFER_BYTES,
+    ):
         """Args:
         state_dir: ``[agent] state_dir``; created (0700) on the first write.
+        max_offers: offers kept in offers.json; the oldest received are evicted past it.
+        max_offer_bytes: largest plan (compact JSON) an offer may carry to be stored.
         """
+        self.max_offers = max_offers
+        self.max_offer_bytes = max_offer_bytes
         self.state_dir = state_dir
         self.offers_path = state_dir / OFFERS_FILE
         self.decisions_path = state_dir / DECISIONS_FILE
@@ -164,13 +184,25 @@ class SiteRecords:
             raise RecordsError(f"{self.offers_path}: not an object of plan hash -> offer")
         return offers
 
-    def store_offer(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Store a ``plan_offer`` (replacing an earlier offer of the same hash); return the entry.
+    def store_offer(
+        self, fields: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+        """Store a ``plan_offer`` (replacing an earlier offer of the same hash); return the entry
+        and the offers evicted to keep at most ``max_offers`` (oldest first received).
 
         Args:
-            fields: the decoded ``plan_offer``; its plan_hash must already be checked against
-                its plan.
+            fields: the decoded ``plan_offer``; its plan_hash and signature must already be
+                checked.
+
+        Raises:
+            OfferRefused: the offer's plan is larger than ``max_offer_bytes``.
         """
+        size = len(json.dumps(fields["plan"], separators=(",", ":")).encode("utf-8"))
+        if size > self.max_offer_bytes:
+            raise OfferRefused(
+                f"its plan is {size} bytes; offers above {self.max_offer_bytes} bytes are not "
+                "stored"
+            )
         model, privacy = _plan_summary(fields["plan"])
         entry = {
             "name": fields["name"],
@@ -188,10 +220,16 @@ class SiteRecords:
                 offers = self.offers()
             except RecordsError:
                 offers = {}  # a damaged file is replaced: offers are re-sent at every connect
+            offers.pop(fields["plan_hash"], None)
             offers[fields["plan_hash"]] = entry
+            evicted: list[tuple[str, dict[str, Any]]] = []
+            if len(offers) > self.max_offers:
+                by_age = sorted(offers, key=lambda h: str(offers[h].get("received_at", "")))
+                for old_hash in by_age[: len(offers) - self.max_offers]:
+                    evicted.append((old_hash, offers.pop(old_hash)))
             self._ensure_dir()
             _write_atomically(self.offers_path, json.dumps(offers, indent=1, sort_keys=True))
-        return entry
+        return entry, evicted
 
     # -- decisions ----------------------------------------------------------------------------
 

@@ -18,15 +18,21 @@ django_asgi = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from config.security import TrustedProxyMiddleware  # noqa: E402
 from dashboard.routing import websocket_urlpatterns as dashboard_websockets  # noqa: E402
 from federation import dispatch  # noqa: E402
 from federation.routing import websocket_urlpatterns  # noqa: E402
 
-router = ProtocolTypeRouter(
-    {
-        "http": django_asgi,
-        "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns + dashboard_websockets)),
-    }
+# The client address every limiter counts: X-Forwarded-For only from QUORUM_TRUSTED_PROXIES.
+router = TrustedProxyMiddleware(
+    ProtocolTypeRouter(
+        {
+            "http": django_asgi,
+            "websocket": AuthMiddlewareStack(
+                URLRouter(websocket_urlpatterns + dashboard_websockets)
+            ),
+        }
+    )
 )
 
 

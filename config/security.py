@@ -9,9 +9,11 @@ page and the admin's. A lock-out is audited once, when it starts, not once per a
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.conf import settings
@@ -43,8 +45,69 @@ class SecurityHeadersMiddleware:
         return response
 
 
+@functools.lru_cache(maxsize=8)
+def _networks(
+    proxies: tuple[str, ...],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)
+
+
+def _trusted(address: str, networks: Iterable[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def forwarded_client(peer: str, forwarded_for: list[str], proxies: Iterable[str]) -> str:
+    """The client's address: ``peer`` unless it is one of ``proxies``; then the right-most address
+    of X-Forwarded-For that is not a proxy itself (each proxy appends the address it saw, so
+    whatever a client wrote into the header is further left and never chosen).
+
+    Args:
+        peer: the address of the TCP peer.
+        forwarded_for: every X-Forwarded-For header value, in order.
+        proxies: addresses or networks of the trusted reverse proxies (QUORUM_TRUSTED_PROXIES).
+    """
+    networks = _networks(tuple(proxies))
+    if not networks or not _trusted(peer, networks):
+        return peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, networks):
+            return hop[:64]
+    return hops[0][:64] if hops else peer
+
+
+class TrustedProxyMiddleware:
+    """ASGI: set ``scope["client"]`` to :func:`forwarded_client`, for HTTP and websockets alike,
+    so the sign-in limiter (REMOTE_ADDR) and the agent token limiter count the same address.
+    Uvicorn's own X-Forwarded-For handling is off (federation/server.py): by default it trusted
+    127.0.0.1, so anyone on the server's host could choose the address they were counted under.
+    """
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Rewrite the client address of an HTTP or websocket scope, then call the app."""
+        client = scope.get("client")
+        if scope["type"] in ("http", "websocket") and client and settings.QUORUM_TRUSTED_PROXIES:
+            forwarded = [
+                value.decode("latin-1")
+                for name, value in scope.get("headers", [])
+                if name.lower() == b"x-forwarded-for"
+            ]
+            address = forwarded_client(str(client[0]), forwarded, settings.QUORUM_TRUSTED_PROXIES)
+            if address != client[0]:
+                scope = {**scope, "client": (address, 0)}
+        await self.app(scope, receive, send)
+
+
 def client_ip(request: HttpRequest | None) -> str:
-    """The address the request came from (uvicorn resolves X-Forwarded-For from trusted proxies)."""
+    """The address the request came from (X-Forwarded-For counts only from a trusted proxy:
+    TrustedProxyMiddleware)."""
     if request is None:
         return "unknown"
     return str(request.META.get("REMOTE_ADDR") or "unknown")

@@ -7,12 +7,15 @@ Two profiles share one code path (docs/operations.md):
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tempfile
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from config.files import private_folder, private_sqlite
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -79,6 +82,21 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+# Reverse proxies whose X-Forwarded-For names the client (addresses or networks, e.g.
+# "10.0.0.5,10.1.0.0/16"). Empty (the default): the header is ignored and every limiter counts the
+# peer's own address. From a listed proxy the client is the right-most address of the header that
+# is not itself a listed proxy, so a client cannot pick the address it is counted under
+# (config/security.py, forwarded_client).
+QUORUM_TRUSTED_PROXIES = env_list("QUORUM_TRUSTED_PROXIES", "")
+for _proxy in QUORUM_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"QUORUM_TRUSTED_PROXIES: {_proxy!r} is not an IP address or network "
+            "(e.g. 10.0.0.5 or 10.1.0.0/16)"
+        ) from None
+
 # HTTPS hardening (`manage.py check --deploy` is clean with the production defaults). TLS ends at
 # the reverse proxy, which must set X-Forwarded-Proto (and overwrite any value a client sent).
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)
@@ -111,7 +129,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -154,7 +171,7 @@ if PRODUCTION and not os.environ.get("DATABASE_URL"):
         "DATABASE_URL must be set in the production profile, e.g. postgres://quorum@db:5432/quorum"
     )
 if "DATABASE_URL" not in os.environ:
-    QUORUM_HOME.mkdir(parents=True, exist_ok=True)
+    private_folder(QUORUM_HOME)
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{_default_sqlite}"),
@@ -188,6 +205,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["TEST"] = {
         "NAME": os.environ.get("QUORUM_TEST_DB") or f"quorum_test_{os.getpid()}"
     }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3" and str(
+    DATABASES["default"]["NAME"]
+) not in ("", ":memory:"):
+    # The database holds token hashes, approvals and the audit log: 0600 in a 0700 folder.
+    private_sqlite(Path(DATABASES["default"]["NAME"]))
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes (server, demo, tests) share the file: WAL and IMMEDIATE transactions
     # turn lock contention into waiting instead of "database is locked" errors.
@@ -238,7 +260,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # Token first: an anonymous API client gets 401 with "WWW-Authenticate: Token" (docs/api.md).
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "federation.api.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -332,7 +354,14 @@ QUORUM_SWEEP_SECONDS = env_float("QUORUM_SWEEP_SECONDS", 2.0 if PRODUCTION else 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "formatters": {
+        # Control characters in a message (a newline in an agent's error reason) are escaped:
+        # a value from the network cannot forge a log line (fedcore/logsafe.py).
+        "plain": {
+            "()": "fedcore.logsafe.EscapingFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        }
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
         "quorum": {"handlers": ["console"], "level": os.environ.get("QUORUM_LOG_LEVEL", "INFO")},
@@ -350,6 +379,11 @@ QUORUM_EMBEDDED_ORCHESTRATOR = env_bool("QUORUM_EMBEDDED_ORCHESTRATOR", True)
 QUORUM_SIGNING_KEY_FILE = Path(
     os.environ.get("QUORUM_SIGNING_KEY_FILE", QUORUM_HOME / "keys" / "server-ed25519.pem")
 ).resolve()
+# API tokens (manage.py api_token, POST /api/v1/me/tokens/) expire after this many days; stored as
+# SHA-256 only. last_used_at is written at most once per QUORUM_API_TOKEN_TOUCH_SECONDS.
+QUORUM_API_TOKEN_DAYS = env_int("QUORUM_API_TOKEN_DAYS", 90)
+QUORUM_API_TOKEN_MAX_DAYS = env_int("QUORUM_API_TOKEN_MAX_DAYS", 365)
+QUORUM_API_TOKEN_TOUCH_SECONDS = env_int("QUORUM_API_TOKEN_TOUCH_SECONDS", 300)
 # GET /metrics (Prometheus text format) answers only with this bearer token; unset: off (404).
 QUORUM_METRICS_TOKEN = os.environ.get("QUORUM_METRICS_TOKEN", "")
 
@@ -370,6 +404,14 @@ QUORUM_AGENT_AUTH_FAILURE_WINDOW_SECONDS = env_float(
 QUORUM_AGENT_AUTH_MAX_PENDING = env_int("QUORUM_AGENT_AUTH_MAX_PENDING", 100)
 QUORUM_AGENT_AUTH_AUDIT_INTERVAL_SECONDS = env_float(
     "QUORUM_AGENT_AUTH_AUDIT_INTERVAL_SECONDS", 60.0
+)
+# Audit rows for a connected agent's error frames and refused frames, per silo and server process:
+# a token bucket of this many rows at once, refilled at this rate; past it one aggregated
+# "agent.reports_suppressed" event per window says how many were left out.
+QUORUM_AGENT_REPORT_AUDIT_BURST = env_int("QUORUM_AGENT_REPORT_AUDIT_BURST", 20)
+QUORUM_AGENT_REPORT_AUDIT_PER_MINUTE = env_float("QUORUM_AGENT_REPORT_AUDIT_PER_MINUTE", 10.0)
+QUORUM_AGENT_REPORT_AUDIT_WINDOW_SECONDS = env_float(
+    "QUORUM_AGENT_REPORT_AUDIT_WINDOW_SECONDS", 60.0
 )
 # Password sign-in (dashboard and admin): after this many failures for one username from one
 # address within the window, that pair is locked out for QUORUM_LOGIN_LOCKOUT_SECONDS (HTTP 429).

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard.views import assets, audit, auth, consortium, fairness, models, plans, runs
+from dashboard.views import account, assets, audit, auth, consortium, fairness, models, plans, runs
 
 app_name = "dashboard"
 urlpatterns = [
@@ -14,6 +14,12 @@ urlpatterns = [
         "invitations/<int:membership_id>/accept/",
         consortium.invitation_accept,
         name="invitation_accept",
+    ),
+    path("account/tokens/", account.account_tokens, name="account_tokens"),
+    path(
+        "account/tokens/<int:token_id>/revoke/",
+        account.account_token_revoke,
+        name="account_token_revoke",
     ),
     path("consortia/<int:consortium_id>/", consortium.overview, name="overview"),
     path("consortia/<int:consortium_id>/plans/", plans.plan_list, name="plan_list"),

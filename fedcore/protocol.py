@@ -203,6 +203,7 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "version": (_INT, _REQ),
         "consortium": (_STR, _REQ),
         "status": (_STR, _REQ),
+        "authorization": (_DICT, _REQ),  # fedcore.signing.sign_offer: the agent verifies it
     },
     "stats": {"run": (_INT, _REQ), "stats": (_DICT, _REQ)},  # agent -> server
     "update_ack": {"run": (_INT, _REQ), "round": (_INT, _REQ), "status": (_STR, _REQ)},
@@ -290,6 +291,24 @@ def _refuse_constant(name: str) -> NoReturn:
     raise _JSONRefused(f"{name} is not allowed; send finite numbers only")
 
 
+# Integers a peer may send anywhere in a JSON document (fields, stats, metrics, plans): the signed
+# 64-bit range, which every database column and float conversion downstream can take. A literal
+# of 10**400 used to pass, then blew up where it was first turned into a float or stored.
+JSON_INT_MIN, JSON_INT_MAX = -(1 << 63), (1 << 63) - 1
+_JSON_INT_MAX_DIGITS = len(str(JSON_INT_MAX))  # 19: longer literals are refused unparsed
+
+
+def _parse_bounded_int(text: str) -> int:
+    digits = len(text) - (text[0] == "-")
+    value = int(text) if digits <= _JSON_INT_MAX_DIGITS else None
+    if value is None or not JSON_INT_MIN <= value <= JSON_INT_MAX:
+        raise _JSONRefused(
+            f"integer {_short(text, 30)} ({digits} digits) is outside the signed 64-bit range "
+            f"[{JSON_INT_MIN}, {JSON_INT_MAX}]; send a smaller number"
+        )
+    return value
+
+
 def _parse_finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -307,12 +326,14 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _parse_json(text: str, what: str) -> Any:
-    """Parse strict JSON: no NaN/Infinity, no float overflow, no duplicate keys."""
+    """Parse strict JSON: no NaN/Infinity, no float overflow, no integer beyond 64 bits, no
+    duplicate keys."""
     try:
         return json.loads(
             text,
             parse_constant=_refuse_constant,
             parse_float=_parse_finite_float,
+            parse_int=_parse_bounded_int,
             object_pairs_hook=_unique_object,
         )
     except _JSONRefused as exc:
@@ -402,6 +423,8 @@ def _check_json_tree(value: Any, where: str, path: str) -> None:
                 problem = None if _valid_text(item) else "is not valid UTF-8 (lone surrogate)"
             elif isinstance(item, float):
                 problem = None if math.isfinite(item) else f"is {item}, not a finite number"
+            elif isinstance(item, int) and not JSON_INT_MIN <= item <= JSON_INT_MAX:
+                problem = "is an integer outside the signed 64-bit range"
             elif not (item is None or isinstance(item, int)):  # bool is an int
                 problem = f"is a {type(item).__name__}, not a JSON value"
             if problem:
@@ -424,6 +447,8 @@ def _check_value(name: str, value: Any, types: tuple[type, ...], where: str) -> 
         )
     if isinstance(value, int) and types == _INT and not _INT_MIN <= value <= _INT_MAX:
         raise InvalidField(f"{label} must be between {_INT_MIN} and {_INT_MAX}, got {value}")
+    if isinstance(value, int) and not JSON_INT_MIN <= value <= JSON_INT_MAX:
+        raise InvalidField(f"{label} is an integer outside the signed 64-bit range")
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidField(f"{label} must be a finite number, got {value}")
     if isinstance(value, str) and not _valid_text(value):

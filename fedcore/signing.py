@@ -135,6 +135,10 @@ def verify_authorization(
         ) from exc
     if payload.get("v") != AUTHORIZATION_VERSION:
         raise AuthorizationError(f"unsupported authorization version {payload.get('v')!r}")
+    if "purpose" in payload:  # a signed plan offer is not a grant to train
+        raise AuthorizationError(
+            f"the authorization is a signed {payload.get('purpose')!r}, not a grant to train"
+        )
     expected_hash = plan_hash(plan)
     if payload.get("plan_hash") != expected_hash:
         raise AuthorizationError(
@@ -165,4 +169,68 @@ def verify_authorization(
         raise AuthorizationError(
             f"no data steward of silo {silo!r} approved plan {expected_hash[:12]}…"
         )
+    return dict(payload)
+
+
+OFFER_PURPOSE = "plan_offer"
+
+
+def sign_offer(key: Ed25519PrivateKey, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Sign a plan offer (``purpose`` marks it, so it can never pass as a grant to train).
+
+    Args:
+        key: the server's private key.
+        payload: ``silo``, ``consortium``, ``plan_hash``, ``name``, ``version``, ``status``,
+            ``issued_at``.
+
+    Returns:
+        ``{"payload": ..., "signature": <base64>, "key": <public key text>}``.
+    """
+    return sign_authorization(key, {**payload, "purpose": OFFER_PURPOSE})
+
+
+def verify_offer(
+    signed: Mapping[str, Any],
+    *,
+    public_key: str,
+    offer: Mapping[str, Any],
+    silo: str | None,
+) -> dict[str, Any]:
+    """Check a plan offer was signed by the pinned server key for this silo; return its payload.
+
+    Args:
+        signed: the ``authorization`` field of the ``plan_offer``.
+        public_key: the server key pinned in site.toml.
+        offer: the ``plan_offer`` fields: its plan must hash to the signed ``plan_hash``, and its
+            name, version, consortium and status must be the signed ones.
+        silo: this site's silo name from the welcome (None: not checked, before the welcome).
+
+    Raises:
+        AuthorizationError: naming what does not hold.
+    """
+    if not isinstance(signed, Mapping):
+        raise AuthorizationError("the offer carries no signature")
+    payload, signature = signed.get("payload"), signed.get("signature")
+    if not isinstance(payload, Mapping) or not isinstance(signature, str):
+        raise AuthorizationError("the offer's signature has no payload or signature")
+    try:
+        raw_signature = base64.b64decode(signature, validate=True)
+        parse_public_key(public_key).verify(raw_signature, canonical_json(payload).encode("utf-8"))
+    except (binascii.Error, ValueError, InvalidSignature) as exc:
+        raise AuthorizationError(
+            "the offer's signature does not verify with the server key pinned in site.toml"
+        ) from exc
+    if payload.get("purpose") != OFFER_PURPOSE:
+        raise AuthorizationError("the signature is not for a plan offer")
+    expected_hash = plan_hash(offer["plan"])
+    if payload.get("plan_hash") != expected_hash or offer.get("plan_hash") != expected_hash:
+        raise AuthorizationError(
+            f"the plan offered hashes to {expected_hash[:12]}…, but the signed offer is for "
+            f"{str(payload.get('plan_hash'))[:12]}…"
+        )
+    for name in ("name", "version", "consortium", "status"):
+        if payload.get(name) != offer.get(name):
+            raise AuthorizationError(f"the offer's {name} is not the one the server signed")
+    if silo is not None and payload.get("silo") != silo:
+        raise AuthorizationError(f"the offer is for silo {payload.get('silo')!r}, not {silo!r}")
     return dict(payload)

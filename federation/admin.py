@@ -15,10 +15,9 @@ from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.db.models import Q
-from rest_framework.authtoken.admin import TokenAdmin
-from rest_framework.authtoken.models import TokenProxy
 
 from federation import models
+from federation.services.api_tokens import api_token_revoke
 from federation.services.consortia import (
     consortium_create,
     organization_create,
@@ -38,9 +37,10 @@ WRITABLE = {
         "(a password reset would let the operator sign in as a steward; a delete would cascade "
         "to their approvals), except their own"
     ),
-    "authtoken.tokenproxy": (
-        "delete only, which revokes a user's API token; a token can never be created or changed "
-        "here (that would let the operator act in a steward's name)"
+    "federation.apitoken": (
+        "delete only, which revokes a user's API token through services.api_tokens (audited); a "
+        "token can never be created or changed here (that would let the operator act in a "
+        "steward's name), and only its SHA-256 is stored"
     ),
     "federation.consortium": (
         "add only, through services.consortia.consortium_create (audited): an operator sets up a "
@@ -212,16 +212,17 @@ class FairnessReportAdmin(ReadOnlyAdmin):
 
 
 # API tokens: creating one for a steward would let the operator act as that steward; deleting
-# one only revokes it.
-admin.site.unregister(TokenProxy)
-
-
-@admin.register(TokenProxy)
-class RevokeOnlyTokenAdmin(TokenAdmin, ReadOnlyAdmin):
-    actions = None
+# one only revokes it, through the audited service.
+@admin.register(models.ApiToken)
+class RevokeOnlyTokenAdmin(ReadOnlyAdmin):
+    list_display = ("prefix", "user", "name", "created_at", "expires_at", "last_used_at")
+    exclude = ("digest",)
 
     def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
         return bool(request.user.is_active and request.user.is_superuser)
+
+    def delete_model(self, request: Any, obj: Any) -> None:
+        api_token_revoke(actor=request.user, token=obj)
 
 
 def _holds_governance(user: Any) -> bool:

@@ -19,7 +19,7 @@ from django.conf import settings
 
 from fedcore import protocol
 from federation import dispatch, selectors, throttle
-from federation.services import agent_auth
+from federation.services import agent_auth, agent_reports
 from federation.services import secagg as secagg_services
 from federation.services import silos as silo_services
 from federation.services import updates as update_services
@@ -190,6 +190,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
         """Send an error control frame."""
         await self.send(text_data=protocol.encode_error(code, reason, **fields))
 
+    async def refuse_frame(self, exc: protocol.ProtocolError) -> None:
+        """A frame broke the protocol: audited (within the silo's budget), answered with an error
+        frame; the connection goes on."""
+        await database_sync_to_async(agent_reports.agent_frame_refused)(
+            silo_id=self.silo_id, code=exc.code, reason=str(exc)
+        )
+        await self.send_error(exc.code, str(exc))
+
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels' dispatch, minus its database clean-up hop before every message.
 
@@ -219,7 +227,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         try:
             msg = protocol.decode_control(text)
         except protocol.ProtocolError as exc:
-            await self.send_error(exc.code, str(exc))
+            await self.refuse_frame(exc)
             return
         kind = msg["type"]
         if not self.hello_done and kind != "hello":
@@ -315,7 +323,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         try:
             message = self.reassembler.feed(frame)
         except protocol.ProtocolError as exc:
-            await self.send_error(exc.code, str(exc))
+            await self.refuse_frame(exc)
             return
         if message is None:
             # A transfer is open: its next frame must come within the stall deadline.

@@ -518,3 +518,29 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.index} {self.action} by {self.actor}"
+
+
+class ApiToken(models.Model):
+    """A user's API token, stored as its SHA-256 only: the token itself is shown once, when it is
+    created (DRF's authtoken kept it in clear, so a database reader could act as any user)."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=12)  # the token's first characters, to tell them apart
+    digest = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… of user {self.user_id}"
+
+    @property
+    def expired(self) -> bool:
+        """Whether the token is past its expiry."""
+        return timezone.now() >= self.expires_at

@@ -18,6 +18,7 @@ from fedcore.plan import run_settings
 from fedcore.protocol import BinaryMessage
 from federation import permissions
 from federation.models import (
+    ApiToken,
     Approval,
     AuditEvent,
     Consortium,
@@ -33,7 +34,7 @@ from federation.models import (
     TrainingPlan,
     Update,
 )
-from federation.signing import authorization_for
+from federation.signing import authorization_for, offer_authorization
 from federation.storage import blob_store
 
 log = logging.getLogger("quorum.orchestrator")
@@ -209,6 +210,7 @@ def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None
     )
     if version is None:
         return None
+    silo = Silo.objects.get(pk=silo_id)
     return {
         "plan_hash": version.spec_hash,
         "plan": version.spec,
@@ -216,7 +218,13 @@ def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None
         "version": version.number,
         "consortium": version.plan.consortium.name,
         "status": version.plan.status,
+        "authorization": offer_authorization(version=version, silo=silo),
     }
+
+
+def api_token_list(*, user: Any) -> QuerySet[ApiToken]:
+    """A user's API tokens, newest first (their SHA-256 rows: the tokens themselves are gone)."""
+    return ApiToken.objects.filter(user=user).order_by("-created_at", "-pk")
 
 
 def silo_is_online(silo: Silo) -> bool:

@@ -32,6 +32,9 @@ def uvicorn_config(host: str, port: int, log_level: str = "warning") -> uvicorn.
         port=port,
         log_level=log_level,
         lifespan="on",
+        # X-Forwarded-For is honoured by config.security.TrustedProxyMiddleware, only from
+        # QUORUM_TRUSTED_PROXIES; uvicorn's own handling trusted 127.0.0.1 by default.
+        proxy_headers=False,
         ws="websockets-sansio",
         ws_max_size=settings.QUORUM_MAX_FRAME_BYTES + (64 << 10),
         # No permessage-deflate: zlib on model weights costs seconds per 100 MB for a few

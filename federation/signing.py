@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
 from django.utils import timezone
 
+from config.files import private_folder
 from fedcore import signing
-from federation.models import Approval, Role, Run, Silo
+from federation.models import Approval, PlanVersion, Role, Run, Silo
 
 _lock = threading.Lock()
 _cache: dict[Path, Ed25519PrivateKey] = {}
@@ -41,7 +42,7 @@ def _create_key_file(path: Path) -> None:
     Production runs several processes that may all start with no key file: each writes its own
     complete temporary file, and the first hard link to the real name wins; the others read it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -99,3 +100,20 @@ def authorization_for(*, run: Run, silo: Silo) -> dict[str, Any]:
         "issued_at": timezone.now().isoformat(),
     }
     return signing.sign_authorization(server_private_key(), payload)
+
+
+def offer_authorization(*, version: PlanVersion, silo: Silo) -> dict[str, Any]:
+    """The server's signature over a plan offer to this silo (the agent refuses an unsigned or
+    altered one before storing it)."""
+    return signing.sign_offer(
+        server_private_key(),
+        {
+            "silo": silo.name,
+            "consortium": version.plan.consortium.name,
+            "plan_hash": version.spec_hash,
+            "name": version.plan.name,
+            "version": version.number,
+            "status": version.plan.status,
+            "issued_at": timezone.now().isoformat(),
+        },
+    )

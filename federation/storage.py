@@ -6,6 +6,7 @@ write never leaves a half-written blob under a real key.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import secrets
@@ -16,6 +17,7 @@ from typing import Protocol
 
 from django.conf import settings
 
+from config.files import FOLDER_MODE, private_folder
 from fedcore.protocol import spooled_file
 from fedcore.tensors import writable_buffer
 
@@ -42,10 +44,11 @@ class BlobStore(Protocol):
 
 
 class FilesystemBlobStore:
-    """Blobs as files under one root folder."""
+    """Blobs as files under one root folder: files 0600 (mkstemp, O_TMPFILE), folders 0700."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        _private_root(self.root)
 
     def _path(self, key: str) -> Path:
         parts = key.split("/")
@@ -143,13 +146,19 @@ class FilesystemBlobStore:
         shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)
 
 
+@functools.cache
+def _private_root(root: Path) -> None:
+    """Create the store's root 0700 (or narrow one an older version made), once per process."""
+    private_folder(root)
+
+
 def _make_folders(folder: Path) -> None:
     """Create ``folder`` and its missing parents, each new name made durable in its parent."""
     if folder.is_dir():
         return
     _make_folders(folder.parent)
     try:
-        folder.mkdir()
+        folder.mkdir(mode=FOLDER_MODE)
     except FileExistsError:  # a concurrent writer made it: its name may not be durable yet
         if not folder.is_dir():
             raise

@@ -22,8 +22,8 @@ AUDITED_ADDRESSES = 10  # the busiest addresses named in one aggregated audit ev
 
 
 def client_address(scope: dict[str, Any]) -> str:
-    """The peer's address as the ASGI server saw it (uvicorn honours X-Forwarded-For only from
-    the addresses in FORWARDED_ALLOW_IPS, by default 127.0.0.1: a proxy on the same host)."""
+    """The client's address: the peer's, or from a trusted proxy the one its X-Forwarded-For
+    names (config.security.TrustedProxyMiddleware; QUORUM_TRUSTED_PROXIES, empty by default)."""
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
 
@@ -135,4 +135,72 @@ class AuthFailureAudit:
         self._pending.clear()
         self._refused = 0
         self._last = now
+        return data
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+    suppressed: Counter[str] = field(default_factory=Counter)  # code -> frames not written
+    since: float | None = None  # when the first suppressed frame of this summary arrived
+
+
+@dataclass
+class SiloReportBudget:
+    """A token bucket per silo for the audit rows of what its agent reports or gets refused
+    (``error`` frames, malformed frames): ``burst`` rows at once, then ``per_minute``.
+
+    Past the budget a frame writes no row; it is counted, and one aggregated "suppressed N
+    frames" event per ``window`` seconds says how many of each code were left out (due when a
+    suppressed frame arrives a window after the first one, or when the agent disconnects). An
+    authenticated agent sending 2,000 error frames used to add 2,000 rows (7.8 MiB).
+    """
+
+    burst: int
+    per_minute: float
+    window: float
+    clock: Callable[[], float] = time.monotonic
+    _buckets: dict[int, _Bucket] = field(default_factory=dict)
+
+    def take(self, silo_id: int, code: str) -> tuple[bool, dict[str, Any] | None]:
+        """One report from ``silo_id``: (write its own audit row?, summary to write now or None)."""
+        now = self.clock()
+        bucket = self._buckets.get(silo_id)
+        if bucket is None:
+            if len(self._buckets) >= MAX_TRACKED_ADDRESSES:
+                self._buckets.clear()  # silos are few; this only bounds a misuse
+            bucket = self._buckets[silo_id] = _Bucket(tokens=float(self.burst), updated=now)
+        bucket.tokens = min(
+            float(self.burst), bucket.tokens + (now - bucket.updated) * self.per_minute / 60.0
+        )
+        bucket.updated = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return True, None
+        if bucket.since is None:
+            bucket.since = now
+        bucket.suppressed[code[:50]] += 1
+        if now - bucket.since >= self.window:
+            return False, self._summary(bucket, now)
+        return False, None
+
+    def flush(self, silo_id: int) -> dict[str, Any] | None:
+        """The pending summary of ``silo_id`` (its agent went away), or None."""
+        bucket = self._buckets.get(silo_id)
+        if bucket is None or not bucket.suppressed:
+            return None
+        return self._summary(bucket, self.clock())
+
+    def _summary(self, bucket: _Bucket, now: float) -> dict[str, Any]:
+        assert bucket.since is not None
+        data = {
+            "suppressed": sum(bucket.suppressed.values()),
+            "codes": dict(bucket.suppressed.most_common(AUDITED_ADDRESSES)),
+            "seconds": round(now - bucket.since, 3),
+            "burst": self.burst,
+            "per_minute": self.per_minute,
+        }
+        bucket.suppressed.clear()
+        bucket.since = None
         return data

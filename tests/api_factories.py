@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from federation import models
 from federation.services import plans as plan_services
+from federation.services.api_tokens import api_token_digest
 from federation.services.silos import silo_issue_token
 from tests.factories import SiloFactory, plan_spec, start_run
 from tests.governance_factories import Governed, governed_consortium
@@ -60,12 +62,36 @@ def fast_password_hashing(settings: Any) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+_tokens: dict[int, str] = {}  # user id -> a token of theirs (checked to exist before reuse)
+
+
+def _token_of(user: Any) -> str:
+    """One token per user, like DRF's get_or_create. A row, not the service: no audit event of
+    its own in tests that count them. Marked used, so a test's first request does not write
+    last_used_at (counted queries)."""
+    token = _tokens.get(user.pk)
+    if (
+        token is not None
+        and models.ApiToken.objects.filter(user=user, digest=api_token_digest(token)).exists()
+    ):
+        return token
+    token = secrets.token_urlsafe(24)
+    models.ApiToken.objects.create(
+        user=user,
+        prefix=token[:12],
+        digest=api_token_digest(token),
+        expires_at=timezone.now() + timedelta(days=1),
+        last_used_at=timezone.now(),
+    )
+    _tokens[user.pk] = token
+    return token
+
+
 def client_for(user: Any) -> APIClient:
     """An API client sending the user's token."""
     client = APIClient()
     if user is not None:
-        token, _ = Token.objects.get_or_create(user=user)
-        client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+        client.credentials(HTTP_AUTHORIZATION=f"Token {_token_of(user)}")
     return client
 
 

@@ -22,10 +22,13 @@ def _fast_password_hashing(settings: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_abuse_counters() -> None:
-    """Sign-in lock-outs (Django's cache) and agent token failures (per process) start empty."""
+    """Sign-in lock-outs (Django's cache), agent token failures and the agent report audit budget
+    (per process) start empty."""
     from django.core.cache import cache
 
     from federation.consumers import reset_auth_failure_tracking
+    from federation.services.agent_reports import reset_report_budget
 
     cache.clear()
     reset_auth_failure_tracking()
+    reset_report_budget()

@@ -20,6 +20,7 @@ from rest_framework import serializers
 from fedcore.plan import openapi_schema
 from federation import governance, permissions, selectors
 from federation.models import (
+    ApiToken,
     Approval,
     AuditEvent,
     Consortium,
@@ -684,3 +685,23 @@ class AuditHeadSerializer(serializers.Serializer):
 
 class ServerKeySerializer(serializers.Serializer):
     public_key = serializers.CharField(read_only=True)
+
+
+class ApiTokenSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "prefix", "created_at", "expires_at", "last_used_at"]
+        read_only_fields = fields
+
+
+class ApiTokenCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100, required=False, default="", allow_blank=True)
+    days = serializers.IntegerField(required=False, min_value=1)
+
+
+class ApiTokenCreatedSerializer(ApiTokenSerializer):
+    token = serializers.CharField(read_only=True, help_text="shown only in this response")
+
+    class Meta(ApiTokenSerializer.Meta):
+        fields = [*ApiTokenSerializer.Meta.fields, "token"]
+        read_only_fields = fields

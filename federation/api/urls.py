@@ -10,6 +10,8 @@ from federation.api.views.base import ApiNotFoundView
 app_name = "api"
 urlpatterns = [
     path("me/", people.MeView.as_view(), name="me"),
+    path("me/tokens/", people.MyTokenListView.as_view(), name="my-tokens"),
+    path("me/tokens/<int:pk>/", people.MyTokenDetailView.as_view(), name="my-token"),
     path("consortia/", people.ConsortiumListView.as_view(), name="consortium-list"),
     path("consortia/<int:pk>/", people.ConsortiumDetailView.as_view(), name="consortium-detail"),
     path(

@@ -15,8 +15,8 @@ from django.utils import timezone
 from fedcore.tabular import DatasetSchema, SchemaError, schema_hash
 from federation import dispatch, permissions, selectors
 from federation.models import Organization, Role, Silo
+from federation.services import agent_reports
 from federation.services import secagg as secagg_services
-from federation.services import updates as update_services
 from federation.services.audit import actor_label, audit_append
 from federation.services.errors import Conflict
 
@@ -117,6 +117,7 @@ def agent_goodbye(*, silo_id: int, connection_id: str, greeted: bool, replaced: 
     """An agent connection ended: forget it, and what that means for secure rounds."""
     silo_disconnect(silo_id=silo_id, connection_id=connection_id)
     secagg_services.secagg_session_ended(silo_id=silo_id, greeted=greeted, replaced=replaced)
+    agent_reports.agent_reports_flush(silo_id=silo_id)
 
 
 def agent_error(
@@ -125,7 +126,7 @@ def agent_error(
     """An agent reported a problem or a refusal: a secure round stops waiting for it, and the
     audit log records it."""
     secagg_services.secagg_round_refused(silo_id=silo_id, run_id=run_id, number=round_number)
-    update_services.agent_report(
+    agent_reports.agent_report(
         silo_id=silo_id, code=code, reason=reason, run_id=run_id, round_number=round_number
     )
 

@@ -67,22 +67,6 @@ def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
     dispatch.enqueue_advance(run.pk)
 
 
-@transaction.atomic
-def agent_report(
-    *, silo_id: int, code: str, reason: str, run_id: int | None, round_number: int | None
-) -> None:
-    """Record in the audit log what a site's agent refused or could not do, and why."""
-    silo = Silo.objects.get(pk=silo_id)
-    audit_append(
-        actor=f"silo:{silo.name}",
-        action="agent.refused" if code in {"not_authorized", "policy_refused"} else "agent.error",
-        consortium_id=silo.consortium_id,
-        object_type="run" if run_id is not None else "silo",
-        object_id=run_id if run_id is not None else silo.pk,
-        data={"code": code[:50], "reason": reason[:2000], "round": round_number},
-    )
-
-
 def validate_metrics(metrics: dict[str, Any]) -> list[tuple[str, str, float]]:
     """Check an update's metrics are a small dict of numbers or None (one level of nesting)."""
     flat: list[tuple[str, str, float]] = []

@@ -97,9 +97,9 @@ def _world(superuser) -> None:
     from tests.factories import approve_by_stewards
 
     approve_by_stewards(plan)
-    from rest_framework.authtoken.models import Token
+    from federation.services.api_tokens import api_token_create
 
-    Token.objects.create(user=g.stewards[0])
+    api_token_create(actor=g.stewards[0], user=g.stewards[0], name="seed", days=None)
     from django.contrib.auth.models import Group
 
     Group.objects.create(name="operators")
@@ -269,17 +269,19 @@ def test_a_user_change_in_the_admin_grants_no_role(superuser, browser) -> None:
     steward.refresh_from_db()
     assert steward.password == password and steward.is_active
     # Nor can the operator mint an API token in the steward's name.
-    from rest_framework.authtoken.models import Token
+    from federation.models import ApiToken
+    from federation.services.api_tokens import api_token_create
 
-    assert browser.get(reverse("admin:authtoken_tokenproxy_add")).status_code == 403
-    token = Token.objects.create(user=steward)
-    change = reverse("admin:authtoken_tokenproxy_change", args=[steward.pk])
+    assert browser.get(reverse("admin:federation_apitoken_add")).status_code == 403
+    token = api_token_create(actor=steward, user=steward, name="cli", days=None).row
+    change = reverse("admin:federation_apitoken_change", args=[token.pk])
     assert browser.post(change, {"user": outsider.pk}).status_code == 403
-    assert Token.objects.get(pk=token.pk).user_id == steward.pk
-    # Deleting one only revokes it.
-    delete = reverse("admin:authtoken_tokenproxy_delete", args=[steward.pk])
+    assert ApiToken.objects.get(pk=token.pk).user_id == steward.pk
+    # Deleting one only revokes it, and the revocation is audited.
+    delete = reverse("admin:federation_apitoken_delete", args=[token.pk])
     assert browser.post(delete, {"post": "yes"}).status_code == 302
-    assert not Token.objects.filter(pk=token.pk).exists()
+    assert not ApiToken.objects.filter(pk=token.pk).exists()
+    assert AuditEvent.objects.filter(action="api_token.revoked").exists()
 
 
 def test_attack_forging_an_approval_and_an_approved_status_in_the_admin_is_refused(

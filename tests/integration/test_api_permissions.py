@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from django.db import transaction
 
+from federation.services.api_tokens import api_token_create
 from tests.api_factories import ROLES, World, build_world, fast_password_hashing  # noqa: F401
 from tests.factories import SCHEMA, plan_spec
 from tests.governance_factories import UserFactory
@@ -41,6 +42,9 @@ MATRIX = """
 | Endpoint                                  | admin | org_admin | steward | scientist | auditor | other | anonymous |
 |-------------------------------------------|-------|-----------|---------|-----------|---------|-------|-----------|
 | GET /api/v1/me/                           | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
+| GET /api/v1/me/tokens/                    | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
+| POST /api/v1/me/tokens/                   | 201   | 201       | 201     | 201       | 201     | 201   | 401       |
+| DELETE /api/v1/me/tokens/{id}/            | 204   | 404       | 404     | 404       | 404     | 404   | 401       |
 | GET /api/v1/consortia/                    | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
 | GET /api/v1/consortia/{id}/               | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/consortia/{id}/organizations/ | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
@@ -93,6 +97,12 @@ def _none(w: World) -> None:
 # For each row: the URL's objects and the request body (a valid one: the matrix is about roles).
 REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
     "GET /api/v1/me/": (lambda w: "/api/v1/me/", _none),
+    "GET /api/v1/me/tokens/": (lambda w: "/api/v1/me/tokens/", _none),
+    "POST /api/v1/me/tokens/": (lambda w: "/api/v1/me/tokens/", lambda w: {"name": "ci"}),
+    "DELETE /api/v1/me/tokens/{id}/": (
+        lambda w: f"/api/v1/me/tokens/{api_token_create(actor=None, user=w.gov.admin).row.pk}/",
+        _none,
+    ),
     "GET /api/v1/consortia/": (lambda w: "/api/v1/consortia/", _none),
     "GET /api/v1/consortia/{id}/": (lambda w: f"/api/v1/consortia/{w.gov.consortium.pk}/", _none),
     "GET /api/v1/consortia/{id}/organizations/": (

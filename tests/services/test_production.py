@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rest_framework.authtoken.models import Token
 
 from federation.models import AuditEvent, Round, Run
+from federation.services.api_tokens import api_token_create
 from tests.services.federations import (
     LiveListener,
     assert_run_consistent,
@@ -61,7 +61,7 @@ def test_a_run_started_on_one_server_trains_agents_on_both_through_the_worker(
 ) -> None:
     fed = federation(stack, tmp_path, [0, 0, 1], min_silos=3, round_deadline_seconds=60)
     admin = consortium_admin(fed.plan, fed.silos[0])
-    token = Token.objects.create(user=admin).key
+    token = api_token_create(actor=None, user=admin).token
     listener = LiveListener(stack.ws_url(1, "/ws/live/"), admin)
     procs = [*stack.procs, *fed.agents]
     try:

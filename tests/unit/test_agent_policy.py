@@ -30,6 +30,7 @@ from fedcore.plan import plan_hash
 from tests.unit.test_agent_session import (
     PLAN,
     SCHEMA,
+    SERVER_KEY,
     WAIT,
     FakeServer,
     fast_heartbeats_and_info_logs,  # noqa: F401 - autouse fixture, applies here too
@@ -240,13 +241,7 @@ async def test_local_approval_refuses_until_the_operator_approves(tmp_path, caps
         await hello_welcome(ws, server)
         await ws.send(
             protocol.encode_control(
-                "plan_offer",
-                plan_hash=digest,
-                plan=PLAN,
-                name="thyroid-lr",
-                version=2,
-                consortium="thyroid",
-                status="approved",
+                "plan_offer", **offer(digest, "thyroid-lr", 2, status="approved", silo="site-a")
             )
         )
         await ws.send(stats_request())
@@ -553,15 +548,28 @@ def test_unreadable_decisions_fail_closed(tmp_path):
 # -- offers and the operator's CLI --------------------------------------------------------------
 
 
-def offer(digest: str, name: str, version: int = 1) -> dict[str, Any]:
-    return {
+def offer(
+    digest: str,
+    name: str,
+    version: int = 1,
+    *,
+    plan: dict[str, Any] = PLAN,
+    status: str = "submitted",
+    key: Any = SERVER_KEY,
+    silo: str = "site-a",
+) -> dict[str, Any]:
+    """A plan_offer's fields, signed by the fake server's key as the real server signs them."""
+    fields = {
         "plan_hash": digest,
-        "plan": PLAN,
+        "plan": plan,
         "name": name,
         "version": version,
         "consortium": "thyroid",
-        "status": "submitted",
+        "status": status,
     }
+    signed = {k: v for k, v in fields.items() if k != "plan"}
+    signed |= {"silo": silo, "issued_at": datetime.now(UTC).isoformat()}
+    return fields | {"authorization": signing.sign_offer(key, signed)}
 
 
 def test_an_offer_whose_hash_is_not_its_plan_is_ignored(tmp_path, caplog):
@@ -637,3 +645,53 @@ def test_plans_and_log_with_nothing_yet(tmp_path, capsys):
     assert "nothing sent yet" in capsys.readouterr().out
     assert cli.main(["log", "--config", config, "--json"]) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_an_offer_whose_signature_does_not_verify_is_refused_and_not_stored(tmp_path, caplog):
+    agent = welcomed_agent(tmp_path)
+    digest = plan_hash(PLAN)
+    unsigned = {k: v for k, v in offer(digest, "x").items() if k != "authorization"}
+    forged = offer(digest, "forged", key=signing.generate_private_key())
+    renamed = offer(digest, "honest") | {"name": "renamed in transit"}
+    elsewhere = offer(digest, "for another silo", silo="site-b")
+    grant_as_offer = offer(digest, "a grant") | {"authorization": grant()}
+
+    agent.on_plan_offer(unsigned | {"authorization": {}})
+    for fields in (forged, renamed, elsewhere, grant_as_offer):
+        agent.on_plan_offer(fields)
+
+    assert agent.records.offers() == {}
+    text = caplog.text
+    assert text.count("refusing the offer") == 5 and "it is not stored" in text
+    assert "does not verify with the server key pinned" in text
+    assert "name is not the one the server signed" in text and "not 'site-a'" in text
+
+
+def test_offers_are_bounded_in_count_and_size_oldest_evicted(tmp_path, caplog):
+    agent = welcomed_agent(tmp_path)
+    agent.records.max_offers = 3
+    plans = [dict(PLAN, rounds=i + 1) for i in range(5)]
+    for i, plan in enumerate(plans):
+        agent.on_plan_offer(offer(plan_hash(plan), f"plan {i}", plan=plan))
+
+    names = sorted(o["name"] for o in agent.records.offers().values())
+    assert names == ["plan 2", "plan 3", "plan 4"]
+    assert caplog.text.count("forgot the oldest stored offer") == 2
+    assert "'plan 0'" in caplog.text and "at most 3 offers are kept" in caplog.text
+
+    huge = dict(PLAN, description="x" * agent.records.max_offer_bytes)
+    agent.on_plan_offer(offer(plan_hash(huge), "huge", plan=huge))
+    assert "huge" not in [o["name"] for o in agent.records.offers().values()]
+    assert "offers above 262144 bytes are not stored" in caplog.text
+
+
+def test_a_signed_offer_is_never_accepted_as_a_grant_to_train() -> None:
+    signed = offer(plan_hash(PLAN), "x")["authorization"]
+    with pytest.raises(signing.AuthorizationError, match="not a grant to train"):
+        signing.verify_authorization(
+            signed,
+            public_key=signing.public_key_text(SERVER_KEY),
+            plan=PLAN,
+            silo="site-a",
+            run=5,
+        )

@@ -135,8 +135,9 @@ def test_each_hardening_setting_can_be_changed_from_the_environment() -> None:
         ({"DATABASE_URL": None}, "DATABASE_URL must be set"),
         ({"DATABASE_URL": "sqlite:////tmp/quorum.sqlite3"}, "needs PostgreSQL"),
         ({"SECURE_PROXY_SSL_HEADER": "HTTP_X_FORWARDED_PROTO"}, "SECURE_PROXY_SSL_HEADER"),
+        ({"QUORUM_TRUSTED_PROXIES": "10.0.0.1,nginx"}, "'nginx' is not an IP address"),
     ],
-    ids=["no-secret-key", "no-database-url", "sqlite", "bad-proxy-header"],
+    ids=["no-secret-key", "no-database-url", "sqlite", "bad-proxy-header", "bad-proxy-list"],
 )
 def test_production_refuses_to_start_without_what_it_needs(
     overrides: dict[str, str | None], message: str

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
+from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from federation import permissions, selectors
 from federation.api.serializers import (
+    ApiTokenCreatedSerializer,
+    ApiTokenCreateSerializer,
+    ApiTokenSerializer,
     ConsortiumDetailSerializer,
     ConsortiumSerializer,
     MembershipAddSerializer,
@@ -18,6 +22,7 @@ from federation.api.serializers import (
 )
 from federation.api.views.base import ApiListView, ApiView, NoBodySerializer, validated
 from federation.models import Consortium, Membership, Organization
+from federation.services.api_tokens import api_token_create, api_token_revoke
 from federation.services.members import membership_accept, membership_add
 
 
@@ -102,3 +107,35 @@ class MembershipAcceptView(ApiView):
         validated(NoBodySerializer, request)
         membership = membership_accept(actor=request.user, membership=invitation)
         return Response(MembershipSerializer(membership).data)
+
+
+class MyTokenListView(ApiView):
+    """The current user's API tokens: list them, or create one (its token is shown only once)."""
+
+    @extend_schema(responses=ApiTokenSerializer(many=True), summary="My API tokens")
+    def get(self, request: Request) -> Response:
+        rows = selectors.api_token_list(user=request.user)
+        return Response(ApiTokenSerializer(rows, many=True).data)
+
+    @extend_schema(
+        request=ApiTokenCreateSerializer,
+        responses={201: ApiTokenCreatedSerializer},
+        summary="Create an API token (shown once; the server keeps its SHA-256)",
+    )
+    def post(self, request: Request) -> Response:
+        data = validated(ApiTokenCreateSerializer, request)
+        created = api_token_create(
+            actor=request.user, user=request.user, name=data["name"], days=data.get("days")
+        )
+        body = {**ApiTokenSerializer(created.row).data, "token": created.token}
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class MyTokenDetailView(ApiView):
+    @extend_schema(responses={204: None}, summary="Revoke one of my API tokens")
+    def delete(self, request: Request, pk: int) -> Response:
+        row = selectors.api_token_list(user=request.user).filter(pk=pk).first()
+        if row is None:
+            raise NotFound()  # someone else's token answers exactly like a missing one
+        api_token_revoke(actor=request.user, token=row)
+        return Response(status=status.HTTP_204_NO_CONTENT)

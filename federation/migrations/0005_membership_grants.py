@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('federation', '0003_update_wire_bytes'),
+        ('federation', '0004_secagg_coordination'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
