@@ -293,7 +293,7 @@ def _parse_server(section: _Section) -> ServerConfig:
         url=url,
         token=token,
         public_key=_parse_public_key(section),
-        ca_file=_parse_ca_file(section),
+        ca_file=_parse_ca_file(section, url),
         allow_insecure=allow_insecure,
     )
     if not server.is_encrypted and not server.is_loopback and not allow_insecure:
@@ -304,17 +304,17 @@ def _parse_server(section: _Section) -> ServerConfig:
             "server's wss:// address (with ca_file for the consortium's CA); only on a network "
             "you trust, set allow_insecure = true in [server]",
         )
-    if server.ca_file is not None and not server.is_encrypted:
-        raise section.error(
-            "ca_file", f"is set but {url!r} is not wss://; use the wss:// address or remove it"
-        )
     return server
 
 
-def _parse_ca_file(section: _Section) -> Path | None:
+def _parse_ca_file(section: _Section, url: str) -> Path | None:
     path = section.path("ca_file", required=False)
     if path is None:
         return None
+    if not url.lower().startswith("wss://"):
+        raise section.error(
+            "ca_file", f"is set but {url!r} is not wss://; use the wss:// address or remove it"
+        )
     try:
         ssl.create_default_context(cafile=str(path))
     except FileNotFoundError:

@@ -308,6 +308,8 @@ class Agent:
                         f"HTTP {exc.response.status_code} instead of a websocket; "
                         f"check [server] url in {self.config.path}"
                     )
+                except ssl.SSLCertVerificationError as exc:
+                    reason = self._certificate_refused(exc)
                 except (OSError, TimeoutError, InvalidHandshake, SessionLost) as exc:
                     reason = str(exc) or type(exc).__name__
                 except Exception as exc:
@@ -333,6 +335,16 @@ class Agent:
             jobs = list(self._jobs.values())
             if jobs:
                 await asyncio.gather(*jobs, return_exceptions=True)
+
+    def _certificate_refused(self, exc: ssl.SSLCertVerificationError) -> str:
+        """Why the server's TLS certificate was refused, and what the operator can check."""
+        ca_file = self.config.server.ca_file
+        if ca_file is not None:
+            trust = f"is not from the CA in [server] ca_file ({ca_file})"
+        else:
+            trust = "is not trusted by this machine (set [server] ca_file to the consortium's CA)"
+        logger.error("the server's TLS certificate %s: %s", trust, exc.verify_message or exc)
+        return f"certificate verify failed: the server's certificate {trust}"
 
     async def session(self, stop: asyncio.Event) -> None:
         """One websocket session: connect, hello/welcome, serve until it closes or ``stop``.
