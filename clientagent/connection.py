@@ -8,8 +8,11 @@ What must survive a reconnect lives on the Agent: the data caches, the training 
 built update, which is re-sent without retraining when the server re-sends the same task.
 
 Every ``stats_request`` and ``task`` is checked before any local data is read
-(:mod:`clientagent.policy`: the server's signed grant, then the site's ``[policy]``); a refusal is
-an ``error`` frame and the agent carries on. A DP round is checked once more before it trains,
+(:mod:`clientagent.policy`: the server's signed grant and its scope, then the site's ``[policy]``);
+a task's round attempt is claimed in the site's own round count (:mod:`clientagent.roundlog`)
+before it trains, so no round attempt trains twice. A refusal is an ERROR in the local log and an
+``error`` frame (audited by the server), and the agent carries on. With ``[server] ca_file`` the
+server's certificate must come from that CA. A DP round is checked once more before it trains,
 with the mechanism for the real training rows and what the sent log says was spent
 (:func:`clientagent.policy.check_round_budget`). Every message carrying anything derived from
 local data is written to the sent log (:mod:`clientagent.records`) before it leaves; a DP update's

@@ -4,11 +4,16 @@ Two layers, both fail closed:
 
 1. :func:`check_authorization`: the request carries the server's Ed25519-signed grant
    (:mod:`fedcore.signing`) for this silo, this run, this consortium and the exact plan it
-   carries, with an approval by this silo's data steward. A compromised relay or a forged task
-   cannot make the site train. Failure: ``not_authorized``.
+   carries, with an approval by this silo's data steward; for a task also its round (within the
+   plan's rounds), the hashes of the weights and preprocessing received, and the expiry. A
+   compromised relay or a forged, changed or stale task cannot make the site train. Failure:
+   ``not_authorized``. (The agent's own round count, :mod:`clientagent.roundlog`, refuses a
+   replayed round just before training.)
 2. :func:`check_policy`: the site's ``[policy]`` (model kinds, differential privacy, secure
    aggregation, privacy budget, local approval by the site operator) allows the plan, whatever the
-   consortium approved. Failure: ``policy_refused``.
+   consortium approved. Failure: ``policy_refused``. ``require_dp`` and the epsilon caps count
+   only noise added at the site (:func:`site_adds_noise`): a plan relying on central noise is
+   refused by them.
 
 Then, for DP plans, once the local data is read and before each round trains,
 :func:`check_round_budget` checks the privacy caps again with the real numbers: the mechanism for

@@ -6,6 +6,12 @@ recomputes the plan's hash from the plan it received and checks that the grant n
 and carries an approval from its own data steward. A compromised relay or a forged task cannot
 make a site train on a plan its steward did not approve.
 
+Each grant is also bound to one message (:func:`request_scope`, checked by
+:func:`check_request_scope`): its kind, the run's total rounds and an expiry, and for a task its
+round and attempt and the SHA-256 of the global weights payload and of the canonical
+preprocessing JSON. A relay cannot change the weights or the preprocessing, renumber the round,
+or re-deliver a task after it expired.
+
 Keys travel as text: ``ed25519:<base64 of the 32 raw bytes>``.
 """
 
