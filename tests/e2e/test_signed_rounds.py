@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 
 from clientagent.connection import MAX_WS_MESSAGE_BYTES
 from fedcore import protocol, tensors
@@ -81,12 +81,15 @@ class MitmProxy:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            serve(self._handle, "127.0.0.1", 0, max_size=MAX_WS_MESSAGE_BYTES, compression=None)
-        )
+        server = self._loop.run_until_complete(self._serve())
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
+
+    async def _serve(self) -> Server:
+        return await serve(
+            self._handle, "127.0.0.1", 0, max_size=MAX_WS_MESSAGE_BYTES, compression=None
+        )
 
     async def _handle(self, agent: ServerConnection) -> None:
         authorization = agent.request.headers["Authorization"]
@@ -124,6 +127,13 @@ class MitmProxy:
             await asyncio.gather(*pumps, return_exceptions=True)
 
 
+def _open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 ATTACKS: list[tuple[Tamper, str]] = [
     (zero_weights, "the global weights received hash to"),
     (move_a_mean, "the preprocessing received hashes to"),
@@ -148,10 +158,15 @@ def test_tasks_changed_in_transit_are_refused_logged_and_audited(tmp_path: Path)
         agents.append(harness.agent(tmp_path, silo.name, url=proxy.url, token=token, data_csv=csv))
     procs = [server, *agents]
     try:
-        for proc in procs:
-            proc.start()
+        server.start()
+        harness.wait_until(lambda: _open(port), timeout=60, what="the server", procs=procs)
+        for agent in agents:
+            agent.start()
         harness.wait_until(
-            lambda: online_count(silos) == len(silos), timeout=60, what="agents online", procs=procs
+            lambda: online_count(silos) == len(silos),
+            timeout=120,
+            what="agents online",
+            procs=procs,
         )
         run = start_run(plan)
         refusals = AuditEvent.objects.filter(action="agent.refused", object_id=run.pk)
