@@ -110,8 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if not config.server.is_encrypted and not config.server.is_loopback:
         logger.warning(
-            "[server] url uses ws:// to a remote host: the token and model weights travel "
-            "unencrypted; ask the consortium admin for the wss:// address"
+            "[server] url uses ws:// to a remote host (allow_insecure = true): the token and "
+            "model weights travel unencrypted; ask the consortium admin for the wss:// address"
         )
     try:
         return asyncio.run(_serve(config))

@@ -6,6 +6,9 @@ Example::
     url = "wss://quorum.example.org/ws/agent/"
     token_file = "token.txt"     # or: token = "..."; exactly one of the two
     public_key = "ed25519:..."   # the server's signing key, pinned (manage.py server_key)
+    ca_file = "consortium-ca.pem"  # optional: trust only this CA for the wss:// certificate
+    allow_insecure = false       # plain ws:// to a host other than this machine is refused
+                                 # unless this is true (the network can then read everything)
 
     [data]
     path = "data.csv"            # .csv or .parquet; relative to this file's folder
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,6 +69,11 @@ class ServerConfig:
     token: str = field(repr=False)
     # ``ed25519:<base64>``: every task must carry a grant signed with this key.
     public_key: str
+    # PEM file of the CA the server's TLS certificate must come from (only that CA is trusted);
+    # None: the system's trusted CAs.
+    ca_file: Path | None = None
+    # Plain ws:// to a remote host (token and weights in clear on the network): refused unless set.
+    allow_insecure: bool = False
 
     @property
     def is_loopback(self) -> bool:
@@ -279,7 +288,44 @@ def _parse_server(section: _Section) -> ServerConfig:
         raise section.error(
             key, "the token contains spaces or control characters; copy it again exactly"
         )
-    return ServerConfig(url=url, token=token, public_key=_parse_public_key(section))
+    allow_insecure = section.boolean("allow_insecure", default=False)
+    server = ServerConfig(
+        url=url,
+        token=token,
+        public_key=_parse_public_key(section),
+        ca_file=_parse_ca_file(section, url),
+        allow_insecure=allow_insecure,
+    )
+    if not server.is_encrypted and not server.is_loopback and not allow_insecure:
+        raise section.error(
+            "url",
+            f"{url!r} is plain ws:// to another machine: the token, the global model and this "
+            "site's updates would cross the network unencrypted and unauthenticated. Use the "
+            "server's wss:// address (with ca_file for the consortium's CA); only on a network "
+            "you trust, set allow_insecure = true in [server]",
+        )
+    return server
+
+
+def _parse_ca_file(section: _Section, url: str) -> Path | None:
+    path = section.path("ca_file", required=False)
+    if path is None:
+        return None
+    if not url.lower().startswith("wss://"):
+        raise section.error(
+            "ca_file", f"is set but {url!r} is not wss://; use the wss:// address or remove it"
+        )
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        raise section.error(
+            "ca_file", f"the CA file {path} does not exist; create it or fix the path"
+        ) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise section.error(
+            "ca_file", f"{path} is not a PEM file of CA certificates ({exc}); fix it"
+        ) from None
+    return path
 
 
 def _parse_public_key(section: _Section) -> str:
@@ -361,7 +407,11 @@ POLICY_KEYS = (
 
 # section -> (known keys, parser, required). Order is the order of the error listing.
 _SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[_Section], Any], bool]] = {
-    "server": (("url", "token", "token_file", "public_key"), _parse_server, True),
+    "server": (
+        ("url", "token", "token_file", "public_key", "ca_file", "allow_insecure"),
+        _parse_server,
+        True,
+    ),
     "data": (("path",), _parse_data, True),
     "agent": (("name", "state_dir"), _parse_agent, False),
     "policy": (POLICY_KEYS, _parse_policy, False),

@@ -8,8 +8,11 @@ What must survive a reconnect lives on the Agent: the data caches, the training 
 built update, which is re-sent without retraining when the server re-sends the same task.
 
 Every ``stats_request`` and ``task`` is checked before any local data is read
-(:mod:`clientagent.policy`: the server's signed grant, then the site's ``[policy]``); a refusal is
-an ``error`` frame and the agent carries on. A DP round is checked once more before it trains,
+(:mod:`clientagent.policy`: the server's signed grant and its scope, then the site's ``[policy]``);
+a task's round attempt is claimed in the site's own round count (:mod:`clientagent.roundlog`)
+before it trains, so no round attempt trains twice. A refusal is an ERROR in the local log and an
+``error`` frame (audited by the server), and the agent carries on. With ``[server] ca_file`` the
+server's certificate must come from that CA. A DP round is checked once more before it trains,
 with the mechanism for the real training rows and what the sent log says was spent
 (:func:`clientagent.policy.check_round_budget`). Every message carrying anything derived from
 local data is written to the sent log (:mod:`clientagent.records`) before it leaves; a DP update's
@@ -30,6 +33,7 @@ import hashlib
 import logging
 import random
 import secrets
+import ssl
 import sys
 import threading
 import time
@@ -60,6 +64,7 @@ from clientagent.records import (
     short_hash,
 )
 from clientagent.residuals import ResidualStore
+from clientagent.roundlog import RoundLog, RoundLogError, RoundReplayed
 from clientagent.secagg_session import SecAggSession
 from clientagent.trainer import (
     DATA_INVALID,
@@ -271,6 +276,7 @@ class Agent:
         self.progress_tty = progress_tty
         self.connect_options = dict(connect_options or {})
         self.records = SiteRecords(config.agent.state_dir)
+        self.round_log = RoundLog(config.agent.state_dir)
         self.silo: str | None = None
         self.consortium: str | None = None
         self.state = "idle"
@@ -307,6 +313,8 @@ class Agent:
                         f"HTTP {exc.response.status_code} instead of a websocket; "
                         f"check [server] url in {self.config.path}"
                     )
+                except ssl.SSLCertVerificationError as exc:
+                    reason = self._certificate_refused(exc)
                 except (OSError, TimeoutError, InvalidHandshake, SessionLost) as exc:
                     reason = str(exc) or type(exc).__name__
                 except Exception as exc:
@@ -332,6 +340,16 @@ class Agent:
             jobs = list(self._jobs.values())
             if jobs:
                 await asyncio.gather(*jobs, return_exceptions=True)
+
+    def _certificate_refused(self, exc: ssl.SSLCertVerificationError) -> str:
+        """Why the server's TLS certificate was refused, and what the operator can check."""
+        ca_file = self.config.server.ca_file
+        if ca_file is not None:
+            trust = f"is not from the CA in [server] ca_file ({ca_file})"
+        else:
+            trust = "is not trusted by this machine (set [server] ca_file to the consortium's CA)"
+        logger.error("the server's TLS certificate %s: %s", trust, exc.verify_message or exc)
+        return f"certificate verify failed: the server's certificate {trust}"
 
     async def session(self, stop: asyncio.Event) -> None:
         """One websocket session: connect, hello/welcome, serve until it closes or ``stop``.
@@ -362,6 +380,9 @@ class Agent:
             "additional_headers": {"Authorization": f"Bearer {self.config.server.token}"},
             "user_agent_header": f"quorum-agent/{__version__}",
         }
+        if self.config.server.ca_file is not None:
+            # Only the consortium's CA: a certificate from any other CA is refused.
+            options["ssl"] = ssl.create_default_context(cafile=str(self.config.server.ca_file))
         options.update(self.connect_options)
         logger.debug("connecting to %s", self.config.server.url)
         try:
@@ -373,18 +394,33 @@ class Agent:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def check_request(self, fields: Mapping[str, Any]) -> None:
-        """Raise TaskError unless the request's grant and the site's policy allow it.
+    def check_request(
+        self,
+        fields: Mapping[str, Any],
+        *,
+        weights_sha256: str | None = None,
+        check_expiry: bool = True,
+    ) -> dict[str, Any]:
+        """Raise TaskError unless the request's grant and the site's policy allow it; return
+        the grant's payload.
 
         Reads decisions.jsonl and sent.jsonl again every time: a decision the operator just
         made with ``quorum-agent approve`` / ``reject`` counts from the next request on.
+
+        Args:
+            fields: the stats_request's or task's fields.
+            weights_sha256: SHA-256 of a task's global weights payload, checked against the
+                grant.
+            check_expiry: False for the check just before an accepted task's update leaves.
         """
         run, rnd = fields["run"], fields.get("round")
-        check_authorization(
+        grant = check_authorization(
             fields,
             public_key=self.config.server.public_key,
             silo=self.silo,
             consortium=self.consortium,
+            weights_sha256=weights_sha256,
+            check_expiry=check_expiry,
         )
         policy = self.config.policy
         try:
@@ -405,6 +441,38 @@ class Agent:
             run=run,
             round=rnd,
         )
+        return grant
+
+    def claim_round(self, fields: Mapping[str, Any], grant: Mapping[str, Any]) -> None:
+        """Record in rounds.json that this task's round attempt trains now (fsynced).
+
+        Raises:
+            TaskError: ``not_authorized`` when this site already trained this round attempt or
+                a later one of the run (a replay); ``policy_refused`` when rounds.json is
+                damaged or cannot be written.
+        """
+        run, rnd = fields["run"], fields["round"]
+        try:
+            self.round_log.claim(run, rnd, grant["attempt"])
+        except RoundReplayed as exc:
+            raise TaskError(
+                NOT_AUTHORIZED,
+                f"refused before reading any local data: {exc} (sent again by a proxy or by "
+                "the server; tell the consortium admin)",
+                run=run,
+                round=rnd,
+                shared_reason=str(exc),
+            ) from None
+        except (RoundLogError, OSError) as exc:
+            raise TaskError(
+                POLICY_REFUSED,
+                f"the site's round count cannot be kept, so the task cannot be checked for "
+                f"replay: {exc}",
+                run=run,
+                round=rnd,
+                shared_reason="the site's local round count cannot be kept; the site operator "
+                "must fix it",
+            ) from None
 
     async def handle_stats_request(self, fields: dict[str, Any], session: _Session) -> None:
         """Check the request, compute the local statistics in a worker thread, reply ``stats``."""
@@ -431,13 +499,14 @@ class Agent:
         fields = task.fields
         run, rnd = fields["run"], fields["round"]
         label = _round_label(run, rnd, fields["rounds"])
+        payload_sha = await asyncio.to_thread(tensors.sha256_hex, task.payload)
         try:
-            await asyncio.to_thread(self.check_request, fields)
+            # The grant covers this round and these exact weights and preprocessing.
+            grant = await asyncio.to_thread(self.check_request, fields, weights_sha256=payload_sha)
         except TaskError as exc:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
         self._rounds[run] = fields["rounds"]
-        payload_sha = await asyncio.to_thread(tensors.sha256_hex, task.payload)
         # What the update depends on: the same key means the same weights would come out.
         key = (
             run,
@@ -455,6 +524,12 @@ class Agent:
         else:
             job = self._jobs.get(key)
             if job is None:
+                try:
+                    # A new training: never twice for a round attempt (rounds.json).
+                    await asyncio.to_thread(self.claim_round, fields, grant)
+                except TaskError as exc:
+                    await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
+                    return
                 late = time.time() - float(fields["deadline"])
                 if late > 0:
                     logger.warning(
@@ -478,9 +553,11 @@ class Agent:
                 return
 
         # Again just before the weights leave: the operator may have rejected the plan while
-        # it trained (the latest decision wins).
+        # it trained (the latest decision wins). The expiry was checked on arrival.
         try:
-            await asyncio.to_thread(self.check_request, fields)
+            await asyncio.to_thread(
+                self.check_request, fields, weights_sha256=payload_sha, check_expiry=False
+            )
         except TaskError as exc:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return

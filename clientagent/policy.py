@@ -4,11 +4,16 @@ Two layers, both fail closed:
 
 1. :func:`check_authorization`: the request carries the server's Ed25519-signed grant
    (:mod:`fedcore.signing`) for this silo, this run, this consortium and the exact plan it
-   carries, with an approval by this silo's data steward. A compromised relay or a forged task
-   cannot make the site train. Failure: ``not_authorized``.
+   carries, with an approval by this silo's data steward; for a task also its round (within the
+   plan's rounds), the hashes of the weights and preprocessing received, and the expiry. A
+   compromised relay or a forged, changed or stale task cannot make the site train. Failure:
+   ``not_authorized``. (The agent's own round count, :mod:`clientagent.roundlog`, refuses a
+   replayed round just before training.)
 2. :func:`check_policy`: the site's ``[policy]`` (model kinds, differential privacy, secure
    aggregation, privacy budget, local approval by the site operator) allows the plan, whatever the
-   consortium approved. Failure: ``policy_refused``.
+   consortium approved. Failure: ``policy_refused``. ``require_dp`` and the epsilon caps count
+   only noise added at the site (:func:`site_adds_noise`): a plan relying on central noise is
+   refused by them.
 
 Then, for DP plans, once the local data is read and before each round trains,
 :func:`check_round_budget` checks the privacy caps again with the real numbers: the mechanism for
@@ -39,7 +44,14 @@ from clientagent.config import PolicyConfig
 from clientagent.records import REJECTED, Decision, short_hash
 from clientagent.trainer import RoundPrivacy, TaskError
 from fedcore.plan import plan_hash as compute_plan_hash
-from fedcore.signing import AuthorizationError, verify_authorization
+from fedcore.plan import run_settings
+from fedcore.signing import (
+    STATS_KIND,
+    TASK_KIND,
+    AuthorizationError,
+    check_request_scope,
+    verify_authorization,
+)
 
 NOT_AUTHORIZED = "not_authorized"  # the signed grant is missing, forged or does not cover this
 POLICY_REFUSED = "policy_refused"  # the grant is fine, the site's [policy] says no
@@ -92,6 +104,26 @@ def plan_privacy(plan: Mapping[str, Any]) -> PlanPrivacy:
     return PlanPrivacy(mode=mode, target_epsilon=None if target is None else float(target))
 
 
+def site_adds_noise(mode: str, *, secure_aggregation: bool) -> bool:
+    """Whether a plan's DP noise is added at the site, so that it holds against the server.
+
+    Sample-level DP (``mode = "sample"``) noises every local step at the site. Client-level DP
+    (``mode = "client"``) adds noise at the site only under secure aggregation (each site adds
+    its share of the distributed noise before masking); without it the server adds all the
+    noise to the clear updates, and a compromised server can leave it out.
+    """
+    return mode == "sample" or (mode == "client" and secure_aggregation)
+
+
+def _without_site_noise(mode: str) -> str:
+    if mode == "client":
+        return (
+            "relies on noise the server adds (privacy.mode 'client' without "
+            "secure_aggregation), which a compromised server can leave out"
+        )
+    return f"adds no noise (privacy.mode {mode!r})"
+
+
 def _refusal(plan_hash: str, shared: str, hint: str, *, run: int, round: int | None) -> TaskError:
     """A policy_refused error: the shared part goes to the server, the hint stays local."""
     return TaskError(
@@ -104,16 +136,30 @@ def _refusal(plan_hash: str, shared: str, hint: str, *, run: int, round: int | N
 
 
 def check_authorization(
-    fields: Mapping[str, Any], *, public_key: str, silo: str | None, consortium: str | None
+    fields: Mapping[str, Any],
+    *,
+    public_key: str,
+    silo: str | None,
+    consortium: str | None,
+    weights_sha256: str | None = None,
+    check_expiry: bool = True,
 ) -> dict[str, Any]:
     """Check the request's signed grant covers it; return the grant's payload.
 
+    A task (fields with a ``round``) is checked against its grant's scope
+    (:func:`fedcore.signing.check_request_scope`): its round within the plan's rounds, the
+    run's total rounds, the SHA-256 of the global weights received and of the preprocessing
+    received, and the expiry. A stats_request's grant must be one for a stats_request.
+
     Args:
         fields: a decoded ``stats_request`` or ``task`` (``run``, ``plan_hash``, ``plan``,
-            ``authorization``, for a task ``round``).
+            ``authorization``, for a task ``round``, ``rounds`` and ``preprocessing``).
         public_key: ``[server] public_key`` from site.toml.
         silo: this site's silo name, from the server's ``welcome``.
         consortium: the consortium named in the ``welcome``.
+        weights_sha256: SHA-256 of the task's global weights payload (tasks).
+        check_expiry: False only for the second check of a task accepted on arrival, just
+            before its update leaves (training may outlast the expiry).
 
     Raises:
         TaskError: ``not_authorized``, naming what does not hold.
@@ -156,6 +202,24 @@ def check_authorization(
         raise refuse(
             f"the authorization is for consortium {grant.get('consortium')!r}, not {consortium!r}"
         )
+    try:
+        plan_rounds = run_settings(plan).rounds
+    except (TypeError, ValueError, AttributeError):
+        raise refuse("the request's plan states no valid training.rounds") from None
+    is_task = rnd is not None
+    try:
+        check_request_scope(
+            grant,
+            kind=TASK_KIND if is_task else STATS_KIND,
+            plan_rounds=plan_rounds,
+            round=rnd,
+            rounds=fields.get("rounds"),
+            weights_sha256=weights_sha256,
+            preprocessing=fields.get("preprocessing"),
+            check_expiry=check_expiry,
+        )
+    except AuthorizationError as exc:
+        raise refuse(str(exc)) from None
     return grant
 
 
@@ -205,11 +269,15 @@ def check_policy(
         privacy = plan_privacy(plan)
     except PlanPolicyError as exc:
         raise refuse(str(exc), "the consortium must fix the plan") from None
-    if policy.require_dp and privacy.mode == "none":
+    secure = plan.get("secure_aggregation") is True
+    site_noise = site_adds_noise(privacy.mode, secure_aggregation=secure)
+    if policy.require_dp and not site_noise:
         raise refuse(
-            "this site requires differential privacy (require_dp) and the plan's privacy.mode "
-            "is 'none'",
-            f"to accept plans without DP, set require_dp = false in {settings}",
+            f"this site requires differential privacy added at the site (require_dp) and the "
+            f"plan {_without_site_noise(privacy.mode)}",
+            "the consortium can use privacy.mode = 'sample', or 'client' with "
+            f"secure_aggregation = true; to accept it anyway, set require_dp = false in "
+            f"{settings}",
         )
     if policy.require_secure_aggregation and plan.get("secure_aggregation") is not True:
         raise refuse(
@@ -226,6 +294,15 @@ def check_policy(
         )
         if value is not None
     }
+    if limits and not site_noise:
+        raise refuse(
+            f"this site caps epsilon ({' and '.join(limits)}) and counts only noise added at the "
+            f"site; the plan {_without_site_noise(privacy.mode)}, so its epsilon here is "
+            "unbounded",
+            "the consortium can use privacy.mode = 'sample', or 'client' with "
+            f"secure_aggregation = true; to accept it anyway, remove {' and '.join(limits)} "
+            f"from {settings}",
+        )
     if limits:
         projected = privacy.projected_epsilon
         if projected is None:

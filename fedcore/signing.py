@@ -6,6 +6,12 @@ recomputes the plan's hash from the plan it received and checks that the grant n
 and carries an approval from its own data steward. A compromised relay or a forged task cannot
 make a site train on a plan its steward did not approve.
 
+Each grant is also bound to one message (:func:`request_scope`, checked by
+:func:`check_request_scope`): its kind, the run's total rounds and an expiry, and for a task its
+round and attempt and the SHA-256 of the global weights payload and of the canonical
+preprocessing JSON. A relay cannot change the weights or the preprocessing, renumber the round,
+or re-deliver a task after it expired.
+
 Keys travel as text: ``ed25519:<base64 of the 32 raw bytes>``.
 """
 
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -234,3 +241,143 @@ def verify_offer(
     if silo is not None and payload.get("silo") != silo:
         raise AuthorizationError(f"the offer is for silo {payload.get('silo')!r}, not {silo!r}")
     return dict(payload)
+
+
+# -- the scope of one signed message: which request, which round, which bytes, until when ---------
+
+STATS_KIND = "stats"
+TASK_KIND = "task"
+# How long after its deadline a signed task stays valid (the agent's clock may lag the server's).
+TASK_EXPIRY_MARGIN_SECONDS = 600.0
+# Clocks may differ by a few minutes: an expiry is judged with this much slack.
+CLOCK_SKEW_SECONDS = 300.0
+
+
+def sha256_canonical(value: Any) -> str:
+    """Hex SHA-256 of a JSON value's canonical form (the preprocessing a task is signed over)."""
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
+
+
+def request_scope(
+    *,
+    kind: str,
+    rounds: int,
+    expires_at: datetime,
+    round: int | None = None,
+    attempt: int | None = None,
+    weights_sha256: str | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The grant fields that bind a grant to one stats_request or one round's task.
+
+    A task's grant names its round and attempt, the run's total rounds, the SHA-256 of the global
+    weights payload and of the canonical preprocessing JSON, and an expiry; a stats_request's
+    names the total rounds and an expiry. Merged into the payload :func:`sign_authorization`
+    signs; checked by :func:`check_request_scope`.
+    """
+    if expires_at.tzinfo is None:
+        raise ValueError("expires_at needs a time zone")
+    scope: dict[str, Any] = {
+        "kind": kind,
+        "rounds": rounds,
+        "expires_at": expires_at.astimezone(UTC).isoformat(),
+    }
+    if kind == TASK_KIND:
+        if round is None or attempt is None or weights_sha256 is None or preprocessing is None:
+            raise ValueError("a task's scope needs round, attempt, weights and preprocessing")
+        scope.update(
+            round=round,
+            attempt=attempt,
+            weights_sha256=weights_sha256,
+            preprocessing_sha256=sha256_canonical(preprocessing),
+        )
+    return scope
+
+
+def _short(value: Any) -> str:
+    return f"{str(value)[:12]}…"
+
+
+def check_request_scope(
+    grant: Mapping[str, Any],
+    *,
+    kind: str,
+    plan_rounds: int,
+    round: int | None = None,
+    rounds: int | None = None,
+    weights_sha256: str | None = None,
+    preprocessing: Any = None,
+    now: datetime | None = None,
+    check_expiry: bool = True,
+) -> None:
+    """Check a verified grant's scope covers exactly the request received.
+
+    Args:
+        grant: the payload :func:`verify_authorization` returned.
+        kind: ``"stats"`` or ``"task"``: what was received.
+        plan_rounds: the total rounds of the plan received (its hash already checked).
+        round: the task's round number (tasks).
+        rounds: the total rounds the task's fields state (tasks).
+        weights_sha256: SHA-256 of the global weights payload received (tasks).
+        preprocessing: the preprocessing received (tasks).
+        now: the current time (tests).
+        check_expiry: False only when checking again a task already accepted on arrival.
+
+    Raises:
+        AuthorizationError: naming what the grant does not cover.
+    """
+    if grant.get("kind") != kind:
+        raise AuthorizationError(
+            f"the authorization is for a {grant.get('kind')!r} message, not a {kind!r} "
+            "(a grant signed without a round scope, or one moved onto another message)"
+        )
+    if grant.get("rounds") != plan_rounds:
+        raise AuthorizationError(
+            f"the authorization is for a run of {grant.get('rounds')!r} rounds, but the plan "
+            f"has {plan_rounds}"
+        )
+    if kind == TASK_KIND:
+        if rounds != plan_rounds:
+            raise AuthorizationError(
+                f"the task says the run has {rounds!r} rounds, but the plan has {plan_rounds}"
+            )
+        if grant.get("round") != round:
+            raise AuthorizationError(
+                f"the task says round {round!r}, but the authorization is for round "
+                f"{grant.get('round')!r}"
+            )
+        attempt = grant.get("attempt")
+        if not isinstance(round, int) or isinstance(round, bool) or not 1 <= round <= plan_rounds:
+            raise AuthorizationError(f"round {round!r} is beyond the plan's {plan_rounds} rounds")
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+            raise AuthorizationError(
+                f"the authorization's attempt {attempt!r} is not a number >= 1"
+            )
+        if grant.get("weights_sha256") != weights_sha256:
+            raise AuthorizationError(
+                f"the global weights received hash to {_short(weights_sha256)}, but the "
+                f"authorization is for {_short(grant.get('weights_sha256'))} (changed in transit)"
+            )
+        try:
+            received = sha256_canonical(preprocessing)
+        except (TypeError, ValueError):
+            received = "not canonical JSON"
+        if grant.get("preprocessing_sha256") != received:
+            raise AuthorizationError(
+                f"the preprocessing received hashes to {_short(received)}, but the authorization "
+                f"is for {_short(grant.get('preprocessing_sha256'))} (changed in transit)"
+            )
+    if not check_expiry:
+        return
+    try:
+        expires = datetime.fromisoformat(str(grant.get("expires_at")))
+    except ValueError:
+        raise AuthorizationError("the authorization has no valid expires_at time") from None
+    if expires.tzinfo is None:
+        raise AuthorizationError("the authorization's expires_at has no time zone")
+    late = ((now or datetime.now(UTC)) - expires).total_seconds()
+    if late > CLOCK_SKEW_SECONDS:
+        raise AuthorizationError(
+            f"the authorization expired at {expires.isoformat()} ({late:.0f} s ago): a replayed "
+            "or stale message -- if the site's clock is wrong, fix it"
+        )

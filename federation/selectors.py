@@ -14,6 +14,7 @@ from django.db.models.functions import Coalesce
 from django.http import Http404
 from django.utils import timezone
 
+from fedcore import signing
 from fedcore.plan import run_settings
 from fedcore.protocol import BinaryMessage
 from federation import permissions
@@ -39,6 +40,9 @@ from federation.storage import blob_store
 
 log = logging.getLogger("quorum.orchestrator")
 
+# A stats_request of a run that has no statistics deadline yet is signed valid this long.
+STATS_GRANT_TTL = timedelta(hours=1)
+
 
 def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
     """The task a selected silo must train on, or None when it owes nothing for this round."""
@@ -57,6 +61,17 @@ def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
     run = round_.run
     model = ModelVersion.objects.get(run=run, number=round_.number - 1)
     payload = _model_bytes(model.blob_key, model.checksum)
+    scope = signing.request_scope(
+        kind=signing.TASK_KIND,
+        rounds=run.rounds,
+        round=round_.number,
+        attempt=round_.attempt,
+        # The checksum taken when the model was stored: a blob changed since is refused too.
+        weights_sha256=model.checksum,
+        preprocessing=run.preprocessing,
+        expires_at=round_.deadline + timedelta(seconds=signing.TASK_EXPIRY_MARGIN_SECONDS),
+    )
+    silo = Silo.objects.get(pk=silo_id)
     return BinaryMessage(
         type="task",
         fields={
@@ -67,7 +82,7 @@ def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
             "plan": run.version.spec,
             "preprocessing": run.preprocessing,
             "deadline": round_.deadline.timestamp(),
-            "authorization": authorization_for(run=run, silo=Silo.objects.get(pk=silo_id)),
+            "authorization": authorization_for(run=run, silo=silo, scope=scope),
         },
         payload=payload,
     )
@@ -109,8 +124,21 @@ def stats_request_fields(*, run_id: int, silo_id: int) -> dict[str, Any] | None:
         "run": run.pk,
         "plan_hash": run.plan_hash,
         "plan": run.version.spec,
-        "authorization": authorization_for(run=run, silo=silo),
+        "authorization": authorization_for(run=run, silo=silo, scope=stats_scope(run)),
     }
+
+
+def stats_scope(run: Run) -> dict[str, Any]:
+    """The signed scope of a stats_request: the run's rounds, valid until the statistics
+    deadline plus the margin (an hour from now when the run has none yet)."""
+    expires = (
+        run.stats_deadline if run.stats_deadline is not None else timezone.now() + STATS_GRANT_TTL
+    )
+    return signing.request_scope(
+        kind=signing.STATS_KIND,
+        rounds=run.rounds,
+        expires_at=expires + timedelta(seconds=signing.TASK_EXPIRY_MARGIN_SECONDS),
+    )
 
 
 def pending_work(*, silo_id: int) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,14 @@ def _approval_json(approval: Approval) -> dict[str, Any]:
     }
 
 
-def authorization_for(*, run: Run, silo: Silo) -> dict[str, Any]:
-    """A signed grant that this silo may train on this run's plan hash.
+def authorization_for(*, run: Run, silo: Silo, scope: Mapping[str, Any]) -> dict[str, Any]:
+    """A signed grant that this silo may answer one message of this run's plan hash.
 
     ``silo_approvals`` lists the approvals by data stewards of the silo's organisation for the
-    run's exact plan hash; an agent refuses a grant where it is empty.
+    run's exact plan hash; an agent refuses a grant where it is empty. ``scope``
+    (:func:`fedcore.signing.request_scope`) binds the grant to one stats_request or to one round
+    attempt's task: its round, the run's total rounds, the hashes of the weights and the
+    preprocessing sent with it, and an expiry.
     """
     approvals = list(
         Approval.objects.filter(
@@ -98,6 +102,7 @@ def authorization_for(*, run: Run, silo: Silo) -> dict[str, Any]:
             if a.organization_id == silo.organization_id and a.role == Role.DATA_STEWARD
         ],
         "issued_at": timezone.now().isoformat(),
+        **scope,
     }
     return signing.sign_authorization(server_private_key(), payload)
 

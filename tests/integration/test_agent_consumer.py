@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -274,6 +275,52 @@ async def test_task_carries_a_grant_signed_for_exactly_this_silo_and_hash() -> N
             grant, public_key=other_key, plan=task.fields["plan"], silo=silo.name, run=round_.run_id
         )
     await comm.disconnect()
+
+
+async def test_task_grant_binds_its_round_weights_preprocessing_and_expiry() -> None:
+    round_, [(silo, token)] = await make_round()
+    plan = await database_sync_to_async(lambda: round_.run.plan)()
+    await database_sync_to_async(approve_by_stewards)(plan)
+    comm = await connect(token)
+    await hello(comm)
+    task = await receive_task(comm)
+    await comm.disconnect()
+    key = await database_sync_to_async(server_public_key_text)()
+    grant = signing.verify_authorization(
+        task.fields["authorization"],
+        public_key=key,
+        plan=task.fields["plan"],
+        silo=silo.name,
+        run=round_.run_id,
+    )
+    assert grant["kind"] == "task" and grant["round"] == task.fields["round"] == round_.number
+    assert grant["attempt"] == round_.attempt and grant["rounds"] == task.fields["rounds"]
+    assert grant["weights_sha256"] == tensors.sha256_hex(task.payload)
+    assert grant["preprocessing_sha256"] == signing.sha256_canonical(task.fields["preprocessing"])
+    expires = datetime.fromisoformat(grant["expires_at"])
+    deadline = datetime.fromtimestamp(task.fields["deadline"], UTC)
+    assert expires - deadline == timedelta(seconds=signing.TASK_EXPIRY_MARGIN_SECONDS)
+    plan_rounds = task.fields["rounds"]
+    # What the agent checks: the exact bytes received pass, changed ones do not.
+    signing.check_request_scope(
+        grant,
+        kind="task",
+        plan_rounds=plan_rounds,
+        round=task.fields["round"],
+        rounds=task.fields["rounds"],
+        weights_sha256=tensors.sha256_hex(task.payload),
+        preprocessing=task.fields["preprocessing"],
+    )
+    with pytest.raises(signing.AuthorizationError, match="global weights received hash to"):
+        signing.check_request_scope(
+            grant,
+            kind="task",
+            plan_rounds=plan_rounds,
+            round=task.fields["round"],
+            rounds=task.fields["rounds"],
+            weights_sha256=tensors.sha256_hex(bytes(len(task.payload))),
+            preprocessing=task.fields["preprocessing"],
+        )
 
 
 async def test_task_and_update_carry_the_stamps_that_time_their_transfer() -> None:

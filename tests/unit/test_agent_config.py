@@ -11,6 +11,7 @@ from clientagent import cli
 from clientagent.config import ConfigError, PolicyConfig, load_config
 from fedcore import signing
 from fedcore.models import MODEL_KINDS
+from tests.tls_certs import make_ca
 
 PUBLIC_KEY = signing.public_key_text(signing.generate_private_key())
 GOOD = f"""
@@ -206,7 +207,51 @@ BAD_CONFIGS = {
     ),
     "policy consortium empty": (_policy('consortium = ""'), ["[policy] consortium", "empty"]),
     "policy not a table": ("policy = 3\n" + GOOD, ["policy must be a section"]),
+    "plain ws to another machine": (
+        _replace("ws://127.0.0.1:8000", "ws://quorum.example.org"),
+        ["[server] url", "plain ws:// to another machine", "allow_insecure = true", "wss://"],
+    ),
+    "allow_insecure not a boolean": (
+        _replace('token = "s3cret-token"', 'token = "t"\nallow_insecure = "yes"'),
+        ["[server] allow_insecure", "true or false"],
+    ),
+    "ca_file missing": (
+        _replace("ws://127.0.0.1", "wss://127.0.0.1").replace(
+            'token = "s3cret-token"', 'token = "t"\nca_file = "nope.pem"'
+        ),
+        ["[server] ca_file", "nope.pem", "does not exist"],
+    ),
+    "ca_file not a certificate": (
+        _replace("ws://127.0.0.1", "wss://127.0.0.1").replace(
+            'token = "s3cret-token"', 'token = "t"\nca_file = "data.csv"'
+        ),
+        ["[server] ca_file", "not a PEM file of CA certificates"],
+    ),
+    "ca_file without wss": (
+        _replace('token = "s3cret-token"', 'token = "t"\nca_file = "data.csv"'),
+        ["[server] ca_file", "is not wss://"],
+    ),
 }
+
+
+def test_plain_ws_to_another_machine_only_with_allow_insecure(tmp_path):
+    text = _replace("ws://127.0.0.1:8000", "ws://10.0.0.5:8000").replace(
+        'token = "s3cret-token"', 'token = "s3cret-token"\nallow_insecure = true'
+    )
+    config = load_config(write_site(tmp_path, text))
+    assert config.server.allow_insecure and not config.server.is_loopback
+    for loopback in ("ws://localhost:8000", "ws://[::1]:8000", "ws://127.0.0.2:8000"):
+        config = load_config(write_site(tmp_path, _replace("ws://127.0.0.1:8000", loopback)))
+        assert config.server.is_loopback and not config.server.allow_insecure
+
+
+def test_ca_file_pins_the_consortium_ca(tmp_path):
+    ca = make_ca(tmp_path / "pki", "consortium-ca")
+    text = _replace("ws://127.0.0.1", "wss://quorum.example.org").replace(
+        'token = "s3cret-token"', 'token = "t"\nca_file = "pki/consortium-ca.pem"'
+    )
+    config = load_config(write_site(tmp_path, text))
+    assert config.server.ca_file == ca.cert_file.resolve()
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))

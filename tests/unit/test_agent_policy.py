@@ -69,6 +69,15 @@ def welcomed_agent(tmp_path: Path, policy: str = "") -> Agent:
     return agent
 
 
+WEIGHTS = b"the global weights"  # what check_request sees of a task's payload: its hash
+WEIGHTS_SHA = hashlib.sha256(WEIGHTS).hexdigest()
+
+
+def task_grant(plan: dict[str, Any] = PLAN, **changes: Any) -> dict[str, Any]:
+    """The grant of round 1 of run 5 with WEIGHTS and no preprocessing."""
+    return grant(plan, round=1, weights=WEIGHTS, preprocessing={}, **changes)
+
+
 def task_fields(plan: dict[str, Any] = PLAN, **changes: Any) -> dict[str, Any]:
     """The fields of a signed task for round 1 of run 5 (what check_request sees)."""
     fields = {
@@ -77,7 +86,8 @@ def task_fields(plan: dict[str, Any] = PLAN, **changes: Any) -> dict[str, Any]:
         "rounds": 3,
         "plan_hash": plan_hash(plan),
         "plan": plan,
-        "authorization": grant(plan),
+        "preprocessing": {},
+        "authorization": task_grant(plan),
     }
     fields.update(changes)
     return fields
@@ -85,8 +95,13 @@ def task_fields(plan: dict[str, Any] = PLAN, **changes: Any) -> dict[str, Any]:
 
 def refusal(agent: Agent, fields: dict[str, Any]) -> TaskError:
     with pytest.raises(TaskError) as info:
-        agent.check_request(fields)
+        check(agent, fields)
     return info.value
+
+
+def check(agent: Agent, fields: dict[str, Any]) -> dict[str, Any]:
+    """Agent.check_request of a task whose payload is WEIGHTS."""
+    return agent.check_request(fields, weights_sha256=WEIGHTS_SHA)
 
 
 def sent_lines(agent: Agent) -> list[dict[str, Any]]:
@@ -371,23 +386,26 @@ IMPOSTOR = signing.generate_private_key()
 
 
 def _tampered() -> dict[str, Any]:
-    authorization = copy.deepcopy(grant(silo="site-b"))
+    authorization = copy.deepcopy(task_grant(silo="site-b"))
     authorization["payload"]["silo"] = "site-a"  # edited after signing
     return authorization
 
 
 NOT_AUTHORIZED = {
-    "forged signature": ({"authorization": grant(key=IMPOSTOR)}, "signature does not verify"),
+    "forged signature": ({"authorization": task_grant(key=IMPOSTOR)}, "signature does not verify"),
     "tampered payload": ({"authorization": _tampered()}, "signature does not verify"),
-    "another silo": ({"authorization": grant(silo="site-b")}, "for silo 'site-b', not 'site-a'"),
-    "another plan": ({"authorization": grant(OTHER_PLAN)}, "but the authorization is for"),
-    "another run": ({"authorization": grant(run=6)}, "for run 6, not 5"),
+    "another silo": (
+        {"authorization": task_grant(silo="site-b")},
+        "for silo 'site-b', not 'site-a'",
+    ),
+    "another plan": ({"authorization": task_grant(OTHER_PLAN)}, "but the authorization is for"),
+    "another run": ({"authorization": task_grant(run=6)}, "for run 6, not 5"),
     "no steward approval": (
-        {"authorization": grant(silo_approvals=[])},
+        {"authorization": task_grant(silo_approvals=[])},
         "no data steward of silo 'site-a' approved",
     ),
     "another consortium": (
-        {"authorization": grant(consortium="cardiology")},
+        {"authorization": task_grant(consortium="cardiology")},
         "for consortium 'cardiology', not 'thyroid'",
     ),
     "plan_hash not of the plan": (
@@ -415,8 +433,8 @@ def test_requests_without_a_valid_grant_are_not_authorized(tmp_path, case):
 def test_a_genuine_grant_passes(tmp_path):
     agent = welcomed_agent(tmp_path)
 
-    agent.check_request(task_fields())
-    agent.check_request(task_fields(DP_PLAN, authorization=grant(DP_PLAN)))
+    check(agent, task_fields())
+    check(agent, task_fields(DP_PLAN, authorization=task_grant(DP_PLAN)))
 
 
 def test_nothing_is_authorized_before_the_welcome(tmp_path):
@@ -428,12 +446,54 @@ def test_nothing_is_authorized_before_the_welcome(tmp_path):
 # -- the site's [policy] ------------------------------------------------------------------------
 
 SPENT_ELSEWHERE = [{"run": 3, "epsilon": 2.5}]
+# Client-level DP: the server adds all the noise (central), or every site adds its share before
+# masking (distributed, under secure aggregation).
+CENTRAL_DP_PLAN = with_privacy(mode="client", noise_multiplier=1.1, target_epsilon=2.0, clip=1.0)
+DISTRIBUTED_DP_PLAN = {**CENTRAL_DP_PLAN, "secure_aggregation": True}
 # case -> ([policy] lines, plan, sent-log lines, None when accepted else part of the reason)
 POLICY_CASES: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]], str | None]] = {
     "model kind not allowed": ('allowed_models = ["mlp"]', PLAN, [], "model kind"),
     "model kind allowed": ('allowed_models = ["logistic_regression"]', PLAN, [], None),
     "dp required, plan without": ("require_dp = true", PLAN, [], "require_dp"),
     "dp required, plan with": ("require_dp = true", DP_PLAN, [], None),
+    # Issue 13 part 5: only noise added at the site counts.
+    "dp required, central noise only": (
+        "require_dp = true",
+        CENTRAL_DP_PLAN,
+        [],
+        "relies on noise the server adds (privacy.mode 'client' without secure_aggregation)",
+    ),
+    "dp required, client dp with distributed noise": (
+        "require_dp = true",
+        DISTRIBUTED_DP_PLAN,
+        [],
+        None,
+    ),
+    "per-plan cap, central noise only": (
+        "max_epsilon_per_plan = 5",
+        CENTRAL_DP_PLAN,
+        [],
+        "this site caps epsilon (max_epsilon_per_plan) and counts only noise added at the site",
+    ),
+    "total cap, central noise only": (
+        "max_epsilon_total = 50",
+        CENTRAL_DP_PLAN,
+        [],
+        "this site caps epsilon (max_epsilon_total) and counts only noise added at the site",
+    ),
+    "per-plan cap, client dp with distributed noise": (
+        "max_epsilon_per_plan = 5",
+        DISTRIBUTED_DP_PLAN,
+        [],
+        None,
+    ),
+    "per-plan cap, distributed noise above it": (
+        "max_epsilon_per_plan = 1",
+        DISTRIBUTED_DP_PLAN,
+        [],
+        "target epsilon 2 is above this site's max_epsilon_per_plan 1",
+    ),
+    "central noise without any dp policy": ("", CENTRAL_DP_PLAN, [], None),
     "secure aggregation required, plan without": (
         "require_secure_aggregation = true",
         PLAN,
@@ -453,10 +513,15 @@ POLICY_CASES: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]], str | N
         "target epsilon 2 is above this site's max_epsilon_per_plan 1.5",
     ),
     "epsilon at the per-plan limit": ("max_epsilon_per_plan = 2.0", DP_PLAN, [], None),
-    "no dp projects zero epsilon": ("max_epsilon_per_plan = 0.1", PLAN, [], None),
+    "no dp under an epsilon cap": (
+        "max_epsilon_per_plan = 0.1",
+        PLAN,
+        [],
+        "the plan adds no noise (privacy.mode 'none'), so its epsilon here is unbounded",
+    ),
     "only a noise multiplier": (
         "max_epsilon_per_plan = 5",
-        with_privacy(mode="client", noise_multiplier=1.1),
+        {**with_privacy(mode="client", noise_multiplier=1.1), "secure_aggregation": True},
         [],
         "the plan gives no target epsilon to check against max_epsilon_per_plan",
     ),
@@ -506,10 +571,10 @@ def test_policy_rules(tmp_path, case):
             sha256="0" * 64,
             epsilon=line["epsilon"],
         )
-    fields = task_fields(plan, authorization=grant(plan))
+    fields = task_fields(plan, authorization=task_grant(plan))
 
     if expected is None:
-        agent.check_request(fields)
+        check(agent, fields)
         return
     error = refusal(agent, fields)
     assert error.code == "policy_refused"
@@ -530,7 +595,7 @@ def test_a_local_rejection_counts_without_require_local_approval(tmp_path):
     assert error.code == "policy_refused"
     assert "rejected plan" in error.shared_reason and "no MLPs on Fridays" in error.shared_reason
     agent.records.decide(digest, APPROVED, reason="", operator="ops")  # the latest one wins
-    agent.check_request(task_fields())
+    check(agent, task_fields())
 
 
 def test_unreadable_decisions_fail_closed(tmp_path):

@@ -99,9 +99,12 @@ def task(
         "plan": plan,
         "preprocessing": fitted,
         "deadline": time.time() + 60,
-        "authorization": grant(plan, run=run),
     }
-    return protocol.BinaryMessage("task", fields, tensors.encode_state_dict(state))
+    payload = tensors.encode_state_dict(state)
+    fields["authorization"] = grant(
+        plan, run=run, round=round_, weights=payload, preprocessing=fitted
+    )
+    return protocol.BinaryMessage("task", fields, payload)
 
 
 def send(agent: Agent, update: protocol.BinaryMessage, privacy: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ consumer is covered by the e2e tests.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -131,11 +132,30 @@ class FakeServer:
 
 
 def grant(
-    plan: dict[str, Any] = PLAN, *, run: int = 5, key: Any = SERVER_KEY, **changes: Any
+    plan: dict[str, Any] = PLAN,
+    *,
+    run: int = 5,
+    key: Any = SERVER_KEY,
+    round: int | None = None,
+    attempt: int = 1,
+    weights: bytes | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    expires_in: float = 600.0,
+    **changes: Any,
 ) -> dict[str, Any]:
     """The server's signed authorization for silo site-a of consortium thyroid (``changes``
-    override payload fields before signing)."""
+    override payload fields before signing): for a stats_request, or with ``round`` for that
+    round's task with these weights and preprocessing."""
     approval = {"user": "steward-a", "organization": "Hospital A", "role": "data_steward"}
+    scope = signing.request_scope(
+        kind=signing.STATS_KIND if round is None else signing.TASK_KIND,
+        rounds=plan["training"]["rounds"],
+        round=round,
+        attempt=attempt,
+        weights_sha256=None if weights is None else hashlib.sha256(weights).hexdigest(),
+        preprocessing=preprocessing,
+        expires_at=datetime.now(UTC) + timedelta(seconds=expires_in),
+    )
     payload = {
         "run": run,
         "silo": "site-a",
@@ -144,6 +164,7 @@ def grant(
         "approvals": [approval],
         "silo_approvals": [approval],
         "issued_at": datetime.now(UTC).isoformat(),
+        **scope,
         **changes,
     }
     return signing.sign_authorization(key, payload)
@@ -184,21 +205,28 @@ def task_frames(
     plan: dict[str, Any] = PLAN,
     *,
     authorization: dict[str, Any] | None = None,
+    round: int = 1,
+    **grant_changes: Any,
 ) -> list[bytes]:
     """A signed task (round 1 of run 5), in several small frames."""
     schema = tabular.DatasetSchema.from_dict(SCHEMA)
     model = models.build_model(plan["model"], len(tabular.feature_names(schema, fitted)), seed=3)
+    payload = tensors.encode_state_dict(model.state_dict())
+    if authorization is None:
+        authorization = grant(
+            plan, round=round, weights=payload, preprocessing=fitted, **grant_changes
+        )
     fields = {
         "run": 5,
-        "round": 1,
+        "round": round,
         "rounds": 3,
         "plan_hash": plan_hash(plan),
         "plan": plan,
         "preprocessing": fitted,
         "deadline": time.time() + 60,
-        "authorization": grant(plan) if authorization is None else authorization,
+        "authorization": authorization,
     }
-    task = protocol.BinaryMessage("task", fields, tensors.encode_state_dict(model.state_dict()))
+    task = protocol.BinaryMessage("task", fields, payload)
     # Small frames: the task arrives in several chunks, as a big model would.
     return protocol.encode_binary(task, max_frame_bytes=2048, transfer_id="ab" * 16)
 
