@@ -41,7 +41,7 @@ def spooled_payload(directory: Path, size: int = 200_000) -> tuple[bytes, Any]:
 
 def test_a_spooled_payload_is_stored_by_linking_its_file(tmp_path: Path) -> None:
     store = FilesystemBlobStore(tmp_path / "blobs")
-    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs").mkdir(exist_ok=True)  # the store makes it (0700) itself
     data, payload = spooled_payload(tmp_path / "blobs")
     fd, _ = protocol.spooled_file(payload)
 
@@ -60,7 +60,7 @@ def test_a_spooled_payload_that_cannot_be_linked_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = FilesystemBlobStore(tmp_path / "blobs")
-    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs").mkdir(exist_ok=True)  # the store makes it (0700) itself
     data, payload = spooled_payload(tmp_path / "blobs")
 
     def cross_device(*_: Any, **__: Any) -> None:
@@ -80,7 +80,7 @@ def test_a_stored_blob_survives_a_crash_its_name_included(
     # Durable means the data (fsync of the file) and the new name (fsync of the directory the
     # rename wrote into), both before put returns and the update is acknowledged.
     store = FilesystemBlobStore(tmp_path / "blobs")
-    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs").mkdir(exist_ok=True)  # the store makes it (0700) itself
     data, payload = spooled_payload(tmp_path / "blobs")
     synced: list[str] = []
     real_fsync = os.fsync
