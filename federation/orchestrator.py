@@ -191,6 +191,12 @@ def _advance_rounds(run: Run, cfg: RunSettings) -> tuple[str, int] | None:
             _complete_run(run)
             return None
         return _open_round(run, cfg, number=current.number + 1, attempt=1)
+    if current.status == Round.Status.FAILED:
+        # Its retry could not open yet (too few silos online): try again, or give up once the
+        # wait for silos times out (_wait_or_fail); without this the run stayed "running".
+        if current.attempt <= cfg.round_retries:
+            return _open_round(run, cfg, number=current.number, attempt=current.attempt + 1)
+        _fail_run(run, f"round {current.number} failed {current.attempt} times: {current.error}")
     return None
 
 
