@@ -18,6 +18,7 @@ from django.conf import settings
 from fedcore import protocol
 from federation import dispatch, secagg_rounds, selectors, throttle
 from federation.services import agent_auth
+from federation.services import refusals as refusal_services
 from federation.services import silos as silo_services
 from federation.services import updates as update_services
 
@@ -273,6 +274,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
             # group_expiry (agents stay connected for days) and everything when Redis restarts.
             await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         await self.send(text_data=protocol.encode_control("heartbeat_ack", ts=msg.get("ts", 0.0)))
+
+    async def on_ready(self, msg: dict[str, Any]) -> None:
+        """The site accepts work again (a new local decision): runs it refused may select it."""
+        assert self.silo_id is not None
+        await database_sync_to_async(refusal_services.silo_refusals_lift)(
+            silo_id=self.silo_id, why="the agent reported a new local decision (ready)"
+        )
 
     async def on_stats(self, msg: dict[str, Any]) -> None:
         """Store the silo's local statistics."""

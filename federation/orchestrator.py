@@ -32,7 +32,7 @@ from fedcore.aggregation import AggregateResult
 from fedcore.models import build_model
 from fedcore.privacy import accounting as dp_accounting
 from fedcore.privacy import client_dp
-from federation import dispatch, ledger, secagg_rounds
+from federation import dispatch, ledger, secagg_rounds, selectors
 from federation.models import (
     ModelVersion,
     Round,
@@ -54,14 +54,19 @@ AGAIN = "again"
 
 
 def online_silos(run: Run) -> list[Silo]:
-    """Participating, admitted silos whose agent is connected and heartbeating, and whose
-    privacy budget can afford one more round of the plan (the others stop participating)."""
+    """Participating, admitted silos whose agent is connected and heartbeating, has not refused
+    the run (federation.services.refusals), and whose privacy budget can afford one more round
+    of the plan (the others stop participating)."""
     fresh = timezone.now() - timedelta(seconds=settings.QUORUM_SILO_OFFLINE_AFTER)
-    connected = run.version.silos.filter(
-        admission=Silo.Admission.ADMITTED,
-        connection_id__isnull=False,
-        last_heartbeat__gte=fresh,
-    ).order_by("pk")
+    connected = (
+        run.version.silos.filter(
+            admission=Silo.Admission.ADMITTED,
+            connection_id__isnull=False,
+            last_heartbeat__gte=fresh,
+        )
+        .exclude(pk__in=selectors.run_refused_silo_ids(run.pk))
+        .order_by("pk")
+    )
     selectable = []
     for silo in connected:
         if ledger.can_afford_round(silo, run.version.spec):
@@ -238,8 +243,8 @@ def _close_if_due(run: Run, cfg: RunSettings, round_: Round) -> tuple[str, int] 
     if secagg_rounds.is_secure(run.version.spec):
         return _close_secure_if_due(run, cfg, round_, selected)
     received = round_.updates.count()
-    if received < selected and timezone.now() < round_.deadline:
-        return None
+    if selectors.round_awaited_count(round_) and timezone.now() < round_.deadline:
+        return None  # (a selected silo that refused the run is not waited for)
     if received >= cfg.min_silos:
         round_.status = Round.Status.AGGREGATING
         round_.aggregation_started_at = timezone.now()

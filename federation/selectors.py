@@ -24,6 +24,7 @@ from federation.models import (
     RoundMetric,
     Run,
     Silo,
+    SiloRefusal,
     TrainingPlan,
     Update,
 )
@@ -690,3 +691,25 @@ def model_version_onnx(version: ModelVersion) -> bytes:
     except (tensors.IncompatibleStateDict, RuntimeError) as exc:
         raise ValueError(f"the stored weights do not fit the plan's model: {exc}") from None
     return onnx_export.export_onnx(model, len(names))
+
+
+# Refusing sites (federation.services.refusals): who is out of a run's selection, and why.
+
+
+def run_refused_silo_ids(run_id: int) -> QuerySet[SiloRefusal]:
+    """Ids (a ``silo_id`` values subquery) of the silos a run does not select: they refused it."""
+    return SiloRefusal.objects.filter(run_id=run_id).values("silo_id")
+
+
+def run_refusals(run: Run) -> QuerySet[SiloRefusal]:
+    """The silos out of a run's selection, why and since when, oldest first."""
+    return SiloRefusal.objects.filter(run=run).select_related("silo").order_by("since", "pk")
+
+
+def round_awaited_count(round_: Round) -> int:
+    """How many of a round's selected silos it still waits for: no update and no refusal."""
+    return (
+        round_.selected.exclude(pk__in=round_.updates.values("silo_id"))
+        .exclude(pk__in=run_refused_silo_ids(round_.run_id))
+        .count()
+    )

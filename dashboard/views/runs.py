@@ -48,6 +48,7 @@ def _monitor_data(request: HttpRequest, run: Run) -> dict[str, Any]:
         "rounds_completed": sum(1 for r in rounds if r.status == "completed"),
         "charts": charts.run_charts(rounds, metric_rows),
         "silos": silos,
+        "refusals": list(selectors.run_refusals(run)),
         "may_stop": _may_stop(
             request, run, frozenset(permissions.roles_in(request.user, run.plan.consortium_id))
         ),

@@ -19,6 +19,7 @@ from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
 from federation.services import fairness as fairness_service
 from federation.services.audit import audit_append
+from federation.services.refusals import REFUSAL_CODES, silo_refusal_record
 from federation.storage import BlobStoreError, blob_store, update_key
 
 log = logging.getLogger("quorum.updates")
@@ -71,16 +72,23 @@ def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
 def agent_report(
     *, silo_id: int, code: str, reason: str, run_id: int | None, round_number: int | None
 ) -> None:
-    """Record in the audit log what a site's agent refused or could not do, and why."""
+    """Record in the audit log what a site's agent refused or could not do, and why.
+
+    A refusal of a run's request also takes the silo out of that run's selection
+    (federation.services.refusals)."""
     silo = Silo.objects.get(pk=silo_id)
     audit_append(
         actor=f"silo:{silo.name}",
-        action="agent.refused" if code in {"not_authorized", "policy_refused"} else "agent.error",
+        action="agent.refused" if code in REFUSAL_CODES else "agent.error",
         consortium_id=silo.consortium_id,
         object_type="run" if run_id is not None else "silo",
         object_id=run_id if run_id is not None else silo.pk,
         data={"code": code[:50], "reason": reason[:2000], "round": round_number},
     )
+    if run_id is not None:
+        silo_refusal_record(
+            silo_id=silo.pk, run_id=run_id, round_number=round_number, code=code, reason=reason
+        )
 
 
 def validate_metrics(metrics: dict[str, Any]) -> list[tuple[str, str, float]]:
