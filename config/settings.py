@@ -336,6 +336,12 @@ LOGGING = {
     },
 }
 # An aggregation that has not finished after this long is presumed lost (worker died) and rerun.
+# On SIGTERM the server closes every connection and exits within about this many seconds, even
+# when a connection's clean-up is stuck on the database (federation.server.serve).
+QUORUM_SHUTDOWN_GRACE_SECONDS = env_float("QUORUM_SHUTDOWN_GRACE_SECONDS", 3.0)
+# After the blob store failed to write a site's update, the task is sent again after this many
+# seconds, doubling each time (at most 30 s), while the round's deadline allows.
+QUORUM_BLOB_RETRY_SECONDS = env_float("QUORUM_BLOB_RETRY_SECONDS", 2.0)
 QUORUM_AGGREGATION_STALE_SECONDS = env_float("QUORUM_AGGREGATION_STALE_SECONDS", 120.0)
 # Embedded profile: the ASGI server process runs orchestration steps and the sweeper. Tests of a
 # consumer in isolation turn it off.

@@ -344,6 +344,45 @@ async def test_same_task_after_reconnect_is_resent_without_retraining(tmp_path, 
     await server.stop()
 
 
+async def test_an_update_the_server_could_not_store_is_sent_again_when_asked_without_retraining(
+    tmp_path, monkeypatch
+):
+    calls = []
+    real_handle_task = connection.handle_task
+
+    def counting_handle_task(*args: Any, **kwargs: Any) -> protocol.BinaryMessage:
+        calls.append(1)
+        return real_handle_task(*args, **kwargs)
+
+    monkeypatch.setattr(connection, "handle_task", counting_handle_task)
+
+    async def script(ws: ServerConnection, server: FakeServer) -> None:
+        await hello_welcome(ws, server)
+        frames = task_frames(await stats_round(ws, server))
+        await send_frames(ws, frames)
+        await server.events.put(("update", await server.recv_update(ws)))
+        # The server's disk was full: it says so, then asks again (the same task, same link).
+        reason = "the server could not store the update; it will ask for it again shortly"
+        await ws.send(protocol.encode_error("internal", reason, run=5, round=1))
+        await send_frames(ws, frames)
+        await server.events.put(("update", await server.recv_update(ws)))
+        await ws.send(protocol.encode_control("update_ack", run=5, round=1, status="accepted"))
+
+    server = FakeServer([script])
+    await server.start()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(make_agent(tmp_path, server.url).run(stop))
+
+    one = await server.next_event("update")
+    two = await server.next_event("update")
+
+    assert two.payload == one.payload and two.fields["nonce"] != one.fields["nonce"]
+    assert len(calls) == 1
+    stop.set()
+    assert await asyncio.wait_for(runner, WAIT) == EXIT_OK
+    await server.stop()
+
+
 async def test_bad_data_and_bad_frames_get_error_replies_and_the_agent_keeps_running(
     tmp_path, caplog
 ):
