@@ -4,6 +4,7 @@ and a round stuck behind too few silos still ends (issue 12, liveness under faul
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -159,3 +160,40 @@ def test_the_api_and_the_run_page_say_which_silo_refused_and_why(settings: objec
     web.force_login(gov.scientists[0])
     html = web.get(f"/runs/{run.pk}/").content.decode()
     assert 'id="refusals"' in html and gov.silos[0].name in html and "policy_refused" in html
+
+
+async def round_trip(comm: Any) -> None:
+    """A heartbeat and its ack: every message sent before it has been handled."""
+    from fedcore import protocol
+
+    await comm.send_to(text_data=protocol.encode_control("heartbeat", ts=1.0))
+    while True:
+        frame = await comm.receive_from(timeout=5)  # the task's binary frames come first
+        if isinstance(frame, str) and protocol.decode_control(frame)["type"] == "heartbeat_ack":
+            return
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_ready_message_from_the_agent_lifts_the_exclusion(settings: object) -> None:
+    from channels.db import database_sync_to_async
+
+    from fedcore import protocol
+    from tests.integration.test_agent_consumer import connect, hello, make_round
+
+    settings.QUORUM_EMBEDDED_ORCHESTRATOR = False  # type: ignore[attr-defined]
+    round_, [(silo, token)] = await make_round()
+    comm = await connect(token)
+    await hello(comm)
+    await comm.send_to(
+        text_data=protocol.encode_error("policy_refused", CLOCK, run=round_.run_id, round=1)
+    )
+    await round_trip(comm)
+    refusals = database_sync_to_async(lambda: list(SiloRefusal.objects.values_list("silo_id")))
+    assert await refusals() == [(silo.pk,)]
+
+    await comm.send_to(text_data=protocol.encode_control("ready"))
+    await round_trip(comm)
+    assert await refusals() == []
+    readmitted = await database_sync_to_async(AuditEvent.objects.get)(action="silo.readmitted")
+    assert "ready" in readmitted.data["why"]
+    await comm.disconnect()

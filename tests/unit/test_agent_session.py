@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 import clientagent.connection as connection
 from clientagent.config import load_config
 from clientagent.connection import EXIT_AUTH, EXIT_OK, Agent, Backoff
+from clientagent.records import APPROVED
 from fedcore import models, protocol, signing, tabular, tensors
 from fedcore.plans import plan_hash
 
@@ -378,6 +379,34 @@ async def test_an_update_the_server_could_not_store_is_sent_again_when_asked_wit
 
     assert two.payload == one.payload and two.fields["nonce"] != one.fields["nonce"]
     assert len(calls) == 1
+    stop.set()
+    assert await asyncio.wait_for(runner, WAIT) == EXIT_OK
+    await server.stop()
+
+
+async def test_a_new_local_decision_makes_the_agent_say_ready(tmp_path):
+    """The server stops selecting a site for a run it refused; an operator's new decision
+    (quorum-agent approve) is said to the server with 'ready' within a heartbeat."""
+    agent_holder: list[Agent] = []
+
+    async def script(ws: ServerConnection, server: FakeServer) -> None:
+        await hello_welcome(ws, server)
+        await server.expect(ws, "heartbeat")
+        await server.expect(ws, "heartbeat")  # the agent has looked at its decisions once
+        agent_holder[0].records.decide(
+            plan_hash(PLAN), APPROVED, reason="reviewed", operator="test"
+        )
+        await server.events.put(("ready", await server.expect(ws, "ready")))
+
+    server = FakeServer([script])
+    await server.start()
+    stop = asyncio.Event()
+    agent = make_agent(tmp_path, server.url)
+    agent_holder.append(agent)
+    runner = asyncio.create_task(agent.run(stop))
+
+    ready = await server.next_event("ready")
+    assert ready["type"] == "ready"
     stop.set()
     assert await asyncio.wait_for(runner, WAIT) == EXIT_OK
     await server.stop()
