@@ -115,6 +115,8 @@ class FakeServer:
                 self.heartbeats += 1
                 if msg_type != "heartbeat":
                     continue
+            if fields["type"] == "ready" and msg_type != "ready":
+                continue  # said after a local decision, whatever else happens
             assert fields["type"] == msg_type, fields
             return fields
 
@@ -123,8 +125,9 @@ class FakeServer:
         while True:
             message = await asyncio.wait_for(ws.recv(), WAIT)
             if isinstance(message, str):
-                assert protocol.decode_control(message)["type"] == "heartbeat", message
-                self.heartbeats += 1
+                kind = protocol.decode_control(message)["type"]
+                assert kind in ("heartbeat", "ready"), message  # ready: after a local decision
+                self.heartbeats += kind == "heartbeat"
                 continue
             update = reassembler.feed(message)
             if update is not None:
