@@ -123,6 +123,9 @@ def websocket_options() -> dict[str, Any]:
     }
 
 
+SERVER_INTERNAL = "internal"  # an error frame about the server's own failure, not our update
+
+
 class AuthRefused(Exception):
     """The server refused the site's token (HTTP 401/403, ``auth_failed`` or close 4401)."""
 
@@ -288,6 +291,7 @@ class Agent:
         self._download_seconds: dict[tuple[int, int], float] = {}
         self._last_update: _BuiltUpdate | None = None
         self._rounds: dict[int, int] = {}
+        self._decisions_size: int | None = None  # decisions.jsonl's size when last looked at
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Connect, serve and reconnect until ``stop`` is set or the token is refused.
@@ -789,8 +793,21 @@ class Agent:
         elif run is not None:
             where = f"run {run}: "
         logger.warning("%sserver error %s: %s", where, code, reason)
-        if run is not None and rnd is not None:
+        if run is not None and rnd is not None and code != SERVER_INTERNAL:
+            # An "internal" error is the server's (its blob store could not write the update):
+            # it sends the task again, and the same update goes back without training again.
             self._forget_update(run, rnd)
+
+    def decisions_changed(self) -> bool:
+        """Whether the operator recorded a decision (``quorum-agent approve`` / ``reject``) since
+        the last call: decisions.jsonl is append-only, so a new decision makes it grow."""
+        try:
+            size = self.records.decisions_path.stat().st_size
+        except OSError:
+            size = 0
+        changed = self._decisions_size is not None and size != self._decisions_size
+        self._decisions_size = size
+        return changed
 
     def on_run_finished(self, fields: Mapping[str, Any]) -> None:
         """Log the end of a run and free what was kept for it."""
@@ -931,6 +948,10 @@ class _Session:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             await self.send_control("heartbeat", ts=time.time(), state=self.agent.state)
+            if self.agent.decisions_changed():
+                # The server stops selecting a site for a run it refused; a new local decision
+                # may change the answer, so say so (federation.services.refusals).
+                await self.send_control("ready")
 
     async def _dispatch(self, message: str | bytes) -> None:
         if isinstance(message, str):

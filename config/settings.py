@@ -186,6 +186,12 @@ if PRODUCTION and DATABASES["default"]["ENGINE"] != "django.db.backends.postgres
         f"the production profile needs PostgreSQL; DATABASE_URL names "
         f"{DATABASES['default']['ENGINE']}"
     )
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A database that does not answer fails a connection attempt in seconds, not at the TCP
+    # timeout: requests then answer 503 (config/errors.py) and health probes stay prompt.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env_int("QUORUM_DB_CONNECT_TIMEOUT", 5)
+    )
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool(
     "QUORUM_DB_POOL", PRODUCTION
 ):
@@ -198,7 +204,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": env_int("QUORUM_DB_POOL_MIN", 1),
         "max_size": env_int("QUORUM_DB_POOL_MAX", 20),
-        "timeout": env_float("QUORUM_DB_POOL_TIMEOUT", 30.0),
+        # How long a request waits for a pooled connection before it answers 503: with the
+        # database down the pool has none to give (it was 30 s, longer than load balancers wait).
+        "timeout": env_float("QUORUM_DB_POOL_TIMEOUT", 5.0),
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # pytest-django creates (and drops) this database for a test session: one per test process.
@@ -371,6 +379,12 @@ LOGGING = {
     },
 }
 # An aggregation that has not finished after this long is presumed lost (worker died) and rerun.
+# On SIGTERM the server closes every connection and exits within about this many seconds, even
+# when a connection's clean-up is stuck on the database (federation.server.serve).
+QUORUM_SHUTDOWN_GRACE_SECONDS = env_float("QUORUM_SHUTDOWN_GRACE_SECONDS", 3.0)
+# After the blob store failed to write a site's update, the task is sent again after this many
+# seconds, doubling each time (at most 30 s), while the round's deadline allows.
+QUORUM_BLOB_RETRY_SECONDS = env_float("QUORUM_BLOB_RETRY_SECONDS", 2.0)
 QUORUM_AGGREGATION_STALE_SECONDS = env_float("QUORUM_AGGREGATION_STALE_SECONDS", 120.0)
 # Embedded profile: the ASGI server process runs orchestration steps and the sweeper. Tests of a
 # consumer in isolation turn it off.

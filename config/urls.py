@@ -22,3 +22,6 @@ urlpatterns = [
 # and Swagger UI's (drf-spectacular-sidecar, no CDN). In production (DEBUG off) this adds nothing:
 # `manage.py collectstatic` fills STATIC_ROOT and the reverse proxy serves it (docs/operations.md).
 urlpatterns += staticfiles_urlpatterns()
+
+# A database outage answers 503 with Retry-After (config/errors.py); anything else, Django's 500.
+handler500 = "config.errors.server_error"

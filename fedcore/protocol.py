@@ -187,6 +187,9 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
     },
     "heartbeat": {"ts": (_NUMBER, _OPT), "state": (_STR, _OPT)},  # agent -> server
     "heartbeat_ack": {"ts": (_NUMBER, _OPT)},  # server -> agent
+    # agent -> server: the site's operator recorded a new decision; the site may accept work it
+    # refused before, so the server may select it again (federation.services.refusals)
+    "ready": {},
     # server -> agent: compute local statistics for the plan (plan has "schema", "evaluation")
     # "authorization" is the server's Ed25519-signed grant (fedcore.signing) that the agent checks
     "stats_request": {

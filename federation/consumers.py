@@ -20,6 +20,7 @@ from django.conf import settings
 from fedcore import protocol
 from federation import dispatch, selectors, throttle
 from federation.services import agent_auth, agent_reports
+from federation.services import refusals as refusal_services
 from federation.services import secagg as secagg_services
 from federation.services import silos as silo_services
 from federation.services import updates as update_services
@@ -80,6 +81,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
     # Deadlines of a slow peer (docs/security.md, "Hostile input"): hello, and a stalled upload.
     hello_timer: asyncio.TimerHandle | None = None
     upload_timer: asyncio.TimerHandle | None = None
+    # Tasks to send again after the server failed to store an update (round id -> attempts).
+    asked_again: dict[int, int]
+    resend_timers: dict[int, asyncio.TimerHandle]
 
     async def connect(self) -> None:
         """Accept, then authenticate the silo by its token."""
@@ -120,6 +124,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             spool_dir=settings.QUORUM_BLOB_DIR,
         )
         self.deadline_tasks: set[asyncio.Future[None]] = set()
+        self.asked_again, self.resend_timers = {}, {}
         self.hello_timer = asyncio.get_running_loop().call_later(
             settings.QUORUM_HELLO_TIMEOUT_SECONDS, self.deadline_passed, "hello"
         )
@@ -165,11 +170,42 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
 
     def cancel_deadlines(self) -> None:
-        """Stop the hello and upload timers (the connection is going away)."""
-        for timer in (self.hello_timer, self.upload_timer):
+        """Stop the hello, upload and resend timers (the connection is going away)."""
+        resends = getattr(self, "resend_timers", {})  # none before authentication
+        for timer in (self.hello_timer, self.upload_timer, *resends.values()):
             if timer is not None:
                 timer.cancel()
         self.hello_timer = self.upload_timer = None
+
+    def ask_again(self, round_id: int, deadline: float) -> None:
+        """Send the round's task again after a back-off (doubling, at most 30 s), if that is
+        before the round's deadline: the server failed to store the update, not the site.
+        (A reconnection gets the task anyway: selectors.pending_work.)"""
+        tries = self.asked_again.get(round_id, 0) + 1
+        self.asked_again[round_id] = tries
+        delay = min(30.0, settings.QUORUM_BLOB_RETRY_SECONDS * 2 ** (tries - 1))
+        if time.time() + delay >= deadline:
+            log.warning("silo %s: round id %d closes before another try", self.silo_name, round_id)
+            return
+        log.info(
+            "silo %s: asking for the update of round id %d again in %g s",
+            self.silo_name,
+            round_id,
+            delay,
+        )
+        previous = self.resend_timers.pop(round_id, None)
+        if previous is not None:
+            previous.cancel()
+        self.resend_timers[round_id] = asyncio.get_running_loop().call_later(
+            delay, self.resend_task, round_id
+        )
+
+    def resend_task(self, round_id: int) -> None:
+        """A resend back-off ended (a loop callback): send the task in a task."""
+        self.resend_timers.pop(round_id, None)
+        task = asyncio.ensure_future(self.round_task({"round_id": round_id}))
+        self.deadline_tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self.deadline_tasks.discard)
 
     async def disconnect(self, code: int) -> None:
         """Forget the connection unless a newer one replaced it."""
@@ -280,6 +316,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         await self.send(text_data=protocol.encode_control("heartbeat_ack", ts=msg.get("ts", 0.0)))
 
+    async def on_ready(self, msg: dict[str, Any]) -> None:
+        """The site accepts work again (a new local decision): runs it refused may select it."""
+        assert self.silo_id is not None
+        await database_sync_to_async(refusal_services.silo_refusals_lift)(
+            silo_id=self.silo_id, why="the agent reported a new local decision (ready)"
+        )
+
     async def on_stats(self, msg: dict[str, Any]) -> None:
         """Store the silo's local statistics."""
         assert self.silo_id is not None
@@ -358,6 +401,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except update_services.Refused as exc:
             log.warning("update from silo %s refused: %s", self.silo_name, exc)
             await self.send_error(exc.code, exc.reason, run=fields["run"], round=fields["round"])
+            if exc.ask_again is not None:
+                self.ask_again(*exc.ask_again)
             return
         await self.send(
             text_data=protocol.encode_control(

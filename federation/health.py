@@ -11,11 +11,13 @@ are and pass.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from asgiref.sync import sync_to_async
+import psycopg
 from channels.layers import get_channel_layer
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
@@ -32,10 +34,37 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line}"[:200]
 
 
+# Probes that block run here, never on Django's shared sync thread or the connection pool: a
+# database that does not answer used to hold /healthz for the pool's 30 s timeout. A probe that
+# hangs occupies one of these threads until its own connect/statement timeout; the answer does
+# not wait for it (asyncio.wait_for cancels the future at once), and at most PROBE_THREADS hang.
+PROBE_THREADS = 4
+_probes = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="quorum-health")
+
+
+def _in_probe_thread(fn: Callable[[], dict[str, Any]]) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def run() -> dict[str, Any]:
+        return await asyncio.get_running_loop().run_in_executor(_probes, fn)
+
+    return run
+
+
 def _database() -> dict[str, Any]:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-        cursor.fetchone()
+    if connection.vendor == "postgresql":
+        # Its own short-lived connection with a connect and a statement timeout: the pool's
+        # timeout is for requests, and a pooled connection may be a dead one.
+        params = connection.get_connection_params()
+        params["connect_timeout"] = max(1, math.ceil(HEALTH_TIMEOUT))
+        with psycopg.connect(**params, autocommit=True) as conn:
+            conn.execute(f"SET statement_timeout = {int(HEALTH_TIMEOUT * 1000)}")
+            conn.execute("SELECT 1").fetchone()
+        return {"vendor": connection.vendor}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    finally:
+        connection.close()  # this probe thread's own connection
     return {"vendor": connection.vendor}
 
 
@@ -77,9 +106,9 @@ async def _check(probe: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, An
 async def healthz(request: HttpRequest) -> JsonResponse:
     """JSON: {"status": "ok"|"fail", "profile": ..., "checks": {name: {ok, ms, ...}}}."""
     checks = {
-        "database": await _check(sync_to_async(_database)),
+        "database": await _check(_in_probe_thread(_database)),
         "channel_layer": await _check(_channel_layer),
-        "broker": await _check(sync_to_async(_broker, thread_sensitive=False)),
+        "broker": await _check(_in_probe_thread(_broker)),
     }
     ok = all(check["ok"] for check in checks.values())
     return JsonResponse(

@@ -273,6 +273,29 @@ class Run(models.Model):
         return self.status in self.ACTIVE
 
 
+class SiloRefusal(models.Model):
+    """A silo's agent refused a run's request (its signed grant does not verify there, or the
+    site's policy says no): the silo is not selected again in that run until its agent says
+    otherwise (a new ``hello`` or a ``ready`` message; docs/operations.md, "Refusing sites").
+
+    One row per run and silo while the exclusion holds; it is deleted when it is lifted (the
+    audit log keeps every refusal and every lift)."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="refusals")
+    silo = models.ForeignKey(Silo, on_delete=models.CASCADE, related_name="refusals")
+    code = models.CharField(max_length=50)
+    reason = models.TextField(blank=True)
+    round_number = models.PositiveIntegerField(null=True, blank=True)  # None: the stats request
+    since = models.DateTimeField(default=timezone.now)
+    last_at = models.DateTimeField(default=timezone.now)
+    count = models.PositiveIntegerField(default=1)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "silo"], name="one_refusal_per_silo_and_run")
+        ]
+
+
 class SiloStatistics(models.Model):
     """A silo's local statistics for a run's federated preprocessing pass (sums, counts, sets)."""
 

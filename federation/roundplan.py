@@ -73,6 +73,9 @@ class RoundState:
     deadline: datetime
     aggregation_started_at: datetime | None = None
     error: str = ""
+    # Selected silos without an update whose agent refused the run: not waited for (they will
+    # not answer; federation.services.refusals).
+    refused: int = 0
     # Secure rounds still collecting: None while the coordinator runs, else how it ended.
     secure_outcome: SecureOutcome | None = None
 
@@ -263,7 +266,7 @@ def _close_if_due(state: RunState, round_: RoundState) -> Decision:
                 f"the secure sum; the plan needs at least {minimum}"
             ),
         )
-    if round_.received < round_.selected and state.now < round_.deadline:
+    if round_.received + round_.refused < round_.selected and state.now < round_.deadline:
         return Wait(
             f"round {round_.number}: {round_.received} of {round_.selected} updates received"
         )

@@ -32,6 +32,7 @@ from federation.models import (
     RoundMetric,
     Run,
     Silo,
+    SiloRefusal,
     TrainingPlan,
     Update,
 )
@@ -164,18 +165,23 @@ def pending_work(*, silo_id: int) -> list[dict[str, Any]]:
 
 
 def online_silos(run: Run) -> list[Silo]:
-    """Participating, admitted silos whose agent is connected and heartbeating, and whose
-    privacy budget can afford one more round of the plan (the others stop participating).
+    """Participating, admitted silos whose agent is connected and heartbeating, has not refused
+    the run, and whose privacy budget can afford one more round of the plan (the others stop
+    participating).
 
     The one place a run's selection is decided (the round state machine selects these)."""
     from federation import ledger
 
     fresh = timezone.now() - timedelta(seconds=settings.QUORUM_SILO_OFFLINE_AFTER)
-    connected = run.version.silos.filter(
-        admission=Silo.Admission.ADMITTED,
-        connection_id__isnull=False,
-        last_heartbeat__gte=fresh,
-    ).order_by("pk")
+    connected = (
+        run.version.silos.filter(
+            admission=Silo.Admission.ADMITTED,
+            connection_id__isnull=False,
+            last_heartbeat__gte=fresh,
+        )
+        .exclude(pk__in=run_refused_silo_ids(run.pk))  # refused the run (services.refusals)
+        .order_by("pk")
+    )
     selectable = []
     for silo in connected:
         if ledger.can_afford_round(silo, run.version.spec):
@@ -900,3 +906,26 @@ def audit_event_list(user: Any) -> QuerySet[AuditEvent]:
     """Events of the consortia whose log the user may read (else PermissionDenied)."""
     ids = permissions.audit_consortium_ids(user)
     return AuditEvent.objects.filter(consortium_id__in=ids).order_by("index")
+
+
+# Refusing sites (federation.services.refusals): who is out of a run's selection, and why.
+
+
+def run_refused_silo_ids(run_id: int) -> QuerySet[SiloRefusal]:
+    """Ids (a ``silo_id`` values subquery) of the silos a run does not select: they refused it."""
+    return SiloRefusal.objects.filter(run_id=run_id).values("silo_id")
+
+
+def run_refusals(run: Run) -> QuerySet[SiloRefusal]:
+    """The silos out of a run's selection, why and since when, oldest first."""
+    return SiloRefusal.objects.filter(run=run).select_related("silo").order_by("since", "pk")
+
+
+def round_refused_count(round_: Round) -> int:
+    """How many of a round's selected silos sent no update and refused the run: the round does
+    not wait for them."""
+    return (
+        round_.selected.exclude(pk__in=round_.updates.values("silo_id"))
+        .filter(pk__in=run_refused_silo_ids(round_.run_id))
+        .count()
+    )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import sys
 import threading
 import time
 
@@ -42,7 +45,57 @@ def uvicorn_config(host: str, port: int, log_level: str = "warning") -> uvicorn.
         ws_per_message_deflate=False,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
+        # Then uvicorn cancels what still runs: without a bound it waited for every
+        # connection's clean-up, which blocks for the database's timeouts when the database is
+        # what failed (over 20 s on SIGTERM; issue 12).
+        timeout_graceful_shutdown=settings.QUORUM_SHUTDOWN_GRACE_SECONDS,
     )
+
+
+class PromptServer(uvicorn.Server):
+    """Uvicorn that remembers when its shutdown began (SIGTERM), for :func:`serve`."""
+
+    shutdown_began: float | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Uvicorn's graceful shutdown, bounded by the config's timeout_graceful_shutdown."""
+        self.shutdown_began = time.monotonic()
+        await super().shutdown(sockets)
+
+
+def serve(host: str, port: int, log_level: str = "info") -> None:
+    """Run the ASGI server until SIGTERM/SIGINT; then exit within about the shutdown grace.
+
+    Uvicorn closes every connection and, after QUORUM_SHUTDOWN_GRACE_SECONDS, cancels what is
+    still running. A worker thread may still be inside a database call then (a cancelled
+    coroutine does not stop its thread, and Python joins such threads at exit, for as long as
+    the database takes to time out). They get what remains of the grace, at least a second; then
+    the process exits without them. Nothing accepted is lost: an update counts once its
+    transaction commits, an agent that got no ``update_ack`` sends it again after reconnecting
+    (a duplicate is refused), and an uncommitted transaction rolls back as after a crash.
+    """
+    server = PromptServer(uvicorn_config(host, port, log_level))
+    server.run()
+    if server.shutdown_began is None:  # start-up failed: nothing is running
+        sys.exit(0 if server.started else 1)
+    grace = settings.QUORUM_SHUTDOWN_GRACE_SECONDS
+    deadline = max(server.shutdown_began + grace, time.monotonic() + 1.0)
+    main = threading.main_thread()
+    stragglers = [t for t in threading.enumerate() if not t.daemon and t is not main]
+    for thread in stragglers:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in stragglers if t.is_alive()]
+    if left:
+        logging.getLogger("quorum.server").warning(
+            "exiting with %d thread(s) still busy after the %g s shutdown grace: %s",
+            len(left),
+            grace,
+            ", ".join(left),
+        )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class ServerThread:

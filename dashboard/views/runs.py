@@ -49,6 +49,7 @@ def _monitor_data(request: HttpRequest, run: Run) -> dict[str, Any]:
         "charts": charts.run_charts(rounds, metric_rows),
         "silos": silos,
         "waiting_note": selectors.run_waiting_note(run, rounds),
+        "refusals": list(selectors.run_refusals(run)),
         "may_stop": _may_stop(
             request, run, frozenset(permissions.roles_in(request.user, run.plan.consortium_id))
         ),

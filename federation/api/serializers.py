@@ -604,14 +604,33 @@ class RoundSummarySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class RunRefusalSerializer(serializers.Serializer):
+    """A silo out of the run's selection: its agent refused the run (federation.services.refusals)."""
+
+    silo = serializers.IntegerField(source="silo_id", read_only=True)
+    silo_name = serializers.CharField(source="silo.name", read_only=True)
+    code = serializers.CharField(read_only=True)
+    reason = serializers.CharField(read_only=True)
+    round = serializers.IntegerField(source="round_number", read_only=True, allow_null=True)
+    since = serializers.DateTimeField(read_only=True)
+    last_at = serializers.DateTimeField(read_only=True)
+    count = serializers.IntegerField(read_only=True)
+
+
 class RunDetailSerializer(RunSerializer):
-    """A run with the state of each of its rounds."""
+    """A run with the state of each of its rounds, and the silos it no longer selects and why."""
 
     round_summary = RoundSummarySerializer(source="round_set", many=True, read_only=True)
+    waiting_since = serializers.DateTimeField(read_only=True, allow_null=True)
+    refusals = serializers.SerializerMethodField()
 
     class Meta(RunSerializer.Meta):
-        fields = [*RunSerializer.Meta.fields, "round_summary"]
+        fields = [*RunSerializer.Meta.fields, "round_summary", "waiting_since", "refusals"]
         read_only_fields = fields
+
+    @extend_schema_field(RunRefusalSerializer(many=True))
+    def get_refusals(self, run: Run) -> list[dict[str, Any]]:
+        return RunRefusalSerializer(selectors.run_refusals(run), many=True).data
 
 
 class RunStartSerializer(StrictSerializer):

@@ -18,6 +18,7 @@ from django.db import transaction
 from federation import throttle
 from federation.models import Silo
 from federation.services.audit import audit_append
+from federation.services.refusals import REFUSAL_CODES, silo_refusal_record
 
 log = logging.getLogger("quorum.agent_ws")
 
@@ -69,13 +70,20 @@ def _within_budget(silo: Silo, code: str) -> bool:
 def agent_report(
     *, silo_id: int, code: str, reason: str, run_id: int | None, round_number: int | None
 ) -> None:
-    """Record in the audit log what a site's agent refused or could not do, and why."""
+    """Record in the audit log what a site's agent refused or could not do, and why.
+
+    A refusal of a run's request also takes the silo out of that run's selection
+    (federation.services.refusals), whether or not the audit budget lets the row through."""
     silo = Silo.objects.get(pk=silo_id)
+    if run_id is not None:
+        silo_refusal_record(
+            silo_id=silo.pk, run_id=run_id, round_number=round_number, code=code, reason=reason
+        )
     if not _within_budget(silo, code):
         return
     audit_append(
         actor=f"silo:{silo.name}",
-        action="agent.refused" if code in {"not_authorized", "policy_refused"} else "agent.error",
+        action="agent.refused" if code in REFUSAL_CODES else "agent.error",
         consortium_id=silo.consortium_id,
         object_type="run" if run_id is not None else "silo",
         object_id=run_id if run_id is not None else silo.pk,

@@ -38,7 +38,7 @@ from federation.models import (
     Silo,
     TrainingPlan,
 )
-from federation.selectors import online_silos
+from federation.selectors import online_silos, round_refused_count
 from federation.services import fairness as fairness_service
 from federation.services.audit import audit_append
 from federation.services.updates import validate_metrics
@@ -104,6 +104,7 @@ def run_state(run: Run, online: list[Silo]) -> roundplan.RunState:
             status=current.status,
             selected=current.selected.count() if collecting else 0,
             received=current.updates.count() if collecting and not secure else 0,
+            refused=round_refused_count(current) if collecting and not secure else 0,
             started_at=current.started_at,
             deadline=current.deadline,
             aggregation_started_at=current.aggregation_started_at,

@@ -19,6 +19,7 @@ from federation.services import agent_reports
 from federation.services import secagg as secagg_services
 from federation.services.audit import actor_label, audit_append
 from federation.services.errors import Conflict
+from federation.services.refusals import silo_refusals_lift
 
 
 def hash_token(token: str) -> str:
@@ -55,6 +56,9 @@ def silo_connect(*, silo_id: int, connection_id: str, agent_version: str) -> str
     silo.last_heartbeat = timezone.now()
     silo.agent_version = agent_version[:50]
     silo.save(update_fields=["connection_id", "last_heartbeat", "agent_version"])
+    # A new hello is the agent saying it may accept work again (a fixed clock or policy takes a
+    # restart): the runs it refused may select it again (federation.services.refusals).
+    silo_refusals_lift(silo_id=silo.pk, why="the agent connected again (hello)")
     return previous if previous and previous != connection_id else None
 
 

@@ -28,10 +28,16 @@ MAX_METRICS = 64
 
 @dataclass
 class Refused(Exception):
-    """An agent message was refused; code and reason go back in an error frame."""
+    """An agent message was refused; code and reason go back in an error frame.
+
+    ``ask_again`` (round id, the round's deadline in unix seconds): the fault was the server's
+    (its blob store could not write), so the connection sends the round's task again after a
+    back-off, within the deadline, and the agent sends the same update again.
+    """
 
     code: str
     reason: str
+    ask_again: tuple[int, float] | None = None
 
     def __str__(self) -> str:
         return f"{self.code}: {self.reason}"
@@ -172,7 +178,9 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
     except BlobStoreError as exc:
         log.error("update of silo %s refused: %s", silo.name, exc)
         raise Refused(
-            "internal", "the server could not store the update; it will be asked again"
+            "internal",
+            "the server could not store the update; it will ask for it again shortly",
+            ask_again=(round_.pk, round_.deadline.timestamp()),
         ) from exc
     try:
         with transaction.atomic():

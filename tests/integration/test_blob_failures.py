@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from channels.db import database_sync_to_async
 from django.conf import settings
 
 from fedcore import tensors
@@ -18,6 +19,14 @@ from federation.models import AuditEvent, Round, RoundMetric, Update
 from federation.services.updates import Refused, update_receive
 from federation.storage import BlobStoreError, FilesystemBlobStore, update_key
 from tests.factories import ConsortiumFactory, SiloFactory, running_round
+from tests.integration.test_agent_consumer import (
+    connect,
+    hello,
+    make_round,
+    receive_task,
+    send_update,
+    update_frames,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -74,7 +83,8 @@ def test_an_update_whose_blob_cannot_be_written_is_refused_and_nothing_is_record
     monkeypatch.undo()
 
     assert refused.value.code == "internal"
-    assert "asked again" in refused.value.reason
+    assert "ask for it again" in refused.value.reason
+    assert refused.value.ask_again == (round_.pk, round_.deadline.timestamp())
     assert not Update.objects.filter(round=round_).exists()
     assert not RoundMetric.objects.filter(round=round_).exists()
     assert not AuditEvent.objects.filter(action="update.accepted").exists()
@@ -94,3 +104,31 @@ def test_an_update_whose_blob_cannot_be_written_is_refused_and_nothing_is_record
     )
     assert update.blob_key == key
     assert tensors.sha256_hex(storage.blob_store().get(key)) == update.sha256
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_after_a_failed_write_the_server_asks_for_the_update_again_within_the_round(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk full for a moment does not lose the round: the same connection gets the task
+    again after a back-off, and the update sent again is accepted."""
+    settings.QUORUM_EMBEDDED_ORCHESTRATOR = False  # the consumer alone
+    settings.QUORUM_BLOB_RETRY_SECONDS = 0.05
+    round_, [(silo, token)] = await make_round()
+    comm = await connect(token)
+    await hello(comm)
+    task = await receive_task(comm)
+    state = tensors.decode_state_dict(task.payload)
+
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    error = await send_update(comm, update_frames(state, run=round_.run_id, round_=1))
+    assert (error["code"], error["round"]) == ("internal", 1)
+    monkeypatch.undo()  # the disk has room again
+
+    again = await receive_task(comm)  # no reconnection: the server asks by itself
+    assert (again.fields["run"], again.fields["round"]) == (round_.run_id, 1)
+    assert again.payload == task.payload
+    ack = await send_update(comm, update_frames(state, run=round_.run_id, round_=1))
+    assert ack["type"] == "update_ack"
+    assert await database_sync_to_async(Update.objects.filter(round=round_, silo=silo).count)() == 1
+    await comm.disconnect()

@@ -54,3 +54,44 @@ def test_a_probe_over_plain_http_is_not_redirected_to_https(settings: Any) -> No
     settings.SECURE_SSL_REDIRECT = True
     assert Client().get("/healthz").status_code == 200
     assert Client().get("/login/").status_code == 301
+
+
+def test_a_database_outage_is_503_with_retry_after_not_a_500(monkeypatch: Any) -> None:
+    from django.db import OperationalError
+    from rest_framework.authtoken.models import Token
+
+    from federation.api import selectors
+    from tests.governance_factories import governed_consortium
+
+    gov = governed_consortium(1)
+    token, _ = Token.objects.get_or_create(user=gov.scientists[0])
+
+    def unreachable(*_: Any, **__: Any) -> Any:
+        raise OperationalError("connection to server at 127.0.0.1, port 5432 failed")
+
+    monkeypatch.setattr(selectors, "run_list", unreachable)
+    client = Client(raise_request_exception=False)
+    response = client.get("/api/v1/runs/", HTTP_AUTHORIZATION=f"Token {token.key}")
+    assert response.status_code == 503
+    assert response["Retry-After"] == "10"
+    body = response.json()
+    assert body["code"] == "database_unavailable" and "database is unreachable" in body["detail"]
+    assert "5432" not in body["detail"]  # nothing of the connection string in a public answer
+
+
+def test_other_server_errors_stay_500(monkeypatch: Any) -> None:
+    from rest_framework.authtoken.models import Token
+
+    from federation.api import selectors
+    from tests.governance_factories import governed_consortium
+
+    gov = governed_consortium(1)
+    token, _ = Token.objects.get_or_create(user=gov.scientists[0])
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(selectors, "run_list", broken)
+    client = Client(raise_request_exception=False)
+    response = client.get("/api/v1/runs/", HTTP_AUTHORIZATION=f"Token {token.key}")
+    assert response.status_code == 500 and "Retry-After" not in response

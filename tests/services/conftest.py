@@ -24,7 +24,8 @@ import pytest
 from django.conf import settings
 
 from federation.server import free_port
-from tests.services.harness import Stack, claim_redis_db
+from tests.services.harness import Stack, claim_redis_db, database_address
+from tests.services.tcp_proxy import TcpProxy
 
 SERVICES_DIR = Path(__file__).resolve().parent
 
@@ -122,6 +123,7 @@ def stack(
 
     Depends on django_db_setup, so the processes stop before pytest-django drops the database.
     """
+    proxy = TcpProxy(database_address())
     with django_db_blocker.unblock():
         stack = Stack(
             tmp=services_tmp,
@@ -129,17 +131,20 @@ def stack(
             blob_dir=services_tmp / "blobs",
             key_file=services_tmp / "keys" / "server-ed25519.pem",
             ports=[free_port(), free_port()],
+            db_proxy=proxy,
         )
         stack.build()
         try:
             stack.start()
         except BaseException:
             stack.stop()
+            proxy.close()
             raise
     try:
         yield stack
     finally:
         stack.stop()
+        proxy.close()
 
 
 @pytest.fixture(autouse=True)

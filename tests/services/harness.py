@@ -28,21 +28,31 @@ from django.db import connection
 from tests import redis_claim
 from tests.e2e import harness
 from tests.e2e.harness import Proc, wait_until
+from tests.services.tcp_proxy import TcpProxy
 
 __all__ = ["Proc", "Stack", "wait_until"]
 
 REDIS_CLAIM_KEY = "quorum:services-test-session"
 
 
-def database_url() -> str:
-    """A postgres:// URL of this session's test database (children connect to it)."""
+def database_address() -> tuple[str, int]:
+    """Host and port of this session's PostgreSQL."""
+    db = connection.settings_dict
+    return db.get("HOST") or "127.0.0.1", int(db.get("PORT") or 5432)
+
+
+def database_url(port: int | None = None) -> str:
+    """A postgres:// URL of this session's test database (children connect to it), through
+    ``port`` on 127.0.0.1 when given (the stack's TcpProxy)."""
     db = connection.settings_dict
     user = quote(db.get("USER") or "", safe="")
     password = quote(db.get("PASSWORD") or "", safe="")
     auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-    host = db.get("HOST") or "127.0.0.1"
-    port = db.get("PORT") or "5432"
-    return f"postgres://{auth}{host}:{port}/{quote(db['NAME'], safe='')}"
+    host, real_port = database_address()
+    if port is not None:
+        host, real_port = "127.0.0.1", port
+    port_text = str(real_port)
+    return f"postgres://{auth}{host}:{port_text}/{quote(db['NAME'], safe='')}"
 
 
 def claim_redis_db(base_url: str) -> tuple[str, Any]:
@@ -73,6 +83,9 @@ class Stack:
     servers: list[Proc] = field(default_factory=list)
     worker: Proc | None = None
     beat: Proc | None = None
+    # Every process of the stack reaches PostgreSQL through this proxy, which a test may cut
+    # (tests/services/tcp_proxy.py); the test process itself connects directly.
+    db_proxy: TcpProxy | None = None
     # The worker aggregates slowly while this file exists (tests/services/worker.py).
     slow_aggregation_gate: Path = field(init=False)
 
@@ -86,7 +99,7 @@ class Stack:
             "QUORUM_PROFILE": "production",
             # This process's: a session it creates (force_login) is valid in the servers too.
             "SECRET_KEY": settings.SECRET_KEY,
-            "DATABASE_URL": database_url(),
+            "DATABASE_URL": database_url(self.db_proxy.port if self.db_proxy else None),
             "REDIS_URL": self.redis_url,
             "CELERY_BROKER_URL": self.redis_url,
             "ALLOWED_HOSTS": "127.0.0.1,localhost",

@@ -5,6 +5,10 @@ update is counted exactly once and the audit chain stays intact (assert_run_cons
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,11 +19,13 @@ from tests.factories import start_run
 from tests.services.federations import (
     Federation,
     assert_run_consistent,
+    describe,
     federation,
     online,
     run_over,
 )
 from tests.services.harness import Stack, kill, wait_until
+from tests.services.tcp_proxy import BLACKHOLE, PASS, REFUSE
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -250,3 +256,139 @@ def test_too_few_silos_by_the_deadline_fail_the_round_its_retry_then_the_run(
         assert_run_consistent(run)
     finally:
         stop_agents(fed)
+
+
+def accepted_updates(run: Run) -> set[tuple[int, int]]:
+    return set(Update.objects.filter(round__run=run).values_list("round__number", "silo"))
+
+
+def assert_completed_once_each(run: Run, fed: Federation, accepted: set[tuple[int, int]]) -> None:
+    """The run completed, no accepted update was lost, and every completed round counted each
+    silo at most once (assert_run_consistent checks the audit trail too)."""
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED, run.error + describe(run.pk)
+    assert accepted <= accepted_updates(run)
+    numbers = [r.number for r in run.round_set.filter(status=Round.Status.COMPLETED)]
+    assert sorted(numbers) == list(range(1, run.rounds + 1))
+    assert_run_consistent(run)
+
+
+def test_postgresql_unreachable_for_30_s_mid_round_the_run_still_completes(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 12: with the database gone for longer than the round's deadline, the round fails
+    while no agent can be connected; the run used to stay "running" forever."""
+    proxy = stack.db_proxy
+    assert proxy is not None
+    fed = federation(
+        stack,
+        tmp_path,
+        [0, 1, 1],
+        slow={0: "1=3", 1: "1=3", 2: "1=3"},
+        min_silos=3,
+        rounds=2,
+        round_deadline_seconds=15,
+        round_retries=2,
+        wait_for_silos_seconds=180,
+    )
+    try:
+        procs = start_agents(stack, fed)
+        run = start_run(fed.plan)
+        wait_until(
+            lambda: Round.objects.filter(run=run, number=1).exists(),
+            timeout=30,
+            what="round 1 to open",
+            procs=procs,
+        )
+        proxy.set_state(REFUSE)  # every process of the stack loses PostgreSQL
+        try:
+            time.sleep(30)
+            accepted = accepted_updates(run)
+            for index in range(len(stack.servers)):
+                status, body = stack.healthz(index)
+                assert status == 503 and body["checks"]["database"]["ok"] is False, body
+        finally:
+            proxy.set_state(PASS)
+        wait_until(lambda: run_over(run.pk), timeout=150, what="the run to end", procs=procs)
+        assert_completed_once_each(run, fed, accepted)
+    finally:
+        proxy.set_state(PASS)
+        stop_agents(fed)
+
+
+def test_both_servers_and_the_worker_killed_mid_round_then_restarted_the_run_completes(
+    stack: Stack, tmp_path: Path
+) -> None:
+    fed = federation(
+        stack,
+        tmp_path,
+        [0, 1, 1],
+        slow={1: "1=4", 2: "1=4"},
+        min_silos=3,
+        rounds=2,
+        round_deadline_seconds=20,
+        round_retries=2,
+    )
+    worker = stack.worker
+    assert worker is not None
+    killed = [*stack.servers, worker]
+    try:
+        procs = start_agents(stack, fed)
+        run = start_run(fed.plan)
+        wait_until(
+            lambda: Update.objects.filter(round__run=run, round__number=1).exists(),
+            timeout=60,
+            what="a first update of round 1",
+            procs=procs,
+        )
+        for proc in killed:
+            kill(proc)
+        accepted = accepted_updates(run)
+        readiness = worker.log.read_text().count(" ready.")
+        for proc in killed:
+            proc.start()
+        for index in range(len(stack.servers)):
+            stack.wait_server(index)
+        stack.wait_worker(readiness=readiness + 1)
+        wait_until(lambda: run_over(run.pk), timeout=150, what="the run to end", procs=procs)
+        assert_completed_once_each(run, fed, accepted)
+    finally:
+        for proc in killed:
+            if proc.popen is not None and proc.popen.poll() is not None:
+                proc.start()
+        for index in range(len(stack.servers)):
+            stack.wait_server(index)
+        stop_agents(fed)
+
+
+def test_a_hung_database_answers_healthz_within_seconds_and_the_api_503(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A database host that accepts connections and never answers: /healthz says so within its
+    2 s (not the pool's timeout) and the API answers 503 with Retry-After (not 500 after 30 s).
+    stack.healthz() gives up after 5 s (status 0), the API request after 20 s."""
+    from rest_framework.authtoken.models import Token
+
+    from tests.governance_factories import governed_consortium
+
+    proxy = stack.db_proxy
+    assert proxy is not None
+    token, _ = Token.objects.get_or_create(user=governed_consortium(1).scientists[0])
+    proxy.set_state(BLACKHOLE)
+    try:
+        status, body = stack.healthz(0)
+        assert status == 503, body
+        assert body["checks"]["database"]["ok"] is False
+        assert body["checks"]["channel_layer"]["ok"] is True
+        request = urllib.request.Request(
+            stack.http_url(1, "/api/v1/runs/"), headers={"Authorization": f"Token {token.key}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=20)
+        assert answer.value.code == 503
+        assert answer.value.headers["Retry-After"] == "10"
+        assert json.loads(answer.value.read())["code"] == "database_unavailable"
+    finally:
+        proxy.set_state(PASS)
+    for index in range(len(stack.servers)):
+        stack.wait_server(index, timeout=30)

@@ -110,13 +110,16 @@ def sent_lines(agent: Agent) -> list[dict[str, Any]]:
 
 
 async def recv_text(ws: ServerConnection, server: FakeServer) -> tuple[dict[str, Any], str]:
-    """The next control message other than a heartbeat, decoded and as the raw text."""
+    """The next control message other than a heartbeat or a 'ready' (which follows a local
+    decision), decoded and as the raw text."""
     while True:
         message = await asyncio.wait_for(ws.recv(), WAIT)
         assert isinstance(message, str), "expected a text frame"
         fields = protocol.decode_control(message)
         if fields["type"] == "heartbeat":
             server.heartbeats += 1
+            continue
+        if fields["type"] == "ready":
             continue
         return fields, message
 

@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 import clientagent.connection as connection
 from clientagent.config import load_config
 from clientagent.connection import EXIT_AUTH, EXIT_OK, Agent, Backoff
+from clientagent.records import APPROVED
 from fedcore import models, protocol, signing, tabular, tensors
 from fedcore.plan import plan_hash
 
@@ -115,6 +116,8 @@ class FakeServer:
                 self.heartbeats += 1
                 if msg_type != "heartbeat":
                     continue
+            if fields["type"] == "ready" and msg_type != "ready":
+                continue  # said after a local decision, whatever else happens
             assert fields["type"] == msg_type, fields
             return fields
 
@@ -123,8 +126,9 @@ class FakeServer:
         while True:
             message = await asyncio.wait_for(ws.recv(), WAIT)
             if isinstance(message, str):
-                assert protocol.decode_control(message)["type"] == "heartbeat", message
-                self.heartbeats += 1
+                kind = protocol.decode_control(message)["type"]
+                assert kind in ("heartbeat", "ready"), message  # ready: after a local decision
+                self.heartbeats += kind == "heartbeat"
                 continue
             update = reassembler.feed(message)
             if update is not None:
@@ -367,6 +371,73 @@ async def test_same_task_after_reconnect_is_resent_without_retraining(tmp_path, 
         k: v for k, v in one.fields.items() if k not in ("nonce", "sent_at")
     }
     assert len(calls) == 1
+    stop.set()
+    assert await asyncio.wait_for(runner, WAIT) == EXIT_OK
+    await server.stop()
+
+
+async def test_an_update_the_server_could_not_store_is_sent_again_when_asked_without_retraining(
+    tmp_path, monkeypatch
+):
+    calls = []
+    real_handle_task = connection.handle_task
+
+    def counting_handle_task(*args: Any, **kwargs: Any) -> protocol.BinaryMessage:
+        calls.append(1)
+        return real_handle_task(*args, **kwargs)
+
+    monkeypatch.setattr(connection, "handle_task", counting_handle_task)
+
+    async def script(ws: ServerConnection, server: FakeServer) -> None:
+        await hello_welcome(ws, server)
+        frames = task_frames(await stats_round(ws, server))
+        await send_frames(ws, frames)
+        await server.events.put(("update", await server.recv_update(ws)))
+        # The server's disk was full: it says so, then asks again (the same task, same link).
+        reason = "the server could not store the update; it will ask for it again shortly"
+        await ws.send(protocol.encode_error("internal", reason, run=5, round=1))
+        await send_frames(ws, frames)
+        await server.events.put(("update", await server.recv_update(ws)))
+        await ws.send(protocol.encode_control("update_ack", run=5, round=1, status="accepted"))
+
+    server = FakeServer([script])
+    await server.start()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(make_agent(tmp_path, server.url).run(stop))
+
+    one = await server.next_event("update")
+    two = await server.next_event("update")
+
+    assert two.payload == one.payload and two.fields["nonce"] != one.fields["nonce"]
+    assert len(calls) == 1
+    stop.set()
+    assert await asyncio.wait_for(runner, WAIT) == EXIT_OK
+    await server.stop()
+
+
+async def test_a_new_local_decision_makes_the_agent_say_ready(tmp_path):
+    """The server stops selecting a site for a run it refused; an operator's new decision
+    (quorum-agent approve) is said to the server with 'ready' within a heartbeat."""
+    agent_holder: list[Agent] = []
+
+    async def script(ws: ServerConnection, server: FakeServer) -> None:
+        await hello_welcome(ws, server)
+        await server.expect(ws, "heartbeat")
+        await server.expect(ws, "heartbeat")  # the agent has looked at its decisions once
+        agent_holder[0].records.decide(
+            plan_hash(PLAN), APPROVED, reason="reviewed", operator="test"
+        )
+        await server.events.put(("ready", await server.expect(ws, "ready")))
+
+    server = FakeServer([script])
+    await server.start()
+    stop = asyncio.Event()
+    agent = make_agent(tmp_path, server.url)
+    agent_holder.append(agent)
+    runner = asyncio.create_task(agent.run(stop))
+
+    ready = await server.next_event("ready")
+    assert ready["type"] == "ready"
     stop.set()
     assert await asyncio.wait_for(runner, WAIT) == EXIT_OK
     await server.stop()

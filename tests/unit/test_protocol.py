@@ -51,6 +51,7 @@ CONTROL_EXAMPLES = {
     "welcome": {"silo": "icu", "silo_id": 7, "consortium": "north", "heartbeat_seconds": 15},
     "heartbeat": {"ts": 1718000000.25, "state": "idle"},
     "heartbeat_ack": {"ts": 1718000000},
+    "ready": {},
     "stats_request": {"run": 3, "plan_hash": "ab" * 32, "plan": PLAN, "authorization": GRANT},
     "plan_offer": {
         "plan_hash": "ab" * 32,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import uvicorn
 from django.core.management.base import BaseCommand, CommandParser
 
-from federation.server import uvicorn_config
+from federation.server import serve
 
 
 class Command(BaseCommand):
@@ -17,6 +16,5 @@ class Command(BaseCommand):
         parser.add_argument("--log-level", default="info")
 
     def handle(self, *args: object, **options: object) -> None:
-        uvicorn.Server(
-            uvicorn_config(str(options["host"]), int(options["port"]), str(options["log_level"]))
-        ).run()
+        # Exits within about QUORUM_SHUTDOWN_GRACE_SECONDS of SIGTERM (federation.server.serve).
+        serve(str(options["host"]), int(options["port"]), str(options["log_level"]))
