@@ -225,6 +225,9 @@ def _fail_round(run: Run, round_: Round, error: str) -> None:
     round_.finished_at = timezone.now()
     round_.error = error
     round_.save(update_fields=["status", "finished_at", "error"])
+    # Audited whatever the cause (a secure round that unmasked too few contributors included):
+    # the run monitor shows the reason, the audit log keeps it.
+    _audit_run(run, "round.failed", round=round_.number, attempt=round_.attempt, error=error)
     _publish(run, "round.failed", round=round_.number, error=round_.error)
     log.warning("run %s: round %d failed: %s", run.pk, round_.number, round_.error)
 

@@ -58,20 +58,21 @@ def test_a_probe_over_plain_http_is_not_redirected_to_https(settings: Any) -> No
 
 def test_a_database_outage_is_503_with_retry_after_not_a_500(monkeypatch: Any) -> None:
     from django.db import OperationalError
-    from rest_framework.authtoken.models import Token
 
-    from federation.api import selectors
+    from federation import selectors
+    from federation.services.api_tokens import api_token_create
     from tests.governance_factories import governed_consortium
 
     gov = governed_consortium(1)
-    token, _ = Token.objects.get_or_create(user=gov.scientists[0])
+    scientist = gov.scientists[0]
+    token = api_token_create(actor=scientist, user=scientist, name="test").token
 
     def unreachable(*_: Any, **__: Any) -> Any:
         raise OperationalError("connection to server at 127.0.0.1, port 5432 failed")
 
     monkeypatch.setattr(selectors, "run_list", unreachable)
     client = Client(raise_request_exception=False)
-    response = client.get("/api/v1/runs/", HTTP_AUTHORIZATION=f"Token {token.key}")
+    response = client.get("/api/v1/runs/", HTTP_AUTHORIZATION=f"Token {token}")
     assert response.status_code == 503
     assert response["Retry-After"] == "10"
     body = response.json()
@@ -80,18 +81,18 @@ def test_a_database_outage_is_503_with_retry_after_not_a_500(monkeypatch: Any) -
 
 
 def test_other_server_errors_stay_500(monkeypatch: Any) -> None:
-    from rest_framework.authtoken.models import Token
-
-    from federation.api import selectors
+    from federation import selectors
+    from federation.services.api_tokens import api_token_create
     from tests.governance_factories import governed_consortium
 
     gov = governed_consortium(1)
-    token, _ = Token.objects.get_or_create(user=gov.scientists[0])
+    scientist = gov.scientists[0]
+    token = api_token_create(actor=scientist, user=scientist, name="test").token
 
     def broken(*_: Any, **__: Any) -> Any:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(selectors, "run_list", broken)
     client = Client(raise_request_exception=False)
-    response = client.get("/api/v1/runs/", HTTP_AUTHORIZATION=f"Token {token.key}")
+    response = client.get("/api/v1/runs/", HTTP_AUTHORIZATION=f"Token {token}")
     assert response.status_code == 500 and "Retry-After" not in response

@@ -12,8 +12,8 @@ from django.utils import timezone
 from fedcore.models import build_model
 from federation import orchestrator
 from federation.models import AuditEvent, Round, Run, Silo, SiloRefusal
+from federation.services.agent_reports import agent_report
 from federation.services.silos import silo_connect
-from federation.services.updates import agent_report
 from tests.api_factories import active_run, client_for
 from tests.factories import plan_spec
 from tests.governance_factories import governed_consortium
