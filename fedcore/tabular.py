@@ -301,7 +301,9 @@ class ColumnSpec:
         if self.type != "numeric":
             raise SchemaError(f"{where}: 'min' and 'max' apply to numeric columns only")
         if low is None or high is None:
-            raise SchemaError(f"{where}: give both 'min' and 'max' (the clipping bounds) or neither")
+            raise SchemaError(
+                f"{where}: give both 'min' and 'max' (the clipping bounds) or neither"
+            )
         for key, value in (("min", low), ("max", high)):
             if not _is_finite(value):
                 raise SchemaError(f"{where}: {key!r} must be a finite number, got {value!r}")
@@ -955,8 +957,8 @@ def local_statistics(
             values = np.log1p(values)
         share = float(epsilon) / (3 * len(numeric_columns))  # per released number
         exact = (float(values.size), float(values.sum()), float(np.square(values).sum()))
-        noised = [value + _laplace(sens / share) for value, sens in zip(exact, sensitivity)]
-        numeric[column.name] = dict(zip(("count", "sum", "sum_sq"), noised))
+        noised = [value + _laplace(sens / share) for value, sens in zip(exact, sensitivity, strict=True)]
+        numeric[column.name] = dict(zip(("count", "sum", "sum_sq"), noised, strict=True))
     for column in schema.columns:
         if column.type != "categorical":
             continue
