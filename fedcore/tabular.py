@@ -957,7 +957,9 @@ def local_statistics(
             values = np.log1p(values)
         share = float(epsilon) / (3 * len(numeric_columns))  # per released number
         exact = (float(values.size), float(values.sum()), float(np.square(values).sum()))
-        noised = [value + _laplace(sens / share) for value, sens in zip(exact, sensitivity, strict=True)]
+        noised = [
+            value + _laplace(sens / share) for value, sens in zip(exact, sensitivity, strict=True)
+        ]
         numeric[column.name] = dict(zip(("count", "sum", "sum_sq"), noised, strict=True))
     for column in schema.columns:
         if column.type != "categorical":
