@@ -44,15 +44,33 @@ def _active_run_for(silo: Silo, run_id: int) -> Run:
     return run
 
 
-@transaction.atomic
 def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
     """Check and store a silo's local statistics for a run's federated preprocessing pass.
 
     A report that breaks ``fedcore.tabular.check_site_statistics`` (an undeclared category, a
     name with markup or control characters, more values than the cap...) is refused naming
-    silo, column and rule, audited as ``stats.refused``, and changes nothing. Noised statistics
-    (``privacy.statistics_epsilon``) are charged to the silo's ledger.
+    silo, column and rule and changes nothing; every refusal is audited as ``stats.refused``
+    in its own transaction. Noised statistics (``privacy.statistics_epsilon``) are charged to
+    the silo's ledger.
     """
+    try:
+        _stats_receive(silo_id=silo_id, run_id=run_id, stats=stats)
+    except Refused as refused:
+        silo = Silo.objects.filter(pk=silo_id).first()
+        with transaction.atomic():
+            audit_append(
+                actor=f"silo:{silo.name if silo else silo_id}",
+                action="stats.refused",
+                consortium_id=silo.consortium_id if silo else None,
+                object_type="run",
+                object_id=run_id,
+                data={"code": refused.code, "reason": refused.reason},
+            )
+        raise
+
+
+@transaction.atomic
+def _stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
     silo = Silo.objects.get(pk=silo_id)
     run = _active_run_for(silo, run_id)
     if run.status != Run.Status.STATS:
@@ -66,14 +84,6 @@ def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
             stats, schema, noised=epsilon > 0.0, where=f"statistics of silo {silo.name!r}"
         )
     except tabular.SchemaError as exc:
-        audit_append(
-            actor=f"silo:{silo.name}",
-            action="stats.refused",
-            consortium_id=silo.consortium_id,
-            object_type="run",
-            object_id=run.pk,
-            data={"reason": str(exc)},
-        )
         raise Refused("invalid_update", str(exc)) from None
     _, created = SiloStatistics.objects.get_or_create(run=run, silo=silo, defaults={"stats": stats})
     if not created:
