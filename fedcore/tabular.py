@@ -1099,6 +1099,11 @@ def check_site_statistics(
                     f"{where}: column {name!r}: the count of {_shown(value)} must be an integer "
                     f"between 1 and n_rows ({n_rows}), got {_shown(count)}"
                 )
+        if sum(counts.values()) > n_rows:
+            raise SchemaError(
+                f"{where}: column {name!r}: the category counts add up to more than n_rows "
+                f"({n_rows})"
+            )
 
 
 def _merge_exact(parts: list[Mapping[str, Any]]) -> tuple[float, float, int]:

@@ -108,6 +108,15 @@ def test_a_declared_vocabulary_is_the_model_input_whatever_the_sites_send():
     assert out.X[:, 1:].sum() == 0.0  # an undeclared value encodes as "other": all zero
 
 
+def test_counts_beyond_the_sites_rows_are_refused():
+    schema = DatasetSchema.from_dict(SCHEMA)
+    report = tabular.local_statistics(frame({"F": 10, "M": 10}), schema)
+    report["categories"]["sex"] = {"F": 15, "M": 15}
+
+    with pytest.raises(SchemaError, match="add up to more than n_rows"):
+        tabular.check_site_statistics(report, schema)
+
+
 def test_a_report_with_an_undeclared_value_is_refused_naming_column_and_value():
     schema = DatasetSchema.from_dict(DECLARED)
     report = tabular.local_statistics(frame({"F": 20, "M": 20}), schema)
