@@ -26,6 +26,8 @@ Example::
     require_secure_aggregation = true          # default false
     require_local_approval = true              # train only on plans approved with
                                                # `quorum-agent approve <hash>` (default false)
+    min_category_count = 5       # a category held fewer times here is never named in the
+                                 # statistics sent to the server (default 5)
 
 Every problem (unknown section or key, missing key, wrong type, bad URL, missing file) raises
 :class:`ConfigError`, whose message names the file, the key and what to do. Nothing is ignored
@@ -122,6 +124,7 @@ class PolicyConfig:
     require_dp: bool = False
     require_secure_aggregation: bool = False
     require_local_approval: bool = False
+    min_category_count: int = 5
 
 
 @dataclass(frozen=True)
@@ -392,7 +395,18 @@ def _parse_policy(section: _Section) -> PolicyConfig:
         require_dp=section.boolean("require_dp", default=False),
         require_secure_aggregation=section.boolean("require_secure_aggregation", default=False),
         require_local_approval=section.boolean("require_local_approval", default=False),
+        min_category_count=_min_category_count(section),
     )
+
+
+def _min_category_count(section: _Section) -> int:
+    value = section.table.get("min_category_count", 5)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise section.error(
+            "min_category_count",
+            f"must be an integer >= 1 (no quotes), got {value!r}; e.g. min_category_count = 5",
+        )
+    return value
 
 
 POLICY_KEYS = (
@@ -403,6 +417,7 @@ POLICY_KEYS = (
     "require_dp",
     "require_secure_aggregation",
     "require_local_approval",
+    "min_category_count",
 )
 
 # section -> (known keys, parser, required). Order is the order of the error listing.

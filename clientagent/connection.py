@@ -489,7 +489,12 @@ class Agent:
             return
         self.state = "stats"
         try:
-            reply = await asyncio.to_thread(handle_stats_request, fields, self.data)
+            reply = await asyncio.to_thread(
+                handle_stats_request,
+                fields,
+                self.data,
+                min_category_count=self.config.policy.min_category_count,
+            )
         except TaskError as exc:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return

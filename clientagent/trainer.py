@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import random
 import secrets
@@ -63,6 +64,8 @@ from fedcore import compression, fairness, models, protocol, tabular, tensors, t
 from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
 from fedcore.plan import PlanError as PlanRefused
 from fedcore.privacy import accounting
+
+logger = logging.getLogger(__name__)
 
 # Error codes of the ``error`` frames the agent sends (data_invalid is in protocol.ERROR_CODES).
 DATA_INVALID = "data_invalid"  # the local data does not match the plan's schema
@@ -338,12 +341,21 @@ def _prepare(
         raise _data_invalid(exc, run=run, round=rnd) from None
 
 
-def handle_stats_request(fields: Mapping[str, Any], data: LocalData) -> dict[str, Any]:
+def handle_stats_request(
+    fields: Mapping[str, Any], data: LocalData, *, min_category_count: int = 5
+) -> dict[str, Any]:
     """Answer a ``stats_request``: statistics of the local TRAIN split for the plan's schema.
+
+    A category held fewer than ``min_category_count`` times here, or whose name fails
+    ``fedcore.tabular.category_value_problem``, is not sent; values a declared vocabulary does
+    not list are not sent either and encode as "other" (an all-zero one-hot block). Both are
+    logged for the operator. With ``privacy.statistics_epsilon`` the numeric statistics are
+    sent with Laplace noise.
 
     Args:
         fields: the decoded ``stats_request`` (``run``, ``plan_hash``, ``plan``).
         data: the site's data.
+        min_category_count: the site policy's minimum (site.toml [policy]).
 
     Returns:
         The fields of the ``stats`` reply: ``{"run", "stats"}``.
@@ -363,10 +375,43 @@ def handle_stats_request(fields: Mapping[str, Any], data: LocalData) -> dict[str
         raise TaskError(INVALID_TASK, str(exc), run=run) from None
     # Only the train split: the preprocessing fitted from these statistics must not have seen
     # the rows each site later evaluates on.
+    privacy = plan.get("privacy") or {}
+    epsilon = privacy.get("statistics_epsilon") if isinstance(privacy, Mapping) else None
     try:
-        stats = tabular.local_statistics(split.train, split.schema)
+        stats = tabular.local_statistics(
+            split.train,
+            split.schema,
+            min_category_count=min_category_count,
+            epsilon=None if epsilon is None else float(epsilon),
+        )
+        undeclared = tabular.undeclared_categories(split.train, split.schema)
     except tabular.DataValidationError as exc:
         raise _data_invalid(exc, run=run) from None
+    except (tabular.SchemaError, TypeError, ValueError) as exc:
+        raise TaskError(INVALID_TASK, f"statistics: {exc}", run=run) from None
+    for column, rows in undeclared.items():
+        logger.warning(
+            "run %d: %d training rows have a value of %r that the schema's categories do not "
+            "declare; they encode as 'other' (all-zero) and are not reported",
+            run,
+            rows,
+            column,
+        )
+    for column in split.schema.columns:
+        if column.type == "categorical" and column.categories is None:
+            held = split.train[column.name].nunique()
+            sent = len(stats["categories"][column.name])
+            if held > sent:
+                logger.info(
+                    "run %d: column %r: %d of %d values withheld (held fewer than %d times here, "
+                    "a name not allowed, or over the cap of %d)",
+                    run,
+                    column.name,
+                    held - sent,
+                    held,
+                    min_category_count,
+                    split.schema.max_categories,
+                )
     return {"run": run, "stats": stats}
 
 

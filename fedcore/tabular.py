@@ -22,9 +22,18 @@ Conventions:
   standardised with its own statistics.
 * A plan may fix each row's part itself (``split_by_column``): a data column holding "train" or
   "test" per row, instead of the seeded holdout split of ``split_holdout``.
-* Categorical columns are one-hot encoded over the sorted union of the categories seen at all
-  sites. A category unknown to the fitted preprocessing (a site that joined later, say) encodes
-  as an all-zero row, like scikit-learn's ``OneHotEncoder(handle_unknown="ignore")``.
+* Categorical columns are one-hot encoded over their vocabulary: the schema's declared
+  ``categories`` when given (plus ``"__missing__"`` under the "impute" policy), else the values
+  whose count pooled over all sites reaches the schema's ``min_category_count`` (at most
+  ``max_categories`` of them). A site reports a count per value, and only for values it holds at
+  least its own minimum times, so a rare value at one site is never named to the server. Every
+  value is checked by ``category_value_problem`` (length and characters) at the site and at the
+  server. A category unknown to the fitted preprocessing (undeclared, too rare, or from a site
+  that joined later) encodes as an all-zero row, like scikit-learn's
+  ``OneHotEncoder(handle_unknown="ignore")``.
+* Numeric statistics may be released with Laplace noise (``local_statistics(epsilon=...)``,
+  the plan's ``privacy.statistics_epsilon``): the values are clipped to the column's declared
+  ``min``/``max`` and count, sum and sum of squares are noised (docs/privacy.md).
 * Sensitive attributes are schema columns (categorical or boolean) or other columns of the data;
   their group labels are the stripped strings ("true"/"false" for booleans, ``"__missing__"``
   for missing values). They are never features unless also declared as a schema column.
@@ -35,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -46,7 +56,11 @@ import pandas as pd
 
 __all__ = [
     "BOOLEAN_TOKENS",
+    "CATEGORY_FORBIDDEN",
     "COLUMN_TYPES",
+    "DEFAULT_MAX_CATEGORIES",
+    "DEFAULT_MIN_CATEGORY_COUNT",
+    "MAX_CATEGORY_LENGTH",
     "MISSING_CATEGORY",
     "MISSING_POLICIES",
     "MISSING_TOKENS",
@@ -59,6 +73,8 @@ __all__ = [
     "SchemaError",
     "TabularData",
     "TargetSpec",
+    "category_value_problem",
+    "check_site_statistics",
     "feature_names",
     "load_table",
     "local_statistics",
@@ -67,6 +83,7 @@ __all__ = [
     "split_by_column",
     "split_holdout",
     "transform",
+    "undeclared_categories",
     "validate_frame",
 ]
 
@@ -90,11 +107,46 @@ BOOLEAN_TOKENS: dict[str, float] = {
     "0": 0.0,
 }
 PREPROCESSING_VERSION = 1
+DEFAULT_MAX_CATEGORIES = 64
+MAX_MAX_CATEGORIES = 1024
+DEFAULT_MIN_CATEGORY_COUNT = 5
+MAX_CATEGORY_LENGTH = 64
+# Printable characters only (no control or line-separator characters), and none of these: they
+# make markup or quoting in the pages, logs and model cards that show category names.
+CATEGORY_FORBIDDEN = "<>&\"'`\\"
 _BOOLEAN_HELP = "use t/f, true/false, yes/no, y/n or 1/0 (any case), or an empty cell for missing"
 
 
 class SchemaError(ValueError):
     """A dataset schema or a fitted preprocessing spec is itself invalid."""
+
+
+def category_value_problem(value: object) -> str | None:
+    """Why ``value`` may not be a category name (None when it may): the one rule, used by the
+    schema, by the site before it sends statistics and by the server on receipt.
+
+    A category is a string of 1 to ``MAX_CATEGORY_LENGTH`` printable characters (no control
+    or line-separator characters), without surrounding white space and without any of
+    ``CATEGORY_FORBIDDEN`` (< > & " ' ` and backslash).
+    """
+    if not isinstance(value, str):
+        return f"is not a string ({type(value).__name__})"
+    if not value or value != value.strip():
+        return "is empty or has surrounding white space"
+    if len(value) > MAX_CATEGORY_LENGTH:
+        return f"is longer than {MAX_CATEGORY_LENGTH} characters ({len(value)})"
+    if not value.isprintable():
+        return "has a control or non-printable character"
+    bad = sorted(set(value) & set(CATEGORY_FORBIDDEN))
+    if bad:
+        return f"has the forbidden character(s) {' '.join(bad)} (not allowed: {CATEGORY_FORBIDDEN})"
+    return None
+
+
+def _shown(value: object) -> str:
+    """A refused value as it may appear in a message: repr (escapes controls), cut to 40."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class DataValidationError(ValueError):
@@ -146,11 +198,16 @@ class ColumnSpec:
     transform: str = "none"
     missing: str = "impute"
     scale: str = "standard"
+    categories: tuple[str, ...] | None = None  # categorical: the declared vocabulary
+    minimum: float | None = None  # numeric: clipping bounds (JSON "min"/"max", raw units)
+    maximum: float | None = None
 
     def __post_init__(self) -> None:
         """Validate the column spec."""
         _check_name(self.name, "column name")
         where = f"column {self.name!r}"
+        self._check_vocabulary(where)
+        self._check_bounds(where)
         if self.type not in COLUMN_TYPES:
             raise SchemaError(
                 f"{where}: type {self.type!r} is not supported; allowed: {', '.join(COLUMN_TYPES)}"
@@ -193,20 +250,89 @@ class ColumnSpec:
         """
         what = f"column {data.get('name')!r}" if isinstance(data, Mapping) else "column"
         data = _check_keys(
-            data, ("name", "type", "transform", "missing", "scale"), ("name", "type"), what
+            data,
+            ("name", "type", "transform", "missing", "scale", "categories", "min", "max"),
+            ("name", "type"),
+            what,
         )
+        categories = data.get("categories")
+        if categories is not None and (
+            isinstance(categories, str) or not isinstance(categories, Sequence)
+        ):
+            raise SchemaError(f"{what}: 'categories' must be a list of strings, got {categories!r}")
         return cls(
             name=data["name"],
             type=data["type"],
             transform=data.get("transform", "none"),
             missing=data.get("missing", "impute"),
             scale=data.get("scale", "standard"),
+            categories=None if categories is None else tuple(categories),
+            minimum=data.get("min"),
+            maximum=data.get("max"),
         )
 
-    def to_dict(self) -> dict[str, str]:
-        """Return the JSON form: every key present, except ``scale`` when it is the default.
+    def _check_vocabulary(self, where: str) -> None:
+        if self.categories is None:
+            return
+        if self.type != "categorical":
+            raise SchemaError(f"{where}: 'categories' applies to categorical columns only")
+        values = tuple(self.categories)
+        if not values:
+            raise SchemaError(f"{where}: 'categories' must list at least one value")
+        if len(values) > MAX_MAX_CATEGORIES:
+            raise SchemaError(
+                f"{where}: 'categories' lists {len(values)} values; at most {MAX_MAX_CATEGORIES}"
+            )
+        for value in values:
+            if (problem := category_value_problem(value)) is not None:
+                raise SchemaError(f"{where}: category {_shown(value)} {problem}")
+            if value == MISSING_CATEGORY:
+                raise SchemaError(
+                    f"{where}: {MISSING_CATEGORY!r} is not declared; the 'impute' policy adds it"
+                )
+        if len(set(values)) != len(values):
+            raise SchemaError(f"{where}: 'categories' lists a value twice: {list(values)!r}")
+        object.__setattr__(self, "categories", values)
 
-        (Leaving the default out keeps the hashes of schemas written before ``scale`` existed.)
+    def _check_bounds(self, where: str) -> None:
+        low, high = self.minimum, self.maximum
+        if low is None and high is None:
+            return
+        if self.type != "numeric":
+            raise SchemaError(f"{where}: 'min' and 'max' apply to numeric columns only")
+        if low is None or high is None:
+            raise SchemaError(
+                f"{where}: give both 'min' and 'max' (the clipping bounds) or neither"
+            )
+        for key, value in (("min", low), ("max", high)):
+            if not _is_finite(value):
+                raise SchemaError(f"{where}: {key!r} must be a finite number, got {value!r}")
+        if not low < high:
+            raise SchemaError(f"{where}: 'min' ({low!r}) must be below 'max' ({high!r})")
+        if self.transform == "log1p" and low <= -1:
+            raise SchemaError(f"{where}: with transform 'log1p', 'min' must be above -1")
+
+    def vocabulary(self) -> tuple[str, ...] | None:
+        """The declared categories and ``"__missing__"`` when imputed (None: not declared)."""
+        if self.categories is None:
+            return None
+        extra = (MISSING_CATEGORY,) if self.missing == "impute" else ()
+        return tuple(sorted((*self.categories, *extra)))
+
+    def bounds(self) -> tuple[float, float] | None:
+        """The clipping bounds after the transform, or None when not declared."""
+        if self.minimum is None or self.maximum is None:
+            return None
+        low, high = float(self.minimum), float(self.maximum)
+        if self.transform == "log1p":
+            return math.log1p(low), math.log1p(high)
+        return low, high
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form: every key present, except ``scale`` when it is the default and
+        ``categories``/``min``/``max`` when not given.
+
+        (Leaving them out keeps the hashes of schemas written before those keys existed.)
         """
         result = {
             "name": self.name,
@@ -216,6 +342,11 @@ class ColumnSpec:
         }
         if self.scale != "standard":
             result["scale"] = self.scale
+        if self.categories is not None:
+            result["categories"] = list(self.categories)
+        if self.minimum is not None:
+            result["min"] = self.minimum
+            result["max"] = self.maximum
         return result
 
 
@@ -290,9 +421,21 @@ class DatasetSchema:
     columns: tuple[ColumnSpec, ...]
     target: TargetSpec
     sensitive: tuple[str, ...] = ()
+    max_categories: int = DEFAULT_MAX_CATEGORIES  # undeclared categorical columns: the cap
+    min_category_count: int = DEFAULT_MIN_CATEGORY_COUNT  # pooled count to reveal a value
 
     def __post_init__(self) -> None:
         """Validate cross-column rules and normalise lists to tuples."""
+        if not _is_count(self.max_categories) or not 1 <= self.max_categories <= MAX_MAX_CATEGORIES:
+            raise SchemaError(
+                f"schema 'max_categories' must be an integer in [1, {MAX_MAX_CATEGORIES}], "
+                f"got {self.max_categories!r}"
+            )
+        if not _is_count(self.min_category_count) or self.min_category_count < 1:
+            raise SchemaError(
+                f"schema 'min_category_count' must be an integer >= 1, got "
+                f"{self.min_category_count!r}"
+            )
         columns = tuple(self.columns)
         if not columns:
             raise SchemaError("schema needs at least one feature column")
@@ -333,15 +476,19 @@ class DatasetSchema:
         """Build a schema from its JSON form.
 
         Args:
-            data: ``{"columns": [{"name", "type", "transform", "missing"}, ...],
-                "target": {"column", "positive" | "negative"}, "sensitive": [...]}``;
-                ``sensitive`` is optional.
+            data: ``{"columns": [{"name", "type", "transform", "missing", "scale",
+                "categories", "min", "max"}, ...], "target": {"column", "positive" |
+                "negative"}, "sensitive": [...], "max_categories", "min_category_count"}``;
+                all but columns, target and the column's name and type are optional.
 
         Raises:
             SchemaError: the schema is malformed; the message names the key or column.
         """
         data = _check_keys(
-            data, ("columns", "target", "sensitive"), ("columns", "target"), "schema"
+            data,
+            ("columns", "target", "sensitive", "max_categories", "min_category_count"),
+            ("columns", "target"),
+            "schema",
         )
         columns = data["columns"]
         if isinstance(columns, str) or not isinstance(columns, Sequence):
@@ -353,15 +500,22 @@ class DatasetSchema:
             columns=tuple(ColumnSpec.from_dict(column) for column in columns),
             target=TargetSpec.from_dict(data["target"]),
             sensitive=tuple(sensitive),
+            max_categories=data.get("max_categories", DEFAULT_MAX_CATEGORIES),
+            min_category_count=data.get("min_category_count", DEFAULT_MIN_CATEGORY_COUNT),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form (round-trips through ``from_dict``)."""
-        return {
+        """Return the JSON form (round-trips through ``from_dict``; defaults left out)."""
+        result: dict[str, Any] = {
             "columns": [column.to_dict() for column in self.columns],
             "target": self.target.to_dict(),
             "sensitive": list(self.sensitive),
         }
+        if self.max_categories != DEFAULT_MAX_CATEGORIES:
+            result["max_categories"] = self.max_categories
+        if self.min_category_count != DEFAULT_MIN_CATEGORY_COUNT:
+            result["min_category_count"] = self.min_category_count
+        return result
 
 
 def schema_hash(schema: DatasetSchema) -> str:
@@ -713,35 +867,118 @@ def _numeric_values(valid: pd.DataFrame, column: ColumnSpec) -> np.ndarray:
     return values
 
 
-def local_statistics(df: pd.DataFrame, schema: DatasetSchema) -> dict[str, Any]:
+def undeclared_categories(df: pd.DataFrame, schema: DatasetSchema) -> dict[str, int]:
+    """Rows per categorical column whose value the schema's ``categories`` do not declare.
+
+    Such values are never reported; they encode like an unseen category (an all-zero one-hot
+    block, "other"). The agent logs these counts for its operator.
+    """
+    valid = validate_frame(df, schema)
+    result: dict[str, int] = {}
+    for column in schema.columns:
+        vocabulary = column.vocabulary() if column.type == "categorical" else None
+        if vocabulary is not None:
+            outside = int((~valid[column.name].isin(vocabulary)).sum())
+            if outside:
+                result[column.name] = outside
+    return result
+
+
+_random = secrets.SystemRandom()
+
+
+def _laplace(scale: float) -> float:
+    """One Laplace(0, scale) draw from the operating system's cryptographic randomness."""
+    return scale * (_random.expovariate(1.0) - _random.expovariate(1.0))
+
+
+def statistics_sensitivity(column: ColumnSpec) -> tuple[float, float, float]:
+    """L1 sensitivity of (count, sum, sum of squares) of a clipped numeric column, one row
+    added or removed: 1, the largest absolute clipped value B, and B squared."""
+    bounds = column.bounds()
+    if bounds is None:
+        raise SchemaError(
+            f"column {column.name!r}: noised statistics need its clipping bounds ('min' and "
+            "'max' in the schema)"
+        )
+    largest = max(abs(bounds[0]), abs(bounds[1]))
+    return 1.0, largest, largest * largest
+
+
+def local_statistics(
+    df: pd.DataFrame,
+    schema: DatasetSchema,
+    *,
+    min_category_count: int | None = None,
+    epsilon: float | None = None,
+) -> dict[str, Any]:
     """Compute this site's sufficient statistics for the preprocessing (no rows leave the site).
 
     Args:
         df: the site's training rows, raw or validated (the "drop" policy is applied).
         schema: the dataset schema.
+        min_category_count: a value of an undeclared categorical column is reported only when
+            this site holds it at least this many times (default: the schema's
+            ``min_category_count``); values failing ``category_value_problem`` are never sent.
+        epsilon: when given, the numeric statistics are released with epsilon-DP (Laplace
+            noise, cryptographic randomness): values clipped to the column's ``min``/``max``,
+            epsilon split evenly over the numeric columns and their count, sum and sum of
+            squares. Every numeric column must declare its bounds.
 
     Returns:
-        JSON-able ``{"schema_hash", "n_rows", "numeric": {column: {"count", "mean", "m2"}},
-        "categories": {column: sorted list}}``: per numeric column the count, mean and sum of
-        squared deviations of the non-missing values after the transform; per categorical column
-        the sorted set of values (``"__missing__"`` included when imputed).
+        JSON-able ``{"schema_hash", "n_rows", "numeric", "categories"}``. ``numeric``: per
+        column ``{"count", "mean", "m2"}`` (exact), or ``{"count", "sum", "sum_sq"}`` (noised
+        floats) with ``epsilon``. ``categories``: per column ``{value: count}``, only declared
+        values for a column with ``categories`` (``"__missing__"`` included when imputed).
 
     Raises:
         DataValidationError: the data does not match the schema.
+        SchemaError: ``epsilon`` is given but a numeric column has no bounds.
     """
     valid = validate_frame(df, schema)
+    minimum = schema.min_category_count if min_category_count is None else min_category_count
+    numeric_columns = [column for column in schema.columns if column.type == "numeric"]
     numeric: dict[str, dict[str, Any]] = {}
-    categories: dict[str, list[str]] = {}
-    for column in schema.columns:
-        if column.type == "numeric":
-            values = _numeric_values(valid, column)
-            values = values[~np.isnan(values)]
+    categories: dict[str, dict[str, int]] = {}
+    for column in numeric_columns:
+        values = valid[column.name].to_numpy(dtype=np.float64, copy=True)
+        values = values[~np.isnan(values)]
+        if epsilon is None:
+            if column.transform == "log1p":
+                values = np.log1p(values)
             count = int(values.size)
             mean = float(values.mean()) if count else 0.0
             m2 = float(np.square(values - mean).sum()) if count else 0.0
             numeric[column.name] = {"count": count, "mean": mean, "m2": m2}
-        elif column.type == "categorical":
-            categories[column.name] = sorted(set(valid[column.name].tolist()))
+            continue
+        sensitivity = statistics_sensitivity(column)
+        values = np.clip(values, float(column.minimum), float(column.maximum))
+        if column.transform == "log1p":
+            values = np.log1p(values)
+        share = float(epsilon) / (3 * len(numeric_columns))  # per released number
+        exact = (float(values.size), float(values.sum()), float(np.square(values).sum()))
+        noised = [
+            value + _laplace(sens / share) for value, sens in zip(exact, sensitivity, strict=True)
+        ]
+        numeric[column.name] = dict(zip(("count", "sum", "sum_sq"), noised, strict=True))
+    for column in schema.columns:
+        if column.type != "categorical":
+            continue
+        counts = valid[column.name].value_counts()
+        vocabulary = column.vocabulary()
+        report: dict[str, int] = {}
+        for value, count in counts.items():
+            value = str(value)
+            if vocabulary is not None:
+                keep = value in vocabulary
+            else:
+                keep = int(count) >= minimum and category_value_problem(value) is None
+            if keep:
+                report[value] = int(count)
+        if vocabulary is None and len(report) > schema.max_categories:
+            largest = sorted(report.items(), key=lambda item: (-item[1], item[0]))
+            report = dict(largest[: schema.max_categories])
+        categories[column.name] = dict(sorted(report.items()))
     return {
         "schema_hash": schema_hash(schema),
         "n_rows": len(valid),
@@ -758,8 +995,27 @@ def _is_finite(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_statistics(stats: object, index: int, schema: DatasetSchema, expected_hash: str) -> None:
-    where = f"statistics #{index}"
+_EXACT_KEYS = {"count", "mean", "m2"}
+_NOISED_KEYS = {"count", "sum", "sum_sq"}
+
+
+def check_site_statistics(
+    stats: object, schema: DatasetSchema, *, noised: bool = False, where: str = "statistics"
+) -> None:
+    """Check one site's statistics report before it is stored or merged.
+
+    Args:
+        stats: the report (``local_statistics``'s form).
+        schema: the plan's schema.
+        noised: whether the plan noises numeric statistics (``privacy.statistics_epsilon``);
+            the numeric entries must then be ``{"count", "sum", "sum_sq"}``.
+        where: who sent it, for the messages (e.g. ``silo 'north'``).
+
+    Raises:
+        SchemaError: naming the sender, the column and the rule broken: other schema hash,
+            missing or extra column, bad counts, non-finite numbers, an undeclared category, a
+            category name failing ``category_value_problem``, or more values than the cap.
+    """
     if not isinstance(stats, Mapping):
         raise SchemaError(f"{where}: expected a JSON object, got {type(stats).__name__}")
     keys = ("schema_hash", "n_rows", "numeric", "categories")
@@ -770,6 +1026,7 @@ def _check_statistics(stats: object, index: int, schema: DatasetSchema, expected
             f"{where}: keys must be {', '.join(keys)} (unknown: {unknown}, missing: {absent}); "
             "compute them with fedcore.tabular.local_statistics"
         )
+    expected_hash = schema_hash(schema)
     if stats["schema_hash"] != expected_hash:
         raise SchemaError(
             f"{where} were computed for a different schema (hash {str(stats['schema_hash'])[:12]}"
@@ -779,20 +1036,31 @@ def _check_statistics(stats: object, index: int, schema: DatasetSchema, expected
     if not _is_count(n_rows):
         raise SchemaError(f"{where}: 'n_rows' must be an integer >= 0, got {n_rows!r}")
     numeric_names = [c.name for c in schema.columns if c.type == "numeric"]
-    categorical_names = [c.name for c in schema.columns if c.type == "categorical"]
-    for key, names in (("numeric", numeric_names), ("categories", categorical_names)):
+    categorical = [c for c in schema.columns if c.type == "categorical"]
+    for key, names in (("numeric", numeric_names), ("categories", [c.name for c in categorical])):
         section = stats[key]
         if not isinstance(section, Mapping) or set(section) != set(names):
-            got = sorted(section) if isinstance(section, Mapping) else section
+            got = sorted(map(str, section)) if isinstance(section, Mapping) else section
             raise SchemaError(
-                f"{where}: {key!r} must have exactly the schema's columns {names}, got {got!r}"
+                f"{where}: {key!r} must have exactly the schema's columns {names}, got "
+                f"{_shown(got)}"
             )
     for name in numeric_names:
         entry = stats["numeric"][name]
-        if not isinstance(entry, Mapping) or set(entry) != {"count", "mean", "m2"}:
+        expected = _NOISED_KEYS if noised else _EXACT_KEYS
+        if not isinstance(entry, Mapping) or set(entry) != expected:
+            form = "noised (privacy.statistics_epsilon)" if noised else "exact"
             raise SchemaError(
-                f"{where}: numeric column {name!r} must have keys count, mean, m2, got {entry!r}"
+                f"{where}: numeric column {name!r} must have keys {', '.join(sorted(expected))} "
+                f"for this plan's {form} statistics, got {_shown(entry)}"
             )
+        if noised:
+            if not all(_is_finite(entry[key]) for key in expected):
+                raise SchemaError(
+                    f"{where}: numeric column {name!r}: count, sum and sum_sq must be finite "
+                    f"numbers, got {_shown(entry)}"
+                )
+            continue
         if not _is_count(entry["count"]) or entry["count"] > n_rows:
             raise SchemaError(
                 f"{where}: numeric column {name!r}: count {entry['count']!r} must be an integer "
@@ -803,72 +1071,126 @@ def _check_statistics(stats: object, index: int, schema: DatasetSchema, expected
                 f"{where}: numeric column {name!r}: mean and m2 must be finite numbers, m2 >= 0 "
                 f"(got mean {entry['mean']!r}, m2 {entry['m2']!r})"
             )
-    for name in categorical_names:
-        values = stats["categories"][name]
-        if (
-            isinstance(values, str)
-            or not isinstance(values, Sequence)
-            or not all(isinstance(value, str) for value in values)
-        ):
+    for column in categorical:
+        name = column.name
+        counts = stats["categories"][name]
+        if not isinstance(counts, Mapping):
             raise SchemaError(
-                f"{where}: categories of column {name!r} must be a list of strings, got {values!r}"
+                f"{where}: categories of column {name!r} must be an object of value -> count, "
+                f"got {_shown(counts)}"
+            )
+        vocabulary = column.vocabulary()
+        cap = len(vocabulary) if vocabulary is not None else schema.max_categories
+        if len(counts) > cap:
+            raise SchemaError(
+                f"{where}: column {name!r} reports {len(counts)} categories, more than the "
+                f"cap of {cap} (schema 'max_categories' or the declared 'categories')"
+            )
+        for value, count in counts.items():
+            if (problem := category_value_problem(value)) is not None:
+                raise SchemaError(f"{where}: column {name!r}: category {_shown(value)} {problem}")
+            if vocabulary is not None and value not in vocabulary:
+                raise SchemaError(
+                    f"{where}: column {name!r}: category {_shown(value)} is not declared in the "
+                    "schema's 'categories'"
+                )
+            if not _is_count(count) or count < 1 or count > n_rows:
+                raise SchemaError(
+                    f"{where}: column {name!r}: the count of {_shown(value)} must be an integer "
+                    f"between 1 and n_rows ({n_rows}), got {_shown(count)}"
+                )
+        if sum(counts.values()) > n_rows:
+            raise SchemaError(
+                f"{where}: column {name!r}: the category counts add up to more than n_rows "
+                f"({n_rows})"
             )
 
 
-def merge_statistics(stats: Sequence[Mapping[str, Any]], schema: DatasetSchema) -> dict[str, Any]:
+def _merge_exact(parts: list[Mapping[str, Any]]) -> tuple[float, float, int]:
+    """Chan, Golub and LeVeque's pairwise update: (mean, population std, count)."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for part in parts:
+        n_b, mean_b, m2_b = int(part["count"]), float(part["mean"]), float(part["m2"])
+        if n_b == 0:
+            continue
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * n_b / total
+        m2 += m2_b + delta * delta * count * n_b / total
+        count = total
+    return mean, (math.sqrt(m2 / count) if count else 0.0), count
+
+
+def _merge_noised(parts: list[Mapping[str, Any]], column: ColumnSpec) -> tuple[float, float, int]:
+    """Pooled noisy count, sum and sum of squares into (mean, std, count), kept in bounds."""
+    low, high = column.bounds() or (-math.inf, math.inf)
+    count = sum(float(part["count"]) for part in parts)
+    total = sum(float(part["sum"]) for part in parts)
+    squares = sum(float(part["sum_sq"]) for part in parts)
+    if count < 1.0:  # too few rows to say anything: the middle of the bounds, unit scale
+        return (low + high) / 2.0, 1.0, max(0, round(count))
+    mean = min(max(total / count, low), high)
+    variance = min(max(squares / count - mean * mean, 0.0), ((high - low) / 2.0) ** 2)
+    return mean, math.sqrt(variance), round(count)
+
+
+def merge_statistics(
+    stats: Sequence[Mapping[str, Any]], schema: DatasetSchema, *, noised: bool = False
+) -> dict[str, Any]:
     """Merge the sites' statistics into the fitted preprocessing (server side, no rows needed).
 
-    Means and variances are combined exactly with Chan, Golub and LeVeque's pairwise update
-    (1979), so the result equals the statistics of the pooled rows.
+    Exact means and variances are combined with Chan, Golub and LeVeque's pairwise update
+    (1979), so the result equals the statistics of the pooled rows; noised ones (``noised``)
+    from the pooled count, sum and sum of squares, the mean kept within the column's bounds.
+    A categorical column's vocabulary is its declared ``categories`` (plus ``"__missing__"``
+    when imputed), else the values whose pooled count is at least the schema's
+    ``min_category_count``, the ``max_categories`` most frequent of them (ties by name).
 
     Args:
         stats: one ``local_statistics`` result per site (at least one).
         schema: the dataset schema of the plan.
+        noised: whether the numeric statistics are the noised form.
 
     Returns:
         JSON-able ``{"version": 1, "schema_hash", "columns": [feature columns], "n_rows",
-        "numeric": {column: {"mean", "std", "count"}}, "categories": {column: sorted union}}``
+        "numeric": {column: {"mean", "std", "count"}}, "categories": {column: sorted list}}``
         with ``std`` the population standard deviation (1 where it is 0 or no value was seen).
 
     Raises:
-        SchemaError: no statistics, or a statistics dict does not match the schema (other
-            schema hash, missing or extra column, negative count, non-finite value).
+        SchemaError: no statistics, or a report breaks ``check_site_statistics``.
     """
     if isinstance(stats, Mapping) or not isinstance(stats, Sequence) or not stats:
         raise SchemaError("merge_statistics needs a non-empty list of per-site statistics")
-    expected_hash = schema_hash(schema)
     for index, entry in enumerate(stats):
-        _check_statistics(entry, index, schema, expected_hash)
+        check_site_statistics(entry, schema, noised=noised, where=f"statistics #{index}")
 
     numeric: dict[str, dict[str, Any]] = {}
     categories: dict[str, list[str]] = {}
     for column in schema.columns:
         if column.type == "numeric":
-            count, mean, m2 = 0, 0.0, 0.0
-            for entry in stats:
-                part = entry["numeric"][column.name]
-                n_b, mean_b, m2_b = int(part["count"]), float(part["mean"]), float(part["m2"])
-                if n_b == 0:
-                    continue
-                total = count + n_b
-                delta = mean_b - mean
-                mean += delta * n_b / total
-                m2 += m2_b + delta * delta * count * n_b / total
-                count = total
-            std = math.sqrt(m2 / count) if count else 0.0
+            parts = [entry["numeric"][column.name] for entry in stats]
+            merge = _merge_noised(parts, column) if noised else _merge_exact(parts)
+            mean, std, count = merge
             numeric[column.name] = {
                 "mean": mean,
                 "std": std if std > 0.0 else 1.0,
                 "count": count,
             }
         elif column.type == "categorical":
-            union: set[str] = set()
+            vocabulary = column.vocabulary()
+            if vocabulary is not None:
+                categories[column.name] = list(vocabulary)
+                continue
+            pooled: dict[str, int] = {}
             for entry in stats:
-                union.update(entry["categories"][column.name])
-            categories[column.name] = sorted(union)
+                for value, count in entry["categories"][column.name].items():
+                    pooled[value] = pooled.get(value, 0) + int(count)
+            shown = [item for item in pooled.items() if item[1] >= schema.min_category_count]
+            shown.sort(key=lambda item: (-item[1], item[0]))
+            categories[column.name] = sorted(value for value, _ in shown[: schema.max_categories])
     return {
         "version": PREPROCESSING_VERSION,
-        "schema_hash": expected_hash,
+        "schema_hash": schema_hash(schema),
         "columns": [column.name for column in schema.columns],
         "n_rows": sum(int(entry["n_rows"]) for entry in stats),
         "numeric": numeric,

@@ -169,11 +169,12 @@ def projected_epsilon(version: PlanVersion) -> dict[str, float]:
 
     0.0 for a plan without DP. Computed with the same accountant and formulas as the site
     agents (fedcore.privacy.accounting.plan_mechanism), from each silo's registered rows, plus
-    the noisy fairness counts of every round (``fairness.dp_epsilon``, basic composition).
+    the noisy fairness counts of every round (``fairness.dp_epsilon``, basic composition) and
+    the noised statistics pass (``privacy.statistics_epsilon``).
     """
     from federation import ledger
 
-    fairness = ledger.plan_fairness_epsilon(version.spec)
+    fairness = ledger.plan_pure_epsilon(version.spec)
     out: dict[str, float] = {}
     for silo in version.silos.order_by("name"):
         mechanism = ledger.plan_mechanism(version.spec, silo)

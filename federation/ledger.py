@@ -10,7 +10,9 @@ selected (the run goes on with the others if enough remain).
 Pure epsilon-DP releases (the noisy fairness counts, mechanism "fairness") are not sampled
 Gaussian mechanisms: their entries carry ``epsilon_pure`` and are added to the RDP total by basic
 composition, (e1, delta) then (e2, 0) gives (e1 + e2, delta). That is valid and simple; it is
-tight for a few small releases and conservative for many (docs/fairness.md).
+tight for a few small releases and conservative for many (docs/fairness.md). The noised
+numeric statistics of the statistics pass (mechanism "statistics", ``privacy.statistics_epsilon``,
+Laplace) are pure epsilon-DP too, charged once per run to every silo that sent them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def ledger_delta(silo: Silo, plan_delta: float | None = None) -> float:
 
 
 PURE = "fairness"  # the mechanism of pure epsilon-DP entries (no RDP composition)
+STATISTICS = "statistics"  # the statistics pass's noised numeric statistics, pure epsilon-DP
+PURE_MECHANISMS = (PURE, STATISTICS)
 
 
 def silo_history(silo: Silo) -> list[Mechanism]:
@@ -45,16 +49,16 @@ def silo_history(silo: Silo) -> list[Mechanism]:
     return [
         (e.noise_multiplier, e.sample_rate, e.steps)
         for e in PrivacyLedgerEntry.objects.filter(silo=silo)
-        .exclude(mechanism=PURE)
+        .exclude(mechanism__in=PURE_MECHANISMS)
         .order_by("created_at", "pk")
     ]
 
 
 def silo_pure_epsilon(silo: Silo) -> float:
     """The sum of the silo's pure epsilon-DP entries (basic composition)."""
-    values = PrivacyLedgerEntry.objects.filter(silo=silo, mechanism=PURE).values_list(
-        "epsilon_pure", flat=True
-    )
+    values = PrivacyLedgerEntry.objects.filter(
+        silo=silo, mechanism__in=PURE_MECHANISMS
+    ).values_list("epsilon_pure", flat=True)
     return float(sum(value or 0.0 for value in values))
 
 
@@ -78,6 +82,18 @@ def fairness_epsilon_per_round(spec: dict[str, Any]) -> float:
 def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
     """What a whole run of the plan's noisy fairness counts costs a silo (every round)."""
     return fairness_epsilon_per_round(spec) * int(spec["training"]["rounds"])
+
+
+def plan_statistics_epsilon(spec: dict[str, Any]) -> float:
+    """What a run's noised statistics pass costs a silo (``privacy.statistics_epsilon``, else 0)."""
+    privacy = spec.get("privacy") or {}
+    value = privacy.get("statistics_epsilon")
+    return float(value) if value is not None else 0.0
+
+
+def plan_pure_epsilon(spec: dict[str, Any]) -> float:
+    """A whole run's pure epsilon-DP releases at a silo: fairness counts and statistics."""
+    return plan_fairness_epsilon(spec) + plan_statistics_epsilon(spec)
 
 
 def composed_epsilon(history: list[Mechanism], delta: float) -> float:
@@ -137,7 +153,7 @@ def projected_total(silo: Silo, version: PlanVersion) -> float:
     """The silo's epsilon after a whole run of this version, composed with its history."""
     mechanism = plan_mechanism(version.spec, silo)
     history = silo_history(silo) + ([mechanism] if mechanism else [])
-    pure = silo_pure_epsilon(silo) + plan_fairness_epsilon(version.spec)
+    pure = silo_pure_epsilon(silo) + plan_pure_epsilon(version.spec)
     return composed_epsilon(history, ledger_delta(silo, plan_delta(version.spec))) + pure
 
 
@@ -171,11 +187,12 @@ def ledger_append(
 ) -> PrivacyLedgerEntry:
     """Record a mechanism applied to a silo's data, its composed total and an audit event.
 
-    ``epsilon_pure`` is required for (and only for) the pure epsilon-DP mechanism "fairness":
-    the entry then stays out of the RDP composition and adds its epsilon to the total.
+    ``epsilon_pure`` is required for (and only for) the pure epsilon-DP mechanisms "fairness"
+    and "statistics": the entry then stays out of the RDP composition and adds its epsilon to
+    the total.
     """
-    if (mechanism == PURE) != (epsilon_pure is not None):
-        raise ValueError(f"epsilon_pure goes with mechanism {PURE!r} and only with it")
+    if (mechanism in PURE_MECHANISMS) != (epsilon_pure is not None):
+        raise ValueError(f"epsilon_pure goes with mechanisms {PURE_MECHANISMS} and only with them")
     Silo.objects.select_for_update().filter(pk=silo.pk).first()  # one writer per silo ledger
     history = silo_history(silo)
     if epsilon_pure is None:

@@ -440,13 +440,16 @@ class PrivacyLedgerEntry(models.Model):
 
     A ``fairness`` entry is pure epsilon-DP (discrete Laplace counts): ``epsilon_pure`` is what it
     spent, ``noise_multiplier`` the Laplace scale 1/epsilon of one count, ``sample_rate`` 1 and
-    ``steps`` the number of count tables released; it is not part of the RDP composition.
+    ``steps`` the number of count tables released; it is not part of the RDP composition. A
+    ``statistics`` entry likewise: the noised numeric statistics of a run's statistics pass
+    (Laplace), ``steps`` 1.
     """
 
     class Mechanism(models.TextChoices):
         SAMPLE = "sample", "Sample-level DP (DP-SGD at the site)"
         CLIENT = "client", "Client-level DP (DP-FedAvg at aggregation)"
         FAIRNESS = "fairness", "Noisy fairness counts"
+        STATISTICS = "statistics", "Noised statistics pass (numeric columns)"
 
     silo = models.ForeignKey(Silo, on_delete=models.CASCADE, related_name="ledger")
     run = models.ForeignKey(

@@ -232,6 +232,10 @@ _PRIVACY_DOCS = {
     "clip": "L2 clip of each contribution (a sample's gradient, or a site's update)",
     "delta": "the DP delta, typically below 1 / rows",
     "adaptive_clip": "client mode only: the clip follows a quantile of the update norms",
+    "statistics_epsilon": (
+        "epsilon-DP (Laplace) of each site's numeric statistics before round 1; needs min/max "
+        "on every numeric schema column; charged to the ledger; null: exact statistics"
+    ),
 }
 PRIVACY_KEYS: tuple[Key, ...] = (
     Key("mode", "string", _PRIVACY_DOCS["mode"], default="none", choices=PRIVACY_MODES),
@@ -276,6 +280,15 @@ PRIVACY_KEYS: tuple[Key, ...] = (
         "object",
         _PRIVACY_DOCS["adaptive_clip"],
         default=PLAN_PRIVACY_DEFAULTS["adaptive_clip"],
+        nullable=True,
+    ),
+    Key(
+        "statistics_epsilon",
+        "number",
+        _PRIVACY_DOCS["statistics_epsilon"],
+        default=PLAN_PRIVACY_DEFAULTS["statistics_epsilon"],
+        minimum=0,
+        exclusive_min=True,
         nullable=True,
     ),
 )
@@ -475,6 +488,7 @@ class Privacy:
     clip: float
     delta: float
     adaptive_clip: AdaptiveClipSettings | None
+    statistics_epsilon: float | None = None
 
     @property
     def dp(self) -> bool:
@@ -491,6 +505,7 @@ class Privacy:
             "clip": self.clip,
             "delta": self.delta,
             "adaptive_clip": None if adaptive is None else dict(adaptive.__dict__),
+            "statistics_epsilon": self.statistics_epsilon,
         }
 
 
@@ -775,6 +790,8 @@ def _privacy(spec: Mapping[str, Any], errors: dict[str, str]) -> Privacy | None:
             )
         else:
             adaptive = _adaptive(v["adaptive_clip"], errors)
+    if v["statistics_epsilon"] is not None and "privacy.statistics_epsilon" not in errors:
+        _statistics_bounds(spec, errors)
     if len(errors) > before:
         return None
 
@@ -788,7 +805,22 @@ def _privacy(spec: Mapping[str, Any], errors: dict[str, str]) -> Privacy | None:
         clip=float(v["clip"]),
         delta=float(v["delta"]),
         adaptive_clip=adaptive,
+        statistics_epsilon=number(v["statistics_epsilon"]),
     )
+
+
+def _statistics_bounds(spec: Mapping[str, Any], errors: dict[str, str]) -> None:
+    """Noised statistics need every numeric column's clipping bounds (their sensitivity)."""
+    try:
+        schema = DatasetSchema.from_dict(spec.get("schema"))
+    except (SchemaError, AttributeError, TypeError):
+        return  # the schema's own errors are reported under "schema"
+    unbounded = [c.name for c in schema.columns if c.type == "numeric" and c.bounds() is None]
+    if unbounded:
+        errors["privacy.statistics_epsilon"] = (
+            f"needs the clipping bounds of every numeric column (their sensitivity); declare "
+            f"'min' and 'max' in the schema for {', '.join(map(repr, unbounded))}"
+        )
 
 
 def _secagg(spec: Mapping[str, Any], errors: dict[str, str]) -> SecAggSettings | None:

@@ -56,6 +56,9 @@ PLAN_PRIVACY_DEFAULTS: dict[str, Any] = {
     # client mode only: {"target_quantile", "learning_rate", "count_noise_std"} (Andrew et al.
     # 2021); the clip then starts at "clip" and follows the quantile of the update norms
     "adaptive_clip": None,
+    # epsilon-DP of the statistics pass's numeric statistics (Laplace, fedcore.tabular); None:
+    # exact statistics. Independent of mode: it noises no training step.
+    "statistics_epsilon": None,
 }
 
 # TensorFlow Privacy's extra large orders: for high noise the optimal order passes Opacus's

@@ -178,7 +178,8 @@ def _finish_statistics(run: Run, cfg: RunSettings) -> None:
     reported = list(run.silo_statistics.order_by("silo_id"))
     schema = tabular.DatasetSchema.from_dict(run.version.spec["schema"])
     try:
-        fitted = tabular.merge_statistics([s.stats for s in reported], schema)
+        noised = ledger.plan_statistics_epsilon(run.version.spec) > 0.0
+        fitted = tabular.merge_statistics([s.stats for s in reported], schema, noised=noised)
         n_features = len(tabular.feature_names(schema, fitted))
         model = build_model(run.version.spec["model"], n_features, seed=cfg.seed)
     except ValueError as exc:

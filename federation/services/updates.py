@@ -14,7 +14,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from fedcore import compression, tensors
+from fedcore import compression, tabular, tensors
 from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
 from federation.services import fairness as fairness_service
@@ -50,18 +50,62 @@ def _active_run_for(silo: Silo, run_id: int) -> Run:
     return run
 
 
-@transaction.atomic
 def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
-    """Store a silo's local statistics for a run's federated preprocessing pass."""
+    """Check and store a silo's local statistics for a run's federated preprocessing pass.
+
+    A report that breaks ``fedcore.tabular.check_site_statistics`` (an undeclared category, a
+    name with markup or control characters, more values than the cap...) is refused naming
+    silo, column and rule and changes nothing; every refusal is audited as ``stats.refused``
+    in its own transaction. Noised statistics (``privacy.statistics_epsilon``) are charged to
+    the silo's ledger.
+    """
+    try:
+        _stats_receive(silo_id=silo_id, run_id=run_id, stats=stats)
+    except Refused as refused:
+        silo = Silo.objects.filter(pk=silo_id).first()
+        with transaction.atomic():
+            audit_append(
+                actor=f"silo:{silo.name if silo else silo_id}",
+                action="stats.refused",
+                consortium_id=silo.consortium_id if silo else None,
+                object_type="run",
+                object_id=run_id,
+                data={"code": refused.code, "reason": refused.reason},
+            )
+        raise
+
+
+@transaction.atomic
+def _stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
     silo = Silo.objects.get(pk=silo_id)
     run = _active_run_for(silo, run_id)
     if run.status != Run.Status.STATS:
         raise Refused(
             "wrong_run", f"run {run_id} is not collecting statistics (it is {run.status})"
         )
+    epsilon = ledger.plan_statistics_epsilon(run.version.spec)
+    try:  # before anything is stored: a poisoned report never reaches the merge
+        schema = tabular.DatasetSchema.from_dict(run.version.spec["schema"])
+        tabular.check_site_statistics(
+            stats, schema, noised=epsilon > 0.0, where=f"statistics of silo {silo.name!r}"
+        )
+    except tabular.SchemaError as exc:
+        raise Refused("invalid_update", str(exc)) from None
     _, created = SiloStatistics.objects.get_or_create(run=run, silo=silo, defaults={"stats": stats})
     if not created:
         raise Refused("duplicate_update", f"statistics for run {run_id} were already received")
+    if epsilon > 0.0:  # the noised numeric statistics: one pure epsilon-DP release of its data
+        ledger.ledger_append(
+            silo=silo,
+            run=run,
+            round_number=None,
+            mechanism=ledger.STATISTICS,
+            noise_multiplier=1.0 / epsilon,
+            sample_rate=1.0,
+            steps=1,
+            delta=ledger.plan_delta(run.version.spec) or ledger.DEFAULT_DELTA,
+            epsilon_pure=epsilon,
+        )
     audit_append(
         actor=f"silo:{silo.name}",
         action="stats.received",

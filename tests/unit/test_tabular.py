@@ -365,7 +365,10 @@ def _stats_with(schema, change) -> dict:
         (lambda s: s.update(n_rows=True), "'n_rows' must be an integer >= 0"),
         (lambda s: s.update(schema_hash="0" * 64), "computed for a different schema"),
         (lambda s: s.pop("categories"), "missing: ['categories']"),
-        (lambda s: s["categories"].update(sex="F"), "categories of column 'sex' must be a list"),
+        (
+            lambda s: s["categories"].update(sex="F"),
+            "categories of column 'sex' must be an object of value -> count",
+        ),
     ],
 )
 def test_merge_refuses_statistics_not_matching_the_schema(schema, change, message):
