@@ -225,6 +225,9 @@ class Approval(models.Model):
     decision = models.CharField(max_length=10, choices=Decision.choices)
     reason = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # The steward's own signature over the plan hash (fedcore.approvals), checked when stored and
+    # again by every site that pins the key; null for an approval the sites cannot verify.
+    signature = models.JSONField(null=True, blank=True)
 
     class Meta:
         constraints = [
