@@ -39,7 +39,7 @@ def test_forged_approvals_in_the_servers_database_make_no_site_train(tmp_path: P
     plan_hash = plan.current_version.spec_hash
     stewards = [signing.generate_private_key() for _ in silos]
 
-    unsigned = rows[silos[0].organization_id]  # a row and nothing else
+    assert rows[silos[0].organization_id].signature is None  # a row and nothing else
     unpinned = rows[silos[1].organization_id]
     unpinned.signature = approvals.sign_approval(
         signing.generate_private_key(),
