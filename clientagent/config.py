@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedcore.approvals import ApprovalSignatureError, check_steward_key
 from fedcore.models import MODEL_KINDS
 from fedcore.signing import AuthorizationError, parse_public_key
 
@@ -426,12 +427,12 @@ def _parse_governance(section: _Section) -> GovernanceConfig:
     keys = section.string_list("steward_keys") or ()
     for text in keys:
         try:
-            parse_public_key(text)
-        except AuthorizationError as exc:
+            check_steward_key(text)
+        except ApprovalSignatureError as exc:
             raise section.error(
                 "steward_keys",
-                f"{text!r} is not an Ed25519 public key ({exc}); copy the line "
-                "`quorum-agent steward-key new` printed for the steward exactly",
+                f"{text!r} is not a steward key ({exc}); copy exactly the line "
+                "`quorum-agent steward-key new` printed, or the passkey key the dashboard shows",
             ) from None
     return GovernanceConfig(steward_keys=keys)
 

@@ -17,13 +17,18 @@ The signature travels as a JSON object stored with the approval::
     {"kind": "ed25519", "key": "ed25519:<base64>", "signed_at": "<ISO time>",
      "signature": "<base64>"}
 
-Keys are the same ``ed25519:<base64>`` text as the server's (:mod:`fedcore.signing`).
+Ed25519 keys are the same ``ed25519:<base64>`` text as the server's (:mod:`fedcore.signing`). A
+passkey approval (WebAuthn, :mod:`fedcore.webauthn`) is ``{"kind": "webauthn", "key":
+"webauthn:<alg>:<base64 SPKI>", "signed_at", "credential_id", "authenticator_data",
+"client_data_json", "signature", "rp_id"}`` (base64url), an assertion whose challenge is
+SHA-256 of the approval message (:func:`approval_challenge`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -31,13 +36,28 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedcore import webauthn
 from fedcore.plan import canonical_json
 from fedcore.signing import AuthorizationError, parse_public_key, public_key_text
 
 APPROVAL_PURPOSE = "quorum.steward_approval"
 APPROVAL_VERSION = 1
 ED25519_KIND = "ed25519"
-SIGNATURE_KINDS = (ED25519_KIND,)
+WEBAUTHN_KIND = "webauthn"
+SIGNATURE_KINDS = (ED25519_KIND, WEBAUTHN_KIND)
+COMMON_FIELDS = ("kind", "key", "signed_at")
+FIELDS = {
+    ED25519_KIND: (*COMMON_FIELDS, "signature"),
+    # base64url, as the browser's PublicKeyCredential gives them; rp_id is the dashboard's host.
+    WEBAUTHN_KIND: (
+        *COMMON_FIELDS,
+        "credential_id",
+        "authenticator_data",
+        "client_data_json",
+        "signature",
+        "rp_id",
+    ),
+}
 APPROVE = "approve"
 MAX_SIGNATURE_FIELD = 4096  # characters of any one field of a signature object
 
@@ -60,6 +80,31 @@ def approval_message(
         "signed_at": signed_at,
     }
     return canonical_json(body).encode("utf-8")
+
+
+def approval_challenge(
+    *, consortium: str, organization: str, plan_hash: str, signed_at: str
+) -> bytes:
+    """The WebAuthn challenge of an approval: SHA-256 of :func:`approval_message`."""
+    message = approval_message(
+        consortium=consortium, organization=organization, plan_hash=plan_hash, signed_at=signed_at
+    )
+    return hashlib.sha256(message).digest()
+
+
+def check_steward_key(text: str) -> None:
+    """Check a pinnable steward key: ``ed25519:<base64>`` or ``webauthn:<alg>:<base64 SPKI>``.
+
+    Raises:
+        ApprovalSignatureError: naming what is wrong.
+    """
+    try:
+        if isinstance(text, str) and text.startswith(webauthn.KEY_PREFIX):
+            webauthn.parse_public_key(text)
+        else:
+            parse_public_key(text)
+    except (AuthorizationError, webauthn.WebAuthnError) as exc:
+        raise ApprovalSignatureError(str(exc)) from None
 
 
 def sign_approval(
@@ -96,27 +141,32 @@ def check_signature(signature: Any, *, consortium: str, organization: str, plan_
         raise ApprovalSignatureError(
             "the approval signature must be an object with kind, key, signed_at and signature"
         )
-    unknown = sorted(set(signature) - {"kind", "key", "signed_at", "signature"})
+    kind = signature.get("kind")
+    if kind not in SIGNATURE_KINDS:
+        raise ApprovalSignatureError(
+            f"unknown approval signature kind {kind!r} (known: {', '.join(SIGNATURE_KINDS)})"
+        )
+    fields = FIELDS[kind]
+    unknown = sorted(set(signature) - set(fields))
     if unknown:
         raise ApprovalSignatureError(f"the approval signature has unknown field {unknown[0]!r}")
-    for name in ("kind", "key", "signed_at", "signature"):
+    for name in fields:
         value = signature.get(name)
         if not isinstance(value, str) or not value or len(value) > MAX_SIGNATURE_FIELD:
             raise ApprovalSignatureError(
                 f"the approval signature's {name} must be a non-empty string of at most "
                 f"{MAX_SIGNATURE_FIELD} characters"
             )
-    if signature["kind"] not in SIGNATURE_KINDS:
-        raise ApprovalSignatureError(
-            f"unknown approval signature kind {signature['kind']!r} "
-            f"(known: {', '.join(SIGNATURE_KINDS)})"
-        )
     try:
         datetime.fromisoformat(signature["signed_at"])
     except ValueError:
         raise ApprovalSignatureError(
             f"the approval signature's signed_at {signature['signed_at']!r} is not an ISO time"
         ) from None
+    if kind == WEBAUTHN_KIND:
+        return _check_webauthn(
+            signature, consortium=consortium, organization=organization, plan_hash=plan_hash
+        )
     try:
         public = parse_public_key(signature["key"])
     except AuthorizationError as exc:
@@ -133,6 +183,32 @@ def check_signature(signature: Any, *, consortium: str, organization: str, plan_
         raise ApprovalSignatureError(
             f"the approval signature does not verify: it was not made by {signature['key']} "
             f"over plan {plan_hash[:12]}… for {organization!r} in consortium {consortium!r}"
+        ) from None
+    return signature["key"]
+
+
+def _check_webauthn(
+    signature: Mapping[str, str], *, consortium: str, organization: str, plan_hash: str
+) -> str:
+    challenge = approval_challenge(
+        consortium=consortium,
+        organization=organization,
+        plan_hash=plan_hash,
+        signed_at=signature["signed_at"],
+    )
+    try:
+        webauthn.verify_assertion(
+            public_key=signature["key"],
+            authenticator_data=webauthn.b64url_decode(signature["authenticator_data"]),
+            client_data_json=webauthn.b64url_decode(signature["client_data_json"]),
+            signature=webauthn.b64url_decode(signature["signature"]),
+            challenge=challenge,
+            rp_id=signature["rp_id"],
+        )
+    except webauthn.WebAuthnError as exc:
+        raise ApprovalSignatureError(
+            f"the passkey approval does not verify over plan {plan_hash[:12]}… for "
+            f"{organization!r} in consortium {consortium!r}: {exc}"
         ) from None
     return signature["key"]
 

@@ -166,7 +166,9 @@ def test_require_local_approval_counts_as_verified(tmp_path: Path) -> None:
 def test_a_steward_key_that_is_not_a_key_is_a_config_error(tmp_path: Path) -> None:
     path = write_site(tmp_path, NOWHERE)
     path.write_text(path.read_text() + '\n[governance]\nsteward_keys = ["ed25519:AAAA"]\n')
-    with pytest.raises(ConfigError, match=r"\[governance\] steward_keys: 'ed25519:AAAA' is not"):
+    with pytest.raises(
+        ConfigError, match=r"\[governance\] steward_keys: 'ed25519:AAAA' is not a steward key"
+    ):
         load_config(path)
 
 
