@@ -29,7 +29,8 @@ Example::
 
     [governance]                 # whose approval this site trusts, proven by signature
     steward_keys = ["ed25519:..."]  # the public keys of this site's data stewards
-                                    # (`quorum-agent steward-key new` prints one)
+                                    # (`quorum-agent steward-key new` prints one; a passkey's
+                                    # "webauthn:-7:..." line is on the dashboard's Passkeys page)
 
 A site trains only on a plan hash approved by a signature of a key in ``steward_keys`` (checked
 by the agent itself, :mod:`fedcore.approvals`) or approved locally (``quorum-agent approve``,
