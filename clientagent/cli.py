@@ -143,6 +143,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"state:  {config.agent.state_dir}")
     for line in _policy_lines(config):
         print(f"policy: {line}")
+    keys = config.governance.steward_keys
+    if keys:
+        print(f"approvals: signed by one of {len(keys)} pinned steward key(s), or approved locally")
+    elif config.policy.require_local_approval:
+        print("approvals: approved locally by the site operator (require_local_approval)")
+    else:
+        print(
+            "approvals: WARNING: no [governance] steward_keys and no require_local_approval: "
+            "this site trusts the server's word that its steward approved (docs/security.md)"
+        )
     return EXIT_OK
 
 

@@ -203,3 +203,15 @@ def test_the_cli_refuses_a_short_hash_and_a_missing_key(
     missing = str(tmp_path / "none.pem")
     assert cli.main(["steward-key", "sign", HASH, "--key", missing, *argv]) == 2
     assert "cannot read the steward key" in capsys.readouterr().err
+
+
+def test_check_says_whether_approvals_are_proven_to_the_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bare = write_site(tmp_path, NOWHERE)
+    assert cli.main(["check", "--config", str(bare)]) == 0
+    assert "approvals: WARNING: no [governance] steward_keys" in capsys.readouterr().out
+    (tmp_path / "pinned").mkdir()
+    pinned = pinned_agent(tmp_path / "pinned").config.path
+    assert cli.main(["check", "--config", str(pinned)]) == 0
+    assert "approvals: signed by one of 1 pinned steward key(s)" in capsys.readouterr().out
