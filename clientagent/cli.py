@@ -26,6 +26,7 @@ from clientagent.config import ConfigError, SiteConfig, load_config
 from clientagent.connection import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, run_agent
 from clientagent.data import DataFileError, LocalData
 from clientagent.records import APPROVED, REJECTED, RecordsError, SiteRecords, short_hash
+from fedcore import approvals, signing
 from fedcore.logsafe import EscapingFormatter
 
 LOG_FORMAT = "%(asctime)s %(levelname)s quorum-agent[%(name)s]: %(message)s"
@@ -142,6 +143,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"state:  {config.agent.state_dir}")
     for line in _policy_lines(config):
         print(f"policy: {line}")
+    keys = config.governance.steward_keys
+    if keys:
+        print(f"approvals: signed by one of {len(keys)} pinned steward key(s), or approved locally")
+    elif config.policy.require_local_approval:
+        print("approvals: approved locally by the site operator (require_local_approval)")
+    else:
+        print(
+            "approvals: WARNING: no [governance] steward_keys and no require_local_approval: "
+            "this site trusts the server's word that its steward approved (docs/security.md)"
+        )
     return EXIT_OK
 
 
@@ -272,6 +283,68 @@ def cmd_approve(args: argparse.Namespace) -> int:
 def cmd_reject(args: argparse.Namespace) -> int:
     """``quorum-agent reject``: the site operator rejects a plan hash."""
     return _decide(args, REJECTED)
+
+
+def cmd_steward_key_new(args: argparse.Namespace) -> int:
+    """``quorum-agent steward-key new``: a steward's Ed25519 key file (0600); print its public key."""
+    path = os.path.abspath(os.path.expanduser(args.out))
+    key = signing.generate_private_key()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(
+            f"quorum-agent: {path} already exists; a key file is never overwritten "
+            "(choose another --out)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"quorum-agent: cannot create {path}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(signing.private_key_to_pem(key))
+    public = signing.public_key_text(key)
+    print(f"private key written to {path} (mode 0600; keep it with the steward only)")
+    print("pin the public key in each site.toml this steward approves for:")
+    print("[governance]")
+    print(f'steward_keys = ["{public}"]')
+    return EXIT_OK
+
+
+def load_steward_key(path: str) -> signing.Ed25519PrivateKey:
+    """Read a steward key file written by ``steward-key new``; AuthorizationError if unusable."""
+    try:
+        data = open(os.path.expanduser(path), "rb").read()  # noqa: SIM115 - small file
+    except OSError as exc:
+        raise signing.AuthorizationError(f"cannot read the steward key {path}: {exc}") from None
+    try:
+        return signing.private_key_from_pem(data)
+    except ValueError as exc:
+        raise signing.AuthorizationError(
+            f"{path} is not an Ed25519 private key in PEM ({exc})"
+        ) from None
+
+
+def cmd_steward_key_sign(args: argparse.Namespace) -> int:
+    """``quorum-agent steward-key sign``: print the signature approving a plan hash (JSON)."""
+    plan_hash = args.plan_hash.strip().lower()
+    if len(plan_hash) != 64 or any(ch not in "0123456789abcdef" for ch in plan_hash):
+        print(
+            f"quorum-agent: {args.plan_hash!r} is not a plan hash: give all 64 hex characters "
+            "shown on the plan's page",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        key = load_steward_key(args.key)
+    except signing.AuthorizationError as exc:
+        print(f"quorum-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    signature = approvals.sign_approval(
+        key, consortium=args.consortium, organization=args.organization, plan_hash=plan_hash
+    )
+    print(json.dumps(signature))
+    return EXIT_OK
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -415,6 +488,32 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--config", required=True, metavar="PATH", help=config_help)
     log.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     log.set_defaults(func=cmd_log)
+
+    steward = commands.add_parser(
+        "steward-key",
+        help="a data steward's signing key: create one, sign an approval of a plan hash",
+        description=(
+            "A data steward proves an approval to the sites with an Ed25519 key: `new` writes "
+            "the private key (0600) and prints the public key the sites pin in site.toml "
+            "([governance] steward_keys); `sign` prints the signature (JSON) to submit as "
+            "`signature` with the approval (POST /api/v1/plans/<id>/approve/)."
+        ),
+    )
+    steward_commands = steward.add_subparsers(dest="steward_command", metavar="ACTION")
+    steward_commands.required = True
+    new = steward_commands.add_parser(
+        "new", help="write a new private key and print its public key"
+    )
+    new.add_argument("--out", required=True, metavar="PATH", help="the key file to create")
+    new.set_defaults(func=cmd_steward_key_new)
+    sign = steward_commands.add_parser("sign", help="sign the approval of a plan hash")
+    sign.add_argument("plan_hash", metavar="HASH", help="the plan hash (64 hex characters)")
+    sign.add_argument("--key", required=True, metavar="PATH", help="the steward's key file")
+    sign.add_argument("--consortium", required=True, help="the consortium's name")
+    sign.add_argument(
+        "--organization", required=True, help="the organisation the steward approves for"
+    )
+    sign.set_defaults(func=cmd_steward_key_sign)
     return parser
 
 

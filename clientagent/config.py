@@ -29,6 +29,17 @@ Example::
     min_category_count = 5       # a category held fewer times here is never named in the
                                  # statistics sent to the server (default 5)
 
+    [governance]                 # whose approval this site trusts, proven by signature
+    steward_keys = ["ed25519:..."]  # the public keys of this site's data stewards
+                                    # (`quorum-agent steward-key new` prints one; a passkey's
+                                    # "webauthn:-7:..." line is on the dashboard's Passkeys page)
+
+A site trains only on a plan hash approved by a signature of a key in ``steward_keys`` (checked
+by the agent itself, :mod:`fedcore.approvals`) or approved locally (``quorum-agent approve``,
+with ``require_local_approval = true``). A site.toml with neither still runs, with the server's
+word for the approvals, but the agent logs a WARNING at start and on every request: see
+docs/security.md.
+
 Every problem (unknown section or key, missing key, wrong type, bad URL, missing file) raises
 :class:`ConfigError`, whose message names the file, the key and what to do. Nothing is ignored
 silently. Sections are parsed by one function each (``_SECTIONS``): a new section is one parser,
@@ -47,6 +58,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedcore.approvals import ApprovalSignatureError, check_steward_key
 from fedcore.models import MODEL_KINDS
 from fedcore.signing import AuthorizationError, parse_public_key
 
@@ -128,6 +140,17 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class GovernanceConfig:
+    """The ``[governance]`` section: the stewards' public keys this site pins.
+
+    Empty: the agent takes the server's word that a steward approved (logged as a warning),
+    unless ``[policy] require_local_approval`` makes the site operator approve instead.
+    """
+
+    steward_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """A parsed and checked ``site.toml``."""
 
@@ -136,6 +159,12 @@ class SiteConfig:
     data: DataConfig
     agent: AgentConfig
     policy: PolicyConfig = PolicyConfig()
+    governance: GovernanceConfig = GovernanceConfig()
+
+    @property
+    def approvals_verified(self) -> bool:
+        """Whether an approval is proven to this site (a pinned steward key, or local approval)."""
+        return bool(self.governance.steward_keys) or self.policy.require_local_approval
 
     @property
     def display_name(self) -> str:
@@ -409,6 +438,20 @@ def _min_category_count(section: _Section) -> int:
     return value
 
 
+def _parse_governance(section: _Section) -> GovernanceConfig:
+    keys = section.string_list("steward_keys") or ()
+    for text in keys:
+        try:
+            check_steward_key(text)
+        except ApprovalSignatureError as exc:
+            raise section.error(
+                "steward_keys",
+                f"{text!r} is not a steward key ({exc}); copy exactly the line "
+                "`quorum-agent steward-key new` printed, or the passkey key the dashboard shows",
+            ) from None
+    return GovernanceConfig(steward_keys=keys)
+
+
 POLICY_KEYS = (
     "consortium",
     "allowed_models",
@@ -430,6 +473,7 @@ _SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[_Section], Any], bool]] = 
     "data": (("path",), _parse_data, True),
     "agent": (("name", "state_dir"), _parse_agent, False),
     "policy": (POLICY_KEYS, _parse_policy, False),
+    "governance": (("steward_keys",), _parse_governance, False),
 }
 
 

@@ -53,6 +53,7 @@ from clientagent.policy import (
     check_authorization,
     check_policy,
     check_round_budget,
+    check_steward_signature,
 )
 from clientagent.progress import RoundProgress
 from clientagent.records import (
@@ -435,6 +436,24 @@ class Agent:
             )
         except RecordsError as exc:
             raise _records_unreadable(exc, run, rnd) from None
+        check_steward_signature(
+            grant,
+            fields["plan_hash"],
+            steward_keys=self.config.governance.steward_keys,
+            decision=decision,
+            config_path=self.config.path,
+            run=run,
+            round=rnd,
+        )
+        if not self.config.approvals_verified:
+            logger.warning(
+                "run %s: trusting the server's word that a steward approved plan %s: %s pins "
+                "no [governance] steward_keys and does not require local approval, so a "
+                "compromised server could make this site train (docs/security.md)",
+                run,
+                short_hash(fields["plan_hash"]),
+                self.config.path,
+            )
         check_policy(
             fields["plan"],
             fields["plan_hash"],
@@ -1126,4 +1145,12 @@ async def run_agent(
         EXIT_OK (0) after ``stop``; EXIT_AUTH (3) when the token was refused; EXIT_POLICY (4)
         when the server's consortium is not ``[policy] consortium``.
     """
+    if not config.approvals_verified:
+        logger.warning(
+            "%s pins no [governance] steward_keys and does not set require_local_approval: "
+            "this site will train on the server's word that its steward approved a plan, which "
+            "a compromised server or database can forge. Add the steward's key "
+            "(`quorum-agent steward-key new`) to [governance] steward_keys (docs/security.md)",
+            config.path,
+        )
     return await Agent(config, **options).run(stop)

@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from clientagent.config import PolicyConfig
-from clientagent.records import REJECTED, Decision, short_hash
+from clientagent.records import APPROVED, REJECTED, Decision, short_hash
 from clientagent.trainer import RoundPrivacy, TaskError
+from fedcore.approvals import ApprovalSignatureError, verified_approval
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan import run_settings
 from fedcore.signing import (
@@ -221,6 +222,55 @@ def check_authorization(
     except AuthorizationError as exc:
         raise refuse(str(exc)) from None
     return grant
+
+
+def check_steward_signature(
+    grant: Mapping[str, Any],
+    plan_hash: str,
+    *,
+    steward_keys: tuple[str, ...],
+    decision: Decision | None,
+    config_path: Path,
+    run: int,
+    round: int | None = None,
+) -> dict[str, Any] | None:
+    """Check this site's own steward approved the plan hash, proven by signature.
+
+    With ``[governance] steward_keys`` pinned, at least one approval in the grant must be signed
+    by one of those keys over this exact plan hash and the grant's consortium
+    (:func:`fedcore.approvals.verified_approval`); the server's word (an Approval row it lists)
+    is not enough. A local approval by the site operator (``quorum-agent approve``) is the
+    alternative. Without steward keys nothing is checked here (the caller warns).
+
+    Returns:
+        The verified approval, or None when nothing was checked or a local approval stood in.
+
+    Raises:
+        TaskError: ``not_authorized`` naming what was seen and what to do.
+    """
+    if not steward_keys:
+        return None
+    try:
+        return verified_approval(
+            grant.get("approvals") or (),
+            pinned_keys=steward_keys,
+            consortium=str(grant.get("consortium")),
+            plan_hash=plan_hash,
+        )
+    except ApprovalSignatureError as exc:
+        if decision is not None and decision.decision == APPROVED:
+            return None  # the site operator approved this exact hash locally
+        raise TaskError(
+            NOT_AUTHORIZED,
+            f"refused before reading any local data: {exc}. The server's list of approvals is "
+            f"not proof; the steward signs with `quorum-agent steward-key sign` (or a passkey "
+            f"in the dashboard) and submits the signature with the approval, or the site "
+            f"operator approves locally with `quorum-agent approve {plan_hash} --config "
+            f"{config_path}`",
+            run=run,
+            round=round,
+            shared_reason=str(exc),
+        ) from None
 
 
 def check_policy(

@@ -16,6 +16,7 @@ urlpatterns = [
         name="invitation_accept",
     ),
     path("account/tokens/", account.account_tokens, name="account_tokens"),
+    path("account/passkeys/", account.account_passkeys, name="account_passkeys"),
     path(
         "account/tokens/<int:token_id>/revoke/",
         account.account_token_revoke,

@@ -161,6 +161,12 @@ class ApprovalAdmin(ReadOnlyAdmin):
     list_display = ("version", "user", "organization", "role", "decision", "created_at")
 
 
+@admin.register(models.StewardPasskey)
+class StewardPasskeyAdmin(ReadOnlyAdmin):
+    # Read-only: a passkey added here would be a key the operator could claim is a steward's.
+    list_display = ("user", "name", "created_at")
+
+
 @admin.register(models.AuditEvent)
 class AuditEventAdmin(ReadOnlyAdmin):
     """The audit log is append-only, and the chain would expose any edit."""

@@ -225,6 +225,9 @@ class Approval(models.Model):
     decision = models.CharField(max_length=10, choices=Decision.choices)
     reason = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # The steward's own signature over the plan hash (fedcore.approvals), checked when stored and
+    # again by every site that pins the key; null for an approval the sites cannot verify.
+    signature = models.JSONField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -570,3 +573,25 @@ class ApiToken(models.Model):
     def expired(self) -> bool:
         """Whether the token is past its expiry."""
         return timezone.now() >= self.expires_at
+
+
+class StewardPasskey(models.Model):
+    """A passkey (WebAuthn credential) a steward registered in the dashboard to sign approvals.
+
+    Only its public key is kept (``webauthn:<alg>:<base64 SPKI>``, fedcore.webauthn); sites pin
+    that text in site.toml. The server never holds anything that can sign with it.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="passkeys"
+    )
+    name = models.CharField(max_length=100, blank=True)
+    credential_id = models.CharField(max_length=1400, unique=True)  # base64url
+    public_key = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+
+    def __str__(self) -> str:
+        return f"passkey {self.name or self.pk} of user {self.user_id}"

@@ -33,6 +33,7 @@ from federation.models import (
     Run,
     Silo,
     SiloRefusal,
+    StewardPasskey,
     TrainingPlan,
     Update,
 )
@@ -259,6 +260,11 @@ def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None
 def api_token_list(*, user: Any) -> QuerySet[ApiToken]:
     """A user's API tokens, newest first (their SHA-256 rows: the tokens themselves are gone)."""
     return ApiToken.objects.filter(user=user).order_by("-created_at", "-pk")
+
+
+def passkey_list(*, user: Any) -> QuerySet[StewardPasskey]:
+    """A user's registered passkeys (public keys only), oldest first."""
+    return StewardPasskey.objects.filter(user=user).order_by("created_at", "pk")
 
 
 def silo_is_online(silo: Silo) -> bool:

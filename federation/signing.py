@@ -71,6 +71,8 @@ def _approval_json(approval: Approval) -> dict[str, Any]:
         "role": approval.role,
         "plan_hash": approval.plan_hash,
         "at": approval.created_at.isoformat(),
+        # The steward's own signature (fedcore.approvals): what a site pinning the key checks.
+        "signature": approval.signature,
     }
 
 

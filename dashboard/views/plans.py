@@ -10,10 +10,12 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from dashboard import forms
 from dashboard.views.common import nav_for, page
+from fedcore import approvals, webauthn
 from federation import governance, permissions, selectors
 from federation.models import Role, TrainingPlan
 from federation.services import plans as plan_services
@@ -134,9 +136,13 @@ def _render_detail(
             initial=initial, organizations=organizations
         )
     is_proposer = plan.proposed_by_id == user.pk
+    passkey_approval = None
+    if may_decide and current is not None and organizations is not None and len(organizations) == 1:
+        passkey_approval = _passkey_approval(request, plan, current.spec_hash, organizations[0])
     return page(
         request,
         "dashboard/plan_detail.html",
+        passkey_approval=passkey_approval,
         nav=nav,
         section="plans",
         status=status,
@@ -177,6 +183,55 @@ def plan_detail(request: HttpRequest, plan_id: int) -> HttpResponse:
     return _render_detail(request, plan)
 
 
+def _rp_id(request: HttpRequest) -> str:
+    """The WebAuthn relying party ID: the dashboard's host name, without the port."""
+    return request.get_host().rsplit(":", 1)[0]
+
+
+def _passkey_approval(
+    request: HttpRequest, plan: TrainingPlan, plan_hash: str, organization: Any
+) -> dict[str, str] | None:
+    """What the approve form's passkey button signs: the challenge of the approval message
+    (fedcore.approvals.approval_challenge) for now, the RP ID and the user's credential ids."""
+    keys = list(selectors.passkey_list(user=request.user))
+    if not keys:
+        return None
+    signed_at = timezone.now().isoformat()
+    challenge = approvals.approval_challenge(
+        consortium=plan.consortium.name,
+        organization=organization.name,
+        plan_hash=plan_hash,
+        signed_at=signed_at,
+    )
+    return {
+        "challenge": webauthn.b64url_encode(challenge),
+        "signed_at": signed_at,
+        "rp_id": _rp_id(request),
+        "credentials": " ".join(key.credential_id for key in keys),
+    }
+
+
+def _passkey_signature(request: HttpRequest) -> dict[str, str] | None:
+    """The passkey assertion the form carries, as a signature object for plan_approve (None:
+    approved without signing). The service verifies it; an unknown credential is refused here."""
+    credential_id = str(request.POST.get("passkey_credential_id", ""))
+    if not credential_id:
+        return None
+    passkey = selectors.passkey_list(user=request.user).filter(credential_id=credential_id).first()
+    if passkey is None:
+        raise ValidationError({"signature": "the passkey that signed is not one of yours"})
+    return {
+        "kind": approvals.WEBAUTHN_KIND,
+        "key": passkey.public_key,
+        "signed_at": str(request.POST.get("signed_at", "")),
+        "credential_id": credential_id,
+        "authenticator_data": str(request.POST.get("passkey_authenticator_data", "")),
+        "client_data_json": str(request.POST.get("passkey_client_data_json", "")),
+        "signature": str(request.POST.get("passkey_signature", "")),
+        "rp_id": _rp_id(request),
+    }
+
+
 @login_required
 @require_POST
 def plan_approve(request: HttpRequest, plan_id: int) -> HttpResponse:
@@ -194,6 +249,7 @@ def plan_approve(request: HttpRequest, plan_id: int) -> HttpResponse:
             plan=plan,
             plan_hash=form.cleaned_data["plan_hash"],
             organization=form.cleaned_data["organization"],
+            signature=_passkey_signature(request),
         )
     except Conflict as exc:
         return _render_detail(request, plan, status=409, error=exc.message)

@@ -511,6 +511,14 @@ class PlanDecisionSerializer(StrictSerializer):
     )
 
 
+class PlanApprovalSerializer(PlanDecisionSerializer):
+    """An approval, optionally with the steward's signature over it (fedcore.approvals): an
+    object ``{kind, key, signed_at, signature}`` from ``quorum-agent steward-key sign``; the
+    sites that pin the key train only on approvals signed so."""
+
+    signature = serializers.JSONField(required=False, allow_null=True, default=None)
+
+
 class PlanRejectionSerializer(PlanDecisionSerializer):
     reason = TextField(max_length=2000)
 
@@ -533,6 +541,7 @@ class ApprovalSerializer(serializers.ModelSerializer):
             "decision",
             "reason",
             "created_at",
+            "signature",
         ]
         read_only_fields = fields
 

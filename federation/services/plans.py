@@ -15,6 +15,7 @@ from django.db import transaction
 from django.http import Http404
 from django.utils import timezone
 
+from fedcore import approvals
 from fedcore.plan import PlanError, parse_schema, plan_errors
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan.keys import is_int
@@ -423,15 +424,34 @@ def _decision_context(
 
 @transaction.atomic
 def plan_approve(
-    *, actor: Any, plan: TrainingPlan, plan_hash: str, organization: Organization | None = None
+    *,
+    actor: Any,
+    plan: TrainingPlan,
+    plan_hash: str,
+    organization: Organization | None = None,
+    signature: Any = None,
 ) -> Approval:
     """Approve the plan's current version (named by its hash) for one organisation.
 
-    When the consortium's rules are then satisfied, the plan becomes "approved".
+    ``signature`` is the steward's own signature over the approval
+    (:func:`fedcore.approvals.sign_approval`): checked here against the consortium, the
+    organisation and the hash, stored with the approval and carried in every grant, where the
+    sites that pin the steward's key check it again. When the consortium's rules are then
+    satisfied, the plan becomes "approved".
     """
     plan, version, organization, role = _decision_context(
         actor=actor, plan=plan, plan_hash=plan_hash, organization=organization, verb="approving"
     )
+    if signature is not None:
+        try:
+            approvals.check_signature(
+                signature,
+                consortium=plan.consortium.name,
+                organization=organization.name,
+                plan_hash=version.spec_hash,
+            )
+        except approvals.ApprovalSignatureError as exc:
+            raise ValidationError({"signature": str(exc)}) from None
     earlier = Approval.objects.filter(
         version=version,
         organization=organization,
@@ -453,6 +473,7 @@ def plan_approve(
         organization=organization,
         role=role,
         decision=Approval.Decision.APPROVE,
+        signature=signature,
     )
     _audit_plan(
         actor,
@@ -463,6 +484,7 @@ def plan_approve(
         organization=organization.name,
         organization_id=organization.pk,
         role=role,
+        signed_by=signature["key"] if signature is not None else None,
     )
     state = governance.approval_state(version)
     if state.satisfied:

@@ -47,6 +47,13 @@ def test_finance_demo_runs_twice_and_reports_every_model(tmp_path: Path) -> None
         "northgate",
         "riverside",
     ]
+    # Each site pins its own steward's key and trained on the steward's signed approval, not on
+    # the server's word; the steward's private key is kept apart, readable by its owner only.
+    demo = tmp_path / "demo" / "finance"
+    for site in ("hearthstone", "meridian", "northgate", "riverside"):
+        assert 'steward_keys = ["ed25519:' in (demo / "sites" / site / "site.toml").read_text()
+        assert "trusting the server's word" not in (demo / "sites" / site / "agent.log").read_text()
+        assert (demo / "stewards" / f"steward-{site}.pem").stat().st_mode & 0o077 == 0
 
 
 def test_demo_refuses_bad_flags_clearly(tmp_path: Path) -> None:

@@ -100,6 +100,9 @@ def _world(superuser) -> None:
     from federation.services.api_tokens import api_token_create
 
     api_token_create(actor=g.stewards[0], user=g.stewards[0], name="seed", days=None)
+    m.StewardPasskey.objects.create(
+        user=g.stewards[0], credential_id="Y3JlZA", public_key="webauthn:-7:seed"
+    )
     from django.contrib.auth.models import Group
 
     Group.objects.create(name="operators")

@@ -16,7 +16,7 @@ from django.test import Client
 
 from federation import governance
 from federation.demo.scenarios import finance
-from federation.management.commands.demo import _create_consortium
+from federation.management.commands.demo import _create_consortium, _steward_keys
 from federation.models import (
     Approval,
     AuditEvent,
@@ -55,10 +55,11 @@ def refusals() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def demo() -> dict[str, Any]:
+def demo(tmp_path) -> dict[str, Any]:
     """The demo consortium as `manage.py demo` builds it, plus a fresh plan awaiting decisions."""
     scenario = finance(0)
-    plan, _tokens, users, scientist = _create_consortium(scenario)
+    keys = _steward_keys(scenario, tmp_path)
+    plan, _tokens, users, scientist = _create_consortium(scenario, steward_keys=keys)
     fresh = plan_propose(
         actor=scientist,
         consortium=plan.consortium,

@@ -11,7 +11,7 @@ from federation import governance, permissions, selectors
 from federation.api.filters import PlanFilter
 from federation.api.serializers import (
     ApprovalSerializer,
-    PlanDecisionSerializer,
+    PlanApprovalSerializer,
     PlanDetailSerializer,
     PlanDiffQuerySerializer,
     PlanDiffSerializer,
@@ -140,13 +140,13 @@ class PlanWithdrawView(ApiView):
 
 class PlanApproveView(ApiView):
     @extend_schema(
-        request=PlanDecisionSerializer,
+        request=PlanApprovalSerializer,
         responses={201: ApprovalSerializer},
         summary="Approve the current version, named by its hash, for your organisation",
     )
     def post(self, request: Request, pk: int) -> Response:
         plan = permissions.access_plan(user=request.user, id=pk)
-        data = validated(PlanDecisionSerializer, request)
+        data = validated(PlanApprovalSerializer, request)
         approval = services.plan_approve(actor=request.user, plan=plan, **data)
         return Response(ApprovalSerializer(approval).data, status=status.HTTP_201_CREATED)
 

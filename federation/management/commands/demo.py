@@ -28,7 +28,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from fedcore import tensors
+from fedcore import approvals, signing, tensors
 from federation.demo.baselines import evaluate_comparison
 from federation.demo.scenarios import SCENARIOS, Scenario
 from federation.models import (
@@ -106,7 +106,10 @@ class Command(BaseCommand):
         budget = None
         if opts["dp"] != "none":
             budget = opts["budget"] if opts["budget"] is not None else 1.2 * opts["target_epsilon"]
-        plan, tokens, users, scientist = _create_consortium(scenario, budget=budget)
+        steward_keys = _steward_keys(scenario, home)
+        plan, tokens, users, scientist = _create_consortium(
+            scenario, budget=budget, steward_keys=steward_keys
+        )
 
         serve = not opts["no_serve"]
         port = opts["port"] if serve else free_port(opts["host"])
@@ -117,7 +120,14 @@ class Command(BaseCommand):
         if opts["verbosity"] < 2:  # the server runs in this process: keep its log off the table
             logging.getLogger("quorum").setLevel(logging.WARNING)
         self.say(f"Quorum server on {server.http_url} (agents connect to {server.ws_url})")
-        agents = _launch_agents(scenario, home, tokens, server.ws_url, server_public_key_text())
+        agents = _launch_agents(
+            scenario,
+            home,
+            tokens,
+            server.ws_url,
+            server_public_key_text(),
+            {site: signing.public_key_text(key) for site, key in steward_keys.items()},
+        )
         try:
             _wait_online(list(tokens), agents, timeout=120.0)
             self.say(
@@ -361,16 +371,34 @@ def _user(username: str, *, staff: bool = False) -> tuple[Any, str]:
     return user, password
 
 
+def _steward_keys(scenario: Scenario, home: Path) -> dict[str, Any]:
+    """Each site's steward's Ed25519 key, as `quorum-agent steward-key new` writes it (0600, in
+    ``stewards/`` of the demo's folder: the steward's own machine in a real consortium)."""
+    folder = home / "stewards"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    keys: dict[str, Any] = {}
+    for site in scenario.sites:
+        key = signing.generate_private_key()
+        path = folder / f"steward-{site}.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(signing.private_key_to_pem(key))
+        keys[site] = key
+    return keys
+
+
 @transaction.atomic
 def _create_consortium(
-    scenario: Scenario, *, budget: float | None = None
+    scenario: Scenario, *, budget: float | None = None, steward_keys: dict[str, Any]
 ) -> tuple[TrainingPlan, dict[str, str], list[DemoUser], Any]:
     """Walk the governance path a real consortium takes, with one user per role.
 
     The operator creates the consortium and makes its admin; the admin invites each
     organisation's first admin, who accepts and grants the organisation's steward role (the admin
     never holds an approving role). Stewards register their silos, the consortium admin admits them (tokens shown once), the data
-    scientist proposes the plan, every participating silo's steward approves its exact hash.
+    scientist proposes the plan, every participating silo's steward approves its exact hash and
+    signs the approval with their own key (``steward_keys``), which each site pins.
     """
     consortium = consortium_create(
         actor=None,
@@ -398,7 +426,7 @@ def _create_consortium(
 
     silos: list[Silo] = []
     tokens: dict[str, str] = {}
-    stewards: list[Any] = []
+    stewards: list[tuple[Any, str, str]] = []
     for i, (site, frame) in enumerate(scenario.sites.items()):
         org = organization_create(
             actor=None,
@@ -417,7 +445,7 @@ def _create_consortium(
         steward, password = _user(f"steward-{site}")
         membership_add(actor=org_admin, user=steward, organization=org, role=Role.DATA_STEWARD)
         users.append(DemoUser(steward.username, Role.DATA_STEWARD, org.name, password))
-        stewards.append(steward)
+        stewards.append((steward, site, org.name))
         silo = silo_register(
             actor=steward,
             organization=org,
@@ -441,8 +469,16 @@ def _create_consortium(
         silos=silos,
         submit=True,
     )
-    for steward in stewards:
-        plan_approve(actor=steward, plan=plan, plan_hash=plan.current_version.spec_hash)
+    plan_hash = plan.current_version.spec_hash
+    for steward, site, organization in stewards:
+        # What `quorum-agent steward-key sign` prints, submitted with the approval.
+        signature = approvals.sign_approval(
+            steward_keys[site],
+            consortium=consortium.name,
+            organization=organization,
+            plan_hash=plan_hash,
+        )
+        plan_approve(actor=steward, plan=plan, plan_hash=plan_hash, signature=signature)
     plan.refresh_from_db()
     if plan.status != TrainingPlan.Status.APPROVED:
         raise CommandError(f"the demo plan is {plan.status} after every steward approved it")
@@ -450,9 +486,15 @@ def _create_consortium(
 
 
 def _launch_agents(
-    scenario: Scenario, home: Path, tokens: dict[str, str], ws_url: str, public_key: str
+    scenario: Scenario,
+    home: Path,
+    tokens: dict[str, str],
+    ws_url: str,
+    public_key: str,
+    steward_keys: dict[str, str],
 ) -> dict[str, subprocess.Popen[bytes]]:
-    """Write each site's folder (data.csv, site.toml) and start its agent process."""
+    """Write each site's folder (data.csv, site.toml pinning the server's key and its steward's
+    key) and start its agent process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     agents: dict[str, subprocess.Popen[bytes]] = {}
     for site, frame in scenario.sites.items():
@@ -463,7 +505,8 @@ def _launch_agents(
         os.chmod(folder / "token.txt", 0o600)
         (folder / "site.toml").write_text(
             f'[server]\nurl = "{ws_url}"\ntoken_file = "token.txt"\npublic_key = "{public_key}"\n\n'
-            f'[data]\npath = "data.csv"\n\n[agent]\nname = "{site}"\n'
+            f'[data]\npath = "data.csv"\n\n[agent]\nname = "{site}"\n\n'
+            f'[governance]\nsteward_keys = ["{steward_keys[site]}"]\n'
         )
         log = open(folder / "agent.log", "wb")  # noqa: SIM115 - the child owns it until it exits
         agents[site] = subprocess.Popen(
