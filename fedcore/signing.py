@@ -102,6 +102,24 @@ def sign_authorization(key: Ed25519PrivateKey, payload: Mapping[str, Any]) -> di
 DEFAULT_MAX_AGE_SECONDS = 24 * 3600
 
 
+def _verified_payload(
+    signed: Any, public_key: str, *, missing: str, malformed: str, forged: str
+) -> Mapping[str, Any]:
+    """The payload of ``{"payload", "signature"}`` if the pinned key signed its canonical JSON;
+    AuthorizationError with the caller's words for each way it can fail."""
+    if not isinstance(signed, Mapping):
+        raise AuthorizationError(missing)
+    payload, signature = signed.get("payload"), signed.get("signature")
+    if not isinstance(payload, Mapping) or not isinstance(signature, str):
+        raise AuthorizationError(malformed)
+    try:
+        raw_signature = base64.b64decode(signature, validate=True)
+        parse_public_key(public_key).verify(raw_signature, canonical_json(payload).encode("utf-8"))
+    except (binascii.Error, ValueError, InvalidSignature) as exc:
+        raise AuthorizationError(forged) from exc
+    return payload
+
+
 def verify_authorization(
     authorization: Mapping[str, Any],
     *,
@@ -127,19 +145,14 @@ def verify_authorization(
     Raises:
         AuthorizationError: naming what does not hold.
     """
-    if not isinstance(authorization, Mapping):
-        raise AuthorizationError("the task carries no authorization")
-    payload, signature = authorization.get("payload"), authorization.get("signature")
-    if not isinstance(payload, Mapping) or not isinstance(signature, str):
-        raise AuthorizationError("the authorization has no payload or signature")
-    try:
-        raw_signature = base64.b64decode(signature, validate=True)
-        parse_public_key(public_key).verify(raw_signature, canonical_json(payload).encode("utf-8"))
-    except (binascii.Error, ValueError, InvalidSignature) as exc:
-        raise AuthorizationError(
-            "the authorization's signature does not verify with the server key pinned in "
-            "site.toml (a forged task, or the server's key changed: check [server] public_key)"
-        ) from exc
+    payload = _verified_payload(
+        authorization,
+        public_key,
+        missing="the task carries no authorization",
+        malformed="the authorization has no payload or signature",
+        forged="the authorization's signature does not verify with the server key pinned in "
+        "site.toml (a forged task, or the server's key changed: check [server] public_key)",
+    )
     if payload.get("v") != AUTHORIZATION_VERSION:
         raise AuthorizationError(f"unsupported authorization version {payload.get('v')!r}")
     if "purpose" in payload:  # a signed plan offer is not a grant to train
@@ -215,18 +228,13 @@ def verify_offer(
     Raises:
         AuthorizationError: naming what does not hold.
     """
-    if not isinstance(signed, Mapping):
-        raise AuthorizationError("the offer carries no signature")
-    payload, signature = signed.get("payload"), signed.get("signature")
-    if not isinstance(payload, Mapping) or not isinstance(signature, str):
-        raise AuthorizationError("the offer's signature has no payload or signature")
-    try:
-        raw_signature = base64.b64decode(signature, validate=True)
-        parse_public_key(public_key).verify(raw_signature, canonical_json(payload).encode("utf-8"))
-    except (binascii.Error, ValueError, InvalidSignature) as exc:
-        raise AuthorizationError(
-            "the offer's signature does not verify with the server key pinned in site.toml"
-        ) from exc
+    payload = _verified_payload(
+        signed,
+        public_key,
+        missing="the offer carries no signature",
+        malformed="the offer's signature has no payload or signature",
+        forged="the offer's signature does not verify with the server key pinned in site.toml",
+    )
     if payload.get("purpose") != OFFER_PURPOSE:
         raise AuthorizationError("the signature is not for a plan offer")
     expected_hash = plan_hash(offer["plan"])

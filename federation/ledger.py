@@ -141,6 +141,25 @@ def round_mechanism(
     return noise, sample_rate, max(1, steps // spec["training"]["rounds"])
 
 
+def client_noise_multiplier(spec: dict[str, Any]) -> float:
+    """The noise multiplier z of a client-level DP plan (noise std z * clip on the sum of the
+    clipped updates): one "row" per silo, calibrated to the plan's target over its rounds."""
+    training = spec["training"]
+    z = accounting.plan_noise_multiplier(
+        spec["privacy"],
+        rows=1,
+        batch_size=training["batch_size"],
+        local_epochs=training["local_epochs"],
+        rounds=training["rounds"],
+        accountant=ACCOUNTANT,
+    )
+    if z is None:
+        raise ValueError(
+            "the plan's client-level DP has neither noise_multiplier nor target_epsilon"
+        )
+    return z
+
+
 def plan_delta(spec: dict[str, Any]) -> float | None:
     """The plan's delta, when it uses DP."""
     privacy = spec.get("privacy") or {}

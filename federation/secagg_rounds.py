@@ -74,7 +74,6 @@ from django.db import transaction
 
 from fedcore import secure_updates
 from fedcore.plan import RunSettings, secagg_settings, secagg_threshold
-from fedcore.privacy import accounting as dp_accounting
 from fedcore.privacy.client_dp import DistributedNoise
 from fedcore.secagg import (
     ProtocolError,
@@ -324,16 +323,7 @@ def _round_params(
     }
     privacy = spec.get("privacy") or {}
     if privacy.get("mode", "none") == "client":
-        training = spec["training"]
-        z = dp_accounting.plan_noise_multiplier(
-            privacy,
-            rows=1,
-            batch_size=training["batch_size"],
-            local_epochs=training["local_epochs"],
-            rounds=training["rounds"],
-            accountant=ledger.ACCOUNTANT,
-        )
-        assert z is not None
+        z = ledger.client_noise_multiplier(spec)
         clip = float(privacy["clip"])
         params.update(
             mode=MODE_CLIENT_DP,

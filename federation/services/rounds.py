@@ -387,16 +387,7 @@ def _client_dp_mean(
     """
     store = blob_store()
     privacy = spec["privacy"]
-    training = spec["training"]
-    z = dp_accounting.plan_noise_multiplier(
-        privacy,
-        rows=1,
-        batch_size=training["batch_size"],
-        local_epochs=training["local_epochs"],
-        rounds=training["rounds"],
-        accountant=ledger.ACCOUNTANT,
-    )
-    assert z is not None
+    z = ledger.client_noise_multiplier(spec)
     expected = round_.selected.count()
     adaptive_spec = privacy.get("adaptive_clip")
     clip = float(privacy.get("clip", dp_accounting.PLAN_PRIVACY_DEFAULTS["clip"]))
