@@ -1,4 +1,5 @@
-"""House rule: fedcore and clientagent never import Django, Channels, Celery or the server apps."""
+"""House rule: fedcore, clientagent and the quorum client never import Django, Channels,
+Celery or the server apps."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def imported_roots(path: Path) -> set[str]:
     return roots
 
 
-@pytest.mark.parametrize("package", ["fedcore", "clientagent"])
+@pytest.mark.parametrize("package", ["fedcore", "clientagent", "quorum"])
 def test_pure_packages_import_nothing_forbidden(package: str) -> None:
     offenders = {
         str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN)
@@ -46,7 +47,7 @@ def test_pure_packages_import_nothing_forbidden(package: str) -> None:
 def test_importing_the_agent_loads_no_server_module() -> None:
     code = (
         "import sys, fedcore.protocol, fedcore.tensors, fedcore.tabular, fedcore.aggregation, "
-        "fedcore.training, clientagent.cli, clientagent.connection\n"
+        "fedcore.training, clientagent.cli, clientagent.connection, quorum.cli, quorum.client\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'django', 'channels', 'celery', 'federation', 'dashboard'})\n"
         "print(','.join(bad))"
