@@ -502,9 +502,18 @@ def cmd_run_results(args: argparse.Namespace) -> int:
     for key in ("fairness", "privacy"):
         if report.get(key) is None:
             continue
+        shown = report[key]
+        if key == "fairness" and isinstance(shown, dict):
+            # The table shows the latest report's view; every round's raw report is in JSON.
+            latest = shown.get("latest") or {}
+            shown = {
+                "round": latest.get("round"),
+                "model_version": latest.get("model_version"),
+                **{k: v for k, v in shown.items() if k not in ("latest", "reports")},
+            }
         out()
         out(key)
-        out(_table(_flat_rows(report[key]), ["field", "value"]))
+        out(_table(_flat_rows(shown), ["field", "value"]))
     return EXIT_OK
 
 
@@ -531,7 +540,7 @@ def _model_version_id(client: Client, target: str) -> int:
     chosen = final[-1] if final else max(versions, key=lambda v: v.get("number", 0))
     if "id" not in chosen:
         raise QuorumError(
-            "the server does not offer model downloads: its model list gives no model id (404)",
+            "the server does not offer model downloads: its model list gives no model id",
             status=404,
         )
     return int(chosen["id"])
@@ -554,12 +563,27 @@ def cmd_model_download(args: argparse.Namespace) -> int:
         download = client.download(path, expected_sha256=expected)
     except QuorumError as exc:
         raise _not_offered(f"the {args.format} download of model {version_id}", exc) from None
-    if download.expected_sha256 is None:
+    checked = f"SHA-256 {download.sha256} verified"
+    if download.expected_sha256 is None and args.format == "onnx":
+        # The ONNX file is exported on request and has no stored checksum; the server names the
+        # checksum of the model it exported, which must be this version's.
+        source = download.headers.get("x-source-checksum-sha256", "").strip().lower()
+        if not source or source != str(info.get("checksum", "")).lower():
+            raise CliError(
+                f"the ONNX export of model {version_id} does not name the model it was exported "
+                f"from as this version (X-Source-Checksum-SHA256 {source or 'missing'}, "
+                f"expected {info.get('checksum')}); nothing written"
+            )
+        checked = (
+            f"exported from the model with SHA-256 {source} (verified); the ONNX file's "
+            f"SHA-256 is {download.sha256}"
+        )
+    elif download.expected_sha256 is None:
         raise CliError(
             f"the server gave no SHA-256 checksum for the {args.format} file of model "
             f"{version_id}; nothing written (its SHA-256 is {download.sha256})"
         )
-    if not download.verified:
+    elif not download.verified:
         raise CliError(
             f"the downloaded {args.format} file of model {version_id} does not match its "
             f"checksum (expected {download.expected_sha256}, got {download.sha256}); "
@@ -574,7 +598,7 @@ def cmd_model_download(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write {target}: {exc.strerror or exc}") from None
     out(
         f"model {version_id} ({args.format}, {len(download.data)} bytes) written to {target}; "
-        f"SHA-256 {download.sha256} verified"
+        + checked
     )
     return EXIT_OK
 

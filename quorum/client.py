@@ -165,6 +165,17 @@ class Client:
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query or None)
 
+    def get_object(self, path: str, what: str) -> Any:
+        """One object; a 404 names it ("plan 7: not found or not visible to you")."""
+        try:
+            return self.get(path)
+        except QuorumError as exc:
+            if exc.status == 404:
+                raise QuorumError(
+                    f"{what}: not found, or not in a consortium of yours", status=404
+                ) from None
+            raise
+
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body=body if body is not None else {})
 
@@ -212,10 +223,10 @@ class Client:
         return self.list("silos/", **filters)
 
     def silo(self, silo_id: int) -> dict[str, Any]:
-        return self.get(f"silos/{silo_id}/")
+        return self.get_object(f"silos/{silo_id}/", f"silo {silo_id}")
 
     def consortium(self, consortium_id: int) -> dict[str, Any]:
-        return self.get(f"consortia/{consortium_id}/")
+        return self.get_object(f"consortia/{consortium_id}/", f"consortium {consortium_id}")
 
     def consortia(self) -> list[dict[str, Any]]:
         return self.list("consortia/")
@@ -224,7 +235,7 @@ class Client:
         return self.list("plans/", **filters)
 
     def plan(self, plan_id: int) -> dict[str, Any]:
-        return self.get(f"plans/{plan_id}/")
+        return self.get_object(f"plans/{plan_id}/", f"plan {plan_id}")
 
     def propose_plan(
         self,
@@ -273,7 +284,7 @@ class Client:
         return self.post("runs/", {"plan": plan_id})
 
     def run(self, run_id: int) -> dict[str, Any]:
-        return self.get(f"runs/{run_id}/")
+        return self.get_object(f"runs/{run_id}/", f"run {run_id}")
 
     def rounds(self, run_id: int) -> list[dict[str, Any]]:
         return self.list(f"runs/{run_id}/rounds/")

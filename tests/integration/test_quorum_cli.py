@@ -206,7 +206,7 @@ def test_server_refusals_come_through_as_its_messages(
     assert code == 1 and "(403)" in err
     # 404: no such plan.
     code, _, err = cli("plan", "status", "999999")
-    assert code == 1 and "Not found. (404)" in err
+    assert code == 1 and "plan 999999: not found, or not in a consortium of yours (404)" in err
     assert not models.TrainingPlan.objects.exists()
 
 
@@ -240,7 +240,7 @@ def test_run_results_and_watch_of_a_finished_run(cli: Cli, gov: Governed) -> Non
     assert "1/1 rounds completed" in out and "global/auc=0.8125" in out
 
     code, _, err = cli("run", "results", "999999")
-    assert code == 1 and "(404)" in err
+    assert code == 1 and "run 999999: not found" in err and "(404)" in err
 
 
 def test_model_download_verifies_or_says_what_the_server_lacks(
