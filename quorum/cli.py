@@ -506,11 +506,24 @@ def cmd_run_results(args: argparse.Namespace) -> int:
         if key == "fairness" and isinstance(shown, dict):
             # The table shows the latest report's view; every round's raw report is in JSON.
             latest = shown.get("latest") or {}
-            shown = {
-                "round": latest.get("round"),
-                "model_version": latest.get("model_version"),
-                **{k: v for k, v in shown.items() if k not in ("latest", "reports")},
+            limits = {
+                f"limit: {item.get('label')}": item.get("value")
+                for item in shown.get("plan_limits") or []
+                if isinstance(item, dict)
             }
+            shown = {"note": shown.get("note")}
+            if latest:
+                shown = {
+                    **shown,
+                    "round": latest.get("round"),
+                    "model_version": latest.get("model_version"),
+                    **limits,
+                    **{
+                        k: v
+                        for k, v in report[key].items()
+                        if k in ("attributes", "spread", "flags") and v
+                    },
+                }
         out()
         out(key)
         out(_table(_flat_rows(shown), ["field", "value"]))
