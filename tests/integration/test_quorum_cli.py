@@ -21,6 +21,7 @@ from fedcore import signing
 from federation import models
 from quorum.cli import main
 from tests.api_factories import _token_of, approved_plan
+from tests.dashboard_factories import finished_run
 from tests.factories import SCHEMA, plan_spec, running_round, start_run
 from tests.governance_factories import Governed, governed_consortium
 
@@ -264,3 +265,28 @@ def test_model_download_verifies_or_says_what_the_server_lacks(
     else:
         assert "the server does not offer" in err and "(404)" in err
         assert not target.exists()
+
+
+def test_a_finished_runs_results_and_models(cli: Cli, gov: Governed, tmp_path: Path) -> None:
+    run = finished_run(gov, rounds=2)
+    final = models.ModelVersion.objects.filter(run=run).order_by("-number").first()
+    cli.as_user(gov.scientists[0])
+
+    code, out, err = cli("run", "results", str(run.pk))
+    assert code == 0, err
+    assert "metrics (round 2)" in out and "global/auc" in out and "0.7" in out
+
+    target = tmp_path / "final.safetensors"
+    code, out, err = cli("model", "download", str(run.pk), "--out", str(target))
+    if code == 0:  # a server with the models API: the final version, checksum verified
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == final.checksum
+        assert f"SHA-256 {final.checksum} verified" in out
+    else:
+        assert "the server does not offer model downloads" in err and not target.exists()
+
+    code, out, err = cli(
+        "model", "download", str(run.pk), "--format", "onnx", "--out", str(tmp_path / "m.onnx")
+    )
+    # Either the ONNX file (named by the checksum of the model it came from), or the server's
+    # reason it cannot export this one, or that it offers no downloads: never a traceback.
+    assert (code == 0 and final.checksum in out) or (code == 1 and err.startswith("quorum: "))
