@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedcore import approvals, signing
 from quorum import config
 from quorum.client import Client, QuorumError
-from quorum.planfile import read_plan_file
+
+# fedcore's plan language and signing load torch (about 2 s): only the commands that check a
+# plan or sign an approval import them, so `quorum silos` or `quorum run watch` start at once.
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -144,6 +145,8 @@ def _print_plan_errors(path: str, errors: dict[str, str]) -> None:
 
 
 def cmd_plan_validate(args: argparse.Namespace) -> int:
+    from quorum.planfile import read_plan_file
+
     plan = read_plan_file(args.file)
     if plan.errors:
         _print_plan_errors(args.file, plan.errors)
@@ -166,6 +169,8 @@ def _my_consortia(me: dict[str, Any]) -> dict[int, str]:
 
 
 def cmd_plan_propose(args: argparse.Namespace) -> int:
+    from quorum.planfile import read_plan_file
+
     plan = read_plan_file(args.file)
     if plan.errors:
         _print_plan_errors(args.file, plan.errors)
@@ -304,6 +309,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
     organization, org_name = _acting_organization(me, plan["consortium"], args.organization)
     signature = None
     if args.key:
+        from fedcore import approvals
+
         key = _load_steward_key(args.key)
         consortium_name = (
             _my_consortia(me).get(plan["consortium"])
@@ -324,8 +331,10 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_steward_key(path: str) -> signing.Ed25519PrivateKey:
+def _load_steward_key(path: str) -> Any:
     """The steward's key file as ``quorum-agent steward-key new`` writes it (PEM, Ed25519)."""
+    from fedcore import signing
+
     try:
         data = Path(path).expanduser().read_bytes()
     except OSError as exc:
@@ -349,7 +358,10 @@ def cmd_reject(args: argparse.Namespace) -> int:
     decision = client.reject_plan(
         args.plan, plan_hash=plan_hash, reason=args.reason, organization=organization
     )
-    out(f"rejected plan {args.plan} version {decision.get('version')} for {org_name}")
+    out(
+        f"rejected plan {args.plan} version {decision.get('version')} (hash {plan_hash}) "
+        f"for {org_name}"
+    )
     return EXIT_OK
 
 
