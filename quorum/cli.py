@@ -10,6 +10,7 @@ import argparse
 import getpass
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -414,8 +415,9 @@ def watch(client: Client, run_id: int, *, interval: float, stream: TextIO) -> di
     while True:
         run = client.run(run_id)
         line = _progress_line(run, client.rounds(run_id))
-        if tty:
-            stream.write("\r\x1b[2K" + line)
+        if tty:  # one line redrawn in place, cut to the terminal's width so it never wraps
+            width = shutil.get_terminal_size().columns - 1
+            stream.write("\r\x1b[2K" + line[:width])
             stream.flush()
         elif line != last:
             stream.write(line + "\n")

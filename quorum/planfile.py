@@ -107,5 +107,8 @@ def read_plan_file(path_text: str) -> PlanFile:
         prefix = "spec."
     else:
         prefix = ""
-    plan.errors.update({f"{prefix}{key}": msg for key, msg in plan_errors(plan.spec).items()})
+    found = plan_errors(plan.spec)
+    if prefix and "spec" in found:  # the spec itself is not an object
+        found = {"": found.pop("spec"), **found}
+    plan.errors.update({f"{prefix}{key}".rstrip("."): msg for key, msg in found.items()})
     return plan
