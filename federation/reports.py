@@ -167,7 +167,7 @@ def run_fairness(run: Run) -> dict[str, Any]:
             {"label": label, "value": (settings or {}).get(limit_key)}
             for _, label, limit_key in FAIRNESS_METRICS
         ],
-        "status": _fairness(run)["status"],
+        "note": _fairness(run)["status"],
         "latest": latest,
         "attributes": [
             _attribute_view(name, entry, latest) for name, entry in latest["attributes"].items()
