@@ -212,9 +212,9 @@ def test_compliance_report_for_auditors_and_admins_only(world: World) -> None:
 def test_index_lists_every_endpoint_with_its_methods() -> None:
     body = APIClient().get("/api/v1/").json()
     endpoints = {e["url"]: e for e in body["endpoints"]}
-    assert endpoints["/api/v1/runs/{pk}/fairness/"]["methods"] == ["GET"]
+    assert endpoints["/api/v1/runs/{id}/fairness/"]["methods"] == ["GET"]
     assert endpoints["/api/v1/runs/"]["methods"] == ["GET", "POST"]
-    assert endpoints["/api/v1/models/{pk}/download/"]["name"] == "model-download"
+    assert endpoints["/api/v1/models/{id}/download/"]["name"] == "model-download"
     assert "/api/v1/" not in endpoints
     assert body["schema"] == "/api/schema/"
 

@@ -69,7 +69,8 @@ class ApiIndexView(ApiView):
             url = str(pattern.pattern)
             for converter in ("int:", "str:", "slug:", "uuid:"):
                 url = url.replace(f"<{converter}", "{")
-            url = url.replace("<", "{").replace(">", "}")
+            # As the schema and docs/api.md name them: {id} (the route's pk), {number}.
+            url = url.replace("<", "{").replace(">", "}").replace("{pk}", "{id}")
             doc = (view_class.__doc__ or "").strip().splitlines()
             endpoints.append(
                 {
