@@ -17,6 +17,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from federation.reports import FAIRNESS_METRICS
+
 # Colour-blind-safe (Okabe-Ito): the summary lines keep their colour on every chart; each silo
 # gets one of the others, the same on every chart (assigned by name).
 SUMMARY_COLOURS = {"global": "#0072B2", "local": "#D55E00", "train": "#009E73"}
@@ -258,15 +260,6 @@ def run_charts(rounds: list[Any], metric_rows: list[dict[str, Any]]) -> list[Cha
 
 # --------------------------------------------------------------------------------------------
 # The fairness report's trend and the privacy budget report's spend over time.
-
-FAIRNESS_METRICS = (
-    (
-        "demographic_parity_difference",
-        "Demographic parity difference",
-        "max_demographic_parity_difference",
-    ),
-    ("equalized_odds_difference", "Equalized odds difference", "max_equalized_odds_difference"),
-)
 
 
 def fairness_trend_chart(reports: list[dict[str, Any]]) -> Chart:

@@ -44,12 +44,13 @@ def approve_all(gov: Governed, plan: models.TrainingPlan) -> models.TrainingPlan
     return plan
 
 
-def _store_model(run: models.Run, number: int, round_: models.Round | None) -> None:
+def store_model(run: models.Run, number: int, round_: models.Round | None) -> models.ModelVersion:
+    """Model v`number` of the run: the plan's model, stored in the blob store."""
     state = build_model(run.version.spec["model"], 3, seed=number).state_dict()
     data = tensors.encode_state_dict(state)
     key = model_key(run_id=run.pk, number=number)
     blob_store().put(key, data)
-    models.ModelVersion.objects.create(
+    return models.ModelVersion.objects.create(
         run=run,
         number=number,
         round=round_,
@@ -58,6 +59,22 @@ def _store_model(run: models.Run, number: int, round_: models.Round | None) -> N
         blob_key=key,
         signature=_signature_json(state),
     )
+
+
+def fitted_preprocessing(schema: dict[str, Any]) -> dict[str, Any]:
+    """The merged statistics of 20 rows with numeric x1..x3 (the run's fitted preprocessing)."""
+    import numpy as np
+    import pandas as pd
+
+    from fedcore import tabular
+
+    parsed = tabular.DatasetSchema.from_dict(schema)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(20, 3)), columns=["x1", "x2", "x3"]).astype(str)
+    frame["y"] = "1"
+    for name in schema.get("sensitive") or []:
+        frame[name] = "F"
+    return tabular.merge_statistics([tabular.local_statistics(frame, parsed)], parsed)
 
 
 def add_round(run: models.Run, number: int, *, answered: int | None = None) -> models.Round:
@@ -99,7 +116,7 @@ def add_round(run: models.Run, number: int, *, answered: int | None = None) -> m
         models.RoundMetric.objects.create(
             round=round_, silo=None, scope=scope, name=name, value=value
         )
-    _store_model(run, number, round_)
+    store_model(run, number, round_)
     audit_append(
         actor="system",
         action="round.completed",
@@ -123,7 +140,7 @@ def finished_run(gov: Governed, *, rounds: int = 2, **spec: Any) -> models.Run:
         status=models.Run.Status.RUNNING, started_at=now - timedelta(minutes=31), preprocessing={}
     )
     run.refresh_from_db()
-    _store_model(run, 0, None)
+    store_model(run, 0, None)
     for number in range(1, rounds + 1):
         add_round(run, number)
     models.Run.objects.filter(pk=run.pk).update(status=models.Run.Status.COMPLETED, finished_at=now)

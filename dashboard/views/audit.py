@@ -6,9 +6,8 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 
-from dashboard import reports
 from dashboard.views.common import page
-from federation import permissions, selectors
+from federation import permissions, reports, selectors
 from federation.services.audit import audit_head, audit_verify
 
 PAGE_SIZE = 50

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
-from django.utils.text import slugify
 
-from dashboard import reports
 from dashboard.views.common import page
-from federation import permissions, selectors
+from federation import permissions, reports, selectors
 
 
 @login_required
@@ -35,21 +32,14 @@ def model_list(request: HttpRequest, consortium_id: int) -> HttpResponse:
 def model_download(request: HttpRequest, model_id: int) -> HttpResponse:
     """The model's safetensors file, as stored (its SHA-256 is the registry's checksum)."""
     version = permissions.access_model_version(user=request.user, id=model_id)
-    data = selectors.model_version_bytes(version)
-    if hashlib.sha256(data).hexdigest() != version.checksum:
-        # Never hand out a model that is not the one the registry (and the audit log) describe.
-        return page(
-            request,
-            "500.html",
-            status=500,
-            reason=f"the stored file of model v{version.number} of run {version.run_id} does "
-            "not match its recorded SHA-256; it was not sent",
-        )
-    name = f"{slugify(version.run.plan.name) or 'model'}-run{version.run_id}-v{version.number}"
+    try:
+        data = reports.model_file(version)
+    except reports.ModelFileMismatch as exc:
+        return page(request, "500.html", status=500, reason=str(exc))
     response = FileResponse(
         io.BytesIO(data),
         as_attachment=True,
-        filename=f"{name}.safetensors",
+        filename=f"{reports.model_file_stem(version)}.safetensors",
         content_type="application/octet-stream",
     )
     response["Content-Length"] = str(len(data))
@@ -106,7 +96,7 @@ def model_onnx(request: HttpRequest, model_id: int) -> HttpResponse:
             status=500,
             reason=f"model v{version.number} was not exported: {exc}",
         )
-    name = f"{slugify(version.run.plan.name) or 'model'}-run{version.run_id}-v{version.number}"
+    name = reports.model_file_stem(version)
     response = HttpResponse(data, content_type="application/octet-stream")
     response["Content-Disposition"] = f'attachment; filename="{name}.onnx"'
     response["X-Source-Checksum-SHA256"] = version.checksum

@@ -14,6 +14,7 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db.models import Model, QuerySet
+from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -677,12 +678,108 @@ class RoundSerializer(serializers.ModelSerializer):
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
+    """A global model version; ``id`` is what /api/v1/models/{id}/ and its downloads take."""
+
     round = serializers.IntegerField(source="round.number", read_only=True, allow_null=True)
 
     class Meta:
         model = ModelVersion
-        fields = ["number", "round", "checksum", "size_bytes", "created_at"]
+        fields = ["id", "run", "number", "round", "checksum", "size_bytes", "created_at"]
         read_only_fields = fields
+
+
+class ModelVersionDetailSerializer(ModelVersionSerializer):
+    """A model version with the URLs of its safetensors file, ONNX export and model card."""
+
+    links = serializers.SerializerMethodField()
+
+    class Meta(ModelVersionSerializer.Meta):
+        fields = [*ModelVersionSerializer.Meta.fields, "links"]
+        read_only_fields = fields
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "properties": {
+                name: {"type": "string"} for name in ("download", "onnx", "card", "card_page")
+            },
+            "required": ["download", "onnx", "card", "card_page"],
+        }
+    )
+    def get_links(self, version: ModelVersion) -> dict[str, str]:
+        return {
+            "download": reverse("api:model-download", args=[version.pk]),
+            "onnx": reverse("api:model-onnx", args=[version.pk]),
+            "card": reverse("api:model-card", args=[version.pk]),
+            "card_page": reverse("dashboard:model_card", args=[version.pk]),
+        }
+
+
+# --- reports --------------------------------------------------------------------------------------
+
+
+class RunPrivacySerializer(serializers.Serializer):
+    """A run's privacy: the plan's mode and settings and the epsilon each silo spent on it."""
+
+    mode = serializers.CharField()
+    settings = serializers.DictField(allow_null=True)
+    epsilon_spent = serializers.DictField(child=serializers.FloatField())
+    status = serializers.CharField()
+
+
+class PrivacySiloSerializer(serializers.Serializer):
+    silo = serializers.IntegerField(source="silo.pk")
+    name = serializers.CharField(source="silo.name")
+    budget = serializers.FloatField(allow_null=True)
+    delta = serializers.FloatField(allow_null=True)
+    spent = serializers.FloatField()
+    remaining = serializers.FloatField(allow_null=True)
+    entries = LedgerEntrySerializer(many=True)
+
+
+class PrivacyRunSerializer(serializers.Serializer):
+    run = serializers.IntegerField(source="run_id", allow_null=True)
+    entries = LedgerEntrySerializer(many=True)
+
+
+class PrivacyProjectionSerializer(serializers.Serializer):
+    silo = serializers.CharField(source="silo.name")
+    projected = serializers.FloatField()
+    total_after = serializers.FloatField()
+    budget = serializers.FloatField(allow_null=True)
+    fits = serializers.BooleanField()
+
+
+class PrivacyPendingSerializer(serializers.Serializer):
+    plan = serializers.IntegerField(source="plan.pk")
+    name = serializers.CharField(source="plan.name")
+    version = serializers.IntegerField(source="version.number")
+    silos = PrivacyProjectionSerializer(many=True)
+
+
+class ConsortiumPrivacySerializer(serializers.Serializer):
+    """The consortium's privacy budget report: per silo its budget, spend and ledger; the ledger
+    by run, newest first; the projected cost of plans waiting to run."""
+
+    silos = PrivacySiloSerializer(many=True)
+    runs = PrivacyRunSerializer(many=True)
+    pending = PrivacyPendingSerializer(many=True)
+
+
+class ApiEndpointSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    url = serializers.CharField()
+    methods = serializers.ListField(child=serializers.CharField())
+    summary = serializers.CharField()
+
+
+class ApiIndexSerializer(serializers.Serializer):
+    """Every endpoint of /api/v1/ with its methods; the schema and its docs page."""
+
+    version = serializers.CharField()
+    schema = serializers.CharField()
+    docs = serializers.CharField()
+    endpoints = ApiEndpointSerializer(many=True)
 
 
 # --- audit ----------------------------------------------------------------------------------------

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from federation.api.views import audit, people, plans, runs, silos
+from federation.api.views import audit, people, plans, reports, runs, silos
 from federation.api.views.base import ApiNotFoundView
 
 app_name = "api"
 urlpatterns = [
+    path("", reports.ApiIndexView.as_view(), name="index"),
     path("me/", people.MeView.as_view(), name="me"),
     path("me/tokens/", people.MyTokenListView.as_view(), name="my-tokens"),
     path("me/tokens/<int:pk>/", people.MyTokenDetailView.as_view(), name="my-token"),
@@ -63,9 +64,27 @@ urlpatterns = [
     path("runs/<int:pk>/stop/", runs.RunStopView.as_view(), name="run-stop"),
     path("runs/<int:pk>/rounds/", runs.RunRoundListView.as_view(), name="run-rounds"),
     path("runs/<int:pk>/models/", runs.RunModelListView.as_view(), name="run-models"),
+    path("runs/<int:pk>/fairness/", reports.RunFairnessView.as_view(), name="run-fairness"),
+    path("runs/<int:pk>/privacy/", reports.RunPrivacyView.as_view(), name="run-privacy"),
+    path("runs/<int:pk>/compliance/", reports.RunComplianceView.as_view(), name="run-compliance"),
+    path(
+        "consortia/<int:pk>/privacy/",
+        reports.ConsortiumPrivacyView.as_view(),
+        name="consortium-privacy",
+    ),
+    path("models/<int:pk>/", reports.ModelVersionDetailView.as_view(), name="model-detail"),
+    path(
+        "models/<int:pk>/download/",
+        reports.ModelVersionDownloadView.as_view(),
+        name="model-download",
+    ),
+    path("models/<int:pk>/onnx/", reports.ModelVersionOnnxView.as_view(), name="model-onnx"),
+    path("models/<int:pk>/card/", reports.ModelVersionCardView.as_view(), name="model-card"),
     path("audit/events/", audit.AuditEventListView.as_view(), name="audit-events"),
     path("audit/head/", audit.AuditHeadView.as_view(), name="audit-head"),
     path("server-key/", audit.ServerKeyView.as_view(), name="server-key"),
     # Anything else under /api/v1/ is a JSON 404, not the HTML page.
     re_path(r"^.*$", ApiNotFoundView.as_view(), name="not-found"),
 ]
+# The index lists the routes above (filled here: the view does not import this module).
+reports.ApiIndexView.patterns = urlpatterns

@@ -38,9 +38,20 @@ def _invitation(w: World) -> Any:
     )
 
 
+def _model(w: World) -> Any:
+    """Model v0 of the run under test (with its fitted preprocessing, so ONNX can export it)."""
+    from federation.models import Run
+    from tests.dashboard_factories import fitted_preprocessing, store_model
+
+    Run.objects.filter(pk=w.run.pk).update(preprocessing=fitted_preprocessing(SCHEMA))
+    w.run.refresh_from_db()
+    return store_model(w.run, 0, None)
+
+
 MATRIX = """
 | Endpoint                                  | admin | org_admin | steward | scientist | auditor | other | anonymous |
 |-------------------------------------------|-------|-----------|---------|-----------|---------|-------|-----------|
+| GET /api/v1/                              | 200   | 200       | 200     | 200       | 200     | 200   | 200       |
 | GET /api/v1/me/                           | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
 | GET /api/v1/me/tokens/                    | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
 | POST /api/v1/me/tokens/                   | 201   | 201       | 201     | 201       | 201     | 201   | 401       |
@@ -78,6 +89,14 @@ MATRIX = """
 | POST /api/v1/runs/{id}/stop/              | 200   | 403       | 403     | 200       | 403     | 404   | 401       |
 | GET /api/v1/runs/{id}/rounds/             | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/runs/{id}/models/             | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/consortia/{id}/privacy/       | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/runs/{id}/fairness/           | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/runs/{id}/privacy/            | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/runs/{id}/compliance/         | 200   | 403       | 403     | 403       | 200     | 404   | 401       |
+| GET /api/v1/models/{id}/                  | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/models/{id}/download/         | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/models/{id}/onnx/             | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/models/{id}/card/             | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/audit/events/                 | 200   | 403       | 403     | 403       | 200     | 200   | 401       |
 | GET /api/v1/audit/head/                   | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
 | GET /api/v1/server-key/                   | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
@@ -96,6 +115,7 @@ def _none(w: World) -> None:
 
 # For each row: the URL's objects and the request body (a valid one: the matrix is about roles).
 REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
+    "GET /api/v1/": (lambda w: "/api/v1/", _none),
     "GET /api/v1/me/": (lambda w: "/api/v1/me/", _none),
     "GET /api/v1/me/tokens/": (lambda w: "/api/v1/me/tokens/", _none),
     "POST /api/v1/me/tokens/": (lambda w: "/api/v1/me/tokens/", lambda w: {"name": "ci"}),
@@ -207,6 +227,23 @@ REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
     "POST /api/v1/runs/{id}/stop/": (lambda w: f"/api/v1/runs/{w.run.pk}/stop/", _none),
     "GET /api/v1/runs/{id}/rounds/": (lambda w: f"/api/v1/runs/{w.run.pk}/rounds/", _none),
     "GET /api/v1/runs/{id}/models/": (lambda w: f"/api/v1/runs/{w.run.pk}/models/", _none),
+    "GET /api/v1/consortia/{id}/privacy/": (
+        lambda w: f"/api/v1/consortia/{w.gov.consortium.pk}/privacy/",
+        _none,
+    ),
+    "GET /api/v1/runs/{id}/fairness/": (lambda w: f"/api/v1/runs/{w.run.pk}/fairness/", _none),
+    "GET /api/v1/runs/{id}/privacy/": (lambda w: f"/api/v1/runs/{w.run.pk}/privacy/", _none),
+    "GET /api/v1/runs/{id}/compliance/": (
+        lambda w: f"/api/v1/runs/{w.run.pk}/compliance/",
+        _none,
+    ),
+    "GET /api/v1/models/{id}/": (lambda w: f"/api/v1/models/{_model(w).pk}/", _none),
+    "GET /api/v1/models/{id}/download/": (
+        lambda w: f"/api/v1/models/{_model(w).pk}/download/",
+        _none,
+    ),
+    "GET /api/v1/models/{id}/onnx/": (lambda w: f"/api/v1/models/{_model(w).pk}/onnx/", _none),
+    "GET /api/v1/models/{id}/card/": (lambda w: f"/api/v1/models/{_model(w).pk}/card/", _none),
     "GET /api/v1/audit/events/": (lambda w: "/api/v1/audit/events/", _none),
     "GET /api/v1/audit/head/": (lambda w: "/api/v1/audit/head/", _none),
     "GET /api/v1/server-key/": (lambda w: "/api/v1/server-key/", _none),

@@ -1,4 +1,5 @@
-"""Model cards and compliance reports: one dict each, shown as a page and (cards) as JSON.
+"""Reports built once for the dashboard pages and the REST API: model cards, fairness reports,
+compliance reports.
 
 Sections whose data is missing say so explicitly (no fairness section in the plan, no round
 evaluated this version yet) instead of leaving a blank a reader could mistake for zero.
@@ -6,17 +7,28 @@ evaluated this version yet) instead of leaving a blank a reader could mistake fo
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import asdict
 from typing import Any
 
 from django.utils import timezone
+from django.utils.text import slugify
 
-from dashboard.charts import FAIRNESS_METRICS
 from fedcore import onnx_export
 from federation import governance, selectors
 from federation.models import ModelVersion, Run
 from federation.services.audit import audit_head, audit_verify
 
 NOT_RECORDED = "not recorded"
+# The group differences a fairness report checks: (metric key, label, the plan's limit key).
+FAIRNESS_METRICS = (
+    (
+        "demographic_parity_difference",
+        "Demographic parity difference",
+        "max_demographic_parity_difference",
+    ),
+    ("equalized_odds_difference", "Equalized odds difference", "max_equalized_odds_difference"),
+)
 
 
 def _iso(value: Any) -> str | None:
@@ -61,7 +73,7 @@ def _summary(
     return out
 
 
-def _privacy(run: Run) -> dict[str, Any]:
+def run_privacy(run: Run) -> dict[str, Any]:
     privacy = run.version.spec.get("privacy") or {}
     mode = privacy.get("mode", "none")
     if mode == "none":
@@ -76,6 +88,104 @@ def _privacy(run: Run) -> dict[str, Any]:
         "settings": privacy or None,
         "epsilon_spent": selectors.run_privacy_spent(run),
         "status": note,
+    }
+
+
+FAIRNESS_RATES = ("selection_rate", "tpr", "fpr", "accuracy")
+
+
+def _group_row(group: str | None, rates: dict[str, Any], undefined: set[tuple[Any, str]]) -> dict:
+    return {
+        "group": group,
+        "count": rates["count"],
+        "rates": [
+            {"value": rates[rate], "undefined": (group, rate) in undefined}
+            for rate in FAIRNESS_RATES
+        ],
+    }
+
+
+def _attribute_view(name: str, entry: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """One sensitive attribute of a stored report, shaped for the page's tables."""
+    metrics = entry.get("report")
+    primary = name == report.get("sensitive_attribute")
+    thresholds = (report.get("thresholds") or {}) if primary else {}
+    flagged = {flag["metric"] for flag in entry.get("flags") or []}
+    view: dict[str, Any] = {
+        "name": name,
+        "primary": primary,
+        "error": entry.get("error"),
+        "rows": [],
+        "overall": None,
+        "differences": [],
+        "undefined": [],
+    }
+    if metrics:
+        undefined = {(u["group"], u["metric"]) for u in metrics["undefined_rates"]}
+        view["rows"] = [
+            _group_row(group, rates, undefined) for group, rates in metrics["by_group"].items()
+        ]
+        view["overall"] = _group_row(None, metrics["overall"], undefined)
+        view["undefined"] = metrics["undefined_rates"]
+        view["differences"] = [
+            {
+                "label": label,
+                "value": metrics[metric],
+                "limit": thresholds.get(limit_key),
+                "flagged": metric in flagged,
+            }
+            for metric, label, limit_key in FAIRNESS_METRICS
+        ]
+    representation = entry.get("representation") or {}
+    groups = representation.get("groups") or []
+
+    def shares(part: dict[str, Any]) -> dict[str, Any]:
+        return {"count": part["count"], "shares": [part["shares"].get(g) for g in groups]}
+
+    view["representation"] = {
+        "groups": groups,
+        "rows": [
+            {"silo": silo, **shares(part)}
+            for silo, part in (representation.get("by_silo") or {}).items()
+        ],
+        "overall": shares(representation["overall"]) if representation.get("overall") else None,
+    }
+    return view
+
+
+def run_fairness(run: Run) -> dict[str, Any]:
+    """A run's fairness report as the page and the API show it: the plan's settings and limits,
+    every stored report (one per round; round k's is about model v(k-1), the run's final
+    evaluation about the final model), the latest one shaped per attribute, the performance
+    spread across silos and every threshold flag raised."""
+    settings = run.version.spec.get("fairness")
+    stored = [entry.report for entry in selectors.run_fairness_reports(run)]
+    latest = stored[-1] if stored else None
+    return {
+        "settings": settings,
+        "plan_limits": [
+            {"label": label, "value": (settings or {}).get(limit_key)}
+            for _, label, limit_key in FAIRNESS_METRICS
+        ],
+        "note": _fairness(run)["status"],
+        "latest": latest,
+        "attributes": [
+            _attribute_view(name, entry, latest) for name, entry in latest["attributes"].items()
+        ]
+        if latest
+        else [],
+        "spread": [
+            {"metric": metric, "spread": latest["performance_spread"].get(metric)}
+            for metric in ("accuracy", "auc")
+        ]
+        if latest
+        else [],
+        "flags": [
+            {**flag, "round": r["round"], "model_version": r["model_version"]}
+            for r in stored
+            for flag in r.get("flags") or []
+        ],
+        "reports": stored,
     }
 
 
@@ -153,6 +263,27 @@ def _fairness(run: Run, version: ModelVersion | None = None) -> dict[str, Any]:
     }
 
 
+class ModelFileMismatch(Exception):
+    """The stored model file is not the one the registry (and the audit log) describe."""
+
+
+def model_file(version: ModelVersion) -> bytes:
+    """The model's safetensors file as stored, checked against its recorded SHA-256: a file
+    that does not match is never handed out (ModelFileMismatch)."""
+    data = selectors.model_version_bytes(version)
+    if hashlib.sha256(data).hexdigest() != version.checksum:
+        raise ModelFileMismatch(
+            f"the stored file of model v{version.number} of run {version.run_id} does not "
+            "match its recorded SHA-256; it was not sent"
+        )
+    return data
+
+
+def model_file_stem(version: ModelVersion) -> str:
+    """The download name of a model version, without its extension."""
+    return f"{slugify(version.run.plan.name) or 'model'}-run{version.run_id}-v{version.number}"
+
+
 def _deployment(version: ModelVersion) -> dict[str, Any]:
     """What a site needs to run the model: its input columns and the fitted preprocessing."""
     names = selectors.model_version_features(version)
@@ -228,7 +359,7 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
             # is the incoming model v_{k-1}, so it is not this version's.
             "training_round": _summary(rows, version.number, ("local", "train")) or None,
         },
-        "privacy": _privacy(run),
+        "privacy": run_privacy(run),
         "fairness": _fairness(run, version),
     }
 
@@ -246,9 +377,62 @@ def compliance_report(run: Run) -> dict[str, Any]:
         "state": governance.approval_state(version),
         "decisions": selectors.version_decisions(version),
         "contributions": selectors.run_contributions(run),
-        "privacy": _privacy(run),
+        "privacy": run_privacy(run),
         "fairness": _fairness(run),
         "events": selectors.run_audit_events(run),
         "head": audit_head(),
         "verification": verification,
+    }
+
+
+def compliance_report_json(run: Run) -> dict[str, Any]:
+    """The compliance report with plain values instead of model objects, for the API."""
+    report = compliance_report(run)
+    version = report["version"]
+    head = report["head"]
+    return {
+        "generated_at": _iso(report["generated_at"]),
+        "run": {
+            "id": run.pk,
+            "status": run.status,
+            "started_at": _iso(run.started_at),
+            "finished_at": _iso(run.finished_at),
+            "plan_hash": run.plan_hash,
+        },
+        "plan": {
+            "id": run.plan_id,
+            "name": run.plan.name,
+            "consortium": run.plan.consortium_id,
+            "version": version.number,
+            "spec": version.spec,
+        },
+        "approval_state": asdict(report["state"]),
+        "decisions": _decisions(run),
+        "data_used": [
+            {
+                "silo": c["silo"].name,
+                "organization": c["silo"].organization.name,
+                "rows": c["row_count"],
+                "updates_sent": c["updates_sent"],
+                "examples_trained": c["examples_sent"],
+            }
+            for c in report["contributions"]
+        ],
+        "privacy": report["privacy"],
+        "fairness": report["fairness"],
+        "audit_events": [
+            {
+                "index": e.index,
+                "at": _iso(e.created_at),
+                "actor": e.actor,
+                "action": e.action,
+                "object_type": e.object_type,
+                "object_id": e.object_id,
+                "data": e.data,
+                "hash": e.hash,
+            }
+            for e in report["events"]
+        ],
+        "audit_head": head,
+        "audit_verification": asdict(report["verification"]),
     }
