@@ -367,13 +367,13 @@ def test_a_hung_database_answers_healthz_within_seconds_and_the_api_503(
     """A database host that accepts connections and never answers: /healthz says so within its
     2 s (not the pool's timeout) and the API answers 503 with Retry-After (not 500 after 30 s).
     stack.healthz() gives up after 5 s (status 0), the API request after 20 s."""
-    from rest_framework.authtoken.models import Token
-
+    from federation.services.api_tokens import api_token_create
     from tests.governance_factories import governed_consortium
 
     proxy = stack.db_proxy
     assert proxy is not None
-    token, _ = Token.objects.get_or_create(user=governed_consortium(1).scientists[0])
+    scientist = governed_consortium(1).scientists[0]
+    token = api_token_create(actor=scientist, user=scientist, name="fault test").token
     proxy.set_state(BLACKHOLE)
     try:
         status, body = stack.healthz(0)
@@ -381,7 +381,7 @@ def test_a_hung_database_answers_healthz_within_seconds_and_the_api_503(
         assert body["checks"]["database"]["ok"] is False
         assert body["checks"]["channel_layer"]["ok"] is True
         request = urllib.request.Request(
-            stack.http_url(1, "/api/v1/runs/"), headers={"Authorization": f"Token {token.key}"}
+            stack.http_url(1, "/api/v1/runs/"), headers={"Authorization": f"Token {token}"}
         )
         with pytest.raises(urllib.error.HTTPError) as answer:
             urllib.request.urlopen(request, timeout=20)
