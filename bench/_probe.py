@@ -93,6 +93,11 @@ class OverheadProbe:
         setattr(owner, attr, make(original))
         self._undo.append(lambda: setattr(owner, attr, original))
 
+    def _patch_item(self, mapping: dict[str, Any], key: str, make: Callable[[Any], Any]) -> None:
+        original = mapping[key]
+        mapping[key] = make(original)
+        self._undo.append(lambda: mapping.__setitem__(key, original))
+
     @classmethod
     def install(cls, *, statements: bool = False) -> OverheadProbe:
         """Start counting (Django must be set up); ``statements``: keep the SQL texts too."""
@@ -102,7 +107,7 @@ class OverheadProbe:
         from django.db.backends.signals import connection_created
         from django.db.backends.utils import CursorWrapper
 
-        from federation import dispatch, orchestrator
+        from federation import dispatch
         from federation.services import updates as update_services
 
         probe = cls(statements=statements)
@@ -192,9 +197,9 @@ class OverheadProbe:
 
         def wrap_enqueue(original: Any) -> Any:
             @functools.wraps(original)
-            def enqueue(self: Any, fn: Any, *args: Any, countdown: float = 0.0) -> Any:
+            def enqueue(self: Any, step: str, *args: Any, countdown: float = 0.0) -> Any:
                 rec("enqueue", "timer" if countdown > 0 else "now", countdown)
-                return original(self, fn, *args, countdown=countdown)
+                return original(self, step, *args, countdown=countdown)
 
             return enqueue
 
@@ -214,9 +219,13 @@ class OverheadProbe:
 
             return make
 
-        probe._patch(orchestrator, "run_advance", wrap_timed("step"))
-        probe._patch(orchestrator, "round_aggregate", wrap_timed("step"))
-        probe._patch(orchestrator, "sweep", wrap_timed("step"))
+        from federation.services import rounds as round_services
+
+        # dispatch runs the steps by name from its registry (filled at start-up), and the
+        # orchestrator calls round_aggregate in the round services.
+        probe._patch_item(dispatch.steps.functions, dispatch.RUN_ADVANCE, wrap_timed("step"))
+        probe._patch_item(dispatch.steps.functions, dispatch.SWEEP, wrap_timed("step"))
+        probe._patch(round_services, "round_aggregate", wrap_timed("step"))
 
         def wrap_receive(original: Any) -> Any:
             @functools.wraps(original)
