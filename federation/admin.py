@@ -14,10 +14,12 @@ from django import forms
 from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.db import transaction
 from django.db.models import Q
 
 from federation import models
 from federation.services.api_tokens import api_token_revoke
+from federation.services.audit import actor_label, audit_append
 from federation.services.consortia import (
     consortium_create,
     organization_create,
@@ -54,9 +56,43 @@ WRITABLE = {
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """A governance model: viewable, never written through the admin, by anyone."""
+    """A governance model: viewable, never written through the admin, by anyone.
+
+    A refused write (a POST to the add, change or delete page) is audited as
+    ``admin.write_refused`` before Django answers 403: someone tried to write around governance.
+    """
 
     actions = None  # no bulk actions (not even "delete selected")
+
+    def _audit_refused(self, request: Any, view: str, object_id: Any) -> None:
+        with transaction.atomic():
+            audit_append(
+                actor=actor_label(request.user),
+                action="admin.write_refused",
+                consortium_id=None,
+                object_type=self.model._meta.label_lower,
+                object_id=str(object_id or ""),
+                data={"view": view, "model": self.model._meta.label_lower},
+            )
+
+    def changeform_view(
+        self, request: Any, object_id: Any = None, form_url: str = "", extra_context: Any = None
+    ) -> Any:
+        if request.method == "POST":
+            adding = object_id is None
+            allowed = (
+                self.has_add_permission(request)
+                if adding
+                else self.has_change_permission(request, None)
+            )
+            if not allowed:
+                self._audit_refused(request, "add" if adding else "change", object_id)
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def delete_view(self, request: Any, object_id: Any, extra_context: Any = None) -> Any:
+        if request.method == "POST" and not self.has_delete_permission(request, None):
+            self._audit_refused(request, "delete", object_id)
+        return super().delete_view(request, object_id, extra_context)
 
     def has_add_permission(self, request: Any) -> bool:
         return False

@@ -56,6 +56,10 @@ WATCHED_ACTIONS = (
     "run.finished",
     "fairness.flag",
     "membership.refused",
+    "admin.write_refused",
+    "stats.refused",
+    "secagg.aborted",
+    "silo.excluded",
 )
 VERSION = "0.1.0"
 
