@@ -43,6 +43,20 @@ class Refused(Exception):
         return f"{self.code}: {self.reason}"
 
 
+def _audit_refused(silo_id: int, action: str, run: Any, refused: Refused, **data: Any) -> None:
+    """Audit a refused report of a silo in its own transaction (nothing else of it is kept)."""
+    silo = Silo.objects.filter(pk=silo_id).first()
+    with transaction.atomic():
+        audit_append(
+            actor=f"silo:{silo.name if silo else silo_id}",
+            action=action,
+            consortium_id=silo.consortium_id if silo else None,
+            object_type="run",
+            object_id=run,
+            data={**data, "code": refused.code, "reason": refused.reason},
+        )
+
+
 def _active_run_for(silo: Silo, run_id: int) -> Run:
     run = Run.objects.select_related("plan", "version").filter(pk=run_id).first()
     if run is None or not run.version.silos.filter(pk=silo.pk).exists():
@@ -62,16 +76,7 @@ def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
     try:
         _stats_receive(silo_id=silo_id, run_id=run_id, stats=stats)
     except Refused as refused:
-        silo = Silo.objects.filter(pk=silo_id).first()
-        with transaction.atomic():
-            audit_append(
-                actor=f"silo:{silo.name if silo else silo_id}",
-                action="stats.refused",
-                consortium_id=silo.consortium_id if silo else None,
-                object_type="run",
-                object_id=run_id,
-                data={"code": refused.code, "reason": refused.reason},
-            )
+        _audit_refused(silo_id, "stats.refused", run_id, refused)
         raise
 
 
@@ -145,22 +150,15 @@ def update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> R
     try:
         return _update_receive(silo_id=silo_id, fields=fields, payload=payload)
     except Refused as refused:
-        silo = Silo.objects.filter(pk=silo_id).first()
-        with transaction.atomic():
-            audit_append(
-                actor=f"silo:{silo.name if silo else silo_id}",
-                action="update.refused",
-                consortium_id=silo.consortium_id if silo else None,
-                object_type="run",
-                object_id=fields.get("run", ""),
-                data={
-                    "round": fields.get("round"),
-                    "code": refused.code,
-                    "reason": refused.reason,
-                    "sha256": tensors.sha256_hex(payload),
-                    "bytes": len(payload),
-                },
-            )
+        _audit_refused(
+            silo_id,
+            "update.refused",
+            fields.get("run", ""),
+            refused,
+            round=fields.get("round"),
+            sha256=tensors.sha256_hex(payload),
+            bytes=len(payload),
+        )
         raise
 
 
@@ -303,24 +301,17 @@ def masked_update_receive(
             silo_id=silo_id, fields=fields, payload=payload, collect=collect
         )
     except Refused as refused:
-        silo = Silo.objects.filter(pk=silo_id).first()
-        with transaction.atomic():
-            audit_append(
-                actor=f"silo:{silo.name if silo else silo_id}",
-                action="update.refused",
-                consortium_id=silo.consortium_id if silo else None,
-                object_type="run",
-                object_id=fields.get("run", ""),
-                data={
-                    "round": fields.get("round"),
-                    "attempt": fields.get("attempt"),
-                    "masked": True,
-                    "code": refused.code,
-                    "reason": refused.reason,
-                    "sha256": tensors.sha256_hex(payload),
-                    "bytes": len(payload),
-                },
-            )
+        _audit_refused(
+            silo_id,
+            "update.refused",
+            fields.get("run", ""),
+            refused,
+            round=fields.get("round"),
+            attempt=fields.get("attempt"),
+            masked=True,
+            sha256=tensors.sha256_hex(payload),
+            bytes=len(payload),
+        )
         raise
 
 

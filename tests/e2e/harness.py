@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -129,3 +130,9 @@ def wait_until(
         time.sleep(0.2)
     logs = "\n".join(p.tail() for p in procs)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
+
+
+def port_open(port: int) -> bool:
+    """Whether something listens on the loopback port (a server process is up)."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0

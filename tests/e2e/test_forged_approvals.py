@@ -17,7 +17,6 @@ from federation.server import free_port
 from federation.services.silos import silo_issue_token
 from tests.e2e import harness
 from tests.e2e.test_federation import online_count, write_site_csv
-from tests.e2e.test_signed_rounds import _open
 from tests.factories import (
     ConsortiumFactory,
     PlanFactory,
@@ -82,7 +81,9 @@ def test_forged_approvals_in_the_servers_database_make_no_site_train(tmp_path: P
     procs = [server, *agents]
     try:
         server.start()
-        harness.wait_until(lambda: _open(port), timeout=60, what="the server", procs=procs)
+        harness.wait_until(
+            lambda: harness.port_open(port), timeout=60, what="the server", procs=procs
+        )
         for agent in agents:
             agent.start()
         harness.wait_until(

@@ -46,7 +46,7 @@ def server(tmp_path: Path) -> Iterator[tuple[harness.Proc, str]]:
     proc.start()
     try:
         harness.wait_until(
-            lambda: _open(port),
+            lambda: harness.port_open(port),
             timeout=60,
             what="the server to listen",
             procs=[proc],
@@ -54,13 +54,6 @@ def server(tmp_path: Path) -> Iterator[tuple[harness.Proc, str]]:
         yield proc, f"ws://127.0.0.1:{port}/ws/agent/"
     finally:
         proc.stop()
-
-
-def _open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def silo_token() -> str:

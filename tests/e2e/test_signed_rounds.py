@@ -127,13 +127,6 @@ class MitmProxy:
             await asyncio.gather(*pumps, return_exceptions=True)
 
 
-def _open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 ATTACKS: list[tuple[Tamper, str]] = [
     (zero_weights, "the global weights received hash to"),
     (move_a_mean, "the preprocessing received hashes to"),
@@ -159,7 +152,9 @@ def test_tasks_changed_in_transit_are_refused_logged_and_audited(tmp_path: Path)
     procs = [server, *agents]
     try:
         server.start()
-        harness.wait_until(lambda: _open(port), timeout=60, what="the server", procs=procs)
+        harness.wait_until(
+            lambda: harness.port_open(port), timeout=60, what="the server", procs=procs
+        )
         for agent in agents:
             agent.start()
         harness.wait_until(

@@ -19,13 +19,6 @@ from tests.tls_certs import TlsProxy, make_ca, make_server_cert, server_context
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
-def _open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[tuple[harness.Proc, TlsProxy, Path]]:
     """The server on a plain loopback port, reachable with TLS through the proxy; the CA file."""
@@ -35,7 +28,9 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[harness.Proc, TlsProxy, Path]]:
     ca = make_ca(tmp_path / "pki", "consortium-ca")
     proxy = TlsProxy(server_context(make_server_cert(tmp_path / "pki", ca)), port).start()
     try:
-        harness.wait_until(lambda: _open(port), timeout=60, what="the server", procs=[proc])
+        harness.wait_until(
+            lambda: harness.port_open(port), timeout=60, what="the server", procs=[proc]
+        )
         yield proc, proxy, ca.cert_file
     finally:
         proxy.stop()
