@@ -165,7 +165,7 @@ def init(
     min_category_rows: int,
     force: bool,
     confirm: Callable[[str], bool] | None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> None:
     """``quorum-agent init``: propose schema.json and site.toml for a data file.
 
@@ -177,6 +177,7 @@ def init(
         OnboardingError: the data, the options or the output folder are unusable; nothing
             was written.
     """
+    out = out or sys.stdout
     data_path = Path(data).expanduser().resolve()
     out_path = Path(out_dir).expanduser().resolve()
     if out_path.exists() and not out_path.is_dir():
@@ -267,7 +268,7 @@ def load_schema_file(path: Path) -> tabular.DatasetSchema:
 
 
 def check_schema(
-    *, data: Path, schema_path: Path, frame: pd.DataFrame, out: TextIO = sys.stdout
+    *, data: Path, schema_path: Path, frame: pd.DataFrame, out: TextIO | None = None
 ) -> bool:
     """Check the data against the schema file column by column; print the findings.
 
@@ -277,6 +278,7 @@ def check_schema(
     Raises:
         OnboardingError: the schema file is unusable.
     """
+    out = out or sys.stdout
     schema = load_schema_file(schema_path)
     print(f"schema: {schema_path}: valid, hash {tabular.schema_hash(schema)[:16]}", file=out)
     findings = schema_inference.check_frame(frame, schema)

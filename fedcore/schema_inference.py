@@ -10,7 +10,9 @@ Rules of the proposal (each column gets a one-line reason the steward can judge)
 * A cell is missing by ``fedcore.tabular.missing_mask`` (``MISSING_TOKENS``), as in training.
 * Ignored (not a feature): a column with every value missing, with one value only, an
   identifier (every value distinct, integers or text, from 20 rows on), a column without a
-  header name, or a text column none of whose values reaches ``min_category_rows`` rows.
+  header name, a column of numbers with some non-numbers (at least 90 % numbers: a typo to
+  fix, named with its row), or a text column none of whose values reaches
+  ``min_category_rows`` rows.
 * Boolean: every value is a boolean token (t/f, true/false, yes/no, y/n, 1/0, any case) and
   both truth values occur.
 * Numeric: every value is a finite number. ``log1p`` is proposed when the values are >= 0,
@@ -228,6 +230,14 @@ def _classify(name: str, series: pd.Series, *, min_rows: int, max_categories: in
         if is_id and bool(np.all(numbers == np.round(numbers))):
             return ignored("every value is a distinct integer: looks like a record identifier")
         return _numeric_finding(name, numbers, missing, distinct)
+    if finite.mean() >= 0.9:
+        position = int(np.flatnonzero(~finite)[0])
+        row = int(np.flatnonzero(~tabular.missing_mask(series))[position]) + 1
+        return ignored(
+            f"mostly numbers, but {int((~finite).sum())} of {n} values are not (first at row "
+            f"{row}: {tabular._shown(values[position])}): if the column is numeric, fix them or "
+            "empty them (missing) and run init again"
+        )
     if is_id:
         return ignored("every value is distinct: an identifier or free text")
     kept = [
@@ -240,20 +250,10 @@ def _classify(name: str, series: pd.Series, *, min_rows: int, max_categories: in
         for value, count in counts.items()
         if count >= min_rows and (problem := tabular.category_value_problem(value)) is not None
     ]
-    mostly_numbers = ""
-    if finite.mean() >= 0.9:
-        bad = ~finite
-        raw_missing = tabular.missing_mask(series)
-        first = int(np.flatnonzero(~raw_missing)[np.flatnonzero(bad)[0]]) + 1
-        mostly_numbers = (
-            f"; {int(bad.sum())} of {n} values are not numbers (first at row {first}: "
-            f"{tabular._shown(values[int(np.flatnonzero(bad)[0])])}): if the column is numeric, "
-            "fix them or leave them empty (missing) and run init again"
-        )
     if not kept:
         return ignored(
             f"{distinct} values, none held by {min_rows} rows or more: too rare to name in a "
-            f"shared schema (lower --min-category-rows to keep it){mostly_numbers}"
+            "shared schema (lower --min-category-rows to keep it)"
         )
     other_rows = int(n - counts[kept].sum())
     note = f"{len(kept)} of {distinct} values declared (those with >= {min_rows} rows)"
@@ -263,7 +263,6 @@ def _classify(name: str, series: pd.Series, *, min_rows: int, max_categories: in
         note += f"; capped at the {max_categories} most frequent"
     if unusable:
         note += f"; not allowed as a category name: {', '.join(unusable[:3])}"
-    note += mostly_numbers
     return ColumnFinding(
         name,
         "feature",
