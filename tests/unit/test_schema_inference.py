@@ -345,3 +345,12 @@ def test_a_repeated_header_name_is_named_with_its_line(tmp_path: Path) -> None:
     assert csv_header_problem(path) is None
     path.write_text("")
     assert "the file is empty" in (csv_header_problem(path) or "")
+
+
+def test_the_documented_missing_tokens_are_the_ones_in_the_code() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "site-onboarding.md").read_text()
+    section = page.split("## Missing values", 1)[1]
+    block = section.split("```", 2)[1]
+    # Tokens are separated by two spaces ("#N/A N/A" holds one).
+    documented = {token for line in block.splitlines() for token in line.split("  ") if token}
+    assert documented == {"(empty)", *(t for t in tabular.MISSING_TOKENS if t)}
