@@ -158,13 +158,17 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """``quorum-agent check``: validate site.toml, that the data loads, and the data against the
     schema ([data] schema or --schema)."""
-    config = _load(args.config)
-    if config is None:
+    try:
+        config = load_config(args.config)
+    except ConfigError as problem:
+        print(f"quorum-agent: configuration error: {problem}", file=sys.stderr)
         # The [server] part may not be filled in yet (the token comes after the silo is
         # registered with its schema): still check the data against the schema.
         try:
             data = load_data_config(args.config)
-        except ConfigError:
+        except ConfigError as exc:
+            if str(exc) != str(problem):
+                print(f"quorum-agent: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         where = Path(args.config).expanduser().resolve()
         print(f"config: {where}: NOT ok (the error is on stderr); checking [data] anyway")

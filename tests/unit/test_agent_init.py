@@ -3,6 +3,7 @@ written for review, checked, and the agent trains on it (clientagent.onboarding,
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clientagent import cli
+from clientagent import cli, onboarding
 from clientagent.config import load_config
 from clientagent.data import LocalData
 from clientagent.trainer import handle_stats_request, handle_task
@@ -270,3 +271,26 @@ def test_a_schema_key_naming_no_file_is_a_config_error(tmp_path: Path, capsys):
         f"[data] schema: the schema file {tmp_path / 'nowhere.json'} does not exist; write it "
         "with `quorum-agent init`, fix the path or remove the key"
     ) in capsys.readouterr().err
+
+
+def test_a_guessed_target_not_confirmed_writes_nothing(site_csv: Path, tmp_path: Path):
+    questions: list[str] = []
+
+    def refuse(question: str) -> bool:
+        questions.append(question)
+        return False
+
+    with pytest.raises(onboarding.OnboardingError, match="target 'target' not confirmed"):
+        onboarding.init(
+            data=str(site_csv),
+            target=None,
+            sensitive=(),
+            out_dir=str(tmp_path / "out"),
+            min_category_rows=10,
+            force=False,
+            confirm=refuse,
+            out=io.StringIO(),
+        )
+
+    assert questions == ["use 'target' as the target (the column to predict)? [y/N] "]
+    assert not (tmp_path / "out").exists()
