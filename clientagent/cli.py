@@ -1,6 +1,6 @@
 """``quorum-agent``: run the site agent, check its configuration, review plans, show the sent log.
 
-Commands: ``run``, ``check``, ``plans`` (the plans the server offered and the local decision on
+Commands: ``init`` (propose schema.json and site.toml from the data file), ``run``, ``check``, ``plans`` (the plans the server offered and the local decision on
 each), ``approve`` / ``reject`` (the site operator's decision on a plan hash, appended to
 decisions.jsonl), ``log`` (every message that left the site with something derived from its data).
 
@@ -20,13 +20,15 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from clientagent import __version__
-from clientagent.config import ConfigError, SiteConfig, load_config
+import pandas as pd
+
+from clientagent import __version__, onboarding
+from clientagent.config import ConfigError, DataConfig, SiteConfig, load_config, load_data_config
 from clientagent.connection import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, run_agent
-from clientagent.data import DataFileError, LocalData
 from clientagent.records import APPROVED, REJECTED, RecordsError, SiteRecords, short_hash
-from fedcore import approvals, signing
+from fedcore import approvals, schema_inference, signing
 from fedcore.logsafe import EscapingFormatter
 
 LOG_FORMAT = "%(asctime)s %(levelname)s quorum-agent[%(name)s]: %(message)s"
@@ -123,15 +125,58 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """``quorum-agent check``: validate site.toml and that the data file loads."""
-    config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
+def cmd_init(args: argparse.Namespace) -> int:
+    """``quorum-agent init``: propose schema.json and site.toml from the data file."""
+    confirm = None
+    if sys.stdin.isatty() and sys.stdout.isatty():
+
+        def confirm(question: str) -> bool:
+            try:
+                return input(question).strip().lower() in ("y", "yes")
+            except EOFError:
+                return False
+
     try:
-        frame = LocalData(config.data.path).load()
-    except (DataFileError, ValueError) as exc:
-        print(f"quorum-agent: data error: {exc}", file=sys.stderr)
+        onboarding.init(
+            data=args.data,
+            target=args.target,
+            sensitive=args.sensitive or (),
+            out_dir=args.out,
+            min_category_rows=args.min_category_rows,
+            force=args.force,
+            confirm=confirm,
+        )
+    except onboarding.OnboardingError as exc:
+        print(f"quorum-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"quorum-agent: cannot write the proposal: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``quorum-agent check``: validate site.toml, that the data loads, and the data against the
+    schema ([data] schema or --schema)."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as problem:
+        print(f"quorum-agent: configuration error: {problem}", file=sys.stderr)
+        # The [server] part may not be filled in yet (the token comes after the silo is
+        # registered with its schema): still check the data against the schema.
+        try:
+            data = load_data_config(args.config)
+        except ConfigError as exc:
+            if str(exc) != str(problem):
+                print(f"quorum-agent: configuration error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        where = Path(args.config).expanduser().resolve()
+        print(f"config: {where}: NOT ok (the error is on stderr); checking [data] anyway")
+        _check_data(data, args.schema)
+        print(f"config: {where}: fix the configuration error, then check again")
+        return EXIT_CONFIG
+    frame = _check_data(config.data, args.schema, summary=False)
+    if frame is None:
         return EXIT_CONFIG
     print(f"config: {config.path}: ok")
     print(f"server: {config.server.url}")
@@ -139,6 +184,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"agent:  {config.agent.name}")
     print(f"data:   {config.data.path}: {len(frame)} rows, {len(frame.columns)} columns")
     print(f"columns: {', '.join(str(c) for c in frame.columns)}")
+    schema_path = _schema_path(config.data, args.schema)
+    if schema_path is None:
+        print("schema: none ([data] schema or --schema): only checked that the data loads")
+    else:
+        try:
+            if not onboarding.check_schema(
+                data=config.data.path, schema_path=schema_path, frame=frame
+            ):
+                return EXIT_CONFIG
+        except onboarding.OnboardingError as exc:
+            print(f"quorum-agent: schema error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     print(f"server key: {config.server.public_key}")
     print(f"state:  {config.agent.state_dir}")
     for line in _policy_lines(config):
@@ -154,6 +211,33 @@ def cmd_check(args: argparse.Namespace) -> int:
             "this site trusts the server's word that its steward approved (docs/security.md)"
         )
     return EXIT_OK
+
+
+def _schema_path(data: DataConfig, option: str | None) -> Path | None:
+    if option is not None:
+        return Path(option).expanduser().resolve()
+    return data.schema
+
+
+def _check_data(
+    data: DataConfig, schema_option: str | None, *, summary: bool = True
+) -> pd.DataFrame | None:
+    """Load the data file and, when ``summary``, check it against the schema; None on error."""
+    try:
+        frame = onboarding.read_data(data.path)
+    except onboarding.OnboardingError as exc:
+        print(f"quorum-agent: data error: {exc}", file=sys.stderr)
+        return None
+    if not summary:
+        return frame
+    print(f"data:   {data.path}: {len(frame)} rows, {len(frame.columns)} columns")
+    schema_path = _schema_path(data, schema_option)
+    if schema_path is not None:
+        try:
+            onboarding.check_schema(data=data.path, schema_path=schema_path, frame=frame)
+        except onboarding.OnboardingError as exc:
+            print(f"quorum-agent: schema error: {exc}", file=sys.stderr)
+    return frame
 
 
 def _policy_lines(config: SiteConfig) -> list[str]:
@@ -389,6 +473,16 @@ def cmd_log(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``quorum-agent``."""
     parser = argparse.ArgumentParser(
@@ -428,15 +522,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
-    check = commands.add_parser(
-        "check",
-        help="validate the config file and that the data file loads",
+    init = commands.add_parser(
+        "init",
+        help="propose a dataset schema and a site.toml from the data file, for review",
         description=(
-            "Check site.toml (keys, server URL, token) and that the data file loads; print "
-            "its row and column counts. Does not contact the server."
+            "Read the data file on this machine (nothing is sent) and write a proposed dataset "
+            "schema (schema.json: column types, target, sensitive attributes, categorical "
+            "values held by at least --min-category-rows rows) and a site.toml with "
+            "placeholders, for the data steward to review. Existing files are never replaced "
+            "without --force. See docs/site-onboarding.md."
         ),
     )
-    check.add_argument("--config", required=True, metavar="PATH", help=config_help)
+    init.add_argument("--data", required=True, metavar="FILE", help="the .csv or .parquet file")
+    init.add_argument(
+        "--target", metavar="COLUMN", help="the column to predict (default: guessed, to confirm)"
+    )
+    init.add_argument(
+        "--sensitive",
+        nargs="+",
+        metavar="COLUMN",
+        help="sensitive attributes for fairness reports (categorical or boolean columns)",
+    )
+    init.add_argument(
+        "--out",
+        default=".",
+        metavar="DIR",
+        help="folder for schema.json and site.toml (default: the current folder)",
+    )
+    init.add_argument(
+        "--min-category-rows",
+        type=_positive_int,
+        default=schema_inference.DEFAULT_MIN_CATEGORY_ROWS,
+        metavar="N",
+        help=(
+            "declare a categorical value only when at least N rows hold it; rarer values "
+            f"encode as 'other' (default {schema_inference.DEFAULT_MIN_CATEGORY_ROWS})"
+        ),
+    )
+    init.add_argument("--force", action="store_true", help="replace existing output files")
+    init.set_defaults(func=cmd_init)
+
+    check = commands.add_parser(
+        "check",
+        help="validate the config file, the data file and the data against the schema",
+        description=(
+            "Check site.toml (keys, server URL, token), that the data file loads and, with "
+            "[data] schema or --schema, the data against the dataset schema column by column "
+            "(every column present, values parse, labels valid, missing values counted). "
+            "Exit status 0 when all is well, 2 otherwise. Does not contact the server."
+        ),
+    )
+    check.add_argument("--config", default="site.toml", metavar="PATH", help=config_help)
+    check.add_argument(
+        "--schema", metavar="FILE", help="a dataset schema JSON file (default: [data] schema)"
+    )
     check.set_defaults(func=cmd_check)
 
     plans = commands.add_parser(

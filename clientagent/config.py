@@ -12,6 +12,9 @@ Example::
 
     [data]
     path = "data.csv"            # .csv or .parquet; relative to this file's folder
+    schema = "schema.json"       # optional: the dataset schema registered for this silo
+                                 # (`quorum-agent init` proposes it, `check` validates the data
+                                 # against it; training uses the schema in each plan)
 
     [agent]
     name = "site-a"              # optional, shown in logs and sent in hello
@@ -108,9 +111,10 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The ``[data]`` section: the local data file (absolute path)."""
+    """The ``[data]`` section: the local data file and the silo's schema file (absolute paths)."""
 
     path: Path
+    schema: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -396,7 +400,31 @@ def _parse_data(section: _Section) -> DataConfig:
         )
     if not path.is_file():
         raise section.error("path", f"{path} is not a file; point it at the .csv or .parquet file")
-    return DataConfig(path=path)
+    schema = section.path("schema", required=False)
+    if schema is not None and not schema.is_file():
+        raise section.error(
+            "schema",
+            f"the schema file {schema} does not exist; write it with `quorum-agent init`, fix "
+            "the path or remove the key",
+        )
+    return DataConfig(path=path, schema=schema)
+
+
+def load_data_config(path: str | Path) -> DataConfig:
+    """Only the ``[data]`` section of a ``site.toml``, checked as ``load_config`` checks it.
+
+    For ``quorum-agent check`` on a site.toml whose [server] section is not filled in yet (the
+    token comes when the silo is admitted, after its schema was registered).
+
+    Raises:
+        ConfigError: the file is unreadable, or [data] is missing or invalid.
+    """
+    file, document = _read_document(path)
+    if "data" not in document or not isinstance(document["data"], dict):
+        raise ConfigError(f'{file}: missing section [data]; add it with path = "data.csv"')
+    keys, parser, _ = _SECTIONS["data"]
+    result: DataConfig = parser(_Section(file, "data", document["data"], keys))
+    return result
 
 
 def _parse_agent(section: _Section) -> AgentConfig:
@@ -470,7 +498,7 @@ _SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[_Section], Any], bool]] = 
         _parse_server,
         True,
     ),
-    "data": (("path",), _parse_data, True),
+    "data": (("path", "schema"), _parse_data, True),
     "agent": (("name", "state_dir"), _parse_agent, False),
     "policy": (POLICY_KEYS, _parse_policy, False),
     "governance": (("steward_keys",), _parse_governance, False),
@@ -490,22 +518,7 @@ def load_config(path: str | Path) -> SiteConfig:
     Raises:
         ConfigError: with a message naming the file, the key and what to do.
     """
-    file = Path(path).expanduser().resolve()
-    try:
-        raw = file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{file}: config file not found; pass the site's config with --config"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read the config file: {exc}") from None
-    try:
-        document = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{file}: not UTF-8 text; save the file as UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML ({exc}); fix the syntax") from None
-
+    file, document = _read_document(path)
     known = ", ".join(f"[{name}]" for name in _SECTIONS)
     for name, value in document.items():
         if name not in _SECTIONS:
@@ -525,3 +538,23 @@ def load_config(path: str | Path) -> SiteConfig:
             raise ConfigError(f"{file}: missing section [{name}]; add it (see the example config)")
         parsed[name] = parser(_Section(file, name, document.get(name, {}), keys))
     return SiteConfig(path=file, **parsed)
+
+
+def _read_document(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The resolved path and parsed TOML of a config file; ConfigError when unreadable."""
+    file = Path(path).expanduser().resolve()
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{file}: config file not found; pass the site's config with --config"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config file: {exc}") from None
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not UTF-8 text; save the file as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML ({exc}); fix the syntax") from None
+    return file, document

@@ -9,7 +9,11 @@ Conventions:
 
 * Row numbers in error messages count data rows from 1 in the frame given (header excluded, so
   CSV line = row + 1).
-* Missing values are empty cells, "?" and NaN/None. Per column policy: "impute" (numeric -> the
+* Missing values are the cells whose stripped text is one of ``MISSING_TOKENS`` (the empty
+  cell, "?", NA, N/A, n/a, NaN, nan, NULL, null, None and the rest of pandas' default NA
+  spellings, pinned here so that a pandas upgrade cannot change them), and NaN/None in a
+  Parquet file. The same set is used when reading a CSV, when validating any frame and by the
+  schema inference of ``quorum-agent init`` (docs/site-onboarding.md). Per column policy: "impute" (numeric -> the
   federated mean, i.e. 0 after standardising; categorical -> the category ``"__missing__"``;
   boolean -> 0), "drop" (the row is removed by ``validate_frame``, so statistics, split and
   transform all see the same rows) or "error" (refused, naming column and row).
@@ -79,6 +83,8 @@ __all__ = [
     "load_table",
     "local_statistics",
     "merge_statistics",
+    "missing_mask",
+    "parse_column",
     "schema_hash",
     "split_by_column",
     "split_holdout",
@@ -93,7 +99,31 @@ SCALINGS: tuple[str, ...] = ("standard", "none")
 SPLIT_VALUES: tuple[str, ...] = ("train", "test")
 MISSING_POLICIES: tuple[str, ...] = ("impute", "drop", "error")
 MISSING_CATEGORY = "__missing__"
-MISSING_TOKENS: tuple[str, ...] = ("", "?")
+# The one set of missing-value spellings (case-sensitive, after stripping white space): "" and
+# "?" plus pandas' default NA strings of pandas 2.x/3.x, written out so that they do not change
+# with pandas. "None" and "null" count; "-", "0", "unknown" and "n.a." do not.
+MISSING_TOKENS: tuple[str, ...] = (
+    "",
+    "?",
+    "NA",
+    "N/A",
+    "n/a",
+    "#N/A",
+    "#N/A N/A",
+    "#NA",
+    "<NA>",
+    "NaN",
+    "nan",
+    "-NaN",
+    "-nan",
+    "NULL",
+    "null",
+    "None",
+    "1.#IND",
+    "-1.#IND",
+    "1.#QNAN",
+    "-1.#QNAN",
+)
 BOOLEAN_TOKENS: dict[str, float] = {
     "t": 1.0,
     "true": 1.0,
@@ -547,7 +577,7 @@ def load_table(path: str | PathLike[str]) -> pd.DataFrame:
 
     Args:
         path: a ``.csv`` (optionally ``.csv.gz``) or ``.parquet`` file. CSV cells are read with
-            ``dtype=str``; empty cells, "?" and pandas' default NA tokens become NaN.
+            ``dtype=str``; cells spelled as one of ``MISSING_TOKENS`` become NaN.
 
     Returns:
         The raw frame, to pass to ``validate_frame`` / ``split_holdout``.
@@ -559,13 +589,14 @@ def load_table(path: str | PathLike[str]) -> pd.DataFrame:
     path = Path(path)
     name = path.name.lower()
     if name.endswith((".csv", ".csv.gz")):
-        return pd.read_csv(path, dtype=str, keep_default_na=True, na_values=list(MISSING_TOKENS))
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=list(MISSING_TOKENS))
     if name.endswith((".parquet", ".pq")):
         return pd.read_parquet(path)
     raise ValueError(f"cannot read {str(path)!r}: use a .csv or .parquet file")
 
 
-def _missing_mask(series: pd.Series) -> np.ndarray:
+def missing_mask(series: pd.Series) -> np.ndarray:
+    """Which cells of a raw column are missing: NaN/None, or text in ``MISSING_TOKENS``."""
     missing = series.isna().to_numpy(dtype=bool)
     if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
         return missing
@@ -587,7 +618,7 @@ def _first_bad(column: str, series: pd.Series, bad: np.ndarray) -> tuple[int, ob
 
 
 def _parse_numeric(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, np.ndarray]:
-    missing = _missing_mask(series)
+    missing = missing_mask(series)
     if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
         values = series.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
     else:
@@ -623,7 +654,7 @@ def _parse_numeric(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, n
 
 
 def _parse_boolean(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, np.ndarray]:
-    missing = _missing_mask(series)
+    missing = missing_mask(series)
     if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
         values = series.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
         bad = ~missing & ~np.isin(values, (0.0, 1.0))
@@ -640,6 +671,24 @@ def _parse_boolean(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, n
         )
     values[missing] = np.nan
     return values, missing
+
+
+def parse_column(series: pd.Series, column: ColumnSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Parse one raw column as ``validate_frame`` does: ``(values, missing)``.
+
+    Numeric and boolean columns give float64 values (NaN where missing); categorical columns
+    give the stripped strings (None where missing). The missing policy is not applied.
+
+    Raises:
+        DataValidationError: a value does not parse (the message names column, first row and
+            how many such values there are).
+    """
+    if column.type == "numeric":
+        return _parse_numeric(series, column)
+    if column.type == "boolean":
+        return _parse_boolean(series, column)
+    missing = missing_mask(series)
+    return _stripped_text(series, missing), missing
 
 
 def _check_missing_policy(column: ColumnSpec, missing: np.ndarray) -> None:
@@ -699,13 +748,7 @@ def validate_frame(df: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
     drop = np.zeros(len(df), dtype=bool)
     for column in schema.columns:
         series = df[column.name]
-        if column.type == "numeric":
-            values, missing = _parse_numeric(series, column)
-        elif column.type == "boolean":
-            values, missing = _parse_boolean(series, column)
-        else:
-            missing = _missing_mask(series)
-            values = _stripped_text(series, missing)
+        values, missing = parse_column(series, column)
         _check_missing_policy(column, missing)
         if column.missing == "drop":
             drop |= missing
@@ -714,7 +757,7 @@ def validate_frame(df: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
         typed[column.name] = values
 
     target = schema.target.column
-    target_missing = _missing_mask(df[target])
+    target_missing = missing_mask(df[target])
     if target_missing.any():
         positions = np.flatnonzero(target_missing)
         raise DataValidationError(
@@ -724,7 +767,7 @@ def validate_frame(df: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
         )
     typed[target] = _stripped_text(df[target], target_missing)
     for name in extra_sensitive:
-        missing = _missing_mask(df[name])
+        missing = missing_mask(df[name])
         values = _stripped_text(df[name], missing)
         values[missing] = MISSING_CATEGORY
         typed[name] = values
@@ -841,7 +884,7 @@ def split_by_column(
     if not df.index.is_unique:
         raise DataValidationError("the data's row index must be unique to split it by a column")
     raw = df[column]
-    missing = _missing_mask(raw)
+    missing = missing_mask(raw)
     parts = raw.astype(str).str.strip().str.lower().to_numpy(dtype=object)
     bad = missing | ~np.isin(parts, SPLIT_VALUES)
     if bad.any():  # every row, even one the "drop" policy removes: the column must be clean
