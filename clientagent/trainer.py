@@ -61,6 +61,7 @@ from torch import nn
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
 from clientagent.residuals import ResidualStore, matching
 from fedcore import compression, fairness, models, protocol, tabular, tensors, training
+from fedcore.fairness_mitigation import ExampleWeights
 from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
 from fedcore.plan import PlanError as PlanRefused
 from fedcore.privacy import accounting
@@ -480,6 +481,7 @@ def handle_task(
     budget: PrivacyBudget | None = None,
     noise_source: random.Random | None = None,
     residuals: ResidualStore | None = None,
+    example_weights: ExampleWeights | None = None,
 ) -> protocol.BinaryMessage:
     """Train the task's global model on the local data and build the ``update`` message.
 
@@ -508,6 +510,11 @@ def handle_task(
         residuals: where a ``topk`` plan's error-feedback residual of the run is kept across
             rounds and restarts (written before this returns); None: none is kept (each round
             starts from a zero residual).
+        example_weights: for a plan whose ``fairness.mitigation`` kind is ``reweighing`` or
+            ``constraint``: the round's label and loss weight per (group of the plan's
+            sensitive attribute, true label), computed by the server from the summed counts
+            (:mod:`fedcore.fairness_mitigation`); the training rows are relabeled and weighted
+            with it (:func:`mitigation_targets`). None: the plain loss, unchanged.
 
     Returns:
         The ``update`` BinaryMessage: fields ``run``, ``round``, ``nonce``, ``num_examples``
@@ -587,6 +594,10 @@ def handle_task(
         if observer is not None:
             observer.step(step, total)
 
+    targets, sample_weight = train.y, None
+    if example_weights is not None:
+        targets, sample_weight = mitigation_targets(parsed, train, example_weights, run, rnd)
+
     if observer is not None:
         if settings.local_steps is not None:
             steps = settings.local_steps
@@ -604,7 +615,7 @@ def handle_task(
             result = training.train_local(
                 model,
                 train.X,
-                train.y,
+                targets,
                 epochs=settings.local_epochs,
                 batch_size=settings.batch_size,
                 lr=settings.lr,
@@ -616,6 +627,7 @@ def handle_task(
                 prox_mu=aggregation.prox_mu,
                 prox_reference=global_state if aggregation.prox_mu > 0 else None,
                 steps=settings.local_steps,
+                sample_weight=sample_weight,
             )
     except training.TrainingError as exc:
         raise TaskError(TRAINING_FAILED, str(exc), run=run, round=rnd) from None
@@ -676,6 +688,53 @@ def handle_task(
     return protocol.BinaryMessage(
         type="update", fields=update_fields, payload=tensors.encode_state_dict(wire)
     )
+
+
+def mitigation_targets(
+    plan: Plan,
+    train: tabular.TabularData,
+    weights: ExampleWeights,
+    run: int | None = None,
+    rnd: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The labels and per-row loss weights a weighted mitigation trains this site's rows on.
+
+    The rows' groups are those of the plan's ``fairness.sensitive_attribute``; a value outside
+    the table's groups is looked up as ``"__other__"`` (as the fairness counts label it).
+
+    Raises:
+        TaskError: ``invalid_task`` when the plan's mitigation does not weigh the loss, or the
+            table lacks a (group, label) cell that a training row has.
+    """
+    settings = plan.fairness
+    if settings is None or not settings.mitigation.trains_weighted:
+        kind = "none" if settings is None else settings.mitigation.kind
+        raise TaskError(
+            INVALID_TASK,
+            f"the task carries example weights but the plan's fairness.mitigation kind is "
+            f"{kind!r}; only 'reweighing' and 'constraint' train on weighted examples",
+            run=run,
+            round=rnd,
+        )
+    groups = train.groups.get(settings.sensitive_attribute)
+    if groups is None:
+        raise TaskError(
+            INVALID_TASK,
+            f"the training rows carry no sensitive column {settings.sensitive_attribute!r}",
+            run=run,
+            round=rnd,
+        )
+    try:
+        return weights.apply(train.y, groups)
+    except ValueError as exc:
+        raise TaskError(
+            INVALID_TASK,
+            f"example weights: {exc}",
+            run=run,
+            round=rnd,
+            # the row count is this site's; the server learns which cell is missing only
+            shared_reason="the example weights lack a (group, label) cell of this site's rows",
+        ) from None
 
 
 def _compressed(

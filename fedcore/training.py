@@ -152,6 +152,7 @@ def train_local(
     prox_mu: float = 0.0,
     prox_reference: Mapping[str, torch.Tensor] | None = None,
     steps: int | None = None,
+    sample_weight: ArrayLike | torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place with binary cross-entropy on logits and mini-batch shuffling.
 
@@ -184,12 +185,16 @@ def train_local(
             parameters as they are when the call starts: the global weights the agent has
             just loaded. Ignored when ``prox_mu`` is 0.
         steps: None (train ``epochs`` passes) or the exact number of optimizer steps, >= 1.
+        sample_weight: None (every row weighs 1: the plain loss, unchanged) or one finite
+            weight >= 0 per row. Each batch's loss is then the mean of weight x BCE over its
+            rows (scikit-learn's ``sample_weight`` semantics), as the fairness mitigations
+            need (:class:`fedcore.fairness_mitigation.ExampleWeights`: reweighing, reductions).
 
     Returns:
         ``{"train_loss": example-weighted mean loss over the last epoch (with ``steps``: over
         the last full pass and the partial pass after it, or all steps if there are fewer than
         a pass), "epochs": passes started, "steps": int}``. ``train_loss`` is the data loss only, without the proximal
-        term, so it compares across strategies.
+        term, so it compares across strategies (weighted when ``sample_weight`` is given).
 
     Raises:
         TrainingError: an argument is invalid, or the loss became NaN/Inf (lower ``lr``).
@@ -221,6 +226,8 @@ def train_local(
         raise TrainingError(f"seed must be an integer, got {seed!r}")
     if not _is_number(prox_mu) or prox_mu < 0:
         raise TrainingError(f"prox_mu must be a finite number >= 0, got {prox_mu!r}")
+
+    weights = _sample_weights(sample_weight, n)
 
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -256,7 +263,12 @@ def train_local(
                     index = permutation[start : start + batch_size]
                     opt.zero_grad(set_to_none=True)
                     logits = model(features[index]).reshape(-1)
-                    loss = loss_fn(logits, labels[index])
+                    if weights is None:
+                        loss = loss_fn(logits, labels[index])
+                    else:
+                        loss = nn.functional.binary_cross_entropy_with_logits(
+                            logits, labels[index], weight=weights[index]
+                        )
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise TrainingError(
@@ -281,6 +293,18 @@ def train_local(
     finally:
         model.train(was_training)
     return {"train_loss": epoch_loss / epoch_rows, "epochs": epochs, "steps": step}
+
+
+def _sample_weights(weights: ArrayLike | torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Per-row loss weights as float32, or None for the plain loss."""
+    if weights is None:
+        return None
+    values = torch.as_tensor(weights).detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+    if values.numel() != n:
+        raise TrainingError(f"X has {n} rows but sample_weight has {values.numel()} weights")
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise TrainingError("sample_weight must hold finite weights >= 0")
+    return values
 
 
 def _prox_anchors(

@@ -15,6 +15,7 @@ from fedcore.plan.spec import (
     EVALUATION_KEYS,
     FAIRNESS_KEYS,
     FEDPROX_MU,
+    MITIGATION_KEYS,
     PRIVACY_KEYS,
     SECAGG_KEYS,
     SECTION_DOCS,
@@ -32,7 +33,10 @@ CROSS_FIELD_NOTE = (
     "robust strategies and q-FedAvg not with client-level DP or secure aggregation; FedProx and "
     "q-FedAvg not with DP-SGD; adaptive_clip only in mode client and not with secure "
     "aggregation; compression not with secure aggregation; fairness attributes and groups "
-    "against schema.sensitive). See docs/plan-spec.md."
+    "against schema.sensitive; fairness.mitigation parameters per kind, and what each kind "
+    "needs: public groups; no DP-SGD, and noised counts under client-level DP, for the loss "
+    "weights; no secure aggregation nor client-level DP, and a weighted mean, for "
+    "fair_aggregation; held-out rows for postprocess). See docs/plan-spec.md."
 )
 
 
@@ -83,6 +87,13 @@ def json_schema() -> dict[str, Any]:
             {"type": "null"},
         ]
     }
+    fairness = section_schema(FAIRNESS_KEYS, SECTION_DOCS["fairness"])
+    fairness["properties"]["mitigation"] = {
+        "anyOf": [
+            section_schema(MITIGATION_KEYS, SECTION_DOCS["fairness.mitigation"]),
+            {"type": "null"},
+        ]
+    }
     nested = {
         "model": _model_schema(),
         "schema": {
@@ -102,7 +113,7 @@ def json_schema() -> dict[str, Any]:
         },
         "privacy": privacy,
         "secagg": section_schema(SECAGG_KEYS, SECTION_DOCS["secagg"]),
-        "fairness": section_schema(FAIRNESS_KEYS, SECTION_DOCS["fairness"]),
+        "fairness": fairness,
         "compression": section_schema(COMPRESSION_KEYS, SECTION_DOCS["compression"]),
     }
     top = section_schema(tuple(k for k in TOP_KEYS if k.name not in nested), CROSS_FIELD_NOTE)

@@ -22,6 +22,8 @@ from typing import Any
 
 from fedcore.aggregation import STRATEGIES, make_strategy
 from fedcore.compression import METHODS, CompressionSpec, CompressionSpecError
+from fedcore.fairness import reported_attributes
+from fedcore.fairness_mitigation import CONSTRAINTS, OBJECTIVES
 from fedcore.models import MODEL_KINDS, ModelSpecError, validate_model_spec
 from fedcore.plan.keys import Key, check_section, defaults, names, unknown_keys
 from fedcore.privacy.accounting import PLAN_PRIVACY_DEFAULTS, PRIVACY_MODES
@@ -405,6 +407,92 @@ FAIRNESS_KEYS: tuple[Key, ...] = (
         default=None,
         nullable=True,
     ),
+    Key(
+        "mitigation",
+        "object",
+        "bias mitigation for sensitive_attribute (section fairness.mitigation); null: none",
+        default=None,
+        nullable=True,
+    ),
+)
+
+MITIGATION_KINDS: tuple[str, ...] = (
+    "none",
+    "reweighing",
+    "fair_aggregation",
+    "constraint",
+    "postprocess",
+)
+# Which kinds read each parameter (a parameter given to another kind is refused).
+MITIGATION_PARAMS: dict[str, tuple[str, ...]] = {
+    "constraint": ("fair_aggregation", "constraint", "postprocess"),
+    "bound": ("constraint",),
+    "eta": ("constraint",),
+    "beta": ("fair_aggregation",),
+    "objective": ("postprocess",),
+    "score_bins": ("postprocess",),
+}
+MITIGATION_KEYS: tuple[Key, ...] = (
+    Key(
+        "kind",
+        "string",
+        "none; reweighing (Kamiran-Calders loss weights per group and label); fair_aggregation "
+        "(FairFed aggregation weights); constraint (federated reductions, Agarwal et al. 2018); "
+        "postprocess (group thresholds, Hardt et al. 2016)",
+        default="none",
+        choices=MITIGATION_KINDS,
+    ),
+    Key(
+        "constraint",
+        "string",
+        "the parity to reach (constraint, postprocess) or FairFed's metric (fair_aggregation)",
+        default="demographic_parity",
+        choices=CONSTRAINTS,
+    ),
+    Key(
+        "bound",
+        "number",
+        "constraint only: the largest gap allowed between a group's rate and the overall rate "
+        "(fairlearn's eps; the multipliers' L1 norm is at most 1 / bound)",
+        default=0.01,
+        minimum=0,
+        maximum=1,
+        exclusive_min=True,
+    ),
+    Key(
+        "eta",
+        "number",
+        "constraint only: learning rate of the Lagrange multipliers (fairlearn's eta0; each "
+        "round's step is eta * bound)",
+        default=2.0,
+        minimum=0,
+        maximum=1000,
+        exclusive_min=True,
+    ),
+    Key(
+        "beta",
+        "number",
+        "fair_aggregation only: FairFed's fairness budget (0: FedAvg's weights)",
+        default=1.0,
+        minimum=0,
+        maximum=100,
+    ),
+    Key(
+        "objective",
+        "string",
+        "postprocess only: what the thresholds maximise under the constraint",
+        default="accuracy_score",
+        choices=OBJECTIVES,
+    ),
+    Key(
+        "score_bins",
+        "integer",
+        "postprocess only: the score grid has score_bins + 1 points on [0, 1]; scores are put "
+        "on the nearest point before the thresholds apply",
+        default=100,
+        minimum=2,
+        maximum=10000,
+    ),
 )
 
 COMPRESSION_KEYS: tuple[Key, ...] = (
@@ -429,6 +517,7 @@ SECTION_DOCS: dict[str, str] = {
     "privacy.adaptive_clip": "adaptive clipping (Andrew et al. 2021), privacy mode client only",
     "secagg": "secure aggregation (read when secure_aggregation is true)",
     "fairness": "group fairness reports (docs/fairness.md)",
+    "fairness.mitigation": "bias mitigation (docs/fairness.md, 'Mitigation')",
     "compression": "update compression (fedcore.compression)",
 }
 SECTIONS: dict[str, tuple[Key, ...]] = {
@@ -439,6 +528,7 @@ SECTIONS: dict[str, tuple[Key, ...]] = {
     "privacy.adaptive_clip": ADAPTIVE_CLIP_KEYS,
     "secagg": SECAGG_KEYS,
     "fairness": FAIRNESS_KEYS,
+    "fairness.mitigation": MITIGATION_KEYS,
     "compression": COMPRESSION_KEYS,
 }
 
@@ -536,6 +626,32 @@ class SecAggSettings:
 
 
 @dataclass(frozen=True)
+class Mitigation:
+    """``fairness.mitigation``, defaults filled in (parameters of other kinds stay at theirs)."""
+
+    kind: str = "none"
+    constraint: str = "demographic_parity"
+    bound: float = 0.01
+    eta: float = 2.0
+    beta: float = 1.0
+    objective: str = "accuracy_score"
+    score_bins: int = 100
+
+    @property
+    def active(self) -> bool:
+        """Whether the plan mitigates at all (kind other than ``none``)."""
+        return self.kind != "none"
+
+    @property
+    def trains_weighted(self) -> bool:
+        """Whether sites weight their loss per (group, label): reweighing and constraint."""
+        return self.kind in ("reweighing", "constraint")
+
+
+NO_MITIGATION = Mitigation()
+
+
+@dataclass(frozen=True)
 class Fairness:
     """The ``fairness`` section."""
 
@@ -544,6 +660,7 @@ class Fairness:
     max_equalized_odds_difference: float | None
     dp_epsilon: float | None
     groups: dict[str, list[str]]
+    mitigation: Mitigation = NO_MITIGATION
 
 
 @dataclass(frozen=True)
@@ -890,6 +1007,9 @@ def _fairness(
             )
         else:
             errors.update(_groups_errors(groups, schema))
+    mitigation = NO_MITIGATION
+    if v["mitigation"] is not None and "fairness.mitigation" not in errors:
+        mitigation = _mitigation(v["mitigation"], errors) or NO_MITIGATION
     if any(path == "fairness" or path.startswith("fairness.") for path in errors):
         return None
 
@@ -902,7 +1022,103 @@ def _fairness(
         max_equalized_odds_difference=number(v["max_equalized_odds_difference"]),
         dp_epsilon=number(v["dp_epsilon"]),
         groups={str(name): list(labels) for name, labels in groups.items()},
+        mitigation=mitigation,
     )
+
+
+def _mitigation(raw: Any, errors: dict[str, str]) -> Mitigation | None:
+    where = "fairness.mitigation"
+    if not isinstance(raw, Mapping):
+        errors[where] = f"must be an object with keys {', '.join(names(MITIGATION_KEYS))}"
+        return None
+    before = len(errors)
+    v = check_section(raw, MITIGATION_KEYS, where, errors)
+    kind = v["kind"]
+    if f"{where}.kind" not in errors:
+        for param, kinds in MITIGATION_PARAMS.items():
+            if param in raw and kind not in kinds and f"{where}.{param}" not in errors:
+                errors[f"{where}.{param}"] = (
+                    f"applies to kind {' or '.join(map(repr, kinds))} only (kind is {kind!r}); "
+                    "remove it"
+                )
+    if len(errors) > before:
+        return None
+    return Mitigation(
+        kind=kind,
+        constraint=v["constraint"],
+        bound=float(v["bound"]),
+        eta=float(v["eta"]),
+        beta=float(v["beta"]),
+        objective=v["objective"],
+        score_bins=int(v["score_bins"]),
+    )
+
+
+def _mitigation_errors(
+    spec: Mapping[str, Any],
+    schema: DatasetSchema | None,
+    fairness: Fairness | None,
+    aggregation: Aggregation | None,
+    privacy: Privacy | None,
+    evaluation: Evaluation | None,
+    errors: dict[str, str],
+) -> None:
+    """What a mitigation needs from the rest of the plan (docs/fairness.md, 'Mitigation')."""
+    if fairness is None or not fairness.mitigation.active:
+        return
+    where = "fairness.mitigation.kind"
+    kind = fairness.mitigation.kind
+    secure = spec.get("secure_aggregation") is True
+    mode = privacy.mode if privacy is not None else None
+    attribute = fairness.sensitive_attribute
+    if schema is not None and attribute not in reported_attributes(schema, fairness.groups):
+        # Counts, weights and thresholds are keyed by group: only public labels may travel.
+        errors[where] = (
+            f"{kind!r} needs the groups of {attribute!r} to be public labels: make it a "
+            "categorical or boolean column of schema.columns, or declare its labels in "
+            "fairness.groups"
+        )
+    elif kind in ("reweighing", "constraint") and mode == "sample":
+        errors[where] = (
+            f"{kind!r} weights each example's loss, which DP-SGD (privacy mode 'sample') does "
+            "not support here; use privacy mode 'client', or kind 'postprocess'"
+        )
+    elif kind in ("reweighing", "constraint") and mode == "client" and fairness.dp_epsilon is None:
+        errors[where] = (
+            f"{kind!r} releases counts of the training rows, outside client-level DP's "
+            "guarantee; set fairness.dp_epsilon so that they are noised and charged to the "
+            "ledger"
+        )
+    elif kind == "fair_aggregation" and secure:
+        errors[where] = (
+            "'fair_aggregation' weighs each silo by its own counts, which secure aggregation "
+            "hides (the server learns only their sum); turn secure_aggregation off or use "
+            "kind 'reweighing', 'constraint' or 'postprocess'"
+        )
+    elif kind == "fair_aggregation" and mode == "client":
+        errors[where] = (
+            "'fair_aggregation' with client-level DP is not supported: the noise is calibrated "
+            "to the fixed weights of clipped updates, and FairFed's weights depend on the data"
+        )
+    elif (
+        kind == "fair_aggregation"
+        and aggregation is not None
+        and aggregation.strategy not in MEAN_STRATEGIES
+    ):
+        errors[where] = (
+            f"'fair_aggregation' reweighs a weighted mean; strategy {aggregation.strategy!r} is "
+            f"not one; use one of: {', '.join(MEAN_STRATEGIES)}"
+        )
+    elif (
+        kind == "postprocess"
+        and evaluation is not None
+        and evaluation.test_fraction == 0
+        and evaluation.split_column is None
+    ):
+        errors[where] = (
+            "'postprocess' chooses its thresholds on the sites' held-out rows; set "
+            "evaluation.test_fraction > 0 or evaluation.split_column"
+        )
 
 
 def _compression(spec: Mapping[str, Any], errors: dict[str, str]) -> CompressionSpec | None:
@@ -1002,6 +1218,7 @@ def parse_plan(spec: Any) -> Plan:
     fairness = _fairness(spec, schema, errors)
     compression = _compression(spec, errors)
     _combination_errors(spec, training, aggregation, privacy, compression, errors)
+    _mitigation_errors(spec, schema, fairness, aggregation, privacy, evaluation, errors)
     if errors:
         raise PlanError(errors)
     assert model is not None and schema is not None and training is not None

@@ -751,6 +751,30 @@ def test_plan_diff_shows_changed_paths_and_silos(g: Governed) -> None:
     assert governance.plan_diff(v2, v2) == []
 
 
+def test_a_mitigation_is_part_of_the_hash_and_of_the_version_diff(g: Governed) -> None:
+    schema = {**SCHEMA, "sensitive": ["region"]}
+    fairness = {"sensitive_attribute": "region", "groups": {"region": ["north", "south"]}}
+    for silo in g.silos[:2]:  # sites that hold the sensitive column
+        silo.schema = schema
+        silo.save(update_fields=["schema"])
+    plan = propose(g, schema=schema, fairness=fairness)
+    v1 = plan.current_version
+    mitigation = {"kind": "constraint", "constraint": "equalized_odds", "bound": 0.02}
+    v2 = plan_edit(
+        actor=g.scientists[0],
+        plan=plan,
+        spec=plan_spec(schema=schema, fairness={**fairness, "mitigation": mitigation}),
+        silos=list(v1.silos.all()),
+    )
+
+    assert v2.spec_hash != v1.spec_hash
+    assert governance.plan_diff(v1, v2) == [
+        {"path": "fairness.mitigation.bound", "old": None, "new": 0.02},
+        {"path": "fairness.mitigation.constraint", "old": None, "new": "equalized_odds"},
+        {"path": "fairness.mitigation.kind", "old": None, "new": "constraint"},
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # Members
 

@@ -18,10 +18,13 @@ from clientagent.trainer import (
     INVALID_TASK,
     TaskError,
     TrainingCancelled,
+    check_plan,
     handle_stats_request,
     handle_task,
+    mitigation_targets,
 )
 from fedcore import models, protocol, tabular, tensors
+from fedcore.fairness_mitigation import ExampleWeights
 
 SCHEMA = {
     "columns": [
@@ -277,3 +280,53 @@ def test_unusable_training_settings_are_invalid_task(data, change, named):
     with pytest.raises(TaskError, match=named) as info:
         handle_task(make_task(data, plan=plan), data)
     assert info.value.code == INVALID_TASK
+
+
+# --- loss weights of a fairness mitigation (reweighing, constraint) ---------------------------
+
+MITIGATED = {
+    **PLAN,
+    "fairness": {"sensitive_attribute": "sex", "mitigation": {"kind": "reweighing"}},
+}
+
+
+def unit_weights() -> ExampleWeights:
+    return ExampleWeights({g: {0: (0, 1.0), 1: (1, 1.0)} for g in ("F", "M")})
+
+
+def test_without_weights_training_is_unchanged_and_unit_weights_give_the_same_model(data):
+    plain = make_task(data, plan=MITIGATED)
+
+    default = handle_task(plain, data, nonce=lambda: "0" * 32)
+    unit = handle_task(plain, data, nonce=lambda: "0" * 32, example_weights=unit_weights())
+
+    assert default.payload == handle_task(plain, data, nonce=lambda: "0" * 32).payload
+    assert unit.payload == default.payload
+
+
+def test_reweighing_weights_change_the_local_model_and_weigh_each_group_and_label(data):
+    task = make_task(data, plan=MITIGATED)
+    weights = ExampleWeights({"F": {0: (0, 3.0), 1: (1, 0.2)}, "M": {0: (0, 0.5), 1: (1, 2.0)}})
+
+    weighted = handle_task(task, data, nonce=lambda: "0" * 32, example_weights=weights)
+    default = handle_task(task, data, nonce=lambda: "0" * 32)
+
+    assert weighted.payload != default.payload
+    parsed = check_plan(MITIGATED)
+    split = data.split(MITIGATED)
+    train = data.arrays(split, task.fields["preprocessing"]).train
+    labels, w = mitigation_targets(parsed, train, weights)
+    female = train.groups["sex"] == "F"
+    assert set(w[female & (train.y == 0)]) == {3.0} and set(w[~female & (train.y == 1)]) == {2.0}
+    assert np.array_equal(labels, train.y)
+
+
+def test_weights_for_a_plan_without_a_weighted_mitigation_are_refused(data):
+    with pytest.raises(TaskError, match="mitigation kind is 'none'") as refused:
+        handle_task(make_task(data), data, example_weights=unit_weights())
+    assert refused.value.code == "invalid_task"
+    only_f = ExampleWeights({"F": {0: (0, 1.0), 1: (1, 1.0)}})
+    with pytest.raises(TaskError, match="no cell for group '__other__', label 0") as missing:
+        handle_task(make_task(data, plan=MITIGATED), data, example_weights=only_f)
+    assert "such row" in missing.value.reason  # the local log says how many rows
+    assert "such row" not in missing.value.to_fields()["reason"]  # the server is not told

@@ -57,6 +57,8 @@ for param in ("mu", "server_lr", "momentum", "beta", "f", "m", "q", "lipschitz",
 PATHS[("fairness", "groups")] += [{"sex": ["F", "M"]}, {"site": ["a"]}, {"age": ["1"]}]
 PATHS[("fairness", "groups")] += [{"site": ["a", "a"]}, {"site": [" a"]}]
 PATHS[("fairness", "sensitive_attribute")] += ["sex", "site", "age"]
+PATHS[("fairness", "mitigation")] += [{"kind": "reweighing"}, {"kind": "postprocess"}]
+PATHS[("fairness.mitigation", "kind")] += ["constraint"]
 PATHS[("", "model")] = [
     {"kind": "mlp", "hidden": [4]},
     {"kind": "mlp"},
@@ -85,6 +87,11 @@ SCENARIO = st.tuples(
     st.sampled_from([[], [], [("fairness", "sensitive_attribute", "sex")],
                      [("fairness", None, {"sensitive_attribute": "site",
                                           "groups": {"site": ["a", "b"]}})]]),
+    st.sampled_from([[], [], *(
+        [("fairness.mitigation", "kind", kind)]
+        for kind in ("reweighing", "fair_aggregation", "constraint", "postprocess")
+    )]),
+    st.sampled_from([[], [], [("fairness", "dp_epsilon", 1.0)], [("evaluation", "test_fraction", 0)]]),
 ).map(lambda parts: [change for part in parts for change in part])  # fmt: skip
 
 
@@ -159,3 +166,11 @@ def test_the_draws_reach_both_verdicts() -> None:
 
     assert server_accepts(accepted) and agent_accepts(accepted)
     assert not server_accepts(refused) and not agent_accepts(refused)
+    weighted = [
+        ("fairness", "sensitive_attribute", "sex"),
+        ("fairness.mitigation", "kind", "constraint"),
+    ]
+    assert server_accepts(mutated(weighted)) and agent_accepts(mutated(weighted))
+    secure = [*weighted[:1], ("fairness.mitigation", "kind", "fair_aggregation"),
+              ("", "secure_aggregation", True)]  # fmt: skip
+    assert not server_accepts(mutated(secure)) and not agent_accepts(mutated(secure))

@@ -124,3 +124,135 @@ def test_sgd_with_momentum_and_weight_decay_is_accepted() -> None:
     plan = parse_plan(plan_spec(training=training(optimizer="sgd", momentum=0.9, weight_decay=0)))
 
     assert plan.training.momentum == 0.9
+
+
+# --- fairness.mitigation -----------------------------------------------------------------------
+
+MITIGATION_SCHEMA = {
+    "columns": [
+        {"name": "x1", "type": "numeric"},
+        {"name": "sex", "type": "categorical"},
+    ],
+    "target": {"column": "y", "positive": ["1"]},
+    "sensitive": ["sex", "site"],
+}
+
+
+def mitigated(mitigation: object, **changes: object) -> dict[str, object]:
+    fairness = {"sensitive_attribute": "sex", "mitigation": mitigation}
+    return plan_spec(schema=MITIGATION_SCHEMA, fairness=fairness, **changes)
+
+
+def test_no_mitigation_section_means_none_and_each_kind_parses_with_its_defaults() -> None:
+    plain = parse_plan(plan_spec(schema=MITIGATION_SCHEMA, fairness={"sensitive_attribute": "sex"}))
+    assert plain.fairness is not None and not plain.fairness.mitigation.active
+
+    constraint = parse_plan(mitigated({"kind": "constraint", "constraint": "equalized_odds"}))
+    assert constraint.fairness is not None
+    settings = constraint.fairness.mitigation
+    assert (settings.kind, settings.constraint, settings.bound, settings.eta) == (
+        "constraint",
+        "equalized_odds",
+        0.01,
+        2.0,
+    )
+    assert settings.trains_weighted
+    fair = parse_plan(mitigated({"kind": "fair_aggregation", "beta": 0.5}))
+    assert fair.fairness is not None and fair.fairness.mitigation.beta == 0.5
+    post = parse_plan(mitigated({"kind": "postprocess", "objective": "balanced_accuracy_score"}))
+    assert post.fairness is not None and post.fairness.mitigation.score_bins == 100
+    assert parse_plan(mitigated({"kind": "reweighing"})).fairness is not None
+
+
+@pytest.mark.parametrize(
+    ("mitigation", "changes", "path", "words"),
+    [
+        ({"kind": "magic"}, {}, "fairness.mitigation.kind", "one of 'none'"),
+        ({"kind": "constraint", "zz": 1}, {}, "fairness.mitigation", "'zz'"),
+        ({"kind": "constraint", "beta": 1.0}, {}, "fairness.mitigation.beta", "'fair_aggregation'"),
+        (
+            {"kind": "reweighing", "constraint": "equalized_odds"},
+            {},
+            "fairness.mitigation.constraint",
+            "only",
+        ),
+        ({"kind": "constraint", "bound": 0}, {}, "fairness.mitigation.bound", "(0, 1]"),
+        (
+            {"kind": "postprocess", "score_bins": 1},
+            {},
+            "fairness.mitigation.score_bins",
+            "[2, 10000]",
+        ),
+        (
+            {"kind": "reweighing"},
+            {"privacy": {"mode": "sample", "noise_multiplier": 1.0}},
+            "fairness.mitigation.kind",
+            "DP-SGD",
+        ),
+        (
+            {"kind": "constraint"},
+            {"privacy": {"mode": "client", "noise_multiplier": 1.0}},
+            "fairness.mitigation.kind",
+            "fairness.dp_epsilon",
+        ),
+        (
+            {"kind": "fair_aggregation"},
+            {"secure_aggregation": True},
+            "fairness.mitigation.kind",
+            "secure aggregation hides",
+        ),
+        (
+            {"kind": "fair_aggregation"},
+            {"privacy": {"mode": "client", "noise_multiplier": 1.0}},
+            "fairness.mitigation.kind",
+            "client-level DP",
+        ),
+        (
+            {"kind": "fair_aggregation"},
+            {"aggregation": {"strategy": "median"}},
+            "fairness.mitigation.kind",
+            "weighted mean",
+        ),
+        (
+            {"kind": "postprocess"},
+            {"evaluation": {"test_fraction": 0}},
+            "fairness.mitigation.kind",
+            "held-out rows",
+        ),
+    ],
+)
+def test_mitigations_a_site_could_not_run_are_refused_with_the_reason(
+    mitigation: dict[str, object], changes: dict[str, object], path: str, words: str
+) -> None:
+    errors = plan_errors(mitigated(mitigation, **changes))
+
+    assert path in errors, errors
+    assert words in errors[path]
+
+
+def test_a_mitigation_needs_public_group_labels_of_its_attribute() -> None:
+    spec = plan_spec(
+        schema=MITIGATION_SCHEMA,
+        fairness={"sensitive_attribute": "site", "mitigation": {"kind": "reweighing"}},
+    )
+    assert "fairness.groups" in plan_errors(spec)["fairness.mitigation.kind"]
+
+    spec["fairness"]["groups"] = {"site": ["a", "b"]}  # type: ignore[index]
+    assert plan_errors(spec) == {}
+
+
+def test_what_works_with_secure_aggregation_and_dp_is_accepted() -> None:
+    secure = {"secure_aggregation": True}
+    client_dp = {
+        "privacy": {"mode": "client", "noise_multiplier": 1.0},
+        "fairness": {
+            "sensitive_attribute": "sex",
+            "dp_epsilon": 1.0,
+            "mitigation": {"kind": "constraint"},
+        },
+    }
+    for kind in ("reweighing", "constraint", "postprocess"):
+        assert plan_errors(mitigated({"kind": kind}, **secure)) == {}
+    assert plan_errors({**mitigated({}), **client_dp}) == {}
+    sample = {"privacy": {"mode": "sample", "noise_multiplier": 1.0}}
+    assert plan_errors(mitigated({"kind": "postprocess"}, **sample)) == {}
