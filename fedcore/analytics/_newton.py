@@ -48,6 +48,7 @@ class NewtonRaphson:
         tol: float = 1e-10,
         max_iter: int = 100,
         max_halvings: int = 40,
+        hint: str = "",
     ) -> None:
         """Start at ``start`` (zeros by default).
 
@@ -57,6 +58,7 @@ class NewtonRaphson:
             tol: converged when every component of the Newton step is below this.
             max_iter: Newton steps before giving up.
             max_halvings: successive halvings of one step before giving up.
+            hint: appended to every failure message (the model's likely cause).
         """
         self.beta = np.zeros(n_params) if start is None else np.asarray(start, dtype=np.float64)
         if self.beta.shape != (n_params,):
@@ -64,6 +66,7 @@ class NewtonRaphson:
         self.tol = tol
         self.max_iter = max_iter
         self.max_halvings = max_halvings
+        self.hint = f"; {hint}" if hint else ""
         self.iterations = 0
         self.evaluations = 0
         self.done = False
@@ -95,7 +98,7 @@ class NewtonRaphson:
         if not (math.isfinite(loglik) and np.all(np.isfinite(g)) and np.all(np.isfinite(h))):
             raise ConvergenceError(
                 "the log-likelihood or its derivatives are not finite at the current "
-                "coefficients; rescale large covariates or give a centre for them"
+                "coefficients; rescale large covariates or give a centre for them" + self.hint
             )
         accepted = self._accepted
         if accepted is not None and loglik < accepted.loglik - 1e-12 * (1 + abs(accepted.loglik)):
@@ -103,7 +106,7 @@ class NewtonRaphson:
             if self._halvings > self.max_halvings:
                 raise ConvergenceError(
                     "step halving did not raise the log-likelihood; the model may be "
-                    "non-identifiable (collinear covariates)"
+                    "non-identifiable (collinear covariates)" + self.hint
                 )
             self._step = self._step / 2
             self.beta = accepted.beta + self._step
@@ -114,8 +117,9 @@ class NewtonRaphson:
             step = np.linalg.solve(-h, g)
         except np.linalg.LinAlgError as error:
             raise ConvergenceError(
-                "the information matrix is singular: covariates are collinear or constant in "
-                "the pooled rows; drop one of them"
+                f"the information matrix is singular at coefficients "
+                f"{np.round(self.beta, 3).tolist()}: covariates may be collinear or constant in "
+                "the pooled rows (drop one of them)" + self.hint
             ) from error
         if np.max(np.abs(step), initial=0.0) < self.tol:
             self.done = True
@@ -124,8 +128,7 @@ class NewtonRaphson:
         if self.iterations > self.max_iter:
             raise ConvergenceError(
                 f"no convergence in {self.max_iter} Newton steps (coefficients "
-                f"{np.round(self.beta, 3).tolist()}); the outcome may be perfectly separated by "
-                "a covariate, which makes the estimate infinite"
+                f"{np.round(self.beta, 3).tolist()})" + self.hint
             )
         self._step = step
         self.beta = self.beta + step

@@ -304,23 +304,16 @@ def suppress_table(
         determined = determined_cells(equations, suppressed)
         if not determined.any():
             break
-        candidates = np.flatnonzero(~suppressed & (flat > 0))
-        if candidates.size == 0:
-            # Nothing positive left to withhold: withhold everything (nothing is released).
+        entry = int(np.flatnonzero(determined)[0])
+        if col_margins:
+            path = _cheapest_cycle(ext, suppressed.reshape(ext.shape), entry)
+        else:
+            path = _cheapest_partner(flat, suppressed, interior_flat)
+        if not path:
+            # Nothing positive can close a cycle: withhold everything (nothing is released).
             suppressed[:] = True
             break
-        best: tuple[int, int, int, int] | None = None
-        for candidate in candidates:
-            trial = suppressed.copy()
-            trial[candidate] = True
-            left = int(determined_cells(equations, trial).sum())
-            # Fewest disclosed cells left, then interior cells before margins, then the
-            # smallest count (least information withheld), then position for determinism.
-            key = (left, 0 if interior_flat[candidate] else 1, int(flat[candidate]), int(candidate))
-            if best is None or key < best:
-                best = key
-        assert best is not None
-        suppressed[best[3]] = True
+        suppressed[path] = True
     shape = ext.shape
     rows = cells2.shape[0]
     return SuppressedTable(
@@ -332,6 +325,65 @@ def suppress_table(
         primary=primary.reshape(shape),
         min_cell_count=min_cell_count,
     )
+
+
+def _cheapest_partner(flat: np.ndarray, suppressed: np.ndarray, interior: np.ndarray) -> list[int]:
+    # One line only (a 1-D table and its total): a lone suppressed entry needs one partner,
+    # the smallest positive released one, cells before the total.
+    candidates = [i for i in np.flatnonzero(~suppressed & (flat > 0))]
+    if not candidates:
+        return []
+    return [min(candidates, key=lambda i: (0 if interior[i] else 1, int(flat[i]), int(i)))]
+
+
+def _cheapest_cycle(ext: np.ndarray, suppressed: np.ndarray, entry: int) -> list[int]:
+    # In the table with margins every line adds up (cells minus total = 0), so entries are the
+    # edges of a bipartite graph between lines (rows) and lines (columns), and a suppressed
+    # entry is determined iff it is a bridge of the graph of suppressed entries. Close a cycle
+    # through it along the cheapest path from its row to its column: suppressed entries cost
+    # nothing, released positive ones their count (the information withheld); zeros are not
+    # used, so every suppressed entry stays free to move by one either way.
+    import heapq
+
+    height, width = ext.shape
+    row, col = divmod(entry, width)
+    start, goal = row, height + col
+    best = {start: 0}
+    back: dict[int, tuple[int, int]] = {}
+    queue = [(0, start)]
+    while queue:
+        cost, node = heapq.heappop(queue)
+        if node == goal:
+            break
+        if cost > best.get(node, np.inf):
+            continue
+        if node < height:
+            edges = [(node, j, height + j) for j in range(width)]
+        else:
+            j = node - height
+            edges = [(i, j, i) for i in range(height)]
+        for i, j, neighbour in edges:
+            index = i * width + j
+            if index == entry:
+                continue
+            if suppressed[i, j]:
+                step = 0
+            elif ext[i, j] > 0:
+                step = int(ext[i, j])
+            else:
+                continue
+            if cost + step < best.get(neighbour, np.inf):
+                best[neighbour] = cost + step
+                back[neighbour] = (node, index)
+                heapq.heappush(queue, (cost + step, neighbour))
+    if goal not in best:
+        return []
+    path = []
+    node = goal
+    while node != start:
+        node, index = back[node]
+        path.append(index)
+    return path
 
 
 def table_equations(table: SuppressedTable) -> np.ndarray:

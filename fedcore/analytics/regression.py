@@ -30,6 +30,7 @@ from fedcore.analytics.disclosure import DisclosurePolicy, check_site_count
 
 __all__ = [
     "INTERCEPT",
+    "SEPARATION_HINT",
     "check_binary_cells",
     "design",
     "linear_fit",
@@ -42,6 +43,10 @@ __all__ = [
 ]
 
 INTERCEPT = "const"
+SEPARATION_HINT = (
+    "in a logistic model this usually means a covariate separates the outcome perfectly, which "
+    "makes the estimate infinite: drop or coarsen that covariate"
+)
 
 
 def design(
@@ -214,7 +219,7 @@ def logistic_fit(
 ) -> dict[str, Any]:
     """Run the whole federated logistic fit in one process (the wiring's reference, the tests')."""
     names = [INTERCEPT, *covariates] if intercept else list(covariates)
-    fit = NewtonRaphson(len(names), tol=tol)
+    fit = NewtonRaphson(len(names), tol=tol, hint=SEPARATION_HINT)
     while not fit.done:
         merged = merge_sums(
             [

@@ -37,6 +37,7 @@ from fedcore.analytics._sums import Summary, merge_sums, summary
 from fedcore.analytics.cohort import OTHER_LEVEL, Filter, _label_values, _level_index, apply_filters
 
 __all__ = [
+    "MONOTONE_HINT",
     "TIES",
     "coarsen_times",
     "describe_coarsening",
@@ -54,6 +55,10 @@ __all__ = [
 ]
 
 TIES: tuple[str, ...] = ("efron", "breslow")
+MONOTONE_HINT = (
+    "in a Cox model this usually means a covariate orders the events perfectly (monotone "
+    "likelihood), which makes the estimate infinite: drop or coarsen that covariate"
+)
 
 
 def coarsen_times(times: ArrayLike, step: float | None) -> np.ndarray:
@@ -515,7 +520,7 @@ def cox_fit(
     server's steps see more than one site.
     """
     steps = list(time_steps) if time_steps is not None else [None] * len(sites)
-    fit = NewtonRaphson(len(covariates), tol=tol)
+    fit = NewtonRaphson(len(covariates), tol=tol, hint=MONOTONE_HINT)
     if stratified:
         while not fit.done:
             merged = merge_sums(
