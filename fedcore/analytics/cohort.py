@@ -29,6 +29,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from fedcore.analytics._sums import Summary, summary
+from fedcore.analytics.disclosure import suppress_table
 from fedcore.tabular import MISSING_CATEGORY, DatasetSchema
 
 __all__ = [
@@ -278,8 +279,6 @@ def crosstab_result(
     drop_empty_other: bool = True,
 ) -> dict[str, Any]:
     """Release a merged count table with suppression (see ``disclosure.suppress_table``)."""
-    from fedcore.analytics.disclosure import suppress_table
-
     counts = np.asarray(merged["counts"], dtype=np.int64)
     row_levels = [*map(str, levels[rows]), OTHER_LEVEL]
     col_levels = None if cols is None else [*map(str, levels[cols]), OTHER_LEVEL]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -74,7 +74,6 @@ class DisclosurePolicy:
     # None: event times leave the site as they are (the union grid holds them exactly). A number:
     # every time is floored to a multiple of it before any survival analysis, and results say so.
     time_step: float | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Validate the policy values."""
