@@ -20,7 +20,7 @@ from fedcore.plan import PlanError, parse_schema, plan_errors
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan.keys import is_int
 from fedcore.tabular import DatasetSchema, SchemaError
-from federation import governance, permissions
+from federation import dispatch, governance, permissions
 from federation.models import (
     Approval,
     Consortium,
@@ -180,6 +180,22 @@ def _audit_plan(actor: Any, plan: TrainingPlan, action: str, **data: Any) -> Non
     )
 
 
+def _offer(version: PlanVersion | None) -> None:
+    """After commit, push the version's offer (with the plan's status now) to every connected
+    agent of the silos it names.
+
+    A connected agent learns of a submitted plan, and of its later status (approved, rejected,
+    withdrawn, superseded by a new version), at once instead of at its next reconnect
+    (``selectors.pending_work`` re-offers the open ones then). The consumer builds and signs the
+    offer when the event arrives (``AgentConsumer.plan_offer``); through the Redis channel layer
+    in the production profile, so the process holding the connection need not be this one.
+    """
+    if version is None:
+        return
+    for silo_id in version.silos.values_list("pk", flat=True):
+        dispatch.send_to_silo(silo_id, {"type": "plan.offer", "version_id": version.pk})
+
+
 def _touch(plan: TrainingPlan, *fields: str) -> None:
     plan.updated_at = timezone.now()
     plan.save(update_fields=[*fields, "updated_at"])
@@ -246,6 +262,7 @@ def plan_propose(
     )
     if submit:
         _audit_plan(actor, plan, "plan.submitted", version=1, plan_hash=digest)
+        _offer(version)
     return plan
 
 
@@ -317,6 +334,11 @@ def plan_edit(
         status=plan.status,
         previous_status=old_status,
     )
+    if old_status != Status.DRAFT:
+        # The sites of the old version learn it is superseded; those of the new one, the offer.
+        _offer(previous)
+        if plan.status == Status.SUBMITTED:
+            _offer(version)
     return version
 
 
@@ -337,6 +359,7 @@ def plan_submit(*, actor: Any, plan: TrainingPlan) -> TrainingPlan:
         version=version.number if version else None,
         plan_hash=version.spec_hash if version else None,
     )
+    _offer(version)
     return plan
 
 
@@ -356,6 +379,8 @@ def plan_withdraw(*, actor: Any, plan: TrainingPlan) -> TrainingPlan:
     plan.status = Status.WITHDRAWN
     _touch(plan, "status")
     _audit_plan(actor, plan, "plan.withdrawn", previous_status=previous_status)
+    if previous_status != Status.DRAFT:
+        _offer(plan.current_version)
     return plan
 
 
@@ -499,6 +524,7 @@ def plan_approve(
             organizations=state.organizations_approved,
             organizations_needed=state.organizations_needed,
         )
+        _offer(version)
     return approval
 
 
@@ -546,4 +572,5 @@ def plan_reject(
         role=role,
         reason=reason,
     )
+    _offer(version)
     return rejection

@@ -668,12 +668,16 @@ def test_approve_and_reject_by_prefix(tmp_path, capsys):
 
     code, _, err = run("approve", "abcdef12")
     assert code == 2 and first in err and second in err and "give more characters" in err
+    assert "'one' v1, submitted" in err and "'two' v1, submitted" in err and third not in err
     code, _, err = run("approve", "abcdef1")
     assert code == 2 and "at least 8 characters" in err
+    assert first in err and second in err and third not in err  # what the prefix starts
     code, _, err = run("approve", "not-a-hash")
     assert code == 2 and "not a plan hash" in err
     code, _, err = run("approve", "99999999")
     assert code == 2 and "no offered plan" in err and "full 64-character hash" in err
+    # An unknown prefix lists every offered plan the operator may have meant.
+    assert all(digest in err for digest in (first, second, third)) and "'three' v1" in err
     assert not records.decisions_path.exists()  # nothing recorded by the failures
 
     code, out, _ = run("approve", "ABCDEF121")  # case does not matter
