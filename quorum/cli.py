@@ -222,9 +222,14 @@ def _print_approval_state(plan: dict[str, Any]) -> None:
     approved = state.get("organizations_approved") or []
     needed = state.get("organizations_needed")
     if needed:
+        # The server's progress text caps at what is needed ("met", never "5 of 3 needed").
+        parts = {part.get("name"): part for part in state.get("parts") or []}
+        progress = (parts.get("organizations") or {}).get("progress") or (
+            "met" if len(approved) >= needed else f"{len(approved)} of {needed} needed"
+        )
         out(
-            f"  organisations approved: {len(approved)} of {needed} needed"
-            + (f" ({', '.join(approved)})" if approved else "")
+            f"  organisations: {progress}"
+            + (f" (approved: {', '.join(approved)})" if approved else "")
         )
     if state.get("rejected_by"):
         out(f"  rejected by: {', '.join(state['rejected_by'])}")

@@ -384,6 +384,43 @@ def plan_withdraw(*, actor: Any, plan: TrainingPlan) -> TrainingPlan:
     return plan
 
 
+def _already_approved(
+    plan: TrainingPlan, version: PlanVersion, organization: Organization, verb: str
+) -> str:
+    """Why a decision on an approved version is refused: the rule is met, and by whom."""
+    state = governance.approval_state(version)
+    parts = "; ".join(
+        f"{'stewards of every participating silo' if part.name == 'stewards' else 'organisations'}"
+        f": {part.progress}"
+        for part in state.parts
+    )
+    mine = [
+        a.user.get_username()
+        for a in version.approvals.filter(
+            organization=organization, decision=Approval.Decision.APPROVE
+        ).select_related("user")
+    ]
+    if organization.name in state.organizations_approved:
+        yours = (
+            f"{organization.name} already counts for the organisations' part through the "
+            f"approval of {', '.join(mine)} (a data steward's approval counts for their "
+            "organisation too, and an organisation counts once)"
+        )
+    else:
+        yours = f"{organization.name}'s approval is not needed: the quorum is met without it"
+    if verb == "approving":
+        what = "there is nothing left to approve"
+    else:
+        what = (
+            "an approved version can no longer be rejected; ask the proposer to withdraw the "
+            "plan, or to edit it (a new version needs every approval again)"
+        )
+    return (
+        f"plan '{plan.name}' version {version.number} is already approved: its rule is met "
+        f"({parts}), so {what}. {yours}"
+    )
+
+
 def _decision_context(
     *, actor: Any, plan: TrainingPlan, plan_hash: Any, organization: Organization | None, verb: str
 ) -> tuple[TrainingPlan, PlanVersion, Organization, str]:
@@ -424,6 +461,8 @@ def _decision_context(
         )
     if not isinstance(plan_hash, str) or not plan_hash:
         raise ValidationError({"plan_hash": "required: the hash of the version you reviewed"})
+    if plan.status == Status.APPROVED and version is not None:
+        raise Conflict(_already_approved(plan, version, organization, verb))
     if plan.status != Status.SUBMITTED or version is None:
         raise Conflict(
             f"plan '{plan.name}' is {plan.status}; only a submitted plan can be decided on"
