@@ -152,7 +152,13 @@ def cmd_plan_validate(args: argparse.Namespace) -> int:
     if plan.errors:
         _print_plan_errors(args.file, plan.errors)
         return EXIT_ERROR
-    out(f"{args.file}: a valid plan; its spec hash is {plan.hash}")
+    if plan.name:
+        out(f"{args.file}: a valid plan; {plan.name!r} will have the hash {plan.hash}")
+    else:
+        out(
+            f"{args.file}: a valid plan; its spec hash is {plan.hash} (proposed, its hash also "
+            "covers the name and description)"
+        )
     return EXIT_OK
 
 

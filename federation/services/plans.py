@@ -16,7 +16,7 @@ from django.http import Http404
 from django.utils import timezone
 
 from fedcore import approvals
-from fedcore.plan import PlanError, parse_schema, plan_errors
+from fedcore.plan import PlanError, parse_schema, plan_errors, versioned_spec
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan.keys import is_int
 from fedcore.tabular import DatasetSchema, SchemaError
@@ -160,6 +160,27 @@ def _validated(
     return chosen, digest
 
 
+def _with_identity(spec: Any, *, name: str, description: str | None, errors: dict[str, str]) -> Any:
+    """The spec with the plan's name and description in it: what the version hashes.
+
+    A ``name`` inside the spec must be the plan's (a plan's name does not change; a new name is
+    a new plan); a ``description`` inside it is replaced by the one the request gives, when it
+    gives one (``description`` None: the spec's own, if any).
+    """
+    if not isinstance(spec, dict) or not name:
+        return spec  # plan_errors names the problem (or "name" is already refused)
+    given = spec.get("name")
+    if given is not None and given != name:
+        errors["spec.name"] = (
+            f"is {given!r}, but the plan is named {name!r}: leave it out of the spec or give "
+            "the same name (a plan's name is part of its hash; another name is another plan)"
+        )
+    if description is None:
+        own = spec.get("description")
+        description = own if isinstance(own, str) else None
+    return versioned_spec(spec, name=name, description=description)
+
+
 def _lock_plan(plan: TrainingPlan) -> TrainingPlan:
     """The plan's row, locked for the rest of the transaction (status changes serialise on it)."""
     return (
@@ -235,6 +256,11 @@ def plan_propose(
         errors["name"] = "at most 200 characters"
     if not isinstance(description, str):
         errors["description"] = "must be text"
+        description = ""
+    # The name and description are part of the version, so of its hash (docs/plan-spec.md).
+    spec = _with_identity(spec, name=name, description=description or None, errors=errors)
+    if isinstance(spec, dict):
+        description = spec.get("description") or ""
     chosen, digest = _validated(consortium.pk, spec, silos, errors)
     now = timezone.now()
     plan = TrainingPlan.objects.create(
@@ -294,6 +320,12 @@ def plan_edit(
     errors: dict[str, str] = {}
     if description is not None and not isinstance(description, str):
         errors["description"] = "must be text"
+        description = None
+    if description is None and not (isinstance(spec, dict) and "description" in spec):
+        description = plan.description  # unchanged unless the request or the spec changes it
+    spec = _with_identity(spec, name=plan.name, description=description, errors=errors)
+    if isinstance(spec, dict):
+        description = spec.get("description") or ""
     chosen, digest = _validated(plan.consortium_id, spec, silos, errors)
     previous = plan.current_version
     if (
@@ -316,8 +348,8 @@ def plan_edit(
         plan.status = Status.SUBMITTED
         plan.rejection_reason = ""
         fields += ["status", "rejection_reason"]
-    if description is not None:
-        plan.description = description
+    if description != plan.description:
+        plan.description = description  # the current version's, which its hash covers
         fields.append("description")
     _touch(plan, *fields)
     voided = previous.approvals.count() if previous else 0

@@ -739,6 +739,18 @@ def test_an_offer_whose_signature_does_not_verify_is_refused_and_not_stored(tmp_
     assert "name is not the one the server signed" in text and "not 'site-a'" in text
 
 
+def test_an_offer_must_carry_the_name_its_hashed_plan_carries(tmp_path, caplog):
+    agent = welcomed_agent(tmp_path)
+    named = dict(PLAN, name="Readmission", description=None)
+    digest = plan_hash(named)
+
+    agent.on_plan_offer(offer(digest, "Something nicer", plan=named))  # signed, but misnamed
+    assert agent.records.offers() == {}
+    assert "named 'Something nicer' but its plan is named 'Readmission'" in caplog.text
+    agent.on_plan_offer(offer(digest, "Readmission", plan=named))
+    assert agent.records.offers()[digest]["name"] == "Readmission"
+
+
 def test_offers_are_bounded_in_count_and_size_oldest_evicted(tmp_path, caplog):
     agent = welcomed_agent(tmp_path)
     agent.records.max_offers = 3
