@@ -27,7 +27,14 @@ import pandas as pd
 from clientagent import __version__, onboarding
 from clientagent.config import ConfigError, DataConfig, SiteConfig, load_config, load_data_config
 from clientagent.connection import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, run_agent
-from clientagent.records import APPROVED, REJECTED, RecordsError, SiteRecords, short_hash
+from clientagent.records import (
+    APPROVED,
+    OPEN_OFFER_STATUSES,
+    REJECTED,
+    RecordsError,
+    SiteRecords,
+    short_hash,
+)
 from fedcore import approvals, schema_inference, signing
 from fedcore.logsafe import EscapingFormatter
 
@@ -353,6 +360,11 @@ def _decide(args: argparse.Namespace, decision: str) -> int:
         return EXIT_CONFIG
     what = f"{offer.get('name')!r} v{offer.get('version')}" if offer else "(not offered yet)"
     print(f"{decision} plan {plan_hash} {what} as {entry.operator}")
+    if offer and offer.get("status") not in OPEN_OFFER_STATUSES:
+        print(
+            f"note: the server says this version is {offer.get('status')}; it will not run "
+            "under this hash (`quorum-agent plans` lists the current offers)"
+        )
     print(
         f"recorded in {records.decisions_path}; the running agent applies it from its next request"
     )

@@ -57,6 +57,7 @@ from clientagent.policy import (
 )
 from clientagent.progress import RoundProgress
 from clientagent.records import (
+    OPEN_OFFER_STATUSES,
     OfferRefused,
     RecordsError,
     SiteRecords,
@@ -773,6 +774,17 @@ class Agent:
                 short_hash(old_hash),
                 self.records.max_offers,
             )
+        if fields["status"] not in OPEN_OFFER_STATUSES:
+            # An update of an offer: the plan was withdrawn or rejected, or this version was
+            # superseded by an edit; it will not run under this hash.
+            logger.info(
+                "plan %r v%d (hash %s) is now %s on the server; it will not run as offered",
+                fields["name"],
+                fields["version"],
+                short_hash(fields["plan_hash"]),
+                fields["status"],
+            )
+            return
         hint = ""
         if self.config.policy.require_local_approval:
             try:

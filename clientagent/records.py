@@ -48,6 +48,9 @@ SHORT_HASH_CHARS = 12  # how plan hashes are shown in tables and log lines
 # offer whose plan is larger than MAX_OFFER_BYTES is not stored. The server re-sends the offers
 # that still matter at every connect.
 MAX_OFFERS = 200
+# Server statuses of an offer that may still run; the others (withdrawn, rejected, superseded by
+# a new version) update a stored offer: the plan will not run under that hash.
+OPEN_OFFER_STATUSES = frozenset({"submitted", "approved"})
 MAX_OFFER_BYTES = 256 << 10
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -90,6 +93,24 @@ def _plan_summary(plan: Mapping[str, Any]) -> tuple[str, str]:
     privacy = plan.get("privacy", {})
     mode = privacy.get("mode", "none") if isinstance(privacy, Mapping) else None
     return (kind if isinstance(kind, str) else "?", mode if isinstance(mode, str) else "?")
+
+
+CANDIDATES_SHOWN = 10  # offered plans an error about an unusable hash prefix lists
+
+
+def _newest(offers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Offered plan hashes, most recently received first."""
+    return sorted(offers, key=lambda h: str(offers[h].get("received_at", "")), reverse=True)
+
+
+def _candidates(offers: Mapping[str, Mapping[str, Any]], hashes: list[str]) -> str:
+    """Offered plans named for an operator choosing one: hash, name, version, server status."""
+    shown = [
+        f"{h} ({offers[h].get('name')!r} v{offers[h].get('version')}, {offers[h].get('status')})"
+        for h in hashes[:CANDIDATES_SHOWN]
+    ]
+    more = len(hashes) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
 
 
 def append_line(path: Path, record: Mapping[str, Any]) -> None:
@@ -284,32 +305,39 @@ class SiteRecords:
         MIN_PREFIX_CHARS hex characters must match exactly one offered plan.
 
         Raises:
-            RecordsError: not hex, too short, or matching no offered plan or several.
+            RecordsError: not hex, too short, or matching no offered plan or several; the
+                message lists the offered plans the operator may have meant.
         """
         value = text.strip().lower()
         if not _HEX.fullmatch(value) or len(value) > 64:
             raise RecordsError(f"{text!r} is not a plan hash (hex characters, at most 64)")
         if len(value) == 64:
             return value
+        offers = self.offers()
         if len(value) < MIN_PREFIX_CHARS:
+            matches = sorted(h for h in offers if h.startswith(value))
             raise RecordsError(
                 f"{text!r} is too short; give at least {MIN_PREFIX_CHARS} characters of the "
                 "plan hash, or all 64"
+                + (f"; it starts {_candidates(offers, matches)}" if matches else "")
             )
-        offers = self.offers()
         matches = sorted(h for h in offers if h.startswith(value))
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            raise RecordsError(
-                f"no offered plan's hash starts with {value!r}; `quorum-agent plans` lists the "
-                "offers; to approve a plan before it is offered, give its full 64-character hash"
+            offered = (
+                f"; the offered plans are: {_candidates(offers, _newest(offers))}"
+                if offers
+                else "; no plan has been offered to this site yet"
             )
-        candidates = "; ".join(
-            f"{h} ({offers[h].get('name')} v{offers[h].get('version')})" for h in matches
-        )
+            raise RecordsError(
+                f"no offered plan's hash starts with {value!r}{offered} (`quorum-agent plans` "
+                "lists them); to approve a plan before it is offered, give its full "
+                "64-character hash"
+            )
         raise RecordsError(
-            f"{value!r} matches {len(matches)} offered plans: {candidates}; give more characters"
+            f"{value!r} matches {len(matches)} offered plans: {_candidates(offers, matches)}; "
+            "give more characters"
         )
 
     # -- sent log -----------------------------------------------------------------------------

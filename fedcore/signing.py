@@ -246,6 +246,12 @@ def verify_offer(
     for name in ("name", "version", "consortium", "status"):
         if payload.get(name) != offer.get(name):
             raise AuthorizationError(f"the offer's {name} is not the one the server signed")
+    named = offer["plan"].get("name") if isinstance(offer["plan"], Mapping) else None
+    if named is not None and named != offer.get("name"):
+        # Since the name is part of the hashed plan, the name shown must be the hashed one.
+        raise AuthorizationError(
+            f"the offer is named {offer.get('name')!r} but its plan is named {named!r}"
+        )
     if silo is not None and payload.get("silo") != silo:
         raise AuthorizationError(f"the offer is for silo {payload.get('silo')!r}, not {silo!r}")
     return dict(payload)

@@ -13,6 +13,24 @@ from federation.models import Approval, Consortium, Membership, PlanVersion, Rol
 
 
 @dataclass
+class RulePart:
+    """One part of a consortium's approval rule and where a version stands against it.
+
+    ``counted`` never exceeds ``needed`` (so nothing reads "5 of 3 needed"); ``approved`` lists
+    everyone whose approval counts, more than needed included.
+    """
+
+    name: str  # "stewards" or "organizations"
+    rule: str  # whose approvals count for this part, in words
+    needed: int
+    counted: int
+    approved: list[str]
+    missing: list[str]  # silos (stewards) or organisations (organizations) not yet approved
+    met: bool
+    progress: str  # "met (4 approved, 3 needed)" or "1 of 3 needed"
+
+
+@dataclass
 class ApprovalState:
     """Where a plan version stands against its consortium's approval rules."""
 
@@ -28,6 +46,22 @@ class ApprovalState:
     # already counted for another organisation).
     not_counted: list[str] = field(default_factory=list)
     satisfied: bool = False
+    # The rule in one sentence, and each of its parts with its progress (what pages show).
+    rule: str = ""
+    parts: list[RulePart] = field(default_factory=list)
+
+
+# Whose approvals count for which part: the one statement the service, the pages, the API and
+# docs/governance.md ("The approval rule") share.
+STEWARD_PART_RULE = (
+    "a data steward of each participating silo's organisation approves (one steward approval "
+    "covers all of that organisation's silos); only data stewards count here"
+)
+ORGANIZATION_PART_RULE = (
+    "enough member organisations approve; an organisation approves through any one of its data "
+    "stewards or organisation admins, so a steward's approval also counts for their "
+    "organisation here, and further approvals of the same organisation count once"
+)
 
 
 def organizations_needed(consortium: Consortium, member_count: int) -> int:
@@ -37,6 +71,36 @@ def organizations_needed(consortium: Consortium, member_count: int) -> int:
         return min(int(value), member_count)
     # A small tolerance so that 0.3 * 10 (= 3.0000000000000004) asks for 3, not 4.
     return min(math.ceil(value * member_count - 1e-9), member_count)
+
+
+def progress_text(counted: int, needed: int, approved: int) -> str:
+    """A part's progress in words: "1 of 3 needed", or "met (5 approved, 3 needed)"."""
+    if counted >= needed:
+        return f"met ({approved} approved, {needed} needed)" if approved > needed else "met"
+    return f"{counted} of {needed} needed"
+
+
+def approval_rule_text(consortium: Consortium, member_count: int) -> str:
+    """The consortium's approval rule as one sentence, with its parts."""
+    needed = organizations_needed(consortium, member_count)
+    quorum = f"at least {needed} of its {member_count} member organisations"
+    if consortium.org_quorum_mode == Consortium.QuorumMode.FRACTION:
+        quorum += f" (a fraction of {float(consortium.org_quorum_value):g})"
+    parts = []
+    if consortium.require_steward_unanimity:
+        parts.append(
+            "(1) a data steward of every participating silo's organisation approves it, and "
+        )
+    parts.append(
+        f"{'(2) ' if parts else ''}{quorum} approve it, each through a data steward or an "
+        "organisation admin (a steward's approval counts for both parts; an organisation "
+        "counts once)"
+    )
+    return (
+        "A version is approved when nobody rejected it and "
+        + "".join(parts)
+        + ". Nobody decides on a plan they proposed or a version they wrote."
+    )
 
 
 def approval_state(version: PlanVersion) -> ApprovalState:
@@ -52,21 +116,48 @@ def approval_state(version: PlanVersion) -> ApprovalState:
     )
     rejections = [a for a in decisions if a.decision == Approval.Decision.REJECT]
     silos = list(version.silos.order_by("name"))
+    members = list(consortium.organizations.order_by("name").values_list("name", flat=True))
 
+    parts: list[RulePart] = []
     stewards_missing: list[str] = []
     if consortium.require_steward_unanimity:
         # One steward approval acting for organisation O covers all of O's participating silos.
         steward_orgs = {a.organization_id for a in approvals if a.role == Role.DATA_STEWARD}
         stewards_missing = [s.name for s in silos if s.organization_id not in steward_orgs]
+        covered = [s.name for s in silos if s.organization_id in steward_orgs]
+        parts.append(
+            RulePart(
+                name="stewards",
+                rule=STEWARD_PART_RULE,
+                needed=len(silos),
+                counted=len(covered),
+                approved=covered,
+                missing=stewards_missing,
+                met=bool(silos) and not stewards_missing,
+                progress=(
+                    "met"
+                    if silos and not stewards_missing
+                    else f"{len(covered)} of {len(silos)} silos"
+                ),
+            )
+        )
     organizations_approved = sorted({a.organization.name for a in approvals})
-    needed = organizations_needed(consortium, consortium.organizations.count())
-    rejected_by = sorted({a.organization.name for a in rejections})
-    satisfied = (
-        bool(silos)
-        and not stewards_missing
-        and len(organizations_approved) >= needed
-        and not rejected_by
+    needed = organizations_needed(consortium, len(members))
+    counted = min(len(organizations_approved), needed)
+    parts.append(
+        RulePart(
+            name="organizations",
+            rule=ORGANIZATION_PART_RULE,
+            needed=needed,
+            counted=counted,
+            approved=organizations_approved,
+            missing=[name for name in members if name not in organizations_approved],
+            met=len(organizations_approved) >= needed,
+            progress=progress_text(counted, needed, len(organizations_approved)),
+        )
     )
+    rejected_by = sorted({a.organization.name for a in rejections})
+    satisfied = bool(silos) and all(part.met for part in parts) and not rejected_by
     return ApprovalState(
         plan_hash=version.spec_hash,
         stewards_missing=stewards_missing,
@@ -75,6 +166,8 @@ def approval_state(version: PlanVersion) -> ApprovalState:
         rejected_by=rejected_by,
         not_counted=not_counted,
         satisfied=satisfied,
+        rule=approval_rule_text(consortium, len(members)),
+        parts=parts,
     )
 
 

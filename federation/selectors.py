@@ -236,8 +236,15 @@ def active_run_ids() -> list[int]:
     return list(Run.objects.filter(status__in=Run.ACTIVE).values_list("pk", flat=True))
 
 
+# The status an offer of a version that is no longer its plan's current one carries.
+OFFER_SUPERSEDED = "superseded"
+
+
 def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None:
-    """Fields of a plan_offer telling a silo's agent about a plan version that names it."""
+    """Fields of a plan_offer telling a silo's agent about a plan version that names it.
+
+    ``status`` is the plan's status for its current version, ``superseded`` for an older one
+    (an edit made a new version: what the site reviewed under this hash will not run)."""
     version = (
         PlanVersion.objects.select_related("plan__consortium")
         .filter(pk=version_id, silos__pk=silo_id)
@@ -246,14 +253,16 @@ def plan_offer_fields(*, version_id: int, silo_id: int) -> dict[str, Any] | None
     if version is None:
         return None
     silo = Silo.objects.get(pk=silo_id)
+    plan = version.plan
+    status = plan.status if plan.current_version_id == version.pk else OFFER_SUPERSEDED
     return {
         "plan_hash": version.spec_hash,
         "plan": version.spec,
-        "name": version.plan.name,
+        "name": plan.name,
         "version": version.number,
-        "consortium": version.plan.consortium.name,
-        "status": version.plan.status,
-        "authorization": offer_authorization(version=version, silo=silo),
+        "consortium": plan.consortium.name,
+        "status": status,
+        "authorization": offer_authorization(version=version, silo=silo, status=status),
     }
 
 

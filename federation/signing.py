@@ -109,9 +109,9 @@ def authorization_for(*, run: Run, silo: Silo, scope: Mapping[str, Any]) -> dict
     return signing.sign_authorization(server_private_key(), payload)
 
 
-def offer_authorization(*, version: PlanVersion, silo: Silo) -> dict[str, Any]:
-    """The server's signature over a plan offer to this silo (the agent refuses an unsigned or
-    altered one before storing it)."""
+def offer_authorization(*, version: PlanVersion, silo: Silo, status: str) -> dict[str, Any]:
+    """The server's signature over a plan offer to this silo, with the status it carries (the
+    agent refuses an unsigned or altered one before storing it)."""
     return signing.sign_offer(
         server_private_key(),
         {
@@ -120,7 +120,7 @@ def offer_authorization(*, version: PlanVersion, silo: Silo) -> dict[str, Any]:
             "plan_hash": version.spec_hash,
             "name": version.plan.name,
             "version": version.number,
-            "status": version.plan.status,
+            "status": status,
             "issued_at": timezone.now().isoformat(),
         },
     )

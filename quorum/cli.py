@@ -152,7 +152,13 @@ def cmd_plan_validate(args: argparse.Namespace) -> int:
     if plan.errors:
         _print_plan_errors(args.file, plan.errors)
         return EXIT_ERROR
-    out(f"{args.file}: a valid plan; its spec hash is {plan.hash}")
+    if plan.name:
+        out(f"{args.file}: a valid plan; {plan.name!r} will have the hash {plan.hash}")
+    else:
+        out(
+            f"{args.file}: a valid plan; its spec hash is {plan.hash} (proposed, its hash also "
+            "covers the name and description)"
+        )
     return EXIT_OK
 
 
@@ -222,9 +228,14 @@ def _print_approval_state(plan: dict[str, Any]) -> None:
     approved = state.get("organizations_approved") or []
     needed = state.get("organizations_needed")
     if needed:
+        # The server's progress text caps at what is needed ("met", never "5 of 3 needed").
+        parts = {part.get("name"): part for part in state.get("parts") or []}
+        progress = (parts.get("organizations") or {}).get("progress") or (
+            "met" if len(approved) >= needed else f"{len(approved)} of {needed} needed"
+        )
         out(
-            f"  organisations approved: {len(approved)} of {needed} needed"
-            + (f" ({', '.join(approved)})" if approved else "")
+            f"  organisations: {progress}"
+            + (f" (approved: {', '.join(approved)})" if approved else "")
         )
     if state.get("rejected_by"):
         out(f"  rejected by: {', '.join(state['rejected_by'])}")

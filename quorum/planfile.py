@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcore.plan import plan_errors, plan_hash
+from fedcore.plan import plan_errors, plan_hash, versioned_spec
 from quorum.client import QuorumError
 
 try:  # PyYAML is optional: without it plan files are JSON only.
@@ -34,6 +34,12 @@ class PlanFile:
 
     @property
     def hash(self) -> str:
+        """The hash the plan's version will have: with its name and description when the file
+        names it (as the server computes it), else of the bare spec."""
+        if self.name and isinstance(self.spec, dict):
+            return plan_hash(
+                versioned_spec(self.spec, name=self.name, description=self.description)
+            )
         return plan_hash(self.spec)
 
 

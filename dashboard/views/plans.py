@@ -347,7 +347,8 @@ def plan_edit(request: HttpRequest, plan_id: int) -> HttpResponse:
     if current is not None:
         initial = {
             "description": plan.description,
-            "spec": current.spec,
+            # The name and description have their own fields (the version's hash covers them).
+            "spec": {k: v for k, v in current.spec.items() if k not in ("name", "description")},
             "silos": list(selectors.version_silos(current)),
         }
     form = forms.PlanEditForm(request.POST or None, initial=initial, silos=silos)

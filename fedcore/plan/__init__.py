@@ -1,7 +1,7 @@
 """The plan language: parsing a plan spec into typed settings, its canonical JSON and hash, and
 its JSON Schema. Server and site agent both use it (docs/plan-spec.md)."""
 
-from fedcore.plan.canonical import canonical_json, plan_hash
+from fedcore.plan.canonical import canonical_json, plan_hash, versioned_spec
 from fedcore.plan.schema import json_schema, key_table, openapi_schema
 from fedcore.plan.spec import (
     AGGREGATION_STRATEGIES,
@@ -66,4 +66,5 @@ __all__ = [
     "secagg_settings",
     "secagg_threshold",
     "server_strategy_spec",
+    "versioned_spec",
 ]

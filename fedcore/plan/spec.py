@@ -64,6 +64,21 @@ def _sentence(path: str, message: str) -> str:
 # --- the keys ------------------------------------------------------------------------------------
 
 TOP_KEYS: tuple[Key, ...] = (
+    Key(
+        "name",
+        "string",
+        "the plan's name; part of the hashed version, so approvals bind it (the server sets it "
+        "from the proposal)",
+        default=None,
+        nullable=True,
+    ),
+    Key(
+        "description",
+        "string",
+        "the plan's description; part of the hashed version, like the name (null: none)",
+        default=None,
+        nullable=True,
+    ),
     Key("model", "object", "the model to train: fedcore.models spec (section model)"),
     Key("schema", "object", "the dataset schema every site's data must match (fedcore.tabular)"),
     Key("training", "object", "local training at each site (section training)"),

@@ -415,8 +415,30 @@ class PlanVersionDetailSerializer(PlanVersionSerializer):
         read_only_fields = fields
 
 
+class ApprovalRulePartSerializer(serializers.Serializer):
+    """One part of the approval rule (federation.governance.RulePart) and its progress."""
+
+    name = serializers.ChoiceField(choices=["stewards", "organizations"], read_only=True)
+    rule = serializers.CharField(read_only=True, help_text="whose approvals count for this part")
+    needed = serializers.IntegerField(read_only=True)
+    counted = serializers.IntegerField(
+        read_only=True, help_text="approvals counted toward `needed`; never more than it"
+    )
+    approved = serializers.ListField(
+        child=serializers.CharField(),
+        read_only=True,
+        help_text="silos (stewards) or organisations (organizations) approved, all of them",
+    )
+    missing = serializers.ListField(child=serializers.CharField(), read_only=True)
+    met = serializers.BooleanField(read_only=True)
+    progress = serializers.CharField(
+        read_only=True, help_text='"1 of 3 needed", or "met (4 approved, 3 needed)"'
+    )
+
+
 class ApprovalStateSerializer(serializers.Serializer):
-    """federation.governance.ApprovalState of the current version."""
+    """federation.governance.ApprovalState of the current version: the rule in one sentence,
+    each part with its progress, and the flat fields earlier clients read."""
 
     plan_hash = serializers.CharField(read_only=True)
     stewards_missing = serializers.ListField(child=serializers.CharField(), read_only=True)
@@ -425,6 +447,8 @@ class ApprovalStateSerializer(serializers.Serializer):
     rejected_by = serializers.ListField(child=serializers.CharField(), read_only=True)
     not_counted = serializers.ListField(child=serializers.CharField(), read_only=True)
     satisfied = serializers.BooleanField(read_only=True)
+    rule = serializers.CharField(read_only=True)
+    parts = ApprovalRulePartSerializer(many=True, read_only=True)
 
 
 class PlanSerializer(serializers.ModelSerializer):

@@ -16,11 +16,11 @@ from django.http import Http404
 from django.utils import timezone
 
 from fedcore import approvals
-from fedcore.plan import PlanError, parse_schema, plan_errors
+from fedcore.plan import PlanError, parse_schema, plan_errors, versioned_spec
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan.keys import is_int
 from fedcore.tabular import DatasetSchema, SchemaError
-from federation import governance, permissions
+from federation import dispatch, governance, permissions
 from federation.models import (
     Approval,
     Consortium,
@@ -160,6 +160,27 @@ def _validated(
     return chosen, digest
 
 
+def _with_identity(spec: Any, *, name: str, description: str | None, errors: dict[str, str]) -> Any:
+    """The spec with the plan's name and description in it: what the version hashes.
+
+    A ``name`` inside the spec must be the plan's (a plan's name does not change; a new name is
+    a new plan); a ``description`` inside it is replaced by the one the request gives, when it
+    gives one (``description`` None: the spec's own, if any).
+    """
+    if not isinstance(spec, dict) or not name:
+        return spec  # plan_errors names the problem (or "name" is already refused)
+    given = spec.get("name")
+    if given is not None and given != name:
+        errors["spec.name"] = (
+            f"is {given!r}, but the plan is named {name!r}: leave it out of the spec or give "
+            "the same name (a plan's name is part of its hash; another name is another plan)"
+        )
+    if description is None:
+        own = spec.get("description")
+        description = own if isinstance(own, str) else None
+    return versioned_spec(spec, name=name, description=description)
+
+
 def _lock_plan(plan: TrainingPlan) -> TrainingPlan:
     """The plan's row, locked for the rest of the transaction (status changes serialise on it)."""
     return (
@@ -178,6 +199,22 @@ def _audit_plan(actor: Any, plan: TrainingPlan, action: str, **data: Any) -> Non
         object_id=plan.pk,
         data={"plan": plan.name, **data},
     )
+
+
+def _offer(version: PlanVersion | None) -> None:
+    """After commit, push the version's offer (with the plan's status now) to every connected
+    agent of the silos it names.
+
+    A connected agent learns of a submitted plan, and of its later status (approved, rejected,
+    withdrawn, superseded by a new version), at once instead of at its next reconnect
+    (``selectors.pending_work`` re-offers the open ones then). The consumer builds and signs the
+    offer when the event arrives (``AgentConsumer.plan_offer``); through the Redis channel layer
+    in the production profile, so the process holding the connection need not be this one.
+    """
+    if version is None:
+        return
+    for silo_id in version.silos.values_list("pk", flat=True):
+        dispatch.send_to_silo(silo_id, {"type": "plan.offer", "version_id": version.pk})
 
 
 def _touch(plan: TrainingPlan, *fields: str) -> None:
@@ -219,6 +256,11 @@ def plan_propose(
         errors["name"] = "at most 200 characters"
     if not isinstance(description, str):
         errors["description"] = "must be text"
+        description = ""
+    # The name and description are part of the version, so of its hash (docs/plan-spec.md).
+    spec = _with_identity(spec, name=name, description=description or None, errors=errors)
+    if isinstance(spec, dict):
+        description = spec.get("description") or ""
     chosen, digest = _validated(consortium.pk, spec, silos, errors)
     now = timezone.now()
     plan = TrainingPlan.objects.create(
@@ -246,6 +288,7 @@ def plan_propose(
     )
     if submit:
         _audit_plan(actor, plan, "plan.submitted", version=1, plan_hash=digest)
+        _offer(version)
     return plan
 
 
@@ -277,6 +320,12 @@ def plan_edit(
     errors: dict[str, str] = {}
     if description is not None and not isinstance(description, str):
         errors["description"] = "must be text"
+        description = None
+    if description is None and not (isinstance(spec, dict) and "description" in spec):
+        description = plan.description  # unchanged unless the request or the spec changes it
+    spec = _with_identity(spec, name=plan.name, description=description, errors=errors)
+    if isinstance(spec, dict):
+        description = spec.get("description") or ""
     chosen, digest = _validated(plan.consortium_id, spec, silos, errors)
     previous = plan.current_version
     if (
@@ -299,8 +348,8 @@ def plan_edit(
         plan.status = Status.SUBMITTED
         plan.rejection_reason = ""
         fields += ["status", "rejection_reason"]
-    if description is not None:
-        plan.description = description
+    if description != plan.description:
+        plan.description = description  # the current version's, which its hash covers
         fields.append("description")
     _touch(plan, *fields)
     voided = previous.approvals.count() if previous else 0
@@ -317,6 +366,11 @@ def plan_edit(
         status=plan.status,
         previous_status=old_status,
     )
+    if old_status != Status.DRAFT:
+        # The sites of the old version learn it is superseded; those of the new one, the offer.
+        _offer(previous)
+        if plan.status == Status.SUBMITTED:
+            _offer(version)
     return version
 
 
@@ -337,6 +391,7 @@ def plan_submit(*, actor: Any, plan: TrainingPlan) -> TrainingPlan:
         version=version.number if version else None,
         plan_hash=version.spec_hash if version else None,
     )
+    _offer(version)
     return plan
 
 
@@ -356,7 +411,46 @@ def plan_withdraw(*, actor: Any, plan: TrainingPlan) -> TrainingPlan:
     plan.status = Status.WITHDRAWN
     _touch(plan, "status")
     _audit_plan(actor, plan, "plan.withdrawn", previous_status=previous_status)
+    if previous_status != Status.DRAFT:
+        _offer(plan.current_version)
     return plan
+
+
+def _already_approved(
+    plan: TrainingPlan, version: PlanVersion, organization: Organization, verb: str
+) -> str:
+    """Why a decision on an approved version is refused: the rule is met, and by whom."""
+    state = governance.approval_state(version)
+    parts = "; ".join(
+        f"{'stewards of every participating silo' if part.name == 'stewards' else 'organisations'}"
+        f": {part.progress}"
+        for part in state.parts
+    )
+    mine = [
+        a.user.get_username()
+        for a in version.approvals.filter(
+            organization=organization, decision=Approval.Decision.APPROVE
+        ).select_related("user")
+    ]
+    if organization.name in state.organizations_approved:
+        yours = (
+            f"{organization.name} already counts for the organisations' part through the "
+            f"approval of {', '.join(mine)} (a data steward's approval counts for their "
+            "organisation too, and an organisation counts once)"
+        )
+    else:
+        yours = f"{organization.name}'s approval is not needed: the quorum is met without it"
+    if verb == "approving":
+        what = "there is nothing left to approve"
+    else:
+        what = (
+            "an approved version can no longer be rejected; ask the proposer to withdraw the "
+            "plan, or to edit it (a new version needs every approval again)"
+        )
+    return (
+        f"plan '{plan.name}' version {version.number} is already approved: its rule is met "
+        f"({parts}), so {what}. {yours}"
+    )
 
 
 def _decision_context(
@@ -399,6 +493,8 @@ def _decision_context(
         )
     if not isinstance(plan_hash, str) or not plan_hash:
         raise ValidationError({"plan_hash": "required: the hash of the version you reviewed"})
+    if plan.status == Status.APPROVED and version is not None:
+        raise Conflict(_already_approved(plan, version, organization, verb))
     if plan.status != Status.SUBMITTED or version is None:
         raise Conflict(
             f"plan '{plan.name}' is {plan.status}; only a submitted plan can be decided on"
@@ -499,6 +595,7 @@ def plan_approve(
             organizations=state.organizations_approved,
             organizations_needed=state.organizations_needed,
         )
+        _offer(version)
     return approval
 
 
@@ -546,4 +643,5 @@ def plan_reject(
         role=role,
         reason=reason,
     )
+    _offer(version)
     return rejection

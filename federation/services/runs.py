@@ -45,8 +45,8 @@ def run_start(*, actor: Any, plan: TrainingPlan) -> Run:
         missing = ", ".join(state.stewards_missing) or "none"
         raise Conflict(
             f"plan '{plan.name}' v{version.number} lacks approvals: stewards missing for "
-            f"silos [{missing}], {len(state.organizations_approved)} of "
-            f"{state.organizations_needed} organisations approved"
+            f"silos [{missing}], organisations: {state.parts[-1].progress}"
+            + (f", rejected by {', '.join(state.rejected_by)}" if state.rejected_by else "")
         )
     run = Run.objects.create(
         plan=plan,

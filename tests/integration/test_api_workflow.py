@@ -62,7 +62,12 @@ def test_propose_approve_edit_reapprove_run_and_stop(world: World) -> None:
     ]
     versions = scientist.get(f"{url}versions/").json()["results"]
     assert [v["number"] for v in versions] == [1, 2]
-    assert scientist.get(f"{url}versions/1/").json()["spec"] == plan_spec()
+    # The version's spec carries the plan's name and description: its hash covers them.
+    assert scientist.get(f"{url}versions/1/").json()["spec"] == {
+        **plan_spec(),
+        "name": "thyroid v1",
+        "description": None,
+    }
 
     stale = steward.post(f"{url}approve/", {"plan_hash": plan["plan_hash"]}, format="json")
     assert stale.status_code == 409

@@ -213,7 +213,8 @@ def test_plan_page_shows_versions_hash_approval_state_and_decision_forms(world: 
     assert version.spec_hash in steward_html
     assert 'id="approve-form"' in steward_html and 'id="reject-form"' in steward_html
     assert f'value="{version.spec_hash}"' in steward_html  # the hash the decision names
-    assert "Stewards missing" in steward_html
+    assert "Stewards of every silo" in steward_html and "stewards missing: " in steward_html
+    assert "A version is approved when nobody rejected it" in steward_html  # the rule, whole
     scientist_html = client_for(world.user("scientist")).get(f"/plans/{plan.pk}/").content.decode()
     assert 'id="approve-form"' not in scientist_html  # nobody decides on their own plan
     assert "Edit (new version)" in scientist_html and "Withdraw" in scientist_html

@@ -255,9 +255,13 @@ def test_an_edit_that_changes_nothing_or_breaks_the_spec_saves_nothing(gov: Gove
     plan = propose(gov)
     client = client_for(gov.scientists[0])
     before = snapshot()
-    same = client.post(
+    same = client.post(  # the form as shown: its description field holds the current one
         f"/plans/{plan.pk}/edit/",
-        {"spec": json.dumps(plan_spec()), "silos": [s.pk for s in gov.silos]},
+        {
+            "spec": json.dumps(plan_spec()),
+            "description": plan.description,
+            "silos": [s.pk for s in gov.silos],
+        },
     )
     assert same.status_code == 400 and "nothing to change" in same.content.decode()
     broken = client.post(

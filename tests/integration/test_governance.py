@@ -269,7 +269,13 @@ def test_a_data_scientist_proposes_version_1(g: Governed) -> None:
     assert plan.status == Status.SUBMITTED
     assert plan.proposed_by == g.scientists[0]
     assert version.number == 1
-    assert version.spec_hash == plan_hash(plan_spec())
+    # The hashed version carries the plan's name and description (docs/plan-spec.md).
+    assert version.spec == {
+        **plan_spec(),
+        "name": "Thyroid risk",
+        "description": "logistic regression on three labs",
+    }
+    assert version.spec_hash == plan_hash(version.spec) != plan_hash(plan_spec())
     assert set(version.silos.all()) == set(g.silos[:2])
     assert actions() == ["plan.proposed", "plan.submitted"]
 

@@ -668,12 +668,16 @@ def test_approve_and_reject_by_prefix(tmp_path, capsys):
 
     code, _, err = run("approve", "abcdef12")
     assert code == 2 and first in err and second in err and "give more characters" in err
+    assert "'one' v1, submitted" in err and "'two' v1, submitted" in err and third not in err
     code, _, err = run("approve", "abcdef1")
     assert code == 2 and "at least 8 characters" in err
+    assert first in err and second in err and third not in err  # what the prefix starts
     code, _, err = run("approve", "not-a-hash")
     assert code == 2 and "not a plan hash" in err
     code, _, err = run("approve", "99999999")
     assert code == 2 and "no offered plan" in err and "full 64-character hash" in err
+    # An unknown prefix lists every offered plan the operator may have meant.
+    assert all(digest in err for digest in (first, second, third)) and "'three' v1" in err
     assert not records.decisions_path.exists()  # nothing recorded by the failures
 
     code, out, _ = run("approve", "ABCDEF121")  # case does not matter
@@ -733,6 +737,18 @@ def test_an_offer_whose_signature_does_not_verify_is_refused_and_not_stored(tmp_
     assert text.count("refusing the offer") == 5 and "it is not stored" in text
     assert "does not verify with the server key pinned" in text
     assert "name is not the one the server signed" in text and "not 'site-a'" in text
+
+
+def test_an_offer_must_carry_the_name_its_hashed_plan_carries(tmp_path, caplog):
+    agent = welcomed_agent(tmp_path)
+    named = dict(PLAN, name="Readmission", description=None)
+    digest = plan_hash(named)
+
+    agent.on_plan_offer(offer(digest, "Something nicer", plan=named))  # signed, but misnamed
+    assert agent.records.offers() == {}
+    assert "named 'Something nicer' but its plan is named 'Readmission'" in caplog.text
+    agent.on_plan_offer(offer(digest, "Readmission", plan=named))
+    assert agent.records.offers()[digest]["name"] == "Readmission"
 
 
 def test_offers_are_bounded_in_count_and_size_oldest_evicted(tmp_path, caplog):
