@@ -60,18 +60,27 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
 
     state = report["approval_state"]
     doc.heading("Plan and its approval", 2)
-    approved = state.get("organizations_approved") or []
-    rules = (
-        f"{'yes' if state.get('satisfied') else 'no'}: {len(approved)} of "
-        f"{state.get('organizations_needed')} organisations needed"
-        + (f" ({', '.join(approved)})" if approved else "")
-    )
+    rules = "yes" if state.get("satisfied") else "no"
+    if state.get("parts"):  # the rule's parts, each with its capped progress (as the page)
+        rules += ": " + "; ".join(
+            ("stewards of every silo: " if part["name"] == "stewards" else "organisations: ")
+            + part["progress"]
+            for part in state["parts"]
+        )
+    else:
+        approved = state.get("organizations_approved") or []
+        needed = state.get("organizations_needed") or 0
+        rules += f": organisations: {min(len(approved), needed)} of {needed} needed" + (
+            f" ({', '.join(approved)})" if approved else ""
+        )
     if state.get("stewards_missing"):
         rules += f"; stewards missing: {', '.join(state['stewards_missing'])}"
+    facts_rule = [("Approval rule", state["rule"])] if state.get("rule") else []
     doc.facts(
         [
             ("Plan", f"{plan['name']} (id {plan['id']}), version {plan['version']}"),
             ("Plan hash (SHA-256)", run["plan_hash"]),
+            *facts_rule,
             ("Approval rules met", rules),
             (
                 "Run",
