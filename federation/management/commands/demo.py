@@ -432,6 +432,7 @@ def _prepare_next_run(
             description=f"{plan.description}\n\nVersion 2: the same spec, approved again by the "
             "demo for a run from the dashboard.".strip(),
         )
+        plan.refresh_from_db()  # its current version is now version 2
     except ValidationError:
         # Without the description in the hash, the same spec cannot be a new version: the
         # plan is then proposed afresh under a new name.
