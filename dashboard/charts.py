@@ -252,10 +252,37 @@ def traffic_chart(rounds: list[Any]) -> Chart:
     )
 
 
+EMPTY_NOTE = "No round has reported yet: points appear here as rounds complete."
+
+
+def _without_data(chart: Chart) -> Chart:
+    """A chart with no point yet: fixed axes (0 to 1, rounds 1 to 5) instead of Plotly's guess
+    for empty data (-1 to 4, or a 0-4 accuracy axis), and a note in the plot area saying why it
+    is empty. The live endpoint redraws it with data as soon as a round reports."""
+    layout = chart.figure.setdefault("layout", {})
+    layout.setdefault("yaxis", {}).update({"range": [0, 1], "autorange": False})
+    layout.setdefault("xaxis", {}).update(
+        {"range": [0.5, 5.5], "autorange": False, "type": "linear", "dtick": 1}
+    )
+    layout["annotations"] = [
+        {
+            "text": EMPTY_NOTE,
+            "xref": "paper",
+            "yref": "paper",
+            "x": 0.5,
+            "y": 0.5,
+            "showarrow": False,
+            "font": {"size": 13, "color": "#4a5263"},
+        }
+    ]
+    return chart
+
+
 def run_charts(rounds: list[Any], metric_rows: list[dict[str, Any]]) -> list[Chart]:
     """Every chart of the run monitor, in page order."""
     charts = [metric_chart(metric, label, metric_rows) for metric, label in METRICS]
-    return [*charts, participation_chart(rounds), duration_chart(rounds), traffic_chart(rounds)]
+    charts += [participation_chart(rounds), duration_chart(rounds), traffic_chart(rounds)]
+    return [c if c.points else _without_data(c) for c in charts]
 
 
 # --------------------------------------------------------------------------------------------

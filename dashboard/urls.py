@@ -45,6 +45,7 @@ urlpatterns = [
     path("runs/<int:run_id>/live.json", runs.run_live, name="run_live"),
     path("runs/<int:run_id>/stop/", runs.run_stop, name="run_stop"),
     path("runs/<int:run_id>/compliance/", audit.compliance_report, name="compliance_report"),
+    path("runs/<int:run_id>/compliance.pdf", audit.compliance_report_pdf, name="compliance_pdf"),
     path("runs/<int:run_id>/fairness/", fairness.run_fairness, name="run_fairness"),
     path("models/<int:model_id>/download/", models.model_download, name="model_download"),
     path("models/<int:model_id>/card/", models.model_card, name="model_card"),

@@ -45,6 +45,8 @@ def _decisions(run: Run) -> list[dict[str, Any]]:
             "reason": a.reason,
             "plan_hash": a.plan_hash,
             "at": _iso(a.created_at),
+            # What the sites verify against their pinned steward keys (None: unsigned).
+            "signature": a.signature,
         }
         for a in selectors.version_decisions(run.version)
     ]

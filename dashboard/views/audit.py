@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 
 from dashboard.views.common import page
-from federation import permissions, reports, selectors
+from federation import compliance_pdf, permissions, reports, selectors
 from federation.services.audit import audit_head, audit_verify
 
 PAGE_SIZE = 50
@@ -46,9 +48,7 @@ def audit_log(request: HttpRequest, consortium_id: int) -> HttpResponse:
     )
 
 
-@login_required
-def compliance_report(request: HttpRequest, run_id: int) -> HttpResponse:
-    """A printable record of one run: plan, approvals, data used, privacy, audit trail."""
+def _compliance_run(request: HttpRequest, run_id: int) -> Any:
     run = permissions.access_run(user=request.user, id=run_id)
     permissions.require_roles(
         request.user,
@@ -56,6 +56,25 @@ def compliance_report(request: HttpRequest, run_id: int) -> HttpResponse:
         permissions.CAN_READ_AUDIT,
         "reading a compliance report",
     )
+    return run
+
+
+@login_required
+def compliance_report_pdf(request: HttpRequest, run_id: int) -> HttpResponse:
+    """The compliance report as a PDF download (the same facts as the API's JSON)."""
+    run = _compliance_run(request, run_id)
+    response = HttpResponse(
+        compliance_pdf.compliance_report_pdf(run), content_type="application/pdf"
+    )
+    response["Content-Disposition"] = f'attachment; filename="{compliance_pdf.filename(run)}"'
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+def compliance_report(request: HttpRequest, run_id: int) -> HttpResponse:
+    """A printable record of one run: plan, approvals, data used, privacy, audit trail."""
+    run = _compliance_run(request, run_id)
     return page(
         request,
         "dashboard/compliance.html",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
@@ -13,12 +14,16 @@ from federation import permissions, reports, selectors
 
 @login_required
 def model_list(request: HttpRequest, consortium_id: int) -> HttpResponse:
-    """Every global model of the consortium's runs, grouped by run."""
+    """Every global model of the consortium's runs, grouped by run, newest run and newest
+    version first; a completed run's last version is marked final."""
     consortium = permissions.access_consortium(user=request.user, id=consortium_id)
-    groups: dict[int, dict[str, object]] = {}
+    groups: dict[int, dict[str, Any]] = {}
     for version in selectors.consortium_model_versions(consortium):
         group = groups.setdefault(version.run_id, {"run": version.run, "versions": []})
         group["versions"].append(version)
+    for group in groups.values():
+        group["versions"].sort(key=lambda v: -v.number)
+        group["final"] = group["run"].status == "completed"
     return page(
         request,
         "dashboard/model_list.html",

@@ -136,6 +136,7 @@ def _render_detail(
             initial=initial, organizations=organizations
         )
     is_proposer = plan.proposed_by_id == user.pk
+    projected = governance.projected_epsilon(current) if current else {}
     passkey_approval = None
     if may_decide and current is not None and organizations is not None and len(organizations) == 1:
         passkey_approval = _passkey_approval(request, plan, current.spec_hash, organizations[0])
@@ -154,7 +155,8 @@ def _render_detail(
         versions=versions,
         state=governance.approval_state(current) if current else None,
         decisions=selectors.decision_grants(selectors.plan_decisions(plan)),
-        projected=governance.projected_epsilon(current) if current else {},
+        projected=projected,
+        projected_spends=any(projected.values()),
         diff=diff,
         diff_old=old,
         diff_new=new,

@@ -85,6 +85,11 @@ def run_live(request: HttpRequest, run_id: int) -> JsonResponse:
     """The monitor's figures and tables as JSON: the page re-fetches it on a live event."""
     run = permissions.access_run(user=request.user, id=run_id)
     data = _monitor_data(request, run)
+    toolbar = {
+        "run": run,
+        "nav": nav_for(request, run.plan.consortium),
+        "model_count": selectors.run_model_versions(run).count(),
+    }
     response = JsonResponse(
         {
             "run": run.pk,
@@ -98,6 +103,8 @@ def run_live(request: HttpRequest, run_id: int) -> JsonResponse:
                 for c in data["charts"]
             },
             "summary": render_to_string("dashboard/_run_summary.html", data, request=request),
+            # The links above the charts: "Models (n)" appears with the first model version.
+            "toolbar": render_to_string("dashboard/_run_toolbar.html", toolbar, request=request),
         }
     )
     response["Cache-Control"] = "no-store"

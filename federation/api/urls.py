@@ -68,6 +68,11 @@ urlpatterns = [
     path("runs/<int:pk>/privacy/", reports.RunPrivacyView.as_view(), name="run-privacy"),
     path("runs/<int:pk>/compliance/", reports.RunComplianceView.as_view(), name="run-compliance"),
     path(
+        "runs/<int:pk>/compliance.pdf",
+        reports.RunCompliancePdfView.as_view(),
+        name="run-compliance-pdf",
+    ),
+    path(
         "consortia/<int:pk>/privacy/",
         reports.ConsortiumPrivacyView.as_view(),
         name="consortium-privacy",

@@ -57,16 +57,22 @@
     });
     var summary = document.getElementById("run-summary");
     if (summary) {
-      summary.innerHTML = data.summary;
+      summary.innerHTML = data.summary; // status badge, waiting notice, silos: all as of now
+    }
+    var toolbar = document.getElementById("run-toolbar");
+    if (toolbar && typeof data.toolbar === "string") {
+      toolbar.innerHTML = data.toolbar; // "Models (n)" once the run has a model version
     }
     root.dataset.rounds = String(data.rounds_completed);
     root.dataset.refreshes = String(Number(root.dataset.refreshes || 0) + 1);
     root.dataset.active = data.active ? "true" : "false";
-    if (!data.active && socket) {
+    if (!data.active) {
       setState("finished", "run " + data.status);
-      socket.onclose = null;
-      socket.close();
-      socket = null;
+      if (socket) {
+        socket.onclose = null;
+        socket.close();
+        socket = null;
+      }
     }
   }
 

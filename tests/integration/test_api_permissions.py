@@ -93,6 +93,7 @@ MATRIX = """
 | GET /api/v1/runs/{id}/fairness/           | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/runs/{id}/privacy/            | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/runs/{id}/compliance/         | 200   | 403       | 403     | 403       | 200     | 404   | 401       |
+| GET /api/v1/runs/{id}/compliance.pdf      | 200   | 403       | 403     | 403       | 200     | 404   | 401       |
 | GET /api/v1/models/{id}/                  | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/models/{id}/download/         | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/models/{id}/onnx/             | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
@@ -235,6 +236,10 @@ REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
     "GET /api/v1/runs/{id}/privacy/": (lambda w: f"/api/v1/runs/{w.run.pk}/privacy/", _none),
     "GET /api/v1/runs/{id}/compliance/": (
         lambda w: f"/api/v1/runs/{w.run.pk}/compliance/",
+        _none,
+    ),
+    "GET /api/v1/runs/{id}/compliance.pdf": (
+        lambda w: f"/api/v1/runs/{w.run.pk}/compliance.pdf",
         _none,
     ),
     "GET /api/v1/models/{id}/": (lambda w: f"/api/v1/models/{_model(w).pk}/", _none),

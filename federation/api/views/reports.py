@@ -15,10 +15,12 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions
 from rest_framework.permissions import AllowAny
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 
-from federation import permissions, reports, selectors
+from federation import compliance_pdf, permissions, reports, selectors
 from federation.api.serializers import (
     ApiIndexSerializer,
     ConsortiumPrivacySerializer,
@@ -126,11 +128,42 @@ class ConsortiumPrivacyView(ApiView):
         return Response(ConsortiumPrivacySerializer(data).data)
 
 
-class RunComplianceView(ApiView):
-    """A run's compliance report (auditors and consortium admins), with its printable page."""
+class PdfRenderer(BaseRenderer):
+    # ?format=pdf: the view hands over the finished file; errors still render as JSON.
+    media_type = "application/pdf"
+    format = "pdf"
+    charset = None
+    render_style = "binary"
 
-    @extend_schema(responses=_REPORT, summary="A run's compliance report (auditor, admin)")
-    def get(self, request: Request, pk: int) -> Response:
+    def render(self, data: Any, accepted_media_type: Any = None, renderer_context: Any = None):
+        return data
+
+
+def _compliance_pdf_response(run: Any) -> HttpResponse:
+    """The compliance report as a PDF attachment (the same facts as the JSON)."""
+    response = HttpResponse(
+        compliance_pdf.compliance_report_pdf(run), content_type="application/pdf"
+    )
+    response["Content-Disposition"] = f'attachment; filename="{compliance_pdf.filename(run)}"'
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+class RunComplianceView(ApiView):
+    """A run's compliance report (auditors and consortium admins), with its printable page;
+    ``?format=pdf`` (or ``compliance.pdf``) gives it as a PDF."""
+
+    renderer_classes = [*api_settings.DEFAULT_RENDERER_CLASSES, PdfRenderer]
+
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        # A refusal asked for as PDF is still a JSON error body, not a broken PDF.
+        if isinstance(response, Response) and getattr(request, "accepted_renderer", None):
+            if request.accepted_renderer.format == "pdf":
+                request.accepted_renderer = JSONRenderer()
+                request.accepted_media_type = JSONRenderer.media_type
+        return super().finalize_response(request, response, *args, **kwargs)
+
+    def _run(self, request: Request, pk: int) -> Any:
         run = permissions.access_run(user=request.user, id=pk)
         permissions.require_roles(
             request.user,
@@ -138,12 +171,41 @@ class RunComplianceView(ApiView):
             permissions.CAN_READ_AUDIT,
             "reading a compliance report",
         )
+        return run
+
+    @extend_schema(
+        responses={
+            (200, "application/json"): _REPORT,
+            (200, "application/pdf"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="The report as a PDF (?format=pdf)"
+            ),
+        },
+        summary="A run's compliance report (auditor, admin), as JSON or PDF",
+    )
+    def get(self, request: Request, pk: int) -> Response | HttpResponse:
+        run = self._run(request, pk)
+        if request.accepted_renderer.format == "pdf":
+            return _compliance_pdf_response(run)
         return Response(
             {
                 **reports.compliance_report_json(run),
                 "printable": reverse("dashboard:compliance_report", args=[run.pk]),
+                "pdf": reverse("api:run-compliance-pdf", args=[run.pk]),
             }
         )
+
+
+class RunCompliancePdfView(RunComplianceView):
+    """A run's compliance report as a PDF (auditors and consortium admins)."""
+
+    renderer_classes = [*api_settings.DEFAULT_RENDERER_CLASSES]
+
+    @extend_schema(
+        responses={(200, "application/pdf"): OpenApiResponse(OpenApiTypes.BINARY)},
+        summary="A run's compliance report as a PDF (auditor, admin)",
+    )
+    def get(self, request: Request, pk: int) -> HttpResponse:
+        return _compliance_pdf_response(self._run(request, pk))
 
 
 class ModelVersionDetailView(ApiView):

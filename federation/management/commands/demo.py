@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
@@ -43,8 +45,9 @@ from federation.models import (
 )
 from federation.server import ServerThread, free_port, port_in_use
 from federation.services.consortia import consortium_create, organization_create
+from federation.services.errors import Conflict
 from federation.services.members import membership_accept, membership_add
-from federation.services.plans import plan_approve, plan_propose
+from federation.services.plans import plan_approve, plan_edit, plan_propose
 from federation.services.runs import run_start
 from federation.services.silos import silo_admit, silo_register, silo_set_budget
 from federation.signing import server_public_key_text
@@ -120,18 +123,23 @@ class Command(BaseCommand):
         if opts["verbosity"] < 2:  # the server runs in this process: keep its log off the table
             logging.getLogger("quorum").setLevel(logging.WARNING)
         self.say(f"Quorum server on {server.http_url} (agents connect to {server.ws_url})")
-        agents = _launch_agents(
-            scenario,
-            home,
-            tokens,
-            server.ws_url,
-            server_public_key_text(),
-            {site: signing.public_key_text(key) for site, key in steward_keys.items()},
-        )
+        agents: dict[str, subprocess.Popen[bytes]] = {}
+        # SIGTERM stops the demo as Ctrl-C does: the agents and the server go down with it.
+        previous_term = _stop_on_sigterm()
+        serving = False
         try:
+            agents = _launch_agents(
+                scenario,
+                home,
+                tokens,
+                server.ws_url,
+                server_public_key_text(),
+                {site: signing.public_key_text(key) for site, key in steward_keys.items()},
+            )
             _wait_online(list(tokens), agents, timeout=120.0)
             self.say(
-                f"{len(agents)} site agents connected; starting '{plan.name}' ({plan.current_version.spec_hash[:12]})"
+                f"{len(agents)} site agents connected; starting '{plan.name}' "
+                f"({plan.current_version.spec_hash[:12]})"
             )
             run = run_start(actor=scientist, plan=plan)
             run = self.watch(run, agents, deadline=started + opts["timeout"])
@@ -140,37 +148,60 @@ class Command(BaseCommand):
                 raise CommandError(f"the run {run.status}: {run.error}\n{_log_tails(agents)}")
             final = ModelVersion.objects.filter(run=run).order_by("-number").first()
             state = tensors.decode_state_dict(blob_store().get(final.blob_key))
-        finally:
-            _stop_agents(agents)
-        self.say("Training baselines for comparison (centralized, local-only)...")
-        comparison = evaluate_comparison(scenario, run.preprocessing, state, seed=opts["seed"])
-        result = {
-            "scenario": scenario.name,
-            "rounds": run.rounds,
-            "seconds": round(time.monotonic() - started, 2),
-            "federation_seconds": round(fed_seconds, 2),
-            "secure_aggregation": bool(opts["secagg"]),
-            "round_seconds": _round_seconds(run),
-            "run": run.pk,
-            "plan_hash": run.plan_hash,
-            **comparison,
-        }
-        if opts["dp"] != "none":
-            result["privacy"] = _privacy_report(run, scenario, scientist)
-        self.print_table(result)
-        if "privacy" in result:
-            self.print_privacy(result["privacy"])
-        self.print_users(users, server.http_url)
-        if opts["json"]:
-            self.stdout.write(json.dumps(result, sort_keys=True))
-        if serve:
-            self.say(f"\nDashboard: {server.http_url}  (Ctrl-C to stop)")
-            try:
+            if not serve:
+                _stop_agents(agents)
+                agents = {}
+            self.say("Training baselines for comparison (centralized, local-only)...")
+            comparison = evaluate_comparison(scenario, run.preprocessing, state, seed=opts["seed"])
+            result = {
+                "scenario": scenario.name,
+                "rounds": run.rounds,
+                "seconds": round(time.monotonic() - started, 2),
+                "federation_seconds": round(fed_seconds, 2),
+                "secure_aggregation": bool(opts["secagg"]),
+                "round_seconds": _round_seconds(run),
+                "run": run.pk,
+                "plan_hash": run.plan_hash,
+                **comparison,
+            }
+            if opts["dp"] != "none":
+                result["privacy"] = _privacy_report(run, scenario, scientist)
+            self.print_table(result)
+            if "privacy" in result:
+                self.print_privacy(result["privacy"])
+            self.print_users(users, server.http_url)
+            if opts["json"]:
+                self.stdout.write(json.dumps(result, sort_keys=True))
+            if serve:
+                next_plan, not_ready = _prepare_next_run(plan, scientist, steward_keys)
+                self.print_next_steps(
+                    server.http_url,
+                    home,
+                    agents,
+                    next_plan,
+                    not_ready,
+                    port=port,
+                    host=opts["host"],
+                )
+                self.say(f"\nDashboard: {server.http_url}  (Ctrl-C to stop)")
+                serving = True
                 while server.thread.is_alive():
                     time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
-        server.stop()
+                    gone = [s for s, p in agents.items() if p.poll() is not None]
+                    for site in gone:
+                        self.say(f"site agent {site} exited ({agents.pop(site).returncode})")
+        except KeyboardInterrupt:
+            if not serving:
+                self.say("Interrupted: stopping the site agents and the server.")
+                raise CommandError("interrupted before the demo finished") from None
+        finally:
+            if agents:
+                self.say(f"Stopping {len(agents)} site agents and the server...")
+            _stop_agents(agents)
+            server.stop()
+            signal.signal(signal.SIGTERM, previous_term)
+        if serve:
+            self.say("Stopped.")
 
     def say(self, text: str) -> None:
         """Print a progress line."""
@@ -198,6 +229,47 @@ class Command(BaseCommand):
             if time.monotonic() > deadline:
                 raise CommandError(f"the run did not finish in time (status {run.status})")
             time.sleep(0.2)
+
+    def print_next_steps(
+        self,
+        url: str,
+        home: Path,
+        agents: dict[str, subprocess.Popen[bytes]],
+        plan: TrainingPlan,
+        ready: str | None,
+        *,
+        port: int,
+        host: str,
+    ) -> None:
+        """What a user can do next with the federation the demo leaves running, and how to stop
+        and start its parts."""
+        python = _shell_path(Path(sys.executable))
+        sites = _shell_path(home / "sites")
+        self.say("\nNext steps")
+        self.say(
+            f"  The {len(agents)} site agents keep running while the dashboard is served, so a "
+            "run started in the dashboard trains at once:"
+        )
+        for site, proc in agents.items():
+            self.say(f"    {site:<12} pid {proc.pid:<8} log {sites}/{site}/agent.log")
+        if ready is None:
+            self.say(
+                f"  Start a run: sign in as scientist, open {url}plans/{plan.pk}/ and press "
+                "Start a run (every steward approved it, signed with their key)."
+            )
+        else:
+            self.say(f"  Plan '{plan.name}' is not ready for another run: {ready}")
+        self.say("  Stop everything: Ctrl-C here (or kill " + str(os.getpid()) + ").")
+        self.say(
+            "  Stop one site's agent: kill <its pid> (it stops cleanly on SIGTERM); start it "
+            "again with:"
+        )
+        self.say(f"    {python} -m clientagent run --config {sites}/<site>/site.toml")
+        self.say("  After Ctrl-C, serve the same demo again (its database and keys are kept):")
+        self.say(f"    {python} manage.py serve --host {host} --port {port}")
+        self.say(
+            f"    and start each site's agent with the line above (one per folder in {sites})."
+        )
 
     def print_privacy(self, privacy: dict[str, Any]) -> None:
         """Per silo: epsilon reported by its agent, the ledger's composed total, the budget."""
@@ -303,6 +375,85 @@ def _privacy_report(run: Run, scenario: Scenario, scientist: Any) -> dict[str, A
         "silos": silos,
         "second_run": second,
     }
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does; returns the previous handler."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _shell_path(path: Path) -> str:
+    """A path as a user types it: relative to the current folder when it lies below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _approve_as_stewards(plan: TrainingPlan, steward_keys: dict[str, Any]) -> None:
+    """Every participating silo's steward approves the plan's current hash, signed with their
+    own key (what `quorum-agent steward-key sign` prints), which each site pins."""
+    plan_hash = plan.current_version.spec_hash
+    for silo in plan.current_version.silos.select_related("organization").order_by("name"):
+        steward = get_user_model().objects.get(username=f"steward-{silo.name}")
+        signature = approvals.sign_approval(
+            steward_keys[silo.name],
+            consortium=plan.consortium.name,
+            organization=silo.organization.name,
+            plan_hash=plan_hash,
+        )
+        plan_approve(actor=steward, plan=plan, plan_hash=plan_hash, signature=signature)
+
+
+@transaction.atomic
+def _prepare_next_run(
+    plan: TrainingPlan, scientist: Any, steward_keys: dict[str, Any]
+) -> tuple[TrainingPlan, str | None]:
+    """Leave a plan approved for another run from the dashboard: the plan and None, or the
+    plan and why it is not approved.
+
+    A plan runs once per approved version: the scientist makes version 2 (the same spec, the
+    description says why) and every steward approves its hash with a signature, as before the
+    first run. With DP, the silos' budgets may not afford a second run: that refusal is the
+    answer then.
+    """
+    plan.refresh_from_db()
+    current = plan.current_version
+    try:
+        plan_edit(
+            actor=scientist,
+            plan=plan,
+            spec=current.spec,
+            silos=list(current.silos.all()),
+            description=f"{plan.description}\n\nVersion 2: the same spec, approved again by the "
+            "demo for a run from the dashboard.".strip(),
+        )
+        plan.refresh_from_db()  # its current version is now version 2
+    except ValidationError:
+        # Without the description in the hash, the same spec cannot be a new version: the
+        # plan is then proposed afresh under a new name.
+        plan = plan_propose(
+            actor=scientist,
+            consortium=plan.consortium,
+            name=f"{plan.name} (second run)",
+            description=plan.description,
+            spec=current.spec,
+            silos=list(current.silos.all()),
+            submit=True,
+        )
+    try:
+        with transaction.atomic():
+            _approve_as_stewards(plan, steward_keys)
+    except Conflict as exc:
+        return plan, str(exc)
+    plan.refresh_from_db()
+    if plan.status != TrainingPlan.Status.APPROVED:
+        return plan, f"it is {plan.status} after every steward approved it"
+    return plan, None
 
 
 def _prepare_scenario(opts: dict[str, Any]) -> Scenario:
@@ -426,7 +577,6 @@ def _create_consortium(
 
     silos: list[Silo] = []
     tokens: dict[str, str] = {}
-    stewards: list[tuple[Any, str, str]] = []
     for i, (site, frame) in enumerate(scenario.sites.items()):
         org = organization_create(
             actor=None,
@@ -445,7 +595,6 @@ def _create_consortium(
         steward, password = _user(f"steward-{site}")
         membership_add(actor=org_admin, user=steward, organization=org, role=Role.DATA_STEWARD)
         users.append(DemoUser(steward.username, Role.DATA_STEWARD, org.name, password))
-        stewards.append((steward, site, org.name))
         silo = silo_register(
             actor=steward,
             organization=org,
@@ -469,16 +618,7 @@ def _create_consortium(
         silos=silos,
         submit=True,
     )
-    plan_hash = plan.current_version.spec_hash
-    for steward, site, organization in stewards:
-        # What `quorum-agent steward-key sign` prints, submitted with the approval.
-        signature = approvals.sign_approval(
-            steward_keys[site],
-            consortium=consortium.name,
-            organization=organization,
-            plan_hash=plan_hash,
-        )
-        plan_approve(actor=steward, plan=plan, plan_hash=plan_hash, signature=signature)
+    _approve_as_stewards(plan, steward_keys)
     plan.refresh_from_db()
     if plan.status != TrainingPlan.Status.APPROVED:
         raise CommandError(f"the demo plan is {plan.status} after every steward approved it")
