@@ -107,3 +107,24 @@ def test_a_version_stored_before_the_rule_keeps_its_hash_and_its_approvals(g: Go
     # Its next edit binds the name.
     v2 = plan_edit(actor=g.scientists[0], plan=plan, spec=version.spec, silos=[g.silos[0]])
     assert v2.spec["name"] == plan.name and v2.spec_hash != version.spec_hash
+
+
+def test_the_plan_page_shows_each_versions_own_description(g: Governed) -> None:
+    from django.test import Client
+
+    plan = propose(g, "Readmission", "first: 30-day readmission")
+    plan_edit(
+        actor=g.scientists[0],
+        plan=plan,
+        spec=plan_spec(),
+        silos=[g.silos[0]],
+        description="second: 90-day readmission",
+    )
+    client = Client()
+    client.force_login(g.stewards[0])
+    html = client.get(f"/plans/{plan.pk}/").content.decode()
+    table = html[html.index('id="hist-h"') :]
+    # Each version's row carries the description its hash covers; the page leads with the
+    # current version's.
+    assert "first: 30-day readmission" in table and "second: 90-day readmission" in table
+    assert html.index("second: 90-day readmission") < html.index('id="hist-h"')
