@@ -25,7 +25,9 @@ class OrganizationAddForm(ServiceErrorsMixin, forms.Form):
     """A consortium admin adds a member organisation."""
 
     name = forms.CharField(max_length=200, strip=True, label="Organisation name")
-    kind = forms.ChoiceField(choices=Organization.Kind.choices, initial=Organization.Kind.OTHER)
+    kind = forms.ChoiceField(
+        choices=Organization.Kind.choices, initial=Organization.Kind.OTHER, required=False
+    )
 
 
 class InvitationForm(ServiceErrorsMixin, forms.Form):

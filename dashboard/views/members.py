@@ -18,7 +18,7 @@ from django.views.decorators.http import require_POST
 from dashboard import people_forms
 from dashboard.views.common import nav_for, page
 from federation import permissions, selectors
-from federation.models import Consortium, Role
+from federation.models import Consortium, Organization, Role
 from federation.services import invitations
 from federation.services.consortia import organization_add
 from federation.services.errors import Conflict
@@ -92,7 +92,7 @@ def organization_new(request: HttpRequest, consortium_id: int) -> HttpResponse:
             actor=request.user,
             consortium=consortium,
             name=form.cleaned_data["name"],
-            kind=form.cleaned_data["kind"],
+            kind=form.cleaned_data["kind"] or Organization.Kind.OTHER,
         )
     except (PermissionDenied, Conflict) as exc:
         return _render(request, consortium, status=STATUS[type(exc)], error=str(exc), org_form=form)

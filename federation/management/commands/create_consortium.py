@@ -92,8 +92,7 @@ class Command(BaseCommand):
             organizations = [DEFAULT_ADMIN_ORGANIZATION]
         password = None
         if options["password_stdin"]:
-            stdin = options.get("stdin") or sys.stdin
-            password = stdin.readline().rstrip("\r\n")
+            password = sys.stdin.readline().rstrip("\r\n")
             if not password:
                 raise CommandError("--password-stdin: standard input held no password")
         try:
