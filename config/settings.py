@@ -460,3 +460,23 @@ QUORUM_CONTENT_SECURITY_POLICY = os.environ.get(
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
 )
 QUORUM_PERMISSIONS_POLICY = "camera=(), microphone=(), geolocation=(), payment=(), usb=()"
+
+# E-mail (invitations to join a consortium; docs/operations.md, "E-mail"). The default backend
+# prints each message on the server's console, so an embedded server works without a mail
+# server; the inviter also sees the invitation link on the page or in the API answer.
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10)
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "quorum@localhost")
+# Invitation links expire after this many days (an inviter may choose up to the maximum).
+QUORUM_INVITATION_DAYS = env_int("QUORUM_INVITATION_DAYS", 7)
+QUORUM_INVITATION_MAX_DAYS = env_int("QUORUM_INVITATION_MAX_DAYS", 30)
+# The server's address as people reach it (https://quorum.example.org), for links in e-mails and
+# in `manage.py create_consortium`'s output. Empty: the address of the request (the command then
+# uses http://127.0.0.1:8000, `manage.py serve`'s default).
+QUORUM_PUBLIC_URL = os.environ.get("QUORUM_PUBLIC_URL", "").rstrip("/")

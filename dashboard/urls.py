@@ -3,7 +3,19 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard.views import account, assets, audit, auth, consortium, fairness, models, plans, runs
+from dashboard.views import (
+    account,
+    assets,
+    audit,
+    auth,
+    consortium,
+    fairness,
+    members,
+    models,
+    plans,
+    runs,
+    silos,
+)
 
 app_name = "dashboard"
 urlpatterns = [
@@ -15,6 +27,7 @@ urlpatterns = [
         consortium.invitation_accept,
         name="invitation_accept",
     ),
+    path("invite/<str:token>/", members.invitation_open, name="invitation_open"),
     path("account/tokens/", account.account_tokens, name="account_tokens"),
     path("account/passkeys/", account.account_passkeys, name="account_passkeys"),
     path(
@@ -23,6 +36,29 @@ urlpatterns = [
         name="account_token_revoke",
     ),
     path("consortia/<int:consortium_id>/", consortium.overview, name="overview"),
+    path("consortia/<int:consortium_id>/members/", members.member_list, name="member_list"),
+    path(
+        "consortia/<int:consortium_id>/organizations/new/",
+        members.organization_new,
+        name="organization_new",
+    ),
+    path(
+        "consortia/<int:consortium_id>/invitations/new/",
+        members.invitation_new,
+        name="invitation_new",
+    ),
+    path(
+        "invitations/<int:invitation_id>/revoke/",
+        members.invitation_revoke,
+        name="invitation_revoke",
+    ),
+    path("memberships/<int:membership_id>/role/", members.membership_role, name="membership_role"),
+    path(
+        "memberships/<int:membership_id>/deactivate/",
+        members.membership_deactivate_view,
+        name="membership_deactivate",
+    ),
+    path("consortia/<int:consortium_id>/silos/new/", silos.silo_register, name="silo_register"),
     path("consortia/<int:consortium_id>/plans/", plans.plan_list, name="plan_list"),
     path("consortia/<int:consortium_id>/plans/new/", plans.plan_propose, name="plan_propose"),
     path("consortia/<int:consortium_id>/runs/", runs.run_list, name="run_list"),

@@ -181,6 +181,12 @@ class MembershipAdmin(ReadOnlyAdmin):
     list_filter = ("role", "status")
 
 
+@admin.register(models.Invitation)
+class InvitationAdmin(ReadOnlyAdmin):
+    list_display = ("email", "organization", "role", "invited_by", "expires_at", "accepted_at")
+    exclude = ("token_hash",)
+
+
 @admin.register(models.TrainingPlan)
 class TrainingPlanAdmin(ReadOnlyAdmin):
     list_display = ("name", "status", "consortium", "proposed_by", "updated_at")

@@ -74,13 +74,15 @@ class Membership(models.Model):
 
     Only an active membership gives its role. A pending one is an invitation (a consortium admin
     inviting an organisation's first admin) that counts for nothing until the invitee accepts it.
-    ``granted_by`` is who gave the role (None for rows made before grants were recorded, and for
-    a consortium's first admin set up by the operator).
+    A deactivated one gives nothing either; the row stays, so the plan page can still show which
+    grant an old approval was made under. ``granted_by`` is who gave the role (None for rows made
+    before grants were recorded, and for a consortium's first admin set up by the operator).
     """
 
     class Status(models.TextChoices):
         ACTIVE = "active", "Active"
         PENDING = "pending", "Invited, not accepted yet"
+        DEACTIVATED = "deactivated", "Deactivated"
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
@@ -89,11 +91,12 @@ class Membership(models.Model):
         Organization, on_delete=models.CASCADE, related_name="memberships"
     )
     role = models.CharField(max_length=20, choices=Role.choices)
-    status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.ACTIVE)
     granted_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     accepted_at = models.DateTimeField(null=True, blank=True)
+    deactivated_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -105,6 +108,56 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} · {self.get_role_display()} · {self.organization}"
+
+
+class Invitation(models.Model):
+    """An invitation by e-mail to hold a role in an organisation, opened through a secret link.
+
+    Only the SHA-256 of the link's token is stored (256 bits from ``secrets``). Opening the link
+    lets the person set a password (a new account) or sign in, and accept: the membership is then
+    granted as if by the inviter at that moment (federation.services.invitations), so the rules of
+    separation of duties are checked again. ``user`` is set when the account already exists
+    without a password (``manage.py create_consortium`` makes the first admin's account): the link
+    then sets that account's password.
+    """
+
+    consortium = models.ForeignKey(Consortium, on_delete=models.CASCADE, related_name="invitations")
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="invitations"
+    )
+    email = models.EmailField()
+    role = models.CharField(max_length=20, choices=Role.choices)
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    membership = models.ForeignKey(
+        Membership, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"invitation of {self.email} as {self.role} of {self.organization_id}"
+
+    @property
+    def state(self) -> str:
+        """open, accepted, revoked or expired."""
+        if self.accepted_at is not None:
+            return "accepted"
+        if self.revoked_at is not None:
+            return "revoked"
+        if timezone.now() >= self.expires_at:
+            return "expired"
+        return "open"
 
 
 class Silo(models.Model):

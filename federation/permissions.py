@@ -11,11 +11,12 @@ from collections.abc import Iterable
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import Http404
 
 from federation.models import (
     Consortium,
+    Invitation,
     Membership,
     ModelVersion,
     Organization,
@@ -193,5 +194,47 @@ def access_invitation(*, user: User | None, id: int) -> Membership:
         .first()
     )
     if invitation is None:
+        raise Http404("no such invitation")
+    return invitation
+
+
+def access_membership(*, user: User | None, id: int) -> Membership:
+    """A membership of one of the user's consortia, else 404."""
+    membership = (
+        Membership.objects.filter(pk=id, organization__consortium_id__in=consortium_ids_of(user))
+        .select_related("organization__consortium", "user", "granted_by")
+        .first()
+    )
+    if membership is None:
+        raise Http404("no such membership")
+    return membership
+
+
+def invitations_visible_to(user: User | None, consortium_id: int) -> QuerySet[Invitation]:
+    """The e-mail invitations of a consortium the user may see: all of them for a consortium
+    admin, those of their organisations for an organisation admin, their own for the others."""
+    roles = roles_in(user, consortium_id)
+    invitations = Invitation.objects.filter(consortium_id=consortium_id)
+    if Role.CONSORTIUM_ADMIN in roles:
+        return invitations
+    if not roles:
+        return invitations.none()
+    managed = organizations_with_role(user, consortium_id, {Role.ORG_ADMIN})
+    return invitations.filter(Q(organization__in=managed) | Q(invited_by=user))
+
+
+def access_email_invitation(*, user: User | None, id: int) -> Invitation:
+    """An e-mail invitation the user may see (``invitations_visible_to``), else 404."""
+    invitation = (
+        Invitation.objects.filter(pk=id, consortium_id__in=consortium_ids_of(user))
+        .select_related("organization__consortium", "invited_by")
+        .first()
+    )
+    if (
+        invitation is None
+        or not invitations_visible_to(user, invitation.consortium_id)
+        .filter(pk=invitation.pk)
+        .exists()
+    ):
         raise Http404("no such invitation")
     return invitation

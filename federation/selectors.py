@@ -23,6 +23,7 @@ from federation.models import (
     Approval,
     AuditEvent,
     Consortium,
+    Invitation,
     Membership,
     ModelVersion,
     Organization,
@@ -314,6 +315,15 @@ def consortium_memberships(consortium: Consortium) -> QuerySet[Membership]:
         Membership.objects.filter(organization__consortium=consortium)
         .select_related("user", "organization__consortium", "granted_by")
         .order_by("organization__name", "user__username", "role", "pk")
+    )
+
+
+def consortium_invitations(*, user: Any, consortium: Consortium) -> QuerySet[Invitation]:
+    """The consortium's e-mail invitations the user may see, newest first."""
+    return (
+        permissions.invitations_visible_to(user, consortium.pk)
+        .select_related("organization", "invited_by")
+        .order_by("-created_at", "-pk")
     )
 
 

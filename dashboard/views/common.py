@@ -41,6 +41,14 @@ class Nav:
         return bool(self.roles & permissions.CAN_READ_AUDIT)
 
     @property
+    def can_manage_members(self) -> bool:
+        return bool(self.roles & permissions.CAN_MANAGE_MEMBERS)
+
+    @property
+    def can_register_silos(self) -> bool:
+        return bool(self.roles & permissions.CAN_REGISTER_SILOS)
+
+    @property
     def is_consortium_admin(self) -> bool:
         return Role.CONSORTIUM_ADMIN in self.roles
 

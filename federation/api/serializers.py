@@ -25,6 +25,7 @@ from federation.models import (
     Approval,
     AuditEvent,
     Consortium,
+    Invitation,
     Membership,
     ModelVersion,
     Organization,
@@ -218,6 +219,7 @@ class MembershipSerializer(serializers.ModelSerializer):
             "status",
             "granted_by",
             "accepted_at",
+            "deactivated_at",
             "created_at",
         ]
         read_only_fields = fields
@@ -278,6 +280,71 @@ class MembershipAddSerializer(StrictSerializer):
     user = TextField(max_length=150, help_text="The username")
     organization = ConsortiumOrganizationField()
     role = serializers.ChoiceField(choices=Role.choices)
+
+
+class MembershipRoleSerializer(StrictSerializer):
+    role = serializers.ChoiceField(choices=Role.choices, help_text="The member's new role")
+
+
+class OrganizationCreateSerializer(StrictSerializer):
+    name = TextField(max_length=200)
+    kind = serializers.ChoiceField(
+        choices=Organization.Kind.choices, required=False, default=Organization.Kind.OTHER
+    )
+
+
+class InvitationCreateSerializer(StrictSerializer):
+    email = TextField(max_length=254, help_text="The invitee's e-mail address")
+    organization = ConsortiumOrganizationField()
+    role = serializers.ChoiceField(choices=Role.choices)
+    days = WholeNumberField(
+        required=False,
+        min_value=1,
+        help_text="Days until the link expires (QUORUM_INVITATION_DAYS, 7, by default)",
+    )
+
+
+class InvitationSerializer(serializers.ModelSerializer):
+    """An e-mail invitation (never its token: only its hash is kept)."""
+
+    organization_name = serializers.CharField(source="organization.name", read_only=True)
+    invited_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
+    state = serializers.ChoiceField(
+        choices=["open", "accepted", "revoked", "expired"], read_only=True
+    )
+
+    class Meta:
+        model = Invitation
+        fields = [
+            "id",
+            "consortium",
+            "organization",
+            "organization_name",
+            "email",
+            "role",
+            "state",
+            "invited_by",
+            "membership",
+            "created_at",
+            "expires_at",
+            "accepted_at",
+            "revoked_at",
+        ]
+        read_only_fields = fields
+
+
+class InvitationCreatedSerializer(InvitationSerializer):
+    """A new invitation with its link, shown only in this answer (the server keeps a hash)."""
+
+    link = serializers.CharField(read_only=True)
+    email_sent = serializers.BooleanField(read_only=True)
+    email_error = serializers.CharField(read_only=True)
+
+    class Meta(InvitationSerializer.Meta):
+        fields = [*InvitationSerializer.Meta.fields, "link", "email_sent", "email_error"]
+        read_only_fields = fields
 
 
 # --- silos ----------------------------------------------------------------------------------------

@@ -26,6 +26,22 @@ urlpatterns = [
         name="consortium-members",
     ),
     path(
+        "consortia/<int:pk>/invitations/",
+        people.ConsortiumInvitationListView.as_view(),
+        name="consortium-invitations",
+    ),
+    path(
+        "invitations/<int:pk>/revoke/",
+        people.InvitationRevokeView.as_view(),
+        name="invitation-revoke",
+    ),
+    path("memberships/<int:pk>/", people.MembershipDetailView.as_view(), name="membership-detail"),
+    path(
+        "memberships/<int:pk>/deactivate/",
+        people.MembershipDeactivateView.as_view(),
+        name="membership-deactivate",
+    ),
+    path(
         "memberships/<int:pk>/accept/",
         people.MembershipAcceptView.as_view(),
         name="membership-accept",

@@ -2,16 +2,19 @@
 
 The Django admin may add consortia and organisations (it calls these services); it may never
 change or delete them, since the approval rules and the member count decide what "approved" means.
+``manage.py create_consortium`` makes a consortium with its first admin; from then on its
+consortium admins add organisations (``organization_add``: the API and the dashboard).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 
-from federation.models import Consortium, Organization
+from federation import permissions
+from federation.models import Consortium, Organization, Role
 from federation.services.audit import actor_label, audit_append
 from federation.services.errors import Conflict
 
@@ -98,3 +101,26 @@ def organization_create(
         data={"name": name, "kind": kind},
     )
     return organization
+
+
+def organization_add(
+    *, actor: Any, consortium: Consortium, name: str, kind: str = Organization.Kind.OTHER
+) -> Organization:
+    """A consortium admin adds a member organisation (``organization_create`` with the role
+    check); a refusal (403 or a duplicate name, 409) is audited as ``organization.refused``."""
+    try:
+        permissions.require_roles(
+            actor, consortium.pk, {Role.CONSORTIUM_ADMIN}, "adding an organisation"
+        )
+        return organization_create(actor=actor, consortium=consortium, name=name, kind=kind)
+    except (PermissionDenied, Conflict) as refused:
+        with transaction.atomic():
+            audit_append(
+                actor=actor_label(actor),
+                action="organization.refused",
+                consortium_id=consortium.pk,
+                object_type="consortium",
+                object_id=consortium.pk,
+                data={"name": str(name)[:200], "kind": str(kind)[:20], "reason": str(refused)},
+            )
+        raise

@@ -103,6 +103,11 @@ def _world(superuser) -> None:
     m.StewardPasskey.objects.create(
         user=g.stewards[0], credential_id="Y3JlZA", public_key="webauthn:-7:seed"
     )
+    from federation.services.invitations import invitation_create
+
+    invitation_create(
+        actor=g.admin, organization=g.orgs[1], email="seed@example.org", role="data_scientist"
+    )
     from django.contrib.auth.models import Group
 
     Group.objects.create(name="operators")

@@ -38,6 +38,20 @@ def _invitation(w: World) -> Any:
     )
 
 
+def _email_invitation(w: World) -> Any:
+    from federation.services.invitations import invitation_create
+
+    return invitation_create(
+        actor=w.gov.admin, organization=w.gov.orgs[0], email="inv@example.org", role="auditor"
+    ).invitation
+
+
+def _membership(w: World, column: str) -> Any:
+    from federation.models import Membership
+
+    return Membership.objects.get(user=getattr(w.gov, column)[0], organization=w.gov.orgs[0])
+
+
 def _model(w: World) -> Any:
     """Model v0 of the run under test (with its fitted preprocessing, so ONNX can export it)."""
     from federation.models import Run
@@ -62,6 +76,13 @@ MATRIX = """
 | GET /api/v1/consortia/{id}/members/       | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | POST /api/v1/consortia/{id}/members/      | 201   | 201       | 403     | 403       | 403     | 404   | 401       |
 | POST /api/v1/memberships/{id}/accept/     | 404   | 200       | 404     | 404       | 404     | 404   | 401       |
+| POST /api/v1/consortia/{id}/organizations/ | 201   | 403       | 403     | 403       | 403     | 404   | 401       |
+| GET /api/v1/consortia/{id}/invitations/   | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| POST /api/v1/consortia/{id}/invitations/  | 201   | 201       | 403     | 403       | 403     | 404   | 401       |
+| POST /api/v1/invitations/{id}/revoke/     | 200   | 200       | 404     | 404       | 404     | 404   | 401       |
+| GET /api/v1/memberships/{id}/             | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| PATCH /api/v1/memberships/{id}/           | 200   | 200       | 403     | 403       | 403     | 404   | 401       |
+| POST /api/v1/memberships/{id}/deactivate/ | 200   | 200       | 403     | 403       | 200     | 404   | 401       |
 | GET /api/v1/silos/                        | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
 | POST /api/v1/silos/                       | 403   | 403       | 201     | 403       | 403     | 400   | 401       |
 | GET /api/v1/silos/{id}/                   | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
@@ -141,6 +162,37 @@ REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
     # An invitation addressed to the org_admin column's user: only they may accept it.
     "POST /api/v1/memberships/{id}/accept/": (
         lambda w: f"/api/v1/memberships/{_invitation(w).pk}/accept/",
+        _none,
+    ),
+    "POST /api/v1/consortia/{id}/organizations/": (
+        lambda w: f"/api/v1/consortia/{w.gov.consortium.pk}/organizations/",
+        lambda w: {"name": "West lab", "kind": "research_lab"},
+    ),
+    "GET /api/v1/consortia/{id}/invitations/": (
+        lambda w: f"/api/v1/consortia/{w.gov.consortium.pk}/invitations/",
+        _none,
+    ),
+    "POST /api/v1/consortia/{id}/invitations/": (
+        lambda w: f"/api/v1/consortia/{w.gov.consortium.pk}/invitations/",
+        lambda w: {"email": "new@example.org", "organization": w.gov.orgs[0].pk, "role": "auditor"},
+    ),
+    # An open invitation the consortium admin sent to the first organisation.
+    "POST /api/v1/invitations/{id}/revoke/": (
+        lambda w: f"/api/v1/invitations/{_email_invitation(w).pk}/revoke/",
+        _none,
+    ),
+    "GET /api/v1/memberships/{id}/": (
+        lambda w: f"/api/v1/memberships/{_membership(w, 'scientists').pk}/",
+        _none,
+    ),
+    # The scientist's role: nobody changes their own, so the scientist column is 403 too.
+    "PATCH /api/v1/memberships/{id}/": (
+        lambda w: f"/api/v1/memberships/{_membership(w, 'scientists').pk}/",
+        lambda w: {"role": "auditor"},
+    ),
+    # The auditor's membership: the auditor may resign from it.
+    "POST /api/v1/memberships/{id}/deactivate/": (
+        lambda w: f"/api/v1/memberships/{_membership(w, 'auditors').pk}/deactivate/",
         _none,
     ),
     "GET /api/v1/silos/": (lambda w: "/api/v1/silos/", _none),

@@ -15,15 +15,27 @@ from federation.api.serializers import (
     ApiTokenSerializer,
     ConsortiumDetailSerializer,
     ConsortiumSerializer,
+    InvitationCreatedSerializer,
+    InvitationCreateSerializer,
+    InvitationSerializer,
     MembershipAddSerializer,
+    MembershipRoleSerializer,
     MembershipSerializer,
     MeSerializer,
+    OrganizationCreateSerializer,
     OrganizationSerializer,
 )
 from federation.api.views.base import ApiListView, ApiView, NoBodySerializer, validated
-from federation.models import Consortium, Membership, Organization
+from federation.models import Consortium, Invitation, Membership, Organization
+from federation.services import invitations
 from federation.services.api_tokens import api_token_create, api_token_revoke
-from federation.services.members import membership_accept, membership_add
+from federation.services.consortia import organization_add
+from federation.services.members import (
+    membership_accept,
+    membership_add,
+    membership_change_role,
+    membership_deactivate,
+)
 
 
 class MeView(ApiView):
@@ -49,7 +61,7 @@ class ConsortiumDetailView(ApiView):
 
 
 class ConsortiumOrganizationListView(ApiListView):
-    """A consortium's member organisations."""
+    """A consortium's member organisations; a consortium admin adds new ones."""
 
     serializer_class = OrganizationSerializer
 
@@ -58,6 +70,72 @@ class ConsortiumOrganizationListView(ApiListView):
             return Organization.objects.none()
         consortium = permissions.access_consortium(user=self.request.user, id=self.kwargs["pk"])
         return selectors.consortium_organizations(consortium)
+
+    @extend_schema(
+        request=OrganizationCreateSerializer,
+        responses={201: OrganizationSerializer},
+        summary="Add a member organisation (consortium admin)",
+        description="A name the consortium has already is 409. Audited as organization.created "
+        "(refusals as organization.refused).",
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        consortium: Consortium = permissions.access_consortium(user=request.user, id=pk)
+        data = validated(OrganizationCreateSerializer, request)
+        organization = organization_add(
+            actor=request.user, consortium=consortium, name=data["name"], kind=data["kind"]
+        )
+        return Response(OrganizationSerializer(organization).data, status=status.HTTP_201_CREATED)
+
+
+class ConsortiumInvitationListView(ApiListView):
+    """E-mail invitations of a consortium (consortium admins see all, organisation admins their
+    organisations'); consortium and organisation admins invite."""
+
+    serializer_class = InvitationSerializer
+
+    def get_queryset(self):
+        if self.schema_only:
+            return Invitation.objects.none()
+        consortium = permissions.access_consortium(user=self.request.user, id=self.kwargs["pk"])
+        return selectors.consortium_invitations(user=self.request.user, consortium=consortium)
+
+    @extend_schema(
+        request=InvitationCreateSerializer,
+        responses={201: InvitationCreatedSerializer},
+        summary="Invite someone by e-mail to a role in an organisation of the consortium",
+        description=(
+            "Who may invite to which role is who may grant it (see POST .../members/): approving "
+            "roles only by the organisation's own org_admin, a consortium admin an organisation's "
+            "first org_admin. The answer carries the link (shown only here; the server keeps its "
+            "SHA-256) and whether the e-mail was sent. Refusals are 403/409 and audited."
+        ),
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        consortium: Consortium = permissions.access_consortium(user=request.user, id=pk)
+        data = validated(InvitationCreateSerializer, request, consortium=consortium)
+        created = invitations.invitation_create(
+            actor=request.user,
+            organization=data["organization"],
+            email=data["email"],
+            role=data["role"],
+            days=data.get("days"),
+        )
+        delivery = invitations.invitation_deliver(created=created, request=request)
+        body = {**InvitationSerializer(created.invitation).data, **delivery}
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class InvitationRevokeView(ApiView):
+    @extend_schema(
+        request=None,
+        responses=InvitationSerializer,
+        summary="Revoke an open invitation (its link stops working)",
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        invitation = permissions.access_email_invitation(user=request.user, id=pk)
+        validated(NoBodySerializer, request)
+        invitation = invitations.invitation_revoke(actor=request.user, invitation=invitation)
+        return Response(InvitationSerializer(invitation).data)
 
 
 class ConsortiumMemberListView(ApiListView):
@@ -106,6 +184,47 @@ class MembershipAcceptView(ApiView):
         invitation = permissions.access_invitation(user=request.user, id=pk)
         validated(NoBodySerializer, request)
         membership = membership_accept(actor=request.user, membership=invitation)
+        return Response(MembershipSerializer(membership).data)
+
+
+class MembershipDetailView(ApiView):
+    @extend_schema(responses=MembershipSerializer, summary="A membership of your consortia")
+    def get(self, request: Request, pk: int) -> Response:
+        membership = permissions.access_membership(user=request.user, id=pk)
+        return Response(MembershipSerializer(membership).data)
+
+    @extend_schema(
+        request=MembershipRoleSerializer,
+        responses=MembershipSerializer,
+        summary="Change a member's role",
+        description=(
+            "Under the rules of granting: authority over the old role and the new one; nobody "
+            "changes their own role. The old membership is deactivated (kept for the history of "
+            "approvals) and the answer is the new one. Refusals are 403/409 and audited."
+        ),
+    )
+    def patch(self, request: Request, pk: int) -> Response:
+        membership = permissions.access_membership(user=request.user, id=pk)
+        data = validated(MembershipRoleSerializer, request)
+        new = membership_change_role(actor=request.user, membership=membership, role=data["role"])
+        return Response(MembershipSerializer(new).data)
+
+
+class MembershipDeactivateView(ApiView):
+    @extend_schema(
+        request=None,
+        responses=MembershipSerializer,
+        summary="Deactivate a membership (its role counts for nothing from now on)",
+        description=(
+            "An approving role by an org_admin of its organisation, a consortium_admin by a "
+            "consortium admin, other roles by either; anyone their own membership. The last "
+            "active consortium admin is 409. Audited."
+        ),
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        membership = permissions.access_membership(user=request.user, id=pk)
+        validated(NoBodySerializer, request)
+        membership = membership_deactivate(actor=request.user, membership=membership)
         return Response(MembershipSerializer(membership).data)
 
 
