@@ -102,7 +102,9 @@ def score_bins(probs: ArrayLike, bins: int = SCORE_BINS) -> np.ndarray:
     bad = ~np.isfinite(p) | (p < 0.0) | (p > 1.0)
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"probabilities must lie in [0, 1]; found {float(p[index])!r} at index {index}")
+        raise ValueError(
+            f"probabilities must lie in [0, 1]; found {float(p[index])!r} at index {index}"
+        )
     index = np.minimum(np.floor(p * bins).astype(np.int64), bins - 1)
     half = bins // 2
     index = np.where((p >= 0.5) & (index < half), half, index)

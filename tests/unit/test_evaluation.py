@@ -20,7 +20,9 @@ from fedcore.evaluation import (
 from fedcore.metrics import binary_metrics, roc_auc
 
 
-def _sites(seed: int, sizes: tuple[int, ...] = (40, 300, 90)) -> list[tuple[np.ndarray, np.ndarray]]:
+def _sites(
+    seed: int, sizes: tuple[int, ...] = (40, 300, 90)
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Non-IID sites: each with its own base rate and score shift (cross-site pairs matter)."""
     rng = np.random.default_rng(seed)
     sites = []

@@ -157,9 +157,7 @@ class RoundPlanWorld(RuleBasedStateMachine):
                     LIMITS.rounds
                 ]
                 db.status, db.waiting_since, db.asked = rp.EVALUATING, None, silos
-                db.evaluation_deadline = self.now + timedelta(
-                    seconds=LIMITS.round_deadline_seconds
-                )
+                db.evaluation_deadline = self.now + timedelta(seconds=LIMITS.round_deadline_seconds)
             case rp.FinishEvaluation():
                 assert db.status == rp.EVALUATING
                 db.status, db.final = rp.COMPLETED, sorted(db.evaluated)
