@@ -254,24 +254,34 @@ def run_waiting_note(run: Run, rounds: list[Round]) -> str | None:
     secure = run.version.spec.get("secure_aggregation") is True
     needed = cfg.min_silos
     what = "federated statistics"
-    if run.status == Run.Status.RUNNING:
+    evaluation_next = (
+        current is not None and current.status == "completed" and current.number >= run.rounds
+    )
+    if run.status == Run.Status.RUNNING and evaluation_next:
+        what = "the final evaluation"  # needs the plan's minimum, not secure aggregation's 2
+    elif run.status == Run.Status.RUNNING:
         needed = roundplan.needed_to_open(cfg.min_silos, secure=secure)
         number = 1 if current is None else current.number + (current.status == "completed")
         what = f"round {number}"
         if failed:
             assert current is not None
             what = f"round {current.number} attempt {current.attempt + 1} (a retry)"
-    selectable = len(online_silos(run))
+    selectable = len(online_silos(run, evaluation=evaluation_next))
     if selectable >= needed:
         return (
             f"{selectable} silos can take part ({needed} needed): {what} opens at the next sweep."
         )
     since = "" if run.waiting_since is None else f" since {run.waiting_since:%H:%M:%S %Z}"
+    then = (
+        "the final model is evaluated by those there (the run completes either way)"
+        if evaluation_next
+        else "the run fails"
+    )
     return (
         f"Waiting{since} for silos: {selectable} of the {needed} needed for {what} can take "
         "part (connected, heartbeating in the last "
-        f"{settings.QUORUM_SILO_OFFLINE_AFTER:g} s, admitted, within their privacy budget); the "
-        f"run fails if they are not back within {cfg.wait_for_silos_seconds:.0f} s of waiting."
+        f"{settings.QUORUM_SILO_OFFLINE_AFTER:g} s, admitted, within their privacy budget); "
+        f"{then} if they are not back within {cfg.wait_for_silos_seconds:.0f} s of waiting."
     )
 
 
