@@ -18,7 +18,6 @@ from federation.models import (
     FairnessReport,
     PrivacyLedgerEntry,
     Round,
-    Run,
     Silo,
     Update,
 )
