@@ -6,40 +6,74 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('federation', '0009_approval_signatures'),
+        ("federation", "0009_approval_signatures"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='run',
-            name='evaluation',
+            model_name="run",
+            name="evaluation",
             field=models.JSONField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='run',
-            name='evaluation_deadline',
+            model_name="run",
+            name="evaluation_deadline",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.AlterField(
-            model_name='run',
-            name='status',
-            field=models.CharField(choices=[('pending', 'Pending'), ('stats', 'Computing federated statistics'), ('running', 'Running'), ('evaluating', 'Evaluating the final model'), ('completed', 'Completed'), ('failed', 'Failed'), ('stopped', 'Stopped')], default='pending', max_length=20),
+            model_name="run",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("pending", "Pending"),
+                    ("stats", "Computing federated statistics"),
+                    ("running", "Running"),
+                    ("evaluating", "Evaluating the final model"),
+                    ("completed", "Completed"),
+                    ("failed", "Failed"),
+                    ("stopped", "Stopped"),
+                ],
+                default="pending",
+                max_length=20,
+            ),
         ),
         migrations.CreateModel(
-            name='SiloEvaluation',
+            name="SiloEvaluation",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('model_version', models.PositiveIntegerField()),
-                ('report', models.JSONField(blank=True, null=True)),
-                ('asked_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('received_at', models.DateTimeField(blank=True, null=True)),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='silo_evaluations', to='federation.run')),
-                ('silo', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='federation.silo')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("model_version", models.PositiveIntegerField()),
+                ("report", models.JSONField(blank=True, null=True)),
+                ("asked_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("received_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="silo_evaluations",
+                        to="federation.run",
+                    ),
+                ),
+                (
+                    "silo",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="federation.silo",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('run', 'silo'), name='evaluation_once_per_silo_and_run')],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("run", "silo"), name="evaluation_once_per_silo_and_run"
+                    )
+                ],
             },
         ),
     ]
