@@ -201,9 +201,9 @@ def evaluation_pool(run: Run) -> dict[str, Any]:
         ),
         "by_silo": by_silo,
         "method": (
-            f"pooled from per-site histograms of {evaluation.SCORE_BINS} score bins over [0, 1]: "
-            "accuracy at 0.5 and log loss exact, AUC within auc_error_bound of the exact AUC on "
-            "the union of the held-out rows"
+            f"pooled from per-site histograms of the predicted probability, {evaluation.SCORE_BINS} "
+            f"bins on {evaluation.GRID} (the logit): accuracy at 0.5 and log loss exact, AUC "
+            "within auc_error_bound of the exact AUC on the union of the held-out rows"
         ),
         "note": _note(rows, done, missing),
         "fairness": None,

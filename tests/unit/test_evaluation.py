@@ -46,7 +46,7 @@ def test_pooled_auc_from_histograms_is_within_its_bound_of_sklearn_on_the_pooled
 
     exact = roc_auc_score(y_all, p_all)
     assert abs(result["auc"] - exact) <= result["auc_error_bound"] + 1e-15
-    assert result["auc_error_bound"] < 2e-3  # 1,000 bins, 430 rows: a few pairs share a bin
+    assert result["auc_error_bound"] < 2e-3  # 2,000 bins, 430 rows: a few pairs share a bin
     assert result["accuracy"] == accuracy_score(y_all, p_all >= 0.5)
     assert result["loss"] == pytest.approx(log_loss(y_all, p_all), rel=1e-12)
     assert (result["n"], result["positives"]) == (y_all.size, int(y_all.sum()))
@@ -82,7 +82,7 @@ def test_merging_site_histograms_equals_the_histogram_of_the_pooled_rows() -> No
 def test_the_bound_is_attained_when_every_pair_shares_one_bin() -> None:
     # All positives just above all negatives inside one bin: exact AUC 1, histogram AUC 1/2.
     y = np.array([0, 0, 1, 1])
-    p = np.array([0.7001, 0.7002, 0.7008, 0.7009])
+    p = np.array([0.70001, 0.70002, 0.70008, 0.70009])
 
     auc, bound = histogram_auc(site_histogram(y, p))
 
@@ -93,12 +93,27 @@ def test_the_bound_is_attained_when_every_pair_shares_one_bin() -> None:
 def test_scores_rounded_to_the_grid_give_the_exact_auc_with_ties_as_halves() -> None:
     rng = np.random.default_rng(5)
     y = rng.integers(0, 2, size=500)
-    p = rng.integers(0, SCORE_BINS, size=500) / SCORE_BINS  # bin left edges: ties only in bins
+    # probabilities at the middle of random bins of the logit grid: ties only inside bins
+    middle = (rng.integers(0, SCORE_BINS, size=500) + 0.5) / SCORE_BINS * 40.0 - 20.0
+    p = 1.0 / (1.0 + np.exp(-middle))
 
     auc, _ = histogram_auc(site_histogram(y, p))
 
     assert auc == pytest.approx(roc_auc(y, p), abs=1e-12)
     assert auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+
+
+def test_a_confident_model_near_0_and_1_is_still_resolved() -> None:
+    # Half the rows below 0.001: one bin of an equal grid over [0, 1], hundreds here.
+    rng = np.random.default_rng(9)
+    y = rng.integers(0, 2, size=2000)
+    p = 1.0 / (1.0 + np.exp(-(rng.normal(size=2000) * 2.0 + 9.0 * (y - 0.9))))
+    assert np.mean(p < 0.001) > 0.3
+
+    result = pooled_metrics(site_histogram(y, p))
+
+    assert result["auc_error_bound"] < 5e-4
+    assert abs(result["auc"] - roc_auc_score(y, p)) <= result["auc_error_bound"]
 
 
 def test_the_threshold_is_exact_at_one_half_and_its_float_neighbours() -> None:
@@ -126,10 +141,11 @@ def test_a_histogram_round_trips_through_its_wire_form() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda w: w.update(bins=100), "pools histograms of 1000 bins"),
+        (lambda w: w.update(bins=100), "pools histograms of 2000 bins on logit[-20,20]"),
+        (lambda w: w.update(grid="uniform"), "is binned on 'uniform' with 2000 bins"),
         (lambda w: w.update(extra=1), "unknown key(s) ['extra']"),
         (lambda w: w.pop("loss_sum"), "missing ['loss_sum']"),
-        (lambda w: w["positives"].pop(), "positives must be a list of 1000 counts, got 999"),
+        (lambda w: w["positives"].pop(), "positives must be a list of 2000 counts, got 1999"),
         (lambda w: w["negatives"].__setitem__(3, -1), "negatives[3] must be a whole number"),
         (lambda w: w["negatives"].__setitem__(3, 1.5), "negatives[3] must be a whole number"),
         (lambda w: w["positives"].__setitem__(0, True), "positives[0] must be a whole number"),
@@ -152,7 +168,7 @@ def test_a_bad_histogram_is_refused_naming_the_field(change, message: str) -> No
 
 def test_histograms_on_different_grids_do_not_merge() -> None:
     y, p = np.array([0, 1]), np.array([0.1, 0.9])
-    with pytest.raises(ValueError, match="histogram 1 has 10 bins, the first has 1000"):
+    with pytest.raises(ValueError, match="histogram 1 has 10 bins, the first has 2000"):
         merge_histograms([site_histogram(y, p), site_histogram(y, p, bins=10)])
 
 
