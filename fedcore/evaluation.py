@@ -11,8 +11,7 @@ rows into one bin (on the thyroid demo the AUC bound was 0.0027 with 1,000 equal
 
 - **accuracy at threshold 0.5, exactly**: the grid has an edge at 0.5 (logit 0) and a
   probability is binned on the right side of it (``p >= 0.5`` always lands in bin ``B/2`` or
-  above), so the
-  confusion counts at 0.5 are sums of bins;
+  above), so the confusion counts at 0.5 are sums of bins;
 - **log loss, exactly**: the summed losses over the summed counts;
 - **the AUC within a stated bound**: pairs of a positive and a negative in different bins are
   ordered exactly as their scores (the bins are ordered intervals), so only pairs that share a
