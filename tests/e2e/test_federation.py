@@ -78,7 +78,8 @@ def assert_final_figures_are_the_final_models(run: Run, csvs: list[Path]) -> Non
     reported = run.evaluation["metrics"]
     assert run.evaluation["model_version"] == final.number and run.evaluation["missing"] == []
     assert reported["n"] == y.size
-    assert abs(reported["auc"] - metrics.roc_auc(y, p)) <= reported["auc_error_bound"]
+    # the bound may be attained: compare with float rounding allowed for
+    assert abs(reported["auc"] - metrics.roc_auc(y, p)) <= reported["auc_error_bound"] + 1e-12
     assert reported["accuracy"] == float(np.mean((p >= 0.5) == (y == 1)))
 
 
