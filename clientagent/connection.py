@@ -74,6 +74,7 @@ from clientagent.trainer import (
     TaskError,
     TrainingCancelled,
     TrainingObserver,
+    handle_evaluate,
     handle_stats_request,
     handle_task,
 )
@@ -605,6 +606,26 @@ class Agent:
             _auc(metrics, "local"),
         )
 
+    async def handle_evaluate(self, message: protocol.BinaryMessage, session: _Session) -> None:
+        """Check the request (grant, steward approval, policy) like a task's, evaluate the final
+        model on the held-out split in a worker thread, reply ``evaluation``. No training."""
+        fields = message.fields
+        run, version = fields["run"], fields["model_version"]
+        label = f"run {run} final model v{version}"
+        payload_sha = await asyncio.to_thread(tensors.sha256_hex, message.payload)
+        try:
+            await asyncio.to_thread(self.check_request, fields, weights_sha256=payload_sha)
+            reply = await asyncio.to_thread(handle_evaluate, message, self.data)
+        except TaskError as exc:
+            await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
+            return
+        await session.send_recorded("evaluation", reply, plan_hash=fields["plan_hash"])
+        logger.info(
+            "%s: sent its evaluation on %d held-out rows",
+            label,
+            sum(reply["evaluation"]["positives"]) + sum(reply["evaluation"]["negatives"]),
+        )
+
     def train(
         self, task: protocol.BinaryMessage, *, observer: TrainingObserver | None = None
     ) -> tuple[protocol.BinaryMessage, RoundPrivacy | None]:
@@ -1008,6 +1029,8 @@ class _Session:
         if binary.type == "task":
             self.agent.task_arrived(binary.fields)
             self._spawn(self.agent.handle_task(binary, self), binary.fields)
+        elif binary.type == "evaluate":
+            self._spawn(self.agent.handle_evaluate(binary, self), binary.fields)
         else:
             logger.warning("ignoring a %r binary message (not for agents)", binary.type)
 

@@ -47,6 +47,7 @@ from fedcore.approvals import ApprovalSignatureError, verified_approval
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan import run_settings
 from fedcore.signing import (
+    EVALUATE_KIND,
     STATS_KIND,
     TASK_KIND,
     AuthorizationError,
@@ -150,7 +151,8 @@ def check_authorization(
     A task (fields with a ``round``) is checked against its grant's scope
     (:func:`fedcore.signing.check_request_scope`): its round within the plan's rounds, the
     run's total rounds, the SHA-256 of the global weights received and of the preprocessing
-    received, and the expiry. A stats_request's grant must be one for a stats_request.
+    received, and the expiry. An evaluate (fields with a ``model_version``) likewise, with its
+    model version instead of a round. A stats_request's grant must be one for a stats_request.
 
     Args:
         fields: a decoded ``stats_request`` or ``task`` (``run``, ``plan_hash``, ``plan``,
@@ -207,17 +209,21 @@ def check_authorization(
         plan_rounds = run_settings(plan).rounds
     except (TypeError, ValueError, AttributeError):
         raise refuse("the request's plan states no valid training.rounds") from None
-    is_task = rnd is not None
+    if "model_version" in fields:  # the final model, to evaluate
+        kind = EVALUATE_KIND
+    else:
+        kind = TASK_KIND if rnd is not None else STATS_KIND
     try:
         check_request_scope(
             grant,
-            kind=TASK_KIND if is_task else STATS_KIND,
+            kind=kind,
             plan_rounds=plan_rounds,
             round=rnd,
             rounds=fields.get("rounds"),
             weights_sha256=weights_sha256,
             preprocessing=fields.get("preprocessing"),
             check_expiry=check_expiry,
+            model_version=fields.get("model_version"),
         )
     except AuthorizationError as exc:
         raise refuse(str(exc)) from None

@@ -60,7 +60,7 @@ from torch import nn
 
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
 from clientagent.residuals import ResidualStore, matching
-from fedcore import compression, fairness, models, protocol, tabular, tensors, training
+from fedcore import compression, evaluation, fairness, models, protocol, tabular, tensors, training
 from fedcore.fairness_mitigation import ExampleWeights
 from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
 from fedcore.plan import PlanError as PlanRefused
@@ -417,7 +417,7 @@ def handle_stats_request(
 
 
 def _load_global(
-    payload: bytes, plan: Plan, n_features: int, run: int, rnd: int
+    payload: bytes, plan: Plan, n_features: int, run: int, rnd: int | None
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The plan's model with the task's global weights loaded, and those weights."""
     try:
@@ -735,6 +735,64 @@ def mitigation_targets(
             # the row count is this site's; the server learns which cell is missing only
             shared_reason="the example weights lack a (group, label) cell of this site's rows",
         ) from None
+
+
+def handle_evaluate(
+    message: protocol.BinaryMessage,
+    data: LocalData,
+    *,
+    noise_source: random.Random | None = None,
+) -> dict[str, Any]:
+    """Evaluate the run's final model on the local held-out split; build the ``evaluation``.
+
+    No training: the plan is parsed as for a task, the data split the same way (so the held-out
+    rows are the ones every round evaluated on), the model built from the plan's spec with the
+    message's weights (strict). What leaves is the histogram of the held-out rows' predicted
+    probabilities by label on ``fedcore.evaluation``'s fixed grid and their summed log loss, and
+    for a plan with a fairness section (not a secure-aggregation plan, whose group counts only
+    travel masked) :func:`fairness_counts` of the final model, with the plan's DP noise.
+
+    Args:
+        message: a reassembled ``evaluate`` message (fields validated by fedcore.protocol).
+        data: the site's data.
+        noise_source: random source of the fairness counts' DP noise (tests); None: the OS.
+
+    Returns:
+        The fields of the ``evaluation`` reply: ``run``, ``model_version``, ``evaluation``
+        (the histogram's wire form) and, with group counts, ``fairness``.
+
+    Raises:
+        TaskError: ``invalid_task`` (plan, preprocessing or weights unusable) or
+            ``data_invalid`` (the local data does not fit, or no held-out row is left).
+    """
+    fields = message.fields
+    run = fields["run"]
+    plan = fields["plan"]
+    parsed = check_plan(plan, run)
+    try:
+        split = _prepare(plan, data, run, None)
+        arrays = data.arrays(split, fields["preprocessing"])
+    except PlanError as exc:
+        raise TaskError(INVALID_TASK, str(exc), run=run) from None
+    except tabular.DataValidationError as exc:
+        raise _data_invalid(exc, run=run) from None
+    test = arrays.test
+    if int(test.X.shape[0]) == 0:
+        raise TaskError(DATA_INVALID, "no held-out rows to evaluate the final model on", run=run)
+    model, _ = _load_global(message.payload, parsed, int(test.X.shape[1]), run, None)
+    probs = training.predict_proba(model, test.X)
+    reply: dict[str, Any] = {
+        "run": run,
+        "model_version": fields["model_version"],
+        "evaluation": evaluation.site_histogram(test.y, probs).to_wire(),
+    }
+    if parsed.fairness is not None and plan.get("secure_aggregation") is not True:
+        counts = fairness_counts(
+            model, test, split.schema, fields["preprocessing"], parsed.fairness, source=noise_source
+        )
+        if counts:
+            reply["fairness"] = counts
+    return reply
 
 
 def _compressed(

@@ -209,6 +209,15 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "authorization": (_DICT, _REQ),  # fedcore.signing.sign_offer: the agent verifies it
     },
     "stats": {"run": (_INT, _REQ), "stats": (_DICT, _REQ)},  # agent -> server
+    # agent -> server, answering "evaluate": the final model on the site's held-out rows.
+    # evaluation = {"bins", "positives", "negatives", "loss_sum"} (fedcore.evaluation, checked
+    # there); fairness = sensitive attribute -> {group: {tp, fp, tn, fn}} as in "update"
+    "evaluation": {
+        "run": (_INT, _REQ),
+        "model_version": (_INT, _REQ),
+        "evaluation": (_DICT, _REQ),
+        "fairness": (_DICT, _OPT),
+    },
     "update_ack": {"run": (_INT, _REQ), "round": (_INT, _REQ), "status": (_STR, _REQ)},
     "run_finished": {"run": (_INT, _REQ), "status": (_STR, _REQ)},
     # either direction: one secure-aggregation stage message of a round attempt (docs/protocol.md,
@@ -244,6 +253,19 @@ BINARY_SCHEMAS: dict[str, Schema] = {
         "deadline": (_NUMBER, _REQ),
         # the server's wall clock (Unix seconds) as it starts sending the task's frames: with
         # the agent's clock on the same host, the task's transfer time (docs/protocol.md)
+        "sent_at": (_NUMBER, _OPT),
+        "authorization": (_DICT, _REQ),
+    },
+    # server -> agent after the last round; payload = the final model (safetensors) to evaluate
+    # on the held-out split, no training; answered with an "evaluation" control message
+    "evaluate": {
+        "run": (_INT, _REQ),
+        "rounds": (_INT, _REQ),
+        "model_version": (_INT, _REQ),
+        "plan_hash": (_STR, _REQ),
+        "plan": (_DICT, _REQ),
+        "preprocessing": (_DICT, _REQ),
+        "deadline": (_NUMBER, _REQ),
         "sent_at": (_NUMBER, _OPT),
         "authorization": (_DICT, _REQ),
     },

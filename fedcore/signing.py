@@ -261,6 +261,7 @@ def verify_offer(
 
 STATS_KIND = "stats"
 TASK_KIND = "task"
+EVALUATE_KIND = "evaluate"  # the final model, sent to be evaluated (no training)
 # How long after its deadline a signed task stays valid (the agent's clock may lag the server's).
 TASK_EXPIRY_MARGIN_SECONDS = 600.0
 # Clocks may differ by a few minutes: an expiry is judged with this much slack.
@@ -281,13 +282,16 @@ def request_scope(
     attempt: int | None = None,
     weights_sha256: str | None = None,
     preprocessing: Mapping[str, Any] | None = None,
+    model_version: int | None = None,
 ) -> dict[str, Any]:
-    """The grant fields that bind a grant to one stats_request or one round's task.
+    """The grant fields that bind a grant to one stats_request, one round's task or the final
+    evaluation.
 
     A task's grant names its round and attempt, the run's total rounds, the SHA-256 of the global
-    weights payload and of the canonical preprocessing JSON, and an expiry; a stats_request's
-    names the total rounds and an expiry. Merged into the payload :func:`sign_authorization`
-    signs; checked by :func:`check_request_scope`.
+    weights payload and of the canonical preprocessing JSON, and an expiry; an evaluate's names
+    the model version instead of a round; a stats_request's names the total rounds and an
+    expiry. Merged into the payload :func:`sign_authorization` signs; checked by
+    :func:`check_request_scope`.
     """
     if expires_at.tzinfo is None:
         raise ValueError("expires_at needs a time zone")
@@ -302,6 +306,14 @@ def request_scope(
         scope.update(
             round=round,
             attempt=attempt,
+            weights_sha256=weights_sha256,
+            preprocessing_sha256=sha256_canonical(preprocessing),
+        )
+    if kind == EVALUATE_KIND:
+        if model_version is None or weights_sha256 is None or preprocessing is None:
+            raise ValueError("an evaluate's scope needs model_version, weights and preprocessing")
+        scope.update(
+            model_version=model_version,
             weights_sha256=weights_sha256,
             preprocessing_sha256=sha256_canonical(preprocessing),
         )
@@ -323,12 +335,13 @@ def check_request_scope(
     preprocessing: Any = None,
     now: datetime | None = None,
     check_expiry: bool = True,
+    model_version: int | None = None,
 ) -> None:
     """Check a verified grant's scope covers exactly the request received.
 
     Args:
         grant: the payload :func:`verify_authorization` returned.
-        kind: ``"stats"`` or ``"task"``: what was received.
+        kind: ``"stats"``, ``"task"`` or ``"evaluate"``: what was received.
         plan_rounds: the total rounds of the plan received (its hash already checked).
         round: the task's round number (tasks).
         rounds: the total rounds the task's fields state (tasks).
@@ -336,6 +349,7 @@ def check_request_scope(
         preprocessing: the preprocessing received (tasks).
         now: the current time (tests).
         check_expiry: False only when checking again a task already accepted on arrival.
+        model_version: the model version an evaluate says it carries (evaluates).
 
     Raises:
         AuthorizationError: naming what the grant does not cover.
@@ -367,6 +381,17 @@ def check_request_scope(
             raise AuthorizationError(
                 f"the authorization's attempt {attempt!r} is not a number >= 1"
             )
+    if kind == EVALUATE_KIND:
+        if rounds != plan_rounds:
+            raise AuthorizationError(
+                f"the evaluate says the run has {rounds!r} rounds, but the plan has {plan_rounds}"
+            )
+        if grant.get("model_version") != model_version:
+            raise AuthorizationError(
+                f"the evaluate says model v{model_version!r}, but the authorization is for "
+                f"v{grant.get('model_version')!r}"
+            )
+    if kind in (TASK_KIND, EVALUATE_KIND):
         if grant.get("weights_sha256") != weights_sha256:
             raise AuthorizationError(
                 f"the global weights received hash to {_short(weights_sha256)}, but the "

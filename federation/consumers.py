@@ -20,6 +20,7 @@ from django.conf import settings
 from fedcore import protocol
 from federation import dispatch, selectors, throttle
 from federation.services import agent_auth, agent_reports
+from federation.services import evaluation as evaluation_services
 from federation.services import refusals as refusal_services
 from federation.services import secagg as secagg_services
 from federation.services import silos as silo_services
@@ -333,6 +334,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except update_services.Refused as exc:
             await self.send_error(exc.code, exc.reason, run=msg["run"])
 
+    async def on_evaluation(self, msg: dict[str, Any]) -> None:
+        """The silo's evaluation of the run's final model."""
+        assert self.silo_id is not None
+        try:
+            await database_sync_to_async(evaluation_services.evaluation_receive)(
+                silo_id=self.silo_id, fields=msg
+            )
+        except update_services.Refused as exc:
+            log.warning("evaluation from silo %s refused: %s", self.silo_name, exc)
+            await self.send_error(exc.code, exc.reason, run=msg["run"])
+
     async def on_secagg(self, msg: dict[str, Any]) -> None:
         """One secure-aggregation stage reply: to the round attempt's coordinator."""
         assert self.silo_id is not None
@@ -461,6 +473,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         if fields is not None:
             await self.send(text_data=protocol.encode_control("stats_request", **fields))
+
+    async def run_evaluate(self, event: dict[str, Any]) -> None:
+        """Send the silo the run's final model to evaluate on its held-out rows."""
+        message = await database_sync_to_async(selectors.evaluate_message, thread_sensitive=False)(
+            run_id=event["run_id"], silo_id=self.silo_id
+        )
+        if message is None:
+            return
+        message.fields["sent_at"] = time.time()
+        frames = await asyncio.to_thread(
+            protocol.encode_binary, message, max_frame_bytes=settings.QUORUM_MAX_FRAME_BYTES
+        )
+        for frame in frames:
+            await self.send(bytes_data=frame)
 
     async def plan_offer(self, event: dict[str, Any]) -> None:
         """Tell the agent about a plan version that names its silo, for local review."""

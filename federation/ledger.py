@@ -80,8 +80,9 @@ def fairness_epsilon_per_round(spec: dict[str, Any]) -> float:
 
 
 def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
-    """What a whole run of the plan's noisy fairness counts costs a silo (every round)."""
-    return fairness_epsilon_per_round(spec) * int(spec["training"]["rounds"])
+    """What a whole run of the plan's noisy fairness counts costs a silo: every round, and the
+    final evaluation's tables of the last model (federation.services.evaluation)."""
+    return fairness_epsilon_per_round(spec) * (int(spec["training"]["rounds"]) + 1)
 
 
 def plan_statistics_epsilon(spec: dict[str, Any]) -> float:
@@ -185,6 +186,18 @@ def can_afford_round(silo: Silo, spec: dict[str, Any]) -> bool:
     if mechanism is None and not fairness:
         return True
     history = silo_history(silo) + ([mechanism] if mechanism else [])
+    pure = silo_pure_epsilon(silo) + fairness
+    total = composed_epsilon(history, ledger_delta(silo, plan_delta(spec))) + pure
+    return total <= silo.epsilon_budget
+
+
+def can_afford_evaluation(silo: Silo, spec: dict[str, Any]) -> bool:
+    """Whether the final evaluation's noisy fairness counts fit the silo's budget (no training
+    happens then: only those tables are released under DP)."""
+    fairness = fairness_epsilon_per_round(spec)
+    if silo.epsilon_budget is None or not fairness:
+        return True
+    history = silo_history(silo)
     pure = silo_pure_epsilon(silo) + fairness
     total = composed_epsilon(history, ledger_delta(silo, plan_delta(spec))) + pure
     return total <= silo.epsilon_budget

@@ -297,11 +297,12 @@ class Run(models.Model):
         PENDING = "pending", "Pending"
         STATS = "stats", "Computing federated statistics"
         RUNNING = "running", "Running"
+        EVALUATING = "evaluating", "Evaluating the final model"
         COMPLETED = "completed", "Completed"
         FAILED = "failed", "Failed"
         STOPPED = "stopped", "Stopped"
 
-    ACTIVE = (Status.PENDING, Status.STATS, Status.RUNNING)
+    ACTIVE = (Status.PENDING, Status.STATS, Status.RUNNING, Status.EVALUATING)
 
     plan = models.ForeignKey(TrainingPlan, on_delete=models.CASCADE, related_name="runs")
     version = models.ForeignKey(PlanVersion, on_delete=models.CASCADE, related_name="runs")
@@ -315,6 +316,12 @@ class Run(models.Model):
     stats_deadline = models.DateTimeField(null=True, blank=True)
     # Since when the run waits for enough silos to come online (None when it is not waiting).
     waiting_since = models.DateTimeField(null=True, blank=True)
+    # The final evaluation phase's deadline (federation.services.evaluation).
+    evaluation_deadline = models.DateTimeField(null=True, blank=True)
+    # The final model's pooled figures on the union of the sites' held-out rows, the per-silo
+    # figures and the final fairness report (federation.services.evaluation.pooled_evaluation);
+    # None until the evaluation phase ends.
+    evaluation = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -363,6 +370,26 @@ class SiloStatistics(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["run", "silo"], name="stats_once_per_silo_and_run")
+        ]
+
+
+class SiloEvaluation(models.Model):
+    """A silo asked to evaluate a run's final model, and its report once received.
+
+    Created (``report`` None) for every silo the evaluation phase asks; ``report`` holds the
+    checked score histogram (``fedcore.evaluation``) and, for plans with a fairness section,
+    the group counts. The phase waits for the asked silos only."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="silo_evaluations")
+    silo = models.ForeignKey(Silo, on_delete=models.CASCADE, related_name="+")
+    model_version = models.PositiveIntegerField()
+    report = models.JSONField(null=True, blank=True)
+    asked_at = models.DateTimeField(default=timezone.now)
+    received_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "silo"], name="evaluation_once_per_silo_and_run")
         ]
 
 

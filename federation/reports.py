@@ -155,13 +155,31 @@ def _attribute_view(name: str, entry: dict[str, Any], report: dict[str, Any]) ->
     return view
 
 
+def final_evaluation(run: Run) -> dict[str, Any] | None:
+    """The run's final evaluation (``Run.evaluation``), None until its evaluation phase ended."""
+    return run.evaluation if isinstance(run.evaluation, dict) else None
+
+
+def _final_fairness_report(run: Run) -> dict[str, Any] | None:
+    final = final_evaluation(run)
+    return final.get("fairness") if final else None
+
+
+def _fairness_reports(run: Run) -> list[dict[str, Any]]:
+    """Every fairness report of a run, oldest first: one per round (round k's about model
+    v(k-1)), then the final evaluation's (about the final model)."""
+    stored = [entry.report for entry in selectors.run_fairness_reports(run)]
+    final = _final_fairness_report(run)
+    return [*stored, final] if final else stored
+
+
 def run_fairness(run: Run) -> dict[str, Any]:
     """A run's fairness report as the page and the API show it: the plan's settings and limits,
     every stored report (one per round; round k's is about model v(k-1), the run's final
     evaluation about the final model), the latest one shaped per attribute, the performance
     spread across silos and every threshold flag raised."""
     settings = run.version.spec.get("fairness")
-    stored = [entry.report for entry in selectors.run_fairness_reports(run)]
+    stored = _fairness_reports(run)
     latest = stored[-1] if stored else None
     return {
         "settings": settings,
@@ -234,11 +252,19 @@ def _fairness(run: Run, version: ModelVersion | None = None) -> dict[str, Any]:
             "status": "not applicable: the plan declares no fairness section, so the silos "
             "sent no group counts",
         }
-    reports = selectors.run_fairness_reports(run)
+    reports = _fairness_reports(run)
+    final = final_evaluation(run)
+    final_note = (final or {}).get("fairness_note")
     if version is not None:
-        stored = selectors.model_version_fairness(version)
-        if stored is None:
-            latest = reports[-1].report if reports else None
+        if final and final.get("model_version") == version.number:
+            stored_report = final.get("fairness")
+        else:
+            found = selectors.model_version_fairness(version)
+            stored_report = found.report if found is not None else None
+        if stored_report is None:
+            if final_note and final and final.get("model_version") == version.number:
+                return {**base, "status": f"not evaluated: {final_note}"}
+            latest = reports[-1] if reports else None
             later = (
                 f"; the latest report (round {latest['round']}) is about model "
                 f"v{latest['model_version']}"
@@ -248,21 +274,25 @@ def _fairness(run: Run, version: ModelVersion | None = None) -> dict[str, Any]:
             return {
                 **base,
                 "status": f"not evaluated: model v{version.number} is evaluated for fairness at "
-                f"the start of round {version.number + 1}, which has not completed{later}",
+                f"the start of round {version.number + 1} or, for the final model, at the end of "
+                f"the run, which has not happened{later}",
             }
-        summary = fairness_summary(stored.report)
+        summary = fairness_summary(stored_report)
     elif reports:
-        summary = fairness_summary(reports[-1].report)
+        summary = fairness_summary(reports[-1])
     else:
         return {**base, "status": f"{NOT_RECORDED}: no round of this run has completed yet"}
-    summary["flags_in_run"] = sum(len(r.report.get("flags") or []) for r in reports)
+    summary["flags_in_run"] = sum(len(r.get("flags") or []) for r in reports)
     summary["rounds_reported"] = len(reports)
-    return {
-        **base,
-        "report": summary,
-        "status": f"round {summary['round']} evaluated model v{summary['model_version']} on the "
-        "silos' held-out splits",
-    }
+    who = (
+        "the final evaluation"
+        if summary["round"] is None
+        else f"round {summary['round']} (before training)"
+    )
+    status = f"{who} evaluated model v{summary['model_version']} on the silos' held-out splits"
+    if version is None and final_note:
+        status += f"; {final_note}"
+    return {**base, "report": summary, "status": status}
 
 
 class ModelFileMismatch(Exception):
@@ -309,8 +339,7 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
     plan_version = run.version
     spec = plan_version.spec
     rows = selectors.run_metric_rows(run)
-    # Model v_k is the result of round k; round k+1 evaluates it at every silo before training.
-    evaluation = _summary(rows, version.number + 1, ("global",)).get("global", {})
+    evaluation, evaluation_note = _version_evaluation(run, version, rows)
     last = selectors.run_model_versions(run).last()
     return {
         "model": {
@@ -351,12 +380,7 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
         ],
         "metrics": {
             "evaluation": evaluation or None,
-            "evaluation_note": (
-                f"the global model evaluated on the silos' held-out splits at the start of "
-                f"round {version.number + 1} (example-weighted means)"
-                if evaluation
-                else "not evaluated: no later round evaluated this version"
-            ),
+            "evaluation_note": evaluation_note,
             # Round k's local models (on the same splits) and training loss; its "global" scope
             # is the incoming model v_{k-1}, so it is not this version's.
             "training_round": _summary(rows, version.number, ("local", "train")) or None,
@@ -364,6 +388,34 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
         "privacy": run_privacy(run),
         "fairness": _fairness(run, version),
     }
+
+
+def _version_evaluation(
+    run: Run, version: ModelVersion, rows: list[dict[str, Any]]
+) -> tuple[dict[str, Any], str]:
+    """A model version's evaluation and what it is: the final evaluation's pooled figures for
+    the final model, else the start of round v+1's means over the silos."""
+    final = final_evaluation(run)
+    if final and final.get("model_version") == version.number:
+        pooled = final.get("metrics")
+        if not pooled:
+            return {}, f"not evaluated: {final.get('note')}"
+        figures = {key: pooled[key] for key in ("auc", "auc_error_bound", "accuracy", "loss", "n")}
+        return figures, (
+            f"the final model evaluated at the end of the run on the union of the silos' "
+            f"held-out rows ({pooled['n']} rows; {final.get('note')}): accuracy and loss exact, "
+            f"AUC from {pooled['bins']}-bin score histograms, within auc_error_bound of the "
+            "exact value"
+        )
+    # Model v_k is the result of round k; round k+1 evaluates it at every silo before training.
+    means = _summary(rows, version.number + 1, ("global",)).get("global", {})
+    if not means:
+        return {}, "not evaluated: no later round evaluated this version"
+    return means, (
+        f"the global model evaluated on the silos' held-out splits at the start of round "
+        f"{version.number + 1}: means of the silos' figures weighted by their held-out rows (a "
+        "mean of per-silo AUCs is not the AUC on the pooled rows)"
+    )
 
 
 def compliance_report(run: Run) -> dict[str, Any]:
@@ -422,6 +474,7 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         ],
         "privacy": report["privacy"],
         "fairness": report["fairness"],
+        "final_evaluation": final_evaluation(run),
         "audit_events": [
             {
                 "index": e.index,

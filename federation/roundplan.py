@@ -8,11 +8,18 @@ twice, or by another process from the same state is the same decision::
 
     pending --(enough silos online)--> stats --(all statistics in, or deadline with the minimum)-->
     running: round k collecting --(all selected answered, or deadline with the minimum)-->
-             aggregating --> completed --> round k+1 ... --> run completed
+             aggregating --> completed --> round k+1 ... --> last round completed -->
+    evaluating: the final model at every selectable site --(all asked answered, or deadline)-->
+    run completed
 
 A round that misses its minimum fails; a failed current round is retried (a new attempt of the
 same number) while the plan's ``round_retries`` allows, as soon as enough silos are selectable,
 or the run fails once it waited ``wait_for_silos_seconds`` for them. Then the run fails.
+
+The evaluation phase never fails a trained run: it asks the selectable silos (waiting for the
+plan's minimum up to ``wait_for_silos_seconds``, then taking whoever is there), waits for their
+answers until its deadline, and completes the run with the reports that came in -- or, when no
+silo was there to ask, completes it with a note that the final model was not evaluated.
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 # Run and round statuses (the values of federation.models.Run.Status / Round.Status).
-PENDING, STATS, RUNNING = "pending", "stats", "running"
+PENDING, STATS, RUNNING, EVALUATING = "pending", "stats", "running", "evaluating"
 COLLECTING, AGGREGATING, COMPLETED, FAILED = "collecting", "aggregating", "completed", "failed"
-ACTIVE = (PENDING, STATS, RUNNING)
+ACTIVE = (PENDING, STATS, RUNNING, EVALUATING)
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,11 @@ class RunState:
     stats_reported: int = 0
     stats_expected: int = 0
     current: RoundState | None = None
+    # The evaluation phase: when it ends, how many silos were asked, answered, refused the run.
+    evaluation_deadline: datetime | None = None
+    evaluation_asked: int = 0
+    evaluation_reported: int = 0
+    evaluation_refused: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,8 +178,22 @@ class FailRound(Decision):
 
 
 @dataclass(frozen=True)
+class BeginEvaluation(Decision):
+    """Every round is completed: ask these silos to evaluate the final model."""
+
+    silos: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FinishEvaluation(Decision):
+    """Every asked silo answered or the deadline passed: pool the reports, complete the run."""
+
+
+@dataclass(frozen=True)
 class CompleteRun(Decision):
-    """Every round is completed."""
+    """The run is over and its model stands; ``note`` says what could not be done."""
+
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +211,8 @@ def decide(state: RunState) -> Decision:
         return _begin_statistics(state)
     if state.status == STATS:
         return _finish_statistics(state)
+    if state.status == EVALUATING:
+        return _finish_evaluation(state)
     return _advance_rounds(state)
 
 
@@ -233,7 +261,7 @@ def _advance_rounds(state: RunState) -> Decision:
         return Wait(f"round {current.number} is being aggregated")
     if current.status == COMPLETED:
         if current.number >= limits.rounds:
-            return CompleteRun()
+            return _begin_evaluation(state)
         return _open_round(state, number=current.number + 1, attempt=1)
     # FAILED: retried for as long as the plan allows -- on every pass, so a retry that had to
     # wait for silos opens as soon as they are back (or the run fails when waiting ran out).
@@ -279,3 +307,37 @@ def _close_if_due(state: RunState, round_: RoundState) -> Decision:
             f"deadline; the plan needs at least {minimum}"
         ),
     )
+
+
+def _begin_evaluation(state: RunState) -> Decision:
+    """Ask the selectable silos to evaluate the final model: the plan's minimum of them, or
+    whoever is there once waiting ran out (an exact figure on fewer sites beats none)."""
+    online, limits = len(state.online), state.limits
+    if online >= limits.min_silos:
+        return BeginEvaluation(silos=state.online)
+    if state.waiting_since is None:
+        return StartWaiting(online=online, needed=limits.min_silos)
+    if (state.now - state.waiting_since).total_seconds() <= limits.wait_for_silos_seconds:
+        return Wait(
+            f"the final evaluation waits: {online} of the minimum {limits.min_silos} silos "
+            "are online"
+        )
+    if online:
+        return BeginEvaluation(silos=state.online)
+    return CompleteRun(
+        note=f"the final model was not evaluated: no silo was online within "
+        f"{limits.wait_for_silos_seconds:.0f} s of the last round"
+    )
+
+
+def _finish_evaluation(state: RunState) -> Decision:
+    answered = state.evaluation_reported + state.evaluation_refused
+    deadline_passed = (
+        state.evaluation_deadline is not None and state.now >= state.evaluation_deadline
+    )
+    if answered < state.evaluation_asked and not deadline_passed:
+        return Wait(
+            f"final evaluation: {state.evaluation_reported} of {state.evaluation_asked} silos "
+            "answered"
+        )
+    return FinishEvaluation()

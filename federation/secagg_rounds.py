@@ -427,7 +427,10 @@ def _record_counts(coord: Coordinator) -> None:
     round_ = Round.objects.get(pk=coord.round_pk)
     for silo in Silo.objects.filter(pk__in=[coord.silo_of[c] for c in coord.server.contributors]):
         fairness_service.counts_charge(
-            run=run, round_=round_, silo=silo, tables=len({a for a, _, _ in coord.layout})
+            run=run,
+            round_number=round_.number,
+            silo=silo,
+            tables=len({a for a, _, _ in coord.layout}),
         )
 
 

@@ -91,6 +91,44 @@ def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
     )
 
 
+def evaluate_message(*, run_id: int, silo_id: int) -> BinaryMessage | None:
+    """The final model an asked silo must evaluate, or None when it owes no evaluation."""
+    run = (
+        Run.objects.select_related("plan__consortium", "version")
+        .filter(pk=run_id, status=Run.Status.EVALUATING)
+        .first()
+    )
+    if run is None or run.evaluation_deadline is None:
+        return None
+    asked = run.silo_evaluations.filter(silo_id=silo_id, report__isnull=True).first()
+    if asked is None:
+        return None
+    model = ModelVersion.objects.get(run=run, number=asked.model_version)
+    scope = signing.request_scope(
+        kind=signing.EVALUATE_KIND,
+        rounds=run.rounds,
+        model_version=model.number,
+        weights_sha256=model.checksum,
+        preprocessing=run.preprocessing,
+        expires_at=run.evaluation_deadline + timedelta(seconds=signing.TASK_EXPIRY_MARGIN_SECONDS),
+    )
+    silo = Silo.objects.get(pk=silo_id)
+    return BinaryMessage(
+        type="evaluate",
+        fields={
+            "run": run.pk,
+            "rounds": run.rounds,
+            "model_version": model.number,
+            "plan_hash": run.plan_hash,
+            "plan": run.version.spec,
+            "preprocessing": run.preprocessing,
+            "deadline": run.evaluation_deadline.timestamp(),
+            "authorization": authorization_for(run=run, silo=silo, scope=scope),
+        },
+        payload=_model_bytes(model.blob_key, model.checksum),
+    )
+
+
 # The global model every selected silo of a round is sent: read once per process, not once per
 # silo (200 silos x 4 MB). Keyed by checksum too, so a rewritten blob is never served stale.
 _MODEL_CACHE: dict[tuple[str, str], bytes] = {}
@@ -154,11 +192,16 @@ def pending_work(*, silo_id: int) -> list[dict[str, Any]]:
         {"type": "plan.offer", "version_id": version_id} for version_id in offered
     ]
     runs = Run.objects.filter(
-        status__in=(Run.Status.STATS, Run.Status.RUNNING), version__silos__pk=silo_id
+        status__in=(Run.Status.STATS, Run.Status.RUNNING, Run.Status.EVALUATING),
+        version__silos__pk=silo_id,
     ).order_by("pk")
     for run in runs:
         if run.status == Run.Status.STATS:
             events.append({"type": "run.stats_request", "run_id": run.pk})
+            continue
+        if run.status == Run.Status.EVALUATING:
+            if run.silo_evaluations.filter(silo_id=silo_id, report__isnull=True).exists():
+                events.append({"type": "run.evaluate", "run_id": run.pk})
             continue
         current = run.round_set.order_by("-number", "-attempt").first()
         if current is not None and current.status == Round.Status.COLLECTING:
@@ -166,10 +209,10 @@ def pending_work(*, silo_id: int) -> list[dict[str, Any]]:
     return events
 
 
-def online_silos(run: Run) -> list[Silo]:
+def online_silos(run: Run, *, evaluation: bool = False) -> list[Silo]:
     """Participating, admitted silos whose agent is connected and heartbeating, has not refused
     the run, and whose privacy budget can afford one more round of the plan (the others stop
-    participating).
+    participating) -- or, for the final ``evaluation``, its noisy fairness counts only.
 
     The one place a run's selection is decided (the round state machine selects these)."""
     from federation import ledger
@@ -185,8 +228,9 @@ def online_silos(run: Run) -> list[Silo]:
         .order_by("pk")
     )
     selectable = []
+    affords = ledger.can_afford_evaluation if evaluation else ledger.can_afford_round
     for silo in connected:
-        if ledger.can_afford_round(silo, run.version.spec):
+        if affords(silo, run.version.spec):
             selectable.append(silo)
         else:
             log.warning("run %s: silo %s is out of privacy budget; not selected", run.pk, silo.name)
@@ -211,24 +255,34 @@ def run_waiting_note(run: Run, rounds: list[Round]) -> str | None:
     secure = run.version.spec.get("secure_aggregation") is True
     needed = cfg.min_silos
     what = "federated statistics"
-    if run.status == Run.Status.RUNNING:
+    evaluation_next = (
+        current is not None and current.status == "completed" and current.number >= run.rounds
+    )
+    if run.status == Run.Status.RUNNING and evaluation_next:
+        what = "the final evaluation"  # needs the plan's minimum, not secure aggregation's 2
+    elif run.status == Run.Status.RUNNING:
         needed = roundplan.needed_to_open(cfg.min_silos, secure=secure)
         number = 1 if current is None else current.number + (current.status == "completed")
         what = f"round {number}"
         if failed:
             assert current is not None
             what = f"round {current.number} attempt {current.attempt + 1} (a retry)"
-    selectable = len(online_silos(run))
+    selectable = len(online_silos(run, evaluation=evaluation_next))
     if selectable >= needed:
         return (
             f"{selectable} silos can take part ({needed} needed): {what} opens at the next sweep."
         )
     since = "" if run.waiting_since is None else f" since {run.waiting_since:%H:%M:%S %Z}"
+    then = (
+        "the final model is evaluated by those there (the run completes either way)"
+        if evaluation_next
+        else "the run fails"
+    )
     return (
         f"Waiting{since} for silos: {selectable} of the {needed} needed for {what} can take "
         "part (connected, heartbeating in the last "
-        f"{settings.QUORUM_SILO_OFFLINE_AFTER:g} s, admitted, within their privacy budget); the "
-        f"run fails if they are not back within {cfg.wait_for_silos_seconds:.0f} s of waiting."
+        f"{settings.QUORUM_SILO_OFFLINE_AFTER:g} s, admitted, within their privacy budget); "
+        f"{then} if they are not back within {cfg.wait_for_silos_seconds:.0f} s of waiting."
     )
 
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 from fedcore import tensors
 from fedcore.models import build_model
 from fedcore.plan import plan_hash
-from federation import models
+from federation import models, orchestrator
 from federation.services.rounds import _signature_json
 from federation.storage import blob_store, model_key
 
@@ -159,3 +159,14 @@ def running_round(silos: list[models.Silo], *, n_features: int = 3, **spec: Any)
     )
     round_.selected.set(silos)
     return round_
+
+
+def end_final_evaluation(run: models.Run) -> models.Run:
+    """Let a run that is evaluating its final model reach its evaluation deadline and complete
+    (with whatever evaluations arrived: none from tests that drive rounds without agents)."""
+    models.Run.objects.filter(pk=run.pk, status=models.Run.Status.EVALUATING).update(
+        evaluation_deadline=timezone.now() - timedelta(seconds=1)
+    )
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    return run

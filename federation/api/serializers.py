@@ -718,15 +718,42 @@ class RunRefusalSerializer(serializers.Serializer):
     count = serializers.IntegerField(read_only=True)
 
 
+class FinalEvaluationSerializer(serializers.Serializer):
+    """The final model on the union of the silos' held-out rows (federation.services.evaluation):
+    ``metrics`` = auc, auc_error_bound, accuracy, loss, n, positives, negatives, bins."""
+
+    model_version = serializers.IntegerField(read_only=True)
+    asked = serializers.ListField(child=serializers.CharField(), read_only=True)
+    evaluated = serializers.ListField(child=serializers.CharField(), read_only=True)
+    missing = serializers.ListField(child=serializers.CharField(), read_only=True)
+    metrics = serializers.DictField(read_only=True, allow_null=True)
+    by_silo = serializers.DictField(child=serializers.DictField(), read_only=True)
+    method = serializers.CharField(read_only=True)
+    note = serializers.CharField(read_only=True)
+    fairness = serializers.DictField(read_only=True, allow_null=True)
+    fairness_note = serializers.CharField(read_only=True, allow_null=True)
+    finished_at = serializers.CharField(read_only=True)
+
+
 class RunDetailSerializer(RunSerializer):
-    """A run with the state of each of its rounds, and the silos it no longer selects and why."""
+    """A run with the state of each of its rounds, the silos it no longer selects and why, and
+    its final model's evaluation (null until the run's evaluation phase ended)."""
 
     round_summary = RoundSummarySerializer(source="round_set", many=True, read_only=True)
     waiting_since = serializers.DateTimeField(read_only=True, allow_null=True)
     refusals = serializers.SerializerMethodField()
+    final_evaluation = FinalEvaluationSerializer(
+        source="evaluation", read_only=True, allow_null=True
+    )
 
     class Meta(RunSerializer.Meta):
-        fields = [*RunSerializer.Meta.fields, "round_summary", "waiting_since", "refusals"]
+        fields = [
+            *RunSerializer.Meta.fields,
+            "round_summary",
+            "waiting_since",
+            "refusals",
+            "final_evaluation",
+        ]
         read_only_fields = fields
 
     @extend_schema_field(RunRefusalSerializer(many=True))

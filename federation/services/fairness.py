@@ -125,14 +125,15 @@ def record_update_counts(*, run: Run, round_: Round, silo: Silo, counts: dict[st
     the plan's ``dp_epsilon`` (basic composition), added to the RDP total of the ledger.
     """
     Update.objects.filter(round=round_, silo=silo).update(fairness=counts)
-    counts_charge(run=run, round_=round_, silo=silo, tables=len(counts))
+    counts_charge(run=run, round_number=round_.number, silo=silo, tables=len(counts))
 
 
-def counts_charge(*, run: Run, round_: Round, silo: Silo, tables: int) -> None:
+def counts_charge(*, run: Run, round_number: int | None, silo: Silo, tables: int) -> None:
     """Charge a silo's ledger for ``tables`` count tables it released with DP (none: no-op).
 
     Also for a secure round, whose tables the server only sees summed: each site added its own
-    noise before masking, so its release costs what a clear one does.
+    noise before masking, so its release costs what a clear one does. ``round_number`` None:
+    the final evaluation's tables (federation.services.evaluation).
     """
     epsilon = dp_epsilon(run.version.spec)
     if epsilon is None or not tables:
@@ -140,7 +141,7 @@ def counts_charge(*, run: Run, round_: Round, silo: Silo, tables: int) -> None:
     ledger.ledger_append(
         silo=silo,
         run=run,
-        round_number=round_.number,
+        round_number=round_number,
         mechanism=ledger.PURE,
         noise_multiplier=1.0 / epsilon,  # the discrete Laplace scale of one count
         sample_rate=1.0,

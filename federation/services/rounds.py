@@ -39,6 +39,7 @@ from federation.models import (
     TrainingPlan,
 )
 from federation.selectors import online_silos, round_refused_count
+from federation.services import evaluation as evaluation_service
 from federation.services import fairness as fairness_service
 from federation.services.audit import audit_append
 from federation.services.updates import validate_metrics
@@ -82,6 +83,15 @@ def run_state(run: Run, online: list[Silo]) -> roundplan.RunState:
             stats_reported=run.silo_statistics.count(),
             stats_expected=run.version.silos.filter(admission=Silo.Admission.ADMITTED).count(),
         )
+    if run.status == Run.Status.EVALUATING:
+        asked, reported, refused = evaluation_service.evaluation_counts(run)
+        return replace(
+            state,
+            evaluation_deadline=run.evaluation_deadline,
+            evaluation_asked=asked,
+            evaluation_reported=reported,
+            evaluation_refused=refused,
+        )
     if run.status != Run.Status.RUNNING:
         return state
     current = run.round_set.order_by("-number", "-attempt").first()
@@ -122,10 +132,23 @@ def run_step(*, run_id: int) -> roundplan.Decision | None:
     )
     if run is None or not run.active:
         return None
-    online = online_silos(run)
+    online = online_silos(run, evaluation=_evaluation_next(run))
     decision = roundplan.decide(run_state(run, online))
     _apply(run, decision, online)
     return decision
+
+
+def _evaluation_next(run: Run) -> bool:
+    """Whether the run's next phase is the final evaluation (its last round is completed): its
+    silos need only afford the evaluation's fairness counts, not another training round."""
+    if run.status != Run.Status.RUNNING:
+        return False
+    last = run.round_set.order_by("-number", "-attempt").values("number", "status").first()
+    return (
+        last is not None
+        and last["status"] == Round.Status.COMPLETED
+        and last["number"] >= run.rounds
+    )
 
 
 def _apply(run: Run, decision: roundplan.Decision, online: list[Silo]) -> None:
@@ -152,7 +175,15 @@ def _apply(run: Run, decision: roundplan.Decision, online: list[Silo]) -> None:
             return  # the caller aggregates, outside this transaction
         case roundplan.FailRound(round_id=round_id, reason=reason):
             _fail_round(run, Round.objects.get(pk=round_id), reason)
-        case roundplan.CompleteRun():
+        case roundplan.BeginEvaluation(silos=silo_ids):
+            chosen = set(silo_ids)
+            evaluation_service.evaluation_begin(run, cfg, [s for s in online if s.pk in chosen])
+        case roundplan.FinishEvaluation():
+            run.evaluation = evaluation_service.evaluation_pool(run)
+            _complete_run(run)
+        case roundplan.CompleteRun(note=note):
+            if note:  # no silo could evaluate the final model: say so where the figures go
+                run.evaluation = {**evaluation_service.evaluation_pool(run), "note": note}
             _complete_run(run)
         case roundplan.FailRun(reason=reason):
             _fail_run(run, reason)
@@ -458,14 +489,25 @@ def _weighted_mean(values: list[tuple[float, float]]) -> float | None:
     return sum(v * w for v, w in values) / total
 
 
+# Counts the silos report next to their metrics: a weight, never averaged into a "metric" (an
+# example-weighted mean of the evaluation sizes was once reported as global/n = 5042.19).
+COUNT_METRICS = frozenset({"n"})
+
+
 def _record_round_metrics(round_: Round, updates: list[dict[str, Any]]) -> None:
-    """Per-round summary: example-weighted means of what the silos reported."""
+    """Per-round summary: means of what the silos reported, weighted by the rows each metric
+    was computed on -- a scope's held-out rows (its ``n``) for evaluation metrics, the
+    training rows otherwise. A mean of per-silo AUCs is not the AUC on the pooled rows: the
+    run's final figures come from the final evaluation (federation.services.evaluation)."""
     buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for u in updates:
-        weight = float(u["num_examples"])
-        for scope, name, value in validate_metrics(u["metrics"]):  # checked at receipt
-            if value == value:  # skip NaN (e.g. AUC of a one-class split)
-                buckets.setdefault((scope, name), []).append((value, weight))
+        flat = validate_metrics(u["metrics"])  # checked at receipt
+        sizes = {scope: value for scope, name, value in flat if name in COUNT_METRICS}
+        for scope, name, value in flat:
+            if name in COUNT_METRICS or value != value:  # NaN: e.g. AUC of a one-class split
+                continue
+            weight = sizes.get(scope, float(u["num_examples"]))
+            buckets.setdefault((scope, name), []).append((value, weight))
     RoundMetric.objects.filter(round=round_, silo__isnull=True).delete()
     RoundMetric.objects.bulk_create(
         RoundMetric(round=round_, silo=None, scope=scope, name=name, value=mean)
@@ -500,8 +542,18 @@ def _store_model_version(
 def _complete_run(run: Run) -> None:
     run.status = Run.Status.COMPLETED
     run.finished_at = timezone.now()
-    run.save(update_fields=["status", "finished_at"])
-    _audit_run(run, "run.finished", status=run.status)
+    run.save(update_fields=["status", "finished_at", "evaluation"])
+    final = (run.evaluation or {}).get("metrics") or {}
+    _audit_run(
+        run,
+        "run.finished",
+        status=run.status,
+        **(
+            {"final_model": {k: final.get(k) for k in ("auc", "auc_error_bound", "accuracy", "n")}}
+            if final
+            else {}
+        ),
+    )
     TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.COMPLETED)
     _notify_finished(run)
     log.info("run %s completed", run.pk)

@@ -43,7 +43,7 @@ class Refused(Exception):
         return f"{self.code}: {self.reason}"
 
 
-def _audit_refused(silo_id: int, action: str, run: Any, refused: Refused, **data: Any) -> None:
+def audit_refused(silo_id: int, action: str, run: Any, refused: Refused, **data: Any) -> None:
     """Audit a refused report of a silo in its own transaction (nothing else of it is kept)."""
     silo = Silo.objects.filter(pk=silo_id).first()
     with transaction.atomic():
@@ -76,7 +76,7 @@ def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
     try:
         _stats_receive(silo_id=silo_id, run_id=run_id, stats=stats)
     except Refused as refused:
-        _audit_refused(silo_id, "stats.refused", run_id, refused)
+        audit_refused(silo_id, "stats.refused", run_id, refused)
         raise
 
 
@@ -150,7 +150,7 @@ def update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> R
     try:
         return _update_receive(silo_id=silo_id, fields=fields, payload=payload)
     except Refused as refused:
-        _audit_refused(
+        audit_refused(
             silo_id,
             "update.refused",
             fields.get("run", ""),
@@ -301,7 +301,7 @@ def masked_update_receive(
             silo_id=silo_id, fields=fields, payload=payload, collect=collect
         )
     except Refused as refused:
-        _audit_refused(
+        audit_refused(
             silo_id,
             "update.refused",
             fields.get("run", ""),

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcore import tensors
+from clientagent.data import LocalData
+from fedcore import metrics, tensors, training
+from fedcore.models import build_model
 from federation.models import ModelVersion, Round, Run, Silo, TrainingPlan, Update
 from federation.server import free_port
 from federation.services.silos import silo_issue_token
@@ -56,6 +58,29 @@ def federation(tmp_path: Path, n_sites: int, **spec: object):
         for i, silo in enumerate(silos)
     ]
     return plan, silos, server, agents
+
+
+def assert_final_figures_are_the_final_models(run: Run, csvs: list[Path]) -> None:
+    """The run's final AUC and accuracy are the last model version's on the union of the sites'
+    held-out rows, recomputed here from the raw scores of the sites' files."""
+    final = ModelVersion.objects.filter(run=run).order_by("-number").first()
+    state = tensors.decode_state_dict(blob_store().get(final.blob_key))
+    ys, ps = [], []
+    for csv in csvs:
+        data = LocalData(csv)
+        test = data.arrays(data.split(run.version.spec), run.preprocessing).test
+        model = build_model(run.version.spec["model"], int(test.X.shape[1]), seed=0)
+        model.load_state_dict(state)
+        ys.append(test.y)
+        ps.append(training.predict_proba(model, test.X))
+    y, p = np.concatenate(ys), np.concatenate(ps)
+    assert run.evaluation is not None, "the run has no final evaluation"
+    reported = run.evaluation["metrics"]
+    assert run.evaluation["model_version"] == final.number and run.evaluation["missing"] == []
+    assert reported["n"] == y.size
+    # the bound may be attained: compare with float rounding allowed for
+    assert abs(reported["auc"] - metrics.roc_auc(y, p)) <= reported["auc_error_bound"] + 1e-12
+    assert reported["accuracy"] == float(np.mean((p >= 0.5) == (y == 1)))
 
 
 def online_count(silos: list[Silo]) -> int:
@@ -106,6 +131,9 @@ def test_three_agents_train_two_rounds_through_the_real_server(tmp_path: Path) -
         )
         assert any(not (first[k] == last[k]).all() for k in first), "training changed nothing"
         assert tensors.sha256_hex(blob_store().get(versions[2].blob_key)) == versions[2].checksum
+        assert_final_figures_are_the_final_models(
+            run, [tmp_path / f"{silo.name}.csv" for silo in silos]
+        )
     finally:
         for p in procs:
             p.stop()

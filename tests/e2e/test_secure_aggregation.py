@@ -19,7 +19,12 @@ from fedcore import tensors
 from federation.models import AuditEvent, ModelVersion, Round, Run, Update
 from federation.storage import blob_store
 from tests.e2e import harness
-from tests.e2e.test_federation import federation, online_count, write_site_csv
+from tests.e2e.test_federation import (
+    assert_final_figures_are_the_final_models,
+    federation,
+    online_count,
+    write_site_csv,
+)
 from tests.factories import start_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -79,6 +84,10 @@ def test_three_agents_train_two_secure_rounds(tmp_path: Path) -> None:
             assert log.count("sent the masked update") == 2
             assert "sent update" not in log  # never the weights in clear
         assert "secure aggregation with 3 silos, threshold 2" in server.log.read_text()
+        assert_final_figures_are_the_final_models(
+            run, [tmp_path / f"{silo.name}.csv" for silo in silos]
+        )
+        assert run.evaluation["fairness"] is None  # no fairness section; never counts in clear
     finally:
         for p in procs:
             p.stop()

@@ -23,6 +23,7 @@ from tests.factories import (
     ConsortiumFactory,
     PlanFactory,
     SiloFactory,
+    end_final_evaluation,
     plan_spec,
     start_run,
 )
@@ -105,7 +106,10 @@ def test_run_goes_from_statistics_to_rounds_to_completion() -> None:
             expected = sum(s[name] * w for s, w in zip(states, weights, strict=True)) / sum(weights)
             torch.testing.assert_close(got[name], expected)
     run.refresh_from_db()
+    assert run.status == Run.Status.EVALUATING  # the final model, at every site
+    run = end_final_evaluation(run)  # no agent here to answer: the deadline ends it
     assert run.status == Run.Status.COMPLETED
+    assert run.evaluation["metrics"] is None and len(run.evaluation["missing"]) == 3
     run.plan.refresh_from_db()
     assert run.plan.status == "completed"
 

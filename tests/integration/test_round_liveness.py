@@ -123,6 +123,9 @@ class DatabaseWorld(RuleBasedStateMachine):
         Run.objects.filter(pk=self.run.pk, stats_deadline__isnull=False).update(
             stats_deadline=F("stats_deadline") - shift
         )
+        Run.objects.filter(pk=self.run.pk, evaluation_deadline__isnull=False).update(
+            evaluation_deadline=F("evaluation_deadline") - shift
+        )  # the final evaluation: nobody answers it here, its deadline ends it
         self.heartbeat()
 
     @rule()

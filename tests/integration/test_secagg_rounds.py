@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from clientagent.secagg_session import SecAggSession
 from config.asgi import application
-from fedcore import fairness, protocol, tensors
+from fedcore import evaluation, fairness, protocol, tensors
 from fedcore.aggregation import ClientUpdate, make_strategy
 from fedcore.models import build_model
 from fedcore.secagg import Quantizer, SecAggServer
@@ -179,6 +179,8 @@ class Site:
                 message = reassembler.feed(frame)
                 if message is not None and message.type == "task":
                     await self.on_task(message)
+                elif message is not None and message.type == "evaluate":
+                    await self.on_evaluate(message)
                 continue
             fields = protocol.decode_control(frame)
             if fields["type"] == "secagg":
@@ -189,6 +191,23 @@ class Site:
                 self.acks.append(fields)
         self.session.close()
         await self.comm.disconnect()
+
+    async def on_evaluate(self, message: protocol.BinaryMessage) -> None:
+        """The final evaluation: a histogram of made-up held-out scores (no group counts: a
+        secure plan's only travel masked)."""
+        if not self.train:
+            return
+        rng = np.random.default_rng(self.silo.pk)
+        y = rng.integers(0, 2, size=20)
+        histogram = evaluation.site_histogram(
+            y, np.clip(0.3 + 0.4 * y + 0.1 * rng.random(20), 0, 1)
+        )
+        await self._send_control(
+            "evaluation",
+            run=message.fields["run"],
+            model_version=message.fields["model_version"],
+            evaluation=histogram.to_wire(),
+        )
 
     async def on_task(self, task: protocol.BinaryMessage) -> None:
         if not self.train:

@@ -63,6 +63,12 @@ CONTROL_EXAMPLES = {
         "authorization": GRANT,
     },
     "stats": {"run": 3, "stats": {"n": 120, "columns": {"age": {"count": 120, "mean": 51.5}}}},
+    "evaluation": {
+        "run": 3,
+        "model_version": 20,
+        "evaluation": {"bins": 2, "positives": [1, 4], "negatives": [5, 0], "loss_sum": 2.5},
+        "fairness": {"sex": {"F": {"tp": 2, "fp": 0, "tn": 3, "fn": 1}}},
+    },
     "update_ack": {"run": 3, "round": 0, "status": "accepted"},
     "run_finished": {"run": 3, "status": "completed"},
     "error": {"code": "invalid_field", "reason": "field 'run' is missing", "run": 3, "round": 2},
@@ -226,7 +232,8 @@ def test_every_schema_field_has_an_example():
     assert set(TASK_FIELDS) == set(BINARY_SCHEMAS["task"])
     assert set(UPDATE_FIELDS) == set(BINARY_SCHEMAS["update"])
     assert set(MASKED_UPDATE_FIELDS) == set(BINARY_SCHEMAS["masked_update"])
-    assert set(BINARY_SCHEMAS) == {"task", "update", "masked_update"}
+    assert set(BINARY_SCHEMAS["evaluate"]) == set(TASK_FIELDS) - {"round"} | {"model_version"}
+    assert set(BINARY_SCHEMAS) == {"task", "evaluate", "update", "masked_update"}
 
 
 def test_masked_update_round_trips_its_uint32_payload():

@@ -10,7 +10,9 @@ transaction. Hypothesis interleaves the faults; the invariants are what a user r
 - after a sweep, a run with enough silos selectable is never left running without a round in
   progress (the bug: a round failed while its silos were away, and the retry never opened);
 - once enough silos are back and cooperate, every run ends completed, failed or stopped within a
-  bounded number of sweeps.
+  bounded number of sweeps;
+- a run completes only after its last round, through the final evaluation phase (or with a note
+  that no silo was there to evaluate), and only silos asked to evaluate are counted in it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ LIMITS = rp.Limits(
 # Each pass either changes the persisted state or stops; a run has at most
 # 2 (statistics) + rounds * (retries + 1) * 3 (open, close/fail, aggregate) transitions.
 MAX_PASSES = 8
-SWEEPS_TO_FINISH = 2 + LIMITS.rounds * (LIMITS.round_retries + 1) * 3
+SWEEPS_TO_FINISH = 2 + LIMITS.rounds * (LIMITS.round_retries + 1) * 3 + 2
 
 
 @dataclass
@@ -63,6 +65,11 @@ class Persisted:
     stats: set[int] = field(default_factory=set)
     rounds: list[RoundRow] = field(default_factory=list)
     counted: dict[int, list[int]] = field(default_factory=dict)  # round number -> silos
+    evaluation_deadline: datetime | None = None
+    asked: tuple[int, ...] = ()
+    evaluated: set[int] = field(default_factory=set)
+    final: list[int] | None = None  # the silos the completed run's final figures pooled
+    note: str = ""
 
 
 class RoundPlanWorld(RuleBasedStateMachine):
@@ -88,6 +95,10 @@ class RoundPlanWorld(RuleBasedStateMachine):
             stats_deadline=self.db.stats_deadline,
             stats_reported=len(self.db.stats),
             stats_expected=len(SILOS),
+            evaluation_deadline=self.db.evaluation_deadline,
+            evaluation_asked=len(self.db.asked),
+            evaluation_reported=len(self.db.evaluated),
+            evaluation_refused=len((set(self.db.asked) - self.db.evaluated) & self.refusing),
             current=None
             if current is None
             else rp.RoundState(
@@ -140,8 +151,20 @@ class RoundPlanWorld(RuleBasedStateMachine):
                 row = self.round_by_id(round_id)
                 assert row.status == rp.COLLECTING
                 row.status, row.error = rp.FAILED, reason
-            case rp.CompleteRun():
-                db.status = rp.COMPLETED
+            case rp.BeginEvaluation(silos=silos):
+                assert set(silos) <= self.connected and silos
+                assert [r.number for r in db.rounds if r.status == rp.COMPLETED][-1:] == [
+                    LIMITS.rounds
+                ]
+                db.status, db.waiting_since, db.asked = rp.EVALUATING, None, silos
+                db.evaluation_deadline = self.now + timedelta(seconds=LIMITS.round_deadline_seconds)
+            case rp.FinishEvaluation():
+                assert db.status == rp.EVALUATING
+                db.status, db.final = rp.COMPLETED, sorted(db.evaluated)
+            case rp.CompleteRun(note=note):
+                assert db.rounds and db.rounds[-1].number == LIMITS.rounds
+                assert note and not self.connected  # only when nobody could evaluate
+                db.status, db.note = rp.COMPLETED, note
             case rp.FailRun():
                 db.status = rp.FAILED
             case _:
@@ -211,6 +234,15 @@ class RoundPlanWorld(RuleBasedStateMachine):
             return  # update_receive refuses a second update of the same attempt
         row.received.append(silo)
 
+    @rule(silo=st.sampled_from(SILOS))
+    def send_evaluation(self, silo: int) -> None:
+        db = self.db
+        if db.status != rp.EVALUATING or silo not in db.asked or silo not in self.connected:
+            return
+        if silo in self.refusing or db.evaluation_deadline <= self.now:  # type: ignore[operator]
+            return
+        db.evaluated.add(silo)  # evaluation_receive refuses a second report
+
     @rule(seconds=st.sampled_from([1, 10, 59, 61, 121, 301]))
     def time_passes(self, seconds: int) -> None:
         self.now += timedelta(seconds=seconds)
@@ -250,6 +282,7 @@ class RoundPlanWorld(RuleBasedStateMachine):
                 for silo in SILOS:
                     self.send_statistics(silo)
                     self.send_update(silo, again=False)
+                    self.send_evaluation(silo)
             self.now += timedelta(seconds=LIMITS.round_deadline_seconds + 1)
         assert self.db.status in {rp.COMPLETED, rp.FAILED, "stopped"}, self.db
 
@@ -262,6 +295,17 @@ class RoundPlanWorld(RuleBasedStateMachine):
         assert sorted(self.db.counted) == list(range(1, len(self.db.counted) + 1))
         completed = [r.number for r in self.db.rounds if r.status == rp.COMPLETED]
         assert completed == sorted(set(completed))
+
+    @invariant()
+    def a_completed_run_was_evaluated_by_silos_it_asked_after_its_last_round(self) -> None:
+        db = self.db
+        if db.status != rp.COMPLETED:
+            return
+        assert [r.number for r in db.rounds if r.status == rp.COMPLETED] == list(
+            range(1, LIMITS.rounds + 1)
+        )
+        assert (db.final is None) != (not db.note), db  # evaluated, or a note says why not
+        assert set(db.final or ()) <= set(db.asked)
 
     @invariant()
     def a_run_with_enough_silos_is_never_left_running_idle(self) -> None:
@@ -286,6 +330,7 @@ def _copy(db: Persisted) -> Persisted:
     return replace(
         db,
         stats=set(db.stats),
+        evaluated=set(db.evaluated),
         rounds=[replace(r, received=list(r.received)) for r in db.rounds],
         counted={k: list(v) for k, v in db.counted.items()},
     )
@@ -324,3 +369,57 @@ def test_a_failed_round_is_retried_when_its_silos_are_back() -> None:
     assert rp.decide(too_late) == rp.FailRun(
         "round 1 could not start: only 0 of the minimum 2 silos were online within 300 s"
     )
+
+
+def _evaluating(now: datetime, **fields: object) -> rp.RunState:
+    state = rp.RunState(
+        status=rp.EVALUATING,
+        now=now,
+        limits=LIMITS,
+        online=(1, 2, 3),
+        evaluation_deadline=now + timedelta(seconds=60),
+        evaluation_asked=3,
+    )
+    return replace(state, **fields)  # type: ignore[arg-type]
+
+
+def test_the_last_round_completed_opens_the_final_evaluation_not_the_end() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    last = rp.RoundState(
+        id=3, number=3, attempt=1, status=rp.COMPLETED, selected=3, received=3,
+        started_at=now, deadline=now,
+    )  # fmt: skip
+    running = rp.RunState(status=rp.RUNNING, now=now, limits=LIMITS, online=(1, 2, 3), current=last)
+    assert rp.decide(running) == rp.BeginEvaluation(silos=(1, 2, 3))
+    # fewer than the minimum: wait for them, then evaluate with whoever is there
+    one = replace(running, online=(2,))
+    assert rp.decide(one) == rp.StartWaiting(online=1, needed=2)
+    assert isinstance(rp.decide(replace(one, waiting_since=now)), rp.Wait)
+    late = replace(one, waiting_since=now, now=now + timedelta(seconds=301))
+    assert rp.decide(late) == rp.BeginEvaluation(silos=(2,))
+    # nobody at all: the trained run still completes, saying the model was not evaluated
+    assert rp.decide(replace(late, online=())) == rp.CompleteRun(
+        note="the final model was not evaluated: no silo was online within 300 s of the last round"
+    )
+
+
+def test_the_evaluation_waits_for_every_asked_silo_until_its_deadline() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert rp.decide(_evaluating(now, evaluation_reported=2)) == rp.Wait(
+        "final evaluation: 2 of 3 silos answered"
+    )
+    assert rp.decide(_evaluating(now, evaluation_reported=3)) == rp.FinishEvaluation()
+    # a silo that refused the run is not waited for
+    assert rp.decide(_evaluating(now, evaluation_reported=2, evaluation_refused=1)) == (
+        rp.FinishEvaluation()
+    )
+
+
+def test_a_silo_vanishing_during_the_evaluation_is_left_out_at_the_deadline() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    vanished = _evaluating(now, evaluation_reported=2, online=(1, 2))
+    assert isinstance(rp.decide(vanished), rp.Wait)
+    after = replace(vanished, now=now + timedelta(seconds=60))
+    assert rp.decide(after) == rp.FinishEvaluation()
+    # even with no answer at all: the phase ends, it never fails the trained run
+    assert rp.decide(replace(after, evaluation_reported=0, online=())) == rp.FinishEvaluation()

@@ -162,6 +162,8 @@ class Command(BaseCommand):
                 "round_seconds": _round_seconds(run),
                 "run": run.pk,
                 "plan_hash": run.plan_hash,
+                # what the run itself reports: the final model pooled from the sites' histograms
+                "final_evaluation": (run.evaluation or {}).get("metrics"),
                 **comparison,
             }
             if opts["dp"] != "none":
@@ -311,6 +313,13 @@ class Command(BaseCommand):
             f"\nEvaluated on the union of the sites' held-out splits. {result['rounds']} rounds, "
             f"{result['seconds']:.1f} s in all."
         )
+        final = result.get("final_evaluation")
+        if final and final.get("auc") is not None:
+            self.say(
+                f"The run's own final evaluation (pooled from the sites' score histograms): AUC "
+                f"{final['auc']:.4f} (within {final['auc_error_bound']:.1e} of the exact value), "
+                f"accuracy {final['accuracy']:.4f} on {final['n']} held-out rows."
+            )
         if result.get("secure_aggregation"):
             self.say(
                 "Secure aggregation: every round, the server saw only the sum of the sites' "

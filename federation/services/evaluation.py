@@ -1,0 +1,274 @@
+"""The final evaluation: every site evaluates the run's final model on its held-out rows.
+
+Round k's metrics and fairness counts are about the model the sites received (version k-1), so
+without this phase the last model version is never evaluated. After the last round the state
+machine (``federation.roundplan``: ``BeginEvaluation``, ``FinishEvaluation``) asks the
+selectable silos (:func:`evaluation_begin`), each agent answers with an ``evaluation``
+message (:func:`evaluation_receive`): a histogram of its held-out rows' predicted probabilities
+by label (``fedcore.evaluation``) and, for a plan with a fairness section, its group counts.
+When every asked silo answered, refused the run or the deadline passed,
+:func:`evaluation_pool` sums them into the run's final figures -- AUC (with its worst-case
+error bound), accuracy and log loss on the union of the held-out rows, the per-silo figures and
+the final model's fairness report -- and the run completes.
+
+What a report reveals, and why it is not charged to the privacy ledger (docs/fairness.md,
+"Final evaluation"): the held-out rows are outside every DP guarantee of a plan (DP-SGD and
+client-level DP protect the training rows), as are the per-round metrics every update already
+carries in clear; the histogram is the finer form of the same release. Plans with
+``fairness.dp_epsilon`` release the group counts with noise and are charged as a round's are.
+Secure-aggregation plans send no group counts here: theirs only ever travel masked, so the
+final fairness report is missing for them, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from fedcore import evaluation
+from fedcore.plan import RunSettings
+from federation import dispatch
+from federation.models import ModelVersion, Run, Silo, SiloEvaluation
+from federation.selectors import run_refused_silo_ids
+from federation.services import fairness as fairness_service
+from federation.services.audit import audit_append
+from federation.services.updates import Refused, audit_refused
+
+log = logging.getLogger("quorum.orchestrator")
+
+EVALUATE_EVENT = "run.evaluate"
+
+
+def final_model(run: Run) -> ModelVersion:
+    """The run's last model version: the aggregate of its last round."""
+    version = ModelVersion.objects.filter(run=run).order_by("-number").first()
+    if version is None:
+        raise ValueError(f"run {run.pk} has no model version to evaluate")
+    return version
+
+
+def evaluation_counts(run: Run) -> tuple[int, int, int]:
+    """How many silos the phase asked, how many answered, how many of the others refused the
+    run (the phase does not wait for those)."""
+    rows = SiloEvaluation.objects.filter(run=run)
+    asked = rows.count()
+    reported = rows.filter(report__isnull=False).count()
+    refused = (
+        rows.filter(report__isnull=True).filter(silo_id__in=run_refused_silo_ids(run.pk)).count()
+    )
+    return asked, reported, refused
+
+
+def evaluation_begin(run: Run, cfg: RunSettings, silos: list[Silo]) -> None:
+    """Open the evaluation phase with these silos (in the orchestrator's transaction)."""
+    version = final_model(run)
+    now = timezone.now()
+    run.status = Run.Status.EVALUATING
+    run.waiting_since = None
+    run.evaluation_deadline = now + timedelta(seconds=cfg.round_deadline_seconds)
+    run.save(update_fields=["status", "waiting_since", "evaluation_deadline"])
+    SiloEvaluation.objects.bulk_create(
+        SiloEvaluation(run=run, silo=silo, model_version=version.number, asked_at=now)
+        for silo in silos
+    )
+    for silo in silos:
+        dispatch.send_to_silo(silo.pk, {"type": EVALUATE_EVENT, "run_id": run.pk})
+    dispatch.enqueue_advance(run.pk, countdown=cfg.round_deadline_seconds + 0.05)
+    _audit(run, "run.evaluation_started", model_version=version.number, silos=len(silos))
+    dispatch.publish_live(
+        {"type": "live.event", "event": "run.evaluating", "run": run.pk, "silos": len(silos)}
+    )
+    log.info(
+        "run %s: %d silos asked to evaluate the final model v%d", run.pk, len(silos), version.number
+    )
+
+
+def evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
+    """Check and keep a silo's evaluation of the final model; Refused names what is wrong.
+
+    Refused, changing nothing (audited as ``evaluation.refused`` in its own transaction): a run
+    the silo is not part of or that is not evaluating (``wrong_run``), another model version
+    (``wrong_round``), a silo the phase did not ask (``not_selected``), a second report
+    (``duplicate_update``), a histogram ``fedcore.evaluation.histogram_from_wire`` refuses,
+    group counts the fairness checks refuse or that a secure plan must not send in clear
+    (``invalid_update``).
+    """
+    try:
+        _evaluation_receive(silo_id=silo_id, fields=fields)
+    except Refused as refused:
+        audit_refused(
+            silo_id,
+            "evaluation.refused",
+            fields.get("run", ""),
+            refused,
+            model_version=fields.get("model_version"),
+        )
+        raise
+
+
+def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
+    silo = Silo.objects.get(pk=silo_id)
+    run = Run.objects.select_related("plan", "version").filter(pk=fields["run"]).first()
+    if run is None or not run.version.silos.filter(pk=silo.pk).exists():
+        raise Refused(
+            "wrong_run", f"run {fields['run']} does not exist or this silo does not take part"
+        )
+    if run.status != Run.Status.EVALUATING:
+        raise Refused(
+            "wrong_run", f"run {run.pk} is not evaluating its final model (it is {run.status})"
+        )
+    where = f"evaluation of silo {silo.name!r}"
+    try:
+        histogram = evaluation.histogram_from_wire(fields["evaluation"], where=where)
+    except evaluation.EvaluationReportError as exc:
+        raise Refused("invalid_update", str(exc)) from None
+    counts = _checked_counts(run, fields, histogram.n)
+    with transaction.atomic():
+        row = SiloEvaluation.objects.select_for_update().filter(run=run, silo=silo).first()
+        if row is None:
+            raise Refused("not_selected", f"this silo was not asked to evaluate run {run.pk}")
+        if fields["model_version"] != row.model_version:
+            raise Refused(
+                "wrong_round",
+                f"evaluation of model v{fields['model_version']} refused: run {run.pk} evaluates "
+                f"its final model v{row.model_version}",
+            )
+        if row.report is not None:
+            raise Refused("duplicate_update", f"this silo's evaluation of run {run.pk} is in")
+        row.report = {"histogram": histogram.to_wire(), "fairness": counts}
+        row.received_at = timezone.now()
+        row.save(update_fields=["report", "received_at"])
+        if counts:
+            fairness_service.counts_charge(
+                run=run, round_number=None, silo=silo, tables=len(counts)
+            )
+        audit_append(
+            actor=f"silo:{silo.name}",
+            action="evaluation.received",
+            consortium_id=silo.consortium_id,
+            object_type="run",
+            object_id=run.pk,
+            data={"model_version": row.model_version, "n": histogram.n},
+        )
+        asked, reported, _ = evaluation_counts(run)
+        if reported >= asked:  # the last answer wakes the orchestrator; the deadline the rest
+            dispatch.enqueue_advance(run.pk)
+
+
+def _checked_counts(run: Run, fields: Mapping[str, Any], n: int) -> dict[str, Any] | None:
+    raw = fields.get("fairness")
+    if raw is None:
+        return None
+    if run.version.spec.get("secure_aggregation") is True:
+        raise Refused(
+            "invalid_update",
+            "this plan uses secure aggregation: its group counts only travel masked, never in "
+            "an evaluation message",
+        )
+    try:
+        return fairness_service.check_update_counts(
+            run, {"fairness": raw, "metrics": {"global": {"n": n}}}
+        )
+    except fairness_service.FairnessCountsError as exc:
+        raise Refused("invalid_update", str(exc)) from None
+
+
+def evaluation_pool(run: Run) -> dict[str, Any]:
+    """The run's final figures from the reports received (in the orchestrator's transaction);
+    audits the final fairness report's flags. Stored as ``Run.evaluation``."""
+    rows = list(
+        SiloEvaluation.objects.filter(run=run).select_related("silo").order_by("silo__name")
+    )
+    version = rows[0].model_version if rows else final_model(run).number
+    done = [r for r in rows if r.report is not None]
+    missing = [r.silo.name for r in rows if r.report is None]
+    histograms = {r.silo.name: evaluation.histogram_from_wire(r.report["histogram"]) for r in done}
+    by_silo = {name: _silo_figures(h) for name, h in histograms.items()}
+    result: dict[str, Any] = {
+        "model_version": version,
+        "asked": [r.silo.name for r in rows],
+        "evaluated": [r.silo.name for r in done],
+        "missing": missing,
+        "metrics": (
+            evaluation.pooled_metrics(evaluation.merge_histograms(histograms.values()))
+            if histograms
+            else None
+        ),
+        "by_silo": by_silo,
+        "method": (
+            f"pooled from per-site histograms of the predicted probability, {evaluation.SCORE_BINS} "
+            f"bins on {evaluation.GRID} (the logit): accuracy at 0.5 and log loss exact, AUC "
+            "within auc_error_bound of the exact AUC on the union of the held-out rows"
+        ),
+        "note": _note(rows, done, missing),
+        "fairness": None,
+        "fairness_note": None,
+        "finished_at": timezone.now().isoformat(),
+    }
+    if fairness_service.fairness_section(run.version.spec) is not None:
+        result["fairness"], result["fairness_note"] = _final_fairness(run, version, done, by_silo)
+    return result
+
+
+def _silo_figures(h: evaluation.ScoreHistogram) -> dict[str, Any]:
+    figures = evaluation.pooled_metrics(h)
+    return {key: figures[key] for key in ("auc", "auc_error_bound", "accuracy", "loss", "n")}
+
+
+def _note(rows: list[SiloEvaluation], done: list[SiloEvaluation], missing: list[str]) -> str:
+    if not rows:
+        return "the final model was not evaluated: no silo could be asked"
+    text = f"evaluated by {len(done)} of {len(rows)} silos asked"
+    if missing:
+        text += f"; no evaluation from {', '.join(missing)} (gone, refused or too late)"
+    return text
+
+
+def _final_fairness(
+    run: Run, version: int, done: list[SiloEvaluation], by_silo: dict[str, Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    counts = {r.silo.name: r.report["fairness"] for r in done if r.report.get("fairness")}
+    if not counts:
+        why = (
+            "the plan uses secure aggregation, whose group counts only travel masked"
+            if run.version.spec.get("secure_aggregation") is True
+            else "no silo sent group counts with its evaluation"
+        )
+        return None, f"the final model v{version} has no fairness report: {why}"
+    report = fairness_service.build_report(
+        run.version.spec,
+        round_number=version + 1,
+        attempt=1,
+        counts_by_silo=counts,
+        metrics_by_silo=by_silo,
+    )
+    report.update(round=None, final=True)
+    for flag in report["flags"]:
+        _audit(
+            run,
+            "fairness.flag",
+            round=None,
+            model_version=version,
+            attribute=flag["attribute"],
+            metric=flag["metric"],
+            value=flag["value"],
+            limit=flag["limit"],
+            undefined_rates=len(flag.get("undefined_rates", [])),
+        )
+    return report, None
+
+
+def _audit(run: Run, action: str, **data: Any) -> None:
+    audit_append(
+        actor="system",
+        action=action,
+        consortium_id=run.plan.consortium_id,
+        object_type="run",
+        object_id=run.pk,
+        data=data,
+    )
