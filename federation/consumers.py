@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -19,6 +20,7 @@ from django.conf import settings
 
 from fedcore import protocol
 from federation import dispatch, selectors, throttle
+from federation.peer import PeerAware, PeerGone
 from federation.services import agent_auth, agent_reports
 from federation.services import refusals as refusal_services
 from federation.services import secagg as secagg_services
@@ -70,8 +72,13 @@ def bearer_token(scope: dict[str, Any]) -> str:
     return ""
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
-    """One connected site agent."""
+class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
+    """One connected site agent.
+
+    An agent that vanishes while the server still answers it (its welcome, a task's frames, an
+    ack) ends that handler only: the connection is then handled as closed, like any other
+    (federation/peer.py).
+    """
 
     silo_id: int | None = None
     silo_name: str = ""
@@ -137,8 +144,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def deadline_passed(self, what: str) -> None:
         """A slow-peer deadline fired (a loop callback): handle it in a task."""
         handler = self.hello_timed_out if what == "hello" else self.upload_timed_out
-        task = asyncio.ensure_future(handler())
-        self.deadline_tasks.add(task)  # keep a reference until it is done
+        self.in_task(handler())
+
+    def in_task(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a timer's work in a task (referenced until done); a peer gone meanwhile ends it
+        quietly, its disconnect handler runs anyway."""
+
+        async def unless_peer_gone() -> None:
+            try:
+                await work
+            except PeerGone:
+                log.info("silo %s: gone before the server could answer it", self.silo_name)
+
+        task = asyncio.ensure_future(unless_peer_gone())
+        self.deadline_tasks.add(task)
         task.add_done_callback(self.deadline_tasks.discard)
 
     async def hello_timed_out(self) -> None:
@@ -149,14 +168,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if self.hello_done or self.hello_received:
             return
         log.warning("silo %s sent no hello in time: closing", self.silo_name)
-        try:
-            await self.send_error(
-                "timeout",
-                f"no 'hello' within {settings.QUORUM_HELLO_TIMEOUT_SECONDS:g} s of connecting",
-            )
-            await self.close(code=CLOSE_HELLO_TIMEOUT)
-        except OSError:  # the peer went away meanwhile (uvicorn's ClientDisconnected)
-            log.info("silo %s: gone before its hello deadline closed it", self.silo_name)
+        await self.send_error(
+            "timeout",
+            f"no 'hello' within {settings.QUORUM_HELLO_TIMEOUT_SECONDS:g} s of connecting",
+        )
+        await self.close(code=CLOSE_HELLO_TIMEOUT)
 
     async def upload_timed_out(self) -> None:
         """The chunks of a binary message stopped arriving: drop it and free its buffer."""
@@ -203,9 +219,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def resend_task(self, round_id: int) -> None:
         """A resend back-off ended (a loop callback): send the task in a task."""
         self.resend_timers.pop(round_id, None)
-        task = asyncio.ensure_future(self.round_task({"round_id": round_id}))
-        self.deadline_tasks.add(task)  # keep a reference until it is done
-        task.add_done_callback(self.deadline_tasks.discard)
+        self.in_task(self.round_task({"round_id": round_id}))
 
     async def disconnect(self, code: int) -> None:
         """Forget the connection unless a newer one replaced it."""
@@ -243,11 +257,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
         every other connection's work. No handler here touches the database except through
         ``database_sync_to_async``, which closes stale connections itself before and after,
         so the hop only delayed each message (bench/round_split.py: 6-8 hops a round).
+
+        A handler cut short because the agent vanished meanwhile is not an error: uvicorn has
+        queued the disconnect message, which this loop handles next (federation/peer.py).
         """
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"no handler for message type {message['type']}")
-        await handler(message)
+        try:
+            await handler(message)
+        except PeerGone as exc:
+            log.info("silo %s: %s (handling %s)", self.silo_name, exc, message["type"])
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Route a frame: text frames are control messages, binary frames carry tensors."""
