@@ -301,6 +301,14 @@ class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
         """Register the connection, welcome the agent and hand it any work it still owes."""
         assert self.silo_id is not None
         self.hello_received = True
+        # Join the silo's group first: the silo looks online once the hello is registered,
+        # and the orchestrator may send it work from then on. Whatever it sends now either
+        # reaches this channel (handled after the welcome) or was committed before the hello
+        # reads the pending work; at worst the agent hears of a task twice, which it tolerates
+        # (it reuses the update already built). Joined after the registration, an event sent
+        # in between reached no one: a stats request or a round's task the agent never saw,
+        # and the run waited for the silo until its deadline.
+        await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         welcome = await database_sync_to_async(silo_services.agent_hello)(
             silo_id=self.silo_id,
             connection_id=self.channel_name,
@@ -308,7 +316,6 @@ class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
         )
         if welcome.replaced:
             await self.channel_layer.send(welcome.replaced, {"type": "session.replaced"})
-        await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         self.hello_done = True
         if self.hello_timer is not None:
             self.hello_timer.cancel()
