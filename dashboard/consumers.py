@@ -8,6 +8,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from federation import dispatch, permissions
+from federation.peer import PeerAware
 
 # Close codes (4000-4999 are the application's): the page shows "sign in again" for this one.
 CLOSE_UNAUTHENTICATED = 4401
@@ -21,11 +22,12 @@ def _may_see_run(user: Any, run_id: Any) -> bool:
     return permissions.runs_visible_to(user).filter(pk=run_id).exists()
 
 
-class LiveConsumer(AsyncJsonWebsocketConsumer):
+class LiveConsumer(PeerAware, AsyncJsonWebsocketConsumer):
     """Forwards the orchestrator's ``live.event`` messages (published after commit to the
     ``live`` group) to a dashboard, dropping events of runs outside the user's consortia.
 
-    Membership is re-checked per event, so a removed member stops receiving at once.
+    Membership is re-checked per event, so a removed member stops receiving at once. A page
+    closed while an event was on its way still leaves the group (federation/peer.py).
     """
 
     async def connect(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -19,6 +20,7 @@ from django.conf import settings
 
 from fedcore import protocol
 from federation import dispatch, selectors, throttle
+from federation.peer import PeerAware, PeerGone
 from federation.services import agent_auth, agent_reports
 from federation.services import evaluation as evaluation_services
 from federation.services import refusals as refusal_services
@@ -71,8 +73,13 @@ def bearer_token(scope: dict[str, Any]) -> str:
     return ""
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
-    """One connected site agent."""
+class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
+    """One connected site agent.
+
+    An agent that vanishes while the server still answers it (its welcome, a task's frames, an
+    ack) ends that handler only: the connection is then handled as closed, like any other
+    (federation/peer.py).
+    """
 
     silo_id: int | None = None
     silo_name: str = ""
@@ -138,8 +145,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def deadline_passed(self, what: str) -> None:
         """A slow-peer deadline fired (a loop callback): handle it in a task."""
         handler = self.hello_timed_out if what == "hello" else self.upload_timed_out
-        task = asyncio.ensure_future(handler())
-        self.deadline_tasks.add(task)  # keep a reference until it is done
+        self.in_task(handler())
+
+    def in_task(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a timer's work in a task (referenced until done); a peer gone meanwhile ends it
+        quietly, its disconnect handler runs anyway."""
+
+        async def unless_peer_gone() -> None:
+            try:
+                await work
+            except PeerGone:
+                log.info("silo %s: gone before the server could answer it", self.silo_name)
+
+        task = asyncio.ensure_future(unless_peer_gone())
+        self.deadline_tasks.add(task)
         task.add_done_callback(self.deadline_tasks.discard)
 
     async def hello_timed_out(self) -> None:
@@ -150,14 +169,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if self.hello_done or self.hello_received:
             return
         log.warning("silo %s sent no hello in time: closing", self.silo_name)
-        try:
-            await self.send_error(
-                "timeout",
-                f"no 'hello' within {settings.QUORUM_HELLO_TIMEOUT_SECONDS:g} s of connecting",
-            )
-            await self.close(code=CLOSE_HELLO_TIMEOUT)
-        except OSError:  # the peer went away meanwhile (uvicorn's ClientDisconnected)
-            log.info("silo %s: gone before its hello deadline closed it", self.silo_name)
+        await self.send_error(
+            "timeout",
+            f"no 'hello' within {settings.QUORUM_HELLO_TIMEOUT_SECONDS:g} s of connecting",
+        )
+        await self.close(code=CLOSE_HELLO_TIMEOUT)
 
     async def upload_timed_out(self) -> None:
         """The chunks of a binary message stopped arriving: drop it and free its buffer."""
@@ -204,9 +220,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def resend_task(self, round_id: int) -> None:
         """A resend back-off ended (a loop callback): send the task in a task."""
         self.resend_timers.pop(round_id, None)
-        task = asyncio.ensure_future(self.round_task({"round_id": round_id}))
-        self.deadline_tasks.add(task)  # keep a reference until it is done
-        task.add_done_callback(self.deadline_tasks.discard)
+        self.in_task(self.round_task({"round_id": round_id}))
 
     async def disconnect(self, code: int) -> None:
         """Forget the connection unless a newer one replaced it."""
@@ -244,11 +258,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
         every other connection's work. No handler here touches the database except through
         ``database_sync_to_async``, which closes stale connections itself before and after,
         so the hop only delayed each message (bench/round_split.py: 6-8 hops a round).
+
+        A handler cut short because the agent vanished meanwhile is not an error: uvicorn has
+        queued the disconnect message, which this loop handles next (federation/peer.py).
         """
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"no handler for message type {message['type']}")
-        await handler(message)
+        try:
+            await handler(message)
+        except PeerGone as exc:
+            log.info("silo %s: %s (handling %s)", self.silo_name, exc, message["type"])
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Route a frame: text frames are control messages, binary frames carry tensors."""
@@ -282,6 +302,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
         """Register the connection, welcome the agent and hand it any work it still owes."""
         assert self.silo_id is not None
         self.hello_received = True
+        # Join the silo's group first: the silo looks online once the hello is registered,
+        # and the orchestrator may send it work from then on. Whatever it sends now either
+        # reaches this channel (handled after the welcome) or was committed before the hello
+        # reads the pending work; at worst the agent hears of a task twice, which it tolerates
+        # (it reuses the update already built). Joined after the registration, an event sent
+        # in between reached no one: a stats request or a round's task the agent never saw,
+        # and the run waited for the silo until its deadline.
+        await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         welcome = await database_sync_to_async(silo_services.agent_hello)(
             silo_id=self.silo_id,
             connection_id=self.channel_name,
@@ -289,7 +317,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         if welcome.replaced:
             await self.channel_layer.send(welcome.replaced, {"type": "session.replaced"})
-        await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         self.hello_done = True
         if self.hello_timer is not None:
             self.hello_timer.cancel()
