@@ -228,8 +228,8 @@ def test_check_names_the_schema_fault_and_every_bad_column(tmp_path: Path, capsy
 
 def test_the_console_entry_runs_init_and_check_in_a_subprocess(site_csv: Path, tmp_path: Path):
     entry = Path(sys.executable).parent / "quorum-agent"
-    if not entry.exists():
-        pytest.skip(f"the console script {entry} is not installed")
+    # `make install-dev` (pip install -e) installs it; a missing script is a broken install.
+    assert entry.exists(), f"the console script {entry} is not installed: run make install-dev"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "site"
 
