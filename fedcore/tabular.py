@@ -80,6 +80,7 @@ __all__ = [
     "TargetSpec",
     "category_value_problem",
     "check_site_statistics",
+    "check_target",
     "feature_names",
     "load_table",
     "local_statistics",
@@ -836,16 +837,7 @@ def validate_frame(df: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
             values[missing] = MISSING_CATEGORY
         typed[column.name] = values
 
-    target = schema.target.column
-    target_missing = missing_mask(df[target])
-    if target_missing.any():
-        positions = np.flatnonzero(target_missing)
-        raise DataValidationError(
-            f"target column {target!r}: missing value at row {int(positions[0]) + 1} "
-            f"({positions.size} rows without a label); every row needs a label: fill it in or "
-            "remove the row"
-        )
-    typed[target] = _target_values(df[target], target_missing, schema.target)
+    typed[schema.target.column] = check_target(df[schema.target.column], schema.target)
     for name in extra_sensitive:
         missing = missing_mask(df[name])
         values = _stripped_text(df[name], missing)
@@ -862,6 +854,29 @@ def validate_frame(df: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
     if drop.any():
         frame = frame.iloc[np.flatnonzero(~drop)]
     return frame
+
+
+def check_target(series: pd.Series, target: TargetSpec) -> np.ndarray:
+    """The target column's values, checked for its task (as ``validate_frame`` does).
+
+    Returns:
+        Stripped text (binary, multiclass) or float64 (regression).
+
+    Raises:
+        DataValidationError: a missing label, a class outside the declared ones, a regression
+            target that is not a finite number; the message names the column, how many rows
+            and the first one (with its value; ``shareable`` without it).
+    """
+    name = target.column
+    missing = missing_mask(series)
+    if missing.any():
+        positions = np.flatnonzero(missing)
+        raise DataValidationError(
+            f"target column {name!r}: missing value at row {int(positions[0]) + 1} "
+            f"({positions.size} rows without a label); every row needs a label: fill it in or "
+            "remove the row"
+        )
+    return _target_values(series, missing, target)
 
 
 def _target_values(series: pd.Series, missing: np.ndarray, target: TargetSpec) -> np.ndarray:

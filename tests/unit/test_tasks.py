@@ -410,3 +410,104 @@ def test_onnx_export_of_each_task_gives_the_models_outputs(
         expected = model.eval()(torch.as_tensor(data.X[:17])).numpy()
     assert got.shape == (17, width)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- the agent ------------------------------------------------------------------------------------
+
+
+def agent_task(tmp_path: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
+    import time
+
+    from clientagent.data import LocalData
+    from clientagent.trainer import handle_stats_request
+    from fedcore import protocol, tensors
+
+    path = tmp_path / "site.csv"
+    frame().to_csv(path, index=False)
+    data = LocalData(path)
+    parsed = tabular.DatasetSchema.from_dict(spec["schema"])
+    stats = handle_stats_request({"run": 5, "plan_hash": "h", "plan": spec}, data)["stats"]
+    fitted = tabular.merge_statistics([stats], parsed)
+    n_features = len(tabular.feature_names(parsed, fitted))
+    state = models.build_model(
+        spec["model"], n_features, n_outputs=parsed.target.n_outputs, seed=1
+    ).state_dict()
+    fields = {
+        "run": 5,
+        "round": 1,
+        "rounds": 2,
+        "plan_hash": "h",
+        "plan": spec,
+        "preprocessing": fitted,
+        "deadline": time.time() + 60,
+    }
+    return data, protocol.BinaryMessage("task", fields, tensors.encode_state_dict(state))
+
+
+@pytest.mark.parametrize(
+    ("target", "keys"),
+    [
+        (MULTICLASS, {"accuracy", "macro_f1", "weighted_f1", "loss", "n"}),
+        (REGRESSION, {"rmse", "mae", "r2", "mean_error", "loss", "n"}),
+    ],
+)
+def test_the_agent_trains_each_task_and_reports_its_metrics(
+    tmp_path: Any, target: dict, keys: set[str]
+) -> None:
+    from clientagent.trainer import handle_task, task_parts
+    from fedcore import task_fairness, task_metrics, tensors
+
+    spec = plan(target, fairness={"sensitive_attribute": "sex"})
+    spec["training"]["local_epochs"] = 20
+    data, task = agent_task(tmp_path, spec)
+
+    update = handle_task(task, data, nonce=lambda: "n" * 32)
+
+    metrics = update.fields["metrics"]
+    assert set(metrics["global"]) == keys == set(metrics["local"])
+    assert "fairness" not in update.fields  # the binary counts' field; these tasks' parts: wiring
+    if target is MULTICLASS:
+        assert metrics["local"]["accuracy"] > metrics["global"]["accuracy"]
+    else:
+        assert metrics["local"]["rmse"] < metrics["global"]["rmse"]
+    parsed = parse_plan(spec)
+    split = data.split(spec)
+    arrays = data.arrays(split, task.fields["preprocessing"])
+    model = models.build_model(
+        spec["model"], arrays.test.X.shape[1], n_outputs=parsed.schema.target.n_outputs
+    )
+    model.load_state_dict(tensors.decode_state_dict(update.payload))
+    parts = task_parts(model, arrays.test, parsed, task.fields["preprocessing"])
+    if target is MULTICLASS:
+        report = task_metrics.multiclass_report(parts["metrics"])
+        assert report["accuracy"] == pytest.approx(metrics["local"]["accuracy"], abs=1e-12)
+        assert set(task_fairness.multiclass_group_report(parts["fairness"]["sex"])["by_group"]) == {
+            "F",
+            "M",
+        }
+    else:
+        report = task_metrics.regression_report(parts["metrics"])
+        assert report["rmse"] == pytest.approx(metrics["local"]["rmse"], abs=1e-9)
+        assert set(task_fairness.regression_group_report(parts["fairness"]["sex"])["by_group"]) == {
+            "F",
+            "M",
+        }
+
+
+def test_the_agent_refuses_a_class_outside_the_list_and_sends_nothing(tmp_path: Any) -> None:
+    from clientagent.data import LocalData
+    from clientagent.trainer import TaskError, handle_stats_request
+
+    df = frame()
+    df.loc[[2, 3], "severity"] = "9"
+    path = tmp_path / "site.csv"
+    df.to_csv(path, index=False)
+
+    with pytest.raises(TaskError) as caught:
+        handle_stats_request(
+            {"run": 5, "plan_hash": "h", "plan": plan(MULTICLASS)}, LocalData(path)
+        )
+
+    assert caught.value.code == "data_invalid"
+    assert "'9' at row 3" in caught.value.reason
+    assert "9" not in caught.value.shared_reason.replace("2 rows", "")
