@@ -32,6 +32,11 @@ Example::
     min_category_count = 5       # a category held fewer times here is never named in the
                                  # statistics sent to the server (default 5)
 
+    [models]                     # optional: model kinds this site installed itself (pip) and
+    allowed = ["resmlp"]         # agrees to train, by entry-point name (group quorum.models);
+                                 # default none. A plan must also name the installed version
+                                 # and distribution digest (docs/tasks.md)
+
     [governance]                 # whose approval this site trusts, proven by signature
     steward_keys = ["ed25519:..."]  # the public keys of this site's data stewards
                                     # (`quorum-agent steward-key new` prints one; a passkey's
@@ -62,6 +67,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fedcore.approvals import ApprovalSignatureError, check_steward_key
+from fedcore.model_kinds import ENTRY_POINT_GROUP, NAME_PATTERN
 from fedcore.models import MODEL_KINDS
 from fedcore.signing import AuthorizationError, parse_public_key
 
@@ -144,6 +150,14 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    """The ``[models]`` section: the installed model kinds (entry points of the group
+    ``quorum.models``) this site agrees to train; none by default."""
+
+    allowed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class GovernanceConfig:
     """The ``[governance]`` section: the stewards' public keys this site pins.
 
@@ -164,6 +178,7 @@ class SiteConfig:
     agent: AgentConfig
     policy: PolicyConfig = PolicyConfig()
     governance: GovernanceConfig = GovernanceConfig()
+    models: ModelsConfig = ModelsConfig()
 
     @property
     def approvals_verified(self) -> bool:
@@ -466,6 +481,25 @@ def _min_category_count(section: _Section) -> int:
     return value
 
 
+def _parse_models(section: _Section) -> ModelsConfig:
+    allowed = section.string_list("allowed") or ()
+    for name in allowed:
+        if not NAME_PATTERN.match(name):
+            raise section.error(
+                "allowed",
+                f"{name!r} is not a model kind's name (an entry point of the group "
+                f"{ENTRY_POINT_GROUP!r}, {NAME_PATTERN.pattern}); `python -m "
+                "fedcore.model_kinds` lists the installed ones",
+            )
+        if name in MODEL_KINDS:
+            raise section.error(
+                "allowed",
+                f"{name!r} is a built-in kind: allow it with [policy] allowed_models; [models] "
+                "lists kinds this site installed itself",
+            )
+    return ModelsConfig(allowed=tuple(allowed))
+
+
 def _parse_governance(section: _Section) -> GovernanceConfig:
     keys = section.string_list("steward_keys") or ()
     for text in keys:
@@ -502,6 +536,7 @@ _SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[_Section], Any], bool]] = 
     "agent": (("name", "state_dir"), _parse_agent, False),
     "policy": (POLICY_KEYS, _parse_policy, False),
     "governance": (("steward_keys",), _parse_governance, False),
+    "models": (("allowed",), _parse_models, False),
 }
 
 

@@ -35,15 +35,17 @@ to the server.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clientagent.config import PolicyConfig
+from clientagent.config import ModelsConfig, PolicyConfig
 from clientagent.records import APPROVED, REJECTED, Decision, short_hash
 from clientagent.trainer import RoundPrivacy, TaskError
+from fedcore import model_kinds
 from fedcore.approvals import ApprovalSignatureError, verified_approval
+from fedcore.models import INSTALLED, ModelSpecError, validate_model_spec
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan import run_settings
 from fedcore.signing import (
@@ -279,6 +281,52 @@ def check_steward_signature(
         ) from None
 
 
+def _check_installed(
+    model: Mapping[str, Any],
+    models: ModelsConfig | None,
+    kinds: Mapping[str, model_kinds.InstalledKind] | None,
+    refuse: Callable[[str, str], TaskError],
+    config_path: Path,
+) -> None:
+    """An installed model kind: allowed in [models], installed, the plan's version and digest."""
+    name = model.get("name")
+    allowed = models.allowed if models is not None else ()
+    if name not in allowed:
+        raise refuse(
+            f"installed model kind {name!r} is not allowed here (allowed: "
+            f"{', '.join(allowed) or 'none'})",
+            f"to accept it, install and review it, then add {name!r} to allowed in [models] "
+            f"in {config_path}",
+        )
+    try:
+        spec = validate_model_spec(model)
+    except ModelSpecError as exc:
+        raise refuse(str(exc), "the consortium must fix the plan") from None
+    try:
+        model_kinds.resolve(spec, kinds)
+    except model_kinds.KindUnavailable as exc:
+        raise refuse(
+            str(exc),
+            "install the distribution the plan names (its version; `python -m "
+            "fedcore.model_kinds` prints what is installed and its digest), or ask the "
+            "consortium for a plan naming what you installed",
+        ) from None
+
+
+def announced_kinds(
+    models: ModelsConfig, kinds: Mapping[str, model_kinds.InstalledKind] | None = None
+) -> list[dict[str, str]]:
+    """The installed model kinds this site offers: allowed in ``[models]`` and usable, as
+    ``{"name", "version", "sha256"}`` sorted by name (what the agent announces in ``hello``).
+    A kind installed but not allowed is not named: the server learns nothing it cannot use."""
+    available = model_kinds.installed_kinds() if kinds is None else kinds
+    return [
+        available[name].announcement()
+        for name in sorted(models.allowed)
+        if name in available and available[name].kind is not None
+    ]
+
+
 def check_policy(
     plan: Mapping[str, Any],
     plan_hash: str,
@@ -289,6 +337,8 @@ def check_policy(
     spent_by_run: Mapping[int | None, float],
     run: int,
     round: int | None = None,
+    models: ModelsConfig | None = None,
+    kinds: Mapping[str, model_kinds.InstalledKind] | None = None,
 ) -> None:
     """Check the site's ``[policy]`` allows this plan; the checks run in the order listed below.
 
@@ -301,9 +351,14 @@ def check_policy(
         spent_by_run: privacy budget spent per run, from the sent log.
         run: the run of the request.
         round: the round of the request (tasks only).
+        models: ``[models]`` from site.toml: the installed kinds this site allows. None: none
+            (a plan with an installed kind is refused).
+        kinds: the installed model kinds (``fedcore.model_kinds.installed_kinds()`` when None).
 
     Raises:
-        TaskError: ``policy_refused`` for the first rule that does not hold: model kind,
+        TaskError: ``policy_refused`` for the first rule that does not hold: model kind (for
+            an installed kind: allowed in ``[models]``, installed, the plan's version and
+            distribution digest),
             require_dp, require_secure_aggregation, max_epsilon_per_plan, max_epsilon_total,
             local approval (a local rejection counts even without require_local_approval).
     """
@@ -316,7 +371,9 @@ def check_policy(
     kind = model.get("kind") if isinstance(model, Mapping) else None
     if not isinstance(kind, str):
         raise refuse("the plan names no model kind", "the consortium must fix the plan")
-    if kind not in policy.allowed_models:
+    if kind == INSTALLED:
+        _check_installed(model, models, kinds, refuse, config_path)
+    elif kind not in policy.allowed_models:
         raise refuse(
             f"model kind {kind!r} is not allowed here (allowed: {', '.join(policy.allowed_models)})",
             f"to accept it, add {kind!r} to allowed_models in {settings}",

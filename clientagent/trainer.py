@@ -60,7 +60,19 @@ from torch import nn
 
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
 from clientagent.residuals import ResidualStore, matching
-from fedcore import compression, evaluation, fairness, models, protocol, tabular, tensors, training
+from fedcore import (
+    compression,
+    evaluation,
+    fairness,
+    model_kinds,
+    models,
+    protocol,
+    tabular,
+    task_fairness,
+    task_metrics,
+    tensors,
+    training,
+)
 from fedcore.fairness_mitigation import ExampleWeights
 from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
 from fedcore.plan import PlanError as PlanRefused
@@ -72,6 +84,9 @@ logger = logging.getLogger(__name__)
 DATA_INVALID = "data_invalid"  # the local data does not match the plan's schema
 INVALID_TASK = "invalid_task"  # plan, preprocessing or global weights unusable for this site
 TRAINING_FAILED = "training_failed"  # local training diverged (NaN/Inf)
+# An installed model kind this site does not have (or not that version or digest): the site
+# refuses the plan as its policy would (clientagent.policy.POLICY_REFUSED), before reading data.
+MODEL_UNAVAILABLE = "policy_refused"
 
 # The server's ledger composes with this accountant (federation.ledger.ACCOUNTANT); the noise
 # calibration and every epsilon the agent reports or logs use the same one.
@@ -343,7 +358,11 @@ def _prepare(
 
 
 def handle_stats_request(
-    fields: Mapping[str, Any], data: LocalData, *, min_category_count: int = 5
+    fields: Mapping[str, Any],
+    data: LocalData,
+    *,
+    min_category_count: int = 5,
+    kinds: Mapping[str, model_kinds.InstalledKind] | None = None,
 ) -> dict[str, Any]:
     """Answer a ``stats_request``: statistics of the local TRAIN split for the plan's schema.
 
@@ -357,19 +376,21 @@ def handle_stats_request(
         fields: the decoded ``stats_request`` (``run``, ``plan_hash``, ``plan``).
         data: the site's data.
         min_category_count: the site policy's minimum (site.toml [policy]).
+        kinds: the installed model kinds (``fedcore.model_kinds.installed_kinds()`` when None).
 
     Returns:
         The fields of the ``stats`` reply: ``{"run", "stats"}``.
 
     Raises:
         TaskError: ``data_invalid`` (the local data does not match the schema; the reason names
-            the column and row) or ``invalid_task`` (the plan's schema is unusable).
+            the column and row), ``invalid_task`` (the plan's schema is unusable) or
+            ``policy_refused`` (its installed model kind is not here: :func:`check_model_available`).
     """
     run, _ = _run_and_round(fields)
     plan = fields.get("plan")
     if not isinstance(plan, Mapping):
         raise TaskError(INVALID_TASK, "stats_request has no plan object", run=run)
-    check_plan(plan, run)
+    check_model_available(check_plan(plan, run), run, kinds=kinds)
     try:
         split = _prepare(plan, data, run, None)
     except PlanError as exc:
@@ -416,12 +437,41 @@ def handle_stats_request(
     return {"run": run, "stats": stats}
 
 
+def check_model_available(
+    plan: Plan,
+    run: int | None = None,
+    rnd: int | None = None,
+    *,
+    kinds: Mapping[str, model_kinds.InstalledKind] | None = None,
+) -> None:
+    """Refuse (``policy_refused``) a plan whose installed model kind is not installed here, or
+    not in the plan's version or digest; nothing for the zoo's kinds. Runs before any data is
+    read. (Whether site.toml allows the kind is :func:`clientagent.policy.check_policy`'s.)"""
+    if plan.model["kind"] != models.INSTALLED:
+        return
+    try:
+        model_kinds.resolve(plan.model, kinds)
+    except model_kinds.KindUnavailable as exc:
+        raise TaskError(MODEL_UNAVAILABLE, str(exc), run=run, round=rnd) from None
+
+
 def _load_global(
-    payload: bytes, plan: Plan, n_features: int, run: int, rnd: int | None
+    payload: bytes,
+    plan: Plan,
+    n_features: int,
+    run: int,
+    rnd: int | None,
+    kinds: Mapping[str, model_kinds.InstalledKind] | None = None,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The plan's model with the task's global weights loaded, and those weights."""
     try:
-        model = models.build_model(plan.model, n_features, seed=0)
+        model = models.build_model(
+            plan.model,
+            n_features,
+            n_outputs=plan.schema.target.n_outputs,
+            seed=0,
+            kinds=kinds,
+        )
     except models.ModelSpecError as exc:
         raise TaskError(INVALID_TASK, f"model spec: {exc}", run=run, round=rnd) from None
     try:
@@ -482,6 +532,7 @@ def handle_task(
     noise_source: random.Random | None = None,
     residuals: ResidualStore | None = None,
     example_weights: ExampleWeights | None = None,
+    kinds: Mapping[str, model_kinds.InstalledKind] | None = None,
 ) -> protocol.BinaryMessage:
     """Train the task's global model on the local data and build the ``update`` message.
 
@@ -515,6 +566,14 @@ def handle_task(
             sensitive attribute, true label), computed by the server from the summed counts
             (:mod:`fedcore.fairness_mitigation`); the training rows are relabeled and weighted
             with it (:func:`mitigation_targets`). None: the plain loss, unchanged.
+        kinds: the installed model kinds an installed plan model is taken from
+            (``fedcore.model_kinds.installed_kinds()`` when None); checked before any data is
+            read (:func:`check_model_available`).
+
+    The plan's task (``schema.target.task``) decides the model's outputs, the loss
+    (``Plan.objective``) and the metrics: binary ``auc``, ``accuracy``, ``loss``; multiclass
+    ``accuracy``, ``macro_f1``, ``weighted_f1``, ``loss``; regression ``rmse``, ``mae``, ``r2``,
+    ``mean_error``, ``loss`` (in the target's units, a standardised target mapped back).
 
     Returns:
         The ``update`` BinaryMessage: fields ``run``, ``round``, ``nonce``, ``num_examples``
@@ -538,6 +597,8 @@ def handle_task(
     run, rnd = fields["run"], fields["round"]
     plan = fields["plan"]
     parsed = check_plan(plan, run, rnd)
+    check_model_available(parsed, run, rnd, kinds=kinds)
+    objective = parsed.objective()
     seed = parsed.seed
     settings, privacy, aggregation = parsed.training, parsed.privacy, parsed.aggregation
     fairness_settings = parsed.fairness
@@ -569,12 +630,22 @@ def handle_task(
         if budget is not None:
             budget.check(dp_round)  # the site's caps, with the real numbers, before training
 
-    model, global_state = _load_global(task.payload, parsed, int(train.X.shape[1]), run, rnd)
+    model, global_state = _load_global(task.payload, parsed, int(train.X.shape[1]), run, rnd, kinds)
     if privacy.mode == "sample":
         _check_dp_model(model, run, rnd)
-    global_metrics = training.evaluate(model, test.X, test.y)
+    try:
+        scale = tabular.target_scale(split.schema, fields["preprocessing"])
+    except tabular.SchemaError as exc:
+        raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
+
+    def evaluate(on: tabular.TabularData) -> dict[str, Any]:
+        return training.evaluate(model, on.X, on.y, objective, target_scale=scale)
+
+    global_metrics = evaluate(test)
     group_counts = None
-    if fairness_settings is not None:  # the received global model, before any local training
+    if fairness_settings is not None and parsed.task == "binary":
+        # The received global model, before any local training. The other tasks' group
+        # statistics (task_parts) are not sent in the update yet (docs/tasks.md).
         group_counts = fairness_counts(
             model,
             test,
@@ -586,7 +657,7 @@ def handle_task(
     extra_metrics: dict[str, Any] = {}
     if not privacy.dp:
         # q-FedAvg's F_k(w_t). Not under DP: computed from the training rows without noise.
-        extra_metrics["global_train_loss"] = training.evaluate(model, train.X, train.y)["loss"]
+        extra_metrics["global_train_loss"] = evaluate(train)["loss"]
 
     def on_batch(step: int, total: int) -> None:
         if cancel is not None and cancel.is_set():
@@ -610,7 +681,7 @@ def handle_task(
     try:
         if privacy.mode == "sample":
             assert dp_round is not None
-            result = _train_dp(model, train, settings, privacy, dp_round, on_batch)
+            result = _train_dp(model, train, settings, privacy, dp_round, on_batch, objective)
         else:
             result = training.train_local(
                 model,
@@ -628,6 +699,7 @@ def handle_task(
                 prox_reference=global_state if aggregation.prox_mu > 0 else None,
                 steps=settings.local_steps,
                 sample_weight=sample_weight,
+                objective=objective,
             )
     except training.TrainingError as exc:
         raise TaskError(TRAINING_FAILED, str(exc), run=run, round=rnd) from None
@@ -647,7 +719,7 @@ def handle_task(
     metrics = _json_metrics(
         {
             "global": global_metrics,
-            "local": training.evaluate(model, test.X, test.y),
+            "local": evaluate(test),
             "train_loss": result["train_loss"],
             **extra_metrics,
         }
@@ -688,6 +760,56 @@ def handle_task(
     return protocol.BinaryMessage(
         type="update", fields=update_fields, payload=tensors.encode_state_dict(wire)
     )
+
+
+def task_parts(
+    model: nn.Module,
+    data: tabular.TabularData,
+    plan: Plan,
+    preprocessing: Mapping[str, Any],
+    *,
+    bins: int | None = task_metrics.SCORE_BINS,
+) -> dict[str, Any]:
+    """This site's parts of the pooled metrics and group fairness of a multi-class or
+    regression model on ``data`` (its held-out rows), for the server to add up.
+
+    Returns:
+        ``{"metrics": fedcore.task_metrics part, "fairness": {attribute: fedcore.task_fairness
+        part}}`` (fairness only for a plan with a fairness section, for its public groups; a
+        value outside the list counts as ``"__other__"``). Regression parts are in the target's
+        units.
+
+    Raises:
+        ValueError: the plan's task is binary (its parts are ``fedcore.evaluation``'s and
+            :func:`fairness_counts`).
+    """
+    objective = plan.objective()
+    if objective.task == "binary":
+        raise ValueError("a binary plan's parts are the score histogram and fairness_counts")
+    predicted = training.predict(model, data.X, objective)
+    if objective.task == "multiclass":
+        part = task_metrics.multiclass_part(data.y.astype(np.int64), predicted, bins=bins)
+        choice = np.argmax(predicted, axis=1)
+    else:
+        mean, std = tabular.target_scale(plan.schema, preprocessing)
+        truth, predicted = mean + std * data.y, mean + std * predicted
+        part = task_metrics.regression_part(truth, predicted)
+    parts: dict[str, Any] = {"metrics": part, "fairness": {}}
+    if plan.fairness is None:
+        return parts
+    public = fairness.public_groups(plan.schema, preprocessing, plan.fairness.groups)
+    for attribute, groups in public.items():
+        labels = np.asarray(data.groups[attribute], dtype=object)
+        labels = np.where(np.isin(labels, groups), labels, fairness.OTHER_GROUP)
+        if objective.task == "multiclass":
+            parts["fairness"][attribute] = task_fairness.multiclass_group_part(
+                data.y, choice, labels, classes=objective.n_outputs
+            )
+        else:
+            parts["fairness"][attribute] = task_fairness.regression_group_part(
+                truth, predicted, labels
+            )
+    return parts
 
 
 def mitigation_targets(
@@ -846,6 +968,7 @@ def _train_dp(
     privacy: Privacy,
     dp_round: RoundPrivacy,
     on_batch: Callable[[int, int], None],
+    objective: training.Objective = training.BINARY,
 ) -> dict[str, Any]:
     """One round of DP-SGD with the round's mechanism; TrainingError if it diverges."""
     from fedcore.privacy import dpsgd  # loads Opacus: only sites training with DP-SGD pay it
@@ -866,6 +989,7 @@ def _train_dp(
         weight_decay=settings.weight_decay,
         accountant=ACCOUNTANT,
         on_batch=on_batch,
+        objective=objective,
     )
     # train_dp derives the same mechanism from the same settings; a mismatch is a bug, and the
     # update would then report something other than what was run.

@@ -567,7 +567,39 @@ def _absent(name: str, role: str) -> CheckFinding:
     )
 
 
+def _check_task_target(series: pd.Series, target: tabular.TargetSpec) -> CheckFinding:
+    """A multi-class or regression target: the same checks the agent applies to its rows."""
+    try:
+        tabular.check_target(series, target)
+    except tabular.DataValidationError as exc:
+        return CheckFinding(target.column, "target", "error", str(exc))
+    values = series.astype(str).str.strip()
+    if target.task == "multiclass":
+        counts = values.value_counts()
+        unseen = [c for c in target.classes or () if c not in counts.index]
+        message = "classes: " + ", ".join(
+            f"{c!r} {int(counts.get(c, 0))}" for c in target.classes or ()
+        )
+        if unseen:
+            return CheckFinding(
+                target.column,
+                "target",
+                "warning",
+                f"{message}; no row holds {', '.join(map(repr, unseen))}",
+            )
+        return CheckFinding(target.column, "target", "ok", message)
+    numbers = pd.to_numeric(values)
+    return CheckFinding(
+        target.column,
+        "target",
+        "ok",
+        f"regression target: {len(numbers)} values from {numbers.min():g} to {numbers.max():g}",
+    )
+
+
 def _check_target(series: pd.Series, target: tabular.TargetSpec) -> CheckFinding:
+    if target.task != "binary":
+        return _check_task_target(series, target)
     name = target.column
     missing = tabular.missing_mask(series)
     values = series[~missing].astype(str).str.strip()

@@ -70,6 +70,7 @@ __all__ = [
     "MISSING_TOKENS",
     "SCALINGS",
     "SPLIT_VALUES",
+    "TASKS",
     "TRANSFORMS",
     "ColumnSpec",
     "DataValidationError",
@@ -79,6 +80,7 @@ __all__ = [
     "TargetSpec",
     "category_value_problem",
     "check_site_statistics",
+    "check_target",
     "feature_names",
     "load_table",
     "local_statistics",
@@ -88,6 +90,7 @@ __all__ = [
     "schema_hash",
     "split_by_column",
     "split_holdout",
+    "target_scale",
     "transform",
     "undeclared_categories",
     "validate_frame",
@@ -401,44 +404,122 @@ def _value_tuple(values: object, key: str) -> tuple[str, ...] | None:
     return result
 
 
+TASKS: tuple[str, ...] = ("binary", "multiclass", "regression")
+MAX_CLASSES = 256
+
+
 @dataclass(frozen=True)
 class TargetSpec:
-    """The label column and which of its values are positive (or which are negative)."""
+    """The label column and the prediction task on it.
+
+    * ``task="binary"`` (the default): which values are label 1, ``positive`` (label 1 = a value
+      in the list) or ``negative`` (label 1 = a value not in the list).
+    * ``task="multiclass"``: ``classes``, the declared class values in order; label ``k`` is
+      ``classes[k]``. A value outside the list is refused at the site.
+    * ``task="regression"``: a numeric target; ``standardize`` makes the model learn
+      ``(y - mean) / std`` with the federated mean and standard deviation of the training rows
+      (predictions are mapped back before any metric).
+    """
 
     column: str
     positive: tuple[str, ...] | None = None
     negative: tuple[str, ...] | None = None
+    task: str = "binary"
+    classes: tuple[str, ...] | None = None
+    standardize: bool = False
 
     def __post_init__(self) -> None:
         """Validate and normalise value lists to tuples."""
         _check_name(self.column, "target column")
+        if self.task not in TASKS:
+            raise SchemaError(
+                f"target {self.column!r}: task {self.task!r} is not one of {', '.join(TASKS)}"
+            )
         positive = _value_tuple(self.positive, "positive")
         negative = _value_tuple(self.negative, "negative")
-        if (positive is None) == (negative is None):
+        classes = _value_tuple(self.classes, "classes")
+        if not isinstance(self.standardize, bool):
             raise SchemaError(
-                f"target {self.column!r}: give exactly one of 'positive' (label 1 = value in the "
-                "list) or 'negative' (label 1 = value not in the list)"
+                f"target {self.column!r}: 'standardize' must be true or false, got "
+                f"{self.standardize!r}"
+            )
+        if self.task == "binary":
+            if (positive is None) == (negative is None):
+                raise SchemaError(
+                    f"target {self.column!r}: give exactly one of 'positive' (label 1 = value "
+                    "in the list) or 'negative' (label 1 = value not in the list)"
+                )
+        elif positive is not None or negative is not None:
+            raise SchemaError(
+                f"target {self.column!r}: 'positive' and 'negative' belong to task 'binary'; "
+                f"task {self.task!r} does not take them"
+            )
+        if self.task == "multiclass":
+            if classes is None or not 2 <= len(classes) <= MAX_CLASSES:
+                raise SchemaError(
+                    f"target {self.column!r}: task 'multiclass' needs 'classes', the list of "
+                    f"2 to {MAX_CLASSES} class values in order"
+                )
+            for value in classes:
+                if (problem := category_value_problem(value)) is not None:
+                    raise SchemaError(f"target {self.column!r}: class {_shown(value)} {problem}")
+        elif classes is not None:
+            raise SchemaError(
+                f"target {self.column!r}: 'classes' belongs to task 'multiclass' (task is "
+                f"{self.task!r})"
+            )
+        if self.standardize and self.task != "regression":
+            raise SchemaError(
+                f"target {self.column!r}: 'standardize' applies to task 'regression' only "
+                f"(task is {self.task!r})"
             )
         object.__setattr__(self, "positive", positive)
         object.__setattr__(self, "negative", negative)
+        object.__setattr__(self, "classes", classes)
+
+    @property
+    def n_outputs(self) -> int:
+        """The width of the model's output: one logit (binary), one per class, one value."""
+        return len(self.classes or ()) if self.task == "multiclass" else 1
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TargetSpec:
-        """Build a target spec from ``{"column", "positive"}`` or ``{"column", "negative"}``.
+        """Build a target spec from its JSON form.
+
+        ``{"column", "positive" | "negative"}`` (binary; ``"task": "binary"`` may be given),
+        ``{"column", "task": "multiclass", "classes"}`` or ``{"column", "task": "regression",
+        "standardize"}``.
 
         Args:
             data: the JSON form.
 
         Raises:
-            SchemaError: unknown keys, both or neither value list, or invalid values.
+            SchemaError: unknown keys, keys of another task, or invalid values.
         """
-        data = _check_keys(data, ("column", "positive", "negative"), ("column",), "target")
+        data = _check_keys(
+            data,
+            ("column", "task", "positive", "negative", "classes", "standardize"),
+            ("column",),
+            "target",
+        )
         return cls(
-            column=data["column"], positive=data.get("positive"), negative=data.get("negative")
+            column=data["column"],
+            positive=data.get("positive"),
+            negative=data.get("negative"),
+            task=data.get("task", "binary"),
+            classes=data.get("classes"),
+            standardize=data.get("standardize", False),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form (only the value list that is set)."""
+        """Return the JSON form (binary: without ``task``, so schema hashes stay as they were)."""
+        if self.task == "multiclass":
+            return {"column": self.column, "task": self.task, "classes": list(self.classes or ())}
+        if self.task == "regression":
+            result: dict[str, Any] = {"column": self.column, "task": self.task}
+            if self.standardize:
+                result["standardize"] = True
+            return result
         if self.positive is not None:
             return {"column": self.column, "positive": list(self.positive)}
         return {"column": self.column, "negative": list(self.negative or ())}
@@ -756,16 +837,7 @@ def validate_frame(df: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
             values[missing] = MISSING_CATEGORY
         typed[column.name] = values
 
-    target = schema.target.column
-    target_missing = missing_mask(df[target])
-    if target_missing.any():
-        positions = np.flatnonzero(target_missing)
-        raise DataValidationError(
-            f"target column {target!r}: missing value at row {int(positions[0]) + 1} "
-            f"({positions.size} rows without a label); every row needs a label: fill it in or "
-            "remove the row"
-        )
-    typed[target] = _stripped_text(df[target], target_missing)
+    typed[schema.target.column] = check_target(df[schema.target.column], schema.target)
     for name in extra_sensitive:
         missing = missing_mask(df[name])
         values = _stripped_text(df[name], missing)
@@ -784,15 +856,97 @@ def validate_frame(df: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
     return frame
 
 
+def check_target(series: pd.Series, target: TargetSpec) -> np.ndarray:
+    """The target column's values, checked for its task (as ``validate_frame`` does).
+
+    Returns:
+        Stripped text (binary, multiclass) or float64 (regression).
+
+    Raises:
+        DataValidationError: a missing label, a class outside the declared ones, a regression
+            target that is not a finite number; the message names the column, how many rows
+            and the first one (with its value; ``shareable`` without it).
+    """
+    name = target.column
+    missing = missing_mask(series)
+    if missing.any():
+        positions = np.flatnonzero(missing)
+        raise DataValidationError(
+            f"target column {name!r}: missing value at row {int(positions[0]) + 1} "
+            f"({positions.size} rows without a label); every row needs a label: fill it in or "
+            "remove the row"
+        )
+    return _target_values(series, missing, target)
+
+
+def _target_values(series: pd.Series, missing: np.ndarray, target: TargetSpec) -> np.ndarray:
+    """The target column, checked for its task: stripped text (binary, multiclass) or float64
+    (regression). Missing labels were refused before."""
+    name = target.column
+    if target.task == "regression":
+        text = series if pd.api.types.is_numeric_dtype(series) else series.astype(str).str.strip()
+        values = pd.to_numeric(text, errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan, copy=True
+        )
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row, value, _ = _first_bad(name, series, bad)
+            nan_or_inf = _is_float_text(value)
+            problem = "not a finite number (NaN or infinite)" if nan_or_inf else "not numeric"
+            raise DataValidationError(
+                f"target column {name!r}: {int(bad.sum())} rows hold a value that is {problem} "
+                f"(first at row {row}: {_shown(value)}); a regression target must be a finite "
+                "number in every row: fix or remove those rows",
+                shareable=(
+                    f"target column {name!r}: {int(bad.sum())} rows hold a value that is "
+                    f"{problem} (first at row {row})"
+                ),
+            )
+        return values
+    text = _stripped_text(series, missing)
+    if target.task == "multiclass":
+        outside = ~pd.Series(text, dtype=object).isin(target.classes or ()).to_numpy(dtype=bool)
+        if outside.any():
+            row, _, _ = _first_bad(name, series, outside)
+            example = text[row - 1]
+            declared = ", ".join(map(repr, target.classes or ()))
+            raise DataValidationError(
+                f"target column {name!r}: {int(outside.sum())} rows hold a value outside the "
+                f"declared classes ({declared}), e.g. {_shown(example)} at row {row}; fix those "
+                "rows, remove them, or ask the consortium to declare the class",
+                shareable=(
+                    f"target column {name!r}: {int(outside.sum())} rows hold a value outside "
+                    f"the declared classes (first at row {row})"
+                ),
+            )
+    return text
+
+
+def _is_float_text(value: object) -> bool:
+    try:
+        float(str(value).strip())
+    except ValueError:
+        return False
+    return True
+
+
 def _is_float(values: np.ndarray) -> bool:
     return values.dtype == np.float64
 
 
 def _labels(valid: pd.DataFrame, schema: DatasetSchema) -> np.ndarray:
-    values = valid[schema.target.column]
-    if schema.target.positive is not None:
-        return values.isin(schema.target.positive).to_numpy(dtype=np.int64)
-    return (~values.isin(schema.target.negative or ())).to_numpy(dtype=np.int64)
+    """Integer labels of validated rows: 0/1 (binary), the class index (multiclass), or all 0
+    (regression: one stratum for the holdout split)."""
+    target = schema.target
+    values = valid[target.column]
+    if target.task == "multiclass":
+        known = pd.Index(list(target.classes or ()), dtype=object)
+        return known.get_indexer(values.to_numpy(dtype=object)).astype(np.int64)
+    if target.task == "regression":
+        return np.zeros(len(values), dtype=np.int64)
+    if target.positive is not None:
+        return values.isin(target.positive).to_numpy(dtype=np.int64)
+    return (~values.isin(target.negative or ())).to_numpy(dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -806,7 +960,8 @@ def split_holdout(
 
     For each label, its rows are shuffled with ``np.random.default_rng([seed, label])`` and
     ``floor(n_label * test_fraction + 0.5)`` of them (round half up) go to the test part, but at
-    least one row of every present label stays in training. The result depends only on the rows
+    least one row of every present label stays in training. Labels are 0/1 (binary), the class
+    index (multiclass); a regression target is one stratum (label 0). The result depends only on the rows
     (and their order) and the seed, so the agent and the demo get the same split.
 
     Args:
@@ -834,7 +989,7 @@ def split_holdout(
     valid = validate_frame(df, schema)
     labels = _labels(valid, schema)
     test = np.zeros(len(valid), dtype=bool)
-    for label in (0, 1):
+    for label in range(schema.target.n_outputs if schema.target.task == "multiclass" else 2):
         positions = np.flatnonzero(labels == label)
         if positions.size == 0:
             continue
@@ -973,10 +1128,13 @@ def local_statistics(
         column ``{"count", "mean", "m2"}`` (exact), or ``{"count", "sum", "sum_sq"}`` (noised
         floats) with ``epsilon``. ``categories``: per column ``{value: count}``, only declared
         values for a column with ``categories`` (``"__missing__"`` included when imputed).
+        For a regression target with ``standardize`` also ``"target": {"count", "mean",
+        "m2"}`` of the target (exact only).
 
     Raises:
         DataValidationError: the data does not match the schema.
-        SchemaError: ``epsilon`` is given but a numeric column has no bounds.
+        SchemaError: ``epsilon`` is given but a numeric column has no bounds, or the target is
+            to be standardised (its statistics are exact only).
     """
     valid = validate_frame(df, schema)
     minimum = schema.min_category_count if min_category_count is None else min_category_count
@@ -1022,12 +1180,23 @@ def local_statistics(
             largest = sorted(report.items(), key=lambda item: (-item[1], item[0]))
             report = dict(largest[: schema.max_categories])
         categories[column.name] = dict(sorted(report.items()))
-    return {
+    report: dict[str, Any] = {
         "schema_hash": schema_hash(schema),
         "n_rows": len(valid),
         "numeric": numeric,
         "categories": categories,
     }
+    if schema.target.standardize:
+        if epsilon is not None:
+            raise SchemaError(
+                f"target {schema.target.column!r}: 'standardize' needs the exact target "
+                "statistics; noised statistics (privacy.statistics_epsilon) do not cover the target"
+            )
+        values = valid[schema.target.column].to_numpy(dtype=np.float64)
+        mean = float(values.mean()) if values.size else 0.0
+        m2 = float(np.square(values - mean).sum()) if values.size else 0.0
+        report["target"] = {"count": int(values.size), "mean": mean, "m2": m2}
+    return report
 
 
 def _is_count(value: object) -> bool:
@@ -1061,7 +1230,9 @@ def check_site_statistics(
     """
     if not isinstance(stats, Mapping):
         raise SchemaError(f"{where}: expected a JSON object, got {type(stats).__name__}")
-    keys = ("schema_hash", "n_rows", "numeric", "categories")
+    keys: tuple[str, ...] = ("schema_hash", "n_rows", "numeric", "categories")
+    if schema.target.standardize:
+        keys += ("target",)
     unknown = sorted(str(key) for key in stats if key not in keys)
     absent = [key for key in keys if key not in stats]
     if unknown or absent:
@@ -1148,6 +1319,22 @@ def check_site_statistics(
                 f"({n_rows})"
             )
 
+    if schema.target.standardize:
+        entry = stats["target"]
+        if (
+            not isinstance(entry, Mapping)
+            or set(entry) != _EXACT_KEYS
+            or not _is_count(entry["count"])
+            or entry["count"] != n_rows
+            or not _is_finite(entry["mean"])
+            or not _is_finite(entry["m2"])
+            or entry["m2"] < 0
+        ):
+            raise SchemaError(
+                f"{where}: 'target' must be {{count, mean, m2}} of the regression target: count "
+                f"= n_rows ({n_rows}), finite mean, finite m2 >= 0; got {_shown(entry)}"
+            )
+
 
 def _merge_exact(parts: list[Mapping[str, Any]]) -> tuple[float, float, int]:
     """Chan, Golub and LeVeque's pairwise update: (mean, population std, count)."""
@@ -1197,7 +1384,8 @@ def merge_statistics(
     Returns:
         JSON-able ``{"version": 1, "schema_hash", "columns": [feature columns], "n_rows",
         "numeric": {column: {"mean", "std", "count"}}, "categories": {column: sorted list}}``
-        with ``std`` the population standard deviation (1 where it is 0 or no value was seen).
+        with ``std`` the population standard deviation (1 where it is 0 or no value was seen);
+        for a regression target with ``standardize`` also ``"target": {"mean", "std"}``.
 
     Raises:
         SchemaError: no statistics, or a report breaks ``check_site_statistics``.
@@ -1231,7 +1419,7 @@ def merge_statistics(
             shown = [item for item in pooled.items() if item[1] >= schema.min_category_count]
             shown.sort(key=lambda item: (-item[1], item[0]))
             categories[column.name] = sorted(value for value, _ in shown[: schema.max_categories])
-    return {
+    fitted: dict[str, Any] = {
         "version": PREPROCESSING_VERSION,
         "schema_hash": schema_hash(schema),
         "columns": [column.name for column in schema.columns],
@@ -1239,6 +1427,10 @@ def merge_statistics(
         "numeric": numeric,
         "categories": categories,
     }
+    if schema.target.standardize:
+        mean, std, _ = _merge_exact([entry["target"] for entry in stats])
+        fitted["target"] = {"mean": mean, "std": std if std > 0.0 else 1.0}
+    return fitted
 
 
 # --------------------------------------------------------------------------------------------
@@ -1263,6 +1455,8 @@ def _check_fitted(schema: DatasetSchema, fitted: object) -> Mapping[str, Any]:
             f"schema has columns {[c.name for c in schema.columns]!r}, hash "
             f"{expected_hash[:12]}...; re-run the statistics round with this schema"
         )
+    if schema.target.standardize:
+        target_scale(schema, fitted)
     numeric, categories = fitted.get("numeric"), fitted.get("categories")
     if not isinstance(numeric, Mapping) or not isinstance(categories, Mapping):
         raise SchemaError("fitted preprocessing needs 'numeric' and 'categories' objects")
@@ -1292,6 +1486,31 @@ def _check_fitted(schema: DatasetSchema, fitted: object) -> Mapping[str, Any]:
                     f"of distinct strings, got {values!r}"
                 )
     return fitted
+
+
+def target_scale(schema: DatasetSchema, fitted: Mapping[str, Any]) -> tuple[float, float]:
+    """``(mean, std)`` the model's regression output is scaled by: ``y = mean + std * output``.
+
+    ``(0, 1)`` unless the schema's regression target is standardised; then the fitted
+    preprocessing's federated mean and standard deviation of the training targets.
+
+    Raises:
+        SchemaError: a standardised target without a finite mean and std > 0 in ``fitted``.
+    """
+    if not schema.target.standardize:
+        return 0.0, 1.0
+    entry = fitted.get("target") if isinstance(fitted, Mapping) else None
+    if (
+        not isinstance(entry, Mapping)
+        or not _is_finite(entry.get("mean"))
+        or not _is_finite(entry.get("std"))
+        or entry["std"] <= 0
+    ):
+        raise SchemaError(
+            f"fitted preprocessing: the standardised target {schema.target.column!r} needs "
+            f"'target': {{mean, std > 0}}, got {_shown(entry)}; re-run the statistics round"
+        )
+    return float(entry["mean"]), float(entry["std"])
 
 
 def feature_names(schema: DatasetSchema, fitted: Mapping[str, Any]) -> list[str]:
@@ -1337,8 +1556,10 @@ def transform(df: pd.DataFrame, schema: DatasetSchema, fitted: Mapping[str, Any]
         fitted: the fitted preprocessing from ``merge_statistics`` for this schema.
 
     Returns:
-        ``TabularData`` with X float32 (n, len(feature_names)), y float32 (n,) of 0/1 labels and
-        groups: sensitive column -> str array (n,). Missing numeric values become 0 (the mean;
+        ``TabularData`` with X float32 (n, len(feature_names)), y (n,): float32 0/1 labels
+        (binary), float32 class indices (multiclass), or float64 targets (regression; standardised
+        with :func:`target_scale` when the schema says so) and groups: sensitive column -> str
+        array (n,). Missing numeric values become 0 (the mean;
         the federated mean itself in a ``"scale": "none"`` column), missing booleans 0, unseen categories an all-zero one-hot block.
 
     Raises:
@@ -1370,6 +1591,10 @@ def transform(df: pd.DataFrame, schema: DatasetSchema, fitted: Mapping[str, Any]
             rows = np.flatnonzero(codes >= 0)  # -1: category unseen by the fitted preprocessing
             X[rows, offset + codes[rows]] = 1.0
             offset += len(known)
-    y = _labels(valid, schema).astype(np.float32)
+    if schema.target.task == "regression":
+        mean, std = target_scale(schema, fitted)
+        y = (valid[schema.target.column].to_numpy(dtype=np.float64) - mean) / std
+    else:
+        y = _labels(valid, schema).astype(np.float32)
     groups = {name: _group_labels(valid, name, schema) for name in schema.sensitive}
     return TabularData(X=X, y=y, groups=groups)

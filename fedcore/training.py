@@ -1,4 +1,9 @@
-"""Local training and evaluation of a binary classifier, shared by the site agent and the demo.
+"""Local training and evaluation of a model for the plan's task, shared by the site agent and the
+demo.
+
+The task decides the output and the loss (:class:`Objective`): binary classification (one
+logit, binary cross-entropy), multi-class classification (one logit per class, softmax
+cross-entropy) or regression (one value, mean squared error or Huber loss).
 
 Determinism without global state: mini-batch order comes from a private ``torch.Generator``
 seeded with ``seed``; stochastic layers (dropout) draw from torch's global RNG, so training runs
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,11 +23,23 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
+from fedcore import task_metrics
 from fedcore.metrics import binary_metrics
 
-__all__ = ["OPTIMIZERS", "TrainingError", "evaluate", "predict_proba", "train_local"]
+__all__ = [
+    "BINARY",
+    "OPTIMIZERS",
+    "REGRESSION_LOSSES",
+    "Objective",
+    "TrainingError",
+    "evaluate",
+    "predict",
+    "predict_proba",
+    "train_local",
+]
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+REGRESSION_LOSSES: tuple[str, ...] = ("mse", "huber")
 _PREDICT_CHUNK_ROWS = 65536
 
 
@@ -46,13 +64,95 @@ def _features(X: ArrayLike | torch.Tensor) -> torch.Tensor:
     return features
 
 
-def _labels(y: ArrayLike | torch.Tensor, n: int) -> torch.Tensor:
-    labels = torch.as_tensor(y).detach().to(device="cpu", dtype=torch.float32).reshape(-1)
-    if labels.numel() != n:
-        raise TrainingError(f"X has {n} rows but y has {labels.numel()} labels")
-    if not bool(((labels == 0) | (labels == 1)).all()):
-        raise TrainingError("y must hold binary labels 0/1 (see tabular.transform)")
-    return labels
+@dataclass(frozen=True)
+class Objective:
+    """What a model's outputs mean and the loss it is trained with.
+
+    ``task`` "binary" (``n_outputs`` 1, a logit), "multiclass" (``n_outputs`` = classes,
+    logits; targets are class indices) or "regression" (``n_outputs`` 1, the value in the units
+    the model learns, ``loss`` "mse" or "huber" with ``huber_delta``).
+    """
+
+    task: str = "binary"
+    n_outputs: int = 1
+    loss: str = "bce"
+    huber_delta: float = 1.0
+
+    def __post_init__(self) -> None:
+        """Check the combination."""
+        allowed = {"binary": ("bce",), "multiclass": ("cross_entropy",)}
+        losses = allowed.get(self.task, REGRESSION_LOSSES)
+        if self.task not in ("binary", "multiclass", "regression") or self.loss not in losses:
+            raise TrainingError(f"no objective for task {self.task!r} with loss {self.loss!r}")
+        outputs_ok = self.n_outputs >= 2 if self.task == "multiclass" else self.n_outputs == 1
+        if not _is_int(self.n_outputs) or not outputs_ok:
+            raise TrainingError(f"task {self.task!r} cannot have {self.n_outputs!r} outputs")
+        if not _is_number(self.huber_delta) or self.huber_delta <= 0:
+            raise TrainingError(f"huber_delta must be a number > 0, got {self.huber_delta!r}")
+
+    @classmethod
+    def for_task(
+        cls, task: str, *, n_outputs: int = 1, loss: str | None = None, huber_delta: float = 1.0
+    ) -> Objective:
+        """The objective of a task; ``loss`` None is the task's own (regression: mse)."""
+        if loss is None:
+            loss = {"binary": "bce", "multiclass": "cross_entropy"}.get(task, "mse")
+        return cls(task=task, n_outputs=n_outputs, loss=loss, huber_delta=huber_delta)
+
+    def targets(self, y: ArrayLike | torch.Tensor, n: int) -> torch.Tensor:
+        """The training targets as the loss takes them; TrainingError if they do not fit."""
+        values = torch.as_tensor(y).detach().to(device="cpu").reshape(-1)
+        if values.numel() != n:
+            raise TrainingError(f"X has {n} rows but y has {values.numel()} labels")
+        if self.task == "binary":
+            labels = values.to(torch.float32)
+            if not bool(((labels == 0) | (labels == 1)).all()):
+                raise TrainingError("y must hold binary labels 0/1 (see tabular.transform)")
+            return labels
+        if self.task == "multiclass":
+            codes = values.to(torch.float64)
+            if not bool(((codes == codes.round()) & (codes >= 0) & (codes < self.n_outputs)).all()):
+                raise TrainingError(
+                    f"y must hold class indices 0..{self.n_outputs - 1} (see tabular.transform)"
+                )
+            return codes.to(torch.int64)
+        targets = values.to(torch.float32)
+        if not bool(torch.isfinite(targets).all()):
+            raise TrainingError("y must hold finite regression targets")
+        return targets
+
+    def outputs(self, raw: torch.Tensor) -> torch.Tensor:
+        """The model's raw output shaped for the loss: (n,) or (n, classes)."""
+        return raw if self.task == "multiclass" else raw.reshape(-1)
+
+    def loss_of(
+        self,
+        outputs: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        weight: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """The loss of a batch; with ``weight``, the mean of weight x loss over its rows."""
+        per_row: torch.Tensor
+        if self.task == "binary":
+            per_row = nn.functional.binary_cross_entropy_with_logits(
+                outputs, targets, reduction="none"
+            )
+        elif self.task == "multiclass":
+            per_row = nn.functional.cross_entropy(outputs, targets, reduction="none")
+        elif self.loss == "huber":
+            per_row = nn.functional.huber_loss(
+                outputs, targets, reduction="none", delta=self.huber_delta
+            )
+        else:
+            per_row = nn.functional.mse_loss(outputs, targets, reduction="none")
+        if weight is not None:
+            per_row = per_row * weight
+        return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
+BINARY = Objective()
 
 
 class _Adam:
@@ -153,8 +253,9 @@ def train_local(
     prox_reference: Mapping[str, torch.Tensor] | None = None,
     steps: int | None = None,
     sample_weight: ArrayLike | torch.Tensor | None = None,
+    objective: Objective = BINARY,
 ) -> dict[str, Any]:
-    """Train ``model`` in place with binary cross-entropy on logits and mini-batch shuffling.
+    """Train ``model`` in place with the objective's loss and mini-batch shuffling.
 
     A fixed number of optimizer steps instead of epochs (``steps``; FLamby's "num_updates" and
     Flower's local-steps setting): the data is reshuffled at the start of each pass and training
@@ -166,10 +267,11 @@ def train_local(
     differ. The server aggregates FedProx updates with plain FedAvg.
 
     Args:
-        model: module mapping (n, d) float32 features to (n, 1) logits, e.g. from
-            ``fedcore.models.build_model``. Updated in place; its train/eval mode is restored.
+        model: module mapping (n, d) float32 features to (n, objective.n_outputs) outputs,
+            e.g. from ``fedcore.models.build_model``. Updated in place; its train/eval mode is
+            restored.
         X: feature matrix (n, d), n >= 1 (numpy array or tensor; converted to float32).
-        y: binary labels 0/1, n values.
+        y: n targets: 0/1 labels (binary), class indices (multiclass), values (regression).
         epochs: passes over the data, >= 1 (ignored when ``steps`` is given).
         batch_size: rows per optimizer step, >= 1; the last batch of an epoch may be smaller.
         lr: learning rate, > 0.
@@ -189,6 +291,7 @@ def train_local(
             weight >= 0 per row. Each batch's loss is then the mean of weight x BCE over its
             rows (scikit-learn's ``sample_weight`` semantics), as the fairness mitigations
             need (:class:`fedcore.fairness_mitigation.ExampleWeights`: reweighing, reductions).
+        objective: the task and its loss (default: binary cross-entropy on one logit).
 
     Returns:
         ``{"train_loss": example-weighted mean loss over the last epoch (with ``steps``: over
@@ -201,7 +304,7 @@ def train_local(
     """
     features = _features(X)
     n = features.shape[0]
-    labels = _labels(y, n)
+    labels = objective.targets(y, n)
     if n == 0:
         raise TrainingError("cannot train on 0 rows; check the site's data and split")
     if steps is not None and (not _is_int(steps) or steps < 1):
@@ -237,7 +340,6 @@ def train_local(
         opt = _Adam(params, lr=lr, weight_decay=weight_decay)
     else:
         opt = _SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
     order = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(n / batch_size)
     if steps is not None:
@@ -262,13 +364,12 @@ def train_local(
                         break
                     index = permutation[start : start + batch_size]
                     opt.zero_grad(set_to_none=True)
-                    logits = model(features[index]).reshape(-1)
-                    if weights is None:
-                        loss = loss_fn(logits, labels[index])
-                    else:
-                        loss = nn.functional.binary_cross_entropy_with_logits(
-                            logits, labels[index], weight=weights[index]
-                        )
+                    outputs = objective.outputs(model(features[index]))
+                    loss = objective.loss_of(
+                        outputs,
+                        labels[index],
+                        weight=None if weights is None else weights[index],
+                    )
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise TrainingError(
@@ -334,8 +435,47 @@ def _prox_anchors(
     return anchors
 
 
+def predict(
+    model: nn.Module, X: ArrayLike | torch.Tensor, objective: Objective = BINARY
+) -> np.ndarray:
+    """What the model predicts for every row, as the task reads it.
+
+    Args:
+        model: module mapping (n, d) features to (n, objective.n_outputs) outputs; its
+            train/eval mode is restored after the call.
+        X: feature matrix (n, d).
+        objective: the task.
+
+    Returns:
+        float64: (n,) probabilities of label 1 (binary), (n, classes) softmax probabilities
+        (multiclass) or (n,) values in the units the model learns (regression).
+    """
+    features = _features(X)
+    link: Callable[[torch.Tensor], torch.Tensor]
+    if objective.task == "binary":
+        link = lambda raw: torch.sigmoid(raw.reshape(-1).double())  # noqa: E731
+    elif objective.task == "multiclass":
+        link = lambda raw: torch.softmax(raw.double(), dim=1)  # noqa: E731
+    else:
+        link = lambda raw: raw.reshape(-1).double()  # noqa: E731
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            chunks = [
+                link(model(features[start : start + _PREDICT_CHUNK_ROWS]))
+                for start in range(0, features.shape[0], _PREDICT_CHUNK_ROWS)
+            ]
+    finally:
+        model.train(was_training)
+    if not chunks:
+        shape = (0, objective.n_outputs) if objective.task == "multiclass" else (0,)
+        return np.zeros(shape, dtype=np.float64)
+    return torch.cat(chunks).numpy()
+
+
 def predict_proba(model: nn.Module, X: ArrayLike | torch.Tensor) -> np.ndarray:
-    """Return the predicted probability of the positive class for every row.
+    """Return the predicted probability of the positive class for every row (binary task).
 
     Args:
         model: module mapping (n, d) features to (n, 1) logits; its train/eval mode is
@@ -345,35 +485,39 @@ def predict_proba(model: nn.Module, X: ArrayLike | torch.Tensor) -> np.ndarray:
     Returns:
         float64 array of shape (n,) with values in [0, 1].
     """
-    features = _features(X)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            chunks = [
-                torch.sigmoid(
-                    model(features[start : start + _PREDICT_CHUNK_ROWS]).reshape(-1).double()
-                )
-                for start in range(0, features.shape[0], _PREDICT_CHUNK_ROWS)
-            ]
-    finally:
-        model.train(was_training)
-    if not chunks:
-        return np.zeros(0, dtype=np.float64)
-    return torch.cat(chunks).numpy()
+    return predict(model, X, BINARY)
 
 
 def evaluate(
-    model: nn.Module, X: ArrayLike | torch.Tensor, y: ArrayLike | torch.Tensor
+    model: nn.Module,
+    X: ArrayLike | torch.Tensor,
+    y: ArrayLike | torch.Tensor,
+    objective: Objective = BINARY,
+    *,
+    target_scale: tuple[float, float] = (0.0, 1.0),
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on (X, y) and return ``fedcore.metrics.binary_metrics``.
+    """Evaluate ``model`` on (X, y) with the metrics of its task.
 
     Args:
-        model: module mapping (n, d) features to (n, 1) logits.
+        model: module mapping (n, d) features to (n, objective.n_outputs) outputs.
         X: feature matrix (n, d).
-        y: binary labels 0/1, n values.
+        y: n targets as ``fedcore.tabular.transform`` gives them.
+        objective: the task.
+        target_scale: regression: ``(mean, std)`` the model's values and ``y`` are mapped back
+            with (``fedcore.tabular.target_scale``), so the metrics are in the target's units.
 
     Returns:
-        ``{"auc", "accuracy", "loss", "n"}`` (see ``binary_metrics``).
+        binary: ``{"auc", "accuracy", "loss", "n"}`` (see ``binary_metrics``); multiclass and
+        regression: :func:`fedcore.task_metrics.multiclass_metrics` /
+        :func:`fedcore.task_metrics.regression_metrics` of this site's rows.
     """
-    return binary_metrics(np.asarray(y, dtype=np.float64).reshape(-1), predict_proba(model, X))
+    if objective.task == "binary":
+        return binary_metrics(np.asarray(y, dtype=np.float64).reshape(-1), predict_proba(model, X))
+    predicted = predict(model, X, objective)
+    if objective.task == "multiclass":
+        return task_metrics.multiclass_metrics(
+            np.asarray(y, dtype=np.float64).reshape(-1).astype(np.int64), predicted
+        )
+    mean, std = target_scale
+    truth = mean + std * np.asarray(y, dtype=np.float64).reshape(-1)
+    return task_metrics.regression_metrics(truth, mean + std * predicted)

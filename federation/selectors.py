@@ -896,7 +896,7 @@ def model_version_onnx(version: ModelVersion) -> bytes:
     """
     import hashlib
 
-    from fedcore import onnx_export, tensors
+    from fedcore import onnx_export, tabular, tensors
     from fedcore.models import build_model
 
     names = model_version_features(version)
@@ -908,14 +908,17 @@ def model_version_onnx(version: ModelVersion) -> bytes:
             f"the stored file of model v{version.number} of run {version.run_id} does not match "
             "its recorded SHA-256"
         )
-    model = build_model(version.run.version.spec["model"], len(names), seed=0)
+    target = tabular.DatasetSchema.from_dict(version.run.version.spec["schema"]).target
+    model = build_model(
+        version.run.version.spec["model"], len(names), n_outputs=target.n_outputs, seed=0
+    )
     state = tensors.decode_state_dict(data)
     try:
         tensors.check_compatible(state, model.state_dict())
         model.load_state_dict(state, strict=True)
     except (tensors.IncompatibleStateDict, RuntimeError) as exc:
         raise ValueError(f"the stored weights do not fit the plan's model: {exc}") from None
-    return onnx_export.export_onnx(model, len(names))
+    return onnx_export.export_onnx(model, len(names), task=target.task)
 
 
 # --------------------------------------------------------------------------------------------

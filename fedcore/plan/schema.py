@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 from fedcore.aggregation import STRATEGIES
-from fedcore.models import ACTIVATIONS, MAX_HIDDEN_LAYERS, MAX_HIDDEN_UNITS, MODEL_KINDS
+from fedcore.model_kinds import ENTRY_POINT_GROUP, NAME_PATTERN
+from fedcore.models import ACTIVATIONS, MAX_HIDDEN_LAYERS, MAX_HIDDEN_UNITS, SPEC_KINDS
 from fedcore.plan.keys import REQUIRED, Key, section_schema
 from fedcore.plan.spec import (
     ADAPTIVE_CLIP_KEYS,
@@ -24,6 +25,7 @@ from fedcore.plan.spec import (
     TOP_KEYS,
     TRAINING_KEYS,
 )
+from fedcore.tabular import MAX_CLASSES, TASKS
 
 CROSS_FIELD_NOTE = (
     "JSON Schema checks each key's type, range and the allowed keys of every section. The "
@@ -36,7 +38,12 @@ CROSS_FIELD_NOTE = (
     "against schema.sensitive; fairness.mitigation parameters per kind, and what each kind "
     "needs: public groups; no DP-SGD, and noised counts under client-level DP, for the loss "
     "weights; no secure aggregation nor client-level DP, and a weighted mean, for "
-    "fair_aggregation; held-out rows for postprocess). See docs/plan-spec.md."
+    "fair_aggregation; held-out rows for postprocess; per task (schema.target.task): the keys of "
+    "the target, training.loss for regression only, huber_delta with loss huber only, no "
+    "fairness thresholds, mitigation, noised group counts or fairness with secure aggregation "
+    "for multiclass and regression, no statistics_epsilon with a standardised target; an "
+    "installed model kind's options are checked where it is installed). See docs/plan-spec.md "
+    "and docs/tasks.md."
 )
 
 
@@ -60,9 +67,13 @@ def _strategy_params() -> dict[str, Any]:
 def _model_schema() -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "fedcore.models spec: kind, and for mlp hidden, activation, dropout",
+        "description": "fedcore.models spec: kind, and for mlp hidden, activation, dropout; for "
+        "installed name, version, sha256, options",
         "properties": {
-            "kind": {"enum": list(MODEL_KINDS), "description": "the model family"},
+            "kind": {
+                "enum": list(SPEC_KINDS),
+                "description": "the model family; installed: a kind the sites installed",
+            },
             "hidden": {
                 "type": "array",
                 "items": {"type": "integer", "minimum": 1, "maximum": MAX_HIDDEN_UNITS},
@@ -72,8 +83,57 @@ def _model_schema() -> dict[str, Any]:
             },
             "activation": {"enum": list(ACTIVATIONS), "default": "relu"},
             "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0},
+            "name": {
+                "type": "string",
+                "pattern": NAME_PATTERN.pattern,
+                "description": f"installed only: the entry point's name ({ENTRY_POINT_GROUP})",
+            },
+            "version": {
+                "type": "string",
+                "minLength": 1,
+                "description": "installed only: the distribution's version",
+            },
+            "sha256": {
+                "type": "string",
+                "pattern": "^[0-9a-f]{64}$",
+                "description": "installed only: the distribution's digest (docs/tasks.md)",
+            },
+            "options": {
+                "type": "object",
+                "description": "installed only: the kind's declarative options (checked by the "
+                "kind where it is installed)",
+            },
         },
         "required": ["kind"],
+        "additionalProperties": False,
+    }
+
+
+def _target_schema() -> dict[str, Any]:
+    labels = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
+    return {
+        "type": "object",
+        "description": "the target column and the task: binary (positive or negative), "
+        "multiclass (classes), regression (standardize)",
+        "properties": {
+            "column": {"type": "string", "minLength": 1},
+            "task": {"enum": list(TASKS), "default": "binary"},
+            "positive": {**labels, "description": "binary: values that are label 1"},
+            "negative": {**labels, "description": "binary: values that are label 0"},
+            "classes": {
+                **labels,
+                "minItems": 2,
+                "maxItems": MAX_CLASSES,
+                "description": "multiclass: the class values, in order",
+            },
+            "standardize": {
+                "type": "boolean",
+                "default": False,
+                "description": "regression: learn (y - mean) / std with the federated mean and "
+                "std of the training targets",
+            },
+        },
+        "required": ["column"],
         "additionalProperties": False,
     }
 
@@ -101,6 +161,7 @@ def json_schema() -> dict[str, Any]:
             "description": "dataset schema (fedcore.tabular.DatasetSchema): columns, target, "
             "sensitive",
             "required": ["columns", "target"],
+            "properties": {"target": _target_schema()},
         },
         "training": section_schema(TRAINING_KEYS, SECTION_DOCS["training"]),
         "evaluation": section_schema(EVALUATION_KEYS, SECTION_DOCS["evaluation"]),

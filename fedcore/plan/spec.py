@@ -24,13 +24,13 @@ from fedcore.aggregation import STRATEGIES, make_strategy
 from fedcore.compression import METHODS, CompressionSpec, CompressionSpecError
 from fedcore.fairness import reported_attributes
 from fedcore.fairness_mitigation import CONSTRAINTS, OBJECTIVES
-from fedcore.models import MODEL_KINDS, ModelSpecError, validate_model_spec
+from fedcore.models import SPEC_KINDS, ModelSpecError, validate_model_spec
 from fedcore.plan.keys import Key, check_section, defaults, names, unknown_keys
 from fedcore.privacy.accounting import PLAN_PRIVACY_DEFAULTS, PRIVACY_MODES
 from fedcore.privacy.wrapper import DP_WRAPPABLE
 from fedcore.secure_updates import DEFAULT_CLIP, DEFAULT_MAX_EXAMPLES
 from fedcore.tabular import DatasetSchema, SchemaError
-from fedcore.training import OPTIMIZERS
+from fedcore.training import OPTIMIZERS, REGRESSION_LOSSES, Objective
 
 FEDPROX = "fedprox"  # local proximal term at each site; the server averages (FedAvg)
 QFEDAVG = "qfedavg"
@@ -202,6 +202,25 @@ TRAINING_KEYS: tuple[Key, ...] = (
         default=None,
         minimum=1,
         nullable=True,
+    ),
+    Key(
+        "loss",
+        "string",
+        "regression only: mse or huber; null: the task's own (binary cross-entropy, softmax "
+        "cross-entropy, mse)",
+        default=None,
+        choices=REGRESSION_LOSSES,
+        nullable=True,
+    ),
+    Key(
+        "huber_delta",
+        "number",
+        "loss 'huber' only: where the loss turns from quadratic to linear (in the units the "
+        "model learns: standard deviations when the target is standardised)",
+        default=1.0,
+        minimum=0,
+        maximum=1e6,
+        exclusive_min=True,
     ),
 )
 
@@ -563,6 +582,8 @@ class Training:
     momentum: float
     weight_decay: float
     local_steps: int | None
+    loss: str | None = None  # regression: "mse" or "huber"; None: the task's own
+    huber_delta: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -707,6 +728,20 @@ class Plan:
     run: RunSettings
     seed: int
 
+    @property
+    def task(self) -> str:
+        """The prediction task: ``schema.target.task`` (binary, multiclass or regression)."""
+        return self.schema.target.task
+
+    def objective(self) -> Objective:
+        """What the model outputs and the loss every site trains it with."""
+        return Objective.for_task(
+            self.task,
+            n_outputs=self.schema.target.n_outputs,
+            loss=self.training.loss,
+            huber_delta=self.training.huber_delta,
+        )
+
 
 # --- reading a stored (validated) spec -----------------------------------------------------------
 
@@ -781,9 +816,9 @@ def _model(spec: Mapping[str, Any], errors: dict[str, str]) -> dict[str, Any] | 
     if not isinstance(model, Mapping):
         errors["model"] = 'must be an object such as {"kind": "logistic_regression"}'
         return None
-    if model.get("kind") not in MODEL_KINDS:
+    if model.get("kind") not in SPEC_KINDS:
         errors["model.kind"] = (
-            f"unknown model kind {model.get('kind')!r}; allowed kinds: {', '.join(MODEL_KINDS)}"
+            f"unknown model kind {model.get('kind')!r}; allowed kinds: {', '.join(SPEC_KINDS)}"
         )
         return None
     try:
@@ -819,6 +854,11 @@ def _training(spec: Mapping[str, Any], errors: dict[str, str]) -> Training | Non
                 f"applies to optimizer 'sgd' only (optimizer is {v['optimizer']!r}); "
                 "set momentum 0 or optimizer 'sgd'"
             )
+    if "huber_delta" in section and "training.loss" not in errors and v["loss"] != "huber":
+        errors.setdefault(
+            "training.huber_delta",
+            f"applies to loss 'huber' only (loss is {v['loss']!r}); remove it or set loss 'huber'",
+        )
     if len(errors) > before:
         return None
     return Training(
@@ -830,6 +870,8 @@ def _training(spec: Mapping[str, Any], errors: dict[str, str]) -> Training | Non
         momentum=float(v["momentum"]),
         weight_decay=float(v["weight_decay"]),
         local_steps=v["local_steps"],
+        loss=v["loss"],
+        huber_delta=float(v["huber_delta"]),
     )
 
 
@@ -1195,6 +1237,61 @@ def _combination_errors(
         )
 
 
+def _task_errors(
+    spec: Mapping[str, Any],
+    schema: DatasetSchema | None,
+    training: Training | None,
+    fairness: Fairness | None,
+    privacy: Privacy | None,
+    errors: dict[str, str],
+) -> None:
+    """What each prediction task (schema.target.task) rules out (docs/tasks.md)."""
+    if schema is None:
+        return
+    task = schema.target.task
+    if training is not None and training.loss is not None and task != "regression":
+        errors["training.loss"] = (
+            f"applies to task 'regression' only (schema.target.task is {task!r}); a "
+            f"{task} model trains with {'softmax ' if task == 'multiclass' else 'binary '}"
+            "cross-entropy: remove it"
+        )
+    if privacy is not None and privacy.statistics_epsilon is not None and schema.target.standardize:
+        errors["privacy.statistics_epsilon"] = (
+            "cannot be combined with a standardised regression target: the target's statistics "
+            "are released exact only; set schema.target.standardize false or "
+            "statistics_epsilon null"
+        )
+    if fairness is None or task == "binary":
+        return
+    # The binary report (selection rate at 0.5, TPR/FPR), its thresholds, its noised counts and
+    # every mitigation are defined on a positive label; the other tasks have their own report
+    # (fedcore.task_fairness), released exact and outside secure aggregation for now.
+    for key in THRESHOLD_KEYS:
+        if getattr(fairness, key) is not None:
+            errors[f"fairness.{key}"] = (
+                f"is defined for task 'binary' (a positive label); task {task!r} reports "
+                "per-group disparities of its own (docs/tasks.md): remove it"
+            )
+    if fairness.mitigation.active:
+        errors["fairness.mitigation.kind"] = (
+            f"{fairness.mitigation.kind!r} is defined for task 'binary' (label and threshold "
+            f"of a positive class); task {task!r} has no mitigation yet: use kind 'none'"
+        )
+    if fairness.dp_epsilon is not None:
+        errors["fairness.dp_epsilon"] = (
+            f"noised group statistics are implemented for task 'binary' only (its counts have "
+            f"sensitivity 1); for task {task!r} set it to null"
+        )
+    if spec.get("secure_aggregation") is True:
+        errors["fairness"] = (
+            f"task {task!r} with a fairness section cannot use secure aggregation yet: its "
+            "group statistics do not travel in the masked vector; turn one off"
+        )
+
+
+THRESHOLD_KEYS = ("max_demographic_parity_difference", "max_equalized_odds_difference")
+
+
 def plan_errors(spec: Any) -> dict[str, str]:
     """Every problem of a plan spec, dotted path -> message (empty when it is valid)."""
     try:
@@ -1234,6 +1331,7 @@ def parse_plan(spec: Any) -> Plan:
     compression = _compression(spec, errors)
     _combination_errors(spec, training, aggregation, privacy, compression, errors)
     _mitigation_errors(spec, schema, fairness, aggregation, privacy, evaluation, errors)
+    _task_errors(spec, schema, training, fairness, privacy, errors)
     if errors:
         raise PlanError(errors)
     assert model is not None and schema is not None and training is not None

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from fedcore.privacy.accounting import epsilon as accounted_epsilon
 from fedcore.privacy.accounting import resolve_noise_multiplier
 from fedcore.privacy.client_dp import NoiseSource
-from fedcore.training import TrainingError
+from fedcore.training import BINARY, Objective, TrainingError
 
 __all__ = ["DP_OPTIMIZERS", "PrivateTraining", "make_private", "train_dp"]
 
@@ -302,18 +302,20 @@ def train_dp(
     weight_decay: float = 0.0,
     accountant: str = "rdp",
     on_batch: Callable[[int, int], None] | None = None,
+    objective: Objective = BINARY,
 ) -> dict[str, Any]:
-    """Train a binary classifier in place with DP-SGD and return what it spent.
+    """Train a model in place with DP-SGD for the objective's task and return what it spent.
 
     In a federated plan pass the noise multiplier from
     ``accounting.plan_noise_multiplier`` (calibrated over all rounds) rather than the plan's
     ``target_epsilon``: a target given here is spent by this call alone.
 
     Args:
-        model: module mapping (n, d) float32 features to (n, 1) logits, e.g. from
-            ``fedcore.models.build_model``; no BatchNorm. Its train/eval mode is restored.
+        model: module mapping (n, d) float32 features to (n, objective.n_outputs) outputs,
+            e.g. from ``fedcore.models.build_model``; no BatchNorm. Its train/eval mode is
+            restored.
         X: feature matrix (n, d), n >= 1.
-        y: binary labels 0/1, n values.
+        y: n targets as ``objective.targets`` takes them (0/1, class indices, values).
         epochs: passes of ``ceil(n / batch_size)`` steps, >= 1.
         batch_size: expected rows per step, >= 1 (Poisson sampling: batches vary in size).
         lr: learning rate, > 0.
@@ -328,6 +330,8 @@ def train_dp(
         weight_decay: L2 penalty, >= 0.
         accountant: "rdp" or "prv"; use the ledger's.
         on_batch: called as ``on_batch(step, total_steps)`` after each step.
+        objective: the task and its loss (summed over each batch; the clipped per-sample
+            gradient of a row is the gradient of its own loss, whatever the task).
 
     Returns:
         ``{"train_loss": mean loss over the rows sampled in the last epoch (NaN if none; not
@@ -349,9 +353,8 @@ def train_dp(
         raise TrainingError("momentum applies to optimizer 'sgd' only; set it to 0")
     if not _is_number(weight_decay) or weight_decay < 0:
         raise TrainingError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    labels = torch.as_tensor(y).detach().to(device="cpu", dtype=torch.float32).reshape(-1)
-    if not bool(((labels == 0) | (labels == 1)).all()):
-        raise TrainingError("y must hold binary labels 0/1 (see tabular.transform)")
+    rows = torch.as_tensor(X).shape[0] if torch.as_tensor(X).ndim else 0
+    labels = objective.targets(y, rows)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt: torch.optim.Optimizer
@@ -391,10 +394,8 @@ def train_dp(
                 loss_sum, seen = 0.0, 0
                 for features, targets in private.data_loader:
                     private.optimizer.zero_grad(set_to_none=True)
-                    logits = private.module(features).reshape(-1)
-                    loss = nn.functional.binary_cross_entropy_with_logits(
-                        logits, targets, reduction="sum"
-                    )
+                    outputs = objective.outputs(private.module(features))
+                    loss = objective.loss_of(outputs, targets, reduction="sum")
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise TrainingError(

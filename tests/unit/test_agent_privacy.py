@@ -247,7 +247,7 @@ def test_a_model_opacus_cannot_train_privately_is_invalid_task(tmp_path, monkeyp
     fitted = fitted_for(agent.data, DP_PLAN)
     n_features = len(tabular.feature_names(tabular.DatasetSchema.from_dict(SCHEMA), fitted))
 
-    def with_batch_norm(spec: Any, features: int, *, seed: int | None = None) -> nn.Module:
+    def with_batch_norm(spec: Any, features: int, **options: Any) -> nn.Module:
         return nn.Sequential(nn.BatchNorm1d(features), nn.Linear(features, 1))
 
     monkeypatch.setattr(trainer.models, "build_model", with_batch_norm)

@@ -75,7 +75,7 @@ def test_an_unknown_model_kind_lists_the_allowed_kinds() -> None:
     errors = plan_spec_errors(spec(model={"kind": "xgboost"}))
 
     assert errors == {
-        "model.kind": "unknown model kind 'xgboost'; allowed kinds: logistic_regression, mlp"
+        "model.kind": "unknown model kind 'xgboost'; allowed kinds: logistic_regression, mlp, installed"
     }
 
 
