@@ -14,8 +14,8 @@ Multi-class (labels are class indices ``0..K-1``, predictions the arg-max of the
   those present among the true or predicted labels, and a 0/0 precision, recall or F1 is 0;
 * the summed cross-entropy (probabilities clipped to ``[1e-15, 1 - 1e-15]``);
 * one-vs-rest AUC from per-class score histograms: for class k, the rows of class k (positives)
-  and the others (negatives) are counted per bin of ``p_k`` on :data:`SCORE_BINS` equal bins of
-  [0, 1] (``bin = min(floor(p * bins), bins - 1)``). The AUC of a histogram treats a shared bin
+  and the others (negatives) are counted per bin of ``p_k`` on the final evaluation's grid
+  (:data:`SCORE_BINS` bins equal in the logit over [-20, 20], ``fedcore.evaluation``). The AUC of a histogram treats a shared bin
   as a tie; it is exact when no bin holds two different scores (scores on the grid), and within
   ``sum_b pos_b * neg_b / (2 P N)`` of the exact AUC otherwise (that bound is reported). The
   histograms are of the kind the final binary evaluation pools (``fedcore.evaluation``, same
@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fedcore import evaluation
 from fedcore.metrics import LOG_LOSS_EPS
 
 __all__ = [
@@ -63,8 +64,8 @@ __all__ = [
     "score_bins",
 ]
 
-SCORE_BINS = 1000  # the final evaluation's grid (fedcore.evaluation.SCORE_BINS)
-MAX_COUNT = 1 << 53
+SCORE_BINS = evaluation.SCORE_BINS  # one grid for every task (fedcore.evaluation)
+MAX_COUNT = evaluation.MAX_COUNT
 
 
 class TaskPartError(ValueError):
@@ -96,11 +97,9 @@ def _probabilities(probs: ArrayLike, n: int) -> np.ndarray:
 
 
 def score_bins(scores: ArrayLike, bins: int = SCORE_BINS) -> np.ndarray:
-    """The bin of each score in [0, 1]: ``min(floor(p * bins), bins - 1)``."""
-    if bins < 2:
-        raise ValueError(f"bins must be >= 2, got {bins}")
-    p = np.asarray(scores, dtype=np.float64).reshape(-1)
-    return np.minimum(np.floor(p * bins).astype(np.int64), bins - 1)
+    """The bin of each score in [0, 1] on the final evaluation's logit grid
+    (:func:`fedcore.evaluation.score_bins`: one grid for every task's histograms)."""
+    return evaluation.score_bins(scores, bins)
 
 
 def class_histograms(
@@ -127,18 +126,12 @@ def histogram_auc(
     positives: Sequence[int], negatives: Sequence[int]
 ) -> tuple[float | None, float | None]:
     """AUC of binned scores (a shared bin is a tie) and the bound on its distance to the exact
-    AUC; ``(None, None)`` when a side is empty. Integer arithmetic up to the final division
-    (the formula of ``fedcore.evaluation.histogram_auc``)."""
-    n_pos, n_neg = sum(positives), sum(negatives)
-    if n_pos == 0 or n_neg == 0:
-        return None, None
-    twice_wins, same_bin, below = 0, 0, 0
-    for pos, neg in zip(positives, negatives, strict=True):
-        twice_wins += pos * (2 * below + neg)
-        same_bin += pos * neg
-        below += neg
-    pairs = n_pos * n_neg
-    return twice_wins / (2 * pairs), same_bin / (2 * pairs)
+    AUC; ``(None, None)`` when a side is empty (:func:`fedcore.evaluation.histogram_auc`)."""
+    return evaluation.histogram_auc(
+        evaluation.ScoreHistogram(
+            tuple(int(v) for v in positives), tuple(int(v) for v in negatives)
+        )
+    )
 
 
 def multiclass_part(

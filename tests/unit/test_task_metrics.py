@@ -18,7 +18,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from fedcore import task_fairness, task_metrics
+from fedcore import evaluation, task_fairness, task_metrics
 
 K = 4
 SITES = (37, 120, 5, 260)  # rows per site: uneven on purpose (a mean of site metrics is wrong)
@@ -95,10 +95,12 @@ def test_one_vs_rest_auc_is_exact_when_each_bin_holds_one_score() -> None:
     sites = []
     for n in SITES:
         y = rng.integers(0, K, n)
-        # scores at bin centres: every bin holds one score value, so no tie is invented
+        # scores at bin centres of the logit grid: every bin holds one score value, so no tie
+        # is invented
         index = rng.integers(0, bins, (n, K))
         index[np.arange(n), y] = np.minimum(index[np.arange(n), y] + 10, bins - 1)
-        sites.append((y, (index + 0.5) / bins))
+        logit = (index + 0.5) / bins * 2 * evaluation.LOGIT_RANGE - evaluation.LOGIT_RANGE
+        sites.append((y, 1.0 / (1.0 + np.exp(-logit))))
     y = np.concatenate([s[0] for s in sites])
     scores = np.concatenate([s[1] for s in sites])
 
