@@ -368,7 +368,8 @@ def _privacy_report(run: Run, scenario: Scenario, scientist: Any) -> dict[str, A
             consortium=run.plan.consortium,
             name=f"{run.plan.name} (again)",
             description="the same plan, proposed a second time",
-            spec=run.version.spec,
+            # the stored spec carries the first plan's name and description (hashed with it)
+            spec={k: v for k, v in run.version.spec.items() if k not in ("name", "description")},
             silos=list(run.version.silos.all()),
             submit=True,
         )
