@@ -160,6 +160,8 @@ def _apply(run: Run, decision: roundplan.Decision, online: list[Silo]) -> None:
             run.waiting_since = timezone.now()
             run.save(update_fields=["waiting_since"])
             log.info("run %s waits for silos: %d online, %d needed", run.pk, count, needed)
+            # the run page's waiting notice shows at once, not at the next event or a reload
+            _publish(run, "run.waiting", online=count, needed=needed)
         case roundplan.BeginStatistics(silos=silo_ids):
             _begin_statistics(run, cfg, [s for s in online if s.pk in set(silo_ids)])
         case roundplan.FinishStatistics():

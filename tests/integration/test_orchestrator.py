@@ -251,3 +251,22 @@ def test_a_failed_round_whose_silos_stay_away_fails_the_run_after_the_wait() -> 
     run.refresh_from_db()
     assert run.status == Run.Status.FAILED
     assert "round 1 could not start: only 0 of the minimum 2 silos" in run.error
+
+
+def test_a_run_that_starts_waiting_tells_the_live_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    from federation import dispatch
+
+    # What crosses the dispatch port to the live pages (a server loop would send it on).
+    published: list[dict[str, object]] = []
+    monkeypatch.setattr(dispatch, "publish_live", published.append)
+    silos, run = make_plan(2, min_silos=2, wait_for_silos_seconds=5)
+    Silo.objects.filter(pk=silos[1].pk).update(connection_id=None)
+    orchestrator.run_advance(run.pk)
+    # the monitor re-fetches on any event naming its run: the waiting notice shows at once
+    assert {
+        "type": "live.event",
+        "event": "run.waiting",
+        "run": run.pk,
+        "online": 1,
+        "needed": 2,
+    } in (published)
