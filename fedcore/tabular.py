@@ -146,7 +146,9 @@ MAX_CATEGORY_LENGTH = 64
 # Printable characters only (no control or line-separator characters), and none of these: they
 # make markup or quoting in the pages, logs and model cards that show category names.
 CATEGORY_FORBIDDEN = "<>&\"'`\\"
-_BOOLEAN_HELP = "use t/f, true/false, yes/no, y/n, 1/0 or 1.0/0.0 (any case), or an empty cell for missing"
+_BOOLEAN_HELP = (
+    "use t/f, true/false, yes/no, y/n, 1/0 or 1.0/0.0 (any case), or an empty cell for missing"
+)
 
 
 class SchemaError(ValueError):
