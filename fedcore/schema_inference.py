@@ -489,7 +489,7 @@ def check_frame(frame: pd.DataFrame, schema: tabular.DatasetSchema) -> list[Chec
     findings: list[CheckFinding] = []
     allowed_types = {
         "numeric": "a number",
-        "boolean": "t/f, true/false, yes/no, y/n or 1/0",
+        "boolean": "t/f, true/false, yes/no, y/n, 1/0 or 1.0/0.0",
         "categorical": "any text",
     }
     for column in schema.columns:

@@ -133,11 +133,13 @@ BOOLEAN_TOKENS: dict[str, float] = {
     "yes": 1.0,
     "y": 1.0,
     "1": 1.0,
+    "1.0": 1.0,  # a float column written by pandas or R (UCI's heart disease files)
     "f": 0.0,
     "false": 0.0,
     "no": 0.0,
     "n": 0.0,
     "0": 0.0,
+    "0.0": 0.0,
 }
 PREPROCESSING_VERSION = 1
 DEFAULT_MAX_CATEGORIES = 64
@@ -147,7 +149,9 @@ MAX_CATEGORY_LENGTH = 64
 # Printable characters only (no control or line-separator characters), and none of these: they
 # make markup or quoting in the pages, logs and model cards that show category names.
 CATEGORY_FORBIDDEN = "<>&\"'`\\"
-_BOOLEAN_HELP = "use t/f, true/false, yes/no, y/n or 1/0 (any case), or an empty cell for missing"
+_BOOLEAN_HELP = (
+    "use t/f, true/false, yes/no, y/n, 1/0 or 1.0/0.0 (any case), or an empty cell for missing"
+)
 
 
 class SchemaError(ValueError):

@@ -70,8 +70,36 @@ def _json(data: Any) -> None:
 # --- login ---------------------------------------------------------------------------------------
 
 
+def _read_password(args: argparse.Namespace, prompt: str) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(prompt)
+    if not password:
+        raise CliError("no password given: pipe it in with --password-stdin, or type it when asked")
+    return password
+
+
+def _save_login(client: Client, token: str) -> None:
+    me = client.me()
+    path = config.save(url=client.url, token=token)
+    roles = sorted({f"{m['role']} of {m['organization_name']}" for m in me.get("memberships", [])})
+    out(f"logged in to {client.url} as {me['username']}")
+    for role in roles:
+        out(f"  {role}")
+    out(f"saved to {path} (readable by you only)")
+
+
 def cmd_login(args: argparse.Namespace) -> int:
-    if args.token_stdin:
+    if args.username:
+        password = _read_password(args, f"password of {args.username} on {args.server}: ")
+        created = Client(args.server, None).obtain_token(
+            username=args.username, password=password, days=args.days
+        )
+        token = created["token"]
+    elif args.password_stdin:
+        raise CliError("--password-stdin goes with --username USER")
+    elif args.token_stdin:
         token = sys.stdin.readline().strip()
     elif args.token:
         token = args.token.strip()
@@ -80,14 +108,207 @@ def cmd_login(args: argparse.Namespace) -> int:
         token = token.strip()
     if not token:
         raise CliError("no token given: pass --token-stdin and pipe it in, or --token TOKEN")
-    client = Client(args.server, token)
+    _save_login(Client(args.server, token), token)
+    return EXIT_OK
+
+
+# --- onboarding: organisations, invitations, silos ------------------------------------------------
+
+ROLES = ("org_admin", "data_steward", "data_scientist", "auditor", "consortium_admin")
+ORG_KINDS = ("hospital", "bank", "research_lab", "other")
+
+
+def note(text: str) -> None:
+    """A message for the person, on stderr: stdout keeps only the value a script captures."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _consortium_id(client: Client, given: int | None, me: dict[str, Any] | None = None) -> int:
+    if given is not None:
+        return given
+    mine = _my_consortia(me if me is not None else client.me())
+    if len(mine) != 1:
+        listed = ", ".join(f"{cid} ({cname})" for cid, cname in sorted(mine.items()))
+        raise CliError(
+            f"you are a member of {len(mine)} consortia ({listed or 'none'}): pass --consortium ID"
+        )
+    return next(iter(mine))
+
+
+def _organization(client: Client, consortium: int, given: str) -> dict[str, Any]:
+    """An organisation of the consortium by id or by name (any case)."""
+    orgs = client.organizations(consortium)
+    for org in orgs:
+        if given == str(org["id"]) or given.strip().lower() == str(org["name"]).lower():
+            return org
+    names = ", ".join(f"{o['id']} ({o['name']})" for o in orgs) or "none"
+    raise CliError(
+        f"consortium {consortium} has no organisation {given!r}; its organisations: {names}"
+    )
+
+
+def cmd_org_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    consortium = _consortium_id(client, args.consortium)
+    orgs = client.organizations(consortium)
+    rows = [[o["id"], o["name"], o.get("kind", "")] for o in orgs]
+    out(_table(rows, ["id", "name", "kind"]) if rows else "no organisations")
+    return EXIT_OK
+
+
+def cmd_org_create(args: argparse.Namespace) -> int:
+    client = _client(args)
+    consortium = _consortium_id(client, args.consortium)
+    org = client.create_organization(consortium, name=args.name, kind=args.kind)
+    out(
+        f"organisation {org['id']} {org['name']!r} ({org.get('kind', args.kind)}) added to "
+        f"consortium {consortium}"
+    )
+    return EXIT_OK
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    client = _client(args)
+    consortium = _consortium_id(client, args.consortium)
+    org = _organization(client, consortium, args.org)
+    sent = client.invite(
+        consortium, email=args.email, organization=org["id"], role=args.role, days=args.days
+    )
+    mail = "e-mailed" if sent.get("email_sent") else f"NOT e-mailed ({sent.get('email_error')})"
+    note(
+        f"invited {sent.get('email', args.email)} as {args.role} of {org['name']}, until "
+        f"{sent.get('expires_at')}; the link was {mail}; pass it on if needed (shown only now):"
+    )
+    out(sent["link"])
+    return EXIT_OK
+
+
+def _link_parts(link: str) -> tuple[str, str]:
+    """The server's URL and the token of an invitation link (``.../invite/<token>/``)."""
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(link.strip())
+    path = parsed.path.rstrip("/")
+    head, sep, token = path.rpartition("/invite/")
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or not sep or not token:
+        raise CliError(
+            f"{link!r} is not an invitation link: give the whole link, like "
+            "https://quorum.example.org/invite/AbC.../"
+        )
+    return f"{parsed.scheme}://{parsed.netloc}{head}", token
+
+
+def cmd_invitation_accept(args: argparse.Namespace) -> int:
+    server, token = _link_parts(args.link)
+    if args.username:
+        password = _read_password(args, f"choose a password for {args.username}: ")
+        accepted = Client(server, None).accept_invitation(
+            token, username=args.username, password=password
+        )
+        membership = accepted["membership"]
+        out(
+            f"welcome, {accepted['username']}: you are {membership['role']} of "
+            f"{membership['organization_name']}"
+        )
+        created = Client(server, None).obtain_token(username=args.username, password=password)
+        _save_login(Client(server, created["token"]), created["token"])
+        return EXIT_OK
+    if args.password_stdin:
+        raise CliError("--password-stdin goes with --username USER (a new account)")
+    # No --username: someone with an account, logged in with `quorum login`, accepts as themselves.
+    client = _client(args)
+    if client.url.rstrip("/") != server.rstrip("/"):
+        raise CliError(
+            f"the link is for {server}, and you are logged in to {client.url}: log in there "
+            "first, or pass --username to create a new account"
+        )
+    accepted = client.accept_invitation(token)
+    membership = accepted["membership"]
+    out(
+        f"accepted: {accepted['username']} is {membership['role']} of "
+        f"{membership['organization_name']}"
+    )
+    return EXIT_OK
+
+
+def _count_rows(path: str) -> int:
+    """The data rows of a CSV file (.csv or .csv.gz), counted here: nothing is sent."""
+    import csv
+    import gzip
+
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", newline="") as fh:  # type: ignore[operator]
+            return max(sum(1 for _ in csv.reader(fh)) - 1, 0)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CliError(f"cannot count the rows of {path}: {exc}; pass --rows N instead") from None
+
+
+def cmd_silo_register(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.schema).expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read the schema {args.schema}: {exc.strerror or exc}") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(
+            f"{args.schema} is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    if args.rows is not None:
+        rows = args.rows
+    elif args.data:
+        rows = _count_rows(args.data)
+    else:
+        raise CliError("give the number of rows: --rows N, or --data FILE.csv to count them here")
+    client = _client(args)
     me = client.me()
-    path = config.save(url=client.url, token=token)
-    roles = sorted({f"{m['role']} of {m['organization_name']}" for m in me.get("memberships", [])})
-    out(f"logged in to {client.url} as {me['username']}")
-    for role in roles:
-        out(f"  {role}")
-    out(f"saved to {path} (readable by you only)")
+    stewarded = {
+        m["organization"]: m
+        for m in me.get("memberships", [])
+        if m["role"] == STEWARD and (args.consortium is None or m["consortium"] == args.consortium)
+    }
+    if args.org is not None:
+        chosen = [
+            m
+            for m in stewarded.values()
+            if args.org in (str(m["organization"]), m["organization_name"])
+        ]
+    else:
+        chosen = list(stewarded.values())
+    if len(chosen) != 1:
+        listed = ", ".join(f"{m['organization']} ({m['organization_name']})" for m in chosen)
+        raise CliError(
+            "you are not a data steward of any organisation: a steward registers their "
+            "organisation's silo"
+            if not chosen
+            else f"you are a data steward of several organisations ({listed}): pass --org ID"
+        )
+    silo = client.register_silo(
+        organization=chosen[0]["organization"],
+        name=args.name,
+        schema=schema,
+        row_count=rows,
+        description=args.description,
+        location=args.location,
+    )
+    note(
+        f"silo {silo['id']} {silo['name']!r} of {chosen[0]['organization_name']} registered "
+        f"({rows} rows): pending until a consortium admin admits it (quorum silo admit "
+        f"{silo['id']}). Its id:"
+    )
+    out(str(silo["id"]))
+    return EXIT_OK
+
+
+def cmd_silo_admit(args: argparse.Namespace) -> int:
+    client = _client(args)
+    admitted = client.admit_silo(args.silo)
+    note(
+        f"silo {args.silo} admitted. Its agent token, shown only now (the server keeps its "
+        "SHA-256): give it to the silo's steward for the agent's token_file"
+    )
+    out(admitted["token"])
     return EXIT_OK
 
 
@@ -109,7 +330,12 @@ def _schema_lines(schema: Any) -> list[str]:
         )
     target = schema.get("target") or {}
     if target:
-        lines.append(f"    target: {target.get('column')} positive={target.get('positive')}")
+        labels = (
+            f"negative={target['negative']}"
+            if target.get("negative")
+            else f"positive={target.get('positive')}"
+        )
+        lines.append(f"    target: {target.get('column')} {labels}")
     if schema.get("sensitive"):
         lines.append(f"    sensitive: {', '.join(map(str, schema['sensitive']))}")
     return lines
@@ -199,7 +425,7 @@ def cmd_plan_propose(args: argparse.Namespace) -> int:
     silos = args.silos if args.silos is not None else plan.silos
     if silos is None:
         silos = [s["id"] for s in client.silos(consortium=consortium, admission="admitted")]
-        out(f"no --silos given: proposing to every admitted silo of the consortium: {silos}")
+        note(f"no --silos given: proposing to every admitted silo of the consortium: {silos}")
     created = client.propose_plan(
         consortium=consortium,
         name=name,
@@ -208,6 +434,13 @@ def cmd_plan_propose(args: argparse.Namespace) -> int:
         silos=silos,
         submit=not args.draft,
     )
+    if args.id_only:
+        note(
+            f"plan {created['id']} {created['name']!r}: {created['status']}, hash "
+            f"{created['plan_hash']}"
+        )
+        out(str(created["id"]))
+        return EXIT_OK
     out(
         f"plan {created['id']} {created['name']!r}: {created['status']}, version "
         f"{created['version']}, hash {created['plan_hash']}"
@@ -383,6 +616,10 @@ def cmd_reject(args: argparse.Namespace) -> int:
 def cmd_run_start(args: argparse.Namespace) -> int:
     client = _client(args)
     run = client.start_run(args.plan)
+    if args.id_only:
+        note(f"run {run['id']} of plan {run['plan']}: {run['status']}, {run['rounds']} rounds")
+        out(str(run["id"]))
+        return EXIT_OK
     out(
         f"run {run['id']} of plan {run['plan']} {run['plan_name']!r} (version {run['version']}): "
         f"{run['status']}, {run['rounds']} rounds"
@@ -657,7 +894,78 @@ def build_parser() -> argparse.ArgumentParser:
     given = login.add_mutually_exclusive_group()
     given.add_argument("--token-stdin", action="store_true", help="read the token from stdin")
     given.add_argument("--token", help="the token (visible in your shell history: prefer stdin)")
+    given.add_argument(
+        "--username", help="create a token with your username and password (asked, or stdin)"
+    )
+    login.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="with --username: read the password from stdin",
+    )
+    login.add_argument(
+        "--days", type=int, metavar="N", help="with --username: days until the token expires"
+    )
     login.set_defaults(func=cmd_login)
+
+    org = commands.add_parser("org", help="the consortium's member organisations")
+    org_commands = org.add_subparsers(dest="org_command", metavar="ACTION")
+    org_commands.required = True
+    org_list = org_commands.add_parser("list", help="the organisations, with their ids")
+    org_list.add_argument("--consortium", type=int, metavar="ID", help="when you are in several")
+    org_list.set_defaults(func=cmd_org_list)
+    org_create = org_commands.add_parser("create", help="add an organisation (consortium admin)")
+    org_create.add_argument("name", metavar="NAME")
+    org_create.add_argument("--kind", choices=ORG_KINDS, default="other")
+    org_create.add_argument("--consortium", type=int, metavar="ID", help="when you are in several")
+    org_create.set_defaults(func=cmd_org_create)
+
+    invite = commands.add_parser(
+        "invite", help="invite someone by e-mail to a role; prints the link (alone on stdout)"
+    )
+    invite.add_argument("email", metavar="EMAIL")
+    invite.add_argument("--org", required=True, metavar="ORG", help="organisation id or name")
+    invite.add_argument("--role", required=True, choices=ROLES)
+    invite.add_argument("--days", type=int, metavar="N", help="days until the link expires")
+    invite.add_argument("--consortium", type=int, metavar="ID", help="when you are in several")
+    invite.set_defaults(func=cmd_invite)
+
+    invitation = commands.add_parser("invitation", help="accept an invitation link")
+    invitation_commands = invitation.add_subparsers(dest="invitation_command", metavar="ACTION")
+    invitation_commands.required = True
+    accept = invitation_commands.add_parser(
+        "accept",
+        help="accept a link: a new account with --username (then logged in), or as yourself",
+    )
+    accept.add_argument("link", metavar="LINK")
+    accept.add_argument("--username", help="the username to choose (a new account)")
+    accept.add_argument(
+        "--password-stdin", action="store_true", help="read the new password from stdin"
+    )
+    accept.set_defaults(func=cmd_invitation_accept)
+
+    silo = commands.add_parser("silo", help="register and admit silos")
+    silo_commands = silo.add_subparsers(dest="silo_command", metavar="ACTION")
+    silo_commands.required = True
+    register = silo_commands.add_parser(
+        "register", help="register your organisation's silo (steward); prints its id"
+    )
+    register.add_argument("--name", required=True)
+    register.add_argument(
+        "--schema", required=True, metavar="FILE", help="schema.json (quorum-agent init)"
+    )
+    rows = register.add_mutually_exclusive_group()
+    rows.add_argument("--rows", type=int, metavar="N", help="the number of data rows")
+    rows.add_argument("--data", metavar="FILE", help="count the rows of this CSV here")
+    register.add_argument("--description", default="")
+    register.add_argument("--location", default="", help="where the data lives (free text)")
+    register.add_argument("--org", metavar="ORG", help="when you steward several")
+    register.add_argument("--consortium", type=int, metavar="ID")
+    register.set_defaults(func=cmd_silo_register)
+    admit = silo_commands.add_parser(
+        "admit", help="admit a pending silo (consortium admin); prints its agent token once"
+    )
+    admit.add_argument("silo", type=int, metavar="ID")
+    admit.set_defaults(func=cmd_silo_admit)
 
     silos = commands.add_parser("silos", help="the silos you can see, with their schemas")
     silos.add_argument("--consortium", type=int, metavar="ID")
@@ -680,6 +988,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     propose.add_argument("--consortium", type=int, metavar="ID", help="when you are in several")
     propose.add_argument("--draft", action="store_true", help="do not submit it for approval")
+    propose.add_argument(
+        "--id-only", action="store_true", help="print only the plan's id on stdout (scripts)"
+    )
     propose.set_defaults(func=cmd_plan_propose)
     status = plan_commands.add_parser("status", help="a plan's approval state, or every plan")
     status.add_argument("plan", nargs="?", type=int, metavar="ID")
@@ -714,6 +1025,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_commands.required = True
     start = run_commands.add_parser("start", help="start a run of an approved plan")
     start.add_argument("plan", type=int, metavar="PLAN")
+    start.add_argument(
+        "--id-only", action="store_true", help="print only the run's id on stdout (scripts)"
+    )
     start.set_defaults(func=cmd_run_start)
     watch_parser = run_commands.add_parser("watch", help="follow a run's rounds until it ends")
     watch_parser.add_argument("run", type=int, metavar="RUN")

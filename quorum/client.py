@@ -303,3 +303,69 @@ class Client:
 
     def model_card(self, version_id: int) -> dict[str, Any]:
         return self.get(f"models/{version_id}/card/")
+
+    # --- onboarding ---------------------------------------------------------------------------
+
+    def obtain_token(
+        self, *, username: str, password: str, name: str = "quorum login", days: int | None = None
+    ) -> dict[str, Any]:
+        """A new API token for a username and password (``token`` is in the answer, once)."""
+        body: dict[str, Any] = {"username": username, "password": password, "name": name}
+        if days is not None:
+            body["days"] = days
+        return self.post("auth/token/", body)
+
+    def accept_invitation(
+        self, token: str, *, username: str = "", password: str = ""
+    ) -> dict[str, Any]:
+        """Accept an invitation: as a newcomer (username, password) or, with a token, as yourself."""
+        return self.post(
+            "invitations/accept/", {"token": token, "username": username, "password": password}
+        )
+
+    def organizations(self, consortium_id: int) -> list[dict[str, Any]]:
+        return self.list(f"consortia/{consortium_id}/organizations/")
+
+    def create_organization(
+        self, consortium_id: int, *, name: str, kind: str = "other"
+    ) -> dict[str, Any]:
+        return self.post(f"consortia/{consortium_id}/organizations/", {"name": name, "kind": kind})
+
+    def invite(
+        self,
+        consortium_id: int,
+        *,
+        email: str,
+        organization: int,
+        role: str,
+        days: int | None = None,
+    ) -> dict[str, Any]:
+        """Invite by e-mail; the answer carries the ``link`` (shown only here)."""
+        body: dict[str, Any] = {"email": email, "organization": organization, "role": role}
+        if days is not None:
+            body["days"] = days
+        return self.post(f"consortia/{consortium_id}/invitations/", body)
+
+    def register_silo(
+        self,
+        *,
+        organization: int,
+        name: str,
+        schema: dict[str, Any],
+        row_count: int,
+        description: str = "",
+        location: str = "",
+    ) -> dict[str, Any]:
+        body = {
+            "organization": organization,
+            "name": name,
+            "schema": schema,
+            "row_count": row_count,
+            "description": description,
+            "location": location,
+        }
+        return self.post("silos/", body)
+
+    def admit_silo(self, silo_id: int) -> dict[str, Any]:
+        """Admit a pending silo; the answer's ``token`` is its agent token, shown only here."""
+        return self.post(f"silos/{silo_id}/admit/")

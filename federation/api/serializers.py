@@ -948,3 +948,32 @@ class ApiTokenCreatedSerializer(ApiTokenSerializer):
     class Meta(ApiTokenSerializer.Meta):
         fields = [*ApiTokenSerializer.Meta.fields, "token"]
         read_only_fields = fields
+
+
+class TokenObtainSerializer(StrictSerializer):
+    """A username and password, exchanged for a new API token (``quorum login``)."""
+
+    username = TextField(max_length=150)
+    password = TextField(max_length=4096, trim_whitespace=False, style={"input_type": "password"})
+    name = TextField(max_length=100, required=False, allow_blank=True, default="quorum login")
+    days = WholeNumberField(required=False, min_value=1)
+
+
+class InvitationAcceptSerializer(StrictSerializer):
+    """An invitation link's token, and for a newcomer the username and password they choose."""
+
+    token = TextField(max_length=200)
+    username = TextField(max_length=150, required=False, allow_blank=True, default="")
+    password = TextField(
+        max_length=4096,
+        required=False,
+        allow_blank=True,
+        default="",
+        trim_whitespace=False,
+        style={"input_type": "password"},
+    )
+
+
+class InvitationAcceptedSerializer(serializers.Serializer):
+    username = serializers.CharField(read_only=True)
+    membership = MembershipSerializer(read_only=True)

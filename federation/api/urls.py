@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from federation.api.views import audit, people, plans, reports, runs, silos
+from federation.api.views import audit, people, plans, reports, runs, signup, silos
 from federation.api.views.base import ApiNotFoundView
 
 app_name = "api"
 urlpatterns = [
     path("", reports.ApiIndexView.as_view(), name="index"),
+    path("auth/token/", signup.TokenObtainView.as_view(), name="auth-token"),
     path("me/", people.MeView.as_view(), name="me"),
     path("me/tokens/", people.MyTokenListView.as_view(), name="my-tokens"),
     path("me/tokens/<int:pk>/", people.MyTokenDetailView.as_view(), name="my-token"),
@@ -29,6 +30,11 @@ urlpatterns = [
         "consortia/<int:pk>/invitations/",
         people.ConsortiumInvitationListView.as_view(),
         name="consortium-invitations",
+    ),
+    path(
+        "invitations/accept/",
+        signup.InvitationAcceptView.as_view(),
+        name="invitation-accept",
     ),
     path(
         "invitations/<int:pk>/revoke/",

@@ -46,6 +46,23 @@ def _email_invitation(w: World) -> Any:
     ).invitation
 
 
+def _newcomer_login() -> dict[str, str]:
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.get(username="newcomer")
+    user.set_password("a-long-enough-passphrase")
+    user.save()
+    return {"username": "newcomer", "password": "a-long-enough-passphrase"}
+
+
+def _link_token(w: World) -> str:
+    from federation.services.invitations import invitation_create
+
+    return invitation_create(
+        actor=w.gov.admin, organization=w.gov.orgs[0], email="new@example.org", role="auditor"
+    ).token
+
+
 def _membership(w: World, column: str) -> Any:
     from federation.models import Membership
 
@@ -122,6 +139,8 @@ MATRIX = """
 | GET /api/v1/audit/events/                 | 200   | 403       | 403     | 403       | 200     | 200   | 401       |
 | GET /api/v1/audit/head/                   | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
 | GET /api/v1/server-key/                   | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
+| POST /api/v1/auth/token/                  | 201   | 201       | 201     | 201       | 201     | 201   | 201       |
+| POST /api/v1/invitations/accept/          | 409   | 409       | 409     | 409       | 409     | 409   | 201       |
 """.strip()
 
 Request = tuple[str, Callable[[World], dict[str, Any] | None]]
@@ -304,6 +323,17 @@ REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
     "GET /api/v1/audit/events/": (lambda w: "/api/v1/audit/events/", _none),
     "GET /api/v1/audit/head/": (lambda w: "/api/v1/audit/head/", _none),
     "GET /api/v1/server-key/": (lambda w: "/api/v1/server-key/", _none),
+    # The body's username and password decide, not the caller: anyone gets a token for them.
+    "POST /api/v1/auth/token/": (lambda w: "/api/v1/auth/token/", lambda w: _newcomer_login()),
+    # A newcomer's link: anonymous chooses a username; a signed-in caller is not its address.
+    "POST /api/v1/invitations/accept/": (
+        lambda w: "/api/v1/invitations/accept/",
+        lambda w: {
+            "token": _link_token(w),
+            "username": "invitee",
+            "password": "a-long-enough-passphrase",
+        },
+    ),
 }
 
 

@@ -354,3 +354,17 @@ def test_the_documented_missing_tokens_are_the_ones_in_the_code() -> None:
     # Tokens are separated by two spaces ("#N/A N/A" holds one).
     documented = {token for line in block.splitlines() for token in line.split("  ") if token}
     assert documented == {"(empty)", *(t for t in tabular.MISSING_TOKENS if t)}
+
+
+def test_a_float_written_flag_is_a_boolean_that_training_reads(tmp_path: Path) -> None:
+    # UCI's Cleveland file writes sex as 1.0/0.0, the other hospitals as 1/0: both are booleans.
+    path = tmp_path / "cleveland.csv"
+    path.write_text("age,sex,num\n" + "".join(f"{50 + i},{i % 2}.0,{i % 3}\n" for i in range(40)))
+    frame = tabular.load_table(path)
+
+    proposal = propose_schema(frame, target="num", sensitive=["sex"])
+
+    column = next(c for c in proposal.schema.columns if c.name == "sex")
+    assert column.type == "boolean" and tuple(proposal.schema.sensitive) == ("sex",)
+    values, missing = tabular.parse_column(frame["sex"], column)
+    assert values.tolist() == [float(i % 2) for i in range(40)] and not missing.any()
