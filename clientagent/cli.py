@@ -152,6 +152,11 @@ def cmd_init(args: argparse.Namespace) -> int:
             min_category_rows=args.min_category_rows,
             force=args.force,
             confirm=confirm,
+            positive=args.positive or (),
+            negative=args.negative or (),
+            server_url=args.server,
+            server_key=args.server_key,
+            steward_keys=args.steward_key or (),
         )
     except onboarding.OnboardingError as exc:
         print(f"quorum-agent: {exc}", file=sys.stderr)
@@ -400,6 +405,10 @@ def cmd_steward_key_new(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "wb") as fh:
         fh.write(signing.private_key_to_pem(key))
     public = signing.public_key_text(key)
+    if args.quiet:  # for scripts: KEY=$(quorum-agent steward-key new --out F --quiet)
+        print(f"private key written to {path} (mode 0600)", file=sys.stderr)
+        print(public)
+        return EXIT_OK
     print(f"private key written to {path} (mode 0600; keep it with the steward only)")
     print("pin the public key in each site.toml this steward approves for:")
     print("[governance]")
@@ -571,6 +580,34 @@ def build_parser() -> argparse.ArgumentParser:
             f"encode as 'other' (default {schema_inference.DEFAULT_MIN_CATEGORY_ROWS})"
         ),
     )
+    labels = init.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--positive",
+        nargs="+",
+        metavar="VALUE",
+        help="the target's values that mean label 1 (instead of init's guess)",
+    )
+    labels.add_argument(
+        "--negative",
+        nargs="+",
+        metavar="VALUE",
+        help="the target's values that mean label 0; every other value is label 1",
+    )
+    init.add_argument(
+        "--server", metavar="URL", help="the server's agent address (wss://.../ws/agent/)"
+    )
+    init.add_argument(
+        "--server-key", metavar="KEY", help="the server's public key, as `manage.py server_key`"
+    )
+    init.add_argument(
+        "--steward-key",
+        action="append",
+        metavar="KEY",
+        help=(
+            "pin a steward's public key (repeatable): a plan then trains only when one of "
+            "them signed its approval, with no second, local approval"
+        ),
+    )
     init.add_argument("--force", action="store_true", help="replace existing output files")
     init.set_defaults(func=cmd_init)
 
@@ -656,6 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
         "new", help="write a new private key and print its public key"
     )
     new.add_argument("--out", required=True, metavar="PATH", help="the key file to create")
+    new.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the public key on standard output (for init --steward-key)",
+    )
     new.set_defaults(func=cmd_steward_key_new)
     sign = steward_commands.add_parser("sign", help="sign the approval of a plan hash")
     sign.add_argument("plan_hash", metavar="HASH", help="the plan hash (64 hex characters)")

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -62,8 +63,22 @@ def _agent_name(data: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "site"
 
 
-def site_toml(*, data: Path, out: Path, rows: int, min_category_rows: int) -> str:
-    """The proposed site.toml: every value a steward must fill in or review is marked REVIEW."""
+def site_toml(
+    *,
+    data: Path,
+    out: Path,
+    rows: int,
+    min_category_rows: int,
+    server_url: str | None = None,
+    server_key: str | None = None,
+    steward_keys: Sequence[str] = (),
+) -> str:
+    """The proposed site.toml: every value a steward must fill in or review is marked REVIEW.
+
+    ``server_url``, ``server_key`` fill in what would otherwise be placeholders; ``steward_keys``
+    pins the stewards' public keys in ``[governance]``, and then a steward's signature is the
+    site's approval (``require_local_approval = false``).
+    """
     # Relative when the data sits in the output folder (the pair can move together), else absolute.
     shown = data.relative_to(out).as_posix() if data.is_relative_to(out) else str(data)
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -74,14 +89,14 @@ def site_toml(*, data: Path, out: Path, rows: int, min_category_rows: int) -> st
 
 [server]
 # REVIEW: the consortium server's agent address, from the consortium admin.
-url = {_toml_string(SERVER_URL_PLACEHOLDER)}
+url = {_toml_string(server_url or SERVER_URL_PLACEHOLDER)}
 # REVIEW: the file holding this silo's agent token. The consortium admin sees the token once,
 # when admitting the silo registered with {SCHEMA_FILE}; save it in this file, readable only
 # by the agent's user (or write token = "..." instead of token_file).
 token_file = {_toml_string(TOKEN_PLACEHOLDER)}
 # REVIEW: the server's signing key, pinned: `python manage.py server_key` on the server, or
 # GET /api/v1/server-key/; compare the two.
-public_key = {_toml_string(PUBLIC_KEY_PLACEHOLDER)}
+public_key = {_toml_string(server_key or PUBLIC_KEY_PLACEHOLDER)}
 
 [data]
 # Read on this machine only: no row leaves the site, only model weights and aggregates.
@@ -95,13 +110,78 @@ name = {_toml_string(_agent_name(data))}  # REVIEW: shown in the server's logs
 
 [policy]
 # REVIEW: what this site accepts whatever the server asks (docs/operations.md, "A site agent").
-# Train only on plan hashes approved here with `quorum-agent approve <hash>`; or pin your
-# stewards' keys in [governance] steward_keys and set this to false.
-require_local_approval = true
+{_approval_lines(steward_keys)}
 # A categorical value held fewer times here is never named in the statistics sent to the
 # server; the same floor init used to declare categories.
 min_category_count = {min_category_rows}
-"""
+{_governance_table(steward_keys)}"""
+
+
+def _approval_lines(steward_keys: Sequence[str]) -> str:
+    if steward_keys:
+        return (
+            "# The stewards' keys are pinned in [governance] below: a plan trains here only when\n"
+            "# one of them signed its approval (docs/governance.md), so no second, local approval.\n"
+            "require_local_approval = false"
+        )
+    return (
+        "# Train only on plan hashes approved here with `quorum-agent approve <hash>`; or pin your\n"
+        "# stewards' keys in [governance] steward_keys and set this to false.\n"
+        "require_local_approval = true"
+    )
+
+
+def _governance_table(steward_keys: Sequence[str]) -> str:
+    if not steward_keys:
+        return ""
+    keys = ", ".join(_toml_string(key) for key in steward_keys)
+    return (
+        "\n[governance]\n# REVIEW: the public keys of the stewards whose signed approvals this site "
+        f"accepts.\nsteward_keys = [{keys}]\n"
+    )
+
+
+def with_target_labels(
+    proposal: schema_inference.SchemaProposal,
+    frame: pd.DataFrame,
+    *,
+    positive: Sequence[str] = (),
+    negative: Sequence[str] = (),
+) -> schema_inference.SchemaProposal:
+    """The proposal with the target's labels given by the operator (``--positive`` or
+    ``--negative``), checked against the values the target column holds.
+
+    Raises:
+        OnboardingError: both or neither given, a value the column never holds, or a target
+            that is not a binary one.
+    """
+    if bool(positive) == bool(negative):
+        raise OnboardingError("give the target's labels with --positive or --negative, not both")
+    target = proposal.schema.target
+    if target.task != "binary":
+        raise OnboardingError(
+            f"--positive/--negative set a binary target's labels; target {target.column!r} is "
+            f"task {target.task!r}"
+        )
+    key, values = ("positive", list(positive)) if positive else ("negative", list(negative))
+    column = frame[target.column]
+    held = {str(value).strip() for value in column.dropna().unique()}
+    unknown = [value for value in values if value not in held]
+    if unknown:
+        shown = ", ".join(sorted(held)[:20])
+        raise OnboardingError(
+            f"--{key} {' '.join(unknown)}: column {target.column!r} holds no such value; it "
+            f"holds: {shown}"
+        )
+    schema_dict = proposal.schema.to_dict()
+    schema_dict["target"] = {"column": target.column, key: values}
+    try:
+        schema = tabular.DatasetSchema.from_dict(schema_dict)
+    except tabular.SchemaError as exc:
+        raise OnboardingError(f"--{key}: {exc}") from None
+    which = "label 1" if key == "positive" else "label 0"
+    note = f"{target.column!r}: {which} = {', '.join(map(repr, values))} (given with --{key})"
+    return replace(proposal, schema=schema, target_note=note)
 
 
 def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
@@ -166,12 +246,19 @@ def init(
     force: bool,
     confirm: Callable[[str], bool] | None,
     out: TextIO | None = None,
+    positive: Sequence[str] = (),
+    negative: Sequence[str] = (),
+    server_url: str | None = None,
+    server_key: str | None = None,
+    steward_keys: Sequence[str] = (),
 ) -> None:
     """``quorum-agent init``: propose schema.json and site.toml for a data file.
 
     Args:
         confirm: asked to confirm a guessed target (None: no one to ask; the output says
             that the guess needs confirming).
+        positive, negative: the target's labels, instead of the guess (one of them).
+        server_url, server_key, steward_keys: written into site.toml (see :func:`site_toml`).
 
     Raises:
         OnboardingError: the data, the options or the output folder are unusable; nothing
@@ -191,6 +278,8 @@ def init(
         )
     except schema_inference.InferenceError as exc:
         raise OnboardingError(f"{data_path}: {exc}") from None
+    if positive or negative:
+        proposal = with_target_labels(proposal, frame, positive=positive, negative=negative)
     print(
         f"read {data_path}: {proposal.rows} rows, {len(frame.columns)} columns (on this machine "
         "only; nothing was sent)",
@@ -214,6 +303,9 @@ def init(
             out=out_path,
             rows=proposal.rows,
             min_category_rows=min_category_rows,
+            server_url=server_url,
+            server_key=server_key,
+            steward_keys=steward_keys,
         ),
     )
     features = len(proposal.schema.columns)

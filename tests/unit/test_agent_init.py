@@ -294,3 +294,57 @@ def test_a_guessed_target_not_confirmed_writes_nothing(site_csv: Path, tmp_path:
 
     assert questions == ["use 'target' as the target (the column to predict)? [y/N] "]
     assert not (tmp_path / "out").exists()
+
+
+HEART = REPO / "examples" / "heart-disease" / "switzerland.csv"
+
+
+def test_init_takes_the_labels_the_server_and_the_stewards_key_from_the_command_line(
+    tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "site"
+    key_file = tmp_path / "steward.pem"
+    assert cli.main(["steward-key", "new", "--out", str(key_file), "--quiet"]) == 0
+    steward_key = capsys.readouterr().out.strip()
+    assert steward_key.startswith("ed25519:") and "\n" not in steward_key
+
+    code = cli.main(
+        [
+            "init", "--data", str(HEART), "--target", "num", "--negative", "0",
+            "--sensitive", "sex", "--server", "ws://127.0.0.1:8000/ws/agent/",
+            "--server-key", PUBLIC_KEY, "--steward-key", steward_key, "--out", str(out),
+        ]
+    )  # fmt: skip
+
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    schema = tabular.DatasetSchema.from_dict(json.loads((out / "schema.json").read_text()))
+    # Switzerland's most common value is 1: without --negative init would call it label 0.
+    assert schema.target.negative == ("0",) and schema.target.positive is None
+    assert "label 0 = '0' (given with --negative)" in printed.out
+    (out / "token.txt").write_text("the-silo-token\n")
+    config = load_config(out / "site.toml")
+    assert config.server.url == "ws://127.0.0.1:8000/ws/agent/"
+    assert config.server.public_key == PUBLIC_KEY
+    assert list(config.governance.steward_keys) == [steward_key]
+    assert config.policy.require_local_approval is False
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--negative", "9"], "--negative 9: column 'num' holds no such value; it holds: 0, 1, 2"),
+        (["--positive", "1", "--negative", "0"], "not allowed with argument"),
+    ],
+)
+def test_init_refuses_labels_the_target_does_not_hold_and_writes_nothing(
+    tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
+    out = tmp_path / "site"
+    try:
+        code = cli.main(["init", "--data", str(HEART), "--target", "num", "--out", str(out), *args])
+    except SystemExit as exc:  # argparse: a wrong command line
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
