@@ -15,7 +15,7 @@ from django.db import transaction
 from django.http import Http404
 from django.utils import timezone
 
-from fedcore import approvals
+from fedcore import approvals, models
 from fedcore.plan import PlanError, parse_schema, plan_errors, versioned_spec
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan.keys import is_int
@@ -106,6 +106,32 @@ def plan_spec_errors(spec: Any, *, silos: Iterable[Any] | None = None) -> dict[s
     return errors
 
 
+def _not_run_here(spec: dict[str, Any]) -> dict[str, str]:
+    """What the plan language accepts but this server's round path does not run yet: refused at
+    proposal with the reason, never accepted and left to fail in a round (docs/tasks.md).
+
+    Not a rule of the plan language (sites accept these plans; fedcore.plan): a capability of
+    this server version, checked only when a plan is proposed or edited.
+    """
+    problems: dict[str, str] = {}
+    target = spec.get("schema", {}).get("target", {})
+    task = target.get("task", "binary") if isinstance(target, dict) else "binary"
+    if task != "binary":
+        problems["schema.target.task"] = (
+            f"{task!r}: this server trains binary tasks only so far; multi-class and regression "
+            "plans are refused until its rounds, final evaluation and reports run them "
+            "(docs/tasks.md, 'Not wired yet')"
+        )
+    model = spec.get("model", {})
+    if isinstance(model, dict) and model.get("kind") == models.INSTALLED:
+        problems["model.kind"] = (
+            f"no participating silo has announced the installed model kind "
+            f"{model.get('name')!r}: sites do not announce installed kinds to this server "
+            "version yet, so such a plan could not train anywhere (docs/tasks.md)"
+        )
+    return problems
+
+
 def _spec_field(key: str) -> str:
     """Where a plan_spec_errors key points in a request: inside "spec", or the silos list."""
     return key if key in ("spec", "silos") else f"spec.{key}"
@@ -146,6 +172,8 @@ def _validated(
     """Check the spec and the silos together; raise ValidationError with every problem."""
     chosen = _checked_silos(consortium_id, silos, errors)
     spec_errors = plan_spec_errors(spec, silos=chosen if "silos" not in errors else None)
+    if not spec_errors:
+        spec_errors = _not_run_here(spec)
     for key, message in spec_errors.items():
         field = _spec_field(key)
         errors[field] = f"{errors[field]}; {message}" if field in errors else message

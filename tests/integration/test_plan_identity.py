@@ -128,3 +128,50 @@ def test_the_plan_page_shows_each_versions_own_description(g: Governed) -> None:
     # current version's.
     assert "first: 30-day readmission" in table and "second: 90-day readmission" in table
     assert html.index("second: 90-day readmission") < html.index('id="hist-h"')
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        (
+            {
+                "model": {
+                    "kind": "installed",
+                    "name": "resmlp",
+                    "version": "1.0",
+                    "sha256": "a" * 64,
+                }
+            },
+            "spec.model.kind",
+            "no participating silo has announced the installed model kind 'resmlp'",
+        ),
+    ],
+)
+def test_what_the_rounds_do_not_run_yet_is_refused_at_proposal_and_stores_nothing(
+    g: Governed, change: dict, field: str, words: str
+) -> None:
+    rows = (TrainingPlan.objects.count(), PlanVersion.objects.count())
+    with pytest.raises(ValidationError) as refused:
+        propose(g, "Not yet", spec=plan_spec(**change))
+    assert words in refused.value.message_dict[field][0]
+    assert (TrainingPlan.objects.count(), PlanVersion.objects.count()) == rows
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"column": "y", "task": "multiclass", "classes": ["0", "1", "2"]},
+        {"column": "y", "task": "regression"},
+    ],
+)
+def test_a_task_the_rounds_do_not_run_yet_is_refused_at_proposal(g: Governed, target: dict) -> None:
+    from federation.models import Silo
+    from tests.factories import SCHEMA
+
+    schema = {**SCHEMA, "target": target}
+    Silo.objects.filter(pk=g.silos[0].pk).update(schema=schema)  # the silo holds such a target
+    with pytest.raises(ValidationError) as refused:
+        propose(g, "Severity", spec=plan_spec(schema=schema))
+    message = refused.value.message_dict["spec.schema.target.task"][0]
+    assert f"{target['task']!r}: this server trains binary tasks only so far" in message
+    assert not TrainingPlan.objects.filter(name="Severity").exists()
