@@ -1195,8 +1195,10 @@ def _combination_errors(
         )
 
 
-def plan_errors(spec: Any) -> dict[str, str]:
-    """Every problem of a plan spec, dotted path -> message (empty when it is valid)."""
+def training_plan_errors(spec: Any) -> dict[str, str]:
+    """Every problem of a training plan spec, dotted path -> message (empty when it is valid).
+
+    ``fedcore.plan.plan_errors`` checks any plan, training or analysis."""
     try:
         parse_plan(spec)
     except PlanError as exc:
