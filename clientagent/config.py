@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedcore.analytics.disclosure import DisclosurePolicy
 from fedcore.approvals import ApprovalSignatureError, check_steward_key
 from fedcore.models import MODEL_KINDS
 from fedcore.signing import AuthorizationError, parse_public_key
@@ -164,6 +165,8 @@ class SiteConfig:
     agent: AgentConfig
     policy: PolicyConfig = PolicyConfig()
     governance: GovernanceConfig = GovernanceConfig()
+    # [disclosure]: what this site releases of an analysis plan (docs/analytics.md).
+    disclosure: DisclosurePolicy = DisclosurePolicy()
 
     @property
     def approvals_verified(self) -> bool:
@@ -480,6 +483,13 @@ def _parse_governance(section: _Section) -> GovernanceConfig:
     return GovernanceConfig(steward_keys=keys)
 
 
+def _parse_disclosure(section: _Section) -> DisclosurePolicy:
+    try:
+        return DisclosurePolicy.from_dict(dict(section.table))
+    except ValueError as exc:
+        raise ConfigError(f"{section.file}: [disclosure]: {exc}") from None
+
+
 POLICY_KEYS = (
     "consortium",
     "allowed_models",
@@ -502,6 +512,11 @@ _SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[_Section], Any], bool]] = 
     "agent": (("name", "state_dir"), _parse_agent, False),
     "policy": (POLICY_KEYS, _parse_policy, False),
     "governance": (("steward_keys",), _parse_governance, False),
+    "disclosure": (
+        ("min_cell_count", "min_sites", "allowed_analyses", "time_step"),
+        _parse_disclosure,
+        False,
+    ),
 }
 
 
