@@ -1,0 +1,195 @@
+"""Analysis plans end to end through the services, with the real agent code at each site (issue
+16): proposed, approved by every steward and started like a training plan; each step asked with a
+signed analysis_request that the agent's own check_authorization verifies; each site answered by
+clientagent.analysis from its CSV under its [disclosure] policy; the released Kaplan-Meier curves
+equal fedcore's pooled computation; a column not in the schema is refused at proposal; a site
+refusing by policy withholds the whole result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+
+from clientagent.analysis import handle_analysis_request
+from clientagent.data import LocalData
+from clientagent.policy import check_authorization
+from clientagent.trainer import TaskError
+from fedcore import protocol, tabular
+from fedcore.analytics import DisclosurePolicy
+from fedcore.analytics.survival import km_result, logrank_result, merge_event_times, site_km
+from federation import orchestrator, selectors
+from federation.models import AuditEvent, Run, SiloAnalysis
+from federation.services.analysis import analysis_receive
+from federation.services.plans import plan_approve, plan_propose
+from federation.services.refusals import silo_refusal_record
+from federation.services.runs import run_start
+from federation.signing import server_public_key_text
+from tests.governance_factories import Governed, governed_consortium
+
+pytestmark = pytest.mark.django_db
+
+SCHEMA = {
+    "columns": [
+        {"name": "age", "type": "numeric"},
+        {"name": "sex", "type": "categorical"},
+        {"name": "time", "type": "numeric"},
+    ],
+    "target": {"column": "status", "positive": ["1"]},
+    "sensitive": [],
+}
+KM = {
+    "kind": "kaplan_meier",
+    "time": "time",
+    "event": "status",
+    "group": "sex",
+    "levels": ["1", "2"],
+    "logrank": True,
+}
+
+
+def analysis_spec(analysis: dict) -> dict:
+    return {"kind": "analysis", "schema": SCHEMA, "analysis": analysis, "min_silos": 3}
+
+
+def site_csv(tmp_path: Path, seed: int, n: int = 70) -> Path:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "age": rng.integers(40, 80, n),
+            "sex": rng.choice(["1", "2"], n),
+            "time": rng.integers(5, 900, n),  # ties within and across sites
+            "status": rng.integers(0, 2, n),
+        }
+    )
+    path = tmp_path / f"site{seed}.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def governed_run(analysis: dict) -> tuple[Governed, Run]:
+    g = governed_consortium(3, schema=SCHEMA)
+    for silo in g.silos:
+        silo.connection_id, silo.last_heartbeat = f"conn-{silo.pk}", timezone.now()
+        silo.save()
+    plan = plan_propose(
+        actor=g.scientists[0],
+        consortium=g.consortium,
+        name="survival by sex",
+        description="",
+        spec=analysis_spec(analysis),
+        silos=g.silos,
+    )
+    for steward in g.stewards:
+        plan_approve(actor=steward, plan=plan, plan_hash=plan.current_version.spec_hash)
+    run = run_start(actor=g.scientists[0], plan=plan)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.RUNNING
+    return g, run
+
+
+def answer_step(g: Governed, run: Run, data: list[LocalData], policies: list) -> list:
+    """Every asked site: the server's signed request, checked and answered by the agent code."""
+    refused = []
+    for silo, local, policy in zip(g.silos, data, policies, strict=True):
+        fields = selectors.analysis_request_fields(run_id=run.pk, silo_id=silo.pk)
+        assert fields is not None
+        fields = protocol.decode_control(protocol.encode_control("analysis_request", **fields))
+        check_authorization(
+            fields,
+            public_key=server_public_key_text(),
+            silo=silo.name,
+            consortium=g.consortium.name,
+        )
+        try:
+            reply = handle_analysis_request(fields, local, policy)
+        except TaskError as exc:  # what the agent consumer records from the error frame
+            silo_refusal_record(
+                silo_id=silo.pk,
+                run_id=run.pk,
+                round_number=None,
+                code=exc.code,
+                reason=exc.shared_reason,
+            )
+            refused.append(exc)
+            continue
+        reply = protocol.decode_control(protocol.encode_control("analysis", **reply))
+        analysis_receive(silo_id=silo.pk, fields=reply)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    return refused
+
+
+def test_kaplan_meier_and_log_rank_of_three_sites_equal_the_pooled_computation(tmp_path):
+    g, run = governed_run(KM)
+    paths = [site_csv(tmp_path, seed) for seed in (1, 2, 3)]
+    data = [LocalData(path) for path in paths]
+    policies = [DisclosurePolicy()] * 3
+
+    assert answer_step(g, run, data, policies) == []  # step 1: event times
+    assert (
+        run.status == Run.Status.RUNNING
+        and run.analysis["steps"][run.analysis["step"]] == "summary"
+    )
+    assert answer_step(g, run, data, policies) == []  # step 2: counts on the union grid
+
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    schema = tabular.DatasetSchema.from_dict(SCHEMA)
+    pooled = pd.concat(
+        [tabular.validate_frame(tabular.load_table(p), schema) for p in paths], ignore_index=True
+    )
+    events = pd.to_numeric(pooled["status"]) == 1
+    grid = merge_event_times([np.unique(pooled.loc[events, "time"])])
+    sums = site_km(pooled, "time", "status", grid, group="sex", levels=["1", "2"])
+    reference = km_result(sums, grid, levels=["1", "2"])
+    assert set(result["curves"]) == {"1", "2"}
+    for group, curve in reference["curves"].items():
+        for key in ("time", "survival", "ci_lower", "ci_upper", "at_risk", "events"):
+            np.testing.assert_allclose(result["curves"][group][key], curve[key], rtol=0, atol=1e-12)
+    logrank = logrank_result(sums, levels=["1", "2"])
+    assert result["logrank"]["statistic"] == pytest.approx(logrank["statistic"], abs=1e-12)
+    assert result["answered"] == sorted(s.name for s in g.silos) and result["missing"] == []
+    assert AuditEvent.objects.filter(action="analysis.released", object_id=str(run.pk)).exists()
+    assert SiloAnalysis.objects.filter(run=run, answer__isnull=False).count() == 6
+
+
+def test_a_column_not_in_the_schema_is_refused_at_proposal_with_its_path():
+    g = governed_consortium(3, schema=SCHEMA)
+    with pytest.raises(ValidationError) as refused:
+        plan_propose(
+            actor=g.scientists[0],
+            consortium=g.consortium,
+            name="bad",
+            description="",
+            spec=analysis_spec({**KM, "time": "days"}),
+            silos=g.silos,
+        )
+    errors = refused.value.message_dict
+    assert "spec.analysis.time" in errors
+    assert "'days' is not in the dataset schema" in " ".join(errors["spec.analysis.time"])
+
+
+def test_a_site_refusing_by_its_disclosure_policy_withholds_everyone_s_result(tmp_path):
+    g, run = governed_run(KM)
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+    policies = [
+        DisclosurePolicy(),
+        DisclosurePolicy(),
+        DisclosurePolicy(allowed_analyses=("count",)),
+    ]
+
+    refused = answer_step(g, run, data, policies)
+
+    assert [exc.code for exc in refused] == ["policy_refused"]
+    assert "does not run 'kaplan_meier'" in refused[0].shared_reason
+    assert run.status == Run.Status.FAILED
+    assert "refused the analysis" in run.error and "nothing is released" in run.error
+    assert "result" not in run.analysis
+    withheld = AuditEvent.objects.get(action="analysis.withheld", object_id=str(run.pk))
+    assert g.silos[2].name in withheld.data["reason"]
