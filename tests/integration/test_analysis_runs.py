@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from django.core.exceptions import ValidationError
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from clientagent.analysis import handle_analysis_request
 from clientagent.data import LocalData
@@ -24,12 +25,22 @@ from fedcore.analytics import DisclosurePolicy
 from fedcore.analytics.survival import km_result, logrank_result, merge_event_times, site_km
 from federation import orchestrator, selectors
 from federation.models import AuditEvent, Run, SiloAnalysis
+from federation.reports import analysis_table
 from federation.services.analysis import analysis_receive
+from federation.services.api_tokens import api_token_create
 from federation.services.plans import plan_approve, plan_propose
 from federation.services.refusals import silo_refusal_record
 from federation.services.runs import run_start
 from federation.signing import server_public_key_text
+from tests.api_factories import fast_password_hashing  # noqa: F401
 from tests.governance_factories import Governed, governed_consortium
+
+
+def api(user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_token_create(actor=user, user=user).token}")
+    return client
+
 
 pytestmark = pytest.mark.django_db
 
@@ -157,6 +168,16 @@ def test_kaplan_meier_and_log_rank_of_three_sites_equal_the_pooled_computation(t
     assert result["answered"] == sorted(s.name for s in g.silos) and result["missing"] == []
     assert AuditEvent.objects.filter(action="analysis.released", object_id=str(run.pk)).exists()
     assert SiloAnalysis.objects.filter(run=run, answer__isnull=False).count() == 6
+
+    # The same result in the REST API, for whoever may read the run's reports, and no one else.
+    body = api(g.auditors[1]).get(f"/api/v1/runs/{run.pk}/analysis/").json()
+    assert body["status"] == "completed" and body["kind"] == "kaplan_meier"
+    assert body["result"]["curves"]["2"]["survival"] == result["curves"]["2"]["survival"]
+    outsider = governed_consortium(1).scientists[0]
+    assert api(outsider).get(f"/api/v1/runs/{run.pk}/analysis/").status_code == 404
+    header, rows = analysis_table(result)
+    assert header[:3] == ["group", "time", "survival"]
+    assert len(rows) == sum(len(c["time"]) for c in result["curves"].values())
 
 
 def test_a_column_not_in_the_schema_is_refused_at_proposal_with_its_path():

@@ -25,6 +25,7 @@ from federation.api.serializers import (
     ApiIndexSerializer,
     ConsortiumPrivacySerializer,
     ModelVersionDetailSerializer,
+    RunAnalysisSerializer,
     RunPrivacySerializer,
 )
 from federation.api.views.base import ApiView
@@ -113,6 +114,20 @@ class RunPrivacyView(ApiView):
     def get(self, request: Request, pk: int) -> Response:
         run = permissions.access_run(user=request.user, id=pk)
         return Response(RunPrivacySerializer(reports.run_privacy(run)).data)
+
+
+class RunAnalysisView(ApiView):
+    """An analysis plan's run: its result once released (who may read a run's reports)."""
+
+    @extend_schema(
+        responses=RunAnalysisSerializer, summary="An analysis run's steps and released result"
+    )
+    def get(self, request: Request, pk: int) -> Response:
+        run = permissions.access_run(user=request.user, id=pk)
+        data = reports.run_analysis(run)
+        if data is None:
+            raise exceptions.NotFound(f"run {pk} is a training run; it has no analysis")
+        return Response(RunAnalysisSerializer(data).data)
 
 
 class ConsortiumPrivacyView(ApiView):
