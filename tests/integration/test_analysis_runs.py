@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from django.core.exceptions import ValidationError
+from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -175,6 +176,16 @@ def test_kaplan_meier_and_log_rank_of_three_sites_equal_the_pooled_computation(t
     assert body["result"]["curves"]["2"]["survival"] == result["curves"]["2"]["survival"]
     outsider = governed_consortium(1).scientists[0]
     assert api(outsider).get(f"/api/v1/runs/{run.pk}/analysis/").status_code == 404
+    # The dashboard: the run monitor links the result page (chart, table) and its CSV export.
+    browser = Client()
+    browser.force_login(g.scientists[2])
+    monitor = browser.get(f"/runs/{run.pk}/")
+    assert monitor.status_code == 200 and f"/runs/{run.pk}/analysis/" in monitor.text
+    page = browser.get(f"/runs/{run.pk}/analysis/")
+    assert page.status_code == 200 and "Log-rank test" in page.text and "ci_lower" in page.text
+    csv_rows = browser.get(f"/runs/{run.pk}/analysis.csv").content.decode().splitlines()
+    assert csv_rows[0] == "group,time,survival,ci_lower,ci_upper,at_risk,events"
+    assert csv_rows[1].startswith("1,0.0,1.0,1.0,1.0,")
     header, rows = analysis_table(result)
     assert header[:3] == ["group", "time", "survival"]
     assert len(rows) == sum(len(c["time"]) for c in result["curves"].values())
