@@ -64,8 +64,8 @@ KM = {
 }
 
 
-def analysis_spec(analysis: dict) -> dict:
-    return {"kind": "analysis", "schema": SCHEMA, "analysis": analysis, "min_silos": 3}
+def analysis_spec(analysis: dict, min_silos: int = 3) -> dict:
+    return {"kind": "analysis", "schema": SCHEMA, "analysis": analysis, "min_silos": min_silos}
 
 
 def site_csv(tmp_path: Path, seed: int, n: int = 70) -> Path:
@@ -83,7 +83,7 @@ def site_csv(tmp_path: Path, seed: int, n: int = 70) -> Path:
     return path
 
 
-def governed_run(analysis: dict) -> tuple[Governed, Run]:
+def governed_run(analysis: dict, min_silos: int = 3) -> tuple[Governed, Run]:
     g = governed_consortium(3, schema=SCHEMA)
     for silo in g.silos:
         silo.connection_id, silo.last_heartbeat = f"conn-{silo.pk}", timezone.now()
@@ -93,7 +93,7 @@ def governed_run(analysis: dict) -> tuple[Governed, Run]:
         consortium=g.consortium,
         name="survival by sex",
         description="",
-        spec=analysis_spec(analysis),
+        spec=analysis_spec(analysis, min_silos),
         silos=g.silos,
     )
     for steward in g.stewards:
@@ -105,10 +105,13 @@ def governed_run(analysis: dict) -> tuple[Governed, Run]:
     return g, run
 
 
-def answer_step(g: Governed, run: Run, data: list[LocalData], policies: list) -> list:
-    """Every asked site: the server's signed request, checked and answered by the agent code."""
+def answer_step(
+    g: Governed, run: Run, data: list[LocalData], policies: list, answering: int = 3
+) -> list:
+    """The asked sites (the first ``answering``): the server's signed request, checked and
+    answered by the agent code."""
     refused = []
-    for silo, local, policy in zip(g.silos, data, policies, strict=True):
+    for silo, local, policy in list(zip(g.silos, data, policies, strict=True))[:answering]:
         fields = selectors.analysis_request_fields(run_id=run.pk, silo_id=silo.pk)
         assert fields is not None
         fields = protocol.decode_control(protocol.encode_control("analysis_request", **fields))
@@ -225,3 +228,32 @@ def test_a_site_refusing_by_its_disclosure_policy_withholds_everyone_s_result(tm
     assert "result" not in run.analysis
     withheld = AuditEvent.objects.get(action="analysis.withheld", object_id=str(run.pk))
     assert g.silos[2].name in withheld.data["reason"]
+
+
+def past_deadline(run: Run) -> None:
+    """The step's deadline passes (set in the stored state: no clock in the test)."""
+    run.analysis = {**run.analysis, "deadline": "2000-01-01T00:00:00+00:00"}
+    run.save(update_fields=["analysis"])
+
+
+@pytest.mark.parametrize(("min_silos", "released"), [(2, True), (3, False)])
+def test_at_the_deadline_the_answers_in_are_released_only_if_enough_sites_answered(
+    tmp_path, min_silos, released
+):
+    analysis = {"kind": "moments", "columns": ["age", "time"]}
+    g, run = governed_run(analysis, min_silos=min_silos)
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+    policy = DisclosurePolicy(min_sites=2)
+    # Only the first two sites answer; the third stays silent.
+    answer_step(g, run, data, [policy] * 3, answering=2)
+    assert run.status == Run.Status.RUNNING  # waits for the third until the deadline
+    past_deadline(run)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    if released:
+        assert run.status == Run.Status.COMPLETED
+        result = run.analysis["result"]
+        assert result["missing"] == [g.silos[2].name] and result["sites"] == 2
+    else:
+        assert run.status == Run.Status.FAILED and "result" not in run.analysis
+        assert "2 of 3 sites answered" in run.error and "needs 3" in run.error
