@@ -177,6 +177,9 @@ def test_kaplan_meier_and_log_rank_of_three_sites_equal_the_pooled_computation(t
     body = api(g.auditors[1]).get(f"/api/v1/runs/{run.pk}/analysis/").json()
     assert body["status"] == "completed" and body["kind"] == "kaplan_meier"
     assert body["result"]["curves"]["2"]["survival"] == result["curves"]["2"]["survival"]
+    auditor = api(g.auditors[1])
+    for path in (f"runs/{run.pk}/", f"plans/{run.plan_id}/", f"runs/{run.pk}/compliance/"):
+        assert auditor.get(f"/api/v1/{path}").status_code == 200, path
     outsider = governed_consortium(1).scientists[0]
     assert api(outsider).get(f"/api/v1/runs/{run.pk}/analysis/").status_code == 404
     # The dashboard: the run monitor links the result page (chart, table) and its CSV export.
@@ -184,6 +187,7 @@ def test_kaplan_meier_and_log_rank_of_three_sites_equal_the_pooled_computation(t
     browser.force_login(g.scientists[2])
     monitor = browser.get(f"/runs/{run.pk}/")
     assert monitor.status_code == 200 and f"/runs/{run.pk}/analysis/" in monitor.text
+    assert browser.get(f"/consortia/{g.consortium.pk}/runs/").status_code == 200
     page = browser.get(f"/runs/{run.pk}/analysis/")
     assert page.status_code == 200 and "Log-rank test" in page.text and "ci_lower" in page.text
     csv_rows = browser.get(f"/runs/{run.pk}/analysis.csv").content.decode().splitlines()
@@ -192,6 +196,27 @@ def test_kaplan_meier_and_log_rank_of_three_sites_equal_the_pooled_computation(t
     header, rows = analysis_table(result)
     assert header[:3] == ["group", "time", "survival"]
     assert len(rows) == sum(len(c["time"]) for c in result["curves"].values())
+
+
+def test_an_analysis_plan_shows_on_the_governance_pages_of_a_silo_with_a_budget():
+    g = governed_consortium(3, schema=SCHEMA)
+    g.silos[0].epsilon_budget = 3.0
+    g.silos[0].save()
+    plan = plan_propose(
+        actor=g.scientists[0],
+        consortium=g.consortium,
+        name="cohort",
+        description="",
+        spec=analysis_spec({"kind": "count", "rows": "sex", "levels": {"sex": ["1", "2"]}}),
+        silos=g.silos,
+    )
+    browser = Client()
+    browser.force_login(g.stewards[0])
+    page = browser.get(f"/plans/{plan.pk}/")
+    assert page.status_code == 200 and "cohort" in page.text
+    assert browser.get(f"/consortia/{g.consortium.pk}/plans/").status_code == 200
+    plan_approve(actor=g.stewards[0], plan=plan, plan_hash=plan.current_version.spec_hash)
+    assert browser.get(f"/consortia/{g.consortium.pk}/privacy/").status_code == 200
 
 
 def test_a_column_not_in_the_schema_is_refused_at_proposal_with_its_path():
