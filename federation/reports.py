@@ -493,13 +493,21 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
     }
 
 
-def run_analysis(run: Run) -> dict[str, Any] | None:
-    """An analysis run's state and released result (None for a training run)."""
+def run_analysis(run: Run) -> dict[str, Any]:
+    """An analysis run's state and released result (``kind`` None for a training run)."""
     from fedcore.plan import is_analysis
 
     spec = run.version.spec
     if not is_analysis(spec):
-        return None
+        return {
+            "run": run.pk,
+            "status": run.status,
+            "kind": None,
+            "steps": [],
+            "step": None,
+            "result": None,
+            "error": "",
+        }
     state = run.analysis or {}
     steps = list(state.get("steps", []))
     asking = run.active and "step" in state and "result" not in state

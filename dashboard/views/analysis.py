@@ -19,7 +19,7 @@ def run_analysis(request: HttpRequest, run_id: int) -> HttpResponse:
     """The result of an analysis run (whoever may read the run's reports)."""
     run = permissions.access_run(user=request.user, id=run_id)
     data = reports.run_analysis(run)
-    if data is None:
+    if data["kind"] is None:
         raise Http404("a training run has no analysis")
     chart = charts.analysis_chart(data["result"]) if data["result"] else None
     return page(
@@ -40,7 +40,7 @@ def run_analysis_csv(request: HttpRequest, run_id: int) -> HttpResponse:
     """The released result's table as CSV (a suppressed cell is empty)."""
     run = permissions.access_run(user=request.user, id=run_id)
     data = reports.run_analysis(run)
-    if data is None or data["result"] is None:
+    if data["result"] is None:
         raise Http404("this run has released no analysis result")
     header, rows = reports.analysis_table(data["result"])
     out = io.StringIO()

@@ -850,7 +850,9 @@ class RunAnalysisSerializer(serializers.Serializer):
 
     run = serializers.IntegerField()
     status = serializers.CharField()
-    kind = serializers.CharField(help_text="the analysis: count, crosstab, moments, ...")
+    kind = serializers.CharField(
+        allow_null=True, help_text="the analysis: count, crosstab, ... (null: a training run)"
+    )
     steps = serializers.ListField(child=serializers.CharField())
     step = serializers.CharField(allow_null=True, help_text="the step asked now (null: none)")
     result = serializers.DictField(

@@ -124,10 +124,7 @@ class RunAnalysisView(ApiView):
     )
     def get(self, request: Request, pk: int) -> Response:
         run = permissions.access_run(user=request.user, id=pk)
-        data = reports.run_analysis(run)
-        if data is None:
-            raise exceptions.NotFound(f"run {pk} is a training run; it has no analysis")
-        return Response(RunAnalysisSerializer(data).data)
+        return Response(RunAnalysisSerializer(reports.run_analysis(run)).data)
 
 
 class ConsortiumPrivacyView(ApiView):
