@@ -492,7 +492,12 @@ def analysis_chart(result: dict[str, Any]) -> Chart:
         points = len(result["columns"])
         description = f"Mean and standard deviation of {result['n']} complete rows."
     else:
-        labels = [f"{row[0]}–{row[1]}" if kind == "histogram" else str(row[0]) for row in rows]
+        labels = [
+            f"{'−∞' if row[0] is None else row[0]}–{'∞' if row[1] is None else row[1]}"
+            if kind == "histogram"
+            else str(row[0])
+            for row in rows
+        ]
         values = [row[-1] for row in rows]
         if "col_levels" in result:  # a cross-table: its row totals
             labels, values = [str(row[0]) for row in rows], [row[-1] for row in rows]

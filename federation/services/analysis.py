@@ -100,8 +100,8 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
         return "wait", f"asked step {steps[index + 1]!r}"
     try:
         result = release(plan.analysis, state["merged"], answers, min_silos=plan.min_silos)
-    except (DisclosureRefused, ValueError) as exc:
-        return _withhold(run, str(exc))
+    except (DisclosureRefused, ValueError, TypeError, KeyError) as exc:
+        return _withhold(run, f"the result cannot be released: {exc}")
     result["asked"] = sorted(r.silo.name for r in rows)
     result["answered"] = sorted(r.silo.name for r in answered)
     result["missing"] = sorted(r.silo.name for r in rows if r.answer is None)

@@ -282,3 +282,24 @@ def test_at_the_deadline_the_answers_in_are_released_only_if_enough_sites_answer
     else:
         assert run.status == Run.Status.FAILED and "result" not in run.analysis
         assert "2 of 3 sites answered" in run.error and "needs 3" in run.error
+
+
+def test_a_small_count_is_suppressed_with_a_complement_in_the_api_page_and_csv(tmp_path):
+    g, run = governed_run({"kind": "count", "rows": "sex", "levels": {"sex": ["1", "2", "3"]}})
+    paths = [site_csv(tmp_path, seed) for seed in (1, 2, 3)]
+    frame = pd.read_csv(paths[0], dtype=str)
+    frame.loc[:2, "sex"] = "3"  # three rows of level "3" in all: below the minimum of 5
+    frame.to_csv(paths[0], index=False)
+
+    answer_step(g, run, [LocalData(p) for p in paths], [DisclosurePolicy()] * 3)
+
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    assert result["row_levels"] == ["1", "2", "3"] and result["total"] == 210
+    assert result["cells"][2] is None and result["suppressed"] == 2  # and one complement
+    assert sum(c is None for c in result["cells"]) == 2
+    browser = Client()
+    browser.force_login(g.auditors[0])
+    assert "suppressed" in browser.get(f"/runs/{run.pk}/analysis/").text
+    csv_rows = browser.get(f"/runs/{run.pk}/analysis.csv").content.decode().splitlines()
+    assert csv_rows[0] == "level,count" and csv_rows[3] == "3," and csv_rows[4] == "total,210"
