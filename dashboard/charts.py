@@ -478,6 +478,22 @@ def analysis_chart(result: dict[str, Any]) -> Chart:
                 f" Log-rank test: chi-square {result['logrank']['statistic']:.4f}, "
                 f"p = {result['logrank']['p_value']:.4g}."
             )
+    elif kind == "quantile":
+        fig = go.Figure(layout=_layout("Quantiles", result["column"], x_title="Level"))
+        fig.update_xaxes(dtick=None, type="category")
+        fig.add_trace(
+            go.Scatter(
+                x=[f"{p:g}" for p in result["probs"]],
+                y=result["values"],
+                mode="markers+lines",
+                name="quantile",
+            )
+        )
+        points = len(result["probs"])
+        description = (
+            f"Exact quantiles ({result['method']}) of {result['n']} rows, found by federated "
+            f"bisection in {result['rounds']} steps."
+        )
     elif kind == "moments":
         fig = go.Figure(layout=_layout("Means", "Mean (± sd)", x_title="Column"))
         fig.update_xaxes(dtick=None)

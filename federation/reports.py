@@ -535,6 +535,11 @@ def analysis_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             for values in zip(*(curve[key] for key in header[1:]), strict=True)
         ]
         return header, rows
+    if kind == "quantile":
+        header = ["quantile", "value"]
+        return header, [[p, v] for p, v in zip(result["probs"], result["values"], strict=True)] + [
+            ["n", result["n"]]
+        ]
     if kind == "moments":
         header = ["column", "n", "mean", "variance", "sd"]
         return header, [

@@ -7,7 +7,11 @@ and return; the arithmetic is ``cohort``'s and ``survival``'s. A run is a sequen
 - ``"summary"``: the site's sums for the analysis (``site_crosstab``, ``site_moments``,
   ``site_histogram``, ``site_km``), merged by an elementwise sum;
 - ``"event_times"`` (Kaplan-Meier's first step): the site's distinct event times, floored to
-  its policy's ``time_step``; the server's merge is their union, the grid of the next step.
+  its policy's ``time_step``; the server's merge is their union, the grid of the next step;
+- ``"bisect-1"``, ``"bisect-2"``, ... (quantiles): the site's row count and how many of its
+  values are at most each threshold (``site_count_below``); the server's ``QuantileSearch``,
+  replayed over the merges so far, picks the next thresholds until every order statistic is
+  exact (:func:`next_step`).
 
 Every answer carries the site's disclosure settings that the release must honour (its minimum
 cell count, minimum number of sites, time step): :func:`release` suppresses with the largest
@@ -25,10 +29,12 @@ import pandas as pd
 
 from fedcore.analytics._sums import merge_sums
 from fedcore.analytics.cohort import (
+    QuantileSearch,
     _complete,
     apply_filters,
     crosstab_result,
     moments_result,
+    site_count_below,
     site_crosstab,
     site_histogram,
     site_moments,
@@ -51,16 +57,55 @@ from fedcore.analytics.survival import (
 )
 from fedcore.plan.analysis import Analysis
 
-__all__ = ["merge_step", "plan_steps", "release", "site_answer", "step_params"]
+__all__ = ["merge_step", "next_step", "plan_steps", "release", "site_answer", "step_params"]
 
-SUMMARY, EVENT_TIMES = "summary", "event_times"
+SUMMARY, EVENT_TIMES, BISECT = "summary", "event_times", "bisect-"
+# A bisection over the 64-bit keys of doubles narrows each span about 16-fold a step (15 probes):
+# 16 steps suffice; the cap stops a search that does not converge (sites changing their data).
+MAX_BISECTIONS = 40
 
 
 def plan_steps(analysis: Analysis) -> tuple[str, ...]:
-    """The steps of an analysis, in order."""
+    """The fixed steps of an analysis, in order (a quantile's steps depend on the answers:
+    :func:`next_step`)."""
     if analysis.kind == "kaplan_meier":
         return (EVENT_TIMES, SUMMARY)
+    if analysis.kind == "quantile":
+        return ()
     return (SUMMARY,)
+
+
+def _search(analysis: Analysis, history: Sequence[Mapping[str, Any]], min_cell_count: int = 1):
+    search = QuantileSearch(analysis.probs, method=analysis.method, min_cell_count=min_cell_count)
+    for merged in history:
+        search.thresholds()
+        search.update({k: np.asarray(v) for k, v in merged.items()})
+    return search
+
+
+def next_step(
+    analysis: Analysis, history: Sequence[Mapping[str, Any]]
+) -> tuple[str, dict[str, Any]] | None:
+    """The next step to ask and its parameters, given the merges of the steps so far (in
+    order); None when the result can be released.
+
+    Raises:
+        ValueError: a quantile search that cannot go on (no rows, the sites' count changed, more
+            than ``MAX_BISECTIONS`` steps).
+    """
+    if analysis.kind != "quantile":
+        steps = plan_steps(analysis)
+        if len(history) >= len(steps):
+            return None
+        step = steps[len(history)]
+        merged = dict(zip(steps, history, strict=False))
+        return step, step_params(analysis, step, merged)
+    search = _search(analysis, history)
+    if search.done:
+        return None
+    if len(history) >= MAX_BISECTIONS:
+        raise ValueError(f"the quantile search did not converge in {MAX_BISECTIONS} steps")
+    return f"{BISECT}{len(history) + 1}", {"thresholds": search.thresholds().tolist()}
 
 
 def site_answer(
@@ -85,7 +130,8 @@ def site_answer(
             holds from 1 to ``min_cell_count - 1`` rows here.
         ValueError: a step this analysis does not have, or data the analysis cannot use.
     """
-    if step not in plan_steps(analysis):
+    bisect = analysis.kind == "quantile" and step.startswith(BISECT)
+    if step not in plan_steps(analysis) and not bisect:
         raise ValueError(
             f"step {step!r} is not a step of a {analysis.kind!r} analysis "
             f"({', '.join(plan_steps(analysis))})"
@@ -99,6 +145,14 @@ def site_answer(
         "min_sites": policy.min_sites,
         "time_step": policy.time_step,
     }
+    if bisect:
+        assert analysis.column is not None
+        thresholds = params.get("thresholds")
+        if not isinstance(thresholds, list) or not thresholds:
+            raise ValueError("a bisection step needs the server's thresholds")
+        part = site_count_below(df, analysis.column, thresholds, filters=analysis.filters)
+        out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
+        return out
     if step == EVENT_TIMES:
         assert analysis.time is not None and analysis.event is not None
         times = site_event_times(
@@ -129,9 +183,10 @@ def _check_cohort(analysis: Analysis, df: pd.DataFrame, policy: DisclosurePolicy
             for level, count in extra[analysis.group].astype(str).value_counts().items():
                 check_site_count(policy, int(count), f"group {analysis.group}={level}")
         return
-    if analysis.kind == "moments":
-        rows = len(_complete(df, analysis.columns, analysis.filters))
-        check_site_count(policy, rows, f"{what} (complete cases of {', '.join(analysis.columns)})")
+    if analysis.kind in ("moments", "quantile"):
+        columns = analysis.columns or (analysis.column,)
+        rows = len(_complete(df, columns, analysis.filters))
+        check_site_count(policy, rows, f"{what} (complete cases of {', '.join(columns)})")
         return
     check_site_count(policy, int(apply_filters(df, analysis.filters).sum()), what)
 
@@ -212,8 +267,17 @@ def release(
             f"results of at least {needed} sites, so nothing is released"
         )
     min_cell = max(int(a["min_cell_count"]) for a in answers)
-    data = {k: np.asarray(v) for k, v in merged[SUMMARY].items()}
     result: dict[str, Any] = {"kind": analysis.kind, "sites": sites}
+    if analysis.kind == "quantile":
+        # Replayed with the strictest site's minimum: no order statistic fewer than that many
+        # rows from either end (the minimum or the maximum is one patient's value).
+        history = [merged[f"{BISECT}{i}"] for i in range(1, len(merged) + 1)]
+        result.update(_search(analysis, history, min_cell).result())
+        result["column"] = analysis.column
+        result["min_cell_count"] = min_cell
+        result["sites"] = sites
+        return result
+    data = {k: np.asarray(v) for k, v in merged[SUMMARY].items()}
     if analysis.kind in ("count", "crosstab"):
         assert analysis.rows is not None and analysis.levels is not None
         result.update(

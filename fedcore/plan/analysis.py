@@ -16,7 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedcore.analytics.cohort import Filter, check_columns, column_types, parse_filters
+from fedcore.analytics.cohort import (
+    QUANTILE_METHODS,
+    Filter,
+    check_columns,
+    column_types,
+    parse_filters,
+)
 from fedcore.plan.keys import Key, check_section, defaults, names
 from fedcore.plan.spec import PlanError, parse_schema, training_plan_errors
 from fedcore.tabular import DatasetSchema
@@ -24,7 +30,15 @@ from fedcore.tabular import DatasetSchema
 ANALYSIS_KIND = "analysis"
 # The analyses an analysis plan may request (fedcore.analytics.disclosure.ANALYSIS_KINDS is
 # what a site may allow; the others there need several Newton or bisection rounds).
-PLAN_ANALYSES: tuple[str, ...] = ("count", "crosstab", "moments", "histogram", "kaplan_meier")
+PLAN_ANALYSES: tuple[str, ...] = (
+    "count",
+    "crosstab",
+    "moments",
+    "histogram",
+    "quantile",
+    "kaplan_meier",
+)
+MAX_PROBS = 20
 MAX_LEVELS = 64
 MAX_EDGES = 1001
 
@@ -75,6 +89,8 @@ class Analysis:
     columns: tuple[str, ...] = ()  # moments
     column: str | None = None  # histogram
     edges: tuple[float, ...] = ()  # histogram
+    probs: tuple[float, ...] = ()  # quantile
+    method: str = "linear"
     time: str | None = None  # kaplan_meier
     event: str | None = None
     group: str | None = None
@@ -175,6 +191,7 @@ _SECTION_KEYS: dict[str, frozenset[str]] = {
     "crosstab": frozenset({"kind", "rows", "cols", "levels", "filters"}),
     "moments": frozenset({"kind", "columns", "filters"}),
     "histogram": frozenset({"kind", "column", "edges", "filters"}),
+    "quantile": frozenset({"kind", "column", "probs", "method", "filters"}),
     "kaplan_meier": frozenset(
         {"kind", "time", "event", "group", "levels", "logrank", "alpha", "filters"}
     ),
@@ -253,6 +270,25 @@ def _analysis(raw: Mapping[str, Any], types: Mapping[str, str], errors: dict[str
             )
         else:
             fields["edges"] = tuple(float(e) for e in edges)
+    elif kind == "quantile":
+        fields["column"] = column("column", numeric=True)
+        probs = raw.get("probs")
+        if (
+            not isinstance(probs, list)
+            or not 1 <= len(probs) <= MAX_PROBS
+            or not all(_finite(p) and 0 <= p <= 1 for p in probs)
+        ):
+            errors["analysis.probs"] = f"needs 1 to {MAX_PROBS} quantile levels in [0, 1]"
+        else:
+            fields["probs"] = tuple(float(p) for p in probs)
+        method = raw.get("method", "linear")
+        if method not in QUANTILE_METHODS:
+            errors["analysis.method"] = (
+                f"{method!r} is not a quantile method; use one of {', '.join(QUANTILE_METHODS)} "
+                "(numpy.quantile's)"
+            )
+        else:
+            fields["method"] = method
     else:  # kaplan_meier
         fields["time"] = column("time", numeric=True)
         fields["event"] = column("event")

@@ -12,6 +12,7 @@ which, in the run's locked transaction:
    merges the answers (``fedcore.analytics.steps.merge_step``) and asks the silos that answered
    for the next step, or releases the result (``steps.release``: suppression with the largest
    minimum cell count of the sites, the largest minimum number of sites);
+   (a quantile asks bisection steps until its search is exact: ``steps.next_step``);
 3. stores the result in ``Run.analysis["result"]`` and audits ``analysis.released``.
 
 Nothing is released when a site refused (its agent's ``policy_refused``, for instance a cohort
@@ -33,7 +34,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from fedcore.analytics.disclosure import DisclosureRefused
-from fedcore.analytics.steps import merge_step, plan_steps, release, step_params
+from fedcore.analytics.steps import merge_step, next_step, release
 from fedcore.plan import AnalysisPlan, parse_analysis_plan
 from federation import dispatch
 from federation.models import Run, Silo, SiloAnalysis, SiloRefusal, TrainingPlan
@@ -60,9 +61,8 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
     if run.status == Run.Status.PENDING:
         return _begin(run, plan, online, now)
     state = dict(run.analysis or {})
-    steps = plan_steps(plan.analysis)
     index = int(state["step"])
-    step = steps[index]
+    step = state["steps"][index]
     rows = list(
         SiloAnalysis.objects.filter(run=run, step=step).select_related("silo").order_by("silo_id")
     )
@@ -95,9 +95,13 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
     except (ValueError, KeyError, TypeError) as exc:
         return _withhold(run, f"the sites' answers to step {step!r} do not merge: {exc}")
     state["merged"] = {**state.get("merged", {}), step: merged}
-    if index + 1 < len(steps):
-        _ask(run, plan, state, index + 1, [r.silo for r in answered], now)
-        return "wait", f"asked step {steps[index + 1]!r}"
+    try:
+        following = next_step(plan.analysis, [state["merged"][name] for name in state["steps"]])
+    except ValueError as exc:
+        return _withhold(run, f"the analysis cannot go on after step {step!r}: {exc}")
+    if following is not None:
+        _ask(run, plan, state, following, [r.silo for r in answered], now)
+        return "wait", f"asked step {following[0]!r}"
     try:
         result = release(plan.analysis, state["merged"], answers, min_silos=plan.min_silos)
     except (DisclosureRefused, ValueError, TypeError, KeyError) as exc:
@@ -130,7 +134,9 @@ def _begin(run: Run, plan: AnalysisPlan, online: list[Silo], now: datetime) -> t
     run.started_at = now
     run.save(update_fields=["status", "waiting_since", "started_at"])
     TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.RUNNING)
-    _ask(run, plan, {"steps": list(plan_steps(plan.analysis)), "merged": {}}, 0, online, now)
+    first = next_step(plan.analysis, [])
+    assert first is not None  # every analysis asks at least one step
+    _ask(run, plan, {"steps": [], "merged": {}}, first, online, now)
     _audit(run, "analysis.started", kind=plan.analysis.kind, silos=[s.name for s in online])
     return "wait", "asked the first step"
 
@@ -139,13 +145,14 @@ def _ask(
     run: Run,
     plan: AnalysisPlan,
     state: dict[str, Any],
-    index: int,
+    request: tuple[str, dict[str, Any]],
     silos: list[Silo],
     now: datetime,
 ) -> None:
-    step = plan_steps(plan.analysis)[index]
-    state["step"] = index
-    state["params"] = step_params(plan.analysis, step, state.get("merged", {}))
+    step, params = request
+    state["steps"] = [*state["steps"], step]
+    state["step"] = len(state["steps"]) - 1
+    state["params"] = params
     state["deadline"] = (now + timedelta(seconds=plan.round_deadline_seconds)).isoformat()
     run.analysis = state
     run.save(update_fields=["analysis"])

@@ -303,3 +303,22 @@ def test_a_small_count_is_suppressed_with_a_complement_in_the_api_page_and_csv(t
     assert "suppressed" in browser.get(f"/runs/{run.pk}/analysis/").text
     csv_rows = browser.get(f"/runs/{run.pk}/analysis.csv").content.decode().splitlines()
     assert csv_rows[0] == "level,count" and csv_rows[3] == "3," and csv_rows[4] == "total,210"
+
+
+def test_a_quantile_run_asks_bisection_steps_until_exact(tmp_path):
+    analysis = {"kind": "quantile", "column": "time", "probs": [0.25, 0.5, 0.75]}
+    g, run = governed_run(analysis)
+    paths = [site_csv(tmp_path, seed) for seed in (4, 5, 6)]
+    data = [LocalData(p) for p in paths]
+    for _ in range(40):  # a step per bisection; far fewer are needed
+        assert answer_step(g, run, data, [DisclosurePolicy()] * 3) == []
+        if run.status != Run.Status.RUNNING:
+            break
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    pooled = np.concatenate([pd.read_csv(p)["time"].to_numpy(dtype=float) for p in paths])
+    assert result["values"] == np.quantile(pooled, [0.25, 0.5, 0.75]).tolist()
+    assert run.analysis["steps"] == [f"bisect-{i}" for i in range(1, result["rounds"] + 1)]
+    browser = Client()
+    browser.force_login(g.scientists[0])
+    assert "Exact quantiles" in browser.get(f"/runs/{run.pk}/analysis/").text

@@ -10,7 +10,7 @@ import pytest
 
 from fedcore.analytics import DisclosurePolicy, DisclosureRefused
 from fedcore.analytics.cohort import crosstab_result, moments_result, site_crosstab, site_moments
-from fedcore.analytics.steps import merge_step, plan_steps, release, site_answer, step_params
+from fedcore.analytics.steps import merge_step, next_step, release, site_answer
 from fedcore.analytics.survival import km_result, logrank_result, merge_event_times, site_km
 from fedcore.plan import PlanError, parse_analysis_plan, plan_errors, plan_hash
 
@@ -50,11 +50,12 @@ def frame(seed: int, n: int = 60) -> pd.DataFrame:
 
 
 def run(analysis: dict, frames: list[pd.DataFrame], policy: DisclosurePolicy) -> dict:
+    """The steps as the server runs them: next_step over the merges so far, until released."""
     parsed = parse_analysis_plan(spec(analysis)).analysis
     merged: dict = {}
     answers: list = []
-    for step in plan_steps(parsed):
-        params = step_params(parsed, step, merged)
+    while (request := next_step(parsed, list(merged.values()))) is not None:
+        step, params = request
         answers = [site_answer(parsed, step, params, df, policy) for df in frames]
         merged[step] = merge_step(parsed, step, answers)
     return release(parsed, merged, answers)
@@ -169,3 +170,26 @@ def test_a_coarsening_site_is_stated_in_the_result():
     result = run(KM, [frame(1), frame(2), frame(3)], DisclosurePolicy(time_step=5.0))
     assert result["coarsening"] == "times floored to multiples of 5 at every site"
     assert all(t % 5 == 0 for t in result["curves"]["1"]["time"])
+
+
+@pytest.mark.parametrize("method", ["linear", "inverted_cdf"])
+def test_quantiles_by_federated_bisection_equal_numpy_on_the_pooled_rows(method):
+    frames = [frame(7), frame(8), frame(9)]
+    pooled = pd.concat(frames, ignore_index=True)
+    analysis = {"kind": "quantile", "column": "age", "probs": [0.1, 0.5, 0.9], "method": method}
+    result = run(analysis, frames, DisclosurePolicy())
+    expected = np.quantile(pooled["age"].to_numpy(), [0.1, 0.5, 0.9], method=method)
+    assert result["values"] == expected.tolist()  # exact, not approximately
+    assert result["n"] == len(pooled) and result["rounds"] <= 20
+
+
+def test_an_extreme_quantile_is_refused_at_release_by_the_minimum_cell_count():
+    analysis = {"kind": "quantile", "column": "age", "probs": [1.0]}  # the maximum
+    with pytest.raises(ValueError, match="one patient's value"):
+        run(analysis, [frame(1), frame(2), frame(3)], DisclosurePolicy())
+
+
+def test_a_bad_quantile_plan_is_refused_with_its_path():
+    with pytest.raises(PlanError) as refused:
+        parse_analysis_plan(spec({"kind": "quantile", "column": "sex", "probs": [1.5]}))
+    assert set(refused.value.errors) == {"analysis.column", "analysis.probs"}
