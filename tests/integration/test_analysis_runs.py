@@ -30,8 +30,8 @@ from federation.reports import analysis_table
 from federation.services.analysis import analysis_receive
 from federation.services.api_tokens import api_token_create
 from federation.services.plans import plan_approve, plan_propose
-from federation.services.refusals import silo_refusal_record
 from federation.services.runs import run_start
+from federation.services.silos import agent_error
 from federation.signing import server_public_key_text
 from tests.api_factories import fast_password_hashing  # noqa: F401
 from tests.governance_factories import Governed, governed_consortium
@@ -123,13 +123,13 @@ def answer_step(
         )
         try:
             reply = handle_analysis_request(fields, local, policy)
-        except TaskError as exc:  # what the agent consumer records from the error frame
-            silo_refusal_record(
+        except TaskError as exc:
+            agent_error(  # what the consumer does with the agent's error frame
                 silo_id=silo.pk,
-                run_id=run.pk,
-                round_number=None,
                 code=exc.code,
                 reason=exc.shared_reason,
+                run_id=run.pk,
+                round_number=None,
             )
             refused.append(exc)
             continue
