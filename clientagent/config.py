@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedcore.analytics.disclosure import DisclosurePolicy
 from fedcore.approvals import ApprovalSignatureError, check_steward_key
 from fedcore.model_kinds import ENTRY_POINT_GROUP, NAME_PATTERN
 from fedcore.models import MODEL_KINDS
@@ -179,6 +180,8 @@ class SiteConfig:
     policy: PolicyConfig = PolicyConfig()
     governance: GovernanceConfig = GovernanceConfig()
     models: ModelsConfig = ModelsConfig()
+    # [disclosure]: what this site releases of an analysis plan (docs/analytics.md).
+    disclosure: DisclosurePolicy = DisclosurePolicy()
 
     @property
     def approvals_verified(self) -> bool:
@@ -514,6 +517,13 @@ def _parse_governance(section: _Section) -> GovernanceConfig:
     return GovernanceConfig(steward_keys=keys)
 
 
+def _parse_disclosure(section: _Section) -> DisclosurePolicy:
+    try:
+        return DisclosurePolicy.from_dict(dict(section.table))
+    except ValueError as exc:
+        raise ConfigError(f"{section.file}: [disclosure]: {exc}") from None
+
+
 POLICY_KEYS = (
     "consortium",
     "allowed_models",
@@ -537,6 +547,11 @@ _SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[_Section], Any], bool]] = 
     "policy": (POLICY_KEYS, _parse_policy, False),
     "governance": (("steward_keys",), _parse_governance, False),
     "models": (("allowed",), _parse_models, False),
+    "disclosure": (
+        ("min_cell_count", "min_sites", "allowed_analyses", "time_step"),
+        _parse_disclosure,
+        False,
+    ),
 }
 
 

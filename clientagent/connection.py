@@ -45,12 +45,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from clientagent import __version__
+from clientagent.analysis import handle_analysis_request
 from clientagent.config import SiteConfig
 from clientagent.data import LocalData, canonical_sha256
 from clientagent.policy import (
     NOT_AUTHORIZED,
     POLICY_REFUSED,
     check_authorization,
+    check_local_decision,
     check_policy,
     check_round_budget,
     check_steward_signature,
@@ -79,6 +81,7 @@ from clientagent.trainer import (
     handle_task,
 )
 from fedcore import protocol, tensors
+from fedcore.plan import is_analysis
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.signing import AuthorizationError, verify_offer
 
@@ -142,7 +145,7 @@ class ConsortiumRefused(Exception):
 
 
 # Messages that may carry something derived from local data: sent only through the sent log.
-RECORDED_TYPES = frozenset({"stats", "update", "error"})
+RECORDED_TYPES = frozenset({"stats", "update", "error", "analysis"})
 # Refusals the site operator must see: the server asked for something the site does not allow.
 ERROR_LEVEL_CODES = frozenset({DATA_INVALID, NOT_AUTHORIZED, POLICY_REFUSED})
 
@@ -456,6 +459,17 @@ class Agent:
                 short_hash(fields["plan_hash"]),
                 self.config.path,
             )
+        if is_analysis(fields["plan"]):
+            # No model, no training, no privacy budget: [disclosure] judges what the site
+            # releases (clientagent.analysis); the operator's own decision still counts.
+            check_local_decision(
+                fields["plan_hash"],
+                policy=policy,
+                config_path=self.config.path,
+                decision=decision,
+                run=run,
+            )
+            return grant
         check_policy(
             fields["plan"],
             fields["plan_hash"],
@@ -523,6 +537,30 @@ class Agent:
             self.state = "idle"
         await session.send_recorded("stats", reply, plan_hash=fields["plan_hash"])
         logger.info("run %d: sent local statistics of the training split", run)
+
+    async def handle_analysis_request(self, fields: dict[str, Any], session: _Session) -> None:
+        """Check the request, answer the analysis step in a worker thread, reply ``analysis``."""
+        run = fields["run"]
+        label = f"run {run} (analysis step {fields['step']!r})"
+        if not is_analysis(fields["plan"]):
+            exc = TaskError(
+                "invalid_task", "an analysis_request must carry an analysis plan", run=run
+            )
+            await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
+            return
+        try:
+            await asyncio.to_thread(self.check_request, fields)
+            self.state = "analysis"
+            reply = await asyncio.to_thread(
+                handle_analysis_request, fields, self.data, self.config.disclosure
+            )
+        except TaskError as exc:
+            await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
+            return
+        finally:
+            self.state = "idle"
+        await session.send_recorded("analysis", reply, plan_hash=fields["plan_hash"])
+        logger.info("%s: answered", label)
 
     async def handle_task(self, task: protocol.BinaryMessage, session: _Session) -> None:
         """Train (or reuse the update already built for this task) and send the ``update``."""
@@ -1038,6 +1076,8 @@ class _Session:
         kind = fields["type"]
         if kind == "stats_request":
             self._spawn(self.agent.handle_stats_request(fields, self), fields)
+        elif kind == "analysis_request":
+            self._spawn(self.agent.handle_analysis_request(fields, self), fields)
         elif kind == "update_ack":
             self.agent.on_update_ack(fields)
         elif kind == "error":

@@ -49,6 +49,7 @@ from fedcore.models import INSTALLED, ModelSpecError, validate_model_spec
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan import run_settings
 from fedcore.signing import (
+    ANALYSIS_KIND,
     EVALUATE_KIND,
     STATS_KIND,
     TASK_KIND,
@@ -213,6 +214,8 @@ def check_authorization(
         raise refuse("the request's plan states no valid training.rounds") from None
     if "model_version" in fields:  # the final model, to evaluate
         kind = EVALUATE_KIND
+    elif "step" in fields:  # one step of an analysis plan
+        kind = ANALYSIS_KIND
     else:
         kind = TASK_KIND if rnd is not None else STATS_KIND
     try:
@@ -226,6 +229,8 @@ def check_authorization(
             preprocessing=fields.get("preprocessing"),
             check_expiry=check_expiry,
             model_version=fields.get("model_version"),
+            step=fields.get("step"),
+            params=fields.get("params"),
         )
     except AuthorizationError as exc:
         raise refuse(str(exc)) from None
@@ -445,6 +450,29 @@ def check_policy(
                     f"the sent log (`quorum-agent log`) shows what was spent; raise "
                     f"max_epsilon_total in {settings} only if the data steward agrees",
                 )
+    check_local_decision(
+        plan_hash, policy=policy, config_path=config_path, decision=decision, run=run, round=round
+    )
+
+
+def check_local_decision(
+    plan_hash: str,
+    *,
+    policy: PolicyConfig,
+    config_path: Path,
+    decision: Decision | None,
+    run: int,
+    round: int | None = None,
+) -> None:
+    """Refuse a plan the site operator rejected, or has not approved under
+    require_local_approval (training and analysis plans alike).
+
+    Raises:
+        TaskError: ``policy_refused``.
+    """
+
+    def refuse(shared: str, hint: str) -> TaskError:
+        return _refusal(plan_hash, shared, hint, run=run, round=round)
 
     approve = f"`quorum-agent approve {plan_hash} --config {config_path}`"
     if decision is not None and decision.decision == REJECTED:

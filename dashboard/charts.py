@@ -17,7 +17,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from federation.reports import FAIRNESS_METRICS
+from federation.reports import FAIRNESS_METRICS, analysis_table
 
 # Colour-blind-safe (Okabe-Ito): the summary lines keep their colour on every chart; each silo
 # gets one of the others, the same on every chart (assigned by name).
@@ -419,6 +419,117 @@ def privacy_spend_chart(silos: list[dict[str, Any]]) -> Chart:
             "Each silo's epsilon spent, composed over its whole ledger, after every ledger entry, "
             "with its budget as a dashed line."
         ),
+        figure=_as_dict(fig),
+        table=table,
+        points=points,
+    )
+
+
+def analysis_chart(result: dict[str, Any]) -> Chart:
+    """The chart of a released analysis result, with the result's table under it: survival
+    curves with their confidence bands, a histogram, or bars of counts or means."""
+    kind = result["kind"]
+    header, rows = analysis_table(result)
+    table = ChartTable(
+        columns=[str(c) for c in header],
+        rows=[
+            [
+                "suppressed" if v is None else (_fmt(v, 6) if isinstance(v, float) else str(v))
+                for v in row
+            ]
+            for row in rows
+        ],
+    )
+    if kind == "kaplan_meier":
+        fig = go.Figure(layout=_layout("Kaplan-Meier survival", "Survival", x_title="Time"))
+        fig.update_xaxes(dtick=None)
+        for index, (group, curve) in enumerate(result["curves"].items()):
+            colour = SILO_COLOURS[index % len(SILO_COLOURS)]
+            for key, name in (("ci_upper", None), ("ci_lower", "band")):
+                fig.add_trace(
+                    go.Scatter(
+                        x=curve["time"],
+                        y=curve[key],
+                        line={"shape": "hv", "width": 0, "color": colour},
+                        fill="tonexty" if key == "ci_lower" else None,
+                        opacity=0.2,
+                        showlegend=False,
+                        hoverinfo="skip",
+                        name=name or key,
+                    )
+                )
+            fig.add_trace(
+                go.Scatter(
+                    x=curve["time"],
+                    y=curve["survival"],
+                    name=f"{group}",
+                    mode="lines",
+                    line={"shape": "hv", "width": 2.5, "color": colour},
+                    hovertemplate="%{y:.4f}",
+                )
+            )
+        points = sum(len(c["time"]) for c in result["curves"].values())
+        description = (
+            f"Survival by group with {100 * (1 - result['alpha']):g}% "
+            f"{result['interval']} intervals as bands; {result['coarsening']}."
+        )
+        if "logrank" in result:
+            description += (
+                f" Log-rank test: chi-square {result['logrank']['statistic']:.4f}, "
+                f"p = {result['logrank']['p_value']:.4g}."
+            )
+    elif kind == "quantile":
+        fig = go.Figure(layout=_layout("Quantiles", result["column"], x_title="Level"))
+        fig.update_xaxes(dtick=None, type="category")
+        fig.add_trace(
+            go.Scatter(
+                x=[f"{p:g}" for p in result["probs"]],
+                y=result["values"],
+                mode="markers+lines",
+                name="quantile",
+            )
+        )
+        points = len(result["probs"])
+        description = (
+            f"Exact quantiles ({result['method']}) of {result['n']} rows, found by federated "
+            f"bisection in {result['rounds']} steps."
+        )
+    elif kind == "moments":
+        fig = go.Figure(layout=_layout("Means", "Mean (± sd)", x_title="Column"))
+        fig.update_xaxes(dtick=None)
+        fig.add_trace(
+            go.Bar(
+                x=result["columns"],
+                y=result["mean"],
+                error_y={"type": "data", "array": result["sd"]},
+                name="mean",
+            )
+        )
+        points = len(result["columns"])
+        description = f"Mean and standard deviation of {result['n']} complete rows."
+    else:
+        labels = [
+            f"{'−∞' if row[0] is None else row[0]}–{'∞' if row[1] is None else row[1]}"
+            if kind == "histogram"
+            else str(row[0])
+            for row in rows
+        ]
+        values = [row[-1] for row in rows]
+        if "col_levels" in result:  # a cross-table: its row totals
+            labels, values = [str(row[0]) for row in rows], [row[-1] for row in rows]
+        shown = [(x, y) for x, y in zip(labels[:-1], values[:-1], strict=True) if y is not None]
+        fig = go.Figure(layout=_layout("Counts", "Rows", x_title=""))
+        fig.update_xaxes(dtick=None, type="category")
+        fig.add_trace(go.Bar(x=[s[0] for s in shown], y=[s[1] for s in shown], name="count"))
+        points = len(shown)
+        description = (
+            f"Counts; cells below {result.get('min_cell_count')} are suppressed, with "
+            "complementary cells so that no total reveals them."
+        )
+    return Chart(
+        key="analysis",
+        title=f"Result: {kind.replace('_', ' ')}",
+        description=description,
         figure=_as_dict(fig),
         table=table,
         points=points,

@@ -5,6 +5,7 @@ from django.urls import path
 
 from dashboard.views import (
     account,
+    analysis,
     assets,
     audit,
     auth,
@@ -83,6 +84,8 @@ urlpatterns = [
     path("runs/<int:run_id>/compliance/", audit.compliance_report, name="compliance_report"),
     path("runs/<int:run_id>/compliance.pdf", audit.compliance_report_pdf, name="compliance_pdf"),
     path("runs/<int:run_id>/fairness/", fairness.run_fairness, name="run_fairness"),
+    path("runs/<int:run_id>/analysis/", analysis.run_analysis, name="run_analysis"),
+    path("runs/<int:run_id>/analysis.csv", analysis.run_analysis_csv, name="run_analysis_csv"),
     path("models/<int:model_id>/download/", models.model_download, name="model_download"),
     path("models/<int:model_id>/card/", models.model_card, name="model_card"),
     path("models/<int:model_id>/card.json", models.model_card_json, name="model_card_json"),

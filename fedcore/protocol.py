@@ -209,6 +209,18 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "authorization": (_DICT, _REQ),  # fedcore.signing.sign_offer: the agent verifies it
     },
     "stats": {"run": (_INT, _REQ), "stats": (_DICT, _REQ)},  # agent -> server
+    # server -> agent: one step of an analysis plan (fedcore.analytics.steps); params are what
+    # the server derived from earlier steps (Kaplan-Meier's grid), signed with the step
+    "analysis_request": {
+        "run": (_INT, _REQ),
+        "plan_hash": (_STR, _REQ),
+        "plan": (_DICT, _REQ),
+        "step": (_STR, _REQ),
+        "params": (_DICT, _REQ),
+        "authorization": (_DICT, _REQ),
+    },
+    # agent -> server: the site's answer to that step (fedcore.analytics.steps.site_answer)
+    "analysis": {"run": (_INT, _REQ), "step": (_STR, _REQ), "answer": (_DICT, _REQ)},
     # agent -> server, answering "evaluate": the final model on the site's held-out rows.
     # evaluation = {"bins", "positives", "negatives", "loss_sum"} (fedcore.evaluation, checked
     # there); fairness = sensitive attribute -> {group: {tp, fp, tn, fn}} as in "update"

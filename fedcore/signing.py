@@ -262,6 +262,7 @@ def verify_offer(
 STATS_KIND = "stats"
 TASK_KIND = "task"
 EVALUATE_KIND = "evaluate"  # the final model, sent to be evaluated (no training)
+ANALYSIS_KIND = "analysis"  # one step of an analysis plan (fedcore.analytics.steps)
 # How long after its deadline a signed task stays valid (the agent's clock may lag the server's).
 TASK_EXPIRY_MARGIN_SECONDS = 600.0
 # Clocks may differ by a few minutes: an expiry is judged with this much slack.
@@ -283,6 +284,8 @@ def request_scope(
     weights_sha256: str | None = None,
     preprocessing: Mapping[str, Any] | None = None,
     model_version: int | None = None,
+    step: str | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The grant fields that bind a grant to one stats_request, one round's task or the final
     evaluation.
@@ -309,6 +312,10 @@ def request_scope(
             weights_sha256=weights_sha256,
             preprocessing_sha256=sha256_canonical(preprocessing),
         )
+    if kind == ANALYSIS_KIND:
+        if step is None or params is None:
+            raise ValueError("an analysis request's scope needs its step and parameters")
+        scope.update(step=step, params_sha256=sha256_canonical(params))
     if kind == EVALUATE_KIND:
         if model_version is None or weights_sha256 is None or preprocessing is None:
             raise ValueError("an evaluate's scope needs model_version, weights and preprocessing")
@@ -336,6 +343,8 @@ def check_request_scope(
     now: datetime | None = None,
     check_expiry: bool = True,
     model_version: int | None = None,
+    step: str | None = None,
+    params: Any = None,
 ) -> None:
     """Check a verified grant's scope covers exactly the request received.
 
@@ -350,6 +359,7 @@ def check_request_scope(
         now: the current time (tests).
         check_expiry: False only when checking again a task already accepted on arrival.
         model_version: the model version an evaluate says it carries (evaluates).
+        step, params: an analysis request's step and parameters (analysis requests).
 
     Raises:
         AuthorizationError: naming what the grant does not cover.
@@ -390,6 +400,21 @@ def check_request_scope(
             raise AuthorizationError(
                 f"the evaluate says model v{model_version!r}, but the authorization is for "
                 f"v{grant.get('model_version')!r}"
+            )
+    if kind == ANALYSIS_KIND:
+        if grant.get("step") != step:
+            raise AuthorizationError(
+                f"the request says step {step!r}, but the authorization is for step "
+                f"{grant.get('step')!r}"
+            )
+        try:
+            received = sha256_canonical(params)
+        except (TypeError, ValueError):
+            received = "not canonical JSON"
+        if grant.get("params_sha256") != received:
+            raise AuthorizationError(
+                f"the analysis parameters received hash to {_short(received)}, but the "
+                f"authorization is for {_short(grant.get('params_sha256'))} (changed in transit)"
             )
     if kind in (TASK_KIND, EVALUATE_KIND):
         if grant.get("weights_sha256") != weights_sha256:

@@ -22,6 +22,7 @@ from fedcore import protocol
 from federation import dispatch, selectors, throttle
 from federation.peer import PeerAware, PeerGone
 from federation.services import agent_auth, agent_reports
+from federation.services import analysis as analysis_services
 from federation.services import evaluation as evaluation_services
 from federation.services import refusals as refusal_services
 from federation.services import secagg as secagg_services
@@ -361,6 +362,16 @@ class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
         except update_services.Refused as exc:
             await self.send_error(exc.code, exc.reason, run=msg["run"])
 
+    async def on_analysis(self, msg: dict[str, Any]) -> None:
+        """The silo's answer to a step of an analysis run."""
+        assert self.silo_id is not None
+        try:
+            await database_sync_to_async(analysis_services.analysis_receive)(
+                silo_id=self.silo_id, fields=msg
+            )
+        except update_services.Refused as exc:
+            await self.send_error(exc.code, exc.reason, run=msg["run"])
+
     async def on_evaluation(self, msg: dict[str, Any]) -> None:
         """The silo's evaluation of the run's final model."""
         assert self.silo_id is not None
@@ -500,6 +511,14 @@ class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
         )
         if fields is not None:
             await self.send(text_data=protocol.encode_control("stats_request", **fields))
+
+    async def run_analysis_request(self, event: dict[str, Any]) -> None:
+        """Ask the silo for the current step of an analysis run."""
+        fields = await database_sync_to_async(selectors.analysis_request_fields)(
+            run_id=event["run_id"], silo_id=self.silo_id
+        )
+        if fields is not None:
+            await self.send(text_data=protocol.encode_control("analysis_request", **fields))
 
     async def run_evaluate(self, event: dict[str, Any]) -> None:
         """Send the silo the run's final model to evaluate on its held-out rows."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from django.db import transaction
 
+from fedcore.plan import is_analysis
 from fedcore.privacy import accounting
 from federation.models import PlanVersion, PrivacyLedgerEntry, Run, Silo
 from federation.services.audit import audit_append
@@ -82,7 +83,8 @@ def fairness_epsilon_per_round(spec: dict[str, Any]) -> float:
 def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
     """What a whole run of the plan's noisy fairness counts costs a silo: every round, and the
     final evaluation's tables of the last model (federation.services.evaluation)."""
-    return fairness_epsilon_per_round(spec) * (int(spec["training"]["rounds"]) + 1)
+    per_round = fairness_epsilon_per_round(spec)
+    return per_round * (int(spec["training"]["rounds"]) + 1) if per_round else 0.0
 
 
 def plan_statistics_epsilon(spec: dict[str, Any]) -> float:
@@ -118,7 +120,10 @@ def training_rows(silo: Silo, spec: dict[str, Any]) -> int:
 def plan_mechanism(
     spec: dict[str, Any], silo: Silo, *, rows: int | None = None
 ) -> Mechanism | None:
-    """(noise multiplier, sample rate, steps) a whole run of the plan applies to a silo's data."""
+    """(noise multiplier, sample rate, steps) a whole run of the plan applies to a silo's data
+    (None for an analysis plan: it adds no noise yet, docs/analytics.md)."""
+    if is_analysis(spec):
+        return None
     privacy = spec.get("privacy") or {"mode": "none"}
     training = spec["training"]
     return accounting.plan_mechanism(

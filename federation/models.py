@@ -322,6 +322,9 @@ class Run(models.Model):
     # figures and the final fairness report (federation.services.evaluation.pooled_evaluation);
     # None until the evaluation phase ends.
     evaluation = models.JSONField(null=True, blank=True)
+    # An analysis plan's run (federation.services.analysis): its steps, the current one, the
+    # merges so far, the step's deadline, and once released its result.
+    analysis = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -390,6 +393,25 @@ class SiloEvaluation(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["run", "silo"], name="evaluation_once_per_silo_and_run")
+        ]
+
+
+class SiloAnalysis(models.Model):
+    """A silo asked for one step of an analysis run, and its answer once received
+    (``fedcore.analytics.steps.site_answer``)."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="silo_analyses")
+    silo = models.ForeignKey(Silo, on_delete=models.CASCADE, related_name="+")
+    step = models.CharField(max_length=20)
+    answer = models.JSONField(null=True, blank=True)
+    asked_at = models.DateTimeField(default=timezone.now)
+    received_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "silo", "step"], name="analysis_step_once_per_silo_and_run"
+            )
         ]
 
 

@@ -491,3 +491,79 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         "audit_head": head,
         "audit_verification": asdict(report["verification"]),
     }
+
+
+def run_analysis(run: Run) -> dict[str, Any]:
+    """An analysis run's state and released result (``kind`` None for a training run)."""
+    from fedcore.plan import is_analysis
+
+    spec = run.version.spec
+    if not is_analysis(spec):
+        return {
+            "run": run.pk,
+            "status": run.status,
+            "kind": None,
+            "steps": [],
+            "step": None,
+            "result": None,
+            "error": "",
+        }
+    state = run.analysis or {}
+    steps = list(state.get("steps", []))
+    asking = run.active and "step" in state and "result" not in state
+    return {
+        "run": run.pk,
+        "status": run.status,
+        "kind": spec["analysis"]["kind"],
+        "steps": steps,
+        "step": steps[state["step"]] if asking else None,
+        "result": state.get("result"),
+        "error": run.error,
+    }
+
+
+def analysis_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """A released analysis result as one table: the header and the rows (None: suppressed).
+
+    The table under the dashboard's chart and the CSV export are this table."""
+    kind = result["kind"]
+    if kind == "kaplan_meier":
+        header = ["group", "time", "survival", "ci_lower", "ci_upper", "at_risk", "events"]
+        rows = [
+            [group, *values]
+            for group, curve in result["curves"].items()
+            for values in zip(*(curve[key] for key in header[1:]), strict=True)
+        ]
+        return header, rows
+    if kind == "quantile":
+        header = ["quantile", "value"]
+        return header, [[p, v] for p, v in zip(result["probs"], result["values"], strict=True)] + [
+            ["n", result["n"]]
+        ]
+    if kind == "moments":
+        header = ["column", "n", "mean", "variance", "sd"]
+        return header, [
+            [name, result["n"], result["mean"][i], result["variance"][i], result["sd"][i]]
+            for i, name in enumerate(result["columns"])
+        ]
+    if kind == "histogram":
+        edges = result["edges"]
+        bounds = [None, *edges, None]
+        header = ["from", "to", "count"]
+        return header, [
+            [bounds[i], bounds[i + 1], count] for i, count in enumerate(result["cells"])
+        ] + [["total", "", result["total"]]]
+    if "col_levels" in result:  # crosstab
+        header = ["", *result["col_levels"], "total"]
+        rows = [
+            [level, *cells, total]
+            for level, cells, total in zip(
+                result["row_levels"], result["cells"], result["row_totals"], strict=True
+            )
+        ]
+        return header, [*rows, ["total", *result["col_totals"], result["total"]]]
+    header = ["level", "count"]
+    rows = [
+        [level, count] for level, count in zip(result["row_levels"], result["cells"], strict=True)
+    ]
+    return header, [*rows, ["total", result["total"]]]

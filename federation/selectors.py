@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -169,6 +169,38 @@ def stats_request_fields(*, run_id: int, silo_id: int) -> dict[str, Any] | None:
     }
 
 
+def analysis_request_fields(*, run_id: int, silo_id: int) -> dict[str, Any] | None:
+    """Fields of an analysis_request for a silo that still owes the current step, else None."""
+    run = (
+        Run.objects.select_related("plan__consortium", "version")
+        .filter(pk=run_id, status=Run.Status.RUNNING)
+        .first()
+    )
+    state = (run.analysis or {}) if run is not None else {}
+    if run is None or "step" not in state or "result" in state:
+        return None
+    step = state["steps"][state["step"]]
+    if not run.silo_analyses.filter(silo_id=silo_id, step=step, answer__isnull=True).exists():
+        return None
+    silo = run.version.silos.get(pk=silo_id)
+    scope = signing.request_scope(
+        kind=signing.ANALYSIS_KIND,
+        rounds=run.rounds,
+        expires_at=datetime.fromisoformat(state["deadline"])
+        + timedelta(seconds=signing.TASK_EXPIRY_MARGIN_SECONDS),
+        step=step,
+        params=state["params"],
+    )
+    return {
+        "run": run.pk,
+        "plan_hash": run.plan_hash,
+        "plan": run.version.spec,
+        "step": step,
+        "params": state["params"],
+        "authorization": authorization_for(run=run, silo=silo, scope=scope),
+    }
+
+
 def stats_scope(run: Run) -> dict[str, Any]:
     """The signed scope of a stats_request: the run's rounds, valid until the statistics
     deadline plus the margin (an hour from now when the run has none yet)."""
@@ -198,6 +230,9 @@ def pending_work(*, silo_id: int) -> list[dict[str, Any]]:
     for run in runs:
         if run.status == Run.Status.STATS:
             events.append({"type": "run.stats_request", "run_id": run.pk})
+            continue
+        if run.analysis is not None:  # an analysis run: its current step, if still owed
+            events.append({"type": "run.analysis_request", "run_id": run.pk})
             continue
         if run.status == Run.Status.EVALUATING:
             if run.silo_evaluations.filter(silo_id=silo_id, report__isnull=True).exists():

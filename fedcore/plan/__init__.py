@@ -1,6 +1,14 @@
 """The plan language: parsing a plan spec into typed settings, its canonical JSON and hash, and
 its JSON Schema. Server and site agent both use it (docs/plan-spec.md)."""
 
+from fedcore.plan.analysis import (
+    PLAN_ANALYSES,
+    Analysis,
+    AnalysisPlan,
+    is_analysis,
+    parse_analysis_plan,
+    plan_errors,
+)
 from fedcore.plan.canonical import canonical_json, plan_hash, versioned_spec
 from fedcore.plan.schema import json_schema, key_table, openapi_schema
 from fedcore.plan.spec import (
@@ -26,7 +34,6 @@ from fedcore.plan.spec import (
     parse_evaluation,
     parse_plan,
     parse_schema,
-    plan_errors,
     run_settings,
     secagg_settings,
     secagg_threshold,
@@ -34,6 +41,11 @@ from fedcore.plan.spec import (
 )
 
 __all__ = [
+    "PLAN_ANALYSES",
+    "Analysis",
+    "AnalysisPlan",
+    "is_analysis",
+    "parse_analysis_plan",
     "AGGREGATION_STRATEGIES",
     "ALLOWED_KEYS",
     "CLIENT_DP_STRATEGIES",

@@ -1292,8 +1292,10 @@ def _task_errors(
 THRESHOLD_KEYS = ("max_demographic_parity_difference", "max_equalized_odds_difference")
 
 
-def plan_errors(spec: Any) -> dict[str, str]:
-    """Every problem of a plan spec, dotted path -> message (empty when it is valid)."""
+def training_plan_errors(spec: Any) -> dict[str, str]:
+    """Every problem of a training plan spec, dotted path -> message (empty when it is valid).
+
+    ``fedcore.plan.plan_errors`` checks any plan, training or analysis."""
     try:
         parse_plan(spec)
     except PlanError as exc:

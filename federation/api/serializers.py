@@ -845,6 +845,24 @@ class RunPrivacySerializer(serializers.Serializer):
     status = serializers.CharField()
 
 
+class RunAnalysisSerializer(serializers.Serializer):
+    """An analysis run: its analysis, steps, and the released result (docs/analytics.md)."""
+
+    run = serializers.IntegerField()
+    status = serializers.CharField()
+    kind = serializers.CharField(
+        allow_null=True, help_text="the analysis: count, crosstab, ... (null: a training run)"
+    )
+    steps = serializers.ListField(child=serializers.CharField())
+    step = serializers.CharField(allow_null=True, help_text="the step asked now (null: none)")
+    result = serializers.DictField(
+        allow_null=True,
+        help_text="the released result (null until released, or when it was withheld); "
+        "suppressed cells are null and listed under 'suppressed'",
+    )
+    error = serializers.CharField(help_text="why nothing was released, when the run failed")
+
+
 class PrivacySiloSerializer(serializers.Serializer):
     silo = serializers.IntegerField(source="silo.pk")
     name = serializers.CharField(source="silo.name")

@@ -88,6 +88,7 @@ urlpatterns = [
     path("runs/<int:pk>/models/", runs.RunModelListView.as_view(), name="run-models"),
     path("runs/<int:pk>/fairness/", reports.RunFairnessView.as_view(), name="run-fairness"),
     path("runs/<int:pk>/privacy/", reports.RunPrivacyView.as_view(), name="run-privacy"),
+    path("runs/<int:pk>/analysis/", reports.RunAnalysisView.as_view(), name="run-analysis"),
     path("runs/<int:pk>/compliance/", reports.RunComplianceView.as_view(), name="run-compliance"),
     path(
         "runs/<int:pk>/compliance.pdf",

@@ -25,7 +25,7 @@ from django.utils import timezone
 from fedcore import aggregation, tabular, tensors
 from fedcore.aggregation import AggregateResult
 from fedcore.models import build_model
-from fedcore.plan import RunSettings, run_settings, server_strategy_spec
+from fedcore.plan import RunSettings, is_analysis, run_settings, server_strategy_spec
 from fedcore.privacy import accounting as dp_accounting
 from fedcore.privacy import client_dp
 from fedcore.privacy.wrapper import ClientDPStrategy
@@ -39,6 +39,7 @@ from federation.models import (
     TrainingPlan,
 )
 from federation.selectors import online_silos, round_refused_count
+from federation.services import analysis as analysis_service
 from federation.services import evaluation as evaluation_service
 from federation.services import fairness as fairness_service
 from federation.services.audit import audit_append
@@ -132,10 +133,21 @@ def run_step(*, run_id: int) -> roundplan.Decision | None:
     )
     if run is None or not run.active:
         return None
+    if is_analysis(run.version.spec):  # an analysis plan: no rounds (services.analysis)
+        return _analysis_step(run)
     online = online_silos(run, evaluation=_evaluation_next(run))
     decision = roundplan.decide(run_state(run, online))
     _apply(run, decision, online)
     return decision
+
+
+def _analysis_step(run: Run) -> roundplan.Decision:
+    outcome, why = analysis_service.analysis_step(run, online_silos(run))
+    if outcome == "complete":
+        _complete_run(run)
+    elif outcome == "fail":
+        _fail_run(run, why)
+    return roundplan.Wait(reason=why or "analysis released")
 
 
 def _evaluation_next(run: Run) -> bool:

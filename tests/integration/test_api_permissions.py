@@ -130,6 +130,7 @@ MATRIX = """
 | GET /api/v1/consortia/{id}/privacy/       | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/runs/{id}/fairness/           | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/runs/{id}/privacy/            | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/runs/{id}/analysis/           | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/runs/{id}/compliance/         | 200   | 403       | 403     | 403       | 200     | 404   | 401       |
 | GET /api/v1/runs/{id}/compliance.pdf      | 200   | 403       | 403     | 403       | 200     | 404   | 401       |
 | GET /api/v1/models/{id}/                  | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
@@ -305,6 +306,7 @@ REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
     ),
     "GET /api/v1/runs/{id}/fairness/": (lambda w: f"/api/v1/runs/{w.run.pk}/fairness/", _none),
     "GET /api/v1/runs/{id}/privacy/": (lambda w: f"/api/v1/runs/{w.run.pk}/privacy/", _none),
+    "GET /api/v1/runs/{id}/analysis/": (lambda w: f"/api/v1/runs/{w.run.pk}/analysis/", _none),
     "GET /api/v1/runs/{id}/compliance/": (
         lambda w: f"/api/v1/runs/{w.run.pk}/compliance/",
         _none,

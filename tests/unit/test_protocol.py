@@ -63,6 +63,15 @@ CONTROL_EXAMPLES = {
         "authorization": GRANT,
     },
     "stats": {"run": 3, "stats": {"n": 120, "columns": {"age": {"count": 120, "mean": 51.5}}}},
+    "analysis_request": {
+        "run": 3,
+        "plan_hash": "ab" * 32,
+        "plan": PLAN,
+        "step": "summary",
+        "params": {"grid": [1.0, 2.5]},
+        "authorization": GRANT,
+    },
+    "analysis": {"run": 3, "step": "summary", "answer": {"summary": {"counts": [6, 7]}}},
     "evaluation": {
         "run": 3,
         "model_version": 20,

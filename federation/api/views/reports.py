@@ -25,6 +25,7 @@ from federation.api.serializers import (
     ApiIndexSerializer,
     ConsortiumPrivacySerializer,
     ModelVersionDetailSerializer,
+    RunAnalysisSerializer,
     RunPrivacySerializer,
 )
 from federation.api.views.base import ApiView
@@ -113,6 +114,17 @@ class RunPrivacyView(ApiView):
     def get(self, request: Request, pk: int) -> Response:
         run = permissions.access_run(user=request.user, id=pk)
         return Response(RunPrivacySerializer(reports.run_privacy(run)).data)
+
+
+class RunAnalysisView(ApiView):
+    """An analysis plan's run: its result once released (who may read a run's reports)."""
+
+    @extend_schema(
+        responses=RunAnalysisSerializer, summary="An analysis run's steps and released result"
+    )
+    def get(self, request: Request, pk: int) -> Response:
+        run = permissions.access_run(user=request.user, id=pk)
+        return Response(RunAnalysisSerializer(reports.run_analysis(run)).data)
 
 
 class ConsortiumPrivacyView(ApiView):

@@ -1,0 +1,312 @@
+"""An analysis plan's run as steps: what each site answers, how the server merges, what it releases.
+
+The wiring (the server's analysis run, the site agent) only moves the JSON these functions take
+and return; the arithmetic is ``cohort``'s and ``survival``'s. A run is a sequence of steps
+(:func:`plan_steps`); each step is one signed request to every site and one reply from each:
+
+- ``"summary"``: the site's sums for the analysis (``site_crosstab``, ``site_moments``,
+  ``site_histogram``, ``site_km``), merged by an elementwise sum;
+- ``"event_times"`` (Kaplan-Meier's first step): the site's distinct event times, floored to
+  its policy's ``time_step``; the server's merge is their union, the grid of the next step;
+- ``"bisect-1"``, ``"bisect-2"``, ... (quantiles): the site's row count and how many of its
+  values are at most each threshold (``site_count_below``); the server's ``QuantileSearch``,
+  replayed over the merges so far, picks the next thresholds until every order statistic is
+  exact (:func:`next_step`).
+
+Every answer carries the site's disclosure settings that the release must honour (its minimum
+cell count, minimum number of sites, time step): :func:`release` suppresses with the largest
+minimum cell count of the answering sites and refuses a result of fewer sites than any of them
+requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedcore.analytics._sums import merge_sums
+from fedcore.analytics.cohort import (
+    QuantileSearch,
+    _complete,
+    apply_filters,
+    crosstab_result,
+    moments_result,
+    site_count_below,
+    site_crosstab,
+    site_histogram,
+    site_moments,
+)
+from fedcore.analytics.disclosure import (
+    DisclosurePolicy,
+    DisclosureRefused,
+    check_analysis_allowed,
+    check_site_count,
+    suppress_table,
+)
+from fedcore.analytics.survival import (
+    describe_coarsening,
+    km_result,
+    logrank_result,
+    merge_event_times,
+    site_event_times,
+    site_km,
+    survival_rows,
+)
+from fedcore.plan.analysis import Analysis
+
+__all__ = ["merge_step", "next_step", "plan_steps", "release", "site_answer", "step_params"]
+
+SUMMARY, EVENT_TIMES, BISECT = "summary", "event_times", "bisect-"
+# A bisection over the 64-bit keys of doubles narrows each span about 16-fold a step (15 probes):
+# 16 steps suffice; the cap stops a search that does not converge (sites changing their data).
+MAX_BISECTIONS = 40
+
+
+def plan_steps(analysis: Analysis) -> tuple[str, ...]:
+    """The fixed steps of an analysis, in order (a quantile's steps depend on the answers:
+    :func:`next_step`)."""
+    if analysis.kind == "kaplan_meier":
+        return (EVENT_TIMES, SUMMARY)
+    if analysis.kind == "quantile":
+        return ()
+    return (SUMMARY,)
+
+
+def _search(analysis: Analysis, history: Sequence[Mapping[str, Any]], min_cell_count: int = 1):
+    search = QuantileSearch(analysis.probs, method=analysis.method, min_cell_count=min_cell_count)
+    for merged in history:
+        search.thresholds()
+        search.update({k: np.asarray(v) for k, v in merged.items()})
+    return search
+
+
+def next_step(
+    analysis: Analysis, history: Sequence[Mapping[str, Any]]
+) -> tuple[str, dict[str, Any]] | None:
+    """The next step to ask and its parameters, given the merges of the steps so far (in
+    order); None when the result can be released.
+
+    Raises:
+        ValueError: a quantile search that cannot go on (no rows, the sites' count changed, more
+            than ``MAX_BISECTIONS`` steps).
+    """
+    if analysis.kind != "quantile":
+        steps = plan_steps(analysis)
+        if len(history) >= len(steps):
+            return None
+        step = steps[len(history)]
+        merged = dict(zip(steps, history, strict=False))
+        return step, step_params(analysis, step, merged)
+    search = _search(analysis, history)
+    if search.done:
+        return None
+    if len(history) >= MAX_BISECTIONS:
+        raise ValueError(f"the quantile search did not converge in {MAX_BISECTIONS} steps")
+    return f"{BISECT}{len(history) + 1}", {"thresholds": search.thresholds().tolist()}
+
+
+def site_answer(
+    analysis: Analysis,
+    step: str,
+    params: Mapping[str, Any],
+    df: pd.DataFrame,
+    policy: DisclosurePolicy,
+) -> dict[str, Any]:
+    """A site's answer to one step (JSON data), after its disclosure policy allowed it.
+
+    Args:
+        analysis: the plan's analysis (parsed by the site from the signed plan).
+        step: the step requested (one of :func:`plan_steps`).
+        params: what the server derived from earlier steps (``{"grid": [...]}`` for
+            Kaplan-Meier's counts).
+        df: the site's validated rows.
+        policy: the site's ``[disclosure]``.
+
+    Raises:
+        DisclosureRefused: the policy forbids the analysis, or the cohort (or a group of it)
+            holds from 1 to ``min_cell_count - 1`` rows here.
+        ValueError: a step this analysis does not have, or data the analysis cannot use.
+    """
+    bisect = analysis.kind == "quantile" and step.startswith(BISECT)
+    if step not in plan_steps(analysis) and not bisect:
+        raise ValueError(
+            f"step {step!r} is not a step of a {analysis.kind!r} analysis "
+            f"({', '.join(plan_steps(analysis))})"
+        )
+    for kind in analysis.policy_kinds:
+        check_analysis_allowed(policy, kind)
+    _check_cohort(analysis, df, policy)
+    out: dict[str, Any] = {
+        "step": step,
+        "min_cell_count": policy.min_cell_count,
+        "min_sites": policy.min_sites,
+        "time_step": policy.time_step,
+    }
+    if bisect:
+        assert analysis.column is not None
+        thresholds = params.get("thresholds")
+        if not isinstance(thresholds, list) or not thresholds:
+            raise ValueError("a bisection step needs the server's thresholds")
+        part = site_count_below(df, analysis.column, thresholds, filters=analysis.filters)
+        out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
+        return out
+    if step == EVENT_TIMES:
+        assert analysis.time is not None and analysis.event is not None
+        times = site_event_times(
+            df,
+            analysis.time,
+            analysis.event,
+            columns=[] if analysis.group is None else [analysis.group],
+            filters=analysis.filters,
+            time_step=policy.time_step,
+        )
+        out["event_times"] = times.tolist()
+        return out
+    part = _site_summary(analysis, params, df, policy)
+    out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
+    return out
+
+
+def _check_cohort(analysis: Analysis, df: pd.DataFrame, policy: DisclosurePolicy) -> None:
+    what = "the cohort" if analysis.filters else "the site's rows"
+    if analysis.kind == "kaplan_meier":
+        assert analysis.time is not None and analysis.event is not None
+        columns = [] if analysis.group is None else [analysis.group]
+        times, _, extra = survival_rows(
+            df, analysis.time, analysis.event, columns, filters=analysis.filters
+        )
+        check_site_count(policy, len(times), what)
+        if analysis.group is not None:
+            for level, count in extra[analysis.group].astype(str).value_counts().items():
+                check_site_count(policy, int(count), f"group {analysis.group}={level}")
+        return
+    if analysis.kind in ("moments", "quantile"):
+        columns = analysis.columns or (analysis.column,)
+        rows = len(_complete(df, columns, analysis.filters))
+        check_site_count(policy, rows, f"{what} (complete cases of {', '.join(columns)})")
+        return
+    check_site_count(policy, int(apply_filters(df, analysis.filters).sum()), what)
+
+
+def _site_summary(
+    analysis: Analysis, params: Mapping[str, Any], df: pd.DataFrame, policy: DisclosurePolicy
+) -> dict[str, np.ndarray]:
+    if analysis.kind in ("count", "crosstab"):
+        assert analysis.rows is not None and analysis.levels is not None
+        return site_crosstab(
+            df, analysis.rows, analysis.levels, cols=analysis.cols, filters=analysis.filters
+        )
+    if analysis.kind == "moments":
+        return site_moments(df, analysis.columns, filters=analysis.filters)
+    if analysis.kind == "histogram":
+        assert analysis.column is not None
+        return site_histogram(df, analysis.column, analysis.edges, filters=analysis.filters)
+    assert analysis.time is not None and analysis.event is not None
+    grid = params.get("grid")
+    if not isinstance(grid, list) or not grid:
+        raise ValueError("the Kaplan-Meier counts step needs the server's grid of event times")
+    return site_km(
+        df,
+        analysis.time,
+        analysis.event,
+        grid,
+        group=analysis.group,
+        levels=analysis.group_levels,
+        filters=analysis.filters,
+        time_step=policy.time_step,
+    )
+
+
+def merge_step(analysis: Analysis, step: str, answers: Sequence[Mapping[str, Any]]) -> dict:
+    """The server's merge of one step's answers (JSON data).
+
+    Raises:
+        ValueError: answers that do not fit the step (the message says which).
+    """
+    if step == EVENT_TIMES:
+        grid = merge_event_times([answer["event_times"] for answer in answers])
+        return {"grid": grid.tolist()}
+    merged = merge_sums(
+        [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
+    )
+    return {name: value.tolist() for name, value in merged.items()}
+
+
+def step_params(analysis: Analysis, step: str, merged: Mapping[str, Any]) -> dict[str, Any]:
+    """What the request of ``step`` carries, given the merge of the steps before it."""
+    if analysis.kind == "kaplan_meier" and step == SUMMARY:
+        return {"grid": list(merged[EVENT_TIMES]["grid"])}
+    return {}
+
+
+def release(
+    analysis: Analysis,
+    merged: Mapping[str, Any],
+    answers: Sequence[Mapping[str, Any]],
+    *,
+    min_silos: int = 1,
+) -> dict[str, Any]:
+    """The released result of a finished analysis.
+
+    Args:
+        merged: step -> its merge (:func:`merge_step`).
+        answers: the last step's answers (their disclosure settings bind the release).
+        min_silos: the plan's minimum.
+
+    Raises:
+        DisclosureRefused: fewer sites answered than the plan or any answering site requires.
+    """
+    sites = len(answers)
+    needed = max([min_silos, *(int(a["min_sites"]) for a in answers)])
+    if sites < needed:
+        raise DisclosureRefused(
+            f"{sites} site(s) answered; the plan or a site's disclosure policy releases only "
+            f"results of at least {needed} sites, so nothing is released"
+        )
+    min_cell = max(int(a["min_cell_count"]) for a in answers)
+    result: dict[str, Any] = {"kind": analysis.kind, "sites": sites}
+    if analysis.kind == "quantile":
+        # Replayed with the strictest site's minimum: no order statistic fewer than that many
+        # rows from either end (the minimum or the maximum is one patient's value).
+        history = [merged[f"{BISECT}{i}"] for i in range(1, len(merged) + 1)]
+        result.update(_search(analysis, history, min_cell).result())
+        result["column"] = analysis.column
+        result["min_cell_count"] = min_cell
+        result["sites"] = sites
+        return result
+    data = {k: np.asarray(v) for k, v in merged[SUMMARY].items()}
+    if analysis.kind in ("count", "crosstab"):
+        assert analysis.rows is not None and analysis.levels is not None
+        result.update(
+            crosstab_result(
+                data, analysis.levels, analysis.rows, analysis.cols, min_cell_count=min_cell
+            )
+        )
+        result["min_cell_count"] = min_cell
+    elif analysis.kind == "moments":
+        result.update(moments_result(data, analysis.columns))
+    elif analysis.kind == "histogram":
+        table = suppress_table(np.asarray(data["counts"], dtype=np.int64), min_cell).released()
+        result.update(table)
+        result["edges"] = list(analysis.edges)
+        result["bins"] = "[below first edge, bins as numpy.histogram..., above last edge]"
+        result["min_cell_count"] = min_cell
+    else:
+        grid = merged[EVENT_TIMES]["grid"]
+        coarsening = describe_coarsening([a["time_step"] for a in answers])
+        result.update(
+            km_result(
+                data,
+                grid,
+                levels=analysis.group_levels,
+                alpha=analysis.alpha,
+                coarsening=coarsening,
+            )
+        )
+        if analysis.logrank:
+            result["logrank"] = logrank_result(data, levels=analysis.group_levels)
+    result["sites"] = sites
+    return result

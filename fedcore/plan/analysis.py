@@ -1,0 +1,359 @@
+"""Analysis plans: ``{"kind": "analysis", ...}`` in the plan language (docs/analytics.md).
+
+An analysis plan names one federated analysis and its parameters instead of a model and its
+training. It is hashed, approved and granted like a training plan (the same canonical JSON, the
+same stewards); :func:`parse_analysis_plan` is the one parser server and site agent both run,
+and every problem is keyed by its dotted path ("analysis.columns", "analysis.filters").
+
+The analyses of this first slice are the one-shot ones (a single request to every site) plus
+Kaplan-Meier, which takes two: the union of the sites' event times, then the counts on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedcore.analytics.cohort import (
+    QUANTILE_METHODS,
+    Filter,
+    check_columns,
+    column_types,
+    parse_filters,
+)
+from fedcore.plan.keys import Key, check_section, defaults, names
+from fedcore.plan.spec import PlanError, parse_schema, training_plan_errors
+from fedcore.tabular import DatasetSchema
+
+ANALYSIS_KIND = "analysis"
+# The analyses an analysis plan may request (fedcore.analytics.disclosure.ANALYSIS_KINDS is
+# what a site may allow; the others there need several Newton or bisection rounds).
+PLAN_ANALYSES: tuple[str, ...] = (
+    "count",
+    "crosstab",
+    "moments",
+    "histogram",
+    "quantile",
+    "kaplan_meier",
+)
+MAX_PROBS = 20
+MAX_LEVELS = 64
+MAX_EDGES = 1001
+
+ANALYSIS_TOP_KEYS: tuple[Key, ...] = (
+    Key("kind", "string", "'analysis': this plan runs an analysis, not training"),
+    Key("name", "string", "the plan's name (hashed)", default=None, nullable=True),
+    Key("description", "string", "the plan's description (hashed)", default=None, nullable=True),
+    Key("schema", "object", "the dataset schema every site's data must match (fedcore.tabular)"),
+    Key("analysis", "object", "the analysis and its parameters (section analysis)"),
+    Key(
+        "min_silos",
+        "integer",
+        "sites whose answers a result needs before it is released",
+        default=1,
+        minimum=1,
+    ),
+    Key(
+        "round_deadline_seconds",
+        "number",
+        "seconds each step of the analysis waits for the sites' answers",
+        default=300,
+        minimum=0,
+        exclusive_min=True,
+    ),
+    Key(
+        "wait_for_silos_seconds",
+        "number",
+        "seconds a run waits for min_silos connected agents; null: "
+        "max(round_deadline_seconds, 120)",
+        default=None,
+        minimum=0,
+        exclusive_min=True,
+        nullable=True,
+    ),
+)
+ANALYSIS_ALLOWED_KEYS: tuple[str, ...] = names(ANALYSIS_TOP_KEYS)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One requested analysis, validated against the plan's schema."""
+
+    kind: str
+    filters: tuple[Filter, ...] = ()
+    rows: str | None = None  # count, crosstab
+    cols: str | None = None  # crosstab
+    levels: Mapping[str, tuple[str, ...]] | None = None  # count, crosstab, kaplan_meier group
+    columns: tuple[str, ...] = ()  # moments
+    column: str | None = None  # histogram
+    edges: tuple[float, ...] = ()  # histogram
+    probs: tuple[float, ...] = ()  # quantile
+    method: str = "linear"
+    time: str | None = None  # kaplan_meier
+    event: str | None = None
+    group: str | None = None
+    logrank: bool = False
+    alpha: float = 0.05
+
+    @property
+    def policy_kinds(self) -> tuple[str, ...]:
+        """The kinds a site's ``[disclosure] allowed_analyses`` must list for this analysis."""
+        return (self.kind, "logrank") if self.logrank else (self.kind,)
+
+    @property
+    def group_levels(self) -> tuple[str, ...]:
+        """Kaplan-Meier's group levels (empty: one curve)."""
+        if self.group is None or self.levels is None:
+            return ()
+        return self.levels[self.group]
+
+
+@dataclass(frozen=True)
+class AnalysisPlan:
+    """A parsed analysis plan."""
+
+    schema: DatasetSchema
+    analysis: Analysis
+    min_silos: int
+    round_deadline_seconds: float
+    wait_for_silos_seconds: float
+
+
+def is_analysis(spec: Any) -> bool:
+    """Whether a spec asks for an analysis (``"kind": "analysis"``) rather than training."""
+    return isinstance(spec, Mapping) and spec.get("kind") == ANALYSIS_KIND
+
+
+def plan_errors(spec: Any) -> dict[str, str]:
+    """Every problem of a plan spec, training or analysis, dotted path -> message (empty when
+    it is valid): the check at proposal, in the CLI and at every site."""
+    if not is_analysis(spec):
+        return training_plan_errors(spec)
+    try:
+        parse_analysis_plan(spec)
+    except PlanError as exc:
+        return exc.errors
+    return {}
+
+
+def parse_analysis_plan(spec: Any) -> AnalysisPlan:
+    """Parse an analysis plan spec.
+
+    Raises:
+        PlanError: every problem, keyed by dotted path.
+    """
+    if not isinstance(spec, Mapping):
+        raise PlanError({"spec": f"a plan must be a JSON object, got {type(spec).__name__}"})
+    errors: dict[str, str] = {}
+    for key in sorted(str(key) for key in spec if key not in ANALYSIS_ALLOWED_KEYS):
+        errors[key] = (
+            f"unknown key {key!r} in an analysis plan; allowed keys: "
+            f"{', '.join(ANALYSIS_ALLOWED_KEYS)}"
+        )
+    top = check_section(
+        {k: v for k, v in spec.items() if k in ANALYSIS_ALLOWED_KEYS},
+        ANALYSIS_TOP_KEYS,
+        "",
+        errors,
+        skip=("schema", "analysis"),
+    )
+    schema: DatasetSchema | None = None
+    try:
+        schema = parse_schema(spec.get("schema"))
+    except PlanError as exc:
+        errors.update(exc.errors)
+    analysis = None
+    raw = spec.get("analysis")
+    if not isinstance(raw, Mapping):
+        errors["analysis"] = (
+            "must be an object {kind, ...} naming the analysis; kinds: " + ", ".join(PLAN_ANALYSES)
+        )
+    elif schema is not None:
+        analysis = _analysis(raw, column_types(schema), errors)
+    if errors:
+        raise PlanError(errors)
+    assert schema is not None and analysis is not None
+    deadline = float(top["round_deadline_seconds"])
+    wait = top["wait_for_silos_seconds"]
+    return AnalysisPlan(
+        schema=schema,
+        analysis=analysis,
+        min_silos=int(top["min_silos"]),
+        round_deadline_seconds=deadline,
+        wait_for_silos_seconds=float(wait) if wait is not None else max(deadline, 120.0),
+    )
+
+
+_SECTION_KEYS: dict[str, frozenset[str]] = {
+    "count": frozenset({"kind", "rows", "levels", "filters"}),
+    "crosstab": frozenset({"kind", "rows", "cols", "levels", "filters"}),
+    "moments": frozenset({"kind", "columns", "filters"}),
+    "histogram": frozenset({"kind", "column", "edges", "filters"}),
+    "quantile": frozenset({"kind", "column", "probs", "method", "filters"}),
+    "kaplan_meier": frozenset(
+        {"kind", "time", "event", "group", "levels", "logrank", "alpha", "filters"}
+    ),
+}
+
+
+def _analysis(raw: Mapping[str, Any], types: Mapping[str, str], errors: dict[str, str]):
+    kind = raw.get("kind")
+    if kind not in PLAN_ANALYSES:
+        errors["analysis.kind"] = (
+            f"{kind!r} is not an analysis this plan language runs; use one of: "
+            f"{', '.join(PLAN_ANALYSES)}"
+        )
+        return None
+    allowed = _SECTION_KEYS[kind]
+    for key in sorted(str(k) for k in raw if k not in allowed):
+        errors[f"analysis.{key}"] = (
+            f"unknown key {key!r} for a {kind!r} analysis; allowed: {', '.join(sorted(allowed))}"
+        )
+    before = len(errors)
+    filters: tuple[Filter, ...] = ()
+    raw_filters = raw.get("filters", [])
+    if not isinstance(raw_filters, list):
+        errors["analysis.filters"] = "must be a list of {column, op, value} objects"
+    else:
+        try:
+            filters = parse_filters(raw_filters, types)
+        except ValueError as exc:
+            errors["analysis.filters"] = str(exc)
+
+    def column(key: str, *, numeric: bool = False, required: bool = True) -> str | None:
+        value = raw.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str):
+            errors[f"analysis.{key}"] = "needs a column name of the schema"
+            return None
+        try:
+            check_columns(types, [value], numeric=numeric, what=f"analysis.{key}")
+        except ValueError as exc:
+            errors[f"analysis.{key}"] = str(exc).split(": ", 1)[1]
+            return None
+        return value
+
+    fields: dict[str, Any] = {"kind": kind, "filters": filters}
+    if kind in ("count", "crosstab"):
+        fields["rows"] = column("rows")
+        if kind == "crosstab":
+            fields["cols"] = column("cols")
+        axes = [a for a in (fields.get("rows"), fields.get("cols")) if a is not None]
+        fields["levels"] = _levels(raw.get("levels"), axes, errors)
+    elif kind == "moments":
+        value = raw.get("columns")
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            errors["analysis.columns"] = "needs a non-empty list of numeric schema columns"
+        elif len(set(value)) != len(value):
+            errors["analysis.columns"] = "lists a column twice"
+        else:
+            try:
+                check_columns(types, value, numeric=True, what="analysis.columns")
+                fields["columns"] = tuple(value)
+            except ValueError as exc:
+                errors["analysis.columns"] = str(exc).split(": ", 1)[1]
+    elif kind == "histogram":
+        fields["column"] = column("column", numeric=True)
+        edges = raw.get("edges")
+        if (
+            not isinstance(edges, list)
+            or not 2 <= len(edges) <= MAX_EDGES
+            or not all(_finite(e) for e in edges)
+            or any(b <= a for a, b in zip(edges, edges[1:], strict=False))
+        ):
+            errors["analysis.edges"] = (
+                f"needs 2 to {MAX_EDGES} increasing finite numbers (the bin edges, fixed by the "
+                "plan so that every site's histogram has the same bins)"
+            )
+        else:
+            fields["edges"] = tuple(float(e) for e in edges)
+    elif kind == "quantile":
+        fields["column"] = column("column", numeric=True)
+        probs = raw.get("probs")
+        if (
+            not isinstance(probs, list)
+            or not 1 <= len(probs) <= MAX_PROBS
+            or not all(_finite(p) and 0 <= p <= 1 for p in probs)
+        ):
+            errors["analysis.probs"] = f"needs 1 to {MAX_PROBS} quantile levels in [0, 1]"
+        else:
+            fields["probs"] = tuple(float(p) for p in probs)
+        method = raw.get("method", "linear")
+        if method not in QUANTILE_METHODS:
+            errors["analysis.method"] = (
+                f"{method!r} is not a quantile method; use one of {', '.join(QUANTILE_METHODS)} "
+                "(numpy.quantile's)"
+            )
+        else:
+            fields["method"] = method
+    else:  # kaplan_meier
+        fields["time"] = column("time", numeric=True)
+        fields["event"] = column("event")
+        fields["group"] = column("group", required=False)
+        logrank = raw.get("logrank", False)
+        if not isinstance(logrank, bool):
+            errors["analysis.logrank"] = "must be true or false"
+        fields["logrank"] = logrank is True
+        alpha = raw.get("alpha", 0.05)
+        if not _finite(alpha) or not 0 < alpha < 1:
+            errors["analysis.alpha"] = "must be a number between 0 and 1 (0.05: 95% intervals)"
+        else:
+            fields["alpha"] = float(alpha)
+        if fields["group"] is not None:
+            fields["levels"] = _levels(raw.get("levels"), [fields["group"]], errors, flat=True)
+        elif raw.get("levels") is not None:
+            errors["analysis.levels"] = "applies only with a group column"
+        if fields["logrank"] and fields["group"] is None and "analysis.group" not in errors:
+            errors["analysis.logrank"] = "compares groups: it needs a group column and levels"
+    if len(errors) > before:
+        return None
+    return Analysis(**fields)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _levels(
+    raw: Any, axes: Sequence[str], errors: dict[str, str], *, flat: bool = False
+) -> dict[str, tuple[str, ...]] | None:
+    """The levels of each axis, fixed by the plan so every site's table has the same shape."""
+    if not axes:
+        return None
+    if flat and isinstance(raw, list):
+        raw = {axes[0]: raw}
+    if not isinstance(raw, Mapping):
+        shape = "a list of the group's levels" if flat else "an object column -> list of levels"
+        errors["analysis.levels"] = (
+            f"needs {shape} (the values to count, as text: a site's other values count under "
+            "'__other__')"
+        )
+        return None
+    out: dict[str, tuple[str, ...]] = {}
+    for axis in axes:
+        values = raw.get(axis)
+        where = "analysis.levels" if flat else f"analysis.levels.{axis}"
+        if (
+            not isinstance(values, list)
+            or not 1 <= len(values) <= MAX_LEVELS
+            or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values)
+        ):
+            errors[where] = f"needs 1 to {MAX_LEVELS} levels of {axis!r} (strings or integers)"
+            continue
+        text = tuple(str(v) for v in values)
+        if len(set(text)) != len(text):
+            errors[where] = f"lists a level of {axis!r} twice"
+            continue
+        out[axis] = text
+    extra = sorted(set(raw) - set(axes)) if not flat else []
+    if extra:
+        errors["analysis.levels"] = f"names column(s) {extra} that the analysis does not count by"
+    return out
+
+
+def analysis_run_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level keys of an analysis spec with their defaults filled in."""
+    return {**defaults(ANALYSIS_TOP_KEYS), **spec}

@@ -1,0 +1,238 @@
+"""An analysis plan's run: ask every site for each step, merge, release the result.
+
+An analysis plan (``"kind": "analysis"``, ``fedcore.plan.analysis``) is governed exactly like a
+training plan (hash, every steward's approval, signed grants); only its run differs. The round
+state machine hands an analysis run to :func:`analysis_step` (``federation.services.rounds``),
+which, in the run's locked transaction:
+
+1. waits for the plan's ``min_silos`` selectable silos (failing the run after
+   ``wait_for_silos_seconds``), then asks each of them for the first step: a ``SiloAnalysis``
+   row each and a signed ``analysis_request`` (``federation.selectors.analysis_request_fields``);
+2. when every asked silo answered (:func:`analysis_receive`) or the step's deadline passed,
+   merges the answers (``fedcore.analytics.steps.merge_step``) and asks the silos that answered
+   for the next step, or releases the result (``steps.release``: suppression with the largest
+   minimum cell count of the sites, the largest minimum number of sites);
+   (a quantile asks bisection steps until its search is exact: ``steps.next_step``);
+3. stores the result in ``Run.analysis["result"]`` and audits ``analysis.released``.
+
+Nothing is released when a site refused (its agent's ``policy_refused``, for instance a cohort
+below its minimum cell count, recorded by ``federation.services.refusals``): the other sites'
+results alone, set beside a release that included it, would reveal the refusing site's part by
+difference. Nor when fewer sites answered than the plan or any answering site requires. Both
+fail the run with the reason, audited as ``analysis.withheld``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from fedcore.analytics.disclosure import DisclosureRefused
+from fedcore.analytics.steps import merge_step, next_step, release
+from fedcore.plan import AnalysisPlan, parse_analysis_plan
+from federation import dispatch
+from federation.models import Run, Silo, SiloAnalysis, SiloRefusal, TrainingPlan
+from federation.services.audit import audit_append
+from federation.services.updates import Refused, audit_refused
+
+log = logging.getLogger("quorum.orchestrator")
+
+ANALYSIS_EVENT = "run.analysis_request"
+# An answer larger than this (JSON characters) is refused: a grid of every event time of a
+# large registry fits many times over.
+MAX_ANSWER_CHARS = 8_000_000
+
+
+def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
+    """Move an analysis run on, in the caller's transaction with the run locked.
+
+    Returns:
+        ``("wait", why)``, ``("complete", "")`` (the result is in ``run.analysis``) or
+        ``("fail", reason)``: the caller completes or fails the run.
+    """
+    plan = parse_analysis_plan(run.version.spec)
+    now = timezone.now()
+    if run.status == Run.Status.PENDING:
+        return _begin(run, plan, online, now)
+    state = dict(run.analysis or {})
+    index = int(state["step"])
+    step = state["steps"][index]
+    rows = list(
+        SiloAnalysis.objects.filter(run=run, step=step).select_related("silo").order_by("silo_id")
+    )
+    refusals = list(
+        SiloRefusal.objects.filter(run=run, silo_id__in=[r.silo_id for r in rows])
+        .select_related("silo")
+        .order_by("silo__name")
+    )
+    if refusals:
+        reasons = "; ".join(f"{r.silo.name}: {r.reason}" for r in refusals)
+        return _withhold(
+            run,
+            f"{len(refusals)} site(s) refused the analysis ({reasons}); nothing is released: "
+            "the other sites' results alone could reveal a refusing site's by difference",
+        )
+    answered = [r for r in rows if r.answer is not None]
+    deadline = datetime.fromisoformat(state["deadline"])
+    if len(answered) < len(rows) and now < deadline:
+        return "wait", f"{len(answered)} of {len(rows)} sites answered step {step!r}"
+    if len(answered) < plan.min_silos:
+        missing = ", ".join(r.silo.name for r in rows if r.answer is None)
+        return _withhold(
+            run,
+            f"{len(answered)} of {len(rows)} sites answered step {step!r} by its deadline "
+            f"(missing: {missing}); the plan needs {plan.min_silos}: nothing is released",
+        )
+    answers = [r.answer for r in answered]
+    try:
+        merged = merge_step(plan.analysis, step, answers)
+    except (ValueError, KeyError, TypeError) as exc:
+        return _withhold(run, f"the sites' answers to step {step!r} do not merge: {exc}")
+    state["merged"] = {**state.get("merged", {}), step: merged}
+    try:
+        following = next_step(plan.analysis, [state["merged"][name] for name in state["steps"]])
+    except ValueError as exc:
+        return _withhold(run, f"the analysis cannot go on after step {step!r}: {exc}")
+    if following is not None:
+        _ask(run, plan, state, following, [r.silo for r in answered], now)
+        return "wait", f"asked step {following[0]!r}"
+    try:
+        result = release(plan.analysis, state["merged"], answers, min_silos=plan.min_silos)
+    except (DisclosureRefused, ValueError, TypeError, KeyError) as exc:
+        return _withhold(run, f"the result cannot be released: {exc}")
+    result["asked"] = sorted(r.silo.name for r in rows)
+    result["answered"] = sorted(r.silo.name for r in answered)
+    result["missing"] = sorted(r.silo.name for r in rows if r.answer is None)
+    state["result"] = result
+    run.analysis = state
+    run.save(update_fields=["analysis"])
+    _audit(run, "analysis.released", kind=plan.analysis.kind, sites=result["answered"])
+    return "complete", ""
+
+
+def _begin(run: Run, plan: AnalysisPlan, online: list[Silo], now: datetime) -> tuple[str, str]:
+    if len(online) < plan.min_silos:
+        if run.waiting_since is None:
+            run.waiting_since = now
+            run.save(update_fields=["waiting_since"])
+            dispatch.enqueue_advance(run.pk, countdown=plan.wait_for_silos_seconds + 0.05)
+        elif (now - run.waiting_since).total_seconds() >= plan.wait_for_silos_seconds:
+            return (
+                "fail",
+                f"{len(online)} site(s) connected after {plan.wait_for_silos_seconds:g} s; the "
+                f"analysis needs {plan.min_silos} (min_silos)",
+            )
+        return "wait", f"{len(online)} of {plan.min_silos} sites connected"
+    run.status = Run.Status.RUNNING
+    run.waiting_since = None
+    run.started_at = now
+    run.save(update_fields=["status", "waiting_since", "started_at"])
+    TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.RUNNING)
+    first = next_step(plan.analysis, [])
+    assert first is not None  # every analysis asks at least one step
+    _ask(run, plan, {"steps": [], "merged": {}}, first, online, now)
+    _audit(run, "analysis.started", kind=plan.analysis.kind, silos=[s.name for s in online])
+    return "wait", "asked the first step"
+
+
+def _ask(
+    run: Run,
+    plan: AnalysisPlan,
+    state: dict[str, Any],
+    request: tuple[str, dict[str, Any]],
+    silos: list[Silo],
+    now: datetime,
+) -> None:
+    step, params = request
+    state["steps"] = [*state["steps"], step]
+    state["step"] = len(state["steps"]) - 1
+    state["params"] = params
+    state["deadline"] = (now + timedelta(seconds=plan.round_deadline_seconds)).isoformat()
+    run.analysis = state
+    run.save(update_fields=["analysis"])
+    SiloAnalysis.objects.bulk_create(
+        SiloAnalysis(run=run, silo=silo, step=step, asked_at=now) for silo in silos
+    )
+    for silo in silos:
+        dispatch.send_to_silo(silo.pk, {"type": ANALYSIS_EVENT, "run_id": run.pk})
+    dispatch.enqueue_advance(run.pk, countdown=plan.round_deadline_seconds + 0.05)
+    log.info("run %s: analysis step %r asked of %d silos", run.pk, step, len(silos))
+
+
+def _withhold(run: Run, reason: str) -> tuple[str, str]:
+    _audit(run, "analysis.withheld", reason=reason)
+    return "fail", reason
+
+
+def _audit(run: Run, action: str, **data: Any) -> None:
+    audit_append(
+        actor="system",
+        action=action,
+        consortium_id=run.plan.consortium_id,
+        object_type="run",
+        object_id=run.pk,
+        data=data,
+    )
+
+
+def analysis_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
+    """Keep a silo's answer to the current step of an analysis run.
+
+    Refused, changing nothing (audited as ``analysis.refused``): a run the silo is not part of
+    or that asks no analysis step (``wrong_run``), another step (``wrong_round``), a silo not
+    asked (``not_selected``), a second answer (``duplicate_update``), an answer that is not an
+    object of the step or too large (``invalid_update``).
+    """
+    try:
+        _analysis_receive(silo_id=silo_id, fields=fields)
+    except Refused as refused:
+        audit_refused(silo_id, "analysis.refused", fields.get("run", ""), refused)
+        raise
+
+
+def _analysis_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
+    silo = Silo.objects.get(pk=silo_id)
+    run_id, step, answer = fields["run"], fields["step"], fields["answer"]
+    with transaction.atomic():
+        run = Run.objects.select_for_update().filter(pk=run_id).first()
+        if run is None or not run.version.silos.filter(pk=silo.pk).exists():
+            raise Refused(
+                "wrong_run", f"run {run_id} does not exist or this silo does not take part"
+            )
+        state = run.analysis or {}
+        if run.status != Run.Status.RUNNING or "step" not in state:
+            raise Refused("wrong_run", f"run {run.pk} asks no analysis step (it is {run.status})")
+        current = state["steps"][state["step"]]
+        if step != current:
+            raise Refused(
+                "wrong_round", f"answer to step {step!r} refused: run {run.pk} asks {current!r}"
+            )
+        if answer.get("step") != step or ("summary" not in answer and "event_times" not in answer):
+            raise Refused("invalid_update", f"the answer is not an answer to step {step!r}")
+        if len(json.dumps(answer)) > MAX_ANSWER_CHARS:
+            raise Refused("invalid_update", f"the answer is over {MAX_ANSWER_CHARS} characters")
+        row = SiloAnalysis.objects.filter(run=run, silo=silo, step=step).first()
+        if row is None:
+            raise Refused("not_selected", f"this silo was not asked step {step!r} of run {run.pk}")
+        if row.answer is not None:
+            raise Refused("duplicate_update", f"this silo's answer to step {step!r} is in")
+        row.answer = dict(answer)
+        row.received_at = timezone.now()
+        row.save(update_fields=["answer", "received_at"])
+        audit_append(
+            actor=f"silo:{silo.name}",
+            action="analysis.received",
+            consortium_id=silo.consortium_id,
+            object_type="run",
+            object_id=run.pk,
+            data={"step": step},
+        )
+        waiting = SiloAnalysis.objects.filter(run=run, step=step, answer__isnull=True).exists()
+        if not waiting:  # the last answer wakes the orchestrator; the deadline the rest
+            dispatch.enqueue_advance(run.pk)

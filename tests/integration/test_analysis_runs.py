@@ -1,0 +1,324 @@
+"""Analysis plans end to end through the services, with the real agent code at each site (issue
+16): proposed, approved by every steward and started like a training plan; each step asked with a
+signed analysis_request that the agent's own check_authorization verifies; each site answered by
+clientagent.analysis from its CSV under its [disclosure] policy; the released Kaplan-Meier curves
+equal fedcore's pooled computation; a column not in the schema is refused at proposal; a site
+refusing by policy withholds the whole result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from django.core.exceptions import ValidationError
+from django.test import Client
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from clientagent.analysis import handle_analysis_request
+from clientagent.data import LocalData
+from clientagent.policy import check_authorization
+from clientagent.trainer import TaskError
+from fedcore import protocol, tabular
+from fedcore.analytics import DisclosurePolicy
+from fedcore.analytics.survival import km_result, logrank_result, merge_event_times, site_km
+from federation import orchestrator, selectors
+from federation.models import AuditEvent, Run, SiloAnalysis
+from federation.reports import analysis_table
+from federation.services.analysis import analysis_receive
+from federation.services.api_tokens import api_token_create
+from federation.services.plans import plan_approve, plan_propose
+from federation.services.runs import run_start
+from federation.services.silos import agent_error
+from federation.signing import server_public_key_text
+from tests.api_factories import fast_password_hashing  # noqa: F401
+from tests.governance_factories import Governed, governed_consortium
+
+
+def api(user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_token_create(actor=user, user=user).token}")
+    return client
+
+
+pytestmark = pytest.mark.django_db
+
+SCHEMA = {
+    "columns": [
+        {"name": "age", "type": "numeric"},
+        {"name": "sex", "type": "categorical"},
+        {"name": "time", "type": "numeric"},
+    ],
+    "target": {"column": "status", "positive": ["1"]},
+    "sensitive": [],
+}
+KM = {
+    "kind": "kaplan_meier",
+    "time": "time",
+    "event": "status",
+    "group": "sex",
+    "levels": ["1", "2"],
+    "logrank": True,
+}
+
+
+def analysis_spec(analysis: dict, min_silos: int = 3) -> dict:
+    return {"kind": "analysis", "schema": SCHEMA, "analysis": analysis, "min_silos": min_silos}
+
+
+def site_csv(tmp_path: Path, seed: int, n: int = 70) -> Path:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "age": rng.integers(40, 80, n),
+            "sex": rng.choice(["1", "2"], n),
+            "time": rng.integers(5, 900, n),  # ties within and across sites
+            "status": rng.integers(0, 2, n),
+        }
+    )
+    path = tmp_path / f"site{seed}.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def governed_run(analysis: dict, min_silos: int = 3) -> tuple[Governed, Run]:
+    g = governed_consortium(3, schema=SCHEMA)
+    for silo in g.silos:
+        silo.connection_id, silo.last_heartbeat = f"conn-{silo.pk}", timezone.now()
+        silo.save()
+    plan = plan_propose(
+        actor=g.scientists[0],
+        consortium=g.consortium,
+        name="survival by sex",
+        description="",
+        spec=analysis_spec(analysis, min_silos),
+        silos=g.silos,
+    )
+    for steward in g.stewards:
+        plan_approve(actor=steward, plan=plan, plan_hash=plan.current_version.spec_hash)
+    run = run_start(actor=g.scientists[0], plan=plan)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.RUNNING
+    return g, run
+
+
+def answer_step(
+    g: Governed, run: Run, data: list[LocalData], policies: list, answering: int = 3
+) -> list:
+    """The asked sites (the first ``answering``): the server's signed request, checked and
+    answered by the agent code."""
+    refused = []
+    for silo, local, policy in list(zip(g.silos, data, policies, strict=True))[:answering]:
+        fields = selectors.analysis_request_fields(run_id=run.pk, silo_id=silo.pk)
+        assert fields is not None
+        fields = protocol.decode_control(protocol.encode_control("analysis_request", **fields))
+        check_authorization(
+            fields,
+            public_key=server_public_key_text(),
+            silo=silo.name,
+            consortium=g.consortium.name,
+        )
+        try:
+            reply = handle_analysis_request(fields, local, policy)
+        except TaskError as exc:
+            agent_error(  # what the consumer does with the agent's error frame
+                silo_id=silo.pk,
+                code=exc.code,
+                reason=exc.shared_reason,
+                run_id=run.pk,
+                round_number=None,
+            )
+            refused.append(exc)
+            continue
+        reply = protocol.decode_control(protocol.encode_control("analysis", **reply))
+        analysis_receive(silo_id=silo.pk, fields=reply)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    return refused
+
+
+def test_kaplan_meier_and_log_rank_of_three_sites_equal_the_pooled_computation(tmp_path):
+    g, run = governed_run(KM)
+    paths = [site_csv(tmp_path, seed) for seed in (1, 2, 3)]
+    data = [LocalData(path) for path in paths]
+    policies = [DisclosurePolicy()] * 3
+
+    assert answer_step(g, run, data, policies) == []  # step 1: event times
+    assert (
+        run.status == Run.Status.RUNNING
+        and run.analysis["steps"][run.analysis["step"]] == "summary"
+    )
+    assert answer_step(g, run, data, policies) == []  # step 2: counts on the union grid
+
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    schema = tabular.DatasetSchema.from_dict(SCHEMA)
+    pooled = pd.concat(
+        [tabular.validate_frame(tabular.load_table(p), schema) for p in paths], ignore_index=True
+    )
+    events = pd.to_numeric(pooled["status"]) == 1
+    grid = merge_event_times([np.unique(pooled.loc[events, "time"])])
+    sums = site_km(pooled, "time", "status", grid, group="sex", levels=["1", "2"])
+    reference = km_result(sums, grid, levels=["1", "2"])
+    assert set(result["curves"]) == {"1", "2"}
+    for group, curve in reference["curves"].items():
+        for key in ("time", "survival", "ci_lower", "ci_upper", "at_risk", "events"):
+            np.testing.assert_allclose(result["curves"][group][key], curve[key], rtol=0, atol=1e-12)
+    logrank = logrank_result(sums, levels=["1", "2"])
+    assert result["logrank"]["statistic"] == pytest.approx(logrank["statistic"], abs=1e-12)
+    assert result["answered"] == sorted(s.name for s in g.silos) and result["missing"] == []
+    assert AuditEvent.objects.filter(action="analysis.released", object_id=str(run.pk)).exists()
+    assert SiloAnalysis.objects.filter(run=run, answer__isnull=False).count() == 6
+
+    # The same result in the REST API, for whoever may read the run's reports, and no one else.
+    body = api(g.auditors[1]).get(f"/api/v1/runs/{run.pk}/analysis/").json()
+    assert body["status"] == "completed" and body["kind"] == "kaplan_meier"
+    assert body["result"]["curves"]["2"]["survival"] == result["curves"]["2"]["survival"]
+    auditor = api(g.auditors[1])
+    for path in (f"runs/{run.pk}/", f"plans/{run.plan_id}/", f"runs/{run.pk}/compliance/"):
+        assert auditor.get(f"/api/v1/{path}").status_code == 200, path
+    outsider = governed_consortium(1).scientists[0]
+    assert api(outsider).get(f"/api/v1/runs/{run.pk}/analysis/").status_code == 404
+    # The dashboard: the run monitor links the result page (chart, table) and its CSV export.
+    browser = Client()
+    browser.force_login(g.scientists[2])
+    monitor = browser.get(f"/runs/{run.pk}/")
+    assert monitor.status_code == 200 and f"/runs/{run.pk}/analysis/" in monitor.text
+    assert browser.get(f"/consortia/{g.consortium.pk}/runs/").status_code == 200
+    page = browser.get(f"/runs/{run.pk}/analysis/")
+    assert page.status_code == 200 and "Log-rank test" in page.text and "ci_lower" in page.text
+    csv_rows = browser.get(f"/runs/{run.pk}/analysis.csv").content.decode().splitlines()
+    assert csv_rows[0] == "group,time,survival,ci_lower,ci_upper,at_risk,events"
+    assert csv_rows[1].startswith("1,0.0,1.0,1.0,1.0,")
+    header, rows = analysis_table(result)
+    assert header[:3] == ["group", "time", "survival"]
+    assert len(rows) == sum(len(c["time"]) for c in result["curves"].values())
+
+
+def test_an_analysis_plan_shows_on_the_governance_pages_of_a_silo_with_a_budget():
+    g = governed_consortium(3, schema=SCHEMA)
+    g.silos[0].epsilon_budget = 3.0
+    g.silos[0].save()
+    plan = plan_propose(
+        actor=g.scientists[0],
+        consortium=g.consortium,
+        name="cohort",
+        description="",
+        spec=analysis_spec({"kind": "count", "rows": "sex", "levels": {"sex": ["1", "2"]}}),
+        silos=g.silos,
+    )
+    browser = Client()
+    browser.force_login(g.stewards[0])
+    page = browser.get(f"/plans/{plan.pk}/")
+    assert page.status_code == 200 and "cohort" in page.text
+    assert browser.get(f"/consortia/{g.consortium.pk}/plans/").status_code == 200
+    plan_approve(actor=g.stewards[0], plan=plan, plan_hash=plan.current_version.spec_hash)
+    assert browser.get(f"/consortia/{g.consortium.pk}/privacy/").status_code == 200
+
+
+def test_a_column_not_in_the_schema_is_refused_at_proposal_with_its_path():
+    g = governed_consortium(3, schema=SCHEMA)
+    with pytest.raises(ValidationError) as refused:
+        plan_propose(
+            actor=g.scientists[0],
+            consortium=g.consortium,
+            name="bad",
+            description="",
+            spec=analysis_spec({**KM, "time": "days"}),
+            silos=g.silos,
+        )
+    errors = refused.value.message_dict
+    assert "spec.analysis.time" in errors
+    assert "'days' is not in the dataset schema" in " ".join(errors["spec.analysis.time"])
+
+
+def test_a_site_refusing_by_its_disclosure_policy_withholds_everyone_s_result(tmp_path):
+    g, run = governed_run(KM)
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+    policies = [
+        DisclosurePolicy(),
+        DisclosurePolicy(),
+        DisclosurePolicy(allowed_analyses=("count",)),
+    ]
+
+    refused = answer_step(g, run, data, policies)
+
+    assert [exc.code for exc in refused] == ["policy_refused"]
+    assert "does not run 'kaplan_meier'" in refused[0].shared_reason
+    assert run.status == Run.Status.FAILED
+    assert "refused the analysis" in run.error and "nothing is released" in run.error
+    assert "result" not in run.analysis
+    withheld = AuditEvent.objects.get(action="analysis.withheld", object_id=str(run.pk))
+    assert g.silos[2].name in withheld.data["reason"]
+
+
+def past_deadline(run: Run) -> None:
+    """The step's deadline passes (set in the stored state: no clock in the test)."""
+    run.analysis = {**run.analysis, "deadline": "2000-01-01T00:00:00+00:00"}
+    run.save(update_fields=["analysis"])
+
+
+@pytest.mark.parametrize(("min_silos", "released"), [(2, True), (3, False)])
+def test_at_the_deadline_the_answers_in_are_released_only_if_enough_sites_answered(
+    tmp_path, min_silos, released
+):
+    analysis = {"kind": "moments", "columns": ["age", "time"]}
+    g, run = governed_run(analysis, min_silos=min_silos)
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+    policy = DisclosurePolicy(min_sites=2)
+    # Only the first two sites answer; the third stays silent.
+    answer_step(g, run, data, [policy] * 3, answering=2)
+    assert run.status == Run.Status.RUNNING  # waits for the third until the deadline
+    past_deadline(run)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    if released:
+        assert run.status == Run.Status.COMPLETED
+        result = run.analysis["result"]
+        assert result["missing"] == [g.silos[2].name] and result["sites"] == 2
+    else:
+        assert run.status == Run.Status.FAILED and "result" not in run.analysis
+        assert "2 of 3 sites answered" in run.error and "needs 3" in run.error
+
+
+def test_a_small_count_is_suppressed_with_a_complement_in_the_api_page_and_csv(tmp_path):
+    g, run = governed_run({"kind": "count", "rows": "sex", "levels": {"sex": ["1", "2", "3"]}})
+    paths = [site_csv(tmp_path, seed) for seed in (1, 2, 3)]
+    frame = pd.read_csv(paths[0], dtype=str)
+    frame.loc[:2, "sex"] = "3"  # three rows of level "3" in all: below the minimum of 5
+    frame.to_csv(paths[0], index=False)
+
+    answer_step(g, run, [LocalData(p) for p in paths], [DisclosurePolicy()] * 3)
+
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    assert result["row_levels"] == ["1", "2", "3"] and result["total"] == 210
+    assert result["cells"][2] is None and result["suppressed"] == 2  # and one complement
+    assert sum(c is None for c in result["cells"]) == 2
+    browser = Client()
+    browser.force_login(g.auditors[0])
+    assert "suppressed" in browser.get(f"/runs/{run.pk}/analysis/").text
+    csv_rows = browser.get(f"/runs/{run.pk}/analysis.csv").content.decode().splitlines()
+    assert csv_rows[0] == "level,count" and csv_rows[3] == "3," and csv_rows[4] == "total,210"
+
+
+def test_a_quantile_run_asks_bisection_steps_until_exact(tmp_path):
+    analysis = {"kind": "quantile", "column": "time", "probs": [0.25, 0.5, 0.75]}
+    g, run = governed_run(analysis)
+    paths = [site_csv(tmp_path, seed) for seed in (4, 5, 6)]
+    data = [LocalData(p) for p in paths]
+    for _ in range(40):  # a step per bisection; far fewer are needed
+        assert answer_step(g, run, data, [DisclosurePolicy()] * 3) == []
+        if run.status != Run.Status.RUNNING:
+            break
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    pooled = np.concatenate([pd.read_csv(p)["time"].to_numpy(dtype=float) for p in paths])
+    assert result["values"] == np.quantile(pooled, [0.25, 0.5, 0.75]).tolist()
+    assert run.analysis["steps"] == [f"bisect-{i}" for i in range(1, result["rounds"] + 1)]
+    browser = Client()
+    browser.force_login(g.scientists[0])
+    assert "Exact quantiles" in browser.get(f"/runs/{run.pk}/analysis/").text
