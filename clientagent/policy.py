@@ -224,6 +224,7 @@ def check_authorization(
             preprocessing=fields.get("preprocessing"),
             check_expiry=check_expiry,
             model_version=fields.get("model_version"),
+            example_weights=fields.get("example_weights"),
         )
     except AuthorizationError as exc:
         raise refuse(str(exc)) from None

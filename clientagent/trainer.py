@@ -61,7 +61,7 @@ from torch import nn
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
 from clientagent.residuals import ResidualStore, matching
 from fedcore import compression, evaluation, fairness, models, protocol, tabular, tensors, training
-from fedcore.fairness_mitigation import ExampleWeights
+from fedcore.fairness_mitigation import ExampleWeights, label_counts
 from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
 from fedcore.plan import PlanError as PlanRefused
 from fedcore.privacy import accounting
@@ -413,7 +413,45 @@ def handle_stats_request(
                     min_category_count,
                     split.schema.max_categories,
                 )
-    return {"run": run, "stats": stats}
+    reply: dict[str, Any] = {"run": run, "stats": stats}
+    parsed = parse_plan(plan)
+    if _weighs_loss(parsed, "reweighing"):
+        reply["label_counts"] = training_label_counts(parsed, split, stats, run)
+    return reply
+
+
+def _weighs_loss(plan: Plan, kind: str) -> bool:
+    return plan.fairness is not None and plan.fairness.mitigation.kind == kind
+
+
+def training_label_counts(
+    plan: Plan, split: LocalSplit, stats: Mapping[str, Any], run: int
+) -> dict[str, dict[str, int]]:
+    """Rows of the TRAIN split per (group of the plan's sensitive attribute, label), for the
+    server's reweighing weights (``fedcore.fairness_mitigation.label_counts``).
+
+    Only labels this site already releases are keys: the attribute's categories sent in
+    ``stats`` (or declared in ``fairness.groups``, or ``false``/``true`` for a boolean), and
+    ``__missing__``; every other value is counted under ``__other__``.
+    """
+    assert plan.fairness is not None
+    attribute = plan.fairness.sensitive_attribute
+    try:
+        y, groups = tabular.transform_labels(split.train, split.schema)
+    except tabular.DataValidationError as exc:
+        raise _data_invalid(exc, run=run) from None
+    column = next((c for c in split.schema.columns if c.name == attribute), None)
+    if column is not None and column.type == "boolean":
+        public = ["false", "true", tabular.MISSING_CATEGORY]
+    elif column is not None and column.type == "categorical":
+        sent = (stats.get("categories") or {}).get(attribute) or []
+        public = [str(v) for v in sent] + [tabular.MISSING_CATEGORY, fairness.OTHER_GROUP]
+    else:
+        declared = plan.fairness.groups.get(attribute) or []
+        public = [str(v) for v in declared] + [tabular.MISSING_CATEGORY, fairness.OTHER_GROUP]
+    labels = np.asarray(groups[attribute], dtype=object)
+    labels = np.where(np.isin(labels, public), labels, fairness.OTHER_GROUP)
+    return label_counts(y, labels.astype(str), groups=sorted(set(public)))
 
 
 def _load_global(
@@ -538,6 +576,19 @@ def handle_task(
     run, rnd = fields["run"], fields["round"]
     plan = fields["plan"]
     parsed = check_plan(plan, run, rnd)
+    if example_weights is None and fields.get("example_weights") is not None:
+        try:  # the server's weights, covered by the task's signed grant (clientagent.policy)
+            example_weights = ExampleWeights.from_json(fields["example_weights"])
+        except ValueError as exc:
+            raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
+    elif example_weights is None and _weighs_loss(parsed, "reweighing"):
+        raise TaskError(
+            INVALID_TASK,
+            "the plan's fairness.mitigation kind is 'reweighing' but the task carries no "
+            "example weights",
+            run=run,
+            round=rnd,
+        )
     seed = parsed.seed
     settings, privacy, aggregation = parsed.training, parsed.privacy, parsed.aggregation
     fairness_settings = parsed.fairness

@@ -283,9 +283,14 @@ def request_scope(
     weights_sha256: str | None = None,
     preprocessing: Mapping[str, Any] | None = None,
     model_version: int | None = None,
+    example_weights: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The grant fields that bind a grant to one stats_request, one round's task or the final
     evaluation.
+
+    A task that carries ``example_weights`` (a weighted bias mitigation) also binds their
+    canonical SHA-256 (``example_weights_sha256``): weights changed or added in transit are
+    refused like changed preprocessing.
 
     A task's grant names its round and attempt, the run's total rounds, the SHA-256 of the global
     weights payload and of the canonical preprocessing JSON, and an expiry; an evaluate's names
@@ -309,6 +314,8 @@ def request_scope(
             weights_sha256=weights_sha256,
             preprocessing_sha256=sha256_canonical(preprocessing),
         )
+        if example_weights is not None:
+            scope["example_weights_sha256"] = sha256_canonical(example_weights)
     if kind == EVALUATE_KIND:
         if model_version is None or weights_sha256 is None or preprocessing is None:
             raise ValueError("an evaluate's scope needs model_version, weights and preprocessing")
@@ -336,6 +343,7 @@ def check_request_scope(
     now: datetime | None = None,
     check_expiry: bool = True,
     model_version: int | None = None,
+    example_weights: Any = None,
 ) -> None:
     """Check a verified grant's scope covers exactly the request received.
 
@@ -350,6 +358,7 @@ def check_request_scope(
         now: the current time (tests).
         check_expiry: False only when checking again a task already accepted on arrival.
         model_version: the model version an evaluate says it carries (evaluates).
+        example_weights: the example weights a task carries (None: it carries none).
 
     Raises:
         AuthorizationError: naming what the grant does not cover.
@@ -380,6 +389,16 @@ def check_request_scope(
         if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
             raise AuthorizationError(
                 f"the authorization's attempt {attempt!r} is not a number >= 1"
+            )
+        try:
+            carried = None if example_weights is None else sha256_canonical(example_weights)
+        except (TypeError, ValueError):
+            carried = "not canonical JSON"
+        if grant.get("example_weights_sha256") != carried:
+            raise AuthorizationError(
+                f"the task's example weights hash to {_short(carried)}, but the authorization "
+                f"is for {_short(grant.get('example_weights_sha256'))} (added, removed or "
+                "changed in transit)"
             )
     if kind == EVALUATE_KIND:
         if rounds != plan_rounds:

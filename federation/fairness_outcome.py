@@ -27,7 +27,7 @@ LIMIT_KEYS = {
 # The mitigation kinds this server version applies in a run. The plan language knows every kind
 # of fedcore.plan.MITIGATION_KINDS; a plan asking for one not listed here is refused at proposal
 # (federation.services.plans: proposal and edit) and at run start, rather than run unmitigated.
-MITIGATION_WIRED: frozenset[str] = frozenset()
+MITIGATION_WIRED: frozenset[str] = frozenset({"reweighing"})
 
 
 def final_fairness_warning(evaluation: Any) -> dict[str, Any] | None:
@@ -120,10 +120,13 @@ def trade_off(
     return rows
 
 
-def mitigation_view(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+def mitigation_view(
+    spec: Mapping[str, Any], computed: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The plan's ``fairness.mitigation`` for a model card or report: its kind, the parameters
-    that apply to that kind (defaults filled in) and whether this server applied it. None for a
-    plan without a fairness section."""
+    that apply to that kind (defaults filled in), whether this server applied it and what it
+    computed for the run (``Run.mitigation``: the summed counts and the weights sent; None
+    before the statistics pass). None for a plan without a fairness section."""
     if not isinstance(spec.get("fairness"), Mapping):
         return None
     try:
@@ -149,6 +152,7 @@ def mitigation_view(spec: Mapping[str, Any]) -> dict[str, Any] | None:
         "kind": kind,
         "parameters": parameters,
         "applied": applied,
+        "computed": dict(computed) if applied and computed else None,
         "note": (
             f"{kind} for '{fairness.sensitive_attribute}' (docs/fairness.md, 'Mitigation')"
             if applied
@@ -164,7 +168,29 @@ def unavailable_mitigation_error(spec: Any) -> str | None:
     fairness = spec.get("fairness")
     mitigation = fairness.get("mitigation") if isinstance(fairness, Mapping) else None
     kind = mitigation.get("kind", "none") if isinstance(mitigation, Mapping) else "none"
-    if not isinstance(kind, str) or kind == "none" or kind in MITIGATION_WIRED:
+    if not isinstance(kind, str) or kind == "none":
+        return None
+    if kind in MITIGATION_WIRED:
+        privacy = spec.get("privacy")
+        noised = [
+            key
+            for key, value in (
+                ("secure_aggregation", spec.get("secure_aggregation") is True),
+                ("fairness.dp_epsilon", fairness.get("dp_epsilon") is not None),
+                (
+                    "privacy.statistics_epsilon",
+                    isinstance(privacy, Mapping) and privacy.get("statistics_epsilon") is not None,
+                ),
+            )
+            if value
+        ]
+        if noised:  # the (group, label) counts travel exact and in clear in this version
+            return (
+                f"{kind!r} with {' and '.join(noised)} is not available yet in this server "
+                "version: its (group, label) counts of the training rows are sent exact and in "
+                f"clear, neither masked nor noised; remove {' and '.join(noised)} or set "
+                "fairness.mitigation.kind to 'none'"
+            )
         return None
     available = ", ".join(sorted(MITIGATION_WIRED)) or "none yet"
     return (

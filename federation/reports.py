@@ -189,7 +189,7 @@ def run_fairness(run: Run) -> dict[str, Any]:
     }
     return {
         "settings": settings,
-        "mitigation": fairness_outcome.mitigation_view(run.version.spec),
+        "mitigation": fairness_outcome.mitigation_view(run.version.spec, run.mitigation),
         "final_warning": fairness_outcome.final_fairness_warning(run.evaluation),
         # Per report: the model's accuracy and AUC beside its disparities and the plan's limits.
         "trade_off": fairness_outcome.trade_off(stored, round_metrics, final_evaluation(run)),
@@ -259,7 +259,7 @@ def _fairness(run: Run, version: ModelVersion | None = None) -> dict[str, Any]:
         "settings": settings,
         "run": run.pk,
         "report": None,
-        "mitigation": fairness_outcome.mitigation_view(run.version.spec),
+        "mitigation": fairness_outcome.mitigation_view(run.version.spec, run.mitigation),
         # The run's verdict, in a compliance report only (a card is about one version).
         "final_warning": (
             fairness_outcome.final_fairness_warning(run.evaluation) if version is None else None

@@ -83,3 +83,25 @@ def test_every_kind_not_applied_is_refused_with_its_reason() -> None:
     # Malformed kinds are the plan language's to refuse, not this check's (no crash).
     assert unavailable_mitigation_error({"fairness": {"mitigation": {"kind": ["x"]}}}) is None
     assert unavailable_mitigation_error([]) is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"secure_aggregation": True}, "secure_aggregation"),
+        ({"fairness": {**FAIRNESS, "dp_epsilon": 1.0}}, "fairness.dp_epsilon"),
+        ({"privacy": {"statistics_epsilon": 1.0}}, "privacy.statistics_epsilon"),
+    ],
+)
+def test_reweighing_with_masked_or_noised_counts_is_refused_for_now(
+    extra: dict, named: str
+) -> None:
+    fairness = {**FAIRNESS, **extra.pop("fairness", {}), "mitigation": {"kind": "reweighing"}}
+    assert (
+        unavailable_mitigation_error(
+            {"fairness": {**FAIRNESS, "mitigation": {"kind": "reweighing"}}}
+        )
+        is None
+    )
+    error = unavailable_mitigation_error({**extra, "fairness": fairness})
+    assert error.startswith(f"'reweighing' with {named} is not available yet")
