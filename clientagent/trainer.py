@@ -61,7 +61,7 @@ from torch import nn
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
 from clientagent.residuals import ResidualStore, matching
 from fedcore import compression, evaluation, fairness, models, protocol, tabular, tensors, training
-from fedcore.fairness_mitigation import ExampleWeights, label_counts
+from fedcore.fairness_mitigation import ExampleWeights, label_counts, score_histogram
 from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
 from fedcore.plan import PlanError as PlanRefused
 from fedcore.privacy import accounting
@@ -843,7 +843,32 @@ def handle_evaluate(
         )
         if counts:
             reply["fairness"] = counts
+    if _weighs_loss(parsed, "postprocess"):
+        reply["score_histograms"] = postprocess_histograms(
+            parsed, test, probs, fields["preprocessing"]
+        )
     return reply
+
+
+def postprocess_grid(score_bins: int) -> np.ndarray:
+    """The score grid of a ``postprocess`` plan: ``score_bins`` + 1 points on [0, 1]."""
+    return np.linspace(0.0, 1.0, score_bins + 1)
+
+
+def postprocess_histograms(
+    plan: Plan, test: tabular.TabularData, probs: np.ndarray, preprocessing: Mapping[str, Any]
+) -> dict[str, dict[str, list[int]]]:
+    """Per public group of the plan's sensitive attribute, the held-out rows' counts of each
+    label per point of the score grid (``fedcore.fairness_mitigation.score_histogram``): what
+    the server chooses the group thresholds from. A value outside the public list counts as
+    ``__other__``, as in the fairness counts."""
+    assert plan.fairness is not None
+    attribute = plan.fairness.sensitive_attribute
+    public = fairness.public_groups(plan.schema, preprocessing, plan.fairness.groups)[attribute]
+    labels = np.asarray(test.groups[attribute], dtype=object)
+    labels = np.where(np.isin(labels, public), labels, fairness.OTHER_GROUP).astype(str)
+    grid = postprocess_grid(plan.fairness.mitigation.score_bins)
+    return score_histogram(np.asarray(probs, dtype=np.float64), test.y, labels, grid, groups=public)
 
 
 def _compressed(

@@ -219,6 +219,8 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "model_version": (_INT, _REQ),
         "evaluation": (_DICT, _REQ),
         "fairness": (_DICT, _OPT),
+        # a postprocess plan: {group: {"negatives", "positives"}}, one count per score-grid point
+        "score_histograms": (_DICT, _OPT),
     },
     "update_ack": {"run": (_INT, _REQ), "round": (_INT, _REQ), "status": (_STR, _REQ)},
     "run_finished": {"run": (_INT, _REQ), "status": (_STR, _REQ)},

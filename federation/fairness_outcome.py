@@ -27,7 +27,7 @@ LIMIT_KEYS = {
 # The mitigation kinds this server version applies in a run. The plan language knows every kind
 # of fedcore.plan.MITIGATION_KINDS; a plan asking for one not listed here is refused at proposal
 # (federation.services.plans: proposal and edit) and at run start, rather than run unmitigated.
-MITIGATION_WIRED: frozenset[str] = frozenset({"reweighing"})
+MITIGATION_WIRED: frozenset[str] = frozenset({"reweighing", "postprocess"})
 
 
 def final_fairness_warning(evaluation: Any) -> dict[str, Any] | None:
@@ -184,11 +184,13 @@ def unavailable_mitigation_error(spec: Any) -> str | None:
             )
             if value
         ]
-        if noised:  # the (group, label) counts travel exact and in clear in this version
+        if kind == "postprocess":  # the histograms are released with the evaluation
+            noised = [key for key in noised if key != "privacy.statistics_epsilon"]
+        if noised:  # the counts/histograms travel exact and in clear in this version
             return (
                 f"{kind!r} with {' and '.join(noised)} is not available yet in this server "
-                "version: its (group, label) counts of the training rows are sent exact and in "
-                f"clear, neither masked nor noised; remove {' and '.join(noised)} or set "
+                "version: its per-group counts are sent exact and in clear, neither masked nor "
+                f"noised; remove {' and '.join(noised)} or set "
                 "fairness.mitigation.kind to 'none'"
             )
         return None

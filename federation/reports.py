@@ -336,11 +336,19 @@ def model_file_stem(version: ModelVersion) -> str:
 
 
 def _deployment(version: ModelVersion) -> dict[str, Any]:
-    """What a site needs to run the model: its input columns and the fitted preprocessing."""
+    """What a site needs to run the model: its input columns, the fitted preprocessing and, for
+    the final model of a postprocess plan, its group thresholds."""
     names = selectors.model_version_features(version)
+    final = final_evaluation(version.run)
+    thresholds = (
+        final.get("thresholds") if final and final.get("model_version") == version.number else None
+    )
     return {
         "feature_names": names,
         "preprocessing": version.run.preprocessing if names else None,
+        # Decisions of a postprocess plan: apply these to sigmoid(logit) per group (not in the
+        # ONNX graph, which outputs the logit).
+        "thresholds": thresholds,
         "onnx": {
             "input": {"name": onnx_export.INPUT_NAME, "shape": ["batch", len(names or ())]},
             "output": {"name": onnx_export.OUTPUT_NAME, "shape": ["batch", 1]},

@@ -732,6 +732,10 @@ class FinalEvaluationSerializer(serializers.Serializer):
     note = serializers.CharField(read_only=True)
     fairness = serializers.DictField(read_only=True, allow_null=True)
     fairness_note = serializers.CharField(read_only=True, allow_null=True)
+    # A postprocess plan's group thresholds of the final model (federation.services.mitigation):
+    # absent for other plans; null with thresholds_note saying why none could be chosen.
+    thresholds = serializers.DictField(read_only=True, allow_null=True, required=False)
+    thresholds_note = serializers.CharField(read_only=True, allow_null=True, required=False)
     finished_at = serializers.CharField(read_only=True)
 
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from fedcore import fairness, fairness_mitigation, tabular
 from fedcore.plan import parse_plan
 from federation.models import Run, SiloStatistics
 
 REWEIGHING = "reweighing"
+POSTPROCESS = "postprocess"
 
 
 def plan_kind(spec: Mapping[str, Any]) -> str:
@@ -114,3 +117,94 @@ def example_weights(run: Run) -> dict[str, Any] | None:
     """What a task of this run carries as ``example_weights`` (None: nothing)."""
     mitigation = run.mitigation if isinstance(run.mitigation, Mapping) else None
     return mitigation.get("example_weights") if mitigation else None
+
+
+def checked_score_histograms(
+    run: Run, raw: Any, n: int, where: str
+) -> dict[str, dict[str, list[int]]] | None:
+    """A site's per-group score histograms of the final model as stored (``postprocess``), or
+    ValueError naming what is wrong: histograms from a plan that does not postprocess, none from
+    one that does, a group outside the attribute's public list, a column of the wrong length or
+    with a count that is not a non-negative integer, or a total other than the site's held-out
+    rows (``n``)."""
+    spec = run.version.spec
+    kind = plan_kind(spec)
+    if kind != POSTPROCESS:
+        if raw is not None:
+            raise ValueError(
+                f"{where}: score_histograms sent, but the plan's fairness.mitigation kind is "
+                f"{kind!r}"
+            )
+        return None
+    if not isinstance(raw, Mapping) or not raw:
+        raise ValueError(
+            f"{where}: the plan postprocesses (fairness.mitigation kind 'postprocess') but no "
+            "score_histograms came with the evaluation; update the agent"
+        )
+    plan = parse_plan(spec)
+    assert plan.fairness is not None
+    attribute = plan.fairness.sensitive_attribute
+    public = fairness.public_groups(plan.schema, run.preprocessing, plan.fairness.groups)[attribute]
+    size = plan.fairness.mitigation.score_bins + 1
+    unknown = sorted(str(g) for g in raw if g not in public)
+    if unknown:
+        raise ValueError(f"{where}: score_histograms name group(s) {unknown[:5]} not in {public}")
+    checked: dict[str, dict[str, list[int]]] = {}
+    total = 0
+    for group, cells in raw.items():
+        if not isinstance(cells, Mapping) or set(cells) != set(fairness_mitigation.LABEL_CELLS):
+            raise ValueError(f"{where}: group {group!r} must map negatives and positives")
+        checked[group] = {}
+        for cell in fairness_mitigation.LABEL_CELLS:
+            column = cells[cell]
+            if (
+                not isinstance(column, list)
+                or len(column) != size
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in column)
+            ):
+                raise ValueError(
+                    f"{where}: group {group!r}: {cell} must hold {size} non-negative integer "
+                    "counts (one per point of the score grid, fairness.mitigation.score_bins + 1)"
+                )
+            checked[group][cell] = list(column)
+            total += sum(column)
+    if total != n:
+        raise ValueError(f"{where}: score_histograms hold {total} rows, the evaluation {n}")
+    return checked
+
+
+def thresholds(
+    run: Run, histograms: list[Mapping[str, Mapping[str, list[int]]]]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The final model's group thresholds from the sites' summed histograms, or None and the
+    reason they cannot be chosen (for the run's evaluation and model card)."""
+    plan = parse_plan(run.version.spec)
+    assert plan.fairness is not None
+    settings = plan.fairness.mitigation
+    if not histograms:
+        return None, "no silo sent score histograms of the final model"
+    summed: dict[str, dict[str, list[int]]] = {}
+    for site in histograms:
+        for group, cells in site.items():
+            into = summed.setdefault(
+                group, {cell: [0] * len(cells[cell]) for cell in fairness_mitigation.LABEL_CELLS}
+            )
+            for cell in fairness_mitigation.LABEL_CELLS:
+                into[cell] = [a + b for a, b in zip(into[cell], cells[cell], strict=True)]
+    grid = np.linspace(0.0, 1.0, settings.score_bins + 1)  # the agent's (postprocess_grid)
+    try:
+        rules = fairness_mitigation.threshold_rules(
+            summed, grid, constraint=settings.constraint, objective=settings.objective
+        )
+    except fairness_mitigation.MitigationError as exc:
+        return None, f"no thresholds for the final model: {exc}"
+    return {
+        **rules.to_json(),
+        "attribute": plan.fairness.sensitive_attribute,
+        "histograms": summed,
+        "note": (
+            "fairlearn ThresholdOptimizer semantics (flip=False): bin the model's probability "
+            "to the nearest grid point, then P(positive) = p0 [s > threshold0] + p1 "
+            "[s > threshold1], mixed as p_ignore * constant + (1 - p_ignore) * that"
+        ),
+    }, None
