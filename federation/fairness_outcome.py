@@ -27,7 +27,7 @@ LIMIT_KEYS = {
 # The mitigation kinds this server version applies in a run. The plan language knows every kind
 # of fedcore.plan.MITIGATION_KINDS; a plan asking for one not listed here is refused at proposal
 # (federation.services.plans: proposal and edit) and at run start, rather than run unmitigated.
-MITIGATION_WIRED: frozenset[str] = frozenset({"reweighing", "postprocess"})
+MITIGATION_WIRED: frozenset[str] = frozenset({"reweighing", "postprocess", "fair_aggregation"})
 
 
 def final_fairness_warning(evaluation: Any) -> dict[str, Any] | None:
@@ -184,6 +184,8 @@ def unavailable_mitigation_error(spec: Any) -> str | None:
             )
             if value
         ]
+        if kind == "fair_aggregation":  # uses the reports' own counts (noised with dp_epsilon)
+            noised = []
         if kind == "postprocess":  # the histograms are released with the evaluation
             noised = [key for key in noised if key != "privacy.statistics_epsilon"]
         if noised:  # the counts/histograms travel exact and in clear in this version

@@ -208,3 +208,70 @@ def thresholds(
             "[s > threshold1], mixed as p_ignore * constant + (1 - p_ignore) * that"
         ),
     }, None
+
+
+FAIR_AGGREGATION = "fair_aggregation"
+
+
+def fairfed_weights(
+    round_: Any, spec: Mapping[str, Any], updates: list[Mapping[str, Any]]
+) -> tuple[dict[Any, float], dict[str, Any]]:
+    """A ``fair_aggregation`` round's aggregation weights (FairFed, Ezzeldin et al. 2023) from
+    the contributors' group counts of the global model they received, and the state carried to
+    the next round (kept in the round's ``aggregation_stats["fairfed"]``).
+
+    omega-bar of round k-1 comes from the last completed round before this one; a silo that did
+    not take part there starts from its share of this round's examples (the paper's n_k / n).
+
+    Raises:
+        fairness_mitigation.MitigationError / ValueError: a contributor without group counts,
+            or weights FairFed cannot compute (the reason, for the round's failure).
+    """
+    from federation.models import Round, Update
+
+    plan = parse_plan(spec)
+    assert plan.fairness is not None
+    attribute = plan.fairness.sensitive_attribute
+    settings = plan.fairness.mitigation
+    sent = {
+        u.silo_id: u.fairness
+        for u in Update.objects.filter(round=round_, silo_id__in=[x["silo_id"] for x in updates])
+    }
+    counts: dict[str, Any] = {}
+    for u in updates:
+        table = (sent.get(u["silo_id"]) or {}).get(attribute)
+        if not table:
+            raise fairness_mitigation.MitigationError(
+                f"FairFed needs every contributor's group counts of {attribute!r}; silo "
+                f"{u['silo_id']} sent none"
+            )
+        counts[str(u["silo_id"])] = table
+    before = (
+        Round.objects.filter(
+            run_id=round_.run_id, number__lt=round_.number, status=Round.Status.COMPLETED
+        )
+        .order_by("-number", "-attempt")
+        .first()
+    )
+    carried = ((before.aggregation_stats or {}).get("fairfed") or {}) if before else {}
+    carried_raw = carried.get("omega_bar") or {}
+    total = sum(float(u["num_examples"]) for u in updates) or 1.0
+    previous = {
+        str(u["silo_id"]): float(carried_raw.get(str(u["silo_id"]), u["num_examples"] / total))
+        for u in updates
+    }
+    step = fairness_mitigation.fairfed_step(
+        counts, previous, beta=settings.beta, metric=settings.constraint
+    )
+    weights = {u["silo_id"]: step.weights[str(u["silo_id"])] for u in updates}
+    state = {
+        "omega_bar": step.raw,
+        "weights": step.weights,
+        "deltas": step.deltas,
+        "global_value": step.global_value,
+        "local_values": step.local_values,
+        "fallback": step.fallback,
+        "beta": settings.beta,
+        "metric": settings.constraint,
+    }
+    return weights, state

@@ -397,16 +397,22 @@ def _combine(
     elif privacy.get("mode", "none") == "client":  # the DP mean feeds the plan's strategy
         result, dp = _client_dp_mean(round_, spec, updates, global_state, strategy)
     else:
+        weights = {u["silo_id"]: float(u["num_examples"]) for u in updates}
+        fairfed = None
+        if mitigation_service.plan_kind(spec) == mitigation_service.FAIR_AGGREGATION:
+            weights, fairfed = mitigation_service.fairfed_weights(round_, spec, updates)
         streamed = (
             aggregation.ClientUpdate(
                 state=tensors.decode_state_dict(store.get_buffer(u["blob_key"])),
-                weight=float(u["num_examples"]),
+                weight=weights[u["silo_id"]],
                 client_id=u["silo_id"],
                 loss=u["metrics"].get("global_train_loss"),
             )
             for u in updates
         )
         result = strategy.aggregate(global_state, streamed, round=round_.number)
+        if fairfed is not None:  # carried to the next round (aggregation_stats["fairfed"])
+            result = replace(result, stats={**result.stats, "fairfed": fairfed})
     optimizer_state = strategy.state_dict()
     if optimizer_state:
         store.put(

@@ -194,7 +194,7 @@ def test_the_model_card_states_the_mitigation_and_its_parameters(world: World) -
     assert "not available in this server version" in mitigation["note"]
 
 
-@pytest.mark.parametrize("kind", ["fair_aggregation", "constraint"])
+@pytest.mark.parametrize("kind", ["constraint"])
 def test_a_mitigation_not_applied_by_this_server_cannot_start_a_run(
     world: World, kind: str
 ) -> None:
