@@ -231,6 +231,7 @@ def check_authorization(
             model_version=fields.get("model_version"),
             step=fields.get("step"),
             params=fields.get("params"),
+            example_weights=fields.get("example_weights"),
         )
     except AuthorizationError as exc:
         raise refuse(str(exc)) from None

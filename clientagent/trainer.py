@@ -73,7 +73,7 @@ from fedcore import (
     tensors,
     training,
 )
-from fedcore.fairness_mitigation import ExampleWeights
+from fedcore.fairness_mitigation import ExampleWeights, label_counts, score_histogram
 from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
 from fedcore.plan import PlanError as PlanRefused
 from fedcore.privacy import accounting
@@ -434,7 +434,45 @@ def handle_stats_request(
                     min_category_count,
                     split.schema.max_categories,
                 )
-    return {"run": run, "stats": stats}
+    reply: dict[str, Any] = {"run": run, "stats": stats}
+    parsed = parse_plan(plan)
+    if _weighs_loss(parsed, "reweighing"):
+        reply["label_counts"] = training_label_counts(parsed, split, stats, run)
+    return reply
+
+
+def _weighs_loss(plan: Plan, kind: str) -> bool:
+    return plan.fairness is not None and plan.fairness.mitigation.kind == kind
+
+
+def training_label_counts(
+    plan: Plan, split: LocalSplit, stats: Mapping[str, Any], run: int
+) -> dict[str, dict[str, int]]:
+    """Rows of the TRAIN split per (group of the plan's sensitive attribute, label), for the
+    server's reweighing weights (``fedcore.fairness_mitigation.label_counts``).
+
+    Only labels this site already releases are keys: the attribute's categories sent in
+    ``stats`` (or declared in ``fairness.groups``, or ``false``/``true`` for a boolean), and
+    ``__missing__``; every other value is counted under ``__other__``.
+    """
+    assert plan.fairness is not None
+    attribute = plan.fairness.sensitive_attribute
+    try:
+        y, groups = tabular.transform_labels(split.train, split.schema)
+    except tabular.DataValidationError as exc:
+        raise _data_invalid(exc, run=run) from None
+    column = next((c for c in split.schema.columns if c.name == attribute), None)
+    if column is not None and column.type == "boolean":
+        public = ["false", "true", tabular.MISSING_CATEGORY]
+    elif column is not None and column.type == "categorical":
+        sent = (stats.get("categories") or {}).get(attribute) or []
+        public = [str(v) for v in sent] + [tabular.MISSING_CATEGORY, fairness.OTHER_GROUP]
+    else:
+        declared = plan.fairness.groups.get(attribute) or []
+        public = [str(v) for v in declared] + [tabular.MISSING_CATEGORY, fairness.OTHER_GROUP]
+    labels = np.asarray(groups[attribute], dtype=object)
+    labels = np.where(np.isin(labels, public), labels, fairness.OTHER_GROUP)
+    return label_counts(y, labels.astype(str), groups=sorted(set(public)))
 
 
 def check_model_available(
@@ -914,7 +952,32 @@ def handle_evaluate(
         )
         if counts:
             reply["fairness"] = counts
+    if _weighs_loss(parsed, "postprocess"):
+        reply["score_histograms"] = postprocess_histograms(
+            parsed, test, probs, fields["preprocessing"]
+        )
     return reply
+
+
+def postprocess_grid(score_bins: int) -> np.ndarray:
+    """The score grid of a ``postprocess`` plan: ``score_bins`` + 1 points on [0, 1]."""
+    return np.linspace(0.0, 1.0, score_bins + 1)
+
+
+def postprocess_histograms(
+    plan: Plan, test: tabular.TabularData, probs: np.ndarray, preprocessing: Mapping[str, Any]
+) -> dict[str, dict[str, list[int]]]:
+    """Per public group of the plan's sensitive attribute, the held-out rows' counts of each
+    label per point of the score grid (``fedcore.fairness_mitigation.score_histogram``): what
+    the server chooses the group thresholds from. A value outside the public list counts as
+    ``__other__``, as in the fairness counts."""
+    assert plan.fairness is not None
+    attribute = plan.fairness.sensitive_attribute
+    public = fairness.public_groups(plan.schema, preprocessing, plan.fairness.groups)[attribute]
+    labels = np.asarray(test.groups[attribute], dtype=object)
+    labels = np.where(np.isin(labels, public), labels, fairness.OTHER_GROUP).astype(str)
+    grid = postprocess_grid(plan.fairness.mitigation.score_bins)
+    return score_histogram(np.asarray(probs, dtype=np.float64), test.y, labels, grid, groups=public)
 
 
 def _compressed(

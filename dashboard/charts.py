@@ -291,7 +291,12 @@ def run_charts(rounds: list[Any], metric_rows: list[dict[str, Any]]) -> list[Cha
 
 def fairness_trend_chart(reports: list[dict[str, Any]]) -> Chart:
     """Per round: each attribute's demographic parity and equalized odds differences, with the
-    plan's limits as dashed lines. Round k's report is about model version k-1."""
+    plan's limits as dashed lines. Round k's report is about model version k-1; the final
+    evaluation's (``round`` None, about the last model v) is placed at v + 1, after the last
+    round."""
+    reports = [
+        {**r, "round": r["model_version"] + 1} if r.get("round") is None else r for r in reports
+    ]
     fig = go.Figure(layout=_layout("Fairness per round", "Difference between groups"))
     fig.update_yaxes(rangemode="tozero")
     attributes: list[str] = []
@@ -341,7 +346,10 @@ def fairness_trend_chart(reports: list[dict[str, Any]]) -> Chart:
     columns.append("Flags")
     table = ChartTable(columns=columns)
     for report in reports:
-        row = [str(report["round"]), f"v{report['model_version']}"]
+        row = [
+            "final" if report.get("final") else str(report["round"]),
+            f"v{report['model_version']}",
+        ]
         row += [_fmt(values.get(report["round"])) for _, _, values in series]
         row.append(str(len(report.get("flags") or [])))
         table.rows.append(row)

@@ -208,7 +208,9 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "status": (_STR, _REQ),
         "authorization": (_DICT, _REQ),  # fedcore.signing.sign_offer: the agent verifies it
     },
-    "stats": {"run": (_INT, _REQ), "stats": (_DICT, _REQ)},  # agent -> server
+    # agent -> server; label_counts = {group: {"negatives", "positives"}} of the training rows,
+    # for a plan whose fairness.mitigation kind is reweighing (fedcore.fairness_mitigation)
+    "stats": {"run": (_INT, _REQ), "stats": (_DICT, _REQ), "label_counts": (_DICT, _OPT)},
     # server -> agent: one step of an analysis plan (fedcore.analytics.steps); params are what
     # the server derived from earlier steps (Kaplan-Meier's grid), signed with the step
     "analysis_request": {
@@ -229,6 +231,8 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "model_version": (_INT, _REQ),
         "evaluation": (_DICT, _REQ),
         "fairness": (_DICT, _OPT),
+        # a postprocess plan: {group: {"negatives", "positives"}}, one count per score-grid point
+        "score_histograms": (_DICT, _OPT),
     },
     "update_ack": {"run": (_INT, _REQ), "round": (_INT, _REQ), "status": (_STR, _REQ)},
     "run_finished": {"run": (_INT, _REQ), "status": (_STR, _REQ)},
@@ -267,6 +271,9 @@ BINARY_SCHEMAS: dict[str, Schema] = {
         # the agent's clock on the same host, the task's transfer time (docs/protocol.md)
         "sent_at": (_NUMBER, _OPT),
         "authorization": (_DICT, _REQ),
+        # a weighted bias mitigation's ExampleWeights.to_json(), covered by the grant's
+        # example_weights_sha256
+        "example_weights": (_DICT, _OPT),
     },
     # server -> agent after the last round; payload = the final model (safetensors) to evaluate
     # on the held-out split, no training; answered with an "evaluation" control message

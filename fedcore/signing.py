@@ -286,9 +286,14 @@ def request_scope(
     model_version: int | None = None,
     step: str | None = None,
     params: Mapping[str, Any] | None = None,
+    example_weights: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The grant fields that bind a grant to one stats_request, one round's task or the final
     evaluation.
+
+    A task that carries ``example_weights`` (a weighted bias mitigation) also binds their
+    canonical SHA-256 (``example_weights_sha256``): weights changed or added in transit are
+    refused like changed preprocessing.
 
     A task's grant names its round and attempt, the run's total rounds, the SHA-256 of the global
     weights payload and of the canonical preprocessing JSON, and an expiry; an evaluate's names
@@ -312,6 +317,8 @@ def request_scope(
             weights_sha256=weights_sha256,
             preprocessing_sha256=sha256_canonical(preprocessing),
         )
+        if example_weights is not None:
+            scope["example_weights_sha256"] = sha256_canonical(example_weights)
     if kind == ANALYSIS_KIND:
         if step is None or params is None:
             raise ValueError("an analysis request's scope needs its step and parameters")
@@ -345,6 +352,7 @@ def check_request_scope(
     model_version: int | None = None,
     step: str | None = None,
     params: Any = None,
+    example_weights: Any = None,
 ) -> None:
     """Check a verified grant's scope covers exactly the request received.
 
@@ -360,6 +368,7 @@ def check_request_scope(
         check_expiry: False only when checking again a task already accepted on arrival.
         model_version: the model version an evaluate says it carries (evaluates).
         step, params: an analysis request's step and parameters (analysis requests).
+        example_weights: the example weights a task carries (None: it carries none).
 
     Raises:
         AuthorizationError: naming what the grant does not cover.
@@ -390,6 +399,16 @@ def check_request_scope(
         if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
             raise AuthorizationError(
                 f"the authorization's attempt {attempt!r} is not a number >= 1"
+            )
+        try:
+            carried = None if example_weights is None else sha256_canonical(example_weights)
+        except (TypeError, ValueError):
+            carried = "not canonical JSON"
+        if grant.get("example_weights_sha256") != carried:
+            raise AuthorizationError(
+                f"the task's example weights hash to {_short(carried)}, but the authorization "
+                f"is for {_short(grant.get('example_weights_sha256'))} (added, removed or "
+                "changed in transit)"
             )
     if kind == EVALUATE_KIND:
         if rounds != plan_rounds:

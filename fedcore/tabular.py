@@ -92,6 +92,7 @@ __all__ = [
     "split_holdout",
     "target_scale",
     "transform",
+    "transform_labels",
     "undeclared_categories",
     "validate_frame",
 ]
@@ -1549,6 +1550,20 @@ def _group_labels(valid: pd.DataFrame, name: str, schema: DatasetSchema) -> np.n
         labels[np.isnan(values)] = MISSING_CATEGORY
         return labels.astype(str)
     return valid[name].to_numpy(dtype=str)
+
+
+def transform_labels(
+    df: pd.DataFrame, schema: DatasetSchema
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The 0/1 labels and each sensitive column's group labels of rows, as :func:`transform`
+    gives them, without a fitted preprocessing (the statistics pass has none yet).
+
+    Raises:
+        DataValidationError: the data does not match the schema.
+    """
+    valid = validate_frame(df, schema)
+    groups = {name: _group_labels(valid, name, schema) for name in schema.sensitive}
+    return _labels(valid, schema).astype(np.float64), groups
 
 
 def transform(df: pd.DataFrame, schema: DatasetSchema, fitted: Mapping[str, Any]) -> TabularData:

@@ -84,8 +84,9 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
             ("Approval rules met", rules),
             (
                 "Run",
-                f"{run['status']}; started {_when(run['started_at'])}, "
-                f"finished {_when(run['finished_at'])}",
+                f"{run['status']}"
+                + (", final model over a fairness limit" if run.get("fairness_warning") else "")
+                + f"; started {_when(run['started_at'])}, finished {_when(run['finished_at'])}",
             ),
         ]
     )
@@ -152,7 +153,18 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
 
     fairness = report["fairness"]
     doc.heading("Fairness", 2)
+    warning = fairness.get("final_warning")
+    if warning:
+        doc.paragraph(f"WARNING, fairness limit exceeded: the run ended, but {warning['message']}.")
     doc.paragraph(f"Fairness report: {fairness['status']}.")
+    mitigation = fairness.get("mitigation")
+    if mitigation:
+        parameters = ", ".join(f"{k} = {v}" for k, v in mitigation["parameters"].items())
+        doc.paragraph(
+            f"Bias mitigation: {mitigation['kind']}"
+            + (f" ({parameters})" if parameters else "")
+            + f": {mitigation['note']}."
+        )
     summary = fairness.get("report")
     if summary:
         if summary.get("error"):

@@ -357,7 +357,10 @@ class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
         assert self.silo_id is not None
         try:
             await database_sync_to_async(update_services.stats_receive)(
-                silo_id=self.silo_id, run_id=msg["run"], stats=msg["stats"]
+                silo_id=self.silo_id,
+                run_id=msg["run"],
+                stats=msg["stats"],
+                label_counts=msg.get("label_counts"),
             )
         except update_services.Refused as exc:
             await self.send_error(exc.code, exc.reason, run=msg["run"])

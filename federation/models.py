@@ -325,6 +325,9 @@ class Run(models.Model):
     # An analysis plan's run (federation.services.analysis): its steps, the current one, the
     # merges so far, the step's deadline, and once released its result.
     analysis = models.JSONField(null=True, blank=True)
+    # The bias mitigation the server computed for this run (federation.services.mitigation):
+    # {"kind", "example_weights" (ExampleWeights.to_json), "counts"}; null without one.
+    mitigation = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -368,6 +371,9 @@ class SiloStatistics(models.Model):
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="silo_statistics")
     silo = models.ForeignKey(Silo, on_delete=models.CASCADE, related_name="+")
     stats = models.JSONField()
+    # Rows per (group, label) of the training split, for a plan whose fairness.mitigation kind
+    # is reweighing (fedcore.fairness_mitigation.label_counts); null otherwise.
+    label_counts = models.JSONField(null=True, blank=True)
     received_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

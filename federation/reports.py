@@ -15,7 +15,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from fedcore import onnx_export
-from federation import governance, selectors
+from federation import fairness_outcome, governance, selectors
 from federation.models import ModelVersion, Run
 from federation.services.audit import audit_head, audit_verify
 
@@ -181,8 +181,18 @@ def run_fairness(run: Run) -> dict[str, Any]:
     settings = run.version.spec.get("fairness")
     stored = _fairness_reports(run)
     latest = stored[-1] if stored else None
+    rows = selectors.run_metric_rows(run) if stored else []
+    round_metrics = {
+        r["round"]: _summary(rows, r["round"], ("global",)).get("global", {})
+        for r in stored
+        if r.get("round") is not None
+    }
     return {
         "settings": settings,
+        "mitigation": fairness_outcome.mitigation_view(run.version.spec, run.mitigation),
+        "final_warning": fairness_outcome.final_fairness_warning(run.evaluation),
+        # Per report: the model's accuracy and AUC beside its disparities and the plan's limits.
+        "trade_off": fairness_outcome.trade_off(stored, round_metrics, final_evaluation(run)),
         "plan_limits": [
             {"label": label, "value": (settings or {}).get(limit_key)}
             for _, label, limit_key in FAIRNESS_METRICS
@@ -245,7 +255,16 @@ def _fairness(run: Run, version: ModelVersion | None = None) -> dict[str, Any]:
     """The fairness section: for a model card the report about that version (round v+1's), for
     a compliance report the run's latest report and every flag raised."""
     settings = run.version.spec.get("fairness")
-    base: dict[str, Any] = {"settings": settings, "run": run.pk, "report": None}
+    base: dict[str, Any] = {
+        "settings": settings,
+        "run": run.pk,
+        "report": None,
+        "mitigation": fairness_outcome.mitigation_view(run.version.spec, run.mitigation),
+        # The run's verdict, in a compliance report only (a card is about one version).
+        "final_warning": (
+            fairness_outcome.final_fairness_warning(run.evaluation) if version is None else None
+        ),
+    }
     if not settings:
         return {
             **base,
@@ -317,11 +336,19 @@ def model_file_stem(version: ModelVersion) -> str:
 
 
 def _deployment(version: ModelVersion) -> dict[str, Any]:
-    """What a site needs to run the model: its input columns and the fitted preprocessing."""
+    """What a site needs to run the model: its input columns, the fitted preprocessing and, for
+    the final model of a postprocess plan, its group thresholds."""
     names = selectors.model_version_features(version)
+    final = final_evaluation(version.run)
+    thresholds = (
+        final.get("thresholds") if final and final.get("model_version") == version.number else None
+    )
     return {
         "feature_names": names,
         "preprocessing": version.run.preprocessing if names else None,
+        # Decisions of a postprocess plan: apply these to sigmoid(logit) per group (not in the
+        # ONNX graph, which outputs the logit).
+        "thresholds": thresholds,
         "onnx": {
             "input": {"name": onnx_export.INPUT_NAME, "shape": ["batch", len(names or ())]},
             "output": {"name": onnx_export.OUTPUT_NAME, "shape": ["batch", 1]},
@@ -449,6 +476,8 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         "run": {
             "id": run.pk,
             "status": run.status,
+            # Not null: the run ended, but its final model exceeds a fairness limit of the plan.
+            "fairness_warning": fairness_outcome.final_fairness_warning(run.evaluation),
             "started_at": _iso(run.started_at),
             "finished_at": _iso(run.finished_at),
             "plan_hash": run.plan_hash,

@@ -64,6 +64,7 @@ def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
     run = round_.run
     model = ModelVersion.objects.get(run=run, number=round_.number - 1)
     payload = _model_bytes(model.blob_key, model.checksum)
+    weights = run.mitigation.get("example_weights") if isinstance(run.mitigation, dict) else None
     scope = signing.request_scope(
         kind=signing.TASK_KIND,
         rounds=run.rounds,
@@ -73,22 +74,22 @@ def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
         weights_sha256=model.checksum,
         preprocessing=run.preprocessing,
         expires_at=round_.deadline + timedelta(seconds=signing.TASK_EXPIRY_MARGIN_SECONDS),
+        example_weights=weights,
     )
     silo = Silo.objects.get(pk=silo_id)
-    return BinaryMessage(
-        type="task",
-        fields={
-            "run": run.pk,
-            "round": round_.number,
-            "rounds": run.rounds,
-            "plan_hash": run.plan_hash,
-            "plan": run.version.spec,
-            "preprocessing": run.preprocessing,
-            "deadline": round_.deadline.timestamp(),
-            "authorization": authorization_for(run=run, silo=silo, scope=scope),
-        },
-        payload=payload,
-    )
+    fields = {
+        "run": run.pk,
+        "round": round_.number,
+        "rounds": run.rounds,
+        "plan_hash": run.plan_hash,
+        "plan": run.version.spec,
+        "preprocessing": run.preprocessing,
+        "deadline": round_.deadline.timestamp(),
+        "authorization": authorization_for(run=run, silo=silo, scope=scope),
+    }
+    if weights is not None:  # a weighted bias mitigation (federation.services.mitigation)
+        fields["example_weights"] = weights
+    return BinaryMessage(type="task", fields=fields, payload=payload)
 
 
 def evaluate_message(*, run_id: int, silo_id: int) -> BinaryMessage | None:

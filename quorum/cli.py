@@ -689,6 +689,11 @@ def cmd_run_watch(args: argparse.Namespace) -> int:
         reason = f": {run['error']}" if run.get("error") else ""
         print(f"quorum: run {args.run} {run['status']}{reason}", file=sys.stderr)
         return EXIT_ERROR
+    warning = run.get("fairness_warning")
+    if warning:  # completed, but not cleanly: the final model exceeds a fairness limit
+        print(
+            f"quorum: warning: run {args.run} completed, but {warning['message']}", file=sys.stderr
+        )
     out(f"run {args.run} completed; see `quorum run results {args.run}`")
     return EXIT_OK
 
@@ -699,7 +704,10 @@ def results(client: Client, run_id: int) -> tuple[dict[str, Any], list[str]]:
     rounds = client.rounds(run_id)
     number, final = _latest_metrics(rounds)
     report: dict[str, Any] = {
-        "run": {k: run.get(k) for k in ("id", "plan", "plan_name", "status", "rounds")},
+        "run": {
+            k: run.get(k)
+            for k in ("id", "plan", "plan_name", "status", "rounds", "fairness_warning")
+        },
         "metrics": {"round": number, "values": final},
         "rounds": [
             {
@@ -753,6 +761,8 @@ def cmd_run_results(args: argparse.Namespace) -> int:
         return EXIT_OK
     run = report["run"]
     out(f"run {run['id']} of plan {run['plan']} {run['plan_name']!r}: {run['status']}")
+    if run.get("fairness_warning"):
+        out(f"warning: {run['fairness_warning']['message']}")
     out()
     metrics = report["metrics"]
     if metrics["values"]:

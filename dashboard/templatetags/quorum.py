@@ -8,6 +8,7 @@ from typing import Any
 
 from django import template
 
+from federation import fairness_outcome
 from federation.models import Role
 
 register = template.Library()
@@ -38,3 +39,10 @@ def epsilon(value: Any) -> str:
     if not value:
         return "no DP"
     return f"{float(value):.4f}"
+
+
+@register.filter
+def fairness_warning(run: Any) -> dict[str, Any] | None:
+    """The warning a run ended with when its final model exceeds a fairness limit (or None):
+    federation.fairness_outcome.final_fairness_warning of its final evaluation."""
+    return fairness_outcome.final_fairness_warning(getattr(run, "evaluation", None))

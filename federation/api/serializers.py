@@ -19,7 +19,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from fedcore.plan import openapi_schema
-from federation import governance, permissions, selectors
+from federation import fairness_outcome, governance, permissions, selectors
 from federation.models import (
     ApiToken,
     Approval,
@@ -732,12 +732,35 @@ class FinalEvaluationSerializer(serializers.Serializer):
     note = serializers.CharField(read_only=True)
     fairness = serializers.DictField(read_only=True, allow_null=True)
     fairness_note = serializers.CharField(read_only=True, allow_null=True)
+    # A postprocess plan's group thresholds of the final model (federation.services.mitigation):
+    # absent for other plans; null with thresholds_note saying why none could be chosen.
+    thresholds = serializers.DictField(read_only=True, allow_null=True, required=False)
+    thresholds_note = serializers.CharField(read_only=True, allow_null=True, required=False)
     finished_at = serializers.CharField(read_only=True)
 
 
+class FairnessFlagSerializer(serializers.Serializer):
+    metric = serializers.CharField(read_only=True)
+    label = serializers.CharField(read_only=True)
+    value = serializers.FloatField(read_only=True)
+    limit = serializers.FloatField(read_only=True)
+
+
+class FairnessWarningSerializer(serializers.Serializer):
+    """The run ended, but its final model exceeds a fairness limit of the plan
+    (federation.fairness_outcome.final_fairness_warning)."""
+
+    code = serializers.CharField(read_only=True)
+    model_version = serializers.IntegerField(read_only=True)
+    attribute = serializers.CharField(read_only=True)
+    flags = FairnessFlagSerializer(many=True, read_only=True)
+    message = serializers.CharField(read_only=True)
+
+
 class RunDetailSerializer(RunSerializer):
-    """A run with the state of each of its rounds, the silos it no longer selects and why, and
-    its final model's evaluation (null until the run's evaluation phase ended)."""
+    """A run with the state of each of its rounds, the silos it no longer selects and why, its
+    final model's evaluation (null until the run's evaluation phase ended) and, when that final
+    model exceeds a fairness limit of the plan, ``fairness_warning`` (else null)."""
 
     round_summary = RoundSummarySerializer(source="round_set", many=True, read_only=True)
     waiting_since = serializers.DateTimeField(read_only=True, allow_null=True)
@@ -745,6 +768,7 @@ class RunDetailSerializer(RunSerializer):
     final_evaluation = FinalEvaluationSerializer(
         source="evaluation", read_only=True, allow_null=True
     )
+    fairness_warning = serializers.SerializerMethodField()
 
     class Meta(RunSerializer.Meta):
         fields = [
@@ -753,8 +777,13 @@ class RunDetailSerializer(RunSerializer):
             "waiting_since",
             "refusals",
             "final_evaluation",
+            "fairness_warning",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(FairnessWarningSerializer(allow_null=True))
+    def get_fairness_warning(self, run: Run) -> dict[str, Any] | None:
+        return fairness_outcome.final_fairness_warning(run.evaluation)
 
     @extend_schema_field(RunRefusalSerializer(many=True))
     def get_refusals(self, run: Run) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ from federation import dispatch
 from federation.models import ModelVersion, Run, Silo, SiloEvaluation
 from federation.selectors import run_refused_silo_ids
 from federation.services import fairness as fairness_service
+from federation.services import mitigation
 from federation.services.audit import audit_append
 from federation.services.updates import Refused, audit_refused
 
@@ -128,6 +129,12 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
     except evaluation.EvaluationReportError as exc:
         raise Refused("invalid_update", str(exc)) from None
     counts = _checked_counts(run, fields, histogram.n)
+    try:  # a postprocess plan: the final model's score histograms per group
+        score_histograms = mitigation.checked_score_histograms(
+            run, fields.get("score_histograms"), histogram.n, where
+        )
+    except ValueError as exc:
+        raise Refused("invalid_update", str(exc)) from None
     with transaction.atomic():
         row = SiloEvaluation.objects.select_for_update().filter(run=run, silo=silo).first()
         if row is None:
@@ -141,6 +148,8 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         if row.report is not None:
             raise Refused("duplicate_update", f"this silo's evaluation of run {run.pk} is in")
         row.report = {"histogram": histogram.to_wire(), "fairness": counts}
+        if score_histograms is not None:
+            row.report["score_histograms"] = score_histograms
         row.received_at = timezone.now()
         row.save(update_fields=["report", "received_at"])
         if counts:
@@ -212,6 +221,18 @@ def evaluation_pool(run: Run) -> dict[str, Any]:
     }
     if fairness_service.fairness_section(run.version.spec) is not None:
         result["fairness"], result["fairness_note"] = _final_fairness(run, version, done, by_silo)
+    if mitigation.plan_kind(run.version.spec) == mitigation.POSTPROCESS:
+        # The group thresholds become part of the final model version (its model card, the API).
+        result["thresholds"], result["thresholds_note"] = mitigation.thresholds(
+            run, [r.report["score_histograms"] for r in done if r.report.get("score_histograms")]
+        )
+        _audit(
+            run,
+            "mitigation.thresholds",
+            model_version=version,
+            chosen=result["thresholds"] is not None,
+            note=result["thresholds_note"],
+        )
     return result
 
 

@@ -21,6 +21,7 @@ from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan.keys import is_int
 from fedcore.tabular import DatasetSchema, SchemaError
 from federation import dispatch, governance, permissions
+from federation.fairness_outcome import unavailable_mitigation_error
 from federation.models import (
     Approval,
     Consortium,
@@ -174,6 +175,11 @@ def _validated(
     spec_errors = plan_spec_errors(spec, silos=chosen if "silos" not in errors else None)
     if not spec_errors:
         spec_errors = _not_run_here(spec)
+    # Valid in the plan language (every agent accepts it) but not applied by this server
+    # version: refused here rather than run as if unmitigated.
+    unavailable = unavailable_mitigation_error(spec)
+    if unavailable and not {"fairness.mitigation", "fairness.mitigation.kind"} & spec_errors.keys():
+        spec_errors["fairness.mitigation.kind"] = unavailable
     for key, message in spec_errors.items():
         field = _spec_field(key)
         errors[field] = f"{errors[field]}; {message}" if field in errors else message

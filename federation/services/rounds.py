@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from fedcore import aggregation, tabular, tensors
 from fedcore.aggregation import AggregateResult
+from fedcore.fairness_mitigation import MitigationError
 from fedcore.models import build_model
 from fedcore.plan import RunSettings, is_analysis, run_settings, server_strategy_spec
 from fedcore.privacy import accounting as dp_accounting
@@ -42,6 +43,7 @@ from federation.selectors import online_silos, round_refused_count
 from federation.services import analysis as analysis_service
 from federation.services import evaluation as evaluation_service
 from federation.services import fairness as fairness_service
+from federation.services import mitigation as mitigation_service
 from federation.services.audit import audit_append
 from federation.services.updates import validate_metrics
 from federation.storage import blob_store, model_key, strategy_key
@@ -230,10 +232,23 @@ def _finish_statistics(run: Run, cfg: RunSettings) -> None:
     except ValueError as exc:
         _fail_run(run, f"federated statistics could not be combined: {exc}")
         return
+    try:  # before round 1: a mitigation that cannot be computed never trains unmitigated
+        run.mitigation = mitigation_service.compute(run, fitted)
+    except MitigationError as exc:
+        _fail_run(run, f"the plan's bias mitigation could not be computed: {exc}")
+        return
     _store_model_version(run, number=0, state=model.state_dict(), round_=None)
     run.preprocessing = fitted
     run.status = Run.Status.RUNNING
-    run.save(update_fields=["preprocessing", "status"])
+    run.save(update_fields=["preprocessing", "status", "mitigation"])
+    if run.mitigation is not None:
+        _audit_run(
+            run,
+            "mitigation.computed",
+            kind=run.mitigation["kind"],
+            attribute=run.mitigation["attribute"],
+            example_weights=run.mitigation["example_weights"],
+        )
     log.info(
         "run %s: preprocessing fitted from %d silos, %d features", run.pk, len(reported), n_features
     )
@@ -396,16 +411,22 @@ def _combine(
     elif privacy.get("mode", "none") == "client":  # the DP mean feeds the plan's strategy
         result, dp = _client_dp_mean(round_, spec, updates, global_state, strategy)
     else:
+        weights = {u["silo_id"]: float(u["num_examples"]) for u in updates}
+        fairfed = None
+        if mitigation_service.plan_kind(spec) == mitigation_service.FAIR_AGGREGATION:
+            weights, fairfed = mitigation_service.fairfed_weights(round_, spec, updates)
         streamed = (
             aggregation.ClientUpdate(
                 state=tensors.decode_state_dict(store.get_buffer(u["blob_key"])),
-                weight=float(u["num_examples"]),
+                weight=weights[u["silo_id"]],
                 client_id=u["silo_id"],
                 loss=u["metrics"].get("global_train_loss"),
             )
             for u in updates
         )
         result = strategy.aggregate(global_state, streamed, round=round_.number)
+        if fairfed is not None:  # carried to the next round (aggregation_stats["fairfed"])
+            result = replace(result, stats={**result.stats, "fairfed": fairfed})
     optimizer_state = strategy.state_dict()
     if optimizer_state:
         store.put(

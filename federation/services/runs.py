@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from fedcore.plan import plan_hash, run_settings
 from federation import dispatch, governance, permissions
+from federation.fairness_outcome import unavailable_mitigation_error
 from federation.models import Run, TrainingPlan
 from federation.services.audit import actor_label, audit_append
 from federation.services.errors import Conflict
@@ -39,6 +40,11 @@ def run_start(*, actor: Any, plan: TrainingPlan) -> Run:
     if version.spec_hash != plan_hash(version.spec):
         raise Conflict(
             f"plan '{plan.name}' v{version.number}: its content no longer matches its hash"
+        )
+    unavailable = unavailable_mitigation_error(version.spec)
+    if unavailable:  # approved before this server refused it at proposal: never a silent no-op
+        raise Conflict(
+            f"plan '{plan.name}' v{version.number}: fairness.mitigation.kind {unavailable}"
         )
     state = governance.approval_state(version)
     if not state.satisfied:

@@ -18,6 +18,7 @@ from fedcore import compression, tabular, tensors
 from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
 from federation.services import fairness as fairness_service
+from federation.services import mitigation
 from federation.services.audit import audit_append
 from federation.storage import BlobStoreError, blob_store, update_key
 
@@ -64,24 +65,27 @@ def _active_run_for(silo: Silo, run_id: int) -> Run:
     return run
 
 
-def stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
+def stats_receive(
+    *, silo_id: int, run_id: int, stats: dict[str, Any], label_counts: Any = None
+) -> None:
     """Check and store a silo's local statistics for a run's federated preprocessing pass.
 
     A report that breaks ``fedcore.tabular.check_site_statistics`` (an undeclared category, a
     name with markup or control characters, more values than the cap...) is refused naming
     silo, column and rule and changes nothing; every refusal is audited as ``stats.refused``
     in its own transaction. Noised statistics (``privacy.statistics_epsilon``) are charged to
-    the silo's ledger.
+    the silo's ledger. ``label_counts`` (a plan that reweighs: its rows per group and label)
+    are checked by ``federation.services.mitigation.checked_label_counts``.
     """
     try:
-        _stats_receive(silo_id=silo_id, run_id=run_id, stats=stats)
+        _stats_receive(silo_id=silo_id, run_id=run_id, stats=stats, label_counts=label_counts)
     except Refused as refused:
         audit_refused(silo_id, "stats.refused", run_id, refused)
         raise
 
 
 @transaction.atomic
-def _stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
+def _stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any], label_counts: Any) -> None:
     silo = Silo.objects.get(pk=silo_id)
     run = _active_run_for(silo, run_id)
     if run.status != Run.Status.STATS:
@@ -96,7 +100,15 @@ def _stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any]) -> None:
         )
     except tabular.SchemaError as exc:
         raise Refused("invalid_update", str(exc)) from None
-    _, created = SiloStatistics.objects.get_or_create(run=run, silo=silo, defaults={"stats": stats})
+    try:
+        counts = mitigation.checked_label_counts(
+            run, label_counts, stats, f"statistics of silo {silo.name!r}"
+        )
+    except ValueError as exc:
+        raise Refused("invalid_update", str(exc)) from None
+    _, created = SiloStatistics.objects.get_or_create(
+        run=run, silo=silo, defaults={"stats": stats, "label_counts": counts}
+    )
     if not created:
         raise Refused("duplicate_update", f"statistics for run {run_id} were already received")
     if epsilon > 0.0:  # the noised numeric statistics: one pure epsilon-DP release of its data

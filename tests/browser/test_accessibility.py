@@ -23,6 +23,8 @@ from tests.browser.conftest import Session
 from tests.browser.test_dashboard_browser import PASSWORD, with_password
 from tests.dashboard_factories import build_world
 from tests.e2e import harness
+from tests.integration.test_dashboard_fairness import fairness_run
+from tests.integration.test_fairness_outcome import with_final_flagged
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -58,6 +60,7 @@ def axe_findings(session: Session) -> list[str]:
 def pages(world: Any) -> list[tuple[str, str]]:
     model = ModelVersion.objects.filter(run=world.run).order_by("-number").first()
     c = world.gov.consortium.pk
+    flagged = with_final_flagged(fairness_run(world))  # a final model over a fairness limit
     return [
         ("consortium", f"/consortia/{c}/"),
         ("plans", f"/consortia/{c}/plans/"),
@@ -67,6 +70,8 @@ def pages(world: Any) -> list[tuple[str, str]]:
         ("model card", f"/models/{model.pk}/card/"),
         ("privacy", f"/consortia/{c}/privacy/"),
         ("compliance report", f"/runs/{world.run.pk}/compliance/"),
+        ("run monitor, fairness warning", f"/runs/{flagged.pk}/"),
+        ("fairness report, final model over the limit", f"/runs/{flagged.pk}/fairness/"),
     ]
 
 
@@ -93,7 +98,7 @@ def test_our_pages_have_no_serious_axe_findings(
         for name, path in pages(world):
             response = a.goto(path)
             assert response.status == 200, (name, response.status)
-            if name == "run monitor":
+            if name.startswith("run monitor"):
                 a.page.wait_for_selector("#live-state[data-state=finished]")
             findings[name] = axe_findings(a)
             overflow = a.page.evaluate(

@@ -19,11 +19,14 @@ from django.utils import timezone
 
 from fedcore import signing
 from federation import models
+from federation.fairness_outcome import final_fairness_warning
 from quorum.cli import main
 from tests.api_factories import _token_of, approved_plan
-from tests.dashboard_factories import finished_run
+from tests.dashboard_factories import build_world, finished_run
 from tests.factories import SCHEMA, plan_spec, running_round, start_run
 from tests.governance_factories import Governed, governed_consortium
+from tests.integration.test_dashboard_fairness import fairness_run
+from tests.integration.test_fairness_outcome import with_final_flagged
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -290,3 +293,23 @@ def test_a_finished_runs_results_and_models(cli: Cli, gov: Governed, tmp_path: P
     # Either the ONNX file (named by the checksum of the model it came from), or the server's
     # reason it cannot export this one, or that it offers no downloads: never a traceback.
     assert (code == 0 and final.checksum in out) or (code == 1 and err.startswith("quorum: "))
+
+
+def test_a_run_whose_final_model_exceeds_a_fairness_limit_is_not_a_plain_completed(
+    cli: Cli,
+) -> None:
+    world = build_world()
+    run = with_final_flagged(fairness_run(world))
+    cli.as_user(world.user("scientist"))
+    message = final_fairness_warning(run.evaluation)["message"]
+    assert message.startswith(
+        "the final model v2 exceeds the plan's fairness limit for 'sex': demographic parity "
+        "difference 0.40"
+    )
+
+    code, out, err = cli("run", "watch", str(run.pk), "--interval", "0")
+    assert code == 0 and f"quorum: warning: run {run.pk} completed, but {message}" in err
+    code, out, _ = cli("run", "results", str(run.pk))
+    assert code == 0 and f"warning: {message}" in out
+    code, out, _ = cli("run", "results", str(run.pk), "--format", "json")
+    assert json.loads(out)["run"]["fairness_warning"]["message"] == message

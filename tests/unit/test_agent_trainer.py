@@ -294,14 +294,51 @@ def unit_weights() -> ExampleWeights:
     return ExampleWeights({g: {0: (0, 1.0), 1: (1, 1.0)} for g in ("F", "M")})
 
 
-def test_without_weights_training_is_unchanged_and_unit_weights_give_the_same_model(data):
-    plain = make_task(data, plan=MITIGATED)
+UNMITIGATED = {**PLAN, "fairness": {"sensitive_attribute": "sex"}}
+
+
+def test_unit_weights_give_the_model_of_the_plain_loss(data):
+    plain = make_task(data, plan=UNMITIGATED)
+    unit = make_task(data, plan=MITIGATED)
 
     default = handle_task(plain, data, nonce=lambda: "0" * 32)
-    unit = handle_task(plain, data, nonce=lambda: "0" * 32, example_weights=unit_weights())
+    weighted = handle_task(unit, data, nonce=lambda: "0" * 32, example_weights=unit_weights())
 
     assert default.payload == handle_task(plain, data, nonce=lambda: "0" * 32).payload
-    assert unit.payload == default.payload
+    assert weighted.payload == default.payload
+
+
+def test_a_reweighing_task_trains_on_the_weights_it_carries_and_never_without(data):
+    task = make_task(data, plan=MITIGATED)
+    weights = ExampleWeights({"F": {0: (0, 3.0), 1: (1, 0.2)}, "M": {0: (0, 0.5), 1: (1, 2.0)}})
+    carried = protocol.BinaryMessage(
+        "task", {**task.fields, "example_weights": weights.to_json()}, task.payload
+    )
+
+    given = handle_task(task, data, nonce=lambda: "0" * 32, example_weights=weights)
+    assert handle_task(carried, data, nonce=lambda: "0" * 32).payload == given.payload
+    with pytest.raises(TaskError, match="carries no example weights") as refused:
+        handle_task(task, data)
+    assert refused.value.code == "invalid_task"
+    bad = protocol.BinaryMessage("task", {**task.fields, "example_weights": {}}, task.payload)
+    with pytest.raises(TaskError, match="example weights must be a non-empty mapping"):
+        handle_task(bad, data)
+
+
+def test_the_stats_reply_of_a_reweighing_plan_counts_training_rows_per_group_and_label(data):
+    request = {"run": 5, "plan_hash": "h", "plan": MITIGATED}
+    reply = handle_stats_request(request, data)
+    assert "label_counts" not in handle_stats_request({**request, "plan": UNMITIGATED}, data)
+    split = data.split(MITIGATED)
+    y, groups = tabular.transform_labels(split.train, split.schema)
+    counts = reply["label_counts"]
+    for group in ("F", "M"):
+        rows = groups["sex"] == group
+        assert counts[group] == {
+            "negatives": int((y[rows] == 0).sum()),
+            "positives": int((y[rows] == 1).sum()),
+        }
+    assert sum(sum(c.values()) for c in counts.values()) == reply["stats"]["n_rows"]
 
 
 def test_reweighing_weights_change_the_local_model_and_weigh_each_group_and_label(data):
@@ -309,7 +346,7 @@ def test_reweighing_weights_change_the_local_model_and_weigh_each_group_and_labe
     weights = ExampleWeights({"F": {0: (0, 3.0), 1: (1, 0.2)}, "M": {0: (0, 0.5), 1: (1, 2.0)}})
 
     weighted = handle_task(task, data, nonce=lambda: "0" * 32, example_weights=weights)
-    default = handle_task(task, data, nonce=lambda: "0" * 32)
+    default = handle_task(make_task(data, plan=UNMITIGATED), data, nonce=lambda: "0" * 32)
 
     assert weighted.payload != default.payload
     parsed = check_plan(MITIGATED)

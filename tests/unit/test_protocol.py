@@ -62,7 +62,11 @@ CONTROL_EXAMPLES = {
         "status": "submitted",
         "authorization": GRANT,
     },
-    "stats": {"run": 3, "stats": {"n": 120, "columns": {"age": {"count": 120, "mean": 51.5}}}},
+    "stats": {
+        "run": 3,
+        "stats": {"n": 120, "columns": {"age": {"count": 120, "mean": 51.5}}},
+        "label_counts": {"F": {"negatives": 40, "positives": 20}},  # a reweighing plan's
+    },
     "analysis_request": {
         "run": 3,
         "plan_hash": "ab" * 32,
@@ -77,6 +81,7 @@ CONTROL_EXAMPLES = {
         "model_version": 20,
         "evaluation": {"bins": 2, "positives": [1, 4], "negatives": [5, 0], "loss_sum": 2.5},
         "fairness": {"sex": {"F": {"tp": 2, "fp": 0, "tn": 3, "fn": 1}}},
+        "score_histograms": {"F": {"negatives": [3, 0], "positives": [1, 2]}},  # postprocess
     },
     "update_ack": {"run": 3, "round": 0, "status": "accepted"},
     "run_finished": {"run": 3, "status": "completed"},
@@ -101,6 +106,7 @@ TASK_FIELDS = {
     "deadline": 1718000120.5,
     "authorization": GRANT,
     "sent_at": 1718000000.25,  # when the server started sending it (round timing)
+    "example_weights": {"F": {"0": [0, 1.2], "1": [1, 0.8]}},  # a reweighing plan's
 }
 UPDATE_FIELDS = {
     "run": 3,
@@ -241,7 +247,9 @@ def test_every_schema_field_has_an_example():
     assert set(TASK_FIELDS) == set(BINARY_SCHEMAS["task"])
     assert set(UPDATE_FIELDS) == set(BINARY_SCHEMAS["update"])
     assert set(MASKED_UPDATE_FIELDS) == set(BINARY_SCHEMAS["masked_update"])
-    assert set(BINARY_SCHEMAS["evaluate"]) == set(TASK_FIELDS) - {"round"} | {"model_version"}
+    assert set(BINARY_SCHEMAS["evaluate"]) == set(TASK_FIELDS) - {"round", "example_weights"} | {
+        "model_version"
+    }
     assert set(BINARY_SCHEMAS) == {"task", "evaluate", "update", "masked_update"}
 
 

@@ -1,0 +1,205 @@
+"""What a run's fairness came to: the final model against the plan's limits, the accuracy/AUC
+beside the disparity round by round, and the plan's mitigation as this server applies it.
+
+Read by the reports (``federation.reports``: fairness report, model card, compliance report),
+the API's run detail and the run monitor, so that a run whose final model exceeds a fairness
+limit never reads as a plain "Completed" anywhere (docs/fairness.md, "Final model over a
+limit").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedcore.plan import PlanError, parse_plan
+from fedcore.plan.spec import MITIGATION_PARAMS
+
+WARNING_CODE = "fairness_limit_exceeded"
+LABELS = {
+    "demographic_parity_difference": "demographic parity difference",
+    "equalized_odds_difference": "equalized odds difference",
+}
+LIMIT_KEYS = {
+    "demographic_parity_difference": "max_demographic_parity_difference",
+    "equalized_odds_difference": "max_equalized_odds_difference",
+}
+# The mitigation kinds this server version applies in a run. The plan language knows every kind
+# of fedcore.plan.MITIGATION_KINDS; a plan asking for one not listed here is refused at proposal
+# (federation.services.plans: proposal and edit) and at run start, rather than run unmitigated.
+MITIGATION_WIRED: frozenset[str] = frozenset({"reweighing", "postprocess", "fair_aggregation"})
+
+
+def final_fairness_warning(evaluation: Any) -> dict[str, Any] | None:
+    """The warning a run ends with when its final model exceeds a limit of the plan, from its
+    final evaluation (``Run.evaluation``); None when there is none to give.
+
+    ``{"code", "model_version", "attribute", "flags": [{"metric", "label", "value", "limit"}],
+    "message"}``. Flags of the per-round reports are about earlier models and do not count.
+    """
+    if not isinstance(evaluation, Mapping):
+        return None
+    report = evaluation.get("fairness")
+    if not isinstance(report, Mapping) or not report.get("flags"):
+        return None
+    version = evaluation.get("model_version")
+    attribute = report.get("sensitive_attribute")
+    flags = [
+        {
+            "metric": flag["metric"],
+            "label": LABELS.get(flag["metric"], flag["metric"]),
+            "value": flag["value"],
+            "limit": flag["limit"],
+        }
+        for flag in report["flags"]
+    ]
+    parts = "; ".join(f"{f['label']} {f['value']:.4f} > limit {f['limit']:g}" for f in flags)
+    return {
+        "code": WARNING_CODE,
+        "model_version": version,
+        "attribute": attribute,
+        "flags": flags,
+        "message": (
+            f"the final model v{version} exceeds the plan's fairness limit for "
+            f"'{attribute}': {parts}"
+        ),
+    }
+
+
+def trade_off(
+    reports: list[Mapping[str, Any]],
+    round_metrics: Mapping[int, Mapping[str, float]],
+    evaluation: Mapping[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """One row per fairness report, oldest first: the model's accuracy and AUC beside its
+    disparities for the plan's attribute and the plan's limits.
+
+    Args:
+        reports: the run's stored fairness reports (round k's is about model v(k-1)); the final
+            evaluation's last, marked ``final``.
+        round_metrics: round number -> the round's ``global`` means over the silos (the model
+            they received, on their held-out splits, weighted by held-out rows).
+        evaluation: the run's final evaluation (pooled figures of the final model), or None.
+    """
+    rows = []
+    for report in reports:
+        final = bool(report.get("final"))
+        if final:
+            pooled = (evaluation or {}).get("metrics") or {}
+            figures = {"accuracy": pooled.get("accuracy"), "auc": pooled.get("auc")}
+            source = "pooled held-out rows of every silo (final evaluation)"
+        else:
+            means = round_metrics.get(report.get("round"), {})
+            figures = {"accuracy": means.get("accuracy"), "auc": means.get("auc")}
+            source = "mean over the silos' held-out splits, weighted by their rows"
+        attribute = report.get("sensitive_attribute")
+        entry = (report.get("attributes") or {}).get(attribute) or {}
+        metrics = entry.get("report") or {}
+        thresholds = report.get("thresholds") or {}
+        flagged = {flag["metric"] for flag in report.get("flags") or []}
+        rows.append(
+            {
+                "round": report.get("round"),
+                "model_version": report.get("model_version"),
+                "final": final,
+                **figures,
+                "performance_source": source,
+                "disparities": [
+                    {
+                        "metric": metric,
+                        "label": label,
+                        "value": metrics.get(metric),
+                        "limit": thresholds.get(LIMIT_KEYS[metric]),
+                        "flagged": metric in flagged,
+                    }
+                    for metric, label in LABELS.items()
+                ],
+                "error": entry.get("error"),
+            }
+        )
+    return rows
+
+
+def mitigation_view(
+    spec: Mapping[str, Any], computed: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The plan's ``fairness.mitigation`` for a model card or report: its kind, the parameters
+    that apply to that kind (defaults filled in), whether this server applied it and what it
+    computed for the run (``Run.mitigation``: the summed counts and the weights sent; None
+    before the statistics pass). None for a plan without a fairness section."""
+    if not isinstance(spec.get("fairness"), Mapping):
+        return None
+    try:
+        fairness = parse_plan(spec).fairness
+    except PlanError:  # stored specs were valid when approved; an older one may no longer be
+        return {"kind": "unknown", "parameters": {}, "applied": False, "note": "not readable"}
+    mitigation = fairness.mitigation if fairness is not None else None
+    if mitigation is None or not mitigation.active:
+        return {
+            "kind": "none",
+            "parameters": {},
+            "applied": False,
+            "note": "none: the plan reports fairness but does not mitigate bias",
+        }
+    kind = mitigation.kind
+    parameters = {
+        name: getattr(mitigation, name)
+        for name, kinds in MITIGATION_PARAMS.items()
+        if kind in kinds
+    }
+    applied = kind in MITIGATION_WIRED
+    return {
+        "kind": kind,
+        "parameters": parameters,
+        "applied": applied,
+        "computed": dict(computed) if applied and computed else None,
+        "note": (
+            f"{kind} for '{fairness.sensitive_attribute}' (docs/fairness.md, 'Mitigation')"
+            if applied
+            else f"{kind} is not available in this server version: the model was trained without it"
+        ),
+    }
+
+
+def unavailable_mitigation_error(spec: Any) -> str | None:
+    """Why this server refuses the plan's mitigation kind (None: it applies it, or none)."""
+    if not isinstance(spec, Mapping):
+        return None
+    fairness = spec.get("fairness")
+    mitigation = fairness.get("mitigation") if isinstance(fairness, Mapping) else None
+    kind = mitigation.get("kind", "none") if isinstance(mitigation, Mapping) else "none"
+    if not isinstance(kind, str) or kind == "none":
+        return None
+    if kind in MITIGATION_WIRED:
+        privacy = spec.get("privacy")
+        noised = [
+            key
+            for key, value in (
+                ("secure_aggregation", spec.get("secure_aggregation") is True),
+                ("fairness.dp_epsilon", fairness.get("dp_epsilon") is not None),
+                (
+                    "privacy.statistics_epsilon",
+                    isinstance(privacy, Mapping) and privacy.get("statistics_epsilon") is not None,
+                ),
+            )
+            if value
+        ]
+        if kind == "fair_aggregation":  # uses the reports' own counts (noised with dp_epsilon)
+            noised = []
+        if kind == "postprocess":  # the histograms are released with the evaluation
+            noised = [key for key in noised if key != "privacy.statistics_epsilon"]
+        if noised:  # the counts/histograms travel exact and in clear in this version
+            return (
+                f"{kind!r} with {' and '.join(noised)} is not available yet in this server "
+                "version: its per-group counts are sent exact and in clear, neither masked nor "
+                f"noised; remove {' and '.join(noised)} or set "
+                "fairness.mitigation.kind to 'none'"
+            )
+        return None
+    available = ", ".join(sorted(MITIGATION_WIRED)) or "none yet"
+    return (
+        f"{kind!r} is not available yet in this server version (its maths is in place, the "
+        f"round path does not apply it); mitigations this server applies: {available}. Set "
+        "fairness.mitigation.kind to 'none' (the fairness report still flags the limits) or "
+        "wait for a server version that applies it"
+    )

@@ -1,0 +1,109 @@
+"""Postprocess through the final evaluation: each site's agent sends, with its evaluation, the
+final model's score histograms per group (its own code on real site files); the server sums
+them, chooses the group thresholds (fairlearn's ThresholdOptimizer semantics) and keeps them
+with the final model version: the run's evaluation, the model card and the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clientagent.data import LocalData
+from clientagent.trainer import postprocess_grid
+from fedcore import fairness_mitigation, tensors, training
+from fedcore.models import build_model
+from fedcore.plan import parse_plan
+from federation import orchestrator
+from federation.models import AuditEvent, ModelVersion, Run, SiloEvaluation
+from federation.reports import model_card
+from federation.services.evaluation import evaluation_receive
+from federation.services.updates import Refused
+from federation.storage import blob_store
+from tests.integration.test_final_evaluation import (
+    SENSITIVE_SCHEMA,
+    evaluate_at,
+    train_to_the_last_round,
+)
+
+pytestmark = pytest.mark.django_db
+
+FAIRNESS = {
+    "sensitive_attribute": "sex",
+    "max_demographic_parity_difference": 0.1,
+    "mitigation": {"kind": "postprocess", "score_bins": 20},
+}
+
+
+def pooled_histograms(run: Run, files: dict[int, Path]) -> dict[str, dict[str, list[int]]]:
+    """The final model's histograms on the union of the held-out rows, from the raw scores."""
+    final = ModelVersion.objects.filter(run=run).order_by("-number").first()
+    state = tensors.decode_state_dict(blob_store().get(final.blob_key))
+    plan = parse_plan(run.version.spec)
+    scores, ys, groups = [], [], []
+    for path in files.values():
+        data = LocalData(path)
+        test = data.arrays(data.split(run.version.spec), run.preprocessing).test
+        model = build_model(plan.model, int(test.X.shape[1]), seed=0)
+        model.load_state_dict(state)
+        scores.append(training.predict_proba(model, test.X))
+        ys.append(test.y)
+        groups.append(test.groups["sex"])
+    return fairness_mitigation.score_histogram(
+        np.concatenate(scores), np.concatenate(ys), np.concatenate(groups), postprocess_grid(20)
+    )
+
+
+def test_the_final_models_thresholds_are_chosen_from_the_sites_histograms(
+    tmp_path: Path,
+) -> None:
+    run, silos, files = train_to_the_last_round(
+        tmp_path, schema=SENSITIVE_SCHEMA, fairness=FAIRNESS
+    )
+    for silo in silos:
+        report = evaluate_at(run, silo, files)
+        assert set(report["score_histograms"]) >= {"f", "m"}
+        evaluation_receive(silo_id=silo.pk, fields=report)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED
+
+    chosen = run.evaluation["thresholds"]
+    assert run.evaluation["thresholds_note"] is None
+    pooled = pooled_histograms(run, files)
+    expected = fairness_mitigation.threshold_rules(pooled, postprocess_grid(20)).to_json()
+    assert {k: chosen[k] for k in expected} == expected
+    assert chosen["attribute"] == "sex" and set(chosen["rules"]) == {"f", "m"}
+    card = model_card(ModelVersion.objects.get(run=run, number=2))
+    assert card["deployment"]["thresholds"] == chosen
+    assert card["fairness"]["mitigation"]["kind"] == "postprocess"
+    assert card["fairness"]["mitigation"]["parameters"]["score_bins"] == 20
+    assert (
+        model_card(ModelVersion.objects.get(run=run, number=1))["deployment"]["thresholds"] is None
+    )
+    assert AuditEvent.objects.filter(action="mitigation.thresholds", data__chosen=True).exists()
+
+
+def test_bad_or_missing_histograms_are_refused_and_nothing_is_kept(
+    tmp_path: Path,
+) -> None:
+    run, silos, files = train_to_the_last_round(
+        tmp_path, n_silos=2, schema=SENSITIVE_SCHEMA, fairness=FAIRNESS
+    )
+    good = evaluate_at(run, silos[0], files)
+    short = {
+        g: {"negatives": c["negatives"][:3], "positives": c["positives"][:3]}
+        for g, c in good["score_histograms"].items()
+    }
+    with pytest.raises(Refused, match="must hold 21 non-negative integer counts"):
+        evaluation_receive(silo_id=silos[0].pk, fields={**good, "score_histograms": short})
+    without = {k: v for k, v in good.items() if k != "score_histograms"}
+    with pytest.raises(Refused, match="no score_histograms came with the evaluation"):
+        evaluation_receive(silo_id=silos[0].pk, fields=without)
+    assert SiloEvaluation.objects.filter(run=run, report__isnull=False).count() == 0
+    evaluation_receive(silo_id=silos[0].pk, fields=good)
+    evaluation_receive(silo_id=silos[1].pk, fields=evaluate_at(run, silos[1], files))
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED and run.evaluation["thresholds"] is not None
