@@ -636,6 +636,19 @@ def handle_task(
     plan = fields["plan"]
     parsed = check_plan(plan, run, rnd)
     check_model_available(parsed, run, rnd, kinds=kinds)
+    if example_weights is None and fields.get("example_weights") is not None:
+        try:  # the server's weights, covered by the task's signed grant (clientagent.policy)
+            example_weights = ExampleWeights.from_json(fields["example_weights"])
+        except ValueError as exc:
+            raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
+    elif example_weights is None and _weighs_loss(parsed, "reweighing"):
+        raise TaskError(
+            INVALID_TASK,
+            "the plan's fairness.mitigation kind is 'reweighing' but the task carries no "
+            "example weights",
+            run=run,
+            round=rnd,
+        )
     objective = parsed.objective()
     seed = parsed.seed
     settings, privacy, aggregation = parsed.training, parsed.privacy, parsed.aggregation
