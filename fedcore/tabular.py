@@ -49,7 +49,7 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -84,6 +84,7 @@ __all__ = [
     "feature_names",
     "load_table",
     "local_statistics",
+    "merge_moments",
     "merge_statistics",
     "missing_mask",
     "parse_column",
@@ -1341,8 +1342,9 @@ def check_site_statistics(
             )
 
 
-def _merge_exact(parts: list[Mapping[str, Any]]) -> tuple[float, float, int]:
-    """Chan, Golub and LeVeque's pairwise update: (mean, population std, count)."""
+def merge_moments(parts: Iterable[Mapping[str, Any]]) -> tuple[int, float, float]:
+    """Chan, Golub and LeVeque's pairwise update of parts ``{"count", "mean", "m2"}`` (m2: the
+    sum of squared deviations from the part's mean): the union's (count, mean, m2)."""
     count, mean, m2 = 0, 0.0, 0.0
     for part in parts:
         n_b, mean_b, m2_b = int(part["count"]), float(part["mean"]), float(part["m2"])
@@ -1353,6 +1355,12 @@ def _merge_exact(parts: list[Mapping[str, Any]]) -> tuple[float, float, int]:
         mean += delta * n_b / total
         m2 += m2_b + delta * delta * count * n_b / total
         count = total
+    return count, mean, m2
+
+
+def _merge_exact(parts: list[Mapping[str, Any]]) -> tuple[float, float, int]:
+    """The union's (mean, population std, count) (:func:`merge_moments`)."""
+    count, mean, m2 = merge_moments(parts)
     return mean, (math.sqrt(m2 / count) if count else 0.0), count
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fedcore import evaluation
+from fedcore import evaluation, tabular
 from fedcore.metrics import LOG_LOSS_EPS
 
 __all__ = [
@@ -377,16 +377,7 @@ def merge_regression(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     items = list(parts)
     if not items:
         raise ValueError("no regression part to merge")
-    count, mean, m2 = 0, 0.0, 0.0
-    for part in items:
-        n_b, mean_b, m2_b = int(part["count"]), float(part["mean"]), float(part["m2"])
-        if n_b == 0:
-            continue
-        total = count + n_b
-        delta = mean_b - mean
-        mean += delta * n_b / total
-        m2 += m2_b + delta * delta * count * n_b / total
-        count = total
+    count, mean, m2 = tabular.merge_moments(items)
     return {
         "count": count,
         "mean": mean,
