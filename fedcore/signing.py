@@ -338,6 +338,15 @@ def _short(value: Any) -> str:
     return f"{str(value)[:12]}…"
 
 
+def _received_digest(value: Any) -> str:
+    """SHA-256 of what a request carries, as its grant names it; a value that is not canonical
+    JSON gets a marker no grant holds, so the comparison refuses it."""
+    try:
+        return sha256_canonical(value)
+    except (TypeError, ValueError):
+        return "not canonical JSON"
+
+
 def check_request_scope(
     grant: Mapping[str, Any],
     *,
@@ -400,10 +409,7 @@ def check_request_scope(
             raise AuthorizationError(
                 f"the authorization's attempt {attempt!r} is not a number >= 1"
             )
-        try:
-            carried = None if example_weights is None else sha256_canonical(example_weights)
-        except (TypeError, ValueError):
-            carried = "not canonical JSON"
+        carried = None if example_weights is None else _received_digest(example_weights)
         if grant.get("example_weights_sha256") != carried:
             raise AuthorizationError(
                 f"the task's example weights hash to {_short(carried)}, but the authorization "
@@ -426,10 +432,7 @@ def check_request_scope(
                 f"the request says step {step!r}, but the authorization is for step "
                 f"{grant.get('step')!r}"
             )
-        try:
-            received = sha256_canonical(params)
-        except (TypeError, ValueError):
-            received = "not canonical JSON"
+        received = _received_digest(params)
         if grant.get("params_sha256") != received:
             raise AuthorizationError(
                 f"the analysis parameters received hash to {_short(received)}, but the "
@@ -441,10 +444,7 @@ def check_request_scope(
                 f"the global weights received hash to {_short(weights_sha256)}, but the "
                 f"authorization is for {_short(grant.get('weights_sha256'))} (changed in transit)"
             )
-        try:
-            received = sha256_canonical(preprocessing)
-        except (TypeError, ValueError):
-            received = "not canonical JSON"
+        received = _received_digest(preprocessing)
         if grant.get("preprocessing_sha256") != received:
             raise AuthorizationError(
                 f"the preprocessing received hashes to {_short(received)}, but the authorization "
