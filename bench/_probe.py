@@ -30,6 +30,7 @@ few microseconds an event; it adds to what it measures, the same before and afte
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import re
 import threading
@@ -256,6 +257,33 @@ class OverheadProbe:
             return task_message
 
         probe._patch(selectors, "task_message", wrap_task)
+
+        # A plain round's tasks are signed when it opens and sent from the round.task event
+        # (selectors.prebuilt_task, in a thread that inherits the consumer's context): the
+        # task leaves when that returns.
+        consumer_silo: contextvars.ContextVar[str] = contextvars.ContextVar("probe_silo")
+
+        def wrap_round_task(original: Any) -> Any:
+            @functools.wraps(original)
+            async def round_task(self: Any, event: dict[str, Any]) -> Any:
+                consumer_silo.set(str(self.silo_id))
+                return await original(self, event)
+
+            return round_task
+
+        def wrap_prebuilt(original: Any) -> Any:
+            @functools.wraps(original)
+            def prebuilt_task(event: dict[str, Any]) -> Any:
+                start = time.perf_counter()
+                try:
+                    return original(event)
+                finally:
+                    rec("task", consumer_silo.get(""), time.perf_counter() - start)
+
+            return prebuilt_task
+
+        probe._patch(consumers.AgentConsumer, "round_task", wrap_round_task)
+        probe._patch(selectors, "prebuilt_task", wrap_prebuilt)
 
         def wrap_frame(original: Any) -> Any:
             @functools.wraps(original)

@@ -491,11 +491,14 @@ class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
 
     async def round_task(self, event: dict[str, Any]) -> None:
         """Send the silo its task for a round, with the global model."""
-        # A read and a grant signature: in the thread pool, so that a round's tasks are built
-        # side by side instead of one after another on the shared database thread.
-        message = await database_sync_to_async(
-            secagg_services.round_task_for, thread_sensitive=False
-        )(round_id=event["round_id"], silo_id=self.silo_id)
+        if "task" in event:  # signed when the round opened: only the model's bytes to add
+            message = await asyncio.to_thread(selectors.prebuilt_task, event)
+        else:
+            # A read and a grant signature: in the thread pool, so that a round's tasks are
+            # built side by side instead of one after another on the shared database thread.
+            message = await database_sync_to_async(
+                secagg_services.round_task_for, thread_sensitive=False
+            )(round_id=event["round_id"], silo_id=self.silo_id)
         if message is None:
             return
         message.fields["sent_at"] = time.time()  # the task's transfer starts (round_split)

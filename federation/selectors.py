@@ -38,7 +38,7 @@ from federation.models import (
     TrainingPlan,
     Update,
 )
-from federation.signing import authorization_for, offer_authorization
+from federation.signing import authorization_for, offer_authorization, run_approvals
 from federation.storage import blob_store
 
 log = logging.getLogger("quorum.orchestrator")
@@ -61,9 +61,23 @@ def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
         or round_.updates.filter(silo_id=silo_id).exists()
     ):
         return None
+    model = ModelVersion.objects.get(run=round_.run, number=round_.number - 1)
+    fields = round_task_fields(round_, model, [Silo.objects.get(pk=silo_id)])[silo_id]
+    return BinaryMessage(
+        type="task", fields=fields, payload=_model_bytes(model.blob_key, model.checksum)
+    )
+
+
+def round_task_fields(
+    round_: Round, model: ModelVersion, silos: list[Silo]
+) -> dict[int, dict[str, Any]]:
+    """The task fields (everything but the global model's bytes) of each silo, by silo id.
+
+    One reading of the run's approvals and one grant scope for all of them: the round opening
+    signs every selected silo's task at once (``federation.services.rounds``), and a silo asked
+    again later gets the same fields through :func:`task_message`.
+    """
     run = round_.run
-    model = ModelVersion.objects.get(run=run, number=round_.number - 1)
-    payload = _model_bytes(model.blob_key, model.checksum)
     weights = run.mitigation.get("example_weights") if isinstance(run.mitigation, dict) else None
     scope = signing.request_scope(
         kind=signing.TASK_KIND,
@@ -76,8 +90,7 @@ def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
         expires_at=round_.deadline + timedelta(seconds=signing.TASK_EXPIRY_MARGIN_SECONDS),
         example_weights=weights,
     )
-    silo = Silo.objects.get(pk=silo_id)
-    fields = {
+    common: dict[str, Any] = {
         "run": run.pk,
         "round": round_.number,
         "rounds": run.rounds,
@@ -85,11 +98,30 @@ def task_message(*, round_id: int, silo_id: int) -> BinaryMessage | None:
         "plan": run.version.spec,
         "preprocessing": run.preprocessing,
         "deadline": round_.deadline.timestamp(),
-        "authorization": authorization_for(run=run, silo=silo, scope=scope),
     }
     if weights is not None:  # a weighted bias mitigation (federation.services.mitigation)
-        fields["example_weights"] = weights
-    return BinaryMessage(type="task", fields=fields, payload=payload)
+        common["example_weights"] = weights
+    approvals = run_approvals(run)
+    return {
+        silo.pk: {
+            **common,
+            "authorization": authorization_for(
+                run=run, silo=silo, scope=scope, approvals=approvals
+            ),
+        }
+        for silo in silos
+    }
+
+
+def prebuilt_task(event: dict[str, Any]) -> BinaryMessage:
+    """The task message of a ``round.task`` event that carries its fields (a plain round's
+    opening signs them all at once): the global model's bytes come from this process's cache."""
+    model = event["model"]
+    return BinaryMessage(
+        type="task",
+        fields=dict(event["task"]),
+        payload=_model_bytes(model["blob_key"], model["checksum"]),
+    )
 
 
 def evaluate_message(*, run_id: int, silo_id: int) -> BinaryMessage | None:

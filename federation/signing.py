@@ -76,22 +76,35 @@ def _approval_json(approval: Approval) -> dict[str, Any]:
     }
 
 
-def authorization_for(*, run: Run, silo: Silo, scope: Mapping[str, Any]) -> dict[str, Any]:
-    """A signed grant that this silo may answer one message of this run's plan hash.
-
-    ``silo_approvals`` lists the approvals by data stewards of the silo's organisation for the
-    run's exact plan hash; an agent refuses a grant where it is empty. ``scope``
-    (:func:`fedcore.signing.request_scope`) binds the grant to one stats_request or to one round
-    attempt's task: its round, the run's total rounds, the hashes of the weights and the
-    preprocessing sent with it, and an expiry.
-    """
-    approvals = list(
+def run_approvals(run: Run) -> list[Approval]:
+    """The approvals of the run's exact plan hash that every grant of the run lists."""
+    return list(
         Approval.objects.filter(
             version=run.version, plan_hash=run.plan_hash, decision=Approval.Decision.APPROVE
         )
         .select_related("user", "organization")
         .order_by("created_at", "pk")
     )
+
+
+def authorization_for(
+    *,
+    run: Run,
+    silo: Silo,
+    scope: Mapping[str, Any],
+    approvals: list[Approval] | None = None,
+) -> dict[str, Any]:
+    """A signed grant that this silo may answer one message of this run's plan hash.
+
+    ``silo_approvals`` lists the approvals by data stewards of the silo's organisation for the
+    run's exact plan hash; an agent refuses a grant where it is empty. ``scope``
+    (:func:`fedcore.signing.request_scope`) binds the grant to one stats_request or to one round
+    attempt's task: its round, the run's total rounds, the hashes of the weights and the
+    preprocessing sent with it, and an expiry. ``approvals``: :func:`run_approvals`, read once
+    by a caller that signs the grants of many silos.
+    """
+    if approvals is None:
+        approvals = run_approvals(run)
     payload = {
         "run": run.pk,
         "silo": silo.name,

@@ -39,7 +39,7 @@ from federation.models import (
     Silo,
     TrainingPlan,
 )
-from federation.selectors import online_silos, round_refused_count
+from federation.selectors import online_silos, round_refused_count, round_task_fields
 from federation.services import analysis as analysis_service
 from federation.services import evaluation as evaluation_service
 from federation.services import fairness as fairness_service
@@ -267,10 +267,27 @@ def _open_round(run: Run, cfg: RunSettings, silos: list[Silo], number: int, atte
         deadline=now + timedelta(seconds=cfg.round_deadline_seconds),
     )
     round_.selected.set(silos)
-    for silo in silos:
-        dispatch.send_to_silo(silo.pk, {"type": "round.task", "round_id": round_.pk})
     if secagg_rounds.is_secure(run.version.spec):  # its coordinator starts on commit
+        for silo in silos:  # each connection asks whether its silo is still in the attempt
+            dispatch.send_to_silo(silo.pk, {"type": "round.task", "round_id": round_.pk})
         secagg_rounds.open_round(round_, silos, run.version.spec, cfg)
+    else:
+        # Every task signed here, with one reading of the approvals, and carried by the event:
+        # the connections send it without a database read and a grant each (bench/round_split.py,
+        # "task out"). A connection that opens later asks through selectors.task_message.
+        model = ModelVersion.objects.get(run=run, number=number - 1)
+        tasks = round_task_fields(round_, model, silos)
+        where = {"blob_key": model.blob_key, "checksum": model.checksum}
+        for silo in silos:
+            dispatch.send_to_silo(
+                silo.pk,
+                {
+                    "type": "round.task",
+                    "round_id": round_.pk,
+                    "task": tasks[silo.pk],
+                    "model": where,
+                },
+            )
     dispatch.enqueue_advance(run.pk, countdown=cfg.round_deadline_seconds + 0.05)
     _publish(run, "round.opened", round=number, selected=len(silos))
     log.info(
