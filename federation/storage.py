@@ -39,6 +39,9 @@ class BlobStore(Protocol):
         """Return the blob in a writable buffer: ``fedcore.tensors.decode_state_dict`` makes its
         tensors on it without a second copy (``get``'s immutable bytes are copied once more)."""
 
+    def delete(self, key: str) -> None:
+        """Delete one blob (none under key: nothing to do)."""
+
     def delete_prefix(self, prefix: str) -> None:
         """Delete every blob under a key prefix."""
 
@@ -141,6 +144,13 @@ class FilesystemBlobStore:
         except OSError as exc:
             raise BlobStoreError(f"could not read blob {key!r}: {exc}") from exc
 
+    def delete(self, key: str) -> None:
+        """Delete one blob (none under key: nothing to do)."""
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise BlobStoreError(f"could not delete blob {key!r}: {exc}") from exc
+
     def delete_prefix(self, prefix: str) -> None:
         """Delete every blob under a key prefix."""
         shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)
@@ -180,11 +190,17 @@ def blob_store() -> FilesystemBlobStore:
     return FilesystemBlobStore(settings.QUORUM_BLOB_DIR)
 
 
-def update_key(*, run_id: int, round_number: int, attempt: int, silo_id: int, sha256: str) -> str:
-    """Blob key of one update: content-addressed within the silo's round attempt, so a second,
-    concurrent update of the same silo (two ASGI processes during a reconnect) can never
-    overwrite the bytes of the one that was accepted."""
-    return f"runs/{run_id}/rounds/{round_number}-{attempt}/silo-{silo_id}-{sha256[:32]}.safetensors"
+def update_key(
+    *, run_id: int, round_number: int, attempt: int, silo_id: int, sha256: str, receipt: str
+) -> str:
+    """Blob key of one update: its content's hash within the silo's round attempt, and the
+    receipt's own random part, so a second, concurrent update of the same silo (two ASGI
+    processes during a reconnect, a replay) can never overwrite or delete the bytes of the one
+    that was accepted."""
+    return (
+        f"runs/{run_id}/rounds/{round_number}-{attempt}/"
+        f"silo-{silo_id}-{sha256[:32]}-{receipt}.safetensors"
+    )
 
 
 def model_key(*, run_id: int, number: int) -> str:

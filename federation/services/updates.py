@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,45 +199,20 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
             f"round {round_.number} uses secure aggregation: send a masked_update, never the "
             "weights in clear",
         )
-    flat, dp_round = _check_contribution(run, round_, silo, fields)
-    fairness_counts = _checked_fairness(run, fields)
-    try:
-        state = tensors.decode_state_dict(payload)
-    except tensors.TensorCodecError as exc:
-        raise Refused("invalid_update", str(exc)) from exc
-    reference = ModelVersion.objects.get(run=run, number=round_.number - 1)
-    global_state: tensors.StateDict | None = None
     method = fields.get("compression")
-    stored = payload
-    if method is not None:
-        # Decoded here, before every other check: norm bound, DP and aggregation only ever see
-        # full weights, and the blob stored is the dense model (docs/architecture.md).
-        global_state = _global_state(reference)
-        state = _decompressed(run, method, state, global_state)
-        stored = tensors.encode_state_dict(state)
-    _check_against_signature(state, reference.signature)
-    bad = tensors.first_non_finite(state)
-    if bad is not None:
-        raise Refused("non_finite", f"tensor {bad!r} holds NaN or Inf values")
-    _check_norm_bound(run, state, reference, global_state)
-
-    digest = tensors.sha256_hex(stored)
-    key = update_key(
-        run_id=run.pk,
-        round_number=round_.number,
-        attempt=round_.attempt,
-        silo_id=silo.pk,
-        sha256=digest,
-    )
+    writing: BlobWrite | None = None
+    if method is None:
+        # What is stored is what was received: its write (two fsyncs) starts now and runs beside
+        # the checks below, which read the database (bench/round_split.py, "receipt"). A refused
+        # update's blob is deleted: the key is this receipt's alone.
+        writing = BlobWrite.start(_blob_key(run, round_, silo, payload), payload)
     try:
-        blob_store().put(key, stored)
-    except BlobStoreError as exc:
-        log.error("update of silo %s refused: %s", silo.name, exc)
-        raise Refused(
-            "internal",
-            "the server could not store the update; it will ask for it again shortly",
-            ask_again=(round_.pk, round_.deadline.timestamp()),
-        ) from exc
+        kept, stored = _checked_and_stored(run, round_, silo, fields, payload, method, writing)
+    except Refused:
+        if writing is not None:
+            writing.discard()
+        raise
+    flat, dp_round, fairness_counts = kept.checked
     try:
         with transaction.atomic():
             locked = Round.objects.select_for_update().get(pk=round_.pk)
@@ -250,9 +227,9 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
                 fields,
                 flat,
                 dp_round,
-                digest,
+                kept.digest,
                 len(stored),
-                blob_key=key,
+                blob_key=kept.key,
                 wire=(len(payload), method, tensors.sha256_hex(payload)) if method else None,
             )
             if fairness_counts is not None:
@@ -266,9 +243,125 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
             # committing together the later one sees the other.
             if round_.updates.count() >= round_.selected.count():
                 dispatch.enqueue_advance(run.pk)
-    except IntegrityError as exc:
+    except (Refused, IntegrityError) as exc:
+        _delete_blob(kept.key)  # no row names it: the transaction rolled back
+        if isinstance(exc, Refused):
+            raise
         raise Refused("duplicate_update", "an update for this round was already accepted") from exc
     return round_
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where an update that passed every check before its transaction was stored."""
+
+    key: str
+    digest: str
+    checked: tuple[Any, Any, Any]  # (metrics, sample-level DP round, fairness counts)
+
+
+def _blob_key(run: Run, round_: Round, silo: Silo, stored: bytes) -> str:
+    """This receipt's own blob key: content-addressed, plus a random part so that two receipts
+    of the same bytes (a replay, two ASGI processes during a reconnect) never share a file and a
+    refused one can delete its own."""
+    return update_key(
+        run_id=run.pk,
+        round_number=round_.number,
+        attempt=round_.attempt,
+        silo_id=silo.pk,
+        sha256=tensors.sha256_hex(stored),
+        receipt=secrets.token_hex(4),
+    )
+
+
+def _checked_and_stored(
+    run: Run,
+    round_: Round,
+    silo: Silo,
+    fields: dict[str, Any],
+    payload: bytes,
+    method: Any,
+    writing: BlobWrite | None,
+) -> tuple[_Stored, bytes]:
+    """Every check of an update before its transaction, and its blob written (Refused if not)."""
+    flat, dp_round = _check_contribution(run, round_, silo, fields)
+    fairness_counts = _checked_fairness(run, fields)
+    try:
+        state = tensors.decode_state_dict(payload)
+    except tensors.TensorCodecError as exc:
+        raise Refused("invalid_update", str(exc)) from exc
+    reference = ModelVersion.objects.get(run=run, number=round_.number - 1)
+    global_state: tensors.StateDict | None = None
+    stored = payload
+    if method is not None:
+        # Decoded here, before every other check: norm bound, DP and aggregation only ever see
+        # full weights, and the blob stored is the dense model (docs/architecture.md).
+        global_state = _global_state(reference)
+        state = _decompressed(run, method, state, global_state)
+        stored = tensors.encode_state_dict(state)
+    _check_against_signature(state, reference.signature)
+    bad = tensors.first_non_finite(state)
+    if bad is not None:
+        raise Refused("non_finite", f"tensor {bad!r} holds NaN or Inf values")
+    _check_norm_bound(run, state, reference, global_state)
+    if writing is None:
+        writing = BlobWrite.start(_blob_key(run, round_, silo, stored), stored, background=False)
+    try:
+        writing.wait()
+    except BlobStoreError as exc:
+        log.error("update of silo %s refused: %s", silo.name, exc)
+        raise Refused(
+            "internal",
+            "the server could not store the update; it will ask for it again shortly",
+            ask_again=(round_.pk, round_.deadline.timestamp()),
+        ) from exc
+    digest = tensors.sha256_hex(stored)
+    return _Stored(writing.key, digest, (flat, dp_round, fairness_counts)), stored
+
+
+# Receipts' blob writes, beside their database checks; the receipt waits for its own.
+_BLOB_WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="quorum-blob-write")
+
+
+class BlobWrite:
+    """One update blob being written, in the background or already written in this thread."""
+
+    def __init__(self, key: str, future: Future[None] | None, error: BlobStoreError | None):
+        self.key = key
+        self._future = future
+        self._error = error
+
+    @classmethod
+    def start(cls, key: str, data: bytes, *, background: bool = True) -> BlobWrite:
+        if background:
+            return cls(key, _BLOB_WRITERS.submit(blob_store().put, key, data), None)
+        try:
+            blob_store().put(key, data)
+        except BlobStoreError as exc:
+            return cls(key, None, exc)
+        return cls(key, None, None)
+
+    def wait(self) -> None:
+        """Return once the blob is durable; raise the store's BlobStoreError if it is not."""
+        if self._future is not None:
+            self._future.result()
+        elif self._error is not None:
+            raise self._error
+
+    def discard(self) -> None:
+        """The update was refused: wait for the write to end, then delete what it wrote."""
+        try:
+            self.wait()
+        except BlobStoreError:
+            pass  # the store already removed its temporary file
+        _delete_blob(self.key)
+
+
+def _delete_blob(key: str) -> None:
+    try:
+        blob_store().delete(key)
+    except BlobStoreError as exc:  # an orphan file, never a row naming a missing blob
+        log.warning("could not delete the blob of a refused update %s: %s", key, exc)
 
 
 def _check_contribution(

@@ -95,14 +95,16 @@ def test_an_update_whose_blob_cannot_be_written_is_refused_and_nothing_is_record
     # The disk recovers: the same update, sent again, is accepted and stored intact.
     update_receive(silo_id=silo.pk, fields=fields, payload=payload)
     update = Update.objects.get(round=round_, silo=silo)
-    key = update_key(
+    key = update.blob_key
+    prefix = update_key(
         run_id=round_.run_id,
         round_number=1,
         attempt=1,
         silo_id=silo.pk,
         sha256=tensors.sha256_hex(payload),
-    )
-    assert update.blob_key == key
+        receipt="",
+    ).removesuffix("-.safetensors")
+    assert key.startswith(prefix + "-") and key.endswith(".safetensors")
     assert tensors.sha256_hex(storage.blob_store().get(key)) == update.sha256
 
 
@@ -132,3 +134,59 @@ async def test_after_a_failed_write_the_server_asks_for_the_update_again_within_
     assert ack["type"] == "update_ack"
     assert await database_sync_to_async(Update.objects.filter(round=round_, silo=silo).count)() == 1
     await comm.disconnect()
+
+
+def _update_fields(round_: Round) -> dict[str, Any]:
+    return {
+        "run": round_.run_id,
+        "round": 1,
+        "nonce": secrets.token_hex(16),
+        "num_examples": 40,
+        "metrics": {"train_loss": 0.4},
+    }
+
+
+def test_a_refused_update_leaves_no_blob_although_its_write_started_before_the_checks() -> None:
+    """The blob write runs beside the receipt's checks; a refusal deletes what it wrote."""
+    consortium = ConsortiumFactory()
+    silo, other = SiloFactory.create_batch(2, organization__consortium=consortium)
+    round_ = running_round([silo])
+    state = build_model({"kind": "logistic_regression"}, 3, seed=1).state_dict()
+    blobs = Path(settings.QUORUM_BLOB_DIR)
+    before = files_under(blobs)
+    bad = {name: value.clone() for name, value in state.items()}
+    next(iter(bad.values())).view(-1)[0] = float("nan")
+    with pytest.raises(Refused) as refused:
+        update_receive(
+            silo_id=silo.pk, fields=_update_fields(round_), payload=tensors.encode_state_dict(bad)
+        )
+    assert refused.value.code == "non_finite"
+    round_.run.version.silos.add(other)  # takes part in the plan, not selected for the round
+    with pytest.raises(Refused) as refused:
+        update_receive(
+            silo_id=other.pk, fields=_update_fields(round_), payload=tensors.encode_state_dict(state)
+        )
+    assert refused.value.code == "not_selected"
+    assert files_under(blobs) == before
+
+
+def test_the_same_bytes_sent_again_are_refused_and_the_accepted_blob_stays() -> None:
+    """A second receipt of identical bytes (a replay, a reconnect's resend) writes its own file
+    and deletes only that: the accepted update's blob is intact."""
+    consortium = ConsortiumFactory()
+    silo = SiloFactory(organization__consortium=consortium)
+    round_ = running_round([silo])
+    payload = tensors.encode_state_dict(
+        build_model({"kind": "logistic_regression"}, 3, seed=1).state_dict()
+    )
+    fields = _update_fields(round_)
+    update_receive(silo_id=silo.pk, fields=fields, payload=payload)
+    accepted = Update.objects.get(round=round_, silo=silo)
+    blobs = Path(settings.QUORUM_BLOB_DIR)
+    before = files_under(blobs)
+    for again in (fields, {**fields, "nonce": secrets.token_hex(16)}):
+        with pytest.raises(Refused) as refused:
+            update_receive(silo_id=silo.pk, fields=again, payload=payload)
+        assert refused.value.code == "duplicate_update"
+    assert files_under(blobs) == before
+    assert storage.blob_store().get(accepted.blob_key) == payload
