@@ -5,7 +5,7 @@ confusion counts of the global model it received (version k-1 in round k) on its
 per sensitive attribute (``clientagent.trainer.fairness_counts``). The server checks them
 (:func:`check_update_counts`, a refusal names the problem), keeps them on the ``Update`` and, when
 the plan releases them with DP (``fairness.dp_epsilon``), charges each sender's privacy ledger at
-receipt (:func:`record_update_counts`). At aggregation :func:`record_round_report` merges the
+receipt (:func:`charge_update_counts`). At aggregation :func:`record_round_report` merges the
 round's counts into a ``FairnessReport``: exactly fairlearn's metrics on the pooled held-out rows
 (``fedcore.fairness``), representation per silo, the silos' performance spread and the plan's
 threshold flags, each flag also appended to the audit log (``fairness.flag``). docs/fairness.md.
@@ -26,7 +26,7 @@ from typing import Any
 from fedcore import fairness
 from fedcore.tabular import DatasetSchema
 from federation import ledger
-from federation.models import FairnessReport, Round, Run, SecAggAttempt, Silo, Update
+from federation.models import FairnessReport, Round, Run, SecAggAttempt, Silo
 from federation.services.audit import audit_append
 
 Counts = dict[str, dict[str, int]]
@@ -117,14 +117,14 @@ def check_update_counts(run: Run, fields: Mapping[str, Any]) -> dict[str, Counts
     return checked
 
 
-def record_update_counts(*, run: Run, round_: Round, silo: Silo, counts: dict[str, Counts]) -> None:
-    """Keep an accepted update's counts; charge the silo's ledger for a DP release.
+def charge_update_counts(*, run: Run, round_: Round, silo: Silo, counts: dict[str, Counts]) -> None:
+    """Charge the silo's ledger for the DP release of an accepted update's counts (the update
+    row keeps them: ``Update.fairness``).
 
     Call in the transaction that creates the update. Each attribute's table is one pure
     epsilon-DP release of the same held-out rows, so the entry's epsilon is ``len(counts)`` times
     the plan's ``dp_epsilon`` (basic composition), added to the RDP total of the ledger.
     """
-    Update.objects.filter(round=round_, silo=silo).update(fairness=counts)
     counts_charge(run=run, round_number=round_.number, silo=silo, tables=len(counts))
 
 

@@ -231,9 +231,10 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
                 len(stored),
                 blob_key=kept.key,
                 wire=(len(payload), method, tensors.sha256_hex(payload)) if method else None,
+                fairness=fairness_counts,
             )
             if fairness_counts is not None:
-                fairness_service.record_update_counts(
+                fairness_service.charge_update_counts(
                     run=run, round_=round_, silo=silo, counts=fairness_counts
                 )
             # Only the update that completes the round wakes the orchestrator: earlier ones
@@ -241,7 +242,7 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
             # bench/round_split.py). The round's deadline timer and the sweep close a round
             # that stays short. Counted under the round's row lock, so of two updates
             # committing together the later one sees the other.
-            if round_.updates.count() >= round_.selected.count():
+            if round_.updates.count() >= kept.selected:
                 dispatch.enqueue_advance(run.pk)
     except (Refused, IntegrityError) as exc:
         _delete_blob(kept.key)  # no row names it: the transaction rolled back
@@ -258,6 +259,7 @@ class _Stored:
     key: str
     digest: str
     checked: tuple[Any, Any, Any]  # (metrics, sample-level DP round, fairness counts)
+    selected: int  # silos the round selected
 
 
 def _blob_key(run: Run, round_: Round, silo: Silo, stored: bytes) -> str:
@@ -284,7 +286,7 @@ def _checked_and_stored(
     writing: BlobWrite | None,
 ) -> tuple[_Stored, bytes]:
     """Every check of an update before its transaction, and its blob written (Refused if not)."""
-    flat, dp_round = _check_contribution(run, round_, silo, fields)
+    flat, dp_round, selected = _check_contribution(run, round_, silo, fields)
     fairness_counts = _checked_fairness(run, fields)
     try:
         state = tensors.decode_state_dict(payload)
@@ -316,7 +318,7 @@ def _checked_and_stored(
             ask_again=(round_.pk, round_.deadline.timestamp()),
         ) from exc
     digest = tensors.sha256_hex(stored)
-    return _Stored(writing.key, digest, (flat, dp_round, fairness_counts)), stored
+    return _Stored(writing.key, digest, (flat, dp_round, fairness_counts), selected), stored
 
 
 # Receipts' blob writes, beside their database checks; the receipt waits for its own.
@@ -366,13 +368,17 @@ def _delete_blob(key: str) -> None:
 
 def _check_contribution(
     run: Run, round_: Round, silo: Silo, fields: dict[str, Any]
-) -> tuple[list[tuple[str, str, float]], tuple[float, float, int] | None]:
-    """Checks shared by updates and masked updates: sender, selection, replay, count, metrics."""
+) -> tuple[list[tuple[str, str, float]], tuple[float, float, int] | None, int]:
+    """Checks shared by updates and masked updates: sender, selection, replay, count, metrics.
+
+    Returns the update's metrics, its sample-level DP round and how many silos the round
+    selected (fixed when it opened)."""
     if fields.get("silo") not in (None, silo.name):
         raise Refused(
             "invalid_update", f"update names silo {fields['silo']!r}, sent by {silo.name!r}"
         )
-    if not round_.selected.filter(pk=silo.pk).exists():
+    selected = set(round_.selected.values_list("pk", flat=True))
+    if silo.pk not in selected:
         raise Refused("not_selected", f"this silo was not selected for round {round_.number}")
     if round_.updates.filter(silo=silo).exists():
         raise Refused(
@@ -383,7 +389,7 @@ def _check_contribution(
     if fields["num_examples"] <= 0:
         raise Refused("invalid_update", "num_examples must be a positive integer")
     flat = validate_metrics(fields["metrics"])
-    return flat, _sample_dp_round(run, silo, fields)
+    return flat, _sample_dp_round(run, silo, fields), len(selected)
 
 
 def masked_update_receive(
@@ -444,7 +450,7 @@ def _masked_update_receive(
             f"masked update for round {fields['round']}.{fields['attempt']} refused: the current "
             f"round is {current}",
         )
-    flat, dp_round = _check_contribution(run, round_, silo, fields)
+    flat, dp_round, _ = _check_contribution(run, round_, silo, fields)
     digest = tensors.sha256_hex(payload)
     try:
         with transaction.atomic():
@@ -597,6 +603,7 @@ def _record_accepted(
     *,
     blob_key: str,
     wire: tuple[int, str, str] | None = None,
+    fairness: dict[str, Any] | None = None,
 ) -> None:
     """Rows of an accepted update (plain or masked): the update, its metrics, its sample-level
     DP ledger entry and the audit event, in the caller's transaction.
@@ -615,6 +622,7 @@ def _record_accepted(
         metrics=fields["metrics"],
         wire_bytes=wire_bytes,
         compression=method,
+        fairness=fairness,
     )
     RoundMetric.objects.bulk_create(
         RoundMetric(round=round_, silo=silo, scope=scope, name=name, value=value)
