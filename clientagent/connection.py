@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -37,7 +38,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
@@ -482,6 +483,11 @@ class Agent:
         )
         return grant
 
+    def _check_task(self, task: protocol.BinaryMessage) -> tuple[str, dict[str, Any]]:
+        """The task's weights' SHA-256 and its checked grant (:meth:`check_request`)."""
+        payload_sha = tensors.sha256_hex(task.payload)
+        return payload_sha, self.check_request(task.fields, weights_sha256=payload_sha)
+
     def claim_round(self, fields: Mapping[str, Any], grant: Mapping[str, Any]) -> None:
         """Record in rounds.json that this task's round attempt trains now (fsynced).
 
@@ -567,10 +573,9 @@ class Agent:
         fields = task.fields
         run, rnd = fields["run"], fields["round"]
         label = _round_label(run, rnd, fields["rounds"])
-        payload_sha = await asyncio.to_thread(tensors.sha256_hex, task.payload)
         try:
             # The grant covers this round and these exact weights and preprocessing.
-            grant = await asyncio.to_thread(self.check_request, fields, weights_sha256=payload_sha)
+            payload_sha, grant = await asyncio.to_thread(self._check_task, task)
         except TaskError as exc:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
@@ -622,18 +627,22 @@ class Agent:
 
         # Again just before the weights leave: the operator may have rejected the plan while
         # it trained (the latest decision wins). The expiry was checked on arrival.
+        recheck = functools.partial(
+            self.check_request, fields, weights_sha256=payload_sha, check_expiry=False
+        )
         try:
-            await asyncio.to_thread(
-                self.check_request, fields, weights_sha256=payload_sha, check_expiry=False
+            if fields["plan"].get("secure_aggregation") is True:
+                await asyncio.to_thread(recheck)
+                # Never in clear: the secure-aggregation session masks it when the server asks.
+                await session.secagg.offer(task, update, privacy=built.privacy)
+                return
+            # The check, the framing and the sent log's line in one worker-thread hop.
+            await session.send_update(
+                update, plan_hash=fields["plan_hash"], privacy=built.privacy, check=recheck
             )
         except TaskError as exc:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
-        if fields["plan"].get("secure_aggregation") is True:
-            # Never in clear: the secure-aggregation session masks it when the server asks.
-            await session.secagg.offer(task, update, privacy=built.privacy)
-            return
-        await session.send_update(update, plan_hash=fields["plan_hash"], privacy=built.privacy)
         metrics = update.fields["metrics"]
         logger.info(
             "%s: sent update (%d examples, %.1f KiB) global auc %s -> local auc %s",
@@ -1168,31 +1177,38 @@ class _Session:
         *,
         plan_hash: str,
         privacy: RoundPrivacy | None = None,
+        check: Callable[[], Any] | None = None,
     ) -> None:
         """Write the update to the sent log (fsynced), then send its frames.
 
         The log line holds the payload's sha256 (the one the frame headers declare to the
         server), the bytes of all frames and, for a DP round (``privacy``), the epsilon the
-        update adds to its run.
+        update adds to its run. ``check`` runs first, in the same worker thread: what it raises
+        (the task's last ``check_request``) stops the update before anything is logged or sent.
         """
         # When the upload starts, by this machine's clock (the server measures the transfer).
         if update.type == "update":
             update = replace(update, fields={**update.fields, "sent_at": time.time()})
+
         # Hashes the payload once (off the event loop); the frames themselves are built one at a
         # time as they are sent, so a 100 MB update is not held twice.
-        frames = await asyncio.to_thread(
-            protocol.binary_frames, update, max_frame_bytes=protocol.DEFAULT_MAX_FRAME_BYTES
-        )
-        await asyncio.to_thread(
-            self.agent.record_sent,
-            "update",
-            update.fields,
-            plan_hash=plan_hash,
-            size=frames.nbytes,
-            sha=frames.sha256,
-            privacy=privacy,
-        )
-        await self.send_frames(frames)
+        def prepare() -> protocol.BinaryFrames:
+            if check is not None:
+                check()
+            frames = protocol.binary_frames(
+                update, max_frame_bytes=protocol.DEFAULT_MAX_FRAME_BYTES
+            )
+            self.agent.record_sent(
+                "update",
+                update.fields,
+                plan_hash=plan_hash,
+                size=frames.nbytes,
+                sha=frames.sha256,
+                privacy=privacy,
+            )
+            return frames
+
+        await self.send_frames(await asyncio.to_thread(prepare))
 
     async def send_frames(self, frames: Iterable[bytes]) -> None:
         """Send the frames of one binary message, never interleaved with another transfer.
