@@ -55,11 +55,13 @@ def federation(
     placement: list[int],
     *,
     slow: dict[int, str] | None = None,
+    gate: Path | None = None,
     rounds: int = 2,
     **spec: Any,
 ) -> Federation:
     """Silos whose agents connect to server placement[i]; agent i is slowed by slow[i]
-    (QUORUM_TEST_TRAIN_DELAY of tests/services/slow_agent.py). `spec`: plan_spec overrides."""
+    (QUORUM_TEST_TRAIN_DELAY of tests/services/slow_agent.py) until the file `gate` exists.
+    `spec`: plan_spec overrides."""
     consortium = ConsortiumFactory()
     silos = SiloFactory.create_batch(len(placement), organization__consortium=consortium)
     base = plan_spec(**spec)
@@ -74,7 +76,7 @@ def federation(
             "data_csv": write_site_csv(tmp_path / f"{silo.name}.csv", seed=i),
         }
         if slow and i in slow:
-            agents.append(stack.slow_agent(tmp_path, silo.name, delay=slow[i], **kwargs))
+            agents.append(stack.slow_agent(tmp_path, silo.name, delay=slow[i], gate=gate, **kwargs))
         else:
             agents.append(stack.agent(tmp_path, silo.name, **kwargs))
     return Federation(plan=plan, silos=silos, agents=agents)

@@ -225,12 +225,23 @@ class Stack:
         )
 
     def slow_agent(
-        self, tmp: Path, name: str, *, server: int, token: str, data_csv: Path, delay: str
+        self,
+        tmp: Path,
+        name: str,
+        *,
+        server: int,
+        token: str,
+        data_csv: Path,
+        delay: str,
+        gate: Path | None = None,
     ) -> Proc:
-        """A site agent whose training takes longer: `delay` as tests/services/slow_agent.py."""
+        """A site agent whose training takes longer: `delay` as tests/services/slow_agent.py,
+        cut short for good once the file `gate` exists."""
         proc = self.agent(tmp, name, server=server, token=token, data_csv=data_csv)
         proc.args = [sys.executable, "-m", "tests.services.slow_agent", *proc.args[3:]]
         proc.env = {**proc.env, "QUORUM_TEST_TRAIN_DELAY": delay}
+        if gate is not None:
+            proc.env["QUORUM_TEST_TRAIN_GATE"] = str(gate)
         return proc
 
     def tails(self, extra: list[Proc] | None = None) -> str:

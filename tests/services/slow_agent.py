@@ -1,7 +1,8 @@
 """``python -m clientagent`` that trains slowly: the fault tests need an agent still training.
 
 QUORUM_TEST_TRAIN_DELAY: seconds added to every task ("3"), or per round number ("1=30,2=3.5":
-rounds not named are not delayed). QUORUM_TEST_BACKOFF_CAP: the longest reconnect delay, seconds
+rounds not named are not delayed). QUORUM_TEST_TRAIN_GATE: a file; once it exists the delays end
+(a test opens the gate when what it waits for has happened, so no margin of seconds decides). QUORUM_TEST_BACKOFF_CAP: the longest reconnect delay, seconds
 (default the agent's 30 s), for tests that need agents back as soon as a server is.
 """
 
@@ -25,8 +26,13 @@ DEFAULT, BY_ROUND = _delays(os.environ.get("QUORUM_TEST_TRAIN_DELAY", "0"))
 _train = connection.handle_task  # what Agent.train calls, on a worker thread
 
 
+GATE = os.environ.get("QUORUM_TEST_TRAIN_GATE")
+
+
 def _slow_handle_task(task: Any, *args: Any, **kwargs: Any) -> Any:
-    time.sleep(BY_ROUND.get(int(task.fields.get("round") or 0), DEFAULT))
+    until = time.monotonic() + BY_ROUND.get(int(task.fields.get("round") or 0), DEFAULT)
+    while time.monotonic() < until and not (GATE and os.path.exists(GATE)):
+        time.sleep(min(0.05, max(0.0, until - time.monotonic())))
     return _train(task, *args, **kwargs)
 
 

@@ -58,18 +58,25 @@ def contributors(round_: Round) -> list[int]:
     return sorted(round_.updates.values_list("silo_id", flat=True))
 
 
+ROUNDS_2_TO_8 = ",".join(f"{n}=4" for n in range(2, 9))
+
+
 def test_an_agent_killed_mid_round_is_left_out_then_rejoins_a_later_round(
     stack: Stack, tmp_path: Path
 ) -> None:
-    # The victim is still training round 1 when it dies; the others take 3 s in rounds 2-3, so
-    # the restarted victim is back before the last round opens.
+    # The victim is still training round 1 when it dies. The others take up to 4 s in each
+    # later round (under the 6 s deadline) until the test opens the gate, once the restarted
+    # victim is online: the rounds wait for the restart however long it takes on a loaded
+    # machine (up to 7 rounds, 28 s), and go fast after it.
+    gate = tmp_path / "victim-back"
     fed = federation(
         stack,
         tmp_path,
         [0, 0, 1],
-        slow={0: "2=3,3=3", 1: "2=3,3=3", 2: "1=60"},
+        slow={0: ROUNDS_2_TO_8, 1: ROUNDS_2_TO_8, 2: "1=60"},
+        gate=gate,
         min_silos=2,
-        rounds=4,
+        rounds=8,
         round_deadline_seconds=6,
     )
     a, b, victim = fed.silos
@@ -110,10 +117,11 @@ def test_an_agent_killed_mid_round_is_left_out_then_rejoins_a_later_round(
             procs=procs,
         )
         back = timezone.now()
-        wait_until(lambda: run_over(run.pk), timeout=60, what="the run to end", procs=procs)
+        gate.touch()
+        wait_until(lambda: run_over(run.pk), timeout=90, what="the run to end", procs=procs)
         run.refresh_from_db()
         assert run.status == Run.Status.COMPLETED, run.error + stack.tails(fed.agents)
-        assert [r[:2] for r in rounds_of(run)] == [(1, 1), (2, 1), (3, 1), (4, 1)]
+        assert [r[:2] for r in rounds_of(run)] == [(n, 1) for n in range(1, 9)]
         later = list(run.round_set.filter(started_at__gt=back))
         assert later, "no round opened after the silo came back: " + stack.tails(fed.agents)
         for round_ in later:
