@@ -61,6 +61,7 @@ __all__ = [
     "reweighing_weights",
     "score_histogram",
     "threshold_rules",
+    "thresholded_disparities",
 ]
 
 CONSTRAINTS: tuple[str, ...] = ("demographic_parity", "equalized_odds")
@@ -980,3 +981,53 @@ def threshold_rules(
         best_x=float(x_grid[best]),
         best_objective=best_objective,
     )
+
+
+def thresholded_disparities(
+    rules: Mapping[str, Mapping[str, Any]],
+    histograms: Mapping[str, Mapping[str, Sequence[int]]],
+    grid: ArrayLike,
+) -> dict[str, float]:
+    """The disparities of the decisions of group thresholds on the rows of the histograms.
+
+    Each row decides positive with its group's rule's probability at its bin (expected over the
+    rules' randomisation), so the rates are exact expectations: the selection rate, true and
+    false positive rate per group, then fairlearn's differences (largest minus smallest over the
+    groups with rows; equalized odds: the larger of the TPR and FPR differences).
+
+    Args:
+        rules: ``ThresholdRules.to_json()["rules"]`` (group -> rule; "inf"/"-inf" allowed).
+        histograms: summed :func:`score_histogram` counts on ``grid``.
+        grid: the score grid of the rules and histograms (``ThresholdRules.to_json()["grid"]``).
+
+    Raises:
+        ValueError: a group with rows has no rule.
+    """
+    points = _checked_grid(grid)
+    rates: dict[str, tuple[float, float | None, float | None]] = {}
+    for group, cells in histograms.items():
+        negatives = np.asarray(cells["negatives"], dtype=np.float64)
+        positives = np.asarray(cells["positives"], dtype=np.float64)
+        n = negatives.sum() + positives.sum()
+        if n == 0:
+            continue
+        raw = rules.get(group)
+        if raw is None:
+            raise ValueError(f"group {group!r} has rows but no threshold rule")
+        rule = GroupRule(**{k: float(v) for k, v in raw.items()})
+        p = rule.positive_probability(points)
+        chosen_pos, chosen_neg = float(p @ positives), float(p @ negatives)
+        rates[group] = (
+            (chosen_pos + chosen_neg) / n,
+            chosen_pos / positives.sum() if positives.sum() else None,
+            chosen_neg / negatives.sum() if negatives.sum() else None,
+        )
+
+    def spread(values: list[float | None]) -> float:
+        known = [v for v in values if v is not None]
+        return max(known) - min(known) if known else 0.0
+
+    selection = spread([r[0] for r in rates.values()])
+    tpr = spread([r[1] for r in rates.values()])
+    fpr = spread([r[2] for r in rates.values()])
+    return {"demographic_parity_difference": selection, "equalized_odds_difference": max(tpr, fpr)}
