@@ -443,6 +443,8 @@ def _combine(
                 loss=u["metrics"].get("global_train_loss"),
             )
             for u in updates
+            # FairFed may drive a silo's weight to 0 (fairfed_step's safeguard): it adds nothing
+            if weights[u["silo_id"]] > 0.0
         )
         result = strategy.aggregate(global_state, streamed, round=round_.number)
         if fairfed is not None:  # carried to the next round (aggregation_stats["fairfed"])
