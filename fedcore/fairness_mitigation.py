@@ -770,6 +770,26 @@ class ThresholdRules:
             out[rows] = rule.positive_probability(binned[rows])
         return out
 
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ThresholdRules:
+        """Parse :meth:`to_json`'s form (a model version's ``thresholds``); ValueError naming
+        the bad entry."""
+        try:
+            rules = {
+                str(group): GroupRule(**{k: float(v) for k, v in rule.items()})
+                for group, rule in raw["rules"].items()
+            }
+            return cls(
+                constraint=str(raw["constraint"]),
+                objective=str(raw["objective"]),
+                grid=tuple(float(v) for v in _checked_grid(raw["grid"])),
+                rules=rules,
+                best_x=float(raw["best_x"]),
+                best_objective=float(raw["best_objective"]),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"threshold rules: missing or malformed entry ({exc})") from None
+
     def to_json(self) -> dict[str, Any]:
         """What becomes part of the model version (JSON-able)."""
         return {

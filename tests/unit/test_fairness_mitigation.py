@@ -351,6 +351,7 @@ def test_thresholds_equal_threshold_optimizers_on_the_pooled_rows(
     # Some group randomises between two thresholds (that is what makes the rates equal).
     assert any(0 < rule.p0 < 1 for rule in rules.rules.values())
     assert rules.to_json()["rules"].keys() == set(GROUPS)
+    assert fm.ThresholdRules.from_json(rules.to_json()) == rules
 
 
 def score_hist(scores: np.ndarray, y: np.ndarray, a: np.ndarray) -> dict[str, dict[str, list[int]]]:
