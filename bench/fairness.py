@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -244,6 +246,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[dict[str, float]]] = {}
     checks: list[dict[str, Any]] = []
     seconds: dict[str, list[float]] = {}
+    failures: dict[str, list[str]] = {}
     fed = LiveFederation.start({s: (files[s], base.plan["schema"]) for s in base.sites})
     try:
         for seed in range(args.seeds):
@@ -258,7 +261,13 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 spec = copy.deepcopy(plan)
                 if kind != "none":
                     spec["fairness"]["mitigation"] = {"kind": kind}
-                result = fed.run_plan(spec, name=f"{name} {kind} seed {seed}")
+                try:
+                    result = fed.run_plan(spec, name=f"{name} {kind} seed {seed}")
+                except RuntimeError as exc:  # the run ended with a reason (e.g. no weights)
+                    reason = str(exc).splitlines()[0]
+                    failures.setdefault(f"federated {kind}", []).append(f"seed {seed}: {reason}")
+                    print(f"  {name} seed {seed} {kind}: {reason}", flush=True)
+                    continue
                 seconds.setdefault(kind, []).append(result.seconds)
                 if prepared is None:  # the federation's own preprocessing, same every kind
                     prepared = baselines.prepare(scenario, result.run.preprocessing)
@@ -273,7 +282,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     f"EO {scored['eo']:.4f} ({result.seconds:.1f} s)",
                     flush=True,
                 )
-            assert prepared is not None
+            if prepared is None:  # every run failed: the same preprocessing, computed here
+                prepared = baselines.prepare(scenario)
             for label, scored in pooled_references(plan, prepared, seed, attribute).items():
                 results.setdefault(label, []).append(scored)
     finally:
@@ -285,6 +295,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "checks": checks,
         "seconds": seconds,
+        "failures": failures,
     }
 
 
@@ -343,24 +354,44 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default: the plan's)")
     parser.add_argument("--max-rows", type=int, default=None, help="at most N rows per site")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--outcome", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    unknown = sorted(set(args.scenario) - {"healthcare", "finance"})
+    if unknown:
+        parser.error(f"--scenario: unknown {unknown}; choose healthcare and/or finance")
     started = time.monotonic()
-    import torch
+    if args.outcome is not None:  # one scenario, in its own process (a fresh QUORUM_HOME)
+        import torch
 
-    torch.set_num_threads(1)  # tiny models; the agents run single-threaded too
-    from bench._federation import configure_django
+        torch.set_num_threads(1)  # tiny models; the agents run single-threaded too
+        from bench._federation import configure_django
 
-    configure_django()
-    outcomes = []
-    lines = []
-    for name in args.scenario:
+        configure_django()
+        (name,) = args.scenario
         print(f"{name}: {len(args.kinds)} mitigation(s) x {args.seeds} seed(s)", flush=True)
-        outcome = run_scenario(name, args)
-        outcomes.append(outcome)
+        args.outcome.write_text(json.dumps(run_scenario(name, args)))
+        return
+    outcomes = []
+    for name in args.scenario:
+        # One process per scenario: each federation gets its own server, database and agents.
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "outcome.json"
+            command = [sys.executable, __file__, "--scenario", name, "--seeds", str(args.seeds)]
+            command += ["--kinds", *args.kinds, "--outcome", str(out)]
+            if args.rounds:
+                command += ["--rounds", str(args.rounds)]
+            if args.max_rows:
+                command += ["--max-rows", str(args.max_rows)]
+            done = subprocess.run(command, cwd=ROOT, check=False)
+            if done.returncode != 0 or not out.exists():
+                sys.exit(f"{name}: the benchmark process failed ({done.returncode})")
+            outcomes.append(json.loads(out.read_text()))
+    lines = []
+    for outcome in outcomes:
         table = Table(
-            f"{name}: final model on the pooled held-out rows, sensitive attribute "
+            f"{outcome['name']}: final model on the pooled held-out rows, sensitive attribute "
             f"{outcome['attribute']!r}, DP limit {outcome['limit']:g} (mean ± sd over "
             f"{args.seeds} seed(s))",
             ["model", "AUC", "DP difference", "EO difference", "meets DP limit"],
@@ -374,6 +405,10 @@ def main() -> None:
                 mean_sd([r["eo"] for r in rows]),
                 dp <= outcome["limit"],
             )
+        for label, reasons in outcome["failures"].items():
+            if label not in outcome["results"]:
+                table.row(label, "failed", "-", "-", None)
+            table.note(f"{label} failed in {len(reasons)} run(s): {reasons[0]}")
         table.note(
             "AUC of each classifier's P(decision = 1): thresholds and ExponentiatedGradient are "
             "scored by their decision probability, trained models by their score"
@@ -383,14 +418,8 @@ def main() -> None:
     for line in lines:
         print(line)
     print(f"\n{time.monotonic() - started:.0f} s in all")
-    write_results(
-        "fairness",
-        {
-            "arguments": vars(args),
-            "scenarios": outcomes,
-            "bars": lines,
-        },
-    )
+    args_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_results("fairness", {"arguments": args_json, "scenarios": outcomes, "bars": lines})
 
 
 if __name__ == "__main__":
