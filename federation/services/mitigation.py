@@ -14,7 +14,8 @@ the training rows fix the cost-sensitive problem; the server keeps the Lagrange 
 logits theta on the run (``Run.mitigation``), starting at 0 (round 1 trains on the plain loss).
 Each round, from the contributors' per-group confusion counts of the global model they received
 (the counts every update carries for the fairness report), :func:`reduction_round` computes the
-constraint violations gamma, steps theta (fairlearn's ExponentiatedGradient step), and replaces
+constraint violations gamma, steps theta (fairlearn's ExponentiatedGradient step, each key's
+scaled by its group's size: ``reduction_gains``), and replaces
 the run's ``example_weights`` with the new multipliers' per-(group, label) labels and weights:
 the next round's tasks carry them, under the signed grant, on the reweighing path.
 """
@@ -371,7 +372,11 @@ def reduction_round(
     }
     theta = {_key_from_text(k): float(v) for k, v in (mitigation.get("theta") or {}).items()}
     stepped = fairness_mitigation.reduction_step(
-        theta, gamma, bound=bound, eta=float(mitigation["eta"])
+        theta,
+        gamma,
+        bound=bound,
+        eta=float(mitigation["eta"]),
+        gains=fairness_mitigation.reduction_gains(counts, constraint),
     )
     theta = {**theta, **stepped}
     lambdas = fairness_mitigation.multipliers(theta, bound)

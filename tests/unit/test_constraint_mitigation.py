@@ -55,7 +55,8 @@ def test_three_rounds_of_multiplier_updates_equal_fedcores_loop(constraint: str)
 
         confusion = merge_counts([s["sex"] for s in sent])
         gamma = fm.reduction_gamma(confusion, constraint)
-        theta = {**theta, **fm.reduction_step(theta, gamma, bound=0.02, eta=2.0)}
+        gains = fm.reduction_gains(counts, constraint)
+        theta = {**theta, **fm.reduction_step(theta, gamma, bound=0.02, eta=2.0, gains=gains)}
         lambdas = fm.multipliers(theta, 0.02)
         expected = fm.reduction_weights(lambdas, counts, constraint).to_json()
         assert state["example_weights"] == expected
@@ -87,3 +88,21 @@ def test_a_group_without_training_rows_cannot_be_weighed() -> None:
     counts = {**fm.label_counts(y, a), "x": {"negatives": 0, "positives": 0}}
     with pytest.raises(fm.MitigationError, match="'x'"):
         fm.reduction_weights({}, counts, "demographic_parity")
+
+
+def test_the_step_gains_scale_each_group_by_its_size() -> None:
+    counts = {
+        "big": {"negatives": 300, "positives": 300},
+        "small": {"negatives": 50, "positives": 10},
+    }
+    dp = fm.reduction_gains(counts, "demographic_parity")
+    assert dp[("+", "all", "big")] == 1.0 and dp[("-", "all", "small")] == pytest.approx(0.1)
+    eo = fm.reduction_gains(counts, "equalized_odds")
+    assert eo[("+", "label=0", "small")] == pytest.approx(50 / 300)
+    assert eo[("+", "label=1", "small")] == pytest.approx(10 / 300)
+    # without gains the step is fairlearn's
+    gamma = {("+", "all", "small"): 0.5}
+    plain = fm.reduction_step({}, gamma, bound=0.01, eta=2.0)
+    scaled = fm.reduction_step({}, gamma, bound=0.01, eta=2.0, gains=dp)
+    assert plain[("+", "all", "small")] == pytest.approx(0.02 * 0.49)
+    assert scaled[("+", "all", "small")] == pytest.approx(0.1 * 0.02 * 0.49)
