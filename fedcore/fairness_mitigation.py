@@ -286,10 +286,15 @@ def reweighing_weights(counts: Mapping[str, Mapping[str, int]]) -> ExampleWeight
     Args:
         counts: ``merge_label_counts`` of the sites' training rows.
 
+    The placeholders ``__missing__`` and ``__other__`` (rows whose group a site did not release
+    or does not know) are weighed the same way when they hold both labels; holding one label
+    only, they keep weight 1 (a small site that withholds a rare category counts its rows under
+    ``__other__``, which may then hold positives only).
+
     Raises:
         MitigationError: a listed group has no row anywhere, a label has no row at all, or a
-            group has no row of one label (its weight would be infinite: reweighing cannot give
-            such a group the overall positive rate).
+            group other than the placeholders has no row of one label (its weight would be
+            infinite: reweighing cannot give such a group the overall positive rate).
     """
     present = _present(_checked_label_counts(counts, "counts"), "reweighing weight")
     n = sum(sum(cells.values()) for cells in present.values())
@@ -303,7 +308,16 @@ def reweighing_weights(counts: Mapping[str, Mapping[str, int]]) -> ExampleWeight
     for group, group_cells in present.items():
         n_group = sum(group_cells.values())
         cells[group] = {}
+        one_label = min(group_cells[c] for c in LABEL_CELLS) == 0
         for label, cell in enumerate(LABEL_CELLS):
+            if group_cells[cell] == 0 and group in PLACEHOLDER_GROUPS:
+                continue  # no row of that label: no cell to weigh
+            if one_label and group in PLACEHOLDER_GROUPS:
+                # Rows whose group a site did not release (or does not know) and that hold one
+                # label only: they cannot be given the overall positive rate, and are not a
+                # group the plan can balance; they keep the plain loss.
+                cells[group][label] = (label, 1.0)
+                continue
             if group_cells[cell] == 0:
                 raise MitigationError(
                     f"group {group!r} has no {cell} at any site: reweighing cannot give it the "

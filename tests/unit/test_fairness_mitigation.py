@@ -87,6 +87,13 @@ def test_reweighing_refuses_what_it_cannot_compute() -> None:
     # The public placeholders are released with zero counts everywhere: left out, not refused.
     with_placeholders = fm.label_counts(y, a, groups=["F", "M", "__missing__", "__other__"])
     assert set(fm.reweighing_weights(with_placeholders).cells) == {"F", "M"}
+    # A placeholder holding one label only (a rare category a small site withheld) keeps the
+    # plain loss; a real group with one label only is refused.
+    one_label = {**with_placeholders, "__other__": {"negatives": 0, "positives": 3}}
+    weights = fm.reweighing_weights(one_label)
+    assert weights.cells["__other__"] == {1: (1, 1.0)}
+    with pytest.raises(fm.MitigationError, match="group 'F' has no negatives"):
+        fm.reweighing_weights({**one_label, "F": {"negatives": 0, "positives": 5}})
 
 
 # --- FairFed -----------------------------------------------------------------------------------
