@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "hostile_flood": ("bench/hostile_flood.py", [], ["--quick"]),
     "demo_time": ("bench/demo_time.py", [], ["--rounds", "5"]),
     "poisoning": ("bench/poisoning.py", [], ["--rounds", "3"]),
+    "fairness": ("bench/fairness.py", [], ["--seeds", "1", "--rounds", "5"]),
 }
 
 

@@ -436,7 +436,7 @@ def handle_stats_request(
                 )
     reply: dict[str, Any] = {"run": run, "stats": stats}
     parsed = parse_plan(plan)
-    if _weighs_loss(parsed, "reweighing"):
+    if parsed.fairness is not None and parsed.fairness.mitigation.trains_weighted:
         reply["label_counts"] = training_label_counts(parsed, split, stats, run)
     return reply
 
@@ -449,7 +449,7 @@ def training_label_counts(
     plan: Plan, split: LocalSplit, stats: Mapping[str, Any], run: int
 ) -> dict[str, dict[str, int]]:
     """Rows of the TRAIN split per (group of the plan's sensitive attribute, label), for the
-    server's reweighing weights (``fedcore.fairness_mitigation.label_counts``).
+    server's reweighing or reduction weights (``fedcore.fairness_mitigation.label_counts``).
 
     Only labels this site already releases are keys: the attribute's categories sent in
     ``stats`` (or declared in ``fairness.groups``, or ``false``/``true`` for a boolean), and
@@ -641,11 +641,15 @@ def handle_task(
             example_weights = ExampleWeights.from_json(fields["example_weights"])
         except ValueError as exc:
             raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
-    elif example_weights is None and _weighs_loss(parsed, "reweighing"):
+    elif (
+        example_weights is None
+        and parsed.fairness is not None
+        and parsed.fairness.mitigation.trains_weighted
+    ):
         raise TaskError(
             INVALID_TASK,
-            "the plan's fairness.mitigation kind is 'reweighing' but the task carries no "
-            "example weights",
+            f"the plan's fairness.mitigation kind is {parsed.fairness.mitigation.kind!r} but the "
+            "task carries no example weights",
             run=run,
             round=rnd,
         )

@@ -54,6 +54,7 @@ __all__ = [
     "label_counts",
     "merge_label_counts",
     "multipliers",
+    "reduction_gains",
     "reduction_gamma",
     "reduction_index",
     "reduction_step",
@@ -61,6 +62,7 @@ __all__ = [
     "reweighing_weights",
     "score_histogram",
     "threshold_rules",
+    "thresholded_disparities",
 ]
 
 CONSTRAINTS: tuple[str, ...] = ("demographic_parity", "equalized_odds")
@@ -284,10 +286,15 @@ def reweighing_weights(counts: Mapping[str, Mapping[str, int]]) -> ExampleWeight
     Args:
         counts: ``merge_label_counts`` of the sites' training rows.
 
+    The placeholders ``__missing__`` and ``__other__`` (rows whose group a site did not release
+    or does not know) are weighed the same way when they hold both labels; holding one label
+    only, they keep weight 1 (a small site that withholds a rare category counts its rows under
+    ``__other__``, which may then hold positives only).
+
     Raises:
         MitigationError: a listed group has no row anywhere, a label has no row at all, or a
-            group has no row of one label (its weight would be infinite: reweighing cannot give
-            such a group the overall positive rate).
+            group other than the placeholders has no row of one label (its weight would be
+            infinite: reweighing cannot give such a group the overall positive rate).
     """
     present = _present(_checked_label_counts(counts, "counts"), "reweighing weight")
     n = sum(sum(cells.values()) for cells in present.values())
@@ -301,7 +308,16 @@ def reweighing_weights(counts: Mapping[str, Mapping[str, int]]) -> ExampleWeight
     for group, group_cells in present.items():
         n_group = sum(group_cells.values())
         cells[group] = {}
+        one_label = min(group_cells[c] for c in LABEL_CELLS) == 0
         for label, cell in enumerate(LABEL_CELLS):
+            if group_cells[cell] == 0 and group in PLACEHOLDER_GROUPS:
+                continue  # no row of that label: no cell to weigh
+            if one_label and group in PLACEHOLDER_GROUPS:
+                # Rows whose group a site did not release (or does not know) and that hold one
+                # label only: they cannot be given the overall positive rate, and are not a
+                # group the plan can balance; they keep the plain loss.
+                cells[group][label] = (label, 1.0)
+                continue
             if group_cells[cell] == 0:
                 raise MitigationError(
                     f"group {group!r} has no {cell} at any site: reweighing cannot give it the "
@@ -574,8 +590,9 @@ def reduction_step(
     *,
     bound: float,
     eta: float,
+    gains: Mapping[Key, float] | None = None,
 ) -> dict[Key, float]:
-    """The server's multiplier update: theta + (eta / B) (gamma - bound), B = 1 / bound.
+    """The server's multiplier update: theta + gain (eta / B) (gamma - bound), B = 1 / bound.
 
     fairlearn's ExponentiatedGradient step (``theta += eta * (gamma - eps)`` with
     ``eta = eta0 / B``), once per round, with the gamma of the round's global model. A key of
@@ -586,12 +603,44 @@ def reduction_step(
         gamma: :func:`reduction_gamma` of the current global model.
         bound: the constraint's bound epsilon, in (0, 1].
         eta: fairlearn's eta0 (default there 2.0), > 0.
+        gains: a factor per key (:func:`reduction_gains`; None: 1 for every key, fairlearn's).
     """
     bound = _check_number(bound, "bound", low=1e-12, high=1.0)
     eta = _check_number(eta, "eta", low=1e-12)
     step = eta * bound
     return {
-        key: float(theta.get(key, 0.0)) + step * (value - bound) for key, value in gamma.items()
+        key: float(theta.get(key, 0.0))
+        + step * (1.0 if gains is None else float(gains.get(key, 1.0))) * (value - bound)
+        for key, value in gamma.items()
+    }
+
+
+def reduction_gains(counts: Mapping[str, Mapping[str, int]], constraint: str) -> dict[Key, float]:
+    """Per-key step factors of the federated update: n(e, g) / max over g' of n(e, g').
+
+    A multiplier of (event e, group g) moves a row's cost by lambda (1 / P(e) - 1 / P(e, g)):
+    the smaller the group, the larger the move for the same change of lambda (a group of 3 %
+    of the rows: about 30 times the largest group's). fairlearn's ExponentiatedGradient absorbs
+    those swings by returning the average of every iteration's classifier; a federated run
+    keeps one model, warm-started each round, which follows the latest costs, so a small group
+    would flip its whole cell's label from one round to the next. Scaling each key's step by
+    its group's size (the largest group of the event keeps fairlearn's step) makes a change of
+    gamma move every group's cost by about as much. The fixed point is unchanged (the steps
+    stop when gamma is within the bound).
+
+    Args:
+        counts: ``merge_label_counts`` of the sites' training rows.
+        constraint: ``"demographic_parity"`` or ``"equalized_odds"``.
+    """
+    _check_constraint(constraint)
+    _, _, pairs, _ = _event_probabilities(counts, constraint)
+    largest: dict[str, float] = {}
+    for (event, _), share in pairs.items():
+        largest[event] = max(largest.get(event, 0.0), share)
+    return {
+        (sign, event, group): share / largest[event]
+        for sign in ("+", "-")
+        for (event, group), share in sorted(pairs.items())
     }
 
 
@@ -768,6 +817,26 @@ class ThresholdRules:
             rows = names == group
             out[rows] = rule.positive_probability(binned[rows])
         return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ThresholdRules:
+        """Parse :meth:`to_json`'s form (a model version's ``thresholds``); ValueError naming
+        the bad entry."""
+        try:
+            rules = {
+                str(group): GroupRule(**{k: float(v) for k, v in rule.items()})
+                for group, rule in raw["rules"].items()
+            }
+            return cls(
+                constraint=str(raw["constraint"]),
+                objective=str(raw["objective"]),
+                grid=tuple(float(v) for v in _checked_grid(raw["grid"])),
+                rules=rules,
+                best_x=float(raw["best_x"]),
+                best_objective=float(raw["best_objective"]),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"threshold rules: missing or malformed entry ({exc})") from None
 
     def to_json(self) -> dict[str, Any]:
         """What becomes part of the model version (JSON-able)."""
@@ -980,3 +1049,53 @@ def threshold_rules(
         best_x=float(x_grid[best]),
         best_objective=best_objective,
     )
+
+
+def thresholded_disparities(
+    rules: Mapping[str, Mapping[str, Any]],
+    histograms: Mapping[str, Mapping[str, Sequence[int]]],
+    grid: ArrayLike,
+) -> dict[str, float]:
+    """The disparities of the decisions of group thresholds on the rows of the histograms.
+
+    Each row decides positive with its group's rule's probability at its bin (expected over the
+    rules' randomisation), so the rates are exact expectations: the selection rate, true and
+    false positive rate per group, then fairlearn's differences (largest minus smallest over the
+    groups with rows; equalized odds: the larger of the TPR and FPR differences).
+
+    Args:
+        rules: ``ThresholdRules.to_json()["rules"]`` (group -> rule; "inf"/"-inf" allowed).
+        histograms: summed :func:`score_histogram` counts on ``grid``.
+        grid: the score grid of the rules and histograms (``ThresholdRules.to_json()["grid"]``).
+
+    Raises:
+        ValueError: a group with rows has no rule.
+    """
+    points = _checked_grid(grid)
+    rates: dict[str, tuple[float, float | None, float | None]] = {}
+    for group, cells in histograms.items():
+        negatives = np.asarray(cells["negatives"], dtype=np.float64)
+        positives = np.asarray(cells["positives"], dtype=np.float64)
+        n = negatives.sum() + positives.sum()
+        if n == 0:
+            continue
+        raw = rules.get(group)
+        if raw is None:
+            raise ValueError(f"group {group!r} has rows but no threshold rule")
+        rule = GroupRule(**{k: float(v) for k, v in raw.items()})
+        p = rule.positive_probability(points)
+        chosen_pos, chosen_neg = float(p @ positives), float(p @ negatives)
+        rates[group] = (
+            (chosen_pos + chosen_neg) / n,
+            chosen_pos / positives.sum() if positives.sum() else None,
+            chosen_neg / negatives.sum() if negatives.sum() else None,
+        )
+
+    def spread(values: list[float | None]) -> float:
+        known = [v for v in values if v is not None]
+        return max(known) - min(known) if known else 0.0
+
+    selection = spread([r[0] for r in rates.values()])
+    tpr = spread([r[1] for r in rates.values()])
+    fpr = spread([r[2] for r in rates.values()])
+    return {"demographic_parity_difference": selection, "equalized_odds_difference": max(tpr, fpr)}

@@ -209,7 +209,8 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "authorization": (_DICT, _REQ),  # fedcore.signing.sign_offer: the agent verifies it
     },
     # agent -> server; label_counts = {group: {"negatives", "positives"}} of the training rows,
-    # for a plan whose fairness.mitigation kind is reweighing (fedcore.fairness_mitigation)
+    # for a plan whose fairness.mitigation kind is reweighing or constraint
+    # (fedcore.fairness_mitigation)
     "stats": {"run": (_INT, _REQ), "stats": (_DICT, _REQ), "label_counts": (_DICT, _OPT)},
     # server -> agent: one step of an analysis plan (fedcore.analytics.steps); params are what
     # the server derived from earlier steps (Kaplan-Meier's grid), signed with the step

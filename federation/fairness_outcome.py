@@ -27,7 +27,9 @@ LIMIT_KEYS = {
 # The mitigation kinds this server version applies in a run. The plan language knows every kind
 # of fedcore.plan.MITIGATION_KINDS; a plan asking for one not listed here is refused at proposal
 # (federation.services.plans: proposal and edit) and at run start, rather than run unmitigated.
-MITIGATION_WIRED: frozenset[str] = frozenset({"reweighing", "postprocess", "fair_aggregation"})
+MITIGATION_WIRED: frozenset[str] = frozenset(
+    {"reweighing", "postprocess", "fair_aggregation", "constraint"}
+)
 
 
 def final_fairness_warning(evaluation: Any) -> dict[str, Any] | None:
@@ -148,17 +150,40 @@ def mitigation_view(
         if kind in kinds
     }
     applied = kind in MITIGATION_WIRED
+    note = (
+        f"{kind} for '{fairness.sensitive_attribute}' (docs/fairness.md, 'Mitigation')"
+        if applied
+        else f"{kind} is not available in this server version: the model was trained without it"
+    )
+    if applied and kind == "constraint" and computed:
+        note += f"; {constraint_status(computed)}"
     return {
         "kind": kind,
         "parameters": parameters,
         "applied": applied,
         "computed": dict(computed) if applied and computed else None,
-        "note": (
-            f"{kind} for '{fairness.sensitive_attribute}' (docs/fairness.md, 'Mitigation')"
-            if applied
-            else f"{kind} is not available in this server version: the model was trained without it"
-        ),
+        "note": note,
     }
+
+
+def constraint_status(computed: Mapping[str, Any]) -> str:
+    """Where a ``constraint`` run's multipliers stand: met or not by the last measured model."""
+    rounds = computed.get("rounds") or 0
+    violation = computed.get("max_violation")
+    bound = computed.get("bound")
+    if not rounds or violation is None:
+        return "no round has measured the constraint yet (the multipliers start at 0)"
+    label = str(computed.get("constraint", "")).replace("_", " ")
+    if computed.get("met"):
+        return (
+            f"{label} met by the last measured model (largest gap {violation:.4f} <= bound "
+            f"{bound:g}) after {rounds} multiplier update(s)"
+        )
+    return (
+        f"{label} NOT met by the last measured model: its largest gap between a group's rate "
+        f"and the overall rate is {violation:.4f} > bound {bound:g} after {rounds} multiplier "
+        "update(s); more rounds, a larger eta or a looser bound may reach it"
+    )
 
 
 def unavailable_mitigation_error(spec: Any) -> str | None:

@@ -326,7 +326,8 @@ class Run(models.Model):
     # merges so far, the step's deadline, and once released its result.
     analysis = models.JSONField(null=True, blank=True)
     # The bias mitigation the server computed for this run (federation.services.mitigation):
-    # {"kind", "example_weights" (ExampleWeights.to_json), "counts"}; null without one.
+    # {"kind", "example_weights" (ExampleWeights.to_json), "counts"}; a constraint also keeps its
+    # multipliers (theta, lambdas), updated each round; null without one.
     mitigation = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -372,7 +373,7 @@ class SiloStatistics(models.Model):
     silo = models.ForeignKey(Silo, on_delete=models.CASCADE, related_name="+")
     stats = models.JSONField()
     # Rows per (group, label) of the training split, for a plan whose fairness.mitigation kind
-    # is reweighing (fedcore.fairness_mitigation.label_counts); null otherwise.
+    # is reweighing or constraint (fedcore.fairness_mitigation.label_counts); null otherwise.
     label_counts = models.JSONField(null=True, blank=True)
     received_at = models.DateTimeField(default=timezone.now)
 

@@ -497,7 +497,7 @@ MITIGATION_KEYS: tuple[Key, ...] = (
         "eta",
         "number",
         "constraint only: learning rate of the Lagrange multipliers (fairlearn's eta0; each "
-        "round's step is eta * bound)",
+        "round's step is eta * bound, times the group's size relative to the largest group)",
         default=2.0,
         minimum=0,
         maximum=1000,

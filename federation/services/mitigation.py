@@ -8,6 +8,16 @@ public list to ``__other__``, and computes Kamiran and Calders' weights
 every task, covered by its signed grant (``example_weights_sha256``); sites weight their loss.
 A mitigation that cannot be computed (a group with no row at any site, a label missing) fails
 the run before round 1 with the reason, never trains as if unmitigated.
+
+``constraint`` (federated reductions, Agarwal et al. 2018): the same (group, label) counts of
+the training rows fix the cost-sensitive problem; the server keeps the Lagrange multipliers'
+logits theta on the run (``Run.mitigation``), starting at 0 (round 1 trains on the plain loss).
+Each round, from the contributors' per-group confusion counts of the global model they received
+(the counts every update carries for the fairness report), :func:`reduction_round` computes the
+constraint violations gamma, steps theta (fairlearn's ExponentiatedGradient step, each key's
+scaled by its group's size: ``reduction_gains``), and replaces
+the run's ``example_weights`` with the new multipliers' per-(group, label) labels and weights:
+the next round's tasks carry them, under the signed grant, on the reweighing path.
 """
 
 from __future__ import annotations
@@ -23,6 +33,9 @@ from federation.models import Run, SiloStatistics
 
 REWEIGHING = "reweighing"
 POSTPROCESS = "postprocess"
+CONSTRAINT = "constraint"
+# The kinds whose sites send (group, label) counts of their training rows with the statistics.
+LABEL_COUNTED = (REWEIGHING, CONSTRAINT)
 
 
 def plan_kind(spec: Mapping[str, Any]) -> str:
@@ -52,7 +65,7 @@ def checked_label_counts(
     that does not reweigh, none from one that does, a malformed table, a group the site did not
     release in its statistics, or more rows than the site reported."""
     kind = plan_kind(run.version.spec)
-    if kind != REWEIGHING:
+    if kind not in LABEL_COUNTED:
         if raw is not None:
             raise ValueError(
                 f"{where}: label_counts sent, but the plan's fairness.mitigation kind is {kind!r}"
@@ -60,8 +73,8 @@ def checked_label_counts(
         return None
     if raw is None:
         raise ValueError(
-            f"{where}: the plan reweighs (fairness.mitigation kind 'reweighing') but no "
-            "label_counts came with the statistics; update the agent"
+            f"{where}: the plan weighs the training loss (fairness.mitigation kind {kind!r}) but "
+            "no label_counts came with the statistics; update the agent"
         )
     counts = fairness_mitigation.merge_label_counts([raw])
     unknown = sorted(set(counts) - _releasable(run.version.spec, stats))
@@ -85,7 +98,8 @@ def compute(run: Run, fitted: Mapping[str, Any]) -> dict[str, Any] | None:
         fairness_mitigation.MitigationError: the weights cannot be computed (its reason).
     """
     spec = run.version.spec
-    if plan_kind(spec) != REWEIGHING:
+    kind = plan_kind(spec)
+    if kind not in LABEL_COUNTED:
         return None
     plan = parse_plan(spec)
     assert plan.fairness is not None
@@ -104,6 +118,25 @@ def compute(run: Run, fitted: Mapping[str, Any]) -> dict[str, Any] | None:
     for group in public:  # every public group listed: an empty one is the maths' to judge
         keyed.setdefault(group, {"negatives": 0, "positives": 0})
     counts = {group: keyed[group] for group in sorted(keyed)}
+    if kind == CONSTRAINT:
+        settings = plan.fairness.mitigation
+        # theta = 0: the multipliers cancel in (+, -) pairs, the plain error rate (fairlearn's
+        # first iteration); reduction_weights also checks that every listed group has rows.
+        weights = fairness_mitigation.reduction_weights({}, counts, settings.constraint)
+        return {
+            "kind": CONSTRAINT,
+            "attribute": attribute,
+            "counts": counts,
+            "constraint": settings.constraint,
+            "bound": settings.bound,
+            "eta": settings.eta,
+            "theta": {},
+            "lambdas": {},
+            "rounds": 0,
+            "max_violation": None,
+            "met": None,
+            "example_weights": weights.to_json(),
+        }
     weights = fairness_mitigation.reweighing_weights(counts)
     return {
         "kind": REWEIGHING,
@@ -275,3 +308,111 @@ def fairfed_weights(
         "metric": settings.constraint,
     }
     return weights, state
+
+
+def _key_text(key: fairness_mitigation.Key) -> str:
+    """A multiplier's key (sign, event, group) as JSON can keep it: ``"+|all|f"``."""
+    return "|".join(key)
+
+
+def _key_from_text(text: str) -> fairness_mitigation.Key:
+    sign, event, group = text.split("|", 2)
+    return (sign, event, group)
+
+
+def reduction_round(
+    mitigation: Mapping[str, Any],
+    attribute: str,
+    contributed: list[Mapping[str, Any] | None],
+) -> dict[str, Any]:
+    """A ``constraint`` run's mitigation after one round: the multipliers stepped with the
+    violations of the round's incoming global model, and the next round's example weights.
+
+    Args:
+        mitigation: the run's ``Run.mitigation`` (from :func:`compute` or an earlier round).
+        attribute: the plan's sensitive attribute.
+        contributed: each contributor's ``Update.fairness`` (per-group confusion counts of the
+            global model it received, on its held-out rows), in any order.
+
+    Returns:
+        The new ``Run.mitigation`` (the same keys; ``theta``, ``lambdas``, ``example_weights``,
+        ``gamma``, ``max_violation``, ``met`` and ``rounds`` updated).
+
+    Raises:
+        fairness_mitigation.MitigationError: a contributor sent no counts for the attribute,
+            fewer than two groups have rows, or the weights cannot be computed (the reason).
+    """
+    tables = []
+    for sent in contributed:
+        table = (sent or {}).get(attribute)
+        if not table:
+            raise fairness_mitigation.MitigationError(
+                f"the constraint needs every contributor's group counts of {attribute!r} for the "
+                "model it received; an update came without them"
+            )
+        tables.append(table)
+    merged = {
+        group: cells
+        for group, cells in fairness.merge_counts(tables).items()
+        if sum(cells.values()) > 0  # a group with no held-out row this round tells nothing
+    }
+    if len(merged) < 2:
+        raise fairness_mitigation.MitigationError(
+            f"the contributors' held-out rows hold {len(merged)} group(s) of {attribute!r}: a "
+            "parity constraint needs rows of at least two groups to measure a gap"
+        )
+    constraint = mitigation["constraint"]
+    bound = float(mitigation["bound"])
+    counts = mitigation["counts"]
+    known = set(fairness_mitigation.reduction_index(counts, constraint))
+    gamma = {
+        key: value
+        for key, value in fairness_mitigation.reduction_gamma(merged, constraint).items()
+        if key in known  # a pair without training rows has no multiplier to move
+    }
+    theta = {_key_from_text(k): float(v) for k, v in (mitigation.get("theta") or {}).items()}
+    stepped = fairness_mitigation.reduction_step(
+        theta,
+        gamma,
+        bound=bound,
+        eta=float(mitigation["eta"]),
+        gains=fairness_mitigation.reduction_gains(counts, constraint),
+    )
+    theta = {**theta, **stepped}
+    lambdas = fairness_mitigation.multipliers(theta, bound)
+    weights = fairness_mitigation.reduction_weights(lambdas, counts, constraint)
+    violation = max(gamma.values(), default=0.0)
+    return {
+        **mitigation,
+        "theta": {_key_text(k): v for k, v in sorted(theta.items())},
+        "lambdas": {_key_text(k): v for k, v in sorted(lambdas.items())},
+        "gamma": {_key_text(k): v for k, v in sorted(gamma.items())},
+        "rounds": int(mitigation.get("rounds") or 0) + 1,
+        "max_violation": violation,
+        "met": violation <= bound,
+        "example_weights": weights.to_json(),
+    }
+
+
+def constraint_round(
+    round_: Any, spec: Mapping[str, Any], updates: list[Mapping[str, Any]]
+) -> dict[str, Any] | None:
+    """:func:`reduction_round` of a ``constraint`` run's round (None for another plan): the
+    new ``Run.mitigation``, stored with the round's completion (federation.services.rounds)."""
+    from federation.models import Update
+
+    if plan_kind(spec) != CONSTRAINT:
+        return None
+    run = Run.objects.only("mitigation").get(pk=round_.run_id)
+    if not isinstance(run.mitigation, Mapping) or run.mitigation.get("kind") != CONSTRAINT:
+        raise fairness_mitigation.MitigationError(
+            "the run has no constraint state: its statistics pass did not compute one"
+        )
+    plan = parse_plan(spec)
+    assert plan.fairness is not None
+    sent = list(
+        Update.objects.filter(
+            round=round_, silo_id__in=[u["silo_id"] for u in updates]
+        ).values_list("fairness", flat=True)
+    )
+    return reduction_round(run.mitigation, plan.fairness.sensitive_attribute, sent)

@@ -328,6 +328,11 @@ def round_aggregate(round_id: int) -> None:
     except (ValueError, OSError) as exc:
         _fail_round_aggregation(round_, f"aggregation failed: {exc}")
         return
+    try:  # a constraint's multipliers step with this round's counts (next round's weights)
+        reduction = mitigation_service.constraint_round(round_, spec, updates)
+    except MitigationError as exc:
+        _fail_round_aggregation(round_, f"the constraint mitigation could not be updated: {exc}")
+        return
     data = tensors.encode_state_dict(state)
     key = model_key(run_id=round_.run_id, number=round_.number)
     store.put(key, data)  # before the commit: a crash here leaves a blob a re-run overwrites
@@ -355,6 +360,21 @@ def round_aggregate(round_id: int) -> None:
                 _audit_run(
                     round_.run, "round.anomaly", **{**_json_safe(flag), "round": locked.number}
                 )
+        if reduction is not None:  # the next round's tasks carry the new example weights
+            locked.aggregation_stats = {
+                **(locked.aggregation_stats or {}),
+                "reduction": _json_safe(
+                    {k: reduction[k] for k in ("theta", "lambdas", "gamma", "max_violation", "met")}
+                ),
+            }
+            Run.objects.filter(pk=round_.run_id).update(mitigation=_json_safe(reduction))
+            _audit_run(
+                round_.run,
+                "mitigation.updated",
+                round=locked.number,
+                max_violation=reduction["max_violation"],
+                example_weights=reduction["example_weights"],
+            )
         if dp is not None:  # client-level DP: each contributing silo's data spent one step
             locked.aggregation_stats = _json_safe(dp)
             for silo in Silo.objects.filter(pk__in=[u["silo_id"] for u in updates]):
@@ -440,6 +460,8 @@ def _combine(
                 loss=u["metrics"].get("global_train_loss"),
             )
             for u in updates
+            # FairFed may drive a silo's weight to 0 (fairfed_step's safeguard): it adds nothing
+            if weights[u["silo_id"]] > 0.0
         )
         result = strategy.aggregate(global_state, streamed, round=round_.number)
         if fairfed is not None:  # carried to the next round (aggregation_stats["fairfed"])

@@ -36,14 +36,15 @@ COUNTS = [
 ]
 
 
-def test_fairfed_weights_replace_fedavgs_and_carry_over(tmp_path: Any) -> None:
+def fairfed_run(tmp_path: Any, beta: float) -> tuple[Run, list[Silo], list[dict[str, Any]]]:
+    """A fair_aggregation run of 2 silos and 2 rounds whose updates carry COUNTS."""
     consortium = ConsortiumFactory()
     silos = SiloFactory.create_batch(
         2, organization__consortium=consortium, schema=SENSITIVE_SCHEMA
     )
     fairness = {
         "sensitive_attribute": "sex",
-        "mitigation": {"kind": "fair_aggregation", "beta": 1.0},
+        "mitigation": {"kind": "fair_aggregation", "beta": beta},
     }
     plan = PlanFactory(
         consortium=consortium,
@@ -86,6 +87,12 @@ def test_fairfed_weights_replace_fedavgs_and_carry_over(tmp_path: Any) -> None:
             )
         orchestrator.run_advance(run.pk)
     run.refresh_from_db()
+    return run, silos, states
+
+
+def test_fairfed_weights_replace_fedavgs_and_carry_over(tmp_path: Any) -> None:
+    run, silos, states = fairfed_run(tmp_path, beta=1.0)
+    examples = [30, 90]
     assert run.status == Run.Status.EVALUATING, run.error
 
     keyed = {str(s.pk): COUNTS[i] for i, s in enumerate(silos)}
@@ -107,3 +114,17 @@ def test_fairfed_weights_replace_fedavgs_and_carry_over(tmp_path: Any) -> None:
             second.weights[str(s.pk)] * states[i][name].double() for i, s in enumerate(silos)
         )
         assert torch.allclose(tensor.double(), expected, atol=1e-6), name
+
+
+def test_a_silo_fairfed_weighs_0_is_left_out_of_the_mean(tmp_path: Any) -> None:
+    # beta 5: silo 0's gap from the global parity drives its weight to 0 (fairfed_step's
+    # safeguard); the round aggregates silo 1 alone instead of failing on a weight of 0.
+    run, silos, states = fairfed_run(tmp_path, beta=5.0)
+    assert run.status == Run.Status.EVALUATING, run.error
+    stats = Round.objects.get(run=run, number=2).aggregation_stats["fairfed"]
+    assert stats["weights"][str(silos[0].pk)] == 0.0
+    model = tensors.decode_state_dict(
+        blob_store().get(ModelVersion.objects.get(run=run, number=2).blob_key)
+    )
+    for name, tensor in model.items():
+        assert torch.allclose(tensor.double(), states[1][name].double(), atol=1e-6), name

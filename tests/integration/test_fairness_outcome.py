@@ -175,8 +175,8 @@ def test_the_model_card_states_the_mitigation_and_its_parameters(world: World) -
         "applied": False,
         "note": "none: the plan reports fairness but does not mitigate bias",
     }
-    # A version stored with a mitigation (approved by a server that applied it) says what it
-    # asked for, with its parameters, and that this server did not apply it.
+    # A version with a mitigation states its kind and parameters; a constraint run that has
+    # measured nothing yet says so.
     spec = plan_spec(
         schema=SCHEMA_SEX,
         fairness={**FAIRNESS, "mitigation": {"kind": "constraint", "bound": 0.02}},
@@ -190,16 +190,19 @@ def test_the_model_card_states_the_mitigation_and_its_parameters(world: World) -
         "bound": 0.02,
         "eta": 2.0,
     }
-    assert mitigation["applied"] is False
-    assert "not available in this server version" in mitigation["note"]
+    assert mitigation["applied"] is True and mitigation["computed"] is None
 
 
-@pytest.mark.parametrize("kind", ["constraint"])
-def test_a_mitigation_not_applied_by_this_server_cannot_start_a_run(
-    world: World, kind: str
-) -> None:
-    spec = plan_spec(schema=SCHEMA_SEX, fairness={**FAIRNESS, "mitigation": {"kind": kind}})
+@pytest.mark.parametrize("kind", ["reweighing", "constraint"])
+def test_a_mitigation_this_server_cannot_apply_cannot_start_a_run(world: World, kind: str) -> None:
+    spec = plan_spec(
+        schema=SCHEMA_SEX,
+        fairness={**FAIRNESS, "mitigation": {"kind": kind}},
+        privacy={"statistics_epsilon": 1.0},
+    )
     plan = PlanFactory(consortium=world.gov.consortium, spec=spec, silos=world.gov.silos[:2])
-    with pytest.raises(Conflict, match=f"'{kind}' is not available yet in this server version"):
+    with pytest.raises(
+        Conflict, match=f"'{kind}' with privacy.statistics_epsilon is not available yet"
+    ):
         run_start(actor=world.gov.admin, plan=plan)
     assert not Run.objects.filter(plan=plan).exists()

@@ -63,8 +63,11 @@ def online(silos: list[Silo]) -> None:
         s.save()
 
 
-def run_with(tmp_path: Path, kind: str) -> Run:
-    """A whole run of 2 silos and 4 rounds, the agent's code at every step."""
+def run_with(
+    tmp_path: Path, kind: str, mitigation: dict[str, Any] | None = None, rounds: int = 4
+) -> Run:
+    """A whole run of 2 silos and ``rounds`` rounds, the agent's code at every step
+    (``mitigation``: the plan's parameters of the kind beyond ``kind``)."""
     consortium = ConsortiumFactory()
     silos = SiloFactory.create_batch(2, organization__consortium=consortium, schema=SKEWED_SCHEMA)
     fairness: dict[str, Any] = {
@@ -72,8 +75,8 @@ def run_with(tmp_path: Path, kind: str) -> Run:
         "max_demographic_parity_difference": 0.1,
     }
     if kind != "none":
-        fairness["mitigation"] = {"kind": kind}
-    training = {**plan_spec()["training"], "rounds": 4, "local_epochs": 2}
+        fairness["mitigation"] = {"kind": kind, **(mitigation or {})}
+    training = {**plan_spec()["training"], "rounds": rounds, "local_epochs": 2}
     spec = plan_spec(schema=SKEWED_SCHEMA, fairness=fairness, training=training)
     plan = PlanFactory(consortium=consortium, spec=spec, silos=silos)
     online(silos)
@@ -86,7 +89,7 @@ def run_with(tmp_path: Path, kind: str) -> Run:
     for silo in silos:
         fields = selectors.stats_request_fields(run_id=run.pk, silo_id=silo.pk)
         reply = handle_stats_request(fields, LocalData(files[silo.pk]))
-        assert ("label_counts" in reply) == (kind == "reweighing")
+        assert ("label_counts" in reply) == (kind in ("reweighing", "constraint"))
         stats_receive(
             silo_id=silo.pk,
             run_id=run.pk,
@@ -96,7 +99,7 @@ def run_with(tmp_path: Path, kind: str) -> Run:
     orchestrator.run_advance(run.pk)
     run.refresh_from_db()
     assert run.status == Run.Status.RUNNING, run.error
-    for number in range(1, 5):
+    for number in range(1, rounds + 1):
         round_ = Round.objects.get(run=run, number=number)
         for silo in silos:
             task = selectors.task_message(round_id=round_.pk, silo_id=silo.pk)
@@ -104,7 +107,7 @@ def run_with(tmp_path: Path, kind: str) -> Run:
             signing.check_request_scope(  # what the agent's policy checks before training
                 grant,
                 kind=signing.TASK_KIND,
-                plan_rounds=4,
+                plan_rounds=rounds,
                 round=number,
                 rounds=task.fields["rounds"],
                 weights_sha256=tensors.sha256_hex(task.payload),

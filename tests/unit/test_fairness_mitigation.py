@@ -87,6 +87,13 @@ def test_reweighing_refuses_what_it_cannot_compute() -> None:
     # The public placeholders are released with zero counts everywhere: left out, not refused.
     with_placeholders = fm.label_counts(y, a, groups=["F", "M", "__missing__", "__other__"])
     assert set(fm.reweighing_weights(with_placeholders).cells) == {"F", "M"}
+    # A placeholder holding one label only (a rare category a small site withheld) keeps the
+    # plain loss; a real group with one label only is refused.
+    one_label = {**with_placeholders, "__other__": {"negatives": 0, "positives": 3}}
+    weights = fm.reweighing_weights(one_label)
+    assert weights.cells["__other__"] == {1: (1, 1.0)}
+    with pytest.raises(fm.MitigationError, match="group 'F' has no negatives"):
+        fm.reweighing_weights({**one_label, "F": {"negatives": 0, "positives": 5}})
 
 
 # --- FairFed -----------------------------------------------------------------------------------
@@ -336,9 +343,22 @@ def test_thresholds_equal_threshold_optimizers_on_the_pooled_rows(
         assert (rule.p0, rule.p1) == (theirs_g.p0, theirs_g.p1)
         assert rule.p_ignore == theirs_g.get("p_ignore", 0.0)
     assert np.array_equal(rules.positive_probability(scores, a), expected)
+    # The disparities of the thresholded decisions, from the histograms alone, are fairlearn's
+    # metrics of the expected decisions on the pooled rows.
+    disparities = fm.thresholded_disparities(rules.to_json()["rules"], merged, GRID)
+    selection = [expected[a == g].mean() for g in GROUPS]
+    tpr = [expected[(a == g) & (y == 1)].mean() for g in GROUPS]
+    fpr = [expected[(a == g) & (y == 0)].mean() for g in GROUPS]
+    assert disparities["demographic_parity_difference"] == pytest.approx(
+        max(selection) - min(selection), abs=1e-12
+    )
+    assert disparities["equalized_odds_difference"] == pytest.approx(
+        max(max(tpr) - min(tpr), max(fpr) - min(fpr)), abs=1e-12
+    )
     # Some group randomises between two thresholds (that is what makes the rates equal).
     assert any(0 < rule.p0 < 1 for rule in rules.rules.values())
     assert rules.to_json()["rules"].keys() == set(GROUPS)
+    assert fm.ThresholdRules.from_json(rules.to_json()) == rules
 
 
 def score_hist(scores: np.ndarray, y: np.ndarray, a: np.ndarray) -> dict[str, dict[str, list[int]]]:

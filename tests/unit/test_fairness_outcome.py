@@ -58,6 +58,10 @@ def test_every_final_flag_is_in_the_warning() -> None:
             {"kind": "postprocess", "constraint": "equalized_odds"},
             {"constraint": "equalized_odds", "objective": "accuracy_score", "score_bins": 100},
         ),
+        (
+            {"kind": "constraint", "bound": 0.02},
+            {"constraint": "demographic_parity", "bound": 0.02, "eta": 2.0},
+        ),
     ],
 )
 def test_the_mitigation_is_stated_with_the_parameters_of_its_kind(
@@ -85,6 +89,7 @@ def test_every_kind_not_applied_is_refused_with_its_reason() -> None:
     assert unavailable_mitigation_error([]) is None
 
 
+@pytest.mark.parametrize("kind", ["reweighing", "constraint"])
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
@@ -93,15 +98,14 @@ def test_every_kind_not_applied_is_refused_with_its_reason() -> None:
         ({"privacy": {"statistics_epsilon": 1.0}}, "privacy.statistics_epsilon"),
     ],
 )
-def test_reweighing_with_masked_or_noised_counts_is_refused_for_now(
-    extra: dict, named: str
+def test_weighted_mitigations_with_masked_or_noised_counts_are_refused_for_now(
+    kind: str, extra: dict, named: str
 ) -> None:
-    fairness = {**FAIRNESS, **extra.pop("fairness", {}), "mitigation": {"kind": "reweighing"}}
+    extra = dict(extra)
+    fairness = {**FAIRNESS, **extra.pop("fairness", {}), "mitigation": {"kind": kind}}
     assert (
-        unavailable_mitigation_error(
-            {"fairness": {**FAIRNESS, "mitigation": {"kind": "reweighing"}}}
-        )
+        unavailable_mitigation_error({"fairness": {**FAIRNESS, "mitigation": {"kind": kind}}})
         is None
     )
     error = unavailable_mitigation_error({**extra, "fairness": fairness})
-    assert error.startswith(f"'reweighing' with {named} is not available yet")
+    assert error.startswith(f"{kind!r} with {named} is not available yet")

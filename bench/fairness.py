@@ -1,0 +1,426 @@
+"""Federated bias mitigation against fairlearn's pooled mitigations (docs/benchmarks.md).
+
+For the healthcare and finance demo scenarios (sensitive attribute: sex in both), every
+``fairness.mitigation`` kind -- none, reweighing, fair_aggregation, constraint, postprocess --
+runs as a real federation (``bench/_federation.py``: the server in this process, one agent
+process per site, each plan proposed, approved by every steward and run to its end) over
+``--seeds`` seeds. Next to them, in this process, fairlearn on the **pooled training rows** of
+every site (the same rows, the same federated preprocessing): ``ExponentiatedGradient``
+(LogisticRegression, DemographicParity, eps 0.01) and ``ThresholdOptimizer`` (demographic parity)
+on the plan's model trained centrally, plus that central model unmitigated.
+
+Every model is scored on the same rows: the union of the sites' held-out splits. AUC is the AUC
+of each classifier's P(decision = 1 | row): the model's probability for a trained model; the
+rules' probability for thresholds (postprocess, ThresholdOptimizer) and fairlearn's mixture
+probability for ExponentiatedGradient, since their decision is what they change. Demographic
+parity and equalized odds differences are those of the decisions (a model's at 0.5; randomised
+decisions by their expected rates), fairlearn's definitions.
+
+Bars (printed as PASS/MISS with the numbers, never asserted):
+
+1. Per scenario, the best federated mitigation (highest mean AUC among those whose mean
+   demographic parity difference is within the plan's limit) has an AUC at most 0.01 below the
+   unmitigated federated model, and its disparity is at most 0.01 above that of its pooled
+   counterpart in fairlearn (ExponentiatedGradient for reweighing, fair_aggregation and
+   constraint; ThresholdOptimizer for postprocess), at an equal or better AUC.
+2. ``postprocess``'s thresholds (chosen by the server from the sites' histograms) equal
+   fairlearn's ThresholdOptimizer fitted on the pooled held-out rows, for the same score grid
+   (the final model's scores binned to the plan's grid), exactly: thresholds, mixing
+   probabilities.
+
+    python bench/fairness.py                       # 2 scenarios x 5 kinds x 5 seeds
+    python bench/fairness.py --seeds 1 --rounds 5 --max-rows 400   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._common import Table, write_results  # noqa: E402
+
+KINDS = ("none", "reweighing", "fair_aggregation", "constraint", "postprocess")
+# Each federated mitigation's pooled counterpart in fairlearn (bar 1): the training-time ones
+# against ExponentiatedGradient, group thresholds against ThresholdOptimizer.
+COUNTERPART = {
+    "reweighing": "fairlearn ExponentiatedGradient",
+    "fair_aggregation": "fairlearn ExponentiatedGradient",
+    "constraint": "fairlearn ExponentiatedGradient",
+    "postprocess": "fairlearn ThresholdOptimizer",
+}
+SLACK_AUC = 0.01
+SLACK_DISPARITY = 0.01
+
+
+def disparities(p: np.ndarray, y: np.ndarray, a: np.ndarray) -> dict[str, float]:
+    """fairlearn's demographic parity and equalized odds differences of decisions taken with
+    probability ``p`` (0/1 for a deterministic classifier), by their expected rates."""
+    groups = [g for g in np.unique(a) if (a == g).any()]
+    selection = [float(p[a == g].mean()) for g in groups]
+    tpr = [float(p[(a == g) & (y == 1)].mean()) for g in groups if ((a == g) & (y == 1)).any()]
+    fpr = [float(p[(a == g) & (y == 0)].mean()) for g in groups if ((a == g) & (y == 0)).any()]
+    return {
+        "dp": max(selection) - min(selection),
+        "eo": max(max(tpr) - min(tpr), max(fpr) - min(fpr)),
+    }
+
+
+def score(p: np.ndarray, y: np.ndarray, a: np.ndarray, auc_score: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    return {"auc": float(roc_auc_score(y, auc_score)), **disparities(p, y, a)}
+
+
+class Scores:
+    """A prefit 'estimator' for fairlearn whose prediction is a column of X (the model's score)."""
+
+    def __init__(self) -> None:
+        from sklearn.base import BaseEstimator, ClassifierMixin
+
+        class _Column(ClassifierMixin, BaseEstimator):
+            fitted_ = True
+
+            def fit(self, X: np.ndarray, y: np.ndarray) -> Any:
+                return self
+
+            def predict(self, X: np.ndarray) -> np.ndarray:
+                return np.asarray(X)[:, 0]
+
+        self.estimator = _Column()
+
+
+def threshold_optimizer(scores: np.ndarray, y: np.ndarray, a: np.ndarray, objective: str) -> Any:
+    from fairlearn.postprocessing import ThresholdOptimizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ThresholdOptimizer(
+            estimator=Scores().estimator,
+            constraints="demographic_parity",
+            objective=objective,
+            prefit=True,
+            predict_method="predict",
+        ).fit(scores.reshape(-1, 1), y, sensitive_features=a)
+
+
+def same_rules(ours: Any, theirs: Any) -> tuple[bool, str]:
+    """Whether fedcore's ThresholdRules equal a fitted ThresholdOptimizer's, and the first
+    difference."""
+    interpolation = theirs.interpolated_thresholder_.interpolation_dict
+    if set(ours.rules) != set(map(str, interpolation)):
+        return False, f"groups {sorted(ours.rules)} vs {sorted(map(str, interpolation))}"
+    for group, rule in ours.rules.items():
+        t = interpolation[group]
+        mine = (rule.threshold0, rule.threshold1, rule.p0, rule.p1, rule.p_ignore)
+        other = (
+            t.operation0.threshold,
+            t.operation1.threshold,
+            t.p0,
+            t.p1,
+            t.get("p_ignore", 0.0),
+        )
+        if mine != other:
+            return False, f"group {group!r}: ours {mine} vs fairlearn {other}"
+    return True, "every group's thresholds and mixing probabilities equal"
+
+
+def pooled_references(
+    plan: dict[str, Any], prepared: Any, seed: int, attribute: str
+) -> dict[str, dict[str, float]]:
+    """fairlearn on the pooled training rows, scored on the held-out union."""
+    from fairlearn.reductions import DemographicParity, ExponentiatedGradient
+    from sklearn.linear_model import LogisticRegression
+
+    from fedcore import fairness, training
+    from federation.demo import baselines
+
+    X, y = prepared.pooled_train()
+    a = np.concatenate([d.groups[attribute] for d in prepared.train.values()]).astype(str)
+    test = prepared.test
+    ta = test.groups[attribute].astype(str)
+    out = {}
+    central = baselines.train_baseline(plan, X, y, seed=seed)
+    central_test = training.predict_proba(central, test.X)
+    out["pooled, no mitigation"] = score(
+        fairness.predictions_at(central_test).astype(float), test.y, ta, central_test
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eg = ExponentiatedGradient(
+            LogisticRegression(max_iter=1000), DemographicParity(difference_bound=0.01), eps=0.01
+        )
+        eg.fit(X, y, sensitive_features=a)
+    pmf = eg._pmf_predict(test.X)[:, 1]
+    out["fairlearn ExponentiatedGradient"] = score(pmf, test.y, ta, pmf)
+    to = threshold_optimizer(training.predict_proba(central, X), y, a, "accuracy_score")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = to._pmf_predict(central_test.reshape(-1, 1), sensitive_features=ta)[:, 1]
+    out["fairlearn ThresholdOptimizer"] = score(p, test.y, ta, p)
+    return out
+
+
+def federated_scores(
+    plan: dict[str, Any], run: Any, state: dict[str, Any], prepared: Any, attribute: str
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """A run's final model on the held-out union, and for postprocess the threshold check."""
+    from fedcore import fairness, fairness_mitigation, training
+    from federation.demo import baselines
+
+    model = baselines.load_state(plan, state, prepared.n_features)
+    test = prepared.test
+    ta = test.groups[attribute].astype(str)
+    probs = training.predict_proba(model, test.X)
+    thresholds = (run.evaluation or {}).get("thresholds")
+    if not thresholds:
+        decided = fairness.predictions_at(probs).astype(float)
+        return score(decided, test.y, ta, probs), None
+    rules = fairness_mitigation.ThresholdRules.from_json(thresholds)
+    p = rules.positive_probability(probs, ta)
+    grid = np.asarray(rules.grid)
+    # The agents' binning (nearest grid point, ties up), applied here to the same scores; the
+    # binned rows rebuilt from it are what ThresholdOptimizer sees.
+    hist = fairness_mitigation.score_histogram(probs, test.y, ta, grid)
+    check_scores = np.concatenate(
+        [np.repeat(grid, h[c]) for h in hist.values() for c in fairness_mitigation.LABEL_CELLS]
+    )
+    check_y = np.concatenate(
+        [
+            np.repeat(label, sum(h[c]))
+            for h in hist.values()
+            for label, c in enumerate(fairness_mitigation.LABEL_CELLS)
+        ]
+    )
+    check_a = np.concatenate(
+        [
+            np.repeat(g, sum(sum(h[c]) for c in fairness_mitigation.LABEL_CELLS))
+            for g, h in hist.items()
+        ]
+    )
+    theirs = threshold_optimizer(check_scores, check_y, check_a, rules.objective)
+    equal, detail = same_rules(rules, theirs)
+    return score(p, test.y, ta, p), {"equal": equal, "detail": detail}
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    from bench._federation import LiveFederation
+    from federation.demo import baselines
+    from federation.demo.scenarios import SCENARIOS
+
+    base = SCENARIOS[name](seed=0)
+    if args.max_rows:
+        base.sites = {
+            s: df.sample(n=min(len(df), args.max_rows), random_state=0).reset_index(drop=True)
+            for s, df in base.sites.items()
+        }
+    folder = Path(tempfile.mkdtemp(prefix=f"fairness-{name}-"))
+    files = {}
+    for site, frame in base.sites.items():
+        files[site] = folder / f"{site}.csv"
+        frame.to_csv(files[site], index=False)
+    attribute = base.plan["fairness"]["sensitive_attribute"]
+    limit = base.plan["fairness"]["max_demographic_parity_difference"]
+    results: dict[str, list[dict[str, float]]] = {}
+    checks: list[dict[str, Any]] = []
+    seconds: dict[str, list[float]] = {}
+    failures: dict[str, list[str]] = {}
+    fed = LiveFederation.start({s: (files[s], base.plan["schema"]) for s in base.sites})
+    try:
+        for seed in range(args.seeds):
+            scenario = SCENARIOS[name](seed=seed)
+            scenario.sites = base.sites
+            plan = scenario.plan
+            if args.rounds:
+                plan["training"]["rounds"] = args.rounds
+            plan["min_silos"] = min(plan.get("min_silos", 2), len(scenario.sites))
+            prepared = None
+            for kind in args.kinds:
+                spec = copy.deepcopy(plan)
+                if kind != "none":
+                    spec["fairness"]["mitigation"] = {"kind": kind}
+                try:
+                    result = fed.run_plan(spec, name=f"{name} {kind} seed {seed}")
+                except RuntimeError as exc:  # the run ended with a reason (e.g. no weights)
+                    reason = str(exc).splitlines()[0]
+                    failures.setdefault(f"federated {kind}", []).append(f"seed {seed}: {reason}")
+                    print(f"  {name} seed {seed} {kind}: {reason}", flush=True)
+                    continue
+                seconds.setdefault(kind, []).append(result.seconds)
+                if prepared is None:  # the federation's own preprocessing, same every kind
+                    prepared = baselines.prepare(scenario, result.run.preprocessing)
+                scored, check = federated_scores(
+                    plan, result.run, result.state, prepared, attribute
+                )
+                results.setdefault(f"federated {kind}", []).append(scored)
+                if check is not None:
+                    checks.append({"seed": seed, **check})
+                print(
+                    f"  {name} seed {seed} {kind}: AUC {scored['auc']:.4f} DP {scored['dp']:.4f} "
+                    f"EO {scored['eo']:.4f} ({result.seconds:.1f} s)",
+                    flush=True,
+                )
+            if prepared is None:  # every run failed: the same preprocessing, computed here
+                prepared = baselines.prepare(scenario)
+            for label, scored in pooled_references(plan, prepared, seed, attribute).items():
+                results.setdefault(label, []).append(scored)
+    finally:
+        fed.close()
+    return {
+        "name": name,
+        "attribute": attribute,
+        "limit": limit,
+        "results": results,
+        "checks": checks,
+        "seconds": seconds,
+        "failures": failures,
+    }
+
+
+def bars(outcome: dict[str, Any]) -> list[str]:
+    """The two bars of docs/benchmarks.md for one scenario, PASS/MISS with the numbers."""
+    limit = outcome["limit"]
+    means = {
+        label: {k: statistics.mean(r[k] for r in rows) for k in ("auc", "dp", "eo")}
+        for label, rows in outcome["results"].items()
+    }
+    lines = []
+    plain = means.get("federated none")
+    mitigated = {
+        k: v for k, v in means.items() if k.startswith("federated ") and k != "federated none"
+    }
+    meeting = {k: v for k, v in mitigated.items() if v["dp"] <= limit}
+    if not meeting or plain is None:
+        lines.append(
+            f"MISS bar 1 ({outcome['name']}): no federated mitigation reaches the demographic "
+            f"parity limit {limit:g} on average ("
+            + ", ".join(f"{k[10:]} {v['dp']:.4f}" for k, v in mitigated.items())
+            + ")"
+        )
+    else:
+        best_label = max(meeting, key=lambda k: meeting[k]["auc"])
+        best = meeting[best_label]
+        reference_label = COUNTERPART[best_label[len("federated ") :]]
+        reference = means[reference_label]
+        auc_ok = best["auc"] >= plain["auc"] - SLACK_AUC
+        close = best["dp"] <= reference["dp"] + SLACK_DISPARITY and best["auc"] >= reference["auc"]
+        lines.append(
+            f"{'PASS' if auc_ok and close else 'MISS'} bar 1 ({outcome['name']}): best federated "
+            f"mitigation {best_label[10:]}: DP {best['dp']:.4f} <= limit {limit:g}; AUC "
+            f"{best['auc']:.4f} vs unmitigated federated {plain['auc']:.4f} (at most "
+            f"{SLACK_AUC} below: {'yes' if auc_ok else 'no'}); vs its pooled counterpart "
+            f"{reference_label} DP "
+            f"{reference['dp']:.4f} AUC {reference['auc']:.4f} (DP within {SLACK_DISPARITY} at "
+            f"equal or better AUC: {'yes' if close else 'no'})"
+        )
+    if outcome["checks"]:
+        equal = all(c["equal"] for c in outcome["checks"])
+        first_bad = next((c for c in outcome["checks"] if not c["equal"]), None)
+        lines.append(
+            f"{'PASS' if equal else 'MISS'} bar 2 ({outcome['name']}): postprocess thresholds "
+            f"equal ThresholdOptimizer's on the pooled held-out rows, same grid, in "
+            f"{sum(c['equal'] for c in outcome['checks'])} of {len(outcome['checks'])} run(s)"
+            + (f"; seed {first_bad['seed']}: {first_bad['detail']}" if first_bad else "")
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", nargs="+", default=["healthcare", "finance"])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default: the plan's)")
+    parser.add_argument("--max-rows", type=int, default=None, help="at most N rows per site")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--outcome", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    unknown = sorted(set(args.scenario) - {"healthcare", "finance"})
+    if unknown:
+        parser.error(f"--scenario: unknown {unknown}; choose healthcare and/or finance")
+    started = time.monotonic()
+    if args.outcome is not None:  # one scenario, in its own process (a fresh QUORUM_HOME)
+        import torch
+
+        torch.set_num_threads(1)  # tiny models; the agents run single-threaded too
+        from bench._federation import configure_django
+
+        configure_django()
+        (name,) = args.scenario
+        print(f"{name}: {len(args.kinds)} mitigation(s) x {args.seeds} seed(s)", flush=True)
+        args.outcome.write_text(json.dumps(run_scenario(name, args)))
+        return
+    outcomes = []
+    for name in args.scenario:
+        # One process per scenario: each federation gets its own server, database and agents.
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "outcome.json"
+            command = [sys.executable, __file__, "--scenario", name, "--seeds", str(args.seeds)]
+            command += ["--kinds", *args.kinds, "--outcome", str(out)]
+            if args.rounds:
+                command += ["--rounds", str(args.rounds)]
+            if args.max_rows:
+                command += ["--max-rows", str(args.max_rows)]
+            done = subprocess.run(command, cwd=ROOT, check=False)
+            if done.returncode != 0 or not out.exists():
+                sys.exit(f"{name}: the benchmark process failed ({done.returncode})")
+            outcomes.append(json.loads(out.read_text()))
+    lines = []
+    for outcome in outcomes:
+        table = Table(
+            f"{outcome['name']}: final model on the pooled held-out rows, sensitive attribute "
+            f"{outcome['attribute']!r}, DP limit {outcome['limit']:g} (mean ± sd over "
+            f"{args.seeds} seed(s))",
+            ["model", "AUC", "DP difference", "EO difference", "meets DP limit"],
+        )
+        for label, rows in outcome["results"].items():
+            dp = statistics.mean(r["dp"] for r in rows)
+            table.row(
+                label,
+                mean_sd([r["auc"] for r in rows]),
+                mean_sd([r["dp"] for r in rows]),
+                mean_sd([r["eo"] for r in rows]),
+                dp <= outcome["limit"],
+            )
+        for label, reasons in outcome["failures"].items():
+            if label not in outcome["results"]:
+                table.row(label, "failed", "-", "-", None)
+            table.note(f"{label} failed in {len(reasons)} run(s): {reasons[0]}")
+        table.note(
+            "AUC of each classifier's P(decision = 1): thresholds and ExponentiatedGradient are "
+            "scored by their decision probability, trained models by their score"
+        )
+        table.print()
+        lines.extend(bars(outcome))
+    for line in lines:
+        print(line)
+    print(f"\n{time.monotonic() - started:.0f} s in all")
+    args_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_results("fairness", {"arguments": args_json, "scenarios": outcomes, "bars": lines})
+
+
+if __name__ == "__main__":
+    main()
