@@ -920,7 +920,9 @@ def handle_evaluate(
 
     No training: the plan is parsed as for a task, the data split the same way (so the held-out
     rows are the ones every round evaluated on), the model built from the plan's spec with the
-    message's weights (strict). What leaves is the histogram of the held-out rows' predicted
+    message's weights (strict). A multi-class or regression plan sends its task's sums instead
+    (:func:`task_parts`: ``evaluation`` the metrics part, ``fairness`` the group parts). For a
+    binary plan what leaves is the histogram of the held-out rows' predicted
     probabilities by label on ``fedcore.evaluation``'s fixed grid and their summed log loss, and
     for a plan with a fairness section (not a secure-aggregation plan, whose group counts only
     travel masked) :func:`fairness_counts` of the final model, with the plan's DP noise.
@@ -953,6 +955,21 @@ def handle_evaluate(
     if int(test.X.shape[0]) == 0:
         raise TaskError(DATA_INVALID, "no held-out rows to evaluate the final model on", run=run)
     model, _ = _load_global(message.payload, parsed, int(test.X.shape[1]), run, None)
+    if parsed.task != "binary":
+        # The task's sums (fedcore.task_metrics, fedcore.task_fairness): the server adds them
+        # into the metrics and group fairness of the union of the held-out rows.
+        try:
+            parts = task_parts(model, test, parsed, fields["preprocessing"])
+        except (ValueError, tabular.SchemaError) as exc:
+            raise TaskError(INVALID_TASK, str(exc), run=run) from None
+        reply = {
+            "run": run,
+            "model_version": fields["model_version"],
+            "evaluation": parts["metrics"],
+        }
+        if parts["fairness"] and plan.get("secure_aggregation") is not True:
+            reply["fairness"] = parts["fairness"]
+        return _json_metrics(reply)  # type: ignore[no-any-return]
     probs = training.predict_proba(model, test.X)
     reply: dict[str, Any] = {
         "run": run,

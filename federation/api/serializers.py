@@ -737,6 +737,12 @@ class FinalEvaluationSerializer(serializers.Serializer):
     thresholds = serializers.DictField(read_only=True, allow_null=True, required=False)
     thresholds_note = serializers.CharField(read_only=True, allow_null=True, required=False)
     finished_at = serializers.CharField(read_only=True)
+    # The plan's task (docs/tasks.md); absent for binary runs evaluated before tasks existed.
+    # Multi-class: metrics and by_silo hold accuracy, macro_f1, weighted_f1, per_class,
+    # confusion, auc_ovr; regression: rmse, mae, r2, mean_error. task_fairness: per sensitive
+    # attribute the group report of fedcore.task_fairness (fairness stays the binary report).
+    task = serializers.CharField(read_only=True, required=False)
+    task_fairness = serializers.DictField(read_only=True, allow_null=True, required=False)
 
 
 class FairnessFlagSerializer(serializers.Serializer):

@@ -115,14 +115,6 @@ def _not_run_here(spec: dict[str, Any]) -> dict[str, str]:
     this server version, checked only when a plan is proposed or edited.
     """
     problems: dict[str, str] = {}
-    target = spec.get("schema", {}).get("target", {})
-    task = target.get("task", "binary") if isinstance(target, dict) else "binary"
-    if task != "binary":
-        problems["schema.target.task"] = (
-            f"{task!r}: this server trains binary tasks only so far; multi-class and regression "
-            "plans are refused until its rounds, final evaluation and reports run them "
-            "(docs/tasks.md, 'Not wired yet')"
-        )
     model = spec.get("model", {})
     if isinstance(model, dict) and model.get("kind") == models.INSTALLED:
         problems["model.kind"] = (

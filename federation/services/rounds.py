@@ -228,7 +228,12 @@ def _finish_statistics(run: Run, cfg: RunSettings) -> None:
         noised = ledger.plan_statistics_epsilon(run.version.spec) > 0.0
         fitted = tabular.merge_statistics([s.stats for s in reported], schema, noised=noised)
         n_features = len(tabular.feature_names(schema, fitted))
-        model = build_model(run.version.spec["model"], n_features, seed=cfg.seed)
+        model = build_model(
+            run.version.spec["model"],
+            n_features,
+            n_outputs=schema.target.n_outputs,
+            seed=cfg.seed,
+        )
     except ValueError as exc:
         _fail_run(run, f"federated statistics could not be combined: {exc}")
         return
@@ -574,6 +579,14 @@ def _store_model_version(
     )
 
 
+# The final model's pooled figures the run.finished audit event keeps, per task.
+FINAL_FIGURES = {
+    "binary": ("auc", "auc_error_bound", "accuracy", "n"),
+    "multiclass": ("accuracy", "macro_f1", "weighted_f1", "n"),
+    "regression": ("rmse", "mae", "r2", "n"),
+}
+
+
 def _complete_run(run: Run) -> None:
     run.status = Run.Status.COMPLETED
     run.finished_at = timezone.now()
@@ -584,7 +597,11 @@ def _complete_run(run: Run) -> None:
         "run.finished",
         status=run.status,
         **(
-            {"final_model": {k: final.get(k) for k in ("auc", "auc_error_bound", "accuracy", "n")}}
+            {
+                "final_model": {
+                    k: final.get(k) for k in FINAL_FIGURES[run.evaluation.get("task", "binary")]
+                }
+            }
             if final
             else {}
         ),
