@@ -51,6 +51,7 @@ from clientagent.data import LocalData, canonical_sha256
 from clientagent.policy import (
     NOT_AUTHORIZED,
     POLICY_REFUSED,
+    announced_kinds,
     check_authorization,
     check_local_decision,
     check_policy,
@@ -479,6 +480,7 @@ class Agent:
             spent_by_run=spent,
             run=run,
             round=rnd,
+            models=self.config.models,
         )
         return grant
 
@@ -987,6 +989,10 @@ class _Session:
         hello: dict[str, Any] = {"agent_version": __version__}
         if self.agent.config.agent.name:
             hello["site"] = self.agent.config.agent.name
+        # The installed model kinds this site allows and has (name, version, digest): the
+        # server refuses at proposal a plan naming a kind no participating site announced.
+        kinds = await asyncio.to_thread(announced_kinds, self.agent.config.models)
+        hello["capabilities"] = {"models": kinds}
         await self.send_control("hello", **hello)
         try:
             fields = await asyncio.wait_for(self._await_welcome(), WELCOME_TIMEOUT_SECONDS)

@@ -185,6 +185,9 @@ class Silo(models.Model):
     connection_id = models.CharField(max_length=200, null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
+    # The installed model kinds its agent last announced in hello ({"name", "version",
+    # "sha256"}, fedcore.model_kinds.check_announcement): what a plan may name (docs/tasks.md).
+    model_kinds = models.JSONField(default=list, blank=True)
     # Privacy budget set by the consortium: the most (epsilon, delta) this silo's data may spend
     # over its whole history. None: no budget (unlimited).
     epsilon_budget = models.FloatField(null=True, blank=True)
