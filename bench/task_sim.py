@@ -5,9 +5,9 @@ bars of docs/tasks.md. Same simulation as bench/fedavg_sim.py (``simulate``), th
     python bench/task_sim.py --scenario cardiology progression --seed 0 1 2
     python bench/task_sim.py --scenario progression --rounds 40 --lr 0.02 --hidden lr 16
 
-Bars: cardiology federated accuracy and macro F1 within 0.03 of the centralised model's and
-above the mean local-only; progression federated RMSE <= 1.05x the centralised one, R2 within
-0.03 of it, RMSE below and R2 above the mean local-only.
+Bars: cardiology federated accuracy and macro F1 within 0.03 of the centralised model's (at
+most 0.03 below it) and above the mean local-only; progression federated RMSE <= 1.05x the
+centralised one, R2 at most 0.03 below it, RMSE below and R2 above the mean local-only.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def bars(task: str, result: dict[str, Any]) -> tuple[bool, str]:
     local = list(result["local_only"].values())
     if task == "multiclass":
         mean = {k: statistics.fmean(v[k] for v in local) for k in ("accuracy", "macro_f1")}
-        ok = all(abs(fed[k] - central[k]) <= 0.03 and fed[k] > mean[k] for k in mean)
+        # "within 0.03": at most 0.03 below the centralised model (a better one is no miss)
+        ok = all(fed[k] >= central[k] - 0.03 and fed[k] > mean[k] for k in mean)
         text = " ".join(
             f"{k} fed {fed[k]:.4f} central {central[k]:.4f} local-mean {mean[k]:.4f}" for k in mean
         )
@@ -45,7 +46,7 @@ def bars(task: str, result: dict[str, Any]) -> tuple[bool, str]:
     mean = {k: statistics.fmean(v[k] for v in local) for k in ("rmse", "mae", "r2")}
     ok = (
         fed["rmse"] <= 1.05 * central["rmse"]
-        and abs(fed["r2"] - central["r2"]) <= 0.03
+        and fed["r2"] >= central["r2"] - 0.03
         and fed["rmse"] < mean["rmse"]
         and fed["r2"] > mean["r2"]
     )

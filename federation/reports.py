@@ -165,6 +165,43 @@ def _final_fairness_report(run: Run) -> dict[str, Any] | None:
     return final.get("fairness") if final else None
 
 
+# The columns of a multi-class or regression run's final-evaluation table (heading, key).
+TASK_TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "multiclass": (
+        ("accuracy", "accuracy"),
+        ("macro F1", "macro_f1"),
+        ("weighted F1", "weighted_f1"),
+        ("AUC (one-vs-rest)", "auc_ovr"),
+        ("log loss", "loss"),
+    ),
+    "regression": (("RMSE", "rmse"), ("MAE", "mae"), ("R²", "r2"), ("mean error", "mean_error")),
+}
+
+
+def final_task_table(run: Run) -> dict[str, Any] | None:
+    """A multi-class or regression run's final figures per silo and pooled, as a table: the
+    columns and one row per silo then the pooled row (exact on the union of the held-out rows);
+    None for a binary run or before the final evaluation."""
+    final = final_evaluation(run)
+    if not final or final.get("task", "binary") not in TASK_TABLE_COLUMNS:
+        return None
+    columns = TASK_TABLE_COLUMNS[final["task"]]
+
+    def row(name: str, figures: dict[str, Any], pooled: bool = False) -> dict[str, Any]:
+        values = [figures.get(key) for _, key in columns]
+        return {"name": name, "n": figures.get("n"), "values": values, "pooled": pooled}
+
+    rows = [row(name, figures) for name, figures in sorted(final.get("by_silo", {}).items())]
+    if final.get("metrics"):
+        rows.append(row("pooled (every silo's held-out rows)", final["metrics"], pooled=True))
+    return {
+        "task": final["task"],
+        "columns": [heading for heading, _ in columns],
+        "rows": rows,
+        "method": final.get("method"),
+    }
+
+
 def _fairness_reports(run: Run) -> list[dict[str, Any]]:
     """Every fairness report of a run, oldest first: one per round (round k's about model
     v(k-1)), then the final evaluation's (about the final model)."""

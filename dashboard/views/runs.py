@@ -14,7 +14,7 @@ from django.views.decorators.http import require_POST
 from dashboard import charts
 from dashboard.views.assets import PLOTLY_VERSION
 from dashboard.views.common import nav_for, page
-from federation import fairness_outcome, permissions, selectors
+from federation import fairness_outcome, permissions, reports, selectors
 from federation.models import Role, Run
 from federation.services import runs as run_services
 from federation.services.errors import Conflict
@@ -52,6 +52,8 @@ def _monitor_data(request: HttpRequest, run: Run) -> dict[str, Any]:
         "refusals": list(selectors.run_refusals(run)),
         # Not a plain "Completed": the final model exceeds a fairness limit of the plan.
         "fairness_warning": fairness_outcome.final_fairness_warning(run.evaluation),
+        # A multi-class or regression run's final figures per silo and pooled (else None).
+        "task_table": reports.final_task_table(run),
         "may_stop": _may_stop(
             request, run, frozenset(permissions.roles_in(request.user, run.plan.consortium_id))
         ),
