@@ -66,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, nargs="+", default=[None])
     parser.add_argument("--local-epochs", type=int, nargs="+", default=[None])
     parser.add_argument("--batch-size", type=int, nargs="+", default=[None])
+    parser.add_argument("--optimizer", nargs="+", default=[None], choices=["adam", "sgd"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for name in args.scenario:
         prepared_by_seed: dict[int, Any] = {}
         grid = itertools.product(
-            args.hidden, args.lr, args.local_epochs, args.batch_size, args.rounds
+            args.hidden, args.lr, args.local_epochs, args.batch_size, args.rounds, args.optimizer
         )
-        for hidden, lr, epochs, batch, rounds in grid:
+        for hidden, lr, epochs, batch, rounds, optimizer in grid:
             passed = 0
             for seed in args.seed:
                 if seed not in prepared_by_seed:
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("local_epochs", epochs),
                     ("batch_size", batch),
                     ("rounds", rounds),
+                    ("optimizer", optimizer),
                 ):
                     if value is not None:
                         plan["training"][key] = value
