@@ -478,6 +478,9 @@ class Update(models.Model):
     size_bytes = models.PositiveBigIntegerField()
     blob_key = models.CharField(max_length=300)
     metrics = models.JSONField(default=dict)
+    # Multi-class and regression plans: the received global model's part of the pooled metrics
+    # on the silo's held-out rows (fedcore.task_metrics), summed into the round's exact figures.
+    task_part = models.JSONField(null=True, blank=True)
     # Plans with a fairness section: the per-group confusion counts of the incoming global model
     # on the silo's held-out split, by sensitive attribute, as received (docs/fairness.md).
     fairness = models.JSONField(null=True, blank=True)

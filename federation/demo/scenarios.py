@@ -319,13 +319,20 @@ CARDIOLOGY_SITES: dict[str, tuple[str, str]] = {
 # Codes written "1.0" in one hospital's file and "1" in another's: one category each.
 _CARDIOLOGY_CODES = ("sex", "cp", "fbs", "restecg", "exang", "slope", "thal", "num")
 SEVERITY_CLASSES = ["0", "1", "2", "3", "4"]
+# Cardiology plan, chosen with bench/task_sim.py over seeds 0-2: a multinomial logistic
+# regression with plain SGD, one local epoch a round. The federated model's accuracy and macro
+# F1 are then within 0.012 of the centralised model's (either side) on every seed and about
+# 0.14 / 0.08 above the mean local-only model's. Adam (reset every round at every site) left
+# the federated macro F1 0.03-0.11 below the centralised one whatever the lr, rounds and
+# epochs: the Hungarian site, whose file codes only severities 0 and 1, pulls the rarer
+# classes' logits down with Adam's normalised steps.
 CARDIOLOGY_MODEL: dict[str, Any] = {"kind": "logistic_regression"}
 CARDIOLOGY_TRAINING: dict[str, Any] = {
-    "rounds": 20,
-    "local_epochs": 2,
-    "batch_size": 32,
-    "optimizer": "adam",
-    "lr": 0.01,
+    "rounds": 60,
+    "local_epochs": 1,
+    "batch_size": 16,
+    "optimizer": "sgd",
+    "lr": 0.1,
 }
 
 
@@ -396,7 +403,8 @@ PROGRESSION_SITES: dict[str, tuple[str, tuple[int, int]]] = {
     "fifties": ("Diabetes centre, patients in their fifties", (50, 60)),
     "senior": ("Geriatric diabetes clinic, 60 and over", (60, 200)),
 }
-PROGRESSION_MODEL: dict[str, Any] = {"kind": "logistic_regression"}  # one linear output
+# Progression plan: a linear model (the zoo's logistic_regression kind: one linear output).
+PROGRESSION_MODEL: dict[str, Any] = {"kind": "logistic_regression"}
 PROGRESSION_TRAINING: dict[str, Any] = {
     "rounds": 20,
     "local_epochs": 2,

@@ -11,6 +11,11 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.AddField(
+            model_name="update",
+            name="task_part",
+            field=models.JSONField(blank=True, null=True),
+        ),
+        migrations.AddField(
             model_name='silo',
             name='model_kinds',
             field=models.JSONField(blank=True, default=list),

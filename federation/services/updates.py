@@ -14,7 +14,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from fedcore import compression, tabular, tensors
+from fedcore import compression, tabular, task_metrics, tensors
 from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
 from federation.services import fairness as fairness_service
@@ -199,6 +199,7 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
         )
     flat, dp_round = _check_contribution(run, round_, silo, fields)
     fairness_counts = _checked_fairness(run, fields)
+    task_part = checked_task_part(run, fields)
     try:
         state = tensors.decode_state_dict(payload)
     except tensors.TensorCodecError as exc:
@@ -254,6 +255,7 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
                 len(stored),
                 blob_key=key,
                 wire=(len(payload), method, tensors.sha256_hex(payload)) if method else None,
+                task_part=task_part,
             )
             if fairness_counts is not None:
                 fairness_service.record_update_counts(
@@ -269,6 +271,27 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
     except IntegrityError as exc:
         raise Refused("duplicate_update", "an update for this round was already accepted") from exc
     return round_
+
+
+def checked_task_part(run: Run, fields: dict[str, Any]) -> dict[str, Any] | None:
+    """A multi-class or regression update's ``task_part`` (the received global model's part of
+    the pooled metrics on the held-out rows, fedcore.task_metrics), checked; None when absent.
+    Refused for a binary plan, or naming the faulty field."""
+    raw = fields.get("task_part")
+    if raw is None:
+        return None
+    target = tabular.TargetSpec.from_dict(run.version.spec["schema"]["target"])
+    where = "task_part"
+    try:
+        if target.task == "multiclass":
+            return task_metrics.check_multiclass_part(
+                raw, classes=target.n_outputs, bins=None, where=where
+            )
+        if target.task == "regression":
+            return task_metrics.check_regression_part(raw, where=where)
+    except task_metrics.TaskPartError as exc:
+        raise Refused("invalid_update", str(exc)) from None
+    raise Refused("invalid_update", "a binary plan's update carries no task_part")
 
 
 def _check_contribution(
@@ -504,6 +527,7 @@ def _record_accepted(
     *,
     blob_key: str,
     wire: tuple[int, str, str] | None = None,
+    task_part: dict[str, Any] | None = None,
 ) -> None:
     """Rows of an accepted update (plain or masked): the update, its metrics, its sample-level
     DP ledger entry and the audit event, in the caller's transaction.
@@ -520,6 +544,7 @@ def _record_accepted(
         size_bytes=size,
         blob_key=blob_key,
         metrics=fields["metrics"],
+        task_part=task_part,
         wire_bytes=wire_bytes,
         compression=method,
     )

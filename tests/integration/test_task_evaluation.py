@@ -18,7 +18,7 @@ from clientagent.data import LocalData
 from fedcore import tabular, tensors, training
 from fedcore.models import build_model
 from federation import orchestrator
-from federation.models import ModelVersion, Run
+from federation.models import ModelVersion, RoundMetric, Run
 from federation.reports import final_task_table, model_card
 from federation.services.evaluation import evaluation_receive
 from federation.services.updates import Refused, stats_receive, update_receive
@@ -50,8 +50,11 @@ def site_frame(seed: int, task: str, n: int = 90) -> pd.DataFrame:
     return pd.DataFrame({"x1": x[:, 0], "x2": x[:, 1], "x3": x[:, 2], "y": y, "sex": sex})
 
 
-def run_to_evaluation(tmp_path: Path, task: str) -> tuple[Run, list, dict[int, Path]]:
-    """A run of the task through its statistics and one round, evaluating its final model."""
+def run_to_evaluation(
+    tmp_path: Path, task: str, parts: bool = False
+) -> tuple[Run, list, dict[int, Path]]:
+    """A run of the task through its statistics and one round, evaluating its final model;
+    ``parts``: each update carries the agent's task_part of the global model v0."""
     schema = {**SCHEMA, "target": TARGETS[task], "sensitive": ["sex"]}
     consortium = ConsortiumFactory()
     silos = SiloFactory.create_batch(3, organization__consortium=consortium, schema=schema)
@@ -79,16 +82,17 @@ def run_to_evaluation(tmp_path: Path, task: str) -> tuple[Run, list, dict[int, P
     n_features = len(tabular.feature_names(parsed, run.preprocessing))
     for i, silo in enumerate(silos):
         model = build_model(spec["model"], n_features, n_outputs=parsed.target.n_outputs, seed=i)
+        fields = {
+            "run": run.pk,
+            "round": 1,
+            "nonce": secrets.token_hex(16),
+            "num_examples": 72,
+            "metrics": {"global": {"loss": 1.0, "n": 18}},
+        }
+        if parts:
+            fields["task_part"] = global_part(run, files[silo.pk])
         update_receive(
-            silo_id=silo.pk,
-            fields={
-                "run": run.pk,
-                "round": 1,
-                "nonce": secrets.token_hex(16),
-                "num_examples": 72,
-                "metrics": {"global": {"loss": 1.0, "n": 18}},
-            },
-            payload=tensors.encode_state_dict(model.state_dict()),
+            silo_id=silo.pk, fields=fields, payload=tensors.encode_state_dict(model.state_dict())
         )
     orchestrator.run_advance(run.pk)
     run.refresh_from_db()
@@ -96,14 +100,34 @@ def run_to_evaluation(tmp_path: Path, task: str) -> tuple[Run, list, dict[int, P
     return run, silos, files
 
 
-def pooled_rows(run: Run, replies: list[dict[str, Any]], silos, files):
+def global_part(run: Run, csv: Path) -> dict[str, Any]:
+    """What the site's agent sends as task_part: model v0's part on its held-out rows."""
+    from clientagent.trainer import _json_metrics, task_parts
+    from fedcore.plan import parse_plan
+    from federation.storage import blob_store
+
+    spec = run.version.spec
+    parsed = parse_plan(spec)
+    v0 = ModelVersion.objects.get(run=run, number=0)
+    data = LocalData(csv)
+    test = data.arrays(data.split(spec), run.preprocessing).test
+    model = build_model(
+        spec["model"], int(test.X.shape[1]), n_outputs=parsed.schema.target.n_outputs
+    )
+    model.load_state_dict(tensors.decode_state_dict(blob_store().get(v0.blob_key)))
+    part = task_parts(model, test, parsed, run.preprocessing, bins=None, with_fairness=False)
+    return _json_metrics(part["metrics"])
+
+
+def pooled_rows(run: Run, replies: list[dict[str, Any]], silos, files, version=None):
     """The union of the held-out rows: targets, the final model's outputs, the sex column."""
     from federation.services.evaluation import final_model
     from federation.storage import blob_store
 
     spec = run.version.spec
     target = tabular.DatasetSchema.from_dict(spec["schema"]).target
-    state = tensors.decode_state_dict(blob_store().get(final_model(run).blob_key))
+    version = final_model(run) if version is None else version
+    state = tensors.decode_state_dict(blob_store().get(version.blob_key))
     objective = training.Objective.for_task(target.task, n_outputs=target.n_outputs)
     ys, outs, sexes = [], [], []
     for silo in silos:
@@ -206,3 +230,44 @@ def test_a_malformed_regression_evaluation_is_refused_naming_the_field(
     with pytest.raises(Refused) as refused:
         evaluation_receive(silo_id=silos[0].pk, fields=reply)
     assert refused.value.code == "invalid_update" and words in refused.value.reason
+
+
+@pytest.mark.parametrize("task", ["multiclass", "regression"])
+def test_a_rounds_global_figures_are_pooled_exactly_from_the_sites_parts(
+    tmp_path: Path, task: str
+) -> None:
+    run, silos, files = run_to_evaluation(tmp_path, task, parts=True)
+    v0 = ModelVersion.objects.get(run=run, number=0)
+    y, out, _ = pooled_rows(run, [], silos, files, version=v0)
+    summary = {
+        m.name: m.value
+        for m in RoundMetric.objects.filter(round__run=run, silo__isnull=True, scope="global")
+    }
+    if task == "multiclass":
+        choice = np.argmax(out, axis=1)
+        macro = skm.f1_score(y, choice, average="macro", labels=[0, 1, 2], zero_division=0)
+        assert summary["macro_f1"] == pytest.approx(macro, abs=1e-9)
+        assert summary["accuracy"] == pytest.approx(skm.accuracy_score(y, choice), abs=1e-9)
+    else:
+        schema = tabular.DatasetSchema.from_dict(run.version.spec["schema"])
+        mean, std = tabular.target_scale(schema, run.preprocessing)
+        truth, values = mean + std * y, mean + std * out
+        assert summary["r2"] == pytest.approx(skm.r2_score(truth, values), abs=1e-9)
+        assert summary["rmse"] == pytest.approx(
+            np.sqrt(skm.mean_squared_error(truth, values)), abs=1e-9
+        )
+    assert summary["n"] == y.size
+
+
+def test_a_malformed_task_part_is_refused_and_a_binary_plan_takes_none(tmp_path: Path) -> None:
+    from federation.services.updates import checked_task_part
+
+    run, _, _ = run_to_evaluation(tmp_path, "multiclass")
+    part = {"classes": 3, "confusion": [[1, 0, 0]] * 2, "loss_sum": 0.1, "bins": None}
+    with pytest.raises(Refused, match="task_part must have exactly the keys"):
+        checked_task_part(run, {"task_part": part})
+    with pytest.raises(Refused, match=r"task_part.confusion must be 3 rows"):
+        checked_task_part(run, {"task_part": {**part, "histograms": None}})
+    run.version.spec = {**run.version.spec, "schema": SCHEMA}
+    with pytest.raises(Refused, match="a binary plan's update carries no task_part"):
+        checked_task_part(run, {"task_part": {**part, "histograms": None}})

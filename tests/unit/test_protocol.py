@@ -119,6 +119,7 @@ UPDATE_FIELDS = {
     "fairness": {},  # per-group confusion counts by sensitive attribute (kept small too)
     "sent_at": 1718000030.5,  # when the agent started sending it (round timing)
     "compression": "topk",  # the plan's compression method (fedcore.compression)
+    "task_part": {},  # multi-class / regression: the global model's metrics part (kept small)
 }
 MASKED_UPDATE_FIELDS = {
     "run": 3,
