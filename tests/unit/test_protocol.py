@@ -134,7 +134,10 @@ MASKED_UPDATE_FIELDS = {
 
 
 def _update(payload: bytes = b"weights" * 100) -> BinaryMessage:
-    return BinaryMessage(type="update", fields=dict(UPDATE_FIELDS), payload=payload)
+    # Without task_part: the chunking tests' frame sizes (400, 420) are calibrated to the
+    # header of the other fields (the smallest leaves a few bytes of payload per frame).
+    fields = {k: v for k, v in UPDATE_FIELDS.items() if k != "task_part"}
+    return BinaryMessage(type="update", fields=fields, payload=payload)
 
 
 def _frame(
