@@ -464,7 +464,7 @@ def test_single_frame_round_trip_and_layout():
         "count": 1,
         "size": len(msg.payload),
         "sha256": sha256_hex(msg.payload),
-        "fields": UPDATE_FIELDS,
+        "fields": msg.fields,
     }
     assert frame.endswith(msg.payload)
 
