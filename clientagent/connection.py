@@ -660,11 +660,7 @@ class Agent:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
         await session.send_recorded("evaluation", reply, plan_hash=fields["plan_hash"])
-        logger.info(
-            "%s: sent its evaluation on %d held-out rows",
-            label,
-            sum(reply["evaluation"]["positives"]) + sum(reply["evaluation"]["negatives"]),
-        )
+        logger.info("%s: sent its evaluation on %d held-out rows", label, _rows(reply))
 
     def train(
         self, task: protocol.BinaryMessage, *, observer: TrainingObserver | None = None
@@ -933,6 +929,16 @@ class Agent:
 
 def _nonce() -> str:
     return secrets.token_hex(16)
+
+
+def _rows(reply: Mapping[str, Any]) -> int:
+    """The held-out rows an evaluation reply is about, whatever the plan's task."""
+    part = reply["evaluation"]
+    if "confusion" in part:  # multi-class (fedcore.task_metrics)
+        return int(sum(sum(row) for row in part["confusion"]))
+    if "count" in part:  # regression
+        return int(part["count"])
+    return int(sum(part["positives"]) + sum(part["negatives"]))
 
 
 class _Session:

@@ -403,13 +403,19 @@ PROGRESSION_SITES: dict[str, tuple[str, tuple[int, int]]] = {
     "fifties": ("Diabetes centre, patients in their fifties", (50, 60)),
     "senior": ("Geriatric diabetes clinic, 60 and over", (60, 200)),
 }
-# Progression plan: a linear model (the zoo's logistic_regression kind: one linear output).
+# Progression plan: a linear model (the zoo's logistic_regression kind: one linear output) on
+# the standardised target, plain SGD, one local epoch a round; chosen with bench/task_sim.py
+# over seeds 0-2. The federated RMSE is then at most 1.008x the centralised one and its R2
+# within 0.022 of it (either side) on every seed, both better than the mean local-only
+# model's (RMSE 3-4 lower, R2 0.05-0.07 higher). Adam (the other demos' optimizer) meets the
+# bars one-sided too, but its centralised baseline overfits on seed 1 (R2 0.46 against the
+# federated 0.54).
 PROGRESSION_MODEL: dict[str, Any] = {"kind": "logistic_regression"}
 PROGRESSION_TRAINING: dict[str, Any] = {
-    "rounds": 20,
-    "local_epochs": 2,
+    "rounds": 40,
+    "local_epochs": 1,
     "batch_size": 32,
-    "optimizer": "adam",
+    "optimizer": "sgd",
     "lr": 0.01,
 }
 

@@ -81,6 +81,9 @@ def run_task(tmp_path: Path, target: dict, task: str) -> tuple[Run, list[Path]]:
     finally:
         for p in procs:
             p.stop()
+    for proc in procs[1:]:  # every agent evaluated the final model and none failed on the way
+        log = proc.log.read_text()
+        assert "sent its evaluation on" in log and "Traceback" not in log, log[-3000:]
     return run, csvs
 
 
