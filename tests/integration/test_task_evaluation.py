@@ -185,6 +185,11 @@ def test_a_multiclass_run_pools_the_sites_parts_into_the_union_figures(tmp_path:
     card = model_card(ModelVersion.objects.filter(run=run).order_by("-number").first())
     assert card["metrics"]["evaluation"]["macro_f1"] == pooled["macro_f1"]
     assert card["deployment"]["onnx"]["output"] == {"name": "logits", "shape": ["batch", 3]}
+    # the binary-shaped fairness pages and the compliance report still answer for such a run
+    from federation.reports import compliance_report_json, run_fairness
+
+    assert run_fairness(run)["final_warning"] is None
+    assert compliance_report_json(run)["run"]["id"] == run.pk
 
 
 def test_a_regression_run_pools_the_sites_parts_into_the_union_figures(tmp_path: Path) -> None:
