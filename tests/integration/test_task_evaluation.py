@@ -262,6 +262,16 @@ def test_a_rounds_global_figures_are_pooled_exactly_from_the_sites_parts(
             np.sqrt(skm.mean_squared_error(truth, values)), abs=1e-9
         )
     assert summary["n"] == y.size
+    # the run monitor charts the task's figures, the pooled one as the global line
+    from dashboard import charts
+    from federation import selectors
+
+    shown = charts.run_charts([], selectors.run_metric_rows(run), selectors.run_task(run))
+    figure = "macro_f1" if task == "multiclass" else "rmse"
+    (chart,) = [c for c in shown if c.key == figure]
+    assert "auc" not in {c.key for c in shown} and chart.points > 0
+    assert chart.table.columns[1] == "Global model (all silos)"
+    assert chart.table.rows[0][1] == f"{summary[figure]:.4f}"
 
 
 def test_a_malformed_task_part_is_refused_and_a_binary_plan_takes_none(tmp_path: Path) -> None:
