@@ -232,6 +232,10 @@ def test_site_toml_models_section(tmp_path: Path) -> None:
     config.write_text(base.format(key=key) + '[models]\nallowed = ["Res MLP"]\n')
     with pytest.raises(ConfigError, match="not a model kind's name"):
         load_config(config)
+    many = ", ".join(f'"kind{i}"' for i in range(65))  # more than a hello may announce
+    config.write_text(base.format(key=key) + f"[models]\nallowed = [{many}]\n")
+    with pytest.raises(ConfigError, match="lists 65 kinds; at most 64"):
+        load_config(config)
 
 
 @pytest.mark.parametrize(
