@@ -386,13 +386,23 @@ class SiloSerializer(serializers.ModelSerializer):
         return silo.token_hash is not None
 
 
+class AnnouncedKindSerializer(serializers.Serializer):
+    """An installed model kind a silo's agent announced (name, version, distribution digest)."""
+
+    name = serializers.CharField(read_only=True)
+    version = serializers.CharField(read_only=True)
+    sha256 = serializers.CharField(read_only=True)
+
+
 class SiloDetailSerializer(SiloSerializer):
-    """A silo with its data schema."""
+    """A silo with its data schema and the installed model kinds its agent last announced (what
+    a plan may name as ``{"kind": "installed", ...}``, docs/tasks.md)."""
 
     schema = serializers.JSONField(read_only=True)
+    model_kinds = AnnouncedKindSerializer(many=True, read_only=True)
 
     class Meta(SiloSerializer.Meta):
-        fields = [*SiloSerializer.Meta.fields, "schema"]
+        fields = [*SiloSerializer.Meta.fields, "schema", "model_kinds"]
         read_only_fields = fields
 
 
