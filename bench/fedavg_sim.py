@@ -56,7 +56,8 @@ def simulate(
     settings = plan["training"]
     seed = int(plan.get("seed", 0))
     d = prepared.n_features
-    state = build_model(plan["model"], d, seed=seed).state_dict()
+    task = baselines.objective(plan)  # the plan's task: outputs and loss
+    state = build_model(plan["model"], d, n_outputs=task.n_outputs, seed=seed).state_dict()
     sums: list[float] = []
     maxima: list[float] = []
     for rnd in range(1, int(settings["rounds"]) + 1):
@@ -76,6 +77,7 @@ def simulate(
                 momentum=float(settings.get("momentum", 0.0)),
                 weight_decay=float(settings.get("weight_decay", 0.0)),
                 seed=seed * 1000 + rnd,
+                objective=task,
             )
             times.append(time.perf_counter() - start)
             updates.append((model.state_dict(), float(data.X.shape[0])))

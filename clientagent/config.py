@@ -68,7 +68,7 @@ from urllib.parse import urlsplit
 
 from fedcore.analytics.disclosure import DisclosurePolicy
 from fedcore.approvals import ApprovalSignatureError, check_steward_key
-from fedcore.model_kinds import ENTRY_POINT_GROUP, NAME_PATTERN
+from fedcore.model_kinds import ENTRY_POINT_GROUP, MAX_ANNOUNCED, NAME_PATTERN
 from fedcore.models import MODEL_KINDS
 from fedcore.signing import AuthorizationError, parse_public_key
 
@@ -486,6 +486,12 @@ def _min_category_count(section: _Section) -> int:
 
 def _parse_models(section: _Section) -> ModelsConfig:
     allowed = section.string_list("allowed") or ()
+    if len(set(allowed)) > MAX_ANNOUNCED:  # the server refuses a hello announcing more
+        raise section.error(
+            "allowed",
+            f"lists {len(set(allowed))} kinds; at most {MAX_ANNOUNCED} can be announced to the "
+            "server: keep the ones this site trains",
+        )
     for name in allowed:
         if not NAME_PATTERN.match(name):
             raise section.error(

@@ -52,6 +52,7 @@ from clientagent.data import LocalData, canonical_sha256
 from clientagent.policy import (
     NOT_AUTHORIZED,
     POLICY_REFUSED,
+    announced_kinds,
     check_authorization,
     check_local_decision,
     check_policy,
@@ -480,6 +481,7 @@ class Agent:
             spent_by_run=spent,
             run=run,
             round=rnd,
+            models=self.config.models,
         )
         return grant
 
@@ -667,11 +669,7 @@ class Agent:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
         await session.send_recorded("evaluation", reply, plan_hash=fields["plan_hash"])
-        logger.info(
-            "%s: sent its evaluation on %d held-out rows",
-            label,
-            sum(reply["evaluation"]["positives"]) + sum(reply["evaluation"]["negatives"]),
-        )
+        logger.info("%s: sent its evaluation on %d held-out rows", label, _rows(reply))
 
     def train(
         self, task: protocol.BinaryMessage, *, observer: TrainingObserver | None = None
@@ -942,6 +940,16 @@ def _nonce() -> str:
     return secrets.token_hex(16)
 
 
+def _rows(reply: Mapping[str, Any]) -> int:
+    """The held-out rows an evaluation reply is about, whatever the plan's task."""
+    part = reply["evaluation"]
+    if "confusion" in part:  # multi-class (fedcore.task_metrics)
+        return int(sum(sum(row) for row in part["confusion"]))
+    if "count" in part:  # regression
+        return int(part["count"])
+    return int(sum(part["positives"]) + sum(part["negatives"]))
+
+
 class _Session:
     """One open websocket: handshake, heartbeats, dispatch. Discarded when it closes."""
 
@@ -996,6 +1004,10 @@ class _Session:
         hello: dict[str, Any] = {"agent_version": __version__}
         if self.agent.config.agent.name:
             hello["site"] = self.agent.config.agent.name
+        # The installed model kinds this site allows and has (name, version, digest): the
+        # server refuses at proposal a plan naming a kind no participating site announced.
+        kinds = await asyncio.to_thread(announced_kinds, self.agent.config.models)
+        hello["capabilities"] = {"models": kinds}
         await self.send_control("hello", **hello)
         try:
             fields = await asyncio.wait_for(self._await_welcome(), WELCOME_TIMEOUT_SECONDS)

@@ -620,6 +620,8 @@ def handle_task(
         ``silo``, in privacy mode ``sample`` ``privacy`` (``noise_multiplier``, ``sample_rate``, ``steps`` of this round, ``epsilon`` spent by
         the run at this site after this round), and for a plan with a fairness section
         ``fairness`` (:func:`fairness_counts` of the received global model on the test split);
+        a multi-class or regression plan (not a secure one) ``task_part``, the received global
+        model's part of the round's pooled metrics (:func:`task_parts`, no histograms);
         payload the trained weights as safetensors, or for a plan with ``compression`` the
         change from the global weights encoded by :mod:`fedcore.compression` and the field
         ``compression`` naming the method.
@@ -697,6 +699,13 @@ def handle_task(
         return training.evaluate(model, on.X, on.y, objective, target_scale=scale)
 
     global_metrics = evaluate(test)
+    global_part = None
+    if parsed.task != "binary" and plan.get("secure_aggregation") is not True:
+        # The received model's part of the round's pooled metrics (the server adds the parts:
+        # exact figures on the union of the held-out rows; no histograms, no AUC per round).
+        global_part = task_parts(
+            model, test, parsed, fields["preprocessing"], bins=None, with_fairness=False
+        )["metrics"]
     group_counts = None
     if fairness_settings is not None and parsed.task == "binary":
         # The received global model, before any local training. The other tasks' group
@@ -798,6 +807,8 @@ def handle_task(
         update_fields["silo"] = silo
     if group_counts:
         update_fields["fairness"] = group_counts
+    if global_part is not None:
+        update_fields["task_part"] = _json_metrics(global_part)
     if privacy.mode == "sample":
         assert dp_round is not None
         update_fields["privacy"] = {
@@ -824,9 +835,11 @@ def task_parts(
     preprocessing: Mapping[str, Any],
     *,
     bins: int | None = task_metrics.SCORE_BINS,
+    with_fairness: bool = True,
 ) -> dict[str, Any]:
     """This site's parts of the pooled metrics and group fairness of a multi-class or
-    regression model on ``data`` (its held-out rows), for the server to add up.
+    regression model on ``data`` (its held-out rows), for the server to add up
+    (``with_fairness`` False: the metrics part only).
 
     Returns:
         ``{"metrics": fedcore.task_metrics part, "fairness": {attribute: fedcore.task_fairness
@@ -850,7 +863,7 @@ def task_parts(
         truth, predicted = mean + std * data.y, mean + std * predicted
         part = task_metrics.regression_part(truth, predicted)
     parts: dict[str, Any] = {"metrics": part, "fairness": {}}
-    if plan.fairness is None:
+    if plan.fairness is None or not with_fairness:
         return parts
     public = fairness.public_groups(plan.schema, preprocessing, plan.fairness.groups)
     for attribute, groups in public.items():
@@ -924,7 +937,9 @@ def handle_evaluate(
 
     No training: the plan is parsed as for a task, the data split the same way (so the held-out
     rows are the ones every round evaluated on), the model built from the plan's spec with the
-    message's weights (strict). What leaves is the histogram of the held-out rows' predicted
+    message's weights (strict). A multi-class or regression plan sends its task's sums instead
+    (:func:`task_parts`: ``evaluation`` the metrics part, ``fairness`` the group parts). For a
+    binary plan what leaves is the histogram of the held-out rows' predicted
     probabilities by label on ``fedcore.evaluation``'s fixed grid and their summed log loss, and
     for a plan with a fairness section (not a secure-aggregation plan, whose group counts only
     travel masked) :func:`fairness_counts` of the final model, with the plan's DP noise.
@@ -957,6 +972,21 @@ def handle_evaluate(
     if int(test.X.shape[0]) == 0:
         raise TaskError(DATA_INVALID, "no held-out rows to evaluate the final model on", run=run)
     model, _ = _load_global(message.payload, parsed, int(test.X.shape[1]), run, None)
+    if parsed.task != "binary":
+        # The task's sums (fedcore.task_metrics, fedcore.task_fairness): the server adds them
+        # into the metrics and group fairness of the union of the held-out rows.
+        try:
+            parts = task_parts(model, test, parsed, fields["preprocessing"])
+        except (ValueError, tabular.SchemaError) as exc:
+            raise TaskError(INVALID_TASK, str(exc), run=run) from None
+        reply = {
+            "run": run,
+            "model_version": fields["model_version"],
+            "evaluation": parts["metrics"],
+        }
+        if parts["fairness"] and plan.get("secure_aggregation") is not True:
+            reply["fairness"] = parts["fairness"]
+        return _json_metrics(reply)  # type: ignore[no-any-return]
     probs = training.predict_proba(model, test.X)
     reply: dict[str, Any] = {
         "run": run,

@@ -24,6 +24,13 @@ from federation.reports import FAIRNESS_METRICS, analysis_table
 SUMMARY_COLOURS = {"global": "#0072B2", "local": "#D55E00", "train": "#009E73"}
 SILO_COLOURS = ["#CC79A7", "#E69F00", "#56B4E9", "#000000", "#882255", "#999933", "#44AA99"]
 METRICS = (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "AUC"))
+# The per-round metric charts of each prediction task (docs/tasks.md): a multi-class or
+# regression round's "global" figures are pooled exactly from the silos' parts.
+TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "binary": METRICS,
+    "multiclass": (("loss", "Loss"), ("accuracy", "Accuracy"), ("macro_f1", "Macro F1")),
+    "regression": (("loss", "Loss (MSE)"), ("rmse", "RMSE"), ("r2", "R²")),
+}
 
 
 @dataclass
@@ -278,9 +285,11 @@ def _without_data(chart: Chart) -> Chart:
     return chart
 
 
-def run_charts(rounds: list[Any], metric_rows: list[dict[str, Any]]) -> list[Chart]:
-    """Every chart of the run monitor, in page order."""
-    charts = [metric_chart(metric, label, metric_rows) for metric, label in METRICS]
+def run_charts(
+    rounds: list[Any], metric_rows: list[dict[str, Any]], task: str = "binary"
+) -> list[Chart]:
+    """Every chart of the run monitor, in page order (the metric charts of the plan's task)."""
+    charts = [metric_chart(metric, label, metric_rows) for metric, label in TASK_METRICS[task]]
     charts += [participation_chart(rounds), duration_chart(rounds), traffic_chart(rounds)]
     return [c if c.points else _without_data(c) for c in charts]
 

@@ -49,6 +49,8 @@ __all__ = [
     "InstalledKind",
     "KindUnavailable",
     "ModelKind",
+    "announced",
+    "check_announcement",
     "distribution_digest",
     "installed_kinds",
     "resolve",
@@ -59,6 +61,47 @@ ENTRY_POINT_GROUP = "quorum.models"
 # Written by the installer (pip, uv), not carried by the wheel: left out of the digest.
 INSTALLER_FILES = frozenset({"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"})
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+MAX_ANNOUNCED = 64  # installed kinds one hello may announce
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_announcement(raw: Any) -> list[dict[str, str]]:
+    """The installed kinds an agent announced in ``hello`` (``capabilities.models``), checked:
+    a list of at most :data:`MAX_ANNOUNCED` ``{"name", "version", "sha256"}`` with a valid
+    name, a version of at most 64 characters and a hex digest, sorted by name.
+
+    Raises:
+        ValueError: naming the first faulty entry.
+    """
+    if not isinstance(raw, list) or len(raw) > MAX_ANNOUNCED:
+        raise ValueError(f"capabilities.models must be a list of at most {MAX_ANNOUNCED} kinds")
+    kinds: list[dict[str, str]] = []
+    for i, entry in enumerate(raw):
+        where = f"capabilities.models[{i}]"
+        if not isinstance(entry, Mapping) or set(entry) != {"name", "version", "sha256"}:
+            raise ValueError(f"{where} must be exactly {{name, version, sha256}}")
+        name, version, digest = entry["name"], entry["version"], entry["sha256"]
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise ValueError(f"{where}.name must match {NAME_PATTERN.pattern}")
+        if not isinstance(version, str) or not 0 < len(version) <= 64:
+            raise ValueError(f"{where}.version must be a text of 1 to 64 characters")
+        if not isinstance(digest, str) or not SHA256_PATTERN.match(digest):
+            raise ValueError(f"{where}.sha256 must be 64 lowercase hex digits")
+        kinds.append({"name": name, "version": version, "sha256": digest})
+    return sorted(kinds, key=lambda k: (k["name"], k["version"], k["sha256"]))
+
+
+def announced(spec: Mapping[str, Any], announcements: Iterable[list[dict[str, str]]]) -> bool:
+    """Whether a plan's installed model (``{"kind": "installed", "name", "version",
+    "sha256"}``) is among what at least one site announced (name, version and digest)."""
+    wanted = {
+        "name": spec.get("name"),
+        "version": spec.get("version"),
+        "sha256": spec.get("sha256"),
+    }
+    return any(wanted in kinds for kinds in announcements)
 
 
 class KindUnavailable(LookupError):

@@ -307,6 +307,9 @@ BINARY_SCHEMAS: dict[str, Schema] = {
         "compression": (_STR, _OPT),
         # the agent's wall clock (Unix seconds) as it starts sending the update's frames
         "sent_at": (_NUMBER, _OPT),
+        # multi-class and regression plans: the received global model's part of the pooled
+        # metrics on the held-out split (fedcore.task_metrics, multi-class without histograms)
+        "task_part": (_DICT, _OPT),
     },
     # agent -> server, secure rounds only, instead of "update": payload = the masked vector
     # (little-endian uint32, 4 bytes per coordinate) of the masked-input stage; metrics and the

@@ -41,6 +41,9 @@ from fedcore.tabular import MISSING_CATEGORY
 
 __all__ = [
     "MULTICLASS_METRICS",
+    "GroupPartError",
+    "check_multiclass_group_part",
+    "check_regression_group_part",
     "REGRESSION_METRICS",
     "merge_multiclass_groups",
     "merge_regression_groups",
@@ -238,3 +241,78 @@ def regression_group_report(part: Mapping[str, Mapping[str, Any]]) -> dict[str, 
         metric = max(REGRESSION_METRICS, key=lambda m: difference[m])
         overall = {"metric": metric, "difference": difference[metric]}
     return {"by_group": by_group, "difference": difference, "largest_disparity": overall}
+
+
+# --- checking a part from the wire ---------------------------------------------------------------
+
+MAX_COUNT = 2**53  # a count above this is not exact in a float64 sum
+
+
+class GroupPartError(ValueError):
+    """A site's group part is malformed (the message names the faulty field)."""
+
+
+def _checked_groups(raw: Any, groups: Sequence[str], where: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise GroupPartError(f"{where} must be an object of groups")
+    unknown = sorted(str(g) for g in raw if g not in groups)
+    if unknown:
+        raise GroupPartError(
+            f"{where} names groups outside the plan's public ones: {', '.join(unknown[:5])}"
+        )
+    return raw
+
+
+def _whole(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise GroupPartError(f"{where} must be a whole number between 0 and 2**53")
+    return value
+
+
+def check_multiclass_group_part(
+    raw: Any, *, classes: int, groups: Sequence[str], n: int, where: str = "part"
+) -> dict[str, list[list[int]]]:
+    """A checked multi-class group part from the wire: a K x K count matrix per public group
+    (``groups``), counting ``n`` rows in all; GroupPartError naming the faulty field."""
+    part = _checked_groups(raw, groups, where)
+    total = 0
+    for group, confusion in part.items():
+        at = f"{where}.{group}"
+        if not isinstance(confusion, list) or len(confusion) != classes:
+            raise GroupPartError(f"{at} must be {classes} rows of {classes} counts")
+        for i, row in enumerate(confusion):
+            if not isinstance(row, list) or len(row) != classes:
+                raise GroupPartError(f"{at}[{i}] must be {classes} counts")
+            total += sum(_whole(value, f"{at}[{i}][{j}]") for j, value in enumerate(row))
+    if total != n:
+        raise GroupPartError(f"{where} counts {total} rows; the evaluation counts {n}")
+    return {str(g): [list(row) for row in m] for g, m in part.items()}
+
+
+def check_regression_group_part(
+    raw: Any, *, groups: Sequence[str], n: int, where: str = "part"
+) -> dict[str, dict[str, Any]]:
+    """A checked regression group part from the wire: per public group (``groups``) its count
+    and sums, counting ``n`` rows in all; GroupPartError naming the faulty field."""
+    part = _checked_groups(raw, groups, where)
+    keys = {"count", "sum_error", "sum_abs_error", "sum_prediction"}
+    total = 0
+    for group, sums in part.items():
+        at = f"{where}.{group}"
+        if not isinstance(sums, Mapping) or set(sums) != keys:
+            raise GroupPartError(f"{at} must have exactly the keys {sorted(keys)}")
+        total += _whole(sums["count"], f"{at}.count")
+        for key in keys - {"count"}:
+            value = sums[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise GroupPartError(f"{at}.{key} must be a finite number")
+            if not math.isfinite(value):
+                raise GroupPartError(f"{at}.{key} must be a finite number")
+        if (
+            sums["sum_abs_error"] < 0
+            or abs(sums["sum_error"]) > sums["sum_abs_error"] * (1 + 1e-9) + 1e-9
+        ):
+            raise GroupPartError(f"{at}: |sum_error| cannot exceed sum_abs_error >= 0")
+    if total != n:
+        raise GroupPartError(f"{where} counts {total} rows; the evaluation counts {n}")
+    return {str(g): dict(s) for g, s in part.items()}

@@ -18,7 +18,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from fedcore import protocol
+from fedcore import model_kinds, protocol
 from federation import dispatch, selectors, throttle
 from federation.peer import PeerAware, PeerGone
 from federation.services import agent_auth, agent_reports
@@ -37,6 +37,7 @@ CLOSE_REPLACED = 4409
 # RFC 6455 "try again later": an address refused after too many bad tokens. Not an auth close
 # code, so an agent behind the same address reconnects after its backoff instead of stopping.
 CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_BAD_HELLO = 4400  # a hello the server cannot accept (its error frame says why)
 
 # Per process, never the database: see federation/throttle.py.
 _auth_failures: throttle.AuthFailureLimiter | None = None
@@ -310,11 +311,20 @@ class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
         # (it reuses the update already built). Joined after the registration, an event sent
         # in between reached no one: a stats request or a round's task the agent never saw,
         # and the run waited for the silo until its deadline.
+        try:  # the installed model kinds this site offers (docs/tasks.md)
+            kinds = model_kinds.check_announcement(
+                (msg.get("capabilities") or {}).get("models", [])
+            )
+        except ValueError as exc:
+            await self.send_error("invalid_field", f"hello: {exc}")
+            await self.close(code=CLOSE_BAD_HELLO)
+            return
         await self.channel_layer.group_add(dispatch.silo_group(self.silo_id), self.channel_name)
         welcome = await database_sync_to_async(silo_services.agent_hello)(
             silo_id=self.silo_id,
             connection_id=self.channel_name,
             agent_version=msg["agent_version"],
+            model_kinds=kinds,
         )
         if welcome.replaced:
             await self.channel_layer.send(welcome.replaced, {"type": "session.replaced"})

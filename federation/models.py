@@ -185,6 +185,9 @@ class Silo(models.Model):
     connection_id = models.CharField(max_length=200, null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
+    # The installed model kinds its agent last announced in hello ({"name", "version",
+    # "sha256"}, fedcore.model_kinds.check_announcement): what a plan may name (docs/tasks.md).
+    model_kinds = models.JSONField(default=list, blank=True)
     # Privacy budget set by the consortium: the most (epsilon, delta) this silo's data may spend
     # over its whole history. None: no budget (unlimited).
     epsilon_budget = models.FloatField(null=True, blank=True)
@@ -476,6 +479,9 @@ class Update(models.Model):
     size_bytes = models.PositiveBigIntegerField()
     blob_key = models.CharField(max_length=300)
     metrics = models.JSONField(default=dict)
+    # Multi-class and regression plans: the received global model's part of the pooled metrics
+    # on the silo's held-out rows (fedcore.task_metrics), summed into the round's exact figures.
+    task_part = models.JSONField(null=True, blank=True)
     # Plans with a fairness section: the per-group confusion counts of the incoming global model
     # on the silo's held-out split, by sensitive attribute, as received (docs/fairness.md).
     fairness = models.JSONField(null=True, blank=True)

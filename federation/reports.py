@@ -14,7 +14,7 @@ from typing import Any
 from django.utils import timezone
 from django.utils.text import slugify
 
-from fedcore import onnx_export
+from fedcore import onnx_export, tabular
 from federation import fairness_outcome, governance, selectors
 from federation.models import ModelVersion, Run
 from federation.services.audit import audit_head, audit_verify
@@ -163,6 +163,43 @@ def final_evaluation(run: Run) -> dict[str, Any] | None:
 def _final_fairness_report(run: Run) -> dict[str, Any] | None:
     final = final_evaluation(run)
     return final.get("fairness") if final else None
+
+
+# The columns of a multi-class or regression run's final-evaluation table (heading, key).
+TASK_TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "multiclass": (
+        ("accuracy", "accuracy"),
+        ("macro F1", "macro_f1"),
+        ("weighted F1", "weighted_f1"),
+        ("AUC (one-vs-rest)", "auc_ovr"),
+        ("log loss", "loss"),
+    ),
+    "regression": (("RMSE", "rmse"), ("MAE", "mae"), ("R²", "r2"), ("mean error", "mean_error")),
+}
+
+
+def final_task_table(run: Run) -> dict[str, Any] | None:
+    """A multi-class or regression run's final figures per silo and pooled, as a table: the
+    columns and one row per silo then the pooled row (exact on the union of the held-out rows);
+    None for a binary run or before the final evaluation."""
+    final = final_evaluation(run)
+    if not final or final.get("task", "binary") not in TASK_TABLE_COLUMNS:
+        return None
+    columns = TASK_TABLE_COLUMNS[final["task"]]
+
+    def row(name: str, figures: dict[str, Any], pooled: bool = False) -> dict[str, Any]:
+        values = [figures.get(key) for _, key in columns]
+        return {"name": name, "n": figures.get("n"), "values": values, "pooled": pooled}
+
+    rows = [row(name, figures) for name, figures in sorted(final.get("by_silo", {}).items())]
+    if final.get("metrics"):
+        rows.append(row("pooled (every silo's held-out rows)", final["metrics"], pooled=True))
+    return {
+        "task": final["task"],
+        "columns": [heading for heading, _ in columns],
+        "rows": rows,
+        "method": final.get("method"),
+    }
 
 
 def _fairness_reports(run: Run) -> list[dict[str, Any]]:
@@ -339,6 +376,7 @@ def _deployment(version: ModelVersion) -> dict[str, Any]:
     """What a site needs to run the model: its input columns, the fitted preprocessing and, for
     the final model of a postprocess plan, its group thresholds."""
     names = selectors.model_version_features(version)
+    target = tabular.DatasetSchema.from_dict(version.run.version.spec["schema"]).target
     final = final_evaluation(version.run)
     thresholds = (
         final.get("thresholds") if final and final.get("model_version") == version.number else None
@@ -351,13 +389,32 @@ def _deployment(version: ModelVersion) -> dict[str, Any]:
         "thresholds": thresholds,
         "onnx": {
             "input": {"name": onnx_export.INPUT_NAME, "shape": ["batch", len(names or ())]},
-            "output": {"name": onnx_export.OUTPUT_NAME, "shape": ["batch", 1]},
+            "output": {
+                "name": onnx_export.OUTPUT_NAMES[target.task],
+                "shape": ["batch", target.n_outputs],
+            },
             "opset": onnx_export.OPSET,
             "note": "input: rows transformed by the fitted preprocessing, columns in "
-            "feature_names order (fedcore.tabular.transform); output: the logit, "
-            "sigmoid(logit) is the probability of the positive class",
+            f"feature_names order (fedcore.tabular.transform); output: {ONNX_OUTPUT[target.task]}",
         },
     }
+
+
+# What the ONNX graph's output means, per task (docs/tasks.md).
+ONNX_OUTPUT = {
+    "binary": "the logit, sigmoid(logit) is the probability of the positive class",
+    "multiclass": "one logit per class in the order of the schema's target classes, "
+    "softmax(logits) the class probabilities",
+    "regression": "the predicted value in the units the model learnt (a standardised target: "
+    "multiply by preprocessing target.std and add target.mean)",
+}
+
+# The pooled figures a model card shows, per task (federation.services.evaluation).
+CARD_FIGURES = {
+    "binary": ("auc", "auc_error_bound", "accuracy", "loss", "n"),
+    "multiclass": ("accuracy", "macro_f1", "weighted_f1", "auc_ovr", "loss", "n"),
+    "regression": ("rmse", "mae", "r2", "mean_error", "n"),
+}
 
 
 def model_card(version: ModelVersion) -> dict[str, Any]:
@@ -427,7 +484,13 @@ def _version_evaluation(
         pooled = final.get("metrics")
         if not pooled:
             return {}, f"not evaluated: {final.get('note')}"
-        figures = {key: pooled[key] for key in ("auc", "auc_error_bound", "accuracy", "loss", "n")}
+        task = final.get("task", "binary")
+        figures = {key: pooled[key] for key in CARD_FIGURES[task]}
+        if task != "binary":
+            return figures, (
+                f"the final model evaluated at the end of the run on the union of the silos' "
+                f"held-out rows ({pooled['n']} rows; {final.get('note')}): {final.get('method')}"
+            )
         return figures, (
             f"the final model evaluated at the end of the run on the union of the silos' "
             f"held-out rows ({pooled['n']} rows; {final.get('note')}): accuracy and loss exact, "

@@ -671,6 +671,14 @@ def run_rounds(run: Run, *, summary_metrics: bool = False) -> QuerySet[Round]:
     return rounds
 
 
+def run_task(run: Run) -> str:
+    """The prediction task of a run's plan (``schema.target.task``): binary, multiclass or
+    regression (docs/tasks.md); an analysis plan's run counts as binary (it charts nothing)."""
+    target = (run.version.spec.get("schema") or {}).get("target")
+    task = target.get("task", "binary") if isinstance(target, dict) else "binary"
+    return task if task in ("binary", "multiclass", "regression") else "binary"
+
+
 def run_metric_rows(run: Run) -> list[dict[str, Any]]:
     """Every metric of a run: round number and attempt, silo name (None for the round's
     summary), scope (global, local, train), name and value."""

@@ -14,7 +14,7 @@ from django.views.decorators.http import require_POST
 from dashboard import charts
 from dashboard.views.assets import PLOTLY_VERSION
 from dashboard.views.common import nav_for, page
-from federation import fairness_outcome, permissions, selectors
+from federation import fairness_outcome, permissions, reports, selectors
 from federation.models import Role, Run
 from federation.services import runs as run_services
 from federation.services.errors import Conflict
@@ -46,12 +46,14 @@ def _monitor_data(request: HttpRequest, run: Run) -> dict[str, Any]:
         "run": run,
         "rounds": rounds,
         "rounds_completed": sum(1 for r in rounds if r.status == "completed"),
-        "charts": charts.run_charts(rounds, metric_rows),
+        "charts": charts.run_charts(rounds, metric_rows, selectors.run_task(run)),
         "silos": silos,
         "waiting_note": selectors.run_waiting_note(run, rounds),
         "refusals": list(selectors.run_refusals(run)),
         # Not a plain "Completed": the final model exceeds a fairness limit of the plan.
         "fairness_warning": fairness_outcome.final_fairness_warning(run.evaluation),
+        # A multi-class or regression run's final figures per silo and pooled (else None).
+        "task_table": reports.final_task_table(run),
         "may_stop": _may_stop(
             request, run, frozenset(permissions.roles_in(request.user, run.plan.consortium_id))
         ),

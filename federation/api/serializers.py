@@ -386,13 +386,23 @@ class SiloSerializer(serializers.ModelSerializer):
         return silo.token_hash is not None
 
 
+class AnnouncedKindSerializer(serializers.Serializer):
+    """An installed model kind a silo's agent announced (name, version, distribution digest)."""
+
+    name = serializers.CharField(read_only=True)
+    version = serializers.CharField(read_only=True)
+    sha256 = serializers.CharField(read_only=True)
+
+
 class SiloDetailSerializer(SiloSerializer):
-    """A silo with its data schema."""
+    """A silo with its data schema and the installed model kinds its agent last announced (what
+    a plan may name as ``{"kind": "installed", ...}``, docs/tasks.md)."""
 
     schema = serializers.JSONField(read_only=True)
+    model_kinds = AnnouncedKindSerializer(many=True, read_only=True)
 
     class Meta(SiloSerializer.Meta):
-        fields = [*SiloSerializer.Meta.fields, "schema"]
+        fields = [*SiloSerializer.Meta.fields, "schema", "model_kinds"]
         read_only_fields = fields
 
 
@@ -737,6 +747,12 @@ class FinalEvaluationSerializer(serializers.Serializer):
     thresholds = serializers.DictField(read_only=True, allow_null=True, required=False)
     thresholds_note = serializers.CharField(read_only=True, allow_null=True, required=False)
     finished_at = serializers.CharField(read_only=True)
+    # The plan's task (docs/tasks.md); absent for binary runs evaluated before tasks existed.
+    # Multi-class: metrics and by_silo hold accuracy, macro_f1, weighted_f1, per_class,
+    # confusion, auc_ovr; regression: rmse, mae, r2, mean_error. task_fairness: per sensitive
+    # attribute the group report of fedcore.task_fairness (fairness stays the binary report).
+    task = serializers.CharField(read_only=True, required=False)
+    task_fairness = serializers.DictField(read_only=True, allow_null=True, required=False)
 
 
 class FairnessFlagSerializer(serializers.Serializer):

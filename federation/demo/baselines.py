@@ -32,6 +32,7 @@ import torch
 
 from fedcore import tabular, tensors, training
 from fedcore.models import build_model
+from fedcore.plan import parse_plan
 from federation.demo.scenarios import Scenario
 
 __all__ = [
@@ -115,12 +116,18 @@ def prepare(scenario: Scenario, fitted_preprocessing: Mapping[str, Any] | None =
     return Prepared(fitted=fitted, train=train, test=test)
 
 
+def objective(plan: Mapping[str, Any]) -> training.Objective:
+    """The plan's task and loss (``fedcore.plan``: what the agents train with)."""
+    return parse_plan(dict(plan)).objective()
+
+
 def train_baseline(
     plan: Mapping[str, Any], X: np.ndarray, y: np.ndarray, *, seed: int
 ) -> torch.nn.Module:
     """Train the plan's model on (X, y) for rounds * local_epochs epochs in one go."""
     settings = plan["training"]
-    model = build_model(plan["model"], int(X.shape[1]), seed=seed)
+    task = objective(plan)
+    model = build_model(plan["model"], int(X.shape[1]), n_outputs=task.n_outputs, seed=seed)
     training.train_local(
         model,
         X,
@@ -132,21 +139,41 @@ def train_baseline(
         momentum=float(settings.get("momentum", 0.0)),
         weight_decay=float(settings.get("weight_decay", 0.0)),
         seed=seed,
+        objective=task,
     )
     return model
 
 
-def _scores(model: torch.nn.Module, data: tabular.TabularData) -> dict[str, float]:
-    """AUC and accuracy (at 0.5) of a model on a data set."""
-    metrics = training.evaluate(model, data.X, data.y)
-    return {"auc": float(metrics["auc"]), "accuracy": float(metrics["accuracy"])}
+# The figures the comparison reports per task (docs/tasks.md).
+TASK_SCORES: dict[str, tuple[str, ...]] = {
+    "binary": ("auc", "accuracy"),
+    "multiclass": ("accuracy", "macro_f1"),
+    "regression": ("rmse", "mae", "r2"),
+}
+
+
+def _scores(
+    model: torch.nn.Module,
+    data: tabular.TabularData,
+    plan: Mapping[str, Any] | None = None,
+    fitted: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """The task's figures of a model on a data set: AUC and accuracy (at 0.5) for a binary
+    plan, accuracy and macro F1 for a multi-class one, RMSE, MAE and R2 (in the target's
+    units) for a regression one."""
+    task = training.BINARY if plan is None else objective(plan)
+    scale = (0.0, 1.0)
+    if task.task == "regression" and plan is not None:
+        scale = tabular.target_scale(_schema(plan), fitted or {})
+    metrics = training.evaluate(model, data.X, data.y, task, target_scale=scale)
+    return {key: float(metrics[key]) for key in TASK_SCORES[task.task]}
 
 
 def load_state(
     plan: Mapping[str, Any], state: Mapping[str, torch.Tensor], n_features: int
 ) -> torch.nn.Module:
     """Build the plan's model and load a state dict into it (strict keys, shapes and dtypes)."""
-    model = build_model(plan["model"], n_features, seed=0)
+    model = build_model(plan["model"], n_features, n_outputs=objective(plan).n_outputs, seed=0)
     tensors.check_compatible(state, model.state_dict())
     model.load_state_dict(dict(state), strict=True)
     return model
@@ -163,13 +190,15 @@ def compare(
     federated = load_state(plan, federated_state, prepared.n_features)
     X, y = prepared.pooled_train()
     centralized = train_baseline(plan, X, y, seed=seed)
+    fitted = prepared.fitted
     local_only = {
-        site: _scores(train_baseline(plan, data.X, data.y, seed=seed), prepared.test)
+        site: _scores(train_baseline(plan, data.X, data.y, seed=seed), prepared.test, plan, fitted)
         for site, data in prepared.train.items()
     }
     return {
-        "federated": _scores(federated, prepared.test),
-        "centralized": _scores(centralized, prepared.test),
+        "task": objective(plan).task,
+        "federated": _scores(federated, prepared.test, plan, fitted),
+        "centralized": _scores(centralized, prepared.test, plan, fitted),
         "local_only": local_only,
     }
 
@@ -196,8 +225,10 @@ def evaluate_comparison(
             of the machine's core count.
 
     Returns:
-        ``{"federated": {"auc", "accuracy"}, "centralized": {"auc", "accuracy"},
-        "local_only": {site: {"auc", "accuracy"}}}``, all measured on the union of the sites'
+        ``{"task", "federated": {...}, "centralized": {...}, "local_only": {site: {...}}}``
+        with the task's figures (:data:`TASK_SCORES`: binary ``auc``, ``accuracy``;
+        multiclass ``accuracy``, ``macro_f1``; regression ``rmse``, ``mae``, ``r2``), all
+        measured on the union of the sites'
         held-out splits. The centralised model trains on the pooled train rows of all sites,
         each local-only model on one site's train rows. Both train for
         ``rounds * local_epochs`` epochs with the plan's optimizer settings.

@@ -30,7 +30,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from fedcore import evaluation
+from fedcore import evaluation, tabular, task_fairness, task_metrics
 from fedcore.plan import RunSettings
 from federation import dispatch
 from federation.models import ModelVersion, Run, Silo, SiloEvaluation
@@ -124,17 +124,25 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
             "wrong_run", f"run {run.pk} is not evaluating its final model (it is {run.status})"
         )
     where = f"evaluation of silo {silo.name!r}"
-    try:
-        histogram = evaluation.histogram_from_wire(fields["evaluation"], where=where)
-    except evaluation.EvaluationReportError as exc:
-        raise Refused("invalid_update", str(exc)) from None
-    counts = _checked_counts(run, fields, histogram.n)
-    try:  # a postprocess plan: the final model's score histograms per group
-        score_histograms = mitigation.checked_score_histograms(
-            run, fields.get("score_histograms"), histogram.n, where
-        )
-    except ValueError as exc:
-        raise Refused("invalid_update", str(exc)) from None
+    target = plan_target(run.version.spec)
+    score_histograms = None
+    if target.task != "binary":
+        report, n = _checked_task_report(run, target, fields, where)
+        counts = None
+    else:
+        try:
+            histogram = evaluation.histogram_from_wire(fields["evaluation"], where=where)
+        except evaluation.EvaluationReportError as exc:
+            raise Refused("invalid_update", str(exc)) from None
+        n = histogram.n
+        counts = _checked_counts(run, fields, n)
+        try:  # a postprocess plan: the final model's score histograms per group
+            score_histograms = mitigation.checked_score_histograms(
+                run, fields.get("score_histograms"), n, where
+            )
+        except ValueError as exc:
+            raise Refused("invalid_update", str(exc)) from None
+        report = {"histogram": histogram.to_wire(), "fairness": counts}
     with transaction.atomic():
         row = SiloEvaluation.objects.select_for_update().filter(run=run, silo=silo).first()
         if row is None:
@@ -147,7 +155,7 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
             )
         if row.report is not None:
             raise Refused("duplicate_update", f"this silo's evaluation of run {run.pk} is in")
-        row.report = {"histogram": histogram.to_wire(), "fairness": counts}
+        row.report = report
         if score_histograms is not None:
             row.report["score_histograms"] = score_histograms
         row.received_at = timezone.now()
@@ -162,11 +170,62 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
             consortium_id=silo.consortium_id,
             object_type="run",
             object_id=run.pk,
-            data={"model_version": row.model_version, "n": histogram.n},
+            data={"model_version": row.model_version, "n": n},
         )
         asked, reported, _ = evaluation_counts(run)
         if reported >= asked:  # the last answer wakes the orchestrator; the deadline the rest
             dispatch.enqueue_advance(run.pk)
+
+
+def plan_target(spec: Mapping[str, Any]) -> tabular.TargetSpec:
+    """The plan's target: its task, and for a multi-class task its classes."""
+    return tabular.TargetSpec.from_dict(spec["schema"]["target"])
+
+
+def _checked_task_report(
+    run: Run, target: tabular.TargetSpec, fields: Mapping[str, Any], where: str
+) -> tuple[dict[str, Any], int]:
+    """A multi-class or regression evaluation: the metrics part and the group parts checked
+    (fedcore.task_metrics, fedcore.task_fairness); Refused naming the faulty field."""
+    try:
+        if target.task == "multiclass":
+            part = task_metrics.check_multiclass_part(
+                fields["evaluation"], classes=target.n_outputs, where=where
+            )
+            n = sum(sum(row) for row in part["confusion"])
+        else:
+            part = task_metrics.check_regression_part(fields["evaluation"], where=where)
+            n = int(part["count"])
+    except task_metrics.TaskPartError as exc:
+        raise Refused("invalid_update", str(exc)) from None
+    raw = fields.get("fairness")
+    groups: dict[str, Any] = {}
+    if raw is not None:
+        public = fairness_service.run_public_groups(run)
+        if not isinstance(raw, Mapping) or set(raw) != set(public):
+            raise Refused(
+                "invalid_update",
+                f"{where}: fairness must name exactly the attributes {sorted(public)}",
+            )
+        try:
+            for attribute, group_part in raw.items():
+                at = f"{where}: fairness.{attribute}"
+                groups[attribute] = (
+                    task_fairness.check_multiclass_group_part(
+                        group_part,
+                        classes=target.n_outputs,
+                        groups=public[attribute],
+                        n=n,
+                        where=at,
+                    )
+                    if target.task == "multiclass"
+                    else task_fairness.check_regression_group_part(
+                        group_part, groups=public[attribute], n=n, where=at
+                    )
+                )
+        except task_fairness.GroupPartError as exc:
+            raise Refused("invalid_update", str(exc)) from None
+    return {"task": target.task, "part": part, "fairness": groups or None}, n
 
 
 def _checked_counts(run: Run, fields: Mapping[str, Any], n: int) -> dict[str, Any] | None:
@@ -196,6 +255,9 @@ def evaluation_pool(run: Run) -> dict[str, Any]:
     version = rows[0].model_version if rows else final_model(run).number
     done = [r for r in rows if r.report is not None]
     missing = [r.silo.name for r in rows if r.report is None]
+    target = plan_target(run.version.spec)
+    if target.task != "binary":
+        return _task_pool(run, target, version, rows, done, missing)
     histograms = {r.silo.name: evaluation.histogram_from_wire(r.report["histogram"]) for r in done}
     by_silo = {name: _silo_figures(h) for name, h in histograms.items()}
     result: dict[str, Any] = {
@@ -234,6 +296,82 @@ def evaluation_pool(run: Run) -> dict[str, Any]:
             note=result["thresholds_note"],
         )
     return result
+
+
+def _task_pool(
+    run: Run,
+    target: tabular.TargetSpec,
+    version: int,
+    rows: list[SiloEvaluation],
+    done: list[SiloEvaluation],
+    missing: list[str],
+) -> dict[str, Any]:
+    """A multi-class or regression run's final figures: the sites' sums added, so every metric
+    is that of the union of the held-out rows (docs/tasks.md, 'Pooled metrics, exact')."""
+    parts = {r.silo.name: r.report["part"] for r in done}
+    if target.task == "multiclass":
+        names = list(target.classes or ())
+        merge, report = task_metrics.merge_multiclass, task_metrics.multiclass_report
+        method = (
+            "pooled from per-site confusion matrices (accuracy, per-class and macro/weighted F1 "
+            f"and log loss exact) and one-vs-rest histograms of p_k, {task_metrics.SCORE_BINS} "
+            "bins in the logit (each class's AUC within auc_error_bound)"
+        )
+    else:
+        names = []
+        merge, report = task_metrics.merge_regression, task_metrics.regression_report
+        method = (
+            "pooled from per-site counts and sums (target moments merged with Chan et al.): "
+            "RMSE, MAE, R2 and mean error exact on the union of the held-out rows"
+        )
+
+    def figures(part: Mapping[str, Any]) -> dict[str, Any]:
+        result = report(part)
+        if names:
+            result["classes"] = names
+        return result
+
+    result: dict[str, Any] = {
+        "task": target.task,
+        "model_version": version,
+        "asked": [r.silo.name for r in rows],
+        "evaluated": [r.silo.name for r in done],
+        "missing": missing,
+        "metrics": figures(merge(parts.values())) if parts else None,
+        "by_silo": {name: figures(part) for name, part in parts.items()},
+        "method": method,
+        "note": _note(rows, done, missing),
+        "fairness": None,
+        "fairness_note": None,
+        "finished_at": timezone.now().isoformat(),
+    }
+    if fairness_service.fairness_section(run.version.spec) is not None:
+        # Under its own key: "fairness" holds the binary report's shape (rates of a positive
+        # class, the plan's limits), which the fairness pages and warnings read.
+        result["task_fairness"], result["fairness_note"] = _task_fairness(target, version, done)
+    return result
+
+
+def _task_fairness(
+    target: tabular.TargetSpec, version: int, done: list[SiloEvaluation]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Per sensitive attribute, the group fairness of the union of the held-out rows."""
+    sent = [r.report["fairness"] for r in done if r.report.get("fairness")]
+    if not sent:
+        return None, f"the final model v{version} has no fairness report: no silo sent group sums"
+    attributes = sorted({a for parts in sent for a in parts})
+    report: dict[str, Any] = {"task": target.task, "final": True, "attributes": {}}
+    for attribute in attributes:
+        pieces = [parts[attribute] for parts in sent if attribute in parts]
+        if target.task == "multiclass":
+            merged = task_fairness.merge_multiclass_groups(pieces)
+            report["attributes"][attribute] = task_fairness.multiclass_group_report(
+                merged, list(target.classes or ())
+            )
+        else:
+            merged_sums = task_fairness.merge_regression_groups(pieces)
+            report["attributes"][attribute] = task_fairness.regression_group_report(merged_sums)
+    return report, None
 
 
 def _silo_figures(h: evaluation.ScoreHistogram) -> dict[str, Any]:

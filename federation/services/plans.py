@@ -15,7 +15,7 @@ from django.db import transaction
 from django.http import Http404
 from django.utils import timezone
 
-from fedcore import approvals, models
+from fedcore import approvals, model_kinds, models
 from fedcore.plan import PlanError, parse_schema, plan_errors, versioned_spec
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan.keys import is_int
@@ -107,29 +107,26 @@ def plan_spec_errors(spec: Any, *, silos: Iterable[Any] | None = None) -> dict[s
     return errors
 
 
-def _not_run_here(spec: dict[str, Any]) -> dict[str, str]:
-    """What the plan language accepts but this server's round path does not run yet: refused at
-    proposal with the reason, never accepted and left to fail in a round (docs/tasks.md).
+def _not_run_here(spec: dict[str, Any], silos: list[Silo]) -> dict[str, str]:
+    """What the plan language accepts but these silos cannot run: refused at proposal with the
+    reason, never accepted and left to fail in a round (docs/tasks.md).
 
-    Not a rule of the plan language (sites accept these plans; fedcore.plan): a capability of
-    this server version, checked only when a plan is proposed or edited.
+    Not a rule of the plan language (sites accept these plans; fedcore.plan): what the
+    participating sites announced, checked only when a plan is proposed or edited. An
+    installed model kind must be announced (name, version and digest) by at least one of them
+    in its last hello; each site still checks it again before reading any data.
     """
     problems: dict[str, str] = {}
-    target = spec.get("schema", {}).get("target", {})
-    task = target.get("task", "binary") if isinstance(target, dict) else "binary"
-    if task != "binary":
-        problems["schema.target.task"] = (
-            f"{task!r}: this server trains binary tasks only so far; multi-class and regression "
-            "plans are refused until its rounds, final evaluation and reports run them "
-            "(docs/tasks.md, 'Not wired yet')"
-        )
     model = spec.get("model", {})
     if isinstance(model, dict) and model.get("kind") == models.INSTALLED:
-        problems["model.kind"] = (
-            f"no participating silo has announced the installed model kind "
-            f"{model.get('name')!r}: sites do not announce installed kinds to this server "
-            "version yet, so such a plan could not train anywhere (docs/tasks.md)"
-        )
+        if not model_kinds.announced(model, (silo.model_kinds or [] for silo in silos)):
+            problems["model.kind"] = (
+                f"no participating silo has announced the installed model kind "
+                f"{model.get('name')!r} version {model.get('version')!r} with digest "
+                f"{str(model.get('sha256'))[:12]}...: a site announces the kinds it installed "
+                "and allows ([models] allowed in site.toml) when its agent connects "
+                "(docs/tasks.md)"
+            )
     return problems
 
 
@@ -174,7 +171,7 @@ def _validated(
     chosen = _checked_silos(consortium_id, silos, errors)
     spec_errors = plan_spec_errors(spec, silos=chosen if "silos" not in errors else None)
     if not spec_errors:
-        spec_errors = _not_run_here(spec)
+        spec_errors = _not_run_here(spec, chosen)
     # Valid in the plan language (every agent accepts it) but not applied by this server
     # version: refused here rather than run as if unmitigated.
     unavailable = unavailable_mitigation_error(spec)

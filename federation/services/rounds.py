@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from fedcore import aggregation, tabular, tensors
+from fedcore import aggregation, tabular, task_metrics, tensors
 from fedcore.aggregation import AggregateResult
 from fedcore.fairness_mitigation import MitigationError
 from fedcore.models import build_model
@@ -228,7 +228,12 @@ def _finish_statistics(run: Run, cfg: RunSettings) -> None:
         noised = ledger.plan_statistics_epsilon(run.version.spec) > 0.0
         fitted = tabular.merge_statistics([s.stats for s in reported], schema, noised=noised)
         n_features = len(tabular.feature_names(schema, fitted))
-        model = build_model(run.version.spec["model"], n_features, seed=cfg.seed)
+        model = build_model(
+            run.version.spec["model"],
+            n_features,
+            n_outputs=schema.target.n_outputs,
+            seed=cfg.seed,
+        )
     except ValueError as exc:
         _fail_run(run, f"federated statistics could not be combined: {exc}")
         return
@@ -319,7 +324,9 @@ def round_aggregate(round_id: int) -> None:
     if round_.status != Round.Status.AGGREGATING:
         return
     updates = list(
-        round_.updates.order_by("silo_id").values("silo_id", "blob_key", "num_examples", "metrics")
+        round_.updates.order_by("silo_id").values(
+            "silo_id", "blob_key", "num_examples", "metrics", "task_part"
+        )
     )
     store = blob_store()
     spec = round_.run.version.spec
@@ -571,7 +578,8 @@ COUNT_METRICS = frozenset({"n"})
 def _record_round_metrics(round_: Round, updates: list[dict[str, Any]]) -> None:
     """Per-round summary: means of what the silos reported, weighted by the rows each metric
     was computed on -- a scope's held-out rows (its ``n``) for evaluation metrics, the
-    training rows otherwise. A mean of per-silo AUCs is not the AUC on the pooled rows: the
+    training rows otherwise; a multi-class or regression round's "global" figures pooled
+    exactly from the silos' parts (:func:`_pooled_global`). A mean of per-silo AUCs is not the AUC on the pooled rows: the
     run's final figures come from the final evaluation (federation.services.evaluation)."""
     buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for u in updates:
@@ -582,12 +590,48 @@ def _record_round_metrics(round_: Round, updates: list[dict[str, Any]]) -> None:
                 continue
             weight = sizes.get(scope, float(u["num_examples"]))
             buckets.setdefault((scope, name), []).append((value, weight))
+    summary = {
+        key: mean
+        for key, values in sorted(buckets.items())
+        if (mean := _weighted_mean(values)) is not None
+    }
+    summary.update(_pooled_global(round_, updates))
     RoundMetric.objects.filter(round=round_, silo__isnull=True).delete()
     RoundMetric.objects.bulk_create(
-        RoundMetric(round=round_, silo=None, scope=scope, name=name, value=mean)
-        for (scope, name), values in sorted(buckets.items())
-        if (mean := _weighted_mean(values)) is not None
+        RoundMetric(round=round_, silo=None, scope=scope, name=name, value=value)
+        for (scope, name), value in sorted(summary.items())
     )
+
+
+# The figures of a multi-class or regression round summary pooled exactly from the silos' parts.
+POOLED_FIGURES = {
+    "multiclass": ("accuracy", "macro_f1", "weighted_f1", "loss", "n"),
+    "regression": ("rmse", "mae", "r2", "mean_error", "loss", "n"),
+}
+
+
+def _pooled_global(round_: Round, updates: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """A multi-class or regression round's "global" figures (the received model v(k-1) on the
+    held-out rows) from the silos' parts added up: exact on the union of their held-out rows,
+    not a mean of site figures. Empty unless every update carries a part (fedcore.task_metrics)."""
+    parts = [u.get("task_part") for u in updates]
+    if not parts or any(part is None for part in parts):
+        return {}
+    if "confusion" in parts[0]:
+        task, report = (
+            "multiclass",
+            task_metrics.multiclass_report(task_metrics.merge_multiclass(parts)),
+        )
+    else:
+        task, report = (
+            "regression",
+            task_metrics.regression_report(task_metrics.merge_regression(parts)),
+        )
+    return {
+        ("global", name): float(report[name])
+        for name in POOLED_FIGURES[task]
+        if report.get(name) is not None
+    }
 
 
 def _signature_json(state: dict[str, Any]) -> dict[str, list[Any]]:
@@ -613,6 +657,14 @@ def _store_model_version(
     )
 
 
+# The final model's pooled figures the run.finished audit event keeps, per task.
+FINAL_FIGURES = {
+    "binary": ("auc", "auc_error_bound", "accuracy", "n"),
+    "multiclass": ("accuracy", "macro_f1", "weighted_f1", "n"),
+    "regression": ("rmse", "mae", "r2", "n"),
+}
+
+
 def _complete_run(run: Run) -> None:
     run.status = Run.Status.COMPLETED
     run.finished_at = timezone.now()
@@ -623,7 +675,11 @@ def _complete_run(run: Run) -> None:
         "run.finished",
         status=run.status,
         **(
-            {"final_model": {k: final.get(k) for k in ("auc", "auc_error_bound", "accuracy", "n")}}
+            {
+                "final_model": {
+                    k: final.get(k) for k in FINAL_FIGURES[run.evaluation.get("task", "binary")]
+                }
+            }
             if final
             else {}
         ),

@@ -48,14 +48,22 @@ def silo_authenticate(*, token: str) -> Silo | None:
 
 
 @transaction.atomic
-def silo_connect(*, silo_id: int, connection_id: str, agent_version: str) -> str | None:
-    """Register an agent connection; returns the connection it replaces, if any."""
+def silo_connect(
+    *,
+    silo_id: int,
+    connection_id: str,
+    agent_version: str,
+    model_kinds: list[dict[str, str]] | None = None,
+) -> str | None:
+    """Register an agent connection and the installed model kinds it announced (checked,
+    ``fedcore.model_kinds.check_announcement``); returns the connection it replaces, if any."""
     silo = Silo.objects.select_for_update().get(pk=silo_id)
     previous = silo.connection_id
     silo.connection_id = connection_id
     silo.last_heartbeat = timezone.now()
     silo.agent_version = agent_version[:50]
-    silo.save(update_fields=["connection_id", "last_heartbeat", "agent_version"])
+    silo.model_kinds = model_kinds or []
+    silo.save(update_fields=["connection_id", "last_heartbeat", "agent_version", "model_kinds"])
     # A new hello is the agent saying it may accept work again (a fixed clock or policy takes a
     # restart): the runs it refused may select it again (federation.services.refusals).
     silo_refusals_lift(silo_id=silo.pk, why="the agent connected again (hello)")
@@ -100,11 +108,21 @@ class AgentWelcome:
     pending: list[dict[str, Any]]  # channel events the agent still has to act on
 
 
-def agent_hello(*, silo_id: int, connection_id: str, agent_version: str) -> AgentWelcome:
-    """An agent said hello: register its connection (committed first), end its secure-
-    aggregation part in attempts in progress, and gather the welcome and the work it owes."""
+def agent_hello(
+    *,
+    silo_id: int,
+    connection_id: str,
+    agent_version: str,
+    model_kinds: list[dict[str, str]] | None = None,
+) -> AgentWelcome:
+    """An agent said hello: register its connection and announced model kinds (committed
+    first), end its secure-aggregation part in attempts in progress, and gather the welcome
+    and the work it owes."""
     replaced = silo_connect(
-        silo_id=silo_id, connection_id=connection_id, agent_version=agent_version
+        silo_id=silo_id,
+        connection_id=connection_id,
+        agent_version=agent_version,
+        model_kinds=model_kinds,
     )
     secagg_services.secagg_session_started(silo_id=silo_id)
     silo = Silo.objects.select_related("consortium").get(pk=silo_id)

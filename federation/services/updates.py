@@ -16,7 +16,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from fedcore import compression, tabular, tensors
+from fedcore import compression, tabular, task_metrics, tensors
 from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, RoundMetric, Run, Silo, SiloStatistics
 from federation.services import fairness as fairness_service
@@ -212,7 +212,7 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
         if writing is not None:
             writing.discard()
         raise
-    flat, dp_round, fairness_counts = kept.checked
+    flat, dp_round, fairness_counts, task_part = kept.checked
     try:
         with transaction.atomic():
             locked = Round.objects.select_for_update().get(pk=round_.pk)
@@ -232,6 +232,7 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
                 blob_key=kept.key,
                 wire=(len(payload), method, tensors.sha256_hex(payload)) if method else None,
                 fairness=fairness_counts,
+                task_part=task_part,
             )
             if fairness_counts is not None:
                 fairness_service.charge_update_counts(
@@ -258,7 +259,7 @@ class _Stored:
 
     key: str
     digest: str
-    checked: tuple[Any, Any, Any]  # (metrics, sample-level DP round, fairness counts)
+    checked: tuple[Any, Any, Any, Any]  # (metrics, sample-level DP round, fairness, task part)
     selected: int  # silos the round selected
 
 
@@ -288,6 +289,7 @@ def _checked_and_stored(
     """Every check of an update before its transaction, and its blob written (Refused if not)."""
     flat, dp_round, selected = _check_contribution(run, round_, silo, fields)
     fairness_counts = _checked_fairness(run, fields)
+    task_part = checked_task_part(run, fields)
     try:
         state = tensors.decode_state_dict(payload)
     except tensors.TensorCodecError as exc:
@@ -318,7 +320,8 @@ def _checked_and_stored(
             ask_again=(round_.pk, round_.deadline.timestamp()),
         ) from exc
     digest = tensors.sha256_hex(stored)
-    return _Stored(writing.key, digest, (flat, dp_round, fairness_counts), selected), stored
+    checked = (flat, dp_round, fairness_counts, task_part)
+    return _Stored(writing.key, digest, checked, selected), stored
 
 
 # Receipts' blob writes, beside their database checks; the receipt waits for its own.
@@ -364,6 +367,27 @@ def _delete_blob(key: str) -> None:
         blob_store().delete(key)
     except BlobStoreError as exc:  # an orphan file, never a row naming a missing blob
         log.warning("could not delete the blob of a refused update %s: %s", key, exc)
+
+
+def checked_task_part(run: Run, fields: dict[str, Any]) -> dict[str, Any] | None:
+    """A multi-class or regression update's ``task_part`` (the received global model's part of
+    the pooled metrics on the held-out rows, fedcore.task_metrics), checked; None when absent.
+    Refused for a binary plan, or naming the faulty field."""
+    raw = fields.get("task_part")
+    if raw is None:
+        return None
+    target = tabular.TargetSpec.from_dict(run.version.spec["schema"]["target"])
+    where = "task_part"
+    try:
+        if target.task == "multiclass":
+            return task_metrics.check_multiclass_part(
+                raw, classes=target.n_outputs, bins=None, where=where
+            )
+        if target.task == "regression":
+            return task_metrics.check_regression_part(raw, where=where)
+    except task_metrics.TaskPartError as exc:
+        raise Refused("invalid_update", str(exc)) from None
+    raise Refused("invalid_update", "a binary plan's update carries no task_part")
 
 
 def _check_contribution(
@@ -604,6 +628,7 @@ def _record_accepted(
     blob_key: str,
     wire: tuple[int, str, str] | None = None,
     fairness: dict[str, Any] | None = None,
+    task_part: dict[str, Any] | None = None,
 ) -> None:
     """Rows of an accepted update (plain or masked): the update, its metrics, its sample-level
     DP ledger entry and the audit event, in the caller's transaction.
@@ -620,6 +645,7 @@ def _record_accepted(
         size_bytes=size,
         blob_key=blob_key,
         metrics=fields["metrics"],
+        task_part=task_part,
         wire_bytes=wire_bytes,
         compression=method,
         fairness=fairness,

@@ -78,13 +78,13 @@ class Proc:
         return f"--- {self.name} ({self.log}):\n" + "\n".join(text)
 
 
-def server(tmp: Path, port: int) -> Proc:
-    """The Quorum ASGI server (embedded profile) on 127.0.0.1:port."""
+def server(tmp: Path, port: int, env: dict[str, str] | None = None) -> Proc:
+    """The Quorum ASGI server (embedded profile) on 127.0.0.1:port (``env``: as for agent)."""
     return Proc(
         "server",
         [sys.executable, "manage.py", "serve", "--port", str(port), "--log-level", "info"],
         tmp / "server.log",
-        process_env(),
+        process_env() if env is None else env,
     )
 
 

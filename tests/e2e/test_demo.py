@@ -91,3 +91,26 @@ def test_dp_demo_spends_at_most_the_target_and_the_ledger_agrees(tmp_path: Path)
         assert row["ledger"] == pytest.approx(row["reported"], rel=1e-6)
     # Budgets are 1.2 x the target: a second run of the same plan cannot be approved.
     assert privacy["second_run"].startswith("cannot be approved")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "task", "figures", "sites"),
+    [
+        ("cardiology", "multiclass", ("accuracy", "macro_f1"), 4),
+        ("progression", "regression", ("rmse", "mae", "r2"), 4),
+    ],
+)
+def test_a_task_demo_reports_the_tasks_figures_for_every_model(
+    tmp_path: Path, scenario: str, task: str, figures: tuple[str, ...], sites: int
+) -> None:
+    result = run_demo(tmp_path, "--scenario", scenario, "--rounds", "2")
+
+    assert result["scenario"] == scenario and result["task"] == task
+    assert len(result["local_only"]) == sites
+    for metrics in (result["federated"], result["centralized"], *result["local_only"].values()):
+        assert set(metrics) == set(figures)
+    # the run's own final evaluation, pooled from the sites' sums, is the federated model's
+    for name in figures:
+        assert result["final_evaluation"][name] == pytest.approx(
+            result["federated"][name], abs=1e-6
+        )

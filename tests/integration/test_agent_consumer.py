@@ -340,3 +340,31 @@ async def test_task_and_update_carry_the_stamps_that_time_their_transfer() -> No
     assert upload >= 2.0  # the server's clock at receipt minus the agent's sent_at
     assert update.metrics["train_loss"] == 0.5  # what the agent sent is kept as it was
     await comm.disconnect()
+
+
+async def test_hello_records_the_announced_model_kinds_and_a_malformed_one_is_refused() -> None:
+    _, [(silo, token)] = await make_round()
+    kind = {"name": "resmlp", "version": "0.1.0", "sha256": "ab" * 32}
+    comm = await connect(token)
+    await comm.send_to(
+        text_data=protocol.encode_control(
+            "hello", agent_version="test", capabilities={"models": [kind]}
+        )
+    )
+    assert protocol.decode_control(await comm.receive_from(timeout=5))["type"] == "welcome"
+    assert (await database_sync_to_async(Silo.objects.get)(pk=silo.pk)).model_kinds == [kind]
+    await comm.disconnect()
+
+    comm = await connect(token)
+    bad = {**kind, "sha256": "not-a-digest"}
+    await comm.send_to(
+        text_data=protocol.encode_control(
+            "hello", agent_version="test", capabilities={"models": [bad]}
+        )
+    )
+    error = protocol.decode_control(await comm.receive_from(timeout=5))
+    assert error["type"] == "error" and error["code"] == "invalid_field"
+    assert "capabilities.models[0].sha256 must be 64 lowercase hex digits" in error["reason"]
+    assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 4400}
+    # the refused hello registered nothing: the kinds announced before stay as they were
+    assert (await database_sync_to_async(Silo.objects.get)(pk=silo.pk)).model_kinds == [kind]

@@ -263,3 +263,11 @@ def test_a_good_request_after_the_bad_ones_saves_once(world: World) -> None:
     assert response.status_code == 201
     assert "token_hash" not in response.json() and response.json()["has_token"] is False
     assert Silo.objects.filter(name="new-silo").count() == 1
+
+
+def test_a_silo_shows_the_model_kinds_its_agent_announced(world: World) -> None:
+    kind = {"name": "resmlp", "version": "0.1.0", "sha256": "ab" * 32}
+    silo = world.gov.silos[0]
+    Silo.objects.filter(pk=silo.pk).update(model_kinds=[kind])
+    response = world.client("scientist").get(f"/api/v1/silos/{silo.pk}/")
+    assert response.status_code == 200 and response.json()["model_kinds"] == [kind]

@@ -164,14 +164,30 @@ def test_what_the_rounds_do_not_run_yet_is_refused_at_proposal_and_stores_nothin
         {"column": "y", "task": "regression"},
     ],
 )
-def test_a_task_the_rounds_do_not_run_yet_is_refused_at_proposal(g: Governed, target: dict) -> None:
+def test_a_multiclass_or_regression_plan_is_accepted_at_proposal(g: Governed, target: dict) -> None:
     from federation.models import Silo
     from tests.factories import SCHEMA
 
     schema = {**SCHEMA, "target": target}
     Silo.objects.filter(pk=g.silos[0].pk).update(schema=schema)  # the silo holds such a target
-    with pytest.raises(ValidationError) as refused:
-        propose(g, "Severity", spec=plan_spec(schema=schema))
-    message = refused.value.message_dict["spec.schema.target.task"][0]
-    assert f"{target['task']!r}: this server trains binary tasks only so far" in message
-    assert not TrainingPlan.objects.filter(name="Severity").exists()
+    propose(g, "Severity", spec=plan_spec(schema=schema))
+    stored = TrainingPlan.objects.get(name="Severity").versions.get().spec
+    assert stored["schema"]["target"] == target
+
+
+def test_an_installed_kind_is_accepted_when_a_participating_silo_announced_it(g: Governed) -> None:
+    from federation.models import Silo
+
+    model = {"kind": "installed", "name": "resmlp", "version": "0.1.0", "sha256": "b" * 64}
+    announced = {"name": "resmlp", "version": "0.1.0", "sha256": "b" * 64}
+    Silo.objects.filter(pk=g.silos[0].pk).update(model_kinds=[{**announced, "sha256": "c" * 64}])
+    with pytest.raises(ValidationError) as refused:  # another digest announced: not this kind
+        propose(g, "ResMLP", spec=plan_spec(model=model))
+    assert (
+        "version '0.1.0' with digest bbbbbbbbbbbb"
+        in refused.value.message_dict["spec.model.kind"][0]
+    )
+
+    Silo.objects.filter(pk=g.silos[0].pk).update(model_kinds=[announced])
+    propose(g, "ResMLP", spec=plan_spec(model=model))
+    assert TrainingPlan.objects.filter(name="ResMLP").exists()

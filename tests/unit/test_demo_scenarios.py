@@ -55,7 +55,51 @@ def test_bundled_data_and_attribution_exist():
 
 
 def test_scenario_registry():
-    assert SCENARIOS == {"healthcare": healthcare, "finance": finance}
+    from federation.demo.scenarios import cardiology, progression
+
+    assert SCENARIOS == {
+        "healthcare": healthcare,
+        "finance": finance,
+        "cardiology": cardiology,
+        "progression": progression,
+    }
+
+
+def test_cardiology_is_the_four_hospitals_with_severity_as_a_multiclass_target():
+    from fedcore import tabular
+    from federation.demo.scenarios import SEVERITY_CLASSES, cardiology
+
+    scenario = cardiology()
+    rows = {site: len(frame) for site, frame in scenario.sites.items()}
+    assert rows == {"cleveland": 303, "hungary": 294, "switzerland": 123, "va": 200}
+    target = scenario.plan["schema"]["target"]
+    assert target == {"column": "num", "task": "multiclass", "classes": SEVERITY_CLASSES}
+    # Cleveland writes its codes "1.0": one category with the other hospitals' "1"
+    assert set(scenario.sites["cleveland"]["sex"]) == {"0", "1"}
+    assert set(scenario.sites["hungary"]["num"]) == {"0", "1"}  # Budapest codes 0 and 1 only
+    assert scenario.sites["switzerland"]["chol"].isna().all()  # 0 = not measured, blanked
+    schema = tabular.DatasetSchema.from_dict(scenario.plan["schema"])
+    for frame in scenario.sites.values():
+        tabular.validate_frame(frame, schema)  # every site's rows fit the declared classes
+
+
+def test_progression_splits_the_diabetes_data_by_age_band():
+    from fedcore import tabular
+    from federation.demo.scenarios import PROGRESSION_SITES, progression
+
+    scenario = progression()
+    rows = {site: len(frame) for site, frame in scenario.sites.items()}
+    assert rows == {"young": 117, "forties": 97, "fifties": 125, "senior": 103}
+    assert sum(rows.values()) == 442
+    for site, frame in scenario.sites.items():
+        low, high = PROGRESSION_SITES[site][1]
+        age = frame["age"].astype(float)
+        assert ((age >= low) & (age < high)).all()
+    assert scenario.plan["schema"]["target"]["task"] == "regression"
+    schema = tabular.DatasetSchema.from_dict(scenario.plan["schema"])
+    for frame in scenario.sites.values():
+        tabular.validate_frame(frame, schema)
+    assert "Efron" in (DATA_DIR / "ATTRIBUTION.md").read_text()
 
 
 def test_healthcare_sites_and_rows(health):
@@ -194,7 +238,8 @@ def test_evaluate_comparison_keys_and_determinism(credit):
     n_features = len(tabular.feature_names(_schema(scenario), fitted))
     state = build_model(scenario.plan["model"], n_features, seed=0).state_dict()
     result = baselines.evaluate_comparison(scenario, fitted, state, seed=0)
-    assert set(result) == {"federated", "centralized", "local_only"}
+    assert set(result) == {"task", "federated", "centralized", "local_only"}
+    assert result["task"] == "binary"
     assert set(result["local_only"]) == set(FINANCE_ROWS)
     for scores in [result["federated"], result["centralized"], *result["local_only"].values()]:
         assert set(scores) == {"auc", "accuracy"}

@@ -5,6 +5,7 @@ distribution digest, allowed by site.toml, refused before any data is read other
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -231,3 +232,37 @@ def test_site_toml_models_section(tmp_path: Path) -> None:
     config.write_text(base.format(key=key) + '[models]\nallowed = ["Res MLP"]\n')
     with pytest.raises(ConfigError, match="not a model kind's name"):
         load_config(config)
+    many = ", ".join(f'"kind{i}"' for i in range(65))  # more than a hello may announce
+    config.write_text(base.format(key=key) + f"[models]\nallowed = [{many}]\n")
+    with pytest.raises(ConfigError, match="lists 65 kinds; at most 64"):
+        load_config(config)
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ("resmlp", "must be a list"),
+        ([{"name": "resmlp", "version": "0.1.0"}], "capabilities.models[0] must be exactly"),
+        ([{"name": "Res MLP", "version": "1", "sha256": "a" * 64}], "models[0].name must match"),
+        ([{"name": "resmlp", "version": "", "sha256": "a" * 64}], "models[0].version"),
+        ([{"name": "resmlp", "version": "1", "sha256": "A" * 64}], "models[0].sha256"),
+        ([{"name": "k", "version": "1", "sha256": "a" * 64}] * 65, "at most 64"),
+    ],
+)
+def test_a_hello_announcing_malformed_kinds_is_refused_naming_the_entry(
+    raw: object, words: str
+) -> None:
+    from fedcore.model_kinds import check_announcement
+
+    with pytest.raises(ValueError, match=re.escape(words)):
+        check_announcement(raw)
+
+
+def test_a_plan_kind_counts_as_announced_only_with_its_version_and_digest() -> None:
+    from fedcore.model_kinds import announced
+
+    kind = {"name": "resmlp", "version": "0.1.0", "sha256": "a" * 64}
+    spec = {"kind": "installed", "options": {}, **kind}
+    assert announced(spec, [[], [kind]])
+    assert not announced({**spec, "version": "0.2.0"}, [[kind]])
+    assert not announced({**spec, "sha256": "b" * 64}, [[kind]])

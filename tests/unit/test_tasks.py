@@ -511,3 +511,48 @@ def test_the_agent_refuses_a_class_outside_the_list_and_sends_nothing(tmp_path: 
     assert caught.value.code == "data_invalid"
     assert "'9' at row 3" in caught.value.reason
     assert "9" not in caught.value.shared_reason.replace("2 rows", "")
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [("abc", "not numeric"), ("inf", "not a finite number"), ("-inf", "not a finite number")],
+)
+def test_the_agent_refuses_a_regression_target_that_is_not_a_finite_number_and_sends_nothing(
+    tmp_path: Any, bad: str, problem: str
+) -> None:
+    from clientagent.data import LocalData
+    from clientagent.trainer import TaskError, handle_stats_request
+
+    df = frame()
+    df.loc[[4, 8, 15], "progression"] = bad
+    path = tmp_path / "site.csv"
+    df.to_csv(path, index=False)
+
+    with pytest.raises(TaskError) as caught:  # raised instead of a stats reply: nothing leaves
+        handle_stats_request(
+            {"run": 5, "plan_hash": "h", "plan": plan(REGRESSION)}, LocalData(path)
+        )
+
+    assert caught.value.code == "data_invalid"
+    reason = caught.value.reason
+    assert f"target column 'progression': 3 rows hold a value that is {problem}" in reason
+    assert f"first at row 5: {bad!r}" in reason  # the first example, in the site's own log
+    assert repr(bad) not in caught.value.shared_reason  # the value stays at the site
+
+
+def test_the_agent_refuses_missing_regression_targets_naming_the_rows(tmp_path: Any) -> None:
+    from clientagent.data import LocalData
+    from clientagent.trainer import TaskError, handle_stats_request
+
+    df = frame()
+    df.loc[[2, 9], "progression"] = "NaN"
+    path = tmp_path / "site.csv"
+    df.to_csv(path, index=False)
+
+    with pytest.raises(TaskError) as caught:
+        handle_stats_request(
+            {"run": 5, "plan_hash": "h", "plan": plan(REGRESSION)}, LocalData(path)
+        )
+
+    assert caught.value.code == "data_invalid"
+    assert "'progression'" in caught.value.reason and "2 rows" in caught.value.reason

@@ -32,7 +32,7 @@ from django.db import transaction
 
 from fedcore import approvals, fairness_mitigation, signing, tensors
 from fedcore.plan import MITIGATION_KINDS, parse_plan
-from federation.demo.baselines import evaluate_comparison
+from federation.demo.baselines import TASK_SCORES, evaluate_comparison
 from federation.demo.scenarios import SCENARIOS, Scenario
 from federation.models import (
     Consortium,
@@ -53,6 +53,16 @@ from federation.services.runs import run_start
 from federation.services.silos import silo_admit, silo_register, silo_set_budget
 from federation.signing import server_public_key_text
 from federation.storage import blob_store
+
+# Column headings of the comparison table (the task's figures, baselines.TASK_SCORES).
+SCORE_NAMES = {
+    "auc": "AUC",
+    "accuracy": "accuracy",
+    "macro_f1": "macro F1",
+    "rmse": "RMSE",
+    "mae": "MAE",
+    "r2": "R2",
+}
 
 
 class Command(BaseCommand):
@@ -318,17 +328,24 @@ class Command(BaseCommand):
             ("centralized (pooled rows)", result["centralized"]),
         ]
         rows += [(f"local only: {site}", m) for site, m in result["local_only"].items()]
+        columns = TASK_SCORES[result.get("task", "binary")]
         self.say("")
-        self.say(f"{'model':<32} {'AUC':>7} {'accuracy':>9}")
-        self.say("-" * 50)
+        self.say(f"{'model':<32} " + " ".join(f"{SCORE_NAMES[c]:>9}" for c in columns))
+        self.say("-" * (33 + 10 * len(columns)))
         for name, m in rows:
-            self.say(f"{name:<32} {m['auc']:>7.4f} {m['accuracy']:>9.4f}")
+            self.say(f"{name:<32} " + " ".join(f"{m[c]:>9.4f}" for c in columns))
         self.say(
             f"\nEvaluated on the union of the sites' held-out splits. {result['rounds']} rounds, "
             f"{result['seconds']:.1f} s in all."
         )
         final = result.get("final_evaluation")
-        if final and final.get("auc") is not None:
+        if final and result.get("task", "binary") != "binary":
+            self.say(
+                "The run's own final evaluation (pooled exactly from the sites' sums): "
+                + ", ".join(f"{SCORE_NAMES[c]} {final[c]:.4f}" for c in columns)
+                + f" on {final['n']} held-out rows."
+            )
+        elif final and final.get("auc") is not None:
             self.say(
                 f"The run's own final evaluation (pooled from the sites' score histograms): AUC "
                 f"{final['auc']:.4f} (within {final['auc_error_bound']:.1e} of the exact value), "
@@ -765,8 +782,9 @@ def _log_tails(agents: dict[str, subprocess.Popen[bytes]], lines: int = 8) -> st
 def _round_line(run: Run, round_: Round) -> str:
     metrics = {(m.scope, m.name): m.value for m in round_.metrics.filter(silo__isnull=True)}
     parts = [f"round {round_.number:>3}/{run.rounds}", f"{round_.updates.count()} updates"]
-    if ("local", "auc") in metrics:
-        parts.append(f"local AUC {metrics[('local', 'auc')]:.4f}")
+    for name, label in (("auc", "AUC"), ("macro_f1", "macro F1"), ("rmse", "RMSE")):
+        if ("local", name) in metrics:
+            parts.append(f"local {label} {metrics[('local', name)]:.4f}")
     if ("train", "train_loss") in metrics:
         parts.append(f"loss {metrics[('train', 'train_loss')]:.4f}")
     if round_.duration_seconds is not None:
