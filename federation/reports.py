@@ -564,6 +564,10 @@ def analysis_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             for values in zip(*(curve[key] for key in header[1:]), strict=True)
         ]
         return header, rows
+    if kind in ("cox", "linear_regression", "logistic_regression"):
+        ratio = [k for k in ("hazard_ratio", "odds_ratio") if k in result]
+        header = ["term", "coef", "se", "statistic", "p_value", "ci_lower", "ci_upper", *ratio]
+        return header, [[name, *(result[k][name] for k in header[1:])] for name in result["coef"]]
     if kind == "quantile":
         header = ["quantile", "value"]
         return header, [[p, v] for p, v in zip(result["probs"], result["values"], strict=True)] + [
