@@ -460,6 +460,7 @@ def compliance_report(run: Run) -> dict[str, Any]:
         "contributions": selectors.run_contributions(run),
         "privacy": run_privacy(run),
         "fairness": _fairness(run),
+        "analysis": _analysis_record(run),
         "events": selectors.run_audit_events(run),
         "head": audit_head(),
         "verification": verification,
@@ -504,6 +505,7 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         "privacy": report["privacy"],
         "fairness": report["fairness"],
         "final_evaluation": final_evaluation(run),
+        "analysis": _analysis_json(report["analysis"]),
         "audit_events": [
             {
                 "index": e.index,
@@ -520,6 +522,37 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         "audit_head": head,
         "audit_verification": asdict(report["verification"]),
     }
+
+
+def _analysis_record(run: Run) -> dict[str, Any] | None:
+    """An analysis run's part of the compliance report (None for training): the analysis, its
+    steps, what each site was asked and answered (or refused), and what was released under
+    which disclosure settings, or why nothing was."""
+    analysis = run_analysis(run)
+    if analysis["kind"] is None:
+        return None
+    result = analysis["result"] or {}
+    released = {
+        key: result[key]
+        for key in ("sites", "min_cell_count", "suppressed", "coarsening", "answered", "missing")
+        if key in result
+    }
+    return {
+        "kind": analysis["kind"],
+        "spec": run.version.spec["analysis"],
+        "steps": analysis["steps"],
+        "released": bool(analysis["result"]),
+        "release": released,
+        "withheld": "" if analysis["result"] else run.error,
+        "sites": selectors.run_analysis_contributions(run),
+    }
+
+
+def _analysis_json(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    sites = [{**site, "silo": site["silo"].name} for site in record["sites"]]
+    return {**record, "sites": sites}
 
 
 def run_analysis(run: Run) -> dict[str, Any]:

@@ -253,6 +253,10 @@ def test_a_site_refusing_by_its_disclosure_policy_withholds_everyone_s_result(tm
     assert "result" not in run.analysis
     withheld = AuditEvent.objects.get(action="analysis.withheld", object_id=str(run.pk))
     assert g.silos[2].name in withheld.data["reason"]
+    report = api(g.auditors[0]).get(f"/api/v1/runs/{run.pk}/compliance/").json()["analysis"]
+    assert report["released"] is False and "nothing is released" in report["withheld"]
+    refused_sites = [s["silo"] for s in report["sites"] if s["refused"]]
+    assert refused_sites == [g.silos[2].name]
 
 
 def past_deadline(run: Run) -> None:
@@ -368,3 +372,15 @@ def test_a_cox_run_asks_newton_steps_until_converged_and_equals_lifelines(tmp_pa
     csv_rows = browser.get(f"/runs/{run.pk}/analysis.csv").content.decode().splitlines()
     assert csv_rows[0] == "term,coef,se,statistic,p_value,ci_lower,ci_upper,hazard_ratio"
     assert csv_rows[1].startswith("age,")
+    # The compliance report records the analysis: its steps, each site's answers, the release.
+    report = api(g.auditors[0]).get(f"/api/v1/runs/{run.pk}/compliance/").json()["analysis"]
+    assert report["kind"] == "cox" and report["released"] is True
+    assert report["steps"] == run.analysis["steps"]
+    assert [s["steps_answered"] for s in report["sites"]] == [run.analysis["steps"]] * 3
+    browser.force_login(g.auditors[0])
+    page = browser.get(f"/runs/{run.pk}/compliance/")
+    assert page.status_code == 200 and "Analysis released" in page.text
+    pdf = browser.get(f"/runs/{run.pk}/compliance.pdf")
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+    actions = set(AuditEvent.objects.filter(object_id=str(run.pk)).values_list("action", flat=True))
+    assert {"analysis.started", "analysis.received", "analysis.released"} <= actions
