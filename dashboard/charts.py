@@ -17,7 +17,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from federation.reports import FAIRNESS_METRICS, analysis_table
+from fedcore.analytics.tables import analysis_table
+from federation.reports import FAIRNESS_METRICS
 
 # Colour-blind-safe (Okabe-Ito): the summary lines keep their colour on every chart; each silo
 # gets one of the others, the same on every chart (assigned by name).

@@ -24,9 +24,9 @@ from clientagent.trainer import TaskError
 from fedcore import protocol, tabular
 from fedcore.analytics import DisclosurePolicy
 from fedcore.analytics.survival import km_result, logrank_result, merge_event_times, site_km
+from fedcore.analytics.tables import analysis_table
 from federation import orchestrator, selectors
 from federation.models import AuditEvent, Run, SiloAnalysis
-from federation.reports import analysis_table
 from federation.services.analysis import analysis_receive
 from federation.services.api_tokens import api_token_create
 from federation.services.plans import plan_approve, plan_propose
