@@ -271,9 +271,6 @@ class Command(BaseCommand):
                 steps = run.analysis["steps"]
                 self.say(f"run {run.pk} '{plan.name}': released after {len(steps)} step(s)")
                 results.append(run.analysis["result"])
-            if not serve:
-                _stop_agents(agents)
-                agents = {}
             for line in survival_lines(results):
                 self.say(line)
             result = survival_summary(scenario, results)
