@@ -233,6 +233,14 @@ def site_answer(
         return out
     if newton or step == RESIDUALS:
         part = _site_model_step(analysis, params, df, policy)
+        if not all(
+            np.all(np.isfinite(np.asarray(value, dtype=np.float64))) for value in part.values()
+        ):
+            raise ValueError(
+                f"the site's sums overflow at the coefficients of step {step!r} (exp of a "
+                "large linear predictor): rescale the covariates with large values (days to "
+                "years, say) and propose the plan again"
+            )
         out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
         return out
     if step == EVENT_TIMES:

@@ -210,3 +210,9 @@ def test_a_fit_that_does_not_converge_within_max_iterations_stops_with_the_reaso
 ) -> None:
     with pytest.raises(ValueError, match="no convergence in 1 Newton steps"):
         run(cox(True, max_iterations=1), by_site(lung))
+
+
+def test_a_site_whose_sums_overflow_refuses_the_step_with_the_reason(lung: pd.DataFrame) -> None:
+    parsed = parse_analysis_plan({"kind": "analysis", "schema": SCHEMA, "analysis": cox(True)})
+    with pytest.raises(ValueError, match="overflow.*rescale the covariates"):
+        site_answer(parsed.analysis, "newton-2", {"beta": [20.0, 0.0, 0.0]}, lung, OPEN)
