@@ -236,6 +236,7 @@ class Command(BaseCommand):
         self.say(scenario.notes)
         agents: dict[str, subprocess.Popen[bytes]] = {}
         previous_term = _stop_on_sigterm()
+        serving = False
         try:
             agents = _launch_agents(
                 scenario,
@@ -280,15 +281,23 @@ class Command(BaseCommand):
             if opts["json"]:
                 self.stdout.write(json.dumps(result))
             if serve:
-                self.say(f"\nDashboard: {server.http_url}  (Ctrl-C to stop)")
+                self.say(
+                    f"\nThe {len(agents)} site agents keep running; the analyses' results are "
+                    f"under Runs. Dashboard: {server.http_url}  (Ctrl-C to stop)"
+                )
+                serving = True
                 while server.thread.is_alive():
                     time.sleep(0.5)
         except KeyboardInterrupt:
-            self.say("Interrupted: stopping the site agents and the server.")
+            if not serving:
+                self.say("Interrupted: stopping the site agents and the server.")
+                raise CommandError("interrupted before the demo finished") from None
         finally:
             _stop_agents(agents)
             server.stop()
             signal.signal(signal.SIGTERM, previous_term)
+        if serving:
+            self.say("Stopped.")
 
     def say(self, text: str) -> None:
         """Print a progress line."""
