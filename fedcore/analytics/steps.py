@@ -57,7 +57,6 @@ from fedcore.analytics.disclosure import (
 )
 from fedcore.analytics.regression import (
     SEPARATION_HINT,
-    check_binary_cells,
     design,
     linear_fit,
     linear_result,
@@ -337,14 +336,25 @@ def _check_model_cohort(analysis: Analysis, df: pd.DataFrame, policy: Disclosure
         )
         check_site_count(policy, len(times), f"{what} (complete cases of {covariates})")
         check_site_count(policy, int(events.sum()), f"the events of {what}")
-        check_binary_cells(policy, extra, analysis.covariates)
+        _check_two_valued(policy, extra, analysis.covariates)
         return
     assert analysis.outcome is not None
     x, y, names = design(
         df, analysis.outcome, analysis.covariates, intercept=False, filters=analysis.filters
     )
     check_site_count(policy, len(y), f"{what} (complete cases of {covariates})")
-    check_binary_cells(policy, np.concatenate([x, y[:, None]], axis=1), [*names, analysis.outcome])
+    _check_two_valued(policy, np.concatenate([x, y[:, None]], axis=1), [*names, analysis.outcome])
+
+
+def _check_two_valued(policy: DisclosurePolicy, x: np.ndarray, names: Sequence[str]) -> None:
+    """A column with two values at the site is a count table in disguise: its sums (in X'X,
+    X'y, a gradient) and the row count give how many rows hold each value. Each count must be
+    0 or at least the minimum cell count (``check_binary_cells`` for any two values)."""
+    for j, name in enumerate(names):
+        values, counts = np.unique(x[:, j], return_counts=True)
+        if values.size == 2:
+            for value, count in zip(values, counts, strict=True):
+                check_site_count(policy, int(count), f"the rows with {name} = {value:g}")
 
 
 def _check_cohort(analysis: Analysis, df: pd.DataFrame, policy: DisclosurePolicy) -> None:

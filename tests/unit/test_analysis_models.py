@@ -216,3 +216,14 @@ def test_a_site_whose_sums_overflow_refuses_the_step_with_the_reason(lung: pd.Da
     parsed = parse_analysis_plan({"kind": "analysis", "schema": SCHEMA, "analysis": cox(True)})
     with pytest.raises(ValueError, match="overflow.*rescale the covariates"):
         site_answer(parsed.analysis, "newton-2", {"beta": [20.0, 0.0, 0.0]}, lung, OPEN)
+
+
+def test_a_two_valued_covariate_coded_1_2_is_held_to_the_minimum_cell_count_too(
+    lung: pd.DataFrame,
+) -> None:
+    site = by_site(lung)[0]
+    few = site.assign(sex=[2.0, 2.0] + [1.0] * (len(site) - 2))  # two women: sums reveal it
+    parsed = parse_analysis_plan({"kind": "analysis", "schema": SCHEMA, "analysis": cox(True)})
+    step, params = next_step(parsed.analysis, [])
+    with pytest.raises(DisclosureRefused, match="sex = 2"):
+        site_answer(parsed.analysis, step, params, few, DisclosurePolicy())
