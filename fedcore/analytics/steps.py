@@ -325,8 +325,8 @@ def _site_model_step(
 
 
 def _check_model_cohort(analysis: Analysis, df: pd.DataFrame, policy: DisclosurePolicy) -> None:
-    """The complete cases of a model fit, its events and its 0/1 columns hold at least the
-    minimum cell count at this site (or none): X'X counts a 0/1 column's ones."""
+    """The complete cases of a model fit, a Cox model's events and the rows of each value of
+    every two-valued column are 0 or at least the minimum cell count at this site."""
     what = "the cohort" if analysis.filters else "the site's rows"
     covariates = ", ".join(analysis.covariates)
     if analysis.kind == "cox":
