@@ -15,7 +15,8 @@ and return; the arithmetic is ``cohort``'s and ``survival``'s. A run is a sequen
 - ``"newton-1"``, ``"newton-2"``, ... (Cox, logistic regression): the site's log-likelihood,
   gradient and Hessian at the coefficients the request carries (``site_cox_stratified``,
   ``site_logistic_step``), or for the unstratified Cox model its risk-set sums on the grid of
-  the ``"event_times"`` step before them (``site_cox_sums``). The server's ``NewtonRaphson``,
+  the ``"event_times"`` step before them (``site_cox_sums``; that step also sums the
+  covariates, and every site centres them at the pooled means). The server's ``NewtonRaphson``,
   replayed over the merges so far, takes the next step until it converges, at most the plan's
   ``max_iterations`` Newton steps (a halved step is one more request);
 - linear regression: ``"summary"`` (X'X, X'y, y'y) then ``"residuals"`` (the sum of squared
@@ -168,6 +169,7 @@ def next_step(
         params: dict[str, Any] = {"beta": fit.beta.tolist()}
         if fixed:
             params["grid"] = list(history[0]["grid"])
+            params["center"] = list(history[0]["center"])
         return f"{NEWTON}{len(history) - len(fixed) + 1}", params
     if analysis.kind != "quantile":
         steps = plan_steps(analysis)
@@ -255,6 +257,13 @@ def site_answer(
             time_step=policy.time_step,
         )
         out["event_times"] = times.tolist()
+        if analysis.kind == "cox":
+            # The covariates' sums: the server centres every site's covariates at the pooled
+            # means (the partial likelihood does not change; exp(x'beta) stays in range).
+            _, _, x = _cox_rows(
+                df, analysis.time, analysis.event, analysis.covariates, None, analysis.filters, None
+            )
+            out["summary"] = {"n": len(x), "xsum": x.sum(axis=0).tolist()}
         return out
     part = _site_summary(analysis, params, df, policy)
     out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
@@ -282,6 +291,11 @@ def _site_model_step(
     if analysis.kind == "cox":
         assert analysis.time is not None and analysis.event is not None
         if analysis.stratified:
+            # The site is its own stratum: centring at its own means changes nothing in its
+            # partial likelihood and keeps exp(x'beta) in range.
+            _, _, x = _cox_rows(
+                df, analysis.time, analysis.event, analysis.covariates, None, analysis.filters, None
+            )
             return site_cox_stratified(
                 df,
                 analysis.time,
@@ -289,11 +303,19 @@ def _site_model_step(
                 analysis.covariates,
                 beta,
                 ties=analysis.ties,
+                center=x.mean(axis=0) if len(x) else None,
                 filters=analysis.filters,
             )
         grid = params.get("grid")
         if not isinstance(grid, list) or not grid:
             raise ValueError("an unstratified Cox step needs the server's grid of event times")
+        center = params.get("center")
+        if (
+            not isinstance(center, list)
+            or len(center) != len(analysis.covariates)
+            or not all(isinstance(c, int | float) and not isinstance(c, bool) for c in center)
+        ):
+            raise ValueError("an unstratified Cox step needs the server's centre of each covariate")
         return site_cox_sums(
             df,
             analysis.time,
@@ -301,6 +323,7 @@ def _site_model_step(
             analysis.covariates,
             beta,
             grid,
+            center=center,
             filters=analysis.filters,
             time_step=policy.time_step,
         )
@@ -427,7 +450,14 @@ def merge_step(analysis: Analysis, step: str, answers: Sequence[Mapping[str, Any
     """
     if step == EVENT_TIMES:
         grid = merge_event_times([answer["event_times"] for answer in answers])
-        return {"grid": grid.tolist()}
+        out: dict[str, Any] = {"grid": grid.tolist()}
+        if analysis.kind == "cox":
+            sums = merge_sums(
+                [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
+            )
+            n = max(int(sums["n"]), 1)
+            out["center"] = (np.asarray(sums["xsum"], dtype=np.float64) / n).tolist()
+        return out
     merged = merge_sums(
         [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
     )
