@@ -53,8 +53,9 @@ def survival_lines(results: Sequence[dict[str, Any]]) -> list[str]:
     totals = ["-" if c is None else str(c) for c in [*counts["col_totals"], counts["total"]]]
     lines.append("  " + "".join(f"{v:>11}" for v in ["total", *totals]))
     lines.append(
-        f"  {counts.get('suppressed', 0)} cell(s) suppressed below the minimum cell count of "
-        f"{counts['min_cell_count']} (with complementary cells so no total reveals them)"
+        f"  {counts.get('suppressed', 0)} entries withheld: {counts.get('suppressed_primary', 0)} "
+        f"below the minimum cell count of {counts['min_cell_count']}, the others so that no "
+        "released total reveals them"
     )
     lines.append("Kaplan-Meier by sex (exponential Greenwood 95% intervals):")
     for group, curve in km["curves"].items():
