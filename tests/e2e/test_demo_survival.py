@@ -35,7 +35,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "_stdout": proc.stdout}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,14 @@ def pooled(demo: dict) -> pd.DataFrame:
 
 
 def test_the_json_line_has_the_issue_s_format(demo: dict) -> None:
-    assert set(demo) == {"scenario", "sites", "kaplan_meier", "logrank", "cox", "seconds"}
+    assert set(demo) - {"_stdout"} == {
+        "scenario",
+        "sites",
+        "kaplan_meier",
+        "logrank",
+        "cox",
+        "seconds",
+    }
     assert demo["scenario"] == "survival" and demo["seconds"] > 0
     codes = sorted(code for codes in demo["sites"].values() for code in codes)
     assert codes == sorted({*range(1, 17), 21, 22, 26, 32, 33} - {8, 9, 14}) and len(codes) == 18
@@ -74,6 +81,16 @@ def test_kaplan_meier_and_log_rank_equal_lifelines(demo: dict, pooled: pd.DataFr
     test = logrank_test(men["time"], women["time"], men["status"], women["status"])
     assert abs(demo["logrank"]["statistic"] - test.test_statistic) <= 1e-9
     assert abs(demo["logrank"]["p_value"] - test.p_value) <= 1e-9
+
+
+def test_the_cohort_counts_show_their_suppression(demo: dict) -> None:
+    # sex 1 holds the only patient with ECOG 3 and the only one without a score: withheld, with
+    # complements, and the four runs are real governed runs of the server
+    lines = demo["_stdout"].splitlines()
+    row = next(line.split() for line in lines if line.split()[:1] == ["1"])
+    assert row[4:6] == ["-", "-"] and "-" in row[1:4]
+    assert any("below the minimum cell count of 5" in line for line in lines)
+    assert sum("released after" in line for line in lines) == 4
 
 
 @pytest.mark.parametrize("model", ["stratified", "unstratified"])
