@@ -17,7 +17,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from federation.reports import FAIRNESS_METRICS, analysis_table
+from fedcore.analytics.tables import analysis_table
+from federation.reports import FAIRNESS_METRICS
 
 # Colour-blind-safe (Okabe-Ito): the summary lines keep their colour on every chart; each silo
 # gets one of the others, the same on every chart (assigned by name).
@@ -442,6 +443,62 @@ def privacy_spend_chart(silos: list[dict[str, Any]]) -> Chart:
     )
 
 
+def _forest_plot(result: dict[str, Any]) -> tuple[go.Figure, int, str]:
+    """Coefficients with their confidence intervals, one row per term (a forest plot), on the
+    scale of the linear predictor: a hazard or odds ratio is exp() of it (the table has both)."""
+    kind = result["kind"]
+    names = list(result["coef"])
+    level = f"{100 * (1 - result['alpha']):g}%"
+    axis = {"cox": "log hazard ratio", "logistic_regression": "log odds ratio"}.get(
+        kind, "coefficient"
+    )
+    fig = go.Figure(layout=_layout("Coefficients", "", x_title=f"{axis} ({level} CI)"))
+    fig.update_layout(hovermode="closest")
+    fig.update_xaxes(dtick=None, zeroline=True)
+    fig.update_yaxes(dtick=None, type="category", autorange="reversed")
+    coef = [result["coef"][n] for n in names]
+    fig.add_trace(
+        go.Scatter(
+            x=coef,
+            y=names,
+            mode="markers",
+            name="coef",
+            error_x={
+                "type": "data",
+                "symmetric": False,
+                "array": [result["ci_upper"][n] - c for n, c in zip(names, coef, strict=True)],
+                "arrayminus": [c - result["ci_lower"][n] for n, c in zip(names, coef, strict=True)],
+            },
+            hovertemplate="%{y}: %{x:.4f}",
+        )
+    )
+    fig.add_vline(x=0, line={"width": 1, "dash": "dot"})
+    if kind == "cox":
+        model = (
+            "Cox model stratified by site (a baseline hazard per site)"
+            if result["stratified_by_site"]
+            else f"Cox model, one baseline hazard, {result['ties']} ties; {result['coarsening']}"
+        )
+        what = f"{model}: {result['rows']} rows, {result['events']} events"
+    elif kind == "logistic_regression":
+        what = (
+            f"Logistic regression of {result['outcome']} by federated IRLS: {result['rows']} rows"
+        )
+    else:
+        what = (
+            f"Linear regression of {result['outcome']} from the sites' X'X and X'y: "
+            f"{result['rows']} rows, R² {result.get('r_squared', float('nan')):.4f}"
+        )
+    steps = result.get("newton_steps")
+    description = (
+        f"{what}, {result['sites']} sites"
+        + (f", {steps} Newton steps" if steps else "")
+        + f". Points are coefficients, bars their {level} confidence intervals "
+        f"({'t' if result['distribution'] == 't' else 'Wald z'})."
+    )
+    return fig, len(names), description
+
+
 def analysis_chart(result: dict[str, Any]) -> Chart:
     """The chart of a released analysis result, with the result's table under it: survival
     curves with their confidence bands, a histogram, or bars of counts or means."""
@@ -495,6 +552,8 @@ def analysis_chart(result: dict[str, Any]) -> Chart:
                 f" Log-rank test: chi-square {result['logrank']['statistic']:.4f}, "
                 f"p = {result['logrank']['p_value']:.4g}."
             )
+    elif kind in ("cox", "linear_regression", "logistic_regression"):
+        fig, points, description = _forest_plot(result)
     elif kind == "quantile":
         fig = go.Figure(layout=_layout("Quantiles", result["column"], x_title="Level"))
         fig.update_xaxes(dtick=None, type="category")

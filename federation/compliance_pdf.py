@@ -138,6 +138,45 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
         "No raw record left a site: silos sent model updates and aggregate statistics only."
     )
 
+    analysis = report.get("analysis")
+    if analysis is not None:
+        doc.heading("Analysis released", 2)
+        release = analysis["release"]
+        doc.paragraph(
+            f"A {analysis['kind']} analysis in {len(analysis['steps'])} step(s), each a signed "
+            "request to every site, answered under the site's own disclosure policy. "
+            + (
+                f"Released from {release.get('sites')} site(s)"
+                + (
+                    f", cells below {release['min_cell_count']} suppressed"
+                    if "min_cell_count" in release
+                    else ""
+                )
+                + (f"; event times: {release['coarsening']}" if "coarsening" in release else "")
+                + "."
+                if analysis["released"]
+                else f"Nothing was released: {analysis['withheld'] or 'the run did not finish'}."
+            )
+        )
+        doc.table(
+            [
+                Column("Silo", 1.6),
+                Column("Steps asked", 0.9),
+                Column("Steps answered", 0.9),
+                Column("Refused", 3.0),
+            ],
+            [
+                [
+                    s["silo"],
+                    str(len(s["steps_asked"])),
+                    str(len(s["steps_answered"])),
+                    s["refused"] or "-",
+                ]
+                for s in analysis["sites"]
+            ],
+            empty="No silo.",
+        )
+
     privacy = report["privacy"]
     doc.heading("Privacy (epsilon spent per silo)", 2)
     doc.paragraph(f"Differential privacy mode: {privacy['mode']}. {privacy['status']}.")

@@ -523,6 +523,7 @@ def compliance_report(run: Run) -> dict[str, Any]:
         "contributions": selectors.run_contributions(run),
         "privacy": run_privacy(run),
         "fairness": _fairness(run),
+        "analysis": _analysis_record(run),
         "events": selectors.run_audit_events(run),
         "head": audit_head(),
         "verification": verification,
@@ -567,6 +568,7 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         "privacy": report["privacy"],
         "fairness": report["fairness"],
         "final_evaluation": final_evaluation(run),
+        "analysis": _analysis_json(report["analysis"]),
         "audit_events": [
             {
                 "index": e.index,
@@ -583,6 +585,37 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         "audit_head": head,
         "audit_verification": asdict(report["verification"]),
     }
+
+
+def _analysis_record(run: Run) -> dict[str, Any] | None:
+    """An analysis run's part of the compliance report (None for training): the analysis, its
+    steps, what each site was asked and answered (or refused), and what was released under
+    which disclosure settings, or why nothing was."""
+    analysis = run_analysis(run)
+    if analysis["kind"] is None:
+        return None
+    result = analysis["result"] or {}
+    released = {
+        key: result[key]
+        for key in ("sites", "min_cell_count", "suppressed", "coarsening", "answered", "missing")
+        if key in result
+    }
+    return {
+        "kind": analysis["kind"],
+        "spec": run.version.spec["analysis"],
+        "steps": analysis["steps"],
+        "released": bool(analysis["result"]),
+        "release": released,
+        "withheld": "" if analysis["result"] else run.error,
+        "sites": selectors.run_analysis_contributions(run),
+    }
+
+
+def _analysis_json(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    sites = [{**site, "silo": site["silo"].name} for site in record["sites"]]
+    return {**record, "sites": sites}
 
 
 def run_analysis(run: Run) -> dict[str, Any]:
@@ -612,50 +645,3 @@ def run_analysis(run: Run) -> dict[str, Any]:
         "result": state.get("result"),
         "error": run.error,
     }
-
-
-def analysis_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """A released analysis result as one table: the header and the rows (None: suppressed).
-
-    The table under the dashboard's chart and the CSV export are this table."""
-    kind = result["kind"]
-    if kind == "kaplan_meier":
-        header = ["group", "time", "survival", "ci_lower", "ci_upper", "at_risk", "events"]
-        rows = [
-            [group, *values]
-            for group, curve in result["curves"].items()
-            for values in zip(*(curve[key] for key in header[1:]), strict=True)
-        ]
-        return header, rows
-    if kind == "quantile":
-        header = ["quantile", "value"]
-        return header, [[p, v] for p, v in zip(result["probs"], result["values"], strict=True)] + [
-            ["n", result["n"]]
-        ]
-    if kind == "moments":
-        header = ["column", "n", "mean", "variance", "sd"]
-        return header, [
-            [name, result["n"], result["mean"][i], result["variance"][i], result["sd"][i]]
-            for i, name in enumerate(result["columns"])
-        ]
-    if kind == "histogram":
-        edges = result["edges"]
-        bounds = [None, *edges, None]
-        header = ["from", "to", "count"]
-        return header, [
-            [bounds[i], bounds[i + 1], count] for i, count in enumerate(result["cells"])
-        ] + [["total", "", result["total"]]]
-    if "col_levels" in result:  # crosstab
-        header = ["", *result["col_levels"], "total"]
-        rows = [
-            [level, *cells, total]
-            for level, cells, total in zip(
-                result["row_levels"], result["cells"], result["row_totals"], strict=True
-            )
-        ]
-        return header, [*rows, ["total", *result["col_totals"], result["total"]]]
-    header = ["level", "count"]
-    rows = [
-        [level, count] for level, count in zip(result["row_levels"], result["cells"], strict=True)
-    ]
-    return header, [*rows, ["total", result["total"]]]

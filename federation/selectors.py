@@ -713,6 +713,28 @@ def run_contributions(run: Run) -> list[dict[str, Any]]:
     ]
 
 
+def run_analysis_contributions(run: Run) -> list[dict[str, Any]]:
+    """Per participating silo of an analysis run: the steps it was asked, those it answered and
+    its refusal, if any (the compliance report's record of what each site released)."""
+    from federation.models import SiloAnalysis, SiloRefusal
+
+    asked: dict[int, list[SiloAnalysis]] = {}
+    for row in SiloAnalysis.objects.filter(run=run).order_by("asked_at", "pk"):
+        asked.setdefault(row.silo_id, []).append(row)
+    refusals = {r.silo_id: r.reason for r in SiloRefusal.objects.filter(run=run)}
+    return [
+        {
+            "silo": silo,
+            "steps_asked": [row.step for row in asked.get(silo.pk, [])],
+            "steps_answered": [
+                row.step for row in asked.get(silo.pk, []) if row.answer is not None
+            ],
+            "refused": refusals.get(silo.pk, ""),
+        }
+        for silo in run_silos(run)
+    ]
+
+
 def run_privacy_spent(run: Run) -> dict[str, float]:
     """Epsilon the run spent at each participating silo, by silo name: the run's privacy ledger
     entries at that silo composed by the accountant (0.0 where there are none, as without DP)."""

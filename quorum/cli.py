@@ -7,6 +7,7 @@ message on stderr with exit status 1 (2 for a wrong command line), never as a tr
 from __future__ import annotations
 
 import argparse
+import csv
 import getpass
 import json
 import os
@@ -802,6 +803,44 @@ def cmd_run_results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run_analysis(args: argparse.Namespace) -> int:
+    from fedcore.analytics.tables import analysis_table
+
+    data = _client(args).analysis(args.run)
+    if args.format == "json":
+        _json(data)
+        return EXIT_OK
+    result = data.get("result")
+    if data.get("kind") is None:
+        raise CliError(
+            f"run {args.run} is a training run, not an analysis (see: quorum run results)"
+        )
+    if result is None:
+        why = data.get("error") or (
+            f"the sites are answering step {data['step']!r}" if data.get("step") else "not yet"
+        )
+        raise CliError(f"run {args.run} has released no {data['kind']} result: {why}")
+    header, rows = analysis_table(result)
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+        return EXIT_OK
+    out(f"run {args.run}: {data['kind']} from {result.get('sites')} site(s), {data['status']}")
+    shown = [
+        ["suppressed" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row]
+        for row in rows
+    ]
+    out(_table(shown, [str(h) for h in header]))
+    for key in ("logrank", "coarsening", "stratified_by_site", "ties", "r_squared"):
+        if key in result:
+            value = result[key]
+            if key == "logrank":
+                value = f"chi-square {value['statistic']:.6g}, p = {value['p_value']:.4g}"
+            out(f"{key}: {value}")
+    return EXIT_OK
+
+
 # --- models --------------------------------------------------------------------------------------
 
 
@@ -1047,6 +1086,12 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("run", type=int, metavar="RUN")
     res.add_argument("--format", choices=["table", "json"], default="table")
     res.set_defaults(func=cmd_run_results)
+    analysis = run_commands.add_parser(
+        "analysis", help="an analysis run's released result (table, CSV or JSON)"
+    )
+    analysis.add_argument("run", type=int, metavar="RUN")
+    analysis.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    analysis.set_defaults(func=cmd_run_analysis)
 
     model = commands.add_parser("model", help="download trained models")
     model_commands = model.add_subparsers(dest="model_command", metavar="ACTION")

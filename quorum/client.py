@@ -298,6 +298,9 @@ class Client:
     def privacy(self, run_id: int) -> Any:
         return self.get(f"runs/{run_id}/privacy/")
 
+    def analysis(self, run_id: int) -> dict[str, Any]:
+        return self.get_object(f"runs/{run_id}/analysis/", f"the analysis of run {run_id}")
+
     def model_version(self, version_id: int) -> dict[str, Any]:
         return self.get(f"models/{version_id}/")
 

@@ -11,6 +11,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from dashboard import charts
 from dashboard.views.assets import PLOTLY_VERSION
 from dashboard.views.common import page
+from fedcore.analytics.tables import analysis_table
 from federation import permissions, reports
 
 
@@ -42,7 +43,7 @@ def run_analysis_csv(request: HttpRequest, run_id: int) -> HttpResponse:
     data = reports.run_analysis(run)
     if data["result"] is None:
         raise Http404("this run has released no analysis result")
-    header, rows = reports.analysis_table(data["result"])
+    header, rows = analysis_table(data["result"])
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)

@@ -13,8 +13,15 @@ restricted to the suppressed cells (equivalently, when it is a bridge of the bip
 suppressed cells: Cox, "Linear sensitivity measures in statistical disclosure control", 1981).
 ``suppress_table`` adds cells until no suppressed cell is determined, checking that by the rank of
 the null space. Complementary cells are chosen among positive counts, so every suppressed value
-can move by at least one in either direction along a cycle and stay non-negative: no released
-combination of totals pins it down, even with the knowledge that counts are not negative.
+can move by at least one in either direction along a cycle and stay non-negative.
+
+Zeros are released, so whoever reads the table knows every suppressed entry is at least 1; two
+suppressed ones of a line whose released total leaves 2 for them are then both 1, although the
+equations alone do not determine them. ``pinned_cells`` finds such entries by linear programming
+(each suppressed entry's smallest and largest value with every suppressed entry at least 1; the
+additivity equations of a table with margins are totally unimodular, so a range of width 1 or
+more holds another whole number), and ``suppress_table`` closes a cycle through each along entries
+of at least 2, which can give one up and stay positive.
 """
 
 from __future__ import annotations
@@ -210,6 +217,41 @@ def determined_cells(equations: np.ndarray, suppressed: np.ndarray) -> np.ndarra
     return result
 
 
+def pinned_cells(equations: np.ndarray, values: np.ndarray, suppressed: np.ndarray) -> np.ndarray:
+    """Which suppressed entries the released ones determine once every suppressed entry is
+    known to be at least 1 (zeros are released).
+
+    Args:
+        equations: one linear equation per row, over every entry of the table.
+        values: the true values of the entries (only the released ones are used as known).
+        suppressed: boolean mask over the entries.
+
+    Returns:
+        A boolean mask: suppressed entries whose smallest and largest feasible values differ by
+        less than 1.
+    """
+    from scipy.optimize import linprog
+
+    hidden = np.flatnonzero(suppressed)
+    result = np.zeros(suppressed.shape, dtype=bool)
+    if hidden.size == 0:
+        return result
+    shown = np.flatnonzero(~suppressed)
+    a_eq = equations[:, hidden]
+    b_eq = -equations[:, shown] @ np.asarray(values, dtype=np.float64)[shown]
+    bounds = [(1.0, None)] * hidden.size
+    for k, entry in enumerate(hidden):
+        target = np.zeros(hidden.size)
+        target[k] = 1.0
+        low = linprog(target, A_eq=a_eq, b_eq=b_eq, bounds=bounds, method="highs")
+        high = linprog(-target, A_eq=a_eq, b_eq=b_eq, bounds=bounds, method="highs")
+        if high.status == 3:  # unbounded above: free
+            continue
+        if low.status != 0 or high.status != 0 or -high.fun - low.fun < 1.0 - 1e-9:
+            result[entry] = True
+    return result
+
+
 @dataclass(frozen=True)
 class SuppressedTable:
     """A count table as released: cells, margins, and which entries are withheld."""
@@ -301,15 +343,21 @@ def suppress_table(
     interior_flat = interior.ravel()
     while True:
         determined = determined_cells(equations, suppressed)
-        if not determined.any():
-            break
+        # Once no entry is determined by the equations, none may be by them and positivity
+        # (every suppressed entry is at least 1): close those cycles along entries of 2 or more.
+        strict = not determined.any()
+        if strict:
+            determined = pinned_cells(equations, flat, suppressed)
+            if not determined.any():
+                break
         entry = int(np.flatnonzero(determined)[0])
         if col_margins:
-            path = _cheapest_cycle(ext, suppressed.reshape(ext.shape), entry)
+            path = _cheapest_cycle(ext, suppressed.reshape(ext.shape), entry, strict=strict)
         else:
-            path = _cheapest_partner(flat, suppressed, interior_flat)
-        if not path:
-            # Nothing positive can close a cycle: withhold everything (nothing is released).
+            path = _cheapest_partner(flat, suppressed, interior_flat, strict=strict)
+        if not path or (strict and suppressed[path].all()):
+            # Nothing can close a cycle (or the one found adds nothing): withhold everything
+            # (nothing is released).
             suppressed[:] = True
             break
         suppressed[path] = True
@@ -326,16 +374,20 @@ def suppress_table(
     )
 
 
-def _cheapest_partner(flat: np.ndarray, suppressed: np.ndarray, interior: np.ndarray) -> list[int]:
+def _cheapest_partner(
+    flat: np.ndarray, suppressed: np.ndarray, interior: np.ndarray, *, strict: bool = False
+) -> list[int]:
     # One line only (a 1-D table and its total): a lone suppressed entry needs one partner,
-    # the smallest positive released one, cells before the total.
-    candidates = [i for i in np.flatnonzero(~suppressed & (flat > 0))]
+    # the smallest positive released one (strict: at least 2), cells before the total.
+    candidates = [i for i in np.flatnonzero(~suppressed & (flat > (1 if strict else 0)))]
     if not candidates:
         return []
     return [min(candidates, key=lambda i: (0 if interior[i] else 1, int(flat[i]), int(i)))]
 
 
-def _cheapest_cycle(ext: np.ndarray, suppressed: np.ndarray, entry: int) -> list[int]:
+def _cheapest_cycle(
+    ext: np.ndarray, suppressed: np.ndarray, entry: int, *, strict: bool = False
+) -> list[int]:
     # In the table with margins every line adds up (cells minus total = 0), so entries are the
     # edges of a bipartite graph between lines (rows) and lines (columns), and a suppressed
     # entry is determined iff it is a bridge of the graph of suppressed entries. Close a cycle
@@ -343,6 +395,9 @@ def _cheapest_cycle(ext: np.ndarray, suppressed: np.ndarray, entry: int) -> list
     # nothing, released positive ones their count (the information withheld); zeros are not
     # used, so every suppressed entry stays free to move by one either way.
     import heapq
+
+    if strict:
+        return _raising_cycle(ext, suppressed, entry)
 
     height, width = ext.shape
     row, col = divmod(entry, width)
@@ -381,6 +436,66 @@ def _cheapest_cycle(ext: np.ndarray, suppressed: np.ndarray, entry: int) -> list
     node = goal
     while node != start:
         node, index = back[node]
+        path.append(index)
+    return path
+
+
+def _raising_cycle(ext: np.ndarray, suppressed: np.ndarray, entry: int) -> list[int]:
+    # The entry is pinned by positivity: find the cheapest cycle along which it goes up by one
+    # while every line keeps its total, and every entry that goes down has at least 2 (stays
+    # positive). An entry (i, j) is an edge between line-node i (its row) and line-node j (its
+    # column), with coefficient -1 in a line where it is the total, +1 otherwise. A state is a
+    # node and what the path's last entry adds to that node's line (+1 or -1); leaving by entry
+    # f, f moves by minus that over f's coefficient. The cycle closes at the entry's column when
+    # the path's contribution there cancels the entry's.
+    import heapq
+
+    height, width = ext.shape
+    rows, cols = height - 1, width - 1
+
+    def coefficient(i: int, j: int, node: int) -> int:
+        if node < height:  # row line i: the row total (last column) is the minus one
+            return -1 if j == cols else 1
+        return -1 if i == rows else 1
+
+    row, col = divmod(entry, width)
+    start, goal = row, height + col
+    first = (start, coefficient(row, col, start))
+    target = (goal, -coefficient(row, col, goal))
+    best = {first: 0}
+    back: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}
+    queue = [(0, first)]
+    while queue:
+        cost, state = heapq.heappop(queue)
+        if state == target:
+            break
+        if cost > best.get(state, np.inf):
+            continue
+        node, added = state
+        if node < height:
+            edges = [(node, j, height + j) for j in range(width)]
+        else:
+            edges = [(i, node - height, i) for i in range(height)]
+        for i, j, other in edges:
+            index = i * width + j
+            if index == entry:
+                continue
+            move = -added * coefficient(i, j, node)
+            value = int(ext[i, j])
+            if (move < 0 and value < 2) or (not suppressed[i, j] and value == 0):
+                continue
+            step = 0 if suppressed[i, j] else value
+            following = (other, coefficient(i, j, other) * move)
+            if cost + step < best.get(following, np.inf):
+                best[following] = cost + step
+                back[following] = (state, index)
+                heapq.heappush(queue, (cost + step, following))
+    if target not in best:
+        return []
+    path: list[int] = []
+    state = target
+    while state != first:
+        state, index = back[state]
         path.append(index)
     return path
 

@@ -11,7 +11,16 @@ and return; the arithmetic is ``cohort``'s and ``survival``'s. A run is a sequen
 - ``"bisect-1"``, ``"bisect-2"``, ... (quantiles): the site's row count and how many of its
   values are at most each threshold (``site_count_below``); the server's ``QuantileSearch``,
   replayed over the merges so far, picks the next thresholds until every order statistic is
-  exact (:func:`next_step`).
+  exact (:func:`next_step`);
+- ``"newton-1"``, ``"newton-2"``, ... (Cox, logistic regression): the site's log-likelihood,
+  gradient and Hessian at the coefficients the request carries (``site_cox_stratified``,
+  ``site_logistic_step``), or for the unstratified Cox model its risk-set sums on the grid of
+  the ``"event_times"`` step before them (``site_cox_sums``; that step also sums the
+  covariates, and every site centres them at the pooled means). The server's ``NewtonRaphson``,
+  replayed over the merges so far, takes the next step until it converges, at most the plan's
+  ``max_iterations`` Newton steps (a halved step is one more request);
+- linear regression: ``"summary"`` (X'X, X'y, y'y) then ``"residuals"`` (the sum of squared
+  residuals at the estimate, so the standard errors are exact).
 
 Every answer carries the site's disclosure settings that the release must honour (its minimum
 cell count, minimum number of sites, time step): :func:`release` suppresses with the largest
@@ -27,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcore.analytics._newton import NewtonRaphson
 from fedcore.analytics._sums import merge_sums
 from fedcore.analytics.cohort import (
     QuantileSearch,
@@ -46,11 +56,27 @@ from fedcore.analytics.disclosure import (
     check_site_count,
     suppress_table,
 )
+from fedcore.analytics.regression import (
+    SEPARATION_HINT,
+    design,
+    linear_fit,
+    linear_result,
+    logistic_result,
+    site_linear_rss,
+    site_linear_sums,
+    site_logistic_step,
+)
 from fedcore.analytics.survival import (
+    MONOTONE_HINT,
+    _cox_rows,
+    cox_from_sums,
+    cox_result,
     describe_coarsening,
     km_result,
     logrank_result,
     merge_event_times,
+    site_cox_stratified,
+    site_cox_sums,
     site_event_times,
     site_km,
     survival_rows,
@@ -59,7 +85,16 @@ from fedcore.plan.analysis import Analysis
 
 __all__ = ["merge_step", "next_step", "plan_steps", "release", "site_answer", "step_params"]
 
-SUMMARY, EVENT_TIMES, BISECT = "summary", "event_times", "bisect-"
+SUMMARY, EVENT_TIMES, BISECT, NEWTON, RESIDUALS = (
+    "summary",
+    "event_times",
+    "bisect-",
+    "newton-",
+    "residuals",
+)
+# Newton's convergence: every component of the step below this (the fit is then the maximum
+# to ~1e-13 in the gradient; lifelines' default stops at 1e-7).
+NEWTON_TOL = 1e-10
 # A bisection over the 64-bit keys of doubles narrows each span about 16-fold a step (15 probes):
 # 16 steps suffice; the cap stops a search that does not converge (sites changing their data).
 MAX_BISECTIONS = 40
@@ -72,7 +107,37 @@ def plan_steps(analysis: Analysis) -> tuple[str, ...]:
         return (EVENT_TIMES, SUMMARY)
     if analysis.kind == "quantile":
         return ()
+    if analysis.kind == "cox":
+        return () if analysis.stratified else (EVENT_TIMES,)
+    if analysis.kind == "logistic_regression":
+        return ()
+    if analysis.kind == "linear_regression":
+        return (SUMMARY, RESIDUALS)
     return (SUMMARY,)
+
+
+def _iterative(analysis: Analysis) -> bool:
+    """Whether the analysis asks Newton steps after its fixed ones."""
+    return analysis.kind in ("cox", "logistic_regression")
+
+
+def _newton(analysis: Analysis, history: Sequence[Mapping[str, Any]]) -> NewtonRaphson:
+    """The server's Newton-Raphson replayed over the merged Newton steps so far (``history``
+    starts after the fixed steps). Deterministic: each replayed point is the one asked."""
+    hint = MONOTONE_HINT if analysis.kind == "cox" else SEPARATION_HINT
+    fit = NewtonRaphson(
+        len(analysis.coefficients),
+        tol=NEWTON_TOL,
+        max_iter=analysis.max_iterations,
+        hint=hint,
+    )
+    for merged in history:
+        data = {k: np.asarray(v, dtype=np.float64) for k, v in merged.items()}
+        if analysis.kind == "cox" and not analysis.stratified:
+            fit.observe(*cox_from_sums(data, fit.beta, ties=analysis.ties))
+        else:
+            fit.observe(float(data["loglik"]), data["gradient"], data["hessian"])
+    return fit
 
 
 def _search(analysis: Analysis, history: Sequence[Mapping[str, Any]], min_cell_count: int = 1):
@@ -93,6 +158,19 @@ def next_step(
         ValueError: a quantile search that cannot go on (no rows, the sites' count changed, more
             than ``MAX_BISECTIONS`` steps).
     """
+    if _iterative(analysis):
+        fixed = plan_steps(analysis)
+        if len(history) < len(fixed):
+            step = fixed[len(history)]
+            return step, step_params(analysis, step, dict(zip(fixed, history, strict=False)))
+        fit = _newton(analysis, history[len(fixed) :])
+        if fit.done:
+            return None
+        params: dict[str, Any] = {"beta": fit.beta.tolist()}
+        if fixed:
+            params["grid"] = list(history[0]["grid"])
+            params["center"] = list(history[0]["center"])
+        return f"{NEWTON}{len(history) - len(fixed) + 1}", params
     if analysis.kind != "quantile":
         steps = plan_steps(analysis)
         if len(history) >= len(steps):
@@ -131,7 +209,8 @@ def site_answer(
         ValueError: a step this analysis does not have, or data the analysis cannot use.
     """
     bisect = analysis.kind == "quantile" and step.startswith(BISECT)
-    if step not in plan_steps(analysis) and not bisect:
+    newton = _iterative(analysis) and step.startswith(NEWTON)
+    if step not in plan_steps(analysis) and not bisect and not newton:
         raise ValueError(
             f"step {step!r} is not a step of a {analysis.kind!r} analysis "
             f"({', '.join(plan_steps(analysis))})"
@@ -153,24 +232,158 @@ def site_answer(
         part = site_count_below(df, analysis.column, thresholds, filters=analysis.filters)
         out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
         return out
+    if newton or step == RESIDUALS:
+        part = _site_model_step(analysis, params, df, policy)
+        if not all(
+            np.all(np.isfinite(np.asarray(value, dtype=np.float64))) for value in part.values()
+        ):
+            raise ValueError(
+                f"the site's sums overflow at the coefficients of step {step!r} (exp of a "
+                "large linear predictor): rescale the covariates with large values (days to "
+                "years, say) and propose the plan again"
+            )
+        out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
+        return out
     if step == EVENT_TIMES:
         assert analysis.time is not None and analysis.event is not None
+        # Cox: the complete cases of its covariates, the rows its later steps use
+        columns = [] if analysis.group is None else [analysis.group]
         times = site_event_times(
             df,
             analysis.time,
             analysis.event,
-            columns=[] if analysis.group is None else [analysis.group],
+            columns=[*columns, *analysis.covariates],
             filters=analysis.filters,
             time_step=policy.time_step,
         )
         out["event_times"] = times.tolist()
+        if analysis.kind == "cox":
+            # The covariates' sums: the server centres every site's covariates at the pooled
+            # means (the partial likelihood does not change; exp(x'beta) stays in range).
+            _, _, x = _cox_rows(
+                df, analysis.time, analysis.event, analysis.covariates, None, analysis.filters, None
+            )
+            out["summary"] = {"n": len(x), "xsum": x.sum(axis=0).tolist()}
         return out
     part = _site_summary(analysis, params, df, policy)
     out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
     return out
 
 
+def _beta(analysis: Analysis, params: Mapping[str, Any]) -> np.ndarray:
+    beta = params.get("beta")
+    size = len(analysis.coefficients)
+    if (
+        not isinstance(beta, list)
+        or len(beta) != size
+        or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in beta)
+        or not np.all(np.isfinite(np.asarray(beta, dtype=np.float64)))
+    ):
+        raise ValueError(f"a model step needs the server's {size} finite coefficients (beta)")
+    return np.asarray(beta, dtype=np.float64)
+
+
+def _site_model_step(
+    analysis: Analysis, params: Mapping[str, Any], df: pd.DataFrame, policy: DisclosurePolicy
+) -> dict[str, np.ndarray]:
+    """A site's sums of one Newton step (or of linear regression's residuals) at ``beta``."""
+    beta = _beta(analysis, params)
+    if analysis.kind == "cox":
+        assert analysis.time is not None and analysis.event is not None
+        if analysis.stratified:
+            # The site is its own stratum: centring at its own means changes nothing in its
+            # partial likelihood and keeps exp(x'beta) in range.
+            _, _, x = _cox_rows(
+                df, analysis.time, analysis.event, analysis.covariates, None, analysis.filters, None
+            )
+            return site_cox_stratified(
+                df,
+                analysis.time,
+                analysis.event,
+                analysis.covariates,
+                beta,
+                ties=analysis.ties,
+                center=x.mean(axis=0) if len(x) else None,
+                filters=analysis.filters,
+            )
+        grid = params.get("grid")
+        if not isinstance(grid, list) or not grid:
+            raise ValueError("an unstratified Cox step needs the server's grid of event times")
+        center = params.get("center")
+        if (
+            not isinstance(center, list)
+            or len(center) != len(analysis.covariates)
+            or not all(isinstance(c, int | float) and not isinstance(c, bool) for c in center)
+        ):
+            raise ValueError("an unstratified Cox step needs the server's centre of each covariate")
+        return site_cox_sums(
+            df,
+            analysis.time,
+            analysis.event,
+            analysis.covariates,
+            beta,
+            grid,
+            center=center,
+            filters=analysis.filters,
+            time_step=policy.time_step,
+        )
+    assert analysis.outcome is not None
+    if analysis.kind == "logistic_regression":
+        return site_logistic_step(
+            df,
+            analysis.outcome,
+            analysis.covariates,
+            beta,
+            intercept=analysis.intercept,
+            filters=analysis.filters,
+        )
+    return site_linear_rss(
+        df,
+        analysis.outcome,
+        analysis.covariates,
+        beta,
+        intercept=analysis.intercept,
+        filters=analysis.filters,
+    )
+
+
+def _check_model_cohort(analysis: Analysis, df: pd.DataFrame, policy: DisclosurePolicy) -> None:
+    """The complete cases of a model fit, a Cox model's events and the rows of each value of
+    every two-valued column are 0 or at least the minimum cell count at this site."""
+    what = "the cohort" if analysis.filters else "the site's rows"
+    covariates = ", ".join(analysis.covariates)
+    if analysis.kind == "cox":
+        assert analysis.time is not None and analysis.event is not None
+        times, events, extra = _cox_rows(
+            df, analysis.time, analysis.event, analysis.covariates, None, analysis.filters, None
+        )
+        check_site_count(policy, len(times), f"{what} (complete cases of {covariates})")
+        check_site_count(policy, int(events.sum()), f"the events of {what}")
+        _check_two_valued(policy, extra, analysis.covariates)
+        return
+    assert analysis.outcome is not None
+    x, y, names = design(
+        df, analysis.outcome, analysis.covariates, intercept=False, filters=analysis.filters
+    )
+    check_site_count(policy, len(y), f"{what} (complete cases of {covariates})")
+    _check_two_valued(policy, np.concatenate([x, y[:, None]], axis=1), [*names, analysis.outcome])
+
+
+def _check_two_valued(policy: DisclosurePolicy, x: np.ndarray, names: Sequence[str]) -> None:
+    """A column with two values at the site is a count table in disguise: its sums (in X'X,
+    X'y, a gradient) and the row count give how many rows hold each value. Each count must be
+    0 or at least the minimum cell count (``check_binary_cells`` for any two values)."""
+    for j, name in enumerate(names):
+        values, counts = np.unique(x[:, j], return_counts=True)
+        if values.size == 2:
+            for value, count in zip(values, counts, strict=True):
+                check_site_count(policy, int(count), f"the rows with {name} = {value:g}")
+
+
 def _check_cohort(analysis: Analysis, df: pd.DataFrame, policy: DisclosurePolicy) -> None:
+    if analysis.kind in ("cox", "linear_regression", "logistic_regression"):
+        _check_model_cohort(analysis, df, policy)
+        return
     what = "the cohort" if analysis.filters else "the site's rows"
     if analysis.kind == "kaplan_meier":
         assert analysis.time is not None and analysis.event is not None
@@ -204,6 +417,15 @@ def _site_summary(
     if analysis.kind == "histogram":
         assert analysis.column is not None
         return site_histogram(df, analysis.column, analysis.edges, filters=analysis.filters)
+    if analysis.kind == "linear_regression":
+        assert analysis.outcome is not None
+        return site_linear_sums(
+            df,
+            analysis.outcome,
+            analysis.covariates,
+            intercept=analysis.intercept,
+            filters=analysis.filters,
+        )
     assert analysis.time is not None and analysis.event is not None
     grid = params.get("grid")
     if not isinstance(grid, list) or not grid:
@@ -228,7 +450,14 @@ def merge_step(analysis: Analysis, step: str, answers: Sequence[Mapping[str, Any
     """
     if step == EVENT_TIMES:
         grid = merge_event_times([answer["event_times"] for answer in answers])
-        return {"grid": grid.tolist()}
+        out: dict[str, Any] = {"grid": grid.tolist()}
+        if analysis.kind == "cox":
+            sums = merge_sums(
+                [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
+            )
+            n = max(int(sums["n"]), 1)
+            out["center"] = (np.asarray(sums["xsum"], dtype=np.float64) / n).tolist()
+        return out
     merged = merge_sums(
         [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
     )
@@ -239,6 +468,9 @@ def step_params(analysis: Analysis, step: str, merged: Mapping[str, Any]) -> dic
     """What the request of ``step`` carries, given the merge of the steps before it."""
     if analysis.kind == "kaplan_meier" and step == SUMMARY:
         return {"grid": list(merged[EVENT_TIMES]["grid"])}
+    if analysis.kind == "linear_regression" and step == RESIDUALS:
+        data = {k: np.asarray(v, dtype=np.float64) for k, v in merged[SUMMARY].items()}
+        return {"beta": linear_fit(data).tolist()}
     return {}
 
 
@@ -277,6 +509,10 @@ def release(
         result["min_cell_count"] = min_cell
         result["sites"] = sites
         return result
+    if analysis.kind in ("cox", "linear_regression", "logistic_regression"):
+        result.update(_model_result(analysis, merged, answers))
+        result["sites"] = sites
+        return result
     data = {k: np.asarray(v) for k, v in merged[SUMMARY].items()}
     if analysis.kind in ("count", "crosstab"):
         assert analysis.rows is not None and analysis.levels is not None
@@ -310,3 +546,50 @@ def release(
             result["logrank"] = logrank_result(data, levels=analysis.group_levels)
     result["sites"] = sites
     return result
+
+
+def _model_result(
+    analysis: Analysis, merged: Mapping[str, Any], answers: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """A model's coefficient table (coef, se, statistic, p_value, ci_lower, ci_upper; hazard or
+    odds ratios) from the merges of its steps."""
+    sites = len(answers)
+    if analysis.kind == "linear_regression":
+        data = {k: np.asarray(v, dtype=np.float64) for k, v in merged[SUMMARY].items()}
+        beta = linear_fit(data)
+        rss = float(np.asarray(merged[RESIDUALS]["rss"]))
+        table = linear_result(data, analysis.coefficients, beta, rss=rss, alpha=analysis.alpha)
+        table["outcome"] = analysis.outcome
+        return table
+    fixed = plan_steps(analysis)
+    steps = [*fixed, *sorted((s for s in merged if s.startswith(NEWTON)), key=_newton_index)]
+    history = [merged[s] for s in steps[len(fixed) :]]
+    fit = _newton(analysis, history)
+    if not fit.done:
+        raise ValueError("the model fit has not converged; nothing to release")
+    last = {k: np.asarray(v) for k, v in history[-1].items()}
+    if analysis.kind == "logistic_regression":
+        table = logistic_result(
+            fit, analysis.coefficients, rows=int(last["n"]), sites=sites, alpha=analysis.alpha
+        )
+        table["events"] = int(last["events"])
+        table["outcome"] = analysis.outcome
+    else:
+        events = int(last["events"]) if analysis.stratified else int(last["deaths"].sum())
+        table = cox_result(
+            fit,
+            analysis.covariates,
+            stratified=analysis.stratified,
+            ties=analysis.ties,
+            rows=int(last["rows"]),
+            events=events,
+            sites=sites,
+            coarsening=describe_coarsening([a.get("time_step") for a in answers]),
+            alpha=analysis.alpha,
+        )
+    table["newton_steps"] = len(history)
+    return table
+
+
+def _newton_index(step: str) -> int:
+    return int(step[len(NEWTON) :])

@@ -5,8 +5,10 @@ training. It is hashed, approved and granted like a training plan (the same cano
 same stewards); :func:`parse_analysis_plan` is the one parser server and site agent both run,
 and every problem is keyed by its dotted path ("analysis.columns", "analysis.filters").
 
-The analyses of this first slice are the one-shot ones (a single request to every site) plus
-Kaplan-Meier, which takes two: the union of the sites' event times, then the counts on it.
+Most analyses take one request to every site; Kaplan-Meier takes two (the union of the sites'
+event times, then the counts on it), quantiles a bisection step per narrowing, and the model fits
+(Cox, logistic regression) a step per Newton iteration, bounded by ``max_iterations``; linear
+regression takes two (X'X and X'y, then the residuals at the estimate).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fedcore.analytics.cohort import (
     column_types,
     parse_filters,
 )
+from fedcore.analytics.regression import INTERCEPT
 from fedcore.plan.keys import Key, check_section, defaults, names
 from fedcore.plan.spec import PlanError, parse_schema, training_plan_errors
 from fedcore.tabular import DatasetSchema
@@ -37,7 +40,16 @@ PLAN_ANALYSES: tuple[str, ...] = (
     "histogram",
     "quantile",
     "kaplan_meier",
+    "cox",
+    "linear_regression",
+    "logistic_regression",
 )
+# The analyses that fit a model (a coefficient table: forest plot, coef/se/CI/p).
+MODEL_ANALYSES: tuple[str, ...] = ("cox", "linear_regression", "logistic_regression")
+COX_TIES: tuple[str, ...] = ("efron", "breslow")
+MAX_COVARIATES = 50
+MAX_ITERATIONS = 100
+DEFAULT_MAX_ITERATIONS = 50
 MAX_PROBS = 20
 MAX_LEVELS = 64
 MAX_EDGES = 1001
@@ -91,16 +103,29 @@ class Analysis:
     edges: tuple[float, ...] = ()  # histogram
     probs: tuple[float, ...] = ()  # quantile
     method: str = "linear"
-    time: str | None = None  # kaplan_meier
+    time: str | None = None  # kaplan_meier, cox
     event: str | None = None
     group: str | None = None
     logrank: bool = False
     alpha: float = 0.05
+    covariates: tuple[str, ...] = ()  # cox, linear_regression, logistic_regression
+    outcome: str | None = None  # linear_regression, logistic_regression
+    intercept: bool = True
+    stratified: bool = False  # cox: stratified by site
+    ties: str = "efron"  # cox
+    max_iterations: int = DEFAULT_MAX_ITERATIONS  # cox, logistic_regression
 
     @property
     def policy_kinds(self) -> tuple[str, ...]:
         """The kinds a site's ``[disclosure] allowed_analyses`` must list for this analysis."""
         return (self.kind, "logrank") if self.logrank else (self.kind,)
+
+    @property
+    def coefficients(self) -> tuple[str, ...]:
+        """A model fit's coefficient names, in order (a regression's intercept is 'const')."""
+        if self.kind in ("linear_regression", "logistic_regression") and self.intercept:
+            return (INTERCEPT, *self.covariates)
+        return self.covariates
 
     @property
     def group_levels(self) -> tuple[str, ...]:
@@ -194,6 +219,25 @@ _SECTION_KEYS: dict[str, frozenset[str]] = {
     "quantile": frozenset({"kind", "column", "probs", "method", "filters"}),
     "kaplan_meier": frozenset(
         {"kind", "time", "event", "group", "levels", "logrank", "alpha", "filters"}
+    ),
+    "cox": frozenset(
+        {
+            "kind",
+            "time",
+            "event",
+            "covariates",
+            "stratified",
+            "ties",
+            "alpha",
+            "max_iterations",
+            "filters",
+        }
+    ),
+    "linear_regression": frozenset(
+        {"kind", "outcome", "covariates", "intercept", "alpha", "filters"}
+    ),
+    "logistic_regression": frozenset(
+        {"kind", "outcome", "covariates", "intercept", "alpha", "max_iterations", "filters"}
     ),
 }
 
@@ -289,6 +333,8 @@ def _analysis(raw: Mapping[str, Any], types: Mapping[str, str], errors: dict[str
             )
         else:
             fields["method"] = method
+    elif kind in MODEL_ANALYSES:
+        _model_fields(raw, kind, types, fields, errors, column)
     else:  # kaplan_meier
         fields["time"] = column("time", numeric=True)
         fields["event"] = column("event")
@@ -311,6 +357,86 @@ def _analysis(raw: Mapping[str, Any], types: Mapping[str, str], errors: dict[str
     if len(errors) > before:
         return None
     return Analysis(**fields)
+
+
+def _model_fields(
+    raw: Mapping[str, Any],
+    kind: str,
+    types: Mapping[str, str],
+    fields: dict[str, Any],
+    errors: dict[str, str],
+    column: Any,
+) -> None:
+    """The keys of a model fit: Cox's time and event, or a regression's outcome; covariates."""
+    if kind == "cox":
+        fields["time"] = column("time", numeric=True)
+        fields["event"] = column("event")
+        stratified = raw.get("stratified", False)
+        if not isinstance(stratified, bool):
+            errors["analysis.stratified"] = (
+                "must be true (a baseline hazard per site, the partial likelihood summed over "
+                "sites) or false (one baseline hazard over the union of event times)"
+            )
+        fields["stratified"] = stratified is True
+        ties = raw.get("ties", "efron")
+        if ties not in COX_TIES:
+            errors["analysis.ties"] = (
+                f"{ties!r} is not a ties method; use one of {', '.join(COX_TIES)} (efron: "
+                "lifelines' and R's default)"
+            )
+        else:
+            fields["ties"] = ties
+    else:
+        fields["outcome"] = column("outcome", numeric=kind == "linear_regression")
+        intercept = raw.get("intercept", True)
+        if not isinstance(intercept, bool):
+            errors["analysis.intercept"] = "must be true (a 'const' coefficient) or false"
+        fields["intercept"] = intercept is not False
+    if kind != "linear_regression":
+        iterations = raw.get("max_iterations", DEFAULT_MAX_ITERATIONS)
+        if (
+            isinstance(iterations, bool)
+            or not isinstance(iterations, int)
+            or not 1 <= iterations <= MAX_ITERATIONS
+        ):
+            errors["analysis.max_iterations"] = (
+                f"must be an integer from 1 to {MAX_ITERATIONS} (Newton steps, each a request "
+                "to every site)"
+            )
+        else:
+            fields["max_iterations"] = iterations
+    alpha = raw.get("alpha", 0.05)
+    if not _finite(alpha) or not 0 < alpha < 1:
+        errors["analysis.alpha"] = "must be a number between 0 and 1 (0.05: 95% intervals)"
+    else:
+        fields["alpha"] = float(alpha)
+    value = raw.get("covariates")
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= MAX_COVARIATES
+        or not all(isinstance(c, str) for c in value)
+    ):
+        errors["analysis.covariates"] = (
+            f"needs a list of 1 to {MAX_COVARIATES} numeric schema columns (code a category "
+            "as 0/1 columns)"
+        )
+        return
+    if len(set(value)) != len(value):
+        errors["analysis.covariates"] = "lists a column twice"
+        return
+    try:
+        check_columns(types, value, numeric=True, what="analysis.covariates")
+    except ValueError as exc:
+        errors["analysis.covariates"] = str(exc).split(": ", 1)[1]
+        return
+    used = {fields.get("time"), fields.get("event"), fields.get("outcome")} - {None}
+    if used & set(value):
+        errors["analysis.covariates"] = (
+            f"lists {sorted(used & set(value))}, which the model already uses as its "
+            "time, event or outcome"
+        )
+        return
+    fields["covariates"] = tuple(value)
 
 
 def _finite(value: Any) -> bool:

@@ -12,7 +12,7 @@ This module does not import Django, so it can be unit-tested and used by the ben
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,9 @@ class Scenario:
     site_org_names: dict[str, str]
     plan: dict[str, Any]
     notes: str = ""
+    # An analysis scenario (survival): its analysis plans, run one after another; ``plan`` is
+    # the first of them. Empty for a training scenario.
+    analyses: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _plan(
@@ -463,9 +466,112 @@ def progression(seed: int = 0) -> Scenario:
     )
 
 
+# NCCTG lung cancer trial (lung.csv): silo -> the institution codes (``inst``) of its rows. One
+# silo per institution with at least 5 patients of each sex (the sites' minimum cell count holds
+# for the Kaplan-Meier groups by sex); institution 6 (4 women) joins 21; of the nine
+# institutions of fewer than 10 patients the four largest form one silo, the other five another.
+# The one row without an institution code is dropped. Every silo has at least 5 deaths (the Cox
+# model's events) and 5 patients of each sex.
+LUNG_SILOS: dict[str, tuple[int, ...]] = {
+    "inst-01": (1,),
+    "inst-03": (3,),
+    "inst-11": (11,),
+    "inst-12": (12,),
+    "inst-13": (13,),
+    "inst-16": (16,),
+    "inst-22": (22,),
+    "inst-06-21": (6, 21),
+    "small-a": (5, 7, 32, 26),
+    "small-b": (15, 2, 4, 10, 33),
+}
+LUNG_COVARIATES: tuple[str, ...] = ("age", "sex", "ph.ecog")
+
+
+def survival(seed: int = 0) -> Scenario:
+    """Survival analyses of the NCCTG lung cancer trial (228 patients, 18 institutions), not
+    training: cohort counts by sex and ECOG score, Kaplan-Meier by sex with the log-rank test,
+    and a Cox model on age, sex and ECOG (complete cases), stratified by site and unstratified.
+
+    ``lung.csv`` is lifelines' copy (status 1 = death, 0 = censored); ATTRIBUTION.md.
+    """
+    raw = load_table(DATA_DIR / "lung.csv")
+    inst = pd.to_numeric(raw["inst"], errors="coerce")
+    sites = {silo: _site_frame(raw[inst.isin(codes)]) for silo, codes in LUNG_SILOS.items()}
+    schema = {
+        "columns": [
+            _column(name, "numeric")
+            for name in ("time", "age", "sex", "ph.ecog", "ph.karno", "wt.loss")
+        ],
+        "target": {"column": "status", "positive": ["1"]},
+        "sensitive": [],
+    }
+
+    def plan(name: str, analysis: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "kind": "analysis",
+            "name": name,
+            "schema": copy.deepcopy(schema),
+            "analysis": analysis,
+            "min_silos": len(sites),
+            "round_deadline_seconds": 60,
+        }
+
+    cox = {"kind": "cox", "time": "time", "event": "status", "covariates": list(LUNG_COVARIATES)}
+    analyses = [
+        plan(
+            "Cohort: sex by ECOG score",
+            {
+                "kind": "crosstab",
+                "rows": "sex",
+                "cols": "ph.ecog",
+                "levels": {"sex": ["1", "2"], "ph.ecog": ["0", "1", "2", "3"]},
+            },
+        ),
+        plan(
+            "Kaplan-Meier by sex",
+            {
+                "kind": "kaplan_meier",
+                "time": "time",
+                "event": "status",
+                "group": "sex",
+                "levels": ["1", "2"],
+                "logrank": True,
+            },
+        ),
+        plan("Cox model stratified by site", {**cox, "stratified": True}),
+        plan("Cox model, one baseline hazard", {**cox, "stratified": False}),
+    ]
+    notes = (
+        "NCCTG lung cancer trial (Loprinzi et al. 1994): 227 patients with an institution code "
+        f"in {len(sites)} silos (one per institution with at least 5 patients of each sex; "
+        "institution 6 joins 21; the nine small institutions form two silos).\n"
+        + "\n".join(
+            f"  {silo}: institution(s) {', '.join(map(str, LUNG_SILOS[silo]))}, {len(frame)} rows"
+            for silo, frame in sites.items()
+        )
+    )
+    return Scenario(
+        name="survival",
+        title="NCCTG lung cancer survival",
+        consortium="Lung Cancer Survival Consortium",
+        org_kind="hospital",
+        sites=sites,
+        site_org_names={
+            silo: f"Institution {' + '.join(map(str, codes))}"
+            if len(codes) < 4
+            else f"Small institutions {', '.join(map(str, codes))}"
+            for silo, codes in LUNG_SILOS.items()
+        },
+        plan=analyses[0],
+        notes=notes,
+        analyses=analyses,
+    )
+
+
 SCENARIOS = {
     "healthcare": healthcare,
     "finance": finance,
     "cardiology": cardiology,
     "progression": progression,
+    "survival": survival,
 }

@@ -12,7 +12,9 @@ which, in the run's locked transaction:
    merges the answers (``fedcore.analytics.steps.merge_step``) and asks the silos that answered
    for the next step, or releases the result (``steps.release``: suppression with the largest
    minimum cell count of the sites, the largest minimum number of sites);
-   (a quantile asks bisection steps until its search is exact: ``steps.next_step``);
+   (a quantile asks bisection steps until its search is exact, a Cox or logistic model a
+   Newton step at a time until it converges or reaches the plan's ``max_iterations``:
+   ``steps.next_step``);
 3. stores the result in ``Run.analysis["result"]`` and audits ``analysis.released``.
 
 Nothing is released when a site refused (its agent's ``policy_refused``, for instance a cohort

@@ -24,9 +24,9 @@ from clientagent.trainer import TaskError
 from fedcore import protocol, tabular
 from fedcore.analytics import DisclosurePolicy
 from fedcore.analytics.survival import km_result, logrank_result, merge_event_times, site_km
+from fedcore.analytics.tables import analysis_table
 from federation import orchestrator, selectors
 from federation.models import AuditEvent, Run, SiloAnalysis
-from federation.reports import analysis_table
 from federation.services.analysis import analysis_receive
 from federation.services.api_tokens import api_token_create
 from federation.services.plans import plan_approve, plan_propose
@@ -253,6 +253,10 @@ def test_a_site_refusing_by_its_disclosure_policy_withholds_everyone_s_result(tm
     assert "result" not in run.analysis
     withheld = AuditEvent.objects.get(action="analysis.withheld", object_id=str(run.pk))
     assert g.silos[2].name in withheld.data["reason"]
+    report = api(g.auditors[0]).get(f"/api/v1/runs/{run.pk}/compliance/").json()["analysis"]
+    assert report["released"] is False and "nothing is released" in report["withheld"]
+    refused_sites = [s["silo"] for s in report["sites"] if s["refused"]]
+    assert refused_sites == [g.silos[2].name]
 
 
 def past_deadline(run: Run) -> None:
@@ -322,3 +326,61 @@ def test_a_quantile_run_asks_bisection_steps_until_exact(tmp_path):
     browser = Client()
     browser.force_login(g.scientists[0])
     assert "Exact quantiles" in browser.get(f"/runs/{run.pk}/analysis/").text
+
+
+@pytest.mark.parametrize("stratified", [True, False])
+def test_a_cox_run_asks_newton_steps_until_converged_and_equals_lifelines(tmp_path, stratified):
+    from lifelines import CoxPHFitter
+
+    analysis = {
+        "kind": "cox",
+        "time": "time",
+        "event": "status",
+        "covariates": ["age"],
+        "stratified": stratified,
+    }
+    g, run = governed_run(analysis)
+    paths = [site_csv(tmp_path, seed) for seed in (7, 8, 9)]
+    data = [LocalData(p) for p in paths]
+    for _ in range(20):  # a signed request per step; a handful are needed
+        assert answer_step(g, run, data, [DisclosurePolicy()] * 3) == []
+        if run.status != Run.Status.RUNNING:
+            break
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    newton = [f"newton-{i}" for i in range(1, result["newton_steps"] + 1)]
+    assert run.analysis["steps"] == ([] if stratified else ["event_times"]) + newton
+    pooled = pd.concat(
+        [pd.read_csv(p).assign(site=i) for i, p in enumerate(paths)], ignore_index=True
+    )[["time", "status", "age", "site"]]
+    reference = CoxPHFitter().fit(
+        pooled if stratified else pooled.drop(columns="site"),
+        "time",
+        "status",
+        strata=["site"] if stratified else None,
+        fit_options={"precision": 1e-12, "r_precision": 1e-14},
+    )
+    assert abs(result["coef"]["age"] - reference.params_["age"]) <= 1e-6
+    assert abs(result["se"]["age"] - reference.standard_errors_["age"]) <= 1e-6
+    assert result["stratified_by_site"] is stratified and result["answered"] == sorted(
+        s.name for s in g.silos
+    )
+    browser = Client()
+    browser.force_login(g.scientists[0])
+    page = browser.get(f"/runs/{run.pk}/analysis/")
+    assert page.status_code == 200 and "Newton steps" in page.text and "hazard_ratio" in page.text
+    csv_rows = browser.get(f"/runs/{run.pk}/analysis.csv").content.decode().splitlines()
+    assert csv_rows[0] == "term,coef,se,statistic,p_value,ci_lower,ci_upper,hazard_ratio"
+    assert csv_rows[1].startswith("age,")
+    # The compliance report records the analysis: its steps, each site's answers, the release.
+    report = api(g.auditors[0]).get(f"/api/v1/runs/{run.pk}/compliance/").json()["analysis"]
+    assert report["kind"] == "cox" and report["released"] is True
+    assert report["steps"] == run.analysis["steps"]
+    assert [s["steps_answered"] for s in report["sites"]] == [run.analysis["steps"]] * 3
+    browser.force_login(g.auditors[0])
+    page = browser.get(f"/runs/{run.pk}/compliance/")
+    assert page.status_code == 200 and "Analysis released" in page.text
+    pdf = browser.get(f"/runs/{run.pk}/compliance.pdf")
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+    actions = set(AuditEvent.objects.filter(object_id=str(run.pk)).values_list("action", flat=True))
+    assert {"analysis.started", "analysis.received", "analysis.released"} <= actions

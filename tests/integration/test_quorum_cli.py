@@ -313,3 +313,27 @@ def test_a_run_whose_final_model_exceeds_a_fairness_limit_is_not_a_plain_complet
     assert code == 0 and f"warning: {message}" in out
     code, out, _ = cli("run", "results", str(run.pk), "--format", "json")
     assert json.loads(out)["run"]["fairness_warning"]["message"] == message
+
+
+def test_an_analysis_run_s_result_as_a_table_csv_and_json(cli: Cli, tmp_path: Path) -> None:
+    from clientagent.data import LocalData
+    from fedcore.analytics import DisclosurePolicy
+    from tests.integration.test_analysis_runs import answer_step, governed_run, site_csv
+
+    g, run = governed_run({"kind": "linear_regression", "outcome": "time", "covariates": ["age"]})
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+    for _ in range(2):  # X'X and X'y, then the residuals at the estimate
+        assert answer_step(g, run, data, [DisclosurePolicy()] * 3) == []
+    assert run.status == models.Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    user = cli.as_user(g.scientists[0])
+
+    code, out, _ = user("run", "analysis", str(run.pk))
+    assert code == 0 and "linear_regression from 3 site(s)" in out
+    assert "const" in out and "age" in out and "r_squared" in out
+    code, out, _ = user("run", "analysis", str(run.pk), "--format", "csv")
+    lines = out.splitlines()
+    assert lines[0] == "term,coef,se,statistic,p_value,ci_lower,ci_upper"
+    assert lines[2].startswith("age,") and float(lines[2].split(",")[1]) == result["coef"]["age"]
+    code, out, _ = user("run", "analysis", str(run.pk), "--format", "json")
+    assert json.loads(out)["result"]["se"] == result["se"]

@@ -83,7 +83,7 @@ def test_a_valid_analysis_plan_has_no_errors_and_a_hash_like_any_plan():
             "'weight' is not in",
         ),
         ({"kind": "histogram", "column": "age", "edges": [3, 1]}, "analysis.edges", "increasing"),
-        ({"kind": "cox"}, "analysis.kind", "not an analysis"),
+        ({"kind": "evaluation"}, "analysis.kind", "not an analysis"),
         (
             {"kind": "crosstab", "rows": "sex", "cols": "status", "levels": {"sex": ["1"]}},
             "analysis.levels.status",

@@ -15,7 +15,15 @@ import torch
 from fedcore import tabular
 from fedcore.models import build_model, validate_model_spec
 from federation.demo import baselines
-from federation.demo.scenarios import DATA_DIR, FINANCE_BANKS, SCENARIOS, finance, healthcare
+from federation.demo.scenarios import (
+    DATA_DIR,
+    FINANCE_BANKS,
+    LUNG_SILOS,
+    SCENARIOS,
+    finance,
+    healthcare,
+    survival,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 THYROID_ROWS = {"other": 5493, "svi": 2394, "svhc": 956, "stmw": 255, "svhd": 71}
@@ -62,6 +70,7 @@ def test_scenario_registry():
         "finance": finance,
         "cardiology": cardiology,
         "progression": progression,
+        "survival": survival,
     }
 
 
@@ -100,6 +109,27 @@ def test_progression_splits_the_diabetes_data_by_age_band():
     for frame in scenario.sites.values():
         tabular.validate_frame(frame, schema)
     assert "Efron" in (DATA_DIR / "ATTRIBUTION.md").read_text()
+
+
+def test_survival_silos_hold_every_institution_and_pass_every_site_s_disclosure_policy():
+    from fedcore.analytics import DisclosurePolicy
+    from fedcore.analytics.steps import next_step, site_answer
+    from fedcore.plan import parse_analysis_plan
+
+    scenario = survival()
+    assert sum(len(frame) for frame in scenario.sites.values()) == 227
+    assert sorted(c for codes in LUNG_SILOS.values() for c in codes) == sorted(
+        {int(float(v)) for v in pd.read_csv(DATA_DIR / "lung.csv")["inst"].dropna()}
+    )
+    assert scenario.plan is scenario.analyses[0]
+    # each site answers the first step of every analysis under the default policy (minimum
+    # cell count 5): no silo is too small for a group by sex, a Cox model's events
+    for spec in scenario.analyses:
+        analysis = parse_analysis_plan(spec).analysis
+        step, params = next_step(analysis, [])
+        for frame in scenario.sites.values():
+            rows = tabular.validate_frame(frame, parse_analysis_plan(spec).schema)
+            site_answer(analysis, step, params, rows, DisclosurePolicy())
 
 
 def test_healthcare_sites_and_rows(health):

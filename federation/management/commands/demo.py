@@ -34,6 +34,7 @@ from fedcore import approvals, fairness_mitigation, signing, tensors
 from fedcore.plan import MITIGATION_KINDS, parse_plan
 from federation.demo.baselines import TASK_SCORES, evaluate_comparison
 from federation.demo.scenarios import SCENARIOS, Scenario
+from federation.demo.survival import survival_lines, survival_summary
 from federation.models import (
     Consortium,
     ModelVersion,
@@ -121,6 +122,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         started = time.monotonic()
+        if opts["scenario"] == "survival":  # analysis runs, not training
+            self.handle_analyses(opts, started)
+            return
         if opts["rounds"] is not None and opts["rounds"] < 1:
             raise CommandError("--rounds must be at least 1")
         call_command("migrate", verbosity=0, interactive=False)
@@ -227,6 +231,96 @@ class Command(BaseCommand):
             server.stop()
             signal.signal(signal.SIGTERM, previous_term)
         if serve:
+            self.say("Stopped.")
+
+    def handle_analyses(self, opts: dict[str, Any], started: float) -> None:
+        """An analysis scenario: its analysis plans proposed, approved by every steward (signed)
+        and run one after another by the same server and site agents (docs/analytics.md)."""
+        training_only = ("rounds", "sites", "max_rows", "strategy")
+        for option in training_only:
+            if opts[option] is not None:
+                raise CommandError(f"--{option.replace('_', '-')} applies to training scenarios")
+        if opts["dp"] != "none" or opts["secagg"]:
+            raise CommandError("--dp and --secagg apply to training scenarios")
+        call_command("migrate", verbosity=0, interactive=False)
+        scenario = SCENARIOS[opts["scenario"]](seed=opts["seed"])
+        home = settings.QUORUM_HOME / "demo" / scenario.name
+        _reset(scenario, home)
+        steward_keys = _steward_keys(scenario, home)
+        plan, tokens, users, scientist = _create_consortium(scenario, steward_keys=steward_keys)
+        serve = not opts["no_serve"]
+        port = opts["port"] if serve else free_port(opts["host"])
+        if port_in_use(opts["host"], port):
+            raise CommandError(f"port {port} is in use: stop what runs there or pass --port N")
+        server = ServerThread(opts["host"], port)
+        server.start()
+        if opts["verbosity"] < 2:
+            logging.getLogger("quorum").setLevel(logging.WARNING)
+        self.say(f"Quorum server on {server.http_url} (agents connect to {server.ws_url})")
+        self.say(scenario.notes)
+        agents: dict[str, subprocess.Popen[bytes]] = {}
+        previous_term = _stop_on_sigterm()
+        serving = False
+        try:
+            agents = _launch_agents(
+                scenario,
+                home,
+                tokens,
+                server.ws_url,
+                server_public_key_text(),
+                {site: signing.public_key_text(key) for site, key in steward_keys.items()},
+            )
+            _wait_online(list(tokens), agents, timeout=120.0)
+            self.say(f"{len(agents)} site agents connected")
+            silos = list(plan.current_version.silos.all())
+            results = []
+            for index, spec in enumerate(scenario.analyses):
+                if index:
+                    plan = plan_propose(
+                        actor=scientist,
+                        consortium=plan.consortium,
+                        name=spec["name"],
+                        description=scenario.notes,
+                        spec=spec,
+                        silos=silos,
+                        submit=True,
+                    )
+                    _approve_as_stewards(plan, steward_keys)
+                run = self.watch(
+                    run_start(actor=scientist, plan=plan),
+                    agents,
+                    deadline=started + opts["timeout"],
+                )
+                if run.status != Run.Status.COMPLETED:
+                    raise CommandError(f"'{plan.name}' {run.status}: {run.error}")
+                steps = run.analysis["steps"]
+                self.say(f"run {run.pk} '{plan.name}': released after {len(steps)} step(s)")
+                results.append(run.analysis["result"])
+            for line in survival_lines(results):
+                self.say(line)
+            result = survival_summary(scenario, results)
+            result["seconds"] = round(time.monotonic() - started, 2)
+            self.say(f"{len(results)} governed analysis runs in {result['seconds']} s")
+            self.print_users(users, server.http_url)
+            if opts["json"]:
+                self.stdout.write(json.dumps(result))
+            if serve:
+                self.say(
+                    f"\nThe {len(agents)} site agents keep running; the analyses' results are "
+                    f"under Runs. Dashboard: {server.http_url}  (Ctrl-C to stop)"
+                )
+                serving = True
+                while server.thread.is_alive():
+                    time.sleep(0.5)
+        except KeyboardInterrupt:
+            if not serving:
+                self.say("Interrupted: stopping the site agents and the server.")
+                raise CommandError("interrupted before the demo finished") from None
+        finally:
+            _stop_agents(agents)
+            server.stop()
+            signal.signal(signal.SIGTERM, previous_term)
+        if serving:
             self.say("Stopped.")
 
     def say(self, text: str) -> None:
@@ -691,7 +785,7 @@ def _create_consortium(
     plan = plan_propose(
         actor=scientist,
         consortium=consortium,
-        name=f"{scenario.title} model",
+        name=scenario.plan.get("name") or f"{scenario.title} model",
         description=scenario.notes,
         spec=scenario.plan,
         silos=silos,
