@@ -245,6 +245,16 @@ class _TaskBudget:
         self.approved = privacy
 
 
+def _round_count_lost(exc: Exception, run: int, rnd: int) -> TaskError:
+    return TaskError(
+        POLICY_REFUSED,
+        f"the site's round count cannot be kept, so the task cannot be checked for replay: {exc}",
+        run=run,
+        round=rnd,
+        shared_reason="the site's local round count cannot be kept; the site operator must fix it",
+    )
+
+
 def _round_label(run: int, rnd: int, rounds: int | None) -> str:
     return f"round {rnd}/{rounds}" if rounds else f"run {run} round {rnd}"
 
@@ -498,9 +508,20 @@ class Agent:
                 a later one of the run (a replay); ``policy_refused`` when rounds.json is
                 damaged or cannot be written.
         """
+        self.reserve_round(fields, grant)()
+
+    def reserve_round(
+        self, fields: Mapping[str, Any], grant: Mapping[str, Any]
+    ) -> Callable[[], None]:
+        """Check and reserve this task's round attempt (:meth:`RoundLog.reserve`); return what
+        makes the reservation durable, raising TaskError (``policy_refused``) if it cannot.
+
+        Raises:
+            TaskError: as :meth:`claim_round`, for a replay or a damaged rounds.json.
+        """
         run, rnd = fields["run"], fields["round"]
         try:
-            self.round_log.claim(run, rnd, grant["attempt"])
+            persist = self.round_log.reserve(run, rnd, grant["attempt"])
         except RoundReplayed as exc:
             raise TaskError(
                 NOT_AUTHORIZED,
@@ -511,15 +532,15 @@ class Agent:
                 shared_reason=str(exc),
             ) from None
         except (RoundLogError, OSError) as exc:
-            raise TaskError(
-                POLICY_REFUSED,
-                f"the site's round count cannot be kept, so the task cannot be checked for "
-                f"replay: {exc}",
-                run=run,
-                round=rnd,
-                shared_reason="the site's local round count cannot be kept; the site operator "
-                "must fix it",
-            ) from None
+            raise _round_count_lost(exc, run, rnd) from None
+
+        def durable() -> None:
+            try:
+                persist()
+            except (RoundLogError, OSError) as exc:
+                raise _round_count_lost(exc, run, rnd) from None
+
+        return durable
 
     async def handle_stats_request(self, fields: dict[str, Any], session: _Session) -> None:
         """Check the request, compute the local statistics in a worker thread, reply ``stats``."""
@@ -600,8 +621,9 @@ class Agent:
             job = self._jobs.get(key)
             if job is None:
                 try:
-                    # A new training: never twice for a round attempt (rounds.json).
-                    await asyncio.to_thread(self.claim_round, fields, grant)
+                    # A new training: never twice for a round attempt (rounds.json). Written
+                    # while the round trains; the update waits for it (_train).
+                    durable = await asyncio.to_thread(self.reserve_round, fields, grant)
                 except TaskError as exc:
                     await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
                     return
@@ -613,7 +635,7 @@ class Agent:
                         label,
                         late,
                     )
-                job = asyncio.ensure_future(self._train(task, label, key))
+                job = asyncio.ensure_future(self._train(task, label, key, durable))
                 self._jobs[key] = job
                 job.add_done_callback(lambda done: self._job_done(key, done))
             try:
@@ -707,8 +729,16 @@ class Agent:
             )
 
     async def _train(
-        self, task: protocol.BinaryMessage, label: str, key: tuple[Any, ...]
+        self,
+        task: protocol.BinaryMessage,
+        label: str,
+        key: tuple[Any, ...],
+        durable: Callable[[], None],
     ) -> _BuiltUpdate:
+        # The round's reservation is written (two fsyncs) while it trains; no update of the
+        # round is kept or sent before it is durable (a TaskError from it refuses the task).
+        written = asyncio.ensure_future(asyncio.to_thread(durable))
+        written.add_done_callback(_retrieved)
         async with self._train_lock:  # one training at a time: the CPU is the bottleneck
             if self._cancel.is_set():
                 raise TrainingCancelled(label)
@@ -719,6 +749,7 @@ class Agent:
             finally:
                 progress.close()
                 self.state = "idle"
+        await written
         # Kept here, not by the session that asked: that session may be gone by now, and the
         # server re-sends the same task after the reconnect.
         self._last_update = _BuiltUpdate(key=key, message=update, privacy=privacy)
@@ -934,6 +965,12 @@ class Agent:
     def _forget_update(self, run: int, rnd: int) -> None:
         if self._last_update is not None and self._last_update.key[:2] == (run, rnd):
             self._last_update = None
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a background future's exception as seen (the awaiting code may be gone)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _nonce() -> str:

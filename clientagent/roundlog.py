@@ -7,6 +7,11 @@ to a temporary file, fsynced and renamed over the old one (then the folder is fs
 crash leaves either the old count or the new one, never a torn file, and a restart keeps it.
 
 A damaged file fails closed: no task trains until the operator moves it aside.
+
+The agent reserves a round (:meth:`RoundLog.reserve`: checked against the file and the
+reservations of this process, which later claims see at once) and makes it durable while the
+round trains; the update only leaves once the write is fsynced. A crash before then loses the
+reservation, but also the update: nothing of that training was released.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +51,9 @@ class RoundLog:
     def __init__(self, state_dir: Path):
         self.path = Path(state_dir) / ROUNDS_FILE
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        # Reserved rounds not yet written, by run id: every claim checks them too.
+        self._pending: dict[str, dict[str, Any]] = {}
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -69,7 +78,8 @@ class RoundLog:
 
     def last(self, run: int) -> TrainedRound | None:
         """The last round attempt of ``run`` this site trained, if any."""
-        entry = self._read().get(str(run))
+        with self._lock:
+            entry = self._pending.get(str(run)) or self._read().get(str(run))
         return None if entry is None else TrainedRound(**entry)
 
     def claim(self, run: int, round: int, attempt: int) -> None:
@@ -80,21 +90,50 @@ class RoundLog:
             RoundLogError: the file is damaged.
             OSError: it cannot be written (nothing trains then).
         """
+        self.reserve(run, round, attempt)()
+
+    def reserve(self, run: int, round: int, attempt: int) -> Callable[[], None]:
+        """Check and reserve ``round``/``attempt`` of ``run``; return what writes it (fsynced).
+
+        A later claim or reservation of this process sees the reservation at once, written or
+        not. The returned function raises OSError when the file cannot be written: the caller
+        must then not release anything of the round.
+
+        Raises:
+            RoundReplayed: this site already trained (or reserved) this round attempt or a
+                later one.
+            RoundLogError: the file is damaged.
+        """
         with self._lock:
             runs = self._read()
-            entry = runs.get(str(run))
+            entry = self._pending.get(str(run)) or runs.get(str(run))
             if entry is not None and (round, attempt) <= (entry["round"], entry["attempt"]):
                 raise RoundReplayed(
                     f"run {run} round {round} (attempt {attempt}) is not after round "
                     f"{entry['round']} (attempt {entry['attempt']}), which this site already "
                     f"trained at {entry['at']}: a replayed task"
                 )
-            runs[str(run)] = {
+            reserved = {
                 "round": round,
                 "attempt": attempt,
                 "at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-            self._write({"runs": runs})
+            self._pending[str(run)] = reserved
+
+        def persist() -> None:
+            with self._write_lock:  # writers in turn, each with every reservation so far
+                try:
+                    with self._lock:
+                        runs = {**self._read(), **self._pending}
+                    self._write({"runs": runs})
+                finally:
+                    # Written, or not at all: then nothing of the round may leave, and the same
+                    # task asked again is tried again rather than refused as a replay.
+                    with self._lock:
+                        if self._pending.get(str(run)) is reserved:
+                            del self._pending[str(run)]
+
+        return persist
 
     def _write(self, data: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

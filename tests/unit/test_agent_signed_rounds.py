@@ -286,3 +286,84 @@ def test_a_task_checked_again_before_its_update_leaves_ignores_the_expiry(tmp_pa
     fields = task_fields(authorization=task_grant(expires_in=-3600))
     assert "expired" in refusal(agent, fields).reason
     agent.check_request(fields, weights_sha256=WEIGHTS_SHA, check_expiry=False)
+
+
+def test_a_reserved_round_is_refused_again_before_its_write_and_kept_by_it(tmp_path):
+    """The round's reservation counts at once (a replay racing its fsync is refused) and the
+    write makes it survive a restart."""
+    log = RoundLog(tmp_path)
+    persist = log.reserve(7, 1, 1)
+    assert not log.path.exists()  # not written yet: the round trains meanwhile
+    with pytest.raises(RoundReplayed):
+        log.reserve(7, 1, 1)
+    assert log.last(7).round == 1
+    other = log.reserve(8, 2, 1)  # another run's reservation, written first, keeps run 7's
+    other()
+    persist()
+    restarted = RoundLog(tmp_path)
+    assert (restarted.last(7).round, restarted.last(8).round) == (1, 2)
+    with pytest.raises(RoundReplayed):
+        restarted.reserve(7, 1, 1)
+
+
+def test_a_reservation_that_cannot_be_written_is_dropped(tmp_path, monkeypatch):
+    """A full disk: the write fails, nothing of the round may leave, and the same round asked
+    again later is tried again (not refused as a replay)."""
+    log = RoundLog(tmp_path)
+    persist = log.reserve(7, 1, 1)
+
+    def full(*_: Any, **__: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("clientagent.roundlog.os.fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        persist()
+    monkeypatch.undo()
+    assert log.last(7) is None
+    log.reserve(7, 1, 1)()
+    assert RoundLog(tmp_path).last(7).round == 1
+
+
+async def test_a_round_count_that_cannot_be_written_refuses_the_task_and_sends_no_update(
+    tmp_path,
+):
+    """rounds.json is written while the round trains; when that fails the update never leaves:
+    the task is refused with policy_refused and only the error is in the sent log."""
+    replies: dict[str, dict[str, Any]] = {}
+
+    def fail(*_: Any, **__: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    async def script(ws: ServerConnection, server: FakeServer) -> None:
+        await hello_welcome(ws, server)
+        fitted = await stats_round(ws, server)
+        write = RoundLog._write
+        RoundLog._write = fail  # type: ignore[method-assign]
+        try:
+            await send_frames(ws, signed_task(fitted, round=1))
+            replies["refused"] = await next_reply(ws, server)
+        finally:
+            RoundLog._write = write  # type: ignore[method-assign]
+        await send_frames(ws, signed_task(fitted, round=1))  # the disk has room again
+        replies["again"] = await next_reply(ws, server)
+        await server.events.put(("done", None))
+
+    server = FakeServer([script])
+    await server.start()
+    agent = make_agent(tmp_path, server.url)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(agent.run(stop))
+    await server.next_event("done")
+    stop.set()
+    assert await asyncio.wait_for(runner, WAIT) == EXIT_OK
+    await server.stop()
+
+    refused = replies["refused"]
+    assert refused["type"] == "error" and refused["code"] == "policy_refused", refused
+    assert "round count cannot be kept" in refused["reason"]
+    assert replies["again"]["type"] == "update"
+    sent = [
+        json.loads(line)
+        for line in (agent.config.agent.state_dir / "sent.jsonl").read_text().splitlines()
+    ]
+    assert [line["type"] for line in sent if line["type"] != "stats"] == ["error", "update"]
