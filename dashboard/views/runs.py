@@ -46,7 +46,7 @@ def _monitor_data(request: HttpRequest, run: Run) -> dict[str, Any]:
         "run": run,
         "rounds": rounds,
         "rounds_completed": sum(1 for r in rounds if r.status == "completed"),
-        "charts": charts.run_charts(rounds, metric_rows),
+        "charts": charts.run_charts(rounds, metric_rows, run.evaluation),
         "silos": silos,
         "waiting_note": selectors.run_waiting_note(run, rounds),
         "refusals": list(selectors.run_refusals(run)),

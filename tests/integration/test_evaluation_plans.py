@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from django.core.exceptions import ValidationError
+from django.test import Client
 from sklearn.metrics import roc_auc_score
 
 from clientagent.data import LocalData
@@ -23,6 +24,7 @@ from federation.services.plans import plan_approve, plan_propose
 from federation.services.runs import run_start
 from federation.services.updates import stats_receive, update_receive
 from federation.storage import blob_store
+from tests.api_factories import client_for as api_client
 from tests.factories import SCHEMA, PlanFactory, plan_spec, start_run
 from tests.governance_factories import Governed, governed_consortium
 from tests.integration.test_final_evaluation import evaluate_at, online, site_frame
@@ -194,6 +196,17 @@ def test_an_evaluation_plan_evaluates_the_version_on_every_site_and_pools_exactl
     for action in ("run.started", "run.evaluation_plan_started", "evaluation.received"):
         assert action in actions
     assert actions[-1] == "run.finished"
+
+    # The run page draws the curve (offline Plotly) with its table; the API carries it.
+    browser = Client()
+    browser.force_login(g.scientists[0])
+    html = browser.get(f"/runs/{run.pk}/").content.decode()
+    assert 'id="chart-calibration"' in html and 'id="table-calibration"' in html
+    assert 'id="chart-loss"' not in html  # no training, no round charts
+    assert f"model v2 of run {source.pk}" in html
+    body = api_client(g.scientists[0]).get(f"/api/v1/runs/{run.pk}/").json()
+    assert body["final_evaluation"]["calibration"]["rows"] == curve["rows"]
+    assert body["final_evaluation"]["source"]["sha256"] == version.checksum
 
 
 def test_rows_all_evaluates_every_row_of_every_site(tmp_path: Path) -> None:
