@@ -18,7 +18,14 @@ from clientagent.data import LocalData
 from fedcore import calibration, evaluation, tabular, tensors, training
 from fedcore.models import build_model
 from federation import orchestrator
-from federation.models import AuditEvent, ModelVersion, Run, Silo, TrainingPlan
+from federation.models import (
+    AuditEvent,
+    ModelVersion,
+    PrivacyLedgerEntry,
+    Run,
+    Silo,
+    TrainingPlan,
+)
 from federation.services.evaluation import evaluation_receive
 from federation.services.plans import plan_approve, plan_propose
 from federation.services.runs import run_start
@@ -27,16 +34,21 @@ from federation.storage import blob_store
 from tests.api_factories import client_for as api_client
 from tests.factories import SCHEMA, PlanFactory, plan_spec, start_run
 from tests.governance_factories import Governed, governed_consortium
-from tests.integration.test_final_evaluation import evaluate_at, online, site_frame
+from tests.integration.test_final_evaluation import (
+    SENSITIVE_SCHEMA,
+    evaluate_at,
+    online,
+    site_frame,
+)
 
 pytestmark = pytest.mark.django_db
 
 
-def completed_run(g: Governed, tmp_path: Path) -> tuple[Run, dict[int, Path]]:
+def completed_run(g: Governed, tmp_path: Path, **spec: Any) -> tuple[Run, dict[int, Path]]:
     """A training run of the consortium through statistics, two rounds and its final
     evaluation (the agents' answers built by their own code), and its sites' files."""
     silos = g.silos
-    plan = PlanFactory(consortium=g.consortium, spec=plan_spec(), silos=silos)
+    plan = PlanFactory(consortium=g.consortium, spec=plan_spec(**spec), silos=silos)
     online(silos)
     run = start_run(plan)
     files = {}
@@ -273,3 +285,22 @@ def test_another_consortiums_model_version_reads_as_missing(tmp_path: Path) -> N
     assert "of this consortium has no model version 2" in str(caught.value.message_dict)
     assert TrainingPlan.objects.count() == before
     assert Silo.objects.count() == 5
+
+
+def test_dp_fairness_counts_of_an_evaluation_plan_are_charged_to_every_sites_ledger(
+    tmp_path: Path,
+) -> None:
+    g = governed_consortium(3, schema=SENSITIVE_SCHEMA)
+    source, files = completed_run(g, tmp_path, schema=SENSITIVE_SCHEMA)
+    spec = evaluation_spec(
+        source, schema=SENSITIVE_SCHEMA, fairness={"sensitive_attribute": "sex", "dp_epsilon": 2.0}
+    )
+
+    run = run_evaluation_plan(g, spec, files)
+
+    assert run.status == Run.Status.COMPLETED
+    report = run.evaluation["fairness"]
+    assert report is not None and report["final"] is True
+    charges = PrivacyLedgerEntry.objects.filter(run=run)
+    assert sorted(charges.values_list("silo_id", flat=True)) == sorted(s.pk for s in g.silos)
+    assert {c.epsilon_pure for c in charges} == {2.0}  # one table (sex) per silo, once
