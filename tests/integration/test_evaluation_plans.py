@@ -4,6 +4,7 @@ the agent's own code (clientagent.trainer.handle_evaluate) on real site files, p
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -304,3 +305,20 @@ def test_dp_fairness_counts_of_an_evaluation_plan_are_charged_to_every_sites_led
     charges = PrivacyLedgerEntry.objects.filter(run=run)
     assert sorted(charges.values_list("silo_id", flat=True)) == sorted(s.pk for s in g.silos)
     assert {c.epsilon_pure for c in charges} == {2.0}  # one table (sex) per silo, once
+
+    # Its pages read it like a run's: fairness report, compliance report (with the audit
+    # events), the evaluated version's model card.
+    admin = Client()
+    admin.force_login(g.admin)
+    model = ModelVersion.objects.get(run=run, number=0)
+    for url in (
+        f"/runs/{run.pk}/",
+        f"/runs/{run.pk}/fairness/",
+        f"/runs/{run.pk}/compliance/",
+        f"/runs/{run.pk}/compliance.pdf",
+        f"/models/{model.pk}/card/",
+        f"/models/{model.pk}/card.json",
+    ):
+        assert admin.get(url).status_code == 200, url
+    card = admin.get(f"/models/{model.pk}/card.json").json()
+    assert "not readable" not in json.dumps(card)
