@@ -312,6 +312,10 @@ def test_dp_fairness_counts_of_an_evaluation_plan_are_charged_to_every_sites_led
     admin.force_login(g.admin)
     model = ModelVersion.objects.get(run=run, number=0)
     for url in (
+        f"/plans/{run.plan_id}/",
+        f"/consortia/{g.consortium.pk}/plans/",
+        f"/consortia/{g.consortium.pk}/runs/",
+        f"/consortia/{g.consortium.pk}/models/",
         f"/runs/{run.pk}/",
         f"/runs/{run.pk}/fairness/",
         f"/runs/{run.pk}/compliance/",
