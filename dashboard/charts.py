@@ -279,14 +279,18 @@ def _without_data(chart: Chart) -> Chart:
 
 
 def run_charts(
-    rounds: list[Any], metric_rows: list[dict[str, Any]], evaluation: dict[str, Any] | None = None
+    rounds: list[Any],
+    metric_rows: list[dict[str, Any]],
+    evaluation: dict[str, Any] | None = None,
+    *,
+    trains: bool = True,
 ) -> list[Chart]:
     """Every chart of the run monitor, in page order; the final model's (or an evaluation
-    plan's) calibration curve first when the run has one. An evaluation plan's run has no
-    rounds: only its calibration curve."""
+    plan's) calibration curve first when the run has one. A run that does not train (an
+    evaluation plan's) has no rounds: only its calibration curve."""
     curve = (evaluation or {}).get("calibration")
     first = [calibration_chart(curve)] if curve else []
-    if (evaluation or {}).get("plan_kind") == "evaluation":
+    if not trains:
         return first
     charts = [metric_chart(metric, label, metric_rows) for metric, label in METRICS]
     charts += [participation_chart(rounds), duration_chart(rounds), traffic_chart(rounds)]

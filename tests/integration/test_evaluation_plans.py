@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,13 @@ import numpy as np
 import pytest
 from django.core.exceptions import ValidationError
 from django.test import Client
+from django.utils import timezone
 from sklearn.metrics import roc_auc_score
 
 from clientagent.data import LocalData
 from fedcore import calibration, evaluation, tabular, tensors, training
 from fedcore.models import build_model
-from federation import orchestrator
+from federation import orchestrator, selectors
 from federation.models import (
     AuditEvent,
     ModelVersion,
@@ -216,7 +218,7 @@ def test_an_evaluation_plan_evaluates_the_version_on_every_site_and_pools_exactl
     html = browser.get(f"/runs/{run.pk}/").content.decode()
     assert 'id="chart-calibration"' in html and 'id="table-calibration"' in html
     assert 'id="chart-loss"' not in html  # no training, no round charts
-    assert f"model v2 of run {source.pk}" in html
+    assert f'model v2 of <a href="/runs/{source.pk}/">run {source.pk}</a>' in html
     body = api_client(g.scientists[0]).get(f"/api/v1/runs/{run.pk}/").json()
     assert body["final_evaluation"]["calibration"]["rows"] == curve["rows"]
     assert body["final_evaluation"]["source"]["sha256"] == version.checksum
@@ -326,3 +328,23 @@ def test_dp_fairness_counts_of_an_evaluation_plan_are_charged_to_every_sites_led
         assert admin.get(url).status_code == 200, url
     card = admin.get(f"/models/{model.pk}/card.json").json()
     assert "not readable" not in json.dumps(card)
+
+
+def test_an_evaluation_run_waits_for_its_sites_and_says_so_then_fails(tmp_path: Path) -> None:
+    g = governed_consortium(3)
+    source, _ = completed_run(g, tmp_path)
+    plan = approved(g, evaluation_spec(source, min_silos=3, wait_for_silos_seconds=60))
+    run = run_start(actor=g.scientists[0], plan=plan)
+    Silo.objects.filter(pk=g.silos[0].pk).update(connection_id=None)
+
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+
+    assert run.status == Run.Status.PENDING and run.waiting_since is not None
+    note = selectors.run_waiting_note(run, [])
+    assert "2 of the 3 needed for the evaluation" in note and "the run fails" in note
+    assert not ModelVersion.objects.filter(run=run).exists()
+    Run.objects.filter(pk=run.pk).update(waiting_since=timezone.now() - timedelta(seconds=61))
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED and "min_silos" in run.error
