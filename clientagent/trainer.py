@@ -984,8 +984,9 @@ def handle_evaluate(
         "run": run,
         "model_version": fields["model_version"],
         "evaluation": evaluation.site_histogram(test.y, probs).to_wire(),
-        "calibration": calibration.site_calibration(test.y, probs).to_wire(),
     }
+    if parsed.task == "binary":  # the calibration curve's sums (fedcore.calibration)
+        reply["calibration"] = calibration.site_calibration(test.y, probs).to_wire()
     if parsed.fairness is not None and plan.get("secure_aggregation") is not True:
         counts = fairness_counts(
             model, test, split.schema, fields["preprocessing"], parsed.fairness, source=noise_source

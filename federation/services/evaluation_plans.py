@@ -90,7 +90,7 @@ def source_errors(consortium_id: int, spec: Mapping[str, Any]) -> dict[str, str]
         errors["model_version"] = f"run {ref.run}'s schema cannot be read"
         return errors
     errors.update(schema_fit_errors(plan.schema, source_schema, ref.run))
-    if plan.rows == "held_out" and "evaluation" in source_spec:
+    if plan.rows == "held_out":  # the source's split: its section, or the defaults
         theirs = parse_evaluation(source_spec.get("evaluation"))
         if theirs != plan.evaluation:
             errors["evaluation"] = (

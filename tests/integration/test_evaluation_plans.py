@@ -348,3 +348,24 @@ def test_an_evaluation_run_waits_for_its_sites_and_says_so_then_fails(tmp_path: 
     orchestrator.run_advance(run.pk)
     run.refresh_from_db()
     assert run.status == Run.Status.FAILED and "min_silos" in run.error
+
+
+def test_the_api_proposes_an_evaluation_plan_and_names_what_does_not_fit(tmp_path: Path) -> None:
+    g = governed_consortium(3)
+    source, _ = completed_run(g, tmp_path)
+    api = api_client(g.scientists[0])
+    body = {
+        "consortium": g.consortium.pk,
+        "name": "Evaluate",
+        "spec": evaluation_spec(source),
+        "silos": [s.pk for s in g.silos],
+    }
+
+    wrong = {**body["spec"], "model_version": {**body["spec"]["model_version"], "number": 1}}
+    refused = api.post("/api/v1/plans/", {**body, "spec": wrong}, format="json")
+    created = api.post("/api/v1/plans/", body, format="json")
+
+    assert refused.status_code == 400
+    assert "spec.model_version.sha256" in json.dumps(refused.json())
+    assert created.status_code == 201, created.json()
+    assert created.json()["status"] == "submitted"
