@@ -170,7 +170,10 @@ def evaluation_plan_begin(run: Run, online: list[Silo]) -> tuple[str, str]:
             f"model version {ref.number} of run {ref.run} is gone or no longer has SHA-256 "
             f"{ref.sha256}"
         )
-    data = blob_store().get(source.blob_key)
+    try:
+        data = blob_store().get(source.blob_key)
+    except OSError as exc:  # BlobStoreError: gone or unreadable
+        return "fail", f"the weights of model version {ref.number} of run {ref.run}: {exc}"
     if tensors.sha256_hex(data) != ref.sha256:
         return "fail", (
             f"the stored weights of model version {ref.number} of run {ref.run} do not match "
@@ -179,7 +182,10 @@ def evaluation_plan_begin(run: Run, online: list[Silo]) -> tuple[str, str]:
     # Its own copy (not the source's key): the run's model stays evaluable and auditable
     # whatever later happens to the source run's blobs.
     key = model_key(run_id=run.pk, number=0)
-    blob_store().put(key, data)
+    try:
+        blob_store().put(key, data)
+    except OSError as exc:
+        return "fail", f"the evaluated weights could not be stored for this run: {exc}"
     ModelVersion.objects.update_or_create(
         run=run,
         number=0,

@@ -369,3 +369,22 @@ def test_the_api_proposes_an_evaluation_plan_and_names_what_does_not_fit(tmp_pat
     assert "spec.model_version.sha256" in json.dumps(refused.json())
     assert created.status_code == 201, created.json()
     assert created.json()["status"] == "submitted"
+
+
+def test_weights_changed_after_approval_fail_the_run_with_the_reason(tmp_path: Path) -> None:
+    g = governed_consortium(3)
+    source, _ = completed_run(g, tmp_path)
+    plan = approved(g, evaluation_spec(source))
+    version = ModelVersion.objects.get(run=source, number=2)
+    blob_store().put(version.blob_key, b"other weights")
+    run = run_start(actor=g.scientists[0], plan=plan)
+
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+
+    assert run.status == Run.Status.FAILED
+    assert "do not match their SHA-256" in run.error
+    assert not ModelVersion.objects.filter(run=run).exists()
+    assert AuditEvent.objects.filter(
+        object_type="run", object_id=run.pk, action="run.finished"
+    ).exists()
