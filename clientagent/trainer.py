@@ -964,6 +964,15 @@ def handle_evaluate(
     if is_evaluation_plan(plan):  # an evaluation plan: its rows, "held_out" or "all"
         parsed: Any = check_evaluation_plan(plan, run)
         every_row = parsed.rows == "all"
+        # The stewards approved these exact weights (their SHA-256 is in the hashed plan): a
+        # server that sends others is refused before any row is read.
+        if tensors.sha256_hex(message.payload) != parsed.model_version.sha256:
+            raise TaskError(
+                INVALID_TASK,
+                f"the weights sent are not the model version the plan names (SHA-256 "
+                f"{parsed.model_version.sha256}); nothing was evaluated",
+                run=run,
+            )
     else:
         parsed = check_plan(plan, run)
     try:

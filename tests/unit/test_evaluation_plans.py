@@ -16,8 +16,9 @@ from sklearn.calibration import calibration_curve as sklearn_calibration_curve
 from clientagent.config import PolicyConfig
 from clientagent.policy import check_evaluation_policy
 from clientagent.records import APPROVED, REJECTED, Decision
-from clientagent.trainer import TaskError
-from fedcore import calibration
+from clientagent.trainer import TaskError, handle_evaluate
+from fedcore import calibration, evaluation, protocol, tabular, tensors
+from fedcore.models import build_model
 from fedcore.plan import (
     PlanError,
     is_evaluation_plan,
@@ -26,6 +27,9 @@ from fedcore.plan import (
     plan_hash,
 )
 from fedcore.plan.schema import evaluation_plan_json_schema, evaluation_plan_key_table
+from tests.factories import SCHEMA as FACTORY_SCHEMA
+from tests.factories import plan_spec as training_spec
+from tests.unit.test_final_evaluation_wire import _site as site
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "plan-spec.md"
 SCHEMA = {
@@ -230,3 +234,71 @@ def test_an_evaluation_plan_meets_the_sites_model_policy_and_local_decision_only
         check(PolicyConfig(require_local_approval=True))
     with pytest.raises(TaskError):
         check(PolicyConfig(), decided(REJECTED))
+
+
+# -- the agent's evaluation of an evaluation plan ------------------------------------------------
+
+
+def evaluate_request(
+    data: Any, eval_spec: dict[str, Any], *, weights: bytes | None = None
+) -> protocol.BinaryMessage:
+    split = data.split(training_spec())
+    schema = tabular.DatasetSchema.from_dict(FACTORY_SCHEMA)
+    preprocessing = tabular.merge_statistics(
+        [tabular.local_statistics(split.train, schema)], schema
+    )
+    n_features = len(tabular.feature_names(schema, preprocessing))
+    payload = tensors.encode_state_dict(
+        build_model({"kind": "logistic_regression"}, n_features, seed=1).state_dict()
+    )
+    eval_spec = {
+        **eval_spec,
+        "model_version": {**eval_spec["model_version"], "sha256": tensors.sha256_hex(payload)},
+    }
+    return protocol.BinaryMessage(
+        type="evaluate",
+        fields={
+            "run": 9,
+            "rounds": 1,
+            "model_version": 0,
+            "plan_hash": "p" * 64,
+            "plan": eval_spec,
+            "preprocessing": preprocessing,
+            "deadline": 1.0,
+            "authorization": {},
+        },
+        payload=weights if weights is not None else payload,
+    )
+
+
+def factory_eval_spec(**overrides: Any) -> dict[str, Any]:
+    return spec(schema=FACTORY_SCHEMA, **overrides)
+
+
+@pytest.mark.parametrize(("rows", "n"), [("held_out", 20), ("all", 100)])
+def test_the_agent_evaluates_the_held_out_split_or_every_row(
+    tmp_path: Path, rows: str, n: int
+) -> None:
+    data = site(tmp_path)
+    changes: dict[str, Any] = {"rows": rows}
+    if rows == "held_out":
+        changes["evaluation"] = {"test_fraction": 0.2, "seed": 0}
+
+    reply = handle_evaluate(evaluate_request(data, factory_eval_spec(**changes)), data)
+
+    assert evaluation.histogram_from_wire(reply["evaluation"]).n == n
+    assert calibration.calibration_from_wire(reply["calibration"], n=n).n == n
+
+
+def test_the_agent_refuses_weights_other_than_the_plans(tmp_path: Path) -> None:
+    data = site(tmp_path)
+    message = evaluate_request(data, factory_eval_spec())
+    other = build_model({"kind": "logistic_regression"}, 3, seed=2).state_dict()
+    message = protocol.BinaryMessage(
+        type="evaluate", fields=message.fields, payload=tensors.encode_state_dict(other)
+    )
+
+    with pytest.raises(TaskError) as caught:
+        handle_evaluate(message, data)
+
+    assert caught.value.code == "invalid_task" and "not the model version" in str(caught.value)
