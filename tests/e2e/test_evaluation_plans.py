@@ -57,6 +57,8 @@ def test_an_evaluation_plan_of_a_trained_model_runs_on_real_agents(tmp_path: Pat
         run.refresh_from_db()
         assert run.status == Run.Status.COMPLETED, run.error + "\n".join(p.tail() for p in procs)
         assert not run.round_set.exists()
+        seconds = (run.finished_at - run.created_at).total_seconds()
+        print(f"evaluation plan run on 3 real agents: {seconds:.2f} s from creation to end")
 
         state = tensors.decode_state_dict(blob_store().get(version.blob_key))
         ys, ps = [], []
