@@ -195,6 +195,29 @@ def evaluation_plan_of(run: Run) -> dict[str, Any] | None:
     }
 
 
+def evaluation_plan_template(version: ModelVersion) -> dict[str, Any]:
+    """An evaluation plan spec of a model version to start from: its run's schema, model spec
+    and held-out split (the rows it never trained on), and its SHA-256."""
+    source = version.run.version.spec
+    spec: dict[str, Any] = {
+        "kind": "evaluation",
+        "schema": source.get("schema"),
+        "model": source.get("model"),
+        "model_version": {
+            "run": version.run_id,
+            "number": version.number,
+            "sha256": version.checksum,
+        },
+        "rows": "held_out",
+        "evaluation": source.get("evaluation") or {},
+        "min_silos": source.get("min_silos", 1),
+    }
+    if isinstance(source.get("fairness"), dict):
+        fairness = {k: v for k, v in source["fairness"].items() if k != "mitigation"}
+        spec["fairness"] = fairness
+    return spec
+
+
 def stats_request_fields(*, run_id: int, silo_id: int) -> dict[str, Any] | None:
     """Fields of a stats_request for a silo that still owes its statistics, else None."""
     run = (

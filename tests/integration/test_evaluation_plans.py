@@ -388,3 +388,39 @@ def test_weights_changed_after_approval_fail_the_run_with_the_reason(tmp_path: P
     assert AuditEvent.objects.filter(
         object_type="run", object_id=run.pk, action="run.finished"
     ).exists()
+
+
+def test_a_model_cards_evaluate_button_starts_a_plan_that_the_server_accepts(
+    tmp_path: Path,
+) -> None:
+    g = governed_consortium(3)
+    source, _ = completed_run(g, tmp_path)
+    version = ModelVersion.objects.get(run=source, number=2)
+    scientist, steward = Client(), Client()
+    scientist.force_login(g.scientists[0])
+    steward.force_login(g.stewards[0])
+
+    card = scientist.get(f"/models/{version.pk}/card/").content.decode()
+    assert 'id="evaluate-model"' in card
+    assert 'id="evaluate-model"' not in steward.get(f"/models/{version.pk}/card/").content.decode()
+    url = f"/consortia/{g.consortium.pk}/plans/new/?evaluate={version.pk}"
+    form = scientist.get(url)
+    template = form.context["form"].initial["spec"]
+    assert template["model_version"] == {"run": source.pk, "number": 2, "sha256": version.checksum}
+    assert version.checksum in form.content.decode()
+
+    response = scientist.post(
+        f"/consortia/{g.consortium.pk}/plans/new/",
+        {
+            "name": form.context["form"].initial["name"],
+            "spec": json.dumps(template),
+            "silos": [s.pk for s in g.silos],
+            "submit": "on",
+        },
+    )
+
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    assert (
+        TrainingPlan.objects.get(name=f"Evaluate run {source.pk} v2").current_version.spec["kind"]
+        == "evaluation"
+    )
