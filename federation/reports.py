@@ -428,9 +428,14 @@ def _version_evaluation(
         if not pooled:
             return {}, f"not evaluated: {final.get('note')}"
         figures = {key: pooled[key] for key in ("auc", "auc_error_bound", "accuracy", "loss", "n")}
+        what = (  # an evaluation plan's run says which rows it evaluated
+            f"the version evaluated by an evaluation plan, pooled over {final['rows_note']}"
+            if final.get("rows_note")
+            else "the final model evaluated at the end of the run on the union of the silos' "
+            "held-out rows"
+        )
         return figures, (
-            f"the final model evaluated at the end of the run on the union of the silos' "
-            f"held-out rows ({pooled['n']} rows; {final.get('note')}): accuracy and loss exact, "
+            f"{what} ({pooled['n']} rows; {final.get('note')}): accuracy and loss exact, "
             f"AUC from {pooled['bins']}-bin score histograms, within auc_error_bound of the "
             "exact value"
         )

@@ -328,6 +328,9 @@ def test_dp_fairness_counts_of_an_evaluation_plan_are_charged_to_every_sites_led
         assert admin.get(url).status_code == 200, url
     card = admin.get(f"/models/{model.pk}/card.json").json()
     assert "not readable" not in json.dumps(card)
+    assert "evaluated by an evaluation plan, pooled over each site's held-out split" in (
+        card["evaluation_note"] if "evaluation_note" in card else json.dumps(card)
+    )
 
 
 def test_an_evaluation_run_waits_for_its_sites_and_says_so_then_fails(tmp_path: Path) -> None:
