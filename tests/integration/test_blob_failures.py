@@ -164,9 +164,7 @@ def test_a_refused_update_leaves_no_blob_although_its_write_started_before_the_c
     round_.run.version.silos.add(other)  # takes part in the plan, not selected for the round
     with pytest.raises(Refused) as refused:
         update_receive(
-            silo_id=other.pk,
-            fields=_update_fields(round_),
-            payload=tensors.encode_state_dict(state),
+            silo_id=other.pk, fields=_update_fields(round_), payload=tensors.encode_state_dict(state)
         )
     assert refused.value.code == "not_selected"
     assert files_under(blobs) == before
