@@ -54,6 +54,7 @@ from clientagent.policy import (
     POLICY_REFUSED,
     announced_kinds,
     check_authorization,
+    check_evaluation_policy,
     check_local_decision,
     check_policy,
     check_round_budget,
@@ -83,7 +84,7 @@ from clientagent.trainer import (
     handle_task,
 )
 from fedcore import protocol, tensors
-from fedcore.plan import is_analysis
+from fedcore.plan import is_analysis, is_evaluation_plan
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.signing import AuthorizationError, verify_offer
 
@@ -475,6 +476,17 @@ class Agent:
             # No model, no training, no privacy budget: [disclosure] judges what the site
             # releases (clientagent.analysis); the operator's own decision still counts.
             check_local_decision(
+                fields["plan_hash"],
+                policy=policy,
+                config_path=self.config.path,
+                decision=decision,
+                run=run,
+            )
+            return grant
+        if is_evaluation_plan(fields["plan"]):
+            # No training: the model kind and the operator's decision (clientagent.policy).
+            check_evaluation_policy(
+                fields["plan"],
                 fields["plan_hash"],
                 policy=policy,
                 config_path=self.config.path,

@@ -373,17 +373,7 @@ def check_policy(
         return _refusal(plan_hash, shared, hint, run=run, round=round)
 
     settings = f"[policy] in {config_path}"
-    model = plan.get("model")
-    kind = model.get("kind") if isinstance(model, Mapping) else None
-    if not isinstance(kind, str):
-        raise refuse("the plan names no model kind", "the consortium must fix the plan")
-    if kind == INSTALLED:
-        _check_installed(model, models, kinds, refuse, config_path)
-    elif kind not in policy.allowed_models:
-        raise refuse(
-            f"model kind {kind!r} is not allowed here (allowed: {', '.join(policy.allowed_models)})",
-            f"to accept it, add {kind!r} to allowed_models in {settings}",
-        )
+    _check_model_kind(plan, policy, models, kinds, refuse, config_path)
     try:
         privacy = plan_privacy(plan)
     except PlanPolicyError as exc:
@@ -453,6 +443,61 @@ def check_policy(
                 )
     check_local_decision(
         plan_hash, policy=policy, config_path=config_path, decision=decision, run=run, round=round
+    )
+
+
+def _check_model_kind(
+    plan: Mapping[str, Any],
+    policy: PolicyConfig,
+    models: ModelsConfig | None,
+    kinds: Mapping[str, model_kinds.InstalledKind] | None,
+    refuse: Any,
+    config_path: Path,
+) -> None:
+    """The plan's model kind is one ``[policy] allowed_models`` lists (an installed kind:
+    allowed in ``[models]``, installed, the plan's version and digest)."""
+    model = plan.get("model")
+    kind = model.get("kind") if isinstance(model, Mapping) else None
+    if not isinstance(kind, str):
+        raise refuse("the plan names no model kind", "the consortium must fix the plan")
+    if kind == INSTALLED:
+        _check_installed(model, models, kinds, refuse, config_path)
+    elif kind not in policy.allowed_models:
+        raise refuse(
+            f"model kind {kind!r} is not allowed here (allowed: {', '.join(policy.allowed_models)})",
+            f"to accept it, add {kind!r} to allowed_models in [policy] in {config_path}",
+        )
+
+
+def check_evaluation_policy(
+    plan: Mapping[str, Any],
+    plan_hash: str,
+    *,
+    policy: PolicyConfig,
+    config_path: Path,
+    decision: Decision | None,
+    run: int,
+    models: ModelsConfig | None = None,
+    kinds: Mapping[str, model_kinds.InstalledKind] | None = None,
+) -> None:
+    """Check the site's ``[policy]`` allows an evaluation plan (``"kind": "evaluation"``).
+
+    The model kind must be allowed, as for training, and the operator's local decision counts
+    (require_local_approval, a local rejection). The training rules do not apply: an evaluation
+    trains nothing, so there is no DP-SGD, no update to aggregate securely and no training
+    epsilon to cap; its only DP release, the noisy fairness counts of a plan with
+    ``fairness.dp_epsilon``, is charged to the ledger as a final evaluation's are.
+
+    Raises:
+        TaskError: ``policy_refused`` for the first rule that does not hold.
+    """
+
+    def refuse(shared: str, hint: str) -> TaskError:
+        return _refusal(plan_hash, shared, hint, run=run, round=None)
+
+    _check_model_kind(plan, policy, models, kinds, refuse, config_path)
+    check_local_decision(
+        plan_hash, policy=policy, config_path=config_path, decision=decision, run=run, round=None
     )
 
 

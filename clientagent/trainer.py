@@ -61,6 +61,7 @@ from torch import nn
 from clientagent.data import DataFileError, LocalData, LocalSplit, PlanError
 from clientagent.residuals import ResidualStore, matching
 from fedcore import (
+    calibration,
     compression,
     evaluation,
     fairness,
@@ -74,7 +75,16 @@ from fedcore import (
     training,
 )
 from fedcore.fairness_mitigation import ExampleWeights, label_counts, score_histogram
-from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
+from fedcore.plan import (
+    EvaluationPlan,
+    Fairness,
+    Plan,
+    Privacy,
+    Training,
+    is_evaluation_plan,
+    parse_evaluation_plan,
+    parse_plan,
+)
 from fedcore.plan import PlanError as PlanRefused
 from fedcore.privacy import accounting
 
@@ -546,6 +556,15 @@ def check_plan(plan: Any, run: int | None = None, rnd: int | None = None) -> Pla
         raise TaskError(INVALID_TASK, str(exc), run=run, round=rnd) from None
 
 
+def check_evaluation_plan(plan: Any, run: int | None = None) -> EvaluationPlan:
+    """The agent's acceptance of an evaluation plan (fedcore.plan.parse_evaluation_plan, the
+    parser the server ran at proposal); ``invalid_task`` naming every bad key otherwise."""
+    try:
+        return parse_evaluation_plan(plan)
+    except PlanRefused as exc:
+        raise TaskError(INVALID_TASK, str(exc), run=run) from None
+
+
 def _check_dp_model(model: nn.Module, run: int, rnd: int) -> None:
     """Opacus' validator on the model (e.g. no BatchNorm): invalid_task when it objects."""
     from opacus.validators import ModuleValidator  # Opacus loads only for DP-SGD
@@ -960,15 +979,31 @@ def handle_evaluate(
     fields = message.fields
     run = fields["run"]
     plan = fields["plan"]
-    parsed = check_plan(plan, run)
+    every_row = False
+    if is_evaluation_plan(plan):  # an evaluation plan: its rows, "held_out" or "all"
+        parsed: Any = check_evaluation_plan(plan, run)
+        every_row = parsed.rows == "all"
+        # The stewards approved these exact weights (their SHA-256 is in the hashed plan): a
+        # server that sends others is refused before any row is read.
+        if tensors.sha256_hex(message.payload) != parsed.model_version.sha256:
+            raise TaskError(
+                INVALID_TASK,
+                f"the weights sent are not the model version the plan names (SHA-256 "
+                f"{parsed.model_version.sha256}); nothing was evaluated",
+                run=run,
+            )
+    else:
+        parsed = check_plan(plan, run)
     try:
-        split = _prepare(plan, data, run, None)
+        # rows "all": a split that holds out nothing, its training part is every row
+        split_plan = {"schema": plan["schema"], "evaluation": {"test_fraction": 0.0}}
+        split = _prepare(split_plan if every_row else plan, data, run, None)
         arrays = data.arrays(split, fields["preprocessing"])
     except PlanError as exc:
         raise TaskError(INVALID_TASK, str(exc), run=run) from None
     except tabular.DataValidationError as exc:
         raise _data_invalid(exc, run=run) from None
-    test = arrays.test
+    test = arrays.train if every_row else arrays.test
     if int(test.X.shape[0]) == 0:
         raise TaskError(DATA_INVALID, "no held-out rows to evaluate the final model on", run=run)
     model, _ = _load_global(message.payload, parsed, int(test.X.shape[1]), run, None)
@@ -993,6 +1028,8 @@ def handle_evaluate(
         "model_version": fields["model_version"],
         "evaluation": evaluation.site_histogram(test.y, probs).to_wire(),
     }
+    if parsed.task == "binary":  # the calibration curve's sums (fedcore.calibration)
+        reply["calibration"] = calibration.site_calibration(test.y, probs).to_wire()
     if parsed.fairness is not None and plan.get("secure_aggregation") is not True:
         counts = fairness_counts(
             model, test, split.schema, fields["preprocessing"], parsed.fairness, source=noise_source

@@ -287,12 +287,82 @@ def _without_data(chart: Chart) -> Chart:
 
 
 def run_charts(
-    rounds: list[Any], metric_rows: list[dict[str, Any]], task: str = "binary"
+    rounds: list[Any],
+    metric_rows: list[dict[str, Any]],
+    task: str = "binary",
+    evaluation: dict[str, Any] | None = None,
+    *,
+    trains: bool = True,
 ) -> list[Chart]:
-    """Every chart of the run monitor, in page order (the metric charts of the plan's task)."""
+    """Every chart of the run monitor, in page order (the metric charts of the plan's task);
+    the final model's (or an evaluation plan's) calibration curve first when the run has one.
+    A run that does not train (an evaluation plan's) has no rounds: only its calibration
+    curve."""
+    curve = (evaluation or {}).get("calibration")
+    first = [calibration_chart(curve)] if curve else []
+    if not trains:
+        return first
     charts = [metric_chart(metric, label, metric_rows) for metric, label in TASK_METRICS[task]]
     charts += [participation_chart(rounds), duration_chart(rounds), traffic_chart(rounds)]
-    return [c if c.points else _without_data(c) for c in charts]
+    return first + [c if c.points else _without_data(c) for c in charts]
+
+
+def calibration_chart(curve: dict[str, Any]) -> Chart:
+    """The pooled calibration curve (mean predicted probability against the observed rate of
+    positives per bin, fedcore.calibration) with the diagonal of perfect calibration."""
+    rows = [row for row in curve["rows"] if row["count"]]
+    fig = go.Figure(
+        layout=_layout(
+            "Calibration", "Observed rate of positives", x_title="Mean predicted probability"
+        )
+    )
+    fig.update_xaxes(dtick=None, range=[0, 1])
+    fig.update_yaxes(range=[0, 1])
+    fig.add_trace(
+        go.Scatter(
+            x=[0, 1],
+            y=[0, 1],
+            mode="lines",
+            name="perfect calibration",
+            line={"dash": "dot", "color": "#999999"},
+            hoverinfo="skip",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[row["mean_predicted"] for row in rows],
+            y=[row["observed_rate"] for row in rows],
+            mode="lines+markers",
+            name="pooled",
+            line={"color": SUMMARY_COLOURS["global"]},
+            customdata=[row["count"] for row in rows],
+            hovertemplate="predicted %{x:.3f}, observed %{y:.3f} (%{customdata} rows)",
+        )
+    )
+    table = ChartTable(
+        columns=["Bin", "Rows", "Positives", "Mean predicted", "Observed rate"],
+        rows=[
+            [
+                f"{row['lower']:g}–{row['upper']:g}",
+                str(row["count"]),
+                str(row["positives"]),
+                _fmt(row["mean_predicted"]),
+                _fmt(row["observed_rate"]),
+            ]
+            for row in curve["rows"]
+        ],
+    )
+    ece = curve.get("expected_calibration_error")
+    return Chart(
+        key="calibration",
+        title="Calibration of the evaluated model",
+        description=(
+            f"{curve['method']}; {curve['n']} rows; expected calibration error {_fmt(ece)}."
+        ),
+        figure=_as_dict(fig),
+        table=table,
+        points=len(rows),
+    )
 
 
 # --------------------------------------------------------------------------------------------

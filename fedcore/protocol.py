@@ -234,6 +234,8 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "fairness": (_DICT, _OPT),
         # a postprocess plan: {group: {"negatives", "positives"}}, one count per score-grid point
         "score_histograms": (_DICT, _OPT),
+        # a binary model's calibration sums per probability bin (fedcore.calibration)
+        "calibration": (_DICT, _OPT),
     },
     "update_ack": {"run": (_INT, _REQ), "round": (_INT, _REQ), "status": (_STR, _REQ)},
     "run_finished": {"run": (_INT, _REQ), "status": (_STR, _REQ)},

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedcore.plan import PlanError, parse_plan
+from fedcore.plan import PlanError, is_evaluation_plan, parse_evaluation_plan, parse_plan
 from fedcore.plan.spec import MITIGATION_PARAMS
 
 WARNING_CODE = "fairness_limit_exceeded"
@@ -132,7 +132,8 @@ def mitigation_view(
     if not isinstance(spec.get("fairness"), Mapping):
         return None
     try:
-        fairness = parse_plan(spec).fairness
+        parse = parse_evaluation_plan if is_evaluation_plan(spec) else parse_plan
+        fairness = parse(spec).fairness  # an evaluation plan's: never a mitigation
     except PlanError:  # stored specs were valid when approved; an older one may no longer be
         return {"kind": "unknown", "parameters": {}, "applied": False, "note": "not readable"}
     mitigation = fairness.mitigation if fairness is not None else None

@@ -22,7 +22,7 @@ from typing import Any
 
 from django.db import transaction
 
-from fedcore.plan import is_analysis
+from fedcore.plan import is_analysis, is_evaluation_plan
 from fedcore.privacy import accounting
 from federation.models import PlanVersion, PrivacyLedgerEntry, Run, Silo
 from federation.services.audit import audit_append
@@ -84,7 +84,9 @@ def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
     """What a whole run of the plan's noisy fairness counts costs a silo: every round, and the
     final evaluation's tables of the last model (federation.services.evaluation)."""
     per_round = fairness_epsilon_per_round(spec)
-    return per_round * (int(spec["training"]["rounds"]) + 1) if per_round else 0.0
+    # An evaluation plan trains nothing: its one release is the evaluation's tables.
+    rounds = int((spec.get("training") or {}).get("rounds", 0))
+    return per_round * (rounds + 1) if per_round else 0.0
 
 
 def plan_statistics_epsilon(spec: dict[str, Any]) -> float:
@@ -122,7 +124,7 @@ def plan_mechanism(
 ) -> Mechanism | None:
     """(noise multiplier, sample rate, steps) a whole run of the plan applies to a silo's data
     (None for an analysis plan: it adds no noise yet, docs/analytics.md)."""
-    if is_analysis(spec):
+    if is_analysis(spec) or is_evaluation_plan(spec):  # no training: no DP-SGD noise
         return None
     privacy = spec.get("privacy") or {"mode": "none"}
     training = spec["training"]

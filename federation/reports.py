@@ -486,14 +486,18 @@ def _version_evaluation(
             return {}, f"not evaluated: {final.get('note')}"
         task = final.get("task", "binary")
         figures = {key: pooled[key] for key in CARD_FIGURES[task]}
+        what = (  # an evaluation plan's run says which rows it evaluated
+            f"the version evaluated by an evaluation plan, pooled over {final['rows_note']}"
+            if final.get("rows_note")
+            else "the final model evaluated at the end of the run on the union of the silos' "
+            "held-out rows"
+        )
         if task != "binary":
             return figures, (
-                f"the final model evaluated at the end of the run on the union of the silos' "
-                f"held-out rows ({pooled['n']} rows; {final.get('note')}): {final.get('method')}"
+                f"{what} ({pooled['n']} rows; {final.get('note')}): {final.get('method')}"
             )
         return figures, (
-            f"the final model evaluated at the end of the run on the union of the silos' "
-            f"held-out rows ({pooled['n']} rows; {final.get('note')}): accuracy and loss exact, "
+            f"{what} ({pooled['n']} rows; {final.get('note')}): accuracy and loss exact, "
             f"AUC from {pooled['bins']}-bin score histograms, within auc_error_bound of the "
             "exact value"
         )

@@ -15,7 +15,7 @@ from django.http import Http404
 from django.utils import timezone
 
 from fedcore import signing
-from fedcore.plan import run_settings
+from fedcore.plan import is_evaluation_plan, parse_evaluation_plan, run_settings
 from fedcore.protocol import BinaryMessage
 from federation import permissions
 from federation.models import (
@@ -182,6 +182,42 @@ def _model_bytes(blob_key: str, checksum: str) -> bytes:
     return data
 
 
+def evaluation_plan_of(run: Run) -> dict[str, Any] | None:
+    """What an evaluation plan's run evaluates (``source``: run, model_version, sha256) and on
+    which rows (``rows_note``); None for a run of another plan kind."""
+    if not is_evaluation_plan(run.version.spec):
+        return None
+    plan = parse_evaluation_plan(run.version.spec)
+    ref = plan.model_version
+    return {
+        "source": {"run": ref.run, "model_version": ref.number, "sha256": ref.sha256},
+        "rows_note": plan.rows_note,
+    }
+
+
+def evaluation_plan_template(version: ModelVersion) -> dict[str, Any]:
+    """An evaluation plan spec of a model version to start from: its run's schema, model spec
+    and held-out split (the rows it never trained on), and its SHA-256."""
+    source = version.run.version.spec
+    spec: dict[str, Any] = {
+        "kind": "evaluation",
+        "schema": source.get("schema"),
+        "model": source.get("model"),
+        "model_version": {
+            "run": version.run_id,
+            "number": version.number,
+            "sha256": version.checksum,
+        },
+        "rows": "held_out",
+        "evaluation": source.get("evaluation") or {},
+        "min_silos": source.get("min_silos", 1),
+    }
+    if isinstance(source.get("fairness"), dict):
+        fairness = {k: v for k, v in source["fairness"].items() if k != "mitigation"}
+        spec["fairness"] = fairness
+    return spec
+
+
 def stats_request_fields(*, run_id: int, silo_id: int) -> dict[str, Any] | None:
     """Fields of a stats_request for a silo that still owes its statistics, else None."""
     run = (
@@ -326,7 +362,10 @@ def run_waiting_note(run: Run, rounds: list[Round]) -> str | None:
     evaluation_next = (
         current is not None and current.status == "completed" and current.number >= run.rounds
     )
-    if run.status == Run.Status.RUNNING and evaluation_next:
+    plan_evaluates = is_evaluation_plan(run.version.spec)  # no round: one evaluation
+    if plan_evaluates:
+        what = "the evaluation"
+    elif run.status == Run.Status.RUNNING and evaluation_next:
         what = "the final evaluation"  # needs the plan's minimum, not secure aggregation's 2
     elif run.status == Run.Status.RUNNING:
         needed = roundplan.needed_to_open(cfg.min_silos, secure=secure)
@@ -335,7 +374,7 @@ def run_waiting_note(run: Run, rounds: list[Round]) -> str | None:
         if failed:
             assert current is not None
             what = f"round {current.number} attempt {current.attempt + 1} (a retry)"
-    selectable = len(online_silos(run, evaluation=evaluation_next))
+    selectable = len(online_silos(run, evaluation=evaluation_next or plan_evaluates))
     if selectable >= needed:
         return (
             f"{selectable} silos can take part ({needed} needed): {what} opens at the next sweep."
@@ -343,7 +382,7 @@ def run_waiting_note(run: Run, rounds: list[Round]) -> str | None:
     since = "" if run.waiting_since is None else f" since {run.waiting_since:%H:%M:%S %Z}"
     then = (
         "the final model is evaluated by those there (the run completes either way)"
-        if evaluation_next
+        if evaluation_next and not plan_evaluates
         else "the run fails"
     )
     return (

@@ -710,6 +710,8 @@ def results(client: Client, run_id: int) -> tuple[dict[str, Any], list[str]]:
             for k in ("id", "plan", "plan_name", "status", "rounds", "fairness_warning")
         },
         "metrics": {"round": number, "values": final},
+        # the final model's pooled evaluation (an evaluation plan's run: its only result)
+        "final_evaluation": run.get("final_evaluation"),
         "rounds": [
             {
                 "number": r["number"],
@@ -770,8 +772,9 @@ def cmd_run_results(args: argparse.Namespace) -> int:
         out(f"metrics (round {metrics['round']})")
         rows = [[k, f"{v:.6g}"] for k, v in sorted(metrics["values"].items())]
         out(_table(rows, ["metric", "value"]))
-    else:
+    elif not report.get("final_evaluation"):
         out("metrics: none yet")
+    _print_final_evaluation(report.get("final_evaluation"))
     for key in ("fairness", "privacy"):
         if report.get(key) is None:
             continue
@@ -839,6 +842,42 @@ def cmd_run_analysis(args: argparse.Namespace) -> int:
                 value = f"chi-square {value['statistic']:.6g}, p = {value['p_value']:.4g}"
             out(f"{key}: {value}")
     return EXIT_OK
+
+
+def _number(value: Any) -> str:
+    return "—" if value is None else f"{value:.6g}"
+
+
+def _print_final_evaluation(final: dict[str, Any] | None) -> None:
+    """The pooled evaluation's figures and its calibration curve, as tables."""
+    if not final or not final.get("metrics"):
+        return
+    source = final.get("source")
+    what = (
+        f"model v{source['model_version']} of run {source['run']}, {final.get('rows_note')}"
+        if source
+        else f"final model v{final.get('model_version')}, pooled held-out rows"
+    )
+    out()
+    out(f"evaluation ({what})")
+    keys = ("auc", "auc_error_bound", "accuracy", "loss", "n")
+    out(_table([[k, _number(final["metrics"].get(k))] for k in keys], ["metric", "value"]))
+    curve = final.get("calibration")
+    if curve:
+        out()
+        ece = _number(curve.get("expected_calibration_error"))
+        out(f"calibration (expected calibration error {ece})")
+        rows = [
+            [
+                f"{row['lower']:g}-{row['upper']:g}",
+                row["count"],
+                row["positives"],
+                _number(row["mean_predicted"]),
+                _number(row["observed_rate"]),
+            ]
+            for row in curve["rows"]
+        ]
+        out(_table(rows, ["bin", "rows", "positives", "mean predicted", "observed rate"]))
 
 
 # --- models --------------------------------------------------------------------------------------

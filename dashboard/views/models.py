@@ -63,6 +63,11 @@ def model_card(request: HttpRequest, model_id: int) -> HttpResponse:
         section="models",
         version=version,
         card=reports.model_card(version),
+        # a data scientist can propose an evaluation plan of this version
+        may_evaluate=bool(
+            permissions.roles_in(request.user, version.run.plan.consortium_id)
+            & permissions.CAN_PROPOSE_PLANS
+        ),
     )
 
 

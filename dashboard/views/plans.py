@@ -301,11 +301,16 @@ def plan_propose(request: HttpRequest, consortium_id: int) -> HttpResponse:
     )
     silos = selectors.consortium_silos(consortium, admitted_only=True)
     first = silos.first()
-    form = forms.PlanProposeForm(
-        request.POST or None,
-        initial={"spec": forms.starter_spec(first.schema if first else None)},
-        silos=silos,
-    )
+    initial: dict[str, Any] = {"spec": forms.starter_spec(first.schema if first else None)}
+    evaluate = request.GET.get("evaluate", "")
+    if evaluate.isdigit():  # "Evaluate on the sites" of a model card: an evaluation plan
+        version = permissions.access_model_version(user=request.user, id=int(evaluate))
+        if version.run.plan.consortium_id == consortium.pk:
+            initial = {
+                "spec": selectors.evaluation_plan_template(version),
+                "name": f"Evaluate run {version.run_id} v{version.number}",
+            }
+    form = forms.PlanProposeForm(request.POST or None, initial=initial, silos=silos)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:

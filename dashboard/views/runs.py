@@ -38,6 +38,7 @@ def _monitor_data(request: HttpRequest, run: Run) -> dict[str, Any]:
     """What the monitor shows and the live endpoint re-sends: rounds, charts, silos."""
     rounds = list(selectors.run_rounds(run))
     metric_rows = selectors.run_metric_rows(run)
+    evaluated = selectors.evaluation_plan_of(run)
     silos = [
         {"silo": silo, "online": selectors.silo_is_online(silo)}
         for silo in selectors.run_silos(run)
@@ -46,7 +47,15 @@ def _monitor_data(request: HttpRequest, run: Run) -> dict[str, Any]:
         "run": run,
         "rounds": rounds,
         "rounds_completed": sum(1 for r in rounds if r.status == "completed"),
-        "charts": charts.run_charts(rounds, metric_rows, selectors.run_task(run)),
+        "charts": charts.run_charts(
+            rounds,
+            metric_rows,
+            selectors.run_task(run),
+            run.evaluation,
+            trains=evaluated is None,
+        ),
+        # an evaluation plan's run: the model version it evaluates, and on which rows
+        "evaluated": evaluated,
         "silos": silos,
         "waiting_note": selectors.run_waiting_note(run, rounds),
         "refusals": list(selectors.run_refusals(run)),

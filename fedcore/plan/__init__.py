@@ -10,6 +10,12 @@ from fedcore.plan.analysis import (
     plan_errors,
 )
 from fedcore.plan.canonical import canonical_json, plan_hash, versioned_spec
+from fedcore.plan.evaluation_plan import (
+    EvaluationPlan,
+    ModelVersionRef,
+    is_evaluation_plan,
+    parse_evaluation_plan,
+)
 from fedcore.plan.schema import json_schema, key_table, openapi_schema
 from fedcore.plan.spec import (
     AGGREGATION_STRATEGIES,
@@ -43,6 +49,10 @@ from fedcore.plan.spec import (
 __all__ = [
     "PLAN_ANALYSES",
     "Analysis",
+    "EvaluationPlan",
+    "ModelVersionRef",
+    "is_evaluation_plan",
+    "parse_evaluation_plan",
     "AnalysisPlan",
     "is_analysis",
     "parse_analysis_plan",

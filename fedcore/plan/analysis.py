@@ -26,6 +26,7 @@ from fedcore.analytics.cohort import (
     parse_filters,
 )
 from fedcore.analytics.regression import INTERCEPT
+from fedcore.plan.evaluation_plan import evaluation_plan_errors, is_evaluation_plan
 from fedcore.plan.keys import Key, check_section, defaults, names
 from fedcore.plan.spec import PlanError, parse_schema, training_plan_errors
 from fedcore.tabular import DatasetSchema
@@ -152,8 +153,10 @@ def is_analysis(spec: Any) -> bool:
 
 
 def plan_errors(spec: Any) -> dict[str, str]:
-    """Every problem of a plan spec, training or analysis, dotted path -> message (empty when
-    it is valid): the check at proposal, in the CLI and at every site."""
+    """Every problem of a plan spec, training, analysis or evaluation, dotted path -> message
+    (empty when it is valid): the check at proposal, in the CLI and at every site."""
+    if is_evaluation_plan(spec):
+        return evaluation_plan_errors(spec)
     if not is_analysis(spec):
         return training_plan_errors(spec)
     try:

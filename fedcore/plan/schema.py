@@ -9,6 +9,7 @@ from typing import Any
 from fedcore.aggregation import STRATEGIES
 from fedcore.model_kinds import ENTRY_POINT_GROUP, NAME_PATTERN
 from fedcore.models import ACTIVATIONS, MAX_HIDDEN_LAYERS, MAX_HIDDEN_UNITS, SPEC_KINDS
+from fedcore.plan.evaluation_plan import EVALUATION_PLAN_TOP_KEYS, MODEL_VERSION_KEYS
 from fedcore.plan.keys import REQUIRED, Key, section_schema
 from fedcore.plan.spec import (
     ADAPTIVE_CLIP_KEYS,
@@ -189,6 +190,64 @@ def json_schema() -> dict[str, Any]:
     top["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     top["title"] = "Quorum plan spec"
     return top
+
+
+def evaluation_plan_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of an evaluation plan spec (``"kind": "evaluation"``).
+
+    The parser (fedcore.plan.parse_evaluation_plan) also checks the schema, the model spec,
+    the fairness section against the schema, no mitigation, no ``evaluation`` with rows
+    ``all``; the server checks the version it names at proposal."""
+    fairness = section_schema(
+        tuple(k for k in FAIRNESS_KEYS if k.name != "mitigation"), SECTION_DOCS["fairness"]
+    )
+    nested = {
+        "model": _model_schema(),
+        "schema": {
+            "type": "object",
+            "description": "dataset schema (fedcore.tabular.DatasetSchema): columns, target, "
+            "sensitive",
+            "required": ["columns", "target"],
+            "properties": {"target": _target_schema()},
+        },
+        "model_version": section_schema(
+            MODEL_VERSION_KEYS, "the registered model version to evaluate"
+        ),
+        "evaluation": section_schema(EVALUATION_KEYS, SECTION_DOCS["evaluation"]),
+        "fairness": fairness,
+    }
+    nested["model_version"]["properties"]["sha256"]["pattern"] = "^[0-9a-f]{64}$"
+    keys = EVALUATION_PLAN_TOP_KEYS
+    top = section_schema(
+        tuple(k for k in keys if k.name not in nested), "an evaluation plan (no training)"
+    )
+    for key in keys:
+        if key.name in nested:
+            sub = nested[key.name]
+            top["properties"][key.name] = (
+                {"anyOf": [sub, {"type": "null"}]} if key.nullable else sub
+            )
+    top["properties"]["kind"] = {**top["properties"]["kind"], "const": "evaluation"}
+    top["properties"] = {key.name: top["properties"][key.name] for key in keys}
+    top["required"] = [key.name for key in keys if key.required]
+    top["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    top["title"] = "Quorum evaluation plan spec"
+    return top
+
+
+def evaluation_plan_key_table() -> str:
+    """The markdown table of an evaluation plan's own keys (docs/plan-spec.md embeds it)."""
+    lines = [
+        "| key | type | default | allowed | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for section, keys in (("", EVALUATION_PLAN_TOP_KEYS), ("model_version", MODEL_VERSION_KEYS)):
+        for key in keys:
+            path = f"{section}.{key.name}" if section else key.name
+            default, allowed = _cell(key)
+            kind = f"{key.type} or null" if key.nullable else key.type
+            lines.append(f"| `{path}` | {kind} | {default} | {allowed} | {key.doc} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(key: Key) -> tuple[str, str]:

@@ -728,6 +728,38 @@ class RunRefusalSerializer(serializers.Serializer):
     count = serializers.IntegerField(read_only=True)
 
 
+class CalibrationBinSerializer(serializers.Serializer):
+    """One probability bin of the pooled calibration curve (null mean and rate: no row)."""
+
+    bin = serializers.IntegerField(read_only=True)
+    lower = serializers.FloatField(read_only=True)
+    upper = serializers.FloatField(read_only=True)
+    count = serializers.IntegerField(read_only=True)
+    positives = serializers.IntegerField(read_only=True)
+    mean_predicted = serializers.FloatField(read_only=True, allow_null=True)
+    observed_rate = serializers.FloatField(read_only=True, allow_null=True)
+
+
+class CalibrationCurveSerializer(serializers.Serializer):
+    """The calibration curve pooled from the sites' per-bin sums (fedcore.calibration): exact
+    for its bins on the union of the evaluated rows."""
+
+    grid = serializers.CharField(read_only=True)
+    bins = serializers.IntegerField(read_only=True)
+    rows = CalibrationBinSerializer(many=True, read_only=True)
+    n = serializers.IntegerField(read_only=True)
+    expected_calibration_error = serializers.FloatField(read_only=True, allow_null=True)
+    method = serializers.CharField(read_only=True)
+
+
+class EvaluatedVersionSerializer(serializers.Serializer):
+    """The registered model version an evaluation plan evaluated."""
+
+    run = serializers.IntegerField(read_only=True)
+    model_version = serializers.IntegerField(read_only=True)
+    sha256 = serializers.CharField(read_only=True)
+
+
 class FinalEvaluationSerializer(serializers.Serializer):
     """The final model on the union of the silos' held-out rows (federation.services.evaluation):
     ``metrics`` = auc, auc_error_bound, accuracy, loss, n, positives, negatives, bins."""
@@ -746,6 +778,15 @@ class FinalEvaluationSerializer(serializers.Serializer):
     # absent for other plans; null with thresholds_note saying why none could be chosen.
     thresholds = serializers.DictField(read_only=True, allow_null=True, required=False)
     thresholds_note = serializers.CharField(read_only=True, allow_null=True, required=False)
+    # null with calibration_note when a site sent no calibration sums (absent: an older run)
+    calibration = CalibrationCurveSerializer(read_only=True, allow_null=True, required=False)
+    calibration_note = serializers.CharField(read_only=True, allow_null=True, required=False)
+    # an evaluation plan's run ("plan_kind": "evaluation"): the version evaluated and which
+    # rows every site evaluated ("held_out" or "all", and in words); absent for training runs
+    plan_kind = serializers.CharField(read_only=True, required=False)
+    source = EvaluatedVersionSerializer(read_only=True, required=False)
+    rows = serializers.CharField(read_only=True, required=False)
+    rows_note = serializers.CharField(read_only=True, required=False)
     finished_at = serializers.CharField(read_only=True)
     # The plan's task (docs/tasks.md); absent for binary runs evaluated before tasks existed.
     # Multi-class: metrics and by_silo hold accuracy, macro_f1, weighted_f1, per_class,

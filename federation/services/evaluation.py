@@ -30,7 +30,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from fedcore import evaluation, tabular, task_fairness, task_metrics
+from fedcore import calibration, evaluation, tabular, task_fairness, task_metrics
 from fedcore.plan import RunSettings
 from federation import dispatch
 from federation.models import ModelVersion, Run, Silo, SiloEvaluation
@@ -126,6 +126,7 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
     where = f"evaluation of silo {silo.name!r}"
     target = plan_target(run.version.spec)
     score_histograms = None
+    sums = None  # calibration sums: binary tasks only
     if target.task != "binary":
         report, n = _checked_task_report(run, target, fields, where)
         counts = None
@@ -136,6 +137,7 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
             raise Refused("invalid_update", str(exc)) from None
         n = histogram.n
         counts = _checked_counts(run, fields, n)
+        sums = _checked_calibration(fields, n, where)
         try:  # a postprocess plan: the final model's score histograms per group
             score_histograms = mitigation.checked_score_histograms(
                 run, fields.get("score_histograms"), n, where
@@ -158,6 +160,8 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         row.report = report
         if score_histograms is not None:
             row.report["score_histograms"] = score_histograms
+        if sums is not None:
+            row.report["calibration"] = sums.to_wire()
         row.received_at = timezone.now()
         row.save(update_fields=["report", "received_at"])
         if counts:
@@ -228,6 +232,33 @@ def _checked_task_report(
     return {"task": target.task, "part": part, "fairness": groups or None}, n
 
 
+def _checked_calibration(
+    fields: Mapping[str, Any], n: int, where: str
+) -> calibration.CalibrationSums | None:
+    raw = fields.get("calibration")
+    if raw is None:
+        return None
+    try:
+        return calibration.calibration_from_wire(raw, n=n, where=f"{where}: calibration")
+    except calibration.CalibrationReportError as exc:
+        raise Refused("invalid_update", str(exc)) from None
+
+
+def pooled_calibration(done: list[SiloEvaluation]) -> tuple[dict[str, Any] | None, str | None]:
+    """The calibration curve pooled from every report's per-bin sums, or None and why (a
+    curve of some sites only would not be the pooled rows' curve)."""
+    parts = [r.report.get("calibration") for r in done]
+    if not parts:
+        return None, None
+    if any(part is None for part in parts):
+        missing = [r.silo.name for r in done if r.report.get("calibration") is None]
+        return None, f"no calibration curve: {', '.join(missing)} sent no calibration sums"
+    merged = calibration.merge_calibration(
+        calibration.calibration_from_wire(part, n=sum(part["count"])) for part in parts
+    )
+    return calibration.calibration_curve(merged), None
+
+
 def _checked_counts(run: Run, fields: Mapping[str, Any], n: int) -> dict[str, Any] | None:
     raw = fields.get("fairness")
     if raw is None:
@@ -281,6 +312,7 @@ def evaluation_pool(run: Run) -> dict[str, Any]:
         "fairness_note": None,
         "finished_at": timezone.now().isoformat(),
     }
+    result["calibration"], result["calibration_note"] = pooled_calibration(done)
     if fairness_service.fairness_section(run.version.spec) is not None:
         result["fairness"], result["fairness_note"] = _final_fairness(run, version, done, by_silo)
     if mitigation.plan_kind(run.version.spec) == mitigation.POSTPROCESS:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedcore import fairness, fairness_mitigation, tabular
-from fedcore.plan import parse_plan
+from fedcore.plan import is_evaluation_plan, parse_plan
 from federation.models import Run, SiloStatistics
 
 REWEIGHING = "reweighing"
@@ -40,6 +40,8 @@ LABEL_COUNTED = (REWEIGHING, CONSTRAINT)
 
 def plan_kind(spec: Mapping[str, Any]) -> str:
     """The plan's ``fairness.mitigation`` kind (``none`` without one)."""
+    if is_evaluation_plan(spec):  # it trains nothing: the plan language refuses a mitigation
+        return "none"
     settings = parse_plan(spec).fairness
     return settings.mitigation.kind if settings is not None else "none"
 

@@ -16,7 +16,13 @@ from django.http import Http404
 from django.utils import timezone
 
 from fedcore import approvals, model_kinds, models
-from fedcore.plan import PlanError, parse_schema, plan_errors, versioned_spec
+from fedcore.plan import (
+    PlanError,
+    is_evaluation_plan,
+    parse_schema,
+    plan_errors,
+    versioned_spec,
+)
 from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.plan.keys import is_int
 from fedcore.tabular import DatasetSchema, SchemaError
@@ -33,6 +39,7 @@ from federation.models import (
 )
 from federation.services.audit import actor_label, audit_append
 from federation.services.errors import Conflict
+from federation.services.evaluation_plans import source_errors
 
 Status = TrainingPlan.Status
 
@@ -172,6 +179,8 @@ def _validated(
     spec_errors = plan_spec_errors(spec, silos=chosen if "silos" not in errors else None)
     if not spec_errors:
         spec_errors = _not_run_here(spec, chosen)
+    if not spec_errors and is_evaluation_plan(spec):  # the model version it names must fit
+        spec_errors = source_errors(consortium_id, spec)
     # Valid in the plan language (every agent accepts it) but not applied by this server
     # version: refused here rather than run as if unmitigated.
     unavailable = unavailable_mitigation_error(spec)

@@ -26,7 +26,13 @@ from fedcore import aggregation, tabular, task_metrics, tensors
 from fedcore.aggregation import AggregateResult
 from fedcore.fairness_mitigation import MitigationError
 from fedcore.models import build_model
-from fedcore.plan import RunSettings, is_analysis, run_settings, server_strategy_spec
+from fedcore.plan import (
+    RunSettings,
+    is_analysis,
+    is_evaluation_plan,
+    run_settings,
+    server_strategy_spec,
+)
 from fedcore.privacy import accounting as dp_accounting
 from fedcore.privacy import client_dp
 from fedcore.privacy.wrapper import ClientDPStrategy
@@ -42,6 +48,7 @@ from federation.models import (
 from federation.selectors import online_silos, round_refused_count, round_task_fields
 from federation.services import analysis as analysis_service
 from federation.services import evaluation as evaluation_service
+from federation.services import evaluation_plans
 from federation.services import fairness as fairness_service
 from federation.services import mitigation as mitigation_service
 from federation.services.audit import audit_append
@@ -137,6 +144,8 @@ def run_step(*, run_id: int) -> roundplan.Decision | None:
         return None
     if is_analysis(run.version.spec):  # an analysis plan: no rounds (services.analysis)
         return _analysis_step(run)
+    if is_evaluation_plan(run.version.spec) and run.status == Run.Status.PENDING:
+        return _evaluation_plan_start(run)  # then the final evaluation's phase, as below
     online = online_silos(run, evaluation=_evaluation_next(run))
     decision = roundplan.decide(run_state(run, online))
     _apply(run, decision, online)
@@ -150,6 +159,13 @@ def _analysis_step(run: Run) -> roundplan.Decision:
     elif outcome == "fail":
         _fail_run(run, why)
     return roundplan.Wait(reason=why or "analysis released")
+
+
+def _evaluation_plan_start(run: Run) -> roundplan.Decision:
+    outcome, why = evaluation_plans.evaluation_plan_begin(run, online_silos(run, evaluation=True))
+    if outcome == "fail":
+        _fail_run(run, why)
+    return roundplan.Wait(reason=why or "evaluating")
 
 
 def _evaluation_next(run: Run) -> bool:
@@ -196,6 +212,8 @@ def _apply(run: Run, decision: roundplan.Decision, online: list[Silo]) -> None:
             evaluation_service.evaluation_begin(run, cfg, [s for s in online if s.pk in chosen])
         case roundplan.FinishEvaluation():
             run.evaluation = evaluation_service.evaluation_pool(run)
+            if is_evaluation_plan(run.version.spec):
+                run.evaluation = evaluation_plans.evaluation_plan_result(run, run.evaluation)
             _complete_run(run)
         case roundplan.CompleteRun(note=note):
             if note:  # no silo could evaluate the final model: say so where the figures go

@@ -12,7 +12,7 @@ import pytest
 
 from clientagent.data import LocalData
 from clientagent.trainer import TaskError, handle_evaluate
-from fedcore import evaluation, protocol, signing, tabular, tensors
+from fedcore import calibration, evaluation, protocol, signing, tabular, tensors
 from fedcore.models import build_model
 from tests.factories import SCHEMA, plan_spec
 
@@ -155,7 +155,9 @@ def test_the_agent_sends_the_histogram_of_its_held_out_rows_only(tmp_path: Path)
     histogram = evaluation.histogram_from_wire(reply["evaluation"])
     assert histogram.n == 20  # the plan's 20 % held out, never a training row
     assert "fairness" not in reply
-    assert set(reply) == {"run", "model_version", "evaluation"}
+    assert set(reply) == {"run", "model_version", "evaluation", "calibration"}
+    sums = calibration.calibration_from_wire(reply["calibration"], n=histogram.n)
+    assert sum(sums.positives) == sum(histogram.positives)
 
 
 def test_the_agent_refuses_final_weights_that_do_not_fit_the_plan(tmp_path: Path) -> None:

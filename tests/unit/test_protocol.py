@@ -82,6 +82,13 @@ CONTROL_EXAMPLES = {
         "evaluation": {"bins": 2, "positives": [1, 4], "negatives": [5, 0], "loss_sum": 2.5},
         "fairness": {"sex": {"F": {"tp": 2, "fp": 0, "tn": 3, "fn": 1}}},
         "score_histograms": {"F": {"negatives": [3, 0], "positives": [1, 2]}},  # postprocess
+        "calibration": {
+            "grid": "uniform[0,1]",
+            "bins": 1,
+            "count": [3],
+            "prob_sum": [1.5],
+            "positives": [1],
+        },
     },
     "update_ack": {"run": 3, "round": 0, "status": "accepted"},
     "run_finished": {"run": 3, "status": "completed"},
