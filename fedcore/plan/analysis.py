@@ -25,6 +25,7 @@ from fedcore.analytics.cohort import (
     column_types,
     parse_filters,
 )
+from fedcore.analytics.noise import AnalysisNoise, parse_noise
 from fedcore.analytics.regression import INTERCEPT
 from fedcore.plan.keys import Key, check_section, defaults, names
 from fedcore.plan.spec import PlanError, parse_schema, training_plan_errors
@@ -83,6 +84,14 @@ ANALYSIS_TOP_KEYS: tuple[Key, ...] = (
         default=None,
         minimum=0,
         exclusive_min=True,
+        nullable=True,
+    ),
+    Key(
+        "privacy",
+        "object",
+        "noise every site adds to its count table, charged to its privacy ledger: "
+        "{mechanism: laplace|gaussian, epsilon, delta}; null: exact (docs/analytics.md)",
+        default=None,
         nullable=True,
     ),
 )
@@ -144,6 +153,7 @@ class AnalysisPlan:
     min_silos: int
     round_deadline_seconds: float
     wait_for_silos_seconds: float
+    privacy: AnalysisNoise | None = None  # None: exact, no noise
 
 
 def is_analysis(spec: Any) -> bool:
@@ -173,6 +183,9 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         raise PlanError({"spec": f"a plan must be a JSON object, got {type(spec).__name__}"})
     errors: dict[str, str] = {}
     for key in sorted(str(key) for key in spec if key not in ANALYSIS_ALLOWED_KEYS):
+        if key in _NOT_YET:
+            errors[key] = _NOT_YET[key]
+            continue
         errors[key] = (
             f"unknown key {key!r} in an analysis plan; allowed keys: "
             f"{', '.join(ANALYSIS_ALLOWED_KEYS)}"
@@ -182,7 +195,7 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         ANALYSIS_TOP_KEYS,
         "",
         errors,
-        skip=("schema", "analysis"),
+        skip=("schema", "analysis", "privacy"),
     )
     schema: DatasetSchema | None = None
     try:
@@ -197,6 +210,9 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         )
     elif schema is not None:
         analysis = _analysis(raw, column_types(schema), errors)
+    noise = parse_noise(
+        spec.get("privacy"), raw.get("kind") if isinstance(raw, Mapping) else None, errors
+    )
     if errors:
         raise PlanError(errors)
     assert schema is not None and analysis is not None
@@ -208,7 +224,20 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         min_silos=int(top["min_silos"]),
         round_deadline_seconds=deadline,
         wait_for_silos_seconds=float(wait) if wait is not None else max(deadline, 120.0),
+        privacy=noise,
     )
+
+
+# Keys of training plans that an analysis plan does not take yet, with the reason.
+_NOT_YET: dict[str, str] = {
+    "secure_aggregation": (
+        "analysis plans do not run under secure aggregation yet: each site's summary reaches "
+        "the server in clear and the server suppresses small cells before release "
+        "(docs/analytics.md, 'Secure aggregation of analysis sums'). Remove the key; a site "
+        "that must not show its own small counts to the server can require noise "
+        "([disclosure] require_noise) and the plan can add it (privacy)"
+    ),
+}
 
 
 _SECTION_KEYS: dict[str, frozenset[str]] = {

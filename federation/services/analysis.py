@@ -36,9 +36,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from fedcore.analytics.disclosure import DisclosureRefused
-from fedcore.analytics.steps import merge_step, next_step, release
+from fedcore.analytics.steps import SUMMARY, merge_step, next_step, release
 from fedcore.plan import AnalysisPlan, parse_analysis_plan
-from federation import dispatch
+from federation import dispatch, ledger
 from federation.models import Run, Silo, SiloAnalysis, SiloRefusal, TrainingPlan
 from federation.services.audit import audit_append
 from federation.services.updates import Refused, audit_refused
@@ -105,7 +105,9 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
         _ask(run, plan, state, following, [r.silo for r in answered], now)
         return "wait", f"asked step {following[0]!r}"
     try:
-        result = release(plan.analysis, state["merged"], answers, min_silos=plan.min_silos)
+        result = release(
+            plan.analysis, state["merged"], answers, min_silos=plan.min_silos, noise=plan.privacy
+        )
     except (DisclosureRefused, ValueError, TypeError, KeyError) as exc:
         return _withhold(run, f"the result cannot be released: {exc}")
     result["asked"] = sorted(r.silo.name for r in rows)
@@ -219,6 +221,14 @@ def _analysis_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
             raise Refused("invalid_update", f"the answer is not an answer to step {step!r}")
         if len(json.dumps(answer)) > MAX_ANSWER_CHARS:
             raise Refused("invalid_update", f"the answer is over {MAX_ANSWER_CHARS} characters")
+        noise = parse_analysis_plan(run.version.spec).privacy
+        noised = noise is not None and "summary" in answer and step == SUMMARY
+        if noised and answer.get("noise") != noise.describe():
+            raise Refused(
+                "invalid_update",
+                f"the plan asks every site to add {noise.mechanism} noise (epsilon "
+                f"{noise.epsilon:g}) to its table; the answer does not say it did",
+            )
         row = SiloAnalysis.objects.filter(run=run, silo=silo, step=step).first()
         if row is None:
             raise Refused("not_selected", f"this silo was not asked step {step!r} of run {run.pk}")
@@ -227,6 +237,11 @@ def _analysis_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         row.answer = dict(answer)
         row.received_at = timezone.now()
         row.save(update_fields=["answer", "received_at"])
+        if noised:
+            assert noise is not None
+            # The site released its noised table to the server: that costs its epsilon
+            # whether or not the result is released.
+            ledger.analysis_charge(run=run, silo=silo, noise=noise)
         audit_append(
             actor=f"silo:{silo.name}",
             action="analysis.received",
