@@ -20,8 +20,9 @@ which, in the run's locked transaction:
 Nothing is released when a site refused (its agent's ``policy_refused``, for instance a cohort
 below its minimum cell count, recorded by ``federation.services.refusals``): the other sites'
 results alone, set beside a release that included it, would reveal the refusing site's part by
-difference. Nor when fewer sites answered than the plan or any answering site requires. Both
-fail the run with the reason, audited as ``analysis.withheld``.
+difference. Nor when a site that answered an earlier step of the run is silent at a later step's
+deadline (the earlier merges hold its data), nor when fewer sites answered than the plan or any
+answering site requires. Each fails the run with the reason, audited as ``analysis.withheld``.
 """
 
 from __future__ import annotations
@@ -84,6 +85,18 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
     deadline = datetime.fromisoformat(state["deadline"])
     if len(answered) < len(rows) and now < deadline:
         return "wait", f"{len(answered)} of {len(rows)} sites answered step {step!r}"
+    if index > 0 and len(answered) < len(rows):
+        # Asked because they answered every step before: those steps' merges (an event-time
+        # grid, a centre, a Newton path) hold their data, so the others' result alone would be
+        # neither the pooled one nor safe (the grid shows their event times; set beside the
+        # merges, it gives their part by difference).
+        missing = ", ".join(r.silo.name for r in rows if r.answer is None)
+        return _withhold(
+            run,
+            f"site(s) {missing} answered the earlier steps but not step {step!r} by its "
+            "deadline; the earlier steps included their data, so the other sites' result "
+            "alone could reveal it: nothing is released",
+        )
     if len(answered) < plan.min_silos:
         missing = ", ".join(r.silo.name for r in rows if r.answer is None)
         return _withhold(

@@ -479,3 +479,43 @@ def test_secure_aggregation_in_an_analysis_plan_is_refused_at_proposal():
             silos=g.silos,
         )
     assert "secure aggregation" in str(refused.value.message_dict)
+
+
+def test_a_site_silent_after_an_earlier_step_withholds_the_others_result(tmp_path):
+    # Kaplan-Meier: every site sends its event times (the grid), then one is silent at the
+    # counts step. The grid holds its event times: the others' curves alone are not released.
+    g, run = governed_run(KM, min_silos=2)
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+    policy = DisclosurePolicy(min_sites=2)
+    answer_step(g, run, data, [policy] * 3)
+    assert run.analysis["steps"] == ["event_times", "summary"]
+    answer_step(g, run, data, [policy] * 3, answering=2)
+    assert run.status == Run.Status.RUNNING
+    past_deadline(run)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED and "result" not in run.analysis
+    assert g.silos[2].name in run.error and "answered the earlier steps" in run.error
+    withheld = AuditEvent.objects.get(action="analysis.withheld", object_id=str(run.pk))
+    assert "nothing is released" in withheld.data["reason"]
+
+
+def test_a_filter_leaving_a_site_below_its_minimum_is_refused_there_and_withholds_all(tmp_path):
+    # The filter is valid for the schema (accepted at proposal); at the third site it leaves 3
+    # rows, which that site's agent refuses with the reason; nothing is released.
+    count = {
+        "kind": "count",
+        "rows": "sex",
+        "levels": {"sex": ["1", "2"]},
+        "filters": [{"column": "age", "op": "ge", "value": 75}],
+    }
+    g, run = governed_run(count)
+    paths = [site_csv(tmp_path, seed) for seed in (1, 2, 3)]
+    frame = pd.read_csv(paths[2])
+    frame["age"] = [76] * 3 + [50] * (len(frame) - 3)
+    frame.to_csv(paths[2], index=False)
+    refused = answer_step(g, run, [LocalData(p) for p in paths], [DisclosurePolicy()] * 3)
+    assert [exc.code for exc in refused] == ["policy_refused"]
+    assert "fewer than 5 rows" in str(refused[0])
+    assert run.status == Run.Status.FAILED and "result" not in run.analysis
+    assert g.silos[2].name in run.error and "nothing is released" in run.error
