@@ -464,6 +464,10 @@ def test_a_noised_plan_over_a_silo_s_budget_cannot_be_approved():
     problems = privacy_budget_problems(plan.current_version)
     assert len(problems) == 1 and g.silos[0].name in problems[0]
     assert "epsilon=0.5" in problems[0]
+    # and a silo that could not afford it is not asked (selection), the others are
+    spec = plan.current_version.spec
+    assert not ledger.can_afford_round(g.silos[0], spec)
+    assert ledger.can_afford_round(g.silos[1], spec)
 
 
 def test_secure_aggregation_in_an_analysis_plan_is_refused_at_proposal():
