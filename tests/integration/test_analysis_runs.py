@@ -426,6 +426,12 @@ def test_a_noised_count_charges_every_answering_site_s_ledger_and_says_so(tmp_pa
             assert 0.3 < entry.epsilon_total <= 0.5
     spent = AuditEvent.objects.filter(action="budget.spent", data__run=run.pk)
     assert spent.count() == 3
+    report = api(g.auditors[0]).get(f"/api/v1/runs/{run.pk}/compliance/").json()["analysis"]
+    assert report["release"]["noise"]["mechanism"] == mechanism
+    browser = Client()
+    browser.force_login(g.auditors[0])
+    assert "Noised: every site added independent" in browser.get(f"/runs/{run.pk}/analysis/").text
+    assert "noised: every site added" in browser.get(f"/runs/{run.pk}/compliance/").text
 
 
 def run_sigma(privacy: dict) -> float:
