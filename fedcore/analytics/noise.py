@@ -1,7 +1,7 @@
 """Noise on a site's count tables: an analysis plan's ``privacy`` section (docs/analytics.md).
 
 A site adds its own noise to every cell of its count table (a count, a cross-tabulation, a
-histogram) before the table leaves it, so its release is differentially private whoever sees it
+histogram), or to its moment sums of values clipped to the schema's bounds (``add_moments``), before the table leaves it, so its release is differentially private whoever sees it
 (the server; the other sites through the result). Sensitivity: every row of the site falls in at
 most one cell (rows outside the filters in none; ``__other__``, a histogram's underflow and
 overflow are cells), so adding or removing one row changes one cell by 1: L1 = L2 sensitivity 1
@@ -34,9 +34,10 @@ import numpy as np
 from fedcore.fairness import _SIGMA_SAFETY, _discrete_gaussian, _discrete_laplace, _gaussian_rho
 
 NOISE_MECHANISMS: tuple[str, ...] = ("laplace", "gaussian")
-# The analyses whose site answer is one count table of sensitivity 1 (the others refuse a
-# privacy section at proposal; docs/analytics.md says why).
-NOISE_ANALYSES: tuple[str, ...] = ("count", "crosstab", "histogram")
+# The analyses whose site answer is one release of bounded sensitivity: a count table
+# (sensitivity 1) or clipped moment sums (``moment_sensitivity``); the others refuse a
+# privacy section at proposal (docs/analytics.md says why).
+NOISE_ANALYSES: tuple[str, ...] = ("count", "crosstab", "histogram", "moments")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class AnalysisNoise:
     mechanism: str
     epsilon: float
     delta: float | None = None  # gaussian only
+    # moments: each column's clipping bounds (the schema's min and max), in column order
+    bounds: tuple[tuple[float, float], ...] = ()
 
     @property
     def sigma(self) -> float | None:
@@ -67,13 +70,66 @@ class AnalysisNoise:
 
     def describe(self) -> dict[str, Any]:
         """What an answer and a result carry about the noise (the plan's parameters)."""
-        return {
+        out: dict[str, Any] = {
             "mechanism": self.mechanism,
             "epsilon": self.epsilon,
             "delta": self.delta,
             "scale": 1.0 / self.epsilon if self.mechanism == "laplace" else None,
             "sigma": self.sigma,
         }
+        if self.bounds:
+            out["clip"] = [list(pair) for pair in self.bounds]
+            out["sensitivity"] = list(self.moment_sensitivity())
+        return out
+
+    def moment_sensitivity(self) -> tuple[float, float]:
+        """(L1, L2) sensitivity of a site's moment sums [n, sum(x - m), the upper triangle of
+        sum((x - m)(x - m)')] when every value is clipped to its bounds and m is their midpoint:
+        one row added or removed moves n by 1, sum_j by at most h_j = (max_j - min_j) / 2 and
+        cross_jk by at most h_j h_k."""
+        h = np.array([(high - low) / 2.0 for low, high in self.bounds])
+        upper = np.outer(h, h)[np.triu_indices(len(h))]
+        l1 = 1.0 + float(h.sum()) + float(upper.sum())
+        l2 = math.sqrt(1.0 + float((h**2).sum()) + float((upper**2).sum()))
+        return l1, l2
+
+    def add_moments(
+        self, sums: Mapping[str, np.ndarray], source: random.Random | None = None
+    ) -> dict[str, np.ndarray]:
+        """Continuous noise on moment sums (``site_moments`` of clipped values centred at the
+        bounds' midpoints): Laplace of scale L1 / epsilon, or Gaussian of sigma L2 times the
+        unit sigma, on n, every sum and the upper triangle of the cross products (mirrored, so
+        the matrix stays symmetric and each entry is noised once)."""
+        rng = source if source is not None else random.SystemRandom()
+        l1, l2 = self.moment_sensitivity()
+        if self.mechanism == "laplace":
+            scale = l1 / self.epsilon
+
+            def draw() -> float:
+                return scale * (rng.expovariate(1.0) - rng.expovariate(1.0))
+
+        else:
+            sigma = l2 * float(self.sigma or 0.0)
+
+            def draw() -> float:
+                return rng.gauss(0.0, sigma)
+
+        n = float(np.asarray(sums["n"])) + draw()
+        total = np.asarray(sums["sum"], dtype=np.float64) + [draw() for _ in self.bounds]
+        cross = np.array(sums["cross"], dtype=np.float64)
+        p = len(self.bounds)
+        for j in range(p):
+            for k in range(j, p):
+                cross[j, k] += draw()
+                cross[k, j] = cross[j, k]
+        return {**sums, "n": np.float64(n), "sum": total, "cross": cross}
+
+    def moment_std(self) -> float:
+        """The standard deviation of one site's noise on each moment sum."""
+        l1, l2 = self.moment_sensitivity()
+        if self.mechanism == "laplace":
+            return math.sqrt(2.0) * l1 / self.epsilon
+        return l2 * float(self.sigma or 0.0)
 
     def add(self, counts: np.ndarray, source: random.Random | None = None) -> np.ndarray:
         """``counts`` plus independent noise on every cell (integers, possibly negative: the
@@ -129,11 +185,11 @@ def parse_noise(raw: Any, kind: str | None, errors: dict[str, str]) -> AnalysisN
         errors["privacy.delta"] = "applies to the gaussian mechanism only (laplace is pure DP)"
     if kind is not None and kind not in NOISE_ANALYSES:
         errors["privacy"] = (
-            f"noise is added to count tables only ({', '.join(NOISE_ANALYSES)}); a {kind!r} "
-            "analysis sends sums whose sensitivity is not bounded without clipping, or asks "
-            "several data-dependent rounds (event times, bisection, Newton steps), so it cannot "
+            f"noise is added to count tables and clipped moments only "
+            f"({', '.join(NOISE_ANALYSES)}); a {kind!r} analysis asks several data-dependent "
+            "rounds (event times, bisection, Newton steps) or sums without bounds, so it cannot "
             "be noised soundly: remove the privacy section (its result is exact, under the "
-            "sites' disclosure control) or ask a count, crosstab or histogram"
+            "sites' disclosure control) or ask a count, crosstab, histogram or moments"
         )
     if len(errors) > before:
         return None

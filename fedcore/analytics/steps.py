@@ -279,6 +279,20 @@ def site_answer(
             )
             out["summary"] = {"n": len(x), "xsum": x.sum(axis=0).tolist()}
         return out
+    if noise is not None and analysis.kind == "moments":
+        x = _complete(df, analysis.columns, analysis.filters)
+        low, high = (np.array(side, dtype=np.float64) for side in zip(*noise.bounds, strict=True))
+        centered = np.clip(x, low, high) - (low + high) / 2.0
+        exact = {
+            "n": np.float64(len(x)),
+            "sum": centered.sum(axis=0),
+            "cross": centered.T @ centered,
+        }
+        part = noise.add_moments(exact, noise_source)
+        out["noise"] = noise.describe()
+        out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
+        out["summary"]["sites"] = 1
+        return out
     part = _site_summary(analysis, params, df, policy)
     if noise is not None:
         if "counts" not in part:  # the plan language allows noise on count tables only
@@ -536,6 +550,9 @@ def release(
         result["sites"] = sites
         return result
     data = {k: np.asarray(v) for k, v in merged[SUMMARY].items()}
+    if noise is not None and analysis.kind == "moments":
+        result.update(_noised_moments_result(analysis, data, noise, sites))
+        return result
     if noise is not None:
         data["counts"] = np.maximum(np.asarray(data["counts"], dtype=np.int64), 0)
         result["noise"] = {
@@ -581,6 +598,50 @@ def release(
             result["logrank"] = logrank_result(data, levels=analysis.group_levels)
     result["sites"] = sites
     return result
+
+
+def _noised_moments_result(
+    analysis: Analysis, data: dict[str, np.ndarray], noise: AnalysisNoise, sites: int
+) -> dict[str, Any]:
+    """Moments from noised sums of clipped values: n rounded, variances clamped at 0,
+    correlations to [-1, 1] (post-processing), and the noise and clipping stated."""
+    low, high = (np.array(side, dtype=np.float64) for side in zip(*noise.bounds, strict=True))
+    data = {**data, "n": np.asarray(round(float(data["n"])))}
+    with np.errstate(invalid="ignore", divide="ignore"):  # a noised variance may be < 0
+        out = moments_result(data, analysis.columns, shift=(low + high) / 2.0)
+    variance = np.maximum(np.asarray(out["variance"], dtype=np.float64), 0.0)
+    sd = np.sqrt(variance)
+    cov = np.asarray(out["covariance"], dtype=np.float64)
+    np.fill_diagonal(cov, variance)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
+    np.fill_diagonal(corr, 1.0)
+
+    def finite(values: np.ndarray) -> list:
+        return np.where(np.isfinite(values), values, None).tolist()
+
+    out.update(
+        variance=variance.tolist(),
+        sd=sd.tolist(),
+        covariance=finite(cov),
+        correlation=finite(corr),
+        mean=np.clip(np.asarray(out["mean"], dtype=np.float64), low, high).tolist(),
+        noise={
+            **noise.describe(),
+            "sum_std": noise.moment_std() * sites**0.5,
+            "note": (
+                f"every site clipped each column to its schema bounds and added independent "
+                f"{noise.mechanism} noise to its count, sums and cross products (epsilon "
+                f"{noise.epsilon:g} per site"
+                + (f", delta {noise.delta:g}" if noise.delta is not None else "")
+                + f"); each released sum carries {sites} sites' noise (standard deviation "
+                "sum_std); the count is rounded, variances clamped at 0, correlations to "
+                "[-1, 1], means to the bounds"
+            ),
+        },
+        sites=sites,
+    )
+    return out
 
 
 def _model_result(

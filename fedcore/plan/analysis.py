@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedcore.analytics.cohort import (
@@ -89,7 +89,7 @@ ANALYSIS_TOP_KEYS: tuple[Key, ...] = (
     Key(
         "privacy",
         "object",
-        "noise every site adds to its count table, charged to its privacy ledger: "
+        "noise every site adds to its count table or moment sums, charged to its privacy ledger: "
         "{mechanism: laplace|gaussian, epsilon, delta}; null: exact (docs/analytics.md)",
         default=None,
         nullable=True,
@@ -213,6 +213,9 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
     noise = parse_noise(
         spec.get("privacy"), raw.get("kind") if isinstance(raw, Mapping) else None, errors
     )
+    if noise is not None and analysis is not None and analysis.kind == "moments":
+        assert schema is not None
+        noise = _moment_bounds(noise, schema, analysis.columns, errors)
     if errors:
         raise PlanError(errors)
     assert schema is not None and analysis is not None
@@ -226,6 +229,25 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         wait_for_silos_seconds=float(wait) if wait is not None else max(deadline, 120.0),
         privacy=noise,
     )
+
+
+def _moment_bounds(
+    noise: AnalysisNoise, schema: DatasetSchema, columns: Sequence[str], errors: dict[str, str]
+) -> AnalysisNoise | None:
+    """Noised moments clip every column to the schema's bounds (its min and max): the noise is
+    calibrated to them."""
+    specs = {column.name: column for column in schema.columns}
+    bounds = []
+    for name in columns:
+        column = specs.get(name)
+        if column is None or column.minimum is None or column.maximum is None:
+            errors["privacy"] = (
+                f"noised moments clip every column to its bounds and calibrate the noise to "
+                f"them: give column {name!r} a 'min' and 'max' in the schema"
+            )
+            return None
+        bounds.append((float(column.minimum), float(column.maximum)))
+    return replace(noise, bounds=tuple(bounds))
 
 
 # Keys of training plans that an analysis plan does not take yet, with the reason.

@@ -529,3 +529,25 @@ def test_a_filter_leaving_a_site_below_its_minimum_is_refused_there_and_withhold
     assert "fewer than 5 rows" in str(refused[0])
     assert run.status == Run.Status.FAILED and "result" not in run.analysis
     assert g.silos[2].name in run.error and "nothing is released" in run.error
+
+
+def test_noised_moments_run_through_the_server_and_charge_the_ledger(tmp_path):
+    bounded = {
+        **SCHEMA,
+        "columns": [
+            {"name": "age", "type": "numeric", "min": 40, "max": 80},
+            {"name": "sex", "type": "categorical"},
+            {"name": "time", "type": "numeric", "min": 0, "max": 900},
+        ],
+    }
+    moments = {"kind": "moments", "columns": ["age"]}
+    g, run = governed_run(moments, schema=bounded, privacy={"mechanism": "laplace", "epsilon": 2})
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+
+    answer_step(g, run, data, [DisclosurePolicy()] * 3)
+
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    assert result["noise"]["clip"] == [[40.0, 80.0]] and 40 <= result["mean"][0] <= 80
+    entries = PrivacyLedgerEntry.objects.filter(run=run, mechanism="analysis")
+    assert sorted(e.epsilon_pure for e in entries) == [2.0, 2.0, 2.0]

@@ -64,7 +64,8 @@ def test_a_count_crosstab_or_histogram_plan_may_ask_noise():
 @pytest.mark.parametrize(
     ("analysis", "privacy", "path", "words"),
     [
-        ({"kind": "moments", "columns": ["age"]}, LAPLACE, "privacy", "cannot be noised soundly"),
+        ({"kind": "moments", "columns": ["age"]}, LAPLACE, "privacy", "give column 'age' a 'min'"),
+        ({"kind": "quantile", "column": "age", "probs": [0.5]}, LAPLACE, "privacy", "soundly"),
         (
             {"kind": "cox", "time": "time", "event": "status", "covariates": ["age"]},
             GAUSSIAN,
@@ -75,7 +76,7 @@ def test_a_count_crosstab_or_histogram_plan_may_ask_noise():
             {"kind": "kaplan_meier", "time": "time", "event": "status"},
             LAPLACE,
             "privacy",
-            "count tables only",
+            "count tables and clipped moments only",
         ),
         (COUNT, {"mechanism": "gaussian", "epsilon": 1.0}, "privacy.delta", "needs a delta"),
         (COUNT, {**LAPLACE, "delta": 1e-6}, "privacy.delta", "gaussian mechanism only"),
@@ -195,3 +196,62 @@ def test_a_noised_release_is_clamped_suppressed_and_states_its_noise():
     for cell, value in zip(result["cells"][1:-1], exact, strict=True):
         if cell is not None:
             assert abs(cell - value) < 5 * result["noise"]["cell_std"]
+
+
+BOUNDED = {
+    **SCHEMA,
+    "columns": [
+        {"name": "age", "type": "numeric", "min": 20, "max": 100},
+        {"name": "sex", "type": "categorical"},
+        {"name": "time", "type": "numeric", "min": 0, "max": 40},
+    ],
+}
+
+
+def test_moment_noise_is_calibrated_to_the_schema_bounds():
+    plan = parse_analysis_plan(
+        {
+            **spec({"kind": "moments", "columns": ["age", "time"]}),
+            "schema": BOUNDED,
+            "privacy": LAPLACE,
+        }
+    )
+    noise = plan.privacy
+    assert noise.bounds == ((20.0, 100.0), (0.0, 40.0))
+    # h = (40, 20): L1 = 1 + 60 + (1600 + 800 + 400)
+    assert noise.moment_sensitivity()[0] == pytest.approx(2861.0)
+    zero = {"n": np.float64(0), "sum": np.zeros(2), "cross": np.zeros((2, 2))}
+    rng = random.Random(5)
+    draws = np.array([noise.add_moments(zero, rng)["sum"] for _ in range(4000)])
+    assert draws.std(axis=0) == pytest.approx([noise.moment_std()] * 2, rel=0.05)
+    crosses = [noise.add_moments(zero, rng)["cross"] for _ in range(10)]
+    assert all(np.array_equal(c, c.T) for c in crosses)  # symmetric: one noise per entry
+
+
+def test_noised_moments_are_near_the_clipped_ones_and_state_the_noise():
+    analysis = {"kind": "moments", "columns": ["age", "time"]}
+    plan = parse_analysis_plan(
+        {**spec(analysis), "schema": BOUNDED, "privacy": {**LAPLACE, "epsilon": 50}}
+    )
+    frames = [frame(seed, n=2000) for seed in (1, 2, 3)]
+    policy = DisclosurePolicy()
+    answers = [
+        site_answer(
+            plan.analysis,
+            "summary",
+            {},
+            df,
+            policy,
+            noise=plan.privacy,
+            noise_source=random.Random(i),
+        )
+        for i, df in enumerate(frames)
+    ]
+    merged = {"summary": merge_step(plan.analysis, "summary", answers)}
+    result = release(plan.analysis, merged, answers, noise=plan.privacy)
+    pooled = pd.concat(frames)[["age", "time"]].clip(lower=[20, 0], upper=[100, 40], axis=1)
+    tolerance = 5 * result["noise"]["sum_std"] / len(pooled)
+    assert result["mean"] == pytest.approx(pooled.mean().tolist(), abs=tolerance)
+    assert abs(result["n"] - len(pooled)) < 5 * result["noise"]["sum_std"]
+    assert "clipped each column to its schema bounds" in result["noise"]["note"]
+    assert all(-1 <= c <= 1 for row in result["correlation"] for c in row if c is not None)
