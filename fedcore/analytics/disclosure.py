@@ -170,9 +170,9 @@ def check_noise_allowed(
     if epsilon is None:
         if policy.require_noise:
             raise DisclosureRefused(
-                "this site releases only noised count tables ([disclosure] require_noise in "
-                "site.toml) and the plan adds no noise: propose a count, crosstab or histogram "
-                "with a privacy section {mechanism, epsilon}"
+                "this site releases only noised results ([disclosure] require_noise in "
+                "site.toml) and the plan adds no noise: propose a count, crosstab, histogram or "
+                "moments with a privacy section {mechanism, epsilon}"
             )
         return
     if policy.max_epsilon is not None and epsilon > policy.max_epsilon:

@@ -153,7 +153,7 @@ def test_a_site_adds_noise_to_its_table_and_says_so():
 def test_a_site_policy_can_require_noise_or_cap_its_epsilon():
     exact = parse_analysis_plan(spec(COUNT)).analysis
     strict = DisclosurePolicy.from_dict({"require_noise": True, "max_epsilon": 0.5})
-    with pytest.raises(DisclosureRefused, match="releases only noised count tables"):
+    with pytest.raises(DisclosureRefused, match="releases only noised results"):
         site_answer(exact, "summary", {}, frame(1), strict)
     plan = parse_analysis_plan(spec(COUNT, privacy=LAPLACE))
     with pytest.raises(DisclosureRefused, match="epsilon 1 per release is above this site's cap"):
