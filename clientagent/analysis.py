@@ -55,7 +55,9 @@ def handle_analysis_request(
             shared_reason="the site's data does not match the plan's schema",
         ) from None
     try:
-        answer = site_answer(plan.analysis, step, fields["params"], frame, disclosure)
+        answer = site_answer(
+            plan.analysis, step, fields["params"], frame, disclosure, noise=plan.privacy
+        )
     except DisclosureRefused as exc:
         raise TaskError(
             POLICY_REFUSED, f"the site's [disclosure] policy refuses: {exc}", run=run

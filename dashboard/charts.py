@@ -672,6 +672,8 @@ def analysis_chart(result: dict[str, Any]) -> Chart:
             f"Counts; cells below {result.get('min_cell_count')} are suppressed, with "
             "complementary cells so that no total reveals them."
         )
+    if result.get("noise"):
+        description += f" Noised: {result['noise']['note']}."
     return Chart(
         key="analysis",
         title=f"Result: {kind.replace('_', ' ')}",

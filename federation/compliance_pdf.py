@@ -153,6 +153,7 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
                     else ""
                 )
                 + (f"; event times: {release['coarsening']}" if "coarsening" in release else "")
+                + (f"; noised: {release['noise']['note']}" if release.get("noise") else "")
                 + "."
                 if analysis["released"]
                 else f"Nothing was released: {analysis['withheld'] or 'the run did not finish'}."

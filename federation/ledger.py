@@ -42,7 +42,9 @@ def ledger_delta(silo: Silo, plan_delta: float | None = None) -> float:
 
 PURE = "fairness"  # the mechanism of pure epsilon-DP entries (no RDP composition)
 STATISTICS = "statistics"  # the statistics pass's noised numeric statistics, pure epsilon-DP
-PURE_MECHANISMS = (PURE, STATISTICS)
+ANALYSIS = "analysis"  # an analysis plan's count table with discrete Laplace noise, pure
+ANALYSIS_GAUSSIAN = "analysis_gaussian"  # the same with discrete Gaussian noise: RDP, q = 1
+PURE_MECHANISMS = (PURE, STATISTICS, ANALYSIS)
 
 
 def silo_history(silo: Silo) -> list[Mechanism]:
@@ -97,8 +99,57 @@ def plan_statistics_epsilon(spec: dict[str, Any]) -> float:
 
 
 def plan_pure_epsilon(spec: dict[str, Any]) -> float:
-    """A whole run's pure epsilon-DP releases at a silo: fairness counts and statistics."""
+    """A whole run's pure epsilon-DP releases at a silo: fairness counts and statistics, or an
+    analysis plan's Laplace-noised table."""
+    if is_analysis(spec):
+        noise = _analysis_noise(spec)
+        return noise.epsilon if noise is not None and noise.mechanism == "laplace" else 0.0
     return plan_fairness_epsilon(spec) + plan_statistics_epsilon(spec)
+
+
+def _analysis_noise(spec: dict[str, Any]):
+    from fedcore.plan import parse_analysis_plan
+
+    return parse_analysis_plan(spec).privacy
+
+
+def _analysis_mechanism(spec: dict[str, Any]) -> Mechanism | None:
+    """An analysis plan's Gaussian-noised table as an RDP mechanism: one step, no sampling,
+    noise multiplier sigma (sensitivity 1); None without Gaussian noise."""
+    noise = _analysis_noise(spec)
+    if noise is None or noise.mechanism != "gaussian":
+        return None
+    assert noise.sigma is not None
+    return noise.sigma, 1.0, 1
+
+
+def analysis_charge(*, run: Run, silo: Silo, noise: Any) -> PrivacyLedgerEntry:
+    """Charge a silo's ledger for the noised table it released in an analysis run
+    (``noise``: the plan's ``fedcore.analytics.noise.AnalysisNoise``): Laplace as a pure
+    epsilon entry, Gaussian as one RDP step of noise multiplier sigma."""
+    if noise.mechanism == "laplace":
+        return ledger_append(
+            silo=silo,
+            run=run,
+            round_number=None,
+            mechanism=ANALYSIS,
+            noise_multiplier=1.0 / noise.epsilon,  # the discrete Laplace scale of one cell
+            sample_rate=1.0,
+            steps=1,
+            delta=DEFAULT_DELTA,
+            epsilon_pure=noise.epsilon,
+        )
+    return ledger_append(
+        silo=silo,
+        run=run,
+        round_number=None,
+        mechanism=ANALYSIS_GAUSSIAN,
+        noise_multiplier=noise.sigma,
+        sample_rate=1.0,
+        steps=1,
+        delta=noise.delta,  # the silo's delta budget's, if it has one (ledger_delta)
+        epsilon_reported=noise.epsilon,
+    )
 
 
 def composed_epsilon(history: list[Mechanism], delta: float) -> float:
@@ -123,8 +174,11 @@ def plan_mechanism(
     spec: dict[str, Any], silo: Silo, *, rows: int | None = None
 ) -> Mechanism | None:
     """(noise multiplier, sample rate, steps) a whole run of the plan applies to a silo's data
-    (None for an analysis plan: it adds no noise yet, docs/analytics.md)."""
-    if is_analysis(spec) or is_evaluation_plan(spec):  # no training: no DP-SGD noise
+    (for an analysis plan: its Gaussian-noised table, else None; none for an evaluation plan:
+    it trains nothing; docs/analytics.md)."""
+    if is_analysis(spec):
+        return _analysis_mechanism(spec)
+    if is_evaluation_plan(spec):  # no training: no DP-SGD noise
         return None
     privacy = spec.get("privacy") or {"mode": "none"}
     training = spec["training"]
@@ -141,8 +195,11 @@ def plan_mechanism(
 def round_mechanism(
     spec: dict[str, Any], silo: Silo, *, rows: int | None = None
 ) -> Mechanism | None:
-    """The mechanism of one round of the plan at a silo (the run's steps split over rounds)."""
+    """The mechanism of one round of the plan at a silo (the run's steps split over rounds; an
+    analysis plan's run is its one round)."""
     whole = plan_mechanism(spec, silo, rows=rows)
+    if is_analysis(spec):
+        return whole
     if whole is None:
         return None
     noise, sample_rate, steps = whole
@@ -169,7 +226,10 @@ def client_noise_multiplier(spec: dict[str, Any]) -> float:
 
 
 def plan_delta(spec: dict[str, Any]) -> float | None:
-    """The plan's delta, when it uses DP."""
+    """The plan's delta, when it uses DP (an analysis plan's: its Gaussian noise's)."""
+    if is_analysis(spec):
+        noise = _analysis_noise(spec)
+        return noise.delta if noise is not None else None
     privacy = spec.get("privacy") or {}
     if privacy.get("mode", "none") == "none":
         return None
@@ -189,7 +249,7 @@ def can_afford_round(silo: Silo, spec: dict[str, Any]) -> bool:
     if silo.epsilon_budget is None:
         return True
     mechanism = round_mechanism(spec, silo)
-    fairness = fairness_epsilon_per_round(spec)
+    fairness = plan_pure_epsilon(spec) if is_analysis(spec) else fairness_epsilon_per_round(spec)
     if mechanism is None and not fairness:
         return True
     history = silo_history(silo) + ([mechanism] if mechanism else [])

@@ -560,7 +560,10 @@ class PrivacyLedgerEntry(models.Model):
     spent, ``noise_multiplier`` the Laplace scale 1/epsilon of one count, ``sample_rate`` 1 and
     ``steps`` the number of count tables released; it is not part of the RDP composition. A
     ``statistics`` entry likewise: the noised numeric statistics of a run's statistics pass
-    (Laplace), ``steps`` 1.
+    (Laplace), ``steps`` 1. An ``analysis`` entry: an analysis plan's count table a site released
+    with discrete Laplace noise (pure, ``epsilon_pure`` the plan's epsilon, ``steps`` 1); an
+    ``analysis_gaussian`` entry the same with discrete Gaussian noise, composed by the RDP
+    accountant as one unsampled Gaussian step of noise multiplier sigma (sensitivity 1).
     """
 
     class Mechanism(models.TextChoices):
@@ -568,6 +571,8 @@ class PrivacyLedgerEntry(models.Model):
         CLIENT = "client", "Client-level DP (DP-FedAvg at aggregation)"
         FAIRNESS = "fairness", "Noisy fairness counts"
         STATISTICS = "statistics", "Noised statistics pass (numeric columns)"
+        ANALYSIS = "analysis", "Noised analysis table (discrete Laplace)"
+        ANALYSIS_GAUSSIAN = "analysis_gaussian", "Noised analysis table (discrete Gaussian)"
 
     silo = models.ForeignKey(Silo, on_delete=models.CASCADE, related_name="ledger")
     run = models.ForeignKey(

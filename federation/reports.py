@@ -601,7 +601,15 @@ def _analysis_record(run: Run) -> dict[str, Any] | None:
     result = analysis["result"] or {}
     released = {
         key: result[key]
-        for key in ("sites", "min_cell_count", "suppressed", "coarsening", "answered", "missing")
+        for key in (
+            "sites",
+            "min_cell_count",
+            "suppressed",
+            "coarsening",
+            "noise",
+            "answered",
+            "missing",
+        )
         if key in result
     }
     return {

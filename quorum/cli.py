@@ -841,6 +841,8 @@ def cmd_run_analysis(args: argparse.Namespace) -> int:
             if key == "logrank":
                 value = f"chi-square {value['statistic']:.6g}, p = {value['p_value']:.4g}"
             out(f"{key}: {value}")
+    if result.get("noise"):
+        out(f"noise: {result['noise']['note']}")
     return EXIT_OK
 
 

@@ -81,6 +81,10 @@ class DisclosurePolicy:
     # None: event times leave the site as they are (the union grid holds them exactly). A number:
     # every time is floored to a multiple of it before any survival analysis, and results say so.
     time_step: float | None = None
+    # Noise (an analysis plan's privacy section): refuse a plan that adds none, or one whose
+    # epsilon per release is above max_epsilon (docs/analytics.md, "Noise").
+    require_noise: bool = False
+    max_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         """Validate the policy values."""
@@ -110,6 +114,17 @@ class DisclosurePolicy:
                 or not (math.isfinite(step) and step > 0)
             ):
                 raise ValueError(f"disclosure.time_step must be a positive number, got {step!r}")
+        if not isinstance(self.require_noise, bool):
+            raise ValueError(
+                f"disclosure.require_noise must be true or false, got {self.require_noise!r}"
+            )
+        cap = self.max_epsilon
+        if cap is not None and (
+            isinstance(cap, bool)
+            or not isinstance(cap, int | float)
+            or not (math.isfinite(cap) and cap > 0)
+        ):
+            raise ValueError(f"disclosure.max_epsilon must be a positive number, got {cap!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DisclosurePolicy:
@@ -121,7 +136,14 @@ class DisclosurePolicy:
         Raises:
             ValueError: an unknown key or an invalid value, named.
         """
-        known = {"min_cell_count", "min_sites", "allowed_analyses", "time_step"}
+        known = {
+            "min_cell_count",
+            "min_sites",
+            "allowed_analyses",
+            "time_step",
+            "require_noise",
+            "max_epsilon",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
@@ -135,6 +157,29 @@ class DisclosurePolicy:
             min_sites=data.get("min_sites", DEFAULT_MIN_SITES),
             allowed_analyses=tuple(allowed),
             time_step=data.get("time_step"),
+            require_noise=data.get("require_noise", False),
+            max_epsilon=data.get("max_epsilon"),
+        )
+
+
+def check_noise_allowed(
+    policy: DisclosurePolicy, epsilon: float | None, *, mechanism: str | None = None
+) -> None:
+    """Refuse a release without noise when the policy requires it, or with an epsilon above
+    the policy's cap (``epsilon`` None: the plan adds no noise)."""
+    if epsilon is None:
+        if policy.require_noise:
+            raise DisclosureRefused(
+                "this site releases only noised results ([disclosure] require_noise in "
+                "site.toml) and the plan adds no noise: propose a count, crosstab, histogram or "
+                "moments with a privacy section {mechanism, epsilon}"
+            )
+        return
+    if policy.max_epsilon is not None and epsilon > policy.max_epsilon:
+        raise DisclosureRefused(
+            f"the plan's {mechanism or 'noise'} epsilon {epsilon:g} per release is above this "
+            f"site's cap ([disclosure] max_epsilon = {policy.max_epsilon:g} in site.toml): "
+            "propose the plan with a smaller epsilon"
         )
 
 

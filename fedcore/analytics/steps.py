@@ -30,6 +30,7 @@ requires.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,9 +54,11 @@ from fedcore.analytics.disclosure import (
     DisclosurePolicy,
     DisclosureRefused,
     check_analysis_allowed,
+    check_noise_allowed,
     check_site_count,
     suppress_table,
 )
+from fedcore.analytics.noise import AnalysisNoise
 from fedcore.analytics.regression import (
     SEPARATION_HINT,
     design,
@@ -192,6 +195,9 @@ def site_answer(
     params: Mapping[str, Any],
     df: pd.DataFrame,
     policy: DisclosurePolicy,
+    *,
+    noise: AnalysisNoise | None = None,
+    noise_source: random.Random | None = None,
 ) -> dict[str, Any]:
     """A site's answer to one step (JSON data), after its disclosure policy allowed it.
 
@@ -202,6 +208,9 @@ def site_answer(
             Kaplan-Meier's counts).
         df: the site's validated rows.
         policy: the site's ``[disclosure]``.
+        noise: the plan's privacy section (``AnalysisPlan.privacy``): the site adds it to its
+            count table and the answer says so (``"noise"``).
+        noise_source: the noise's randomness; default the operating system's. Tests only.
 
     Raises:
         DisclosureRefused: the policy forbids the analysis, or the cohort (or a group of it)
@@ -217,6 +226,11 @@ def site_answer(
         )
     for kind in analysis.policy_kinds:
         check_analysis_allowed(policy, kind)
+    check_noise_allowed(
+        policy,
+        None if noise is None else noise.epsilon,
+        mechanism=None if noise is None else noise.mechanism,
+    )
     _check_cohort(analysis, df, policy)
     out: dict[str, Any] = {
         "step": step,
@@ -265,7 +279,26 @@ def site_answer(
             )
             out["summary"] = {"n": len(x), "xsum": x.sum(axis=0).tolist()}
         return out
+    if noise is not None and analysis.kind == "moments":
+        x = _complete(df, analysis.columns, analysis.filters)
+        low, high = (np.array(side, dtype=np.float64) for side in zip(*noise.bounds, strict=True))
+        centered = np.clip(x, low, high) - (low + high) / 2.0
+        exact = {
+            "n": np.float64(len(x)),
+            "sum": centered.sum(axis=0),
+            "cross": centered.T @ centered,
+        }
+        part = noise.add_moments(exact, noise_source)
+        out["noise"] = noise.describe()
+        out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
+        out["summary"]["sites"] = 1
+        return out
     part = _site_summary(analysis, params, df, policy)
+    if noise is not None:
+        if "counts" not in part:  # the plan language allows noise on count tables only
+            raise ValueError(f"a {analysis.kind!r} analysis cannot be noised")
+        part = {**part, "counts": noise.add(part["counts"], noise_source)}
+        out["noise"] = noise.describe()
     out["summary"] = {name: np.asarray(value).tolist() for name, value in part.items()}
     return out
 
@@ -480,6 +513,7 @@ def release(
     answers: Sequence[Mapping[str, Any]],
     *,
     min_silos: int = 1,
+    noise: AnalysisNoise | None = None,
 ) -> dict[str, Any]:
     """The released result of a finished analysis.
 
@@ -487,6 +521,8 @@ def release(
         merged: step -> its merge (:func:`merge_step`).
         answers: the last step's answers (their disclosure settings bind the release).
         min_silos: the plan's minimum.
+        noise: the plan's privacy section: the merged table (the sum of the sites' noised
+            tables) is clamped at 0 before suppression, and the result states the noise.
 
     Raises:
         DisclosureRefused: fewer sites answered than the plan or any answering site requires.
@@ -514,6 +550,22 @@ def release(
         result["sites"] = sites
         return result
     data = {k: np.asarray(v) for k, v in merged[SUMMARY].items()}
+    if noise is not None and analysis.kind == "moments":
+        result.update(_noised_moments_result(analysis, data, noise, sites))
+        return result
+    if noise is not None:
+        data["counts"] = np.maximum(np.asarray(data["counts"], dtype=np.int64), 0)
+        result["noise"] = {
+            **noise.describe(),
+            "cell_std": noise.cell_std() * sites**0.5,
+            "note": (
+                f"every site added independent {noise.mechanism} noise to each cell of its "
+                f"table (epsilon {noise.epsilon:g} per site"
+                + (f", delta {noise.delta:g}" if noise.delta is not None else "")
+                + f"); each released cell carries the sum of {sites} sites' noise (standard "
+                "deviation cell_std), clamped at 0, then suppressed as exact counts are"
+            ),
+        }
     if analysis.kind in ("count", "crosstab"):
         assert analysis.rows is not None and analysis.levels is not None
         result.update(
@@ -546,6 +598,50 @@ def release(
             result["logrank"] = logrank_result(data, levels=analysis.group_levels)
     result["sites"] = sites
     return result
+
+
+def _noised_moments_result(
+    analysis: Analysis, data: dict[str, np.ndarray], noise: AnalysisNoise, sites: int
+) -> dict[str, Any]:
+    """Moments from noised sums of clipped values: n rounded, variances clamped at 0,
+    correlations to [-1, 1] (post-processing), and the noise and clipping stated."""
+    low, high = (np.array(side, dtype=np.float64) for side in zip(*noise.bounds, strict=True))
+    data = {**data, "n": np.asarray(round(float(data["n"])))}
+    with np.errstate(invalid="ignore", divide="ignore"):  # a noised variance may be < 0
+        out = moments_result(data, analysis.columns, shift=(low + high) / 2.0)
+    variance = np.maximum(np.asarray(out["variance"], dtype=np.float64), 0.0)
+    sd = np.sqrt(variance)
+    cov = np.asarray(out["covariance"], dtype=np.float64)
+    np.fill_diagonal(cov, variance)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
+    np.fill_diagonal(corr, 1.0)
+
+    def finite(values: np.ndarray) -> list:
+        return np.where(np.isfinite(values), values, None).tolist()
+
+    out.update(
+        variance=variance.tolist(),
+        sd=sd.tolist(),
+        covariance=finite(cov),
+        correlation=finite(corr),
+        mean=np.clip(np.asarray(out["mean"], dtype=np.float64), low, high).tolist(),
+        noise={
+            **noise.describe(),
+            "sum_std": noise.moment_std() * sites**0.5,
+            "note": (
+                f"every site clipped each column to its schema bounds and added independent "
+                f"{noise.mechanism} noise to its count, sums and cross products (epsilon "
+                f"{noise.epsilon:g} per site"
+                + (f", delta {noise.delta:g}" if noise.delta is not None else "")
+                + f"); each released sum carries {sites} sites' noise (standard deviation "
+                "sum_std); the count is rounded, variances clamped at 0, correlations to "
+                "[-1, 1], means to the bounds"
+            ),
+        },
+        sites=sites,
+    )
+    return out
 
 
 def _model_result(

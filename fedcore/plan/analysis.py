@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedcore.analytics.cohort import (
@@ -25,6 +25,7 @@ from fedcore.analytics.cohort import (
     column_types,
     parse_filters,
 )
+from fedcore.analytics.noise import AnalysisNoise, parse_noise
 from fedcore.analytics.regression import INTERCEPT
 from fedcore.plan.evaluation_plan import evaluation_plan_errors, is_evaluation_plan
 from fedcore.plan.keys import Key, check_section, defaults, names
@@ -86,6 +87,14 @@ ANALYSIS_TOP_KEYS: tuple[Key, ...] = (
         exclusive_min=True,
         nullable=True,
     ),
+    Key(
+        "privacy",
+        "object",
+        "noise every site adds to its count table or moment sums, charged to its privacy ledger: "
+        "{mechanism: laplace|gaussian, epsilon, delta}; null: exact (docs/analytics.md)",
+        default=None,
+        nullable=True,
+    ),
 )
 ANALYSIS_ALLOWED_KEYS: tuple[str, ...] = names(ANALYSIS_TOP_KEYS)
 
@@ -145,6 +154,7 @@ class AnalysisPlan:
     min_silos: int
     round_deadline_seconds: float
     wait_for_silos_seconds: float
+    privacy: AnalysisNoise | None = None  # None: exact, no noise
 
 
 def is_analysis(spec: Any) -> bool:
@@ -176,6 +186,9 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         raise PlanError({"spec": f"a plan must be a JSON object, got {type(spec).__name__}"})
     errors: dict[str, str] = {}
     for key in sorted(str(key) for key in spec if key not in ANALYSIS_ALLOWED_KEYS):
+        if key in _NOT_YET:
+            errors[key] = _NOT_YET[key]
+            continue
         errors[key] = (
             f"unknown key {key!r} in an analysis plan; allowed keys: "
             f"{', '.join(ANALYSIS_ALLOWED_KEYS)}"
@@ -185,7 +198,7 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         ANALYSIS_TOP_KEYS,
         "",
         errors,
-        skip=("schema", "analysis"),
+        skip=("schema", "analysis", "privacy"),
     )
     schema: DatasetSchema | None = None
     try:
@@ -200,6 +213,12 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         )
     elif schema is not None:
         analysis = _analysis(raw, column_types(schema), errors)
+    noise = parse_noise(
+        spec.get("privacy"), raw.get("kind") if isinstance(raw, Mapping) else None, errors
+    )
+    if noise is not None and analysis is not None and analysis.kind == "moments":
+        assert schema is not None
+        noise = _moment_bounds(noise, schema, analysis.columns, errors)
     if errors:
         raise PlanError(errors)
     assert schema is not None and analysis is not None
@@ -211,7 +230,39 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         min_silos=int(top["min_silos"]),
         round_deadline_seconds=deadline,
         wait_for_silos_seconds=float(wait) if wait is not None else max(deadline, 120.0),
+        privacy=noise,
     )
+
+
+def _moment_bounds(
+    noise: AnalysisNoise, schema: DatasetSchema, columns: Sequence[str], errors: dict[str, str]
+) -> AnalysisNoise | None:
+    """Noised moments clip every column to the schema's bounds (its min and max): the noise is
+    calibrated to them."""
+    specs = {column.name: column for column in schema.columns}
+    bounds = []
+    for name in columns:
+        column = specs.get(name)
+        if column is None or column.minimum is None or column.maximum is None:
+            errors["privacy"] = (
+                f"noised moments clip every column to its bounds and calibrate the noise to "
+                f"them: give column {name!r} a 'min' and 'max' in the schema"
+            )
+            return None
+        bounds.append((float(column.minimum), float(column.maximum)))
+    return replace(noise, bounds=tuple(bounds))
+
+
+# Keys of training plans that an analysis plan does not take yet, with the reason.
+_NOT_YET: dict[str, str] = {
+    "secure_aggregation": (
+        "analysis plans do not run under secure aggregation yet: each site's summary reaches "
+        "the server in clear and the server suppresses small cells before release "
+        "(docs/analytics.md, 'Secure aggregation of analysis sums'). Remove the key; a site "
+        "that must not show its own small counts to the server can require noise "
+        "([disclosure] require_noise) and the plan can add it (privacy)"
+    ),
+}
 
 
 _SECTION_KEYS: dict[str, frozenset[str]] = {

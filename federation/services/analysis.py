@@ -20,8 +20,9 @@ which, in the run's locked transaction:
 Nothing is released when a site refused (its agent's ``policy_refused``, for instance a cohort
 below its minimum cell count, recorded by ``federation.services.refusals``): the other sites'
 results alone, set beside a release that included it, would reveal the refusing site's part by
-difference. Nor when fewer sites answered than the plan or any answering site requires. Both
-fail the run with the reason, audited as ``analysis.withheld``.
+difference. Nor when a site that answered an earlier step of the run is silent at a later step's
+deadline (the earlier merges hold its data), nor when fewer sites answered than the plan or any
+answering site requires. Each fails the run with the reason, audited as ``analysis.withheld``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from fedcore.analytics.disclosure import DisclosureRefused
-from fedcore.analytics.steps import merge_step, next_step, release
+from fedcore.analytics.steps import SUMMARY, merge_step, next_step, release
 from fedcore.plan import AnalysisPlan, parse_analysis_plan
-from federation import dispatch
+from federation import dispatch, ledger
 from federation.models import Run, Silo, SiloAnalysis, SiloRefusal, TrainingPlan
 from federation.services.audit import audit_append
 from federation.services.updates import Refused, audit_refused
@@ -84,6 +85,18 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
     deadline = datetime.fromisoformat(state["deadline"])
     if len(answered) < len(rows) and now < deadline:
         return "wait", f"{len(answered)} of {len(rows)} sites answered step {step!r}"
+    if index > 0 and len(answered) < len(rows):
+        # Asked because they answered every step before: those steps' merges (an event-time
+        # grid, a centre, a Newton path) hold their data, so the others' result alone would be
+        # neither the pooled one nor safe (the grid shows their event times; set beside the
+        # merges, it gives their part by difference).
+        missing = ", ".join(r.silo.name for r in rows if r.answer is None)
+        return _withhold(
+            run,
+            f"site(s) {missing} answered the earlier steps but not step {step!r} by its "
+            "deadline; the earlier steps included their data, so the other sites' result "
+            "alone could reveal it: nothing is released",
+        )
     if len(answered) < plan.min_silos:
         missing = ", ".join(r.silo.name for r in rows if r.answer is None)
         return _withhold(
@@ -105,7 +118,9 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
         _ask(run, plan, state, following, [r.silo for r in answered], now)
         return "wait", f"asked step {following[0]!r}"
     try:
-        result = release(plan.analysis, state["merged"], answers, min_silos=plan.min_silos)
+        result = release(
+            plan.analysis, state["merged"], answers, min_silos=plan.min_silos, noise=plan.privacy
+        )
     except (DisclosureRefused, ValueError, TypeError, KeyError) as exc:
         return _withhold(run, f"the result cannot be released: {exc}")
     result["asked"] = sorted(r.silo.name for r in rows)
@@ -219,6 +234,14 @@ def _analysis_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
             raise Refused("invalid_update", f"the answer is not an answer to step {step!r}")
         if len(json.dumps(answer)) > MAX_ANSWER_CHARS:
             raise Refused("invalid_update", f"the answer is over {MAX_ANSWER_CHARS} characters")
+        noise = parse_analysis_plan(run.version.spec).privacy
+        noised = noise is not None and "summary" in answer and step == SUMMARY
+        if noised and answer.get("noise") != noise.describe():
+            raise Refused(
+                "invalid_update",
+                f"the plan asks every site to add {noise.mechanism} noise (epsilon "
+                f"{noise.epsilon:g}) to its table; the answer does not say it did",
+            )
         row = SiloAnalysis.objects.filter(run=run, silo=silo, step=step).first()
         if row is None:
             raise Refused("not_selected", f"this silo was not asked step {step!r} of run {run.pk}")
@@ -227,6 +250,11 @@ def _analysis_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         row.answer = dict(answer)
         row.received_at = timezone.now()
         row.save(update_fields=["answer", "received_at"])
+        if noised:
+            assert noise is not None
+            # The site released its noised table to the server: that costs its epsilon
+            # whether or not the result is released.
+            ledger.analysis_charge(run=run, silo=silo, noise=noise)
         audit_append(
             actor=f"silo:{silo.name}",
             action="analysis.received",

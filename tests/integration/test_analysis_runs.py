@@ -25,13 +25,15 @@ from fedcore import protocol, tabular
 from fedcore.analytics import DisclosurePolicy
 from fedcore.analytics.survival import km_result, logrank_result, merge_event_times, site_km
 from fedcore.analytics.tables import analysis_table
-from federation import orchestrator, selectors
-from federation.models import AuditEvent, Run, SiloAnalysis
+from federation import ledger, orchestrator, selectors
+from federation.governance import privacy_budget_problems
+from federation.models import AuditEvent, PrivacyLedgerEntry, Run, SiloAnalysis
 from federation.services.analysis import analysis_receive
 from federation.services.api_tokens import api_token_create
 from federation.services.plans import plan_approve, plan_propose
 from federation.services.runs import run_start
 from federation.services.silos import agent_error
+from federation.services.updates import Refused
 from federation.signing import server_public_key_text
 from tests.api_factories import fast_password_hashing  # noqa: F401
 from tests.governance_factories import Governed, governed_consortium
@@ -64,8 +66,14 @@ KM = {
 }
 
 
-def analysis_spec(analysis: dict, min_silos: int = 3) -> dict:
-    return {"kind": "analysis", "schema": SCHEMA, "analysis": analysis, "min_silos": min_silos}
+def analysis_spec(analysis: dict, min_silos: int = 3, **top: object) -> dict:
+    return {
+        "kind": "analysis",
+        "schema": SCHEMA,
+        "analysis": analysis,
+        "min_silos": min_silos,
+        **top,
+    }
 
 
 def site_csv(tmp_path: Path, seed: int, n: int = 70) -> Path:
@@ -83,7 +91,7 @@ def site_csv(tmp_path: Path, seed: int, n: int = 70) -> Path:
     return path
 
 
-def governed_run(analysis: dict, min_silos: int = 3) -> tuple[Governed, Run]:
+def governed_run(analysis: dict, min_silos: int = 3, **top: object) -> tuple[Governed, Run]:
     g = governed_consortium(3, schema=SCHEMA)
     for silo in g.silos:
         silo.connection_id, silo.last_heartbeat = f"conn-{silo.pk}", timezone.now()
@@ -93,7 +101,7 @@ def governed_run(analysis: dict, min_silos: int = 3) -> tuple[Governed, Run]:
         consortium=g.consortium,
         name="survival by sex",
         description="",
-        spec=analysis_spec(analysis, min_silos),
+        spec=analysis_spec(analysis, min_silos, **top),
         silos=g.silos,
     )
     for steward in g.stewards:
@@ -384,3 +392,162 @@ def test_a_cox_run_asks_newton_steps_until_converged_and_equals_lifelines(tmp_pa
     assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
     actions = set(AuditEvent.objects.filter(object_id=str(run.pk)).values_list("action", flat=True))
     assert {"analysis.started", "analysis.received", "analysis.released"} <= actions
+
+
+@pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
+def test_a_noised_count_charges_every_answering_site_s_ledger_and_says_so(tmp_path, mechanism):
+    privacy = {"mechanism": mechanism, "epsilon": 0.5}
+    if mechanism == "gaussian":
+        privacy["delta"] = 1e-6
+    count = {"kind": "count", "rows": "sex", "levels": {"sex": ["1", "2"]}}
+    g, run = governed_run(count, privacy=privacy)
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+
+    answer_step(g, run, data, [DisclosurePolicy()] * 3)
+
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    assert result["noise"]["mechanism"] == mechanism and result["noise"]["epsilon"] == 0.5
+    assert result["total"] is None or result["total"] >= 0
+    entries = PrivacyLedgerEntry.objects.filter(run=run).order_by("silo__name")
+    assert [e.silo.name for e in entries] == sorted(s.name for s in g.silos)
+    for entry in entries:
+        if mechanism == "laplace":
+            assert entry.mechanism == "analysis" and entry.epsilon_pure == 0.5
+            assert entry.epsilon_total == pytest.approx(0.5)
+        else:  # one unsampled Gaussian step, composed by the RDP accountant
+            assert entry.mechanism == "analysis_gaussian" and entry.epsilon_pure is None
+            assert entry.sample_rate == 1.0 and entry.steps == 1
+            assert entry.noise_multiplier == pytest.approx(run_sigma(privacy))
+            mechanism_ = (entry.noise_multiplier, 1.0, 1)
+            # at the plan's delta (the silo has no delta budget of its own), within its epsilon
+            assert entry.delta == 1e-6
+            assert entry.epsilon_total == pytest.approx(ledger.composed_epsilon([mechanism_], 1e-6))
+            assert 0.3 < entry.epsilon_total <= 0.5
+    spent = AuditEvent.objects.filter(action="budget.spent", data__run=run.pk)
+    assert spent.count() == 3
+    report = api(g.auditors[0]).get(f"/api/v1/runs/{run.pk}/compliance/").json()["analysis"]
+    assert report["release"]["noise"]["mechanism"] == mechanism
+    browser = Client()
+    browser.force_login(g.auditors[0])
+    assert "Noised: every site added independent" in browser.get(f"/runs/{run.pk}/analysis/").text
+    assert "noised: every site added" in browser.get(f"/runs/{run.pk}/compliance/").text
+
+
+def run_sigma(privacy: dict) -> float:
+    from fedcore.analytics.noise import AnalysisNoise
+
+    return AnalysisNoise(privacy["mechanism"], privacy["epsilon"], privacy["delta"]).sigma
+
+
+def test_an_answer_without_the_plan_s_noise_is_refused_and_charges_nothing(tmp_path):
+    count = {"kind": "count", "rows": "sex", "levels": {"sex": ["1", "2"]}}
+    g, run = governed_run(count, privacy={"mechanism": "laplace", "epsilon": 1.0})
+    silo = g.silos[0]
+    fields = selectors.analysis_request_fields(run_id=run.pk, silo_id=silo.pk)
+    exact = {**fields, "plan": {k: v for k, v in fields["plan"].items() if k != "privacy"}}
+    reply = handle_analysis_request(exact, LocalData(site_csv(tmp_path, 1)), DisclosurePolicy())
+    with pytest.raises(Refused) as refused:
+        analysis_receive(silo_id=silo.pk, fields=reply)
+    assert refused.value.code == "invalid_update" and "does not say it did" in str(refused.value)
+    assert not PrivacyLedgerEntry.objects.filter(run=run).exists()
+    assert SiloAnalysis.objects.get(run=run, silo=silo).answer is None
+
+
+def test_a_noised_plan_over_a_silo_s_budget_cannot_be_approved():
+    g = governed_consortium(3, schema=SCHEMA)
+    g.silos[0].epsilon_budget = 0.4
+    g.silos[0].save()
+    count = {"kind": "count", "rows": "sex", "levels": {"sex": ["1", "2"]}}
+    plan = plan_propose(
+        actor=g.scientists[0],
+        consortium=g.consortium,
+        name="cohort",
+        description="",
+        spec=analysis_spec(count, privacy={"mechanism": "laplace", "epsilon": 0.5}),
+        silos=g.silos,
+    )
+    problems = privacy_budget_problems(plan.current_version)
+    assert len(problems) == 1 and g.silos[0].name in problems[0]
+    assert "epsilon=0.5" in problems[0]
+    # and a silo that could not afford it is not asked (selection), the others are
+    spec = plan.current_version.spec
+    assert not ledger.can_afford_round(g.silos[0], spec)
+    assert ledger.can_afford_round(g.silos[1], spec)
+
+
+def test_secure_aggregation_in_an_analysis_plan_is_refused_at_proposal():
+    g = governed_consortium(3, schema=SCHEMA)
+    count = {"kind": "count", "rows": "sex", "levels": {"sex": ["1", "2"]}}
+    with pytest.raises(ValidationError) as refused:
+        plan_propose(
+            actor=g.scientists[0],
+            consortium=g.consortium,
+            name="cohort",
+            description="",
+            spec=analysis_spec(count, secure_aggregation=True),
+            silos=g.silos,
+        )
+    assert "secure aggregation" in str(refused.value.message_dict)
+
+
+def test_a_site_silent_after_an_earlier_step_withholds_the_others_result(tmp_path):
+    # Kaplan-Meier: every site sends its event times (the grid), then one is silent at the
+    # counts step. The grid holds its event times: the others' curves alone are not released.
+    g, run = governed_run(KM, min_silos=2)
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+    policy = DisclosurePolicy(min_sites=2)
+    answer_step(g, run, data, [policy] * 3)
+    assert run.analysis["steps"] == ["event_times", "summary"]
+    answer_step(g, run, data, [policy] * 3, answering=2)
+    assert run.status == Run.Status.RUNNING
+    past_deadline(run)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED and "result" not in run.analysis
+    assert g.silos[2].name in run.error and "answered the earlier steps" in run.error
+    withheld = AuditEvent.objects.get(action="analysis.withheld", object_id=str(run.pk))
+    assert "nothing is released" in withheld.data["reason"]
+
+
+def test_a_filter_leaving_a_site_below_its_minimum_is_refused_there_and_withholds_all(tmp_path):
+    # The filter is valid for the schema (accepted at proposal); at the third site it leaves 3
+    # rows, which that site's agent refuses with the reason; nothing is released.
+    count = {
+        "kind": "count",
+        "rows": "sex",
+        "levels": {"sex": ["1", "2"]},
+        "filters": [{"column": "age", "op": "ge", "value": 75}],
+    }
+    g, run = governed_run(count)
+    paths = [site_csv(tmp_path, seed) for seed in (1, 2, 3)]
+    frame = pd.read_csv(paths[2])
+    frame["age"] = [76] * 3 + [50] * (len(frame) - 3)
+    frame.to_csv(paths[2], index=False)
+    refused = answer_step(g, run, [LocalData(p) for p in paths], [DisclosurePolicy()] * 3)
+    assert [exc.code for exc in refused] == ["policy_refused"]
+    assert "fewer than 5 rows" in str(refused[0])
+    assert run.status == Run.Status.FAILED and "result" not in run.analysis
+    assert g.silos[2].name in run.error and "nothing is released" in run.error
+
+
+def test_noised_moments_run_through_the_server_and_charge_the_ledger(tmp_path):
+    bounded = {
+        **SCHEMA,
+        "columns": [
+            {"name": "age", "type": "numeric", "min": 40, "max": 80},
+            {"name": "sex", "type": "categorical"},
+            {"name": "time", "type": "numeric", "min": 0, "max": 900},
+        ],
+    }
+    moments = {"kind": "moments", "columns": ["age"]}
+    g, run = governed_run(moments, schema=bounded, privacy={"mechanism": "laplace", "epsilon": 2})
+    data = [LocalData(site_csv(tmp_path, seed)) for seed in (1, 2, 3)]
+
+    answer_step(g, run, data, [DisclosurePolicy()] * 3)
+
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    assert result["noise"]["clip"] == [[40.0, 80.0]] and 40 <= result["mean"][0] <= 80
+    entries = PrivacyLedgerEntry.objects.filter(run=run, mechanism="analysis")
+    assert sorted(e.epsilon_pure for e in entries) == [2.0, 2.0, 2.0]
