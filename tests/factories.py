@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from fedcore import tensors
 from fedcore.models import build_model
-from fedcore.plan import plan_hash
+from fedcore.plan import plan_hash, run_settings
 from federation import models, orchestrator
 from federation.services.rounds import _signature_json
 from federation.storage import blob_store, model_key
@@ -131,7 +131,7 @@ def start_run(plan: models.TrainingPlan, **fields: Any) -> models.Run:
         "plan": plan,
         "version": version,
         "plan_hash": version.spec_hash,
-        "rounds": version.spec["training"]["rounds"],
+        "rounds": run_settings(version.spec).rounds,  # as services.runs.run_start
     }
     return models.Run.objects.create(**{**defaults, **fields})
 

@@ -286,3 +286,50 @@ def test_a_malformed_task_part_is_refused_and_a_binary_plan_takes_none(tmp_path:
     run.version.spec = {**run.version.spec, "schema": SCHEMA}
     with pytest.raises(Refused, match="a binary plan's update carries no task_part"):
         checked_task_part(run, {"task_part": {**part, "histograms": None}})
+
+
+@pytest.mark.parametrize("task", ["multiclass", "regression"])
+def test_an_evaluation_plan_of_a_task_model_pools_the_same_figures_as_its_run(
+    tmp_path: Path, task: str
+) -> None:
+    """An evaluation plan (docs/analytics.md, "Evaluation plans") of a multi-class or regression
+    run's final model, on the same held-out rows, pools exactly the run's own final figures."""
+    from federation.services.evaluation_plans import source_errors
+
+    run, silos, files = run_to_evaluation(tmp_path, task)
+    for silo in silos:
+        evaluation_receive(silo_id=silo.pk, fields=evaluate_at(run, silo, files))
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED, run.error
+    final = ModelVersion.objects.get(run=run, number=1)
+    source = run.version.spec
+    spec = {
+        "kind": "evaluation",
+        "schema": source["schema"],
+        "model": source["model"],
+        "model_version": {"run": run.pk, "number": 1, "sha256": final.checksum},
+        "evaluation": source["evaluation"],
+        "fairness": source["fairness"],
+    }
+    assert source_errors(run.plan.consortium_id, spec) == {}
+    plan = PlanFactory(consortium=run.plan.consortium, spec=spec, silos=silos)
+    online(silos)
+    evaluated = start_run(plan)
+    orchestrator.run_advance(evaluated.pk)
+    evaluated.refresh_from_db()
+    assert evaluated.status == Run.Status.EVALUATING, evaluated.error
+    for silo in silos:
+        evaluation_receive(silo_id=silo.pk, fields=evaluate_at(evaluated, silo, files))
+    orchestrator.run_advance(evaluated.pk)
+    evaluated.refresh_from_db()
+    assert evaluated.status == Run.Status.COMPLETED, evaluated.error
+    assert evaluated.evaluation["task"] == task
+    mine, theirs = evaluated.evaluation["metrics"], run.evaluation["metrics"]
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        if isinstance(value, float):
+            assert mine[key] == pytest.approx(value, abs=1e-12), key
+        else:  # counts, the confusion matrix
+            assert mine[key] == value, key
+    assert evaluated.evaluation["task_fairness"] == run.evaluation["task_fairness"]
