@@ -18,6 +18,7 @@ from clientagent.data import LocalData
 from fedcore import tabular, tensors, training
 from fedcore.models import build_model
 from federation import orchestrator
+from federation import reports as reports_module
 from federation.models import ModelVersion, RoundMetric, Run
 from federation.reports import final_task_table, model_card
 from federation.services.evaluation import evaluation_receive
@@ -189,7 +190,28 @@ def test_a_multiclass_run_pools_the_sites_parts_into_the_union_figures(tmp_path:
     from federation.reports import compliance_report_json, run_fairness
 
     assert run_fairness(run)["final_warning"] is None
-    assert compliance_report_json(run)["run"]["id"] == run.pk
+    compliance = compliance_report_json(run)
+    assert compliance["run"]["id"] == run.pk
+    # ... and shows the task's figures per silo and pooled, with the largest disparity
+    task = compliance["task_metrics"]
+    assert task["task"] == "multiclass" and task["rows"] == table["rows"]
+    (disparity,) = task["largest_disparities"]
+    largest = run.evaluation["task_fairness"]["attributes"]["sex"]["largest_disparity"]
+    assert disparity == {"attribute": "sex", **largest}
+    from federation.compliance_pdf import compliance_report_pdf
+    from tests.pdf_reading import page_text, read_pdf
+
+    text = page_text(read_pdf(compliance_report_pdf(run))[1])
+    assert "Final evaluation (multiclass task)" in text and "macro F1" in text
+    assert f"{pooled['macro_f1']:.4f}" in text
+    page = render_to_string(
+        "dashboard/compliance.html",
+        {"run": run, "report": {**reports_module.compliance_report(run), "events": []}},
+    )
+    assert "Final evaluation (multiclass task)" in page and f"{pooled['macro_f1']:.4f}" in page
+    # one-vs-rest AUC from the per-class histograms: scikit-learn's macro OvR within the bound
+    exact = skm.roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    assert abs(pooled["auc_ovr"] - exact) <= pooled["auc_error_bound"] + 1e-12
 
 
 def test_a_regression_run_pools_the_sites_parts_into_the_union_figures(tmp_path: Path) -> None:
