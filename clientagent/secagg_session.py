@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcore import protocol, secure_updates, tabular, tensors
+from fedcore import protocol, secure_updates, tabular, task_metrics, tensors
 from fedcore.plan import parse_plan
 from fedcore.secagg import (
     ProtocolError,
@@ -357,7 +357,8 @@ class SecAggSession:
         plan = offer.task.fields["plan"]
         parsed = parse_plan(plan)
         target = parsed.schema.target
-        layout = secure_updates.task_layout(target.task, target.n_outputs)
+        bins = task_metrics.round_bins(target.n_outputs) if target.task == "multiclass" else None
+        layout = secure_updates.task_layout(target.task, target.n_outputs, bins)
         if not layout:
             return []
         part = offer.update.fields.get("task_part")

@@ -705,7 +705,12 @@ def handle_task(
         # exact figures on the union of the held-out rows; no histograms, no AUC per round).
         # A secure round sends it only inside the masked vector (clientagent.secagg_session).
         global_part = task_parts(
-            model, test, parsed, fields["preprocessing"], bins=None, with_fairness=False
+            model,
+            test,
+            parsed,
+            fields["preprocessing"],
+            bins=task_metrics.round_bins(parsed.schema.target.n_outputs),
+            with_fairness=False,
         )["metrics"]
     group_counts = None
     if fairness_settings is not None and parsed.task == "binary":

@@ -310,9 +310,10 @@ TASK_MAX_ABS = 2.0**60
 _REGRESSION_SUMS = ("sum_y", "sum_y2", "sum_sq_error", "sum_abs_error", "sum_error")
 
 
-def task_layout(task: str, n_classes: int | None = None) -> CountLayout:
+def task_layout(task: str, n_classes: int | None = None, bins: int | None = None) -> CountLayout:
     """The task part's cells in the vector's tail, ``(TASK_ATTRIBUTE, field, cell)`` in order;
-    empty for a binary plan."""
+    empty for a binary plan. ``bins``: a multi-class part's one-vs-rest histograms' grid
+    (``fedcore.task_metrics.round_bins``), None for none."""
     limbs = tuple(f"limb{i}" for i in range(TASK_LIMBS))
     if task == "multiclass":
         if not isinstance(n_classes, int) or n_classes < 2:
@@ -322,7 +323,13 @@ def task_layout(task: str, n_classes: int | None = None) -> CountLayout:
             for i in range(n_classes)
             for j in range(n_classes)
         ]
-        return (*cells, *((TASK_ATTRIBUTE, "loss_sum", limb) for limb in limbs))
+        histograms = [
+            (TASK_ATTRIBUTE, f"hist.{k}.{side}", str(b))
+            for k in range(n_classes)
+            for side in ("positives", "negatives")
+            for b in range(bins or 0)
+        ]
+        return (*cells, *((TASK_ATTRIBUTE, "loss_sum", limb) for limb in limbs), *histograms)
     if task == "regression":
         sums = ((TASK_ATTRIBUTE, name, limb) for name in _REGRESSION_SUMS for limb in limbs)
         return ((TASK_ATTRIBUTE, "count", "count"), *sums)
@@ -363,6 +370,10 @@ def task_part_to_tail(
         for i, row in enumerate(confusion):
             for j, count in enumerate(row):
                 values[(f"confusion.{i}.{j}", "count")] = int(count)
+        for k, sides in enumerate(part.get("histograms") or ()):  # type: ignore[attr-defined]
+            for side in ("positives", "negatives"):
+                for b, count in enumerate(sides[side]):
+                    values[(f"hist.{k}.{side}", str(b))] = int(count)
         sums = {"loss_sum": float(part["loss_sum"])}  # type: ignore[arg-type]
     elif task == "regression":
         count = int(part["count"])  # type: ignore[call-overload]
@@ -415,12 +426,22 @@ def task_part_from_tail(
     if task == "multiclass":
         k = math.isqrt(sum(1 for name in by_field if name.startswith("confusion.")))
         confusion = [[by_field[f"confusion.{i}.{j}"]["count"] for j in range(k)] for i in range(k)]
+        bins = len(by_field.get("hist.0.positives", {})) or None
+        histograms = None
+        if bins:
+            histograms = [
+                {
+                    side: [by_field[f"hist.{c}.{side}"][str(b)] for b in range(bins)]
+                    for side in ("positives", "negatives")
+                }
+                for c in range(k)
+            ]
         return {
             "classes": k,
             "confusion": confusion,
             "loss_sum": float(fixed("loss_sum")),
-            "bins": None,
-            "histograms": None,
+            "bins": bins,
+            "histograms": histograms,
         }
     count = by_field["count"]["count"]
     s1, s2 = fixed("sum_y"), fixed("sum_y2")

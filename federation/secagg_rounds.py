@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from django.db import transaction
 
-from fedcore import secure_updates, tabular
+from fedcore import secure_updates, tabular, task_metrics
 from fedcore.plan import RunSettings, secagg_settings, secagg_threshold
 from fedcore.privacy.client_dp import DistributedNoise
 from fedcore.secagg import (
@@ -300,7 +300,8 @@ def _count_layout(run_id: int, spec: dict[str, Any]) -> list[list[str]]:
 def _task_layout(spec: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
     """A multi-class or regression plan's task part cells (``secure_updates.task_layout``)."""
     target = tabular.DatasetSchema.from_dict(spec["schema"]).target
-    return secure_updates.task_layout(target.task, target.n_outputs)
+    bins = task_metrics.round_bins(target.n_outputs) if target.task == "multiclass" else None
+    return secure_updates.task_layout(target.task, target.n_outputs, bins)
 
 
 def _split_layout(

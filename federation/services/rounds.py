@@ -605,7 +605,15 @@ def _record_round_metrics(round_: Round, updates: list[dict[str, Any]]) -> None:
 
 # The figures of a multi-class or regression round summary pooled exactly from the silos' parts.
 POOLED_FIGURES = {
-    "multiclass": ("accuracy", "macro_f1", "weighted_f1", "loss", "n"),
+    "multiclass": (
+        "accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "auc_ovr",
+        "auc_error_bound",
+        "loss",
+        "n",
+    ),
     "regression": ("rmse", "mae", "r2", "mean_error", "loss", "n"),
 }
 
@@ -622,6 +630,8 @@ def _pooled_global(round_: Round, updates: list[dict[str, Any]]) -> dict[tuple[s
     if not parts or any(part is None for part in parts):
         return {}
     if "confusion" in parts[0]:
+        if len({part.get("bins") for part in parts}) > 1:  # agents of two versions: no AUC
+            parts = [{**part, "bins": None, "histograms": None} for part in parts]
         task, report = (
             "multiclass",
             task_metrics.multiclass_report(task_metrics.merge_multiclass(parts)),

@@ -15,7 +15,7 @@ from fairlearn.metrics import MetricFrame, mean_prediction
 from sklearn import metrics as skm
 
 from clientagent.data import LocalData
-from fedcore import tabular, tensors, training
+from fedcore import tabular, task_metrics, tensors, training
 from fedcore.models import build_model
 from federation import orchestrator
 from federation import reports as reports_module
@@ -116,7 +116,8 @@ def global_part(run: Run, csv: Path) -> dict[str, Any]:
         spec["model"], int(test.X.shape[1]), n_outputs=parsed.schema.target.n_outputs
     )
     model.load_state_dict(tensors.decode_state_dict(blob_store().get(v0.blob_key)))
-    part = task_parts(model, test, parsed, run.preprocessing, bins=None, with_fairness=False)
+    bins = task_metrics.round_bins(parsed.schema.target.n_outputs)
+    part = task_parts(model, test, parsed, run.preprocessing, bins=bins, with_fairness=False)
     return _json_metrics(part["metrics"])
 
 
@@ -275,6 +276,10 @@ def test_a_rounds_global_figures_are_pooled_exactly_from_the_sites_parts(
         macro = skm.f1_score(y, choice, average="macro", labels=[0, 1, 2], zero_division=0)
         assert summary["macro_f1"] == pytest.approx(macro, abs=1e-9)
         assert summary["accuracy"] == pytest.approx(skm.accuracy_score(y, choice), abs=1e-9)
+        # the round's one-vs-rest AUC from the parts' coarser histograms, within its bound
+        exact = skm.roc_auc_score(y, out, multi_class="ovr", average="macro")
+        assert 0 <= summary["auc_error_bound"] < 0.05
+        assert abs(summary["auc_ovr"] - exact) <= summary["auc_error_bound"] + 1e-12
     else:
         schema = tabular.DatasetSchema.from_dict(run.version.spec["schema"])
         mean, std = tabular.target_scale(schema, run.preprocessing)

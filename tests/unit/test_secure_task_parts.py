@@ -23,12 +23,13 @@ def summed(tails: list[list[int]]) -> list[int]:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_multiclass_tail_sums_to_the_merged_part(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    layout = secure_updates.task_layout("multiclass", 4)
+    bins = task_metrics.round_bins(4)
+    layout = secure_updates.task_layout("multiclass", 4, bins)
     parts, ys, ps = [], [], []
     for n in (50, 7, 120):
         y = rng.integers(0, 4, size=n)
         p = softmax(rng.normal(size=(n, 4)) + 2 * np.eye(4)[y])
-        parts.append(task_metrics.multiclass_part(y, p, bins=None))
+        parts.append(task_metrics.multiclass_part(y, p, bins=bins))
         ys.append(y)
         ps.append(p)
     tails = [secure_updates.task_part_to_tail(p, "multiclass", layout) for p in parts]
@@ -36,13 +37,16 @@ def test_a_multiclass_tail_sums_to_the_merged_part(seed: int) -> None:
     merged = secure_updates.task_part_from_tail(summed(tails), "multiclass", layout)
     clear = task_metrics.merge_multiclass(parts)
     assert merged["confusion"] == clear["confusion"]
+    assert merged["histograms"] == clear["histograms"] and merged["bins"] == bins == 200
     assert merged["loss_sum"] == pytest.approx(clear["loss_sum"], abs=3 * 2.0**-32)
     report = task_metrics.multiclass_report(
-        task_metrics.check_multiclass_part(merged, classes=4, bins=None)
+        task_metrics.check_multiclass_part(merged, classes=4, bins=bins)
     )
     y, p = np.concatenate(ys), np.concatenate(ps)
     assert report["accuracy"] == pytest.approx(skm.accuracy_score(y, p.argmax(axis=1)), abs=1e-12)
     assert report["loss"] == pytest.approx(skm.log_loss(y, p, labels=range(4)), abs=1e-9)
+    exact = skm.roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert abs(report["auc_ovr"] - exact) <= report["auc_error_bound"] + 1e-12
 
 
 @pytest.mark.parametrize("center", [0.0, 152.1])
