@@ -313,3 +313,21 @@ def test_a_malformed_task_part_is_refused_and_a_binary_plan_takes_none(tmp_path:
     run.version.spec = {**run.version.spec, "schema": SCHEMA}
     with pytest.raises(Refused, match="a binary plan's update carries no task_part"):
         checked_task_part(run, {"task_part": {**part, "histograms": None}})
+
+
+def test_a_round_with_parts_from_agents_of_two_versions_pools_them_without_an_auc(
+    tmp_path: Path,
+) -> None:
+    # an older agent's part has no histograms: the round keeps its exact pooled figures, no AUC
+    from federation.models import Round, Update
+    from federation.services.rounds import _pooled_global
+
+    run, _, _ = run_to_evaluation(tmp_path, "multiclass", parts=True)
+    round_ = Round.objects.get(run=run, number=1)
+    updates = list(Update.objects.filter(round=round_).order_by("silo_id").values("task_part"))
+    assert all(u["task_part"]["bins"] == task_metrics.round_bins(3) for u in updates)
+    both = _pooled_global(round_, updates)
+    updates[0]["task_part"] = {**updates[0]["task_part"], "bins": None, "histograms": None}
+    mixed = _pooled_global(round_, updates)
+    assert ("global", "auc_ovr") in both and ("global", "auc_ovr") not in mixed
+    assert mixed[("global", "macro_f1")] == both[("global", "macro_f1")]
