@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcore import protocol, secure_updates, tensors
+from fedcore import protocol, secure_updates, tabular, task_metrics, tensors
 from fedcore.plan import parse_plan
 from fedcore.secagg import (
     ProtocolError,
@@ -331,9 +331,11 @@ class SecAggSession:
         server only ever sees their sum over the contributors.
         """
         expected = attempt.client.config.count_length
+        task = SecAggSession._task_tail(offer)
+        expected -= len(task)
         tables = offer.update.fields.get("fairness")
         if not expected:
-            return []
+            return task
         if not isinstance(tables, Mapping):
             raise ProtocolError(
                 f"the round expects {expected} fairness counts and this site computed none"
@@ -345,7 +347,27 @@ class SecAggSession:
                 f"the round expects {expected} fairness counts, this site's public groups give "
                 f"{len(layout)}"
             )
-        return secure_updates.counts_to_tail(tables, layout)
+        return secure_updates.counts_to_tail(tables, layout) + task
+
+    @staticmethod
+    def _task_tail(offer: _Offer) -> list[int]:
+        """A multi-class or regression round's task part (the received global model's part of
+        the pooled metrics, ``task_part`` of the trained update) as the tail after the fairness
+        counts (``fedcore.secure_updates.task_layout``): it never leaves in clear."""
+        plan = offer.task.fields["plan"]
+        parsed = parse_plan(plan)
+        target = parsed.schema.target
+        bins = task_metrics.round_bins(target.n_outputs) if target.task == "multiclass" else None
+        layout = secure_updates.task_layout(target.task, target.n_outputs, bins)
+        if not layout:
+            return []
+        part = offer.update.fields.get("task_part")
+        if not isinstance(part, Mapping):
+            raise ProtocolError("the round expects this site's task part and it computed none")
+        center, _ = tabular.target_scale(
+            parsed.schema, offer.task.fields.get("preprocessing") or {}
+        )
+        return secure_updates.task_part_to_tail(part, target.task, layout, center=center)
 
     @staticmethod
     def _vector(attempt: _Attempt, offer: _Offer) -> tuple[Any, int]:

@@ -719,11 +719,17 @@ def handle_task(
 
     global_metrics = evaluate(test)
     global_part = None
-    if parsed.task != "binary" and plan.get("secure_aggregation") is not True:
+    if parsed.task != "binary":
         # The received model's part of the round's pooled metrics (the server adds the parts:
         # exact figures on the union of the held-out rows; no histograms, no AUC per round).
+        # A secure round sends it only inside the masked vector (clientagent.secagg_session).
         global_part = task_parts(
-            model, test, parsed, fields["preprocessing"], bins=None, with_fairness=False
+            model,
+            test,
+            parsed,
+            fields["preprocessing"],
+            bins=task_metrics.round_bins(parsed.schema.target.n_outputs),
+            with_fairness=False,
         )["metrics"]
     group_counts = None
     if fairness_settings is not None and parsed.task == "binary":

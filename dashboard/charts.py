@@ -29,7 +29,12 @@ METRICS = (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "AUC"))
 # regression round's "global" figures are pooled exactly from the silos' parts.
 TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "binary": METRICS,
-    "multiclass": (("loss", "Loss"), ("accuracy", "Accuracy"), ("macro_f1", "Macro F1")),
+    "multiclass": (
+        ("loss", "Loss"),
+        ("accuracy", "Accuracy"),
+        ("macro_f1", "Macro F1"),
+        ("auc_ovr", "AUC (one-vs-rest)"),
+    ),
     "regression": (("loss", "Loss (MSE)"), ("rmse", "RMSE"), ("r2", "R²")),
 }
 

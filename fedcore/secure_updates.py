@@ -60,6 +60,9 @@ __all__ = [
     "dp_vector",
     "example_weight",
     "mean_state",
+    "task_layout",
+    "task_part_from_tail",
+    "task_part_to_tail",
     "vector_length",
     "weighted_vector",
 ]
@@ -281,3 +284,172 @@ def counts_from_tail(
     for (attribute, group, cell), value in zip(layout, values, strict=True):
         tables.setdefault(attribute, {}).setdefault(group, {})[cell] = int(value)
     return tables
+
+
+# -- a multi-class or regression round's task part, summed under the masks ----------------------
+#
+# A secure round of a multi-class or regression plan carries the received global model's part of
+# the round's pooled metrics (fedcore.task_metrics) in the vector's tail, after the fairness
+# counts, so the server learns only the merged part, exactly as an ordinary round pools the
+# sites' clear ``task_part``s. Integer counts (the confusion matrix, the regression row count)
+# ride as they are. Every real sum is written in fixed point with ``TASK_FRACTION_BITS``
+# fractional bits, as a two's-complement integer of ``TASK_LIMBS * TASK_LIMB_BITS`` bits split
+# into 16-bit limbs: each limb is at most 65,535 (below the quantiser's L for up to 65,537
+# sites), the limbs' sums are exact, and the server recombines them into the exact sum of the
+# sites' fixed-point values (each site's rounding at most 2^-33). A site refuses a sum whose
+# magnitude reaches ``TASK_MAX_ABS``. Regression sends additive sums instead of Chan's
+# moments: the targets centred on a public reference ``c`` (the standardised target's federated
+# mean, else 0), ``sum(y - c)`` and ``sum((y - c)^2)``; the server rebuilds count, mean and the
+# sum of squared deviations in exact rational arithmetic.
+
+TASK_ATTRIBUTE = "__task__"
+TASK_FRACTION_BITS = 32
+TASK_LIMB_BITS = 16
+TASK_LIMBS = 8
+TASK_MAX_ABS = 2.0**60
+_REGRESSION_SUMS = ("sum_y", "sum_y2", "sum_sq_error", "sum_abs_error", "sum_error")
+
+
+def task_layout(task: str, n_classes: int | None = None, bins: int | None = None) -> CountLayout:
+    """The task part's cells in the vector's tail, ``(TASK_ATTRIBUTE, field, cell)`` in order;
+    empty for a binary plan. ``bins``: a multi-class part's one-vs-rest histograms' grid
+    (``fedcore.task_metrics.round_bins``), None for none."""
+    limbs = tuple(f"limb{i}" for i in range(TASK_LIMBS))
+    if task == "multiclass":
+        if not isinstance(n_classes, int) or n_classes < 2:
+            raise ValueError("a multi-class task layout needs the number of classes (>= 2)")
+        cells = [
+            (TASK_ATTRIBUTE, f"confusion.{i}.{j}", "count")
+            for i in range(n_classes)
+            for j in range(n_classes)
+        ]
+        histograms = [
+            (TASK_ATTRIBUTE, f"hist.{k}.{side}", str(b))
+            for k in range(n_classes)
+            for side in ("positives", "negatives")
+            for b in range(bins or 0)
+        ]
+        return (*cells, *((TASK_ATTRIBUTE, "loss_sum", limb) for limb in limbs), *histograms)
+    if task == "regression":
+        sums = ((TASK_ATTRIBUTE, name, limb) for name in _REGRESSION_SUMS for limb in limbs)
+        return ((TASK_ATTRIBUTE, "count", "count"), *sums)
+    return ()
+
+
+def _fixed_limbs(value: float, where: str) -> list[int]:
+    if not math.isfinite(value) or abs(value) >= TASK_MAX_ABS:
+        raise ValueError(f"task part {where} = {value!r} cannot be summed securely")
+    modulus = 1 << (TASK_LIMB_BITS * TASK_LIMBS)
+    fixed = round(value * (1 << TASK_FRACTION_BITS)) % modulus  # two's complement
+    mask = (1 << TASK_LIMB_BITS) - 1
+    return [(fixed >> (TASK_LIMB_BITS * i)) & mask for i in range(TASK_LIMBS)]
+
+
+def _fixed_sum(limb_sums: Sequence[int]) -> tuple[int, int]:
+    """The exact sum of the sites' fixed-point values: (numerator, denominator 2^F)."""
+    bits = TASK_LIMB_BITS * TASK_LIMBS
+    total = sum(int(s) << (TASK_LIMB_BITS * i) for i, s in enumerate(limb_sums)) % (1 << bits)
+    if total >= 1 << (bits - 1):
+        total -= 1 << bits
+    return total, 1 << TASK_FRACTION_BITS
+
+
+def task_part_to_tail(
+    part: Mapping[str, object], task: str, layout: CountLayout, *, center: float = 0.0
+) -> list[int]:
+    """A site's task part (``fedcore.task_metrics.multiclass_part`` without histograms, or
+    ``regression_part``) as the tail cells of ``layout`` (:func:`task_layout`).
+
+    Raises:
+        ValueError: the part does not fit the layout, or a sum is not finite or too large.
+    """
+    values: dict[tuple[str, str], int] = {}
+    if task == "multiclass":
+        confusion = part["confusion"]
+        assert isinstance(confusion, Sequence)
+        for i, row in enumerate(confusion):
+            for j, count in enumerate(row):
+                values[(f"confusion.{i}.{j}", "count")] = int(count)
+        for k, sides in enumerate(part.get("histograms") or ()):  # type: ignore[attr-defined]
+            for side in ("positives", "negatives"):
+                for b, count in enumerate(sides[side]):
+                    values[(f"hist.{k}.{side}", str(b))] = int(count)
+        sums = {"loss_sum": float(part["loss_sum"])}  # type: ignore[arg-type]
+    elif task == "regression":
+        count = int(part["count"])  # type: ignore[call-overload]
+        shift = float(part["mean"]) - center  # type: ignore[arg-type]
+        values[("count", "count")] = count
+        sums = {
+            "sum_y": count * shift,
+            "sum_y2": float(part["m2"]) + count * shift * shift,  # type: ignore[arg-type]
+            **{
+                key: float(part[key])  # type: ignore[arg-type]
+                for key in ("sum_sq_error", "sum_abs_error", "sum_error")
+            },
+        }
+    else:
+        raise ValueError(f"a {task!r} plan has no task part")
+    for name, value in sums.items():
+        for i, limb in enumerate(_fixed_limbs(value, name)):
+            values[(name, f"limb{i}")] = limb
+    cells = [(group, cell) for _, group, cell in layout]
+    if set(cells) != set(values) or len(cells) != len(values):
+        raise ValueError(
+            f"the task part does not match the round's layout ({len(layout)} cells, "
+            f"the part gives {len(values)})"
+        )
+    return [values[cell] for cell in cells]
+
+
+def task_part_from_tail(
+    values: Sequence[int] | np.ndarray,
+    task: str,
+    layout: CountLayout,
+    *,
+    center: float = 0.0,
+) -> dict[str, object]:
+    """The merged task part from the unmasked sum of the tail cells, in the form
+    ``fedcore.task_metrics.merge_multiclass`` / ``merge_regression`` return."""
+    from fractions import Fraction
+
+    if len(values) != len(layout):
+        raise ValueError(f"{len(values)} values for a task layout of {len(layout)}")
+    by_field: dict[str, dict[str, int]] = {}
+    for (_, name, cell), value in zip(layout, values, strict=True):
+        by_field.setdefault(name, {})[cell] = int(value)
+
+    def fixed(name: str) -> Fraction:
+        cells = by_field[name]
+        numerator, denominator = _fixed_sum([cells[f"limb{i}"] for i in range(TASK_LIMBS)])
+        return Fraction(numerator, denominator)
+
+    if task == "multiclass":
+        k = math.isqrt(sum(1 for name in by_field if name.startswith("confusion.")))
+        confusion = [[by_field[f"confusion.{i}.{j}"]["count"] for j in range(k)] for i in range(k)]
+        bins = len(by_field.get("hist.0.positives", {})) or None
+        histograms = None
+        if bins:
+            histograms = [
+                {
+                    side: [by_field[f"hist.{c}.{side}"][str(b)] for b in range(bins)]
+                    for side in ("positives", "negatives")
+                }
+                for c in range(k)
+            ]
+        return {
+            "classes": k,
+            "confusion": confusion,
+            "loss_sum": float(fixed("loss_sum")),
+            "bins": bins,
+            "histograms": histograms,
+        }
+    count = by_field["count"]["count"]
+    s1, s2 = fixed("sum_y"), fixed("sum_y2")
+    mean = Fraction(center) + s1 / count if count else Fraction(0)
+    m2 = s2 - s1 * s1 / count if count else Fraction(0)
+    return {
+        "count": count,
+        "mean": float(mean),
+        "m2": max(0.0, float(m2)),
+        **{key: float(fixed(key)) for key in ("sum_sq_error", "sum_abs_error", "sum_error")},
+    }

@@ -61,11 +61,23 @@ __all__ = [
     "regression_metrics",
     "regression_part",
     "regression_report",
+    "round_bins",
     "score_bins",
 ]
 
 SCORE_BINS = evaluation.SCORE_BINS  # one grid for every task (fedcore.evaluation)
 MAX_COUNT = evaluation.MAX_COUNT
+# A round's part carries coarser one-vs-rest histograms (a per-round AUC, its error bound
+# reported), and only while they stay small: 2 x classes x ROUND_BINS counts at most.
+ROUND_BINS = 200
+ROUND_HISTOGRAM_CELLS = 4000
+
+
+def round_bins(classes: int) -> int | None:
+    """The grid of a multi-class round part's histograms: ``ROUND_BINS`` (logit steps of 0.2)
+    when ``2 * classes * ROUND_BINS <= ROUND_HISTOGRAM_CELLS`` (up to 10 classes), else None
+    (no per-round AUC; the final evaluation's AUC is always computed)."""
+    return ROUND_BINS if 2 * classes * ROUND_BINS <= ROUND_HISTOGRAM_CELLS else None
 
 
 class TaskPartError(ValueError):

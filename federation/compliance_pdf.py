@@ -138,6 +138,33 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
         "No raw record left a site: silos sent model updates and aggregate statistics only."
     )
 
+    task = report.get("task_metrics")
+    if task is not None:
+        doc.heading(f"Final evaluation ({task['task']} task)", 2)
+        doc.paragraph(
+            f"The final model v{task['model_version']} on each silo's held-out rows and pooled: "
+            f"{task['method']}."
+        )
+        doc.table(
+            [Column("Silo", 2.0), Column("Rows", 0.7)]
+            + [Column(heading, 1.0) for heading in task["columns"]],
+            [
+                [row["name"], str(row["n"])] + [_number(v) for v in row["values"]]
+                for row in task["rows"]
+            ],
+            empty="No silo evaluated the final model.",
+        )
+        for d in task["largest_disparities"]:
+            if d.get("metric") is None:
+                continue
+            doc.paragraph(
+                f"Largest group disparity by {d['attribute']}: {d['metric']}"
+                + (f" of class {d['class']}" if d.get("class") is not None else "")
+                + f", difference {_number(d['difference'])}."
+            )
+        if task.get("fairness_note"):
+            doc.paragraph(task["fairness_note"])
+
     analysis = report.get("analysis")
     if analysis is not None:
         doc.heading("Analysis released", 2)

@@ -202,6 +202,28 @@ def final_task_table(run: Run) -> dict[str, Any] | None:
     }
 
 
+def task_metrics_report(run: Run) -> dict[str, Any] | None:
+    """A multi-class or regression run's final figures for the compliance report: the table of
+    :func:`final_task_table` and, per sensitive attribute, the largest group disparity of
+    ``Run.evaluation["task_fairness"]`` (metric, class for multi-class, difference); None for a
+    binary run or before the final evaluation."""
+    table = final_task_table(run)
+    if table is None:
+        return None
+    final = final_evaluation(run) or {}
+    attributes = ((final.get("task_fairness") or {}).get("attributes")) or {}
+    disparities = [
+        {"attribute": name, **(entry.get("largest_disparity") or {})}
+        for name, entry in sorted(attributes.items())
+    ]
+    return {
+        **table,
+        "model_version": final.get("model_version"),
+        "largest_disparities": disparities,
+        "fairness_note": final.get("fairness_note"),
+    }
+
+
 def _fairness_reports(run: Run) -> list[dict[str, Any]]:
     """Every fairness report of a run, oldest first: one per round (round k's about model
     v(k-1)), then the final evaluation's (about the final model)."""
@@ -527,6 +549,7 @@ def compliance_report(run: Run) -> dict[str, Any]:
         "contributions": selectors.run_contributions(run),
         "privacy": run_privacy(run),
         "fairness": _fairness(run),
+        "task_metrics": task_metrics_report(run),
         "analysis": _analysis_record(run),
         "events": selectors.run_audit_events(run),
         "head": audit_head(),
@@ -572,6 +595,7 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         "privacy": report["privacy"],
         "fairness": report["fairness"],
         "final_evaluation": final_evaluation(run),
+        "task_metrics": report["task_metrics"],
         "analysis": _analysis_json(report["analysis"]),
         "audit_events": [
             {

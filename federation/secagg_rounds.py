@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from django.db import transaction
 
-from fedcore import secure_updates
+from fedcore import secure_updates, tabular, task_metrics
 from fedcore.plan import RunSettings, secagg_settings, secagg_threshold
 from fedcore.privacy.client_dp import DistributedNoise
 from fedcore.secagg import (
@@ -287,12 +287,37 @@ def _float_length(run_id: int, number: int) -> int:
 
 
 def _count_layout(run_id: int, spec: dict[str, Any]) -> list[list[str]]:
-    """The fairness count cells every site appends to its vector (none without the section)."""
+    """The count cells every site appends to its vector: the fairness counts (none without the
+    section), then a multi-class or regression plan's task part (:func:`_task_layout`)."""
+    task = [list(cell) for cell in _task_layout(spec)]
     if fairness_service.fairness_section(spec) is None:
-        return []
+        return task
     run = Run.objects.select_related("version").get(pk=run_id)
     public = fairness_service.run_public_groups(run)
-    return [list(cell) for cell in secure_updates.count_layout(public)]
+    return [list(cell) for cell in secure_updates.count_layout(public)] + task
+
+
+def _task_layout(spec: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """A multi-class or regression plan's task part cells (``secure_updates.task_layout``)."""
+    target = tabular.DatasetSchema.from_dict(spec["schema"]).target
+    bins = task_metrics.round_bins(target.n_outputs) if target.task == "multiclass" else None
+    return secure_updates.task_layout(target.task, target.n_outputs, bins)
+
+
+def _split_layout(
+    layout: tuple[tuple[str, str, str], ...], values: list[int]
+) -> tuple[
+    tuple[tuple[str, str, str], ...], list[int], tuple[tuple[str, str, str], ...], list[int]
+]:
+    """The fairness cells and values, then the task part's (``secure_updates.TASK_ATTRIBUTE``)."""
+    fair = [i for i, cell in enumerate(layout) if cell[0] != secure_updates.TASK_ATTRIBUTE]
+    task = [i for i, cell in enumerate(layout) if cell[0] == secure_updates.TASK_ATTRIBUTE]
+    return (
+        tuple(layout[i] for i in fair),
+        [values[i] for i in fair],
+        tuple(layout[i] for i in task),
+        [values[i] for i in task],
+    )
 
 
 def _round_params(
@@ -421,9 +446,22 @@ def _advance(coord: Coordinator) -> None:
 
 
 def _record_counts(coord: Coordinator) -> None:
-    """Keep the merged fairness counts; charge each contributor's ledger for a DP release."""
-    coord.counts = secure_updates.counts_from_tail(coord.server.counts.tolist(), coord.layout)
+    """Keep the merged fairness counts and task part (under ``TASK_ATTRIBUTE``); charge each
+    contributor's ledger for a DP release of fairness counts."""
+    layout, values, task_cells, task_values = _split_layout(
+        coord.layout, coord.server.counts.tolist()
+    )
+    coord.counts = secure_updates.counts_from_tail(values, layout)
     run = Run.objects.select_related("version").get(pk=coord.run_id)
+    if task_cells:
+        spec = run.version.spec
+        schema = tabular.DatasetSchema.from_dict(spec["schema"])
+        center, _ = tabular.target_scale(schema, run.preprocessing or {})
+        coord.counts[secure_updates.TASK_ATTRIBUTE] = secure_updates.task_part_from_tail(
+            task_values, schema.target.task, task_cells, center=center
+        )
+    if not layout:
+        return
     round_ = Round.objects.get(pk=coord.round_pk)
     for silo in Silo.objects.filter(pk__in=[coord.silo_of[c] for c in coord.server.contributors]):
         fairness_service.counts_charge(
@@ -614,7 +652,21 @@ def outcome(round_: Any) -> Outcome | None:
 
 def merged_counts(round_pk: int) -> dict[str, Any] | None:
     """The round's fairness counts summed under the masks (None: the plan reports none)."""
-    return SecAggAttempt.objects.filter(round_id=round_pk).values_list("counts", flat=True).first()
+    counts = (
+        SecAggAttempt.objects.filter(round_id=round_pk).values_list("counts", flat=True).first()
+    )
+    if isinstance(counts, dict) and secure_updates.TASK_ATTRIBUTE in counts:
+        counts = {k: v for k, v in counts.items() if k != secure_updates.TASK_ATTRIBUTE} or None
+    return counts
+
+
+def merged_task_part(round_pk: int) -> dict[str, Any] | None:
+    """A multi-class or regression round's task part summed under the masks: the received global
+    model's part of the pooled metrics over the contributors (None: none recorded)."""
+    counts = (
+        SecAggAttempt.objects.filter(round_id=round_pk).values_list("counts", flat=True).first()
+    )
+    return counts.get(secure_updates.TASK_ATTRIBUTE) if isinstance(counts, dict) else None
 
 
 def mean_state(

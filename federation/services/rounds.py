@@ -623,7 +623,15 @@ def _record_round_metrics(round_: Round, updates: list[dict[str, Any]]) -> None:
 
 # The figures of a multi-class or regression round summary pooled exactly from the silos' parts.
 POOLED_FIGURES = {
-    "multiclass": ("accuracy", "macro_f1", "weighted_f1", "loss", "n"),
+    "multiclass": (
+        "accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "auc_ovr",
+        "auc_error_bound",
+        "loss",
+        "n",
+    ),
     "regression": ("rmse", "mae", "r2", "mean_error", "loss", "n"),
 }
 
@@ -631,11 +639,17 @@ POOLED_FIGURES = {
 def _pooled_global(round_: Round, updates: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
     """A multi-class or regression round's "global" figures (the received model v(k-1) on the
     held-out rows) from the silos' parts added up: exact on the union of their held-out rows,
-    not a mean of site figures. Empty unless every update carries a part (fedcore.task_metrics)."""
+    not a mean of site figures. Empty unless every update carries a part (fedcore.task_metrics)
+    or, in a secure round, the contributors' parts were summed under the masks."""
     parts = [u.get("task_part") for u in updates]
+    merged = secagg_rounds.merged_task_part(round_.pk)
+    if merged is not None:  # a secure round: one merged part, no update carries its own
+        parts = [merged]
     if not parts or any(part is None for part in parts):
         return {}
     if "confusion" in parts[0]:
+        if len({part.get("bins") for part in parts}) > 1:  # agents of two versions: no AUC
+            parts = [{**part, "bins": None, "histograms": None} for part in parts]
         task, report = (
             "multiclass",
             task_metrics.multiclass_report(task_metrics.merge_multiclass(parts)),

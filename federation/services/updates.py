@@ -380,8 +380,12 @@ def checked_task_part(run: Run, fields: dict[str, Any]) -> dict[str, Any] | None
     where = "task_part"
     try:
         if target.task == "multiclass":
+            # a round's grid (task_metrics.round_bins), or none (no per-round AUC)
+            bins = task_metrics.round_bins(target.n_outputs)
+            if isinstance(raw, dict) and raw.get("bins") is None:
+                bins = None
             return task_metrics.check_multiclass_part(
-                raw, classes=target.n_outputs, bins=None, where=where
+                raw, classes=target.n_outputs, bins=bins, where=where
             )
         if target.task == "regression":
             return task_metrics.check_regression_part(raw, where=where)

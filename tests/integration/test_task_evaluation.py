@@ -15,9 +15,10 @@ from fairlearn.metrics import MetricFrame, mean_prediction
 from sklearn import metrics as skm
 
 from clientagent.data import LocalData
-from fedcore import tabular, tensors, training
+from fedcore import tabular, task_metrics, tensors, training
 from fedcore.models import build_model
 from federation import orchestrator
+from federation import reports as reports_module
 from federation.models import ModelVersion, RoundMetric, Run
 from federation.reports import final_task_table, model_card
 from federation.services.evaluation import evaluation_receive
@@ -115,7 +116,8 @@ def global_part(run: Run, csv: Path) -> dict[str, Any]:
         spec["model"], int(test.X.shape[1]), n_outputs=parsed.schema.target.n_outputs
     )
     model.load_state_dict(tensors.decode_state_dict(blob_store().get(v0.blob_key)))
-    part = task_parts(model, test, parsed, run.preprocessing, bins=None, with_fairness=False)
+    bins = task_metrics.round_bins(parsed.schema.target.n_outputs)
+    part = task_parts(model, test, parsed, run.preprocessing, bins=bins, with_fairness=False)
     return _json_metrics(part["metrics"])
 
 
@@ -189,7 +191,28 @@ def test_a_multiclass_run_pools_the_sites_parts_into_the_union_figures(tmp_path:
     from federation.reports import compliance_report_json, run_fairness
 
     assert run_fairness(run)["final_warning"] is None
-    assert compliance_report_json(run)["run"]["id"] == run.pk
+    compliance = compliance_report_json(run)
+    assert compliance["run"]["id"] == run.pk
+    # ... and shows the task's figures per silo and pooled, with the largest disparity
+    task = compliance["task_metrics"]
+    assert task["task"] == "multiclass" and task["rows"] == table["rows"]
+    (disparity,) = task["largest_disparities"]
+    largest = run.evaluation["task_fairness"]["attributes"]["sex"]["largest_disparity"]
+    assert disparity == {"attribute": "sex", **largest}
+    from federation.compliance_pdf import compliance_report_pdf
+    from tests.pdf_reading import page_text, read_pdf
+
+    text = page_text(read_pdf(compliance_report_pdf(run))[1])
+    assert "Final evaluation (multiclass task)" in text and "macro F1" in text
+    assert f"{pooled['macro_f1']:.4f}" in text
+    page = render_to_string(
+        "dashboard/compliance.html",
+        {"run": run, "report": {**reports_module.compliance_report(run), "events": []}},
+    )
+    assert "Final evaluation (multiclass task)" in page and f"{pooled['macro_f1']:.4f}" in page
+    # one-vs-rest AUC from the per-class histograms: scikit-learn's macro OvR within the bound
+    exact = skm.roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    assert abs(pooled["auc_ovr"] - exact) <= pooled["auc_error_bound"] + 1e-12
 
 
 def test_a_regression_run_pools_the_sites_parts_into_the_union_figures(tmp_path: Path) -> None:
@@ -253,6 +276,10 @@ def test_a_rounds_global_figures_are_pooled_exactly_from_the_sites_parts(
         macro = skm.f1_score(y, choice, average="macro", labels=[0, 1, 2], zero_division=0)
         assert summary["macro_f1"] == pytest.approx(macro, abs=1e-9)
         assert summary["accuracy"] == pytest.approx(skm.accuracy_score(y, choice), abs=1e-9)
+        # the round's one-vs-rest AUC from the parts' coarser histograms, within its bound
+        exact = skm.roc_auc_score(y, out, multi_class="ovr", average="macro")
+        assert 0 <= summary["auc_error_bound"] < 0.05
+        assert abs(summary["auc_ovr"] - exact) <= summary["auc_error_bound"] + 1e-12
     else:
         schema = tabular.DatasetSchema.from_dict(run.version.spec["schema"])
         mean, std = tabular.target_scale(schema, run.preprocessing)
@@ -333,3 +360,21 @@ def test_an_evaluation_plan_of_a_task_model_pools_the_same_figures_as_its_run(
         else:  # counts, the confusion matrix
             assert mine[key] == value, key
     assert evaluated.evaluation["task_fairness"] == run.evaluation["task_fairness"]
+
+
+def test_a_round_with_parts_from_agents_of_two_versions_pools_them_without_an_auc(
+    tmp_path: Path,
+) -> None:
+    # an older agent's part has no histograms: the round keeps its exact pooled figures, no AUC
+    from federation.models import Round, Update
+    from federation.services.rounds import _pooled_global
+
+    run, _, _ = run_to_evaluation(tmp_path, "multiclass", parts=True)
+    round_ = Round.objects.get(run=run, number=1)
+    updates = list(Update.objects.filter(round=round_).order_by("silo_id").values("task_part"))
+    assert all(u["task_part"]["bins"] == task_metrics.round_bins(3) for u in updates)
+    both = _pooled_global(round_, updates)
+    updates[0]["task_part"] = {**updates[0]["task_part"], "bins": None, "histograms": None}
+    mixed = _pooled_global(round_, updates)
+    assert ("global", "auc_ovr") in both and ("global", "auc_ovr") not in mixed
+    assert mixed[("global", "macro_f1")] == both[("global", "macro_f1")]
