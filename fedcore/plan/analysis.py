@@ -29,7 +29,7 @@ from fedcore.analytics.noise import AnalysisNoise, parse_noise
 from fedcore.analytics.regression import INTERCEPT
 from fedcore.plan.evaluation_plan import evaluation_plan_errors, is_evaluation_plan
 from fedcore.plan.keys import Key, check_section, defaults, names
-from fedcore.plan.spec import PlanError, parse_schema, training_plan_errors
+from fedcore.plan.spec import PlanError, errors_of, parse_schema, training_plan_errors
 from fedcore.tabular import DatasetSchema
 
 ANALYSIS_KIND = "analysis"
@@ -169,11 +169,7 @@ def plan_errors(spec: Any) -> dict[str, str]:
         return evaluation_plan_errors(spec)
     if not is_analysis(spec):
         return training_plan_errors(spec)
-    try:
-        parse_analysis_plan(spec)
-    except PlanError as exc:
-        return exc.errors
-    return {}
+    return errors_of(parse_analysis_plan, spec)
 
 
 def parse_analysis_plan(spec: Any) -> AnalysisPlan:

@@ -32,6 +32,7 @@ from fedcore.plan.spec import (
     _evaluation,
     _fairness,
     _model,
+    errors_of,
     parse_schema,
 )
 from fedcore.tabular import DatasetSchema
@@ -159,11 +160,7 @@ def is_evaluation_plan(spec: Any) -> bool:
 
 def evaluation_plan_errors(spec: Any) -> dict[str, str]:
     """Every problem of an evaluation plan spec, dotted path -> message (empty when valid)."""
-    try:
-        parse_evaluation_plan(spec)
-    except PlanError as exc:
-        return exc.errors
-    return {}
+    return errors_of(parse_evaluation_plan, spec)
 
 
 def parse_evaluation_plan(spec: Any) -> EvaluationPlan:

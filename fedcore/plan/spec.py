@@ -16,7 +16,7 @@ compression by :mod:`fedcore.compression`; this module calls them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1292,15 +1292,20 @@ def _task_errors(
 THRESHOLD_KEYS = ("max_demographic_parity_difference", "max_equalized_odds_difference")
 
 
+def errors_of(parse: Callable[[Any], object], spec: Any) -> dict[str, str]:
+    """Every problem ``parse`` finds in a spec, dotted path -> message (empty when valid)."""
+    try:
+        parse(spec)
+    except PlanError as exc:
+        return exc.errors
+    return {}
+
+
 def training_plan_errors(spec: Any) -> dict[str, str]:
     """Every problem of a training plan spec, dotted path -> message (empty when it is valid).
 
     ``fedcore.plan.plan_errors`` checks any plan, training or analysis."""
-    try:
-        parse_plan(spec)
-    except PlanError as exc:
-        return exc.errors
-    return {}
+    return errors_of(parse_plan, spec)
 
 
 def parse_plan(spec: Any) -> Plan:
