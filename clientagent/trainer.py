@@ -73,7 +73,12 @@ from fedcore import (
     tensors,
     training,
 )
-from fedcore.fairness_mitigation import ExampleWeights, label_counts, score_histogram
+from fedcore.fairness_mitigation import (
+    ExampleWeights,
+    label_counts,
+    noisy_label_counts,
+    score_histogram,
+)
 from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
 from fedcore.plan import PlanError as PlanRefused
 from fedcore.privacy import accounting
@@ -437,7 +442,10 @@ def handle_stats_request(
     reply: dict[str, Any] = {"run": run, "stats": stats}
     parsed = parse_plan(plan)
     if parsed.fairness is not None and parsed.fairness.mitigation.trains_weighted:
-        reply["label_counts"] = training_label_counts(parsed, split, stats, run)
+        counts = training_label_counts(parsed, split, stats, run)
+        if parsed.fairness.dp_epsilon is not None:  # one pure-DP release, charged by the server
+            counts = noisy_label_counts(counts, epsilon=parsed.fairness.dp_epsilon)
+        reply["label_counts"] = counts
     return reply
 
 

@@ -209,7 +209,10 @@ def unavailable_mitigation_error(spec: Any) -> str | None:
             )
             if value
         ]
-        if kind == "fair_aggregation":  # uses the reports' own counts (noised with dp_epsilon)
+        if kind in ("fair_aggregation", "reweighing", "constraint"):
+            # fair_aggregation: the reports' own counts; reweighing and constraint: label
+            # counts noised with dp_epsilon, round counts masked (the plan language refuses
+            # secure_aggregation or statistics_epsilon without dp_epsilon, with the reason)
             noised = []
         if kind == "postprocess":  # the histograms are released with the evaluation
             noised = [key for key in noised if key != "privacy.statistics_epsilon"]

@@ -81,10 +81,18 @@ def fairness_epsilon_per_round(spec: dict[str, Any]) -> float:
 
 
 def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
-    """What a whole run of the plan's noisy fairness counts costs a silo: every round, and the
-    final evaluation's tables of the last model (federation.services.evaluation)."""
+    """What a whole run of the plan's noisy fairness counts costs a silo: every round, the
+    final evaluation's tables of the last model (federation.services.evaluation), and for
+    ``reweighing``/``constraint`` the (group, label) counts of the training rows sent with the
+    statistics (one table)."""
     per_round = fairness_epsilon_per_round(spec)
-    return per_round * (int(spec["training"]["rounds"]) + 1) if per_round else 0.0
+    if not per_round:
+        return 0.0
+    total = per_round * (int(spec["training"]["rounds"]) + 1)
+    mitigation = (spec.get("fairness") or {}).get("mitigation") or {}
+    if mitigation.get("kind") in ("reweighing", "constraint"):  # + the training label counts
+        total += float(spec["fairness"]["dp_epsilon"])
+    return total
 
 
 def plan_statistics_epsilon(spec: dict[str, Any]) -> float:

@@ -83,6 +83,44 @@ def test_the_final_models_thresholds_are_chosen_from_the_sites_histograms(
         model_card(ModelVersion.objects.get(run=run, number=1))["deployment"]["thresholds"] is None
     )
     assert AuditEvent.objects.filter(action="mitigation.thresholds", data__chosen=True).exists()
+    onnx_decisions_equal_the_servers(run, files)
+
+
+def onnx_decisions_equal_the_servers(run: Run, files: dict[int, Path]) -> None:
+    """The final model's ONNX export applies its thresholds: on every site's held-out rows its
+    ``decision_probability`` equals the server's rules applied to the model's scores."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from fedcore import onnx_export
+    from federation import selectors
+
+    final = ModelVersion.objects.get(run=run, number=2)
+    rules = fairness_mitigation.ThresholdRules.from_json(run.evaluation["thresholds"])
+    groups = onnx_export.threshold_groups(rules)
+    card = model_card(final)["deployment"]["onnx"]
+    assert card["group_input"]["groups"] == groups
+    assert card["decision_output"]["name"] == "decision_probability"
+    session = onnxruntime.InferenceSession(selectors.model_version_onnx(final))
+    assert [i.name for i in session.get_inputs()] == ["features", "group"]
+    state = tensors.decode_state_dict(blob_store().get(final.blob_key))
+    plan = parse_plan(run.version.spec)
+    for path in files.values():
+        data = LocalData(path)
+        test = data.arrays(data.split(run.version.spec), run.preprocessing).test
+        model = build_model(plan.model, int(test.X.shape[1]), seed=0)
+        model.load_state_dict(state)
+        labels = np.asarray(test.groups["sex"]).astype(str)
+        index = np.array(
+            [groups.index(g) if g in groups else len(groups) for g in labels], dtype=np.int64
+        )
+        logit, decided = session.run(
+            None, {"features": np.asarray(test.X, dtype=np.float32), "group": index}
+        )
+        expected = rules.positive_probability(training.predict_proba(model, test.X), labels)
+        np.testing.assert_array_equal(decided, expected)
+    earlier = onnxruntime.InferenceSession(
+        selectors.model_version_onnx(ModelVersion.objects.get(run=run, number=1))
+    )
+    assert [i.name for i in earlier.get_inputs()] == ["features"]  # no thresholds there
 
 
 def test_bad_or_missing_histograms_are_refused_and_nothing_is_kept(
