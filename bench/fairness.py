@@ -263,6 +263,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     spec["fairness"]["mitigation"] = {"kind": kind}
                 if kind == "constraint" and args.multipliers:
                     spec["fairness"]["mitigation"]["multipliers"] = args.multipliers
+                if kind == "constraint" and args.eta:
+                    spec["fairness"]["mitigation"]["eta"] = args.eta
                 try:
                     result = fed.run_plan(spec, name=f"{name} {kind} seed {seed}")
                 except RuntimeError as exc:  # the run ended with a reason (e.g. no weights)
@@ -362,6 +364,9 @@ def main() -> None:
         choices=("averaged", "decaying", "last"),
         help="constraint's fairness.mitigation.multipliers (default: the plan language's)",
     )
+    parser.add_argument(
+        "--eta", type=float, default=None, help="constraint's eta (default: the plan language's)"
+    )
     parser.add_argument("--outcome", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seeds < 1:
@@ -394,6 +399,8 @@ def main() -> None:
                 command += ["--max-rows", str(args.max_rows)]
             if args.multipliers:
                 command += ["--multipliers", args.multipliers]
+            if args.eta:
+                command += ["--eta", str(args.eta)]
             done = subprocess.run(command, cwd=ROOT, check=False)
             if done.returncode != 0 or not out.exists():
                 sys.exit(f"{name}: the benchmark process failed ({done.returncode})")
