@@ -77,6 +77,7 @@ from fedcore.fairness_mitigation import (
     ExampleWeights,
     label_counts,
     noisy_label_counts,
+    noisy_score_histogram,
     score_histogram,
 )
 from fedcore.plan import Fairness, Plan, Privacy, Training, parse_plan
@@ -1008,9 +1009,11 @@ def handle_evaluate(
         if counts:
             reply["fairness"] = counts
     if _weighs_loss(parsed, "postprocess"):
-        reply["score_histograms"] = postprocess_histograms(
-            parsed, test, probs, fields["preprocessing"]
-        )
+        histograms = postprocess_histograms(parsed, test, probs, fields["preprocessing"])
+        assert parsed.fairness is not None
+        if parsed.fairness.dp_epsilon is not None:  # one pure-DP release, charged by the server
+            histograms = noisy_score_histogram(histograms, epsilon=parsed.fairness.dp_epsilon)
+        reply["score_histograms"] = histograms
     return reply
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "merge_label_counts",
     "multipliers",
     "noisy_label_counts",
+    "noisy_score_histogram",
     "reduction_gains",
     "reduction_gamma",
     "reduction_index",
@@ -207,6 +208,29 @@ def noisy_label_counts(
             cell: max(0, int(cells[cell]) + _discrete_laplace(scale, rng)) for cell in LABEL_CELLS
         }
         for group, cells in checked.items()
+    }
+
+
+def noisy_score_histogram(
+    histograms: Mapping[str, Mapping[str, Sequence[int]]],
+    *,
+    epsilon: float,
+    source: random.Random | None = None,
+) -> dict[str, dict[str, list[int]]]:
+    """A site's per-group score histograms released with pure epsilon-DP (``postprocess`` with
+    ``fairness.dp_epsilon``): each held-out row is in exactly one cell (group x label x grid
+    point), so a row added or removed changes one cell by 1; discrete Laplace noise at epsilon on
+    every cell, clamped at 0, as :func:`noisy_label_counts`. One release, charged epsilon.
+    """
+    epsilon = _check_number(epsilon, "epsilon", low=1e-12)
+    rng = source if source is not None else random.SystemRandom()
+    scale = 1 / Fraction(epsilon)
+    return {
+        str(group): {
+            cell: [max(0, int(v) + _discrete_laplace(scale, rng)) for v in cells[cell]]
+            for cell in LABEL_CELLS
+        }
+        for group, cells in histograms.items()
     }
 
 

@@ -90,7 +90,8 @@ def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
         return 0.0
     total = per_round * (int(spec["training"]["rounds"]) + 1)
     mitigation = (spec.get("fairness") or {}).get("mitigation") or {}
-    if mitigation.get("kind") in ("reweighing", "constraint"):  # + the training label counts
+    if mitigation.get("kind") in ("reweighing", "constraint", "postprocess"):
+        # + the training label counts, or the final model's score histograms: one table
         total += float(spec["fairness"]["dp_epsilon"])
     return total
 

@@ -198,9 +198,10 @@ def test_a_mitigation_this_server_cannot_apply_cannot_start_a_run(world: World) 
     kind = "postprocess"
     spec = plan_spec(
         schema=SCHEMA_SEX,
-        fairness={**FAIRNESS, "dp_epsilon": 1.0, "mitigation": {"kind": kind}},
+        fairness={**FAIRNESS, "mitigation": {"kind": kind}},
+        secure_aggregation=True,
     )
     plan = PlanFactory(consortium=world.gov.consortium, spec=spec, silos=world.gov.silos[:2])
-    with pytest.raises(Conflict, match=f"'{kind}' with fairness.dp_epsilon is not available yet"):
+    with pytest.raises(Conflict, match=f"'{kind}' with secure_aggregation is not available yet"):
         run_start(actor=world.gov.admin, plan=plan)
     assert not Run.objects.filter(plan=plan).exists()

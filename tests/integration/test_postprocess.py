@@ -21,6 +21,7 @@ from federation.reports import model_card
 from federation.services.evaluation import evaluation_receive
 from federation.services.updates import Refused
 from federation.storage import blob_store
+from tests.factories import plan_spec
 from tests.integration.test_final_evaluation import (
     SENSITIVE_SCHEMA,
     evaluate_at,
@@ -145,3 +146,33 @@ def test_bad_or_missing_histograms_are_refused_and_nothing_is_kept(
     orchestrator.run_advance(run.pk)
     run.refresh_from_db()
     assert run.status == Run.Status.COMPLETED and run.evaluation["thresholds"] is not None
+
+
+def test_noised_histograms_choose_thresholds_and_are_charged(tmp_path: Path) -> None:
+    """With fairness.dp_epsilon each site's histograms are noised (discrete Laplace per cell):
+    the server accepts totals other than the held-out rows, chooses thresholds from the noised
+    sums (or states why none) and charges each silo one table of epsilon for them (approval's
+    projection, federation.ledger.plan_fairness_epsilon, includes it)."""
+    from federation import ledger
+    from federation.models import PrivacyLedgerEntry
+
+    noised = {**FAIRNESS, "dp_epsilon": 2.0}
+    assert ledger.plan_fairness_epsilon(plan_spec(schema=SENSITIVE_SCHEMA, fairness=noised)) == (
+        pytest.approx(2.0 * (2 + 1 + 1))  # 2 rounds, the final evaluation, the histograms
+    )
+    run, silos, files = train_to_the_last_round(tmp_path, schema=SENSITIVE_SCHEMA, fairness=noised)
+    for silo in silos:
+        report = evaluate_at(run, silo, files)
+        evaluation_receive(silo_id=silo.pk, fields=report)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED
+    assert run.evaluation["thresholds"] is not None or run.evaluation["thresholds_note"]
+    if run.evaluation["thresholds"] is not None:  # the noised sums, not the exact ones
+        assert run.evaluation["thresholds"]["histograms"] != pooled_histograms(run, files)
+    for silo in silos:
+        histogram_charges = PrivacyLedgerEntry.objects.filter(
+            run=run, silo=silo, mechanism=ledger.PURE, round_number__isnull=True
+        )
+        # the final evaluation's count table and the histograms, epsilon each
+        assert sum(e.epsilon_pure for e in histogram_charges) == pytest.approx(2 * 2.0)
