@@ -261,6 +261,10 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 spec = copy.deepcopy(plan)
                 if kind != "none":
                     spec["fairness"]["mitigation"] = {"kind": kind}
+                if kind == "constraint" and args.multipliers:
+                    spec["fairness"]["mitigation"]["multipliers"] = args.multipliers
+                if kind == "constraint" and args.eta:
+                    spec["fairness"]["mitigation"]["eta"] = args.eta
                 try:
                     result = fed.run_plan(spec, name=f"{name} {kind} seed {seed}")
                 except RuntimeError as exc:  # the run ended with a reason (e.g. no weights)
@@ -354,6 +358,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default: the plan's)")
     parser.add_argument("--max-rows", type=int, default=None, help="at most N rows per site")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument(
+        "--multipliers",
+        default=None,
+        choices=("averaged", "decaying", "last"),
+        help="constraint's fairness.mitigation.multipliers (default: the plan language's)",
+    )
+    parser.add_argument(
+        "--eta", type=float, default=None, help="constraint's eta (default: the plan language's)"
+    )
     parser.add_argument("--outcome", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seeds < 1:
@@ -384,6 +397,10 @@ def main() -> None:
                 command += ["--rounds", str(args.rounds)]
             if args.max_rows:
                 command += ["--max-rows", str(args.max_rows)]
+            if args.multipliers:
+                command += ["--multipliers", args.multipliers]
+            if args.eta:
+                command += ["--eta", str(args.eta)]
             done = subprocess.run(command, cwd=ROOT, check=False)
             if done.returncode != 0 or not out.exists():
                 sys.exit(f"{name}: the benchmark process failed ({done.returncode})")

@@ -74,7 +74,13 @@ from fedcore import (
     tensors,
     training,
 )
-from fedcore.fairness_mitigation import ExampleWeights, label_counts, score_histogram
+from fedcore.fairness_mitigation import (
+    ExampleWeights,
+    label_counts,
+    noisy_label_counts,
+    noisy_score_histogram,
+    score_histogram,
+)
 from fedcore.plan import (
     EvaluationPlan,
     Fairness,
@@ -447,7 +453,10 @@ def handle_stats_request(
     reply: dict[str, Any] = {"run": run, "stats": stats}
     parsed = parse_plan(plan)
     if parsed.fairness is not None and parsed.fairness.mitigation.trains_weighted:
-        reply["label_counts"] = training_label_counts(parsed, split, stats, run)
+        counts = training_label_counts(parsed, split, stats, run)
+        if parsed.fairness.dp_epsilon is not None:  # one pure-DP release, charged by the server
+            counts = noisy_label_counts(counts, epsilon=parsed.fairness.dp_epsilon)
+        reply["label_counts"] = counts
     return reply
 
 
@@ -1043,9 +1052,11 @@ def handle_evaluate(
         if counts:
             reply["fairness"] = counts
     if _weighs_loss(parsed, "postprocess"):
-        reply["score_histograms"] = postprocess_histograms(
-            parsed, test, probs, fields["preprocessing"]
-        )
+        histograms = postprocess_histograms(parsed, test, probs, fields["preprocessing"])
+        assert parsed.fairness is not None
+        if parsed.fairness.dp_epsilon is not None:  # one pure-DP release, charged by the server
+            histograms = noisy_score_histogram(histograms, epsilon=parsed.fairness.dp_epsilon)
+        reply["score_histograms"] = histograms
     return reply
 
 

@@ -30,20 +30,29 @@ from __future__ import annotations
 
 import math
 import numbers
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from fedcore.fairness import CELLS, OTHER_GROUP, _checked_counts, _group_labels
+from fedcore.fairness import (
+    CELLS,
+    OTHER_GROUP,
+    _checked_counts,
+    _discrete_laplace,
+    _group_labels,
+)
 from fedcore.tabular import MISSING_CATEGORY
 
 __all__ = [
     "CONSTRAINTS",
     "LABEL_CELLS",
+    "MULTIPLIER_SCHEDULES",
     "OBJECTIVES",
     "ExampleWeights",
     "FairFedStep",
@@ -54,6 +63,8 @@ __all__ = [
     "label_counts",
     "merge_label_counts",
     "multipliers",
+    "noisy_label_counts",
+    "noisy_score_histogram",
     "reduction_gains",
     "reduction_gamma",
     "reduction_index",
@@ -67,6 +78,10 @@ __all__ = [
 
 CONSTRAINTS: tuple[str, ...] = ("demographic_parity", "equalized_odds")
 OBJECTIVES: tuple[str, ...] = ("accuracy_score", "balanced_accuracy_score")
+# How a federated constraint's rounds use the multipliers (fairness.mitigation.multipliers):
+# the running mean of every round's (averaged), the last with eta / sqrt(t) (decaying), or the
+# last with a constant step (last: fairlearn's step, without its averaging over iterates).
+MULTIPLIER_SCHEDULES: tuple[str, ...] = ("averaged", "decaying", "last")
 # (group, label) counts of rows: label 0 -> "negatives", label 1 -> "positives".
 LABEL_CELLS: tuple[str, ...] = ("negatives", "positives")
 PLACEHOLDER_GROUPS: frozenset[str] = frozenset({MISSING_CATEGORY, OTHER_GROUP})
@@ -161,6 +176,62 @@ def _checked_label_counts(counts: object, where: str) -> LabelCounts:
                 )
         checked[group] = {cell: int(cells[cell]) for cell in LABEL_CELLS}
     return checked
+
+
+def noisy_label_counts(
+    counts: Mapping[str, Mapping[str, int]],
+    *,
+    epsilon: float,
+    source: random.Random | None = None,
+) -> LabelCounts:
+    """A site's (group, label) counts released with pure epsilon-DP (``fairness.dp_epsilon``).
+
+    Every training row falls in exactly one cell (its group x label), so adding or removing a
+    row changes one cell by 1 (L1 sensitivity 1, add/remove adjacency): discrete Laplace noise,
+    P(z) proportional to exp(-epsilon |z|), added to every cell of every listed group (absent
+    groups included, as noisy zeros), then clamped at 0 (post-processing, no extra cost), as
+    ``fedcore.fairness.noisy_counts`` releases the confusion counts. One call is one release,
+    charged epsilon by the server's ledger.
+
+    Args:
+        counts: :func:`label_counts` of the site's training rows, every public group listed.
+        epsilon: privacy parameter, > 0.
+        source: random source; default ``random.SystemRandom()`` (os.urandom). Tests inject a
+            seeded ``random.Random``; never pass a seeded source in production.
+    """
+    checked = merge_label_counts([counts])
+    epsilon = _check_number(epsilon, "epsilon", low=1e-12)
+    rng = source if source is not None else random.SystemRandom()
+    scale = 1 / Fraction(epsilon)
+    return {
+        group: {
+            cell: max(0, int(cells[cell]) + _discrete_laplace(scale, rng)) for cell in LABEL_CELLS
+        }
+        for group, cells in checked.items()
+    }
+
+
+def noisy_score_histogram(
+    histograms: Mapping[str, Mapping[str, Sequence[int]]],
+    *,
+    epsilon: float,
+    source: random.Random | None = None,
+) -> dict[str, dict[str, list[int]]]:
+    """A site's per-group score histograms released with pure epsilon-DP (``postprocess`` with
+    ``fairness.dp_epsilon``): each held-out row is in exactly one cell (group x label x grid
+    point), so a row added or removed changes one cell by 1; discrete Laplace noise at epsilon on
+    every cell, clamped at 0, as :func:`noisy_label_counts`. One release, charged epsilon.
+    """
+    epsilon = _check_number(epsilon, "epsilon", low=1e-12)
+    rng = source if source is not None else random.SystemRandom()
+    scale = 1 / Fraction(epsilon)
+    return {
+        str(group): {
+            cell: [max(0, int(v) + _discrete_laplace(scale, rng)) for v in cells[cell]]
+            for cell in LABEL_CELLS
+        }
+        for group, cells in histograms.items()
+    }
 
 
 def merge_label_counts(list_of_counts: Sequence[Mapping[str, Mapping[str, int]]]) -> LabelCounts:

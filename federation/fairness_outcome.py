@@ -210,10 +210,17 @@ def unavailable_mitigation_error(spec: Any) -> str | None:
             )
             if value
         ]
-        if kind == "fair_aggregation":  # uses the reports' own counts (noised with dp_epsilon)
+        if kind in ("fair_aggregation", "reweighing", "constraint"):
+            # fair_aggregation: the reports' own counts; reweighing and constraint: label
+            # counts noised with dp_epsilon, round counts masked (the plan language refuses
+            # secure_aggregation or statistics_epsilon without dp_epsilon, with the reason)
             noised = []
-        if kind == "postprocess":  # the histograms are released with the evaluation
-            noised = [key for key in noised if key != "privacy.statistics_epsilon"]
+        if kind == "postprocess":  # the histograms: with the evaluation, noised with dp_epsilon
+            noised = [
+                key
+                for key in noised
+                if key not in ("privacy.statistics_epsilon", "fairness.dp_epsilon")
+            ]
         if noised:  # the counts/histograms travel exact and in clear in this version
             return (
                 f"{kind!r} with {' and '.join(noised)} is not available yet in this server "

@@ -83,12 +83,21 @@ def fairness_epsilon_per_round(spec: dict[str, Any]) -> float:
 
 
 def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
-    """What a whole run of the plan's noisy fairness counts costs a silo: every round, and the
-    final evaluation's tables of the last model (federation.services.evaluation)."""
+    """What a whole run of the plan's noisy fairness counts costs a silo: every round, the
+    final evaluation's tables of the last model (federation.services.evaluation), and for
+    ``reweighing``/``constraint`` the (group, label) counts of the training rows sent with the
+    statistics (one table)."""
     per_round = fairness_epsilon_per_round(spec)
+    if not per_round:
+        return 0.0
     # An evaluation plan trains nothing: its one release is the evaluation's tables.
     rounds = int((spec.get("training") or {}).get("rounds", 0))
-    return per_round * (rounds + 1) if per_round else 0.0
+    total = per_round * (rounds + 1)
+    mitigation = (spec.get("fairness") or {}).get("mitigation") or {}
+    if mitigation.get("kind") in ("reweighing", "constraint", "postprocess"):
+        # + the training label counts, or the final model's score histograms: one table
+        total += float(spec["fairness"]["dp_epsilon"])
+    return total
 
 
 def plan_statistics_epsilon(spec: dict[str, Any]) -> float:

@@ -403,22 +403,39 @@ def _deployment(version: ModelVersion) -> dict[str, Any]:
     thresholds = (
         final.get("thresholds") if final and final.get("model_version") == version.number else None
     )
+    onnx: dict[str, Any] = {
+        "input": {"name": onnx_export.INPUT_NAME, "shape": ["batch", len(names or ())]},
+        "output": {
+            "name": onnx_export.OUTPUT_NAMES[target.task],
+            "shape": ["batch", target.n_outputs],
+        },
+        "opset": onnx_export.OPSET,
+        "note": "input: rows transformed by the fitted preprocessing, columns in "
+        f"feature_names order (fedcore.tabular.transform); output: {ONNX_OUTPUT[target.task]}",
+    }
+    rules = selectors.model_version_thresholds(version) if thresholds else None
+    if rules is not None:  # the graph applies them (fedcore.onnx_export)
+        groups = onnx_export.threshold_groups(rules)
+        onnx["group_input"] = {
+            "name": onnx_export.GROUP_INPUT_NAME,
+            "shape": ["batch"],
+            "type": "int64",
+            "groups": groups,
+        }
+        onnx["decision_output"] = {"name": onnx_export.DECISION_NAME, "shape": ["batch"]}
+        onnx["thresholds_note"] = (
+            f"input {onnx_export.GROUP_INPUT_NAME!r}: each row's index in groups (any other "
+            f"index, e.g. {len(groups)}: a group without a rule, never positive); output "
+            f"{onnx_export.DECISION_NAME!r}: P(decision = 1) under the row's group threshold "
+            "rule, as the server applies the thresholds (0 or 1 for a deterministic rule)"
+        )
     return {
         "feature_names": names,
         "preprocessing": version.run.preprocessing if names else None,
-        # Decisions of a postprocess plan: apply these to sigmoid(logit) per group (not in the
-        # ONNX graph, which outputs the logit).
+        # Decisions of a postprocess plan: its group thresholds, which the ONNX graph applies
+        # too (input "group", output "decision_probability").
         "thresholds": thresholds,
-        "onnx": {
-            "input": {"name": onnx_export.INPUT_NAME, "shape": ["batch", len(names or ())]},
-            "output": {
-                "name": onnx_export.OUTPUT_NAMES[target.task],
-                "shape": ["batch", target.n_outputs],
-            },
-            "opset": onnx_export.OPSET,
-            "note": "input: rows transformed by the fitted preprocessing, columns in "
-            f"feature_names order (fedcore.tabular.transform); output: {ONNX_OUTPUT[target.task]}",
-        },
+        "onnx": onnx,
     }
 
 

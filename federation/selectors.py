@@ -1055,7 +1055,20 @@ def model_version_onnx(version: ModelVersion) -> bytes:
         model.load_state_dict(state, strict=True)
     except (tensors.IncompatibleStateDict, RuntimeError) as exc:
         raise ValueError(f"the stored weights do not fit the plan's model: {exc}") from None
-    return onnx_export.export_onnx(model, len(names), task=target.task)
+    return onnx_export.export_onnx(
+        model, len(names), task=target.task, thresholds=model_version_thresholds(version)
+    )
+
+
+def model_version_thresholds(version: ModelVersion) -> Any:
+    """The group thresholds that are part of this model version (``ThresholdRules``): those of
+    a postprocess run's final evaluation, for the final model; None for any other version."""
+    from fedcore.fairness_mitigation import ThresholdRules
+
+    final = version.run.evaluation if isinstance(version.run.evaluation, dict) else None
+    if not final or final.get("model_version") != version.number or not final.get("thresholds"):
+        return None
+    return ThresholdRules.from_json(final["thresholds"])
 
 
 # --------------------------------------------------------------------------------------------

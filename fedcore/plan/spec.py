@@ -23,7 +23,7 @@ from typing import Any
 from fedcore.aggregation import STRATEGIES, make_strategy
 from fedcore.compression import METHODS, CompressionSpec, CompressionSpecError
 from fedcore.fairness import reported_attributes
-from fedcore.fairness_mitigation import CONSTRAINTS, OBJECTIVES
+from fedcore.fairness_mitigation import CONSTRAINTS, MULTIPLIER_SCHEDULES, OBJECTIVES
 from fedcore.models import SPEC_KINDS, ModelSpecError, validate_model_spec
 from fedcore.plan.keys import Key, check_section, defaults, names, unknown_keys
 from fedcore.privacy.accounting import PLAN_PRIVACY_DEFAULTS, PRIVACY_MODES
@@ -462,6 +462,7 @@ MITIGATION_PARAMS: dict[str, tuple[str, ...]] = {
     "constraint": ("fair_aggregation", "constraint", "postprocess"),
     "bound": ("constraint",),
     "eta": ("constraint",),
+    "multipliers": ("constraint",),
     "beta": ("fair_aggregation",),
     "objective": ("postprocess",),
     "score_bins": ("postprocess",),
@@ -502,6 +503,15 @@ MITIGATION_KEYS: tuple[Key, ...] = (
         minimum=0,
         maximum=1000,
         exclusive_min=True,
+    ),
+    Key(
+        "multipliers",
+        "string",
+        "constraint only: the multipliers each round trains with: 'averaged' (the mean of every "
+        "round's multipliers so far, as fairlearn averages its iterates), 'decaying' (the last, "
+        "stepped with eta / sqrt(round)) or 'last' (the last, constant step: fairlearn's)",
+        default="averaged",
+        choices=MULTIPLIER_SCHEDULES,
     ),
     Key(
         "beta",
@@ -669,6 +679,7 @@ class Mitigation:
     constraint: str = "demographic_parity"
     bound: float = 0.01
     eta: float = 2.0
+    multipliers: str = "averaged"
     beta: float = 1.0
     objective: str = "accuracy_score"
     score_bins: int = 100
@@ -1105,6 +1116,7 @@ def _mitigation(raw: Any, errors: dict[str, str]) -> Mitigation | None:
         constraint=v["constraint"],
         bound=float(v["bound"]),
         eta=float(v["eta"]),
+        multipliers=v["multipliers"],
         beta=float(v["beta"]),
         objective=v["objective"],
         score_bins=int(v["score_bins"]),
@@ -1145,6 +1157,18 @@ def _mitigation_errors(
             f"{kind!r} releases counts of the training rows, outside client-level DP's "
             "guarantee; set fairness.dp_epsilon so that they are noised and charged to the "
             "ledger"
+        )
+    elif (
+        kind in ("reweighing", "constraint")
+        and fairness.dp_epsilon is None
+        and (secure or (privacy is not None and privacy.statistics_epsilon is not None))
+    ):
+        covered = "secure_aggregation" if secure else "privacy.statistics_epsilon"
+        errors[where] = (
+            f"{kind!r} sends each site's (group, label) counts of its training rows with the "
+            f"statistics, which {covered} does not cover (secure aggregation masks the rounds' "
+            "updates and group counts; statistics_epsilon noises the statistics only); set "
+            "fairness.dp_epsilon so that they are released noised and charged to the ledger"
         )
     elif kind == "fair_aggregation" and secure:
         errors[where] = (

@@ -168,6 +168,8 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
             fairness_service.counts_charge(
                 run=run, round_number=None, silo=silo, tables=len(counts)
             )
+        if score_histograms is not None:  # noised with fairness.dp_epsilon: one table charged
+            fairness_service.counts_charge(run=run, round_number=None, silo=silo, tables=1)
         audit_append(
             actor=f"silo:{silo.name}",
             action="evaluation.received",

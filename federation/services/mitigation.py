@@ -22,6 +22,7 @@ the next round's tasks carry them, under the signed grant, on the reweighing pat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,7 +88,8 @@ def checked_label_counts(
         )
     total = sum(sum(cells.values()) for cells in counts.values())
     rows = stats.get("n_rows")
-    if isinstance(rows, int) and total > rows:
+    noised = parse_plan(run.version.spec).fairness.dp_epsilon is not None  # type: ignore[union-attr]
+    if isinstance(rows, int) and total > rows and not noised:  # noise may add rows
         raise ValueError(f"{where}: label_counts hold {total} rows, the statistics {rows}")
     return counts
 
@@ -132,6 +134,7 @@ def compute(run: Run, fitted: Mapping[str, Any]) -> dict[str, Any] | None:
             "constraint": settings.constraint,
             "bound": settings.bound,
             "eta": settings.eta,
+            "multipliers": settings.multipliers,
             "theta": {},
             "lambdas": {},
             "rounds": 0,
@@ -203,7 +206,7 @@ def checked_score_histograms(
                 )
             checked[group][cell] = list(column)
             total += sum(column)
-    if total != n:
+    if total != n and plan.fairness.dp_epsilon is None:  # noised histograms: any total
         raise ValueError(f"{where}: score_histograms hold {total} rows, the evaluation {n}")
     return checked
 
@@ -350,7 +353,8 @@ def reduction_round(
         if not table:
             raise fairness_mitigation.MitigationError(
                 f"the constraint needs every contributor's group counts of {attribute!r} for the "
-                "model it received; an update came without them"
+                "model it received (in a secure round: their masked sum); an update came without "
+                "them"
             )
         tables.append(table)
     merged = {
@@ -373,21 +377,35 @@ def reduction_round(
         if key in known  # a pair without training rows has no multiplier to move
     }
     theta = {_key_from_text(k): float(v) for k, v in (mitigation.get("theta") or {}).items()}
+    # Older state (before the key): fairlearn's constant step on the last multipliers.
+    schedule = str(mitigation.get("multipliers") or "last")
+    t = int(mitigation.get("rounds") or 0) + 1  # this multiplier update's number
+    eta = float(mitigation["eta"])
+    if schedule == "decaying":  # stochastic approximation: gamma is measured on samples
+        eta = eta / math.sqrt(t)
     stepped = fairness_mitigation.reduction_step(
         theta,
         gamma,
         bound=bound,
-        eta=float(mitigation["eta"]),
+        eta=eta,
         gains=fairness_mitigation.reduction_gains(counts, constraint),
     )
     theta = {**theta, **stepped}
     lambdas = fairness_mitigation.multipliers(theta, bound)
-    weights = fairness_mitigation.reduction_weights(lambdas, counts, constraint)
+    summed = {_key_from_text(k): float(v) for k, v in (mitigation.get("lambda_sum") or {}).items()}
+    for key, value in lambdas.items():
+        summed[key] = summed.get(key, 0.0) + value
+    used = lambdas
+    if schedule == "averaged":  # the mean of every update's multipliers, 1..t
+        used = {key: value / t for key, value in summed.items()}
+    weights = fairness_mitigation.reduction_weights(used, counts, constraint)
     violation = max(gamma.values(), default=0.0)
     return {
         **mitigation,
         "theta": {_key_text(k): v for k, v in sorted(theta.items())},
         "lambdas": {_key_text(k): v for k, v in sorted(lambdas.items())},
+        "lambda_sum": {_key_text(k): v for k, v in sorted(summed.items())},
+        "trained_lambdas": {_key_text(k): v for k, v in sorted(used.items())},
         "gamma": {_key_text(k): v for k, v in sorted(gamma.items())},
         "rounds": int(mitigation.get("rounds") or 0) + 1,
         "max_violation": violation,
@@ -412,9 +430,15 @@ def constraint_round(
         )
     plan = parse_plan(spec)
     assert plan.fairness is not None
-    sent = list(
-        Update.objects.filter(
-            round=round_, silo_id__in=[u["silo_id"] for u in updates]
-        ).values_list("fairness", flat=True)
-    )
+    if plan.secure_aggregation:  # the contributors' tables summed under the masks, only that
+        from federation.models import SecAggAttempt
+
+        merged = SecAggAttempt.objects.filter(round=round_).values_list("counts", flat=True).first()
+        sent = [merged]
+    else:
+        sent = list(
+            Update.objects.filter(
+                round=round_, silo_id__in=[u["silo_id"] for u in updates]
+            ).values_list("fairness", flat=True)
+        )
     return reduction_round(run.mitigation, plan.fairness.sensitive_attribute, sent)

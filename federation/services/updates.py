@@ -113,6 +113,8 @@ def _stats_receive(*, silo_id: int, run_id: int, stats: dict[str, Any], label_co
     )
     if not created:
         raise Refused("duplicate_update", f"statistics for run {run_id} were already received")
+    if counts is not None:  # label counts noised with fairness.dp_epsilon: one table charged
+        fairness_service.counts_charge(run=run, round_number=None, silo=silo, tables=1)
     if epsilon > 0.0:  # the noised numeric statistics: one pure epsilon-DP release of its data
         ledger.ledger_append(
             silo=silo,

@@ -46,7 +46,7 @@ def test_constraint_steps_the_multipliers_each_round_and_lowers_the_disparity(
         s.stats["n_rows"] for s in mitigated.silo_statistics.all()
     )
     # Replay the server's updates from what the rounds stored: the same multipliers and weights.
-    replay = {**state, "theta": {}, "lambdas": {}, "rounds": 0}
+    replay = {**state, "theta": {}, "lambdas": {}, "lambda_sum": {}, "rounds": 0}
     for number in range(1, ROUNDS + 1):
         round_ = Round.objects.get(run=mitigated, number=number, status=Round.Status.COMPLETED)
         sent = [u.fairness for u in round_.updates.order_by("silo_id")]

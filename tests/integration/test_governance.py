@@ -778,6 +778,39 @@ def test_a_mitigation_is_part_of_the_hash_and_of_the_version_diff(g: Governed) -
     ]
 
 
+@pytest.mark.parametrize(
+    ("kind", "extra", "words"),
+    [
+        ("constraint", {}, "secure_aggregation does not cover"),
+        ("reweighing", {}, "secure_aggregation does not cover"),
+        ("fair_aggregation", {"dp_epsilon": 1.0}, "secure aggregation hides"),
+        ("postprocess", {}, "'postprocess' with secure_aggregation is not available yet"),
+        ("constraint", {"dp_epsilon": 1.0}, None),
+        ("reweighing", {"dp_epsilon": 1.0}, None),
+    ],
+)
+def test_a_mitigation_with_secure_aggregation_is_accepted_or_refused_at_proposal_with_the_reason(
+    g: Governed, kind: str, extra: dict[str, Any], words: str | None
+) -> None:
+    schema = {**SCHEMA, "sensitive": ["region"]}
+    fairness = {
+        "sensitive_attribute": "region",
+        "groups": {"region": ["north", "south"]},
+        "mitigation": {"kind": kind},
+        **extra,
+    }
+    for silo in g.silos[:2]:
+        silo.schema = schema
+        silo.save(update_fields=["schema"])
+    if words is None:
+        plan = propose(g, schema=schema, fairness=fairness, secure_aggregation=True)
+        assert plan.current_version.spec["fairness"]["mitigation"]["kind"] == kind
+        return
+    with pytest.raises(ValidationError) as exc:
+        propose(g, schema=schema, fairness=fairness, secure_aggregation=True)
+    assert words in exc.value.message_dict["spec.fairness.mitigation.kind"][0]
+
+
 # --------------------------------------------------------------------------------------------
 # Members
 

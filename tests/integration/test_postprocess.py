@@ -21,6 +21,7 @@ from federation.reports import model_card
 from federation.services.evaluation import evaluation_receive
 from federation.services.updates import Refused
 from federation.storage import blob_store
+from tests.factories import plan_spec
 from tests.integration.test_final_evaluation import (
     SENSITIVE_SCHEMA,
     evaluate_at,
@@ -83,6 +84,44 @@ def test_the_final_models_thresholds_are_chosen_from_the_sites_histograms(
         model_card(ModelVersion.objects.get(run=run, number=1))["deployment"]["thresholds"] is None
     )
     assert AuditEvent.objects.filter(action="mitigation.thresholds", data__chosen=True).exists()
+    onnx_decisions_equal_the_servers(run, files)
+
+
+def onnx_decisions_equal_the_servers(run: Run, files: dict[int, Path]) -> None:
+    """The final model's ONNX export applies its thresholds: on every site's held-out rows its
+    ``decision_probability`` equals the server's rules applied to the model's scores."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from fedcore import onnx_export
+    from federation import selectors
+
+    final = ModelVersion.objects.get(run=run, number=2)
+    rules = fairness_mitigation.ThresholdRules.from_json(run.evaluation["thresholds"])
+    groups = onnx_export.threshold_groups(rules)
+    card = model_card(final)["deployment"]["onnx"]
+    assert card["group_input"]["groups"] == groups
+    assert card["decision_output"]["name"] == "decision_probability"
+    session = onnxruntime.InferenceSession(selectors.model_version_onnx(final))
+    assert [i.name for i in session.get_inputs()] == ["features", "group"]
+    state = tensors.decode_state_dict(blob_store().get(final.blob_key))
+    plan = parse_plan(run.version.spec)
+    for path in files.values():
+        data = LocalData(path)
+        test = data.arrays(data.split(run.version.spec), run.preprocessing).test
+        model = build_model(plan.model, int(test.X.shape[1]), seed=0)
+        model.load_state_dict(state)
+        labels = np.asarray(test.groups["sex"]).astype(str)
+        index = np.array(
+            [groups.index(g) if g in groups else len(groups) for g in labels], dtype=np.int64
+        )
+        logit, decided = session.run(
+            None, {"features": np.asarray(test.X, dtype=np.float32), "group": index}
+        )
+        expected = rules.positive_probability(training.predict_proba(model, test.X), labels)
+        np.testing.assert_array_equal(decided, expected)
+    earlier = onnxruntime.InferenceSession(
+        selectors.model_version_onnx(ModelVersion.objects.get(run=run, number=1))
+    )
+    assert [i.name for i in earlier.get_inputs()] == ["features"]  # no thresholds there
 
 
 def test_bad_or_missing_histograms_are_refused_and_nothing_is_kept(
@@ -107,3 +146,33 @@ def test_bad_or_missing_histograms_are_refused_and_nothing_is_kept(
     orchestrator.run_advance(run.pk)
     run.refresh_from_db()
     assert run.status == Run.Status.COMPLETED and run.evaluation["thresholds"] is not None
+
+
+def test_noised_histograms_choose_thresholds_and_are_charged(tmp_path: Path) -> None:
+    """With fairness.dp_epsilon each site's histograms are noised (discrete Laplace per cell):
+    the server accepts totals other than the held-out rows, chooses thresholds from the noised
+    sums (or states why none) and charges each silo one table of epsilon for them (approval's
+    projection, federation.ledger.plan_fairness_epsilon, includes it)."""
+    from federation import ledger
+    from federation.models import PrivacyLedgerEntry
+
+    noised = {**FAIRNESS, "dp_epsilon": 2.0}
+    assert ledger.plan_fairness_epsilon(plan_spec(schema=SENSITIVE_SCHEMA, fairness=noised)) == (
+        pytest.approx(2.0 * (2 + 1 + 1))  # 2 rounds, the final evaluation, the histograms
+    )
+    run, silos, files = train_to_the_last_round(tmp_path, schema=SENSITIVE_SCHEMA, fairness=noised)
+    for silo in silos:
+        report = evaluate_at(run, silo, files)
+        evaluation_receive(silo_id=silo.pk, fields=report)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED
+    assert run.evaluation["thresholds"] is not None or run.evaluation["thresholds_note"]
+    if run.evaluation["thresholds"] is not None:  # the noised sums, not the exact ones
+        assert run.evaluation["thresholds"]["histograms"] != pooled_histograms(run, files)
+    for silo in silos:
+        histogram_charges = PrivacyLedgerEntry.objects.filter(
+            run=run, silo=silo, mechanism=ledger.PURE, round_number__isnull=True
+        )
+        # the final evaluation's count table and the histograms, epsilon each
+        assert sum(e.epsilon_pure for e in histogram_charges) == pytest.approx(2 * 2.0)

@@ -64,10 +64,15 @@ def online(silos: list[Silo]) -> None:
 
 
 def run_with(
-    tmp_path: Path, kind: str, mitigation: dict[str, Any] | None = None, rounds: int = 4
+    tmp_path: Path,
+    kind: str,
+    mitigation: dict[str, Any] | None = None,
+    rounds: int = 4,
+    dp_epsilon: float | None = None,
 ) -> Run:
     """A whole run of 2 silos and ``rounds`` rounds, the agent's code at every step
-    (``mitigation``: the plan's parameters of the kind beyond ``kind``)."""
+    (``mitigation``: the plan's parameters of the kind beyond ``kind``; ``dp_epsilon``: the
+    plan's fairness.dp_epsilon)."""
     consortium = ConsortiumFactory()
     silos = SiloFactory.create_batch(2, organization__consortium=consortium, schema=SKEWED_SCHEMA)
     fairness: dict[str, Any] = {
@@ -76,6 +81,8 @@ def run_with(
     }
     if kind != "none":
         fairness["mitigation"] = {"kind": kind, **(mitigation or {})}
+    if dp_epsilon is not None:
+        fairness["dp_epsilon"] = dp_epsilon
     training = {**plan_spec()["training"], "rounds": rounds, "local_epochs": 2}
     spec = plan_spec(schema=SKEWED_SCHEMA, fairness=fairness, training=training)
     plan = PlanFactory(consortium=consortium, spec=spec, silos=silos)

@@ -71,6 +71,46 @@ def test_three_rounds_of_multiplier_updates_equal_fedcores_loop(constraint: str)
     assert "NOT met" in constraint_status(state) and "> bound 0.02" in constraint_status(state)
 
 
+@pytest.mark.parametrize("schedule", ["averaged", "decaying"])
+def test_averaged_multipliers_train_with_the_mean_and_decaying_steps_shrink(
+    schedule: str,
+) -> None:
+    """``averaged``: theta steps as fairlearn's, the weights are those of the mean of every
+    round's multipliers; ``decaying``: theta steps with eta / sqrt(t), the last multipliers."""
+    sites = [site_rows(s) for s in range(3)]
+    counts = fm.merge_label_counts([fm.label_counts(y, a) for y, a in sites])
+    state = {**start("demographic_parity", counts), "multipliers": schedule}
+    theta: dict = {}
+    history: list[dict] = []
+    rng = np.random.default_rng(3)
+    gains = fm.reduction_gains(counts, "demographic_parity")
+    for t in range(1, 5):
+        sent = []
+        for y, a in sites:
+            pred = (rng.random(y.size) < np.where(a == "m", 0.7, 0.35)).astype(int)
+            sent.append({"sex": group_counts(y, pred, a)})
+        state = reduction_round(state, "sex", sent)
+        gamma = fm.reduction_gamma(merge_counts([s["sex"] for s in sent]), "demographic_parity")
+        eta = 2.0 / np.sqrt(t) if schedule == "decaying" else 2.0
+        theta = {**theta, **fm.reduction_step(theta, gamma, bound=0.02, eta=eta, gains=gains)}
+        lambdas = fm.multipliers(theta, 0.02)
+        history.append(lambdas)
+        if schedule == "averaged":
+            keys = set().union(*history)
+            used = {k: sum(h.get(k, 0.0) for h in history) / t for k in keys}
+        else:
+            used = lambdas
+        assert state["theta"] == pytest.approx({"|".join(k): v for k, v in theta.items()})
+        got = fm.ExampleWeights.from_json(state["example_weights"]).cells
+        expected = fm.reduction_weights(used, counts, "demographic_parity").cells
+        assert set(got) == set(expected)
+        for group, cells in expected.items():
+            for label, (target, weight) in cells.items():
+                assert got[group][label][0] == target
+                assert got[group][label][1] == pytest.approx(weight, rel=1e-12)
+    assert history[-1] != history[0]  # the multipliers moved, so the schedules differ
+
+
 def test_a_contributor_without_counts_or_a_single_group_is_refused_with_the_reason() -> None:
     y, a = site_rows(0)
     counts = fm.label_counts(y, a)

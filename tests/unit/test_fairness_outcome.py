@@ -60,7 +60,12 @@ def test_every_final_flag_is_in_the_warning() -> None:
         ),
         (
             {"kind": "constraint", "bound": 0.02},
-            {"constraint": "demographic_parity", "bound": 0.02, "eta": 2.0},
+            {
+                "constraint": "demographic_parity",
+                "bound": 0.02,
+                "eta": 2.0,
+                "multipliers": "averaged",
+            },
         ),
     ],
 )
@@ -91,21 +96,24 @@ def test_every_kind_not_applied_is_refused_with_its_reason() -> None:
 
 @pytest.mark.parametrize("kind", ["reweighing", "constraint"])
 @pytest.mark.parametrize(
-    ("extra", "named"),
+    "extra",
     [
-        ({"secure_aggregation": True}, "secure_aggregation"),
-        ({"fairness": {**FAIRNESS, "dp_epsilon": 1.0}}, "fairness.dp_epsilon"),
-        ({"privacy": {"statistics_epsilon": 1.0}}, "privacy.statistics_epsilon"),
+        {"secure_aggregation": True},
+        {"privacy": {"statistics_epsilon": 1.0}},
+        {},
     ],
 )
-def test_weighted_mitigations_with_masked_or_noised_counts_are_refused_for_now(
-    kind: str, extra: dict, named: str
-) -> None:
-    extra = dict(extra)
-    fairness = {**FAIRNESS, **extra.pop("fairness", {}), "mitigation": {"kind": kind}}
-    assert (
-        unavailable_mitigation_error({"fairness": {**FAIRNESS, "mitigation": {"kind": kind}}})
-        is None
-    )
-    error = unavailable_mitigation_error({**extra, "fairness": fairness})
-    assert error.startswith(f"{kind!r} with {named} is not available yet")
+def test_weighted_mitigations_with_noised_label_counts_are_applied(kind: str, extra: dict) -> None:
+    """With fairness.dp_epsilon the label counts are noised and charged, and a secure round's
+    counts are summed under the masks: this server applies both (without dp_epsilon the plan
+    language refuses secure_aggregation and statistics_epsilon, tests/unit/test_plan_language)."""
+    fairness = {**FAIRNESS, "dp_epsilon": 1.0, "mitigation": {"kind": kind}}
+    assert unavailable_mitigation_error({**extra, "fairness": fairness}) is None
+
+
+def test_postprocess_with_secure_aggregation_is_refused_for_now_and_with_dp_applied() -> None:
+    fairness = {**FAIRNESS, "mitigation": {"kind": "postprocess"}}
+    error = unavailable_mitigation_error({"secure_aggregation": True, "fairness": fairness})
+    assert error.startswith("'postprocess' with secure_aggregation is not available yet")
+    noised = {**fairness, "dp_epsilon": 1.0}  # the histograms noised and charged
+    assert unavailable_mitigation_error({"fairness": noised}) is None

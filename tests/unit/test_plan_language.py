@@ -150,12 +150,13 @@ def test_no_mitigation_section_means_none_and_each_kind_parses_with_its_defaults
     constraint = parse_plan(mitigated({"kind": "constraint", "constraint": "equalized_odds"}))
     assert constraint.fairness is not None
     settings = constraint.fairness.mitigation
-    assert (settings.kind, settings.constraint, settings.bound, settings.eta) == (
-        "constraint",
-        "equalized_odds",
-        0.01,
-        2.0,
-    )
+    assert (
+        settings.kind,
+        settings.constraint,
+        settings.bound,
+        settings.eta,
+        settings.multipliers,
+    ) == ("constraint", "equalized_odds", 0.01, 2.0, "averaged")
     assert settings.trains_weighted
     fair = parse_plan(mitigated({"kind": "fair_aggregation", "beta": 0.5}))
     assert fair.fairness is not None and fair.fairness.mitigation.beta == 0.5
@@ -194,6 +195,12 @@ def test_no_mitigation_section_means_none_and_each_kind_parses_with_its_defaults
             {"privacy": {"mode": "client", "noise_multiplier": 1.0}},
             "fairness.mitigation.kind",
             "fairness.dp_epsilon",
+        ),
+        (
+            {"kind": "constraint"},
+            {"secure_aggregation": True},
+            "fairness.mitigation.kind",
+            "secure_aggregation does not cover",
         ),
         (
             {"kind": "fair_aggregation"},
@@ -251,8 +258,26 @@ def test_what_works_with_secure_aggregation_and_dp_is_accepted() -> None:
             "mitigation": {"kind": "constraint"},
         },
     }
-    for kind in ("reweighing", "constraint", "postprocess"):
-        assert plan_errors(mitigated({"kind": kind}, **secure)) == {}
+    assert plan_errors(mitigated({"kind": "postprocess"}, **secure)) == {}
+    for kind in ("reweighing", "constraint"):  # their label counts noised and charged
+        noised = {"sensitive_attribute": "sex", "dp_epsilon": 1.0, "mitigation": {"kind": kind}}
+        assert plan_errors({**mitigated({}, **secure), "fairness": noised}) == {}
+        bounded = {
+            **MITIGATION_SCHEMA,
+            "columns": [
+                {"name": "x1", "type": "numeric", "min": 0, "max": 1},
+                {"name": "sex", "type": "categorical"},
+            ],
+        }
+        statistics = plan_spec(
+            schema=bounded,
+            fairness={**noised, "dp_epsilon": None},
+            privacy={"statistics_epsilon": 1.0},
+        )
+        del statistics["fairness"]["dp_epsilon"]
+        assert "set fairness.dp_epsilon" in plan_errors(statistics)["fairness.mitigation.kind"]
+        statistics["fairness"]["dp_epsilon"] = 1.0
+        assert plan_errors(statistics) == {}
     assert plan_errors({**mitigated({}), **client_dp}) == {}
     sample = {"privacy": {"mode": "sample", "noise_multiplier": 1.0}}
     assert plan_errors(mitigated({"kind": "postprocess"}, **sample)) == {}
