@@ -207,7 +207,7 @@ def _update_receive(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> 
         # What is stored is what was received: its write (two fsyncs) starts now and runs beside
         # the checks below, which read the database (bench/round_split.py, "receipt"). A refused
         # update's blob is deleted: the key is this receipt's alone.
-        writing = BlobWrite.start(_blob_key(run, round_, silo, payload), payload)
+        writing = BlobWrite.start(run, round_, silo, payload)
     try:
         kept, stored = _checked_and_stored(run, round_, silo, fields, payload, method, writing)
     except Refused:
@@ -265,7 +265,7 @@ class _Stored:
     selected: int  # silos the round selected
 
 
-def _blob_key(run: Run, round_: Round, silo: Silo, stored: bytes) -> str:
+def _blob_key(run: Run, round_: Round, silo: Silo, digest: str) -> str:
     """This receipt's own blob key: content-addressed, plus a random part so that two receipts
     of the same bytes (a replay, two ASGI processes during a reconnect) never share a file and a
     refused one can delete its own."""
@@ -274,7 +274,7 @@ def _blob_key(run: Run, round_: Round, silo: Silo, stored: bytes) -> str:
         round_number=round_.number,
         attempt=round_.attempt,
         silo_id=silo.pk,
-        sha256=tensors.sha256_hex(stored),
+        sha256=digest,
         receipt=secrets.token_hex(4),
     )
 
@@ -311,7 +311,7 @@ def _checked_and_stored(
         raise Refused("non_finite", f"tensor {bad!r} holds NaN or Inf values")
     _check_norm_bound(run, state, reference, global_state)
     if writing is None:
-        writing = BlobWrite.start(_blob_key(run, round_, silo, stored), stored, background=False)
+        writing = BlobWrite.start(run, round_, silo, stored, background=False)
     try:
         writing.wait()
     except BlobStoreError as exc:
@@ -321,9 +321,8 @@ def _checked_and_stored(
             "the server could not store the update; it will ask for it again shortly",
             ask_again=(round_.pk, round_.deadline.timestamp()),
         ) from exc
-    digest = tensors.sha256_hex(stored)
     checked = (flat, dp_round, fairness_counts, task_part)
-    return _Stored(writing.key, digest, checked, selected), stored
+    return _Stored(writing.key, writing.digest, checked, selected), stored
 
 
 # Receipts' blob writes, beside their database checks; the receipt waits for its own.
@@ -331,22 +330,35 @@ _BLOB_WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="quorum-blo
 
 
 class BlobWrite:
-    """One update blob being written, in the background or already written in this thread."""
+    """One update blob being written, in the background or already written in this thread;
+    ``digest``: the SHA-256 of its bytes, hashed once."""
 
-    def __init__(self, key: str, future: Future[None] | None, error: BlobStoreError | None):
+    def __init__(
+        self,
+        key: str,
+        digest: str,
+        future: Future[None] | None,
+        error: BlobStoreError | None,
+    ):
         self.key = key
+        self.digest = digest
         self._future = future
         self._error = error
 
     @classmethod
-    def start(cls, key: str, data: bytes, *, background: bool = True) -> BlobWrite:
+    def start(
+        cls, run: Run, round_: Round, silo: Silo, data: bytes, *, background: bool = True
+    ) -> BlobWrite:
+        """Write ``data`` under this receipt's own key (:func:`_blob_key`)."""
+        digest = tensors.sha256_hex(data)
+        key = _blob_key(run, round_, silo, digest)
         if background:
-            return cls(key, _BLOB_WRITERS.submit(blob_store().put, key, data), None)
+            return cls(key, digest, _BLOB_WRITERS.submit(blob_store().put, key, data), None)
         try:
             blob_store().put(key, data)
         except BlobStoreError as exc:
-            return cls(key, None, exc)
-        return cls(key, None, None)
+            return cls(key, digest, None, exc)
+        return cls(key, digest, None, None)
 
     def wait(self) -> None:
         """Return once the blob is durable; raise the store's BlobStoreError if it is not."""
