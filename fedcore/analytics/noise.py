@@ -82,54 +82,73 @@ class AnalysisNoise:
             out["sensitivity"] = list(self.moment_sensitivity())
         return out
 
-    def moment_sensitivity(self) -> tuple[float, float]:
-        """(L1, L2) sensitivity of a site's moment sums [n, sum(x - m), the upper triangle of
-        sum((x - m)(x - m)')] when every value is clipped to its bounds and m is their midpoint:
-        one row added or removed moves n by 1, sum_j by at most h_j = (max_j - min_j) / 2 and
-        cross_jk by at most h_j h_k."""
+    def _moment_deltas(self) -> np.ndarray:
+        """Each moment sum's sensitivity, in the order [n, sum_j, the upper triangle of cross]
+        when every value is clipped to its bounds and centred at their midpoint: one row added
+        or removed moves n by 1, sum_j by at most h_j = (max_j - min_j) / 2 and cross_jk by at
+        most h_j h_k."""
         h = np.array([(high - low) / 2.0 for low, high in self.bounds])
         upper = np.outer(h, h)[np.triu_indices(len(h))]
-        l1 = 1.0 + float(h.sum()) + float(upper.sum())
-        l2 = math.sqrt(1.0 + float((h**2).sum()) + float((upper**2).sum()))
-        return l1, l2
+        return np.concatenate([[1.0], h, upper])
+
+    def moment_sensitivity(self) -> tuple[float, float]:
+        """(L1, L2) sensitivity of a site's moment sums as one vector (what the release
+        states)."""
+        deltas = self._moment_deltas()
+        return float(deltas.sum()), float(np.sqrt((deltas**2).sum()))
+
+    def _moment_scales(self) -> np.ndarray:
+        """Each moment sum's noise: the budget split equally over its k sums, each sum's noise
+        in proportion to its own sensitivity, so that every sum has about the same relative
+        error (one scale L1 / epsilon for all would drown n, whose sensitivity is 1, in the
+        cross products' noise). Laplace: scale k Delta_i / epsilon, the k releases composing to
+        epsilon; Gaussian: sigma sqrt(k) Delta_i times the unit sigma, the same zCDP rho as one
+        release of sensitivity 1 (sum over i of Delta_i^2 / (2 sigma_i^2))."""
+        deltas = self._moment_deltas()
+        k = deltas.size
+        if self.mechanism == "laplace":
+            return deltas * k / self.epsilon
+        return deltas * math.sqrt(k) * float(self.sigma or 0.0)
 
     def add_moments(
         self, sums: Mapping[str, np.ndarray], source: random.Random | None = None
     ) -> dict[str, np.ndarray]:
         """Continuous noise on moment sums (``site_moments`` of clipped values centred at the
-        bounds' midpoints): Laplace of scale L1 / epsilon, or Gaussian of sigma L2 times the
-        unit sigma, on n, every sum and the upper triangle of the cross products (mirrored, so
-        the matrix stays symmetric and each entry is noised once)."""
+        bounds' midpoints), each sum's as :meth:`_moment_scales` says: on n, every sum and the
+        upper triangle of the cross products (mirrored, so the matrix stays symmetric and each
+        entry is noised once)."""
         rng = source if source is not None else random.SystemRandom()
-        l1, l2 = self.moment_sensitivity()
+        scales = iter(self._moment_scales())
         if self.mechanism == "laplace":
-            scale = l1 / self.epsilon
 
             def draw() -> float:
-                return scale * (rng.expovariate(1.0) - rng.expovariate(1.0))
+                return next(scales) * (rng.expovariate(1.0) - rng.expovariate(1.0))
 
         else:
-            sigma = l2 * float(self.sigma or 0.0)
 
             def draw() -> float:
-                return rng.gauss(0.0, sigma)
+                return rng.gauss(0.0, next(scales))
 
         n = float(np.asarray(sums["n"])) + draw()
         total = np.asarray(sums["sum"], dtype=np.float64) + [draw() for _ in self.bounds]
         cross = np.array(sums["cross"], dtype=np.float64)
         p = len(self.bounds)
         for j in range(p):
-            for k in range(j, p):
+            for k in range(j, p):  # the order of np.triu_indices, as in _moment_deltas
                 cross[j, k] += draw()
                 cross[k, j] = cross[j, k]
         return {**sums, "n": np.float64(n), "sum": total, "cross": cross}
 
-    def moment_std(self) -> float:
-        """The standard deviation of one site's noise on each moment sum."""
-        l1, l2 = self.moment_sensitivity()
-        if self.mechanism == "laplace":
-            return math.sqrt(2.0) * l1 / self.epsilon
-        return l2 * float(self.sigma or 0.0)
+    def moment_stds(self) -> dict[str, Any]:
+        """The standard deviation of one site's noise on n, on each sum and on each cross
+        product."""
+        scales = self._moment_scales()
+        std = scales * math.sqrt(2.0) if self.mechanism == "laplace" else scales
+        p = len(self.bounds)
+        cross = np.zeros((p, p))
+        cross[np.triu_indices(p)] = std[1 + p :]
+        cross = np.triu(cross) + np.triu(cross, 1).T
+        return {"n": float(std[0]), "sum": std[1 : 1 + p].tolist(), "cross": cross.tolist()}
 
     def add(self, counts: np.ndarray, source: random.Random | None = None) -> np.ndarray:
         """``counts`` plus independent noise on every cell (integers, possibly negative: the

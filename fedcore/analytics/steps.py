@@ -628,15 +628,19 @@ def _noised_moments_result(
         mean=np.clip(np.asarray(out["mean"], dtype=np.float64), low, high).tolist(),
         noise={
             **noise.describe(),
-            "sum_std": noise.moment_std() * sites**0.5,
+            **{
+                f"{what}_std": (np.asarray(std) * sites**0.5).tolist()
+                for what, std in noise.moment_stds().items()
+            },
             "note": (
                 f"every site clipped each column to its schema bounds and added independent "
                 f"{noise.mechanism} noise to its count, sums and cross products (epsilon "
                 f"{noise.epsilon:g} per site"
                 + (f", delta {noise.delta:g}" if noise.delta is not None else "")
-                + f"); each released sum carries {sites} sites' noise (standard deviation "
-                "sum_std); the count is rounded, variances clamped at 0, correlations to "
-                "[-1, 1], means to the bounds"
+                + ", split equally over them, each noised in proportion to its sensitivity"
+                + f"); each released figure carries {sites} sites' noise (standard deviations "
+                "n_std, sum_std per column, cross_std); the count is rounded, variances "
+                "clamped at 0, correlations to [-1, 1], means to the bounds"
             ),
         },
         sites=sites,

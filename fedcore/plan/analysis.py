@@ -29,7 +29,14 @@ from fedcore.analytics.noise import AnalysisNoise, parse_noise
 from fedcore.analytics.regression import INTERCEPT
 from fedcore.plan.evaluation_plan import evaluation_plan_errors, is_evaluation_plan
 from fedcore.plan.keys import Key, check_section, defaults, names
-from fedcore.plan.spec import PlanError, errors_of, parse_schema, training_plan_errors
+from fedcore.plan.spec import (
+    WAIT_FOR_SILOS,
+    PlanError,
+    errors_of,
+    parse_schema,
+    training_plan_errors,
+    wait_for_silos_seconds,
+)
 from fedcore.tabular import DatasetSchema
 
 ANALYSIS_KIND = "analysis"
@@ -77,16 +84,7 @@ ANALYSIS_TOP_KEYS: tuple[Key, ...] = (
         minimum=0,
         exclusive_min=True,
     ),
-    Key(
-        "wait_for_silos_seconds",
-        "number",
-        "seconds a run waits for min_silos connected agents; null: "
-        "max(round_deadline_seconds, 120)",
-        default=None,
-        minimum=0,
-        exclusive_min=True,
-        nullable=True,
-    ),
+    WAIT_FOR_SILOS,
     Key(
         "privacy",
         "object",
@@ -219,13 +217,12 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         raise PlanError(errors)
     assert schema is not None and analysis is not None
     deadline = float(top["round_deadline_seconds"])
-    wait = top["wait_for_silos_seconds"]
     return AnalysisPlan(
         schema=schema,
         analysis=analysis,
         min_silos=int(top["min_silos"]),
         round_deadline_seconds=deadline,
-        wait_for_silos_seconds=float(wait) if wait is not None else max(deadline, 120.0),
+        wait_for_silos_seconds=wait_for_silos_seconds(top, deadline),
         privacy=noise,
     )
 

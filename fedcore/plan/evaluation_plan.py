@@ -24,6 +24,7 @@ from typing import Any
 
 from fedcore.plan.keys import Key, check_section, defaults, names
 from fedcore.plan.spec import (
+    WAIT_FOR_SILOS,
     Evaluation,
     Fairness,
     Objective,
@@ -34,6 +35,7 @@ from fedcore.plan.spec import (
     _model,
     errors_of,
     parse_schema,
+    wait_for_silos_seconds,
 )
 from fedcore.tabular import DatasetSchema
 
@@ -88,16 +90,7 @@ EVALUATION_PLAN_TOP_KEYS: tuple[Key, ...] = (
         minimum=0,
         exclusive_min=True,
     ),
-    Key(
-        "wait_for_silos_seconds",
-        "number",
-        "seconds a run waits for min_silos connected agents; null: "
-        "max(round_deadline_seconds, 120)",
-        default=None,
-        minimum=0,
-        exclusive_min=True,
-        nullable=True,
-    ),
+    WAIT_FOR_SILOS,
 )
 EVALUATION_PLAN_ALLOWED_KEYS: tuple[str, ...] = names(EVALUATION_PLAN_TOP_KEYS)
 _SECTIONS = ("schema", "model", "model_version", "evaluation", "fairness")
@@ -210,7 +203,6 @@ def parse_evaluation_plan(spec: Any) -> EvaluationPlan:
     assert model is not None and schema is not None and ref is not None
     assert evaluation is not None
     deadline = float(top["round_deadline_seconds"])
-    wait = top["wait_for_silos_seconds"]
     return EvaluationPlan(
         model=model,
         schema=schema,
@@ -223,7 +215,7 @@ def parse_evaluation_plan(spec: Any) -> EvaluationPlan:
             min_silos=int(top["min_silos"]),
             round_deadline_seconds=deadline,
             round_retries=0,
-            wait_for_silos_seconds=float(wait) if wait is not None else max(deadline, 120.0),
+            wait_for_silos_seconds=wait_for_silos_seconds(top, deadline),
             seed=0,
         ),
     )

@@ -63,6 +63,25 @@ def _sentence(path: str, message: str) -> str:
 
 # --- the keys ------------------------------------------------------------------------------------
 
+# Every plan kind's wait for its sites (training, analysis, evaluation): one key, one default.
+WAIT_FOR_SILOS = Key(
+    "wait_for_silos_seconds",
+    "number",
+    "seconds a run waits for min_silos connected agents; null: max(round_deadline_seconds, 120)",
+    default=None,
+    minimum=0,
+    exclusive_min=True,
+    nullable=True,
+)
+
+
+def wait_for_silos_seconds(top: Mapping[str, Any], deadline: float) -> float:
+    """A parsed plan's wait for its sites: its ``wait_for_silos_seconds``, or by default
+    max(its deadline, 120 s)."""
+    wait = top.get("wait_for_silos_seconds")
+    return float(wait) if wait is not None else max(deadline, 120.0)
+
+
 TOP_KEYS: tuple[Key, ...] = (
     Key(
         "name",
@@ -118,16 +137,7 @@ TOP_KEYS: tuple[Key, ...] = (
         default=2,
         minimum=0,
     ),
-    Key(
-        "wait_for_silos_seconds",
-        "number",
-        "seconds a run waits for min_silos connected agents; null: "
-        "max(round_deadline_seconds, 120)",
-        default=None,
-        minimum=0,
-        exclusive_min=True,
-        nullable=True,
-    ),
+    WAIT_FOR_SILOS,
     Key(
         "seed", "integer", "seed of model initialisation and local shuffling", default=0, minimum=0
     ),
@@ -761,13 +771,12 @@ def run_settings(spec: Mapping[str, Any]) -> RunSettings:
     """The orchestration settings of a validated plan spec, defaults filled in."""
     top = {**defaults(TOP_KEYS), **spec}
     deadline = float(top["round_deadline_seconds"])
-    wait = top["wait_for_silos_seconds"]
     return RunSettings(
         rounds=int((spec.get("training") or {}).get("rounds", 1)),
         min_silos=int(top["min_silos"]),
         round_deadline_seconds=deadline,
         round_retries=int(top["round_retries"]),
-        wait_for_silos_seconds=float(wait) if wait is not None else max(deadline, 120.0),
+        wait_for_silos_seconds=wait_for_silos_seconds(top, deadline),
         seed=int(top["seed"]),
     )
 

@@ -222,8 +222,17 @@ def test_moment_noise_is_calibrated_to_the_schema_bounds():
     assert noise.moment_sensitivity()[0] == pytest.approx(2861.0)
     zero = {"n": np.float64(0), "sum": np.zeros(2), "cross": np.zeros((2, 2))}
     rng = random.Random(5)
-    draws = np.array([noise.add_moments(zero, rng)["sum"] for _ in range(4000)])
-    assert draws.std(axis=0) == pytest.approx([noise.moment_std()] * 2, rel=0.05)
+    noised = [noise.add_moments(zero, rng) for _ in range(4000)]
+    stds = noise.moment_stds()
+    # the budget split over the 6 sums, each noised in proportion to its sensitivity
+    assert stds["n"] == pytest.approx(2**0.5 * 6 / LAPLACE["epsilon"])
+    assert stds["sum"] == pytest.approx([40 * stds["n"], 20 * stds["n"]])
+    expected = np.array([[1600, 800], [800, 400]]) * stds["n"]
+    assert np.array(stds["cross"]) == pytest.approx(expected)
+    assert np.std([d["n"] for d in noised]) == pytest.approx(stds["n"], rel=0.05)
+    assert np.array([d["sum"] for d in noised]).std(axis=0) == pytest.approx(stds["sum"], rel=0.05)
+    crossed = np.array([d["cross"] for d in noised]).std(axis=0)
+    assert crossed == pytest.approx(np.array(stds["cross"]), rel=0.05)
     crosses = [noise.add_moments(zero, rng)["cross"] for _ in range(10)]
     assert all(np.array_equal(c, c.T) for c in crosses)  # symmetric: one noise per entry
 
@@ -250,8 +259,11 @@ def test_noised_moments_are_near_the_clipped_ones_and_state_the_noise():
     merged = {"summary": merge_step(plan.analysis, "summary", answers)}
     result = release(plan.analysis, merged, answers, noise=plan.privacy)
     pooled = pd.concat(frames)[["age", "time"]].clip(lower=[20, 0], upper=[100, 40], axis=1)
-    tolerance = 5 * result["noise"]["sum_std"] / len(pooled)
-    assert result["mean"] == pytest.approx(pooled.mean().tolist(), abs=tolerance)
-    assert abs(result["n"] - len(pooled)) < 5 * result["noise"]["sum_std"]
+    stated = result["noise"]
+    assert stated["n_std"] == pytest.approx(plan.privacy.moment_stds()["n"] * 3**0.5)
+    for j, column in enumerate(["age", "time"]):
+        tolerance = 5 * stated["sum_std"][j] / len(pooled) + 5 * stated["n_std"] / len(pooled)
+        assert result["mean"][j] == pytest.approx(pooled[column].mean(), abs=tolerance)
+    assert abs(result["n"] - len(pooled)) < 5 * stated["n_std"]
     assert "clipped each column to its schema bounds" in result["noise"]["note"]
     assert all(-1 <= c <= 1 for row in result["correlation"] for c in row if c is not None)
