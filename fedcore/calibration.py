@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fedcore.evaluation import binary_scores
+
 CALIBRATION_BINS = 10
 CALIBRATION_GRID = "uniform[0,1]"
 _MAX_COUNT = 1 << 53
@@ -83,12 +85,7 @@ def site_calibration(
     Raises:
         ValueError: lengths differ, a label is not 0/1, a probability is outside [0, 1].
     """
-    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
-    p = np.asarray(probs, dtype=np.float64).reshape(-1)
-    if y.shape != p.shape:
-        raise ValueError(f"y_true has {y.size} values but probs has {p.size}")
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError("y_true must hold binary labels 0/1")
+    y, p = binary_scores(y_true, probs)
     index = calibration_bins(p, bins)
     return CalibrationSums(
         count=tuple(int(v) for v in np.bincount(index, minlength=bins)),

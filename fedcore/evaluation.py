@@ -126,11 +126,11 @@ def score_bins(probs: ArrayLike, bins: int = SCORE_BINS) -> np.ndarray:
     return np.where((p < 0.5) & (index >= half), half - 1, index)
 
 
-def site_histogram(y_true: ArrayLike, probs: ArrayLike, bins: int = SCORE_BINS) -> ScoreHistogram:
-    """One site's histogram of its held-out rows (labels 0/1, predicted probabilities).
+def binary_scores(y_true: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluated rows' labels and predicted probabilities as flat float arrays, checked.
 
     Raises:
-        ValueError: lengths differ, a label is not 0/1, a probability is outside [0, 1].
+        ValueError: lengths differ, or a label is not 0/1.
     """
     y = np.asarray(y_true, dtype=np.float64).reshape(-1)
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
@@ -138,6 +138,16 @@ def site_histogram(y_true: ArrayLike, probs: ArrayLike, bins: int = SCORE_BINS) 
         raise ValueError(f"y_true has {y.size} values but probs has {p.size}")
     if not np.isin(y, (0.0, 1.0)).all():
         raise ValueError("y_true must hold binary labels 0/1")
+    return y, p
+
+
+def site_histogram(y_true: ArrayLike, probs: ArrayLike, bins: int = SCORE_BINS) -> ScoreHistogram:
+    """One site's histogram of its held-out rows (labels 0/1, predicted probabilities).
+
+    Raises:
+        ValueError: lengths differ, a label is not 0/1, a probability is outside [0, 1].
+    """
+    y, p = binary_scores(y_true, probs)
     index = score_bins(p, bins)
     positives = np.bincount(index[y == 1.0], minlength=bins)
     negatives = np.bincount(index[y == 0.0], minlength=bins)
