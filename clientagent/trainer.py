@@ -87,6 +87,7 @@ from fedcore.plan import (
     Plan,
     Privacy,
     Training,
+    final_counts_in_clear,
     is_evaluation_plan,
     parse_evaluation_plan,
     parse_plan,
@@ -1045,7 +1046,7 @@ def handle_evaluate(
     }
     if parsed.task == "binary":  # the calibration curve's sums (fedcore.calibration)
         reply["calibration"] = calibration.site_calibration(test.y, probs).to_wire()
-    if parsed.fairness is not None and plan.get("secure_aggregation") is not True:
+    if parsed.fairness is not None and final_counts_in_clear(plan):
         counts = fairness_counts(
             model, test, split.schema, fields["preprocessing"], parsed.fairness, source=noise_source
         )

@@ -197,37 +197,8 @@ def unavailable_mitigation_error(spec: Any) -> str | None:
     if not isinstance(kind, str) or kind == "none":
         return None
     if kind in MITIGATION_WIRED:
-        privacy = spec.get("privacy")
-        noised = [
-            key
-            for key, value in (
-                ("secure_aggregation", spec.get("secure_aggregation") is True),
-                ("fairness.dp_epsilon", fairness.get("dp_epsilon") is not None),
-                (
-                    "privacy.statistics_epsilon",
-                    isinstance(privacy, Mapping) and privacy.get("statistics_epsilon") is not None,
-                ),
-            )
-            if value
-        ]
-        if kind in ("fair_aggregation", "reweighing", "constraint"):
-            # fair_aggregation: the reports' own counts; reweighing and constraint: label
-            # counts noised with dp_epsilon, round counts masked (the plan language refuses
-            # secure_aggregation or statistics_epsilon without dp_epsilon, with the reason)
-            noised = []
-        if kind == "postprocess":  # the histograms: with the evaluation, noised with dp_epsilon
-            noised = [
-                key
-                for key in noised
-                if key not in ("privacy.statistics_epsilon", "fairness.dp_epsilon")
-            ]
-        if noised:  # the counts/histograms travel exact and in clear in this version
-            return (
-                f"{kind!r} with {' and '.join(noised)} is not available yet in this server "
-                "version: its per-group counts are sent exact and in clear, neither masked nor "
-                f"noised; remove {' and '.join(noised)} or set "
-                "fairness.mitigation.kind to 'none'"
-            )
+        # What each kind needs from secure aggregation and noise is the plan language's
+        # (fedcore.plan.spec, _mitigation_errors): refused there, with the reason, or applied.
         return None
     available = ", ".join(sorted(MITIGATION_WIRED)) or "none yet"
     return (

@@ -1199,6 +1199,13 @@ def _mitigation_errors(
             f"'fair_aggregation' reweighs a weighted mean; strategy {aggregation.strategy!r} is "
             f"not one; use one of: {', '.join(MEAN_STRATEGIES)}"
         )
+    elif kind == "postprocess" and secure and fairness.dp_epsilon is None:
+        errors[where] = (
+            "'postprocess' chooses its thresholds from each site's per-group score histograms "
+            "of the final model, which travel with the final evaluation, outside the masked "
+            "vector of the rounds (secure aggregation masks the rounds only); set "
+            "fairness.dp_epsilon so that they are released noised and charged to the ledger"
+        )
     elif (
         kind == "postprocess"
         and evaluation is not None
@@ -1323,6 +1330,22 @@ def _task_errors(
 
 
 THRESHOLD_KEYS = ("max_demographic_parity_difference", "max_equalized_odds_difference")
+
+
+def final_counts_in_clear(spec: Mapping[str, Any]) -> bool:
+    """Whether a site sends its final evaluation's group counts (and a ``postprocess`` plan's
+    score histograms) with its evaluation message, outside any mask.
+
+    The final evaluation has no masked vector: under secure aggregation a site sends them only
+    noised (``fairness.dp_epsilon``: pure epsilon-DP per table, charged to its ledger), as the
+    label counts of ``reweighing`` travel; without noise the final model gets no fairness report
+    (and the plan language refuses ``postprocess``). The site's agent and the server both ask
+    this, so neither sends nor accepts what the other would not.
+    """
+    fairness = spec.get("fairness")
+    if not isinstance(fairness, Mapping):
+        return False
+    return spec.get("secure_aggregation") is not True or fairness.get("dp_epsilon") is not None
 
 
 def errors_of(parse: Callable[[Any], object], spec: Any) -> dict[str, str]:

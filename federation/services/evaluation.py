@@ -31,7 +31,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from fedcore import calibration, evaluation, tabular, task_fairness, task_metrics
-from fedcore.plan import RunSettings
+from fedcore.plan import RunSettings, final_counts_in_clear
 from federation import dispatch
 from federation.models import ModelVersion, Run, Silo, SiloEvaluation
 from federation.selectors import run_refused_silo_ids
@@ -265,11 +265,11 @@ def _checked_counts(run: Run, fields: Mapping[str, Any], n: int) -> dict[str, An
     raw = fields.get("fairness")
     if raw is None:
         return None
-    if run.version.spec.get("secure_aggregation") is True:
+    if not final_counts_in_clear(run.version.spec):
         raise Refused(
             "invalid_update",
-            "this plan uses secure aggregation: its group counts only travel masked, never in "
-            "an evaluation message",
+            "this plan uses secure aggregation without fairness.dp_epsilon: its group counts "
+            "only travel masked, never in an evaluation message",
         )
     try:
         return fairness_service.check_update_counts(
@@ -428,8 +428,9 @@ def _final_fairness(
     counts = {r.silo.name: r.report["fairness"] for r in done if r.report.get("fairness")}
     if not counts:
         why = (
-            "the plan uses secure aggregation, whose group counts only travel masked"
-            if run.version.spec.get("secure_aggregation") is True
+            "the plan uses secure aggregation without fairness.dp_epsilon: its group counts "
+            "only travel masked, and the final evaluation has no masked vector"
+            if not final_counts_in_clear(run.version.spec)
             else "no silo sent group counts with its evaluation"
         )
         return None, f"the final model v{version} has no fairness report: {why}"

@@ -8,7 +8,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
-from fedcore.plan import plan_hash, run_settings
+from fedcore.plan import plan_errors, plan_hash, run_settings
 from federation import dispatch, governance, permissions
 from federation.fairness_outcome import unavailable_mitigation_error
 from federation.models import Run, TrainingPlan
@@ -41,8 +41,17 @@ def run_start(*, actor: Any, plan: TrainingPlan) -> Run:
         raise Conflict(
             f"plan '{plan.name}' v{version.number}: its content no longer matches its hash"
         )
+    # Approved under another server version's rules: refused here as at proposal, never run
+    # to have every site refuse it or, for a mitigation, run as if unmitigated.
+    refused = plan_errors(version.spec)
+    if refused:
+        problems = "; ".join(f"spec.{key}: {message}" for key, message in refused.items())
+        raise Conflict(
+            f"plan '{plan.name}' v{version.number} is refused by this server version's plan "
+            f"language: {problems}; propose a new version"
+        )
     unavailable = unavailable_mitigation_error(version.spec)
-    if unavailable:  # approved before this server refused it at proposal: never a silent no-op
+    if unavailable:
         raise Conflict(
             f"plan '{plan.name}' v{version.number}: fairness.mitigation.kind {unavailable}"
         )

@@ -148,9 +148,13 @@ def test_a_site_killed_after_sharing_its_keys_drops_out_and_the_round_completes(
 
 
 def test_the_demo_runs_with_secure_aggregation(tmp_path: Path) -> None:
+    """The healthcare demo with secure rounds and postprocess thresholds: the rounds' updates
+    only travel masked; the final evaluation's group counts and score histograms travel noised
+    (fairness.dp_epsilon), so the final model gets its fairness report and its thresholds."""
     env = {**os.environ, "QUORUM_HOME": str(tmp_path)}
     env.pop("DATABASE_URL", None)
     args = ["--rounds", "2", "--sites", "3", "--max-rows", "400", "--secagg", "--json"]
+    args += ["--fairness-mitigation", "postprocess", "--fairness-epsilon", "2"]
     proc = subprocess.run(
         [sys.executable, "manage.py", "demo", "--no-serve", *args],
         cwd=ROOT,
@@ -163,6 +167,11 @@ def test_the_demo_runs_with_secure_aggregation(tmp_path: Path) -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["secure_aggregation"] is True and len(result["round_seconds"]) == 2
     assert 0.5 <= result["federated"]["auc"] <= 1.0
+    fairness = result["fairness"]
+    assert fairness["decisions"] == "the final model's group thresholds (postprocess)"
+    assert fairness["demographic_parity_difference"] <= fairness["limit"]
+    # the final model's own report, from the sites' noised counts (none without dp_epsilon)
+    assert fairness["unthresholded"]["demographic_parity_difference"] is not None
     sites = tmp_path / "demo" / "healthcare" / "sites"
     for log in sites.glob("*/agent.log"):
         assert log.read_text().count("sent the masked update") == 2

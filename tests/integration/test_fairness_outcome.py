@@ -194,7 +194,9 @@ def test_the_model_card_states_the_mitigation_and_its_parameters(world: World) -
     assert mitigation["applied"] is True and mitigation["computed"] is None
 
 
-def test_a_mitigation_this_server_cannot_apply_cannot_start_a_run(world: World) -> None:
+def test_a_plan_this_servers_plan_language_refuses_cannot_start_a_run(world: World) -> None:
+    """Approved elsewhere (another server version) but refused by this plan language: the run
+    is refused at start with the plan language's reason, never run for the sites to refuse."""
     kind = "postprocess"
     spec = plan_spec(
         schema=SCHEMA_SEX,
@@ -202,6 +204,6 @@ def test_a_mitigation_this_server_cannot_apply_cannot_start_a_run(world: World) 
         secure_aggregation=True,
     )
     plan = PlanFactory(consortium=world.gov.consortium, spec=spec, silos=world.gov.silos[:2])
-    with pytest.raises(Conflict, match=f"'{kind}' with secure_aggregation is not available yet"):
+    with pytest.raises(Conflict, match="refused by this server version's plan language: spec"):
         run_start(actor=world.gov.admin, plan=plan)
     assert not Run.objects.filter(plan=plan).exists()

@@ -261,5 +261,5 @@ def test_a_secure_plans_counts_never_travel_in_an_evaluation(tmp_path: Path) -> 
     report = evaluate_at(run, silos[0], files)
     spec = {**run.version.spec, "secure_aggregation": True}
     type(run.version).objects.filter(pk=run.version.pk).update(spec=spec)
-    with pytest.raises(Refused, match="secure aggregation: its group counts only travel masked"):
+    with pytest.raises(Refused, match="without fairness.dp_epsilon: its group counts only travel"):
         evaluation_receive(silo_id=silos[0].pk, fields=report)

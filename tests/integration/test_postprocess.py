@@ -176,3 +176,48 @@ def test_noised_histograms_choose_thresholds_and_are_charged(tmp_path: Path) -> 
         )
         # the final evaluation's count table and the histograms, epsilon each
         assert sum(e.epsilon_pure for e in histogram_charges) == pytest.approx(2 * 2.0)
+
+
+def test_a_secure_plan_sends_its_final_counts_and_histograms_noised_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    """Secure aggregation masks the rounds; the final evaluation has no masked vector. With
+    fairness.dp_epsilon each site's agent sends its final counts and score histograms noised
+    (fedcore.plan.final_counts_in_clear): the server chooses the thresholds and gives the final
+    model its fairness report from them, and charges both tables. The same reports for a secure
+    plan without noise (one approved before the plan language refused it) are refused."""
+    from federation import ledger
+    from federation.models import PrivacyLedgerEntry
+
+    noised = {**FAIRNESS, "dp_epsilon": 2.0}
+    run, silos, files = train_to_the_last_round(tmp_path, schema=SENSITIVE_SCHEMA, fairness=noised)
+    # The rounds above ran in clear (the harness's updates); the evaluation path reads the spec.
+    spec = {**run.version.spec, "secure_aggregation": True}
+    type(run.version).objects.filter(pk=run.version.pk).update(spec=spec)
+    run.refresh_from_db()
+    reports = {silo.pk: evaluate_at(run, silo, files) for silo in silos}
+    assert all(r["fairness"] and r["score_histograms"] for r in reports.values())
+
+    exact = {**spec, "fairness": FAIRNESS}  # a secure plan without noise
+    type(run.version).objects.filter(pk=run.version.pk).update(spec=exact)
+    with pytest.raises(Refused, match="without fairness.dp_epsilon: its group counts only"):
+        evaluation_receive(silo_id=silos[0].pk, fields=reports[silos[0].pk])
+    without_counts = {k: v for k, v in reports[silos[0].pk].items() if k != "fairness"}
+    # the plan language's own reason (plan_kind parses the plan)
+    with pytest.raises(Refused, match="outside the masked vector of the rounds"):
+        evaluation_receive(silo_id=silos[0].pk, fields=without_counts)
+    assert SiloEvaluation.objects.filter(run=run, report__isnull=False).count() == 0
+
+    type(run.version).objects.filter(pk=run.version.pk).update(spec=spec)
+    for silo in silos:
+        evaluation_receive(silo_id=silo.pk, fields=reports[silo.pk])
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED
+    assert run.evaluation["fairness"] is not None, run.evaluation["fairness_note"]
+    assert run.evaluation["thresholds"] is not None or run.evaluation["thresholds_note"]
+    for silo in silos:
+        charges = PrivacyLedgerEntry.objects.filter(
+            run=run, silo=silo, mechanism=ledger.PURE, round_number__isnull=True
+        )
+        assert sum(e.epsilon_pure for e in charges) == pytest.approx(2 * 2.0)

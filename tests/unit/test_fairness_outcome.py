@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedcore.plan import MITIGATION_KINDS
+from fedcore.plan import MITIGATION_KINDS, final_counts_in_clear, plan_errors
 from federation.fairness_outcome import (
     MITIGATION_WIRED,
     final_fairness_warning,
@@ -111,9 +111,17 @@ def test_weighted_mitigations_with_noised_label_counts_are_applied(kind: str, ex
     assert unavailable_mitigation_error({**extra, "fairness": fairness}) is None
 
 
-def test_postprocess_with_secure_aggregation_is_refused_for_now_and_with_dp_applied() -> None:
+def test_postprocess_with_secure_aggregation_needs_noise_and_is_applied_with_it() -> None:
+    """The rule is the plan language's (one place): the server applies every wired kind."""
     fairness = {**FAIRNESS, "mitigation": {"kind": "postprocess"}}
-    error = unavailable_mitigation_error({"secure_aggregation": True, "fairness": fairness})
-    assert error.startswith("'postprocess' with secure_aggregation is not available yet")
-    noised = {**fairness, "dp_epsilon": 1.0}  # the histograms noised and charged
-    assert unavailable_mitigation_error({"fairness": noised}) is None
+    secure = plan_spec(schema=SPEC_SCHEMA, fairness=fairness, secure_aggregation=True)
+    assert "outside the masked vector" in plan_errors(secure)["fairness.mitigation.kind"]
+    assert unavailable_mitigation_error(secure) is None
+    noised = plan_spec(
+        schema=SPEC_SCHEMA, fairness={**fairness, "dp_epsilon": 1.0}, secure_aggregation=True
+    )
+    assert plan_errors(noised) == {}
+    assert unavailable_mitigation_error(noised) is None
+    assert final_counts_in_clear(noised) and not final_counts_in_clear(secure)
+    assert final_counts_in_clear(plan_spec(schema=SPEC_SCHEMA, fairness=fairness))
+    assert not final_counts_in_clear(plan_spec())  # no fairness section: no counts at all

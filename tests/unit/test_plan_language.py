@@ -226,6 +226,12 @@ def test_no_mitigation_section_means_none_and_each_kind_parses_with_its_defaults
             "fairness.mitigation.kind",
             "held-out rows",
         ),
+        (
+            {"kind": "postprocess"},
+            {"secure_aggregation": True},
+            "fairness.mitigation.kind",
+            "outside the masked vector of the rounds",
+        ),
     ],
 )
 def test_mitigations_a_site_could_not_run_are_refused_with_the_reason(
@@ -258,7 +264,13 @@ def test_what_works_with_secure_aggregation_and_dp_is_accepted() -> None:
             "mitigation": {"kind": "constraint"},
         },
     }
-    assert plan_errors(mitigated({"kind": "postprocess"}, **secure)) == {}
+    # postprocess's histograms of the final evaluation: noised, charged, outside the masks
+    noised = {
+        "sensitive_attribute": "sex",
+        "dp_epsilon": 1.0,
+        "mitigation": {"kind": "postprocess"},
+    }
+    assert plan_errors({**mitigated({}, **secure), "fairness": noised}) == {}
     for kind in ("reweighing", "constraint"):  # their label counts noised and charged
         noised = {"sensitive_attribute": "sex", "dp_epsilon": 1.0, "mitigation": {"kind": kind}}
         assert plan_errors({**mitigated({}, **secure), "fairness": noised}) == {}

@@ -115,6 +115,16 @@ class Command(BaseCommand):
             ),
         )
         parser.add_argument(
+            "--fairness-epsilon",
+            type=float,
+            default=None,
+            help=(
+                "the plan's fairness.dp_epsilon: every group count table and score histogram a "
+                "site releases is noised (discrete Laplace) and charged to its ledger; needed "
+                "with --secagg for reweighing, constraint and postprocess"
+            ),
+        )
+        parser.add_argument(
             "--strategy",
             default=None,
             help="aggregation strategy (fedavg, fedprox, fedadam, median, trimmed_mean, krum, ...)",
@@ -646,6 +656,10 @@ def _prepare_scenario(opts: dict[str, Any]) -> Scenario:
     scenario.plan["min_silos"] = min(scenario.plan.get("min_silos", 2), len(scenario.sites))
     if opts.get("fairness_mitigation", "none") != "none":
         scenario.plan["fairness"]["mitigation"] = {"kind": opts["fairness_mitigation"]}
+    if opts.get("fairness_epsilon") is not None:
+        if not opts["fairness_epsilon"] > 0:
+            raise CommandError("--fairness-epsilon must be a number > 0")
+        scenario.plan["fairness"]["dp_epsilon"] = opts["fairness_epsilon"]
     if opts["strategy"]:
         scenario.plan["aggregation"] = {"strategy": opts["strategy"]}
     if opts["secagg"]:
@@ -782,15 +796,19 @@ def _create_consortium(
             silo = silo_set_budget(actor=admin, silo=silo, epsilon=budget, delta=1e-5)
         silos.append(silo)
     scientist = get_user_model().objects.get(username="scientist")
-    plan = plan_propose(
-        actor=scientist,
-        consortium=consortium,
-        name=scenario.plan.get("name") or f"{scenario.title} model",
-        description=scenario.notes,
-        spec=scenario.plan,
-        silos=silos,
-        submit=True,
-    )
+    try:
+        plan = plan_propose(
+            actor=scientist,
+            consortium=consortium,
+            name=scenario.plan.get("name") or f"{scenario.title} model",
+            description=scenario.notes,
+            spec=scenario.plan,
+            silos=silos,
+            submit=True,
+        )
+    except ValidationError as exc:  # the options make a plan the plan language refuses
+        problems = "; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())
+        raise CommandError(f"the demo's plan was refused at proposal: {problems}") from None
     _approve_as_stewards(plan, steward_keys)
     plan.refresh_from_db()
     if plan.status != TrainingPlan.Status.APPROVED:
