@@ -1108,6 +1108,16 @@ def silo_list(user: Any) -> QuerySet[Silo]:
     )
 
 
+def uploaded_models(user: Any, consortium: Any) -> QuerySet[Any]:
+    """Models uploaded to a consortium of the user's, newest first."""
+    return (
+        permissions.uploaded_models_visible_to(user)
+        .filter(consortium=consortium)
+        .select_related("uploaded_by")
+        .order_by("-created_at", "-pk")
+    )
+
+
 def plan_list(user: Any) -> QuerySet[TrainingPlan]:
     """Plans of the user's consortia, newest first."""
     return (
