@@ -568,6 +568,7 @@ def compliance_report(run: Run) -> dict[str, Any]:
         "fairness": _fairness(run),
         "task_metrics": task_metrics_report(run),
         "analysis": _analysis_record(run),
+        "evaluated": selectors.evaluation_plan_of(run),
         "events": selectors.run_audit_events(run),
         "head": audit_head(),
         "verification": verification,
@@ -612,6 +613,8 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         "privacy": report["privacy"],
         "fairness": report["fairness"],
         "final_evaluation": final_evaluation(run),
+        # An evaluation plan's run: what it evaluates (a run's version or an uploaded model).
+        "evaluated": report["evaluated"],
         "task_metrics": report["task_metrics"],
         "analysis": _analysis_json(report["analysis"]),
         "audit_events": [

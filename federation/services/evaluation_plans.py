@@ -39,9 +39,9 @@ from fedcore.plan.evaluation_plan import EvaluationPlan, parse_evaluation_plan
 from fedcore.tabular import DatasetSchema
 from federation import dispatch
 from federation.models import ModelVersion, Run, Silo, TrainingPlan, UploadedModel
+from federation.selectors import evaluated_source
 from federation.services import evaluation as evaluation_service
 from federation.services.audit import audit_append
-from federation.services.uploaded_models import uploaded_model_source
 from federation.storage import blob_store, model_key
 
 log = logging.getLogger("quorum.orchestrator")
@@ -307,18 +307,10 @@ def evaluation_plan_result(run: Run, pooled: dict[str, Any]) -> dict[str, Any]:
     rows (stored as ``Run.evaluation``)."""
     plan = parse_evaluation_plan(run.version.spec)
     ref = plan.model_version
-    source: dict[str, Any] = {"run": ref.run, "model_version": ref.number, "sha256": ref.sha256}
-    if ref.uploaded is not None:
-        uploaded = _uploaded_model(run.plan.consortium_id, ref.uploaded)
-        source = (
-            uploaded_model_source(uploaded)
-            if uploaded is not None
-            else {"uploaded": ref.uploaded, "sha256": ref.sha256}
-        )
     return {
         **pooled,
         "plan_kind": "evaluation",
-        "source": source,
+        "source": evaluated_source(run.plan.consortium_id, ref),
         "rows": plan.rows,
         "rows_note": plan.rows_note,
     }

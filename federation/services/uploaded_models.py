@@ -109,14 +109,3 @@ def uploaded_model_create(
         store.delete(key)  # nothing half-saved: no bytes without their record
         raise
     return uploaded
-
-
-def uploaded_model_source(uploaded: UploadedModel) -> dict[str, Any]:
-    """How results name an uploaded model as what they evaluated."""
-    user = uploaded.uploaded_by
-    return {
-        "uploaded": uploaded.pk,
-        "name": uploaded.name,
-        "uploaded_by": user.get_username() if user is not None else None,
-        "sha256": uploaded.checksum,
-    }

@@ -157,6 +157,8 @@ def test_an_evaluation_plan_of_an_uploaded_model_runs_on_real_agents(tmp_path: P
         assert abs(result["metrics"]["auc"] - auc) <= result["metrics"]["auc_error_bound"] + 1e-12
         assert result["metrics"]["accuracy"] == pytest.approx(float(np.mean((p >= 0.5) == y)))
         assert result["source"] == {
+            "run": None,
+            "model_version": None,
             "uploaded": uploaded.pk,
             "name": "Partner hospital model",
             "uploaded_by": "uploader",

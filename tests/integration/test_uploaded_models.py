@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from django.conf import settings
+from django.test import Client
 from sklearn.metrics import roc_auc_score
 
 from fedcore import tensors
@@ -229,6 +230,8 @@ def test_an_evaluation_run_evaluates_the_uploaded_weights_with_its_preprocessing
     assert metrics["n"] == len(y) == 240
     assert abs(metrics["auc"] - roc_auc_score(y, p)) <= metrics["auc_error_bound"] + 1e-12
     assert run.evaluation["source"] == {
+        "run": None,
+        "model_version": None,
         "uploaded": uploaded["id"],
         "name": "External sepsis model",
         "uploaded_by": g.scientists[0].username,
@@ -238,3 +241,13 @@ def test_an_evaluation_run_evaluates_the_uploaded_weights_with_its_preprocessing
     assert started.data["uploaded_model"] == uploaded["id"]
     api = client_for(g.auditors[2]).get(f"/api/v1/runs/{run.pk}/").json()
     assert api["final_evaluation"]["source"]["name"] == "External sepsis model"
+    compliance = client_for(g.auditors[2]).get(f"/api/v1/runs/{run.pk}/compliance/").json()
+    assert compliance["evaluated"]["source"]["uploaded_by"] == g.scientists[0].username
+    pdf = client_for(g.auditors[2]).get(f"/api/v1/runs/{run.pk}/compliance.pdf")
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+    browser = Client()
+    browser.force_login(g.auditors[2])
+    for page in (f"/runs/{run.pk}/", f"/runs/{run.pk}/compliance/"):
+        html = browser.get(page).content.decode()
+        assert "“External sepsis model”, uploaded by " + g.scientists[0].username in html, page
+        assert uploaded["checksum"][:10] in html
