@@ -48,11 +48,15 @@ ROWS = ("held_out", "all")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 EVALUATION_PLAN_TOP_KEYS: tuple[Key, ...] = (
-    Key("kind", "string", "'evaluation': this plan evaluates a registered model version"),
+    Key("kind", "string", "'evaluation': this plan evaluates a model version or uploaded model"),
     Key("name", "string", "the plan's name (hashed)", default=None, nullable=True),
     Key("description", "string", "the plan's description (hashed)", default=None, nullable=True),
     Key("schema", "object", "the dataset schema every site's data must match (fedcore.tabular)"),
-    Key("model", "object", "the model spec of the version (must equal the source run's)"),
+    Key(
+        "model",
+        "object",
+        "the model spec of the version (must equal the source run's or the uploaded model's)",
+    ),
     Key(
         "model_version",
         "object",
