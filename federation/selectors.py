@@ -216,6 +216,19 @@ def evaluated_source(consortium_id: int, ref: Any) -> dict[str, Any]:
     }
 
 
+def uploaded_evaluation_template(uploaded: UploadedModel) -> dict[str, Any]:
+    """An evaluation plan spec of an uploaded model to start from: its schema and model spec,
+    every row of every site (its training rows are unknown), and its SHA-256."""
+    return {
+        "kind": "evaluation",
+        "schema": uploaded.schema,
+        "model": uploaded.model,
+        "model_version": {"uploaded": uploaded.pk, "sha256": uploaded.checksum},
+        "rows": "all",
+        "min_silos": 1,
+    }
+
+
 def evaluation_plan_template(version: ModelVersion) -> dict[str, Any]:
     """An evaluation plan spec of a model version to start from: its run's schema, model spec
     and held-out split (the rows it never trained on), and its SHA-256."""

@@ -251,3 +251,67 @@ def test_an_evaluation_run_evaluates_the_uploaded_weights_with_its_preprocessing
         html = browser.get(page).content.decode()
         assert "“External sepsis model”, uploaded by " + g.scientists[0].username in html, page
         assert uploaded["checksum"][:10] in html
+
+
+def test_the_dashboard_uploads_a_model_and_starts_its_evaluation_plan() -> None:
+    g, other = governed_consortium(2), governed_consortium(1)
+    fitted, weights = fit_logistic_regression([site_frame(0), site_frame(1)], SCHEMA)
+    scientist, steward, outsider = Client(), Client(), Client()
+    scientist.force_login(g.scientists[0])
+    steward.force_login(g.stewards[0])
+    outsider.force_login(other.scientists[0])
+    url = f"/consortia/{g.consortium.pk}/models/upload/"
+    form = {
+        "name": "Dashboard model",
+        "description": "",
+        "model": json.dumps(LR),
+        "schema": json.dumps(SCHEMA),
+        "preprocessing": json.dumps(fitted),
+    }
+
+    assert (
+        'id="upload-model-link"'
+        in scientist.get(f"/consortia/{g.consortium.pk}/models/").content.decode()
+    )
+    assert (
+        'id="upload-model-link"'
+        not in steward.get(f"/consortia/{g.consortium.pk}/models/").content.decode()
+    )
+    assert steward.get(url).status_code == 403 and outsider.get(url).status_code == 404
+    bad = tensors.encode_state_dict(
+        {"linear.weight": torch.zeros(1, 5), "linear.bias": torch.zeros(1)}
+    )
+    refused = scientist.post(url, {**form, "weights": io.BytesIO(bad)})
+    assert refused.status_code == 400
+    assert "shape (1, 5), expected (1, 3)" in " ".join(refused.context["form"].errors["weights"])
+    assert not UploadedModel.objects.exists()
+    kind = scientist.post(
+        url, {**form, "model": '{"kind": "forest"}', "weights": io.BytesIO(weights)}
+    )
+    assert "unknown model kind" in " ".join(kind.context["form"].errors["model"])
+
+    done = scientist.post(url, {**form, "weights": io.BytesIO(weights)})
+
+    assert done.status_code == 302
+    uploaded = UploadedModel.objects.get()
+    assert uploaded.checksum == tensors.sha256_hex(weights) and uploaded.name == "Dashboard model"
+    listing = steward.get(f"/consortia/{g.consortium.pk}/models/").content.decode()
+    assert "Dashboard model" in listing and uploaded.checksum in listing
+    assert outsider.get(f"/uploaded-models/{uploaded.pk}/download/").status_code == 404
+    file = steward.get(f"/uploaded-models/{uploaded.pk}/download/")
+    assert b"".join(file.streaming_content) == weights
+    start = scientist.get(
+        f"/consortia/{g.consortium.pk}/plans/new/?evaluate_uploaded={uploaded.pk}"
+    )
+    template = start.context["form"].initial["spec"]
+    assert template["model_version"] == {"uploaded": uploaded.pk, "sha256": uploaded.checksum}
+    proposed = scientist.post(
+        f"/consortia/{g.consortium.pk}/plans/new/",
+        {
+            "name": start.context["form"].initial["name"],
+            "spec": json.dumps(template),
+            "silos": [s.pk for s in g.silos],
+            "submit": "on",
+        },
+    )
+    assert proposed.status_code == 302, proposed.content.decode()[-2000:]
