@@ -464,6 +464,7 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
     rows = selectors.run_metric_rows(run)
     evaluation, evaluation_note = _version_evaluation(run, version, rows)
     last = selectors.run_model_versions(run).last()
+    evaluated = selectors.evaluation_plan_of(run)
     return {
         "model": {
             "id": version.pk,
@@ -477,6 +478,9 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
             "created_at": _iso(version.created_at),
             "tensors": version.signature,
             "architecture": spec.get("model"),
+            # An evaluation plan's run: the model it evaluates, copied as this version (a
+            # run's version, or an uploaded model with its name and uploader); else null.
+            "source": evaluated["source"] if evaluated else None,
         },
         "plan": {
             "id": run.plan_id,

@@ -251,6 +251,10 @@ def test_an_evaluation_run_evaluates_the_uploaded_weights_with_its_preprocessing
         html = browser.get(page).content.decode()
         assert "“External sepsis model”, uploaded by " + g.scientists[0].username in html, page
         assert uploaded["checksum"][:10] in html
+    card = browser.get(f"/models/{version.pk}/card/").content.decode()
+    assert "“External sepsis model”, uploaded by " + g.scientists[0].username in card
+    card_json = client_for(g.auditors[2]).get(f"/api/v1/models/{version.pk}/card/").json()
+    assert card_json["model"]["source"]["uploaded"] == uploaded["id"]
 
 
 def test_the_dashboard_uploads_a_model_and_starts_its_evaluation_plan() -> None:
