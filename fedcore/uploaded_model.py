@@ -30,7 +30,13 @@ from fedcore.model_kinds import KindUnavailable
 from fedcore.models import ModelSpecError, build_model
 from fedcore.plan.spec import PlanError, _model, parse_schema
 
-__all__ = ["MAX_WEIGHTS_BYTES", "CheckedModel", "UploadedModelError", "check_uploaded_model"]
+__all__ = [
+    "MAX_WEIGHTS_BYTES",
+    "CheckedModel",
+    "UploadedModelError",
+    "check_uploaded_model",
+    "size_problem",
+]
 
 MAX_WEIGHTS_BYTES = 64 << 20  # the default limit of an uploaded weights file (a server setting)
 _PICKLE = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -140,14 +146,20 @@ def check_uploaded_model(
     )
 
 
+def size_problem(size: int, max_bytes: int) -> str | None:
+    """Why a weights file of ``size`` bytes is refused before it is read, or None (a server
+    checks an upload's declared size with it before reading the file)."""
+    if size > max_bytes:
+        return f"the file is {size:,} bytes, above this server's limit of {max_bytes:,} bytes"
+    return None
+
+
 def _weights(data: Any, max_bytes: int, errors: dict[str, str]) -> dict[str, Any] | None:
     if not isinstance(data, bytes | bytearray):
         errors["weights"] = "required: a .safetensors file"
         return None
-    if len(data) > max_bytes:
-        errors["weights"] = (
-            f"the file is {len(data):,} bytes, above this server's limit of {max_bytes:,} bytes"
-        )
+    if problem := size_problem(len(data), max_bytes):
+        errors["weights"] = problem
         return None
     if not data:
         errors["weights"] = "the file is empty: " + _SAVE_HINT

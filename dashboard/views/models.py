@@ -14,7 +14,7 @@ from django.shortcuts import redirect
 from dashboard.forms import ModelUploadForm
 from dashboard.views.common import page
 from federation import permissions, reports, selectors
-from federation.services.uploaded_models import uploaded_model_create
+from federation.services.uploaded_models import read_weights, uploaded_model_create
 from federation.storage import blob_store
 
 
@@ -55,6 +55,7 @@ def model_upload(request: HttpRequest, consortium_id: int) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
+            weights = read_weights(data["weights"])
             uploaded = uploaded_model_create(
                 actor=request.user,
                 consortium=consortium,
@@ -63,7 +64,7 @@ def model_upload(request: HttpRequest, consortium_id: int) -> HttpResponse:
                 model=data["model"],
                 schema=data["schema"],
                 preprocessing=data["preprocessing"],
-                weights=data["weights"].read(),
+                weights=weights,
             )
         except ValidationError as exc:
             form.apply_service_errors(exc)

@@ -33,7 +33,6 @@ from typing import Any
 from django.utils import timezone
 
 from fedcore import tensors
-from fedcore.models import ModelSpecError, validate_model_spec
 from fedcore.plan import PlanError, parse_evaluation, parse_schema
 from fedcore.plan.evaluation_plan import EvaluationPlan, parse_evaluation_plan
 from fedcore.tabular import DatasetSchema
@@ -145,11 +144,7 @@ def _uploaded_errors(
             )
         }
     errors: dict[str, str] = {}
-    try:
-        ours = validate_model_spec(spec["model"])
-    except ModelSpecError:  # the parser already accepted it: unreachable, kept strict
-        ours = dict(spec["model"])
-    if ours != uploaded.model:
+    if plan.model != uploaded.model:  # both normalised by fedcore.models.validate_model_spec
         errors["model"] = (
             f"is {dict(spec['model'])}, but {label} is {uploaded.model}: copy the uploaded "
             "model's spec"

@@ -19,7 +19,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from fedcore.uploaded_model import UploadedModelError, check_uploaded_model
+from fedcore.uploaded_model import UploadedModelError, check_uploaded_model, size_problem
 from federation import permissions
 from federation.models import Consortium, UploadedModel
 from federation.services.audit import actor_label, audit_append
@@ -30,6 +30,14 @@ def uploaded_key(*, consortium_id: int, sha256: str) -> str:
     """Blob key of an uploaded model's weights: its hash, and a random part so that two
     uploads of the same file never share (and never delete) each other's bytes."""
     return f"uploads/{consortium_id}/{sha256}-{secrets.token_hex(8)}.safetensors"
+
+
+def read_weights(upload: Any) -> bytes:
+    """The bytes of an uploaded weights file (Django's ``UploadedFile``), refused by its size
+    before it is read into memory (ValidationError on ``weights``)."""
+    if problem := size_problem(int(upload.size), settings.QUORUM_MAX_UPLOADED_MODEL_BYTES):
+        raise ValidationError({"weights": problem})
+    return bytes(upload.read())
 
 
 def uploaded_model_create(

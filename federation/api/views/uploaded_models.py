@@ -20,7 +20,7 @@ from federation.api.serializers import (
 from federation.api.views.base import ApiListView, ApiView, validated
 from federation.api.views.reports import _BINARY
 from federation.models import Consortium, UploadedModel
-from federation.services.uploaded_models import uploaded_model_create
+from federation.services.uploaded_models import read_weights, uploaded_model_create
 from federation.storage import blob_store
 
 
@@ -51,6 +51,7 @@ class ConsortiumUploadedModelListView(ApiListView):
     def post(self, request: Request, pk: int) -> Response:
         consortium: Consortium = permissions.access_consortium(user=request.user, id=pk)
         data = validated(UploadedModelUploadSerializer, request)
+        weights = read_weights(data["weights"])
         uploaded = uploaded_model_create(
             actor=request.user,
             consortium=consortium,
@@ -59,7 +60,7 @@ class ConsortiumUploadedModelListView(ApiListView):
             model=data["model"],
             schema=data["schema"],
             preprocessing=data["preprocessing"],
-            weights=data["weights"].read(),
+            weights=weights,
         )
         uploaded = permissions.access_uploaded_model(user=request.user, id=uploaded.pk)
         body = UploadedModelDetailSerializer(uploaded).data
