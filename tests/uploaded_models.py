@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save as safetensors_save
 
-from fedcore import tabular, training
+from fedcore import tabular, tensors, training
 from fedcore.models import build_model
 
 LR = {"kind": "logistic_regression"}
@@ -48,8 +48,6 @@ def scores(
     frames: Sequence[pd.DataFrame], schema: dict[str, Any], fitted: dict[str, Any], weights: bytes
 ) -> tuple[np.ndarray, np.ndarray]:
     """The labels of the union of the frames and the uploaded model's probabilities on them."""
-    from fedcore import tensors
-
     parsed = tabular.DatasetSchema.from_dict(schema)
     rows = tabular.transform(pd.concat(frames, ignore_index=True), parsed, fitted)
     model = build_model(LR, int(rows.X.shape[1]), seed=0)
