@@ -353,6 +353,8 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 QUORUM_BLOB_DIR = Path(os.environ.get("QUORUM_BLOB_DIR", QUORUM_HOME / "blobs")).resolve()
 QUORUM_MAX_FRAME_BYTES = env_int("QUORUM_MAX_FRAME_BYTES", 1 << 20)
 QUORUM_MAX_MESSAGE_BYTES = env_int("QUORUM_MAX_MESSAGE_BYTES", 256 << 20)
+# The largest weights file of an uploaded model (federation.services.uploaded_models).
+QUORUM_MAX_UPLOADED_MODEL_BYTES = env_int("QUORUM_MAX_UPLOADED_MODEL_BYTES", 64 << 20)
 QUORUM_HEARTBEAT_SECONDS = env_float("QUORUM_HEARTBEAT_SECONDS", 5.0)
 # A silo is offline when no heartbeat came for this long.
 QUORUM_SILO_OFFLINE_AFTER = env_float("QUORUM_SILO_OFFLINE_AFTER", 20.0)

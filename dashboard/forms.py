@@ -162,3 +162,52 @@ class PlanRejectForm(_DecisionForm):
         max_length=2000,
         help_text="Why: the proposer and the audit log will read it.",
     )
+
+
+class JsonObjectText(forms.CharField):
+    """A JSON object typed or pasted as text; cleans to a dict, with the parser's line and
+    column."""
+
+    widget = forms.Textarea(attrs={"rows": 6, "spellcheck": "false", "class": "code"})
+
+    def to_python(self, value: Any) -> Any:
+        text = super().to_python(value)
+        if not text:
+            return text
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(
+                f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+                code="invalid_json",
+            ) from exc
+        if not isinstance(data, dict):
+            raise ValidationError("must be a JSON object {...}", code="not_object")
+        return data
+
+
+class ModelUploadForm(ServiceErrorsMixin, forms.Form):
+    """A model trained elsewhere, uploaded for evaluation plans: the rules (spec, schema,
+    preprocessing, weights) live in ``federation.services.uploaded_models``."""
+
+    name = forms.CharField(max_length=200, strip=True)
+    description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    model = JsonObjectText(
+        label="Model spec",
+        initial='{"kind": "logistic_regression"}',
+        help_text="A plan's model section (docs/plan-spec.md).",
+    )
+    schema = JsonObjectText(
+        label="Dataset schema", help_text="The columns, target and sensitive attributes it reads."
+    )
+    preprocessing = JsonObjectText(
+        label="Fitted preprocessing",
+        help_text="Its numeric means and standard deviations and category lists "
+        "(fedcore.tabular.merge_statistics' form).",
+    )
+    weights = forms.FileField(
+        label="Weights (.safetensors)",
+        help_text="Saved with safetensors.torch.save_file(model.state_dict(), path); a pickle or "
+        "torch.save file is refused.",
+    )
+    error_fields = {"model.kind": "model"}

@@ -64,6 +64,12 @@ urlpatterns = [
     path("consortia/<int:consortium_id>/plans/new/", plans.plan_propose, name="plan_propose"),
     path("consortia/<int:consortium_id>/runs/", runs.run_list, name="run_list"),
     path("consortia/<int:consortium_id>/models/", models.model_list, name="model_list"),
+    path("consortia/<int:consortium_id>/models/upload/", models.model_upload, name="model_upload"),
+    path(
+        "uploaded-models/<int:uploaded_id>/download/",
+        models.uploaded_model_download,
+        name="uploaded_model_download",
+    ),
     path("consortia/<int:consortium_id>/audit/", audit.audit_log, name="audit_log"),
     path(
         "consortia/<int:consortium_id>/privacy/",

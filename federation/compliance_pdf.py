@@ -50,6 +50,19 @@ def compliance_report_pdf(run: Run) -> bytes:
     )
 
 
+def _evaluated(evaluated: dict[str, Any]) -> str:
+    source = evaluated["source"]
+    if source.get("uploaded") is not None:
+        what = (
+            f"uploaded model {source['uploaded']} '{source.get('name') or '(gone)'}', uploaded "
+            f"by {source.get('uploaded_by') or '-'} (trained outside Quorum: its training rows "
+            "are unknown)"
+        )
+    else:
+        what = f"model v{source['model_version']} of run {source['run']}"
+    return f"{what}; SHA-256 {source['sha256']}; {evaluated['rows_note']}"
+
+
 def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
     """Lay out a compliance report (the API's JSON form) as a PDF."""
     run, plan = report["run"], report["plan"]
@@ -76,6 +89,8 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
     if state.get("stewards_missing"):
         rules += f"; stewards missing: {', '.join(state['stewards_missing'])}"
     facts_rule = [("Approval rule", state["rule"])] if state.get("rule") else []
+    if report.get("evaluated"):
+        facts_rule.append(("Model evaluated", _evaluated(report["evaluated"])))
     doc.facts(
         [
             ("Plan", f"{plan['name']} (id {plan['id']}), version {plan['version']}"),

@@ -523,6 +523,36 @@ class ModelVersion(models.Model):
         return f"model v{self.number} of run {self.run_id}"
 
 
+class UploadedModel(models.Model):
+    """A model no run trained, uploaded to a consortium in the model zoo's format
+    (``fedcore.uploaded_model``) for evaluation plans to evaluate: its spec, the schema and
+    fitted preprocessing it reads, and its safetensors weights in the blob store."""
+
+    consortium = models.ForeignKey(
+        Consortium, on_delete=models.CASCADE, related_name="uploaded_models"
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    model = models.JSONField()
+    schema = models.JSONField()
+    preprocessing = models.JSONField()
+    checksum = models.CharField(max_length=64)
+    size_bytes = models.PositiveBigIntegerField()
+    blob_key = models.CharField(max_length=300)
+    # name -> [dtype, shape], as a ModelVersion keeps it.
+    signature = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["consortium", "-created_at"]
+
+    def __str__(self) -> str:
+        return f"uploaded model {self.pk} ({self.name})"
+
+
 class RoundMetric(models.Model):
     """A metric of one round: per silo (silo set) or for the round as a whole (silo null).
 

@@ -24,6 +24,7 @@ from federation.models import (
     Run,
     Silo,
     TrainingPlan,
+    UploadedModel,
 )
 
 User = AbstractBaseUser | AnonymousUser
@@ -34,6 +35,8 @@ CAN_ADMIT_SILOS = frozenset({Role.CONSORTIUM_ADMIN})
 CAN_REGISTER_SILOS = frozenset({Role.DATA_STEWARD})
 CAN_MANAGE_TOKENS = frozenset({Role.DATA_STEWARD, Role.CONSORTIUM_ADMIN})
 CAN_PROPOSE_PLANS = frozenset({Role.DATA_SCIENTIST})
+# Uploading a model for evaluation plans to evaluate (federation.services.uploaded_models).
+CAN_UPLOAD_MODELS = frozenset({Role.DATA_SCIENTIST, Role.CONSORTIUM_ADMIN})
 CAN_DECIDE_PLANS = frozenset({Role.DATA_STEWARD, Role.ORG_ADMIN})
 CAN_START_RUNS = frozenset({Role.DATA_SCIENTIST, Role.CONSORTIUM_ADMIN})
 CAN_READ_AUDIT = frozenset({Role.AUDITOR, Role.CONSORTIUM_ADMIN})
@@ -182,6 +185,24 @@ def access_model_version(*, user: User | None, id: int) -> ModelVersion:
     if version is None:
         raise Http404("no such model version")
     return version
+
+
+def uploaded_models_visible_to(user: User | None) -> QuerySet[UploadedModel]:
+    """Models uploaded to the user's consortia."""
+    return UploadedModel.objects.filter(consortium_id__in=consortium_ids_of(user))
+
+
+def access_uploaded_model(*, user: User | None, id: int) -> UploadedModel:
+    """A model uploaded to one of the user's consortia, else 404."""
+    model = (
+        uploaded_models_visible_to(user)
+        .select_related("consortium", "uploaded_by")
+        .filter(pk=id)
+        .first()
+    )
+    if model is None:
+        raise Http404("no such uploaded model")
+    return model
 
 
 def access_invitation(*, user: User | None, id: int) -> Membership:

@@ -464,6 +464,7 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
     rows = selectors.run_metric_rows(run)
     evaluation, evaluation_note = _version_evaluation(run, version, rows)
     last = selectors.run_model_versions(run).last()
+    evaluated = selectors.evaluation_plan_of(run)
     return {
         "model": {
             "id": version.pk,
@@ -477,6 +478,9 @@ def model_card(version: ModelVersion) -> dict[str, Any]:
             "created_at": _iso(version.created_at),
             "tensors": version.signature,
             "architecture": spec.get("model"),
+            # An evaluation plan's run: the model it evaluates, copied as this version (a
+            # run's version, or an uploaded model with its name and uploader); else null.
+            "source": evaluated["source"] if evaluated else None,
         },
         "plan": {
             "id": run.plan_id,
@@ -568,6 +572,7 @@ def compliance_report(run: Run) -> dict[str, Any]:
         "fairness": _fairness(run),
         "task_metrics": task_metrics_report(run),
         "analysis": _analysis_record(run),
+        "evaluated": selectors.evaluation_plan_of(run),
         "events": selectors.run_audit_events(run),
         "head": audit_head(),
         "verification": verification,
@@ -612,6 +617,8 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
         "privacy": report["privacy"],
         "fairness": report["fairness"],
         "final_evaluation": final_evaluation(run),
+        # An evaluation plan's run: what it evaluates (a run's version or an uploaded model).
+        "evaluated": report["evaluated"],
         "task_metrics": report["task_metrics"],
         "analysis": _analysis_json(report["analysis"]),
         "audit_events": [

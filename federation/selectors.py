@@ -37,6 +37,7 @@ from federation.models import (
     StewardPasskey,
     TrainingPlan,
     Update,
+    UploadedModel,
 )
 from federation.signing import authorization_for, offer_authorization, run_approvals
 from federation.storage import blob_store
@@ -183,15 +184,48 @@ def _model_bytes(blob_key: str, checksum: str) -> bytes:
 
 
 def evaluation_plan_of(run: Run) -> dict[str, Any] | None:
-    """What an evaluation plan's run evaluates (``source``: run, model_version, sha256) and on
+    """What an evaluation plan's run evaluates (``source``, :func:`evaluated_source`) and on
     which rows (``rows_note``); None for a run of another plan kind."""
     if not is_evaluation_plan(run.version.spec):
         return None
     plan = parse_evaluation_plan(run.version.spec)
-    ref = plan.model_version
     return {
-        "source": {"run": ref.run, "model_version": ref.number, "sha256": ref.sha256},
+        "source": evaluated_source(run.plan.consortium_id, plan.model_version),
         "rows_note": plan.rows_note,
+    }
+
+
+def evaluated_source(consortium_id: int, ref: Any) -> dict[str, Any]:
+    """What an evaluation plan evaluates, as results show it: a run's version (``run``,
+    ``model_version``) or an uploaded model (``uploaded``, ``name``, ``uploaded_by``; run and
+    model_version None), with the SHA-256 the plan names."""
+    source: dict[str, Any] = {"run": ref.run, "model_version": ref.number, "sha256": ref.sha256}
+    if ref.uploaded is None:
+        return source
+    uploaded = (
+        UploadedModel.objects.select_related("uploaded_by")
+        .filter(pk=ref.uploaded, consortium_id=consortium_id)
+        .first()
+    )
+    user = uploaded.uploaded_by if uploaded is not None else None
+    return {
+        **source,
+        "uploaded": ref.uploaded,
+        "name": uploaded.name if uploaded is not None else None,
+        "uploaded_by": user.get_username() if user is not None else None,
+    }
+
+
+def uploaded_evaluation_template(uploaded: UploadedModel) -> dict[str, Any]:
+    """An evaluation plan spec of an uploaded model to start from: its schema and model spec,
+    every row of every site (its training rows are unknown), and its SHA-256."""
+    return {
+        "kind": "evaluation",
+        "schema": uploaded.schema,
+        "model": uploaded.model,
+        "model_version": {"uploaded": uploaded.pk, "sha256": uploaded.checksum},
+        "rows": "all",
+        "min_silos": 1,
     }
 
 
@@ -1105,6 +1139,16 @@ def silo_list(user: Any) -> QuerySet[Silo]:
         permissions.silos_visible_to(user)
         .select_related("organization")
         .order_by("consortium_id", "name", "pk")
+    )
+
+
+def uploaded_models(user: Any, consortium: Any) -> QuerySet[Any]:
+    """Models uploaded to a consortium of the user's, newest first."""
+    return (
+        permissions.uploaded_models_visible_to(user)
+        .filter(consortium=consortium)
+        .select_related("uploaded_by")
+        .order_by("-created_at", "-pk")
     )
 
 

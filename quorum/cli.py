@@ -850,16 +850,25 @@ def _number(value: Any) -> str:
     return "—" if value is None else f"{value:.6g}"
 
 
+def _evaluated(final: dict[str, Any]) -> str:
+    """What a final evaluation is about: a run's final model, an evaluation plan's version of a
+    run, or an uploaded model."""
+    source = final.get("source")
+    if not source:
+        return f"final model v{final.get('model_version')}, pooled held-out rows"
+    if source.get("uploaded") is not None:
+        return (
+            f"uploaded model {source['uploaded']} {source.get('name')!r} by "
+            f"{source.get('uploaded_by') or '-'}, {final.get('rows_note')}"
+        )
+    return f"model v{source['model_version']} of run {source['run']}, {final.get('rows_note')}"
+
+
 def _print_final_evaluation(final: dict[str, Any] | None) -> None:
     """The pooled evaluation's figures and its calibration curve, as tables."""
     if not final or not final.get("metrics"):
         return
-    source = final.get("source")
-    what = (
-        f"model v{source['model_version']} of run {source['run']}, {final.get('rows_note')}"
-        if source
-        else f"final model v{final.get('model_version')}, pooled held-out rows"
-    )
+    what = _evaluated(final)
     out()
     out(f"evaluation ({what})")
     keys = ("auc", "auc_error_bound", "accuracy", "loss", "n")
@@ -965,6 +974,63 @@ def cmd_model_download(args: argparse.Namespace) -> int:
         f"model {version_id} ({args.format}, {len(download.data)} bytes) written to {target}; "
         + checked
     )
+    return EXIT_OK
+
+
+def _json_file(path: str, what: str) -> Any:
+    try:
+        return json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CliError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"the {what} file {path} is not JSON: {exc}") from None
+
+
+def cmd_model_upload(args: argparse.Namespace) -> int:
+    client = _client(args)
+    consortium = _consortium_id(client, args.consortium)
+    model = _json_file(args.model, "model spec")
+    schema = _json_file(args.schema, "schema")
+    preprocessing = _json_file(args.preprocessing, "preprocessing")
+    weights_path = Path(args.weights).expanduser()
+    try:
+        weights = weights_path.read_bytes()
+    except OSError as exc:
+        raise CliError(
+            f"cannot read the weights file {args.weights}: {exc.strerror or exc}"
+        ) from None
+    uploaded = client.upload_model(
+        consortium,
+        name=args.name,
+        description=args.description,
+        model=model,
+        schema=schema,
+        preprocessing=preprocessing,
+        weights=weights,
+        filename=weights_path.name,
+    )
+    out(
+        f"uploaded model {uploaded['id']} {uploaded['name']!r} to consortium {consortium} "
+        f"({uploaded['size_bytes']} bytes, SHA-256 {uploaded['checksum']})"
+    )
+    note("an evaluation plan evaluates it with:")
+    reference = {"uploaded": uploaded["id"], "sha256": uploaded["checksum"]}
+    note(f'  "model_version": {json.dumps(reference)}')
+    return EXIT_OK
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    consortium = _consortium_id(client, args.consortium)
+    models = client.uploaded_models(consortium)
+    if args.json:
+        _json(models)
+        return EXIT_OK
+    rows = [
+        [m["id"], m["name"], m.get("model", {}).get("kind"), m.get("uploaded_by"), m["checksum"]]
+        for m in models
+    ]
+    out(_table(rows, ["id", "name", "kind", "uploaded by", "sha256"]))
     return EXIT_OK
 
 
@@ -1134,7 +1200,7 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_argument("--format", choices=["table", "csv", "json"], default="table")
     analysis.set_defaults(func=cmd_run_analysis)
 
-    model = commands.add_parser("model", help="download trained models")
+    model = commands.add_parser("model", help="download trained models, upload others")
     model_commands = model.add_subparsers(dest="model_command", metavar="ACTION")
     model_commands.required = True
     download = model_commands.add_parser(
@@ -1144,6 +1210,24 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
     download.add_argument("--out", required=True, metavar="FILE")
     download.set_defaults(func=cmd_model_download)
+    upload = model_commands.add_parser(
+        "upload",
+        help="upload a model trained elsewhere, for evaluation plans (data scientist, admin)",
+    )
+    upload.add_argument("--name", required=True)
+    upload.add_argument("--description", default="")
+    upload.add_argument("--model", required=True, metavar="FILE", help="the model spec (JSON)")
+    upload.add_argument("--schema", required=True, metavar="FILE", help="its dataset schema")
+    upload.add_argument(
+        "--preprocessing", required=True, metavar="FILE", help="its fitted preprocessing (JSON)"
+    )
+    upload.add_argument("--weights", required=True, metavar="FILE", help="a .safetensors file")
+    upload.add_argument("--consortium", type=int, metavar="ID")
+    upload.set_defaults(func=cmd_model_upload)
+    listing = model_commands.add_parser("list", help="the consortium's uploaded models")
+    listing.add_argument("--consortium", type=int, metavar="ID")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_model_list)
     return parser
 
 

@@ -125,12 +125,16 @@ class Client:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         return url
 
-    def _open(self, method: str, url: str, body: Any = None) -> tuple[bytes, dict[str, str]]:
+    def _open(
+        self, method: str, url: str, body: Any = None, *, raw: tuple[bytes, str] | None = None
+    ) -> tuple[bytes, dict[str, str]]:
         headers = {"Accept": "application/json", "User-Agent": "quorum-cli"}
         if self.token:
             headers["Authorization"] = f"Token {self.token}"
         data = None
-        if body is not None:
+        if raw is not None:  # a body already encoded, with its content type (multipart)
+            data, headers["Content-Type"] = raw
+        elif body is not None:
             data = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
@@ -306,6 +310,49 @@ class Client:
 
     def model_card(self, version_id: int) -> dict[str, Any]:
         return self.get(f"models/{version_id}/card/")
+
+    def uploaded_models(self, consortium_id: int) -> list[dict[str, Any]]:
+        return self.list(f"consortia/{consortium_id}/models/")
+
+    def upload_model(
+        self,
+        consortium_id: int,
+        *,
+        name: str,
+        description: str,
+        model: Any,
+        schema: Any,
+        preprocessing: Any,
+        weights: bytes,
+        filename: str = "model.safetensors",
+    ) -> dict[str, Any]:
+        """Upload a model (multipart/form-data: the JSON parts as text, the weights a file)."""
+        fields = {
+            "name": name,
+            "description": description,
+            "model": json.dumps(model),
+            "schema": json.dumps(schema),
+            "preprocessing": json.dumps(preprocessing),
+        }
+        boundary = "quorum-" + hashlib.sha256(weights).hexdigest()[:32]
+        parts: list[bytes] = []
+        for key, value in fields.items():
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'.encode()
+                + value.encode("utf-8")
+                + b"\r\n"
+            )
+        safe = filename.replace('"', "").replace("\r", "").replace("\n", "") or "model"
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="weights"; '
+            f'filename="{safe}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + weights
+            + b"\r\n"
+        )
+        parts.append(f"--{boundary}--\r\n".encode())
+        raw = (b"".join(parts), f"multipart/form-data; boundary={boundary}")
+        answer, _ = self._open("POST", self._url(f"consortia/{consortium_id}/models/"), raw=raw)
+        return json.loads(answer.decode("utf-8"))
 
     # --- onboarding ---------------------------------------------------------------------------
 

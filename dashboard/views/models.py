@@ -5,11 +5,17 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect
 
+from dashboard.forms import ModelUploadForm
 from dashboard.views.common import page
 from federation import permissions, reports, selectors
+from federation.services.uploaded_models import read_weights, uploaded_model_create
+from federation.storage import blob_store
 
 
 @login_required
@@ -24,13 +30,75 @@ def model_list(request: HttpRequest, consortium_id: int) -> HttpResponse:
     for group in groups.values():
         group["versions"].sort(key=lambda v: -v.number)
         group["final"] = group["run"].status == "completed"
+    roles = permissions.roles_in(request.user, consortium.pk)
     return page(
         request,
         "dashboard/model_list.html",
         consortium=consortium,
         section="models",
         groups=list(groups.values()),
+        uploaded=list(selectors.uploaded_models(request.user, consortium)),
+        may_upload=bool(roles & permissions.CAN_UPLOAD_MODELS),
+        may_evaluate=bool(roles & permissions.CAN_PROPOSE_PLANS),
     )
+
+
+@login_required
+def model_upload(request: HttpRequest, consortium_id: int) -> HttpResponse:
+    """Upload a model trained elsewhere; the service's refusal shows field by field, and
+    nothing is stored then."""
+    consortium = permissions.access_consortium(user=request.user, id=consortium_id)
+    permissions.require_roles(
+        request.user, consortium.pk, permissions.CAN_UPLOAD_MODELS, "uploading a model"
+    )
+    form = ModelUploadForm(request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            weights = read_weights(data["weights"])
+            uploaded = uploaded_model_create(
+                actor=request.user,
+                consortium=consortium,
+                name=data["name"],
+                description=data["description"],
+                model=data["model"],
+                schema=data["schema"],
+                preprocessing=data["preprocessing"],
+                weights=weights,
+            )
+        except ValidationError as exc:
+            form.apply_service_errors(exc)
+        else:
+            messages.success(
+                request,
+                f"Model '{uploaded.name}' uploaded (SHA-256 {uploaded.checksum}); an evaluation "
+                "plan can now evaluate it on the sites.",
+            )
+            return redirect("dashboard:model_list", consortium_id=consortium.pk)
+    return page(
+        request,
+        "dashboard/model_upload.html",
+        consortium=consortium,
+        section="models",
+        status=400 if form.errors else 200,
+        form=form,
+    )
+
+
+@login_required
+def uploaded_model_download(request: HttpRequest, uploaded_id: int) -> HttpResponse:
+    """An uploaded model's safetensors file, as stored."""
+    uploaded = permissions.access_uploaded_model(user=request.user, id=uploaded_id)
+    data = blob_store().get(uploaded.blob_key)
+    response = FileResponse(
+        io.BytesIO(data),
+        as_attachment=True,
+        filename=f"uploaded-model-{uploaded.pk}.safetensors",
+        content_type="application/octet-stream",
+    )
+    response["Content-Length"] = str(len(data))
+    response["X-Checksum-SHA256"] = uploaded.checksum
+    return response
 
 
 @login_required

@@ -310,6 +310,14 @@ def plan_propose(request: HttpRequest, consortium_id: int) -> HttpResponse:
                 "spec": selectors.evaluation_plan_template(version),
                 "name": f"Evaluate run {version.run_id} v{version.number}",
             }
+    uploaded_id = request.GET.get("evaluate_uploaded", "")
+    if uploaded_id.isdigit():  # "Evaluate on the sites" of an uploaded model
+        uploaded = permissions.access_uploaded_model(user=request.user, id=int(uploaded_id))
+        if uploaded.consortium_id == consortium.pk:
+            initial = {
+                "spec": selectors.uploaded_evaluation_template(uploaded),
+                "name": f"Evaluate {uploaded.name}",
+            }
     form = forms.PlanProposeForm(request.POST or None, initial=initial, silos=silos)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data

@@ -2,7 +2,9 @@
 "Evaluation plans").
 
 An evaluation plan evaluates a registered model version -- the model of a completed run of the
-same consortium, named by run, version number and SHA-256 -- on every site's data: the pooled
+same consortium, named by run, version number and SHA-256 -- or a model uploaded to the
+consortium in the model zoo's format (``fedcore.uploaded_model``), named by its id and SHA-256,
+on every site's data: the pooled
 metrics from score histograms, the calibration curve and, with a ``fairness`` section, the
 fairness report. It is hashed, approved and granted like a training plan (the same canonical
 JSON, the same stewards); :func:`parse_evaluation_plan` is the one parser server and site agent
@@ -12,7 +14,9 @@ both run, every problem keyed by its dotted path. No training: no ``training``, 
 Which rows (``rows``): ``"held_out"`` (default) evaluates each site's held-out split, drawn by
 the plan's ``evaluation`` section exactly as a training plan draws it -- with the source run's
 section (the server checks they are equal at proposal) these are the rows the model never
-trained on. ``"all"`` evaluates every row: for sites and data the model has never seen.
+trained on. ``"all"`` evaluates every row: for sites and data the model has never seen. An
+uploaded model's training rows are unknown to Quorum: its ``"held_out"`` rows are the plan's own
+split, and nothing proves the model never saw them.
 """
 
 from __future__ import annotations
@@ -44,15 +48,20 @@ ROWS = ("held_out", "all")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 EVALUATION_PLAN_TOP_KEYS: tuple[Key, ...] = (
-    Key("kind", "string", "'evaluation': this plan evaluates a registered model version"),
+    Key("kind", "string", "'evaluation': this plan evaluates a model version or uploaded model"),
     Key("name", "string", "the plan's name (hashed)", default=None, nullable=True),
     Key("description", "string", "the plan's description (hashed)", default=None, nullable=True),
     Key("schema", "object", "the dataset schema every site's data must match (fedcore.tabular)"),
-    Key("model", "object", "the model spec of the version (must equal the source run's)"),
+    Key(
+        "model",
+        "object",
+        "the model spec of the version (must equal the source run's or the uploaded model's)",
+    ),
     Key(
         "model_version",
         "object",
-        "the model version to evaluate: {run, number, sha256} (section model_version)",
+        "the model to evaluate: a run's version {run, number, sha256} or an uploaded model "
+        "{uploaded, sha256} (section model_version)",
     ),
     Key(
         "rows",
@@ -100,15 +109,29 @@ MODEL_VERSION_KEYS: tuple[Key, ...] = (
     Key("number", "integer", "the version's number in that run (0: before round 1)", minimum=0),
     Key("sha256", "string", "the version's SHA-256 (64 lowercase hex digits)"),
 )
+# The other form of the section: a model uploaded to the consortium (not trained by a run).
+UPLOADED_MODEL_KEYS: tuple[Key, ...] = (
+    Key("uploaded", "integer", "the id of a model uploaded to the consortium", minimum=1),
+    Key("sha256", "string", "the uploaded weights' SHA-256 (64 lowercase hex digits)"),
+)
 
 
 @dataclass(frozen=True)
 class ModelVersionRef:
-    """The registered model version an evaluation plan evaluates."""
+    """The model an evaluation plan evaluates: version ``number`` of ``run``, or the uploaded
+    model ``uploaded`` (then ``run`` and ``number`` are None); its weights' SHA-256 either way."""
 
-    run: int
-    number: int
     sha256: str
+    run: int | None = None
+    number: int | None = None
+    uploaded: int | None = None
+
+    @property
+    def label(self) -> str:
+        """What is evaluated, in words (results, audit events, errors)."""
+        if self.uploaded is not None:
+            return f"uploaded model {self.uploaded}"
+        return f"model version {self.number} of run {self.run}"
 
 
 @dataclass(frozen=True)
@@ -225,19 +248,30 @@ def _model_version(raw: Any, errors: dict[str, str]) -> ModelVersionRef | None:
     if not isinstance(raw, Mapping):
         errors["model_version"] = (
             'must be an object {"run": R, "number": N, "sha256": "<64 hex digits>"} naming a '
-            "registered model version"
+            'registered model version, or {"uploaded": ID, "sha256": "<64 hex digits>"} naming '
+            "an uploaded model"
+        )
+        return None
+    uploaded = "uploaded" in raw
+    if uploaded and ("run" in raw or "number" in raw):
+        errors["model_version"] = (
+            "names either a run's model version {run, number, sha256} or an uploaded model "
+            "{uploaded, sha256}, not both: remove 'uploaded' or 'run' and 'number'"
         )
         return None
     before = len(errors)
-    values = check_section(raw, MODEL_VERSION_KEYS, "model_version", errors)
+    keys = UPLOADED_MODEL_KEYS if uploaded else MODEL_VERSION_KEYS
+    values = check_section(raw, keys, "model_version", errors)
     sha = values.get("sha256")
     if "model_version.sha256" not in errors and not (isinstance(sha, str) and _SHA256.match(sha)):
         errors["model_version.sha256"] = (
-            f"must be the version's SHA-256 as 64 lowercase hex digits, got {str(sha)[:80]!r}"
+            f"must be the weights' SHA-256 as 64 lowercase hex digits, got {str(sha)[:80]!r}"
         )
     if len(errors) > before:
         return None
-    return ModelVersionRef(run=int(values["run"]), number=int(values["number"]), sha256=sha)
+    if uploaded:
+        return ModelVersionRef(sha256=sha, uploaded=int(values["uploaded"]))
+    return ModelVersionRef(sha256=sha, run=int(values["run"]), number=int(values["number"]))
 
 
 def evaluation_plan_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:

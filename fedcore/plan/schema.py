@@ -9,7 +9,11 @@ from typing import Any
 from fedcore.aggregation import STRATEGIES
 from fedcore.model_kinds import ENTRY_POINT_GROUP, NAME_PATTERN
 from fedcore.models import ACTIVATIONS, MAX_HIDDEN_LAYERS, MAX_HIDDEN_UNITS, SPEC_KINDS
-from fedcore.plan.evaluation_plan import EVALUATION_PLAN_TOP_KEYS, MODEL_VERSION_KEYS
+from fedcore.plan.evaluation_plan import (
+    EVALUATION_PLAN_TOP_KEYS,
+    MODEL_VERSION_KEYS,
+    UPLOADED_MODEL_KEYS,
+)
 from fedcore.plan.keys import REQUIRED, Key, section_schema
 from fedcore.plan.spec import (
     ADAPTIVE_CLIP_KEYS,
@@ -210,13 +214,17 @@ def evaluation_plan_json_schema() -> dict[str, Any]:
             "required": ["columns", "target"],
             "properties": {"target": _target_schema()},
         },
-        "model_version": section_schema(
-            MODEL_VERSION_KEYS, "the registered model version to evaluate"
-        ),
+        "model_version": {
+            "oneOf": [
+                section_schema(MODEL_VERSION_KEYS, "a run's registered model version"),
+                section_schema(UPLOADED_MODEL_KEYS, "a model uploaded to the consortium"),
+            ]
+        },
         "evaluation": section_schema(EVALUATION_KEYS, SECTION_DOCS["evaluation"]),
         "fairness": fairness,
     }
-    nested["model_version"]["properties"]["sha256"]["pattern"] = "^[0-9a-f]{64}$"
+    for form in nested["model_version"]["oneOf"]:
+        form["properties"]["sha256"]["pattern"] = "^[0-9a-f]{64}$"
     keys = EVALUATION_PLAN_TOP_KEYS
     top = section_schema(
         tuple(k for k in keys if k.name not in nested), "an evaluation plan (no training)"
@@ -241,7 +249,12 @@ def evaluation_plan_key_table() -> str:
         "| key | type | default | allowed | meaning |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for section, keys in (("", EVALUATION_PLAN_TOP_KEYS), ("model_version", MODEL_VERSION_KEYS)):
+    sections = (
+        ("", EVALUATION_PLAN_TOP_KEYS),
+        ("model_version", MODEL_VERSION_KEYS),
+        ("model_version", UPLOADED_MODEL_KEYS[:1]),  # its other form: {uploaded, sha256}
+    )
+    for section, keys in sections:
         for key in keys:
             path = f"{section}.{key.name}" if section else key.name
             default, allowed = _cell(key)

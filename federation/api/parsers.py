@@ -10,7 +10,7 @@ import io
 from typing import Any
 
 from django.conf import settings
-from rest_framework.parsers import JSONParser
+from rest_framework.parsers import JSONParser, MultiPartParser
 
 from federation.api.exceptions import RequestTooLarge
 
@@ -33,4 +33,23 @@ class LimitedJSONParser(JSONParser):
             if len(body) > limit:
                 raise RequestTooLarge()
             stream = io.BytesIO(body)
+        return super().parse(stream, media_type, parser_context)
+
+
+class LimitedMultiPartParser(MultiPartParser):
+    """multipart/form-data bodies (a model upload) of at most QUORUM_MAX_UPLOADED_MODEL_BYTES
+    plus DATA_UPLOAD_MAX_MEMORY_SIZE for the other fields (else 413), refused by their declared
+    length before a byte is read; Django's parser caps the fields and spools the file."""
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        limit = settings.QUORUM_MAX_UPLOADED_MODEL_BYTES + (
+            settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 0
+        )
+        meta = parser_context["request"].META if parser_context else {}
+        try:
+            declared = int(meta.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            raise RequestTooLarge(limit)
         return super().parse(stream, media_type, parser_context)

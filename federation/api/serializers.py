@@ -36,6 +36,7 @@ from federation.models import (
     Run,
     Silo,
     TrainingPlan,
+    UploadedModel,
 )
 
 User = get_user_model()
@@ -753,10 +754,15 @@ class CalibrationCurveSerializer(serializers.Serializer):
 
 
 class EvaluatedVersionSerializer(serializers.Serializer):
-    """The registered model version an evaluation plan evaluated."""
+    """What an evaluation plan evaluated: a run's registered model version (run,
+    model_version), or an uploaded model (uploaded, name, uploaded_by; run and model_version
+    null); its weights' SHA-256 either way."""
 
-    run = serializers.IntegerField(read_only=True)
-    model_version = serializers.IntegerField(read_only=True)
+    run = serializers.IntegerField(read_only=True, allow_null=True)
+    model_version = serializers.IntegerField(read_only=True, allow_null=True)
+    uploaded = serializers.IntegerField(read_only=True, required=False)
+    name = serializers.CharField(read_only=True, required=False)
+    uploaded_by = serializers.CharField(read_only=True, required=False, allow_null=True)
     sha256 = serializers.CharField(read_only=True)
 
 
@@ -890,6 +896,66 @@ class ModelVersionSerializer(serializers.ModelSerializer):
         model = ModelVersion
         fields = ["id", "run", "number", "round", "checksum", "size_bytes", "created_at"]
         read_only_fields = fields
+
+
+class UploadedModelSerializer(serializers.ModelSerializer):
+    """A model uploaded to a consortium for evaluation plans (``{"uploaded": id, "sha256":
+    checksum}`` in a plan's model_version section)."""
+
+    uploaded_by = serializers.CharField(
+        source="uploaded_by.username", read_only=True, allow_null=True, default=None
+    )
+
+    class Meta:
+        model = UploadedModel
+        fields = [
+            "id",
+            "consortium",
+            "name",
+            "description",
+            "uploaded_by",
+            "model",
+            "checksum",
+            "size_bytes",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class UploadedModelDetailSerializer(UploadedModelSerializer):
+    """An uploaded model with the schema and fitted preprocessing it reads, its tensors, and
+    the URL of its safetensors file."""
+
+    download = serializers.SerializerMethodField()
+
+    class Meta(UploadedModelSerializer.Meta):
+        fields = [
+            *UploadedModelSerializer.Meta.fields,
+            "schema",
+            "preprocessing",
+            "signature",
+            "download",
+        ]
+        read_only_fields = fields
+
+    def get_download(self, uploaded: UploadedModel) -> str:
+        return reverse("api:uploaded-model-download", args=[uploaded.pk])
+
+
+class UploadedModelUploadSerializer(StrictSerializer):
+    """multipart/form-data: model, schema and preprocessing as JSON text, weights a file."""
+
+    name = TextField(max_length=200)
+    description = TextField(required=False, allow_blank=True, default="")
+    model = JSONObjectField(binary=True, help_text="the model spec (a plan's model section)")
+    schema = JSONObjectField(binary=True, help_text="the dataset schema the model reads")
+    preprocessing = JSONObjectField(
+        binary=True,
+        help_text="the fitted preprocessing of that schema (fedcore.tabular.merge_statistics)",
+    )
+    weights = serializers.FileField(
+        help_text="the weights as a .safetensors file (never a pickle or torch.save file)"
+    )
 
 
 class ModelVersionDetailSerializer(ModelVersionSerializer):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from federation.api.views import audit, people, plans, reports, runs, signup, silos
+from federation.api.views import (
+    audit,
+    people,
+    plans,
+    reports,
+    runs,
+    signup,
+    silos,
+    uploaded_models,
+)
 from federation.api.views.base import ApiNotFoundView
 
 app_name = "api"
@@ -108,6 +117,21 @@ urlpatterns = [
     ),
     path("models/<int:pk>/onnx/", reports.ModelVersionOnnxView.as_view(), name="model-onnx"),
     path("models/<int:pk>/card/", reports.ModelVersionCardView.as_view(), name="model-card"),
+    path(
+        "consortia/<int:pk>/models/",
+        uploaded_models.ConsortiumUploadedModelListView.as_view(),
+        name="consortium-uploaded-models",
+    ),
+    path(
+        "uploaded-models/<int:pk>/",
+        uploaded_models.UploadedModelDetailView.as_view(),
+        name="uploaded-model-detail",
+    ),
+    path(
+        "uploaded-models/<int:pk>/download/",
+        uploaded_models.UploadedModelDownloadView.as_view(),
+        name="uploaded-model-download",
+    ),
     path("audit/events/", audit.AuditEventListView.as_view(), name="audit-events"),
     path("audit/head/", audit.AuditHeadView.as_view(), name="audit-head"),
     path("server-key/", audit.ServerKeyView.as_view(), name="server-key"),

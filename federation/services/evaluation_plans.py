@@ -1,4 +1,5 @@
-"""Evaluation plans: evaluate a registered model version on every site's data.
+"""Evaluation plans: evaluate a registered model version, or an uploaded model, on every site's
+data.
 
 An evaluation plan (``"kind": "evaluation"``, ``fedcore.plan.evaluation_plan``) is governed
 exactly like a training plan (hash, every steward's approval, site policy, signed requests,
@@ -15,6 +16,11 @@ final evaluation of a training run (``federation.services.evaluation``):
    preprocessing, and opens the evaluating phase with ``evaluation.evaluation_begin``: the
    same signed ``evaluate`` message, the same checks of the answers, the same pooling into
    ``Run.evaluation``. No statistics pass, no round.
+
+An uploaded model (``{"uploaded": ID, "sha256": ...}``, ``federation.services.uploaded_models``)
+goes the same way: at proposal it must be of the same consortium with the plan's SHA-256, the
+plan's model spec must be its spec and the plan's schema must fit its schema; at the start its
+weights become the run's version 0 and its own fitted preprocessing the run's.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from fedcore.plan import PlanError, parse_evaluation, parse_schema
 from fedcore.plan.evaluation_plan import EvaluationPlan, parse_evaluation_plan
 from fedcore.tabular import DatasetSchema
 from federation import dispatch
-from federation.models import ModelVersion, Run, Silo, TrainingPlan
+from federation.models import ModelVersion, Run, Silo, TrainingPlan, UploadedModel
+from federation.selectors import evaluated_source
 from federation.services import evaluation as evaluation_service
 from federation.services.audit import audit_append
 from federation.storage import blob_store, model_key
@@ -55,6 +62,8 @@ def source_errors(consortium_id: int, spec: Mapping[str, Any]) -> dict[str, str]
     """
     plan = parse_evaluation_plan(spec)
     ref = plan.model_version
+    if ref.uploaded is not None:
+        return _uploaded_errors(consortium_id, spec, plan)
     version = _source_version(consortium_id, ref.run, ref.number)
     if version is None:
         return {
@@ -89,7 +98,7 @@ def source_errors(consortium_id: int, spec: Mapping[str, Any]) -> dict[str, str]
     except PlanError:
         errors["model_version"] = f"run {ref.run}'s schema cannot be read"
         return errors
-    errors.update(schema_fit_errors(plan.schema, source_schema, ref.run))
+    errors.update(schema_fit_errors(plan.schema, source_schema, f"run {ref.run}"))
     if plan.rows == "held_out":  # the source's split: its section, or the defaults
         theirs = parse_evaluation(source_spec.get("evaluation"))
         if theirs != plan.evaluation:
@@ -103,17 +112,57 @@ def source_errors(consortium_id: int, spec: Mapping[str, Any]) -> dict[str, str]
     return errors
 
 
+def _uploaded_model(consortium_id: int, uploaded_id: int) -> UploadedModel | None:
+    return (
+        UploadedModel.objects.select_related("uploaded_by")
+        .filter(pk=uploaded_id, consortium_id=consortium_id)
+        .first()
+    )
+
+
+def _uploaded_errors(
+    consortium_id: int, spec: Mapping[str, Any], plan: EvaluationPlan
+) -> dict[str, str]:
+    """Why an uploaded model cannot be evaluated by this plan (empty when it can): the checks
+    a run's version gets, against what was uploaded. One of another consortium reads as one
+    that does not exist."""
+    ref = plan.model_version
+    uploaded = _uploaded_model(consortium_id, int(ref.uploaded or 0))
+    if uploaded is None:
+        return {
+            "model_version.uploaded": (
+                f"no model with id {ref.uploaded} was uploaded to this consortium; name one "
+                "its uploaded models list"
+            )
+        }
+    label = f"uploaded model {uploaded.pk} ({uploaded.name!r})"
+    if uploaded.checksum != ref.sha256:
+        return {
+            "model_version.sha256": (
+                f"is {ref.sha256}, but {label} has SHA-256 {uploaded.checksum}: the plan must "
+                "name the exact weights it evaluates"
+            )
+        }
+    errors: dict[str, str] = {}
+    if plan.model != uploaded.model:  # both normalised by fedcore.models.validate_model_spec
+        errors["model"] = (
+            f"is {dict(spec['model'])}, but {label} is {uploaded.model}: copy the uploaded "
+            "model's spec"
+        )
+    errors.update(schema_fit_errors(plan.schema, DatasetSchema.from_dict(uploaded.schema), label))
+    return errors
+
+
 def _split(plan: EvaluationPlan) -> str:
     e = plan.evaluation
     return f"test_fraction {e.test_fraction:g}, seed {e.seed}, split_column {e.split_column!r}"
 
 
-def schema_fit_errors(
-    schema: DatasetSchema, source: DatasetSchema, source_run: int
-) -> dict[str, str]:
+def schema_fit_errors(schema: DatasetSchema, source: DatasetSchema, model: str) -> dict[str, str]:
     """Where a plan's schema does not fit the schema a model was trained on: the model reads
     the same feature columns in the same order with the same settings (the fitted preprocessing
-    turns each into the model's inputs) and predicts the same target."""
+    turns each into the model's inputs) and predicts the same target. ``model`` names the
+    model's source in the messages ("run 4", "uploaded model 2 ('risk')")."""
     errors: dict[str, str] = {}
     ours = [column.to_dict() for column in schema.columns]
     theirs = [column.to_dict() for column in source.columns]
@@ -129,7 +178,7 @@ def schema_fit_errors(
         if not detail:
             detail.append(f"orders them {names}, the model reads {source_names}")
         errors["schema.columns"] = (
-            f"the model of run {source_run} reads the feature columns {source_names}; this "
+            f"the model of {model} reads the feature columns {source_names}; this "
             f"schema {' and '.join(detail)}: a model that does not fit the dataset is refused"
         )
     else:
@@ -137,14 +186,14 @@ def schema_fit_errors(
             for key in sorted(set(a) | set(b)):
                 if a.get(key) != b.get(key):
                     errors[f"schema.columns.{index}.{key}"] = (
-                        f"column {a['name']!r} has {key} {a.get(key)!r}, but the model of run "
-                        f"{source_run} was trained with {b.get(key)!r}: a model that does not "
-                        "fit the dataset is refused"
+                        f"column {a['name']!r} has {key} {a.get(key)!r}, but the model of "
+                        f"{model} was trained with {b.get(key)!r}: a model that does not fit "
+                        "the dataset is refused"
                     )
                     break
     if schema.target.to_dict() != source.target.to_dict():
         errors["schema.target"] = (
-            f"is {schema.target.to_dict()}, but the model of run {source_run} predicts "
+            f"is {schema.target.to_dict()}, but the model of {model} predicts "
             f"{source.target.to_dict()}"
         )
     return errors
@@ -164,20 +213,18 @@ def evaluation_plan_begin(run: Run, online: list[Silo]) -> tuple[str, str]:
     if len(online) < cfg.min_silos:
         return _wait(run, cfg.min_silos, cfg.wait_for_silos_seconds, len(online), now)
     ref = plan.model_version
-    source = _source_version(run.plan.consortium_id, ref.run, ref.number)
-    if source is None or source.checksum != ref.sha256:
-        return "fail", (
-            f"model version {ref.number} of run {ref.run} is gone or no longer has SHA-256 "
-            f"{ref.sha256}"
-        )
+    source = _evaluated(run.plan.consortium_id, ref)
+    if source is None or source[0] != ref.sha256:
+        return "fail", f"{ref.label} is gone or no longer has SHA-256 {ref.sha256}"
+    _, blob_key, signature, preprocessing = source
     try:
-        data = blob_store().get(source.blob_key)
+        data = blob_store().get(blob_key)
     except OSError as exc:  # BlobStoreError: gone or unreadable
-        return "fail", f"the weights of model version {ref.number} of run {ref.run}: {exc}"
+        return "fail", f"the weights of {ref.label}: {exc}"
     if tensors.sha256_hex(data) != ref.sha256:
         return "fail", (
-            f"the stored weights of model version {ref.number} of run {ref.run} do not match "
-            f"their SHA-256 {ref.sha256}: nothing was evaluated"
+            f"the stored weights of {ref.label} do not match their SHA-256 {ref.sha256}: "
+            "nothing was evaluated"
         )
     # Its own copy (not the source's key): the run's model stays evaluable and auditable
     # whatever later happens to the source run's blobs.
@@ -194,10 +241,10 @@ def evaluation_plan_begin(run: Run, online: list[Silo]) -> tuple[str, str]:
             "checksum": ref.sha256,
             "size_bytes": len(data),
             "blob_key": key,
-            "signature": source.signature,
+            "signature": signature,
         },
     )
-    run.preprocessing = source.run.preprocessing
+    run.preprocessing = preprocessing
     run.started_at = now
     run.save(update_fields=["preprocessing", "started_at"])
     TrainingPlan.objects.filter(pk=run.plan_id).update(status=TrainingPlan.Status.RUNNING)
@@ -208,14 +255,31 @@ def evaluation_plan_begin(run: Run, online: list[Silo]) -> tuple[str, str]:
         object_type="run",
         object_id=run.pk,
         data={
-            "source_run": ref.run,
-            "source_version": ref.number,
+            **(
+                {"uploaded_model": ref.uploaded}
+                if ref.uploaded is not None
+                else {"source_run": ref.run, "source_version": ref.number}
+            ),
             "sha256": ref.sha256,
             "rows": plan.rows_note,
         },
     )
     evaluation_service.evaluation_begin(run, cfg, online)
     return "evaluating", ""
+
+
+def _evaluated(consortium_id: int, ref: Any) -> tuple[str, str, Any, Any] | None:
+    """The SHA-256, blob key, tensor signature and fitted preprocessing of what a plan
+    evaluates (a run's version or an uploaded model), None when it is gone."""
+    if ref.uploaded is not None:
+        uploaded = _uploaded_model(consortium_id, ref.uploaded)
+        if uploaded is None:
+            return None
+        return uploaded.checksum, uploaded.blob_key, uploaded.signature, uploaded.preprocessing
+    version = _source_version(consortium_id, ref.run, ref.number)
+    if version is None:
+        return None
+    return version.checksum, version.blob_key, version.signature, version.run.preprocessing
 
 
 def _wait(
@@ -241,7 +305,7 @@ def evaluation_plan_result(run: Run, pooled: dict[str, Any]) -> dict[str, Any]:
     return {
         **pooled,
         "plan_kind": "evaluation",
-        "source": {"run": ref.run, "model_version": ref.number, "sha256": ref.sha256},
+        "source": evaluated_source(run.plan.consortium_id, ref),
         "rows": plan.rows,
         "rows_note": plan.rows_note,
     }

@@ -79,6 +79,46 @@ def _model(w: World) -> Any:
     return store_model(w.run, 0, None)
 
 
+def _upload_body(w: World) -> dict[str, Any]:
+    """A valid multipart upload: a logistic regression on the schema's three columns."""
+    import io
+    import json
+
+    from fedcore import tensors
+    from fedcore.models import build_model
+    from tests.dashboard_factories import fitted_preprocessing
+
+    weights = tensors.encode_state_dict(
+        build_model({"kind": "logistic_regression"}, 3).state_dict()
+    )
+    return {
+        "name": "uploaded",
+        "model": json.dumps({"kind": "logistic_regression"}),
+        "schema": json.dumps(SCHEMA),
+        "preprocessing": json.dumps(fitted_preprocessing(SCHEMA)),
+        "weights": io.BytesIO(weights),
+    }
+
+
+def _uploaded(w: World) -> Any:
+    """A model the scientist uploaded to the consortium under test."""
+    import json
+
+    from federation.services.uploaded_models import uploaded_model_create
+
+    body = _upload_body(w)
+    return uploaded_model_create(
+        actor=w.gov.scientists[0],
+        consortium=w.gov.consortium,
+        name=body["name"],
+        description="",
+        model=json.loads(body["model"]),
+        schema=SCHEMA,
+        preprocessing=json.loads(body["preprocessing"]),
+        weights=body["weights"].getvalue(),
+    )
+
+
 MATRIX = """
 | Endpoint                                  | admin | org_admin | steward | scientist | auditor | other | anonymous |
 |-------------------------------------------|-------|-----------|---------|-----------|---------|-------|-----------|
@@ -137,6 +177,10 @@ MATRIX = """
 | GET /api/v1/models/{id}/download/         | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/models/{id}/onnx/             | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/models/{id}/card/             | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/consortia/{id}/models/        | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| POST /api/v1/consortia/{id}/models/       | 201   | 403       | 403     | 201       | 403     | 404   | 401       |
+| GET /api/v1/uploaded-models/{id}/         | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
+| GET /api/v1/uploaded-models/{id}/download/ | 200   | 200       | 200     | 200       | 200     | 404   | 401       |
 | GET /api/v1/audit/events/                 | 200   | 403       | 403     | 403       | 200     | 200   | 401       |
 | GET /api/v1/audit/head/                   | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
 | GET /api/v1/server-key/                   | 200   | 200       | 200     | 200       | 200     | 200   | 401       |
@@ -322,6 +366,22 @@ REQUESTS: dict[str, tuple[Callable[[World], str], Callable[[World], Any]]] = {
     ),
     "GET /api/v1/models/{id}/onnx/": (lambda w: f"/api/v1/models/{_model(w).pk}/onnx/", _none),
     "GET /api/v1/models/{id}/card/": (lambda w: f"/api/v1/models/{_model(w).pk}/card/", _none),
+    "GET /api/v1/consortia/{id}/models/": (
+        lambda w: f"/api/v1/consortia/{w.gov.consortium.pk}/models/",
+        _none,
+    ),
+    "POST /api/v1/consortia/{id}/models/": (
+        lambda w: f"/api/v1/consortia/{w.gov.consortium.pk}/models/",
+        _upload_body,
+    ),
+    "GET /api/v1/uploaded-models/{id}/": (
+        lambda w: f"/api/v1/uploaded-models/{_uploaded(w).pk}/",
+        _none,
+    ),
+    "GET /api/v1/uploaded-models/{id}/download/": (
+        lambda w: f"/api/v1/uploaded-models/{_uploaded(w).pk}/download/",
+        _none,
+    ),
     "GET /api/v1/audit/events/": (lambda w: "/api/v1/audit/events/", _none),
     "GET /api/v1/audit/head/": (lambda w: "/api/v1/audit/head/", _none),
     "GET /api/v1/server-key/": (lambda w: "/api/v1/server-key/", _none),
@@ -360,7 +420,10 @@ def call(world: World, role: str, endpoint: str) -> Any:
     url, body = REQUESTS[endpoint]
     client = world.client(role)
     data = body(world)
-    return getattr(client, method.lower())(url(world), data, format="json")
+    upload = isinstance(data, dict) and any(hasattr(v, "read") for v in data.values())
+    return getattr(client, method.lower())(
+        url(world), data, format="multipart" if upload else "json"
+    )
 
 
 def test_every_endpoint_has_a_row_and_a_request() -> None:
