@@ -46,7 +46,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from clientagent import __version__
-from clientagent.analysis import handle_analysis_request
+from clientagent.analysis import handle_analysis_request, mask_reply
 from clientagent.config import SiteConfig
 from clientagent.data import LocalData, canonical_sha256
 from clientagent.policy import (
@@ -595,11 +595,14 @@ class Agent:
             reply = await asyncio.to_thread(
                 handle_analysis_request, fields, self.data, self.config.disclosure
             )
+            reply, cells = await asyncio.to_thread(mask_reply, fields, reply)
         except TaskError as exc:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
         finally:
             self.state = "idle"
+        if cells is not None:  # the summary leaves only masked, when the server asks for it
+            session.secagg.offer_analysis(run, fields["step"], cells)
         await session.send_recorded("analysis", reply, plan_hash=fields["plan_hash"])
         logger.info("%s: answered", label)
 

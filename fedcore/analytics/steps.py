@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcore.analytics import secure
 from fedcore.analytics._newton import NewtonRaphson
 from fedcore.analytics._sums import merge_sums
 from fedcore.analytics.cohort import (
@@ -86,7 +87,15 @@ from fedcore.analytics.survival import (
 )
 from fedcore.plan.analysis import Analysis
 
-__all__ = ["merge_step", "next_step", "plan_steps", "release", "site_answer", "step_params"]
+__all__ = [
+    "merge_step",
+    "next_step",
+    "plan_steps",
+    "release",
+    "secure_answer",
+    "site_answer",
+    "step_params",
+]
 
 SUMMARY, EVENT_TIMES, BISECT, NEWTON, RESIDUALS = (
     "summary",
@@ -475,26 +484,55 @@ def _site_summary(
     )
 
 
-def merge_step(analysis: Analysis, step: str, answers: Sequence[Mapping[str, Any]]) -> dict:
+def merge_step(
+    analysis: Analysis,
+    step: str,
+    answers: Sequence[Mapping[str, Any]],
+    *,
+    summed: Mapping[str, Any] | None = None,
+) -> dict:
     """The server's merge of one step's answers (JSON data).
+
+    Args:
+        summed: the sum of the answers' summaries when secure aggregation computed it (the
+            answers then carry no summary, :func:`secure_answer`); None: summed here.
 
     Raises:
         ValueError: answers that do not fit the step (the message says which).
     """
+
+    def sums() -> dict[str, np.ndarray]:
+        if summed is not None:
+            return {k: np.asarray(v) for k, v in summed.items()}
+        return merge_sums(
+            [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
+        )
+
     if step == EVENT_TIMES:
         grid = merge_event_times([answer["event_times"] for answer in answers])
         out: dict[str, Any] = {"grid": grid.tolist()}
         if analysis.kind == "cox":
-            sums = merge_sums(
-                [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
-            )
-            n = max(int(sums["n"]), 1)
-            out["center"] = (np.asarray(sums["xsum"], dtype=np.float64) / n).tolist()
+            merged = sums()
+            n = max(int(merged["n"]), 1)
+            out["center"] = (np.asarray(merged["xsum"], dtype=np.float64) / n).tolist()
         return out
-    merged = merge_sums(
-        [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
-    )
-    return {name: value.tolist() for name, value in merged.items()}
+    return {name: value.tolist() for name, value in sums().items()}
+
+
+def secure_answer(answer: Mapping[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """A site's answer for a plan under secure aggregation: what travels in clear, and the
+    summary as the count tail of its SecAgg vector (``fedcore.analytics.secure``).
+
+    The clear part is the answer without its ``summary``, with ``"masked"`` (the summary's
+    layout) in its place: the server opens the step's SecAgg session from it. An answer without
+    a summary (Kaplan-Meier's event times) travels as it is, with no cells.
+    """
+    if "summary" not in answer:
+        return dict(answer), []
+    clear = {k: v for k, v in answer.items() if k != "summary"}
+    spec = secure.layout(answer["summary"])
+    clear["masked"] = {"layout": spec}
+    return clear, secure.to_cells(answer["summary"], spec)
 
 
 def step_params(analysis: Analysis, step: str, merged: Mapping[str, Any]) -> dict[str, Any]:
