@@ -326,7 +326,7 @@ def _analysis_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         plan = parse_analysis_plan(run.version.spec)
         _check_secure(plan, run, step, answer)
         noise = plan.privacy
-        noised = noise is not None and ({"summary", "masked"} & set(answer)) and step == SUMMARY
+        noised = noise is not None and bool({"summary", "masked"} & set(answer)) and step == SUMMARY
         if noised and answer.get("noise") != noise.describe():
             raise Refused(
                 "invalid_update",
