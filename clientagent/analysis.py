@@ -87,4 +87,4 @@ def mask_reply(
         raise TaskError(
             INVALID_TASK, f"analysis step {fields['step']!r}: {exc}", run=fields["run"]
         ) from None
-    return {**reply, "answer": answer}, cells
+    return {**reply, "answer": answer}, cells or None  # event times: no summary, no cells

@@ -9,6 +9,10 @@ Most analyses take one request to every site; Kaplan-Meier takes two (the union 
 event times, then the counts on it), quantiles a bisection step per narrowing, and the model fits
 (Cox, logistic regression) a step per Newton iteration, bounded by ``max_iterations``; linear
 regression takes two (X'X and X'y, then the residuals at the estimate).
+
+With ``"secure_aggregation": true`` every step's summary is summed under SecAgg
+(``fedcore.analytics.secure``; the event-time steps, a set, travel in clear); noise composes
+with it (each site adds its full noise), and the plan takes no ``secagg`` section.
 """
 
 from __future__ import annotations

@@ -17,6 +17,14 @@ which, in the run's locked transaction:
    ``steps.next_step``);
 3. stores the result in ``Run.analysis["result"]`` and audits ``analysis.released``.
 
+Under secure aggregation (the plan's ``secure_aggregation``) an answer carries its summary's
+layout instead of the summary (one carrying a summary in clear is refused, nothing stored);
+when the step's answers are in, :func:`_secure_sum` opens the step's SecAgg session over the
+sites that answered (``federation.secagg_analysis``), waits for it, and merges the unmasked sum
+exactly as the clear merge would; a site out of the sum at a later step withholds the result,
+as a silent one does. The result says what travelled masked and what in clear
+(``"secure_aggregation"``: Kaplan-Meier's and the unstratified Cox model's event times).
+
 Nothing is released when a site refused (its agent's ``policy_refused``, for instance a cohort
 below its minimum cell count, recorded by ``federation.services.refusals``): the other sites'
 results alone, set beside a release that included it, would reveal the refusing site's part by

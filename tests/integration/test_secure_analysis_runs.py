@@ -11,10 +11,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from django.core.exceptions import ValidationError
 from django.test import Client
+from lifelines import KaplanMeierFitter
+from lifelines.statistics import logrank_test
 
 from clientagent.analysis import handle_analysis_request, mask_reply
 from clientagent.data import LocalData
@@ -28,7 +31,13 @@ from federation.services.analysis import analysis_receive
 from federation.services.plans import plan_propose
 from federation.services.updates import Refused
 from tests.governance_factories import governed_consortium
-from tests.integration.test_analysis_runs import SCHEMA, analysis_spec, governed_run, site_csv
+from tests.integration.test_analysis_runs import (
+    KM,
+    SCHEMA,
+    analysis_spec,
+    governed_run,
+    site_csv,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -67,8 +76,12 @@ class Site:
         fields = protocol.decode_control(protocol.encode_control("analysis_request", **fields))
         reply = handle_analysis_request(fields, self.data, DisclosurePolicy())
         reply, cells = mask_reply(fields, reply)
-        assert cells, "a secure plan's summary leaves only as cells"
-        self.session.offer_analysis(run.pk, fields["step"], cells)
+        if fields["step"] == "event_times":  # a set, not a sum: in clear
+            assert cells is None and "event_times" in reply["answer"]
+        else:
+            assert cells and "summary" not in reply["answer"]
+        if cells is not None:
+            self.session.offer_analysis(run.pk, fields["step"], cells)
         reply = protocol.decode_control(protocol.encode_control("analysis", **reply))
         analysis_receive(silo_id=self.silo.pk, fields=reply)
 
@@ -111,6 +124,10 @@ def step(run: Run, sites: list[Site], outbox: list, **gone: Any) -> None:
         if SiloAnalysis.objects.filter(run=run, silo=site.silo, answer__isnull=True).exists():
             site.answer(run)
     orchestrator.run_advance(run.pk)
+    if run.analysis["steps"][-1] == "event_times":
+        assert not AnalysisSecAgg.objects.filter(run=run).exists()
+        run.refresh_from_db()
+        return
     assert AnalysisSecAgg.objects.filter(run=run).exists()
     pump(sites, outbox, **gone)
     orchestrator.run_advance(run.pk)
@@ -152,6 +169,33 @@ def test_a_site_gone_before_its_masked_input_at_a_later_step_withholds_the_fit(
     assert g.silos[1].name in run.error
     assert AuditEvent.objects.filter(action="analysis.withheld", object_id=str(run.pk)).exists()
     assert not AnalysisSecAgg.objects.filter(run=run).exists()
+
+
+def test_kaplan_meier_with_its_event_times_in_clear_and_counts_masked_equals_lifelines(
+    tmp_path, outbox
+) -> None:
+    g, run = governed_run(KM, secure_aggregation=True)
+    paths = [site_csv(tmp_path, seed) for seed in (7, 8, 9)]
+    sites = [Site(silo, path) for silo, path in zip(g.silos, paths, strict=True)]
+    step(run, sites, outbox)  # event times: answered in clear, merged without a session
+    assert run.analysis["steps"] == ["event_times", "summary"]
+    step(run, sites, outbox)
+    assert run.status == Run.Status.COMPLETED, run.error
+    result = run.analysis["result"]
+    assert result["secure_aggregation"]["clear_steps"] == ["event_times"]
+    assert result["secure_aggregation"]["masked_steps"] == ["summary"]
+    pooled = pd.concat(pd.read_csv(p, dtype={"sex": str}) for p in paths)
+    for level in ("1", "2"):
+        rows = pooled[pooled["sex"] == level]
+        fitter = KaplanMeierFitter().fit(rows["time"], rows["status"])
+        curve = result["curves"][level]
+        expected = fitter.survival_function_.loc[curve["time"]].iloc[:, 0].to_numpy()
+        np.testing.assert_allclose(curve["survival"], expected, rtol=0, atol=1e-9)
+    men, women = pooled[pooled["sex"] == "1"], pooled[pooled["sex"] == "2"]
+    test = logrank_test(men["time"], women["time"], men["status"], women["status"])
+    assert abs(result["logrank"]["statistic"] - test.test_statistic) <= 1e-9
+    summaries = SiloAnalysis.objects.filter(run=run, step="summary")
+    assert summaries.count() == 3 and all("summary" not in r.answer for r in summaries)
 
 
 def test_a_clear_summary_under_a_secure_plan_is_refused_and_not_stored(tmp_path) -> None:
