@@ -152,7 +152,7 @@ def _save(coord: StepCoordinator) -> None:
 def _locked(run_id: int, step: str, attempt: int = ATTEMPT) -> Iterator[StepCoordinator | None]:
     """The step's coordinator, locked (the run's row, then its own), written back at the end."""
     with transaction.atomic():
-        if not Run.objects.select_for_update().filter(pk=run_id).exists():
+        if not list(Run.objects.select_for_update().filter(pk=run_id).values_list("pk")):
             yield None
             return
         row = (

@@ -78,6 +78,8 @@ def finish(run: Run, procs: list[harness.Proc]) -> Run:
     )
     run.refresh_from_db()
     assert run.status == Run.Status.COMPLETED, run.error + "\n".join(p.tail() for p in procs)
+    seconds = (run.finished_at - run.started_at).total_seconds()
+    print(f"run {run.pk} ({run.plan.current_version.spec['analysis']['kind']}): {seconds:.2f} s")
     return run
 
 
