@@ -20,6 +20,11 @@ messages, docs/protocol.md "Secure aggregation"):
 - ``unmasking``: answered with the shares that remove the survivors' self masks and the dropped
   sites' pairwise masks, never both for one site (``SecAggClient.unmask`` refuses).
 
+An analysis plan under secure aggregation runs the same stages per analysis step (messages with
+``"step"``, round 0): the agent answers the step's request without its summary and keeps the
+summary's cells (``fedcore.analytics.secure``, :meth:`SecAggSession.offer_analysis`), which
+leave only masked, in the masked-input reply of the step's session.
+
 Any refusal or error aborts the round's client (its secrets are dropped) and is reported with an
 ``error`` ``secagg_aborted``; the site is then a dropout of the attempt. A session holds its
 clients only while its websocket is open: when it closes, every client is aborted, so a
