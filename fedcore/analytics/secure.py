@@ -52,6 +52,8 @@ INT, FLOAT = "int", "float"
 # The most values a secure summary may hold: its masked vector (4 bytes per limb, 8 limbs per
 # value, base64 in a JSON control frame of at most 1 MiB) must fit one frame.
 MAX_CELLS = 20_000
+# How far one site's encoded real may be from its double: half a step of 2^-32.
+RESOLUTION = 2.0**-TASK_FRACTION_BITS / 2
 
 
 def layout(summary: Mapping[str, Any]) -> Layout:

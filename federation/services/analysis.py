@@ -128,7 +128,11 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
         return _withhold(run, f"the sites' answers to step {step!r} do not merge: {exc}")
     state["merged"] = {**state.get("merged", {}), step: merged}
     try:
-        following = next_step(plan.analysis, [state["merged"][name] for name in state["steps"]])
+        following = next_step(
+            plan.analysis,
+            [state["merged"][name] for name in state["steps"]],
+            secure=plan.secure_aggregation,
+        )
     except ValueError as exc:
         return _withhold(run, f"the analysis cannot go on after step {step!r}: {exc}")
     if following is not None:
@@ -136,7 +140,12 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
         return "wait", f"asked step {following[0]!r}"
     try:
         result = release(
-            plan.analysis, state["merged"], answers, min_silos=plan.min_silos, noise=plan.privacy
+            plan.analysis,
+            state["merged"],
+            answers,
+            min_silos=plan.min_silos,
+            noise=plan.privacy,
+            secure=plan.secure_aggregation,
         )
     except (DisclosureRefused, ValueError, TypeError, KeyError) as exc:
         return _withhold(run, f"the result cannot be released: {exc}")
