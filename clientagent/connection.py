@@ -53,6 +53,7 @@ from clientagent.policy import (
     NOT_AUTHORIZED,
     POLICY_REFUSED,
     announced_kinds,
+    check_analysis_policy,
     check_authorization,
     check_evaluation_policy,
     check_local_decision,
@@ -474,7 +475,15 @@ class Agent:
             )
         if is_analysis(fields["plan"]):
             # No model, no training, no privacy budget: [disclosure] judges what the site
-            # releases (clientagent.analysis); the operator's own decision still counts.
+            # releases (clientagent.analysis); require_secure_aggregation and the operator's
+            # own decision still count.
+            check_analysis_policy(
+                fields["plan"],
+                fields["plan_hash"],
+                policy=policy,
+                config_path=self.config.path,
+                run=run,
+            )
             check_local_decision(
                 fields["plan_hash"],
                 policy=policy,
