@@ -51,6 +51,7 @@ from fedcore.secagg import (
     effective_degree,
 )
 from fedcore.secagg import wire as secagg_wire
+from fedcore.secure_updates import TASK_LIMBS
 from federation import dispatch
 from federation.models import AnalysisSecAgg, Run, SiloAnalysis
 from federation.services.audit import audit_append
@@ -204,7 +205,7 @@ def open_step(run: Run, plan: AnalysisPlan, step: str, silo_ids: list[int], spec
         step,
         n,
         config.threshold,
-        count_length // 8,
+        count_length // TASK_LIMBS,
     )
 
 
