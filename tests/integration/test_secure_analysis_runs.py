@@ -8,6 +8,7 @@ a clear summary under a secure plan, a masked answer under a clear one, a secagg
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from clientagent.data import LocalData
 from clientagent.secagg_session import SecAggSession
 from fedcore import protocol
 from fedcore.analytics import DisclosurePolicy
-from federation import dispatch, orchestrator, selectors
+from federation import dispatch, orchestrator, secagg_analysis, selectors
 from federation.models import AnalysisSecAgg, AuditEvent, Run, SiloAnalysis
 from federation.services import secagg as secagg_services
 from federation.services.analysis import analysis_receive
@@ -87,11 +88,16 @@ class Site:
 
 
 def pump(
-    sites: list[Site], outbox: list, *, gone: dict[int, str] | None = None
+    sites: list[Site],
+    outbox: list,
+    *,
+    gone: dict[int, str] | None = None,
+    silent: dict[int, str] | None = None,
 ) -> list[tuple[int, str]]:
     """Deliver the server's secagg requests to the sites and their replies to the server (as the
     consumer does) until none is left. ``gone``: silo id -> the stage from which that site's
-    connection is closed (it never sees that stage's request). Returns (silo, stage) sent."""
+    connection is closed (it never sees that stage's request); ``silent``: likewise, but the
+    connection stays open and the site just never answers. Returns (silo, stage) sent."""
     by_silo = {s.silo.pk: s for s in sites}
     delivered = []
     while outbox:
@@ -104,7 +110,7 @@ def pump(
             secagg_services.secagg_session_ended(silo_id=silo_id, greeted=True, replaced=False)
             gone.pop(silo_id)
             continue
-        if site.session.closed:
+        if site.session.closed or (silent and silent.get(silo_id) == event["stage"]):
             continue
         fields = {k: v for k, v in event.items() if k != "type"}
         fields = protocol.decode_control(protocol.encode_control("secagg", **fields))
@@ -132,6 +138,34 @@ def step(run: Run, sites: list[Site], outbox: list, **gone: Any) -> None:
     pump(sites, outbox, **gone)
     orchestrator.run_advance(run.pk)
     run.refresh_from_db()
+
+
+def test_a_site_silent_at_the_masked_input_is_out_when_the_stage_s_deadline_passes(
+    tmp_path, outbox, monkeypatch
+) -> None:
+    g, run = governed_run(COUNT, secure_aggregation=True)
+    paths = [site_csv(tmp_path, seed) for seed in (1, 2, 3)]
+    sites = [Site(silo, path) for silo, path in zip(g.silos, paths, strict=True)]
+    for site in sites:
+        site.answer(run)
+    orchestrator.run_advance(run.pk)
+    pump(sites, outbox, silent={g.silos[0].pk: "masked_input"})
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.RUNNING  # the masked-input stage waits for its deadline
+
+    class Later:  # the stage's deadline (round_deadline_seconds) has passed
+        @staticmethod
+        def time() -> float:
+            return time.time() + 301
+
+    monkeypatch.setattr(secagg_analysis, "time", Later)
+    orchestrator.run_advance(run.pk)  # the sweep closes the stage: the others unmask
+    pump(sites, outbox)
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED and "result" not in run.analysis
+    assert "2 site(s) are in the secure sum of step 'summary'; the plan needs 3" in run.error
 
 
 def test_a_site_gone_after_its_masked_input_is_in_the_released_count(tmp_path, outbox) -> None:
