@@ -17,7 +17,7 @@ from clientagent.policy import POLICY_REFUSED
 from clientagent.trainer import DATA_INVALID, INVALID_TASK, TaskError
 from fedcore import tabular
 from fedcore.analytics.disclosure import DisclosurePolicy, DisclosureRefused
-from fedcore.analytics.steps import site_answer
+from fedcore.analytics.steps import secure_answer, site_answer
 from fedcore.plan import PlanError, parse_analysis_plan
 
 
@@ -65,3 +65,26 @@ def handle_analysis_request(
     except (ValueError, KeyError, TypeError) as exc:
         raise TaskError(INVALID_TASK, f"analysis step {step!r}: {exc}", run=run) from None
     return {"run": run, "step": step, "answer": answer}
+
+
+def mask_reply(
+    fields: Mapping[str, Any], reply: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[int] | None]:
+    """The reply as it leaves under the plan: unchanged, with no cells, for a plan in clear;
+    for a plan under secure aggregation, the answer without its summary (its layout in place,
+    ``fedcore.analytics.steps.secure_answer``) and the summary's cells, which leave only
+    masked, in the step's SecAgg session (``clientagent.secagg_session``).
+
+    Raises:
+        TaskError: ``invalid_task``: a summary that cannot be encoded (a value too large).
+    """
+    plan = parse_analysis_plan(fields["plan"])
+    if not plan.secure_aggregation:
+        return dict(reply), None
+    try:
+        answer, cells = secure_answer(reply["answer"])
+    except ValueError as exc:
+        raise TaskError(
+            INVALID_TASK, f"analysis step {fields['step']!r}: {exc}", run=fields["run"]
+        ) from None
+    return {**reply, "answer": answer}, cells or None  # event times: no summary, no cells

@@ -46,13 +46,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from clientagent import __version__
-from clientagent.analysis import handle_analysis_request
+from clientagent.analysis import handle_analysis_request, mask_reply
 from clientagent.config import SiteConfig
 from clientagent.data import LocalData, canonical_sha256
 from clientagent.policy import (
     NOT_AUTHORIZED,
     POLICY_REFUSED,
     announced_kinds,
+    check_analysis_policy,
     check_authorization,
     check_evaluation_policy,
     check_local_decision,
@@ -474,7 +475,15 @@ class Agent:
             )
         if is_analysis(fields["plan"]):
             # No model, no training, no privacy budget: [disclosure] judges what the site
-            # releases (clientagent.analysis); the operator's own decision still counts.
+            # releases (clientagent.analysis); require_secure_aggregation and the operator's
+            # own decision still count.
+            check_analysis_policy(
+                fields["plan"],
+                fields["plan_hash"],
+                policy=policy,
+                config_path=self.config.path,
+                run=run,
+            )
             check_local_decision(
                 fields["plan_hash"],
                 policy=policy,
@@ -595,11 +604,14 @@ class Agent:
             reply = await asyncio.to_thread(
                 handle_analysis_request, fields, self.data, self.config.disclosure
             )
+            reply, cells = await asyncio.to_thread(mask_reply, fields, reply)
         except TaskError as exc:
             await self._refuse(exc, label, session, plan_hash=fields["plan_hash"])
             return
         finally:
             self.state = "idle"
+        if cells is not None:  # the summary leaves only masked, when the server asks for it
+            session.secagg.offer_analysis(run, fields["step"], cells)
         await session.send_recorded("analysis", reply, plan_hash=fields["plan_hash"])
         logger.info("%s: answered", label)
 

@@ -501,6 +501,28 @@ def check_evaluation_policy(
     )
 
 
+def check_analysis_policy(
+    plan: Mapping[str, Any], plan_hash: str, *, policy: PolicyConfig, config_path: Path, run: int
+) -> None:
+    """The ``[policy]`` rule that binds an analysis plan: ``require_secure_aggregation``
+    refuses one whose summaries would reach the server in clear (``[disclosure]`` judges the
+    rest, ``clientagent.analysis``).
+
+    Raises:
+        TaskError: ``policy_refused``.
+    """
+    if policy.require_secure_aggregation and plan.get("secure_aggregation") is not True:
+        raise _refusal(
+            plan_hash,
+            "this site requires secure aggregation (require_secure_aggregation) and the "
+            "analysis plan does not use it: its summaries would reach the server in clear",
+            'the consortium can add "secure_aggregation": true to the plan; to accept it '
+            f"anyway, set require_secure_aggregation = false in [policy] in {config_path}",
+            run=run,
+            round=None,
+        )
+
+
 def check_local_decision(
     plan_hash: str,
     *,

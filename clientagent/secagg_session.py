@@ -20,6 +20,11 @@ messages, docs/protocol.md "Secure aggregation"):
 - ``unmasking``: answered with the shares that remove the survivors' self masks and the dropped
   sites' pairwise masks, never both for one site (``SecAggClient.unmask`` refuses).
 
+An analysis plan under secure aggregation runs the same stages per analysis step (messages with
+``"step"``, round 0): the agent answers the step's request without its summary and keeps the
+summary's cells (``fedcore.analytics.secure``, :meth:`SecAggSession.offer_analysis`), which
+leave only masked, in the masked-input reply of the step's session.
+
 Any refusal or error aborts the round's client (its secrets are dropped) and is reported with an
 ``error`` ``secagg_aborted``; the site is then a dropout of the attempt. A session holds its
 clients only while its websocket is open: when it closes, every client is aborted, so a
@@ -82,6 +87,7 @@ class _Attempt:
     masked_request: dict[str, Any] | None = None
     masked_sent: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    step: str | None = None  # an analysis step's session (round 0)
 
 
 class SecAggSession:
@@ -108,6 +114,10 @@ class SecAggSession:
         self.min_threshold = min_threshold
         self._attempts: dict[tuple[int, int], _Attempt] = {}
         self._offers: dict[tuple[int, int], _Offer] = {}
+        # Analysis steps under secure aggregation, by (run, step): the session, and the
+        # summary's cells (fedcore.analytics.secure) until they leave masked.
+        self._analysis: dict[tuple[int, str], _Attempt] = {}
+        self._cells: dict[tuple[int, str], list[int]] = {}
         self.closed = False
 
     # -- the agent's side --------------------------------------------------------------------
@@ -140,12 +150,16 @@ class SecAggSession:
         """Drop everything kept for a run (it finished)."""
         for key in [k for k in {*self._attempts, *self._offers} if k[0] == run]:
             self._drop(key)
+        for step_key in [k for k in {*self._analysis, *self._cells} if k[0] == run]:
+            self._drop_step(step_key)
 
     def close(self) -> None:
         """The websocket closed: abort every client (their secrets go with the session)."""
         self.closed = True
         for key in list({*self._attempts, *self._offers}):
             self._drop(key)
+        for step_key in list({*self._analysis, *self._cells}):
+            self._drop_step(step_key)
 
     def _drop_earlier(self, run: int, rnd: int) -> None:
         """A later round of the run started: what is kept for its earlier rounds is stale."""
@@ -168,6 +182,9 @@ class SecAggSession:
     async def on_message(self, fields: Mapping[str, Any]) -> None:
         """Handle one ``secagg`` control message from the server."""
         if self.closed:
+            return
+        if "step" in fields:
+            await self._on_step_message(fields)
             return
         run, rnd, number = fields["run"], fields["round"], fields["attempt"]
         stage = fields["stage"]
@@ -207,12 +224,7 @@ class SecAggSession:
         expected = f"{run}:{rnd}:{number}"
         if config.round_id != expected:
             raise ProtocolError(f"round id {config.round_id!r} is not {expected!r}")
-        neighbourhood = effective_degree(config.n_clients, config.degree) + 1
-        if 2 * config.threshold <= neighbourhood:
-            raise ProtocolError(
-                f"threshold {config.threshold} is not a strict majority of the "
-                f"{neighbourhood} sites of a neighbourhood: a minority could unmask a site"
-            )
+        _check_threshold(config)
         self._drop_earlier(run, rnd)
         old = self._attempts.get((run, rnd))
         if old is not None:
@@ -412,6 +424,121 @@ class SecAggSession:
             )
         return encoded.vector, encoded.clipped
 
+    # -- analysis steps ---------------------------------------------------------------------
+
+    def offer_analysis(self, run: int, step: str, cells: list[int]) -> None:
+        """An analysis step's summary (its SecAgg cells): sent masked once the server asks."""
+        if self.closed:
+            return
+        self._drop_step((run, step))
+        self._cells[(run, step)] = cells
+
+    def _drop_step(self, key: tuple[int, str]) -> None:
+        attempt = self._analysis.pop(key, None)
+        if attempt is not None and attempt.client.stage not in (Stage.DONE, Stage.ABORTED):
+            attempt.client.abort()
+        self._cells.pop(key, None)
+
+    async def _on_step_message(self, fields: Mapping[str, Any]) -> None:
+        """A ``secagg`` message of an analysis step's session (``"step"``, round 0): the same
+        four stages; the masked input is the summary's cells, sent at once in a ``secagg``
+        reply (the answer was computed when the step was asked)."""
+        run, step, number, stage = fields["run"], fields["step"], fields["attempt"], fields["stage"]
+        key = (run, step)
+        try:
+            request = secagg_wire.from_json(fields["payload"])
+            if request.get("stage") != stage:
+                raise ProtocolError("the payload's stage differs from the message's")
+            if stage == Stage.ADVERTISE_KEYS.value:
+                attempt = self._new_step_attempt(fields, request)
+            else:
+                attempt = self._analysis.get(key)
+                if attempt is None or attempt.attempt != number:
+                    raise ProtocolError(
+                        f"a {stage!r} request for analysis step {step!r} attempt {number}, for "
+                        "which this site advertised no keys"
+                    )
+        except SecAggError as exc:
+            self._drop_step(key)
+            await self._step_aborted(run, step, exc)
+            return
+        async with attempt.lock:
+            if self._analysis.get(key) is not attempt:
+                return
+            client = attempt.client
+            try:
+                if stage == Stage.ADVERTISE_KEYS.value:
+                    reply = await asyncio.to_thread(client.advertise_keys, request)
+                elif stage == Stage.SHARE_KEYS.value:
+                    reply = await asyncio.to_thread(client.share_keys, request)
+                elif stage == Stage.MASKED_INPUT.value:
+                    cells = self._cells.pop(key, None)
+                    if cells is None:
+                        raise ProtocolError(f"no summary of step {step!r} is waiting here")
+                    # The one float coordinate is 1.0: its sum counts the contributors.
+                    reply = await asyncio.to_thread(client.masked_input, request, [1.0], cells)
+                elif stage == Stage.UNMASKING.value:
+                    reply = await asyncio.to_thread(client.unmask, request)
+                    self._analysis.pop(key, None)
+                else:
+                    raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
+            except (SecAggError, ValueError) as exc:
+                self._drop_step(key)
+                await self._step_aborted(run, step, exc)
+                return
+            await self._send_control(
+                "secagg",
+                run=run,
+                round=0,
+                step=step,
+                attempt=number,
+                stage=reply["stage"],
+                payload=secagg_wire.to_json(reply),
+            )
+        if stage == Stage.MASKED_INPUT.value:
+            logger.info("run %d step %r: sent the masked summary", run, step)
+
+    def _new_step_attempt(self, fields: Mapping[str, Any], request: dict[str, Any]) -> _Attempt:
+        run, step, number = fields["run"], fields["step"], fields["attempt"]
+        client_id = fields.get("client")
+        if not isinstance(client_id, int):
+            raise ProtocolError("advertise_keys must name this site's client id")
+        config = SecAggConfig.from_message(request)
+        expected = f"analysis:{run}:{step}:{number}"
+        if config.round_id != expected:
+            raise ProtocolError(f"round id {config.round_id!r} is not {expected!r}")
+        _check_threshold(config)
+        cells = self._cells.get((run, step))
+        if cells is None:
+            raise ProtocolError(f"this site holds no answer to analysis step {step!r}")
+        if config.float_length != 1 or config.count_length != len(cells):
+            raise ProtocolError(
+                f"the session expects {config.count_length} cells, this site's summary has "
+                f"{len(cells)}"
+            )
+        old = self._analysis.pop((run, step), None)
+        if old is not None:
+            if old.attempt >= number:
+                raise ProtocolError(f"step {step!r} attempt {number} was already started")
+            if old.client.stage not in (Stage.DONE, Stage.ABORTED):
+                old.client.abort()
+        attempt = _Attempt(
+            run=run,
+            round=0,
+            attempt=number,
+            client=SecAggClient(client_id, min_threshold=self.min_threshold),
+            step=step,
+        )
+        self._analysis[(run, step)] = attempt
+        return attempt
+
+    async def _step_aborted(self, run: int, step: str, exc: Exception) -> None:
+        logger.error("run %d step %r: secure aggregation aborted here: %s", run, step, exc)
+        reason = f"secure aggregation of analysis step {step!r} aborted at this site: {exc}"
+        if len(reason) > protocol.MAX_ERROR_REASON_CHARS:
+            reason = reason[: protocol.MAX_ERROR_REASON_CHARS - 3] + "..."
+        await self._send_error({"code": SECAGG_ABORTED, "reason": reason, "run": run}, None)
+
     async def _aborted(
         self, run: int, rnd: int, exc: Exception, *, plan_hash: str | None = None
     ) -> None:
@@ -423,4 +550,14 @@ class SecAggSession:
             reason = reason[: protocol.MAX_ERROR_REASON_CHARS - 3] + "..."
         await self._send_error(
             {"code": SECAGG_ABORTED, "reason": reason, "run": run, "round": rnd}, plan_hash
+        )
+
+
+def _check_threshold(config: SecAggConfig) -> None:
+    """The threshold must be a strict majority of a neighbourhood (ProtocolError)."""
+    neighbourhood = effective_degree(config.n_clients, config.degree) + 1
+    if 2 * config.threshold <= neighbourhood:
+        raise ProtocolError(
+            f"threshold {config.threshold} is not a strict majority of the "
+            f"{neighbourhood} sites of a neighbourhood: a minority could unmask a site"
         )

@@ -679,6 +679,8 @@ def analysis_chart(result: dict[str, Any]) -> Chart:
         )
     if result.get("noise"):
         description += f" Noised: {result['noise']['note']}."
+    if result.get("secure_aggregation"):
+        description += f" Secure aggregation: {result['secure_aggregation']['note']}."
     return Chart(
         key="analysis",
         title=f"Result: {kind.replace('_', ' ')}",

@@ -250,6 +250,9 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "stage": (_STR, _REQ),
         "payload": (_DICT, _REQ),
         "client": (_INT, _OPT),
+        # an analysis step's secure aggregation (federation.secagg_analysis): its step, with
+        # round 0; the masked input travels in this message then, not as a masked_update
+        "step": (_STR, _OPT),
     },
     # either direction
     "error": {

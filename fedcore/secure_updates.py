@@ -59,6 +59,8 @@ __all__ = [
     "dp_quantiser_clip",
     "dp_vector",
     "example_weight",
+    "fixed_limbs",
+    "fixed_sum",
     "mean_state",
     "task_layout",
     "task_part_from_tail",
@@ -336,22 +338,37 @@ def task_layout(task: str, n_classes: int | None = None, bins: int | None = None
     return ()
 
 
-def _fixed_limbs(value: float, where: str) -> list[int]:
+def fixed_limbs(
+    value: float | int, where: str, *, fraction_bits: int = TASK_FRACTION_BITS
+) -> list[int]:
+    """One value in fixed point with ``fraction_bits`` fractional bits (0: an integer, exact),
+    as the ``TASK_LIMBS`` 16-bit limbs of its 128-bit two's complement, low limb first.
+
+    Raises:
+        ValueError: a value that is not finite or whose magnitude reaches ``TASK_MAX_ABS``.
+    """
     if not math.isfinite(value) or abs(value) >= TASK_MAX_ABS:
-        raise ValueError(f"task part {where} = {value!r} cannot be summed securely")
+        raise ValueError(f"{where} = {value!r} cannot be summed securely")
     modulus = 1 << (TASK_LIMB_BITS * TASK_LIMBS)
-    fixed = round(value * (1 << TASK_FRACTION_BITS)) % modulus  # two's complement
+    if isinstance(value, int | np.integer):
+        scaled = int(value) << fraction_bits
+    else:
+        scaled = round(value * (1 << fraction_bits))
+    fixed = scaled % modulus  # two's complement
     mask = (1 << TASK_LIMB_BITS) - 1
     return [(fixed >> (TASK_LIMB_BITS * i)) & mask for i in range(TASK_LIMBS)]
 
 
-def _fixed_sum(limb_sums: Sequence[int]) -> tuple[int, int]:
-    """The exact sum of the sites' fixed-point values: (numerator, denominator 2^F)."""
+def fixed_sum(
+    limb_sums: Sequence[int], *, fraction_bits: int = TASK_FRACTION_BITS
+) -> tuple[int, int]:
+    """The exact sum of the sites' fixed-point values from the sums of their limbs
+    (:func:`fixed_limbs`): (numerator, denominator 2^F)."""
     bits = TASK_LIMB_BITS * TASK_LIMBS
     total = sum(int(s) << (TASK_LIMB_BITS * i) for i, s in enumerate(limb_sums)) % (1 << bits)
     if total >= 1 << (bits - 1):
         total -= 1 << bits
-    return total, 1 << TASK_FRACTION_BITS
+    return total, 1 << fraction_bits
 
 
 def task_part_to_tail(
@@ -390,7 +407,7 @@ def task_part_to_tail(
     else:
         raise ValueError(f"a {task!r} plan has no task part")
     for name, value in sums.items():
-        for i, limb in enumerate(_fixed_limbs(value, name)):
+        for i, limb in enumerate(fixed_limbs(value, f"task part {name}")):
             values[(name, f"limb{i}")] = limb
     cells = [(group, cell) for _, group, cell in layout]
     if set(cells) != set(values) or len(cells) != len(values):
@@ -420,7 +437,7 @@ def task_part_from_tail(
 
     def fixed(name: str) -> Fraction:
         cells = by_field[name]
-        numerator, denominator = _fixed_sum([cells[f"limb{i}"] for i in range(TASK_LIMBS)])
+        numerator, denominator = fixed_sum([cells[f"limb{i}"] for i in range(TASK_LIMBS)])
         return Fraction(numerator, denominator)
 
     if task == "multiclass":

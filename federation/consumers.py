@@ -495,8 +495,9 @@ class AgentConsumer(PeerAware, AsyncWebsocketConsumer):
     async def secagg_message(self, event: dict[str, Any]) -> None:
         """Relay a secure-aggregation request of the round's coordinator to the agent."""
         fields = {k: event[k] for k in ("run", "round", "attempt", "stage", "payload")}
-        if "client" in event:
-            fields["client"] = event["client"]
+        for optional in ("client", "step"):
+            if optional in event:
+                fields[optional] = event[optional]
         await self.send(text_data=protocol.encode_control("secagg", **fields))
 
     async def round_task(self, event: dict[str, Any]) -> None:

@@ -672,6 +672,40 @@ class SecAggAttempt(models.Model):
         return f"secure aggregation of {self.round}"
 
 
+class AnalysisSecAgg(models.Model):
+    """The SecAgg coordinator of one step of an analysis run under secure aggregation: the
+    sibling of ``SecAggAttempt`` (which belongs to a training round), keyed to (run, step,
+    attempt); the round id bound into every key is ``"analysis:<run>:<step>:<attempt>"``.
+
+    It stores what ``SecAggAttempt`` stores (public parameters and keys, sealed share
+    ciphertexts, rosters, revealed unmasking shares, the running masked sum, then the unmasked
+    sum), never one site's vector or summary (``federation.secagg_analysis``). The row is
+    deleted once the step's merge is taken, or when the run ends.
+    """
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="analysis_secagg")
+    step = models.CharField(max_length=20)
+    attempt = models.PositiveIntegerField(default=1)
+    # Public parameters: the SecAggConfig, stage timeout, client id -> silo id, the layout.
+    params = models.JSONField()
+    state = models.JSONField(default=dict)  # SecAggServer.snapshot()'s dict
+    vector = models.BinaryField(null=True, blank=True)  # masked running sum, then the sum
+    gone = models.JSONField(default=list)  # client ids known to have dropped out
+    error = models.TextField(blank=True)
+    notified = models.BooleanField(default=False)  # the orchestrator was asked to look
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "step", "attempt"], name="analysis_secagg_once_per_step_attempt"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"secure aggregation of step {self.step} of run {self.run_id}"
+
+
 class AuditEvent(models.Model):
     """One entry of the append-only, hash-chained audit log.
 

@@ -49,6 +49,8 @@ class NewtonRaphson:
         max_iter: int = 100,
         max_halvings: int = 40,
         hint: str = "",
+        loglik_slack: float = 0.0,
+        gradient_slack: float = 0.0,
     ) -> None:
         """Start at ``start`` (zeros by default).
 
@@ -59,6 +61,12 @@ class NewtonRaphson:
             max_iter: Newton steps before giving up.
             max_halvings: successive halvings of one step before giving up.
             hint: appended to every failure message (the model's likely cause).
+            loglik_slack: how far the merged log-likelihood may be off (sums in fixed point
+                under secure aggregation): a fall within it is rounding, not a worse point,
+                and halves no step.
+            gradient_slack: how far each merged gradient component may be off (likewise):
+                the fit has also converged when the step is within twice what that error
+                can move it (``|H^-1|`` row sums times it), since a smaller one is rounding.
         """
         self.beta = np.zeros(n_params) if start is None else np.asarray(start, dtype=np.float64)
         if self.beta.shape != (n_params,):
@@ -67,6 +75,8 @@ class NewtonRaphson:
         self.max_iter = max_iter
         self.max_halvings = max_halvings
         self.hint = f"; {hint}" if hint else ""
+        self.loglik_slack = float(loglik_slack)
+        self.gradient_slack = float(gradient_slack)
         self.iterations = 0
         self.evaluations = 0
         self.done = False
@@ -101,7 +111,8 @@ class NewtonRaphson:
                 "coefficients; rescale large covariates or give a centre for them" + self.hint
             )
         accepted = self._accepted
-        if accepted is not None and loglik < accepted.loglik - 1e-12 * (1 + abs(accepted.loglik)):
+        slack = 1e-12 * (1 + abs(accepted.loglik)) + self.loglik_slack if accepted else 0.0
+        if accepted is not None and loglik < accepted.loglik - slack:
             self._halvings += 1
             if self._halvings > self.max_halvings:
                 raise ConvergenceError(
@@ -121,7 +132,11 @@ class NewtonRaphson:
                 f"{np.round(self.beta, 3).tolist()}: covariates may be collinear or constant in "
                 "the pooled rows (drop one of them)" + self.hint
             ) from error
-        if np.max(np.abs(step), initial=0.0) < self.tol:
+        tol = self.tol
+        if self.gradient_slack:
+            rounding = np.abs(np.linalg.inv(h)).sum(axis=1) * self.gradient_slack
+            tol = max(tol, 2.0 * float(np.max(rounding, initial=0.0)))
+        if np.max(np.abs(step), initial=0.0) < tol:
             self.done = True
             return
         self.iterations += 1

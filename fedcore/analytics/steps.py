@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcore.analytics import secure as secure_encoding
 from fedcore.analytics._newton import NewtonRaphson
 from fedcore.analytics._sums import merge_sums
 from fedcore.analytics.cohort import (
@@ -86,7 +87,15 @@ from fedcore.analytics.survival import (
 )
 from fedcore.plan.analysis import Analysis
 
-__all__ = ["merge_step", "next_step", "plan_steps", "release", "site_answer", "step_params"]
+__all__ = [
+    "merge_step",
+    "next_step",
+    "plan_steps",
+    "release",
+    "secure_answer",
+    "site_answer",
+    "step_params",
+]
 
 SUMMARY, EVENT_TIMES, BISECT, NEWTON, RESIDUALS = (
     "summary",
@@ -124,15 +133,23 @@ def _iterative(analysis: Analysis) -> bool:
     return analysis.kind in ("cox", "logistic_regression")
 
 
-def _newton(analysis: Analysis, history: Sequence[Mapping[str, Any]]) -> NewtonRaphson:
+def _newton(
+    analysis: Analysis, history: Sequence[Mapping[str, Any]], *, secure: bool = False
+) -> NewtonRaphson:
     """The server's Newton-Raphson replayed over the merged Newton steps so far (``history``
-    starts after the fixed steps). Deterministic: each replayed point is the one asked."""
+    starts after the fixed steps). Deterministic: each replayed point is the one asked.
+    ``secure``: the sums came through secure aggregation, in fixed point: two merged
+    log-likelihoods may differ by up to 2 * sites * 2^-33 from rounding alone, a merged
+    gradient component by sites * 2^-33 (``NewtonRaphson``'s slacks)."""
     hint = MONOTONE_HINT if analysis.kind == "cox" else SEPARATION_HINT
+    sites = int(np.asarray(history[0].get("sites", 1))) if history else 1
     fit = NewtonRaphson(
         len(analysis.coefficients),
         tol=NEWTON_TOL,
         max_iter=analysis.max_iterations,
         hint=hint,
+        loglik_slack=2 * sites * secure_encoding.RESOLUTION if secure else 0.0,
+        gradient_slack=sites * secure_encoding.RESOLUTION if secure else 0.0,
     )
     for merged in history:
         data = {k: np.asarray(v, dtype=np.float64) for k, v in merged.items()}
@@ -152,10 +169,11 @@ def _search(analysis: Analysis, history: Sequence[Mapping[str, Any]], min_cell_c
 
 
 def next_step(
-    analysis: Analysis, history: Sequence[Mapping[str, Any]]
+    analysis: Analysis, history: Sequence[Mapping[str, Any]], *, secure: bool = False
 ) -> tuple[str, dict[str, Any]] | None:
     """The next step to ask and its parameters, given the merges of the steps so far (in
-    order); None when the result can be released.
+    order); None when the result can be released. ``secure``: the merges are sums under
+    secure aggregation (fixed point: :func:`_newton`).
 
     Raises:
         ValueError: a quantile search that cannot go on (no rows, the sites' count changed, more
@@ -166,7 +184,7 @@ def next_step(
         if len(history) < len(fixed):
             step = fixed[len(history)]
             return step, step_params(analysis, step, dict(zip(fixed, history, strict=False)))
-        fit = _newton(analysis, history[len(fixed) :])
+        fit = _newton(analysis, history[len(fixed) :], secure=secure)
         if fit.done:
             return None
         params: dict[str, Any] = {"beta": fit.beta.tolist()}
@@ -475,26 +493,55 @@ def _site_summary(
     )
 
 
-def merge_step(analysis: Analysis, step: str, answers: Sequence[Mapping[str, Any]]) -> dict:
+def merge_step(
+    analysis: Analysis,
+    step: str,
+    answers: Sequence[Mapping[str, Any]],
+    *,
+    summed: Mapping[str, Any] | None = None,
+) -> dict:
     """The server's merge of one step's answers (JSON data).
+
+    Args:
+        summed: the sum of the answers' summaries when secure aggregation computed it (the
+            answers then carry no summary, :func:`secure_answer`); None: summed here.
 
     Raises:
         ValueError: answers that do not fit the step (the message says which).
     """
+
+    def sums() -> dict[str, np.ndarray]:
+        if summed is not None:
+            return {k: np.asarray(v) for k, v in summed.items()}
+        return merge_sums(
+            [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
+        )
+
     if step == EVENT_TIMES:
         grid = merge_event_times([answer["event_times"] for answer in answers])
         out: dict[str, Any] = {"grid": grid.tolist()}
         if analysis.kind == "cox":
-            sums = merge_sums(
-                [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
-            )
-            n = max(int(sums["n"]), 1)
-            out["center"] = (np.asarray(sums["xsum"], dtype=np.float64) / n).tolist()
+            merged = sums()
+            n = max(int(merged["n"]), 1)
+            out["center"] = (np.asarray(merged["xsum"], dtype=np.float64) / n).tolist()
         return out
-    merged = merge_sums(
-        [{k: np.asarray(v) for k, v in answer["summary"].items()} for answer in answers]
-    )
-    return {name: value.tolist() for name, value in merged.items()}
+    return {name: value.tolist() for name, value in sums().items()}
+
+
+def secure_answer(answer: Mapping[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """A site's answer for a plan under secure aggregation: what travels in clear, and the
+    summary as the count tail of its SecAgg vector (``fedcore.analytics.secure``).
+
+    The clear part is the answer without its ``summary``, with ``"masked"`` (the summary's
+    layout) in its place: the server opens the step's SecAgg session from it. An answer without
+    a summary (Kaplan-Meier's event times) travels as it is, with no cells.
+    """
+    if "summary" not in answer:
+        return dict(answer), []
+    clear = {k: v for k, v in answer.items() if k != "summary"}
+    spec = secure_encoding.layout(answer["summary"])
+    clear["masked"] = {"layout": spec}
+    return clear, secure_encoding.to_cells(answer["summary"], spec)
 
 
 def step_params(analysis: Analysis, step: str, merged: Mapping[str, Any]) -> dict[str, Any]:
@@ -514,8 +561,9 @@ def release(
     *,
     min_silos: int = 1,
     noise: AnalysisNoise | None = None,
+    secure: bool = False,
 ) -> dict[str, Any]:
-    """The released result of a finished analysis.
+    """The released result of a finished analysis (``secure``: as for :func:`next_step`).
 
     Args:
         merged: step -> its merge (:func:`merge_step`).
@@ -546,7 +594,7 @@ def release(
         result["sites"] = sites
         return result
     if analysis.kind in ("cox", "linear_regression", "logistic_regression"):
-        result.update(_model_result(analysis, merged, answers))
+        result.update(_model_result(analysis, merged, answers, secure=secure))
         result["sites"] = sites
         return result
     data = {k: np.asarray(v) for k, v in merged[SUMMARY].items()}
@@ -649,7 +697,11 @@ def _noised_moments_result(
 
 
 def _model_result(
-    analysis: Analysis, merged: Mapping[str, Any], answers: Sequence[Mapping[str, Any]]
+    analysis: Analysis,
+    merged: Mapping[str, Any],
+    answers: Sequence[Mapping[str, Any]],
+    *,
+    secure: bool = False,
 ) -> dict[str, Any]:
     """A model's coefficient table (coef, se, statistic, p_value, ci_lower, ci_upper; hazard or
     odds ratios) from the merges of its steps."""
@@ -664,7 +716,7 @@ def _model_result(
     fixed = plan_steps(analysis)
     steps = [*fixed, *sorted((s for s in merged if s.startswith(NEWTON)), key=_newton_index)]
     history = [merged[s] for s in steps[len(fixed) :]]
-    fit = _newton(analysis, history)
+    fit = _newton(analysis, history, secure=secure)
     if not fit.done:
         raise ValueError("the model fit has not converged; nothing to release")
     last = {k: np.asarray(v) for k, v in history[-1].items()}

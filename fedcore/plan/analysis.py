@@ -9,6 +9,10 @@ Most analyses take one request to every site; Kaplan-Meier takes two (the union 
 event times, then the counts on it), quantiles a bisection step per narrowing, and the model fits
 (Cox, logistic regression) a step per Newton iteration, bounded by ``max_iterations``; linear
 regression takes two (X'X and X'y, then the residuals at the estimate).
+
+With ``"secure_aggregation": true`` every step's summary is summed under SecAgg
+(``fedcore.analytics.secure``; the event-time steps, a set, travel in clear); noise composes
+with it (each site adds its full noise), and the plan takes no ``secagg`` section.
 """
 
 from __future__ import annotations
@@ -86,6 +90,14 @@ ANALYSIS_TOP_KEYS: tuple[Key, ...] = (
     ),
     WAIT_FOR_SILOS,
     Key(
+        "secure_aggregation",
+        "boolean",
+        "every step's summary travels under secure aggregation (fedcore.secagg): the server "
+        "learns only the sum over the sites; a step whose answer is a set (the event times of "
+        "Kaplan-Meier and of an unstratified Cox model) travels in clear (docs/analytics.md)",
+        default=False,
+    ),
+    Key(
         "privacy",
         "object",
         "noise every site adds to its count table or moment sums, charged to its privacy ledger: "
@@ -153,6 +165,13 @@ class AnalysisPlan:
     round_deadline_seconds: float
     wait_for_silos_seconds: float
     privacy: AnalysisNoise | None = None  # None: exact, no noise
+    secure_aggregation: bool = False  # summaries summed under SecAgg (fedcore.analytics.secure)
+
+    @property
+    def min_sites(self) -> int:
+        """The fewest sites a step can be asked of: ``min_silos``, and 2 under secure
+        aggregation (one site's sum is its own summary)."""
+        return max(self.min_silos, 2) if self.secure_aggregation else self.min_silos
 
 
 def is_analysis(spec: Any) -> bool:
@@ -224,6 +243,7 @@ def parse_analysis_plan(spec: Any) -> AnalysisPlan:
         round_deadline_seconds=deadline,
         wait_for_silos_seconds=wait_for_silos_seconds(top, deadline),
         privacy=noise,
+        secure_aggregation=bool(top["secure_aggregation"]),
     )
 
 
@@ -246,14 +266,13 @@ def _moment_bounds(
     return replace(noise, bounds=tuple(bounds))
 
 
-# Keys of training plans that an analysis plan does not take yet, with the reason.
+# Keys of training plans that an analysis plan does not take, with the reason.
 _NOT_YET: dict[str, str] = {
-    "secure_aggregation": (
-        "analysis plans do not run under secure aggregation yet: each site's summary reaches "
-        "the server in clear and the server suppresses small cells before release "
-        "(docs/analytics.md, 'Secure aggregation of analysis sums'). Remove the key; a site "
-        "that must not show its own small counts to the server can require noise "
-        "([disclosure] require_noise) and the plan can add it (privacy)"
+    "secagg": (
+        "an analysis plan's secure aggregation takes no settings: the threshold is the "
+        "default (two thirds of the sites, at least a strict majority), every stage waits "
+        "round_deadline_seconds and the summary is summed exactly in fixed point, not clipped "
+        "(docs/analytics.md, 'Secure aggregation of analysis sums'); remove the section"
     ),
 }
 

@@ -17,6 +17,14 @@ which, in the run's locked transaction:
    ``steps.next_step``);
 3. stores the result in ``Run.analysis["result"]`` and audits ``analysis.released``.
 
+Under secure aggregation (the plan's ``secure_aggregation``) an answer carries its summary's
+layout instead of the summary (one carrying a summary in clear is refused, nothing stored);
+when the step's answers are in, :func:`_secure_sum` opens the step's SecAgg session over the
+sites that answered (``federation.secagg_analysis``), waits for it, and merges the unmasked sum
+exactly as the clear merge would; a site out of the sum at a later step withholds the result,
+as a silent one does. The result says what travelled masked and what in clear
+(``"secure_aggregation"``: Kaplan-Meier's and the unstratified Cox model's event times).
+
 Nothing is released when a site refused (its agent's ``policy_refused``, for instance a cohort
 below its minimum cell count, recorded by ``federation.services.refusals``): the other sites'
 results alone, set beside a release that included it, would reveal the refusing site's part by
@@ -36,10 +44,11 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from fedcore.analytics import secure
 from fedcore.analytics.disclosure import DisclosureRefused
-from fedcore.analytics.steps import SUMMARY, merge_step, next_step, release
+from fedcore.analytics.steps import EVENT_TIMES, SUMMARY, merge_step, next_step, release
 from fedcore.plan import AnalysisPlan, parse_analysis_plan
-from federation import dispatch, ledger
+from federation import dispatch, ledger, secagg_analysis
 from federation.models import Run, Silo, SiloAnalysis, SiloRefusal, TrainingPlan
 from federation.services.audit import audit_append
 from federation.services.updates import Refused, audit_refused
@@ -97,21 +106,33 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
             "deadline; the earlier steps included their data, so the other sites' result "
             "alone could reveal it: nothing is released",
         )
-    if len(answered) < plan.min_silos:
+    if len(answered) < plan.min_sites:
         missing = ", ".join(r.silo.name for r in rows if r.answer is None)
         return _withhold(
             run,
             f"{len(answered)} of {len(rows)} sites answered step {step!r} by its deadline "
-            f"(missing: {missing}); the plan needs {plan.min_silos}: nothing is released",
+            f"(missing: {missing}); the plan needs {plan.min_sites}"
+            + (" (secure aggregation sums at least 2)" if plan.secure_aggregation else "")
+            + ": nothing is released",
         )
+    summed = None
+    if plan.secure_aggregation and any("masked" in r.answer for r in answered):
+        secured = _secure_sum(run, plan, step, index, answered)
+        if isinstance(secured[0], str):
+            return secured  # type: ignore[return-value]
+        answered, summed = secured  # type: ignore[assignment]
     answers = [r.answer for r in answered]
     try:
-        merged = merge_step(plan.analysis, step, answers)
+        merged = merge_step(plan.analysis, step, answers, summed=summed)
     except (ValueError, KeyError, TypeError) as exc:
         return _withhold(run, f"the sites' answers to step {step!r} do not merge: {exc}")
     state["merged"] = {**state.get("merged", {}), step: merged}
     try:
-        following = next_step(plan.analysis, [state["merged"][name] for name in state["steps"]])
+        following = next_step(
+            plan.analysis,
+            [state["merged"][name] for name in state["steps"]],
+            secure=plan.secure_aggregation,
+        )
     except ValueError as exc:
         return _withhold(run, f"the analysis cannot go on after step {step!r}: {exc}")
     if following is not None:
@@ -119,13 +140,20 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
         return "wait", f"asked step {following[0]!r}"
     try:
         result = release(
-            plan.analysis, state["merged"], answers, min_silos=plan.min_silos, noise=plan.privacy
+            plan.analysis,
+            state["merged"],
+            answers,
+            min_silos=plan.min_silos,
+            noise=plan.privacy,
+            secure=plan.secure_aggregation,
         )
     except (DisclosureRefused, ValueError, TypeError, KeyError) as exc:
         return _withhold(run, f"the result cannot be released: {exc}")
     result["asked"] = sorted(r.silo.name for r in rows)
     result["answered"] = sorted(r.silo.name for r in answered)
-    result["missing"] = sorted(r.silo.name for r in rows if r.answer is None)
+    result["missing"] = sorted({r.silo.name for r in rows} - set(result["answered"]))
+    if plan.secure_aggregation:
+        result["secure_aggregation"] = _secure_note(state["steps"], run)
     state["result"] = result
     run.analysis = state
     run.save(update_fields=["analysis"])
@@ -133,8 +161,84 @@ def analysis_step(run: Run, online: list[Silo]) -> tuple[str, str]:
     return "complete", ""
 
 
+def _secure_sum(
+    run: Run, plan: AnalysisPlan, step: str, index: int, answered: list[SiloAnalysis]
+) -> tuple[str, str] | tuple[list[SiloAnalysis], dict[str, Any]]:
+    """The step's summaries summed under secure aggregation (``federation.secagg_analysis``):
+    ``("wait", why)`` or ``("fail", reason)``, else the rows of the sites in the sum and the
+    merged summary. Opens the step's SecAgg session over the sites that answered the first
+    time it is called; the sum holds the sites whose masked input arrived."""
+    if not secagg_analysis.started(run.pk, step):
+        layouts = [(r.answer.get("masked") or {}).get("layout") for r in answered]
+        if any(spec != layouts[0] for spec in layouts):
+            return _withhold(
+                run,
+                f"the sites' summaries of step {step!r} have different layouts (the sites ran "
+                "different requests): they cannot be summed; nothing is released",
+            )
+        try:
+            secagg_analysis.open_step(run, plan, step, [r.silo_id for r in answered], layouts[0])
+        except ValueError as exc:
+            return _withhold(run, f"step {step!r} cannot be summed securely: {exc}")
+        return "wait", f"secure aggregation of step {step!r} opened"
+    outcome = secagg_analysis.outcome(run.pk, step)
+    if outcome is None:
+        return "wait", f"secure aggregation of step {step!r} in progress"
+    if not outcome.ok:
+        return _withhold(
+            run,
+            f"the secure aggregation of step {step!r} failed ({outcome.error}); nothing is "
+            "released",
+        )
+    contributors = set(outcome.contributors)
+    out = [r for r in answered if r.silo_id not in contributors]
+    if out and index > 0:
+        names = ", ".join(r.silo.name for r in out)
+        return _withhold(
+            run,
+            f"site(s) {names} answered the earlier steps but dropped out of the secure "
+            f"aggregation of step {step!r} before their masked input; the earlier steps "
+            "included their data, so the other sites' result alone could reveal it: nothing "
+            "is released",
+        )
+    if len(contributors) < plan.min_sites:
+        return _withhold(
+            run,
+            f"{len(contributors)} site(s) are in the secure sum of step {step!r}; the plan "
+            f"needs {plan.min_sites}: nothing is released",
+        )
+    secagg_analysis.forget(run.pk, step)
+    assert outcome.summed is not None
+    return [r for r in answered if r.silo_id in contributors], outcome.summed
+
+
+def _secure_note(steps: list[str], run: Run) -> dict[str, Any]:
+    """What a result under secure aggregation says about what the server saw."""
+    clear = sorted({s for s in steps if s == EVENT_TIMES})
+    masked = [s for s in steps if s not in clear or _has_summary(run, s)]
+    return {
+        "masked_steps": masked,
+        "clear_steps": clear,
+        "note": (
+            "every site's summary of the masked steps was summed under secure aggregation: "
+            "the server saw only the sum (counts exact; sums of reals in fixed point with 32 "
+            "fractional bits, each site's value rounded by at most 2^-33)"
+            + (
+                "; the event-time step's answer is a set (each site's distinct event times, "
+                "coarsened to its time_step), not a sum: it travelled in clear"
+                if clear
+                else ""
+            )
+        ),
+    }
+
+
+def _has_summary(run: Run, step: str) -> bool:
+    return SiloAnalysis.objects.filter(run=run, step=step, answer__has_key="masked").exists()
+
+
 def _begin(run: Run, plan: AnalysisPlan, online: list[Silo], now: datetime) -> tuple[str, str]:
-    if len(online) < plan.min_silos:
+    if len(online) < plan.min_sites:
         if run.waiting_since is None:
             run.waiting_since = now
             run.save(update_fields=["waiting_since"])
@@ -143,9 +247,10 @@ def _begin(run: Run, plan: AnalysisPlan, online: list[Silo], now: datetime) -> t
             return (
                 "fail",
                 f"{len(online)} site(s) connected after {plan.wait_for_silos_seconds:g} s; the "
-                f"analysis needs {plan.min_silos} (min_silos)",
+                f"analysis needs {plan.min_sites} (min_silos"
+                + (", and 2 under secure aggregation)" if plan.secure_aggregation else ")"),
             )
-        return "wait", f"{len(online)} of {plan.min_silos} sites connected"
+        return "wait", f"{len(online)} of {plan.min_sites} sites connected"
     run.status = Run.Status.RUNNING
     run.waiting_since = None
     run.started_at = now
@@ -183,6 +288,7 @@ def _ask(
 
 
 def _withhold(run: Run, reason: str) -> tuple[str, str]:
+    secagg_analysis.forget(run.pk)
     _audit(run, "analysis.withheld", reason=reason)
     return "fail", reason
 
@@ -230,12 +336,14 @@ def _analysis_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
             raise Refused(
                 "wrong_round", f"answer to step {step!r} refused: run {run.pk} asks {current!r}"
             )
-        if answer.get("step") != step or ("summary" not in answer and "event_times" not in answer):
+        if answer.get("step") != step or not ({"summary", "event_times", "masked"} & set(answer)):
             raise Refused("invalid_update", f"the answer is not an answer to step {step!r}")
         if len(json.dumps(answer)) > MAX_ANSWER_CHARS:
             raise Refused("invalid_update", f"the answer is over {MAX_ANSWER_CHARS} characters")
-        noise = parse_analysis_plan(run.version.spec).privacy
-        noised = noise is not None and "summary" in answer and step == SUMMARY
+        plan = parse_analysis_plan(run.version.spec)
+        _check_secure(plan, run, step, answer)
+        noise = plan.privacy
+        noised = noise is not None and bool({"summary", "masked"} & set(answer)) and step == SUMMARY
         if noised and answer.get("noise") != noise.describe():
             raise Refused(
                 "invalid_update",
@@ -266,3 +374,37 @@ def _analysis_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         waiting = SiloAnalysis.objects.filter(run=run, step=step, answer__isnull=True).exists()
         if not waiting:  # the last answer wakes the orchestrator; the deadline the rest
             dispatch.enqueue_advance(run.pk)
+
+
+def _check_secure(plan: AnalysisPlan, run: Run, step: str, answer: Mapping[str, Any]) -> None:
+    """Under secure aggregation a summary never reaches the server in clear: an answer carries
+    its layout (``"masked"``) instead, and only before the step's SecAgg session started.
+    Without it, an answer must not be masked. Raises ``Refused`` (nothing is stored)."""
+    if not plan.secure_aggregation:
+        if "masked" in answer:
+            raise Refused(
+                "invalid_update",
+                "the plan does not run under secure aggregation: the answer must carry its "
+                "summary, not a masked layout",
+            )
+        return
+    if "summary" in answer:
+        raise Refused(
+            "invalid_update",
+            "the plan runs under secure aggregation: a site's summary must not reach the "
+            "server in clear (send its layout and mask it); nothing was stored",
+        )
+    if "masked" in answer:
+        masked = answer["masked"]
+        try:
+            if not isinstance(masked, Mapping) or set(masked) != {"layout"}:
+                raise ValueError("'masked' must be {'layout': [...]}")
+            secure.check_layout(masked["layout"])
+        except ValueError as exc:
+            raise Refused("invalid_update", f"the answer's masked layout: {exc}") from None
+    if secagg_analysis.started(run.pk, step):
+        raise Refused(
+            "wrong_round",
+            f"the secure aggregation of step {step!r} started without this site (the step's "
+            "deadline passed)",
+        )

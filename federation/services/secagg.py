@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from fedcore.protocol import BinaryMessage
-from federation import secagg_rounds, selectors
+from federation import secagg_analysis, secagg_rounds, selectors
 
 
 def secagg_session_started(*, silo_id: int) -> None:
     """A new session of the silo's agent: a dropout of every secure attempt in progress."""
     secagg_rounds.silo_gone(silo_id)
+    secagg_analysis.silo_gone(silo_id)
 
 
 def secagg_session_ended(*, silo_id: int, greeted: bool, replaced: bool) -> None:
@@ -24,16 +25,23 @@ def secagg_session_ended(*, silo_id: int, greeted: bool, replaced: bool) -> None
     (that one made the silo a dropout when it said hello) or it never said hello."""
     if greeted and not replaced:
         secagg_rounds.silo_gone(silo_id)
+        secagg_analysis.silo_gone(silo_id)
 
 
 def secagg_round_refused(*, silo_id: int, run_id: int | None, number: int | None) -> None:
     """The silo's agent reported an error about a round: it will not contribute to it."""
     if run_id is not None and number is not None:
         secagg_rounds.silo_gone(silo_id, run_id=run_id, number=number)
+    if run_id is not None:
+        secagg_analysis.silo_gone(silo_id, run_id=run_id)
 
 
 def secagg_stage_receive(*, silo_id: int, fields: dict[str, Any]) -> None:
-    """A ``secagg`` stage reply, to the round attempt's coordinator (raises ``Refused``)."""
+    """A ``secagg`` stage reply, to the round attempt's coordinator, or to the analysis step's
+    when it names a step (raises ``Refused``)."""
+    if "step" in fields:
+        secagg_analysis.receive(silo_id=silo_id, fields=fields)
+        return
     secagg_rounds.receive(silo_id=silo_id, fields=fields)
 
 

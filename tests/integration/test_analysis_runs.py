@@ -476,21 +476,6 @@ def test_a_noised_plan_over_a_silo_s_budget_cannot_be_approved():
     assert ledger.can_afford_round(g.silos[1], spec)
 
 
-def test_secure_aggregation_in_an_analysis_plan_is_refused_at_proposal():
-    g = governed_consortium(3, schema=SCHEMA)
-    count = {"kind": "count", "rows": "sex", "levels": {"sex": ["1", "2"]}}
-    with pytest.raises(ValidationError) as refused:
-        plan_propose(
-            actor=g.scientists[0],
-            consortium=g.consortium,
-            name="cohort",
-            description="",
-            spec=analysis_spec(count, secure_aggregation=True),
-            silos=g.silos,
-        )
-    assert "secure aggregation" in str(refused.value.message_dict)
-
-
 def test_a_site_silent_after_an_earlier_step_withholds_the_others_result(tmp_path):
     # Kaplan-Meier: every site sends its event times (the grid), then one is silent at the
     # counts step. The grid holds its event times: the others' curves alone are not released.

@@ -35,8 +35,11 @@ PLAN = {
 }
 
 
-def analysis_request(step: str = "summary", params: dict | None = None) -> str:
+def analysis_request(
+    step: str = "summary", params: dict | None = None, plan: dict | None = None
+) -> str:
     params = {} if params is None else params
+    plan = PLAN if plan is None else plan
     approval = {"user": "steward-a", "organization": "Hospital A", "role": "data_steward"}
     scope = signing.request_scope(
         kind=signing.ANALYSIS_KIND,
@@ -51,7 +54,7 @@ def analysis_request(step: str = "summary", params: dict | None = None) -> str:
             "run": 9,
             "silo": "site-a",
             "consortium": "thyroid",
-            "plan_hash": plan_hash(PLAN),
+            "plan_hash": plan_hash(plan),
             "approvals": [approval],
             "silo_approvals": [approval],
             "issued_at": datetime.now(UTC).isoformat(),
@@ -61,20 +64,22 @@ def analysis_request(step: str = "summary", params: dict | None = None) -> str:
     return protocol.encode_control(
         "analysis_request",
         run=9,
-        plan_hash=plan_hash(PLAN),
-        plan=PLAN,
+        plan_hash=plan_hash(plan),
+        plan=plan,
         step=step,
         params=params,
         authorization=grant,
     )
 
 
-async def one_request(tmp_path: Path, disclosure: str = "") -> tuple[dict, Agent]:
+async def one_request(
+    tmp_path: Path, disclosure: str = "", *, policy: str = "", plan: dict | None = None
+) -> tuple[dict, Agent]:
     """Start the agent against a fake server that sends one analysis_request; its reply."""
 
     async def script(ws: ServerConnection, server: FakeServer) -> None:
         await hello_welcome(ws, server)
-        await ws.send(analysis_request())
+        await ws.send(analysis_request(plan=plan))
         while True:
             fields = protocol.decode_control(await asyncio.wait_for(ws.recv(), WAIT))
             if fields["type"] in ("analysis", "error"):
@@ -83,7 +88,7 @@ async def one_request(tmp_path: Path, disclosure: str = "") -> tuple[dict, Agent
 
     server = FakeServer([script])
     await server.start()
-    path = write_site(tmp_path, server.url)
+    path = write_site(tmp_path, server.url, policy=policy)
     if disclosure:
         path.write_text(path.read_text() + f"[disclosure]\n{disclosure}\n")
     agent = Agent(load_config(path), progress_tty=False)
@@ -113,3 +118,31 @@ async def test_a_kind_the_site_does_not_allow_is_refused_with_the_reason(tmp_pat
 
     assert reply["type"] == "error" and reply["code"] == "policy_refused", reply
     assert "does not run 'moments'" in reply["reason"] and reply["run"] == 9
+
+
+async def test_a_site_requiring_secure_aggregation_refuses_a_clear_analysis_plan(tmp_path):
+    reply, _ = await one_request(
+        tmp_path, "min_sites = 1", policy="require_secure_aggregation = true"
+    )
+
+    assert reply["type"] == "error" and reply["code"] == "policy_refused", reply
+    assert "require_secure_aggregation" in reply["reason"] and "in clear" in reply["reason"]
+
+
+async def test_under_a_secure_plan_the_answer_leaves_without_its_summary(tmp_path):
+    secure = {**PLAN, "secure_aggregation": True}
+    reply, agent = await one_request(
+        tmp_path, "min_sites = 1", policy="require_secure_aggregation = true", plan=secure
+    )
+
+    assert reply["type"] == "analysis", reply
+    answer = reply["answer"]
+    assert "summary" not in answer
+    assert answer["masked"]["layout"] == [
+        ["cross", [1, 1], "float"],
+        ["n", [], "int"],
+        ["sites", [], "int"],
+        ["sum", [1], "float"],
+    ]
+    logged = [line for line in agent.records.sent() if line["type"] == "analysis"]
+    assert logged and "summary" not in str(logged[-1])

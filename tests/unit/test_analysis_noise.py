@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcore.analytics import DisclosurePolicy, DisclosureRefused
+from fedcore.analytics import DisclosurePolicy, DisclosureRefused, secure
 from fedcore.analytics.noise import AnalysisNoise
-from fedcore.analytics.steps import merge_step, release, site_answer
+from fedcore.analytics.steps import merge_step, release, secure_answer, site_answer
 from fedcore.plan import PlanError, parse_analysis_plan, plan_errors
 
 SCHEMA = {
@@ -94,10 +94,29 @@ def test_noise_where_it_is_not_sound_is_refused_at_proposal_with_the_reason(
     assert words in refused.value.errors[path], refused.value.errors
 
 
-def test_secure_aggregation_is_refused_at_proposal_with_the_reason():
-    errors = plan_errors(spec(COUNT, secure_aggregation=True))
-    assert "do not run under secure aggregation yet" in errors["secure_aggregation"]
-    assert "docs/analytics.md" in errors["secure_aggregation"]
+def test_under_secure_aggregation_each_site_noises_its_table_and_the_sum_is_theirs_exactly():
+    # Noise and secure aggregation together: every site adds its own full noise, as in clear
+    # (the guarantee does not rest on the masks), and the masked sum is the noised tables' sum.
+    plan = parse_analysis_plan(spec(COUNT, privacy=LAPLACE, secure_aggregation=True))
+    assert plan.secure_aggregation and plan.privacy is not None
+    policy = DisclosurePolicy(min_cell_count=1, min_sites=1)
+    answers, cells = [], []
+    for seed in (1, 2, 3):
+        noised = site_answer(
+            plan.analysis,
+            "summary",
+            {},
+            frame(seed),
+            policy,
+            noise=plan.privacy,
+            noise_source=random.Random(seed),
+        )
+        clear, part = secure_answer(noised)
+        assert clear["noise"] == plan.privacy.describe() and "summary" not in clear
+        answers.append(noised)
+        cells.append(part)
+    summed = secure.from_cells(np.sum(cells, axis=0), clear["masked"]["layout"])
+    assert np.array_equal(summed["counts"], merge_step(plan.analysis, "summary", answers)["counts"])
 
 
 def test_discrete_laplace_noise_has_the_stated_distribution():

@@ -100,6 +100,7 @@ CONTROL_EXAMPLES = {
         "stage": "advertise_keys",
         "payload": {"stage": "advertise_keys", "round": "3:2:1", "clients": [1, 2, 3]},
         "client": 2,
+        "step": "summary",
     },
 }
 
