@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('federation', '0015_ledger_analysis_noise'),
+        ('federation', '0016_uploaded_models'),
     ]
 
     operations = [
