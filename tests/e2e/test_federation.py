@@ -98,6 +98,12 @@ def run_to_the_end(plan: TrainingPlan, silos: list[Silo], procs: list[harness.Pr
         what=f"{len(silos)} agents online",
         procs=procs,
     )
+    return run_plan(plan, procs)
+
+
+def run_plan(plan: TrainingPlan, procs: list[harness.Proc]) -> Run:
+    """Start a run of the plan on agents already online and wait for its end; returns the run,
+    checked completed (``procs``: whose logs a failure shows)."""
     run = start_run(plan)
     harness.wait_until(
         lambda: not Run.objects.get(pk=run.pk).active,

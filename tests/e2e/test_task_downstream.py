@@ -7,11 +7,15 @@ onnxruntime, and the compliance report shows the task's pooled figures (docs/tas
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from django.test import override_settings
 from sklearn import metrics as skm
 
 from clientagent.data import LocalData
@@ -19,12 +23,12 @@ from fedcore import onnx_export, tabular, tensors, training
 from fedcore.models import build_model
 from federation import reports, selectors
 from federation.compliance_pdf import compliance_report_pdf
-from federation.models import ModelVersion, RoundMetric, Run, Update
+from federation.models import Consortium, ModelVersion, RoundMetric, Run, Silo, Update
 from federation.server import free_port
 from federation.services.silos import silo_issue_token
 from federation.storage import blob_store
 from tests.e2e import harness
-from tests.e2e.test_federation import run_to_the_end
+from tests.e2e.test_federation import online_count, run_plan
 from tests.e2e.test_tasks import CLASSES, FAIRNESS, pooled_rows, write_site
 from tests.factories import (
     SCHEMA,
@@ -36,6 +40,9 @@ from tests.factories import (
 )
 from tests.pdf_reading import page_text, read_pdf
 
+# The mark has pytest-django create the test database; the rows live as long as the task's
+# federation (below), flushed after its last variant: this module's _django_db_helper replaces
+# pytest-django's, which flushes the database after each transactional test.
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 TARGETS = {
@@ -44,20 +51,86 @@ TARGETS = {
 }
 SAMPLE_DP = {"mode": "sample", "noise_multiplier": 0.8, "clip": 1.0, "delta": 1e-5}
 CLIENT_DP = {"mode": "client", "noise_multiplier": 0.3, "clip": 1.0, "delta": 1e-5}
-# (privacy, strategy, compression, secure aggregation, sites)
+SITES = 3
+# (privacy, strategy, compression, secure aggregation)
 VARIANTS = {
-    "dp_sgd_median_topk": (SAMPLE_DP, {"strategy": "median"}, "topk", False, 3),
-    "dp_sgd_trimmed_mean": (SAMPLE_DP, {"strategy": "trimmed_mean", "beta": 0.2}, None, False, 3),
-    "krum": (None, {"strategy": "krum", "f": 0}, None, False, 3),
-    "client_dp_secagg": (CLIENT_DP, {"strategy": "fedavg"}, None, True, 3),
+    "dp_sgd_median_topk": (SAMPLE_DP, {"strategy": "median"}, "topk", False),
+    "dp_sgd_trimmed_mean": (SAMPLE_DP, {"strategy": "trimmed_mean", "beta": 0.2}, None, False),
+    "krum": (None, {"strategy": "krum", "f": 0}, None, False),
+    "client_dp_secagg": (CLIENT_DP, {"strategy": "fedavg"}, None, True),
 }
 
 
-def run_variant(tmp_path: Path, task: str, variant: str) -> tuple[Run, list[Path]]:
-    privacy, aggregation, compression, secure, n_sites = VARIANTS[variant]
-    schema = {**SCHEMA, "target": TARGETS[task], "sensitive": ["sex"]}
-    consortium = ConsortiumFactory()
-    silos = SiloFactory.create_batch(n_sites, organization__consortium=consortium, schema=schema)
+@dataclass
+class Federation:
+    """A task's consortium: its sites' silos and files, the server and one agent per site."""
+
+    tmp: Path
+    schema: dict
+    consortium: Consortium
+    silos: list[Silo]
+    csvs: list[Path]
+    procs: list[harness.Proc]
+
+    @property
+    def agents(self) -> list[harness.Proc]:
+        return self.procs[1:]
+
+
+def signing_key(tmp: Path) -> Path:
+    return tmp / "keys" / "server-ed25519.pem"
+
+
+@pytest.fixture(scope="module")
+def federation(
+    task: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    django_db_setup: Any,
+    django_db_blocker: Any,
+) -> Iterator[Federation]:
+    """The server and three real agents, started once per task: each variant's plan runs on them
+    in turn (starting the four processes took most of a variant's time)."""
+    tmp = tmp_path_factory.mktemp(f"downstream-{task}")
+    with (
+        harness.shared_database(django_db_blocker),
+        override_settings(QUORUM_BLOB_DIR=tmp / "blobs", QUORUM_SIGNING_KEY_FILE=signing_key(tmp)),
+    ):
+        schema = {**SCHEMA, "target": TARGETS[task], "sensitive": ["sex"]}
+        consortium = ConsortiumFactory()
+        silos = SiloFactory.create_batch(SITES, organization__consortium=consortium, schema=schema)
+        port = free_port()
+        url = f"ws://127.0.0.1:{port}/ws/agent/"
+        csvs = [write_site(tmp / f"{s.name}.csv", i, task) for i, s in enumerate(silos)]
+        procs = [harness.server(tmp, port)] + [
+            harness.agent(tmp, s.name, url=url, token=silo_issue_token(silo=s), data_csv=csv)
+            for s, csv in zip(silos, csvs, strict=True)
+        ]
+        try:
+            for proc in procs:
+                proc.start()
+            yield Federation(tmp, schema, consortium, silos, csvs, procs)
+        finally:
+            for proc in procs:
+                proc.stop()
+        for proc in procs[1:]:  # what a variant's own check could not see: the end of each log
+            assert "Traceback" not in proc.log.read_text(), proc.tail(60)
+
+
+@pytest.fixture
+def _django_db_helper(federation: Federation) -> None:
+    """Overrides pytest-django's (run for the django_db mark): the database stays open with the
+    task's federation and its rows (harness.shared_database), not flushed after each test."""
+
+
+@pytest.fixture(autouse=True)
+def _blob_dir(settings: Any, federation: Federation) -> None:
+    """Overrides tests/conftest.py: the blobs and signing key of the task's federation."""
+    settings.QUORUM_BLOB_DIR = federation.tmp / "blobs"
+    settings.QUORUM_SIGNING_KEY_FILE = signing_key(federation.tmp)
+
+
+def run_variant(federation: Federation, variant: str) -> Run:
+    privacy, aggregation, compression, secure = VARIANTS[variant]
     extra: dict = {}
     if privacy:
         extra["privacy"] = {**privacy, "target_epsilon": None}
@@ -68,40 +141,47 @@ def run_variant(tmp_path: Path, task: str, variant: str) -> tuple[Run, list[Path
     else:  # a fairness section with secure aggregation is refused for these tasks (plan-spec)
         extra["fairness"] = FAIRNESS
     spec = plan_spec(
-        schema=schema,
+        schema=federation.schema,
         model={"kind": "mlp", "hidden": [8]},
         training={"rounds": 2, "local_epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.1},
         aggregation=aggregation,
-        min_silos=n_sites,
+        min_silos=SITES,
         **extra,
     )
-    plan = PlanFactory(consortium=consortium, spec=spec, silos=silos)
+    plan = PlanFactory(consortium=federation.consortium, spec=spec, silos=federation.silos)
     approve_by_stewards(plan)
-    port = free_port()
-    url = f"ws://127.0.0.1:{port}/ws/agent/"
-    csvs = [write_site(tmp_path / f"{s.name}.csv", i, task) for i, s in enumerate(silos)]
-    procs = [harness.server(tmp_path, port)] + [
-        harness.agent(tmp_path, s.name, url=url, token=silo_issue_token(silo=s), data_csv=csv)
-        for s, csv in zip(silos, csvs, strict=True)
-    ]
-    try:
-        run = run_to_the_end(plan, silos, procs)
-    finally:
-        for p in procs:
-            p.stop()
-    for proc in procs[1:]:
-        log = proc.log.read_text()
-        assert "sent its evaluation on" in log and "Traceback" not in log, log[-3000:]
+    # each agent's log from here on is this variant's
+    starts = [proc.log.stat().st_size if proc.log.exists() else 0 for proc in federation.agents]
+    harness.wait_until(
+        lambda: online_count(federation.silos) == SITES,
+        timeout=60,
+        what=f"{SITES} agents online",
+        procs=federation.procs,
+    )
+    run = run_plan(plan, federation.procs)
+    for proc, start in zip(federation.agents, starts, strict=True):
+
+        def log(proc: harness.Proc = proc, start: int = start) -> str:
+            return proc.log.read_bytes()[start:].decode(errors="replace")
+
+        # the agent logs its evaluation once sent: the run may have ended a moment before
+        harness.wait_until(
+            lambda log=log: "sent its evaluation on" in log(),
+            timeout=30,
+            what=f"{proc.name} to log its evaluation",
+            procs=federation.procs,
+        )
+        assert "Traceback" not in log(), log()[-3000:]
         if secure:
-            assert "sent the masked update" in log and "sent update" not in log
+            assert "sent the masked update" in log() and "sent update" not in log()
     updates = Update.objects.filter(round__run=run)
-    assert updates.count() == 2 * n_sites
+    assert updates.count() == 2 * SITES
     if compression:
         assert {u.compression for u in updates} == {compression}
     if secure:
         # no weights and no task part in clear: the round's figures come from the masked sum
         assert all(u.blob_key == "" and u.task_part is None for u in updates)
-    return run, csvs
+    return run
 
 
 def check_final_figures(run: Run, csvs: list[Path], task: str) -> None:
@@ -203,12 +283,13 @@ def check_compliance(run: Run, task: str) -> None:
     assert "Final evaluation" in text and headline in text
 
 
-@pytest.mark.parametrize("task", ["multiclass", "regression"])
+@pytest.mark.parametrize("task", ["multiclass", "regression"], scope="module")
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_a_task_runs_through_each_downstream_feature(
-    tmp_path: Path, task: str, variant: str
+    federation: Federation, task: str, variant: str
 ) -> None:
-    run, csvs = run_variant(tmp_path, task, variant)
+    run = run_variant(federation, variant)
+    csvs = federation.csvs
     assert run.evaluation["task"] == task and run.evaluation["missing"] == []
     check_final_figures(run, csvs, task)
     check_round_figures(run, csvs, task)
