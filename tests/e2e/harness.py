@@ -59,6 +59,11 @@ class Proc:
             )
         return self
 
+    def terminate(self) -> None:
+        """Send SIGTERM if it runs, without waiting (``stop`` waits)."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """Terminate and wait."""
         if self.popen is None:
@@ -79,6 +84,15 @@ class Proc:
         except OSError:
             text = []
         return f"--- {self.name} ({self.log}):\n" + "\n".join(text)
+
+
+def stop_all(procs: list[Proc], timeout: float = 10.0) -> None:
+    """Stop the processes together: SIGTERM to each, then wait for each. An agent takes about a
+    second to exit: one after the other, a server and three agents took three."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.stop(timeout)
 
 
 def server(tmp: Path, port: int, env: dict[str, str] | None = None) -> Proc:

@@ -82,5 +82,4 @@ def test_an_evaluation_plan_of_a_trained_model_runs_on_real_agents(tmp_path: Pat
             int((index == b).sum()) for b in range(calibration.CALIBRATION_BINS)
         ]
     finally:
-        for proc in procs:
-            proc.stop()
+        harness.stop_all(procs)

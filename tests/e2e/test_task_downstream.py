@@ -141,8 +141,7 @@ def federation(
                 proc.start()
             yield Federation(tmp, schema, consortium, silos, csvs, procs)
         finally:
-            for proc in procs:
-                proc.stop()
+            harness.stop_all(procs)
         for proc in procs[1:]:  # what a test's own check could not see: the end of each log
             assert "Traceback" not in proc.log.read_text(), proc.tail(60)
 
