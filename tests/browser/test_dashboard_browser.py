@@ -191,8 +191,7 @@ def test_steward_approves_scientist_runs_and_the_monitor_updates_live(
     finally:
         for session in sessions:
             session.close()
-        for proc in procs:
-            proc.stop()
+        harness.stop_all(procs)
 
 
 AUDIT_READERS = {"admin", "auditor"}

@@ -7,11 +7,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
+from django.core.management import call_command
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +59,11 @@ class Proc:
             )
         return self
 
+    def terminate(self) -> None:
+        """Send SIGTERM if it runs, without waiting (``stop`` waits)."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """Terminate and wait."""
         if self.popen is None:
@@ -76,6 +84,15 @@ class Proc:
         except OSError:
             text = []
         return f"--- {self.name} ({self.log}):\n" + "\n".join(text)
+
+
+def stop_all(procs: list[Proc], timeout: float = 10.0) -> None:
+    """Stop the processes together: SIGTERM to each, then wait for each. An agent takes about a
+    second to exit: one after the other, a server and three agents took three."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.stop(timeout)
 
 
 def server(tmp: Path, port: int, env: dict[str, str] | None = None) -> Proc:
@@ -136,3 +153,16 @@ def port_open(port: int) -> bool:
     """Whether something listens on the loopback port (a server process is up)."""
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextmanager
+def shared_database(django_db_blocker: Any) -> Iterator[None]:
+    """Database access for a module-scoped federation whose rows outlive one test (pytest-django's
+    ``django_db_blocker``); flushed afterwards as a transactional test's teardown does, so the
+    next test starts from an empty database. The tests that use it must not flush in between:
+    their module overrides ``_django_db_helper`` (see test_task_downstream.py)."""
+    with django_db_blocker.unblock():
+        try:
+            yield
+        finally:
+            call_command("flush", verbosity=0, interactive=False)

@@ -87,8 +87,7 @@ def test_an_evaluation_plan_of_a_trained_model_runs_on_real_agents(tmp_path: Pat
             int((index == b).sum()) for b in range(calibration.CALIBRATION_BINS)
         ]
     finally:
-        for proc in procs:
-            proc.stop()
+        harness.stop_all(procs)
 
 
 def test_an_evaluation_plan_of_an_uploaded_model_runs_on_real_agents(tmp_path: Path) -> None:
@@ -165,5 +164,4 @@ def test_an_evaluation_plan_of_an_uploaded_model_runs_on_real_agents(tmp_path: P
             "sha256": tensors.sha256_hex(weights),
         }
     finally:
-        for proc in procs:
-            proc.stop()
+        harness.stop_all(procs)

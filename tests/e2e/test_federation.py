@@ -98,6 +98,12 @@ def run_to_the_end(plan: TrainingPlan, silos: list[Silo], procs: list[harness.Pr
         what=f"{len(silos)} agents online",
         procs=procs,
     )
+    return run_plan(plan, procs)
+
+
+def run_plan(plan: TrainingPlan, procs: list[harness.Proc]) -> Run:
+    """Start a run of the plan on agents already online and wait for its end; returns the run,
+    checked completed (``procs``: whose logs a failure shows)."""
     run = start_run(plan)
     harness.wait_until(
         lambda: not Run.objects.get(pk=run.pk).active,
@@ -135,8 +141,7 @@ def test_three_agents_train_two_rounds_through_the_real_server(tmp_path: Path) -
             run, [tmp_path / f"{silo.name}.csv" for silo in silos]
         )
     finally:
-        for p in procs:
-            p.stop()
+        harness.stop_all(procs)
 
 
 def test_agent_reconnects_after_the_server_restarts_and_trains(tmp_path: Path) -> None:
@@ -172,8 +177,7 @@ def test_agent_reconnects_after_the_server_restarts_and_trains(tmp_path: Path) -
         assert run.status == Run.Status.COMPLETED, run.error
         assert "retrying in" in agents[0].log.read_text()
     finally:
-        for p in procs:
-            p.stop()
+        harness.stop_all(procs)
 
 
 def test_a_topk_compressed_run_completes_and_the_server_stores_full_models(
@@ -212,5 +216,4 @@ def test_a_topk_compressed_run_completes_and_the_server_stores_full_models(
             )
             assert not residual.exists()
     finally:
-        for p in procs:
-            p.stop()
+        harness.stop_all(procs)

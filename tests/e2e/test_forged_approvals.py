@@ -111,5 +111,4 @@ def test_forged_approvals_in_the_servers_database_make_no_site_train(tmp_path: P
             assert "sent update" not in log and "sent local statistics" not in log
         assert not Update.objects.filter(round__run=run).exists()
     finally:
-        for proc in procs:
-            proc.stop()
+        harness.stop_all(procs)

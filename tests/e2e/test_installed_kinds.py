@@ -76,8 +76,7 @@ def test_a_plan_naming_a_site_installed_kind_runs_with_real_agents(
     try:
         run = run_to_the_end(plan, silos, procs)
     finally:
-        for p in procs:
-            p.stop()
+        harness.stop_all(procs)
     announced = {"name": "resmlp", "version": "0.1.0", "sha256": digest}
     assert all(Silo.objects.get(pk=s.pk).model_kinds == [announced] for s in silos)
     assert ModelVersion.objects.filter(run=run).count() == 3  # v0 and two rounds
@@ -108,8 +107,7 @@ def test_a_wrong_digest_or_a_kind_not_allowed_is_refused_by_the_sites_with_the_r
             procs=procs,
         )
     finally:
-        for p in procs:
-            p.stop()
+        harness.stop_all(procs)
     for refusal in SiloRefusal.objects.filter(run=run):
         assert refusal.code == "policy_refused" and refusal.round_number is None
         assert why in refusal.reason, refusal.reason

@@ -140,5 +140,4 @@ def test_a_connected_agent_is_offered_a_new_plan_and_approves_it_by_prefix(
         assert Silo.objects.get(pk=silo.pk).connection_id == connection  # never reconnected
         assert "plan offered: 'Offered live' v1" in agent.log.read_text()
     finally:
-        for proc in procs:
-            proc.stop()
+        harness.stop_all(procs)

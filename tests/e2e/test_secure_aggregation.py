@@ -89,8 +89,7 @@ def test_three_agents_train_two_secure_rounds(tmp_path: Path) -> None:
         )
         assert run.evaluation["fairness"] is None  # no fairness section; never counts in clear
     finally:
-        for p in procs:
-            p.stop()
+        harness.stop_all(procs)
 
 
 def test_a_site_killed_after_sharing_its_keys_drops_out_and_the_round_completes(
@@ -143,8 +142,7 @@ def test_a_site_killed_after_sharing_its_keys_drops_out_and_the_round_completes(
         assert "dropped out of secure aggregation at stage masked_input" in log
         assert "unmasked the sum of 3 silos' updates" in log
     finally:
-        for p in procs:
-            p.stop()
+        harness.stop_all(procs)
 
 
 def test_the_demo_runs_with_secure_aggregation(tmp_path: Path) -> None:

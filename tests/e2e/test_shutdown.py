@@ -101,5 +101,4 @@ def test_sigterm_stops_the_server_promptly_and_the_run_completes_after_a_restart
         assert run.status == Run.Status.COMPLETED, run.error + server.tail()
         assert accepted <= set(Update.objects.filter(round__run=run).values_list("pk", flat=True))
     finally:
-        for p in procs:
-            p.stop()
+        harness.stop_all(procs)

@@ -183,6 +183,5 @@ def test_tasks_changed_in_transit_are_refused_logged_and_audited(tmp_path: Path)
         assert Round.objects.filter(run=run, number=1).exists()
         assert Run.objects.get(pk=run.pk).status in (Run.Status.RUNNING, Run.Status.FAILED)
     finally:
-        for proc in procs:
-            proc.stop()
+        harness.stop_all(procs)
         proxy.stop()
