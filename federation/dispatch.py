@@ -31,12 +31,14 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import close_old_connections, transaction
+from django.utils import timezone
 
 log = logging.getLogger("quorum.dispatch")
 
@@ -141,6 +143,9 @@ class EmbeddedBackend:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quorum-orchestrator")
         self._sweep_task: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
+        # When this process became the only one that orchestrates (the embedded profile has
+        # one server process): work begun before then was begun by a process that is gone.
+        self.attached_at: datetime | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Adopt the server's event loop and start the sweeper (idempotent)."""
@@ -148,6 +153,7 @@ class EmbeddedBackend:
             if self.loop is loop and self._sweep_task is not None:
                 return
             self.loop = loop
+            self.attached_at = timezone.now()
             self._sweep_task = loop.create_task(self._sweep_forever())
 
     def detach(self) -> None:
@@ -247,6 +253,20 @@ class CeleryBackend:
 
 
 embedded = EmbeddedBackend()
+
+
+def sole_orchestrator_since() -> datetime | None:
+    """Since when this process has been the only one that orchestrates, or None.
+
+    The embedded profile's server process, once its loop is attached: an aggregation marked
+    begun before then was begun by a process that is gone (a restart), so it is rerun at once
+    rather than after ``QUORUM_AGGREGATION_STALE_SECONDS``. None in the production profile
+    (several Celery workers, each may be aggregating) and in a process without the loop.
+    """
+    current = backend()
+    if isinstance(current, EmbeddedBackend) and current.loop is not None:
+        return current.attached_at
+    return None
 
 
 def backend() -> EmbeddedBackend | CeleryBackend:

@@ -44,6 +44,9 @@ class Limits:
     wait_for_silos_seconds: float
     aggregation_stale_seconds: float
     secure: bool = False
+    # Since when the deciding process is the only one that aggregates (None: unknown): an
+    # aggregation begun before then belongs to a process that is gone.
+    sole_aggregator_since: datetime | None = None
 
     @property
     def needed_to_open(self) -> int:
@@ -256,7 +259,10 @@ def _advance_rounds(state: RunState) -> Decision:
         return _close_if_due(state, current)
     if current.status == AGGREGATING:
         started = current.aggregation_started_at or current.started_at
-        if (state.now - started).total_seconds() > limits.aggregation_stale_seconds:
+        orphaned = limits.sole_aggregator_since is not None and started < (
+            limits.sole_aggregator_since
+        )
+        if orphaned or (state.now - started).total_seconds() > limits.aggregation_stale_seconds:
             return Aggregate(round_id=current.id)
         return Wait(f"round {current.number} is being aggregated")
     if current.status == COMPLETED:

@@ -71,6 +71,7 @@ def run_limits(cfg: RunSettings, *, secure: bool) -> roundplan.Limits:
         wait_for_silos_seconds=cfg.wait_for_silos_seconds,
         aggregation_stale_seconds=float(settings.QUORUM_AGGREGATION_STALE_SECONDS),
         secure=secure,
+        sole_aggregator_since=dispatch.sole_orchestrator_since(),
     )
 
 

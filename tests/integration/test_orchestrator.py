@@ -183,6 +183,46 @@ def test_aggregation_is_idempotent_and_counts_each_update_once() -> None:
     assert refused.value.code == "wrong_round"
 
 
+def test_an_aggregation_a_gone_process_began_is_rerun_at_once_by_the_sole_orchestrator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server killed after marking round 1 aggregating, before the model was stored: its
+    restart (the embedded profile's one orchestrating process, attached after the mark) reruns
+    the aggregation at its first pass instead of waiting QUORUM_AGGREGATION_STALE_SECONDS
+    (120 s: the e2e SIGTERM test saw the run stall that long). Without that knowledge (several
+    Celery workers), an aggregation that young is left to the process running it."""
+    from federation import dispatch
+
+    silos, run = make_plan(2, min_silos=2)
+    orchestrator.run_advance(run.pk)
+    send_stats(run, silos)
+    orchestrator.run_advance(run.pk)
+    submit(
+        run, silos[0], 1, build_model({"kind": "logistic_regression"}, 3, seed=1).state_dict(), 1
+    )
+    submit(
+        run, silos[1], 1, build_model({"kind": "logistic_regression"}, 3, seed=2).state_dict(), 3
+    )
+    marked = timezone.now() - timedelta(seconds=5)
+    Round.objects.filter(run=run, number=1).update(
+        status=Round.Status.AGGREGATING, aggregation_started_at=marked
+    )
+
+    monkeypatch.setattr(dispatch, "sole_orchestrator_since", lambda: None)
+    orchestrator.run_advance(run.pk)
+    assert current_round(run).status == Round.Status.AGGREGATING
+    assert not ModelVersion.objects.filter(run=run, number=1).exists()
+
+    monkeypatch.setattr(dispatch, "sole_orchestrator_since", lambda: marked - timedelta(seconds=1))
+    orchestrator.run_advance(run.pk)  # attached before the mark: that process may still run it
+    assert not ModelVersion.objects.filter(run=run, number=1).exists()
+
+    monkeypatch.setattr(dispatch, "sole_orchestrator_since", lambda: marked + timedelta(seconds=1))
+    orchestrator.run_advance(run.pk)
+    assert ModelVersion.objects.filter(run=run, number=1).count() == 1
+    assert Round.objects.get(run=run, number=1).status == Round.Status.COMPLETED
+
+
 def test_statistics_from_a_silo_not_in_the_plan_are_refused() -> None:
     silos, run = make_plan(2)
     outsider = SiloFactory()
@@ -270,3 +310,27 @@ def test_a_run_that_starts_waiting_tells_the_live_pages(monkeypatch: pytest.Monk
         "online": 1,
         "needed": 2,
     } in (published)
+
+
+def test_only_the_attached_embedded_backend_says_since_when_it_orchestrates_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from federation import dispatch
+
+    backend = dispatch.EmbeddedBackend()
+    monkeypatch.setattr(dispatch, "backend", lambda: backend)
+    assert dispatch.sole_orchestrator_since() is None  # no server loop in this process
+    loop = asyncio.new_event_loop()
+    try:
+        before = timezone.now()
+        backend.attach(loop)
+        assert before <= dispatch.sole_orchestrator_since() <= timezone.now()
+        backend.detach()
+        assert dispatch.sole_orchestrator_since() is None
+    finally:
+        loop.run_until_complete(asyncio.sleep(0))  # let the cancelled sweeper finish
+        loop.close()
+    monkeypatch.setattr(dispatch, "backend", lambda: dispatch.CeleryBackend())
+    assert dispatch.sole_orchestrator_since() is None  # several workers: nobody knows
