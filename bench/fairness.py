@@ -65,6 +65,10 @@ COUNTERPART = {
 }
 SLACK_AUC = 0.01
 SLACK_DISPARITY = 0.01
+# ExponentiatedGradient's difference bound, swept (besides the counterpart's 0.01) to draw
+# fairlearn's pooled trade-off between decision AUC and disparity.
+EG_SWEEP = (0.02, 0.05, 0.1, 0.25, 1.0)
+EG = "fairlearn ExponentiatedGradient"
 
 
 def disparities(p: np.ndarray, y: np.ndarray, a: np.ndarray) -> dict[str, float]:
@@ -81,9 +85,15 @@ def disparities(p: np.ndarray, y: np.ndarray, a: np.ndarray) -> dict[str, float]
 
 
 def score(p: np.ndarray, y: np.ndarray, a: np.ndarray, auc_score: np.ndarray) -> dict[str, float]:
+    """AUC of ``auc_score``, the decision AUC (of ``p``, P(decision = 1): for a deterministic
+    classifier its balanced accuracy) and the disparities of the decisions."""
     from sklearn.metrics import roc_auc_score
 
-    return {"auc": float(roc_auc_score(y, auc_score)), **disparities(p, y, a)}
+    return {
+        "auc": float(roc_auc_score(y, auc_score)),
+        "dauc": float(roc_auc_score(y, p)),
+        **disparities(p, y, a),
+    }
 
 
 class Scores:
@@ -140,9 +150,10 @@ def same_rules(ours: Any, theirs: Any) -> tuple[bool, str]:
 
 
 def pooled_references(
-    plan: dict[str, Any], prepared: Any, seed: int, attribute: str
+    plan: dict[str, Any], prepared: Any, seed: int, attribute: str, scored: Any
 ) -> dict[str, dict[str, float]]:
-    """fairlearn on the pooled training rows, scored on the held-out union."""
+    """fairlearn on the pooled training rows, scored on ``scored`` (the held-out union, or the
+    rows no site had with ``--fresh-fraction``)."""
     from fairlearn.reductions import DemographicParity, ExponentiatedGradient
     from sklearn.linear_model import LogisticRegression
 
@@ -151,7 +162,7 @@ def pooled_references(
 
     X, y = prepared.pooled_train()
     a = np.concatenate([d.groups[attribute] for d in prepared.train.values()]).astype(str)
-    test = prepared.test
+    test = scored
     ta = test.groups[attribute].astype(str)
     out = {}
     central = baselines.train_baseline(plan, X, y, seed=seed)
@@ -159,14 +170,17 @@ def pooled_references(
     out["pooled, no mitigation"] = score(
         fairness.predictions_at(central_test).astype(float), test.y, ta, central_test
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        eg = ExponentiatedGradient(
-            LogisticRegression(max_iter=1000), DemographicParity(difference_bound=0.01), eps=0.01
-        )
-        eg.fit(X, y, sensitive_features=a)
-    pmf = eg._pmf_predict(test.X)[:, 1]
-    out["fairlearn ExponentiatedGradient"] = score(pmf, test.y, ta, pmf)
+    for bound in (0.01, *EG_SWEEP):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eg = ExponentiatedGradient(
+                LogisticRegression(max_iter=1000),
+                DemographicParity(difference_bound=bound),
+                eps=0.01,
+            )
+            eg.fit(X, y, sensitive_features=a)
+        pmf = eg._pmf_predict(test.X)[:, 1]
+        out[EG if bound == 0.01 else f"{EG}, bound {bound:g}"] = score(pmf, test.y, ta, pmf)
     to = threshold_optimizer(training.predict_proba(central, X), y, a, "accuracy_score")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -176,9 +190,15 @@ def pooled_references(
 
 
 def federated_scores(
-    plan: dict[str, Any], run: Any, state: dict[str, Any], prepared: Any, attribute: str
+    plan: dict[str, Any],
+    run: Any,
+    state: dict[str, Any],
+    prepared: Any,
+    attribute: str,
+    scored: Any,
 ) -> tuple[dict[str, float], dict[str, Any] | None]:
-    """A run's final model on the held-out union, and for postprocess the threshold check."""
+    """A run's final model scored on ``scored``, and for postprocess the threshold check (on
+    the held-out union, the rows the sites chose the thresholds from)."""
     from fedcore import fairness, fairness_mitigation, training
     from federation.demo import baselines
 
@@ -187,11 +207,13 @@ def federated_scores(
     ta = test.groups[attribute].astype(str)
     probs = training.predict_proba(model, test.X)
     thresholds = (run.evaluation or {}).get("thresholds")
+    scored_ta = scored.groups[attribute].astype(str)
+    scored_probs = training.predict_proba(model, scored.X)
     if not thresholds:
-        decided = fairness.predictions_at(probs).astype(float)
-        return score(decided, test.y, ta, probs), None
+        decided = fairness.predictions_at(scored_probs).astype(float)
+        return score(decided, scored.y, scored_ta, scored_probs), None
     rules = fairness_mitigation.ThresholdRules.from_json(thresholds)
-    p = rules.positive_probability(probs, ta)
+    p = rules.positive_probability(scored_probs, scored_ta)
     grid = np.asarray(rules.grid)
     # The agents' binning (nearest grid point, ties up), applied here to the same scores; the
     # binned rows rebuilt from it are what ThresholdOptimizer sees.
@@ -214,7 +236,7 @@ def federated_scores(
     )
     theirs = threshold_optimizer(check_scores, check_y, check_a, rules.objective)
     equal, detail = same_rules(rules, theirs)
-    return score(p, test.y, ta, p), {"equal": equal, "detail": detail}
+    return score(p, scored.y, scored_ta, p), {"equal": equal, "detail": detail}
 
 
 def mean_sd(values: list[float]) -> str:
@@ -236,6 +258,13 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
             s: df.sample(n=min(len(df), args.max_rows), random_state=0).reset_index(drop=True)
             for s, df in base.sites.items()
         }
+    fresh_frames = {}
+    if args.fresh_fraction:  # rows no site has: every classifier is scored on them
+        for site, frame in list(base.sites.items()):
+            shuffled = frame.sample(frac=1.0, random_state=12345).reset_index(drop=True)
+            cut = int(round(len(shuffled) * args.fresh_fraction))
+            fresh_frames[site] = shuffled.iloc[:cut].reset_index(drop=True)
+            base.sites[site] = shuffled.iloc[cut:].reset_index(drop=True)
     folder = Path(tempfile.mkdtemp(prefix=f"fairness-{name}-"))
     files = {}
     for site, frame in base.sites.items():
@@ -275,8 +304,9 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 seconds.setdefault(kind, []).append(result.seconds)
                 if prepared is None:  # the federation's own preprocessing, same every kind
                     prepared = baselines.prepare(scenario, result.run.preprocessing)
+                    rows = fresh_rows(scenario, fresh_frames, prepared)
                 scored, check = federated_scores(
-                    plan, result.run, result.state, prepared, attribute
+                    plan, result.run, result.state, prepared, attribute, rows
                 )
                 results.setdefault(f"federated {kind}", []).append(scored)
                 if check is not None:
@@ -288,7 +318,9 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 )
             if prepared is None:  # every run failed: the same preprocessing, computed here
                 prepared = baselines.prepare(scenario)
-            for label, scored in pooled_references(plan, prepared, seed, attribute).items():
+                rows = fresh_rows(scenario, fresh_frames, prepared)
+            references = pooled_references(plan, prepared, seed, attribute, rows)
+            for label, scored in references.items():
                 results.setdefault(label, []).append(scored)
     finally:
         fed.close()
@@ -296,6 +328,11 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "name": name,
         "attribute": attribute,
         "limit": limit,
+        "scored_on": (
+            f"{args.fresh_fraction:g} of every site's rows, held back from the federation"
+            if args.fresh_fraction
+            else "the union of the sites' held-out splits"
+        ),
         "results": results,
         "checks": checks,
         "seconds": seconds,
@@ -307,7 +344,7 @@ def bars(outcome: dict[str, Any]) -> list[str]:
     """The two bars of docs/benchmarks.md for one scenario, PASS/MISS with the numbers."""
     limit = outcome["limit"]
     means = {
-        label: {k: statistics.mean(r[k] for r in rows) for k in ("auc", "dp", "eo")}
+        label: {k: statistics.mean(r[k] for r in rows) for k in ("auc", "dauc", "dp", "eo")}
         for label, rows in outcome["results"].items()
     }
     lines = []
@@ -339,6 +376,7 @@ def bars(outcome: dict[str, Any]) -> list[str]:
             f"{reference['dp']:.4f} AUC {reference['auc']:.4f} (DP within {SLACK_DISPARITY} at "
             f"equal or better AUC: {'yes' if close else 'no'})"
         )
+    lines.append(bar_one_scale(outcome["name"], limit, means))
     if outcome["checks"]:
         equal = all(c["equal"] for c in outcome["checks"])
         first_bad = next((c for c in outcome["checks"] if not c["equal"]), None)
@@ -349,6 +387,62 @@ def bars(outcome: dict[str, Any]) -> list[str]:
             + (f"; seed {first_bad['seed']}: {first_bad['detail']}" if first_bad else "")
         )
     return lines
+
+
+def fresh_rows(scenario: Any, fresh_frames: dict[str, Any], prepared: Any) -> Any:
+    """What every classifier is scored on: the rows held back from the federation (validated
+    and transformed with the federation's preprocessing), else the held-out union."""
+    if not fresh_frames:
+        return prepared.test
+    import pandas as pd
+
+    from fedcore import tabular
+
+    schema = tabular.DatasetSchema.from_dict(scenario.plan["schema"])
+    frame = pd.concat(
+        [tabular.validate_frame(f, schema) for f in fresh_frames.values()], ignore_index=True
+    )
+    return tabular.transform(frame, schema, prepared.fitted)
+
+
+def bar_one_scale(name: str, limit: float, means: dict[str, dict[str, float]]) -> str:
+    """Bar 1 with every classifier on one scale, the AUC of its decisions (docs/benchmarks.md).
+
+    The bar as printed above scores a trained model by its score and a threshold rule or
+    ExponentiatedGradient by its decisions, two scales. Here: the best federated mitigation is
+    the one within the DP limit with the highest decision AUC; it must be at most SLACK_AUC
+    below unmitigated federated training, and its DP within SLACK_DISPARITY of the fairest
+    fairlearn pooled mitigation (ExponentiatedGradient at every bound of the sweep,
+    ThresholdOptimizer) whose decision AUC it equals or beats."""
+    plain = means.get("federated none")
+    meeting = {
+        k: v
+        for k, v in means.items()
+        if k.startswith("federated ") and k != "federated none" and v["dp"] <= limit
+    }
+    if plain is None or not meeting:
+        return f"MISS bar 1 on one scale ({name}): no federated mitigation within the limit"
+    best_label = max(meeting, key=lambda k: meeting[k]["dauc"])
+    best = meeting[best_label]
+    auc_ok = best["dauc"] >= plain["dauc"] - SLACK_AUC
+    beaten = {
+        k: v for k, v in means.items() if k.startswith("fairlearn ") and v["dauc"] <= best["dauc"]
+    }
+    fairest = min(beaten, key=lambda k: beaten[k]["dp"]) if beaten else None
+    close = fairest is None or best["dp"] <= beaten[fairest]["dp"] + SLACK_DISPARITY
+    against = (
+        f"the fairest fairlearn pooled mitigation at an equal or lower decision AUC is "
+        f"{fairest[10:]}: DP {beaten[fairest]['dp']:.4f} at {beaten[fairest]['dauc']:.4f}"
+        if fairest
+        else "every fairlearn pooled mitigation decides better"
+    )
+    return (
+        f"{'PASS' if auc_ok and close else 'MISS'} bar 1 on one scale, decision AUC ({name}): "
+        f"best federated mitigation {best_label[10:]}: DP {best['dp']:.4f} <= limit {limit:g}; "
+        f"decision AUC {best['dauc']:.4f} vs unmitigated federated {plain['dauc']:.4f} (at most "
+        f"{SLACK_AUC} below: {'yes' if auc_ok else 'no'}); {against} (DP within "
+        f"{SLACK_DISPARITY}: {'yes' if close else 'no'})"
+    )
 
 
 def main() -> None:
@@ -367,10 +461,22 @@ def main() -> None:
     parser.add_argument(
         "--eta", type=float, default=None, help="constraint's eta (default: the plan language's)"
     )
+    parser.add_argument(
+        "--fresh-fraction",
+        type=float,
+        default=0.0,
+        help=(
+            "hold back this fraction of every site's rows from the federation and score every "
+            "classifier on them (default 0: the held-out union, where postprocess chose its "
+            "thresholds)"
+        ),
+    )
     parser.add_argument("--outcome", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if not 0 <= args.fresh_fraction <= 0.5:
+        parser.error("--fresh-fraction must be in [0, 0.5]")
     unknown = sorted(set(args.scenario) - {"healthcare", "finance"})
     if unknown:
         parser.error(f"--scenario: unknown {unknown}; choose healthcare and/or finance")
@@ -401,6 +507,8 @@ def main() -> None:
                 command += ["--multipliers", args.multipliers]
             if args.eta:
                 command += ["--eta", str(args.eta)]
+            if args.fresh_fraction:
+                command += ["--fresh-fraction", str(args.fresh_fraction)]
             done = subprocess.run(command, cwd=ROOT, check=False)
             if done.returncode != 0 or not out.exists():
                 sys.exit(f"{name}: the benchmark process failed ({done.returncode})")
@@ -408,27 +516,30 @@ def main() -> None:
     lines = []
     for outcome in outcomes:
         table = Table(
-            f"{outcome['name']}: final model on the pooled held-out rows, sensitive attribute "
+            f"{outcome['name']}: final model, sensitive attribute "
             f"{outcome['attribute']!r}, DP limit {outcome['limit']:g} (mean ± sd over "
-            f"{args.seeds} seed(s))",
-            ["model", "AUC", "DP difference", "EO difference", "meets DP limit"],
+            f"{args.seeds} seed(s)); scored on {outcome['scored_on']}",
+            ["model", "AUC", "decision AUC", "DP difference", "EO difference", "meets DP limit"],
         )
         for label, rows in outcome["results"].items():
             dp = statistics.mean(r["dp"] for r in rows)
             table.row(
                 label,
                 mean_sd([r["auc"] for r in rows]),
+                mean_sd([r["dauc"] for r in rows]),
                 mean_sd([r["dp"] for r in rows]),
                 mean_sd([r["eo"] for r in rows]),
                 dp <= outcome["limit"],
             )
         for label, reasons in outcome["failures"].items():
             if label not in outcome["results"]:
-                table.row(label, "failed", "-", "-", None)
+                table.row(label, "failed", "-", "-", "-", None)
             table.note(f"{label} failed in {len(reasons)} run(s): {reasons[0]}")
         table.note(
             "AUC of each classifier's P(decision = 1): thresholds and ExponentiatedGradient are "
-            "scored by their decision probability, trained models by their score"
+            "scored by their decision probability, trained models by their score; decision "
+            "AUC: every classifier by its decisions (a trained model's at 0.5: its balanced "
+            "accuracy), the one scale on which all of them compare"
         )
         table.print()
         lines.extend(bars(outcome))
