@@ -1053,8 +1053,12 @@ def handle_evaluate(
         if counts:
             reply["fairness"] = counts
     if _weighs_loss(parsed, "postprocess"):
-        histograms = postprocess_histograms(parsed, test, probs, fields["preprocessing"])
         assert parsed.fairness is not None
+        rows, scores = test, probs
+        if parsed.fairness.mitigation.rows == "training":  # the thresholds' rows: training split
+            rows = arrays.train
+            scores = training.predict_proba(model, rows.X) if rows.X.shape[0] else probs[:0]
+        histograms = postprocess_histograms(parsed, rows, scores, fields["preprocessing"])
         if parsed.fairness.dp_epsilon is not None:  # one pure-DP release, charged by the server
             histograms = noisy_score_histogram(histograms, epsilon=parsed.fairness.dp_epsilon)
         reply["score_histograms"] = histograms
@@ -1069,9 +1073,10 @@ def postprocess_grid(score_bins: int) -> np.ndarray:
 def postprocess_histograms(
     plan: Plan, test: tabular.TabularData, probs: np.ndarray, preprocessing: Mapping[str, Any]
 ) -> dict[str, dict[str, list[int]]]:
-    """Per public group of the plan's sensitive attribute, the held-out rows' counts of each
-    label per point of the score grid (``fedcore.fairness_mitigation.score_histogram``): what
-    the server chooses the group thresholds from. A value outside the public list counts as
+    """Per public group of the plan's sensitive attribute, the counts of each label per point
+    of the score grid (``fedcore.fairness_mitigation.score_histogram``) among ``test``'s rows:
+    the held-out split, or the training split with ``fairness.mitigation.rows`` "training".
+    What the server chooses the group thresholds from. A value outside the public list counts as
     ``__other__``, as in the fairness counts."""
     assert plan.fairness is not None
     attribute = plan.fairness.sensitive_attribute

@@ -460,6 +460,8 @@ FAIRNESS_KEYS: tuple[Key, ...] = (
     ),
 )
 
+# The rows a postprocess plan's thresholds are chosen on (fairness.mitigation.rows).
+POSTPROCESS_ROWS: tuple[str, ...] = ("held_out", "training")
 MITIGATION_KINDS: tuple[str, ...] = (
     "none",
     "reweighing",
@@ -476,6 +478,7 @@ MITIGATION_PARAMS: dict[str, tuple[str, ...]] = {
     "beta": ("fair_aggregation",),
     "objective": ("postprocess",),
     "score_bins": ("postprocess",),
+    "rows": ("postprocess",),
 }
 MITIGATION_KEYS: tuple[Key, ...] = (
     Key(
@@ -546,6 +549,15 @@ MITIGATION_KEYS: tuple[Key, ...] = (
         default=100,
         minimum=2,
         maximum=10000,
+    ),
+    Key(
+        "rows",
+        "string",
+        "postprocess only: the rows each site's score histograms count, whose thresholds the "
+        "server chooses: 'held_out' (the site's held-out split) or 'training' (its training "
+        "split: more rows, thresholds that generalize better; docs/fairness.md)",
+        default="held_out",
+        choices=POSTPROCESS_ROWS,
     ),
 )
 
@@ -693,6 +705,7 @@ class Mitigation:
     beta: float = 1.0
     objective: str = "accuracy_score"
     score_bins: int = 100
+    rows: str = "held_out"
 
     @property
     def active(self) -> bool:
@@ -1129,6 +1142,7 @@ def _mitigation(raw: Any, errors: dict[str, str]) -> Mitigation | None:
         beta=float(v["beta"]),
         objective=v["objective"],
         score_bins=int(v["score_bins"]),
+        rows=v["rows"],
     )
 
 
@@ -1208,12 +1222,39 @@ def _mitigation_errors(
         )
     elif (
         kind == "postprocess"
+        and fairness.mitigation.rows == "training"
+        and fairness.dp_epsilon is None
+        and (
+            mode in ("sample", "client")
+            or (privacy is not None and privacy.statistics_epsilon is not None)
+        )
+    ):
+        covered = (
+            f"privacy mode {mode!r}"
+            if mode in ("sample", "client")
+            else "privacy.statistics_epsilon"
+        )
+        errors[where] = (
+            "'postprocess' with rows 'training' releases each site's per-group score histograms "
+            f"of its training rows, outside the guarantee of {covered} (which covers the rounds' "
+            "updates or the statistics only); set fairness.dp_epsilon so that they are noised "
+            "and charged to the ledger, or choose the thresholds on rows 'held_out'"
+        )
+    elif (
+        kind == "postprocess"
         and evaluation is not None
         and evaluation.test_fraction == 0
         and evaluation.split_column is None
     ):
+        rows_note = (
+            " (with rows 'training' the histograms count the training rows, but a site without "
+            "held-out rows has no final evaluation to send them with)"
+            if fairness.mitigation.rows == "training"
+            else " (rows 'held_out': the histograms count them)"
+        )
         errors[where] = (
-            "'postprocess' chooses its thresholds on the sites' held-out rows; set "
+            f"'postprocess' chooses its thresholds from histograms that travel with each "
+            f"site's final evaluation, which scores the held-out rows{rows_note}; set "
             "evaluation.test_fraction > 0 or evaluation.split_column"
         )
 

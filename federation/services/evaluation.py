@@ -140,7 +140,7 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         sums = _checked_calibration(fields, n, where)
         try:  # a postprocess plan: the final model's score histograms per group
             score_histograms = mitigation.checked_score_histograms(
-                run, fields.get("score_histograms"), n, where
+                run, fields.get("score_histograms"), n, where, silo_id=silo.pk
             )
         except ValueError as exc:
             raise Refused("invalid_update", str(exc)) from None

@@ -158,13 +158,16 @@ def example_weights(run: Run) -> dict[str, Any] | None:
 
 
 def checked_score_histograms(
-    run: Run, raw: Any, n: int, where: str
+    run: Run, raw: Any, n: int, where: str, *, silo_id: int
 ) -> dict[str, dict[str, list[int]]] | None:
     """A site's per-group score histograms of the final model as stored (``postprocess``), or
     ValueError naming what is wrong: histograms from a plan that does not postprocess, none from
     one that does, a group outside the attribute's public list, a column of the wrong length or
-    with a count that is not a non-negative integer, or a total other than the site's held-out
-    rows (``n``)."""
+    with a count that is not a non-negative integer, or (exact histograms only) a total other
+    than the rows they count: the site's held-out rows (``n``), or with
+    ``fairness.mitigation.rows`` "training" the training rows its statistics reported
+    (``n_rows`` of its ``SiloStatistics``; a silo with none this run is not checked on its total,
+    having reported no count to check against)."""
     spec = run.version.spec
     kind = plan_kind(spec)
     if kind != POSTPROCESS:
@@ -206,7 +209,17 @@ def checked_score_histograms(
                 )
             checked[group][cell] = list(column)
             total += sum(column)
-    if total != n and plan.fairness.dp_epsilon is None:  # noised histograms: any total
+    if plan.fairness.dp_epsilon is not None:  # noised histograms: any total
+        return checked
+    if plan.fairness.mitigation.rows == "training":
+        stats = SiloStatistics.objects.filter(run=run, silo_id=silo_id).first()
+        rows = stats.stats.get("n_rows") if stats is not None else None
+        if isinstance(rows, int) and total != rows:
+            raise ValueError(
+                f"{where}: score_histograms hold {total} rows, the site's statistics reported "
+                f"{rows} training rows (fairness.mitigation.rows 'training')"
+            )
+    elif total != n:
         raise ValueError(f"{where}: score_histograms hold {total} rows, the evaluation {n}")
     return checked
 
@@ -239,6 +252,7 @@ def thresholds(
     return {
         **rules.to_json(),
         "attribute": plan.fairness.sensitive_attribute,
+        "rows": settings.rows,  # which rows' histograms chose them: "held_out" or "training"
         "histograms": summed,
         "note": (
             "fairlearn ThresholdOptimizer semantics (flip=False): bin the model's probability "

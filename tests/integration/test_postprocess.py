@@ -37,15 +37,18 @@ FAIRNESS = {
 }
 
 
-def pooled_histograms(run: Run, files: dict[int, Path]) -> dict[str, dict[str, list[int]]]:
-    """The final model's histograms on the union of the held-out rows, from the raw scores."""
+def pooled_histograms(
+    run: Run, files: dict[int, Path], split: str = "test"
+) -> dict[str, dict[str, list[int]]]:
+    """The final model's histograms on the union of the held-out rows (``split`` "test") or of
+    the training rows ("train"), from the raw scores."""
     final = ModelVersion.objects.filter(run=run).order_by("-number").first()
     state = tensors.decode_state_dict(blob_store().get(final.blob_key))
     plan = parse_plan(run.version.spec)
     scores, ys, groups = [], [], []
     for path in files.values():
         data = LocalData(path)
-        test = data.arrays(data.split(run.version.spec), run.preprocessing).test
+        test = getattr(data.arrays(data.split(run.version.spec), run.preprocessing), split)
         model = build_model(plan.model, int(test.X.shape[1]), seed=0)
         model.load_state_dict(state)
         scores.append(training.predict_proba(model, test.X))
@@ -76,6 +79,7 @@ def test_the_final_models_thresholds_are_chosen_from_the_sites_histograms(
     expected = fairness_mitigation.threshold_rules(pooled, postprocess_grid(20)).to_json()
     assert {k: chosen[k] for k in expected} == expected
     assert chosen["attribute"] == "sex" and set(chosen["rules"]) == {"f", "m"}
+    assert chosen["rows"] == "held_out"
     card = model_card(ModelVersion.objects.get(run=run, number=2))
     assert card["deployment"]["thresholds"] == chosen
     assert card["fairness"]["mitigation"]["kind"] == "postprocess"
@@ -85,6 +89,49 @@ def test_the_final_models_thresholds_are_chosen_from_the_sites_histograms(
     )
     assert AuditEvent.objects.filter(action="mitigation.thresholds", data__chosen=True).exists()
     onnx_decisions_equal_the_servers(run, files)
+
+
+def test_thresholds_chosen_on_the_training_rows(tmp_path: Path) -> None:
+    """With fairness.mitigation.rows "training" each site's histograms count its training split:
+    the thresholds are fairlearn's on the pooled training rows' scores, say so, and a total other
+    than the training rows the site's statistics reported is refused."""
+    training_rows = {**FAIRNESS, "mitigation": {**FAIRNESS["mitigation"], "rows": "training"}}
+    run, silos, files = train_to_the_last_round(
+        tmp_path, schema=SENSITIVE_SCHEMA, fairness=training_rows
+    )
+    reports = {silo.pk: evaluate_at(run, silo, files) for silo in silos}
+    first = reports[silos[0].pk]
+    data = LocalData(files[silos[0].pk])
+    split = data.split(run.version.spec)
+    total = sum(sum(sum(c) for c in cells.values()) for cells in first["score_histograms"].values())
+    assert total == len(split.train) != len(split.test)
+    # the held-out count (the evaluation's n) is not what training histograms must hold
+    held_out = {**first, "score_histograms": pooled_one(run, files[silos[0].pk], "test")}
+    with pytest.raises(Refused, match=rf"statistics reported {len(split.train)} training rows"):
+        evaluation_receive(silo_id=silos[0].pk, fields=held_out)
+    assert SiloEvaluation.objects.filter(run=run, report__isnull=False).count() == 0
+    for silo in silos:
+        evaluation_receive(silo_id=silo.pk, fields=reports[silo.pk])
+    orchestrator.run_advance(run.pk)
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED
+
+    chosen = run.evaluation["thresholds"]
+    assert chosen is not None, run.evaluation["thresholds_note"]
+    pooled = pooled_histograms(run, files, "train")
+    held = {g: c for g, c in chosen["histograms"].items() if any(map(sum, c.values()))}
+    assert held == pooled != pooled_histograms(run, files, "test")  # empty groups aside
+    expected = fairness_mitigation.threshold_rules(pooled, postprocess_grid(20)).to_json()
+    assert {k: chosen[k] for k in expected} == expected
+    assert chosen["rows"] == "training"
+    card = model_card(ModelVersion.objects.get(run=run, number=2))
+    assert card["deployment"]["thresholds"]["rows"] == "training"
+    assert card["fairness"]["mitigation"]["parameters"]["rows"] == "training"
+
+
+def pooled_one(run: Run, path: Path, split: str) -> dict[str, dict[str, list[int]]]:
+    """One site's exact histograms of the final model on its ``split`` rows."""
+    return pooled_histograms(run, {0: path}, split)
 
 
 def onnx_decisions_equal_the_servers(run: Run, files: dict[int, Path]) -> None:

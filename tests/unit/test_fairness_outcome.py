@@ -56,7 +56,12 @@ def test_every_final_flag_is_in_the_warning() -> None:
         ),
         (
             {"kind": "postprocess", "constraint": "equalized_odds"},
-            {"constraint": "equalized_odds", "objective": "accuracy_score", "score_bins": 100},
+            {
+                "constraint": "equalized_odds",
+                "objective": "accuracy_score",
+                "score_bins": 100,
+                "rows": "held_out",
+            },
         ),
         (
             {"kind": "constraint", "bound": 0.02},

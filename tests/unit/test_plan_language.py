@@ -162,6 +162,9 @@ def test_no_mitigation_section_means_none_and_each_kind_parses_with_its_defaults
     assert fair.fairness is not None and fair.fairness.mitigation.beta == 0.5
     post = parse_plan(mitigated({"kind": "postprocess", "objective": "balanced_accuracy_score"}))
     assert post.fairness is not None and post.fairness.mitigation.score_bins == 100
+    assert post.fairness.mitigation.rows == "held_out"  # today's rows when the key is absent
+    training = parse_plan(mitigated({"kind": "postprocess", "rows": "training"}))
+    assert training.fairness is not None and training.fairness.mitigation.rows == "training"
     assert parse_plan(mitigated({"kind": "reweighing"})).fairness is not None
 
 
@@ -232,6 +235,32 @@ def test_no_mitigation_section_means_none_and_each_kind_parses_with_its_defaults
             "fairness.mitigation.kind",
             "outside the masked vector of the rounds",
         ),
+        (
+            {"kind": "postprocess", "rows": "training"},
+            {"secure_aggregation": True},
+            "fairness.mitigation.kind",
+            "outside the masked vector of the rounds",
+        ),
+        ({"kind": "postprocess", "rows": "all"}, {}, "fairness.mitigation.rows", "'training'"),
+        ({"kind": "constraint", "rows": "training"}, {}, "fairness.mitigation.rows", "only"),
+        (
+            {"kind": "postprocess", "rows": "training"},
+            {"privacy": {"mode": "sample", "noise_multiplier": 1.0}},
+            "fairness.mitigation.kind",
+            "training rows, outside the guarantee of privacy mode 'sample'",
+        ),
+        (
+            {"kind": "postprocess", "rows": "training"},
+            {"privacy": {"mode": "client", "noise_multiplier": 1.0}},
+            "fairness.mitigation.kind",
+            "outside the guarantee of privacy mode 'client' (which covers the rounds' updates",
+        ),
+        (
+            {"kind": "postprocess", "rows": "training"},
+            {"evaluation": {"test_fraction": 0}},
+            "fairness.mitigation.kind",
+            "a site without held-out rows has no final evaluation to send them with",
+        ),
     ],
 )
 def test_mitigations_a_site_could_not_run_are_refused_with_the_reason(
@@ -293,3 +322,8 @@ def test_what_works_with_secure_aggregation_and_dp_is_accepted() -> None:
     assert plan_errors({**mitigated({}), **client_dp}) == {}
     sample = {"privacy": {"mode": "sample", "noise_multiplier": 1.0}}
     assert plan_errors(mitigated({"kind": "postprocess"}, **sample)) == {}
+    # training rows' histograms under DP: noised with fairness.dp_epsilon and charged
+    training = {**noised, "mitigation": {"kind": "postprocess", "rows": "training"}}
+    for privacy in (sample, {"privacy": {"mode": "client", "noise_multiplier": 1.0}}):
+        assert plan_errors({**mitigated({}, **privacy), "fairness": training}) == {}
+    assert plan_errors(mitigated({"kind": "postprocess", "rows": "training"})) == {}
