@@ -196,14 +196,23 @@ def federated_scores(
     prepared: Any,
     attribute: str,
     scored: Any,
+    postprocess_rows: str = "held_out",
 ) -> tuple[dict[str, float], dict[str, Any] | None]:
-    """A run's final model scored on ``scored``, and for postprocess the threshold check (on
-    the held-out union, the rows the sites chose the thresholds from)."""
-    from fedcore import fairness, fairness_mitigation, training
+    """A run's final model scored on ``scored``, and for postprocess the threshold check on
+    the rows the sites chose the thresholds from: the held-out union, or with
+    ``postprocess_rows`` "training" every site's training rows."""
+    from fedcore import fairness, fairness_mitigation, tabular, training
     from federation.demo import baselines
 
     model = baselines.load_state(plan, state, prepared.n_features)
     test = prepared.test
+    if postprocess_rows == "training":
+        sites = list(prepared.train.values())
+        test = tabular.TabularData(
+            X=np.concatenate([d.X for d in sites]),
+            y=np.concatenate([d.y for d in sites]),
+            groups={attribute: np.concatenate([d.groups[attribute] for d in sites])},
+        )
     ta = test.groups[attribute].astype(str)
     probs = training.predict_proba(model, test.X)
     thresholds = (run.evaluation or {}).get("thresholds")
@@ -294,6 +303,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     spec["fairness"]["mitigation"]["multipliers"] = args.multipliers
                 if kind == "constraint" and args.eta:
                     spec["fairness"]["mitigation"]["eta"] = args.eta
+                if kind == "postprocess" and args.postprocess_rows != "held_out":
+                    spec["fairness"]["mitigation"]["rows"] = args.postprocess_rows
                 try:
                     result = fed.run_plan(spec, name=f"{name} {kind} seed {seed}")
                 except RuntimeError as exc:  # the run ended with a reason (e.g. no weights)
@@ -306,7 +317,13 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     prepared = baselines.prepare(scenario, result.run.preprocessing)
                     rows = fresh_rows(scenario, fresh_frames, prepared)
                 scored, check = federated_scores(
-                    plan, result.run, result.state, prepared, attribute, rows
+                    plan,
+                    result.run,
+                    result.state,
+                    prepared,
+                    attribute,
+                    rows,
+                    postprocess_rows=args.postprocess_rows,
                 )
                 results.setdefault(f"federated {kind}", []).append(scored)
                 if check is not None:
@@ -328,6 +345,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "name": name,
         "attribute": attribute,
         "limit": limit,
+        "postprocess_rows": args.postprocess_rows,
         "scored_on": (
             f"{args.fresh_fraction:g} of every site's rows, held back from the federation"
             if args.fresh_fraction
@@ -380,9 +398,10 @@ def bars(outcome: dict[str, Any]) -> list[str]:
     if outcome["checks"]:
         equal = all(c["equal"] for c in outcome["checks"])
         first_bad = next((c for c in outcome["checks"] if not c["equal"]), None)
+        where = "training" if outcome.get("postprocess_rows") == "training" else "held-out"
         lines.append(
             f"{'PASS' if equal else 'MISS'} bar 2 ({outcome['name']}): postprocess thresholds "
-            f"equal ThresholdOptimizer's on the pooled held-out rows, same grid, in "
+            f"equal ThresholdOptimizer's on the pooled {where} rows, same grid, in "
             f"{sum(c['equal'] for c in outcome['checks'])} of {len(outcome['checks'])} run(s)"
             + (f"; seed {first_bad['seed']}: {first_bad['detail']}" if first_bad else "")
         )
@@ -471,6 +490,15 @@ def main() -> None:
             "thresholds)"
         ),
     )
+    parser.add_argument(
+        "--postprocess-rows",
+        default="held_out",
+        choices=("held_out", "training"),
+        help=(
+            "postprocess's fairness.mitigation.rows: the rows the sites' score histograms count "
+            "and the thresholds are chosen on (default: held_out, the plan language's)"
+        ),
+    )
     parser.add_argument("--outcome", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seeds < 1:
@@ -509,6 +537,7 @@ def main() -> None:
                 command += ["--eta", str(args.eta)]
             if args.fresh_fraction:
                 command += ["--fresh-fraction", str(args.fresh_fraction)]
+            command += ["--postprocess-rows", args.postprocess_rows]
             done = subprocess.run(command, cwd=ROOT, check=False)
             if done.returncode != 0 or not out.exists():
                 sys.exit(f"{name}: the benchmark process failed ({done.returncode})")
