@@ -44,7 +44,6 @@ from fedcore.plan import AnalysisPlan, secagg_threshold
 from fedcore.secagg import (
     ProtocolError,
     SecAggConfig,
-    SecAggError,
     SecAggServer,
     Stage,
     StageError,
@@ -54,6 +53,7 @@ from fedcore.secagg import wire as secagg_wire
 from fedcore.secure_updates import TASK_LIMBS
 from federation import dispatch
 from federation.models import AnalysisSecAgg, Run, SiloAnalysis
+from federation.secagg_rounds import close_stages
 from federation.services.audit import audit_append
 from federation.services.updates import Refused
 
@@ -238,34 +238,15 @@ def _schedule(coord: StepCoordinator) -> None:
 
 def _advance(coord: StepCoordinator) -> None:
     """Close every stage that can close now and send the next requests (row locked)."""
-    while coord.server.stage in _OPEN:
-        for cid in coord.gone:
-            coord.server.drop(cid)
-        now = time.time()
-        if not coord.server.ready(now):
-            break
-        stage = coord.server.stage
-        assert stage is not None
-        try:
-            messages = coord.server.advance(now)
-        except SecAggError as exc:
-            coord.error = f"secure aggregation stopped at stage {stage.value}: {exc}"
-            log.warning("run %s step %r: %s", coord.run_id, coord.step, coord.error)
-            _audit(coord, "secagg.aborted", stage=stage.value, reason=coord.error)
-            break
-        if coord.server.stage is Stage.DONE:
-            log.info(
-                "run %s step %r: unmasked the sum of %d silos' summaries",
-                coord.run_id,
-                coord.step,
-                len(coord.server.contributors),
-            )
-            break
-        _send(coord, messages)
-        _schedule(coord)
-    if coord.finished and not coord.notified:
-        coord.notified = True
-        dispatch.enqueue_advance(coord.run_id)
+    close_stages(
+        coord,
+        where=f"run {coord.run_id} step {coord.step!r}",
+        what="summaries",
+        send=_send,
+        schedule=_schedule,
+        audit=_audit,
+        clock=time.time,  # this module's clock, read now (tests move it)
+    )
 
 
 def _audit(coord: StepCoordinator, action: str, **data: Any) -> None:

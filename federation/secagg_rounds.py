@@ -63,7 +63,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -410,10 +410,38 @@ def _advance(coord: Coordinator) -> None:
     A stage closes when every silo it waits for answered or is known to be gone (disconnected,
     reconnected, reported an error), else at its deadline.
     """
+    close_stages(
+        coord,
+        where=f"run {coord.run_id} round {coord.number}.{coord.attempt}",
+        what="updates",
+        send=_send,
+        schedule=_schedule,
+        audit=_audit,
+        on_done=_record_counts if coord.layout else None,
+        clock=time.time,  # this module's clock, read now (tests move it)
+    )
+
+
+def close_stages(
+    coord: Any,
+    *,
+    where: str,
+    what: str,
+    send: Callable[[Any, dict[int, dict[str, Any]]], None],
+    schedule: Callable[[Any], None],
+    audit: Callable[..., None],
+    on_done: Callable[[Any], None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Drive a SecAgg coordinator (a round attempt's or an analysis step's: ``server``,
+    ``gone``, ``error``, ``notified``, ``finished``, ``run_id``) through every stage that can
+    close now: drop the gone, advance, send the next requests and schedule the deadline; on an
+    abort record the reason and audit ``secagg.aborted``; when finished ask the orchestrator to
+    look once."""
     while coord.server.stage in _OPEN:
         for cid in coord.gone:
             coord.server.drop(cid)
-        now = time.time()
+        now = clock()
         if not coord.server.ready(now):
             break
         stage = coord.server.stage
@@ -422,24 +450,18 @@ def _advance(coord: Coordinator) -> None:
             messages = coord.server.advance(now)
         except SecAggError as exc:
             coord.error = f"secure aggregation stopped at stage {stage.value}: {exc}"
-            log.warning(
-                "run %s round %s.%s: %s", coord.run_id, coord.number, coord.attempt, coord.error
-            )
-            _audit(coord, "secagg.aborted", stage=stage.value, reason=coord.error)
+            log.warning("%s: %s", where, coord.error)
+            audit(coord, "secagg.aborted", stage=stage.value, reason=coord.error)
             break
         if coord.server.stage is Stage.DONE:
-            if coord.layout:
-                _record_counts(coord)
+            if on_done is not None:
+                on_done(coord)
             log.info(
-                "run %s round %s.%s: unmasked the sum of %d silos' updates",
-                coord.run_id,
-                coord.number,
-                coord.attempt,
-                len(coord.server.contributors),
+                "%s: unmasked the sum of %d silos' %s", where, len(coord.server.contributors), what
             )
             break
-        _send(coord, messages)
-        _schedule(coord)
+        send(coord, messages)
+        schedule(coord)
     if coord.finished and not coord.notified:
         coord.notified = True
         dispatch.enqueue_advance(coord.run_id)
