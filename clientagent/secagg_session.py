@@ -53,6 +53,7 @@ from fedcore.secagg import (
     SecAggError,
     Stage,
     effective_degree,
+    session_id,
 )
 from fedcore.secagg import wire as secagg_wire
 
@@ -245,7 +246,7 @@ class SecAggSession:
         if not isinstance(client_id, int):
             raise ProtocolError("advertise_keys must name this site's client id")
         config = SecAggConfig.from_message(request)
-        expected = f"{run}:{rnd}:{number}" if step is None else f"analysis:{run}:{step}:{number}"
+        expected = session_id(run, rnd, number, step)
         if config.round_id != expected:
             raise ProtocolError(f"round id {config.round_id!r} is not {expected!r}")
         _check_threshold(config)

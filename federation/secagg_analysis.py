@@ -38,7 +38,7 @@ import numpy as np
 
 from fedcore.analytics import secure
 from fedcore.plan import AnalysisPlan, secagg_threshold
-from fedcore.secagg import SecAggConfig, Stage, effective_degree
+from fedcore.secagg import SecAggConfig, Stage, effective_degree, session_id
 from fedcore.secure_updates import TASK_LIMBS
 from federation import dispatch
 from federation.models import AnalysisSecAgg, Run, SiloAnalysis
@@ -55,11 +55,6 @@ from federation.services.updates import Refused
 log = logging.getLogger("quorum.secagg")
 
 ATTEMPT = 1  # an aborted step withholds the run's result; it is not retried
-
-
-def round_id(run_id: int, step: str, attempt: int) -> str:
-    """The id bound into every key and ciphertext of the step's SecAgg session."""
-    return f"analysis:{run_id}:{step}:{attempt}"
 
 
 @dataclass(kw_only=True)
@@ -148,7 +143,7 @@ def open_step(run: Run, plan: AnalysisPlan, step: str, silo_ids: list[int], spec
     n = len(silo_ids)
     vector_length, count_length = secure.vector_lengths(spec)
     params: dict[str, Any] = {
-        "round_id": round_id(run.pk, step, ATTEMPT),
+        "round_id": session_id(run.pk, 0, ATTEMPT, step),
         "silos": silo_ids,
         "threshold": secagg_threshold(effective_degree(n, None) + 1, None),
         "vector_length": vector_length,

@@ -78,7 +78,7 @@ from django.db import transaction
 from fedcore import secure_updates, tabular, task_metrics
 from fedcore.plan import RunSettings, secagg_settings, secagg_threshold
 from fedcore.privacy.client_dp import DistributedNoise
-from fedcore.secagg import SecAggConfig, Stage, effective_degree
+from fedcore.secagg import SecAggConfig, Stage, effective_degree, session_id
 from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, Run, SecAggAttempt, Silo
 from federation.secagg_coordinator import (
@@ -316,7 +316,7 @@ def _round_params(
     threshold = secagg_threshold(effective_degree(n, degree) + 1, sa.threshold)
     layout = _count_layout(round_.run_id, spec)
     params: dict[str, Any] = {
-        "round_id": f"{round_.run_id}:{round_.number}:{round_.attempt}",
+        "round_id": session_id(round_.run_id, round_.number, round_.attempt),
         "silos": silo_ids,  # client id i is silos[i - 1]
         "threshold": threshold,
         "degree": degree,
