@@ -23,7 +23,9 @@ messages, docs/protocol.md "Secure aggregation"):
 An analysis plan under secure aggregation runs the same stages per analysis step (messages with
 ``"step"``, round 0): the agent answers the step's request without its summary and keeps the
 summary's cells (``fedcore.analytics.secure``, :meth:`SecAggSession.offer_analysis`), which
-leave only masked, in the masked-input reply of the step's session.
+leave only masked, in the masked-input reply of the step's session. Both kinds of session run
+one code path; only the masked input (a trained update, or a summary's cells) and the names on
+the wire (a round number, or a step with round 0) differ.
 
 Any refusal or error aborts the round's client (its secrets are dropped) and is reported with an
 ``error`` ``secagg_aborted``; the site is then a dropout of the attempt. A session holds its
@@ -51,6 +53,7 @@ from fedcore.secagg import (
     SecAggError,
     Stage,
     effective_degree,
+    session_id,
 )
 from fedcore.secagg import wire as secagg_wire
 
@@ -61,6 +64,9 @@ SECAGG_ABORTED = "secagg_aborted"
 SendControl = Callable[..., Awaitable[None]]
 SendError = Callable[[dict[str, Any], str | None], Awaitable[None]]
 SendMasked = Callable[[protocol.BinaryMessage, str, Any], Awaitable[None]]
+# A session's key: (run, round number) for a round attempt, (run, step name) for an analysis
+# step (round 0); a number never equals a name, so both kinds share one table.
+_Key = tuple[int, int | str]
 
 
 @dataclass
@@ -78,7 +84,7 @@ class _Offer:
 
 @dataclass
 class _Attempt:
-    """One round attempt's client and what it waits for."""
+    """One round attempt's (or analysis step's) client and what it waits for."""
 
     run: int
     round: int
@@ -89,9 +95,27 @@ class _Attempt:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     step: str | None = None  # an analysis step's session (round 0)
 
+    @property
+    def key(self) -> _Key:
+        return _key(self.run, self.round, self.step)
+
+    @property
+    def where(self) -> str:
+        return _where(self.run, self.round, self.step)
+
+
+def _key(run: int, rnd: int, step: str | None) -> _Key:
+    return (run, rnd) if step is None else (run, step)
+
+
+def _where(run: int, rnd: int, step: str | None) -> str:
+    """The session in a log line: ``run 3 round 2``, ``run 3 step 'summary'``."""
+    return f"run {run} round {rnd}" if step is None else f"run {run} step {step!r}"
+
 
 class SecAggSession:
-    """The secure-aggregation clients of one websocket session, by (run, round)."""
+    """The secure-aggregation clients of one websocket session, by (run, round) for a round
+    attempt and by (run, step) for an analysis step: one code path answers both."""
 
     def __init__(
         self,
@@ -112,12 +136,10 @@ class SecAggSession:
         self._send_error = send_error
         self._send_masked = send_masked
         self.min_threshold = min_threshold
-        self._attempts: dict[tuple[int, int], _Attempt] = {}
-        self._offers: dict[tuple[int, int], _Offer] = {}
-        # Analysis steps under secure aggregation, by (run, step): the session, and the
-        # summary's cells (fedcore.analytics.secure) until they leave masked.
-        self._analysis: dict[tuple[int, str], _Attempt] = {}
-        self._cells: dict[tuple[int, str], list[int]] = {}
+        self._attempts: dict[_Key, _Attempt] = {}
+        self._offers: dict[_Key, _Offer] = {}  # a round's trained update, until it leaves masked
+        # An analysis step's summary cells (fedcore.analytics.secure), until they leave masked.
+        self._cells: dict[_Key, list[int]] = {}
         self.closed = False
 
     # -- the agent's side --------------------------------------------------------------------
@@ -148,34 +170,37 @@ class SecAggSession:
 
     def forget_run(self, run: int) -> None:
         """Drop everything kept for a run (it finished)."""
-        for key in [k for k in {*self._attempts, *self._offers} if k[0] == run]:
+        for key in [k for k in self._kept() if k[0] == run]:
             self._drop(key)
-        for step_key in [k for k in {*self._analysis, *self._cells} if k[0] == run]:
-            self._drop_step(step_key)
 
     def close(self) -> None:
         """The websocket closed: abort every client (their secrets go with the session)."""
         self.closed = True
-        for key in list({*self._attempts, *self._offers}):
+        for key in self._kept():
             self._drop(key)
-        for step_key in list({*self._analysis, *self._cells}):
-            self._drop_step(step_key)
+
+    def _kept(self) -> list[_Key]:
+        return list({*self._attempts, *self._offers, *self._cells})
 
     def _drop_earlier(self, run: int, rnd: int) -> None:
         """A later round of the run started: what is kept for its earlier rounds is stale."""
-        for key in [k for k in {*self._attempts, *self._offers} if k[0] == run and k[1] < rnd]:
-            self._drop(key)
+        for key in self._kept():
+            if key[0] == run and isinstance(key[1], int) and key[1] < rnd:
+                self._drop(key)
 
-    def _drop(self, key: tuple[int, int]) -> None:
+    def _drop(self, key: _Key) -> None:
         attempt = self._attempts.pop(key, None)
         if attempt is not None and attempt.client.stage not in (Stage.DONE, Stage.ABORTED):
             attempt.client.abort()  # drops the keys and every share it holds
         self._offers.pop(key, None)
+        self._cells.pop(key, None)
 
     @property
     def active(self) -> list[tuple[int, int, int]]:
-        """(run, round, attempt) of the clients in progress (for logs and tests)."""
-        return sorted((a.run, a.round, a.attempt) for a in self._attempts.values())
+        """(run, round, attempt) of the round attempts' clients in progress (logs and tests)."""
+        return sorted(
+            (a.run, a.round, a.attempt) for a in self._attempts.values() if a.step is None
+        )
 
     # -- the server's requests -----------------------------------------------------------------
 
@@ -183,12 +208,10 @@ class SecAggSession:
         """Handle one ``secagg`` control message from the server."""
         if self.closed:
             return
-        if "step" in fields:
-            await self._on_step_message(fields)
-            return
         run, rnd, number = fields["run"], fields["round"], fields["attempt"]
+        step = fields.get("step")  # an analysis step's session (round 0), else a round's
         stage = fields["stage"]
-        key = (run, rnd)
+        key = _key(run, rnd, step)
         try:
             request = secagg_wire.from_json(fields["payload"])
             if request.get("stage") != stage:
@@ -198,13 +221,14 @@ class SecAggSession:
             else:
                 attempt = self._attempts.get(key)
                 if attempt is None or attempt.attempt != number:
+                    what = f"round {rnd}" if step is None else f"analysis step {step!r}"
                     raise ProtocolError(
-                        f"a {stage!r} request for round {rnd} attempt {number}, for which this "
-                        "site advertised no keys"
+                        f"a {stage!r} request for {what} attempt {number}, for which this site "
+                        "advertised no keys"
                     )
         except SecAggError as exc:
             self._drop(key)
-            await self._aborted(run, rnd, exc)
+            await self._aborted(run, rnd, step, exc)
             return
         async with attempt.lock:
             if self._attempts.get(key) is not attempt:
@@ -213,33 +237,47 @@ class SecAggSession:
                 await self._answer(attempt, stage, request)
             except (SecAggError, ValueError) as exc:
                 self._drop(key)
-                await self._aborted(run, rnd, exc)
+                await self._aborted(run, rnd, step, exc)
 
     def _new_attempt(self, fields: Mapping[str, Any], request: dict[str, Any]) -> _Attempt:
         run, rnd, number = fields["run"], fields["round"], fields["attempt"]
+        step = fields.get("step")
         client_id = fields.get("client")
         if not isinstance(client_id, int):
             raise ProtocolError("advertise_keys must name this site's client id")
         config = SecAggConfig.from_message(request)
-        expected = f"{run}:{rnd}:{number}"
+        expected = session_id(run, rnd, number, step)
         if config.round_id != expected:
             raise ProtocolError(f"round id {config.round_id!r} is not {expected!r}")
         _check_threshold(config)
-        self._drop_earlier(run, rnd)
-        old = self._attempts.get((run, rnd))
+        key = _key(run, rnd, step)
+        if step is None:
+            self._drop_earlier(run, rnd)
+        else:
+            cells = self._cells.get(key)
+            if cells is None:
+                raise ProtocolError(f"this site holds no answer to analysis step {step!r}")
+            if config.float_length != 1 or config.count_length != len(cells):
+                raise ProtocolError(
+                    f"the session expects {config.count_length} cells, this site's summary "
+                    f"has {len(cells)}"
+                )
+        old = self._attempts.get(key)
         if old is not None:
             if old.attempt >= number:
-                raise ProtocolError(f"round {rnd} attempt {number} was already started")
-            self._attempts.pop((run, rnd))
+                what = f"round {rnd}" if step is None else f"step {step!r}"
+                raise ProtocolError(f"{what} attempt {number} was already started")
+            self._attempts.pop(key)
             if old.client.stage not in (Stage.DONE, Stage.ABORTED):
                 old.client.abort()
         attempt = _Attempt(
             run=run,
-            round=rnd,
+            round=rnd if step is None else 0,
             attempt=number,
             client=SecAggClient(client_id, min_threshold=self.min_threshold),
+            step=step,
         )
-        self._attempts[(run, rnd)] = attempt
+        self._attempts[key] = attempt
         return attempt
 
     async def _answer(self, attempt: _Attempt, stage: str, request: dict[str, Any]) -> None:
@@ -248,39 +286,51 @@ class SecAggSession:
             reply = await asyncio.to_thread(client.advertise_keys, request)
         elif stage == Stage.SHARE_KEYS.value:
             reply = await asyncio.to_thread(client.share_keys, request)
+        elif stage == Stage.MASKED_INPUT.value and attempt.step is not None:
+            reply = await self._mask_summary(attempt, request)
         elif stage == Stage.MASKED_INPUT.value:
             if attempt.masked_request is not None or client.stage is not Stage.MASKED_INPUT:
                 raise ProtocolError("a second masked-input request, or one out of order")
             attempt.masked_request = request
-            await self._try_mask(attempt)
+            await self._try_mask(attempt)  # sends a masked_update once the update is trained
             return
         elif stage == Stage.UNMASKING.value:
             reply = await asyncio.to_thread(client.unmask, request)
-            self._attempts.pop((attempt.run, attempt.round), None)
-            self._offers.pop((attempt.run, attempt.round), None)
+            self._attempts.pop(attempt.key, None)
+            self._offers.pop(attempt.key, None)
         else:
             raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
         await self._reply(attempt, reply)
         if stage == Stage.SHARE_KEYS.value:
             logger.info(
-                "run %d round %d attempt %d: secure-aggregation keys shared with %d neighbours",
-                attempt.run,
-                attempt.round,
+                "%s attempt %d: secure-aggregation keys shared with %d neighbours",
+                attempt.where,
                 attempt.attempt,
                 len(reply["ciphertexts"]),
             )
-        if stage == Stage.UNMASKING.value:
+        elif stage == Stage.MASKED_INPUT.value:
+            logger.info("%s: sent the masked summary", attempt.where)
+        elif stage == Stage.UNMASKING.value:
             logger.info(
-                "run %d round %d: revealed the unmasking shares; secure aggregation done here",
-                attempt.run,
-                attempt.round,
+                "%s: revealed the unmasking shares; secure aggregation done here", attempt.where
             )
 
+    async def _mask_summary(self, attempt: _Attempt, request: dict[str, Any]) -> dict[str, Any]:
+        """An analysis step's masked input: its summary's cells, masked at once (the answer was
+        computed when the step was asked)."""
+        cells = self._cells.pop(attempt.key, None)
+        if cells is None:
+            raise ProtocolError(f"no summary of step {attempt.step!r} is waiting here")
+        # The one float coordinate is 1.0: its sum counts the contributors.
+        return await asyncio.to_thread(attempt.client.masked_input, request, [1.0], cells)
+
     async def _reply(self, attempt: _Attempt, reply: dict[str, Any]) -> None:
+        name: dict[str, Any] = {"run": attempt.run, "round": attempt.round}
+        if attempt.step is not None:
+            name["step"] = attempt.step
         await self._send_control(
             "secagg",
-            run=attempt.run,
-            round=attempt.round,
+            **name,
             attempt=attempt.attempt,
             stage=reply["stage"],
             payload=secagg_wire.to_json(reply),
@@ -300,7 +350,7 @@ class SecAggSession:
             )
         except (SecAggError, ValueError) as exc:
             self._drop(key)
-            await self._aborted(attempt.run, attempt.round, exc, plan_hash=offer.plan_hash)
+            await self._aborted(attempt.run, attempt.round, None, exc, plan_hash=offer.plan_hash)
             return
         attempt.masked_request = None
         attempt.masked_sent = True
@@ -430,127 +480,29 @@ class SecAggSession:
         """An analysis step's summary (its SecAgg cells): sent masked once the server asks."""
         if self.closed:
             return
-        self._drop_step((run, step))
+        self._drop((run, step))
         self._cells[(run, step)] = cells
 
-    def _drop_step(self, key: tuple[int, str]) -> None:
-        attempt = self._analysis.pop(key, None)
-        if attempt is not None and attempt.client.stage not in (Stage.DONE, Stage.ABORTED):
-            attempt.client.abort()
-        self._cells.pop(key, None)
-
-    async def _on_step_message(self, fields: Mapping[str, Any]) -> None:
-        """A ``secagg`` message of an analysis step's session (``"step"``, round 0): the same
-        four stages; the masked input is the summary's cells, sent at once in a ``secagg``
-        reply (the answer was computed when the step was asked)."""
-        run, step, number, stage = fields["run"], fields["step"], fields["attempt"], fields["stage"]
-        key = (run, step)
-        try:
-            request = secagg_wire.from_json(fields["payload"])
-            if request.get("stage") != stage:
-                raise ProtocolError("the payload's stage differs from the message's")
-            if stage == Stage.ADVERTISE_KEYS.value:
-                attempt = self._new_step_attempt(fields, request)
-            else:
-                attempt = self._analysis.get(key)
-                if attempt is None or attempt.attempt != number:
-                    raise ProtocolError(
-                        f"a {stage!r} request for analysis step {step!r} attempt {number}, for "
-                        "which this site advertised no keys"
-                    )
-        except SecAggError as exc:
-            self._drop_step(key)
-            await self._step_aborted(run, step, exc)
-            return
-        async with attempt.lock:
-            if self._analysis.get(key) is not attempt:
-                return
-            client = attempt.client
-            try:
-                if stage == Stage.ADVERTISE_KEYS.value:
-                    reply = await asyncio.to_thread(client.advertise_keys, request)
-                elif stage == Stage.SHARE_KEYS.value:
-                    reply = await asyncio.to_thread(client.share_keys, request)
-                elif stage == Stage.MASKED_INPUT.value:
-                    cells = self._cells.pop(key, None)
-                    if cells is None:
-                        raise ProtocolError(f"no summary of step {step!r} is waiting here")
-                    # The one float coordinate is 1.0: its sum counts the contributors.
-                    reply = await asyncio.to_thread(client.masked_input, request, [1.0], cells)
-                elif stage == Stage.UNMASKING.value:
-                    reply = await asyncio.to_thread(client.unmask, request)
-                    self._analysis.pop(key, None)
-                else:
-                    raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
-            except (SecAggError, ValueError) as exc:
-                self._drop_step(key)
-                await self._step_aborted(run, step, exc)
-                return
-            await self._send_control(
-                "secagg",
-                run=run,
-                round=0,
-                step=step,
-                attempt=number,
-                stage=reply["stage"],
-                payload=secagg_wire.to_json(reply),
-            )
-        if stage == Stage.MASKED_INPUT.value:
-            logger.info("run %d step %r: sent the masked summary", run, step)
-
-    def _new_step_attempt(self, fields: Mapping[str, Any], request: dict[str, Any]) -> _Attempt:
-        run, step, number = fields["run"], fields["step"], fields["attempt"]
-        client_id = fields.get("client")
-        if not isinstance(client_id, int):
-            raise ProtocolError("advertise_keys must name this site's client id")
-        config = SecAggConfig.from_message(request)
-        expected = f"analysis:{run}:{step}:{number}"
-        if config.round_id != expected:
-            raise ProtocolError(f"round id {config.round_id!r} is not {expected!r}")
-        _check_threshold(config)
-        cells = self._cells.get((run, step))
-        if cells is None:
-            raise ProtocolError(f"this site holds no answer to analysis step {step!r}")
-        if config.float_length != 1 or config.count_length != len(cells):
-            raise ProtocolError(
-                f"the session expects {config.count_length} cells, this site's summary has "
-                f"{len(cells)}"
-            )
-        old = self._analysis.pop((run, step), None)
-        if old is not None:
-            if old.attempt >= number:
-                raise ProtocolError(f"step {step!r} attempt {number} was already started")
-            if old.client.stage not in (Stage.DONE, Stage.ABORTED):
-                old.client.abort()
-        attempt = _Attempt(
-            run=run,
-            round=0,
-            attempt=number,
-            client=SecAggClient(client_id, min_threshold=self.min_threshold),
-            step=step,
-        )
-        self._analysis[(run, step)] = attempt
-        return attempt
-
-    async def _step_aborted(self, run: int, step: str, exc: Exception) -> None:
-        logger.error("run %d step %r: secure aggregation aborted here: %s", run, step, exc)
-        reason = f"secure aggregation of analysis step {step!r} aborted at this site: {exc}"
-        if len(reason) > protocol.MAX_ERROR_REASON_CHARS:
-            reason = reason[: protocol.MAX_ERROR_REASON_CHARS - 3] + "..."
-        await self._send_error({"code": SECAGG_ABORTED, "reason": reason, "run": run}, None)
-
     async def _aborted(
-        self, run: int, rnd: int, exc: Exception, *, plan_hash: str | None = None
+        self,
+        run: int,
+        rnd: int,
+        step: str | None,
+        exc: Exception,
+        *,
+        plan_hash: str | None = None,
     ) -> None:
-        logger.error("run %d round %d: secure aggregation aborted here: %s", run, rnd, exc)
-        if plan_hash is None and (offer := self._offers.get((run, rnd))) is not None:
+        logger.error("%s: secure aggregation aborted here: %s", _where(run, rnd, step), exc)
+        if plan_hash is None and (offer := self._offers.get(_key(run, rnd, step))) is not None:
             plan_hash = offer.plan_hash
-        reason = f"secure aggregation aborted at this site: {exc}"
+        of = "" if step is None else f" of analysis step {step!r}"
+        reason = f"secure aggregation{of} aborted at this site: {exc}"
         if len(reason) > protocol.MAX_ERROR_REASON_CHARS:
             reason = reason[: protocol.MAX_ERROR_REASON_CHARS - 3] + "..."
-        await self._send_error(
-            {"code": SECAGG_ABORTED, "reason": reason, "run": run, "round": rnd}, plan_hash
-        )
+        error: dict[str, Any] = {"code": SECAGG_ABORTED, "reason": reason, "run": run}
+        if step is None:  # an analysis step's error names only the run
+            error["round"] = rnd
+        await self._send_error(error, plan_hash)
 
 
 def _check_threshold(config: SecAggConfig) -> None:

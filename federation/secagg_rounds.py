@@ -47,6 +47,10 @@ nothing but its uncommitted transaction (and its agents' connections, which make
 dropouts, as for any disconnect). No owner, no lease, no forwarding. The embedded profile uses
 the same code (SQLite with immediate transactions serialises the writers).
 
+The coordinator's row handling, stage requests, stage loop and dropouts are
+``federation.secagg_coordinator``'s, shared with an analysis step's secure sum
+(``federation.secagg_analysis``); this module says what is a round attempt's own.
+
 What the server keeps (the ``SecAggAttempt`` row): public parameters, public keys, share
 ciphertexts sealed for their recipients (until relayed), the rosters, the revealed unmasking
 shares (until used), and one P-vector: the running uint32 sum of the masked vectors (each is
@@ -62,10 +66,9 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,40 +78,33 @@ from django.db import transaction
 from fedcore import secure_updates, tabular, task_metrics
 from fedcore.plan import RunSettings, secagg_settings, secagg_threshold
 from fedcore.privacy.client_dp import DistributedNoise
-from fedcore.secagg import (
-    ProtocolError,
-    SecAggConfig,
-    SecAggError,
-    SecAggServer,
-    Stage,
-    StageError,
-    effective_degree,
-)
-from fedcore.secagg import wire as secagg_wire
+from fedcore.secagg import SecAggConfig, Stage, effective_degree, session_id
 from federation import dispatch, ledger
 from federation.models import ModelVersion, Round, Run, SecAggAttempt, Silo
+from federation.secagg_coordinator import (
+    SecAggCoordinator,
+    audit_run,
+    locked,
+    parse_message,
+    session_config,
+    start,
+    stored,
+)
 from federation.services import fairness as fairness_service
-from federation.services.audit import audit_append
 from federation.services.updates import Refused, masked_update_receive
 
 log = logging.getLogger("quorum.secagg")
 
 MODE_WEIGHTED = "weighted"
 MODE_CLIENT_DP = "client_dp"
-_OPEN = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASKING)
-_TIMER_SLACK = 0.05
 
 
-@dataclass
-class Coordinator:
+@dataclass(kw_only=True)
+class Coordinator(SecAggCoordinator):
     """The server side of one secure round attempt, as loaded from its ``SecAggAttempt`` row."""
 
-    run_id: int
     round_pk: int
     number: int
-    attempt: int
-    silo_of: dict[int, int]  # client id -> silo id
-    server: SecAggServer
     mode: str
     max_examples: int
     selected: int
@@ -116,20 +112,39 @@ class Coordinator:
     noise_multiplier: float = 0.0
     delta: float = 0.0
     layout: tuple[tuple[str, str, str], ...] = ()  # the fairness counts at the vector's end
-    gone: set[int] = field(default_factory=set)  # client ids known to have dropped out
-    error: str = ""
-    notified: bool = False  # the orchestrator was told the outcome
     counts: dict[str, Any] | None = None  # merged fairness counts, once unmasked
 
-    @property
-    def client_of(self) -> dict[int, int]:
-        """Silo id -> client id."""
-        return {silo: cid for cid, silo in self.silo_of.items()}
+    what = "updates"
+    unit = "round"
 
     @property
-    def finished(self) -> bool:
-        """Whether the coordinator is done (sum ready) or aborted."""
-        return self.server.stage in (Stage.DONE, Stage.ABORTED)
+    def where(self) -> str:
+        return f"run {self.run_id} round {self.number}.{self.attempt}"
+
+    def address(self) -> dict[str, Any]:
+        return {"run": self.run_id, "round": self.number, "attempt": self.attempt}
+
+    def audit_key(self) -> dict[str, Any]:
+        return {"round": self.number, "attempt": self.attempt}
+
+    def rows(self) -> Any:
+        return SecAggAttempt.objects.filter(round_id=self.round_pk)
+
+    def saved(self) -> dict[str, Any]:
+        return {"counts": self.counts}
+
+    def arm(self, stage: Stage, countdown: float) -> None:
+        """A timer that closes the stage at its deadline (``tick``)."""
+        round_pk = self.round_pk
+        transaction.on_commit(
+            lambda: dispatch.enqueue(
+                dispatch.SECAGG_TICK, round_pk, stage.value, countdown=countdown
+            )
+        )
+
+    def on_done(self) -> None:
+        if self.layout:
+            _record_counts(self)
 
 
 @dataclass(frozen=True)
@@ -155,11 +170,8 @@ def min_silos(cfg: RunSettings) -> int:
 
 
 def _config(params: dict[str, Any]) -> SecAggConfig:
-    return SecAggConfig(
-        round_id=params["round_id"],
-        client_ids=tuple(range(1, len(params["silos"]) + 1)),
-        threshold=params["threshold"],
-        vector_length=params["vector_length"],
+    return session_config(
+        params,
         clip=params["clip"],
         degree=params["degree"],
         count_length=len(params.get("layout") or ()),
@@ -168,19 +180,12 @@ def _config(params: dict[str, Any]) -> SecAggConfig:
 
 def _from_row(row: SecAggAttempt, round_: Round) -> Coordinator:
     params = row.params
-    server = SecAggServer.restore(
-        _config(params),
-        row.state,
-        None if row.vector is None else bytes(row.vector),
-        stage_timeout=params["timeouts"],
-    )
     return Coordinator(
         run_id=round_.run_id,
         round_pk=round_.pk,
         number=round_.number,
         attempt=round_.attempt,
-        silo_of={cid: silo for cid, silo in enumerate(params["silos"], start=1)},
-        server=server,
+        **stored(row, _config(params), params["timeouts"]),
         mode=params["mode"],
         max_examples=params["max_examples"],
         selected=len(params["silos"]),
@@ -188,22 +193,7 @@ def _from_row(row: SecAggAttempt, round_: Round) -> Coordinator:
         noise_multiplier=params.get("noise_multiplier", 0.0),
         delta=params.get("delta", 0.0),
         layout=tuple(tuple(cell) for cell in params.get("layout") or ()),  # type: ignore[misc]
-        gone=set(row.gone),
-        error=row.error,
-        notified=row.notified,
         counts=row.counts,
-    )
-
-
-def _save(coord: Coordinator) -> None:
-    state, vector = coord.server.snapshot()
-    SecAggAttempt.objects.filter(round_id=coord.round_pk).update(
-        state=state,
-        vector=vector,
-        gone=sorted(coord.gone),
-        error=coord.error,
-        notified=coord.notified,
-        counts=coord.counts,
     )
 
 
@@ -217,19 +207,18 @@ def _locked(round_query: Any) -> Iterator[Coordinator | None]:
     begin IMMEDIATE, which serialises every writer.) Yields None when the round has no
     secure-aggregation row; an exception in the block rolls every change back.
     """
-    round_ = round_query.first()
-    if round_ is None:
+    found = round_query.first()
+    if found is None:
         yield None
         return
-    with transaction.atomic():
-        round_ = Round.objects.select_for_update().get(pk=round_.pk)
+
+    def load() -> Coordinator | None:
+        round_ = Round.objects.select_for_update().get(pk=found.pk)
         row = SecAggAttempt.objects.select_for_update().filter(round_id=round_.pk).first()
-        if row is None:
-            yield None
-            return
-        coord = _from_row(row, round_)
+        return None if row is None else _from_row(row, round_)
+
+    with locked(load) as coord:
         yield coord
-        _save(coord)
 
 
 def coordinator(round_pk: int) -> Coordinator | None:
@@ -257,13 +246,10 @@ def open_round(round_: Any, silos: Iterable[Any], spec: dict[str, Any], cfg: Run
     silo_ids = sorted(s.pk for s in silos)
     params = _round_params(round_, spec, cfg, silo_ids)
     config = _config(params)
-    server = SecAggServer(config, stage_timeout=params["timeouts"])
-    requests = server.start(time.time())
-    state, vector = server.snapshot()
-    SecAggAttempt.objects.create(round=round_, params=params, state=state, vector=vector)
-    coord = _from_row(SecAggAttempt(params=params, state=state, vector=vector), round_)
-    _send(coord, requests, with_client_id=True)
-    _schedule(coord)
+    requests, state, vector = start(config, params["timeouts"])
+    row = SecAggAttempt.objects.create(round=round_, params=params, state=state, vector=vector)
+    coord = _from_row(row, round_)
+    coord.open(requests)
     log.info(
         "run %s round %s.%s: secure aggregation with %d silos, threshold %d, %d values each "
         "(%d fairness counts)",
@@ -330,7 +316,7 @@ def _round_params(
     threshold = secagg_threshold(effective_degree(n, degree) + 1, sa.threshold)
     layout = _count_layout(round_.run_id, spec)
     params: dict[str, Any] = {
-        "round_id": f"{round_.run_id}:{round_.number}:{round_.attempt}",
+        "round_id": session_id(round_.run_id, round_.number, round_.attempt),
         "silos": silo_ids,  # client id i is silos[i - 1]
         "threshold": threshold,
         "degree": degree,
@@ -360,39 +346,6 @@ def _round_params(
     return params
 
 
-def _send(
-    coord: Coordinator, messages: dict[int, dict[str, Any]], *, with_client_id: bool = False
-) -> None:
-    """Send stage requests to their silos when the current transaction commits."""
-    for cid, message in sorted(messages.items()):
-        if cid in coord.gone:
-            continue
-        event: dict[str, Any] = {
-            "type": "secagg.message",
-            "run": coord.run_id,
-            "round": coord.number,
-            "attempt": coord.attempt,
-            "stage": message["stage"],
-            "payload": secagg_wire.to_json(message),
-        }
-        if with_client_id:
-            event["client"] = cid
-        dispatch.send_to_silo(coord.silo_of[cid], event)
-
-
-def _schedule(coord: Coordinator) -> None:
-    """A timer that closes the current stage at its deadline, armed when the transaction commits
-    (the orchestrator's sweep closes it too if the timer is lost with a process)."""
-    stage = coord.server.stage
-    if stage not in _OPEN:
-        return
-    countdown = max(0.0, coord.server.deadline - time.time()) + _TIMER_SLACK
-    round_pk = coord.round_pk
-    transaction.on_commit(
-        lambda: dispatch.enqueue(dispatch.SECAGG_TICK, round_pk, stage.value, countdown=countdown)
-    )
-
-
 # -- stages ------------------------------------------------------------------------------------
 
 
@@ -401,70 +354,7 @@ def tick(round_pk: int, stage: str) -> None:
     with _locked(Round.objects.filter(pk=round_pk, status=Round.Status.COLLECTING)) as coord:
         if coord is not None and coord.server.stage is not None:
             if coord.server.stage.value == stage:
-                _advance(coord)
-
-
-def _advance(coord: Coordinator) -> None:
-    """Close every stage that can close now and send the next requests (row locked).
-
-    A stage closes when every silo it waits for answered or is known to be gone (disconnected,
-    reconnected, reported an error), else at its deadline.
-    """
-    close_stages(
-        coord,
-        where=f"run {coord.run_id} round {coord.number}.{coord.attempt}",
-        what="updates",
-        send=_send,
-        schedule=_schedule,
-        audit=_audit,
-        on_done=_record_counts if coord.layout else None,
-        clock=time.time,  # this module's clock, read now (tests move it)
-    )
-
-
-def close_stages(
-    coord: Any,
-    *,
-    where: str,
-    what: str,
-    send: Callable[[Any, dict[int, dict[str, Any]]], None],
-    schedule: Callable[[Any], None],
-    audit: Callable[..., None],
-    on_done: Callable[[Any], None] | None = None,
-    clock: Callable[[], float] = time.time,
-) -> None:
-    """Drive a SecAgg coordinator (a round attempt's or an analysis step's: ``server``,
-    ``gone``, ``error``, ``notified``, ``finished``, ``run_id``) through every stage that can
-    close now: drop the gone, advance, send the next requests and schedule the deadline; on an
-    abort record the reason and audit ``secagg.aborted``; when finished ask the orchestrator to
-    look once."""
-    while coord.server.stage in _OPEN:
-        for cid in coord.gone:
-            coord.server.drop(cid)
-        now = clock()
-        if not coord.server.ready(now):
-            break
-        stage = coord.server.stage
-        assert stage is not None
-        try:
-            messages = coord.server.advance(now)
-        except SecAggError as exc:
-            coord.error = f"secure aggregation stopped at stage {stage.value}: {exc}"
-            log.warning("%s: %s", where, coord.error)
-            audit(coord, "secagg.aborted", stage=stage.value, reason=coord.error)
-            break
-        if coord.server.stage is Stage.DONE:
-            if on_done is not None:
-                on_done(coord)
-            log.info(
-                "%s: unmasked the sum of %d silos' %s", where, len(coord.server.contributors), what
-            )
-            break
-        send(coord, messages)
-        schedule(coord)
-    if coord.finished and not coord.notified:
-        coord.notified = True
-        dispatch.enqueue_advance(coord.run_id)
+                coord.advance()
 
 
 def _record_counts(coord: Coordinator) -> None:
@@ -492,18 +382,6 @@ def _record_counts(coord: Coordinator) -> None:
             silo=silo,
             tables=len({a for a, _, _ in coord.layout}),
         )
-
-
-def _audit(coord: Coordinator, action: str, **data: Any) -> None:
-    run = Run.objects.select_related("plan").get(pk=coord.run_id)
-    audit_append(
-        actor="system",
-        action=action,
-        consortium_id=run.plan.consortium_id,
-        object_type="run",
-        object_id=coord.run_id,
-        data={"round": coord.number, "attempt": coord.attempt, **data},
-    )
 
 
 def _client_id(coord: Coordinator, silo_id: int) -> int:
@@ -546,35 +424,13 @@ def receive(*, silo_id: int, fields: dict[str, Any]) -> None:
     """
     if fields["stage"] == Stage.MASKED_INPUT.value:
         raise Refused("invalid_field", "the masked input is sent as a binary masked_update")
-    try:
-        message = secagg_wire.from_json(fields["payload"])
-    except ProtocolError as exc:
-        raise Refused("invalid_field", f"secagg payload: {exc}") from None
-    if message.get("stage") != fields["stage"]:
-        raise Refused("invalid_field", "the payload's stage differs from the message's")
-    refused: Refused | None = None
+    message = parse_message(fields)
     with _locked(_attempt_query(fields)) as coord:
         if coord is None or coord.finished:
             raise _not_running(fields)
-        cid = _client_id(coord, silo_id)
-        try:
-            _collect(coord, cid, message)
-        except Refused as exc:
-            refused = exc  # the server's state changed (the silo is out): keep it
-        _advance(coord)
+        refused = coord.feed(_client_id(coord, silo_id), message)
     if refused is not None:
         raise refused
-
-
-def _collect(coord: Coordinator, cid: int, message: dict[str, Any]) -> None:
-    try:
-        coord.server.collect(cid, message, time.time())
-    except StageError as exc:
-        raise Refused("wrong_round", f"secure aggregation: {exc}") from None
-    except ProtocolError as exc:
-        raise Refused(
-            "invalid_field", f"secure aggregation: {exc}; this silo is out of the round"
-        ) from None
 
 
 def receive_masked(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> None:
@@ -592,8 +448,8 @@ def receive_masked(*, silo_id: int, fields: dict[str, Any], payload: bytes) -> N
         with _locked(_attempt_query(fields)) as coord:
             if coord is None or coord.finished:
                 raise _not_running(fields)
-            _collect(coord, _client_id(coord, silo_id), message)
-            _advance(coord)
+            coord.collect(_client_id(coord, silo_id), message)
+            coord.advance()
 
     try:
         masked_update_receive(silo_id=silo_id, fields=fields, payload=payload, collect=collect)
@@ -614,21 +470,8 @@ def silo_gone(silo_id: int, *, run_id: int | None = None, number: int | None = N
         rounds = rounds.filter(run_id=run_id, number=number)
     for round_pk in list(rounds.values_list("pk", flat=True)):
         with _locked(Round.objects.filter(pk=round_pk)) as coord:
-            if coord is None:
-                continue
-            cid = coord.client_of.get(silo_id)
-            if cid is None or coord.finished or cid in coord.gone:
-                continue
-            coord.gone.add(cid)
-            log.info(
-                "run %s round %s.%s: silo %s dropped out of secure aggregation at stage %s",
-                coord.run_id,
-                coord.number,
-                coord.attempt,
-                silo_id,
-                coord.server.stage,
-            )
-            _advance(coord)
+            if coord is not None:
+                coord.drop(silo_id)
 
 
 def is_dropout(round_pk: int, silo_id: int) -> bool:
@@ -652,17 +495,13 @@ def outcome(round_: Any) -> Outcome | None:
     with _locked(Round.objects.filter(pk=round_.pk)) as coord:
         if coord is None:
             error = "secure aggregation has no state for this attempt (it was lost)"
-            run = Run.objects.select_related("plan").get(pk=round_.run_id)
-            audit_append(
-                actor="system",
-                action="secagg.aborted",
-                consortium_id=run.plan.consortium_id,
-                object_type="run",
-                object_id=round_.run_id,
-                data={"round": round_.number, "attempt": round_.attempt, "reason": error},
+            audit_run(
+                round_.run_id,
+                "secagg.aborted",
+                {"round": round_.number, "attempt": round_.attempt, "reason": error},
             )
             return Outcome(ok=False, error=error)
-        _advance(coord)
+        coord.advance()
         if coord.server.stage is Stage.DONE:
             return Outcome(
                 ok=True, contributors=tuple(coord.silo_of[c] for c in coord.server.contributors)

@@ -70,7 +70,7 @@ from fedcore.secagg.errors import (
     StageError,
 )
 from fedcore.secagg.graph import effective_degree, neighbour_graph
-from fedcore.secagg.messages import SecAggConfig, Stage, message_nbytes
+from fedcore.secagg.messages import SecAggConfig, Stage, message_nbytes, session_id
 from fedcore.secagg.quantize import Quantizer
 from fedcore.secagg.server import SecAggServer
 from fedcore.secagg.simulation import (
@@ -98,5 +98,6 @@ __all__ = [
     "message_nbytes",
     "neighbour_graph",
     "run_simulation",
+    "session_id",
     "simulate",
 ]

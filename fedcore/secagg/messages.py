@@ -22,6 +22,20 @@ MAX_ROUND_ID_LENGTH = 256
 ID_BYTES = 4  # ids, counts and lengths are below 2^32: four bytes each on a compact wire
 
 
+def session_id(run: int, round_: int, attempt: int, step: str | None = None) -> str:
+    """The round id (``SecAggConfig.round_id``) of a Quorum session, which the server sets and
+    every site checks: ``"<run>:<round>:<attempt>"`` for a training round attempt,
+    ``"analysis:<run>:<step>:<attempt>"`` for an analysis step's (its round is 0).
+
+    Args:
+        run: the run's id.
+        round_: the round's number (ignored for an analysis step).
+        attempt: the attempt's number: a retried attempt gets a new id, so fresh keys.
+        step: the analysis step's name, or None for a training round.
+    """
+    return f"{run}:{round_}:{attempt}" if step is None else f"analysis:{run}:{step}:{attempt}"
+
+
 class Stage(StrEnum):
     """The stages of a round, in order, plus the two end states."""
 

@@ -25,7 +25,7 @@ from clientagent.data import LocalData
 from clientagent.secagg_session import SecAggSession
 from fedcore import protocol
 from fedcore.analytics import DisclosurePolicy
-from federation import dispatch, orchestrator, secagg_analysis, selectors
+from federation import dispatch, orchestrator, secagg_coordinator, selectors
 from federation.models import AnalysisSecAgg, AuditEvent, Run, SiloAnalysis
 from federation.services import secagg as secagg_services
 from federation.services.analysis import analysis_receive
@@ -159,7 +159,7 @@ def test_a_site_silent_at_the_masked_input_is_out_when_the_stage_s_deadline_pass
         def time() -> float:
             return time.time() + 301
 
-    monkeypatch.setattr(secagg_analysis, "time", Later)
+    monkeypatch.setattr(secagg_coordinator, "time", Later)  # the coordinator's clock
     orchestrator.run_advance(run.pk)  # the sweep closes the stage: the others unmask
     pump(sites, outbox)
     orchestrator.run_advance(run.pk)

@@ -24,6 +24,7 @@ from fedcore.secagg import (
     SecAggConfig,
     SecAggServer,
     Stage,
+    session_id,
 )
 from fedcore.secagg import wire as secagg_wire
 from fedcore.secagg.quantize import Quantizer
@@ -358,6 +359,35 @@ async def test_a_retried_attempt_replaces_the_old_client() -> None:
     # A stale request of the first attempt is refused.
     await site.session.on_message(request(first.to_message(), client=1))
     assert site.errors and "already started" in site.errors[0]["reason"]
+
+
+async def test_an_analysis_step_session_runs_beside_the_rounds_of_its_run() -> None:
+    site = Site()
+    site.session.offer_analysis(RUN, "summary", [3, 4])
+    step = SecAggConfig(session_id(RUN, 0, 1, "summary"), (1, 2), 2, 3, 1.0, count_length=2)
+    advertise = {**request(step.to_message(), client=1), "round": 0, "step": "summary"}
+
+    await site.session.on_message(advertise)
+
+    client = site.session._attempts[(RUN, "summary")].client
+    assert client.stage is Stage.SHARE_KEYS
+    assert {k: site.controls[-1][k] for k in ("run", "round", "step", "attempt")} == {
+        "run": RUN,
+        "round": 0,
+        "step": "summary",
+        "attempt": 1,
+    }
+    # A later round of the run leaves the step's session alone.
+    later = SecAggConfig(session_id(RUN, ROUND + 1, 1), (1, 2), 2, 16, 1.0)
+    await site.session.on_message({**request(later.to_message(), client=2), "round": ROUND + 1})
+    assert client.stage is Stage.SHARE_KEYS and site.session.active == [(RUN, ROUND + 1, 1)]
+    # A replayed advertise-keys of the step is refused, and the step's client drops its secrets.
+    await site.session.on_message(advertise)
+    assert client.stage is Stage.ABORTED and (RUN, "summary") not in site.session._attempts
+    error = site.errors[-1]
+    assert error["code"] == SECAGG_ABORTED and "round" not in error
+    assert error["reason"].startswith("secure aggregation of analysis step 'summary' aborted")
+    assert "step 'summary' attempt 1 was already started" in error["reason"]
 
 
 async def test_a_later_round_drops_what_was_kept_for_earlier_ones() -> None:

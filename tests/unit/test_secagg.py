@@ -27,6 +27,7 @@ from fedcore.secagg import (
     effective_degree,
     neighbour_graph,
     run_simulation,
+    session_id,
     simulate,
 )
 from fedcore.secagg.graph import graph_seed
@@ -612,3 +613,27 @@ def test_counts_outside_the_ring_share_or_of_the_wrong_number_are_refused():
     with pytest.raises(ValueError, match="count_length"):
         SecAggConfig("r", (1, 2), 2, 4, CLIP, count_length=4)
     assert n == len(config.client_ids)
+
+
+def test_every_round_attempt_and_analysis_step_gets_its_own_session_id() -> None:
+    # The id is bound into every key: two sessions sharing one could reuse each other's secrets.
+    rounds = [
+        session_id(run, number, attempt)
+        for run in (1, 12)
+        for number in (1, 2, 21)
+        for attempt in (1, 2)
+    ]
+    steps = [
+        session_id(run, 0, attempt, step)
+        for run in (1, 12)
+        for step in ("summary", "1", "1:2")
+        for attempt in (1, 2)
+    ]
+    ids = rounds + steps
+    assert len(set(ids)) == len(ids)
+    assert session_id(3, 5, 1, "summary") == session_id(3, 0, 1, "summary")  # a step's round is 0
+    longest = session_id(2**31, 0, 2**31, "x" * 20)  # AnalysisSecAgg.step holds 20 characters
+    config = SecAggConfig(
+        round_id=longest, client_ids=(1, 2, 3), threshold=2, vector_length=4, clip=1.0
+    )
+    assert config.round_id == longest
