@@ -271,10 +271,23 @@ def can_afford_round(silo: Silo, spec: dict[str, Any]) -> bool:
     return total <= silo.epsilon_budget
 
 
+def evaluation_epsilon(spec: dict[str, Any]) -> float:
+    """What the final evaluation's noisy tables cost a silo: its group count tables and a
+    ``postprocess`` plan's score histograms (one table; two with rows "training")."""
+    per_round = fairness_epsilon_per_round(spec)
+    if not per_round:
+        return 0.0
+    mitigation = (spec.get("fairness") or {}).get("mitigation") or {}
+    tables = int(mitigation.get("kind") == "postprocess") + int(
+        held_out_score_histograms_sent(spec)
+    )
+    return per_round + float(spec["fairness"]["dp_epsilon"]) * tables
+
+
 def can_afford_evaluation(silo: Silo, spec: dict[str, Any]) -> bool:
-    """Whether the final evaluation's noisy fairness counts fit the silo's budget (no training
+    """Whether the final evaluation's noisy fairness tables fit the silo's budget (no training
     happens then: only those tables are released under DP)."""
-    fairness = fairness_epsilon_per_round(spec)
+    fairness = evaluation_epsilon(spec)
     if silo.epsilon_budget is None or not fairness:
         return True
     history = silo_history(silo)

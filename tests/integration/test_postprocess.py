@@ -455,6 +455,13 @@ def test_noised_held_out_histograms_are_charged_as_approval_projected(tmp_path: 
         plan_spec(schema=SENSITIVE_SCHEMA, fairness={**FAIRNESS, "dp_epsilon": 2.0})
     ) == pytest.approx(2.0 * (2 + 1 + 1))  # rows "held_out": no extra table
     run, silos, files = train_to_the_last_round(tmp_path, schema=SENSITIVE_SCHEMA, fairness=noised)
+    # the budget check before the evaluation counts the three tables it will charge
+    assert ledger.evaluation_epsilon(run.version.spec) == pytest.approx(3 * 2.0)
+    silo = silos[0]
+    spent = ledger.silo_pure_epsilon(silo)
+    for budget, affords in ((spent + 3 * 2.0 - 0.5, False), (spent + 3 * 2.0, True)):
+        silo.epsilon_budget = budget
+        assert ledger.can_afford_evaluation(silo, run.version.spec) is affords
     for silo in silos:
         report = evaluate_at(run, silo, files)
         exact = pooled_one(run, files[silo.pk], "test")
