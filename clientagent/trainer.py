@@ -88,6 +88,7 @@ from fedcore.plan import (
     Privacy,
     Training,
     final_counts_in_clear,
+    held_out_score_histograms_sent,
     is_evaluation_plan,
     parse_evaluation_plan,
     parse_plan,
@@ -1062,6 +1063,13 @@ def handle_evaluate(
         if parsed.fairness.dp_epsilon is not None:  # one pure-DP release, charged by the server
             histograms = noisy_score_histogram(histograms, epsilon=parsed.fairness.dp_epsilon)
         reply["score_histograms"] = histograms
+        if held_out_score_histograms_sent(plan):
+            # thresholds chosen on the training rows: the held-out rows' histograms let the
+            # server report the thresholded decisions out of sample (one more table)
+            held_out = postprocess_histograms(parsed, test, probs, fields["preprocessing"])
+            if parsed.fairness.dp_epsilon is not None:
+                held_out = noisy_score_histogram(held_out, epsilon=parsed.fairness.dp_epsilon)
+            reply["held_out_score_histograms"] = held_out
     return reply
 
 

@@ -73,6 +73,7 @@ __all__ = [
     "reweighing_weights",
     "score_histogram",
     "threshold_rules",
+    "thresholded_accuracy",
     "thresholded_disparities",
 ]
 
@@ -1170,3 +1171,31 @@ def thresholded_disparities(
     tpr = spread([r[1] for r in rates.values()])
     fpr = spread([r[2] for r in rates.values()])
     return {"demographic_parity_difference": selection, "equalized_odds_difference": max(tpr, fpr)}
+
+
+def thresholded_accuracy(
+    rules: Mapping[str, Mapping[str, Any]],
+    histograms: Mapping[str, Mapping[str, Sequence[int]]],
+    grid: ArrayLike,
+) -> float | None:
+    """The accuracy of the decisions of group thresholds on the rows of the histograms (expected
+    over the rules' randomisation, as :func:`thresholded_disparities`); None without rows.
+
+    Raises:
+        ValueError: a group with rows has no rule.
+    """
+    points = _checked_grid(grid)
+    correct = total = 0.0
+    for group, cells in histograms.items():
+        negatives = np.asarray(cells["negatives"], dtype=np.float64)
+        positives = np.asarray(cells["positives"], dtype=np.float64)
+        n = negatives.sum() + positives.sum()
+        if n == 0:
+            continue
+        raw = rules.get(group)
+        if raw is None:
+            raise ValueError(f"group {group!r} has rows but no threshold rule")
+        p = GroupRule(**{k: float(v) for k, v in raw.items()}).positive_probability(points)
+        correct += float(p @ positives) + float((1.0 - p) @ negatives)
+        total += n
+    return correct / total if total else None

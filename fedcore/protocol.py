@@ -234,6 +234,9 @@ CONTROL_SCHEMAS: dict[str, Schema] = {
         "fairness": (_DICT, _OPT),
         # a postprocess plan: {group: {"negatives", "positives"}}, one count per score-grid point
         "score_histograms": (_DICT, _OPT),
+        # the same of the held-out rows when the thresholds are chosen on the training rows
+        # (fedcore.plan.held_out_score_histograms_sent)
+        "held_out_score_histograms": (_DICT, _OPT),
         # a binary model's calibration sums per probability bin (fedcore.calibration)
         "calibration": (_DICT, _OPT),
     },

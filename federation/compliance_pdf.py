@@ -101,6 +101,11 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
                 "Run",
                 f"{run['status']}"
                 + (", final model over a fairness limit" if run.get("fairness_warning") else "")
+                + (
+                    ", within the fairness limits after thresholds"
+                    if run.get("fairness_info")
+                    else ""
+                )
                 + f"; started {_when(run['started_at'])}, finished {_when(run['finished_at'])}",
             ),
         ]
@@ -238,6 +243,9 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
     warning = fairness.get("final_warning")
     if warning:
         doc.paragraph(f"WARNING, fairness limit exceeded: the run ended, but {warning['message']}.")
+    info = fairness.get("final_info")
+    if info:  # the raw model over a limit, its deployed thresholds within: information
+        doc.paragraph(f"Within the fairness limits after thresholds: {info['message']}.")
     doc.paragraph(f"Fairness report: {fairness['status']}.")
     mitigation = fairness.get("mitigation")
     if mitigation:
@@ -279,6 +287,32 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
         doc.paragraph(
             f"Threshold flags over the run: {summary.get('flags_in_run', 0)} in "
             f"{summary.get('rounds_reported', 0)} reported rounds."
+        )
+    thresholded = fairness.get("thresholded")
+    if thresholded:  # a postprocess run's deployed decisions
+        doc.paragraph(
+            f"Model v{thresholded['model_version']}'s thresholded decisions (postprocess group "
+            f"thresholds, deployed with it) on {thresholded['n']} pooled held-out records: "
+            f"{thresholded['note']}."
+        )
+        doc.table(
+            [
+                Column("Metric", 2.2),
+                Column("Value", 1.0),
+                Column("Plan's limit", 1.0),
+                Column("Status", 1.4),
+            ],
+            [
+                [
+                    m["label"],
+                    _number(m["value"]),
+                    _number(m["limit"]),
+                    "exceeds the limit"
+                    if m["flagged"]
+                    else ("within the limit" if m["limit"] is not None else "no limit"),
+                ]
+                for m in thresholded["disparities"]
+            ],
         )
     if fairness.get("settings"):
         doc.paragraph("The plan declares: " + json.dumps(fairness["settings"], sort_keys=True))

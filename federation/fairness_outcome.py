@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fedcore import fairness, fairness_mitigation
 from fedcore.plan import PlanError, is_evaluation_plan, parse_evaluation_plan, parse_plan
 from fedcore.plan.spec import MITIGATION_PARAMS
 
@@ -32,38 +33,175 @@ MITIGATION_WIRED: frozenset[str] = frozenset(
 )
 
 
-def final_fairness_warning(evaluation: Any) -> dict[str, Any] | None:
-    """The warning a run ends with when its final model exceeds a limit of the plan, from its
-    final evaluation (``Run.evaluation``); None when there is none to give.
+IN_SAMPLE_NOTE = (
+    "in sample: the thresholds were chosen on these rows; expect a larger disparity on new rows"
+)
+OUT_OF_SAMPLE_NOTE = (
+    "out of sample: the thresholds were chosen on the sites' training rows, these are their "
+    "held-out rows"
+)
+INFO_CODE = "fairness_limit_met_by_thresholds"
 
-    ``{"code", "model_version", "attribute", "flags": [{"metric", "label", "value", "limit"}],
-    "message"}``. Flags of the per-round reports are about earlier models and do not count.
+
+def thresholded_report(
+    thresholds: Mapping[str, Any],
+    held_out: Mapping[str, Mapping[str, Any]],
+    limits: Mapping[str, Any],
+    *,
+    model_version: int,
+    in_sample: bool,
+    noised: float | None = None,
+) -> dict[str, Any]:
+    """The final model's thresholded decisions (a ``postprocess`` run's group thresholds,
+    ``Run.evaluation["thresholds"]``) on the pooled held-out rows (their summed score
+    histograms): demographic parity and equalized odds differences, accuracy (expected over the
+    rules' randomisation), and the plan's limits they exceed (``limits``: its fairness section).
+
+    Raises:
+        ValueError: a held-out group with rows has no threshold rule.
     """
-    if not isinstance(evaluation, Mapping):
+    rules, grid = thresholds["rules"], thresholds["grid"]
+    disparities = fairness_mitigation.thresholded_disparities(rules, held_out, grid)
+    attribute = thresholds.get("attribute")
+    note = IN_SAMPLE_NOTE if in_sample else OUT_OF_SAMPLE_NOTE
+    if noised is not None:
+        note += f"; from histograms noised with fairness.dp_epsilon = {noised:g}"
+    return {
+        "model_version": model_version,
+        "attribute": attribute,
+        "decisions": "the final model's group thresholds (postprocess)",
+        "rows": "pooled held-out rows of every silo",
+        "n": int(sum(sum(sum(column) for column in cells.values()) for cells in held_out.values())),
+        "in_sample": in_sample,
+        "note": note,
+        **disparities,
+        "accuracy": fairness_mitigation.thresholded_accuracy(rules, held_out, grid),
+        "limits": {key: limits.get(key) for key in LIMIT_KEYS.values()},
+        "flags": [
+            {**flag, "attribute": attribute}
+            for flag in fairness.threshold_flags(disparities, limits)
+        ],
+    }
+
+
+def _thresholded(evaluation: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The thresholded decisions' report when the run deploys thresholds (None: the raw model's
+    decisions are what is deployed, or no report of them could be made)."""
+    if not evaluation.get("thresholds"):
         return None
-    report = evaluation.get("fairness")
-    if not isinstance(report, Mapping) or not report.get("flags"):
-        return None
-    version = evaluation.get("model_version")
-    attribute = report.get("sensitive_attribute")
-    flags = [
+    report = evaluation.get("thresholded_fairness")
+    return report if isinstance(report, Mapping) else None
+
+
+def _flag_views(flags: Any) -> list[dict[str, Any]]:
+    return [
         {
             "metric": flag["metric"],
             "label": LABELS.get(flag["metric"], flag["metric"]),
             "value": flag["value"],
             "limit": flag["limit"],
         }
-        for flag in report["flags"]
+        for flag in flags or []
     ]
-    parts = "; ".join(f"{f['label']} {f['value']:.4f} > limit {f['limit']:g}" for f in flags)
+
+
+def _parts(flags: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{f['label']} {f['value']:.4f} > limit {f['limit']:g}" for f in flags)
+
+
+def final_fairness_warning(evaluation: Any) -> dict[str, Any] | None:
+    """The warning a run ends with when its final model's deployed decisions exceed a limit of
+    the plan, from its final evaluation (``Run.evaluation``); None when there is none to give.
+
+    The deployed decisions: a ``postprocess`` run's thresholded ones when it has thresholds
+    (``thresholded_fairness``), else the raw model's at 0.5 (``fairness``).
+
+    ``{"code", "model_version", "attribute", "decisions": "thresholded"|"raw", "flags":
+    [{"metric", "label", "value", "limit"}], "message"}``. Flags of the per-round reports are
+    about earlier models and do not count.
+    """
+    if not isinstance(evaluation, Mapping):
+        return None
+    version = evaluation.get("model_version")
+    thresholded = _thresholded(evaluation)
+    if thresholded is not None:
+        flags = _flag_views(thresholded.get("flags"))
+        if not flags:
+            return None
+        return {
+            "code": WARNING_CODE,
+            "model_version": version,
+            "attribute": thresholded.get("attribute"),
+            "decisions": "thresholded",
+            "flags": flags,
+            "message": (
+                f"the final model v{version}'s thresholded decisions (its postprocess group "
+                f"thresholds, deployed with it) exceed the plan's fairness limit for "
+                f"'{thresholded.get('attribute')}' on the pooled held-out rows: "
+                f"{_parts(flags)} ({thresholded.get('note')})"
+            ),
+        }
+    report = evaluation.get("fairness")
+    if not isinstance(report, Mapping) or not report.get("flags"):
+        return None
+    attribute = report.get("sensitive_attribute")
+    flags = _flag_views(report["flags"])
     return {
         "code": WARNING_CODE,
         "model_version": version,
         "attribute": attribute,
+        "decisions": "raw",
         "flags": flags,
         "message": (
             f"the final model v{version} exceeds the plan's fairness limit for "
-            f"'{attribute}': {parts}"
+            f"'{attribute}': {_parts(flags)}"
+        ),
+    }
+
+
+def final_fairness_info(evaluation: Any) -> dict[str, Any] | None:
+    """When a ``postprocess`` run's raw model (decisions at 0.5) exceeds a limit of the plan
+    but its thresholded decisions, which are deployed, are within every limit: the raw figures
+    and the thresholded ones, for the views to say so (information, not a warning); None
+    otherwise.
+
+    ``{"code": "fairness_limit_met_by_thresholds", "model_version", "attribute", "flags"
+    (the raw model's), "thresholded": [{"metric", "label", "value", "limit"}], "in_sample",
+    "message"}``.
+    """
+    if not isinstance(evaluation, Mapping):
+        return None
+    thresholded = _thresholded(evaluation)
+    report = evaluation.get("fairness")
+    if thresholded is None or thresholded.get("flags") or not isinstance(report, Mapping):
+        return None
+    raw = _flag_views(report.get("flags"))
+    if not raw:
+        return None
+    version = evaluation.get("model_version")
+    attribute = report.get("sensitive_attribute")
+    within = [
+        {
+            "metric": flag["metric"],
+            "label": flag["label"],
+            "value": thresholded.get(flag["metric"]),
+            "limit": flag["limit"],
+        }
+        for flag in raw
+    ]
+    figures = "; ".join(f"{f['label']} {f['value']:.4f} <= limit {f['limit']:g}" for f in within)
+    return {
+        "code": INFO_CODE,
+        "model_version": version,
+        "attribute": attribute,
+        "flags": raw,
+        "thresholded": within,
+        "in_sample": thresholded.get("in_sample"),
+        "message": (
+            f"the final model v{version} at 0.5 exceeds the plan's fairness limit for "
+            f"'{attribute}' ({_parts(raw)}); its postprocess group thresholds, deployed with "
+            f"it, bring its decisions within on the pooled held-out rows: {figures} "
+            f"({thresholded.get('note')})"
         ),
     }
 
@@ -104,6 +242,7 @@ def trade_off(
                 "round": report.get("round"),
                 "model_version": report.get("model_version"),
                 "final": final,
+                "thresholded": False,  # the model's decisions at 0.5
                 **figures,
                 "performance_source": source,
                 "disparities": [
@@ -119,7 +258,50 @@ def trade_off(
                 "error": entry.get("error"),
             }
         )
+        thresholded = _thresholded(evaluation or {}) if final else None
+        if thresholded is not None:
+            rows.append(_thresholded_row(thresholded))
     return rows
+
+
+def thresholded_decisions(evaluation: Any) -> dict[str, Any] | None:
+    """The final model's thresholded decisions for a report or model card (the trade-off
+    row's shape, with ``n`` rows), or None: no thresholds or no report of their decisions."""
+    thresholded = _thresholded(evaluation) if isinstance(evaluation, Mapping) else None
+    if thresholded is None:
+        return None
+    return {**_thresholded_row(thresholded), "n": thresholded.get("n")}
+
+
+def _thresholded_row(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The trade-off row of the final model's thresholded decisions (what is deployed)."""
+    flagged = {flag["metric"] for flag in report.get("flags") or []}
+    limits = report.get("limits") or {}
+    return {
+        "round": None,
+        "model_version": report.get("model_version"),
+        "final": True,
+        "thresholded": True,
+        "in_sample": report.get("in_sample"),
+        "note": report.get("note"),
+        "accuracy": report.get("accuracy"),
+        "auc": None,  # decisions, not scores: the ranking is the raw model's
+        "performance_source": (
+            "the thresholded decisions on the pooled held-out rows of every silo (final "
+            "evaluation), expected over the thresholds' randomisation"
+        ),
+        "disparities": [
+            {
+                "metric": metric,
+                "label": label,
+                "value": report.get(metric),
+                "limit": limits.get(LIMIT_KEYS[metric]),
+                "flagged": metric in flagged,
+            }
+            for metric, label in LABELS.items()
+        ],
+        "error": None,
+    }
 
 
 def mitigation_view(

@@ -22,7 +22,7 @@ from typing import Any
 
 from django.db import transaction
 
-from fedcore.plan import is_analysis, is_evaluation_plan
+from fedcore.plan import held_out_score_histograms_sent, is_analysis, is_evaluation_plan
 from fedcore.privacy import accounting
 from federation.models import PlanVersion, PrivacyLedgerEntry, Run, Silo
 from federation.services.audit import audit_append
@@ -86,7 +86,9 @@ def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
     """What a whole run of the plan's noisy fairness counts costs a silo: every round, the
     final evaluation's tables of the last model (federation.services.evaluation), and for
     ``reweighing``/``constraint`` the (group, label) counts of the training rows sent with the
-    statistics (one table)."""
+    statistics (one table); ``postprocess`` the final model's score histograms (one table, and
+    one more of the held-out rows with rows "training":
+    ``fedcore.plan.held_out_score_histograms_sent``)."""
     per_round = fairness_epsilon_per_round(spec)
     if not per_round:
         return 0.0
@@ -96,6 +98,8 @@ def plan_fairness_epsilon(spec: dict[str, Any]) -> float:
     mitigation = (spec.get("fairness") or {}).get("mitigation") or {}
     if mitigation.get("kind") in ("reweighing", "constraint", "postprocess"):
         # + the training label counts, or the final model's score histograms: one table
+        total += float(spec["fairness"]["dp_epsilon"])
+    if held_out_score_histograms_sent(spec):  # + the held-out rows' histograms: one table
         total += float(spec["fairness"]["dp_epsilon"])
     return total
 
@@ -267,10 +271,23 @@ def can_afford_round(silo: Silo, spec: dict[str, Any]) -> bool:
     return total <= silo.epsilon_budget
 
 
+def evaluation_epsilon(spec: dict[str, Any]) -> float:
+    """What the final evaluation's noisy tables cost a silo: its group count tables and a
+    ``postprocess`` plan's score histograms (one table; two with rows "training")."""
+    per_round = fairness_epsilon_per_round(spec)
+    if not per_round:
+        return 0.0
+    mitigation = (spec.get("fairness") or {}).get("mitigation") or {}
+    tables = int(mitigation.get("kind") == "postprocess") + int(
+        held_out_score_histograms_sent(spec)
+    )
+    return per_round + float(spec["fairness"]["dp_epsilon"]) * tables
+
+
 def can_afford_evaluation(silo: Silo, spec: dict[str, Any]) -> bool:
-    """Whether the final evaluation's noisy fairness counts fit the silo's budget (no training
+    """Whether the final evaluation's noisy fairness tables fit the silo's budget (no training
     happens then: only those tables are released under DP)."""
-    fairness = fairness_epsilon_per_round(spec)
+    fairness = evaluation_epsilon(spec)
     if silo.epsilon_budget is None or not fairness:
         return True
     history = silo_history(silo)

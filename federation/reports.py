@@ -250,6 +250,8 @@ def run_fairness(run: Run) -> dict[str, Any]:
         "settings": settings,
         "mitigation": fairness_outcome.mitigation_view(run.version.spec, run.mitigation),
         "final_warning": fairness_outcome.final_fairness_warning(run.evaluation),
+        # A postprocess run whose thresholds bring the raw model within the limits (no warning).
+        "final_info": fairness_outcome.final_fairness_info(run.evaluation),
         # Per report: the model's accuracy and AUC beside its disparities and the plan's limits.
         "trade_off": fairness_outcome.trade_off(stored, round_metrics, final_evaluation(run)),
         "plan_limits": [
@@ -323,6 +325,10 @@ def _fairness(run: Run, version: ModelVersion | None = None) -> dict[str, Any]:
         "final_warning": (
             fairness_outcome.final_fairness_warning(run.evaluation) if version is None else None
         ),
+        "final_info": (
+            fairness_outcome.final_fairness_info(run.evaluation) if version is None else None
+        ),
+        "thresholded": None,
     }
     if not settings:
         return {
@@ -333,6 +339,9 @@ def _fairness(run: Run, version: ModelVersion | None = None) -> dict[str, Any]:
     reports = _fairness_reports(run)
     final = final_evaluation(run)
     final_note = (final or {}).get("fairness_note")
+    if version is None or (final and final.get("model_version") == version.number):
+        # a postprocess run's deployed decisions: its thresholds on the pooled held-out rows
+        base["thresholded"] = fairness_outcome.thresholded_decisions(final)
     if version is not None:
         if final and final.get("model_version") == version.number:
             stored_report = final.get("fairness")
@@ -591,6 +600,8 @@ def compliance_report_json(run: Run) -> dict[str, Any]:
             "status": run.status,
             # Not null: the run ended, but its final model exceeds a fairness limit of the plan.
             "fairness_warning": fairness_outcome.final_fairness_warning(run.evaluation),
+            # Not null: the raw model exceeds a limit, its deployed thresholds bring it within.
+            "fairness_info": fairness_outcome.final_fairness_info(run.evaluation),
             "started_at": _iso(run.started_at),
             "finished_at": _iso(run.finished_at),
             "plan_hash": run.plan_hash,

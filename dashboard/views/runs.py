@@ -61,6 +61,7 @@ def _monitor_data(request: HttpRequest, run: Run) -> dict[str, Any]:
         "refusals": list(selectors.run_refusals(run)),
         # Not a plain "Completed": the final model exceeds a fairness limit of the plan.
         "fairness_warning": fairness_outcome.final_fairness_warning(run.evaluation),
+        "fairness_info": fairness_outcome.final_fairness_info(run.evaluation),
         # A multi-class or regression run's final figures per silo and pooled (else None).
         "task_table": reports.final_task_table(run),
         "may_stop": _may_stop(

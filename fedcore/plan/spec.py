@@ -1389,6 +1389,28 @@ def final_counts_in_clear(spec: Mapping[str, Any]) -> bool:
     return spec.get("secure_aggregation") is not True or fairness.get("dp_epsilon") is not None
 
 
+def held_out_score_histograms_sent(spec: Mapping[str, Any]) -> bool:
+    """Whether a site also sends, with its final evaluation, per-group score histograms of its
+    held-out rows (``held_out_score_histograms``), beside the ``score_histograms`` the
+    thresholds are chosen from.
+
+    Only for ``postprocess`` with ``fairness.mitigation.rows`` "training": the server reports
+    the thresholded decisions on the pooled held-out rows, out of sample (with rows "held_out"
+    the histograms the thresholds come from are those rows already). Sent when the final
+    evaluation's tables travel at all (:func:`final_counts_in_clear`); with
+    ``fairness.dp_epsilon`` noised, one more table charged to each silo's ledger. No new
+    release without noise: the held-out rows are outside every DP guarantee of a plan, as
+    with rows "held_out". The site's agent, the server and the ledger's projection ask this.
+    """
+    fairness = spec.get("fairness")
+    if not isinstance(fairness, Mapping) or not final_counts_in_clear(spec):
+        return False
+    mitigation = fairness.get("mitigation")
+    if not isinstance(mitigation, Mapping) or mitigation.get("kind") != "postprocess":
+        return False
+    return mitigation.get("rows", "held_out") == "training"
+
+
 def errors_of(parse: Callable[[Any], object], spec: Any) -> dict[str, str]:
     """Every problem ``parse`` finds in a spec, dotted path -> message (empty when valid)."""
     try:

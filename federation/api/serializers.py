@@ -784,6 +784,15 @@ class FinalEvaluationSerializer(serializers.Serializer):
     # absent for other plans; null with thresholds_note saying why none could be chosen.
     thresholds = serializers.DictField(read_only=True, allow_null=True, required=False)
     thresholds_note = serializers.CharField(read_only=True, allow_null=True, required=False)
+    # With thresholds: their decisions on the pooled held-out rows (what is deployed;
+    # federation.fairness_outcome.thresholded_report): demographic_parity_difference,
+    # equalized_odds_difference, accuracy, limits, flags, in_sample (true: the thresholds were
+    # chosen on these rows, rows "held_out") and note. "fairness" stays the raw model's at 0.5.
+    # Null with thresholded_fairness_note saying why; absent for other plans and older runs.
+    thresholded_fairness = serializers.DictField(read_only=True, allow_null=True, required=False)
+    thresholded_fairness_note = serializers.CharField(
+        read_only=True, allow_null=True, required=False
+    )
     # null with calibration_note when a site sent no calibration sums (absent: an older run)
     calibration = CalibrationCurveSerializer(read_only=True, allow_null=True, required=False)
     calibration_note = serializers.CharField(read_only=True, allow_null=True, required=False)
@@ -810,20 +819,41 @@ class FairnessFlagSerializer(serializers.Serializer):
 
 
 class FairnessWarningSerializer(serializers.Serializer):
-    """The run ended, but its final model exceeds a fairness limit of the plan
-    (federation.fairness_outcome.final_fairness_warning)."""
+    """The run ended, but its final model's deployed decisions exceed a fairness limit of the
+    plan (federation.fairness_outcome.final_fairness_warning): ``decisions`` "thresholded" for
+    a postprocess run with thresholds (their decisions on the pooled held-out rows), else
+    "raw" (the model at 0.5)."""
+
+    code = serializers.CharField(read_only=True)
+    model_version = serializers.IntegerField(read_only=True)
+    attribute = serializers.CharField(read_only=True)
+    decisions = serializers.CharField(read_only=True)
+    flags = FairnessFlagSerializer(many=True, read_only=True)
+    message = serializers.CharField(read_only=True)
+
+
+class FairnessInfoSerializer(serializers.Serializer):
+    """No warning: the raw model (at 0.5) exceeds a fairness limit of the plan, but the
+    postprocess thresholds deployed with it bring its decisions within every limit
+    (federation.fairness_outcome.final_fairness_info). ``flags``: the raw model's;
+    ``thresholded``: the same metrics after thresholds; ``in_sample`` as in
+    ``final_evaluation.thresholded_fairness``."""
 
     code = serializers.CharField(read_only=True)
     model_version = serializers.IntegerField(read_only=True)
     attribute = serializers.CharField(read_only=True)
     flags = FairnessFlagSerializer(many=True, read_only=True)
+    thresholded = FairnessFlagSerializer(many=True, read_only=True)
+    in_sample = serializers.BooleanField(read_only=True)
     message = serializers.CharField(read_only=True)
 
 
 class RunDetailSerializer(RunSerializer):
     """A run with the state of each of its rounds, the silos it no longer selects and why, its
     final model's evaluation (null until the run's evaluation phase ended) and, when that final
-    model exceeds a fairness limit of the plan, ``fairness_warning`` (else null)."""
+    model's deployed decisions exceed a fairness limit of the plan, ``fairness_warning`` (else
+    null); ``fairness_info`` when only the raw model does and its postprocess thresholds bring
+    it within (else null)."""
 
     round_summary = RoundSummarySerializer(source="round_set", many=True, read_only=True)
     waiting_since = serializers.DateTimeField(read_only=True, allow_null=True)
@@ -832,6 +862,7 @@ class RunDetailSerializer(RunSerializer):
         source="evaluation", read_only=True, allow_null=True
     )
     fairness_warning = serializers.SerializerMethodField()
+    fairness_info = serializers.SerializerMethodField()
 
     class Meta(RunSerializer.Meta):
         fields = [
@@ -841,12 +872,17 @@ class RunDetailSerializer(RunSerializer):
             "refusals",
             "final_evaluation",
             "fairness_warning",
+            "fairness_info",
         ]
         read_only_fields = fields
 
     @extend_schema_field(FairnessWarningSerializer(allow_null=True))
     def get_fairness_warning(self, run: Run) -> dict[str, Any] | None:
         return fairness_outcome.final_fairness_warning(run.evaluation)
+
+    @extend_schema_field(FairnessInfoSerializer(allow_null=True))
+    def get_fairness_info(self, run: Run) -> dict[str, Any] | None:
+        return fairness_outcome.final_fairness_info(run.evaluation)
 
     @extend_schema_field(RunRefusalSerializer(many=True))
     def get_refusals(self, run: Run) -> list[dict[str, Any]]:

@@ -125,7 +125,7 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         )
     where = f"evaluation of silo {silo.name!r}"
     target = plan_target(run.version.spec)
-    score_histograms = None
+    score_histograms = held_out_histograms = None
     sums = None  # calibration sums: binary tasks only
     if target.task != "binary":
         report, n = _checked_task_report(run, target, fields, where)
@@ -141,6 +141,10 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         try:  # a postprocess plan: the final model's score histograms per group
             score_histograms = mitigation.checked_score_histograms(
                 run, fields.get("score_histograms"), n, where, silo_id=silo.pk
+            )
+            # rows "training": the held-out rows' too, for the thresholded decisions' report
+            held_out_histograms = mitigation.checked_held_out_score_histograms(
+                run, fields.get("held_out_score_histograms"), n, where
             )
         except ValueError as exc:
             raise Refused("invalid_update", str(exc)) from None
@@ -160,6 +164,8 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
         row.report = report
         if score_histograms is not None:
             row.report["score_histograms"] = score_histograms
+        if held_out_histograms is not None:
+            row.report["held_out_score_histograms"] = held_out_histograms
         if sums is not None:
             row.report["calibration"] = sums.to_wire()
         row.received_at = timezone.now()
@@ -168,8 +174,13 @@ def _evaluation_receive(*, silo_id: int, fields: Mapping[str, Any]) -> None:
             fairness_service.counts_charge(
                 run=run, round_number=None, silo=silo, tables=len(counts)
             )
-        if score_histograms is not None:  # noised with fairness.dp_epsilon: one table charged
-            fairness_service.counts_charge(run=run, round_number=None, silo=silo, tables=1)
+        # noised with fairness.dp_epsilon: one table charged each (federation.ledger's
+        # projection counts the same: plan_fairness_epsilon)
+        histogram_tables = (score_histograms is not None) + (held_out_histograms is not None)
+        if histogram_tables:
+            fairness_service.counts_charge(
+                run=run, round_number=None, silo=silo, tables=histogram_tables
+            )
         audit_append(
             actor=f"silo:{silo.name}",
             action="evaluation.received",
@@ -322,12 +333,25 @@ def evaluation_pool(run: Run) -> dict[str, Any]:
         result["thresholds"], result["thresholds_note"] = mitigation.thresholds(
             run, [r.report["score_histograms"] for r in done if r.report.get("score_histograms")]
         )
+        # What is deployed: the thresholded decisions on the pooled held-out rows (beside the
+        # raw model's report at 0.5 in "fairness"); the final fairness warning reads this.
+        result["thresholded_fairness"], result["thresholded_fairness_note"] = (
+            mitigation.thresholded_fairness(run, version, result["thresholds"], done)
+            if result["thresholds"] is not None
+            else (None, "no thresholds were chosen: the raw model's decisions are what is left")
+        )
+        thresholded = result["thresholded_fairness"] or {}
         _audit(
             run,
             "mitigation.thresholds",
             model_version=version,
             chosen=result["thresholds"] is not None,
             note=result["thresholds_note"],
+            in_sample=thresholded.get("in_sample"),
+            thresholded_flags=[
+                {"metric": f["metric"], "value": f["value"], "limit": f["limit"]}
+                for f in thresholded.get("flags") or []
+            ],
         )
     return result
 

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from fedcore import fairness, fairness_mitigation, tabular
-from fedcore.plan import is_evaluation_plan, parse_plan
+from fedcore.plan import held_out_score_histograms_sent, is_evaluation_plan, parse_plan
+from federation import fairness_outcome
 from federation.models import Run, SiloStatistics
 
 REWEIGHING = "reweighing"
@@ -184,31 +185,7 @@ def checked_score_histograms(
         )
     plan = parse_plan(spec)
     assert plan.fairness is not None
-    attribute = plan.fairness.sensitive_attribute
-    public = fairness.public_groups(plan.schema, run.preprocessing, plan.fairness.groups)[attribute]
-    size = plan.fairness.mitigation.score_bins + 1
-    unknown = sorted(str(g) for g in raw if g not in public)
-    if unknown:
-        raise ValueError(f"{where}: score_histograms name group(s) {unknown[:5]} not in {public}")
-    checked: dict[str, dict[str, list[int]]] = {}
-    total = 0
-    for group, cells in raw.items():
-        if not isinstance(cells, Mapping) or set(cells) != set(fairness_mitigation.LABEL_CELLS):
-            raise ValueError(f"{where}: group {group!r} must map negatives and positives")
-        checked[group] = {}
-        for cell in fairness_mitigation.LABEL_CELLS:
-            column = cells[cell]
-            if (
-                not isinstance(column, list)
-                or len(column) != size
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in column)
-            ):
-                raise ValueError(
-                    f"{where}: group {group!r}: {cell} must hold {size} non-negative integer "
-                    "counts (one per point of the score grid, fairness.mitigation.score_bins + 1)"
-                )
-            checked[group][cell] = list(column)
-            total += sum(column)
+    checked, total = _checked_histogram_table(run, plan, raw, where, "score_histograms")
     if plan.fairness.dp_epsilon is not None:  # noised histograms: any total
         return checked
     if plan.fairness.mitigation.rows == "training":
@@ -224,6 +201,87 @@ def checked_score_histograms(
     return checked
 
 
+def checked_held_out_score_histograms(
+    run: Run, raw: Any, n: int, where: str
+) -> dict[str, dict[str, list[int]]] | None:
+    """A site's per-group score histograms of its held-out rows as stored (``postprocess`` with
+    rows "training": :func:`fedcore.plan.held_out_score_histograms_sent`), or ValueError naming
+    what is wrong, by the rules of :func:`checked_score_histograms`: sent for a plan that does
+    not ask for them, missing from one that does, a malformed table, or (exact histograms only)
+    a total other than the evaluation's held-out rows (``n``)."""
+    spec = run.version.spec
+    if not held_out_score_histograms_sent(spec):
+        if raw is not None:
+            raise ValueError(
+                f"{where}: held_out_score_histograms sent, but the plan chooses no thresholds "
+                "on the training rows (they come only with fairness.mitigation kind "
+                "'postprocess' and rows 'training')"
+            )
+        return None
+    if not isinstance(raw, Mapping) or not raw:
+        raise ValueError(
+            f"{where}: the plan chooses its thresholds on the training rows (fairness.mitigation "
+            "rows 'training') but no held_out_score_histograms came with the evaluation; "
+            "update the agent"
+        )
+    plan = parse_plan(spec)
+    assert plan.fairness is not None
+    checked, total = _checked_histogram_table(run, plan, raw, where, "held_out_score_histograms")
+    if plan.fairness.dp_epsilon is None and total != n:
+        raise ValueError(
+            f"{where}: held_out_score_histograms hold {total} rows, the evaluation {n}"
+        )
+    return checked
+
+
+def _checked_histogram_table(
+    run: Run, plan: Any, raw: Mapping[str, Any], where: str, key: str
+) -> tuple[dict[str, dict[str, list[int]]], int]:
+    """A score histogram table's groups and columns checked, and the rows it holds."""
+    attribute = plan.fairness.sensitive_attribute
+    public = fairness.public_groups(plan.schema, run.preprocessing, plan.fairness.groups)[attribute]
+    size = plan.fairness.mitigation.score_bins + 1
+    unknown = sorted(str(g) for g in raw if g not in public)
+    if unknown:
+        raise ValueError(f"{where}: {key} name group(s) {unknown[:5]} not in {public}")
+    checked: dict[str, dict[str, list[int]]] = {}
+    total = 0
+    for group, cells in raw.items():
+        if not isinstance(cells, Mapping) or set(cells) != set(fairness_mitigation.LABEL_CELLS):
+            raise ValueError(f"{where}: {key}: group {group!r} must map negatives and positives")
+        checked[group] = {}
+        for cell in fairness_mitigation.LABEL_CELLS:
+            column = cells[cell]
+            if (
+                not isinstance(column, list)
+                or len(column) != size
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in column)
+            ):
+                raise ValueError(
+                    f"{where}: {key}: group {group!r}: {cell} must hold {size} non-negative "
+                    "integer counts (one per point of the score grid, "
+                    "fairness.mitigation.score_bins + 1)"
+                )
+            checked[group][cell] = list(column)
+            total += sum(column)
+    return checked, total
+
+
+def summed_histograms(
+    histograms: list[Mapping[str, Mapping[str, list[int]]]],
+) -> dict[str, dict[str, list[int]]]:
+    """The sites' per-group score histograms added cell by cell."""
+    summed: dict[str, dict[str, list[int]]] = {}
+    for site in histograms:
+        for group, cells in site.items():
+            into = summed.setdefault(
+                group, {cell: [0] * len(cells[cell]) for cell in fairness_mitigation.LABEL_CELLS}
+            )
+            for cell in fairness_mitigation.LABEL_CELLS:
+                into[cell] = [a + b for a, b in zip(into[cell], cells[cell], strict=True)]
+    return summed
+
+
 def thresholds(
     run: Run, histograms: list[Mapping[str, Mapping[str, list[int]]]]
 ) -> tuple[dict[str, Any] | None, str | None]:
@@ -234,14 +292,7 @@ def thresholds(
     settings = plan.fairness.mitigation
     if not histograms:
         return None, "no silo sent score histograms of the final model"
-    summed: dict[str, dict[str, list[int]]] = {}
-    for site in histograms:
-        for group, cells in site.items():
-            into = summed.setdefault(
-                group, {cell: [0] * len(cells[cell]) for cell in fairness_mitigation.LABEL_CELLS}
-            )
-            for cell in fairness_mitigation.LABEL_CELLS:
-                into[cell] = [a + b for a, b in zip(into[cell], cells[cell], strict=True)]
+    summed = summed_histograms(histograms)
     grid = np.linspace(0.0, 1.0, settings.score_bins + 1)  # the agent's (postprocess_grid)
     try:
         rules = fairness_mitigation.threshold_rules(
@@ -260,6 +311,40 @@ def thresholds(
             "[s > threshold1], mixed as p_ignore * constant + (1 - p_ignore) * that"
         ),
     }, None
+
+
+def thresholded_fairness(
+    run: Run, version: int, chosen: Mapping[str, Any], done: list[Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The final model's thresholded decisions on the pooled held-out rows against the plan's
+    limits (``fairness_outcome.thresholded_report``), or None and why not. The held-out rows'
+    histograms: with rows "held_out" those the thresholds were chosen from (in sample), with
+    rows "training" the ``held_out_score_histograms`` every site sent beside them."""
+    plan = parse_plan(run.version.spec)
+    assert plan.fairness is not None
+    in_sample = plan.fairness.mitigation.rows != "training"
+    if in_sample:
+        held_out = chosen["histograms"]
+    else:
+        sent = [r.report.get("held_out_score_histograms") for r in done]
+        missing = [r.silo.name for r in done if not r.report.get("held_out_score_histograms")]
+        if missing:  # a report of some sites' rows only would not be the pooled rows'
+            return None, (
+                f"no report of the thresholded decisions: {', '.join(missing)} sent no "
+                "held-out score histograms"
+            )
+        held_out = summed_histograms([s for s in sent if s])
+    try:
+        return fairness_outcome.thresholded_report(
+            chosen,
+            held_out,
+            run.version.spec["fairness"],
+            model_version=version,
+            in_sample=in_sample,
+            noised=plan.fairness.dp_epsilon,
+        ), None
+    except ValueError as exc:  # a held-out group without a rule (no training row of it)
+        return None, f"no report of the thresholded decisions: {exc}"
 
 
 FAIR_AGGREGATION = "fair_aggregation"

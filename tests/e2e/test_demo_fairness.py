@@ -34,6 +34,9 @@ def test_the_demo_mitigates_and_reports_the_final_models_disparities(
     if kind == "postprocess":  # the thresholded decisions meet demographic parity exactly
         assert fairness["decisions"] == "the final model's group thresholds (postprocess)"
         assert fairness["demographic_parity_difference"] == pytest.approx(0.0, abs=1e-9)
+        # rows "held_out" (the default): the thresholds were chosen on the rows they are
+        # measured on, and the line says so
+        assert fairness["in_sample"] is True and "in sample" in fairness["in_sample_note"]
         assert set(fairness["unthresholded"]) == {
             "demographic_parity_difference",
             "equalized_odds_difference",

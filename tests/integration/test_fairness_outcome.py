@@ -156,6 +156,66 @@ def test_the_warning_shows_on_the_monitor_the_api_and_the_compliance_report(worl
     assert "completed, final model over a fairness limit" in text
 
 
+def test_thresholds_within_the_limit_show_as_information_not_a_warning(world: World) -> None:
+    """A postprocess run's raw model over the limit, its deployed thresholded decisions within:
+    the run reads completed everywhere, and every view says the raw figure and that the
+    thresholds bring it within."""
+    from fedcore import fairness_mitigation
+    from federation.fairness_outcome import thresholded_report
+
+    run = with_final_flagged(fairness_run(world))
+    held_out = {
+        "F": {"negatives": [5, 3, 0], "positives": [1, 2, 1]},
+        "M": {"negatives": [4, 3, 0], "positives": [1, 2, 2]},
+    }
+    rules = fairness_mitigation.threshold_rules(held_out, [0.0, 0.5, 1.0]).to_json()
+    chosen = {**rules, "attribute": "sex", "rows": "training", "histograms": held_out}
+    report = thresholded_report(
+        chosen, held_out, run.version.spec["fairness"], model_version=2, in_sample=False
+    )
+    assert report["flags"] == [] and report["demographic_parity_difference"] < 0.1
+    run.evaluation = {
+        **run.evaluation,
+        "metrics": {**run.evaluation["metrics"], "bins": 2000},  # what a model card reads
+        "thresholds": chosen,
+        "thresholded_fairness": report,
+    }
+    run.save(update_fields=["evaluation"])
+
+    client = Client()
+    client.force_login(world.user("scientist"))
+    monitor = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "over a fairness limit" not in monitor and 'id="fairness-warning"' not in monitor
+    assert 'id="fairness-info"' in monitor and "demographic parity difference 0.4" in monitor
+    assert "bring its decisions within" in monitor
+    page = client.get(f"/runs/{run.pk}/fairness/").content.decode()
+    assert 'id="fairness-info"' in page and "final, thresholded (deployed)" in page
+    assert 'id="fairness-warning"' not in page and "out of sample" in page
+
+    detail = api(world.user("scientist")).get(f"/api/v1/runs/{run.pk}/").json()
+    assert detail["fairness_warning"] is None
+    assert detail["fairness_info"]["code"] == "fairness_limit_met_by_thresholds"
+    assert detail["fairness_info"]["thresholded"][0]["value"] == pytest.approx(
+        report["demographic_parity_difference"]
+    )
+    assert detail["final_evaluation"]["thresholded_fairness"]["in_sample"] is False
+    auditor = api(world.user("auditor"))
+    compliance = auditor.get(f"/api/v1/runs/{run.pk}/compliance/").json()
+    assert compliance["run"]["fairness_warning"] is None
+    assert compliance["fairness"]["final_info"] == compliance["run"]["fairness_info"]
+    assert compliance["fairness"]["thresholded"]["n"] == 24
+    final = ModelVersion.objects.get(run=run, number=2)
+    card_page = client.get(f"/models/{final.pk}/card/").content.decode()
+    assert 'id="fairness-thresholded"' in card_page and "out of sample" in card_page
+    pdf = auditor.get(f"/api/v1/runs/{run.pk}/compliance/?format=pdf")
+    _, text_runs = read_pdf(pdf.content)
+    text = " ".join(page_text(text_runs).split())
+    assert "WARNING" not in text and "within the fairness limits after thresholds" in text
+    assert "thresholded decisions" in text
+    card = model_card(final)
+    assert card["fairness"]["thresholded"]["disparities"][0]["flagged"] is False
+
+
 def test_a_run_without_a_final_flag_reads_completed(world: World) -> None:
     run = fairness_run(world)  # per-round flags only: they are about earlier models
     detail = api(world.user("scientist")).get(f"/api/v1/runs/{run.pk}/").json()

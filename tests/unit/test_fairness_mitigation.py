@@ -355,6 +355,9 @@ def test_thresholds_equal_threshold_optimizers_on_the_pooled_rows(
     assert disparities["equalized_odds_difference"] == pytest.approx(
         max(max(tpr) - min(tpr), max(fpr) - min(fpr)), abs=1e-12
     )
+    # ... and their accuracy is the expected accuracy of those decisions on the pooled rows.
+    accuracy = fm.thresholded_accuracy(rules.to_json()["rules"], merged, GRID)
+    assert accuracy == pytest.approx(np.where(y == 1, expected, 1 - expected).mean(), abs=1e-12)
     # Some group randomises between two thresholds (that is what makes the rates equal).
     assert any(0 < rule.p0 < 1 for rule in rules.rules.values())
     assert rules.to_json()["rules"].keys() == set(GROUPS)

@@ -82,6 +82,8 @@ CONTROL_EXAMPLES = {
         "evaluation": {"bins": 2, "positives": [1, 4], "negatives": [5, 0], "loss_sum": 2.5},
         "fairness": {"sex": {"F": {"tp": 2, "fp": 0, "tn": 3, "fn": 1}}},
         "score_histograms": {"F": {"negatives": [3, 0], "positives": [1, 2]}},  # postprocess
+        # postprocess with rows "training": the held-out rows' histograms too
+        "held_out_score_histograms": {"F": {"negatives": [2, 1], "positives": [0, 3]}},
         "calibration": {
             "grid": "uniform[0,1]",
             "bins": 1,

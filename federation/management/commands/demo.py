@@ -30,7 +30,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from fedcore import approvals, fairness_mitigation, signing, tensors
+from fedcore import approvals, signing, tensors
 from fedcore.plan import MITIGATION_KINDS, parse_plan
 from federation.demo.baselines import TASK_SCORES, evaluate_comparison
 from federation.demo.scenarios import SCENARIOS, Scenario
@@ -605,7 +605,9 @@ def _fairness_result(run: Run) -> dict[str, Any] | None:
     """The final model's disparities for the plan's sensitive attribute (the --json line's
     ``fairness``): from the run's final evaluation (pooled held-out rows, decisions at 0.5); with
     ``postprocess`` thresholds, of the thresholded decisions on the same rows (their expected
-    rates over the rules' randomisation). None for a plan without a fairness section."""
+    rates over the rules' randomisation; ``in_sample`` true when the thresholds were chosen on
+    those rows, rows "held_out", false with rows "training"). None for a plan without a
+    fairness section."""
     settings = parse_plan(run.version.spec).fairness
     if settings is None:
         return None
@@ -622,14 +624,13 @@ def _fairness_result(run: Run) -> dict[str, Any] | None:
         "demographic_parity_difference": report.get("demographic_parity_difference"),
         "equalized_odds_difference": report.get("equalized_odds_difference"),
     }
-    thresholds = evaluation.get("thresholds")
-    if thresholds:
-        result.update(
-            fairness_mitigation.thresholded_disparities(
-                thresholds["rules"], thresholds["histograms"], thresholds["grid"]
-            )
-        )
+    thresholded = evaluation.get("thresholded_fairness") if evaluation.get("thresholds") else None
+    if thresholded:
+        for metric in ("demographic_parity_difference", "equalized_odds_difference"):
+            result[metric] = thresholded[metric]
         result["decisions"] = "the final model's group thresholds (postprocess)"
+        result["in_sample"] = thresholded["in_sample"]
+        result["in_sample_note"] = thresholded["note"]
         result["unthresholded"] = {
             "demographic_parity_difference": report.get("demographic_parity_difference"),
             "equalized_odds_difference": report.get("equalized_odds_difference"),
