@@ -298,3 +298,31 @@ def test_fedavg_sim_smoke(capsys):
     assert module.main(["--scenario", "finance", "--rounds", "2", "--threads", threads]) == 0
     out = capsys.readouterr().out
     assert "finance" in out and "mean over seeds" in out
+
+
+def _demo_plan(*args: str) -> dict:
+    """The plan `manage.py demo ARGS` would propose (its own argument parser and scenario)."""
+    from federation.management.commands.demo import Command, _prepare_scenario
+
+    opts = vars(Command().create_parser("manage.py", "demo").parse_args(list(args)))
+    return _prepare_scenario(opts).plan
+
+
+def test_demo_postprocess_rows_sets_which_rows_choose_the_thresholds():
+    from fedcore.plan import parse_plan
+
+    plan = _demo_plan("--fairness-mitigation", "postprocess", "--postprocess-rows", "training")
+    assert plan["fairness"]["mitigation"] == {"kind": "postprocess", "rows": "training"}
+    assert parse_plan(plan).fairness.mitigation.rows == "training"
+    default = _demo_plan("--fairness-mitigation", "postprocess")
+    assert default["fairness"]["mitigation"] == {"kind": "postprocess"}
+    assert parse_plan(default).fairness.mitigation.rows == "held_out"
+
+
+def test_demo_postprocess_rows_without_postprocess_is_refused_with_the_reason():
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="--fairness-mitigation postprocess only"):
+        _demo_plan("--fairness-mitigation", "reweighing", "--postprocess-rows", "training")
+    with pytest.raises(CommandError, match="--fairness-mitigation postprocess only"):
+        _demo_plan("--postprocess-rows", "held_out")

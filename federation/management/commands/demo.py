@@ -115,6 +115,17 @@ class Command(BaseCommand):
             ),
         )
         parser.add_argument(
+            "--postprocess-rows",
+            choices=("held_out", "training"),
+            default=None,
+            help=(
+                "with --fairness-mitigation postprocess: the rows the thresholds are chosen on "
+                "(fairness.mitigation.rows; default held_out, the plan language's). training: "
+                "the --json line's disparities are then out of sample, on rows the thresholds "
+                "never saw"
+            ),
+        )
+        parser.add_argument(
             "--fairness-epsilon",
             type=float,
             default=None,
@@ -657,6 +668,13 @@ def _prepare_scenario(opts: dict[str, Any]) -> Scenario:
     scenario.plan["min_silos"] = min(scenario.plan.get("min_silos", 2), len(scenario.sites))
     if opts.get("fairness_mitigation", "none") != "none":
         scenario.plan["fairness"]["mitigation"] = {"kind": opts["fairness_mitigation"]}
+    if opts.get("postprocess_rows") is not None:
+        if opts.get("fairness_mitigation") != "postprocess":
+            raise CommandError(
+                "--postprocess-rows applies to --fairness-mitigation postprocess only (it says "
+                "which rows the group thresholds are chosen on)"
+            )
+        scenario.plan["fairness"]["mitigation"]["rows"] = opts["postprocess_rows"]
     if opts.get("fairness_epsilon") is not None:
         if not opts["fairness_epsilon"] > 0:
             raise CommandError("--fairness-epsilon must be a number > 0")
