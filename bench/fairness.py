@@ -396,6 +396,7 @@ def bars(outcome: dict[str, Any]) -> list[str]:
         )
     lines.append(bar_one_scale(outcome["name"], limit, means))
     lines.extend(paired(outcome, means))
+    lines.append(bar_paired(outcome, means))
     if outcome["checks"]:
         equal = all(c["equal"] for c in outcome["checks"])
         first_bad = next((c for c in outcome["checks"] if not c["equal"]), None)
@@ -500,6 +501,52 @@ def paired(outcome: dict[str, Any], means: dict[str, dict[str, float]]) -> list[
     return lines
 
 
+def _one_scale_best(outcome: dict[str, Any], means: dict[str, dict[str, float]]) -> str | None:
+    """The best federated mitigation on one scale: the highest mean decision AUC among those
+    whose mean demographic parity difference is within the plan's limit."""
+    meeting = [
+        k
+        for k, v in means.items()
+        if k.startswith("federated ") and k != "federated none" and v["dp"] <= outcome["limit"]
+    ]
+    return max(meeting, key=lambda k: means[k]["dauc"]) if meeting else None
+
+
+def bar_paired(outcome: dict[str, Any], means: dict[str, dict[str, float]]) -> str:
+    """Bar 1 as proposed in its place (docs/benchmarks.md): one scale and paired seeds.
+
+    The best federated mitigation by decision AUC within the limit; its decision AUC at most
+    SLACK_AUC below unmitigated federated training; against its pooled counterpart in fairlearn
+    (COUNTERPART), per seed: the DP difference at most SLACK_DISPARITY above, and the decision
+    AUC no lower, each up to one standard error of the paired difference -- the bar's
+    tolerance is below the spread the scored rows alone put into a disparity."""
+    name = outcome["name"]
+    best = _one_scale_best(outcome, means)
+    plain = means.get("federated none")
+    if best is None or plain is None:
+        return f"MISS bar 1, paired ({name}): no federated mitigation within the limit"
+    counterpart = COUNTERPART[best[len("federated ") :]]
+    ours, theirs = outcome["results"][best], outcome["results"].get(counterpart) or []
+    if len(ours) != len(theirs) or len(ours) < 2:
+        return f"MISS bar 1, paired ({name}): {best[10:]}'s seeds do not pair with {counterpart}"
+    dp = [a["dp"] - b["dp"] for a, b in zip(ours, theirs, strict=True)]
+    dauc = [a["dauc"] - b["dauc"] for a, b in zip(ours, theirs, strict=True)]
+    se_dp = statistics.stdev(dp) / len(dp) ** 0.5
+    se_dauc = statistics.stdev(dauc) / len(dauc) ** 0.5
+    auc_ok = means[best]["dauc"] >= plain["dauc"] - SLACK_AUC
+    dp_ok = statistics.mean(dp) <= SLACK_DISPARITY + se_dp
+    dauc_ok = statistics.mean(dauc) >= -se_dauc
+    return (
+        f"{'PASS' if auc_ok and dp_ok and dauc_ok else 'MISS'} bar 1, paired on one scale "
+        f"({name}): {best[10:]} DP {means[best]['dp']:.4f} <= limit {outcome['limit']:g}, "
+        f"decision AUC {means[best]['dauc']:.4f} vs unmitigated {plain['dauc']:.4f} (at most "
+        f"{SLACK_AUC} below: {'yes' if auc_ok else 'no'}); minus {counterpart[10:]} per seed: "
+        f"DP {statistics.mean(dp):+.4f} ± {se_dp:.4f} (<= {SLACK_DISPARITY} + 1 se: "
+        f"{'yes' if dp_ok else 'no'}), decision AUC {statistics.mean(dauc):+.4f} ± "
+        f"{se_dauc:.4f} (>= -1 se: {'yes' if dauc_ok else 'no'})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", nargs="+", default=["healthcare", "finance"])
@@ -535,8 +582,19 @@ def main() -> None:
             "and the thresholds are chosen on (default: held_out, the plan language's)"
         ),
     )
+    parser.add_argument(
+        "--bars-from",
+        type=Path,
+        default=None,
+        help="print the bars of an earlier run's results (bench/results/fairness.json) and stop",
+    )
     parser.add_argument("--outcome", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bars_from is not None:
+        for outcome in json.loads(args.bars_from.read_text())["scenarios"]:
+            for line in bars(outcome):
+                print(line)
+        return
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     if not 0 <= args.fresh_fraction <= 0.5:
