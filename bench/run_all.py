@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "demo_time": ("bench/demo_time.py", [], ["--rounds", "5"]),
     "poisoning": ("bench/poisoning.py", [], ["--rounds", "3"]),
     "fairness": ("bench/fairness.py", [], ["--seeds", "1", "--rounds", "5"]),
+    "startup": ("bench/startup.py", [], ["--repeat", "2"]),
 }
 
 

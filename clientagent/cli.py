@@ -26,7 +26,7 @@ import pandas as pd
 
 from clientagent import __version__, onboarding
 from clientagent.config import ConfigError, DataConfig, SiteConfig, load_config, load_data_config
-from clientagent.connection import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, run_agent
+from clientagent.exit_codes import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
 from clientagent.records import (
     APPROVED,
     OPEN_OFFER_STATUSES,
@@ -99,6 +99,10 @@ async def _serve(config: SiteConfig) -> int:
             installed.append(signum)
         except (NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
             signal.signal(signum, lambda s, _frame: loop.call_soon_threadsafe(request_stop, s))
+    # The connection loop trains (torch): imported here, so the commands that train nothing
+    # start without it.
+    from clientagent.connection import run_agent
+
     try:
         return await run_agent(config, stop=stop)
     finally:

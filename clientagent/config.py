@@ -69,7 +69,7 @@ from urllib.parse import urlsplit
 from fedcore.analytics.disclosure import DisclosurePolicy
 from fedcore.approvals import ApprovalSignatureError, check_steward_key
 from fedcore.model_kinds import ENTRY_POINT_GROUP, MAX_ANNOUNCED, NAME_PATTERN
-from fedcore.models import MODEL_KINDS
+from fedcore.model_spec import MODEL_KINDS
 from fedcore.signing import AuthorizationError, parse_public_key
 
 DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")  # what fedcore.tabular.load_table reads

@@ -49,6 +49,9 @@ from clientagent import __version__
 from clientagent.analysis import handle_analysis_request, mask_reply
 from clientagent.config import SiteConfig
 from clientagent.data import LocalData, canonical_sha256
+from clientagent.exit_codes import EXIT_AUTH, EXIT_OK, EXIT_POLICY
+from clientagent.exit_codes import EXIT_CONFIG as EXIT_CONFIG  # re-exported: run_agent's codes
+from clientagent.exit_codes import EXIT_ERROR as EXIT_ERROR
 from clientagent.policy import (
     NOT_AUTHORIZED,
     POLICY_REFUSED,
@@ -90,12 +93,6 @@ from fedcore.plan import plan_hash as compute_plan_hash
 from fedcore.signing import AuthorizationError, verify_offer
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_AUTH = 3
-EXIT_POLICY = 4
 
 AUTH_REFUSED_MESSAGE = (
     "the server refused this site's token; ask the consortium admin for a new token "

@@ -39,9 +39,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: listing and checking installed kinds loads no torch
+    from torch import nn
 
 __all__ = [
     "ENTRY_POINT_GROUP",

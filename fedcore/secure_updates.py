@@ -48,6 +48,7 @@ import torch
 
 from fedcore.aggregation.base import floating_names
 from fedcore.fairness import CELLS
+from fedcore.secure_update_defaults import DEFAULT_CLIP, DEFAULT_MAX_EXAMPLES
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -70,9 +71,6 @@ __all__ = [
 ]
 
 DP_RANGE_SIGMAS = 10.0
-# Defaults of a plan's "secagg" section that both sides need (fedcore.plan documents all).
-DEFAULT_CLIP = 1.0
-DEFAULT_MAX_EXAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from torch import nn
 
 from fedcore import task_metrics
 from fedcore.metrics import binary_metrics
+from fedcore.training_options import OPTIMIZERS, REGRESSION_LOSSES
 
 __all__ = [
     "BINARY",
@@ -38,8 +39,6 @@ __all__ = [
     "train_local",
 ]
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
-REGRESSION_LOSSES: tuple[str, ...] = ("mse", "huber")
 _PREDICT_CHUNK_ROWS = 65536
 
 

@@ -17,6 +17,7 @@ from fedcore.aggregation.server_opt import (
     FedYogi,
     NormBoundFedAvg,
 )
+from fedcore.aggregation_names import STRATEGY_NAMES
 
 __all__ = ["STRATEGIES", "make_strategy"]
 
@@ -36,6 +37,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
         MultiKrum,
     )
 }
+# The plan language reads the names from fedcore.aggregation_names (no torch): one list.
+assert tuple(STRATEGIES) == STRATEGY_NAMES, "strategies drifted from fedcore.aggregation_names"
 
 
 def make_strategy(

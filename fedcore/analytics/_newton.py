@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats
 
 __all__ = ["ConvergenceError", "NewtonRaphson", "coefficient_table"]
 
@@ -171,6 +170,10 @@ def coefficient_table(
         ``{"coef", "se", "statistic", "p_value", "ci_lower", "ci_upper"}``, each name -> value,
         plus ``"distribution"`` ("t" or "normal").
     """
+    # scipy.stats takes about a second to import: here, so that reading a plan or starting the
+    # agent's command line (fedcore.analytics is on both paths) does not pay it.
+    from scipy import stats
+
     beta = np.asarray(coef, dtype=np.float64)
     se = np.sqrt(np.diag(np.asarray(covariance, dtype=np.float64)))
     statistic = beta / se

@@ -24,14 +24,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcore.plan.keys import Key, check_section, defaults, names
 from fedcore.plan.spec import (
     WAIT_FOR_SILOS,
     Evaluation,
     Fairness,
-    Objective,
     PlanError,
     RunSettings,
     _evaluation,
@@ -42,6 +41,9 @@ from fedcore.plan.spec import (
     wait_for_silos_seconds,
 )
 from fedcore.tabular import DatasetSchema
+
+if TYPE_CHECKING:
+    from fedcore.training import Objective
 
 EVALUATION_KIND = "evaluation"
 ROWS = ("held_out", "all")
@@ -154,6 +156,8 @@ class EvaluationPlan:
 
     def objective(self) -> Objective:
         """What the model outputs (the task's own loss: an evaluation trains nothing)."""
+        from fedcore.training import Objective  # torch: only where a model is scored
+
         return Objective.for_task(self.task, n_outputs=self.schema.target.n_outputs)
 
     @property

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fedcore.aggregation import STRATEGIES
 from fedcore.model_kinds import ENTRY_POINT_GROUP, NAME_PATTERN
-from fedcore.models import ACTIVATIONS, MAX_HIDDEN_LAYERS, MAX_HIDDEN_UNITS, SPEC_KINDS
+from fedcore.model_spec import ACTIVATION_NAMES, MAX_HIDDEN_LAYERS, MAX_HIDDEN_UNITS, SPEC_KINDS
 from fedcore.plan.evaluation_plan import (
     EVALUATION_PLAN_TOP_KEYS,
     MODEL_VERSION_KEYS,
@@ -54,6 +53,8 @@ CROSS_FIELD_NOTE = (
 
 def _strategy_params() -> dict[str, Any]:
     """Every strategy parameter, with the strategies that take it."""
+    from fedcore.aggregation import STRATEGIES  # torch; the schema is built on demand
+
     owners: dict[str, list[str]] = {}
     for name, cls in STRATEGIES.items():
         for param in cls.SPEC_PARAMS:
@@ -86,7 +87,7 @@ def _model_schema() -> dict[str, Any]:
                 "maxItems": MAX_HIDDEN_LAYERS,
                 "description": "mlp only: hidden layer widths",
             },
-            "activation": {"enum": list(ACTIVATIONS), "default": "relu"},
+            "activation": {"enum": list(ACTIVATION_NAMES), "default": "relu"},
             "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0},
             "name": {
                 "type": "string",
@@ -290,6 +291,8 @@ def key_table() -> str:
     )
     default, allowed = _cell(FEDPROX_MU)
     lines.append(f"| `aggregation.mu` | number | {default} | {allowed} | {FEDPROX_MU.doc} |")
+    from fedcore.aggregation import STRATEGIES  # torch; the table is built on demand
+
     for name, cls in STRATEGIES.items():
         lines.append(
             f"| `aggregation.*` ({name}) | number | strategy default | "

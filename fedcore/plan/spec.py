@@ -18,19 +18,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedcore.aggregation import STRATEGIES, make_strategy
-from fedcore.compression import METHODS, CompressionSpec, CompressionSpecError
+from fedcore.aggregation_names import DP_WRAPPABLE, STRATEGY_NAMES
+from fedcore.compression_spec import METHODS, CompressionSpec, CompressionSpecError
 from fedcore.fairness import reported_attributes
 from fedcore.fairness_mitigation import CONSTRAINTS, MULTIPLIER_SCHEDULES, OBJECTIVES
-from fedcore.models import SPEC_KINDS, ModelSpecError, validate_model_spec
+from fedcore.model_spec import SPEC_KINDS, ModelSpecError, validate_model_spec
 from fedcore.plan.keys import Key, check_section, defaults, names, unknown_keys
 from fedcore.privacy.accounting import PLAN_PRIVACY_DEFAULTS, PRIVACY_MODES
-from fedcore.privacy.wrapper import DP_WRAPPABLE
-from fedcore.secure_updates import DEFAULT_CLIP, DEFAULT_MAX_EXAMPLES
+from fedcore.secure_update_defaults import DEFAULT_CLIP, DEFAULT_MAX_EXAMPLES
 from fedcore.tabular import DatasetSchema, SchemaError
-from fedcore.training import OPTIMIZERS, REGRESSION_LOSSES, Objective
+from fedcore.training_options import OPTIMIZERS, REGRESSION_LOSSES
+
+if TYPE_CHECKING:
+    from fedcore.training import Objective
 
 FEDPROX = "fedprox"  # local proximal term at each site; the server averages (FedAvg)
 QFEDAVG = "qfedavg"
@@ -40,7 +42,7 @@ QFEDAVG = "qfedavg"
 MEAN_STRATEGIES: tuple[str, ...] = (*DP_WRAPPABLE, FEDPROX)
 SECAGG_STRATEGIES = MEAN_STRATEGIES
 CLIENT_DP_STRATEGIES = MEAN_STRATEGIES
-AGGREGATION_STRATEGIES: tuple[str, ...] = (FEDPROX, *STRATEGIES)
+AGGREGATION_STRATEGIES: tuple[str, ...] = (FEDPROX, *STRATEGY_NAMES)
 
 
 class PlanError(ValueError):
@@ -769,6 +771,8 @@ class Plan:
 
     def objective(self) -> Objective:
         """What the model outputs and the loss every site trains it with."""
+        from fedcore.training import Objective  # torch: only where a model trains or is scored
+
         return Objective.for_task(
             self.task,
             n_outputs=self.schema.target.n_outputs,
@@ -946,6 +950,10 @@ def _aggregation(section: Any, errors: dict[str, str]) -> Aggregation | None:
             errors["aggregation.mu"] = problem
             return None
         return Aggregation(strategy=name, params={}, prox_mu=float(mu))
+    # The strategy's constructor checks its parameters' names and ranges; it loads torch, so
+    # here, not at import: reading a plan (an agent's --help, init, check) needs none.
+    from fedcore.aggregation import make_strategy
+
     try:
         make_strategy({"strategy": name, **params})  # its parameters' names and ranges
     except ValueError as exc:

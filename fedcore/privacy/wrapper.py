@@ -26,12 +26,10 @@ from typing import Any
 import torch
 
 from fedcore.aggregation.base import AggregateResult, ClientUpdate, Strategy
+from fedcore.aggregation_names import DP_WRAPPABLE
 from fedcore.privacy.client_dp import AdaptiveClip, DPFedAvg, NoiseSource
 
 __all__ = ["DP_WRAPPABLE", "ClientDPResult", "ClientDPStrategy"]
-
-# fedcore.aggregation strategy names that consume only the (weighted) mean of the updates.
-DP_WRAPPABLE: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 @dataclass(frozen=True)
