@@ -45,9 +45,14 @@ SERVICES_ENV := QUORUM_PROFILE=production DATABASE_URL=$(SERVICES_DATABASE_URL) 
 	REDIS_URL=$(SERVICES_REDIS_URL) CELERY_BROKER_URL=$(SERVICES_REDIS_URL) \
 	SECRET_KEY=services-suite-throwaway-key-not-a-secret-0123456789abcdef
 
+# The main suite runs in PYTEST_WORKERS processes (pytest-xdist), a test file per process at a
+# time (--dist loadfile: a file's shared federation or demo run stays one fixture); e2e and
+# browser tests wait on their agents' and the browser's processes, so 2 workers suit 2 cores.
+PYTEST_WORKERS ?= 2
+
 test: install-dev
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not services" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not services" $(PYTEST_ARGS)
 	$(SERVICES_ENV) $(PY) -m pytest -q -rs tests/services $(SERVICES_PYTEST_ARGS)
 
 test-services: install-dev
