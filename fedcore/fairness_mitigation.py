@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -1123,6 +1123,30 @@ def threshold_rules(
     )
 
 
+def _decided_cells(
+    rules: Mapping[str, Mapping[str, Any]],
+    histograms: Mapping[str, Mapping[str, Sequence[int]]],
+    grid: ArrayLike,
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per group with rows: P(decision = 1) at each grid point under its rule, and its
+    positive and negative counts per grid point (float64).
+
+    Raises:
+        ValueError: a group with rows has no rule.
+    """
+    points = _checked_grid(grid)
+    for group, cells in histograms.items():
+        negatives = np.asarray(cells["negatives"], dtype=np.float64)
+        positives = np.asarray(cells["positives"], dtype=np.float64)
+        if negatives.sum() + positives.sum() == 0:
+            continue
+        raw = rules.get(group)
+        if raw is None:
+            raise ValueError(f"group {group!r} has rows but no threshold rule")
+        rule = GroupRule(**{k: float(v) for k, v in raw.items()})
+        yield group, rule.positive_probability(points), positives, negatives
+
+
 def thresholded_disparities(
     rules: Mapping[str, Mapping[str, Any]],
     histograms: Mapping[str, Mapping[str, Sequence[int]]],
@@ -1143,19 +1167,9 @@ def thresholded_disparities(
     Raises:
         ValueError: a group with rows has no rule.
     """
-    points = _checked_grid(grid)
     rates: dict[str, tuple[float, float | None, float | None]] = {}
-    for group, cells in histograms.items():
-        negatives = np.asarray(cells["negatives"], dtype=np.float64)
-        positives = np.asarray(cells["positives"], dtype=np.float64)
+    for group, p, positives, negatives in _decided_cells(rules, histograms, grid):
         n = negatives.sum() + positives.sum()
-        if n == 0:
-            continue
-        raw = rules.get(group)
-        if raw is None:
-            raise ValueError(f"group {group!r} has rows but no threshold rule")
-        rule = GroupRule(**{k: float(v) for k, v in raw.items()})
-        p = rule.positive_probability(points)
         chosen_pos, chosen_neg = float(p @ positives), float(p @ negatives)
         rates[group] = (
             (chosen_pos + chosen_neg) / n,
@@ -1184,18 +1198,8 @@ def thresholded_accuracy(
     Raises:
         ValueError: a group with rows has no rule.
     """
-    points = _checked_grid(grid)
     correct = total = 0.0
-    for group, cells in histograms.items():
-        negatives = np.asarray(cells["negatives"], dtype=np.float64)
-        positives = np.asarray(cells["positives"], dtype=np.float64)
-        n = negatives.sum() + positives.sum()
-        if n == 0:
-            continue
-        raw = rules.get(group)
-        if raw is None:
-            raise ValueError(f"group {group!r} has rows but no threshold rule")
-        p = GroupRule(**{k: float(v) for k, v in raw.items()}).positive_probability(points)
+    for _, p, positives, negatives in _decided_cells(rules, histograms, grid):
         correct += float(p @ positives) + float((1.0 - p) @ negatives)
-        total += n
+        total += float(negatives.sum() + positives.sum())
     return correct / total if total else None

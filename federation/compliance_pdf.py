@@ -33,6 +33,29 @@ def _number(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _limits_table(doc: PdfDocument, metrics: Any) -> None:
+    """A fairness report's metrics against the plan's limits: value, limit, status."""
+    doc.table(
+        [
+            Column("Metric", 2.2),
+            Column("Value", 1.0),
+            Column("Plan's limit", 1.0),
+            Column("Status", 1.4),
+        ],
+        [
+            [
+                m["label"],
+                _number(m["value"]),
+                _number(m["limit"]),
+                "exceeds the limit"
+                if m["flagged"]
+                else ("within the limit" if m["limit"] is not None else "no limit"),
+            ]
+            for m in metrics
+        ],
+    )
+
+
 def _signature(signature: Any) -> str:
     """A decision's signature as lines of 'field: value' (every field: it is what a site
     verifies), or why there is none."""
@@ -265,25 +288,7 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
                 f"{len(summary['silos'])} silos, {summary['groups']} groups of "
                 f"'{summary['attribute']}'."
             )
-            doc.table(
-                [
-                    Column("Metric", 2.2),
-                    Column("Value", 1.0),
-                    Column("Plan's limit", 1.0),
-                    Column("Status", 1.4),
-                ],
-                [
-                    [
-                        m["label"],
-                        _number(m["value"]),
-                        _number(m["limit"]),
-                        "exceeds the limit"
-                        if m["flagged"]
-                        else ("within the limit" if m["limit"] is not None else "no limit"),
-                    ]
-                    for m in summary["metrics"]
-                ],
-            )
+            _limits_table(doc, summary["metrics"])
         doc.paragraph(
             f"Threshold flags over the run: {summary.get('flags_in_run', 0)} in "
             f"{summary.get('rounds_reported', 0)} reported rounds."
@@ -295,25 +300,7 @@ def render_compliance_pdf(report: dict[str, Any], *, consortium: str) -> bytes:
             f"thresholds, deployed with it) on {thresholded['n']} pooled held-out records: "
             f"{thresholded['note']}."
         )
-        doc.table(
-            [
-                Column("Metric", 2.2),
-                Column("Value", 1.0),
-                Column("Plan's limit", 1.0),
-                Column("Status", 1.4),
-            ],
-            [
-                [
-                    m["label"],
-                    _number(m["value"]),
-                    _number(m["limit"]),
-                    "exceeds the limit"
-                    if m["flagged"]
-                    else ("within the limit" if m["limit"] is not None else "no limit"),
-                ]
-                for m in thresholded["disparities"]
-            ],
-        )
+        _limits_table(doc, thresholded["disparities"])
     if fairness.get("settings"):
         doc.paragraph("The plan declares: " + json.dumps(fairness["settings"], sort_keys=True))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ def locked(load: Callable[[], C | None]) -> Iterator[C | None]:
 
 
 @dataclass(kw_only=True)
-class SecAggCoordinator:
+class SecAggCoordinator(ABC):
     """The server side of one SecAgg session, as loaded from its row (a subclass per row)."""
 
     run_id: int
@@ -146,31 +147,36 @@ class SecAggCoordinator:
     # -- what a kind of session says -------------------------------------------------------
 
     @property
+    @abstractmethod
     def where(self) -> str:
         """The session in a log line (``run 3 round 2.1``)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def address(self) -> dict[str, Any]:
         """The fields that name the session in a ``secagg.message`` (run, round, ..., attempt)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def audit_key(self) -> dict[str, Any]:
         """The fields that name the session in an audit event."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def rows(self) -> Any:
         """The query of the session's row."""
-        raise NotImplementedError
+        ...
 
     def saved(self) -> dict[str, Any]:
         """Columns of the row a kind of session keeps beyond the shared ones."""
         return {}
 
+    @abstractmethod
     def arm(self, stage: Stage, countdown: float) -> None:
         """Have the stage closed (or looked at) ``countdown`` seconds after the commit."""
-        raise NotImplementedError
+        ...
 
-    def on_done(self) -> None:
+    def on_done(self) -> None:  # noqa: B027 (an optional hook; nothing to keep by default)
         """The sum is unmasked (row locked): keep what the kind of session needs of it."""
 
     # -- shared ----------------------------------------------------------------------------
