@@ -38,7 +38,6 @@ rule of ``fedavg``.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -47,6 +46,12 @@ import torch
 
 from fedcore.aggregation._kernels import delta_squared_norm, first_non_finite
 from fedcore.aggregation.fedavg import _check_weight
+from fedcore.aggregation_params import (
+    DEFAULT_FLAG_THRESHOLD,
+    STRATEGY_PARAMS,
+    check_int,
+    check_shared,
+)
 from fedcore.tensors import IncompatibleStateDict, check_compatible, signature
 
 __all__ = [
@@ -144,57 +149,6 @@ class _RoundLog:
     total_weight: float = 0.0
 
 
-def is_number(value: object) -> bool:
-    """Return True for a finite real number that is not a bool."""
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
-
-
-def is_int(value: object) -> bool:
-    """Return True for an int that is not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_number(
-    strategy: str,
-    name: str,
-    value: object,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """Return ``value`` as a float, or raise ValueError naming the strategy, parameter and range."""
-    inside = is_number(value)
-    number = float(value) if inside else math.nan  # type: ignore[arg-type]
-    if inside and low is not None:
-        inside = number > low if low_open else number >= low
-    if inside and high is not None:
-        inside = number < high if high_open else number <= high
-    if not inside:
-        if low is not None and high is not None:
-            where = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        elif low is not None:
-            where = f" {'>' if low_open else '>='} {low:g}"
-        elif high is not None:
-            where = f" {'<' if high_open else '<='} {high:g}"
-        else:
-            where = ""
-        raise ValueError(f"{strategy}: {name} must be a finite number{where}, got {value!r}")
-    return number
-
-
-def check_int(strategy: str, name: str, value: object, *, low: int) -> int:
-    """Return ``value`` as an int >= low, or raise ValueError naming the strategy and parameter."""
-    if not is_int(value) or int(value) < low:  # type: ignore[call-overload]
-        raise ValueError(f"{strategy}: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)  # type: ignore[call-overload]
-
-
 def floating_names(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating tensors, sorted: the ones strategies average or optimise."""
     return [name for name in sorted(state) if state[name].is_floating_point()]
@@ -259,14 +213,16 @@ class Strategy:
     """
 
     name: ClassVar[str] = ""
-    SPEC_PARAMS: ClassVar[tuple[str, ...]] = ("flag_threshold", "norm_bound")
+    SPEC_PARAMS: ClassVar[tuple[str, ...]] = STRATEGY_PARAMS["fedavg"]
     #: True when aggregation holds O(model) memory whatever the number of updates.
     streaming: ClassVar[bool] = True
     #: True when ``_combine`` checks finiteness and measures delta norms itself for updates
     #: screened with ``deferred`` set (see the module docstring).
     fuses_screening: ClassVar[bool] = False
 
-    def __init__(self, *, flag_threshold: float = 3.5, norm_bound: float | None = None) -> None:
+    def __init__(
+        self, *, flag_threshold: float = DEFAULT_FLAG_THRESHOLD, norm_bound: float | None = None
+    ) -> None:
         """Set the screening parameters shared by every strategy.
 
         Args:
@@ -278,14 +234,11 @@ class Strategy:
         Raises:
             ValueError: a parameter is out of range; the message names the strategy.
         """
-        self.flag_threshold = check_number(
-            self.name, "flag_threshold", flag_threshold, low=0.0, low_open=True
+        shared = check_shared(
+            self.name, {"flag_threshold": flag_threshold, "norm_bound": norm_bound}
         )
-        self.norm_bound = (
-            None
-            if norm_bound is None
-            else check_number(self.name, "norm_bound", norm_bound, low=0.0, low_open=True)
-        )
+        self.flag_threshold: float = shared["flag_threshold"]
+        self.norm_bound: float | None = shared["norm_bound"]
 
     def spec(self) -> dict[str, Any]:
         """Return the canonical spec: ``{"strategy": name, every parameter: its value}``.

@@ -36,10 +36,9 @@ from fedcore.aggregation.base import (
     StateDict,
     Strategy,
     _Screened,
-    check_number,
     floating_names,
-    is_number,
 )
+from fedcore.aggregation_params import DEFAULT_Q, STRATEGY_PARAMS, check_qfedavg, is_number
 
 __all__ = ["QFedAvg"]
 
@@ -50,12 +49,12 @@ class QFedAvg(Strategy):
     """q-FedAvg: fairer accuracy across sites by weighting updates with their loss to the q."""
 
     name: ClassVar[str] = "qfedavg"
-    SPEC_PARAMS: ClassVar[tuple[str, ...]] = ("q", "lipschitz", *Strategy.SPEC_PARAMS)
+    SPEC_PARAMS: ClassVar[tuple[str, ...]] = STRATEGY_PARAMS["qfedavg"]
 
     def __init__(
         self,
         *,
-        q: float = 1.0,
+        q: float = DEFAULT_Q,
         lipschitz: float | None = None,
         flag_threshold: float = 3.5,
         norm_bound: float | None = None,
@@ -73,13 +72,9 @@ class QFedAvg(Strategy):
             ValueError: a parameter is missing or out of range.
         """
         super().__init__(flag_threshold=flag_threshold, norm_bound=norm_bound)
-        self.q = check_number(self.name, "q", q, low=0.0)
-        if lipschitz is None:
-            raise ValueError(
-                "qfedavg: parameter 'lipschitz' is required; Li et al. use L = 1 / local "
-                "learning rate (e.g. 100 for lr 0.01)"
-            )
-        self.lipschitz = check_number(self.name, "lipschitz", lipschitz, low=0.0, low_open=True)
+        own = check_qfedavg(self.name, {"q": q, "lipschitz": lipschitz})
+        self.q: float = own["q"]
+        self.lipschitz: float = own["lipschitz"]
 
     def _combine(
         self,

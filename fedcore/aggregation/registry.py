@@ -18,6 +18,7 @@ from fedcore.aggregation.server_opt import (
     NormBoundFedAvg,
 )
 from fedcore.aggregation_names import STRATEGY_NAMES
+from fedcore.aggregation_params import STRATEGY_PARAMS, check_strategy_spec
 
 __all__ = ["STRATEGIES", "make_strategy"]
 
@@ -39,6 +40,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 # The plan language reads the names from fedcore.aggregation_names (no torch): one list.
 assert tuple(STRATEGIES) == STRATEGY_NAMES, "strategies drifted from fedcore.aggregation_names"
+# ... and their parameters from fedcore.aggregation_params, which each constructor checks with.
+assert all(cls.SPEC_PARAMS == STRATEGY_PARAMS[name] for name, cls in STRATEGIES.items())
 
 
 def make_strategy(
@@ -62,22 +65,9 @@ def make_strategy(
             allowed names), a parameter is unknown (the message lists the strategy's
             parameters), missing where required, or out of range.
     """
-    if not isinstance(spec, Mapping):
-        raise ValueError(
-            f'aggregation spec must be an object such as {{"strategy": "fedavg"}}, got '
-            f"{type(spec).__name__}"
-        )
-    name = spec.get("strategy", "fedavg")
-    if not isinstance(name, str) or name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(STRATEGIES)}")
+    name, _ = check_strategy_spec(spec)  # the name, its parameters' names and ranges
     cls = STRATEGIES[name]
     params = {key: value for key, value in spec.items() if key != "strategy"}
-    unknown = sorted(set(params) - set(cls.SPEC_PARAMS), key=str)
-    if unknown:
-        raise ValueError(
-            f"{name}: unknown parameter{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(map(repr, unknown))}; allowed: {', '.join(cls.SPEC_PARAMS)}"
-        )
     if issubclass(cls, _Robust):
         return cls(**params, spill_dir=spill_dir)
     return cls(**params)

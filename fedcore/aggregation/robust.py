@@ -55,14 +55,21 @@ from fedcore.aggregation.base import (
     StateDict,
     Strategy,
     _Screened,
-    check_int,
-    check_number,
     floating_names,
+)
+from fedcore.aggregation_params import (
+    DEFAULT_BETA,
+    DEFAULT_F,
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    STRATEGY_PARAMS,
+    check_krum,
+    check_multi_krum,
+    check_robust,
+    check_trimmed_mean,
 )
 
 __all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "Krum", "Median", "MultiKrum", "TrimmedMean"]
 
-DEFAULT_MEMORY_BUDGET_BYTES = 256 * 1024 * 1024
 _GRAM_COLUMNS = 8192
 _SLAB_BYTES = 8 << 20
 
@@ -331,7 +338,7 @@ def _mean_block(block: np.ndarray) -> np.ndarray:
 class _Robust(Strategy):
     """Collect every update into an :class:`_UpdateMatrix`, then combine column-chunked."""
 
-    SPEC_PARAMS: ClassVar[tuple[str, ...]] = ("memory_budget_bytes", *Strategy.SPEC_PARAMS)
+    SPEC_PARAMS: ClassVar[tuple[str, ...]] = STRATEGY_PARAMS["median"]
     streaming: ClassVar[bool] = False
     fuses_screening: ClassVar[bool] = True
     #: True when ``_rule`` measures adopted rows itself (``matrix.unmeasured``).
@@ -360,9 +367,9 @@ class _Robust(Strategy):
             ValueError: a parameter is out of range.
         """
         super().__init__(flag_threshold=flag_threshold, norm_bound=norm_bound)
-        self.memory_budget_bytes = check_int(
-            self.name, "memory_budget_bytes", memory_budget_bytes, low=1
-        )
+        self.memory_budget_bytes: int = check_robust(
+            self.name, {"memory_budget_bytes": memory_budget_bytes}
+        )["memory_budget_bytes"]
         self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
 
     def _combine(
@@ -477,12 +484,12 @@ class TrimmedMean(_Robust):
     """
 
     name: ClassVar[str] = "trimmed_mean"
-    SPEC_PARAMS: ClassVar[tuple[str, ...]] = ("beta", *_Robust.SPEC_PARAMS)
+    SPEC_PARAMS: ClassVar[tuple[str, ...]] = STRATEGY_PARAMS["trimmed_mean"]
 
     def __init__(
         self,
         *,
-        beta: float = 0.1,
+        beta: float = DEFAULT_BETA,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         spill_dir: str | os.PathLike[str] | None = None,
         flag_threshold: float = 3.5,
@@ -508,7 +515,7 @@ class TrimmedMean(_Robust):
             flag_threshold=flag_threshold,
             norm_bound=norm_bound,
         )
-        self.beta = check_number(self.name, "beta", beta, low=0.0, high=0.5, high_open=True)
+        self.beta: float = check_trimmed_mean(self.name, {"beta": beta})["beta"]
 
     def _rule(
         self,
@@ -541,13 +548,13 @@ class Krum(_Robust):
     """
 
     name: ClassVar[str] = "krum"
-    SPEC_PARAMS: ClassVar[tuple[str, ...]] = ("f", *_Robust.SPEC_PARAMS)
+    SPEC_PARAMS: ClassVar[tuple[str, ...]] = STRATEGY_PARAMS["krum"]
     measures_rows: ClassVar[bool] = True
 
     def __init__(
         self,
         *,
-        f: int = 1,
+        f: int = DEFAULT_F,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         spill_dir: str | os.PathLike[str] | None = None,
         flag_threshold: float = 3.5,
@@ -573,7 +580,7 @@ class Krum(_Robust):
             flag_threshold=flag_threshold,
             norm_bound=norm_bound,
         )
-        self.f = check_int(self.name, "f", f, low=0)
+        self.f: int = check_krum(self.name, {"f": f})["f"]
 
     def _selection_size(self, n: int) -> int:
         """How many updates to average (1 for Krum)."""
@@ -620,12 +627,12 @@ class MultiKrum(Krum):
     """
 
     name: ClassVar[str] = "multi_krum"
-    SPEC_PARAMS: ClassVar[tuple[str, ...]] = ("m", *Krum.SPEC_PARAMS)
+    SPEC_PARAMS: ClassVar[tuple[str, ...]] = STRATEGY_PARAMS["multi_krum"]
 
     def __init__(
         self,
         *,
-        f: int = 1,
+        f: int = DEFAULT_F,
         m: int | None = None,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         spill_dir: str | os.PathLike[str] | None = None,
@@ -654,7 +661,7 @@ class MultiKrum(Krum):
             flag_threshold=flag_threshold,
             norm_bound=norm_bound,
         )
-        self.m = None if m is None else check_int(self.name, "m", m, low=1)
+        self.m: int | None = check_multi_krum(self.name, {"m": m})["m"]
 
     def _selection_size(self, n: int) -> int:
         """``m`` capped at n, or ``n - f``."""

@@ -50,10 +50,17 @@ from fedcore.aggregation.base import (
     Strategy,
     _Screened,
     accumulator_dtype,
-    check_number,
     floating_names,
 )
 from fedcore.aggregation.fedavg import StreamingFedAvg
+from fedcore.aggregation_params import (
+    ADAPTIVE_DEFAULTS,
+    MOMENTUM_DEFAULTS,
+    STRATEGY_PARAMS,
+    check_adaptive,
+    check_momentum,
+    check_norm_bound_required,
+)
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "NormBoundFedAvg"]
 
@@ -115,11 +122,7 @@ class NormBoundFedAvg(FedAvg):
         Raises:
             ValueError: ``norm_bound`` is missing or not a number > 0.
         """
-        if norm_bound is None:
-            raise ValueError(
-                "norm_bound: parameter 'norm_bound' is required (the largest accepted delta "
-                "norm, e.g. a few times the median norm of a clean round)"
-            )
+        check_norm_bound_required(self.name, {"norm_bound": norm_bound})
         super().__init__(flag_threshold=flag_threshold, norm_bound=norm_bound)
 
 
@@ -269,18 +272,14 @@ class FedAvgM(_ServerOptimizer):
     """FedAvg with server momentum (Hsu et al., 2019): ``v = β v + Δ``, ``x += η v``."""
 
     name: ClassVar[str] = "fedavgm"
-    SPEC_PARAMS: ClassVar[tuple[str, ...]] = (
-        "server_lr",
-        "momentum",
-        *Strategy.SPEC_PARAMS,
-    )
+    SPEC_PARAMS: ClassVar[tuple[str, ...]] = STRATEGY_PARAMS["fedavgm"]
     _SLOTS: ClassVar[tuple[str, ...]] = ("velocity",)
 
     def __init__(
         self,
         *,
-        server_lr: float = 1.0,
-        momentum: float = 0.9,
+        server_lr: float = MOMENTUM_DEFAULTS["server_lr"],
+        momentum: float = MOMENTUM_DEFAULTS["momentum"],
         flag_threshold: float = 3.5,
         norm_bound: float | None = None,
     ) -> None:
@@ -297,10 +296,9 @@ class FedAvgM(_ServerOptimizer):
             ValueError: a parameter is out of range.
         """
         super().__init__(flag_threshold=flag_threshold, norm_bound=norm_bound)
-        self.server_lr = check_number(self.name, "server_lr", server_lr, low=0.0, low_open=True)
-        self.momentum = check_number(
-            self.name, "momentum", momentum, low=0.0, high=1.0, high_open=True
-        )
+        own = check_momentum(self.name, {"server_lr": server_lr, "momentum": momentum})
+        self.server_lr: float = own["server_lr"]
+        self.momentum: float = own["momentum"]
 
     def _step(
         self, delta: torch.Tensor, previous: dict[str, torch.Tensor | None]
@@ -314,22 +312,16 @@ class FedAvgM(_ServerOptimizer):
 class _Adaptive(_ServerOptimizer):
     """FedAdam, FedYogi and FedAdagrad: Reddi et al. (2021), Algorithm 2."""
 
-    SPEC_PARAMS: ClassVar[tuple[str, ...]] = (
-        "server_lr",
-        "beta1",
-        "beta2",
-        "tau",
-        *Strategy.SPEC_PARAMS,
-    )
+    SPEC_PARAMS: ClassVar[tuple[str, ...]] = STRATEGY_PARAMS["fedadam"]
     _SLOTS: ClassVar[tuple[str, ...]] = ("m", "v")
 
     def __init__(
         self,
         *,
-        server_lr: float = 0.01,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
-        tau: float = 1e-3,
+        server_lr: float = ADAPTIVE_DEFAULTS["server_lr"],
+        beta1: float = ADAPTIVE_DEFAULTS["beta1"],
+        beta2: float = ADAPTIVE_DEFAULTS["beta2"],
+        tau: float = ADAPTIVE_DEFAULTS["tau"],
         flag_threshold: float = 3.5,
         norm_bound: float | None = None,
     ) -> None:
@@ -349,10 +341,13 @@ class _Adaptive(_ServerOptimizer):
             ValueError: a parameter is out of range.
         """
         super().__init__(flag_threshold=flag_threshold, norm_bound=norm_bound)
-        self.server_lr = check_number(self.name, "server_lr", server_lr, low=0.0, low_open=True)
-        self.beta1 = check_number(self.name, "beta1", beta1, low=0.0, high=1.0, high_open=True)
-        self.beta2 = check_number(self.name, "beta2", beta2, low=0.0, high=1.0, high_open=True)
-        self.tau = check_number(self.name, "tau", tau, low=0.0, low_open=True)
+        own = check_adaptive(
+            self.name, {"server_lr": server_lr, "beta1": beta1, "beta2": beta2, "tau": tau}
+        )
+        self.server_lr: float = own["server_lr"]
+        self.beta1: float = own["beta1"]
+        self.beta2: float = own["beta2"]
+        self.tau: float = own["tau"]
 
     def _step(
         self, delta: torch.Tensor, previous: dict[str, torch.Tensor | None]

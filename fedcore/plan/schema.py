@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fedcore.aggregation_params import STRATEGY_PARAMS
 from fedcore.model_kinds import ENTRY_POINT_GROUP, NAME_PATTERN
 from fedcore.model_spec import ACTIVATION_NAMES, MAX_HIDDEN_LAYERS, MAX_HIDDEN_UNITS, SPEC_KINDS
 from fedcore.plan.evaluation_plan import (
@@ -53,11 +54,9 @@ CROSS_FIELD_NOTE = (
 
 def _strategy_params() -> dict[str, Any]:
     """Every strategy parameter, with the strategies that take it."""
-    from fedcore.aggregation import STRATEGIES  # torch; the schema is built on demand
-
     owners: dict[str, list[str]] = {}
-    for name, cls in STRATEGIES.items():
-        for param in cls.SPEC_PARAMS:
+    for name, spec_params in STRATEGY_PARAMS.items():
+        for param in spec_params:
             owners.setdefault(param, []).append(name)
     params: dict[str, Any] = {
         param: {
@@ -291,12 +290,10 @@ def key_table() -> str:
     )
     default, allowed = _cell(FEDPROX_MU)
     lines.append(f"| `aggregation.mu` | number | {default} | {allowed} | {FEDPROX_MU.doc} |")
-    from fedcore.aggregation import STRATEGIES  # torch; the table is built on demand
-
-    for name, cls in STRATEGIES.items():
+    for name, spec_params in STRATEGY_PARAMS.items():
         lines.append(
             f"| `aggregation.*` ({name}) | number | strategy default | "
-            f"{', '.join(cls.SPEC_PARAMS)} | parameters of {name} (fedcore.aggregation) |"
+            f"{', '.join(spec_params)} | parameters of {name} (fedcore.aggregation) |"
         )
     return "\n".join(lines) + "\n"
 

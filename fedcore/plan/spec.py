@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedcore.aggregation_names import DP_WRAPPABLE, STRATEGY_NAMES
+from fedcore.aggregation_params import check_strategy_spec
 from fedcore.compression_spec import METHODS, CompressionSpec, CompressionSpecError
 from fedcore.fairness import reported_attributes
 from fedcore.fairness_mitigation import CONSTRAINTS, MULTIPLIER_SCHEDULES, OBJECTIVES
@@ -950,12 +951,9 @@ def _aggregation(section: Any, errors: dict[str, str]) -> Aggregation | None:
             errors["aggregation.mu"] = problem
             return None
         return Aggregation(strategy=name, params={}, prox_mu=float(mu))
-    # The strategy's constructor checks its parameters' names and ranges; it loads torch, so
-    # here, not at import: reading a plan (an agent's --help, init, check) needs none.
-    from fedcore.aggregation import make_strategy
-
     try:
-        make_strategy({"strategy": name, **params})  # its parameters' names and ranges
+        # The rule each strategy's constructor checks its parameters with, without torch.
+        check_strategy_spec({"strategy": name, **params})
     except ValueError as exc:
         errors["aggregation"] = str(exc)
         return None

@@ -8,6 +8,7 @@ plan language takes its constants from the torch-free modules the torch code imp
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,52 @@ def test_the_chain_names_who_imported_the_heavy_module() -> None:
         _chain(importtime, "torch")
         == "torch <- fedcore.models <- fedcore.plan.spec <- fedcore.plan"
     )
+
+
+# A plan with a non-default strategy and parameters, and one whose parameter is out of range: the
+# strategies' parameter checks (fedcore.aggregation_params) run without torch.
+CHECK_PLANS = """
+import json, sys
+from fedcore.plan import json_schema, key_table, openapi_schema, parse_plan, plan_errors
+
+spec = {
+    "model": {"kind": "mlp", "hidden": [8]},
+    "schema": {
+        "columns": [{"name": "age", "type": "numeric"}, {"name": "sex", "type": "categorical"}],
+        "target": {"column": "y", "positive": ["yes"]},
+    },
+    "training": {"rounds": 2, "local_epochs": 1, "batch_size": 32, "lr": 0.01},
+    "aggregation": {"strategy": "fedadam", "server_lr": 0.1, "beta1": 0.8, "tau": 0.01},
+}
+plan = parse_plan(spec)
+bad = plan_errors({**spec, "aggregation": {"strategy": "trimmed_mean", "beta": 0.5}})
+print(json.dumps({
+    "strategy": plan.aggregation.strategy,
+    "params": plan.aggregation.params,
+    "bad": bad,
+    "schema": "multi_krum" in json.dumps(json_schema()) and bool(openapi_schema()),
+    "table": "| `aggregation.*` (krum) | number | strategy default | f," in key_table(),
+    "heavy": [m for m in HEAVY if m in sys.modules],
+}))
+"""
+
+
+def test_checking_a_plans_aggregation_section_and_building_its_schema_load_no_torch() -> None:
+    code = f"HEAVY = {HEAVY!r}\n{CHECK_PLANS}"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    chains = "\n".join(_chain(done.stderr, name) for name in result["heavy"])
+    assert result["heavy"] == [], f"checking a plan loaded {result['heavy']}:\n{chains}"
+    assert result["strategy"] == "fedadam"
+    assert result["params"] == {"server_lr": 0.1, "beta1": 0.8, "tau": 0.01}
+    assert result["bad"] == {
+        "aggregation": "trimmed_mean: beta must be a finite number in [0, 0.5), got 0.5"
+    }
+    assert result["schema"] is True
+    assert result["table"] is True

@@ -28,6 +28,7 @@ from fedcore.aggregation import (
     krum_scores,
     make_strategy,
 )
+from fedcore.aggregation_params import check_strategy_spec
 from fedcore.tensors import IncompatibleStateDict, decode_state_dict, encode_state_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +104,15 @@ def test_spec_round_trips_with_defaults_spelled_out(name):
     assert make_strategy(spec).spec() == spec
 
 
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_the_torch_free_check_gives_the_parameters_the_strategy_is_built_with(name):
+    built = make_strategy(spec_of(name)).spec()
+
+    checked = check_strategy_spec(spec_of(name))
+
+    assert checked == (name, {key: value for key, value in built.items() if key != "strategy"})
+
+
 def test_missing_strategy_name_means_fedavg():
     assert make_strategy({}).name == "fedavg"
 
@@ -131,8 +141,12 @@ def test_missing_strategy_name_means_fedavg():
     ],
 )
 def test_bad_specs_are_refused_with_clear_messages(spec, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as built:
         make_strategy(spec)
+    # The plan language checks without building (no torch): the same refusal, word for word.
+    with pytest.raises(ValueError) as checked:
+        check_strategy_spec(spec)
+    assert str(checked.value) == str(built.value)
 
 
 def test_spec_must_be_a_mapping():
