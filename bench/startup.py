@@ -14,25 +14,42 @@ train nothing should load no torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bench._common import ROOT, Table, write_results
 
 HEAVY = ("torch", "opacus", "scipy", "pandas")
+# A plan with a non-default strategy and parameters: validating it checks them.
+PLAN = {
+    "model": {"kind": "mlp", "hidden": [8]},
+    "schema": {
+        "columns": [{"name": "age", "type": "numeric"}, {"name": "sex", "type": "categorical"}],
+        "target": {"column": "y", "positive": ["yes"]},
+    },
+    "training": {"rounds": 2, "local_epochs": 1, "batch_size": 32, "lr": 0.01},
+    "aggregation": {"strategy": "fedadam", "server_lr": 0.1, "beta1": 0.8, "tau": 0.01},
+}
+PLAN_FILE = Path(tempfile.gettempdir()) / "quorum-bench-startup-plan.json"
+VALIDATE = "python -m quorum plan validate PLAN"
 COMMANDS: dict[str, list[str]] = {
     "import fedcore.plan": ["-c", "import fedcore.plan"],
     "import clientagent.cli": ["-c", "import clientagent.cli"],
     "python -m clientagent --help": ["-m", "clientagent", "--help"],
     "python -m quorum --help": ["-m", "quorum", "--help"],
+    VALIDATE: ["-m", "quorum", "plan", "validate", str(PLAN_FILE)],
 }
+# What runs before the heavy libraries are listed: an import, or the check the command does.
 LOADED = {
-    "import fedcore.plan": "fedcore.plan",
-    "import clientagent.cli": "clientagent.cli",
+    "import fedcore.plan": "import fedcore.plan",
+    "import clientagent.cli": "import clientagent.cli",
+    VALIDATE: f"from quorum.planfile import read_plan_file; read_plan_file({str(PLAN_FILE)!r})",
 }
 
 
@@ -55,9 +72,9 @@ def run_once(root: Path, args: list[str]) -> tuple[float, float]:
     return wall, usage.ru_utime + usage.ru_stime
 
 
-def heavy_loaded(root: Path, module: str) -> str:
-    """The heavy libraries importing ``module`` loads, comma-separated ('-' for none)."""
-    code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+def heavy_loaded(root: Path, work: str) -> str:
+    """The heavy libraries running ``work`` loads, comma-separated ('-' for none)."""
+    code = f"import sys\n{work}\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=root, env=env, check=True, capture_output=True, text=True
@@ -79,6 +96,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     roots = [root.resolve() for root in args.root or [ROOT]]
+    PLAN_FILE.write_text(json.dumps(PLAN))
 
     load_before = os.getloadavg()[0]
     table = Table(
