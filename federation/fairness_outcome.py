@@ -245,16 +245,7 @@ def trade_off(
                 "thresholded": False,  # the model's decisions at 0.5
                 **figures,
                 "performance_source": source,
-                "disparities": [
-                    {
-                        "metric": metric,
-                        "label": label,
-                        "value": metrics.get(metric),
-                        "limit": thresholds.get(LIMIT_KEYS[metric]),
-                        "flagged": metric in flagged,
-                    }
-                    for metric, label in LABELS.items()
-                ],
+                "disparities": _disparities(metrics, thresholds, flagged),
                 "error": entry.get("error"),
             }
         )
@@ -262,6 +253,22 @@ def trade_off(
         if thresholded is not None:
             rows.append(_thresholded_row(thresholded))
     return rows
+
+
+def _disparities(
+    values: Mapping[str, Any], limits: Mapping[str, Any], flagged: set[str]
+) -> list[dict[str, Any]]:
+    """A trade-off row's disparities: each metric's value beside the plan's limit for it."""
+    return [
+        {
+            "metric": metric,
+            "label": label,
+            "value": values.get(metric),
+            "limit": limits.get(LIMIT_KEYS[metric]),
+            "flagged": metric in flagged,
+        }
+        for metric, label in LABELS.items()
+    ]
 
 
 def thresholded_decisions(evaluation: Any) -> dict[str, Any] | None:
@@ -290,16 +297,7 @@ def _thresholded_row(report: Mapping[str, Any]) -> dict[str, Any]:
             "the thresholded decisions on the pooled held-out rows of every silo (final "
             "evaluation), expected over the thresholds' randomisation"
         ),
-        "disparities": [
-            {
-                "metric": metric,
-                "label": label,
-                "value": report.get(metric),
-                "limit": limits.get(LIMIT_KEYS[metric]),
-                "flagged": metric in flagged,
-            }
-            for metric, label in LABELS.items()
-        ],
+        "disparities": _disparities(report, limits, flagged),
         "error": None,
     }
 
